@@ -1,0 +1,62 @@
+"""Shared test fixtures: paths to the bundled sample and to ../shared, deterministic torch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+SAMPLE_TILES_DIR = REPO_ROOT / "data" / "sample" / "tiles"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`../shared` beside the checkout; tests that need it skip cleanly where it is absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"{SHARED_DIR} is absent")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def prithvi_fixtures_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "fixtures" / "prithvi_reference"
+    if not (path / "tiny_checkpoint.pt").is_file():
+        pytest.skip(f"{path} has no Prithvi reference fixtures")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_tiles_dir() -> Path:
+    """The bundled real BigEarthNet sample (data/sample/tiles), shipped in the repo."""
+    assert SAMPLE_TILES_DIR.is_dir(), f"bundled sample missing: {SAMPLE_TILES_DIR}"
+    return SAMPLE_TILES_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_dataset_dir(sample_tiles_dir: Path, tmp_path_factory) -> Path:
+    """The bundled sample built once per session into an Arrow DatasetDict (synthetic opt_v1)."""
+    from data_builders import build_dataset
+
+    out = tmp_path_factory.mktemp("sample_dataset") / "ds"
+    build_dataset(sample_tiles_dir, out, seed=0)
+    return out
