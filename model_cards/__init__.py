@@ -1,0 +1,1 @@
+"""Model and dataset cards, and pushing trained adapters to the Hugging Face Hub."""

@@ -1,0 +1,42 @@
+"""Stage 2 refiner: the Prithvi-EO-2.0 encoder port and the refinement model.
+
+Names are imported lazily so that `import modeling_stage2` stays cheap (no transformers import
+until a model class is used).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PrithviConfig": "configuration_prithvi",
+    "PRITHVI_PRESETS": "configuration_prithvi",
+    "PRETRAINED_BANDS": "configuration_prithvi",
+    "PrithviEncoder": "modeling_prithvi",
+    "PrithviPreTrainedModel": "modeling_prithvi",
+    "PrithviEncoderOutput": "modeling_prithvi",
+    "load_official_encoder": "convert_prithvi",
+    "convert_official_checkpoint": "convert_prithvi",
+    "load_prithvi_from_hub": "convert_prithvi",
+    "Stage2RefinerConfig": "configuration_stage2",
+    "UNKNOWN_METADATA": "configuration_stage2",
+    "BAND_NAMES": "configuration_stage2",
+    "Stage2RefinerModel": "modeling_stage2",
+    "Stage2PreTrainedModel": "modeling_stage2",
+    "Stage2RefinerOutput": "modeling_stage2",
+    "build_trainable_model": "adapters",
+    "save_trained_model": "adapters",
+    "load_trained_model": "adapters",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'modeling_stage2' has no attribute {name!r}")
+    module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    return getattr(module, name)
+
+
+def __dir__():
+    return __all__
