@@ -1,0 +1,312 @@
+"""Configuration of the Prithvi-EO-2.0 encoder: presets of the released models and named bands."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Bands the released Prithvi-EO-2.0 checkpoints were pretrained on (HLS), in checkpoint channel order.
+PRETRAINED_BANDS: tuple[str, ...] = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
+
+# Official per-band normalisation statistics, reflectance x 10000.
+PRETRAINED_BAND_MEAN: dict[str, float] = {
+    "BLUE": 1087.0,
+    "GREEN": 1342.0,
+    "RED": 1433.0,
+    "NIR_NARROW": 2734.0,
+    "SWIR_1": 1958.0,
+    "SWIR_2": 1363.0,
+}
+PRETRAINED_BAND_STD: dict[str, float] = {
+    "BLUE": 2248.0,
+    "GREEN": 2179.0,
+    "RED": 2178.0,
+    "NIR_NARROW": 1850.0,
+    "SWIR_1": 1242.0,
+    "SWIR_2": 1049.0,
+}
+
+# Sentinel-2 band names -> the HLS band whose pretrained weights they use.
+# B08 is the *broad* NIR band (~833 nm, 106 nm wide); Prithvi was pretrained on narrow NIR (HLS B05,
+# Sentinel-2 B8A). This project's product has B08 only, so B08 takes NIR_NARROW's weights by design.
+SENTINEL2_TO_HLS: dict[str, str] = {
+    "B02": "BLUE",
+    "B03": "GREEN",
+    "B04": "RED",
+    "B08": "NIR_NARROW",
+    "B8A": "NIR_NARROW",
+    "B11": "SWIR_1",
+    "B12": "SWIR_2",
+}
+
+# Arguments of the official `PrithviMAE` that only concern the MAE decoder or pre-training; accepted
+# (so an official config dict can be passed as is) and dropped.
+_MAE_ONLY_ARGUMENTS = (
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mask_ratio",
+    "norm_pix_loss",
+)
+
+_RELEASED = {"img_size": 224, "num_frames": 4, "bands": PRETRAINED_BANDS, "mlp_ratio": 4.0}
+_TL = {"coords_encoding": ("time", "location"), "coords_scale_learn": True}
+
+PRITHVI_PRESETS: dict[str, dict[str, Any]] = {
+    "prithvi_eo_v2_600m": {**_RELEASED, "patch_size": (1, 14, 14), "embed_dim": 1280, "depth": 32, "num_heads": 16},
+    "prithvi_eo_v2_300m": {**_RELEASED, "patch_size": (1, 16, 16), "embed_dim": 1024, "depth": 24, "num_heads": 16},
+    "prithvi_eo_v2_100m": {**_RELEASED, "patch_size": (1, 16, 16), "embed_dim": 768, "depth": 12, "num_heads": 12},
+    # A 0.28M-parameter model with the 600M's patch size, for tests and the CPU demo.
+    "prithvi_eo_v2_tiny": {
+        "img_size": 224,
+        "num_frames": 1,
+        "bands": PRETRAINED_BANDS,
+        "mlp_ratio": 4.0,
+        "patch_size": (1, 14, 14),
+        "embed_dim": 64,
+        "depth": 4,
+        "num_heads": 4,
+    },
+}
+for _name in ("prithvi_eo_v2_600m", "prithvi_eo_v2_300m", "prithvi_eo_v2_100m"):
+    PRITHVI_PRESETS[f"{_name}_tl"] = {**PRITHVI_PRESETS[_name], **_TL}
+del _name
+
+_COORDS_ENCODINGS = ("time", "location")
+
+
+def canonical_band_name(band: str) -> str:
+    """The pretrained (HLS) band whose weights and statistics `band` uses; raises on unknown names."""
+    name = str(band).upper()
+    if name in PRETRAINED_BAND_MEAN:
+        return name
+    if name in SENTINEL2_TO_HLS:
+        return SENTINEL2_TO_HLS[name]
+    known = ", ".join(PRETRAINED_BANDS + tuple(SENTINEL2_TO_HLS))
+    raise ValueError(
+        f"Unknown band name {band!r}: Prithvi-EO-2.0 has pretrained weights only for {known}. "
+        "Rename the band to one of these (Sentinel-2 or HLS names) or drop it; unknown bands are never "
+        "given zero or random weights."
+    )
+
+
+def _normalise_patch_size(patch_size) -> list[int]:
+    if isinstance(patch_size, int):
+        return [1, patch_size, patch_size]
+    patch = [int(p) for p in patch_size]
+    if len(patch) != 3 or min(patch) < 1:
+        raise ValueError(f"patch_size must be an int or (t, h, w) positive ints, got {patch_size!r}")
+    return patch
+
+
+def _normalise_img_size(img_size) -> int | list[int]:
+    if isinstance(img_size, int):
+        return img_size
+    size = [int(s) for s in img_size]
+    if len(size) != 2:
+        raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}")
+    return size[0] if size[0] == size[1] else size
+
+
+class PrithviConfig(PretrainedConfig):
+    r"""
+    Configuration of a Prithvi-EO-2.0 encoder ([`PrithviEncoder`]). The defaults are those of the released
+    Prithvi-EO-2.0-600M; [`PrithviConfig.from_preset`] builds the other released sizes and a tiny test model.
+
+    Args:
+        img_size (`int` or `(int, int)`, *optional*, defaults to 224):
+            Image size the fixed position table is built for. Other input sizes are supported: the table is
+            interpolated bicubically (align_corners=True) to the input's patch grid, as the official code does.
+        patch_size (`int` or `(int, int, int)`, *optional*, defaults to `(1, 14, 14)`):
+            Patch size (frames, height, width) of the Conv3d patch embedding. An int `p` means `(1, p, p)`.
+        num_frames (`int`, *optional*, defaults to 4):
+            Number of frames the position table is built for (the released checkpoints use 4). A 4-D input
+            (B, C, H, W) is always one frame; its position table is recomputed for one frame, as the official
+            code does for a frame count other than `num_frames`.
+        bands (`tuple[str]`, *optional*):
+            Names of the input channels, in order. HLS names (`BLUE`, `GREEN`, `RED`, `NIR_NARROW`, `SWIR_1`,
+            `SWIR_2`) or Sentinel-2 names (`B02`, `B03`, `B04`, `B08`, `B8A`, `B11`, `B12`), which use the
+            weights of the HLS band they map to. `B08` is the broad NIR band; it takes NIR_NARROW's weights by
+            design (Prithvi was pretrained on narrow NIR). Unknown names raise an error. Defaults to the first
+            `in_chans` pretrained bands (all six when `in_chans` is not given either).
+        in_chans (`int`, *optional*):
+            Number of input channels; must equal `len(bands)` when both are given.
+        embed_dim (`int`, *optional*, defaults to 1280):
+            Token embedding width.
+        depth (`int`, *optional*, defaults to 32):
+            Number of transformer blocks.
+        num_heads (`int`, *optional*, defaults to 16):
+            Attention heads per block; must divide `embed_dim`.
+        mlp_ratio (`float`, *optional*, defaults to 4.0):
+            Width of the MLP hidden layer relative to `embed_dim`.
+        coords_encoding (`list[str]`, *optional*, defaults to `[]`):
+            Extra encodings of the -TL variants: `"time"` (year, day of year) and/or `"location"` (lat, lon).
+        coords_scale_learn (`bool`, *optional*, defaults to `False`):
+            Whether the temporal/location encodings have a learned `scale` parameter (the -TL checkpoints do);
+            otherwise `scale` is a fixed buffer of ones.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of every LayerNorm. The official model uses `nn.LayerNorm`'s default, 1e-5 (the reference
+            fixtures agree to ~2e-6 with 1e-5 and differ by ~3e-3 with 1e-6).
+        band_mean (`list[float]`, *optional*):
+            Per-band mean (reflectance x 10000), aligned with `bands`. Defaults to the official statistics.
+        band_std (`list[float]`, *optional*):
+            Per-band standard deviation (reflectance x 10000), aligned with `bands`. Defaults to the official
+            statistics.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the CLS token.
+        output_hidden_states (`bool`, *optional*, defaults to `True`):
+            Whether the forward returns the per-block hidden states (the official `forward_features` output).
+        kwargs:
+            Passed to [`PretrainedConfig`]. The official MAE's decoder/pre-training arguments
+            (`decoder_embed_dim`, `decoder_depth`, `decoder_num_heads`, `mask_ratio`, `norm_pix_loss`) are
+            accepted and ignored, so an official config dict can be passed as is.
+
+    Example:
+
+    ```python
+    >>> from modeling_stage2 import PrithviConfig, PrithviEncoder
+    >>> config = PrithviConfig.from_preset("prithvi_eo_v2_tiny", bands=("B02", "B03", "B04", "B08"))
+    >>> model = PrithviEncoder(config)
+    ```
+    """
+
+    model_type = "prithvi_eo_v2"
+    attribute_map = {"hidden_size": "embed_dim", "num_hidden_layers": "depth", "num_attention_heads": "num_heads"}
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int, int] = (1, 14, 14),
+        num_frames: int = 4,
+        bands: tuple[str, ...] | list[str] | None = None,
+        in_chans: int | None = None,
+        embed_dim: int = 1280,
+        depth: int = 32,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        coords_encoding: tuple[str, ...] | list[str] | None = None,
+        coords_scale_learn: bool = False,
+        layer_norm_eps: float = 1e-5,
+        band_mean: list[float] | None = None,
+        band_std: list[float] | None = None,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        for name in _MAE_ONLY_ARGUMENTS:
+            kwargs.pop(name, None)
+        if kwargs.pop("drop_path", 0.0):
+            raise ValueError("drop_path (stochastic depth) is not supported by this port; use drop_path=0.")
+        kwargs.setdefault("output_hidden_states", True)
+
+        self.img_size = _normalise_img_size(img_size)
+        self.patch_size = _normalise_patch_size(patch_size)
+        self.num_frames = int(num_frames)
+        self.bands = self._resolve_bands(bands, in_chans)
+        self.in_chans = len(self.bands)
+        self.embed_dim = int(embed_dim)
+        self.depth = int(depth)
+        self.num_heads = int(num_heads)
+        self.mlp_ratio = float(mlp_ratio)
+        self.coords_encoding = self._resolve_coords_encoding(coords_encoding)
+        self.coords_scale_learn = bool(coords_scale_learn)
+        self.layer_norm_eps = float(layer_norm_eps)
+        self.band_mean = self._resolve_band_stats(band_mean, PRETRAINED_BAND_MEAN, "band_mean")
+        self.band_std = self._resolve_band_stats(band_std, PRETRAINED_BAND_STD, "band_std")
+        self.initializer_range = float(initializer_range)
+        self._check_architecture()
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PrithviConfig":
+        """Config of a released model (`prithvi_eo_v2_600m`, `..._300m`, `..._100m`, their `_tl` variants) or
+        of `prithvi_eo_v2_tiny`, with `overrides` applied (e.g. `bands=("B02", "B03", "B04", "B08")`)."""
+        if name not in PRITHVI_PRESETS:
+            raise ValueError(f"Unknown Prithvi preset {name!r}; choose one of {sorted(PRITHVI_PRESETS)}.")
+        arguments = copy.deepcopy(PRITHVI_PRESETS[name])
+        if "in_chans" in overrides and "bands" not in overrides:
+            arguments.pop("bands")  # in_chans alone selects the first in_chans pretrained bands
+        arguments.update(overrides)
+        return cls(**arguments)
+
+    @property
+    def pretrained_band_names(self) -> tuple[str, ...]:
+        """The HLS band each input channel takes its pretrained weights from."""
+        return tuple(canonical_band_name(band) for band in self.bands)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`img_size` as (height, width)."""
+        size = self.img_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        """Patch grid (t, h, w) of the stored position table."""
+        height, width = self.image_size
+        patch_t, patch_h, patch_w = self.patch_size
+        return (self.num_frames // patch_t, height // patch_h, width // patch_w)
+
+    @staticmethod
+    def _resolve_bands(bands, in_chans) -> list[str]:
+        if bands is None:
+            count = len(PRETRAINED_BANDS) if in_chans is None else int(in_chans)
+            if not 1 <= count <= len(PRETRAINED_BANDS):
+                raise ValueError(
+                    f"in_chans={in_chans} without band names: only the {len(PRETRAINED_BANDS)} pretrained bands "
+                    f"{PRETRAINED_BANDS} can be chosen by count; name the bands with `bands=`."
+                )
+            return list(PRETRAINED_BANDS[:count])
+        if isinstance(bands, str):
+            raise ValueError(f"bands must be a sequence of band names, got the string {bands!r}")
+        names = [str(band) for band in bands]
+        if not names:
+            raise ValueError("bands is empty: give at least one band name.")
+        for band in names:
+            canonical_band_name(band)
+        duplicates = sorted({band for band in names if names.count(band) > 1})
+        if duplicates:
+            raise ValueError(f"bands lists {duplicates} more than once: {names}")
+        if in_chans is not None and int(in_chans) != len(names):
+            raise ValueError(f"in_chans={in_chans} does not match the {len(names)} bands {names}.")
+        return names
+
+    @staticmethod
+    def _resolve_coords_encoding(coords_encoding) -> list[str]:
+        encodings = list(coords_encoding or [])
+        unknown = [name for name in encodings if name not in _COORDS_ENCODINGS]
+        if unknown:
+            raise ValueError(f"coords_encoding accepts {_COORDS_ENCODINGS}, got {unknown}")
+        return encodings
+
+    def _resolve_band_stats(self, values, defaults: dict[str, float], name: str) -> list[float]:
+        if values is None:
+            return [defaults[canonical_band_name(band)] for band in self.bands]
+        values = [float(value) for value in values]
+        if len(values) != len(self.bands):
+            raise ValueError(f"{name} has {len(values)} values for the {len(self.bands)} bands {self.bands}.")
+        return values
+
+    def _check_architecture(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads}).")
+        if self.embed_dim % 16:
+            # The 3D sin-cos table splits the width 6/16 (w), 6/16 (h), 4/16 (t), each into sin/cos halves.
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of 16 for the 3D sin-cos table.")
+        if "time" in self.coords_encoding and self.patch_size[0] != 1:
+            raise ValueError(f"The temporal encoding needs patch_size[0] == 1, got {self.patch_size}.")
+        if min(self.grid_size) < 1:
+            raise ValueError(
+                f"img_size {self.img_size} / num_frames {self.num_frames} is smaller than one patch {self.patch_size}."
+            )
+
+
+__all__ = [
+    "PRETRAINED_BANDS",
+    "PRETRAINED_BAND_MEAN",
+    "PRETRAINED_BAND_STD",
+    "PRITHVI_PRESETS",
+    "SENTINEL2_TO_HLS",
+    "PrithviConfig",
+    "canonical_band_name",
+]

@@ -1,0 +1,426 @@
+"""Official Prithvi-EO-2.0 checkpoints (`Prithvi_EO_V2_*.pt`, flat MAE state dicts) -> `PrithviEncoder`.
+
+    stage2-convert-prithvi Prithvi_EO_V2_600M.pt converted/ --bands B02 B03 B04 B08
+    stage2-convert-prithvi hf://ibm-nasa-geospatial/Prithvi-EO-2.0-600M/Prithvi_EO_V2_600M.pt converted/
+
+The checkpoint is read with `torch.load(weights_only=True)` (never unpickled), the `encoder.*` keys are kept and
+the decoder dropped, the patch embedding's input channels are taken by band name, every key and shape is checked
+against the model, and the result is written as a `save_pretrained` folder (config.json + model.safetensors).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
+from .modeling_prithvi import PrithviEncoder, sincos_3d_table
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HUB_REPO = "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
+DEFAULT_HUB_FILENAME = "Prithvi_EO_V2_600M.pt"
+HUB_PREFIX = "hf://"
+_SAVED_FILES = {"config.json", "model.safetensors"}
+_COORDS_KEYS = {"time": "temporal_embed_enc.scale", "location": "location_embed_enc.scale"}
+
+
+class PrithviCheckpointError(ValueError):
+    """An official checkpoint that cannot be read or does not fit the requested encoder."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat state dict of an official checkpoint, loaded weights-only (memory-mapped when possible)."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Prithvi checkpoint not found: {path}")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as error:  # torch raises several types for corrupt or pickled-object files
+        raise PrithviCheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({type(error).__name__}: {error}). "
+            "Official Prithvi-EO-2.0 files (Prithvi_EO_V2_*.pt) are flat state dicts of tensors."
+        ) from error
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise PrithviCheckpointError(f"{path}: expected a flat dict of tensors, got {type(state).__name__}.")
+    return state
+
+
+def encoder_state_dict(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """The `encoder.*` entries without the prefix; the MAE decoder is dropped."""
+    encoder = {key[len("encoder.") :]: value for key, value in state.items() if key.startswith("encoder.")}
+    if not encoder and "patch_embed.proj.weight" in state:  # already encoder-only, without the prefix
+        encoder = {key: value for key, value in state.items() if not key.startswith("decoder")}
+    if not encoder:
+        raise PrithviCheckpointError(
+            f"{source}: no `encoder.*` keys (found e.g. {sorted(state)[:5]}); this is not a Prithvi-EO-2.0 checkpoint."
+        )
+    return encoder
+
+
+# ---------------------------------------------------------------------------------------- architecture
+
+
+def _tensor(encoder: dict[str, torch.Tensor], key: str, source) -> torch.Tensor:
+    if key not in encoder:
+        raise PrithviCheckpointError(f"{source}: missing key `encoder.{key}`; the checkpoint is incomplete.")
+    return encoder[key]
+
+
+def infer_architecture(encoder: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> dict:
+    """Config arguments readable from the weights' shapes (all but `num_heads`)."""
+    proj = _tensor(encoder, "patch_embed.proj.weight", source)
+    if proj.ndim != 5:
+        raise PrithviCheckpointError(
+            f"{source}: `encoder.patch_embed.proj.weight` has shape {tuple(proj.shape)}, expected a Conv3d weight "
+            "(embed_dim, in_chans, t, h, w)."
+        )
+    embed_dim, in_chans, *patch_size = proj.shape
+    block_ids = {int(key.split(".")[1]) for key in encoder if key.startswith("blocks.") and key.split(".")[1].isdigit()}
+    mlp_hidden = encoder.get("blocks.0.mlp.fc1.weight")
+    coords = [name for name, key in _COORDS_KEYS.items() if key in encoder]
+    arguments = {
+        "embed_dim": int(embed_dim),
+        "depth": len(block_ids),
+        "patch_size": [int(p) for p in patch_size],
+        "checkpoint_in_chans": int(in_chans),
+        "coords_encoding": coords,
+        "coords_scale_learn": bool(coords),
+    }
+    if mlp_hidden is not None:
+        arguments["mlp_ratio"] = mlp_hidden.shape[0] / embed_dim
+    arguments.update(_infer_table_size(encoder, arguments["patch_size"], source))
+    return arguments
+
+
+def _infer_table_size(encoder, patch_size, source) -> dict:
+    """img_size / num_frames of the stored position table (1 + t*h*w tokens), assuming 224 px when it fits."""
+    tokens = _tensor(encoder, "pos_embed", source).shape[1] - 1
+    patch_t, patch_h, patch_w = patch_size
+    per_frame = (224 // patch_h) * (224 // patch_w)
+    if tokens % per_frame == 0:
+        return {"img_size": 224, "num_frames": tokens // per_frame * patch_t}
+    side = math.isqrt(tokens)
+    if side * side == tokens and patch_h == patch_w:
+        return {"img_size": side * patch_h, "num_frames": patch_t}
+    return {}
+
+
+def match_preset(architecture: dict) -> str | None:
+    """The preset with the checkpoint's embed_dim, depth and patch (one with the same coordinate encodings
+    first), if any."""
+    candidates = [
+        name
+        for name, preset in PRITHVI_PRESETS.items()
+        if preset["embed_dim"] == architecture["embed_dim"]
+        and preset["depth"] == architecture["depth"]
+        and list(preset["patch_size"]) == architecture["patch_size"]
+    ]
+    same_coords = [
+        name
+        for name in candidates
+        if sorted(PRITHVI_PRESETS[name].get("coords_encoding", ())) == sorted(architecture["coords_encoding"])
+    ]
+    return (same_coords or candidates or [None])[0]
+
+
+def build_config(
+    encoder: dict[str, torch.Tensor], preset: str | None, bands, config_overrides: dict, source
+) -> PrithviConfig:
+    """The encoder config: the preset (given or matched from shapes) or the inferred shapes, then overrides."""
+    overrides = dict(config_overrides)
+    architecture = infer_architecture(encoder, source)
+    checkpoint_in_chans = architecture.pop("checkpoint_in_chans")
+    inferred = preset is None
+    if inferred:
+        preset = match_preset(architecture)
+    if preset is not None:
+        if preset not in PRITHVI_PRESETS:
+            raise ValueError(f"Unknown Prithvi preset {preset!r}; choose one of {sorted(PRITHVI_PRESETS)}.")
+        arguments = dict(PRITHVI_PRESETS[preset])
+        if inferred:  # what the weights say wins, e.g. a -TL checkpoint of a size that has no -TL preset
+            for name in ("coords_encoding", "coords_scale_learn", "img_size", "num_frames"):
+                if name in architecture:
+                    arguments[name] = architecture[name]
+    else:
+        if "num_heads" not in overrides:
+            raise PrithviCheckpointError(
+                f"{source}: its shapes (embed_dim {architecture['embed_dim']}, depth {architecture['depth']}, "
+                f"patch {architecture['patch_size']}) match no preset and the number of heads cannot be read from "
+                "weights; pass `preset=` (--preset) or `num_heads=` (--num-heads)."
+            )
+        arguments = architecture
+
+    if bands is not None and "bands" in overrides:
+        raise ValueError("bands given twice (as `bands` and in the config overrides).")
+    bands = bands if bands is not None else overrides.pop("bands", None)
+    if bands is None and "in_chans" not in overrides:
+        bands = PRETRAINED_BANDS[:checkpoint_in_chans]
+    arguments.pop("bands", None)
+    arguments.update(overrides)
+    return PrithviConfig(bands=list(bands) if bands is not None else None, **arguments)
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def select_weights(
+    encoder: dict[str, torch.Tensor], config: PrithviConfig, expected: dict[str, torch.Size], source
+) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors shaped for `config`: bands taken by name, position table and coordinate scales
+    reconciled, everything float32. Raises on any key or shape that does not fit."""
+    weights = dict(encoder)
+    patch_weight = _tensor(encoder, "patch_embed.proj.weight", source)
+    weights["patch_embed.proj.weight"] = _select_bands(patch_weight, config, source)
+
+    table = weights.get("pos_embed")
+    if table is not None and table.shape != expected["pos_embed"] and table.shape[-1] == config.embed_dim:
+        # The table is fixed (sin-cos of the patch grid): another img_size/num_frames gets its own, as terratorch does.
+        logger.info("%s: position table %s recomputed for grid %s", source, tuple(table.shape), config.grid_size)
+        weights["pos_embed"] = sincos_3d_table(config.embed_dim, config.grid_size)
+
+    for name, key in _COORDS_KEYS.items():
+        if key in weights and key not in expected:
+            logger.warning("%s: dropping `encoder.%s`: the config has no %r encoding.", source, key, name)
+            del weights[key]
+
+    _check_keys_and_shapes(weights, expected, source)
+    return {
+        key: value.to(torch.float32).contiguous() if value.is_floating_point() else value
+        for key, value in weights.items()
+    }
+
+
+def _select_bands(weight: torch.Tensor, config: PrithviConfig, source) -> torch.Tensor:
+    checkpoint_bands = PRETRAINED_BANDS[: weight.shape[1]]
+    indices = []
+    for band, pretrained in zip(config.bands, config.pretrained_band_names):
+        if pretrained not in checkpoint_bands:
+            raise PrithviCheckpointError(
+                f"{source}: band {band!r} ({pretrained}) is not among the checkpoint's input bands {checkpoint_bands}."
+            )
+        indices.append(checkpoint_bands.index(pretrained))
+    if indices == list(range(weight.shape[1])):
+        return weight
+    return weight[:, indices]
+
+
+def _first(names: list[str], count: int = 8) -> str:
+    return str(names[:count]) + (" ..." if len(names) > count else "")
+
+
+def _check_keys_and_shapes(weights: dict, expected: dict, source) -> None:
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"encoder.{key}: checkpoint {tuple(weights[key].shape)} vs model {tuple(expected[key])}"
+        for key in sorted(set(expected) & set(weights))
+        if tuple(weights[key].shape) != tuple(expected[key])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_first(['encoder.' + key for key in missing])}")
+    if unexpected:
+        problems.append(f"unexpected keys {_first(['encoder.' + key for key in unexpected])}")
+    if wrong:
+        problems.append("shape mismatches: " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+    if problems:
+        raise PrithviCheckpointError(
+            f"{source} does not fit the requested encoder: " + " | ".join(problems) + ". Check the preset and "
+            "config overrides (leave `preset` unset to infer it from the checkpoint)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def convert_official_checkpoint(
+    checkpoint_path: str | Path,
+    output_dir: str | Path | None = None,
+    preset: str | None = None,
+    bands=None,
+    **config_overrides,
+) -> PrithviEncoder:
+    """Read an official Prithvi-EO-2.0 checkpoint into a `PrithviEncoder` (eval mode).
+
+    Args:
+        checkpoint_path: a `Prithvi_EO_V2_*.pt` flat state dict (`encoder.*` and `decoder.*` keys).
+        output_dir: when given, the encoder is written there with `save_pretrained` (config.json +
+            model.safetensors), atomically: a failed conversion leaves nothing behind. A folder holding an
+            earlier conversion is replaced; a folder holding other files is refused.
+        preset: a `PRITHVI_PRESETS` name; inferred from the weights' shapes when not given.
+        bands: input band names (HLS or Sentinel-2, e.g. `("B02", "B03", "B04", "B08")`); the patch embedding's
+            input channels are taken from the pretrained bands by name. Defaults to all checkpoint bands.
+        config_overrides: other `PrithviConfig` arguments (`num_frames`, `img_size`, `in_chans`, ...).
+    """
+    source = Path(checkpoint_path)
+    encoder = encoder_state_dict(read_official_state_dict(source), source)
+    config = build_config(encoder, preset, bands, config_overrides, source)
+    with torch.device("meta"):
+        model = PrithviEncoder(config)  # shapes only: the weights come from the checkpoint
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    weights = select_weights(encoder, config, expected, source)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.eval()
+    if output_dir is not None:
+        save_atomically(model, output_dir)
+    return model
+
+
+def load_official_encoder(checkpoint_path: str | Path, **config_overrides) -> PrithviEncoder:
+    """The encoder of an official checkpoint (a local `.pt` or `hf://REPO_ID/FILENAME`), in eval mode.
+
+    `config_overrides` are `PrithviConfig` arguments (`bands` or `in_chans`, `num_frames`, ...) plus an optional
+    `preset`. Calling the encoder on (B, C, H, W) returns `last_hidden_state` and the per-block `hidden_states`.
+    """
+    preset = config_overrides.pop("preset", None)
+    bands = config_overrides.pop("bands", None)
+    path = resolve_checkpoint(checkpoint_path)
+    return convert_official_checkpoint(path, None, preset=preset, bands=bands, **config_overrides).eval()
+
+
+def load_prithvi_from_hub(
+    repo_id: str = DEFAULT_HUB_REPO,
+    filename: str = DEFAULT_HUB_FILENAME,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    bands=None,
+    preset: str | None = None,
+) -> Path:
+    """Download an official checkpoint with `huggingface_hub` and convert it once; returns the converted
+    `save_pretrained` folder (load it with `PrithviEncoder.from_pretrained`).
+
+    Conversions are cached beside the Hub cache (`<cache_dir or HF_HOME>/stage2-converted/`), keyed by repo,
+    resolved commit, preset and bands, and reused afterwards (offline too, once downloaded).
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    checkpoint = Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir))
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HOME)
+    band_key = "-".join(str(band) for band in bands) if bands else "all-bands"
+    target = (
+        root / "stage2-converted" / repo_id.replace("/", "--") / _snapshot_commit(checkpoint, revision)
+        / Path(filename).stem / f"{preset or 'auto'}__{band_key}"
+    )
+    if all((target / name).is_file() for name in _SAVED_FILES):
+        return target
+    convert_official_checkpoint(checkpoint, target, preset=preset, bands=bands)
+    return target
+
+
+def _snapshot_commit(local_file: Path, revision: str | None) -> str:
+    """The commit a hub-cache file belongs to (`.../snapshots/<commit>/<filename>`), else the revision."""
+    parts = local_file.parts
+    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+        return parts[parts.index("snapshots") + 1]
+    return (revision or "main").replace("/", "--")
+
+
+def resolve_checkpoint(checkpoint: str | Path, revision: str | None = None, cache_dir=None) -> Path:
+    """A local path, or `hf://REPO_OWNER/REPO_NAME/FILENAME` downloaded through the Hub cache."""
+    text = str(checkpoint)
+    if not text.startswith(HUB_PREFIX):
+        return Path(checkpoint)
+    parts = text[len(HUB_PREFIX) :].split("/")
+    if len(parts) < 3 or not all(parts):
+        example = f"hf://{DEFAULT_HUB_REPO}/{DEFAULT_HUB_FILENAME}"
+        raise ValueError(f"{text!r}: expected hf://OWNER/REPO/FILENAME, e.g. {example}")
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir))
+
+
+def save_atomically(model: PrithviEncoder, output_dir: str | Path) -> Path:
+    """`save_pretrained` into a temporary sibling folder, then rename it into place."""
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise FileExistsError(f"{output_dir} exists and is not a folder.")
+        others = sorted(path.name for path in output_dir.iterdir() if path.name not in _SAVED_FILES)
+        if others:
+            raise FileExistsError(
+                f"{output_dir} holds other files ({others[:5]}); choose a new or empty folder for the converted "
+                "encoder."
+            )
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if output_dir.exists():
+            retired = staging.with_name(staging.name + "-old")
+            output_dir.rename(retired)
+            staging.rename(output_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stage2-convert-prithvi",
+        description="Convert an official Prithvi-EO-2.0 checkpoint into a save_pretrained folder "
+        "(config.json + model.safetensors) loadable with PrithviEncoder.from_pretrained.",
+    )
+    parser.add_argument("checkpoint", help="official Prithvi_EO_V2_*.pt file, or hf://OWNER/REPO/FILENAME")
+    parser.add_argument("output_dir", help="folder to write (created; an earlier conversion there is replaced)")
+    parser.add_argument("--preset", choices=sorted(PRITHVI_PRESETS), help="architecture (default: inferred)")
+    parser.add_argument(
+        "--bands", nargs="+", metavar="BAND", help="input bands by name, e.g. B02 B03 B04 B08 (default: all six HLS)"
+    )
+    parser.add_argument(
+        "--num-heads", type=int, help="attention heads, for a checkpoint whose shapes match no preset"
+    )
+    parser.add_argument("--revision", help="Hub revision for hf:// checkpoints")
+    parser.add_argument("--cache-dir", help="Hub cache folder for hf:// checkpoints")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.bands:
+            for band in args.bands:
+                canonical_band_name(band)
+        checkpoint = resolve_checkpoint(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
+        overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+        model = convert_official_checkpoint(
+            checkpoint, args.output_dir, preset=args.preset, bands=args.bands, **overrides
+        )
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"stage2-convert-prithvi: error: {error}\n")
+    config = model.config
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    print(
+        f"Wrote {args.output_dir}: Prithvi encoder embed_dim {config.embed_dim}, depth {config.depth}, "
+        f"patch {tuple(config.patch_size)}, bands {', '.join(config.bands)}, {parameters:,} parameters."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,340 @@
+"""Official checkpoints -> PrithviEncoder: band slicing, checks, save_pretrained folders, CLI, Hub cache."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from _prithvi_helpers import FIXTURE_OVERRIDES, load_reference, official_layout_state_dict, write_official_checkpoint
+
+import modeling_stage2
+from modeling_stage2 import (
+    PrithviConfig,
+    PrithviEncoder,
+    convert_official_checkpoint,
+    load_official_encoder,
+    load_prithvi_from_hub,
+)
+from modeling_stage2.convert_prithvi import PrithviCheckpointError, main
+
+S2_BANDS = ["B02", "B03", "B04", "B08"]
+
+
+@pytest.fixture(scope="module")
+def fixture_checkpoint(prithvi_fixtures_dir) -> Path:
+    return prithvi_fixtures_dir / "tiny_checkpoint.pt"
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path) -> tuple[Path, PrithviEncoder]:
+    """A checkpoint in the official layout with exactly the tiny preset's shapes."""
+    path = tmp_path / "Prithvi_EO_V2_tiny.pt"
+    return path, write_official_checkpoint(path, PrithviConfig.from_preset("prithvi_eo_v2_tiny"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+# ------------------------------------------------------------------------------------------- bands
+
+
+def test_band_slicing_by_name_matches_the_official_four_band_encoder(fixture_checkpoint, prithvi_fixtures_dir):
+    reference = load_reference(prithvi_fixtures_dir)
+    for bands in (S2_BANDS, ["BLUE", "GREEN", "RED", "NIR_NARROW"]):
+        model = convert_official_checkpoint(fixture_checkpoint, bands=bands, **FIXTURE_OVERRIDES)
+        assert model.config.bands == bands and model.config.in_chans == 4
+        state = model.state_dict()
+        assert len(state) == sum(key.startswith("encoder4_state_dict.") for key in reference)
+        for key, value in state.items():
+            assert torch.equal(value, reference[f"encoder4_state_dict.{key}"]), key
+
+
+def test_band_order_and_subsets_follow_the_names(fixture_checkpoint):
+    full = torch.load(fixture_checkpoint, weights_only=True)["encoder.patch_embed.proj.weight"]
+    model = convert_official_checkpoint(fixture_checkpoint, bands=["B12", "B04", "B8A"], **FIXTURE_OVERRIDES)
+    torch.testing.assert_close(model.patch_embed.proj.weight, full[:, [5, 2, 3]], rtol=0, atol=0)
+    assert model.config.band_mean == [1363.0, 1433.0, 2734.0]
+
+
+def test_unknown_band_is_refused_and_nothing_is_written(fixture_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="Unknown band name 'VV'"):
+        convert_official_checkpoint(fixture_checkpoint, tmp_path / "out", bands=["B02", "VV"], **FIXTURE_OVERRIDES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_band_missing_from_a_smaller_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "four_band.pt"
+    write_official_checkpoint(path, PrithviConfig.from_preset("prithvi_eo_v2_tiny", in_chans=4))
+    with pytest.raises(PrithviCheckpointError, match=r"band 'B11' \(SWIR_1\) is not among the checkpoint's"):
+        convert_official_checkpoint(path, bands=["B02", "B11"])
+    assert convert_official_checkpoint(path).config.bands == ["BLUE", "GREEN", "RED", "NIR_NARROW"]
+
+
+# ------------------------------------------------------------------------------------ architecture
+
+
+def test_preset_is_inferred_from_shapes(tiny_checkpoint):
+    path, original = tiny_checkpoint
+    model = convert_official_checkpoint(path)
+    assert (model.config.depth, model.config.num_heads, model.config.num_frames) == (4, 4, 1)
+    for key, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    x = torch.randn(1, 6, 126, 126)
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, original(x).last_hidden_state)
+
+
+def test_unmatched_shapes_need_the_number_of_heads(fixture_checkpoint):
+    with pytest.raises(PrithviCheckpointError, match="num_heads"):
+        convert_official_checkpoint(fixture_checkpoint)
+    model = load_official_encoder(fixture_checkpoint, num_heads=4)
+    assert (model.config.embed_dim, model.config.depth, model.config.patch_size) == (64, 2, [1, 14, 14])
+    assert not model.training
+
+
+def test_official_config_dict_loads_the_checkpoint(fixture_checkpoint, prithvi_fixtures_dir):
+    official = json.loads((prithvi_fixtures_dir / "tiny_reference.json").read_text())["config"]
+    model = load_official_encoder(fixture_checkpoint, **official)
+    assert model.config.in_chans == 6 and model.config.depth == 2
+    assert not model.training
+
+
+def test_tl_checkpoint_keeps_its_learned_scales(tmp_path):
+    config = PrithviConfig.from_preset(
+        "prithvi_eo_v2_tiny", coords_encoding=["time", "location"], coords_scale_learn=True
+    )
+    path = tmp_path / "tl.pt"
+    original = PrithviEncoder(config)
+    with torch.no_grad():
+        original.temporal_embed_enc.scale.fill_(0.37)
+        original.location_embed_enc.scale.fill_(-0.05)
+    torch.save(official_layout_state_dict(original), path)
+    model = convert_official_checkpoint(path)
+    assert model.config.coords_encoding == ["time", "location"] and model.config.coords_scale_learn
+    assert model.temporal_embed_enc.scale.item() == pytest.approx(0.37)
+    assert model.location_embed_enc.scale.item() == pytest.approx(-0.05)
+    plain = convert_official_checkpoint(path, coords_encoding=[])  # a TL checkpoint used without coordinates
+    assert not hasattr(plain, "temporal_embed_enc")
+
+
+def test_other_frame_count_recomputes_the_fixed_table(fixture_checkpoint):
+    one = load_official_encoder(fixture_checkpoint, num_heads=4)
+    four = load_official_encoder(fixture_checkpoint, num_heads=4, num_frames=4)
+    assert four.pos_embed.shape == (1, 1 + 4 * 256, 64)
+    torch.testing.assert_close(four.pos_embed[:, : 1 + 256], one.pos_embed, rtol=0, atol=1e-7)
+    x = torch.randn(1, 6, 126, 126)
+    with torch.no_grad():
+        torch.testing.assert_close(four(x).last_hidden_state, one(x).last_hidden_state, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- bad checkpoints
+
+
+def _save_modified(source: Path, target: Path, edit) -> Path:
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    torch.save(state, target)
+    return target
+
+
+def test_missing_key_is_named(fixture_checkpoint, tmp_path):
+    path = _save_modified(
+        fixture_checkpoint, tmp_path / "missing.pt", lambda state: state.pop("encoder.blocks.1.mlp.fc2.weight")
+    )
+    with pytest.raises(PrithviCheckpointError, match=r"missing keys \['encoder.blocks.1.mlp.fc2.weight'\]") as error:
+        convert_official_checkpoint(path, tmp_path / "out", **FIXTURE_OVERRIDES)
+    assert "missing.pt" in str(error.value)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_wrong_shape_is_named(fixture_checkpoint, tmp_path):
+    def edit(state):
+        state["encoder.blocks.0.attn.qkv.weight"] = torch.zeros(96, 64)
+
+    path = _save_modified(fixture_checkpoint, tmp_path / "shape.pt", edit)
+    expected = r"encoder.blocks.0.attn.qkv.weight: checkpoint \(96, 64\) vs model \(192, 64\)"
+    with pytest.raises(PrithviCheckpointError, match=expected):
+        convert_official_checkpoint(path, **FIXTURE_OVERRIDES)
+
+
+def test_wrong_preset_is_refused(fixture_checkpoint):
+    with pytest.raises(PrithviCheckpointError, match="shape mismatches"):
+        convert_official_checkpoint(fixture_checkpoint, preset="prithvi_eo_v2_100m")
+
+
+def test_unexpected_encoder_key_is_named(fixture_checkpoint, tmp_path):
+    path = _save_modified(
+        fixture_checkpoint, tmp_path / "extra.pt", lambda state: state.update({"encoder.head.weight": torch.zeros(2)})
+    )
+    with pytest.raises(PrithviCheckpointError, match=r"unexpected keys \['encoder.head.weight'\]"):
+        convert_official_checkpoint(path, **FIXTURE_OVERRIDES)
+
+
+class _Payload:  # not a tensor: weights_only loading must refuse to unpickle it
+    pass
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"encoder.cls_token": _Payload()}, "weights-only"),
+        (b"not a checkpoint at all", "weights-only"),
+        ({"decoder.mask_token": torch.zeros(1)}, "no `encoder.*` keys"),
+        ([torch.zeros(1)], "flat dict of tensors"),
+    ],
+)
+def test_unreadable_checkpoints_raise_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(PrithviCheckpointError, match=re.escape(message)) as error:
+        convert_official_checkpoint(path, **FIXTURE_OVERRIDES)
+    assert "bad.pt" in str(error.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_official_encoder(tmp_path / "nowhere.pt")
+
+
+# --------------------------------------------------------------------------------------- folders
+
+
+def test_converted_folder_round_trip_is_exact(fixture_checkpoint, tmp_path):
+    out = tmp_path / "converted"
+    model = convert_official_checkpoint(fixture_checkpoint, out, bands=S2_BANDS, **FIXTURE_OVERRIDES)
+    assert sorted(path.name for path in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "prithvi_eo_v2"
+    loaded = PrithviEncoder.from_pretrained(out)
+    assert loaded.config.bands == S2_BANDS
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x = torch.randn(2, 4, 126, 126)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).last_hidden_state, model(x).last_hidden_state)
+    assert leftovers(tmp_path) == []
+
+
+def test_earlier_conversion_is_replaced_but_other_folders_are_refused(fixture_checkpoint, tmp_path):
+    out = tmp_path / "converted"
+    convert_official_checkpoint(fixture_checkpoint, out, **FIXTURE_OVERRIDES)
+    convert_official_checkpoint(fixture_checkpoint, out, bands=S2_BANDS, **FIXTURE_OVERRIDES)
+    assert PrithviConfig.from_pretrained(out).bands == S2_BANDS
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        convert_official_checkpoint(fixture_checkpoint, out, **FIXTURE_OVERRIDES)
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_round_trip(tiny_checkpoint, tmp_path, capsys):
+    path, original = tiny_checkpoint
+    out = tmp_path / "cli_out"
+    assert main([str(path), str(out), "--preset", "prithvi_eo_v2_tiny", "--bands", *S2_BANDS]) == 0
+    assert "B02, B03, B04, B08" in capsys.readouterr().out
+    loaded = PrithviEncoder.from_pretrained(out)
+    expected_weight = original.patch_embed.proj.weight[:, :4]
+    assert torch.equal(loaded.patch_embed.proj.weight, expected_weight)
+    assert loaded.config.bands == S2_BANDS and loaded.config.depth == 4
+
+
+def test_cli_reads_the_fixture_with_its_number_of_heads(fixture_checkpoint, prithvi_fixtures_dir, tmp_path, capsys):
+    out = tmp_path / "fixture_out"
+    with pytest.raises(SystemExit):
+        main([str(fixture_checkpoint), str(out)])
+    assert "--num-heads" in capsys.readouterr().err
+    assert main([str(fixture_checkpoint), str(out), "--num-heads", "4", "--bands", *S2_BANDS]) == 0
+    reference = load_reference(prithvi_fixtures_dir)
+    loaded = PrithviEncoder.from_pretrained(out)
+    with torch.no_grad():
+        features = loaded(reference["inputs.x4_120"]).hidden_states
+    for index, hidden in enumerate(features):
+        torch.testing.assert_close(hidden, reference[f"outputs.enc4@x4_120.features.{index}"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bands", "B02", "B99"], "Unknown band name 'B99'"),
+        (["--preset", "prithvi_eo_v2_600m"], "shape mismatches"),
+    ],
+)
+def test_cli_errors_exit_with_a_message(tiny_checkpoint, tmp_path, capsys, extra, message):
+    path, _ = tiny_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_rejects_malformed_hub_paths(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["hf://only-a-repo", str(tmp_path / "out")])
+    assert "hf://OWNER/REPO/FILENAME" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- Hub cache
+
+
+def test_hub_loading_converts_once_and_reuses_the_cache(tiny_checkpoint, tmp_path, monkeypatch):
+    """hf_hub_download is replaced by a local file laid out like the Hub cache; the rest is the real path."""
+    import huggingface_hub
+
+    path, original = tiny_checkpoint
+    cache = tmp_path / "hub_cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None, cache_dir=None, **kwargs):
+        calls.append((repo_id, filename, revision, cache_dir))
+        local = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit / filename
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if not local.exists():
+            local.write_bytes(path.read_bytes())
+        return str(local)
+
+    conversions = []
+    real_convert = modeling_stage2.convert_prithvi.convert_official_checkpoint
+
+    def counting_convert(*args, **kwargs):
+        conversions.append(args)
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(modeling_stage2.convert_prithvi, "convert_official_checkpoint", counting_convert)
+
+    folder = load_prithvi_from_hub("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", cache_dir=cache, bands=S2_BANDS)
+    assert calls == [("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", None, cache)]
+    assert folder.is_relative_to(cache) and commit in folder.parts
+    loaded = PrithviEncoder.from_pretrained(folder)
+    assert torch.equal(loaded.patch_embed.proj.weight, original.patch_embed.proj.weight[:, :4])
+
+    again = load_prithvi_from_hub("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", cache_dir=cache, bands=S2_BANDS)
+    assert again == folder and len(conversions) == 1
+    all_bands = load_prithvi_from_hub("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", cache_dir=cache)
+    assert all_bands != folder and len(conversions) == 2
+    assert PrithviConfig.from_pretrained(all_bands).in_chans == 6
+
+
+def test_load_official_encoder_accepts_hub_paths(tiny_checkpoint, monkeypatch):
+    import huggingface_hub
+
+    path, original = tiny_checkpoint
+    requested = []
+
+    def fake_download(repo_id, filename, revision=None, cache_dir=None, **kwargs):
+        requested.append((repo_id, filename))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = load_official_encoder("hf://org/Prithvi-tiny/sub/Prithvi_EO_V2_tiny.pt", bands=S2_BANDS)
+    assert requested == [("org/Prithvi-tiny", "sub/Prithvi_EO_V2_tiny.pt")]
+    assert torch.equal(model.patch_embed.proj.weight, original.patch_embed.proj.weight[:, :4])
