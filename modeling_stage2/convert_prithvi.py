@@ -302,9 +302,13 @@ def load_prithvi_from_hub(
     cache_dir: str | Path | None = None,
     bands=None,
     preset: str | None = None,
+    **config_overrides,
 ) -> Path:
     """Download an official checkpoint with `huggingface_hub` and convert it once; returns the converted
     `save_pretrained` folder (load it with `PrithviEncoder.from_pretrained`).
+
+    `config_overrides` are `PrithviConfig` arguments, as for `load_official_encoder` (e.g. `num_heads`
+    for a checkpoint that matches no preset); they are part of the cache key.
 
     Conversions are cached beside the Hub cache (`<cache_dir or HF_HOME>/stage2-converted/`), keyed by repo,
     resolved commit, preset and bands, and reused afterwards (offline too, once downloaded).
@@ -314,13 +318,14 @@ def load_prithvi_from_hub(
     checkpoint = Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir))
     root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HOME)
     band_key = "-".join(str(band) for band in bands) if bands else "all-bands"
+    override_key = "".join(f"__{key}-{config_overrides[key]}" for key in sorted(config_overrides))
     target = (
         root / "stage2-converted" / repo_id.replace("/", "--") / _snapshot_commit(checkpoint, revision)
-        / Path(filename).stem / f"{preset or 'auto'}__{band_key}"
+        / Path(filename).stem / f"{preset or 'auto'}__{band_key}{override_key}".replace("/", "-").replace(" ", "")
     )
     if all((target / name).is_file() for name in _SAVED_FILES):
         return target
-    convert_official_checkpoint(checkpoint, target, preset=preset, bands=bands)
+    convert_official_checkpoint(checkpoint, target, preset=preset, bands=bands, **config_overrides)
     return target
 
 

@@ -1,0 +1,285 @@
+"""Push a trained Stage 2 refiner (and optionally its Arrow dataset) to the Hugging Face Hub.
+
+    stage2-push runs/demo/best me/stage2-refiner [--private] [--include_code] [--dataset data/arrow]
+
+One commit holds the adapter / weights (safetensors), the trainable non-backbone modules, the configs,
+the metrics, the preview image and the model card (generated from the folder for this repo, unless the
+folder holds a hand-written README.md). `--include_code` adds the modeling code and an `auto_map` so that
+`AutoModel.from_pretrained(repo, trust_remote_code=True)` works without the package installed.
+`--endpoint` (or `HF_ENDPOINT`) picks another Hub, e.g. a local one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
+
+MODEL_FOLDER_LAYOUTS = (
+    ("adapter", ("adapter_config.json",), ("adapter_model.safetensors",)),
+    ("full model", ("config.json",), ("model.safetensors", "model.safetensors.index.json")),
+)
+# What a trained folder may hold that belongs on the Hub; everything else (optimizer and RNG states,
+# pickles, checkpoints, logs) stays home.
+UPLOAD_PATTERNS = ("*.safetensors", "*.json", "README.md", "*.png", "*.jpg", "*.jpeg")
+NEVER_UPLOAD = ("trainer_state.json", "optimizer*", "scheduler*", "rng_state*", "training_args*", "*.bin", "*.pt",
+                "*.pth", "*.pkl", "*.pickle", "*.npy")
+SKIPPED_DIRS = ("checkpoint-*", "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard")
+# The modeling code files whose relative imports make up what `trust_remote_code` needs.
+CODE_ENTRY_GLOBS = ("configuration_*.py", "modeling_*.py")
+AUTO_MAP = {
+    "stage2_refiner": {"AutoConfig": "configuration_stage2.Stage2RefinerConfig",
+                       "AutoModel": "modeling_stage2.Stage2RefinerModel"},
+    "prithvi_eo_v2": {"AutoConfig": "configuration_prithvi.PrithviConfig",
+                      "AutoModel": "modeling_prithvi.PrithviEncoder"},
+}
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
+_RELATIVE_PACKAGE_IMPORT = re.compile(r"^\s*from\s+\.\s+import\s+([\w\s,]+)", re.MULTILINE)
+
+
+# ------------------------------------------------------------------------------------ model folders
+def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
+    """The folder holding the trained model (`output_dir` itself or its `best/`) and its layout name.
+
+    Raises a `CardError` saying what was looked for when neither holds an adapter or a full model.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise CardError(f"{output_dir}: no such folder; give the output folder of training "
+                        "(or the folder written by save_trained_model)")
+    for folder in (output_dir, output_dir / "best"):
+        for name, required, any_of in MODEL_FOLDER_LAYOUTS:
+            if folder.is_dir() and all((folder / f).is_file() for f in required) and any(
+                    (folder / f).is_file() for f in any_of):
+                return folder, name
+    expected = "; or ".join(f"{' + '.join(required)} + {' or '.join(any_of)}"
+                            for _, required, any_of in MODEL_FOLDER_LAYOUTS)
+    found = sorted(p.name for p in output_dir.iterdir())[:20]
+    hint = " (pickled .bin weights are not pushed: save with safetensors)" if any(
+        n.endswith(".bin") for n in found) else ""
+    raise CardError(f"{output_dir}: no trained model to push. Expected {expected} (written by "
+                    f"modeling_stage2.save_trained_model), in this folder or in its best/; found {found}{hint}")
+
+
+def files_to_upload(folder: Path, include_code: bool = False) -> dict[str, Path]:
+    """`path_in_repo -> local file` for what belongs on the Hub (see `UPLOAD_PATTERNS`)."""
+    chosen: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(_matches(part, SKIPPED_DIRS) for part in relative.parts[:-1]):
+            continue
+        if _matches(path.name, NEVER_UPLOAD) or not _matches(path.name, UPLOAD_PATTERNS):
+            continue
+        chosen[relative.as_posix()] = path
+    if include_code:
+        chosen.update(code_files())
+    return chosen
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def code_files(package_dir: str | Path | None = None) -> dict[str, Path]:
+    """The modeling code of `modeling_stage2` that `trust_remote_code` needs: every `configuration_*.py` and
+    `modeling_*.py` plus the package modules they import relatively (followed transitively, including
+    imports inside functions, which transformers' remote-code loader also fetches)."""
+    if package_dir is None:
+        import modeling_stage2
+
+        package_dir = Path(modeling_stage2.__file__).parent
+    package_dir = Path(package_dir)
+    pending = sorted({p.name for pattern in CODE_ENTRY_GLOBS for p in package_dir.glob(pattern)})
+    found: dict[str, Path] = {}
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        path = package_dir / name
+        if not path.is_file():
+            raise CardError(f"{package_dir}: the modeling code imports .{name[:-3]}, but {path} does not exist")
+        found[name] = path
+        source = path.read_text(encoding="utf-8")
+        modules = [a or b for a, b in _RELATIVE_IMPORT.findall(source)]
+        for group in _RELATIVE_PACKAGE_IMPORT.findall(source):
+            modules.extend(m.strip() for m in group.split(",") if m.strip())
+        pending.extend(f"{m}.py" for m in modules if f"{m}.py" not in found)
+    return dict(sorted(found.items()))
+
+
+def config_with_auto_map(config_path: Path) -> bytes:
+    """`config.json` with the `auto_map` that lets `AutoModel(..., trust_remote_code=True)` find the code."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    if model_type not in AUTO_MAP:
+        raise CardError(f"{config_path}: model_type {model_type!r} has no modeling code to include; "
+                        f"expected one of {sorted(AUTO_MAP)}")
+    config["auto_map"] = {**(config.get("auto_map") or {}), **AUTO_MAP[model_type]}
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+# ------------------------------------------------------------------------------------ pushing
+def push_trained_model(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    include_code: bool = False,
+    datasets: list[str] | str | None = None,
+    revision: str | None = None,
+) -> str:
+    """Upload a trained model folder to the Hub repo `repo_id` (created if needed) in one commit.
+
+    Uploads the adapter / weights and trainable modules (safetensors), configs, `metrics.json`, the preview
+    and the model card (`README.md`), generated with `model_cards.cards.card_for_folder` for this repo unless the
+    folder holds a hand-written one (a card that is neither peft's unfilled template nor a generated one).
+    `include_code=True` adds the modeling code and an `auto_map` in `config.json`. Files of an earlier
+    push that this one does not replace stay in the repo. Returns the commit URL.
+
+    Raises `CardError` (a `ValueError`) when the folder holds no adapter or full model.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder, layout = find_model_folder(output_dir)
+    files = files_to_upload(folder, include_code=include_code)
+    readme = files.get("README.md")
+    if readme is not None and should_regenerate_card(readme.read_text(encoding="utf-8", errors="replace")):
+        del files["README.md"]  # peft's unfilled template or an earlier generated card: generate it for this repo
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = repo_url.repo_id
+    operations = []
+    for path_in_repo, path in files.items():
+        content: str | bytes = str(path)
+        if include_code and path_in_repo == "config.json":
+            content = config_with_auto_map(path)
+        operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))
+    if "README.md" not in files:
+        card = card_for_folder(folder, repo_id=repo_id, has_code=include_code, datasets=datasets)
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+    commit = api.create_commit(
+        repo_id, operations, repo_type="model", revision=revision,
+        commit_message=commit_message or f"Upload Stage 2 refiner ({layout}) from {folder.name}",
+    )
+    return commit.commit_url
+
+
+def push_dataset(
+    dataset_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    license: str = "cdla-permissive-1.0",
+    max_shard_size: str | int | None = None,
+) -> str:
+    """Push an Arrow dataset saved by `data_builders.build_dataset` (a `DatasetDict` folder) to the dataset
+    repo `repo_id` with `DatasetDict.push_to_hub` (Parquet shards + the `configs`/`dataset_info` metadata),
+    then replace its README with a dataset card that keeps that metadata. Returns the card's commit URL."""
+    return _push_dataset(dataset_dir, repo_id, private=private, token=token, endpoint=endpoint,
+                         commit_message=commit_message, license=license, max_shard_size=max_shard_size)[1]
+
+
+def _push_dataset(dataset_dir, repo_id, *, private, token, endpoint, commit_message, license,
+                  max_shard_size) -> tuple[str, str]:
+    """`push_dataset`, returning (the full dataset repo id, the card's commit URL)."""
+    import datasets
+    from huggingface_hub import DatasetCard, HfApi
+
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / "dataset_dict.json").is_file() and not (dataset_dir / "state.json").is_file():
+        raise CardError(f"{dataset_dir}: not a dataset saved with save_to_disk (no dataset_dict.json or "
+                        "state.json); build it with stage2-build-dataset")
+    dataset = datasets.load_from_disk(str(dataset_dir))
+    if isinstance(dataset, datasets.Dataset):
+        dataset = datasets.DatasetDict({"train": dataset})
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    with _datasets_endpoint(endpoint):
+        commit = dataset.push_to_hub(repo_id, private=private, token=token,
+                                     commit_message=commit_message or "Upload Stage 2 dataset", **kwargs)
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_id = commit.repo_url.repo_id if getattr(commit, "repo_url", None) else repo_id
+    readme = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=commit.oid)
+    pushed = DatasetCard.load(readme).data.to_dict()
+    keep = {key: pushed[key] for key in ("configs", "dataset_info") if key in pushed}
+    card = build_dataset_card(dataset, repo_id=repo_id, license=license, extra_metadata=keep)
+    card_commit = api.upload_file(path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id=repo_id,
+                                  repo_type="dataset", commit_message="Add dataset card")
+    return repo_id, card_commit.commit_url
+
+
+@contextlib.contextmanager
+def _datasets_endpoint(endpoint: str | None) -> Iterator[None]:
+    """`datasets` reads its Hub endpoint from `datasets.config` (set at import): point it at `endpoint`."""
+    if endpoint is None:
+        yield
+        return
+    from datasets import config
+
+    saved = config.HF_ENDPOINT, config.HUB_DATASETS_URL
+    config.HF_ENDPOINT = endpoint.rstrip("/")
+    config.HUB_DATASETS_URL = config.HF_ENDPOINT + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    try:
+        yield
+    finally:
+        config.HF_ENDPOINT, config.HUB_DATASETS_URL = saved
+
+
+# ------------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stage2-push",
+        description="Push a trained Stage 2 refiner (adapter or full model, configs, model card, preview) to the "
+                    "Hugging Face Hub, and optionally its Arrow dataset.",
+    )
+    parser.add_argument("output_dir", help="folder written by training / save_trained_model (or holding best/)")
+    parser.add_argument("repo_id", help="Hub model repo, OWNER/NAME (or NAME for your own namespace)")
+    parser.add_argument("--private", action="store_true", help="create the repo(s) private")
+    parser.add_argument("--include_code", action="store_true",
+                        help="also push the modeling code so AutoModel.from_pretrained(repo, trust_remote_code=True) "
+                             "works without this package")
+    parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--commit_message", default=None)
+    parser.add_argument("--dataset", default=None, metavar="DIR",
+                        help="also push this Arrow dataset (built by stage2-build-dataset) with a dataset card")
+    parser.add_argument("--dataset_repo_id", default=None,
+                        help="dataset repo for --dataset (default: the same name as the model repo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    args = build_parser().parse_args(argv)
+    try:
+        datasets = None
+        if args.dataset is not None:
+            dataset_repo, url = _push_dataset(
+                args.dataset, args.dataset_repo_id or args.repo_id, private=args.private, token=args.token,
+                endpoint=args.endpoint, commit_message=None, license="cdla-permissive-1.0", max_shard_size=None)
+            print(f"dataset pushed: {url}")
+            datasets = [dataset_repo]
+        url = push_trained_model(args.output_dir, args.repo_id, private=args.private, token=args.token,
+                                 endpoint=args.endpoint, commit_message=args.commit_message,
+                                 include_code=args.include_code, datasets=datasets)
+    except (CardError, FileNotFoundError, HfHubHTTPError) as err:
+        print(f"stage2-push: error: {err}", file=sys.stderr)
+        return 1
+    print(f"model pushed: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Model and dataset cards: metadata, model-index round trip, Hub validation, folder reading, errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from huggingface_hub import EvalResult, ModelCard
+
+from _hub_helpers import hub_server  # noqa: F401  (fixture)
+from model_cards.cards import (
+    CARD_METRICS,
+    DESIGN_TARGETS,
+    GENERATED_MARKER,
+    CardError,
+    base_model_from_config,
+    build_dataset_card,
+    build_model_card,
+    is_placeholder_card,
+    should_regenerate_card,
+    training_rows,
+    validate_metrics,
+    write_model_card,
+)
+
+METRICS = {
+    "refined": {"ndvi_rmse": 0.041, "evi_rmse": 0.0612, "sam": 0.07, "identity_l1": 0.03, "edge_l1": 0.025,
+                "psnr": 27.5, "ssim": 0.8},
+    "opt_v1": {"ndvi_rmse": 0.09, "evi_rmse": 0.11, "sam": 0.15, "identity_l1": 0.0, "edge_l1": 0.0,
+               "psnr": 21.0, "ssim": 0.6},
+    "n_tiles": 12,
+}
+PRITHVI_300M = "ibm-nasa-geospatial/Prithvi-EO-2.0-300M"
+
+
+def table_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_model_card_metadata_and_eval_results():
+    card = build_model_card(METRICS, {"learning_rate": 2e-4}, repo_id="me/refiner", datasets="me/tiles",
+                            base_model=PRITHVI_300M)
+    data = card.data
+    assert (data.base_model, data.license, data.library_name, data.pipeline_tag) == (
+        PRITHVI_300M, "apache-2.0", "peft", "image-to-image")
+    assert {"earth-observation", "sentinel-2", "prithvi", "lora", "remote-sensing", "image-to-image", "peft"} <= set(
+        data.tags)
+    assert data.datasets == ["me/tiles"] and data.model_name == "refiner"
+    assert [(r.metric_type, r.metric_value, r.dataset_type, r.dataset_split, r.task_type) for r in data.eval_results] == [
+        (name, METRICS["refined"][name], "me/tiles", "test", "image-to-image") for name in CARD_METRICS]
+    model_index = data.to_dict()["model-index"]
+    assert model_index[0]["name"] == "refiner" and len(model_index[0]["results"][0]["metrics"]) == 5
+
+
+def test_evaluation_table_compares_refined_baseline_and_design_targets():
+    text = build_model_card(METRICS).text
+    assert table_row(text, "NDVI RMSE") == ["NDVI RMSE", "0.041", "0.09", "< 0.05", "yes"]
+    assert table_row(text, "EVI RMSE") == ["EVI RMSE", "0.0612", "0.11", "< 0.05", "no"]
+    assert table_row(text, "SAM (rad)") == ["SAM (rad)", "0.07", "0.15", "< 0.1", "yes"]
+    assert table_row(text, "edge L1") == ["edge L1", "0.025", "0", "< 0.02", "no"]
+    assert table_row(text, "PSNR (dB) (higher is better)") == ["PSNR (dB) (higher is better)", "27.5", "21", "-", "-"]
+    assert "12 tiles of the `test` split" in text
+    assert "B08" in text and "by design" in text and "narrow NIR" in text  # the band substitution is stated
+    assert "![Refinement preview" in text and "(preview.png)" in text
+
+
+def test_design_targets_are_the_training_metrics_targets():
+    metrics = pytest.importorskip("training.metrics")
+    assert DESIGN_TARGETS == metrics.DESIGN_TARGETS
+    assert set(CARD_METRICS) == set(metrics.DESIGN_TARGETS) and set(CARD_METRICS) < set(metrics.METRIC_NAMES)
+
+
+def test_card_parses_back_with_identical_eval_results(tmp_path):
+    card = build_model_card(METRICS, repo_id="me/refiner")
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.eval_results == card.data.eval_results
+    assert all(isinstance(r, EvalResult) for r in loaded.data.eval_results)
+    assert loaded.data.to_dict() == card.data.to_dict()
+
+
+def test_card_passes_the_hub_metadata_validation(hub_server):
+    from huggingface_hub import HfApi
+
+    build_model_card(METRICS, {"lora": {"r": 8}}, repo_id="me/refiner").validate()
+    build_model_card(None).validate()  # no results: no model-index, still valid
+    api = HfApi()
+    api.create_repo(f"{hub_server.user}/cards")
+    broken = str(build_model_card(METRICS)).replace("      value: 0.041", "      valeur: 0.041")
+    with pytest.raises(ValueError, match=r'(?s)Invalid metadata.*metrics\[0\] needs a string "type" and a "value"'):
+        api.upload_file(path_or_fileobj=broken.encode(), path_in_repo="README.md", repo_id=f"{hub_server.user}/cards")
+    api.upload_file(path_or_fileobj=str(build_model_card(METRICS)).encode(), path_in_repo="README.md",
+                    repo_id=f"{hub_server.user}/cards")
+    assert hub_server.count("POST", "/api/validate-yaml") == 4
+    assert api.model_info(f"{hub_server.user}/cards").card_data.eval_results == build_model_card(METRICS).data.eval_results
+
+
+def test_nan_metrics_are_shown_as_not_measured():
+    metrics = json.loads(json.dumps(METRICS))
+    metrics["refined"]["edge_l1"] = math.nan
+    card = build_model_card(metrics)
+    assert [r.metric_type for r in card.data.eval_results] == ["ndvi_rmse", "evi_rmse", "sam", "identity_l1"]
+    assert table_row(card.text, "edge L1") == ["edge L1", "n/a", "0", "< 0.02", "-"]
+
+
+@pytest.mark.parametrize(("metrics", "message"), [
+    ([1, 2], "expected a mapping"),
+    ({"opt_v1": {}}, "key 'refined' is missing"),
+    ({"refined": {"ndvi_rmse": 0.1}}, r"'refined' lacks \['evi_rmse', 'sam', 'identity_l1', 'edge_l1'\]"),
+    ({"refined": {**METRICS["refined"], "sam": "low"}}, r"refined.sam: expected a number, got 'low'"),
+    ({"refined": {**METRICS["refined"], "sam": True}}, "refined.sam: expected a number"),
+    ({**METRICS, "n_tiles": 0}, "'n_tiles' must be a positive integer"),
+])
+def test_bad_metrics_are_refused_with_the_key(metrics, message):
+    with pytest.raises(CardError, match=message):
+        validate_metrics(metrics, source="m.json")
+
+
+def test_training_rows_flatten_and_escape():
+    rows = training_rows({"lr": 1e-4, "lora": {"r": 8, "targets": ["qkv", "fc1"]}, "skip": None,
+                          "note": "a|b\nc", "long": "x" * 300})
+    assert rows[:4] == [("lr", "0.0001"), ("lora.r", "8"), ("lora.targets", "qkv, fc1"), ("note", "a\\|b c")]
+    assert len(rows[4][1]) == 200 and rows[4][1].endswith("...")
+
+
+def test_base_model_comes_from_the_backbone_weights_when_they_name_a_hub_repo(tmp_path):
+    assert base_model_from_config({"backbone_weights": f"{PRITHVI_300M}/Prithvi_EO_V2_300M.pt"}) == PRITHVI_300M
+    assert base_model_from_config({"backbone_weights": f"hf://{PRITHVI_300M}/x.pt"}) == PRITHVI_300M
+    local = tmp_path / "converted"
+    local.mkdir()
+    assert base_model_from_config({"backbone_weights": str(local)}) == "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
+    assert base_model_from_config({"backbone_weights": None}, {"base_model_name_or_path": PRITHVI_300M}) == PRITHVI_300M
+
+
+def _model_folder(folder: Path, adapter: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    config = {"model_type": "stage2_refiner", "bands": ["B02", "B03", "B04", "B08"], "lora_r": 8,
+              "lora_target_modules": ["qkv", "proj"], "unfreeze_last_n_blocks": 2,
+              "backbone_weights": f"{PRITHVI_300M}/Prithvi_EO_V2_300M.pt",
+              "backbone_config": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": [1, 16, 16]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    if adapter:
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "modules_to_save": ["fusion", "head"]}))
+    return folder
+
+
+def test_write_model_card_reads_the_folder(tmp_path):
+    folder = _model_folder(tmp_path / "best")
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    (folder / "training_config.json").write_text(json.dumps({"quantization": "8bit", "max_steps": 200}))
+    (folder / "preview.png").write_bytes(b"\x89PNG")
+    path = write_model_card(folder, repo_id="me/refiner")
+    card = ModelCard.load(path)
+    assert path == folder / "README.md" and card.data.base_model == PRITHVI_300M
+    assert card.data.library_name == "peft" and len(card.data.eval_results) == 5
+    text = card.text
+    assert "| `max_steps` | 200 |" in text and "8-bit (LLM.int8" in text
+    assert "LoRA r=4, alpha=8, dropout=0.05 on qkv, proj of the last 2 backbone blocks" in text
+    assert "embed_dim 1024, depth 24, num_heads 16, patch 1x16x16" in text
+    assert "(preview.png)" in text and 'load_trained_model("me/refiner")' in text
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+def test_write_model_card_without_results_or_preview(tmp_path):
+    folder = _model_folder(tmp_path / "merged", adapter=False)
+    card = ModelCard.load(write_model_card(folder))
+    assert card.data.library_name == "transformers" and card.data.eval_results is None
+    assert "No evaluation results were recorded" in card.text and "preview.png" not in card.text
+    assert not is_placeholder_card(card.content)
+
+
+def test_bad_metrics_file_is_named_and_nothing_is_written(tmp_path):
+    folder = _model_folder(tmp_path / "best")
+    (folder / "metrics.json").write_text('{"refined": {"ndvi_rmse": 0.1}')
+    with pytest.raises(CardError, match=r"metrics.json: cannot read the evaluation metrics"):
+        write_model_card(folder)
+    (folder / "metrics.json").write_text(json.dumps({"refined": {"ndvi_rmse": 0.1}}))
+    with pytest.raises(CardError, match=r"best/metrics.json: 'refined' lacks"):
+        write_model_card(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "config.json", "metrics.json"]
+    with pytest.raises(CardError, match="not a folder"):
+        write_model_card(tmp_path / "missing")
+
+
+def test_placeholder_and_generated_cards_are_regenerated_hand_written_ones_are_not():
+    peft_card = "# Model Card for Model ID\n\n- **Developed by:** [More Information Needed]"
+    generated = str(build_model_card(METRICS))
+    assert is_placeholder_card(peft_card) and should_regenerate_card(peft_card)
+    assert not is_placeholder_card(generated) and should_regenerate_card(generated)
+    hand_edited = "\n".join(line for line in generated.splitlines() if GENERATED_MARKER not in line)
+    assert not should_regenerate_card(hand_edited)
+
+
+def test_dataset_card_from_a_dataset_dict(tmp_path):
+    import datasets
+
+    features = datasets.Features({"opt_v1": datasets.Array3D((4, 120, 120), "float32"),
+                                  "month": datasets.Value("int64"), "extra": datasets.Value("string")})
+    rows = {"opt_v1": [[[[0.0] * 120] * 120] * 4], "month": [7], "extra": ["x"]}
+    dd = datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features),
+                               "train": datasets.Dataset.from_dict({k: v * 2 for k, v in rows.items()},
+                                                                   features=features)})
+    card = build_dataset_card(dd, repo_id="me/tiles", extra_metadata={"configs": [{"config_name": "default"}]})
+    assert card.data.task_categories == ["image-to-image"] and card.data.size_categories == ["n<1K"]
+    assert card.data.configs == [{"config_name": "default"}] and "sentinel-2" in card.data.tags
+    text = card.text
+    assert text.index("| train | 2 |") < text.index("| test | 1 |") and "3 tiles" in text
+    assert "| `opt_v1` | float32 (4, 120, 120): the Stage 1 synthetic image" in text
+    assert "| `extra` | string |" in text and 'load_dataset("me/tiles")' in text
+
+    dd.save_to_disk(str(tmp_path / "ds"))
+    assert build_dataset_card(tmp_path / "ds").data.to_dict() == build_dataset_card(dd).data.to_dict()
+
+
+def test_dataset_card_from_info_and_its_errors(hub_server):
+    card = build_dataset_card({"splits": {"train": 12_000, "val": 500}})
+    assert card.data.size_categories == ["10K<n<100K"]
+    card.validate()
+    with pytest.raises(CardError, match="'splits' must map split name"):
+        build_dataset_card({"splits": {"train": -1}})
+    with pytest.raises(CardError, match="not a saved dataset folder"):
+        build_dataset_card("/nonexistent/ds")
+    with pytest.raises(CardError, match="expected a DatasetDict"):
+        build_dataset_card(42)
