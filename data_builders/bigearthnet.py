@@ -1,0 +1,301 @@
+"""BigEarthNet v2 (LMDB + safetensors) -> NPZ tiles of the Stage 2 layout.
+
+    stage2-ingest-bigearthnet --lmdb L --metadata M.parquet --output_dir TILES [--include_cloudy_snowy]
+
+BigEarthNet v2 is distributed for training as an LMDB whose keys are patch names (the Sentinel-2
+patch id, and the Sentinel-1 `s1_name`) and whose values are safetensors blobs of the bands
+(`B02`..`B12` uint16 digital numbers; `VV`, `VH` float32 dB), plus `metadata.parquet` (columns
+`patch_id, labels, split, country, s1_name, s2v1_name, contains_seasonal_snow,
+contains_cloud_or_shadow`) and `metadata_for_patches_with_snow_cloud_or_shadow.parquet`.
+
+Each patch becomes `TILES/<split>/<patch_id>.npz` with `s2_b2`, `s2_b3`, `s2_b4`, `s2_b8` (uint16,
+120 x 120, kept as digital numbers), `s1_vv`, `s1_vh` (float32 dB), `month` (from the date in the
+patch name) and `biome_code` (from the CORINE labels, `BIOME_PRIORITY` below), and a
+`<patch_id>.json` sidecar (patch id, split, source, country, labels, cloud/snow flags, s1 name).
+Splits come from the metadata (`validation` -> `val`). Patches flagged with seasonal snow or
+cloud/shadow are skipped unless `--include_cloudy_snowy`, which also reads the snow/cloud parquet
+beside `--metadata`. Skipped patches are listed with the reason in `TILES/skipped.jsonl`.
+
+Blobs are decoded with safetensors only (no pickle). Files are written to a temporary name and
+renamed, so an interrupted ingest leaves no truncated tile.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .tiles import BAND_KEYS, TILE_SIZE, UNKNOWN_METADATA
+
+logger = logging.getLogger(__name__)
+
+S2_BANDS = ("B02", "B03", "B04", "B08")  # -> BAND_KEYS, in order
+S1_BANDS = ("VV", "VH")  # -> s1_vv, s1_vh
+SOURCE = "BigEarthNet v2"
+CLOUD_SNOW_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
+SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+REQUIRED_COLUMNS = ("patch_id", "labels", "split", "s1_name")
+SKIPPED_FILE = "skipped.jsonl"
+
+# Biome codes (IGBP-like, 0..16) from CORINE land-cover labels. A patch carries several labels
+# and no area fractions, so the first group below that holds one of its labels decides (water
+# and urban first: they dominate a patch's reflectance; then forest types, wetland, shrub,
+# grassland, cropland, mosaic, barren). Names are those of the BigEarthNet 19-class nomenclature
+# and of the 43-class CORINE level-3 nomenclature of BigEarthNet v1. This reproduces the
+# `biome_code` of all 54 tiles of the bundled sample (tests/test_data_bigearthnet.py).
+BIOME_PRIORITY: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (0, "water", ("Inland waters", "Marine waters", "Water courses", "Water bodies", "Coastal lagoons",
+                  "Estuaries", "Sea and ocean")),
+    (13, "urban", ("Urban fabric", "Industrial or commercial units", "Continuous urban fabric",
+                   "Discontinuous urban fabric", "Road and rail networks and associated land", "Port areas",
+                   "Airports", "Mineral extraction sites", "Dump sites", "Construction sites",
+                   "Green urban areas", "Sport and leisure facilities")),
+    (1, "evergreen needleleaf forest", ("Coniferous forest",)),
+    (4, "deciduous broadleaf forest", ("Broad-leaved forest",)),
+    (5, "mixed forest", ("Mixed forest",)),
+    (11, "wetland", ("Inland wetlands", "Coastal wetlands", "Inland marshes", "Peatbogs", "Salt marshes",
+                     "Salines", "Intertidal flats")),
+    (7, "shrubland", ("Moors, heathland and sclerophyllous vegetation", "Transitional woodland, shrub",
+                      "Transitional woodland/shrub", "Moors and heathland", "Sclerophyllous vegetation")),
+    (10, "grassland", ("Natural grassland and sparsely vegetated areas", "Pastures", "Natural grassland")),
+    (12, "cropland", ("Arable land", "Permanent crops", "Non-irrigated arable land", "Permanently irrigated land",
+                      "Rice fields", "Vineyards", "Fruit trees and berry plantations", "Olive groves",
+                      "Annual crops associated with permanent crops")),
+    (14, "cropland/natural vegetation mosaic", (
+        "Complex cultivation patterns",
+        "Land principally occupied by agriculture, with significant areas of natural vegetation",
+        "Agro-forestry areas")),
+    (16, "barren", ("Beaches, dunes, sands", "Bare rock", "Sparsely vegetated areas", "Burnt areas")),
+)
+
+_PATCH_DATE = re.compile(r"_(\d{4})(\d{2})(\d{2})T\d+")
+
+
+def biome_from_labels(labels: Iterable[str]) -> int:
+    """Biome code of a patch from its CORINE labels (`UNKNOWN_METADATA` when none is known)."""
+    labels = set(labels)
+    for code, _, names in BIOME_PRIORITY:
+        if labels.intersection(names):
+            return code
+    return UNKNOWN_METADATA
+
+
+def month_from_patch_name(name: str) -> int:
+    """Acquisition month from a Sentinel patch name such as `S2A_MSIL2A_20170613T101031_...`."""
+    match = _PATCH_DATE.search(name)
+    if match is None or not 1 <= int(match.group(2)) <= 12:
+        raise ValueError(f"no acquisition date (YYYYMMDDThhmmss) in patch name {name!r}")
+    return int(match.group(2))
+
+
+def resolve_lmdb_dir(path: str | Path) -> Path:
+    """The LMDB environment folder (holding data.mdb): `path` or its only such subfolder."""
+    path = Path(path)
+    if (path / "data.mdb").is_file():
+        return path
+    candidates = [child for child in sorted(path.glob("*")) if (child / "data.mdb").is_file()] if path.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
+    raise FileNotFoundError(
+        f"--lmdb {path}: no data.mdb there"
+        + (f" (subfolders with one: {', '.join(map(str, candidates))}; pass one of them)" if candidates else
+           "; pass the BigEarthNet-V2-LMDB folder")
+    )
+
+
+def read_metadata(paths: Sequence[str | Path]) -> list[dict]:
+    """Rows of the metadata parquet files, each with a `cloudy_snowy` flag; duplicates dropped."""
+    import pyarrow.parquet as pq
+
+    rows, seen = [], set()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--metadata {path} does not exist")
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise ValueError(f"--metadata {path}: not a readable parquet file ({exc})") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"--metadata {path}: missing columns {missing}; BigEarthNet v2 metadata has "
+                             f"{', '.join(REQUIRED_COLUMNS)}, ...")
+        for row in table.to_pylist():
+            if row["patch_id"] in seen:
+                continue
+            seen.add(row["patch_id"])
+            row["cloudy_snowy"] = bool(row.get("contains_seasonal_snow")) or bool(row.get("contains_cloud_or_shadow"))
+            rows.append(row)
+    return rows
+
+
+def _decode(blob: bytes, key: str, bands: Sequence[str]) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(bytes(blob))
+    except Exception as exc:
+        raise ValueError(f"LMDB value of {key!r} is not a safetensors blob ({exc})") from None
+    out = {}
+    for band in bands:
+        if band not in arrays:
+            raise ValueError(f"LMDB value of {key!r} has no band {band} (has {', '.join(sorted(arrays))})")
+        if arrays[band].shape != (TILE_SIZE, TILE_SIZE):
+            raise ValueError(f"LMDB value of {key!r}: band {band} has shape {arrays[band].shape}, "
+                             f"expected ({TILE_SIZE}, {TILE_SIZE})")
+        out[band] = arrays[band]
+    return out
+
+
+def patch_tile(row: dict, s2: dict, s1: dict) -> tuple[dict, dict]:
+    """(NPZ arrays, sidecar) of one patch."""
+    arrays = {key: s2[band] for key, band in zip(BAND_KEYS, S2_BANDS)}
+    arrays["s1_vv"] = s1["VV"].astype(np.float32)
+    arrays["s1_vh"] = s1["VH"].astype(np.float32)
+    arrays["month"] = np.int64(month_from_patch_name(row["patch_id"]))
+    arrays["biome_code"] = np.int64(biome_from_labels(row["labels"]))
+    sidecar = {
+        "patch_id": row["patch_id"],
+        "split": SPLIT_NAMES[row["split"]],
+        "source": SOURCE,
+        "country": row.get("country"),
+        "labels": list(row["labels"]),
+        "cloud_or_shadow": bool(row.get("contains_cloud_or_shadow")),
+        "seasonal_snow": bool(row.get("contains_seasonal_snow")),
+        "s1_name": row["s1_name"],
+    }
+    return arrays, sidecar
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tile(output_dir: Path, arrays: dict, sidecar: dict) -> Path:
+    folder = output_dir / sidecar["split"]
+    folder.mkdir(parents=True, exist_ok=True)
+    npz = folder / f"{sidecar['patch_id']}.npz"
+    _write_atomic(npz, lambda handle: np.savez_compressed(handle, **arrays))
+    _write_atomic(npz.with_suffix(".json"),
+                  lambda handle: handle.write((json.dumps(sidecar, indent=1) + "\n").encode("utf-8")))
+    return npz
+
+
+def ingest_bigearthnet(
+    lmdb_path: str | Path,
+    metadata: str | Path | Sequence[str | Path],
+    output_dir: str | Path,
+    include_cloudy_snowy: bool = False,
+    max_patches: Optional[int] = None,
+) -> dict:
+    """Write the patches of the metadata as NPZ tiles; returns a summary.
+
+    Args:
+        lmdb_path: the BigEarthNet v2 LMDB folder (holding data.mdb), or its parent.
+        metadata: one or more metadata parquet files.
+        output_dir: tile folder to fill (`<split>/<patch_id>.npz` + `.json`).
+        include_cloudy_snowy: keep patches flagged with seasonal snow or cloud/shadow, and also
+            read `metadata_for_patches_with_snow_cloud_or_shadow.parquet` beside the metadata.
+        max_patches: stop after this many written tiles.
+
+    Returns:
+        `{"written": {split: n}, "skipped": {reason: n}, "output_dir": str}`.
+    """
+    import lmdb
+
+    metadata_paths = [Path(metadata)] if isinstance(metadata, (str, Path)) else [Path(p) for p in metadata]
+    if include_cloudy_snowy:
+        extra = metadata_paths[0].parent / CLOUD_SNOW_METADATA
+        if extra.is_file() and extra not in metadata_paths:
+            metadata_paths.append(extra)
+    rows = sorted(read_metadata(metadata_paths), key=lambda row: row["patch_id"])
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    written, skipped = collections.Counter(), []
+    env = lmdb.open(str(resolve_lmdb_dir(lmdb_path)), readonly=True, lock=False, readahead=False, max_readers=8)
+    try:
+        with env.begin(buffers=False) as txn:
+            for row in rows:
+                if max_patches is not None and sum(written.values()) >= max_patches:
+                    break
+                patch_id = row["patch_id"]
+                if row["cloudy_snowy"] and not include_cloudy_snowy:
+                    skipped.append({"patch_id": patch_id, "reason": "cloudy or snowy"})
+                    continue
+                if row["split"] not in SPLIT_NAMES:
+                    skipped.append({"patch_id": patch_id, "reason": f"unknown split {row['split']!r}"})
+                    continue
+                try:
+                    s2_blob, s1_blob = txn.get(patch_id.encode()), txn.get(str(row["s1_name"]).encode())
+                    if s2_blob is None:
+                        raise ValueError(f"Sentinel-2 patch {patch_id!r} not in the LMDB")
+                    if s1_blob is None:
+                        raise ValueError(f"Sentinel-1 patch {row['s1_name']!r} not in the LMDB")
+                    arrays, sidecar = patch_tile(row, _decode(s2_blob, patch_id, S2_BANDS),
+                                                 _decode(s1_blob, row["s1_name"], S1_BANDS))
+                except ValueError as error:
+                    skipped.append({"patch_id": patch_id, "reason": str(error)})
+                    continue
+                write_tile(output_dir, arrays, sidecar)
+                written[sidecar["split"]] += 1
+    finally:
+        env.close()
+
+    with open(output_dir / SKIPPED_FILE, "w", encoding="utf-8") as handle:
+        for record in skipped:
+            handle.write(json.dumps(record) + "\n")
+    reasons = collections.Counter(record["reason"] for record in skipped)
+    return {"written": dict(written), "skipped": dict(reasons), "output_dir": str(output_dir)}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="stage2-ingest-bigearthnet",
+                                     description="BigEarthNet v2 (LMDB + safetensors) -> Stage 2 NPZ tiles.")
+    parser.add_argument("--lmdb", required=True, help="BigEarthNet-V2-LMDB folder (holding data.mdb)")
+    parser.add_argument("--metadata", required=True, action="append",
+                        help="metadata.parquet (repeat the flag for several files)")
+    parser.add_argument("--output_dir", required=True, help="tile folder to write: <split>/<patch_id>.npz + .json")
+    parser.add_argument("--include_cloudy_snowy", action="store_true",
+                        help="keep patches with seasonal snow or cloud/shadow (and read their parquet)")
+    parser.add_argument("--max_patches", type=int, default=None, help="stop after N tiles")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = ingest_bigearthnet(args.lmdb, args.metadata, args.output_dir,
+                                     include_cloudy_snowy=args.include_cloudy_snowy, max_patches=args.max_patches)
+    except (OSError, ValueError) as error:
+        print(f"stage2-ingest-bigearthnet: error: {error}", file=sys.stderr)
+        return 1
+    written = ", ".join(f"{split} {n}" for split, n in sorted(summary["written"].items())) or "none"
+    skipped = sum(summary["skipped"].values())
+    line = f"wrote {sum(summary['written'].values())} tiles to {summary['output_dir']} ({written}); skipped {skipped}"
+    if skipped:
+        line += " (" + "; ".join(f"{reason}: {n}" for reason, n in summary["skipped"].items()) + f"; see {SKIPPED_FILE})"
+        if "cloudy or snowy" in summary["skipped"]:
+            line += "; --include_cloudy_snowy keeps cloudy and snowy patches"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Look at a built dataset: features, split sizes, statistics, histograms, and a preview grid.
+
+    stage2-inspect PATH [--plot FILE.png] [--split train] [--num_tiles 4]
+
+PATH is a folder written by `stage2-build-dataset` (or any `save_to_disk` dataset with the same
+columns). The plot shows, per tile, the target and `opt_v1` in true colour (B04, B03, B02 with
+one 2-98 % percentile stretch taken from the target and applied to both) and their NDVI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+
+RGB_BANDS = (2, 1, 0)  # B04, B03, B02
+RED, NIR = 2, 3
+STRETCH_PERCENTILES = (2.0, 98.0)
+STATS_MAX_TILES = 2000
+
+
+def load_splits(path: str | Path) -> dict:
+    """{split: Dataset} of a saved DatasetDict (or of a single saved Dataset)."""
+    from datasets import Dataset, load_from_disk
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a folder written by stage2-build-dataset")
+    try:
+        loaded = load_from_disk(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path} is not a saved dataset ({exc}); pass a folder written by stage2-build-dataset") from None
+    if isinstance(loaded, Dataset):
+        return {str(loaded.split or "data"): loaded}
+    return dict(loaded)
+
+
+def _build_info(splits: dict) -> Optional[dict]:
+    try:
+        info = json.loads(next(iter(splits.values())).info.description)
+    except (TypeError, ValueError, StopIteration):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _feature_line(name: str, feature) -> str:
+    from datasets import List, Value
+
+    if getattr(feature, "shape", None) is not None:  # Array2D / Array3D
+        text = f"{feature.dtype} {tuple(feature.shape)}"
+    elif isinstance(feature, Value):
+        text = feature.dtype
+    elif isinstance(feature, List) and isinstance(feature.feature, Value):
+        text = f"list of {feature.feature.dtype}"
+    else:
+        text = str(feature)
+    return f"  {name:16s} {text}"
+
+
+def histogram(values: np.ndarray, num_classes: int, first: int) -> tuple[list[int], int]:
+    """(counts of first..first+num_classes-1, count of anything else, e.g. unknown = -1)."""
+    counts = np.bincount(values[(values >= first) & (values < first + num_classes)] - first, minlength=num_classes)
+    return counts.tolist(), int(len(values) - counts.sum())
+
+
+def _histogram_table(title: str, splits: dict, column: str, num_classes: int, first: int) -> list[str]:
+    labels = [str(first + i) for i in range(num_classes)] + ["other"]
+    width = max(5, max(len(s) for s in splits) + 1)
+    lines = [f"{title} histogram:", " " * width + "".join(f"{label:>6s}" for label in labels)]
+    for split, dataset in splits.items():
+        values = np.asarray(dataset.data.column(column).to_numpy(), dtype=np.int64)
+        counts, other = histogram(values, num_classes, first)
+        lines.append(f"{split:<{width}s}" + "".join(f"{c:>6d}" for c in counts + [other]))
+    return lines
+
+
+def _computed_statistics(dataset, max_tiles: int = STATS_MAX_TILES) -> dict:
+    """Per-band mean/std/min/max over valid pixels of the first `max_tiles` tiles."""
+    count, total, total_sq = 0, np.zeros(len(BAND_NAMES)), np.zeros(len(BAND_NAMES))
+    low, high = np.full(len(BAND_NAMES), np.inf), np.full(len(BAND_NAMES), -np.inf)
+    numpy_view = dataset.with_format("numpy", columns=["target", "valid_mask"])
+    for start in range(0, min(len(dataset), max_tiles), 64):
+        batch = numpy_view[start : min(start + 64, len(dataset), max_tiles)]
+        pixels = batch["target"].transpose(1, 0, 2, 3)[:, batch["valid_mask"]].astype(np.float64)
+        count += pixels.shape[1]
+        total += pixels.sum(axis=1)
+        total_sq += (pixels**2).sum(axis=1)
+        if pixels.shape[1]:
+            low, high = np.minimum(low, pixels.min(axis=1)), np.maximum(high, pixels.max(axis=1))
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0))
+    return {band: {"mean": mean[i], "std": std[i], "min": low[i], "max": high[i]} for i, band in enumerate(BAND_NAMES)}
+
+
+def describe_dataset(path: str | Path) -> str:
+    """The text report printed by `stage2-inspect`."""
+    splits = load_splits(path)
+    first = next(iter(splits.values()))
+    info = _build_info(splits)
+    lines = [f"Dataset: {path}", "Features:"]
+    lines += [_feature_line(name, feature) for name, feature in first.features.items()]
+    sizes = " | ".join(f"{split} {len(ds)}" for split, ds in splits.items())
+    lines += ["", f"Splits: {sizes} (total {sum(len(ds) for ds in splits.values())})"]
+
+    stats_source, target_stats, opt_stats = None, None, None
+    if info and info.get("statistics", {}).get("target"):
+        stats_source = "train split, recorded at build time"
+        target_stats, opt_stats = info["statistics"]["target"], info["statistics"].get("opt_v1")
+        lines += [
+            f"Source: {info['source'].get('data_dir')} {json.dumps(info['source'].get('sources', {}))}; "
+            f"rejected {info['source'].get('rejected', 0)}",
+            f"Scaling: {json.dumps(info['scaling'].get('tiles', {}))} ({info['scaling'].get('rule')})",
+            f"opt_v1: {info['opt_v1'].get('mode')}"
+            + (f", seed {info['opt_v1']['seed']}, degradation v{info['opt_v1'].get('degradation_version')}"
+               if info["opt_v1"].get("mode") == "synthetic" else ""),
+        ]
+    else:
+        split = "train" if "train" in splits else next(iter(splits))
+        stats_source = f"{split} split, first {min(len(splits[split]), STATS_MAX_TILES)} tiles"
+        target_stats = _computed_statistics(splits[split])
+    lines += ["", f"Per-band statistics over valid pixels ({stats_source}; reflectance):",
+              f"  {'band':5s} {'target mean':>11s} {'std':>8s} {'min':>8s} {'max':>8s}"
+              + (f" | {'opt_v1 mean':>11s} {'std':>8s}" if opt_stats else "")]
+    for band in BAND_NAMES:
+        t = target_stats[band]
+        row = f"  {band:5s} {t['mean']:11.4f} {t['std']:8.4f} {t['min']:8.4f} {t['max']:8.4f}"
+        if opt_stats:
+            row += f" | {opt_stats[band]['mean']:11.4f} {opt_stats[band]['std']:8.4f}"
+        lines.append(row)
+    lines += [""] + _histogram_table("Month", splits, "month", NUM_MONTHS, 1)
+    lines += [""] + _histogram_table("Biome", splits, "biome", NUM_BIOMES, 0)
+    lines.append(f"('other' counts values outside the range, i.e. unknown = {UNKNOWN_METADATA})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plot
+def stretch_limits(image: np.ndarray, valid_mask: np.ndarray) -> tuple[float, float]:
+    """Joint 2-98 % percentiles of the RGB bands over valid pixels (keeps the colour balance)."""
+    pixels = image[list(RGB_BANDS)][:, valid_mask]
+    if pixels.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(pixels, STRETCH_PERCENTILES)
+    return float(low), float(max(high, low + 1e-6))
+
+
+def true_colour(image: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
+    """(H, W, 3) RGB in 0..1 with the given stretch."""
+    low, high = limits
+    return np.clip((image[list(RGB_BANDS)].transpose(1, 2, 0) - low) / (high - low), 0.0, 1.0)
+
+
+def ndvi(image: np.ndarray) -> np.ndarray:
+    nir, red = image[NIR].astype(np.float64), image[RED].astype(np.float64)
+    return np.clip((nir - red) / np.maximum(nir + red, 1e-4), -1.0, 1.0)
+
+
+def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = None, num_tiles: int = 4) -> Path:
+    """Draw `num_tiles` tiles (spread over the split) as rows: target RGB, opt_v1 RGB, NDVIs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    splits = load_splits(path)
+    split = split or ("train" if "train" in splits else next(iter(splits)))
+    if split not in splits:
+        raise ValueError(f"no split {split!r} in {path}; splits: {', '.join(splits)}")
+    dataset = splits[split]
+    if num_tiles < 1:
+        raise ValueError(f"num_tiles must be >= 1, got {num_tiles}")
+    indices = np.unique(np.linspace(0, len(dataset) - 1, min(num_tiles, len(dataset))).round().astype(int)).tolist()
+    rows = dataset.with_format("numpy", columns=["tile_id", "target", "opt_v1", "valid_mask", "month", "biome"])[indices]
+
+    figure = Figure(figsize=(11, 0.6 + 2.6 * len(indices)), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(indices), 4, squeeze=False)
+    titles = ("target (true colour)", "opt_v1 (true colour)", "target NDVI", "opt_v1 NDVI")
+    for row, axes_row in enumerate(axes):
+        target, opt_v1, mask = rows["target"][row], rows["opt_v1"][row], rows["valid_mask"][row]
+        limits = stretch_limits(target, mask)
+        panels = [true_colour(target, limits), true_colour(opt_v1, limits), ndvi(target), ndvi(opt_v1)]
+        for column, (axis, panel) in enumerate(zip(axes_row, panels)):
+            if column < 2:
+                axis.imshow(panel, interpolation="nearest")
+            else:
+                shown = np.ma.masked_where(~mask, panel)
+                image = axis.imshow(shown, cmap="RdYlGn", vmin=-1, vmax=1, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(titles[column], fontsize=9)
+        tile_id = str(rows["tile_id"][row])
+        axes_row[0].set_ylabel(f"{tile_id[:22]}\n{tile_id[22:44]}\nmonth {rows['month'][row]}, biome {rows['biome'][row]}",
+                               fontsize=7)
+    figure.suptitle(f"{Path(path).name} / {split}: {len(indices)} of {len(dataset)} tiles", fontsize=10)
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=min(0.9, 0.5 + 0.1 * len(indices)), label="NDVI")
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output_png)
+    return output_png
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="stage2-inspect", description="Describe a built Stage 2 dataset.")
+    parser.add_argument("path", help="dataset folder written by stage2-build-dataset")
+    parser.add_argument("--plot", default=None, help="write a preview grid to this PNG")
+    parser.add_argument("--split", default=None, help="split to plot (default: train)")
+    parser.add_argument("--num_tiles", type=int, default=4, help="tiles in the preview grid")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        print(describe_dataset(args.path))
+        if args.plot:
+            print(f"\nwrote {plot_tiles(args.path, args.plot, split=args.split, num_tiles=args.num_tiles)}")
+    except (OSError, ValueError) as error:
+        print(f"stage2-inspect: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

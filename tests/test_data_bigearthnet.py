@@ -1,0 +1,160 @@
+"""BigEarthNet v2 ingest: the shared LMDB gives back the bundled tiles; the biome mapping; bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_builders.bigearthnet import (
+    BIOME_PRIORITY,
+    CLOUD_SNOW_METADATA,
+    SKIPPED_FILE,
+    biome_from_labels,
+    ingest_bigearthnet,
+    main,
+    month_from_patch_name,
+    resolve_lmdb_dir,
+)
+from data_builders.build import build_dataset
+
+
+@pytest.fixture(scope="module")
+def benv2(shared_dir) -> Path:
+    path = shared_dir / "data" / "bigearthnet_sample" / "benv2_lmdb"
+    if not (path / "metadata.parquet").is_file():
+        pytest.skip(f"{path} has no BigEarthNet v2 sample")
+    return path
+
+
+def test_ingest_reproduces_the_bundled_v2_tiles(benv2, sample_tiles_dir, tmp_path):
+    summary = ingest_bigearthnet(benv2 / "BigEarthNet-V2-LMDB", benv2 / "metadata.parquet", tmp_path,
+                                 include_cloudy_snowy=True)
+    assert summary["written"] == {"train": 8, "val": 8, "test": 8} and summary["skipped"] == {}
+    written = sorted(tmp_path.glob("*/*.npz"))
+    assert len(written) == 24
+    for path in written:
+        bundled = sample_tiles_dir / path.parent.name / path.name  # same split folder
+        assert bundled.is_file(), f"{path.name} is not in the bundled sample's {path.parent.name} split"
+        ours, theirs = np.load(path, allow_pickle=False), np.load(bundled, allow_pickle=False)
+        assert sorted(ours.files) == sorted(theirs.files)
+        for key in theirs.files:
+            assert ours[key].dtype == theirs[key].dtype and np.array_equal(ours[key], theirs[key]), key
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        bundled_sidecar = json.loads(bundled.with_suffix(".json").read_text())
+        assert {k: sidecar[k] for k in bundled_sidecar} == bundled_sidecar
+        assert sidecar["s1_name"].startswith("S1")
+    assert (tmp_path / SKIPPED_FILE).read_text() == ""
+
+
+def test_cloudy_and_snowy_patches_are_skipped_by_default(benv2, tmp_path):
+    both = [benv2 / "metadata.parquet", benv2 / CLOUD_SNOW_METADATA]
+    summary = ingest_bigearthnet(benv2, both, tmp_path)  # the LMDB's parent folder is accepted
+    assert summary["written"] == {"train": 6, "val": 6, "test": 6}
+    assert summary["skipped"] == {"cloudy or snowy": 6}
+    skipped = [json.loads(line) for line in (tmp_path / SKIPPED_FILE).read_text().splitlines()]
+    assert {r["patch_id"] for r in skipped} == {
+        "S2A_MSIL2A_20171101T094131_N9999_R036_T35VNJ_00_00", "S2A_MSIL2A_20171101T094131_N9999_R036_T35VNJ_13_13",
+        "S2A_MSIL2A_20171101T094131_N9999_R036_T35VNJ_23_24", "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_38_87",
+        "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_70_40", "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_38_58"}
+    assert not list(tmp_path.glob("*/*T35VNJ*.npz"))
+
+
+def test_ingested_tiles_build_into_a_dataset(benv2, tmp_path, capsys):
+    code = main(["--lmdb", str(benv2 / "BigEarthNet-V2-LMDB"), "--metadata", str(benv2 / "metadata.parquet"),
+                 "--output_dir", str(tmp_path / "tiles"), "--max_patches", "4"])
+    assert code == 0
+    assert "wrote 4 tiles to" in capsys.readouterr().out
+    ds = build_dataset(tmp_path / "tiles", tmp_path / "ds")
+    assert sum(len(split) for split in ds.values()) == 4
+    assert "s1" in ds["test"].features and set(ds["test"]["country"]) == {"Austria"}
+
+
+def test_biome_mapping_reproduces_every_bundled_tile(sample_tiles_dir):
+    tiles = sorted(sample_tiles_dir.glob("*/*.npz"))
+    assert len(tiles) == 54
+    for path in tiles:
+        labels = json.loads(path.with_suffix(".json").read_text())["labels"]
+        assert biome_from_labels(labels) == int(np.load(path)["biome_code"]), (path.name, labels)
+
+
+def test_biome_mapping_rules():
+    assert biome_from_labels(["Urban fabric", "Inland waters"]) == 0  # water first
+    assert biome_from_labels(["Coniferous forest", "Broad-leaved forest"]) == 1
+    assert biome_from_labels(["Pastures", "Arable land"]) == 10
+    assert biome_from_labels(["Arable land", "Complex cultivation patterns"]) == 12
+    assert biome_from_labels(["Beaches, dunes, sands"]) == 16
+    assert biome_from_labels(["Non-irrigated arable land"]) == 12  # 43-class name
+    assert biome_from_labels([]) == -1 and biome_from_labels(["Moon dust"]) == -1
+    codes = [code for code, _, _ in BIOME_PRIORITY]
+    assert len(codes) == len(set(codes)) and all(0 <= c <= 16 for c in codes)
+    names = [name for _, _, group in BIOME_PRIORITY for name in group]
+    assert len(names) == len(set(names))
+
+
+def test_month_from_patch_name():
+    assert month_from_patch_name("S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_26_57") == 6
+    assert month_from_patch_name("S2B_MSIL2A_20180525T94031_23_83") == 5
+    assert month_from_patch_name("S1B_IW_GRDH_1SDV_20171101T154016_35VNJ_0_0") == 11
+    with pytest.raises(ValueError, match="no acquisition date"):
+        month_from_patch_name("patch_without_date")
+    with pytest.raises(ValueError, match="no acquisition date"):
+        month_from_patch_name("S2A_MSIL2A_20171301T101031_1_1")
+
+
+def _tiny_lmdb(path: Path, entries: dict) -> Path:
+    import lmdb
+    from safetensors.numpy import save
+
+    env = lmdb.open(str(path), map_size=64 << 20)
+    with env.begin(write=True) as txn:
+        for key, value in entries.items():
+            txn.put(key.encode(), value if isinstance(value, bytes) else save(value))
+    env.close()
+    return path
+
+
+def _metadata(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_bad_lmdb_values_are_skipped_with_reasons(tmp_path):
+    s2 = {band: np.full((120, 120), 500, np.uint16) for band in ("B02", "B03", "B04", "B08")}
+    s1 = {"VV": np.zeros((120, 120), np.float32), "VH": np.zeros((120, 120), np.float32)}
+    lmdb_dir = _tiny_lmdb(tmp_path / "lmdb", {
+        "S2A_MSIL2A_20180101T100000_0_0": s2, "S1_0": s1,
+        "S2A_MSIL2A_20180201T100000_0_1": b"not safetensors", "S1_1": s1,
+        "S2A_MSIL2A_20180301T100000_0_2": {**s2, "B08": np.zeros((60, 60), np.uint16)}, "S1_2": s1,
+        "S2A_MSIL2A_20180401T100000_0_3": s2,
+    })
+    rows = [{"patch_id": f"S2A_MSIL2A_2018{m:02d}01T100000_0_{i}", "labels": ["Arable land"], "split": split,
+             "s1_name": f"S1_{i}", "country": "Nowhere", "contains_seasonal_snow": False,
+             "contains_cloud_or_shadow": False}
+            for i, (m, split) in enumerate([(1, "train"), (2, "validation"), (3, "test"), (4, "train"), (5, "holdout")])]
+    summary = ingest_bigearthnet(lmdb_dir, _metadata(tmp_path / "meta.parquet", rows), tmp_path / "tiles")
+    assert summary["written"] == {"train": 1}
+    reasons = {r["patch_id"][-3:]: r["reason"] for r in map(json.loads, (tmp_path / "tiles" / SKIPPED_FILE).open())}
+    assert "is not a safetensors blob" in reasons["0_1"]
+    assert "band B08 has shape (60, 60)" in reasons["0_2"]
+    assert "Sentinel-1 patch 'S1_3' not in the LMDB" in reasons["0_3"]
+    assert reasons["0_4"] == "unknown split 'holdout'"
+    tile = np.load(tmp_path / "tiles" / "train" / "S2A_MSIL2A_20180101T100000_0_0.npz")
+    assert int(tile["month"]) == 1 and int(tile["biome_code"]) == 12
+    assert not list((tmp_path / "tiles").rglob("*.partial"))
+
+
+def test_bad_paths_and_metadata(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no data.mdb"):
+        resolve_lmdb_dir(tmp_path)
+    bad_meta = _metadata(tmp_path / "bad.parquet", [{"patch_id": "x", "split": "train"}])
+    lmdb_dir = _tiny_lmdb(tmp_path / "lmdb", {})
+    with pytest.raises(ValueError, match=r"bad.parquet: missing columns \['labels', 's1_name'\]"):
+        ingest_bigearthnet(lmdb_dir, bad_meta, tmp_path / "tiles")
+    code = main(["--lmdb", str(lmdb_dir), "--metadata", str(tmp_path / "absent.parquet"), "--output_dir",
+                 str(tmp_path / "tiles")])
+    assert code == 1 and "absent.parquet does not exist" in capsys.readouterr().err

@@ -1,0 +1,420 @@
+"""Tiles -> Arrow DatasetDict: round trip of the real sample, build record, bad input, atomicity."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _data_helpers import copy_sample_subset, folder_digest, make_tile_dir, tile_arrays, write_tile
+
+import datasets
+from data_builders import build as build_module
+from data_builders.build import BUILD_INFO_FILE, REJECTED_FILE, SCRATCH_MARKER, build_dataset, main, read_build_info
+from data_builders.degrade import DegradationConfig, synthesize_opt_v1
+from data_builders.tiles import BAND_KEYS, BAND_NAMES, TileError
+
+datasets.disable_progress_bars()
+
+
+def _rejected(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / REJECTED_FILE).read_text().splitlines()]
+
+
+def _scratch_dirs(output_dir: Path) -> list[Path]:
+    return list(output_dir.parent.glob(f".{output_dir.name}{SCRATCH_MARKER}*"))
+
+
+# ----------------------------------------------------------------------------- the real sample
+def test_round_trip_of_the_bundled_sample(sample_dataset_dir, sample_tiles_dir):
+    ds = datasets.load_from_disk(str(sample_dataset_dir))
+    assert list(ds) == ["train", "val", "test"]
+    assert {split: len(ds[split]) for split in ds} == {"train": 18, "val": 18, "test": 18}
+    for split in ds:
+        rows = ds[split].with_format("numpy")[:]
+        files = sorted((sample_tiles_dir / split).glob("*.npz"))
+        assert list(rows["tile_id"]) == [f.stem for f in files]
+        for i, path in enumerate(files):
+            raw = np.load(path, allow_pickle=False)
+            expected = (np.stack([raw[k] for k in BAND_KEYS]).astype(np.float64) * 1e-4).astype(np.float32)
+            np.testing.assert_array_equal(rows["target"][i], expected)  # exact, in float32
+            np.testing.assert_array_equal(rows["s1"][i], np.stack([raw["s1_vv"], raw["s1_vh"]]))
+            assert rows["month"][i] == raw["month"] and rows["biome"][i] == raw["biome_code"]
+            assert rows["valid_mask"][i].all()
+            sidecar = json.loads(path.with_suffix(".json").read_text())
+            assert rows["source"][i] == sidecar["source"]
+            assert list(rows["labels"][i]) == sidecar["labels"]
+        opt_v1 = rows["opt_v1"]
+        assert opt_v1.dtype == np.float32 and np.isfinite(opt_v1).all()
+        assert opt_v1.min() >= 0.0 and opt_v1.max() <= 1.0
+        assert np.abs(opt_v1 - rows["target"]).mean() > 0.005  # degraded, not a copy
+
+
+def test_features_are_typed(sample_dataset_dir):
+    features = datasets.load_from_disk(str(sample_dataset_dir))["train"].features
+    assert features["target"] == datasets.Array3D((4, 120, 120), "float32")
+    assert features["opt_v1"] == datasets.Array3D((4, 120, 120), "float32")
+    assert features["s1"] == datasets.Array3D((2, 120, 120), "float32")
+    assert features["valid_mask"] == datasets.Array2D((120, 120), "bool")
+    assert features["month"] == datasets.Value("int64") and features["biome"] == datasets.Value("int64")
+    assert features["tile_id"] == datasets.Value("string")
+    assert features["labels"] == datasets.List(datasets.Value("string"))
+    assert features["seasonal_snow"] == datasets.Value("bool")  # None for the v1 tiles
+
+
+def test_build_record_in_dataset_info(sample_dataset_dir, sample_tiles_dir):
+    ds = datasets.load_from_disk(str(sample_dataset_dir))
+    info = read_build_info(ds)
+    assert info == read_build_info(ds["test"]) == json.loads((sample_dataset_dir / BUILD_INFO_FILE).read_text())
+    assert info["source"]["sources"] == {"BigEarthNet v1": 30, "BigEarthNet v2": 24}
+    assert info["source"]["tiles"] == {"train": 18, "val": 18, "test": 18}
+    assert info["scaling"]["tiles"] == {"dn_x1e-4": 54}
+    assert info["opt_v1"]["mode"] == "synthetic" and info["opt_v1"]["seed"] == 0
+    assert info["opt_v1"]["degradation"] == DegradationConfig().to_dict()
+    assert (sample_dataset_dir / REJECTED_FILE).read_text() == ""
+
+    targets = np.stack(ds["train"].with_format("numpy")["target"])  # (18, 4, 120, 120), all valid
+    stats = info["statistics"]
+    assert stats["split"] == "train" and stats["valid_pixels"] == 18 * 120 * 120
+    assert list(stats["target"]) == list(BAND_NAMES)
+    for i, band in enumerate(BAND_NAMES):
+        values = targets[:, i].astype(np.float64)
+        assert stats["target"][band]["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert stats["target"][band]["std"] == pytest.approx(values.std(), rel=1e-6)
+        assert stats["target"][band]["min"] == pytest.approx(values.min())
+        assert stats["target"][band]["max"] == pytest.approx(values.max())
+    # the systematic NIR under-estimate of the default degradation shows in the statistics
+    assert stats["opt_v1"]["B08"]["mean"] < stats["target"]["B08"]["mean"]
+
+
+def test_opt_v1_is_reproducible_from_the_build_record(sample_dataset_dir):
+    ds = datasets.load_from_disk(str(sample_dataset_dir))
+    info = read_build_info(ds)
+    rows = ds["val"].with_format("numpy")[:3]
+    config = DegradationConfig.from_dict(info["opt_v1"]["degradation"])
+    for i in range(3):
+        again = synthesize_opt_v1(rows["target"][i], str(rows["tile_id"][i]), info["opt_v1"]["seed"], config,
+                                  rows["valid_mask"][i])
+        np.testing.assert_array_equal(again, rows["opt_v1"][i])
+
+
+# ----------------------------------------------------------------------------- modes and options
+def test_identity_mode_and_seed(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    ds = build_dataset(data, tmp_path / "identity", input_mode="identity")
+    row = ds["train"].with_format("numpy")[0]
+    np.testing.assert_array_equal(row["opt_v1"], row["target"])
+    assert read_build_info(ds)["opt_v1"]["mode"] == "identity"
+
+    a = build_dataset(data, tmp_path / "seed1", seed=1)["train"].with_format("numpy")[0]["opt_v1"]
+    b = build_dataset(data, tmp_path / "seed2", seed=2)["train"].with_format("numpy")[0]["opt_v1"]
+    assert not np.array_equal(a, b)
+
+
+def test_stage1_mode(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=2, s1=False)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    rng = np.random.default_rng(3)
+    expected = {}
+    for split in ("train", "val"):
+        for i in range(2):
+            expected[f"{split}_{i}"] = rng.random((4, 120, 120), dtype=np.float32)
+            np.savez(stage1 / f"{split}_{i}.npz", opt_v1=expected[f"{split}_{i}"])
+    np.savez(stage1 / "test_0.npz", opt_v1=np.zeros((4, 60, 60), np.float32))  # wrong shape; test_1 missing
+
+    ds = build_dataset(data, tmp_path / "out", stage1_dir=stage1)  # stage1 is the default mode then
+    assert list(ds) == ["train", "val"]  # every test tile was rejected
+    for split in ("train", "val"):
+        for row in ds[split].with_format("numpy"):
+            np.testing.assert_array_equal(row["opt_v1"], expected[str(row["tile_id"])])
+    info = read_build_info(ds)
+    assert info["opt_v1"]["mode"] == "stage1" and info["s1"].startswith("not carried")
+    problems = {Path(r["file"]).name: (r["key"], r["problem"]) for r in _rejected(tmp_path / "out")}
+    assert problems["test_0.npz"][0] == "opt_v1" and "expected (4, 120, 120)" in problems["test_0.npz"][1]
+    assert problems["test_1.npz"] == ("opt_v1", "Stage 1 file missing: every tile needs STAGE1_DIR/<tile_id>.npz")
+
+
+def test_argument_errors(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    with pytest.raises(ValueError, match="needs stage1_dir"):
+        build_dataset(data, tmp_path / "o", input_mode="stage1")
+    with pytest.raises(ValueError, match="only read with input_mode='stage1'"):
+        build_dataset(data, tmp_path / "o", stage1_dir=tmp_path, input_mode="identity")
+    with pytest.raises(ValueError, match="input_mode must be one of"):
+        build_dataset(data, tmp_path / "o", input_mode="magic")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no split folder"):
+        build_dataset(tmp_path / "empty", tmp_path / "o2")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_dataset(tmp_path / "absent", tmp_path / "o")
+    with pytest.raises(ValueError, match="contains --data_dir"):
+        build_dataset(data, tmp_path)
+    with pytest.raises(ValueError, match="contains --data_dir"):
+        build_dataset(data, data)
+    with pytest.raises(ValueError, match="unknown degradation parameters"):
+        build_dataset(data, tmp_path / "o", degradation={"blur": 2})
+    not_a_dataset = tmp_path / "precious"
+    not_a_dataset.mkdir()
+    (not_a_dataset / "thesis.tex").write_text("do not delete")
+    with pytest.raises(FileExistsError, match="not a dataset written by stage2-build-dataset"):
+        build_dataset(data, not_a_dataset)
+    assert (not_a_dataset / "thesis.tex").read_text() == "do not delete"
+
+
+def test_max_samples_and_sidecar_split(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=3)
+    # a sidecar's split wins over its folder
+    write_tile(data / "train", "moved", sidecar={"split": "validation", "source": "synthetic"})
+    ds = build_dataset(data, tmp_path / "all")
+    assert "moved" in ds["val"]["tile_id"] and "moved" not in ds["train"]["tile_id"]
+    small = build_dataset(data, tmp_path / "small", max_samples=2)
+    assert {split: len(small[split]) for split in small} == {"train": 2, "val": 2, "test": 2}
+    assert small["train"]["tile_id"] == ["train_0", "train_1"]
+
+
+def test_num_proc_does_not_change_the_rows(tmp_path, sample_tiles_dir, monkeypatch):
+    data = copy_sample_subset(sample_tiles_dir, tmp_path / "tiles", per_split=5)
+    monkeypatch.setattr(build_module, "CHUNK_SIZE", 2)  # several chunks, so two workers share them
+    one = build_dataset(data, tmp_path / "one", num_proc=1)
+    two = build_dataset(data, tmp_path / "two", num_proc=2)
+    for split in one:
+        a, b = one[split].with_format("numpy")[:], two[split].with_format("numpy")[:]
+        assert list(a["tile_id"]) == list(b["tile_id"]) == sorted(a["tile_id"])
+        for column in ("target", "opt_v1", "valid_mask", "s1", "month", "biome"):
+            np.testing.assert_array_equal(a[column], b[column])
+    assert read_build_info(one)["statistics"] == read_build_info(two)["statistics"]
+
+
+def test_metadata_columns_keep_sidecar_types(tmp_path):
+    data = tmp_path / "tiles"
+    write_tile(data / "train", "a", sidecar={"cloud": 0.5, "count": 3, "extra": {"k": [1, 2]}, "month": "June"})
+    write_tile(data / "train", "b", sidecar={"cloud": 1, "tags": [], "month": "July"})
+    write_tile(data / "train", "c")  # no sidecar
+    ds = build_dataset(data, tmp_path / "out")["train"]
+    assert ds.features["cloud"] == datasets.Value("float64")
+    assert ds.features["count"] == datasets.Value("int64")
+    assert ds.features["extra"] == datasets.Value("string")  # nested -> JSON text
+    assert ds.features["sidecar_month"] == datasets.Value("string")  # clashes with the month column
+    assert ds["cloud"] == [0.5, 1.0, None]
+    assert json.loads(ds[0]["extra"]) == {"k": [1, 2]}
+    assert ds["sidecar_month"] == ["June", "July", None] and ds["month"] == [6, 6, 6]
+
+
+def test_s1_column_needs_every_tile(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    write_tile(data / "test", "no_s1", s1=False)
+    ds = build_dataset(data, tmp_path / "out")
+    assert "s1" not in ds["train"].features and len(ds["test"]) == 2
+    assert read_build_info(ds)["s1"].startswith("not carried")
+
+
+def test_nan_pixels_are_masked_and_zeroed(tmp_path):
+    arrays = tile_arrays(s1=False)
+    for key in BAND_KEYS:
+        arrays[key] = arrays[key].astype(np.float32) * np.float32(1e-4)
+    arrays["s2_b4"][10:20, 30:40] = np.nan
+    write_tile(tmp_path / "tiles" / "train", "holes", arrays)
+    row = build_dataset(tmp_path / "tiles", tmp_path / "out")["train"].with_format("numpy")[0]
+    assert row["valid_mask"].sum() == 120 * 120 - 100 and not row["valid_mask"][10:20, 30:40].any()
+    assert (row["target"][:, 10:20, 30:40] == 0).all() and (row["opt_v1"][:, 10:20, 30:40] == 0).all()
+    assert np.isfinite(row["target"]).all()
+
+
+def test_arrow_files_are_moved_not_copied(tmp_path, monkeypatch):
+    data = make_tile_dir(tmp_path / "tiles", per_split=2)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("save_to_disk copies every byte; the builder moves the generator's files")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", no_copy)
+    monkeypatch.setattr(build_module, "CHUNK_SIZE", 1)
+    ds = build_dataset(data, tmp_path / "out", num_proc=2)  # two Arrow files per split
+    assert sorted(p.name for p in (tmp_path / "out" / "train").glob("*.arrow")) == [
+        "data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert ds["train"]["tile_id"] == ["train_0", "train_1"]
+    assert all(Path(f["filename"]).parent == tmp_path / "out" / "train" for f in ds["train"].cache_files)
+
+
+def test_save_split_falls_back_to_save_to_disk(tmp_path):
+    ds = build_dataset(make_tile_dir(tmp_path / "tiles", per_split=2), tmp_path / "out")
+    subset = ds["train"].select([1])  # an indices mapping: its files cannot simply be moved
+    build_module._save_split(subset, tmp_path / "copy", "fingerprint")
+    again = datasets.load_from_disk(str(tmp_path / "copy"))
+    assert again["tile_id"] == ["train_1"]
+    np.testing.assert_array_equal(again.with_format("numpy")[0]["target"], subset.with_format("numpy")[0]["target"])
+
+
+# ----------------------------------------------------------------------------- bad input
+def _write_bad_tiles(data: Path) -> dict[str, tuple]:
+    """Bad tiles beside good ones; {file name: (key, problem fragment)} of what must be rejected."""
+    def changed(**updates):
+        arrays = tile_arrays(seed=7)
+        for key, value in updates.items():
+            if value is None:
+                arrays.pop(key)
+            else:
+                arrays[key] = value
+        return arrays
+
+    write_tile(data / "train", "missing_band", changed(s2_b8=None))
+    write_tile(data / "train", "month13", changed(month=np.int64(13)))
+    write_tile(data / "val", "biome17", changed(biome_code=np.int64(17)))
+    write_tile(data / "val", "wrong_shape", changed(s2_b2=np.zeros((100, 100), np.uint16)))
+    write_tile(data / "test", "all_nan", changed(**{k: np.full((120, 120), np.nan, np.float32) for k in BAND_KEYS}))
+    np.savez(data / "test" / "pickled.npz", **changed(s2_b3=np.array([None, {}], dtype=object)))
+    (data / "test" / "corrupt.npz").write_bytes(b"\x00" * 300)
+    write_tile(data / "train", "twice")
+    write_tile(data / "test", "twice")
+    write_tile(data / "val", "bad_sidecar")
+    (data / "val" / "bad_sidecar.json").write_text("{oops")
+    return {
+        "missing_band.npz": ("s2_b8", "missing key"),
+        "month13.npz": ("month", "outside 1..12"),
+        "biome17.npz": ("biome_code", "outside 0..16"),
+        "wrong_shape.npz": ("s2_b2", "expected (120, 120)"),
+        "all_nan.npz": ("s2_b2", "entirely NaN"),
+        "pickled.npz": ("s2_b3", "object array"),
+        "corrupt.npz": (None, "corrupt or truncated file"),
+        "twice.npz": (None, "appears more than once"),
+        "bad_sidecar.json": (None, "not valid JSON"),
+    }
+
+
+def test_bad_tiles_are_skipped_and_listed(tmp_path, caplog):
+    data = make_tile_dir(tmp_path / "tiles", per_split=2)
+    expected = _write_bad_tiles(data)
+    with caplog.at_level(logging.INFO, logger="data_builders.build"):
+        ds = build_dataset(data, tmp_path / "out")
+    assert {split: sorted(ds[split]["tile_id"]) for split in ds} == {
+        "train": ["train_0", "train_1"], "val": ["val_0", "val_1"], "test": ["test_0", "test_1"]}
+    records = _rejected(tmp_path / "out")
+    assert len(records) == len(expected) + 1  # "twice" is rejected in both splits
+    for record in records:
+        key, problem = expected[Path(record["file"]).name]
+        assert record["key"] == key and problem in record["problem"], record
+        assert Path(record["file"]).exists()
+    assert {r["split"] for r in records if Path(r["file"]).name == "twice.npz"} == {"train", "test"}
+    assert read_build_info(ds)["source"]["rejected"] == len(records)
+    assert f"rejected {len(records)} (reasons in {tmp_path / 'out' / REJECTED_FILE})" in caplog.text
+
+
+def test_strict_stops_at_the_first_bad_tile(tmp_path, capsys):
+    data = make_tile_dir(tmp_path / "tiles", per_split=2)
+    write_tile(data / "val", "month13", tile_arrays() | {"month": np.int64(13)})
+    with pytest.raises(TileError) as caught:
+        build_dataset(data, tmp_path / "out", strict=True)
+    assert caught.value.path == str(data / "val" / "month13.npz") and caught.value.key == "month"
+    assert not (tmp_path / "out").exists() and not _scratch_dirs(tmp_path / "out")
+
+    code = main(["--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--strict"])
+    assert code == 1
+    assert "month13.npz: 'month': value 13 outside 1..12" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # without --strict the same folder builds, minus the bad tile
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "out")]) == 0
+    assert len(_rejected(tmp_path / "out")) == 1
+
+
+def test_strict_failure_inside_a_worker_process(tmp_path, monkeypatch):
+    data = make_tile_dir(tmp_path / "tiles", per_split=3)
+    write_tile(data / "train", "train_zz", tile_arrays() | {"biome_code": np.int64(40)})
+    monkeypatch.setattr(build_module, "CHUNK_SIZE", 1)
+    with pytest.raises(TileError, match="train_zz.npz: 'biome_code': value 40 outside 0..16"):
+        build_dataset(data, tmp_path / "out", strict=True, num_proc=2)
+    assert not (tmp_path / "out").exists() and not _scratch_dirs(tmp_path / "out")
+
+
+def test_every_tile_rejected_is_an_error(tmp_path):
+    data = tmp_path / "tiles"
+    write_tile(data / "train", "bad", tile_arrays() | {"month": np.int64(0)})
+    with pytest.raises(ValueError, match=r"(?s)every tile under .* was rejected.*bad.npz: month: value 0 outside"):
+        build_dataset(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- atomic output
+@pytest.fixture()
+def existing_dataset(tmp_path):
+    out = tmp_path / "out"
+    build_dataset(make_tile_dir(tmp_path / "old_tiles", per_split=1), out)
+    return out, folder_digest(out)
+
+
+def test_exception_mid_build_keeps_the_old_dataset(tmp_path, existing_dataset, monkeypatch):
+    out, before = existing_dataset
+    data = make_tile_dir(tmp_path / "new_tiles", per_split=3)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("disk on fire")
+        return synthesize_opt_v1(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "synthesize_opt_v1", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        build_dataset(data, out)
+    assert folder_digest(out) == before
+    assert not _scratch_dirs(out)
+    assert len(datasets.load_from_disk(str(out))["train"]) == 1
+
+    monkeypatch.undo()
+    assert len(build_dataset(data, out)["train"]) == 3  # a complete build replaces it
+
+
+KILLED_BUILD = textwrap.dedent(
+    """
+    import pathlib, sys, time
+    import data_builders.build as build
+
+    real_read_tile = build.read_tile
+    calls = []
+
+    def slow_read_tile(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # mid-way: tiles are being written into the scratch folder
+            pathlib.Path(sys.argv[1]).write_text("mid-build")
+            time.sleep(300)
+        return real_read_tile(*args, **kwargs)
+
+    build.read_tile = slow_read_tile
+    sys.exit(build.main(sys.argv[2:]))
+    """
+)
+
+
+def test_sigkill_mid_build_keeps_the_old_dataset(tmp_path, existing_dataset):
+    out, before = existing_dataset
+    data = make_tile_dir(tmp_path / "new_tiles", per_split=3)
+    script, signal_file = tmp_path / "killed_build.py", tmp_path / "mid-build"
+    script.write_text(KILLED_BUILD)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(signal_file), "--data_dir", str(data), "--output_dir", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not signal_file.exists():
+            assert process.poll() is None, "the build ended before it was killed"
+            assert time.monotonic() < deadline, "the build never reached the middle"
+            time.sleep(0.05)
+        assert _scratch_dirs(out), "the build should be writing into a scratch folder"
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert folder_digest(out) == before
+    assert datasets.load_from_disk(str(out))["train"]["tile_id"] == ["train_0"]
+    # the next build removes the dead build's scratch folder and replaces the dataset
+    assert build_dataset(data, out)["train"]["tile_id"] == ["train_0", "train_1", "train_2"]
+    assert not _scratch_dirs(out)

@@ -1,0 +1,206 @@
+"""Reading and validating one tile: the bundled sample, and every kind of bad input."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from _data_helpers import tile_arrays, write_tile
+
+from data_builders.tiles import (
+    BAND_KEYS,
+    BAND_NAMES,
+    UNKNOWN_METADATA,
+    TileError,
+    read_sidecar,
+    read_stage1,
+    read_tile,
+    sidecar_split,
+)
+
+
+def test_band_names_are_the_contract():
+    assert BAND_NAMES == ("B02", "B03", "B04", "B08")
+    assert BAND_KEYS == ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
+
+
+def test_reads_a_real_sample_tile(sample_tiles_dir):
+    path = sorted((sample_tiles_dir / "train").glob("*.npz"))[0]
+    raw = np.load(path, allow_pickle=False)
+    tile = read_tile(path)
+    assert tile.tile_id == path.stem
+    assert tile.scaling == "dn_x1e-4"
+    assert tile.target.dtype == np.float32 and tile.target.shape == (4, 120, 120)
+    expected = (np.stack([raw[k] for k in BAND_KEYS]).astype(np.float64) * 1e-4).astype(np.float32)
+    np.testing.assert_array_equal(tile.target, expected)
+    assert tile.valid_mask.dtype == bool and tile.valid_mask.all()
+    assert tile.month == int(raw["month"]) and tile.biome == int(raw["biome_code"])
+    np.testing.assert_array_equal(tile.s1, np.stack([raw["s1_vv"], raw["s1_vh"]]))
+    assert tile.metadata["patch_id"] == path.stem and "split" not in tile.metadata
+
+
+def test_float_reflectance_is_kept_and_nan_pixels_are_masked(tmp_path):
+    arrays = tile_arrays(s1=False)
+    for key in BAND_KEYS:
+        arrays[key] = (arrays[key] * 1e-4).astype(np.float32)
+    arrays["s2_b3"][5, 7] = np.nan
+    arrays["s2_b8"][0, 0] = np.inf
+    tile = read_tile(write_tile(tmp_path, "t", arrays))
+    assert tile.scaling == "float" and tile.s1 is None
+    assert tile.valid_mask.sum() == 120 * 120 - 2
+    assert not tile.valid_mask[5, 7] and not tile.valid_mask[0, 0]
+    assert (tile.target[:, 5, 7] == 0).all() and (tile.target[:, 0, 0] == 0).all()
+    expected = np.stack([arrays[key] for key in BAND_KEYS])
+    expected[:, ~tile.valid_mask] = 0
+    np.testing.assert_array_equal(tile.target, expected)
+
+
+def test_unknown_month_and_biome_are_accepted(tmp_path):
+    tile = read_tile(write_tile(tmp_path, "t", month=UNKNOWN_METADATA, biome=UNKNOWN_METADATA))
+    assert (tile.month, tile.biome) == (-1, -1)
+
+
+def _bad(arrays_change):
+    arrays = tile_arrays()
+    arrays_change(arrays)
+    return arrays
+
+
+def _pop(key):
+    return lambda a: a.pop(key)
+
+
+def _set(key, value):
+    return lambda a: a.__setitem__(key, value)
+
+
+def _all_nan_b4(a):
+    a["s2_b4"] = np.full((120, 120), np.nan, np.float32)
+    for key in ("s2_b2", "s2_b3", "s2_b8"):
+        a[key] = a[key].astype(np.float32) * 1e-4
+
+
+BAD_TILES = [
+    ("missing band", _pop("s2_b4"), "s2_b4", "missing key"),
+    ("missing month", _pop("month"), "month", "missing key"),
+    ("missing biome", _pop("biome_code"), "biome_code", "missing key"),
+    ("wrong shape", _set("s2_b2", np.zeros((64, 64), np.uint16)), "s2_b2", "expected (120, 120)"),
+    ("mismatched shapes", _set("s2_b3", np.zeros((120, 121), np.uint16)), "s2_b3", "does not match"),
+    ("3-D band", _set("s2_b8", np.zeros((1, 120, 120), np.uint16)), "s2_b8", "expected a 2-D"),
+    ("string band", _set("s2_b2", np.full((120, 120), "x")), "s2_b2", "non-numeric"),
+    ("bool band", _set("s2_b2", np.ones((120, 120), bool)), "s2_b2", "non-numeric"),
+    ("all-NaN band", _all_nan_b4, "s2_b4", "entirely NaN"),
+    ("mixed dtypes", _set("s2_b2", np.ones((120, 120), np.float32)), None, "mix integer and float"),
+    ("DN stored as float", lambda a: [a.__setitem__(k, a[k].astype(np.float32)) for k in BAND_KEYS], None,
+     "look like digital numbers"),
+    ("month 0", _set("month", np.int64(0)), "month", "outside 1..12"),
+    ("month 13", _set("month", np.int64(13)), "month", "outside 1..12"),
+    ("month not integral", _set("month", np.float64(6.5)), "month", "expected an integer"),
+    ("month array", _set("month", np.array([6, 7])), "month", "single number"),
+    ("biome 17", _set("biome_code", np.int64(17)), "biome_code", "outside 0..16"),
+    ("biome -2", _set("biome_code", np.int64(-2)), "biome_code", "outside 0..16"),
+    ("one s1 band", _pop("s1_vh"), "s1_vh", "missing key while 's1_vv' is present"),
+    ("s1 wrong shape", _set("s1_vv", np.zeros((60, 60), np.float32)), "s1_vv", "expected (120, 120)"),
+]
+
+
+@pytest.mark.parametrize("name,change,key,problem", BAD_TILES, ids=[case[0] for case in BAD_TILES])
+def test_bad_tiles_name_file_key_and_problem(tmp_path, name, change, key, problem):
+    path = write_tile(tmp_path, "bad", _bad(change))
+    with pytest.raises(TileError) as caught:
+        read_tile(path)
+    error = caught.value
+    assert error.path == str(path) and error.key == key
+    assert problem in error.problem
+    assert str(path) in str(error) and problem in str(error)
+
+
+def test_object_arrays_are_never_unpickled(tmp_path):
+    arrays = tile_arrays()
+    arrays["s2_b2"] = np.array([{"a": 1}] * 4, dtype=object)
+    path = tmp_path / "pickled.npz"
+    np.savez(path, **arrays)  # savez pickles object arrays
+    with pytest.raises(TileError, match="object array") as caught:
+        read_tile(path)
+    assert caught.value.key == "s2_b2"
+
+
+def test_not_a_zip_and_truncated_files(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"this is not an npz file" * 100)
+    with pytest.raises(TileError, match="corrupt or truncated file"):
+        read_tile(garbage)
+    good = write_tile(tmp_path, "good")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(TileError, match="corrupt or truncated") as caught:
+        read_tile(truncated)
+    assert caught.value.path == str(truncated)
+
+
+def test_corrupt_member_names_the_key(tmp_path):
+    path = write_tile(tmp_path, "t")
+    data = bytearray(path.read_bytes())
+    start = data.find(b"s2_b3.npy") + 200  # inside the compressed data of s2_b3
+    data[start : start + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(TileError, match="corrupt or truncated") as caught:
+        read_tile(path)
+    assert caught.value.key == "s2_b3"
+
+
+def test_single_npy_saved_as_npz_is_rejected(tmp_path):
+    path = tmp_path / "single.npz"
+    with open(path, "wb") as handle:
+        np.save(handle, np.zeros((4, 120, 120), np.uint16))
+    with pytest.raises(TileError, match="not an NPZ archive"):
+        read_tile(path)
+
+
+def test_sidecars(tmp_path):
+    assert read_sidecar(tmp_path / "absent.json") == {}
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(TileError, match="not valid JSON"):
+        read_sidecar(bad_json)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(TileError, match="JSON object"):
+        read_sidecar(listed)
+    assert sidecar_split("x.json", {"split": "validation"}) == "val"
+    assert sidecar_split("x.json", {"split": "TEST"}) == "test"
+    assert sidecar_split("x.json", {"country": "Austria"}) is None
+    with pytest.raises(TileError, match="unknown split 'holdout'") as caught:
+        sidecar_split("x.json", {"split": "holdout"})
+    assert caught.value.key == "split"
+
+
+def test_stage1_files(tmp_path):
+    good = tmp_path / "good.npz"
+    opt = np.random.default_rng(0).random((4, 120, 120), dtype=np.float32)
+    np.savez(good, opt_v1=opt)
+    np.testing.assert_array_equal(read_stage1(good), opt)
+    dn = tmp_path / "dn.npz"
+    np.savez(dn, opt_v1=np.full((4, 120, 120), 1234, np.uint16))
+    assert read_stage1(dn)[0, 0, 0] == np.float32(0.1234)
+    with pytest.raises(TileError, match="Stage 1 file missing") as caught:
+        read_stage1(tmp_path / "absent.npz")
+    assert caught.value.key == "opt_v1"
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, opt_v1=np.zeros((3, 120, 120), np.float32))
+    with pytest.raises(TileError, match=r"shape \(3, 120, 120\), expected \(4, 120, 120\)"):
+        read_stage1(wrong)
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, opt_v1=np.where(opt > 0.5, np.nan, opt))
+    with pytest.raises(TileError, match="NaN/Inf values"):
+        read_stage1(nan)
+    other_key = tmp_path / "other.npz"
+    np.savez(other_key, refined=opt)
+    with pytest.raises(TileError, match="missing key"):
+        read_stage1(other_key)
+
+
+def test_tile_error_survives_pickling():
+    error = TileError("/a/b.npz", "month", "value 13 outside 1..12")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.path, copy.key, copy.problem, str(copy)) == (error.path, error.key, error.problem, str(error))
