@@ -1,7 +1,8 @@
 """Stage 2 refiner: the Prithvi-EO-2.0 encoder port and the refinement model.
 
-Names are imported lazily so that `import modeling_stage2` stays cheap (no transformers import
-until a model class is used).
+Most names are imported lazily; the model modules themselves are imported here so that
+`import modeling_stage2` registers `stage2_refiner` and `prithvi_eo_v2` with `AutoConfig` and
+`AutoModel` (then `AutoModel.from_pretrained(folder)` works without `trust_remote_code`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ _EXPORTS = {
     "build_trainable_model": "adapters",
     "save_trained_model": "adapters",
     "load_trained_model": "adapters",
+    "export_merged_model": "adapters",
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+from . import modeling_prithvi as _modeling_prithvi  # noqa: E402,F401  (Auto-class registration)
+from . import modeling_stage2 as _modeling_stage2  # noqa: E402,F401
 
 
 def __getattr__(name: str):

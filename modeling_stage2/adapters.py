@@ -1,0 +1,554 @@
+"""Building, saving and loading the trainable refiner: a (quantized) frozen base, LoRA on the backbone, and the
+fusion, metadata embedding and head fully trained.
+
+    model = build_trainable_model(config, quantization="8bit")   # peft.PeftModel, summary printed
+    ...train...
+    save_trained_model(model, "runs/x/best")                     # adapter + trainable modules + config
+    model = load_trained_model("runs/x/best", quantization="8bit")
+    export_merged_model(load_trained_model("runs/x/best"), "runs/x/merged")   # one plain refiner folder
+
+The base is loaded through `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`: 8-bit (LLM.int8) or
+4-bit NF4 for the backbone's block linears (`qkv`, `proj`, `fc1`, `fc2`), everything else in full precision
+(`llm_int8_skip_modules`), because bitsandbytes' int8 matmul takes 2-D/3-D inputs only and the head is 4-D.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig
+from .modeling_stage2 import Stage2RefinerModel
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("8bit", "4bit", "none")
+
+# Trained in full and saved with the adapter (peft `modules_to_save`); matched by name suffix, so these names must
+# not end any other module's name.
+TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head")
+
+BASE_SOURCE_FILE = "stage2_base.json"
+BASE_WEIGHTS_FILE = "base_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+_TARGET_PATTERNS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
+
+
+# ------------------------------------------------------------------------------------------ quantization config
+
+
+def quantization_config_for(quantization: str, config: Stage2RefinerConfig):
+    """The `BitsAndBytesConfig` of `quantization` ("8bit", "4bit" NF4, or "none" -> None), quantizing only the
+    backbone's block linears."""
+    _check_quantization(quantization)
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = modules_kept_in_full_precision(config)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def modules_kept_in_full_precision(config: Stage2RefinerConfig) -> list[str]:
+    """Every top-level module but the backbone, and any backbone linear outside the blocks' qkv/proj/fc1/fc2."""
+    with torch.device("meta"):
+        model = Stage2RefinerModel(config)
+    block_linear = _block_linear_regex(range(config.backbone_config.depth), LORA_TARGETS)
+    skip = [name for name, _ in model.named_children() if name != "backbone"]
+    skip += [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("backbone.") and not block_linear.fullmatch(name)
+    ]
+    return skip
+
+
+def lora_target_pattern(config: Stage2RefinerConfig, target_modules=None, last_n_blocks=None) -> str:
+    """Regex (peft full-match) of the adapted backbone linears; never the patch embedding."""
+    targets = config.lora_target_modules if target_modules is None else _resolve_targets(target_modules)
+    depth = config.backbone_config.depth
+    if last_n_blocks is None:
+        blocks = config.lora_blocks
+    else:
+        if isinstance(last_n_blocks, bool) or not 1 <= int(last_n_blocks) <= depth:
+            raise ValueError(
+                f"unfreeze_last_n_blocks must be 1..{depth} (the backbone depth) or None, got {last_n_blocks!r}."
+            )
+        blocks = range(depth - int(last_n_blocks), depth)
+    return _block_linear_regex(blocks, targets).pattern
+
+
+def _block_linear_regex(blocks, targets):
+    import re
+
+    block_ids = "|".join(str(block) for block in blocks)
+    names = "|".join(_TARGET_PATTERNS[target] for target in targets)
+    return re.compile(rf"(?:.*\.)?backbone\.blocks\.(?:{block_ids})\.(?:{names})")
+
+
+def _resolve_targets(target_modules) -> list[str]:
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    if not names or unknown:
+        raise ValueError(
+            f"target_modules must be a non-empty subset of {LORA_TARGETS} (the backbone block linears; the patch "
+            f"embedding is never adapted), got {names}."
+        )
+    return [name for name in LORA_TARGETS if name in names]
+
+
+def _check_quantization(quantization: str) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}.")
+
+
+# ------------------------------------------------------------------------------------------------- base models
+
+
+class _BaseSource:
+    """Where the frozen base comes from, so a saved adapter can be put back onto an identical fresh base.
+
+    kind: "model" (a full refiner folder or Hub repo), "backbone_weights" (a fresh refiner whose backbone loads
+    `config.backbone_weights`), or "saved" (a random-init backbone, whose full-precision weights are kept in
+    `backbone_file` and written next to the adapter).
+    """
+
+    def __init__(self, kind: str, model_name_or_path: str | None = None, backbone_file: Path | None = None):
+        self.kind = kind
+        self.model_name_or_path = model_name_or_path
+        self.backbone_file = backbone_file
+
+    def to_json(self, quantization: str) -> dict:
+        return {"kind": self.kind, "model_name_or_path": self.model_name_or_path, "trained_quantization": quantization}
+
+
+def _fresh_refiner(config: Stage2RefinerConfig, backbone_file: Path | None = None) -> Stage2RefinerModel:
+    """A full-precision refiner with its backbone from `config.backbone_weights` or `backbone_file`."""
+    model = Stage2RefinerModel(config)
+    if backbone_file is not None:
+        from safetensors.torch import load_file
+
+        model.backbone.load_state_dict(load_file(str(backbone_file)), strict=True)
+    elif config.backbone_weights is not None:
+        model.load_backbone_weights()
+    return model
+
+
+def _base_model(build, quantization: str, device_map) -> Stage2RefinerModel:
+    """The refiner `build()` returns, kept in full precision or reloaded through `from_pretrained` with the
+    bitsandbytes config of `quantization`. The full-precision copy is released before the quantized one loads."""
+    model = build()
+    if quantization == "none":
+        return model
+    with tempfile.TemporaryDirectory(prefix="stage2-base-") as folder:
+        model.save_pretrained(folder)
+        config = model.config
+        del model
+        _release_freed_memory()
+        quantized = _from_pretrained(folder, quantization, device_map, config=config)
+    _own_unquantized_tensors(quantized)
+    _release_freed_memory()
+    return quantized
+
+
+def _own_unquantized_tensors(model: nn.Module) -> None:
+    """Copy the tensors `from_pretrained` left memory-mapped from the (deleted) temporary file.
+
+    The full-precision parts of a quantized model (position table, norms, head...) are views of the safetensors
+    file; while one lives, the whole 2.5 GB mapping of the 600M checkpoint stays resident (and its disk space
+    allocated). Copying these ~20 MB releases it: the 8-bit 600M refiner then needs ~1 GB of RSS instead of ~3.5.
+    """
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Int8Params, bnb.nn.Params4bit)
+    with torch.no_grad():
+        for module in model.modules():
+            for parameter in module.parameters(recurse=False):
+                if not isinstance(parameter, quantized) and parameter.device.type == "cpu":
+                    parameter.data = parameter.data.clone()
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.device.type == "cpu":
+                    module._buffers[name] = buffer.clone()
+
+
+def _release_freed_memory() -> None:
+    """Collect garbage and, on glibc, hand freed heap pages back to the OS (the fp32 copy is gigabytes)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _from_pretrained(model_name_or_path, quantization: str, device_map, config=None) -> Stage2RefinerModel:
+    if config is None:
+        config = Stage2RefinerConfig.from_pretrained(model_name_or_path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{model_name_or_path} holds an already quantized refiner; LoRA bases are quantized at load time, so save "
+            "and pass a full-precision refiner (e.g. one written by export_merged_model)."
+        )
+    kwargs = {}
+    quantization_config = quantization_config_for(quantization, config)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = Stage2RefinerModel.from_pretrained(model_name_or_path, config=config, **kwargs)
+    if quantization == "4bit":
+        disable_cpu_4bit_repacking(model)
+    return model
+
+
+def _device_map(device) -> dict | None:
+    return None if device is None else {"": str(torch.device(device))}
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def build_trainable_model(
+    config: Stage2RefinerConfig | None = None,
+    *,
+    model_name_or_path: str | Path | None = None,
+    quantization: str = "8bit",
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    target_modules=None,
+    unfreeze_last_n_blocks: int | None = None,
+    gradient_checkpointing: bool = False,
+    print_summary: bool = True,
+):
+    """The refiner ready for LoRA training, as a `peft.PeftModel`.
+
+    The base comes from `model_name_or_path` (a saved full refiner: folder or Hub repo) or is built from `config`
+    (default `Stage2RefinerConfig()`, the 600M backbone) with its backbone loaded from `config.backbone_weights`
+    (random when None). Quantized bases go through `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`:
+    "8bit" (LLM.int8) or "4bit" (NF4, double quantization, fp32 compute) on the backbone's block linears only;
+    "none" keeps everything in full precision. The base is frozen; LoRA adapters go on the backbone's `qkv`, `proj`,
+    `fc1`, `fc2` (never `patch_embed.proj`), on every block or only the last `unfreeze_last_n_blocks`; the
+    metadata embedding, fusion and head are trained in full and saved with the adapter (`modules_to_save`).
+
+    LoRA arguments left as None take the config's defaults (`lora_r` 8, `lora_alpha` 16, `lora_dropout` 0.1,
+    `lora_target_modules`, `unfreeze_last_n_blocks`). With `gradient_checkpointing`, the backbone blocks recompute
+    their activations in the backward pass (`use_reentrant=False`, needed with a frozen input and LoRA).
+    On a machine with a GPU, bitsandbytes places quantized bases on it; full-precision ones stay on the CPU until
+    moved. Prints the trainable-parameter summary unless `print_summary=False`.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    _check_quantization(quantization)
+    if model_name_or_path is not None:
+        if config is not None:
+            raise ValueError("Pass either `config` (a fresh refiner) or `model_name_or_path` (a saved one), not both.")
+        config = Stage2RefinerConfig.from_pretrained(model_name_or_path)
+        base = _from_pretrained(model_name_or_path, quantization, None, config=config)
+        source = _BaseSource("model", model_name_or_path=str(model_name_or_path))
+    else:
+        config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
+        base, source = _build_fresh_base(config, quantization)
+
+    lora_config = LoraConfig(
+        r=config.lora_r if lora_r is None else lora_r,
+        lora_alpha=config.lora_alpha if lora_alpha is None else lora_alpha,
+        lora_dropout=config.lora_dropout if lora_dropout is None else lora_dropout,
+        target_modules=lora_target_pattern(config, target_modules, unfreeze_last_n_blocks),
+        modules_to_save=list(TRAINABLE_MODULES),
+        bias="none",
+    )
+    checkpointing_kwargs = {"use_reentrant": False}
+    if quantization == "none":
+        base.requires_grad_(False)
+        if gradient_checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+    else:
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
+        )
+    base.name_or_path = source.model_name_or_path or config.backbone_weights or ""
+    model = get_peft_model(base, lora_config)
+    model.stage2_base_source = source
+    model.stage2_quantization = quantization
+    if print_summary:
+        print(format_trainable_summary(model))
+    return model
+
+
+def _build_fresh_base(config: Stage2RefinerConfig, quantization: str):
+    if config.backbone_weights is not None:
+        return _base_model(lambda: _fresh_refiner(config), quantization, None), _BaseSource("backbone_weights")
+    logger.warning(
+        "config.backbone_weights is None: the backbone is randomly initialised (fine for tests and demos). For "
+        "real training set backbone_weights to the Prithvi checkpoint, e.g. 'ibm-nasa-geospatial/Prithvi-EO-2.0-600M'."
+    )
+    # Random backbone: keep its full-precision weights, the only way to rebuild this exact base later.
+    folder = Path(tempfile.mkdtemp(prefix="stage2-random-backbone-"))
+    source = _BaseSource("saved", backbone_file=folder / BASE_WEIGHTS_FILE)
+    weakref.finalize(source, shutil.rmtree, folder, True)
+
+    def build() -> Stage2RefinerModel:
+        from safetensors.torch import save_file
+
+        model = _fresh_refiner(config)
+        state = {key: value.contiguous() for key, value in model.backbone.state_dict().items()}
+        save_file(state, str(source.backbone_file))
+        return model
+
+    return _base_model(build, quantization, None), source
+
+
+def disable_cpu_4bit_repacking(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for the CPU at the first eval-mode forward.
+
+    On CPUs with AVX512-BF16, `Linear4bit` converts its weight to an inference-only layout the first time it runs
+    in eval mode without gradients (e.g. an evaluation pass): its forward then fails in training (in-place bias
+    add on a tensor autograd tracks), and it computes in bf16, so results differ from the training-time layout.
+    Every model built here keeps the ordinary layout: training survives evaluation, and a reloaded adapter gives
+    the trained model's outputs exactly.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def trainable_parameter_summary(model) -> dict[str, int]:
+    """Trainable parameters by group ("lora", "metadata_embedding", "fusion", "head", "other"), plus "trainable"
+    and "total" (4-bit weights counted as the parameters they hold)."""
+    groups = dict.fromkeys(("lora", *TRAINABLE_MODULES, "other"), 0)
+    total = 0
+    for name, parameter in model.named_parameters():
+        count = parameter.numel() * (2 if parameter.__class__.__name__ == "Params4bit" else 1)
+        total += count
+        if not parameter.requires_grad:
+            continue
+        if "lora_" in name:
+            groups["lora"] += count
+        else:
+            group = next((module for module in TRAINABLE_MODULES if f".{module}." in f".{name}"), "other")
+            groups[group] += count
+    groups["trainable"] = sum(groups[key] for key in ("lora", *TRAINABLE_MODULES, "other"))
+    groups["total"] = total
+    return groups
+
+
+def format_trainable_summary(model) -> str:
+    summary = trainable_parameter_summary(model)
+    quantization = getattr(model, "stage2_quantization", "?")
+    lines = [
+        f"Stage 2 refiner (backbone {quantization}): {summary['trainable']:,} trainable of {summary['total']:,} "
+        f"parameters ({100.0 * summary['trainable'] / max(summary['total'], 1):.2f}%)"
+    ]
+    for group in ("lora", *TRAINABLE_MODULES, "other"):
+        if summary[group] or group != "other":
+            lines.append(f"  {group:<20} {summary[group]:>14,}")
+    return "\n".join(lines)
+
+
+def save_trained_model(model, output_dir: str | Path) -> Path:
+    """Write a model from `build_trainable_model` to `output_dir`, atomically.
+
+    The folder holds `adapter_model.safetensors` + `adapter_config.json` (LoRA weights and the trained metadata
+    embedding, fusion and head), the refiner's `config.json` (without quantization settings), `stage2_base.json`
+    (where the frozen base comes from) and, when the backbone has no pretrained source (random init),
+    `base_model.safetensors` with its full-precision weights. `load_trained_model` reads it back.
+    """
+    source = _base_source_of(model)
+    output_dir = Path(output_dir)
+    _refuse_foreign_folder(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        config = _clean_config(model.get_base_model().config)
+        config.save_pretrained(staging)
+        quantization = getattr(model, "stage2_quantization", "none")
+        (staging / BASE_SOURCE_FILE).write_text(json.dumps(source.to_json(quantization), indent=2) + "\n")
+        if source.kind == "saved":
+            shutil.copyfile(source.backbone_file, staging / BASE_WEIGHTS_FILE)
+        _replace_folder(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def load_trained_model(path: str | Path, quantization: str = "none", device=None):
+    """A trained refiner in eval mode, from a `save_trained_model` folder (a fresh base, quantized as asked, with the
+    adapter applied: a `peft.PeftModel`) or from a full refiner folder (`save_pretrained` / `export_merged_model`:
+    a `Stage2RefinerModel`). `path` may be a Hub repo id. `device` defaults to the CPU for full precision and to
+    bitsandbytes' choice (the GPU when there is one) for quantized bases."""
+    _check_quantization(quantization)
+    folder = _local_folder(path)
+    device_map = _device_map(device)
+    if (folder / ADAPTER_CONFIG_FILE).is_file():
+        from peft import PeftModel
+
+        config = Stage2RefinerConfig.from_pretrained(folder)
+        source = _read_base_source(folder)
+        base = _rebuild_base(config, source, quantization, device_map)
+        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+        model.stage2_base_source = source
+        model.stage2_quantization = quantization
+    elif (folder / "config.json").is_file():
+        model = _from_pretrained(folder, quantization, device_map)
+    else:
+        raise FileNotFoundError(
+            f"{folder} holds neither {ADAPTER_CONFIG_FILE} (a save_trained_model folder) nor config.json (a full "
+            "refiner folder)."
+        )
+    if quantization == "none" and device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
+    """Merge the LoRA weights into a full-precision base (`merge_and_unload`) and `save_pretrained` the result, a
+    plain `Stage2RefinerModel` loadable with `AutoModel.from_pretrained`. Like `merge_and_unload`, this consumes
+    `model`; the merged refiner is returned in eval mode. Quantized bases cannot be merged exactly: load the
+    adapter onto a full-precision base first (`load_trained_model(path, quantization="none")`)."""
+    base = model.get_base_model()
+    if getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_8bit", False) or getattr(
+        base, "is_loaded_in_4bit", False
+    ):
+        raise ValueError(
+            "export_merged_model needs a full-precision base, this one is quantized; reload the adapter with "
+            "load_trained_model(path, quantization='none') and export that."
+        )
+    output_dir = Path(output_dir)
+    _refuse_foreign_folder(output_dir)
+    merged = model.merge_and_unload()
+    merged.config = _clean_config(merged.config)
+    merged.requires_grad_(False)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        merged.save_pretrained(staging)
+        _replace_folder(staging, output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return merged.eval()
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def _base_source_of(model) -> _BaseSource:
+    source = getattr(model, "stage2_base_source", None)
+    if source is not None:
+        return source
+    config = model.get_base_model().config
+    if config.backbone_weights is not None:
+        return _BaseSource("backbone_weights")
+    raise ValueError(
+        "This model was not built by build_trainable_model/load_trained_model and its backbone has no pretrained "
+        "source (config.backbone_weights is None), so its frozen base could not be rebuilt; build it with "
+        "build_trainable_model."
+    )
+
+
+def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization: str, device_map):
+    if source.kind == "model":
+        return _from_pretrained(source.model_name_or_path, quantization, device_map)
+    backbone_file = source.backbone_file if source.kind == "saved" else None
+    return _base_model(lambda: _fresh_refiner(config, backbone_file=backbone_file), quantization, device_map)
+
+
+def _read_base_source(folder: Path) -> _BaseSource:
+    path = folder / BASE_SOURCE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this adapter folder was not written by save_trained_model.")
+    try:
+        info = json.loads(path.read_text())
+        kind = info["kind"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: unreadable base description ({error}); re-save the model with save_trained_model.")
+    if kind == "saved":
+        weights = folder / BASE_WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing: {path} says the base backbone weights are stored there.")
+        return _BaseSource("saved", backbone_file=weights)
+    if kind == "model" and info.get("model_name_or_path"):
+        return _BaseSource("model", model_name_or_path=info["model_name_or_path"])
+    if kind == "backbone_weights":
+        return _BaseSource("backbone_weights")
+    raise ValueError(f"{path}: key 'kind' is {kind!r}; expected 'model', 'backbone_weights' or 'saved'.")
+
+
+def _clean_config(config: Stage2RefinerConfig) -> Stage2RefinerConfig:
+    """A copy without the quantization settings of the loaded base (quantization is chosen at load time)."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = ""
+    return config
+
+
+def _local_folder(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=text))
+    raise FileNotFoundError(f"{path} is not a folder (nor a Hub repo id OWNER/NAME).")
+
+
+def _refuse_foreign_folder(output_dir: Path) -> None:
+    """Replacing a folder is fine when it holds an earlier save; anything else is refused."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder.")
+    if any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
+        raise FileExistsError(f"{output_dir} holds other files; choose a new or empty folder for the model.")
+
+
+def _replace_folder(staging: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        retired = staging.with_name(staging.name + "-old")
+        output_dir.rename(retired)
+        staging.rename(output_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output_dir)
+
+
+__all__ = [
+    "QUANTIZATIONS",
+    "TRAINABLE_MODULES",
+    "build_trainable_model",
+    "export_merged_model",
+    "format_trainable_summary",
+    "disable_cpu_4bit_repacking",
+    "load_trained_model",
+    "lora_target_pattern",
+    "modules_kept_in_full_precision",
+    "quantization_config_for",
+    "save_trained_model",
+    "trainable_parameter_summary",
+]

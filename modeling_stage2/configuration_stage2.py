@@ -1,0 +1,272 @@
+"""Configuration of the Stage 2 refiner: Prithvi backbone, metadata conditioning, ConvNeXt head, LoRA defaults."""
+from __future__ import annotations
+
+import copy
+from transformers import AutoConfig, PretrainedConfig
+
+from .configuration_prithvi import PrithviConfig, canonical_band_name
+
+# Bands of the product, in order (blue, green, red, broad NIR); values are reflectance 0..1.
+BAND_NAMES: tuple[str, ...] = ("B02", "B03", "B04", "B08")
+
+# Month or biome code of a tile without that metadata; it selects the learned "unknown" embedding.
+UNKNOWN_METADATA: int = -1
+
+DEFAULT_BACKBONE_PRESET = "prithvi_eo_v2_600m"
+
+# The backbone linears LoRA may adapt (never `patch_embed.proj`, whose input is the fused image).
+LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+PADDING_MODES: tuple[str, ...] = ("reflect", "replicate")
+
+
+class Stage2RefinerConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`Stage2RefinerModel`]: the Stage 2 refiner that turns the synthetic Sentinel-2 image `opt_v1`
+    into a refined one. The month and biome of the tile are embedded, projected to `metadata_channels` maps, fused
+    with `opt_v1` back to the backbone's bands, encoded by a Prithvi-EO-2.0 backbone, and a ConvNeXt head predicts a
+    residual at full resolution (`refined = opt_v1 + delta`).
+
+    Building the config allocates nothing: the default describes the 600M backbone without loading it.
+
+    Args:
+        backbone_config (`PrithviConfig`, `dict` or `str`, *optional*):
+            The Prithvi encoder: a [`PrithviConfig`], its dict, or a preset name of
+            `PrithviConfig.from_preset` (e.g. `"prithvi_eo_v2_tiny"`). Presets and dicts without `bands` get the
+            refiner's `bands`. Defaults to the `prithvi_eo_v2_600m` preset with bands B02 B03 B04 B08.
+        backbone_weights (`str`, *optional*):
+            Where the pretrained backbone weights come from when a fresh model is built
+            (`Stage2RefinerModel.load_backbone_weights`, `build_trainable_model`): a Hub repo id
+            (`"ibm-nasa-geospatial/Prithvi-EO-2.0-600M"`, optionally `"OWNER/REPO/FILE.pt"`), an official
+            `Prithvi_EO_V2_*.pt` file (local or `hf://OWNER/REPO/FILE.pt`), or a folder written by
+            `stage2-convert-prithvi`. `None` keeps the random initialisation (tests, demos). `from_pretrained` of a
+            saved refiner never reads it: the saved weights are used.
+        bands (`tuple[str]`, *optional*, defaults to `("B02", "B03", "B04", "B08")`):
+            Names of the input (and output) channels of `opt_v1`, reflectance 0..1. Each must map to the backbone
+            band at the same position (B08, the broad NIR band, takes Prithvi's narrow-NIR weights by design).
+        num_months (`int`, *optional*, defaults to 12):
+            Months are coded 1..`num_months`; `UNKNOWN_METADATA` (-1) marks a tile without a month.
+        num_biomes (`int`, *optional*, defaults to 17):
+            Biomes are coded 0..`num_biomes - 1` (IGBP-like); `UNKNOWN_METADATA` (-1) marks a tile without one.
+        metadata_embed_dim (`int`, *optional*, defaults to 32):
+            Width of the learned month and biome embeddings and of the metadata MLP.
+        metadata_channels (`int`, *optional*, defaults to 4):
+            Number of maps the metadata vector is projected to and broadcast over the tile before fusion with
+            `opt_v1`.
+        feature_layers (`list[int]`, *optional*):
+            Backbone blocks (0-based; negative values count from the end) whose outputs feed the head. Defaults to
+            four evenly spaced depths ending with the last block (blocks 7, 15, 23, 31 of the 600M backbone).
+        num_convnext_blocks (`int`, *optional*, defaults to 4):
+            Number of ConvNeXt blocks of the head, one per upsampling stage: stage `i` of `n` works at 1/2^(n-1-i)
+            of the (padded) input size, never coarser than the patch grid, so the last one is at full resolution.
+        head_width (`int`, *optional*, defaults to 256):
+            Channels of the first head stage; each following stage halves it, never below 16.
+        layer_scale_init_value (`float`, *optional*, defaults to 1e-6):
+            Initial value of the ConvNeXt layer scale (0 disables layer scale).
+        drop_path_rate (`float`, *optional*, defaults to 0.1):
+            Stochastic-depth rate of the last head block; earlier blocks get linearly smaller rates. Training only.
+        padding_mode (`str`, *optional*, defaults to `"reflect"`):
+            How the input is padded to a multiple of the patch size so that no border pixel is dropped
+            (120 -> 126 for the 14-px patch, split between both sides): `"reflect"` mirrors the image without
+            repeating the edge, `"replicate"` repeats the edge pixels. Inputs too small to mirror fall back to
+            `"replicate"`. The padding is cropped off the output.
+        lora_r (`int`, *optional*, defaults to 8):
+            Default LoRA rank used by `build_trainable_model`.
+        lora_alpha (`int`, *optional*, defaults to 16):
+            Default LoRA scaling numerator (the update is scaled by `lora_alpha / lora_r`).
+        lora_dropout (`float`, *optional*, defaults to 0.1):
+            Default dropout on the LoRA input.
+        lora_target_modules (`tuple[str]`, *optional*, defaults to `("qkv", "proj", "fc1", "fc2")`):
+            Backbone block linears that receive LoRA adapters; a subset of `("qkv", "proj", "fc1", "fc2")` (the
+            attention projections and the MLP). The patch embedding never does.
+        unfreeze_last_n_blocks (`int`, *optional*):
+            When set, only the last `n` backbone blocks receive LoRA adapters (the earlier ones stay fully frozen);
+            `None` adapts every block.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the head's and embeddings' weights.
+        kwargs:
+            Passed to [`PretrainedConfig`] (e.g. `output_hidden_states`, `return_dict`).
+
+    Example:
+
+    ```python
+    >>> from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
+    >>> config = Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", head_width=32)
+    >>> model = Stage2RefinerModel(config)
+    ```
+    """
+
+    model_type = "stage2_refiner"
+
+    def __init__(
+        self,
+        backbone_config: PrithviConfig | dict | str | None = None,
+        backbone_weights: str | None = None,
+        bands: tuple[str, ...] | list[str] = BAND_NAMES,
+        num_months: int = 12,
+        num_biomes: int = 17,
+        metadata_embed_dim: int = 32,
+        metadata_channels: int = 4,
+        feature_layers: list[int] | tuple[int, ...] | None = None,
+        num_convnext_blocks: int = 4,
+        head_width: int = 256,
+        layer_scale_init_value: float = 1e-6,
+        drop_path_rate: float = 0.1,
+        padding_mode: str = "reflect",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        lora_target_modules: tuple[str, ...] | list[str] = LORA_TARGETS,
+        unfreeze_last_n_blocks: int | None = None,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        self.bands = _resolve_bands(bands)
+        self.backbone_config = _resolve_backbone_config(backbone_config, self.bands)
+        self.backbone_weights = None if backbone_weights is None else str(backbone_weights)
+        self.num_months = _positive_int(num_months, "num_months")
+        self.num_biomes = _positive_int(num_biomes, "num_biomes")
+        self.metadata_embed_dim = _positive_int(metadata_embed_dim, "metadata_embed_dim")
+        self.metadata_channels = _positive_int(metadata_channels, "metadata_channels")
+        self.feature_layers = _resolve_feature_layers(feature_layers, self.backbone_config.depth)
+        self.num_convnext_blocks = _positive_int(num_convnext_blocks, "num_convnext_blocks")
+        self.head_width = _positive_int(head_width, "head_width")
+        self.layer_scale_init_value = float(layer_scale_init_value)
+        self.drop_path_rate = _fraction(drop_path_rate, "drop_path_rate")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
+        self.padding_mode = padding_mode
+        self.lora_r = _positive_int(lora_r, "lora_r")
+        self.lora_alpha = _positive_int(lora_alpha, "lora_alpha")
+        self.lora_dropout = _fraction(lora_dropout, "lora_dropout")
+        self.lora_target_modules = _resolve_lora_targets(lora_target_modules)
+        self.unfreeze_last_n_blocks = _resolve_last_n_blocks(unfreeze_last_n_blocks, self.backbone_config.depth)
+        self.initializer_range = float(initializer_range)
+        super().__init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # The backbone's non-default fields only (no id2label etc. of the generic parent config).
+        backbone = self.backbone_config.to_diff_dict()
+        backbone.pop("transformers_version", None)
+        output["backbone_config"] = backbone
+        return output
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Spatial patch size (height, width) of the backbone."""
+        return int(self.backbone_config.patch_size[1]), int(self.backbone_config.patch_size[2])
+
+    @property
+    def head_widths(self) -> list[int]:
+        """Channels of each head stage: `head_width` halved per stage, never below 16."""
+        return [max(self.head_width >> stage, min(16, self.head_width)) for stage in range(self.num_convnext_blocks)]
+
+    @property
+    def lora_blocks(self) -> list[int]:
+        """Indices of the backbone blocks that receive LoRA adapters."""
+        depth = self.backbone_config.depth
+        first = 0 if self.unfreeze_last_n_blocks is None else depth - self.unfreeze_last_n_blocks
+        return list(range(first, depth))
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _fraction(value, name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}.")
+    return value
+
+
+def _resolve_bands(bands) -> list[str]:
+    if isinstance(bands, str) or not bands:
+        raise ValueError(f"bands must be a non-empty sequence of band names such as {BAND_NAMES}, got {bands!r}.")
+    names = [str(band) for band in bands]
+    for band in names:
+        canonical_band_name(band)  # raises with the list of known names
+    if len(set(names)) != len(names):
+        raise ValueError(f"bands lists a band more than once: {names}.")
+    return names
+
+
+def _resolve_backbone_config(backbone_config, bands: list[str]) -> PrithviConfig:
+    if backbone_config is None:
+        backbone_config = DEFAULT_BACKBONE_PRESET
+    if isinstance(backbone_config, str):
+        config = PrithviConfig.from_preset(backbone_config, bands=tuple(bands))
+    elif isinstance(backbone_config, PrithviConfig):
+        config = copy.deepcopy(backbone_config)
+    elif isinstance(backbone_config, dict):
+        arguments = dict(backbone_config)
+        model_type = arguments.pop("model_type", PrithviConfig.model_type)
+        if model_type != PrithviConfig.model_type:
+            raise ValueError(
+                f"backbone_config has model_type {model_type!r}; the refiner's backbone is a Prithvi encoder "
+                f"({PrithviConfig.model_type!r})."
+            )
+        arguments.pop("transformers_version", None)
+        if "bands" not in arguments and "in_chans" not in arguments:
+            arguments["bands"] = list(bands)
+        config = PrithviConfig(**arguments)
+    else:
+        raise TypeError(
+            f"backbone_config must be a PrithviConfig, a dict or a preset name, got {type(backbone_config).__name__}."
+        )
+    backbone_bands = [canonical_band_name(band) for band in config.bands]
+    refiner_bands = [canonical_band_name(band) for band in bands]
+    if backbone_bands != refiner_bands:
+        raise ValueError(
+            f"The backbone's bands {list(config.bands)} do not match the refiner's bands {bands} position by position; "
+            f"build the backbone config with bands={tuple(bands)}."
+        )
+    return config
+
+
+def _resolve_feature_layers(feature_layers, depth: int) -> list[int]:
+    if feature_layers is None:
+        count = min(4, depth)
+        return sorted({depth * (index + 1) // count - 1 for index in range(count)})
+    if isinstance(feature_layers, int) or not feature_layers:
+        raise ValueError(f"feature_layers must be a non-empty list of block indices, got {feature_layers!r}.")
+    layers = []
+    for layer in feature_layers:
+        layer = int(layer)
+        if not -depth <= layer < depth:
+            raise ValueError(f"feature_layers: block {layer} does not exist in a backbone of depth {depth}.")
+        layers.append(layer % depth)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"feature_layers lists a block more than once: {list(feature_layers)} -> {layers}.")
+    return sorted(layers)
+
+
+def _resolve_lora_targets(targets) -> list[str]:
+    if isinstance(targets, str):
+        targets = [targets]
+    names = [str(name) for name in targets]
+    unknown = [name for name in names if name not in LORA_TARGETS]
+    if not names or unknown:
+        raise ValueError(
+            f"lora_target_modules must be a non-empty subset of {LORA_TARGETS} (the backbone block linears), "
+            f"got {list(targets)}."
+        )
+    return [name for name in LORA_TARGETS if name in names]
+
+
+def _resolve_last_n_blocks(value, depth: int) -> int | None:
+    if value is None:
+        return None
+    value = _positive_int(value, "unfreeze_last_n_blocks")
+    if value > depth:
+        raise ValueError(f"unfreeze_last_n_blocks={value} exceeds the backbone depth {depth}; use None for all blocks.")
+    return value
+
+
+Stage2RefinerConfig.register_for_auto_class()
+AutoConfig.register(Stage2RefinerConfig.model_type, Stage2RefinerConfig, exist_ok=True)
+
+__all__ = ["BAND_NAMES", "LORA_TARGETS", "UNKNOWN_METADATA", "Stage2RefinerConfig"]

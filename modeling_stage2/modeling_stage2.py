@@ -1,0 +1,538 @@
+"""The Stage 2 refiner: metadata conditioning, Prithvi-EO-2.0 backbone and a ConvNeXt refinement head.
+
+    opt_v1 (B, 4, H, W) reflectance --normalise--+
+    month, biome -> cyclic + learned embedding --> 4 maps --concat (8 ch)--> pad to the patch --> fuse to 4 ch
+        --> Prithvi encoder --> features of several depths (CLS removed, on the patch grid)
+        --> ConvNeXt head, upsampled stage by stage, with a skip from the full-resolution input
+        --> delta, cropped to (H, W);  refined = opt_v1 + delta
+
+The head's last layer starts at zero, so an untrained model returns `opt_v1` exactly.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_prithvi import PrithviConfig, canonical_band_name
+from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
+from .modeling_prithvi import PrithviEncoder
+
+logger = logging.get_logger(__name__)
+
+# Architecture fields that must agree between the refiner's backbone and pretrained weights.
+_BACKBONE_ARCHITECTURE = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "coords_encoding")
+
+
+@dataclass
+class Stage2RefinerOutput(ModelOutput):
+    """
+    Output of [`Stage2RefinerModel`].
+
+    Args:
+        refined (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`):
+            The refined image, reflectance, same bands, size and dtype as `opt_v1` (`opt_v1 + delta`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The backbone's hidden states, one `(batch_size, 1 + num_patches, embed_dim)` tensor per block (CLS token
+            first, the last after the final LayerNorm), returned when `output_hidden_states=True`. They describe the
+            padded input: the patch grid is `(ceil(height / patch), ceil(width / patch))`, tokens in row-major order.
+    """
+
+    refined: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+
+
+class Stage2LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Stage2DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob` (training only)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device).bernoulli_(keep_prob)
+        return hidden_states * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class Stage2ConvNextBlock(nn.Module):
+    """ConvNeXt block: 7x7 depthwise conv, LayerNorm, inverted MLP (x4), layer scale, stochastic depth, residual."""
+
+    def __init__(self, config: Stage2RefinerConfig, dim: int, drop_path: float = 0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.layernorm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.empty(dim)) if config.layer_scale_init_value > 0 else None
+        self.drop_path = Stage2DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.dwconv(hidden_states).permute(0, 2, 3, 1)  # channels last for the MLP
+        hidden_states = self.pwconv2(self.act(self.pwconv1(self.layernorm(hidden_states))))
+        if self.layer_scale is not None:
+            hidden_states = self.layer_scale * hidden_states
+        return residual + self.drop_path(hidden_states.permute(0, 3, 1, 2))
+
+
+class Stage2MetadataEmbedding(nn.Module):
+    """Month and biome -> `metadata_channels` values per sample.
+
+    The month is encoded on the unit circle (sin, cos of 2*pi*(month-1)/num_months: December sits next to January)
+    and by a learned embedding; the biome by a learned embedding. Unknown values (-1) take the circle's centre
+    (0, 0) and a learned "unknown" slot (month index 0, biome index `num_biomes`). A small MLP projects the
+    concatenation to `metadata_channels`.
+    """
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__()
+        self.num_months = config.num_months
+        self.num_biomes = config.num_biomes
+        width = config.metadata_embed_dim
+        self.month_embedding = nn.Embedding(config.num_months + 1, width)  # 0 = unknown, 1..num_months
+        self.biome_embedding = nn.Embedding(config.num_biomes + 1, width)  # num_biomes = unknown
+        self.projection = nn.Sequential(
+            nn.Linear(2 + 2 * width, width), nn.GELU(), nn.Linear(width, config.metadata_channels)
+        )
+
+    def forward(self, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+        month_index = torch.where(month != UNKNOWN_METADATA, month, torch.zeros_like(month))
+        biome_index = torch.where(biome != UNKNOWN_METADATA, biome, torch.full_like(biome, self.num_biomes))
+        cyclic = cyclic_month_encoding(month, self.num_months).to(self.month_embedding.weight.dtype)
+        features = torch.cat([cyclic, self.month_embedding(month_index), self.biome_embedding(biome_index)], dim=-1)
+        return self.projection(features)
+
+
+def cyclic_month_encoding(month: torch.Tensor, num_months: int = 12) -> torch.Tensor:
+    """(B,) months 1..num_months -> (B, 2) points on the unit circle, (sin, cos) of 2*pi*(month-1)/num_months, so
+    December and January are as close as any two consecutive months. Unknown months (-1) map to the centre (0, 0),
+    equally far from every month."""
+    known = (month != UNKNOWN_METADATA).unsqueeze(-1)
+    angle = (month - 1).to(torch.float32) * (2 * math.pi / num_months)
+    circle = torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1)
+    return torch.where(known, circle, torch.zeros_like(circle))
+
+
+class Stage2InputFusion(nn.Conv2d):
+    """1x1 conv fusing the normalised bands and the metadata maps back to the backbone's bands.
+
+    Initialised to pass the bands through unchanged and ignore the metadata, so the pretrained backbone first sees
+    its usual input; training learns how much metadata to mix in.
+    """
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__(len(config.bands) + config.metadata_channels, len(config.bands), kernel_size=1)
+
+
+class Stage2ResidualOutput(nn.Conv2d):
+    """The head's last 1x1 conv, zero-initialised: an untrained refiner returns `opt_v1` exactly."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+
+class Stage2InputNormalizer(nn.Module):
+    """Reflectance (0..1) -> the backbone's normalised input: (reflectance * 10000 - mean) / std per band."""
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__()
+        bands = len(config.bands)
+        # Derived from the config (not saved): the statistics stay those of the backbone's pretraining.
+        self.register_buffer("mean", torch.empty(1, bands, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, bands, 1, 1), persistent=False)
+
+    def forward(self, reflectance: torch.Tensor) -> torch.Tensor:
+        return (reflectance * 10000.0 - self.mean) / self.std
+
+
+class Stage2RefinementHead(nn.Module):
+    """ConvNeXt head: backbone features of several depths -> a residual image at full (padded) resolution.
+
+    The features (B, E, h, w) of each selected depth are normalised and projected together to `head_widths[0]`
+    channels. Stage `i` of `n` upsamples (bilinear) to 1/2^(n-1-i) of the input size (never coarser than the patch
+    grid) and runs a ConvNeXt block; between stages a LayerNorm + 1x1 conv narrows the channels. Before the last,
+    full-resolution stage the features are joined with a 3x3-conv stem of the full-resolution input (normalised
+    bands + metadata maps), so fine detail does not have to pass through the 14-px patches. A zero-initialised 1x1
+    conv outputs the residual.
+    """
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__()
+        embed_dim = config.backbone_config.embed_dim
+        widths = config.head_widths
+        self.patch_size = config.patch_size
+        self.feature_norms = nn.ModuleList(nn.LayerNorm(embed_dim, eps=1e-6) for _ in config.feature_layers)
+        self.feature_projection = nn.Linear(embed_dim * len(config.feature_layers), widths[0])
+        rates = torch.linspace(0, config.drop_path_rate, len(widths), device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Stage2ConvNextBlock(config, width, drop_path=rate) for width, rate in zip(widths, rates)
+        )
+        self.transitions = nn.ModuleList(
+            nn.Sequential(Stage2LayerNorm2d(widths[i], eps=1e-6), nn.Conv2d(widths[i], widths[i + 1], kernel_size=1))
+            for i in range(len(widths) - 1)
+        )
+        in_channels = len(config.bands) + config.metadata_channels
+        self.input_stem = nn.Sequential(nn.Conv2d(in_channels, widths[-1], kernel_size=3, padding=1), nn.GELU())
+        self.skip_merge = nn.Conv2d(2 * widths[-1], widths[-1], kernel_size=1)
+        self.final_norm = Stage2LayerNorm2d(widths[-1], eps=1e-6)
+        self.output_projection = Stage2ResidualOutput(widths[-1], len(config.bands))
+
+    def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(height, width) of each stage for a padded input of (height, width)."""
+        count = len(self.blocks)
+        sizes = []
+        for stage in range(count):
+            stride = 2 ** (count - 1 - stage)
+            stride_h, stride_w = min(stride, self.patch_size[0]), min(stride, self.patch_size[1])
+            sizes.append((math.ceil(height / stride_h), math.ceil(width / stride_w)))
+        return sizes
+
+    def forward(self, features: list[torch.Tensor], full_resolution_input: torch.Tensor) -> torch.Tensor:
+        hidden = torch.cat([norm(feature) for norm, feature in zip(self.feature_norms, features)], dim=-1)
+        hidden = self.feature_projection(hidden).permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w)
+        sizes = self.stage_sizes(*full_resolution_input.shape[-2:])
+        last = len(self.blocks) - 1
+        for stage, block in enumerate(self.blocks):
+            if tuple(hidden.shape[-2:]) != sizes[stage]:
+                hidden = F.interpolate(hidden, size=sizes[stage], mode="bilinear", align_corners=False)
+            if stage == last:
+                skip = self.input_stem(full_resolution_input.to(hidden.dtype))
+                hidden = self.skip_merge(torch.cat([hidden, skip], dim=1))
+            hidden = block(hidden)
+            if stage < last:
+                hidden = self.transitions[stage](hidden)
+        return self.output_projection(self.final_norm(hidden))
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+class Stage2PreTrainedModel(PreTrainedModel):
+    config: Stage2RefinerConfig
+    config_class = Stage2RefinerConfig
+    base_model_prefix = "stage2_refiner"
+    main_input_name = "opt_v1"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PrithviBlock", "Stage2ConvNextBlock"]
+    _input_embed_layer = "fusion"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal convs and linears (std `initializer_range`), normal embeddings, unit LayerNorms,
+        `layer_scale_init_value` layer scales, the band statistics of the backbone; the fusion starts as the
+        identity on the bands and the head's output conv at zero (an untrained refiner returns `opt_v1`)."""
+        std = self.config.initializer_range
+        if isinstance(module, Stage2InputFusion):
+            bands = len(self.config.bands)
+            identity = torch.zeros(module.weight.shape, dtype=module.weight.dtype)
+            identity[:, :bands, 0, 0] = torch.eye(bands, dtype=identity.dtype)
+            init.copy_(module.weight, identity)
+            init.zeros_(module.bias)
+        elif isinstance(module, Stage2ResidualOutput):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, Stage2ConvNextBlock) and module.layer_scale is not None:
+            init.constant_(module.layer_scale, self.config.layer_scale_init_value)
+        elif isinstance(module, Stage2InputNormalizer):
+            backbone = self.config.backbone_config
+            init.copy_(module.mean, torch.tensor(backbone.band_mean, dtype=module.mean.dtype).view_as(module.mean))
+            init.copy_(module.std, torch.tensor(backbone.band_std, dtype=module.std.dtype).view_as(module.std))
+
+
+class Stage2RefinerModel(Stage2PreTrainedModel):
+    """
+    The Stage 2 refiner: `forward(opt_v1, month, biome)` returns the refined image (`opt_v1 + delta`) and, when
+    asked, the backbone's hidden states. See [`Stage2RefinerConfig`] for the architecture.
+
+    `model.backbone` is the [`PrithviEncoder`]. A fresh model has a randomly initialised backbone; call
+    [`load_backbone_weights`] to load `config.backbone_weights` (`from_pretrained` of a saved refiner loads the
+    saved weights instead). `model.cpu_fallback_count` counts the calls whose head ran on the CPU after an
+    out-of-memory error on the accelerator (inference only).
+    """
+
+    # Device types whose head out-of-memory errors are retried on the CPU.
+    oom_fallback_device_types: tuple[str, ...] = ("cuda", "xpu", "mps", "npu", "hpu")
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__(config)
+        self.normalizer = Stage2InputNormalizer(config)
+        self.metadata_embedding = Stage2MetadataEmbedding(config)
+        self.fusion = Stage2InputFusion(config)
+        self.backbone = PrithviEncoder(config.backbone_config)
+        self.head = Stage2RefinementHead(config)
+        self.cpu_fallback_count = 0
+        self._warned_cpu_fallback = False
+        self.post_init()
+
+    def forward(
+        self,
+        opt_v1: torch.Tensor,
+        month: torch.Tensor,
+        biome: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> Stage2RefinerOutput | tuple:
+        r"""
+        Args:
+            opt_v1 (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`):
+                The Stage 1 image, reflectance 0..1, bands in the order of `config.bands`. Any size: it is padded to a
+                multiple of the patch internally and the output is cropped back.
+            month (`torch.LongTensor` of shape `(batch_size,)`):
+                Month 1..`num_months`, or `UNKNOWN_METADATA` (-1).
+            biome (`torch.LongTensor` of shape `(batch_size,)`):
+                Biome 0..`num_biomes - 1`, or `UNKNOWN_METADATA` (-1).
+            output_hidden_states (`bool`, *optional*):
+                Also return the backbone's per-block hidden states; defaults to `config.output_hidden_states`.
+            return_dict (`bool`, *optional*):
+                Return a [`Stage2RefinerOutput`] instead of a tuple; defaults to `config.return_dict`.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_opt_v1(opt_v1)
+        device = opt_v1.device
+        month = self._check_metadata(month, "month", 1, self.config.num_months, opt_v1.shape[0]).to(device)
+        biome = self._check_metadata(biome, "biome", 0, self.config.num_biomes - 1, opt_v1.shape[0]).to(device)
+
+        dtype = self.fusion.weight.dtype
+        height, width = opt_v1.shape[-2:]
+        bands = self.normalizer(opt_v1.to(self.normalizer.mean.dtype)).to(dtype)
+        metadata = self.metadata_embedding(month, biome).to(dtype)
+        metadata_maps = metadata[:, :, None, None].expand(-1, -1, height, width)
+        conditioned, padding = self._pad_to_patch_multiple(torch.cat([bands, metadata_maps], dim=1))
+
+        encoded = self.backbone(self.fusion(conditioned), output_hidden_states=True, return_dict=True)
+        grid = encoded.grid_size
+        features = [
+            self._tokens_to_grid(encoded.hidden_states[layer], grid).to(dtype) for layer in self.config.feature_layers
+        ]
+        delta = self._run_head(features, conditioned)
+        top, _, left, _ = padding
+        delta = delta[:, :, top : top + height, left : left + width]
+        refined = opt_v1 + delta.to(opt_v1.dtype)
+
+        hidden_states = encoded.hidden_states if output_hidden_states else None
+        if not return_dict:
+            return (refined, hidden_states) if output_hidden_states else (refined,)
+        return Stage2RefinerOutput(refined=refined, hidden_states=hidden_states)
+
+    # ---------------------------------------------------------------------------------------------- forward parts
+
+    def _check_opt_v1(self, opt_v1: torch.Tensor) -> None:
+        bands = len(self.config.bands)
+        if not torch.is_tensor(opt_v1) or opt_v1.ndim != 4 or opt_v1.shape[1] != bands:
+            shape = tuple(opt_v1.shape) if torch.is_tensor(opt_v1) else type(opt_v1).__name__
+            raise ValueError(
+                f"opt_v1 must be a (batch, {bands}, height, width) tensor with the bands {tuple(self.config.bands)}, "
+                f"got {shape}."
+            )
+        if not opt_v1.is_floating_point():
+            raise TypeError(f"opt_v1 must hold float reflectance (0..1), got dtype {opt_v1.dtype}.")
+        if not torch.isfinite(opt_v1).all():
+            raise ValueError("opt_v1 contains NaN or infinite values; fill or mask invalid pixels before refining.")
+
+    @staticmethod
+    def _check_metadata(values, name: str, low: int, high: int, batch_size: int) -> torch.Tensor:
+        values = torch.as_tensor(values)
+        if values.is_floating_point() or values.dtype == torch.bool or values.is_complex():
+            raise TypeError(f"{name} must be an integer tensor (LongTensor), got dtype {values.dtype}.")
+        if values.shape != (batch_size,):
+            raise ValueError(f"{name} must have shape ({batch_size},) (one value per tile), got {tuple(values.shape)}.")
+        values = values.long()
+        valid = ((values >= low) & (values <= high)) | (values == UNKNOWN_METADATA)
+        if not bool(valid.all()):
+            positions = torch.nonzero(~valid).flatten().tolist()
+            bad = values[~valid].tolist()
+            raise ValueError(
+                f"{name} must be in {low}..{high}, or {UNKNOWN_METADATA} (UNKNOWN_METADATA) when unknown; got "
+                f"{bad[:8]} at batch positions {positions[:8]}."
+            )
+        return values
+
+    def _pad_to_patch_multiple(self, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Pad H and W up to a multiple of the patch, split between both sides, so no border pixel is dropped."""
+        height, width = hidden.shape[-2:]
+        patch_h, patch_w = self.config.patch_size
+        pad_h, pad_w = -height % patch_h, -width % patch_w
+        top, left = pad_h // 2, pad_w // 2
+        padding = (top, pad_h - top, left, pad_w - left)
+        if pad_h == 0 and pad_w == 0:
+            return hidden, padding
+        mode = self.config.padding_mode
+        if mode == "reflect" and (max(padding[:2]) >= height or max(padding[2:]) >= width):
+            mode = "replicate"  # too small to mirror
+        return F.pad(hidden, (padding[2], padding[3], padding[0], padding[1]), mode=mode), padding
+
+    @staticmethod
+    def _tokens_to_grid(tokens: torch.Tensor, grid_size) -> torch.Tensor:
+        """(B, 1 + t*h*w, E) tokens -> (B, h, w, E) channels-last map of the (single) frame, CLS removed."""
+        frames, height, width = grid_size
+        if frames != 1:
+            raise ValueError(f"The refiner works on single-frame input, got a token grid {tuple(grid_size)}.")
+        return tokens[:, 1:, :].reshape(tokens.shape[0], height, width, tokens.shape[-1])
+
+    def _run_head(self, features: list[torch.Tensor], full_resolution_input: torch.Tensor) -> torch.Tensor:
+        """The head, retried on the CPU for this call when it runs out of accelerator memory at inference. In training
+        (autograd on: moving the head would break the graph) or on the CPU itself, the error propagates."""
+        try:
+            return self.head(features, full_resolution_input)
+        except torch.OutOfMemoryError:
+            device = full_resolution_input.device
+            if device.type not in self.oom_fallback_device_types or torch.is_grad_enabled():
+                raise
+        return self._run_head_on_cpu(features, full_resolution_input, device)
+
+    def _run_head_on_cpu(self, features, full_resolution_input, device: torch.device) -> torch.Tensor:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cpu_fallback_count += 1
+        if not self._warned_cpu_fallback:
+            self._warned_cpu_fallback = True
+            warnings.warn(
+                f"The refinement head ran out of memory on {device}; running it on the CPU for this call (slow). "
+                "Refine fewer or smaller tiles per call, free accelerator memory, or load the backbone in 8-bit/4-bit. "
+                "`model.cpu_fallback_count` counts these fallbacks.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        # Inference only (no autograd graph), so the head's parameters can move and come back in place.
+        self.head.to("cpu")
+        try:
+            delta = self.head([feature.to("cpu") for feature in features], full_resolution_input.to("cpu"))
+        finally:
+            self.head.to(device)
+        return delta.to(device)
+
+    # ------------------------------------------------------------------------------------ pretrained backbone
+
+    def load_backbone_weights(self, source: str | Path | None = None) -> None:
+        """Load pretrained weights into `self.backbone` from `source` (default `config.backbone_weights`).
+
+        `source` is a folder written by `stage2-convert-prithvi` (or `PrithviEncoder.save_pretrained`), an official
+        `Prithvi_EO_V2_*.pt` file (local path or `hf://OWNER/REPO/FILE.pt`), or a Hub repo id
+        (`OWNER/REPO`, or `OWNER/REPO/FILE.pt`), converted once and cached by `load_prithvi_from_hub`.
+        """
+        source = source if source is not None else self.config.backbone_weights
+        if source is None:
+            raise ValueError(
+                "No backbone weights to load: config.backbone_weights is None. Set it to a Hub repo id, an official "
+                "Prithvi .pt file or a converted folder."
+            )
+        encoder = load_pretrained_encoder(source, self.config.backbone_config)
+        self._copy_backbone_weights(encoder, str(source))
+
+    def _copy_backbone_weights(self, encoder: PrithviEncoder, source: str) -> None:
+        mine, theirs = self.backbone.config, encoder.config
+        mismatches = [
+            f"{name} {_as_list(getattr(theirs, name))} vs {_as_list(getattr(mine, name))}"
+            for name in _BACKBONE_ARCHITECTURE
+            if _as_list(getattr(theirs, name)) != _as_list(getattr(mine, name))
+        ]
+        their_bands = [canonical_band_name(band) for band in theirs.bands]
+        my_bands = [canonical_band_name(band) for band in mine.bands]
+        if their_bands != my_bands:
+            mismatches.append(f"bands {list(theirs.bands)} vs {list(mine.bands)}")
+        if mismatches:
+            raise ValueError(
+                f"Backbone weights {source} do not fit the refiner's backbone (weights vs config): "
+                + "; ".join(mismatches)
+                + ". Choose the backbone preset and bands of the checkpoint (e.g. convert it with --bands "
+                + " ".join(mine.bands)
+                + ")."
+            )
+        state = encoder.state_dict()
+        if state["pos_embed"].shape != self.backbone.pos_embed.shape:
+            # The fixed sin-cos table depends on img_size/num_frames only; keep the one built for this config.
+            state["pos_embed"] = self.backbone.pos_embed.detach().clone()
+        self.backbone.load_state_dict(state, strict=True)
+
+
+def load_pretrained_encoder(source: str | Path, backbone_config: PrithviConfig) -> PrithviEncoder:
+    """A pretrained `PrithviEncoder` with the bands of `backbone_config`, from a converted folder, an official
+    checkpoint file (`.pt`, local or `hf://`), or a Hub repo id (`OWNER/REPO` or `OWNER/REPO/FILE.pt`)."""
+    from .convert_prithvi import HUB_PREFIX, load_official_encoder, load_prithvi_from_hub
+
+    text = str(source)
+    path = Path(text).expanduser()
+    bands = list(backbone_config.bands)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"backbone_weights folder {path} has no config.json; give a folder written by stage2-convert-prithvi."
+            )
+        return PrithviEncoder.from_pretrained(path)
+    if path.is_file() or text.startswith(HUB_PREFIX):
+        overrides = {name: getattr(backbone_config, name) for name in ("img_size", "num_frames", "num_heads")}
+        return load_official_encoder(text if text.startswith(HUB_PREFIX) else path, bands=bands, **overrides)
+    parts = text.split("/")
+    if len(parts) in (2, 3) and all(parts) and not text.startswith((".", "/", "~")):
+        repo_id = "/".join(parts[:2])
+        filename = parts[2] if len(parts) == 3 else _official_filename(parts[1])
+        folder = load_prithvi_from_hub(repo_id, filename=filename, bands=bands)
+        return PrithviEncoder.from_pretrained(folder)
+    raise FileNotFoundError(
+        f"backbone_weights {text!r} is neither an existing folder or file nor a Hub id (OWNER/REPO or "
+        "OWNER/REPO/FILE.pt)."
+    )
+
+
+def _official_filename(repo_name: str) -> str:
+    """The checkpoint file of an official repo: Prithvi-EO-2.0-600M-TL -> Prithvi_EO_V2_600M_TL.pt."""
+    prefix = "Prithvi-EO-2.0-"
+    if not repo_name.startswith(prefix):
+        raise ValueError(
+            f"Cannot infer the checkpoint file of Hub repo {repo_name!r}; give backbone_weights as OWNER/REPO/FILE.pt."
+        )
+    return "Prithvi_EO_V2_" + repo_name[len(prefix) :].replace("-", "_") + ".pt"
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+Stage2RefinerModel.register_for_auto_class("AutoModel")
+AutoModel.register(Stage2RefinerConfig, Stage2RefinerModel, exist_ok=True)
+
+__all__ = [
+    "Stage2PreTrainedModel",
+    "Stage2RefinerModel",
+    "Stage2RefinerOutput",
+    "cyclic_month_encoding",
+    "load_pretrained_encoder",
+]

@@ -1,0 +1,381 @@
+"""The trainable refiner: 8-bit / 4-bit / full-precision bases, LoRA placement, training steps, saving and loading."""
+from __future__ import annotations
+
+import json
+import os
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from _hub_helpers import hub_server  # noqa: F401  (fixture)
+from _refiner_helpers import single_thread  # noqa: F401  (fixture)
+from _refiner_helpers import tiny_backbone_config, tiny_inputs, tiny_refiner_config, wake_up
+from modeling_stage2 import PrithviEncoder, Stage2RefinerModel
+from modeling_stage2.adapters import (
+    build_trainable_model,
+    export_merged_model,
+    load_trained_model,
+    lora_target_pattern,
+    modules_kept_in_full_precision,
+    save_trained_model,
+    trainable_parameter_summary,
+)
+
+QUANTIZATIONS = ["8bit", "4bit", "none"]
+QUANTIZED_LINEAR = {"8bit": bnb.nn.Linear8bitLt, "4bit": bnb.nn.Linear4bit, "none": nn.Linear}
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+pytestmark = [pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning"), pytest.mark.usefixtures("single_thread")]
+
+
+def build(quantization: str, **kwargs):
+    kwargs.setdefault("print_summary", False)
+    config = kwargs.pop("config", None) or tiny_refiner_config()
+    return build_trainable_model(config, quantization=quantization, **kwargs)
+
+
+def refine(model, opt_v1, month, biome):
+    with torch.no_grad():
+        return model(opt_v1=opt_v1, month=month, biome=biome).refined
+
+
+def train_step(model, optimizer, seed: int = 0) -> float:
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28), seed=seed)
+    target = opt_v1.flip(-1)
+    loss = (model(opt_v1=opt_v1, month=month, biome=biome).refined - target).abs().mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+def trained(quantization: str, **kwargs):
+    """A model after one optimizer step, with every trainable weight (and nothing else) moved."""
+    model = build(quantization, **kwargs)
+    wake_up(model)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    train_step(model, optimizer)
+    return model.eval()
+
+
+def lora_layer_names(model) -> set[str]:
+    names = [name for name, _ in model.named_parameters() if ".lora_A." in name]
+    return {name.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0] for name in names}
+
+
+# ------------------------------------------------------------------------------------------ quantization plan
+
+
+def test_only_the_backbone_block_linears_are_quantized():
+    config = tiny_refiner_config()
+    skip = modules_kept_in_full_precision(config)
+    assert {"normalizer", "metadata_embedding", "fusion", "head"} <= set(skip)
+    assert not [name for name in skip if name.startswith("backbone.blocks")]
+
+    for quantization in ("8bit", "4bit"):
+        model = build(quantization).get_base_model()
+        for name, module in model.named_modules():
+            is_block_linear = name.startswith("backbone.blocks.") and name.endswith(BLOCK_LINEARS)
+            if is_block_linear:
+                assert isinstance(module.base_layer, QUANTIZED_LINEAR[quantization]), name
+            elif isinstance(module, nn.Linear) and "lora_" not in name and not name.endswith("base_layer"):
+                assert type(module) is nn.Linear and module.weight.dtype == torch.float32, name
+        assert type(model.backbone.patch_embed.proj) is nn.Conv3d
+        assert model.backbone.patch_embed.proj.weight.dtype == torch.float32
+    weight = model.backbone.blocks[0].attn.qkv.base_layer.weight
+    assert weight.dtype == torch.uint8 and weight.__class__.__name__ == "Params4bit"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_base_does_not_keep_the_temporary_checkpoint_mapped(quantization):
+    """from_pretrained leaves full-precision tensors as views of the safetensors file; the base copies them, so
+    the (deleted) temporary checkpoint of the fp32 refiner is unmapped: 2.5 GB of RSS for the 600M backbone."""
+    model = build(quantization)
+    mapped = [line for line in open("/proc/self/maps") if "stage2-base-" in line]
+    assert mapped == []
+    assert model.get_base_model().backbone.pos_embed.abs().sum() > 0  # still the loaded table
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_lora_goes_on_every_block_linear_but_never_the_patch_embedding(quantization):
+    model = build(quantization)
+    expected = {f"backbone.blocks.{block}.{linear}" for block in range(2) for linear in BLOCK_LINEARS}
+    assert lora_layer_names(model) == expected
+    summary = trainable_parameter_summary(model)
+    # r=8 on 64 -> 192 (qkv), 64 -> 64 (proj), 64 -> 256 (fc1), 256 -> 64 (fc2), two blocks.
+    assert summary["lora"] == 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert summary["other"] == 0
+    for module in ("metadata_embedding", "fusion", "head"):
+        active = getattr(model.get_base_model(), module).modules_to_save["default"]
+        assert summary[module] == sum(p.numel() for p in active.parameters())
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert any("patch_embed.proj" in name for name in frozen) and any("original_module" in name for name in frozen)
+
+
+def test_lora_on_the_last_blocks_and_chosen_targets_only():
+    config = tiny_refiner_config(backbone_config=tiny_backbone_config(depth=4))
+    model = build("none", config=config, unfreeze_last_n_blocks=1, target_modules=("qkv", "fc2"), lora_r=4)
+    assert lora_layer_names(model) == {"backbone.blocks.3.attn.qkv", "backbone.blocks.3.mlp.fc2"}
+    assert trainable_parameter_summary(model)["lora"] == 4 * ((64 + 192) + (256 + 64))
+    lora_config = model.peft_config["default"]
+    assert (lora_config.r, lora_config.lora_alpha, lora_config.lora_dropout) == (4, 16, 0.0)
+
+    from_config = build("none", config=tiny_refiner_config(backbone_config=tiny_backbone_config(depth=4),
+                                                             unfreeze_last_n_blocks=2, lora_target_modules=["proj"]))
+    assert lora_layer_names(from_config) == {"backbone.blocks.2.attn.proj", "backbone.blocks.3.attn.proj"}
+    pattern = r"(?:.*\.)?backbone\.blocks\.(?:0|1|2|3)\.(?:attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+    assert lora_target_pattern(config) == pattern
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"quantization": "int8"}, ValueError, "quantization must be one of"),
+        ({"target_modules": ["qkv", "patch_embed.proj"]}, ValueError, "never adapted"),
+        ({"unfreeze_last_n_blocks": 3}, ValueError, r"unfreeze_last_n_blocks must be 1\.\.2"),
+        ({"model_name_or_path": "somewhere"}, ValueError, "not both"),
+    ],
+)
+def test_bad_build_arguments_are_refused(kwargs, error, message):
+    kwargs.setdefault("quantization", "none")
+    with pytest.raises(error, match=message):
+        build_trainable_model(tiny_refiner_config(), print_summary=False, **kwargs)
+
+
+def test_summary_is_printed(capsys):
+    build("8bit", print_summary=True)
+    printed = capsys.readouterr().out
+    assert "Stage 2 refiner (backbone 8bit):" in printed and "trainable of" in printed
+    for group in ("lora", "metadata_embedding", "fusion", "head"):
+        assert group in printed
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_forward_and_backward_reach_lora_and_trainable_modules(quantization):
+    model = build(quantization)
+    wake_up(model)
+    model.train()
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28))
+    refined = model(opt_v1=opt_v1, month=month, biome=biome).refined
+    assert refined.shape == opt_v1.shape and refined.dtype == torch.float32
+    refined.square().mean().backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            assert parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_one_step_changes_only_lora_fusion_metadata_and_head(quantization):
+    model = build(quantization)
+    wake_up(model)
+    before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    model.train()
+    train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3))  # frozen ones have no gradient
+    after = model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert changed == trainable
+    groups = dict.fromkeys(("lora_", *(f"{module}.modules_to_save" for module in ("metadata_embedding", "fusion", "head"))), 0)
+    for name in changed:
+        group = [key for key in groups if key in name]
+        assert len(group) == 1, name
+        groups[group[0]] += 1
+    assert all(groups.values()), groups
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_training_continues_after_an_evaluation_pass(quantization):
+    """bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first eval forward, in a layout whose
+    forward fails in training; a trainable model must survive evaluate-then-train (what the Trainer does)."""
+    model = build(quantization)
+    wake_up(model)
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28))
+    model.eval()
+    before = refine(model, opt_v1, month, biome)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    model.train()
+    loss = train_step(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    assert loss > 0
+    model.eval()
+    assert not torch.equal(refine(model, opt_v1, month, biome), before)
+
+
+def test_gradient_checkpointing_trains_the_same():
+    for quantization in ("8bit", "none"):
+        torch.manual_seed(0)
+        reference = trained(quantization)
+        torch.manual_seed(0)
+        checkpointed = trained(quantization, gradient_checkpointing=True)
+        blocks = checkpointed.get_base_model().backbone.blocks
+        assert all(block.gradient_checkpointing for block in blocks)
+        checkpointed_state = checkpointed.state_dict()
+        for name, value in reference.state_dict().items():
+            torch.testing.assert_close(checkpointed_state[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# -------------------------------------------------------------------------------------------- save and load
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_adapter_round_trip_onto_a_fresh_base_is_exact(quantization, tmp_path):
+    model = trained(quantization)
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    assert not torch.equal(expected, opt_v1)
+
+    folder = save_trained_model(model, tmp_path / "best")
+    names = {path.name for path in folder.iterdir()}
+    expected_files = {"adapter_model.safetensors", "adapter_config.json", "config.json", "stage2_base.json"}
+    assert expected_files | {"base_model.safetensors"} <= names
+    config_json = json.loads((folder / "config.json").read_text())
+    assert config_json["model_type"] == "stage2_refiner" and "quantization_config" not in config_json
+    assert json.loads((folder / "stage2_base.json").read_text())["kind"] == "saved"  # random backbone: stored
+    adapter = load_file(folder / "adapter_model.safetensors")
+    assert any("lora_A" in key for key in adapter) and any(".head." in key for key in adapter)
+    assert not any(key.endswith(("patch_embed.proj.weight", "attn.qkv.weight", "cls_token")) for key in adapter)
+    base = load_file(folder / "base_model.safetensors")
+    assert base["blocks.0.attn.qkv.weight"].dtype == torch.float32  # full precision, re-quantized at load
+
+    loaded = load_trained_model(folder, quantization=quantization)
+    assert not loaded.training
+    assert torch.equal(refine(loaded, opt_v1, month, biome), expected)
+
+
+def test_adapter_trained_in_8bit_loads_onto_other_bases(tmp_path):
+    model = trained("8bit")
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    folder = save_trained_model(model, tmp_path / "best")
+    full = refine(load_trained_model(folder, quantization="none"), opt_v1, month, biome)
+    nf4 = refine(load_trained_model(folder, quantization="4bit"), opt_v1, month, biome)
+    assert (full - expected).abs().max() < 0.05 and not torch.equal(full, expected)
+    assert torch.isfinite(nf4).all() and nf4.shape == expected.shape
+
+
+def test_pretrained_backbone_is_rebuilt_from_its_source(tmp_path):
+    encoder = PrithviEncoder(tiny_backbone_config())
+    encoder.save_pretrained(tmp_path / "converted")
+    config = tiny_refiner_config(backbone_weights=str(tmp_path / "converted"))
+    model = trained("8bit", config=config)
+    base_qkv = model.get_base_model().backbone.blocks[0].attn.qkv.base_layer.weight
+    assert base_qkv.dtype == torch.int8
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+
+    folder = save_trained_model(model, tmp_path / "best")
+    assert not (folder / "base_model.safetensors").exists()  # the converted folder is the source
+    assert json.loads((folder / "stage2_base.json").read_text())["kind"] == "backbone_weights"
+    loaded = load_trained_model(folder, quantization="8bit")
+    assert torch.equal(refine(loaded, opt_v1, month, biome), expected)
+    full = load_trained_model(folder).get_base_model()
+    expected_backbone = encoder.state_dict()
+    state = {
+        key.replace(".base_layer", ""): value for key, value in full.backbone.state_dict().items() if "lora_" not in key
+    }
+    assert all(torch.equal(value, expected_backbone[key]) for key, value in state.items())
+
+
+def test_base_from_a_saved_refiner_folder(tmp_path):
+    base = Stage2RefinerModel(tiny_refiner_config())
+    base.save_pretrained(tmp_path / "base")
+    model = build_trainable_model(model_name_or_path=tmp_path / "base", quantization="4bit", print_summary=False)
+    wake_up(model)
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    folder = save_trained_model(model, tmp_path / "best")
+    info = json.loads((folder / "stage2_base.json").read_text())
+    assert info == {"kind": "model", "model_name_or_path": str(tmp_path / "base"), "trained_quantization": "4bit"}
+    assert torch.equal(refine(load_trained_model(folder, quantization="4bit"), opt_v1, month, biome), expected)
+
+
+def test_adapter_folder_loads_from_the_hub(hub_server, tmp_path):
+    from huggingface_hub import HfApi
+
+    model = trained("none")
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    folder = save_trained_model(model, tmp_path / "best")
+    repo_id = f"{hub_server.user}/stage2-refiner-adapter"
+    HfApi().create_repo(repo_id)
+    HfApi().upload_folder(folder_path=str(folder), repo_id=repo_id)
+    loaded = load_trained_model(repo_id, quantization="none")
+    assert torch.equal(refine(loaded, opt_v1, month, biome), expected)
+
+
+def test_full_model_folders_load_too(tmp_path):
+    model = Stage2RefinerModel(tiny_refiner_config())
+    wake_up(model)
+    model.save_pretrained(tmp_path / "full")
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28))
+    loaded = load_trained_model(tmp_path / "full")
+    assert type(loaded) is Stage2RefinerModel and not loaded.training
+    expected = refine(model.eval(), opt_v1, month, biome)
+    torch.testing.assert_close(refine(loaded, opt_v1, month, biome), expected, atol=1e-6, rtol=0)
+    quantized = load_trained_model(tmp_path / "full", quantization="8bit")
+    assert isinstance(quantized.backbone.blocks[0].mlp.fc1, bnb.nn.Linear8bitLt)
+
+
+def test_merged_export_matches_the_adapted_model(tmp_path):
+    model = trained("none")
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    merged = export_merged_model(model, tmp_path / "merged")
+    assert type(merged) is Stage2RefinerModel
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    from transformers import AutoModel
+
+    reloaded = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    assert type(reloaded) is Stage2RefinerModel
+    torch.testing.assert_close(refine(reloaded, opt_v1, month, biome), expected, atol=1e-5, rtol=0)
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def test_quantized_models_cannot_be_merged(tmp_path):
+    with pytest.raises(ValueError, match="needs a full-precision base"):
+        export_merged_model(build("8bit"), tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_saving_refuses_foreign_folders_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    model = build("none")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        save_trained_model(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+    from modeling_stage2.configuration_stage2 import Stage2RefinerConfig
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Stage2RefinerConfig, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_trained_model(model, tmp_path / "best")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes"]
+
+
+def test_loading_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither adapter_config.json"):
+        load_trained_model(tmp_path)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        load_trained_model(tmp_path, quantization="fp8")
+    folder = save_trained_model(build("none"), tmp_path / "best")
+    (folder / "base_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="base_model.safetensors is missing"):
+        load_trained_model(folder)
+    (folder / "stage2_base.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable base description"):
+        load_trained_model(folder)
