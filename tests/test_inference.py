@@ -1,0 +1,763 @@
+"""Inference: numpy helper, NPZ tiles, GeoTIFF scenes (windows, blending, nodata, memory) and the CLI.
+
+The scene and tile machinery is tested with stand-in refiners whose exact answer is known (a per-pixel
+function: tiled output must equal single-pass output exactly; a small blur: only window borders can
+differ), then end to end with a tiny untrained `Stage2RefinerModel` saved to a folder.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_stage2.inference import (
+    BAND_NAMES,
+    InferenceInputError,
+    StripAccumulator,
+    blend_ramp,
+    blend_weights,
+    main,
+    refine_arrays,
+    refine_scene,
+    refine_tiles,
+    window_starts,
+)
+
+rasterio = pytest.importorskip("rasterio")
+from rasterio.transform import from_origin  # noqa: E402
+
+TRANSFORM = from_origin(500000.0, 5400000.0, 10.0, 10.0)
+CRS = "EPSG:32633"
+GAIN = (1.1, 0.9, 1.2, 0.8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-in refiners
+# ------------------------------------------------------------------------------------------------
+
+
+class PixelwiseRefiner(torch.nn.Module):
+    """refined = gain * opt_v1 + 0.01 * month + 0.001 * biome: per pixel, so tiling cannot change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(GAIN).view(1, 4, 1, 1))
+        self.calls = 0
+
+    def forward(self, opt_v1, month, biome):
+        self.calls += 1
+        offset = 0.01 * month.view(-1, 1, 1, 1).float() + 0.001 * biome.view(-1, 1, 1, 1).float()
+        return opt_v1 * self.gain + offset
+
+
+def pixelwise_expected(reflectance: np.ndarray, month: int, biome: int) -> np.ndarray:
+    gain = np.asarray(GAIN, dtype=np.float32).reshape(4, 1, 1)
+    return reflectance * gain + np.float32(0.01 * month + 0.001 * biome)
+
+
+class BlurRefiner(torch.nn.Module):
+    """refined = opt_v1 + (5x5 box blur - opt_v1), replicate padding: translation-equivariant except
+    within 2 px of an image border, where each window sees padding the whole scene does not."""
+
+    def forward(self, opt_v1, month, biome):
+        padded = torch.nn.functional.pad(opt_v1, (2, 2, 2, 2), mode="replicate")
+        kernel = torch.full((4, 1, 5, 5), 1.0 / 25.0, dtype=opt_v1.dtype)
+        return torch.nn.functional.conv2d(padded, kernel, groups=4)
+
+
+class FailingRefiner(PixelwiseRefiner):
+    """Raises on its second call: a crash in the middle of a scene."""
+
+    def forward(self, opt_v1, month, biome):
+        if self.calls >= 1:
+            raise RuntimeError("simulated failure in the middle of the scene")
+        return super().forward(opt_v1, month, biome)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic georeferenced scenes
+# ------------------------------------------------------------------------------------------------
+
+
+def smooth_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """(4, H, W) uint16 digital numbers with texture at several scales, like a real scene."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    bands = []
+    for band in range(4):
+        base = 1200 + 600 * band + 400 * np.sin(rows / (17 + band)) * np.cos(cols / (23 - band))
+        bands.append(base + rng.normal(0, 80, (height, width)))
+    return np.clip(np.stack(bands), 1, 10000).astype(np.uint16)
+
+
+def write_geotiff(path: Path, data: np.ndarray, *, crs=CRS, transform=TRANSFORM, nodata=None) -> Path:
+    profile = {
+        "driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
+        "dtype": data.dtype.name, "transform": transform, "nodata": nodata,
+    }
+    if crs is not None:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as dataset:
+        dataset.write(data)
+    return path
+
+
+def write_band_files(folder: Path, data: np.ndarray, nodata=None) -> list[Path]:
+    """One single-band GeoTIFF per band, named after the band (B02.tif ... B08.tif)."""
+    return [write_geotiff(folder / f"{name}.tif", data[i : i + 1], nodata=nodata) for i, name in enumerate(BAND_NAMES)]
+
+
+def read_geotiff(path: Path):
+    with rasterio.open(path) as dataset:
+        return dataset.read(), dataset.profile
+
+
+@pytest.fixture
+def dn_scene(tmp_path):
+    """300 x 250 px uint16 scene, EPSG:32633, nodata 0 in a corner block and one band of a few pixels."""
+    data = smooth_scene(300, 250)
+    data[:, 200:260, 10:70] = 0  # a nodata block in every band
+    data[2, 5, 5] = 0  # one band's nodata: the pixel is nodata in the output
+    return write_geotiff(tmp_path / "scene.tif", data, nodata=0), data
+
+
+@pytest.fixture
+def small_dn_scene(tmp_path):
+    """200 x 160 px (2 x 2 windows, for the slower real model), nodata 0 in a block."""
+    data = smooth_scene(200, 160, seed=1)
+    data[:, 150:180, 20:50] = 0
+    return write_geotiff(tmp_path / "small_scene.tif", data, nodata=0), data
+
+
+def dn_to_reflectance(data: np.ndarray) -> np.ndarray:
+    return data.astype(np.float32) * np.float32(1e-4)
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# refine_arrays
+# ------------------------------------------------------------------------------------------------
+
+
+def test_refine_arrays_reflectance_and_dn_give_the_same_result():
+    model = PixelwiseRefiner()
+    dn = smooth_scene(40, 36)
+    from_dn = refine_arrays(model, dn, 7, 4)
+    from_reflectance = refine_arrays(model, dn_to_reflectance(dn), 7, 4)
+    explicit = refine_arrays(model, dn.astype(np.float32), 7, 4, input_scale="dn")
+    assert from_dn.dtype == np.float32 and from_dn.shape == (4, 40, 36)
+    np.testing.assert_allclose(from_dn, pixelwise_expected(dn_to_reflectance(dn), 7, 4), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(from_dn, from_reflectance)
+    np.testing.assert_array_equal(from_dn, explicit)
+
+
+def test_refine_arrays_batches_and_per_image_metadata():
+    model = PixelwiseRefiner()
+    images = dn_to_reflectance(np.stack([smooth_scene(24, 24, seed) for seed in range(5)]))
+    months, biomes = [1, 12, -1, 6, 3], [0, 16, 5, -1, 2]
+    refined = refine_arrays(model, images, months, biomes, batch_size=2)
+    assert refined.shape == (5, 4, 24, 24) and model.calls == 3
+    for image, out, month, biome in zip(images, refined, months, biomes):
+        np.testing.assert_allclose(out, pixelwise_expected(image, month, biome), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(refined, refine_arrays(PixelwiseRefiner(), images, months, biomes, batch_size=8))
+
+
+def test_refine_arrays_accepts_model_outputs_with_refined_attribute():
+    class WithOutput(PixelwiseRefiner):
+        def forward(self, opt_v1, month, biome):
+            return type("Output", (), {"refined": super().forward(opt_v1, month, biome)})()
+
+    image = dn_to_reflectance(smooth_scene(16, 16))
+    expected = refine_arrays(PixelwiseRefiner(), image, 3, 2)
+    np.testing.assert_array_equal(refine_arrays(WithOutput(), image, 3, 2), expected)
+
+
+def test_refine_arrays_masks_non_finite_pixels_without_contaminating_neighbours():
+    image = dn_to_reflectance(smooth_scene(30, 30))
+    image[1, 10, 12] = np.nan
+    image[3, 20, 4] = np.inf
+    refined = refine_arrays(BlurRefiner(), image, 5, 5)
+    invalid = np.zeros((30, 30), dtype=bool)
+    invalid[10, 12] = invalid[20, 4] = True
+    assert np.isnan(refined[:, invalid]).all()
+    assert np.isfinite(refined[:, ~invalid]).all()
+    # The fill is the tile's band mean, so the blurred neighbours stay within the data's range.
+    assert refined[:, ~invalid].min() >= np.nanmin(image[np.isfinite(image)]) - 1e-6
+    assert refined[:, ~invalid].max() <= image[np.isfinite(image)].max() + 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"opt_v1": np.zeros((3, 8, 8), np.float32)}, "expected shape (4, H, W)"),
+        ({"opt_v1": np.zeros((2, 5, 8, 8), np.float32)}, "expected shape (4, H, W)"),
+        ({"opt_v1": np.zeros((4, 8, 8), bool)}, "expected numeric band values"),
+        ({"month": 13}, "month 13 is out of range"),
+        ({"month": 0}, "month 0 is out of range"),
+        ({"biome": 17}, "biome code 17 is out of range"),
+        ({"biome": -2}, "biome code -2 is out of range"),
+        ({"month": True}, "expected one integer"),
+        ({"month": [1, 2]}, "expected one value or 1 values"),
+        ({"input_scale": "percent"}, "input_scale must be one of"),
+    ],
+)
+def test_refine_arrays_bad_input(kwargs, message):
+    arguments = {"opt_v1": np.zeros((4, 8, 8), np.float32), "month": 7, "biome": 4, **kwargs}
+    with pytest.raises(InferenceInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        image, month, biome = (arguments.pop(key) for key in ("opt_v1", "month", "biome"))
+        refine_arrays(PixelwiseRefiner(), image, month, biome, **arguments)
+
+
+def test_float_digital_numbers_warn():
+    with pytest.warns(UserWarning, match="look like digital numbers"):
+        refine_arrays(PixelwiseRefiner(), smooth_scene(8, 8).astype(np.float32), 7, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Windows and blending
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size, window, overlap", [(300, 120, 32), (250, 120, 32), (121, 120, 32), (1000, 120, 0), (300, 32, 8)]
+)
+def test_window_starts_cover_the_scene_with_at_least_the_overlap(size, window, overlap):
+    starts = window_starts(size, window, overlap)
+    assert starts[0] == 0 and starts[-1] == size - window
+    assert all(b > a and a + window - b >= overlap for a, b in zip(starts, starts[1:]))
+    covered = np.zeros(size, dtype=int)
+    for start in starts:
+        covered[start : start + window] += 1
+    assert covered.min() >= 1
+
+
+def test_window_starts_examples():
+    assert window_starts(300, 120, 32) == [0, 88, 176, 180]
+    assert window_starts(120, 120, 32) == [0]
+    assert window_starts(50, 120, 32) == [0]
+
+
+def test_blend_weights_are_positive_symmetric_ramps():
+    ramp = blend_ramp(120, 32)
+    assert ramp.shape == (120,) and (ramp > 0).all() and ramp.max() == 1.0
+    np.testing.assert_allclose(ramp, ramp[::-1])
+    assert (np.diff(ramp[:32]) > 0).all() and (ramp[32:88] == 1).all()
+    np.testing.assert_array_equal(blend_ramp(10, 0), np.ones(10, np.float32))
+    np.testing.assert_allclose(blend_weights(120, 40, 32), np.outer(ramp, blend_ramp(40, 32)))
+
+
+def test_strip_accumulator_normalises_and_hands_out_rows():
+    accumulator = StripAccumulator(bands=1, rows=4, width=3)
+    accumulator.add(0, 0, np.full((1, 4, 3), 2.0, np.float32), np.full((4, 3), 1.0, np.float32))
+    accumulator.add(0, 0, np.full((1, 4, 3), 5.0, np.float32), np.full((4, 3), 3.0, np.float32))
+    blended, weights = accumulator.pop(2)
+    np.testing.assert_allclose(blended, np.full((1, 2, 3), (2 + 15) / 4))
+    np.testing.assert_allclose(weights, 4.0)
+    assert accumulator.top == 2
+    # The two rows kept moved to the top; a window starting at row 2 now fits.
+    accumulator.add(2, 1, np.full((1, 4, 2), 1.0, np.float32), np.full((4, 2), 1.0, np.float32))
+    blended, _ = accumulator.pop(6)
+    np.testing.assert_allclose(blended[0, :2], [[17 / 4, 18 / 5, 18 / 5]] * 2)
+    np.testing.assert_allclose(blended[0, 2:], [[0, 1, 1]] * 2)
+    with pytest.raises(RuntimeError, match="outside the accumulator"):
+        accumulator.add(0, 0, np.ones((1, 4, 3), np.float32), np.ones((4, 3), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_scene_keeps_georeferencing_and_nodata_and_matches_single_pass(dn_scene, tmp_path):
+    path, data = dn_scene
+    output = tmp_path / "out" / "refined.tif"
+    result = refine_scene(PixelwiseRefiner(), path, output, 7, 4, progress=False)
+    refined, profile = read_geotiff(output)
+    with rasterio.open(path) as source:
+        assert profile["crs"] == source.crs and profile["transform"] == source.transform
+        assert (profile["width"], profile["height"]) == (source.width, source.height)
+    assert profile["count"] == 4 and profile["dtype"] == "float32" and profile["nodata"] == 0
+    with rasterio.open(output) as dataset:
+        assert dataset.descriptions == BAND_NAMES
+    nodata = (data == 0).any(axis=0)
+    assert nodata.sum() == 60 * 60 + 1
+    assert (refined[:, nodata] == 0).all()
+    expected = pixelwise_expected(dn_to_reflectance(data), 7, 4)
+    np.testing.assert_allclose(refined[:, ~nodata], expected[:, ~nodata], rtol=1e-6, atol=1e-7)
+    assert result.input_scale == "dn" and result.windows > 1 and result.strips == 4
+    assert files_in(output.parent) == ["refined.tif"]
+
+
+def test_scene_blending_has_no_seams_for_a_translation_equivariant_refiner(tmp_path):
+    data = smooth_scene(260, 230)
+    path = write_geotiff(tmp_path / "scene.tif", data)
+    single_pass = refine_arrays(BlurRefiner(), data, 7, 4)
+    errors = {}
+    for overlap in (0, 32):
+        output = tmp_path / f"overlap{overlap}.tif"
+        refine_scene(BlurRefiner(), path, output, 7, 4, overlap=overlap, progress=False)
+        errors[overlap] = np.abs(read_geotiff(output)[0] - single_pass).max()
+    # Hard window borders (no overlap) show the windows' own padding; the blend hides it.
+    assert errors[0] > 5e-3
+    assert errors[32] < 2e-4 and errors[32] < errors[0] / 50
+
+
+def test_four_single_band_files_equal_one_four_band_file(dn_scene, tmp_path):
+    path, data = dn_scene
+    band_paths = write_band_files(tmp_path, data, nodata=0)
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "one.tif", 7, 4, progress=False)
+    refine_scene(PixelwiseRefiner(), band_paths, tmp_path / "four.tif", 7, 4, progress=False)
+    one, one_profile = read_geotiff(tmp_path / "one.tif")
+    four, four_profile = read_geotiff(tmp_path / "four.tif")
+    np.testing.assert_array_equal(one, four)
+    assert one_profile == four_profile
+
+
+def test_scene_memory_is_one_strip_of_windows(dn_scene, tmp_path):
+    path, data = dn_scene
+    result = refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, window=32, overlap=8, progress=False)
+    assert result.strips == len(window_starts(300, 32, 8)) == 13
+    assert result.accumulator_shape == (4, 32, 250) and result.accumulator_bytes == 5 * 32 * 250 * 4
+    assert result.max_rows_read == 32
+    refined = read_geotiff(tmp_path / "out.tif")[0]
+    nodata = (data == 0).any(axis=0)
+    expected = pixelwise_expected(dn_to_reflectance(data), 7, 4)
+    np.testing.assert_allclose(refined[:, ~nodata], expected[:, ~nodata], rtol=1e-6, atol=1e-7)
+
+
+def test_scene_smaller_than_a_window_is_padded(tmp_path):
+    data = smooth_scene(50, 70)
+    path = write_geotiff(tmp_path / "small.tif", data)
+    result = refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 1, 0, progress=False)
+    assert result.windows == 1 and result.accumulator_shape == (4, 50, 70)
+    expected = pixelwise_expected(dn_to_reflectance(data), 1, 0)
+    np.testing.assert_allclose(read_geotiff(tmp_path / "out.tif")[0], expected, rtol=1e-6)
+
+
+def test_scene_float_reflectance_with_nan_and_no_declared_nodata(tmp_path):
+    reflectance = dn_to_reflectance(smooth_scene(130, 140))
+    reflectance[:, 40:50, 60:75] = np.nan
+    path = write_geotiff(tmp_path / "float.tif", reflectance)
+    refine_scene(BlurRefiner(), path, tmp_path / "out.tif", -1, -1, progress=False)
+    refined, profile = read_geotiff(tmp_path / "out.tif")
+    assert profile["nodata"] is None
+    nan = np.isnan(reflectance).any(axis=0)
+    assert np.isnan(refined[:, nan]).all() and np.isfinite(refined[:, ~nan]).all()
+
+
+def test_scene_digital_number_output(dn_scene, tmp_path):
+    path, data = dn_scene
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "dn.tif", 7, 4, output_scale="dn", progress=False)
+    refined, profile = read_geotiff(tmp_path / "dn.tif")
+    assert profile["dtype"] == "uint16" and profile["nodata"] == 0
+    nodata = (data == 0).any(axis=0)
+    expected = np.rint(pixelwise_expected(dn_to_reflectance(data), 7, 4) / np.float32(1e-4))
+    assert np.abs(refined[:, ~nodata].astype(np.int64) - expected[:, ~nodata]).max() <= 1
+    assert (refined[:, nodata] == 0).all()
+
+
+def test_scene_bad_inputs_leave_no_output(dn_scene, tmp_path):
+    path, data = dn_scene
+    output = tmp_path / "out" / "refined.tif"
+    output.parent.mkdir()
+    three_bands = write_geotiff(tmp_path / "three.tif", data[:3])
+    no_crs = write_geotiff(tmp_path / "nocrs.tif", data, crs=None)
+    shifted = write_geotiff(tmp_path / "shifted.tif", data[:1], transform=from_origin(500010.0, 5400000.0, 10.0, 10.0))
+    bands = write_band_files(tmp_path, data)
+    not_a_raster = tmp_path / "notes.tif"
+    not_a_raster.write_text("not a raster")
+    cases = [
+        ((three_bands, 7, 4), {}, "three.tif: has 3 band"),
+        ((no_crs, 7, 4), {}, "nocrs.tif: has no coordinate reference system"),
+        ((path, 13, 4), {}, "month 13 is out of range"),
+        ((path, 7, 17), {}, "biome code 17 is out of range"),
+        ((tmp_path / "missing.tif", 7, 4), {}, "missing.tif: no such file"),
+        ((bands[:3], 7, 4), {}, "got 3 files"),
+        (([path, *bands[1:]], 7, 4), {}, r"scene.tif: has 4 band\(s\), expected 1"),
+        (([bands[0], shifted, *bands[2:]], 7, 4), {}, "shifted.tif: transform"),
+        ((not_a_raster, 7, 4), {}, "notes.tif: cannot be read as a raster"),
+        ((path, 7, 4), {"overlap": 120}, "0 <= overlap < window"),
+    ]
+    for (inputs, month, biome), kwargs, message in cases:
+        with pytest.raises(InferenceInputError, match=message):
+            refine_scene(PixelwiseRefiner(), inputs, output, month, biome, progress=False, **kwargs)
+        assert files_in(output.parent) == [], message
+
+
+def test_scene_failure_midway_keeps_the_previous_output_and_leaves_no_partial(dn_scene, tmp_path):
+    path, _ = dn_scene
+    output = tmp_path / "refined.tif"
+    output.write_bytes(b"previous result")
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        refine_scene(FailingRefiner(), path, output, 7, 4, batch_size=1, progress=False)
+    assert output.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refined.tif", "scene.tif"]
+
+
+def test_scene_refuses_to_overwrite_its_input(dn_scene):
+    path, _ = dn_scene
+    before = path.read_bytes()
+    with pytest.raises(InferenceInputError, match="is an input file"):
+        refine_scene(PixelwiseRefiner(), path, path, 7, 4, progress=False)
+    assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiles
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def few_tiles(sample_tiles_dir, tmp_path) -> Path:
+    """Three real tiles of the bundled sample in train/ and val/ subfolders (copied, so tests may add bad ones)."""
+    tiles = tmp_path / "tiles"
+    for split, count in (("train", 2), ("val", 1)):
+        (tiles / split).mkdir(parents=True)
+        for path in sorted((sample_tiles_dir / split).glob("*.npz"))[:count]:
+            shutil.copy(path, tiles / split / path.name)
+    return tiles
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def tile_reflectance(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return dn_to_reflectance(np.stack([arrays[key] for key in ("s2_b2", "s2_b3", "s2_b4", "s2_b8")]))
+
+
+def test_tiles_mirror_the_input_layout_with_s2_bands_as_input(few_tiles, tmp_path):
+    output = tmp_path / "refined"
+    summary = refine_tiles(PixelwiseRefiner(), few_tiles, output, batch_size=2, progress=False)
+    inputs = sorted(path.relative_to(few_tiles) for path in few_tiles.rglob("*.npz"))
+    assert sorted(Path(p) for p in summary.written) == inputs and summary.rejected == []
+    assert summary.input_source == "s2_bands" and summary.metrics is None
+    for relative in inputs:
+        tile = load_npz(few_tiles / relative)
+        out = load_npz(output / relative)
+        assert out["refined"].dtype == np.float32 and out["refined"].shape == (4, 120, 120)
+        expected = pixelwise_expected(tile_reflectance(tile), int(tile["month"]), int(tile["biome_code"]))
+        np.testing.assert_allclose(out["refined"], expected, rtol=1e-6, atol=1e-7)
+        assert int(out["month"]) == int(tile["month"]) and str(out["input_source"]) == "s2_bands"
+        assert not any(key.startswith("metrics_") for key in out)
+    assert sorted(p.name for p in output.rglob("*") if p.name.startswith(".")) == []
+
+
+def _write_bad_tiles(folder: Path, good: Path) -> dict[str, str]:
+    arrays = load_npz(good)
+    (folder / "truncated.npz").write_bytes(good.read_bytes()[:500])
+    np.savez(folder / "missing_band.npz", **{k: v for k, v in arrays.items() if k != "s2_b8"})
+    np.savez(folder / "month13.npz", **{**arrays, "month": np.int64(13)})
+    np.savez(folder / "objects.npz", **{**arrays, "s2_b2": np.array([object()] * 3, dtype=object)})
+    np.savez(folder / "small.npz", **{**arrays, "s2_b3": arrays["s2_b3"][:60]})
+    return {
+        "truncated.npz": "cannot be read as an NPZ file",
+        "missing_band.npz": "missing key 's2_b8'",
+        "month13.npz": "month 13 is out of range",
+        "objects.npz": "refusing",
+        "small.npz": "key 's2_b3' has shape (60, 120)",
+    }
+
+
+def test_tiles_bad_files_are_rejected_with_reasons_or_stop_in_strict_mode(few_tiles, tmp_path):
+    good = next(few_tiles.rglob("*.npz"))
+    reasons = _write_bad_tiles(few_tiles / "val", good)
+    output = tmp_path / "refined"
+    summary = refine_tiles(PixelwiseRefiner(), few_tiles, output, progress=False)
+    assert len(summary.written) == 3
+    rejected = {Path(path).name: reason for path, reason in summary.rejected}
+    assert sorted(rejected) == sorted(reasons)
+    for name, fragment in reasons.items():
+        assert fragment in rejected[name] and name in rejected[name]
+        assert not (output / "val" / name).exists()
+    with pytest.raises(InferenceInputError, match="truncated.npz|missing_band.npz|month13.npz"):
+        refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "strict", strict=True, progress=False)
+
+
+def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_path):
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    rng = np.random.default_rng(0)
+    opt_v1 = {}
+    for path in few_tiles.rglob("*.npz"):
+        target = tile_reflectance(load_npz(path))
+        opt_v1[path.name] = (target * 0.9 + rng.normal(0, 0.01, target.shape)).astype(np.float32)
+        np.savez(stage1 / path.name, opt_v1=opt_v1[path.name])
+    output = tmp_path / "refined"
+    summary = refine_tiles(PixelwiseRefiner(), few_tiles, output, stage1_dir=stage1, batch_size=2, progress=False)
+    assert summary.input_source == "stage1" and len(summary.written) == 3
+    from training.metrics import METRIC_NAMES, evaluate_pair, per_tile_metrics
+
+    paths = sorted(few_tiles.rglob("*.npz"))
+    outputs = [load_npz(output / path.relative_to(few_tiles)) for path in paths]
+    for path, out in zip(paths, outputs):
+        tile = load_npz(path)
+        expected = pixelwise_expected(opt_v1[path.name], int(tile["month"]), int(tile["biome_code"]))
+        np.testing.assert_allclose(out["refined"], expected, rtol=1e-6, atol=1e-7)
+        assert str(out["input_source"]) == "stage1"
+    refined = torch.from_numpy(np.stack([out["refined"] for out in outputs]))
+    targets = torch.from_numpy(np.stack([tile_reflectance(load_npz(path)) for path in paths]))
+    inputs = torch.from_numpy(np.stack([opt_v1[path.name] for path in paths]))
+    own, baseline = per_tile_metrics(refined, targets, inputs), per_tile_metrics(inputs, targets, inputs)
+    for index, out in enumerate(outputs):
+        for name in METRIC_NAMES:
+            assert float(out[f"metrics_refined_{name}"]) == pytest.approx(float(own[name][index]), rel=1e-6)
+            assert float(out[f"metrics_opt_v1_{name}"]) == pytest.approx(float(baseline[name][index]), rel=1e-6)
+    # The summary pools pixels over all tiles, as stage2-evaluate does, and is saved as metrics.json.
+    pooled = evaluate_pair(refined, targets, inputs)
+    assert summary.metrics["n_tiles"] == 3
+    for role in ("refined", "opt_v1"):
+        for name in METRIC_NAMES:
+            assert summary.metrics[role][name] == pytest.approx(pooled[role][name], rel=1e-6)
+    assert json.loads((output / "metrics.json").read_text()) == summary.metrics
+    assert summary.metrics["opt_v1"]["identity_l1"] == 0 and summary.metrics["refined"]["identity_l1"] > 0.01
+    # A missing Stage 1 file names the file and the problem.
+    (stage1 / next(iter(opt_v1))).unlink()
+    summary = refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "again", stage1_dir=stage1, progress=False)
+    assert len(summary.rejected) == 1 and "Stage 1 file missing" in summary.rejected[0][1]
+
+
+def test_tiles_bad_arguments(few_tiles, tmp_path):
+    with pytest.raises(InferenceInputError, match="no such folder of NPZ tiles"):
+        refine_tiles(PixelwiseRefiner(), tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(InferenceInputError, match="is the input folder"):
+        refine_tiles(PixelwiseRefiner(), few_tiles, few_tiles)
+    with pytest.raises(InferenceInputError, match="stage1_dir .* no such folder"):
+        refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "out", stage1_dir=tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InferenceInputError, match="no .npz tiles found"):
+        refine_tiles(PixelwiseRefiner(), tmp_path / "empty", tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: errors found before any model is loaded
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cli_bad_scene_input_exits_2_with_the_file_named_and_no_output(dn_scene, tmp_path, capsys):
+    path, data = dn_scene
+    no_crs = write_geotiff(tmp_path / "nocrs.tif", data, crs=None)
+    output = tmp_path / "out" / "refined.tif"
+    model_dir = tmp_path / "no_model_here"
+    cases = [
+        (["--input", str(no_crs), "--month", "7", "--biome", "4"], "nocrs.tif: has no coordinate reference system"),
+        (["--input", str(path), "--month", "0", "--biome", "4"], "month 0 is out of range"),
+        (["--input", str(path), "--month", "7", "--biome", "99"], "biome code 99 is out of range"),
+        (["--input", str(tmp_path / "absent.tif"), "--month", "7", "--biome", "4"], "absent.tif: no such file"),
+        (["--input", str(path), "--month", "7", "--biome", "4"], "no_model_here: no such folder"),
+    ]
+    for arguments, message in cases:
+        code = main(["--model", str(model_dir), "--output", str(output), "--no_progress", *arguments])
+        assert code == 2
+        assert message in capsys.readouterr().err
+        assert not output.exists() and not output.parent.exists()
+
+
+def test_cli_argument_errors(dn_scene, tmp_path, capsys):
+    path, _ = dn_scene
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", "--input", str(path), "--output", str(tmp_path / "o.tif")])
+    assert exit_info.value.code == 2 and "needs --month" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "o.tif")])
+    assert "needs --output_dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--input", str(path), "--output", str(tmp_path / "o.tif"), "--num_threads", "0"])
+    assert "--num_threads must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "o.tif").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The real tiny refiner
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_refiner(perturb: bool):
+    """A tiny untrained `Stage2RefinerModel`; `perturb` gives its zero-initialised output layer seeded random
+    weights, so the refinement is not the identity and depends on each window's context."""
+    from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
+
+    torch.manual_seed(0)
+    model = Stage2RefinerModel(Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny")).eval()
+    if perturb:
+        torch.nn.init.normal_(model.head.output_projection.weight, std=0.005)
+    return model
+
+
+@pytest.fixture(scope="module")
+def perturbed_tiny_refiner():
+    return tiny_refiner(perturb=True)
+
+
+def test_real_model_reflectance_and_dn_agree_and_batching_does_not_matter(perturbed_tiny_refiner):
+    dn = np.stack([smooth_scene(120, 120, seed) for seed in range(2)])
+    from_dn = refine_arrays(perturbed_tiny_refiner, dn, [7, -1], [16, -1], batch_size=2)
+    from_reflectance = refine_arrays(perturbed_tiny_refiner, dn_to_reflectance(dn), [7, -1], [16, -1], batch_size=1)
+    assert from_dn.shape == (2, 4, 120, 120) and from_dn.dtype == np.float32
+    np.testing.assert_allclose(from_dn, from_reflectance, atol=1e-5)
+    # The perturbed head refines for real, and month/biome reach the model.
+    assert np.abs(from_dn - dn_to_reflectance(dn)).mean() > 5e-3
+    other_metadata = refine_arrays(perturbed_tiny_refiner, dn[0], 2, 9)
+    assert np.abs(other_metadata - from_dn[0]).mean() > 1e-6
+
+
+def test_real_untrained_model_returns_the_scene_unchanged(small_dn_scene, tmp_path):
+    path, data = small_dn_scene
+    refine_scene(tiny_refiner(perturb=False), path, tmp_path / "out.tif", 7, 4, progress=False)
+    refined, profile = read_geotiff(tmp_path / "out.tif")
+    nodata = (data == 0).any(axis=0)
+    np.testing.assert_allclose(refined[:, ~nodata], dn_to_reflectance(data)[:, ~nodata], atol=1e-7)
+    assert (refined[:, nodata] == 0).all() and profile["crs"] == rasterio.crs.CRS.from_string(CRS)
+
+
+def _delta_jumps(refined: np.ndarray, reflectance: np.ndarray, axis: int) -> np.ndarray:
+    """Mean |step| of the refinement (refined - input) between neighbouring rows (axis 1) or columns (2)."""
+    return np.abs(np.diff(refined - reflectance, axis=axis)).mean(axis=(0, 3 - axis))
+
+
+def test_real_model_blended_scene_is_smooth_across_window_borders(perturbed_tiny_refiner, tmp_path):
+    data = smooth_scene(200, 200)
+    path = write_geotiff(tmp_path / "scene.tif", data)
+    reflectance = dn_to_reflectance(data)
+    single_pass = refine_arrays(perturbed_tiny_refiner, data, 7, 4)
+    outputs = {}
+    for overlap in (0, 32):
+        refine_scene(perturbed_tiny_refiner, path, tmp_path / f"{overlap}.tif", 7, 4, overlap=overlap, progress=False)
+        outputs[overlap] = read_geotiff(tmp_path / f"{overlap}.tif")[0]
+    # Windows at 0 and 80 (a 200 px scene): without blending the two windows are averaged with equal weights
+    # over rows/columns 80..119, and the steps where that starts or ends (indices 79, 119) stand out from every
+    # other step; with the blend no step does.
+    for axis in (1, 2):
+        hard = _delta_jumps(outputs[0], reflectance, axis)
+        blended = _delta_jumps(outputs[32], reflectance, axis)
+        assert max(hard[79], hard[119]) > 5 * np.median(hard)
+        assert blended.max() < 2.5 * np.median(blended)
+    # A ViT sees a window's context, so tiles differ from one pass over the scene, but only a little.
+    change = np.abs(single_pass - reflectance).mean()
+    assert np.abs(outputs[32] - single_pass).mean() < 0.35 * change
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line with a saved tiny model (a full model folder and a trained adapter folder)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_model_dir(tmp_path_factory, perturbed_tiny_refiner) -> Path:
+    folder = tmp_path_factory.mktemp("models") / "full"
+    perturbed_tiny_refiner.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_model_dir(tmp_path_factory) -> Path:
+    from modeling_stage2 import Stage2RefinerConfig, build_trainable_model, save_trained_model
+
+    torch.manual_seed(1)
+    model = build_trainable_model(
+        Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny"), quantization="none", print_summary=False
+    )
+    with torch.no_grad():  # as if trained: the head's zero-initialised output layer is no longer zero
+        head = model.base_model.model.head.modules_to_save["default"]
+        torch.nn.init.normal_(head.output_projection.weight, std=0.005)
+    folder = tmp_path_factory.mktemp("models") / "adapter"
+    save_trained_model(model, folder)
+    return folder
+
+
+def test_cli_tiles_end_to_end_with_a_full_model_folder(
+    full_model_dir, perturbed_tiny_refiner, few_tiles, tmp_path, capsys
+):
+    output = tmp_path / "refined"
+    assert main(["--model", str(full_model_dir), "--input", str(few_tiles), "--output_dir", str(output),
+                 "--batch_size", "3", "--device", "cpu", "--no_progress"]) == 0
+    assert "refined 3 tiles" in capsys.readouterr().out
+    paths = sorted(few_tiles.rglob("*.npz"))
+    tiles = [load_npz(path) for path in paths]
+    bands = np.stack([np.stack([tile[key] for key in ("s2_b2", "s2_b3", "s2_b4", "s2_b8")]) for tile in tiles])
+    # The saved folder holds the weights of the in-memory model.
+    expected = refine_arrays(
+        perturbed_tiny_refiner, bands, [int(t["month"]) for t in tiles], [int(t["biome_code"]) for t in tiles]
+    )
+    for path, tile, image in zip(paths, tiles, expected):
+        out = load_npz(output / path.relative_to(few_tiles))
+        np.testing.assert_allclose(out["refined"], image, atol=1e-5)
+        assert np.abs(out["refined"] - tile_reflectance(tile)).mean() > 1e-3  # it did refine
+
+
+def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir, small_dn_scene, tmp_path):
+    path, data = small_dn_scene
+    band_paths = write_band_files(tmp_path, data, nodata=0)
+    output = tmp_path / "refined.tif"
+    assert main(["--model", str(adapter_model_dir), "--input", *map(str, band_paths), "--month", "7", "--biome", "4",
+                 "--output", str(output), "--overlap", "32", "--batch_size", "4", "--no_progress"]) == 0
+    from modeling_stage2.inference import load_model
+
+    refine_scene(load_model(adapter_model_dir), path, tmp_path / "in_process.tif", 7, 4, batch_size=4, progress=False)
+    refined, profile = read_geotiff(output)
+    expected, expected_profile = read_geotiff(tmp_path / "in_process.tif")
+    np.testing.assert_allclose(refined, expected, atol=1e-5)
+    assert profile == expected_profile and profile["crs"] == rasterio.crs.CRS.from_string(CRS)
+    nodata = (data == 0).any(axis=0)
+    assert (refined[:, nodata] == 0).all()
+    assert np.abs(refined[:, ~nodata] - dn_to_reflectance(data)[:, ~nodata]).mean() > 1e-3
+
+
+def test_cli_missing_model_files_exit_2_and_leave_no_output(
+    full_model_dir, adapter_model_dir, dn_scene, tmp_path, capsys
+):
+    path, _ = dn_scene
+    broken_full = tmp_path / "broken_full"
+    shutil.copytree(full_model_dir, broken_full)
+    (broken_full / "model.safetensors").unlink()
+    broken_adapter = tmp_path / "broken_adapter"
+    shutil.copytree(adapter_model_dir, broken_adapter)
+    (broken_adapter / "base_model.safetensors").unlink()
+    not_a_model = tmp_path / "empty_model"
+    not_a_model.mkdir()
+    output = tmp_path / "out" / "refined.tif"
+    for model, message in (
+        (broken_full, "broken_full: could not be loaded"),
+        (broken_adapter, "base_model.safetensors is missing"),
+        (not_a_model, "has neither config.json"),
+        (full_model_dir / "config.json", "config.json: is a file"),
+    ):
+        code = main(["--model", str(model), "--input", str(path), "--month", "7", "--biome", "4",
+                     "--output", str(output), "--no_progress"])
+        assert code == 2
+        assert message in capsys.readouterr().err
+        assert not output.exists()
+
+
+def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):
+    import huggingface_hub
+
+    from modeling_stage2.inference import load_model
+
+    requested = []
+
+    def fake_download(repo_id, **kwargs):
+        requested.append(repo_id)
+        return str(full_model_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model = load_model("my-org/stage2-refiner")
+    assert requested == ["my-org/stage2-refiner"] and not model.training
+    image = smooth_scene(120, 120)
+    from_folder = refine_arrays(load_model(full_model_dir), image, 7, 4)
+    np.testing.assert_array_equal(refine_arrays(model, image, 7, 4), from_folder)
+
+    def offline(repo_id, **kwargs):
+        raise OSError("cannot reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(InferenceInputError, match="my-org/stage2-refiner: not a local folder, and downloading it"):
+        load_model("my-org/stage2-refiner")
