@@ -1,0 +1,466 @@
+"""Stage 2 training system: arguments, Trainer, checkpoints and resume, logs, outputs (tiny configs, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from _training_helpers import TINY_SETTINGS, SnapshotTrainable, StopAtStep, records, tensors, write_config
+
+from training.args import Stage2TrainingArguments, num_update_steps_per_epoch
+from training.train import build_model, load_config_file, load_or_build_dataset, main, parse_args, run_training
+from training.trainer import (
+    CHECKPOINT_COMPLETE_NAME,
+    find_latest_checkpoint,
+    is_complete_checkpoint,
+    optimizer_state_from_safetensors,
+    optimizer_state_to_safetensors,
+    resolve_resume_checkpoint,
+)
+
+COMPONENTS = {
+    "spectral_ndvi", "spectral_evi", "spectral_sam", "identity_l1", "identity_edge", "reconstruction_l1",
+    "adversarial_generator", "adversarial_discriminator", "adversarial_real_score", "adversarial_fake_score",
+}
+
+
+def _train(tmp: Path, data_dir: Path, name: str, callbacks=None, extra_argv=(), **overrides):
+    config = write_config(tmp / f"{name}.yaml", **overrides)
+    argv = ["--config", str(config), "--data_dir", str(data_dir), "--output_dir", str(tmp / name), *extra_argv]
+    training_args, data_args, settings = parse_args(argv)
+    return run_training(training_args, data_args, settings, callbacks=callbacks)
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+def test_yaml_config_and_command_line_overrides(tmp_path):
+    config = write_config(tmp_path / "c.yaml", learning_rate=5e-4, lora_r=4)
+    training_args, data_args, settings = parse_args([
+        "--config", str(config), "--data_dir", "D", "--output_dir", str(tmp_path / "o"), "--epochs", "7",
+        "--lora_r", "2", "--resume", "latest", "--max_samples", "3", "--weight_decay", "0.01",
+    ])
+    assert training_args.learning_rate == 5e-4  # from the file
+    assert training_args.lora_r == 2  # command line wins over the file
+    assert training_args.num_train_epochs == 7  # --epochs alias
+    assert training_args.resume_from_checkpoint == "latest"
+    assert training_args.weight_decay == 0.01  # any TrainingArguments field
+    assert training_args.refiner_config_overrides == TINY_SETTINGS["refiner_config_overrides"]
+    assert training_args.remove_unused_columns is False
+    assert (data_args.data_dir, data_args.max_samples) == ("D", 3)
+    assert settings["lora_r"] == 2 and settings["num_train_epochs"] == 7 and settings["learning_rate"] == 5e-4
+
+
+def test_config_file_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1e-4\nlearning_rat: 3\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown key 'learning_rat'"):
+        load_config_file(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"list\.yaml: expected a mapping"):
+        load_config_file(tmp_path / "list.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_lowvr_config_has_the_design_values(repo_root):
+    values = load_config_file(repo_root / "configs" / "hardware.lowvr.yaml")
+    expected = {
+        "backbone_preset": "prithvi_eo_v2_600m", "quantization": "8bit", "lora_r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "fp16": True,
+        "learning_rate": 1e-4, "num_train_epochs": 100, "max_grad_norm": 1.0, "save_every_epochs": 10,
+        "eval_every_epochs": 5,
+    }
+    assert {key: values[key] for key in expected} == expected
+
+
+def test_fp16_on_cpu_trains_in_fp32_and_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        args = Stage2TrainingArguments(output_dir=str(tmp_path), fp16=True, report_to="none")
+    assert not torch.cuda.is_available()
+    assert args.fp16 is False and args.bf16 is False and args.mixed_precision == "no"
+    assert "fp32" in args.precision_note and "fp16 was requested" in caplog.text
+
+
+def test_epoch_intervals_become_steps(tmp_path):
+    args = Stage2TrainingArguments(output_dir=str(tmp_path), report_to="none", eval_every_epochs=5,
+                                   save_every_epochs=10, per_device_train_batch_size=1, gradient_accumulation_steps=8)
+    steps = num_update_steps_per_epoch(18, 1, 1, 8)  # 18 batches -> 3 optimizer steps (the last one partial)
+    assert steps == 3
+    args.resolve_epoch_intervals(steps)
+    assert (args.eval_steps, args.save_steps) == (15, 30)
+    assert args.metric_for_best_model == "eval_refined_ndvi_rmse" and args.greater_is_better is False
+
+
+def test_gradient_checkpointing_is_non_reentrant(tmp_path):
+    args = Stage2TrainingArguments(output_dir=str(tmp_path), report_to="none", activation_checkpointing=True)
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _fake_checkpoint(folder: Path, complete: bool) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    if complete:
+        marker = {"global_step": int(folder.name.split("-")[1]), "files": {"adapter_model.safetensors": 10}}
+        (folder / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(marker))
+    return folder
+
+
+def test_latest_checkpoint_ignores_torn_ones(tmp_path):
+    good = _fake_checkpoint(tmp_path / "checkpoint-4", complete=True)
+    _fake_checkpoint(tmp_path / "checkpoint-6", complete=False)
+    _fake_checkpoint(tmp_path / "checkpoint-10", complete=True)
+    (tmp_path / "checkpoint-10" / "adapter_model.safetensors").write_bytes(b"x" * 3)  # truncated after marking
+    assert not is_complete_checkpoint(tmp_path / "checkpoint-10")
+    assert find_latest_checkpoint(tmp_path) == str(good)
+    assert resolve_resume_checkpoint("latest", tmp_path) == str(good)
+    assert resolve_resume_checkpoint(None, tmp_path) is None
+    with pytest.raises(ValueError, match="checkpoint-6: the checkpoint is incomplete"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-6"), tmp_path)
+    assert resolve_resume_checkpoint("latest", tmp_path / "empty") is None
+
+
+def test_optimizer_state_round_trips_through_safetensors():
+    parameters = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.AdamW(parameters, lr=0.01, betas=(0.5, 0.999))
+    for _ in range(2):
+        sum((p**2).sum() for p in parameters).backward()
+        optimizer.step()
+    tensors_, meta = optimizer_state_to_safetensors(optimizer.state_dict())
+    meta = json.loads(json.dumps(meta))  # through JSON, as written
+    restored = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in parameters], lr=0.5)
+    restored.load_state_dict(optimizer_state_from_safetensors(tensors_, meta))
+    original = optimizer.state_dict()
+    again = restored.state_dict()
+    assert again["param_groups"][0]["betas"] == (0.5, 0.999) and again["param_groups"][0]["lr"] == 0.01
+    for index in original["state"]:
+        for key, value in original["state"][index].items():
+            assert torch.equal(value, again["state"][index][key])
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, sample_tiles_dir):
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = write_config(tmp / "tiny.yaml", report_to="tensorboard")
+    trainer = main(["--config", str(config), "--data_dir", str(sample_tiles_dir), "--output_dir", str(tmp / "out")])
+    return trainer, tmp / "out", config
+
+
+def test_end_to_end_writes_every_output(e2e):
+    trainer, out, _ = e2e
+    best = out / "best"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "config.json", "README.md", "preview.png",
+                 "metrics.json", "training_config.json"):
+        assert (best / name).is_file(), name
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert all(is_complete_checkpoint(p) for p in out.glob("checkpoint-*"))
+    assert find_latest_checkpoint(out) == str(out / "checkpoint-4")
+    for name in ("discriminator.safetensors", "discriminator_optimizer.safetensors", "optimizer.pt"):
+        assert (out / "checkpoint-4" / name).is_file(), name
+
+    png = (best / "preview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert height == 2 * 120 + 4 and width == 2 * (3 * 120 + 2 * 4) + 12  # 2 tiles x (opt_v1|refined|target), RGB + NDVI
+
+    card = (best / "README.md").read_text()
+    assert "ndvi_rmse" in card.lower() or "NDVI RMSE" in card
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["n_tiles"] == 2 and set(metrics["refined"]) >= {"ndvi_rmse", "evi_rmse", "sam"}
+    assert trainer.state.best_metric == pytest.approx(metrics["refined"]["ndvi_rmse"])
+
+    settings = yaml.safe_load((out / "config.yaml").read_text())
+    assert settings["backbone_preset"] == "prithvi_eo_v2_tiny" and settings["max_samples"] == 4
+    assert load_config_file(out / "config.yaml")["lora_dropout"] == 0.0  # usable as --config
+
+
+def test_saved_best_model_loads_and_refines(e2e):
+    from modeling_stage2 import load_trained_model
+
+    _, out, _ = e2e
+    model = load_trained_model(out / "best")
+    opt_v1 = torch.rand(1, 4, 120, 120) * 0.3
+    refined = model(opt_v1=opt_v1, month=torch.tensor([6]), biome=torch.tensor([4])).refined
+    assert refined.shape == (1, 4, 120, 120) and torch.isfinite(refined).all()
+    assert not torch.equal(refined, opt_v1)
+
+
+def test_training_log_is_jsonl_with_components_and_validation(e2e):
+    _, out, _ = e2e
+    train = records(out / "training_log.jsonl", "train")
+    evals = records(out / "training_log.jsonl", "eval")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for record in train:
+        assert COMPONENTS <= set(record), COMPONENTS - set(record)
+        assert {"epoch", "lr", "loss", "grad_norm", "cpu_fallback_count", "nonfinite_skipped_steps"} <= set(record)
+        assert np.isfinite(record["loss"]) and record["nonfinite_skipped_steps"] == 0
+    assert [(r["step"], r["epoch"]) for r in evals] == [(2, 1.0), (4, 2.0)]
+    for record in evals:
+        val = record["val"]
+        assert {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim", "loss"} <= set(val)
+        assert set(val["opt_v1"]) >= {"ndvi_rmse", "evi_rmse", "sam"} and val["n_tiles"] == 2
+        assert val["opt_v1"]["identity_l1"] == 0.0 and val["identity_l1"] > 0
+
+
+def test_tensorboard_has_scalars_and_previews(e2e):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = e2e
+    events = EventAccumulator(str(out / "runs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/spectral_ndvi", "eval/refined_ndvi_rmse", "eval/opt_v1_ndvi_rmse"} <= set(tags["scalars"])
+    assert {"preview/rgb", "preview/ndvi"} <= set(tags["images"])
+    assert [event.step for event in events.Images("preview/rgb")] == [2, 4]
+
+
+def test_base_weights_frozen_and_adapter_and_head_trained(e2e):
+    from transformers import set_seed
+
+    trainer, _, _ = e2e
+    set_seed(trainer.args.seed)
+    fresh = dict(build_model(trainer.args, print_summary=False).named_parameters())
+    trained = dict(trainer.model.named_parameters())
+    assert fresh.keys() == trained.keys()
+    frozen = [name for name, p in trained.items() if not p.requires_grad]
+    trainable = [name for name, p in trained.items() if p.requires_grad]
+    assert any(".backbone." in name for name in frozen) and frozen
+    for name in frozen:
+        assert torch.equal(fresh[name], trained[name]), name
+    changed = {name for name in trainable if not torch.equal(fresh[name], trained[name])}
+    assert any("lora_B" in name for name in changed)
+    assert any(".head." in name for name in changed) and any("fusion" in name for name in changed)
+    assert len(changed) >= 0.9 * len(trainable)
+
+
+def test_dataset_conversion_is_cached(e2e, sample_tiles_dir):
+    from training.args import Stage2DataArguments
+
+    _, out, _ = e2e
+    cached = list((out / "_dataset").iterdir())
+    assert len(cached) == 1 and (cached[0] / "dataset_dict.json").is_file()
+    stamp = (cached[0] / "dataset_dict.json").stat().st_mtime_ns
+    dataset = load_or_build_dataset(Stage2DataArguments(data_dir=str(sample_tiles_dir)), out)
+    assert (cached[0] / "dataset_dict.json").stat().st_mtime_ns == stamp
+    assert len(list((out / "_dataset").iterdir())) == 1 and len(dataset["train"]) == 18
+
+
+def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
+    from training.evaluate import main as evaluate_main
+
+    _, out, _ = e2e
+    data = next((out / "_dataset").iterdir())
+    results = evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val",
+                             "--max_samples", "2", "--json", str(tmp_path / "r.json")])
+    written = json.loads((tmp_path / "r.json").read_text())
+    keys = {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim"}
+    assert set(written) == {"refined", "opt_v1", "n_tiles"} and written["n_tiles"] == 2
+    assert set(written["refined"]) == keys and set(written["opt_v1"]) == keys
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    for name in keys:  # the same model on the same tiles as the trainer's evaluation of the best step
+        assert written["refined"][name] == pytest.approx(best["refined"][name], rel=1e-5, abs=1e-7)
+    assert results == written
+    assert "| ndvi_rmse |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------- resume
+RESUME_SETTINGS = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_samples=4,
+                       save_every_epochs=0.5, eval_every_epochs=1, lora_dropout=0.1, save_total_limit=None,
+                       refiner_config_overrides={"head_width": 16, "num_convnext_blocks": 2, "drop_path_rate": 0.2})
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, sample_dataset_dir):
+    """An uninterrupted run (4 optimizer steps, a checkpoint after each) with dropout, drop-path and augmentation."""
+    tmp = tmp_path_factory.mktemp("reference")
+    _train(tmp, sample_dataset_dir, "ref", **RESUME_SETTINGS)
+    return tmp / "ref"
+
+
+def _assert_same_training(reference: Path, other: Path, final_step: int = 4):
+    for name in ("adapter_model.safetensors", "discriminator.safetensors", "discriminator_optimizer.safetensors"):
+        expected = tensors(reference / f"checkpoint-{final_step}" / name)
+        actual = tensors(other / f"checkpoint-{final_step}" / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{name}:{key}"
+    strip = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    expected = [{k: v for k, v in r.items() if k not in strip} for r in records(reference / "training_log.jsonl", "train")]
+    actual = [{k: v for k, v in r.items() if k not in strip} for r in records(other / "training_log.jsonl", "train")]
+    assert actual == expected
+    val = lambda path: [r["val"] | {"runtime": 0, "samples_per_second": 0, "steps_per_second": 0}
+                        for r in records(path / "training_log.jsonl", "eval")]
+    assert val(other) == val(reference)
+
+
+def test_resume_mid_epoch_is_bit_identical(reference_run, tmp_path, sample_dataset_dir):
+    # Step 3 is in the middle of epoch 2 (2 optimizer steps per epoch): the hardest case for RNG and data order.
+    _train(tmp_path, sample_dataset_dir, "run", callbacks=[StopAtStep(3)], **RESUME_SETTINGS)
+    assert find_latest_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-3")
+    assert not (tmp_path / "run" / "checkpoint-4").exists()
+    trainer = _train(tmp_path, sample_dataset_dir, "run", extra_argv=["--resume", "latest"], **RESUME_SETTINGS)
+    assert trainer.state.global_step == 4 and trainer.disc_steps == 4
+    _assert_same_training(reference_run, tmp_path / "run")
+
+
+def test_resume_after_sigkill_ignores_torn_checkpoint(reference_run, tmp_path, sample_dataset_dir, repo_root):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", **RESUME_SETTINGS)
+    command = [sys.executable, "-m", "training.train", "--config", str(config), "--data_dir", str(sample_dataset_dir),
+               "--output_dir", str(out)]
+    process = subprocess.Popen(command, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})
+    try:
+        deadline = time.monotonic() + 300
+        while not is_complete_checkpoint(out / "checkpoint-2"):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint-2 within 300 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    # A torn checkpoint newer than the last complete one (as a kill during a save leaves it).
+    torn = out / "checkpoint-3"
+    if not torn.exists() or is_complete_checkpoint(torn):
+        shutil.rmtree(torn, ignore_errors=True)
+        shutil.copytree(out / "checkpoint-2", torn)
+        (torn / CHECKPOINT_COMPLETE_NAME).unlink()
+        (torn / "adapter_model.safetensors").write_bytes(b"torn")
+    shutil.rmtree(out / "checkpoint-4", ignore_errors=True)
+    latest = find_latest_checkpoint(out)
+    assert latest in (str(out / "checkpoint-2"), str(out / "checkpoint-3"))
+    if latest == str(out / "checkpoint-2"):
+        assert not is_complete_checkpoint(torn)
+
+    trainer = _train(tmp_path, sample_dataset_dir, "run", extra_argv=["--resume", "latest"], **RESUME_SETTINGS)
+    assert trainer._resume_checkpoint == latest
+    assert trainer.state.global_step == 4
+    _assert_same_training(reference_run, out)
+
+
+# ----------------------------------------------------------------------------------------------- training step
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, sample_dataset_dir):
+    # Terms linear in the pixels (the RMSE terms pool over the batch, so they are off here); SGD so that the
+    # update is proportional to the gradient.
+    # Three steps: the head's zero-initialised output layer, then LoRA B, then LoRA A start to receive gradients.
+    common = dict(max_samples=4, num_train_epochs=3, eval_every_epochs=None, save_every_epochs=None,
+                  eval_strategy="no", save_strategy="no", optim="sgd", learning_rate=0.05, ndvi_weight=0.0,
+                  evi_weight=0.0, disc_learning_rate_ratio=0.1)
+    big = _train(tmp_path, sample_dataset_dir, "big", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                 **common)
+    snapshots = SnapshotTrainable()
+    small = _train(tmp_path, sample_dataset_dir, "small", per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                   callbacks=[snapshots], **common)
+    assert big.state.global_step == small.state.global_step == 3
+    assert big.disc_steps == small.disc_steps == 3  # the discriminator steps once per accumulated batch
+    big_params = dict(big.model.named_parameters())
+    for name, parameter in small.model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter, big_params[name], rtol=1e-4, atol=1e-6)
+    moved = [name for name in snapshots.after[3] if not torch.equal(snapshots.before[1][name], snapshots.after[3][name])]
+    assert len(moved) >= 0.9 * len(snapshots.after[3])
+    # The discriminator's AdamW divides by the gradient's magnitude: tiny gradients amplify float noise, so the
+    # tolerance is a small fraction (2 %) of one update (lr 0.005).
+    big_disc, small_disc = big.discriminator.state_dict(), small.discriminator.state_dict()
+    for name in big_disc:
+        torch.testing.assert_close(small_disc[name], big_disc[name], rtol=1e-3, atol=1e-4)
+    for log_big, log_small in zip(records(tmp_path / "big" / "training_log.jsonl", "train"),
+                                  records(tmp_path / "small" / "training_log.jsonl", "train"), strict=True):
+        for name in ("loss", "spectral_sam", "identity_l1", "reconstruction_l1", "adversarial_generator",
+                     "adversarial_discriminator", "adversarial_real_score", "adversarial_fake_score"):
+            assert log_small[name] == pytest.approx(log_big[name], rel=1e-4, abs=1e-7), name
+
+
+def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
+    import datasets
+    from data_builders import make_eval_transform
+
+    from training.losses import Stage2Loss
+    from training.trainer import Stage2Trainer, TileDataset
+
+    class PoisonedLoss(Stage2Loss):
+        """NaN for batches holding the marked tile (as an overflow or a corrupt tile would give)."""
+
+        def forward(self, refined, target, opt_v1, valid_mask=None, fake_scores=None):
+            total, components = super().forward(refined, target, opt_v1, valid_mask, fake_scores)
+            if bool((target[:, 0, 0, 0] == 0.5).any()):
+                total = total * float("nan")
+            return total, components
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0.02, 0.4, (4, 4, 120, 120)).astype(np.float32)
+    target[2, 0, 0, 0] = 0.5  # tile 2 poisons the second optimizer step (batch 2, in order)
+    opt_v1 = (target * 1.05).astype(np.float32)
+    table = datasets.Dataset.from_dict({"target": target, "opt_v1": opt_v1, "month": [1, 2, 3, 4],
+                                        "biome": [0, 1, 2, 3], "valid_mask": np.ones((4, 120, 120), bool)})
+    config = write_config(tmp_path / "c.yaml", eval_every_epochs=None, save_every_epochs=None, eval_strategy="no",
+                          save_strategy="no", num_train_epochs=1)
+    training_args, _, _ = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    snapshots = SnapshotTrainable()
+    model = build_model(training_args, print_summary=False)
+    trainer = Stage2Trainer(model=model, args=training_args, train_dataset=TileDataset(table, make_eval_transform()),
+                            loss_fn=PoisonedLoss(), callbacks=[snapshots])
+    trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(range(4))
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.nonfinite_skipped_steps == 1
+    unchanged = [step for step in (1, 2) if all(torch.equal(snapshots.before[step][n], snapshots.after[step][n])
+                                                for n in snapshots.after[step])]
+    assert unchanged == [2]  # step 1 trained, the poisoned step 2 left every weight as it was
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.discriminator.parameters())
+    assert trainer.disc_steps == 1 and trainer.disc_skipped_steps == 1
+    logged = records(tmp_path / "out" / "training_log.jsonl", "train")
+    assert [r["nonfinite_skipped_steps"] for r in logged] == [0, 1]
+
+
+def test_console_script_relaunches_through_accelerate(monkeypatch):
+    import training.train as train_module
+
+    calls = {}
+    monkeypatch.delenv("ACCELERATE_LAUNCHED", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(train_module.os, "execvpe", lambda file, args, env: calls.update(file=file, args=args, env=env))
+    train_module.launch_main(["--num_processes", "2", "--multi_gpu", "--", "--config", "c.yaml", "--epochs", "3"])
+    args = calls["args"]
+    assert args[1:3] == ["-m", "accelerate.commands.launch"]
+    assert args[3:6] == ["--num_processes", "2", "--multi_gpu"]
+    assert args[6].endswith("training/train.py") and args[7:] == ["--config", "c.yaml", "--epochs", "3"]
+    assert calls["env"]["ACCELERATE_LAUNCHED"] == "1"
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already under a launcher: train in this process
+    monkeypatch.setattr(train_module, "main", lambda argv: calls.update(main=argv))
+    train_module.launch_main(["--config", "c.yaml"])
+    assert calls["main"] == ["--config", "c.yaml"]
+
+
+def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):
+    from training.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    code = demo_main(["--output_dir", str(out), "--data_dir", str(sample_tiles_dir), "--num_train_epochs", "1",
+                      "--eval_every_epochs", "1", "--max_samples", "4", "--report_to", "none", "--disable_tqdm", "true"])
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["val"]["n_tiles"] == 18 and results["test"]["n_tiles"] == 18
+    for split in ("val", "test"):
+        for name, row in results["gains"][split].items():
+            assert row["refined"] == results[split]["refined"][name]
+            assert row["reduction"] == pytest.approx((row["opt_v1"] - row["refined"]) / row["opt_v1"])
+    beats = all(row["reduction"] > 0 for row in results["gains"]["test"].values())
+    assert code == (0 if beats else 1)
+    for name in ("README.md", "preview.png", "adapter_model.safetensors"):
+        assert (out / "best" / name).is_file()
+    printed = capsys.readouterr().out
+    assert "== val split" in printed and "== test split" in printed and "Refined vs opt_v1 on the held-out" in printed

@@ -1,0 +1,315 @@
+"""Training arguments of the Stage 2 refiner: `Stage2TrainingArguments` and `Stage2DataArguments`.
+
+Like trl's `RewardConfig`, the training arguments are a `TrainingArguments` subclass that adds the
+model, LoRA, quantization, loss and discriminator settings and changes a few defaults to the design's
+values. Both dataclasses are parsed by `transformers.HfArgumentParser` from a YAML file plus command-line
+overrides (see `training.train.parse_args`).
+"""
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_CHOICES = ("8bit", "4bit", "none")
+DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+# Metric name fragments for which a smaller value is better (all others, e.g. psnr/ssim: larger).
+_LOWER_IS_BETTER = ("loss", "rmse", "sam", "l1")
+
+
+@dataclass
+class Stage2TrainingArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for the Stage 2 refiner, with the design's defaults (batch 1, gradient
+    accumulation 8, learning rate 1e-4, cosine schedule, gradient clipping 1.0, 100 epochs, best model chosen on
+    the validation NDVI RMSE of the refined output).
+
+    Model:
+        model_name_or_path (`str`, *optional*): a saved `Stage2RefinerModel` folder or Hub repo to start from
+            (instead of building a new refiner from `backbone_preset`).
+        backbone_preset (`str`, defaults to `"prithvi_eo_v2_600m"`): Prithvi preset of a new refiner's backbone.
+        backbone_weights (`str`, *optional*): where the pretrained backbone comes from (Hub repo id, official `.pt`,
+            converted folder); `None` initialises the backbone randomly.
+        refiner_config_overrides (`dict` or JSON `str`, *optional*): extra `Stage2RefinerConfig` arguments.
+        quantization (`str`, defaults to `"8bit"`): backbone linear layers in `"8bit"`, `"4bit"` (NF4) or `"none"`.
+        lora_r, lora_alpha, lora_dropout, lora_target_modules, unfreeze_last_n_blocks: LoRA settings.
+
+    Loss:
+        spectral_weight, ndvi_weight, evi_weight, sam_weight, identity_weight, edge_weight, adversarial_weight,
+        reconstruction_weight: weights of `training.losses.Stage2Loss` (`None` keeps that class's default).
+
+    Discriminator:
+        disc_learning_rate_ratio (`float`, defaults to 0.1): discriminator learning rate / generator learning rate.
+        disc_update_interval (`int`, defaults to 1): the discriminator steps every this many optimizer steps.
+        disc_base_channels, disc_num_layers: `PatchDiscriminator` width and depth.
+
+    Reproducibility:
+        deterministic (`bool`, *optional*): use torch's deterministic algorithms (warn-only) so that a rerun or a
+            resumed run gives bit-identical weights; by default on without CUDA and off on GPUs. Some CPU kernels
+            (e.g. the backward of advanced indexing, used by the spectral angle) otherwise accumulate in a
+            thread-dependent order.
+
+    Schedule:
+        eval_every_epochs (`float`, defaults to 5): validation interval in epochs, converted to `eval_steps`
+            (0 or `None` keeps the Trainer's `eval_strategy`/`eval_steps`).
+        save_every_epochs (`float`, defaults to 10): checkpoint interval in epochs, converted to `save_steps`
+            (0 or `None` keeps `save_strategy`/`save_steps`).
+    """
+
+    # ---- changed defaults of TrainingArguments (design values) ----
+    num_train_epochs: float = field(
+        default=100.0, metadata={"help": "Total number of training epochs.", "aliases": ["--epochs"]}
+    )
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Batch size per device for evaluation."})
+    gradient_accumulation_steps: int = field(
+        default=8, metadata={"help": "Micro-batches accumulated before each optimizer step."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the generator (AdamW)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (after warmup)."})
+    warmup_steps: float = field(
+        default=0.05, metadata={"help": "Linear warmup: steps, or a ratio of the total steps when below 1."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log the training losses every this many steps."})
+    save_total_limit: int | None = field(
+        default=3, metadata={"help": "Keep at most this many checkpoints (the newest and the best are kept)."}
+    )
+    metric_for_best_model: str | None = field(
+        default="eval_refined_ndvi_rmse",
+        metadata={"help": "Validation metric that selects the model written to `best/`."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: `target` and `valid_mask` are not forward arguments."}
+    )
+    report_to: None | str | list[str] = field(
+        default="tensorboard", metadata={"help": "Integrations to report to ('tensorboard' also writes previews)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint folder to resume from, or 'latest' for the newest complete checkpoint in output_dir.",
+            "aliases": ["--resume"],
+        },
+    )
+
+    # ---- model ----
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved Stage2RefinerModel folder or Hub repo to start from."}
+    )
+    backbone_preset: str = field(
+        default="prithvi_eo_v2_600m", metadata={"help": "Prithvi preset of the backbone of a new refiner."}
+    )
+    backbone_weights: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained backbone: Hub repo id, official .pt or converted folder; unset = random init."},
+    )
+    refiner_config_overrides: dict | str | None = field(
+        default=None, metadata={"help": "Extra Stage2RefinerConfig arguments (a mapping or a JSON string)."}
+    )
+    quantization: str = field(
+        default="8bit", metadata={"help": "Backbone linear layers: 8bit, 4bit (NF4) or none.", "choices": QUANTIZATION_CHOICES}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        metadata={"help": "Backbone linear layers that get LoRA (never patch_embed.proj)."},
+    )
+    unfreeze_last_n_blocks: int | None = field(
+        default=None, metadata={"help": "Put LoRA only on the last N backbone blocks (unset: all blocks)."}
+    )
+
+    # ---- loss ----
+    spectral_weight: float | None = field(default=None, metadata={"help": "Weight of the spectral loss (design 1.0)."})
+    ndvi_weight: float | None = field(default=None, metadata={"help": "NDVI RMSE weight inside the spectral loss."})
+    evi_weight: float | None = field(default=None, metadata={"help": "EVI RMSE weight inside the spectral loss."})
+    sam_weight: float | None = field(default=None, metadata={"help": "Spectral-angle weight inside the spectral loss."})
+    identity_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the identity L1 to opt_v1 (design 0.5)."}
+    )
+    edge_weight: float | None = field(default=None, metadata={"help": "Weight of the Sobel edge L1 to opt_v1 (design 0.5)."})
+    adversarial_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the LSGAN generator loss (design 0.05); 0 trains no discriminator."}
+    )
+    reconstruction_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the L1 between the refined output and the target."}
+    )
+
+    # ---- discriminator ----
+    disc_learning_rate_ratio: float = field(
+        default=0.1, metadata={"help": "Discriminator learning rate as a fraction of learning_rate."}
+    )
+    disc_update_interval: int = field(
+        default=1, metadata={"help": "Update the discriminator every this many optimizer steps."}
+    )
+    disc_base_channels: int = field(default=64, metadata={"help": "Width of the first PatchGAN layer."})
+    disc_num_layers: int = field(default=3, metadata={"help": "Number of strided PatchGAN layers."})
+
+    deterministic: bool | None = field(
+        default=None,
+        metadata={"help": "torch deterministic algorithms (warn-only), so that reruns and resumed runs are "
+                          "bit-identical; unset: on without CUDA (cheap there), off on GPUs (slower kernels)."},
+    )
+
+    # ---- intervals in epochs ----
+    eval_every_epochs: float | None = field(
+        default=5.0, metadata={"help": "Validate every this many epochs (converted to eval_steps); 0: use eval_strategy."}
+    )
+    save_every_epochs: float | None = field(
+        default=10.0, metadata={"help": "Checkpoint every this many epochs (converted to save_steps); 0: use save_strategy."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.refiner_config_overrides, str):
+            try:
+                self.refiner_config_overrides = json.loads(self.refiner_config_overrides)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"refiner_config_overrides must be a mapping or a JSON object string, got "
+                    f"{self.refiner_config_overrides!r} ({error})."
+                ) from None
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}.")
+        if self.disc_update_interval < 1:
+            raise ValueError(f"disc_update_interval must be >= 1, got {self.disc_update_interval}.")
+        if self.disc_learning_rate_ratio < 0:
+            raise ValueError(f"disc_learning_rate_ratio must be >= 0, got {self.disc_learning_rate_ratio}.")
+        for name in ("eval_every_epochs", "save_every_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be positive, or 0 / null to use the Trainer's own strategy; got {value}.")
+            if value == 0:
+                setattr(self, name, None)
+        if self.eval_every_epochs is not None:
+            # Placeholder until the Trainer knows the steps per epoch (see `resolve_epoch_intervals`).
+            self.eval_strategy, self.eval_steps = "steps", 1
+        if self.save_every_epochs is not None:
+            self.save_strategy, self.save_steps = "steps", 1
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not any(part in self.metric_for_best_model for part in _LOWER_IS_BETTER)
+        if self.gradient_checkpointing or self.activation_checkpointing:
+            # Frozen (quantized) inputs + LoRA need the non-reentrant variant (transformers #21381, #26221).
+            kwargs = self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs or {}
+            if isinstance(kwargs, str):
+                kwargs = json.loads(kwargs)
+            self.activation_checkpointing_kwargs = {"use_reentrant": False, **kwargs}
+            self.gradient_checkpointing_kwargs = None
+        self.precision_note = self._resolve_precision()
+        if self.deterministic is None:
+            self.deterministic = not (torch.cuda.is_available() and not self.use_cpu)
+        super().__post_init__()
+
+    def _resolve_precision(self) -> str:
+        """fp16 (with a grad scaler) on CUDA, bf16 where the GPU supports it, fp32 on the CPU, said out loud."""
+        on_cuda = torch.cuda.is_available() and not self.use_cpu
+        requested = "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
+        if not on_cuda:
+            self.fp16 = self.bf16 = False
+            self.dataloader_pin_memory = False  # nothing to pin for
+            if requested != "fp32":
+                note = f"{requested} was requested but there is no CUDA device: training on the CPU in fp32."
+                logger.warning(note)
+                return note
+            return "training on the CPU in fp32."
+        if self.bf16 and not torch.cuda.is_bf16_supported():
+            self.bf16, self.fp16 = False, True
+            note = "bf16 was requested but this GPU does not support it: training in fp16 with a gradient scaler."
+            logger.warning(note)
+            return note
+        if self.fp16:
+            return "training on CUDA in fp16 with a gradient scaler."
+        if self.bf16:
+            return "training on CUDA in bf16."
+        return "training on CUDA in fp32."
+
+    def resolve_epoch_intervals(self, num_update_steps_per_epoch: int) -> None:
+        """Turn `eval_every_epochs` / `save_every_epochs` into step intervals, once steps per epoch are known."""
+        if num_update_steps_per_epoch < 1:
+            raise ValueError(f"num_update_steps_per_epoch must be >= 1, got {num_update_steps_per_epoch}.")
+        if self.eval_every_epochs is not None:
+            self.eval_steps = max(1, round(self.eval_every_epochs * num_update_steps_per_epoch))
+        if self.save_every_epochs is not None:
+            self.save_steps = max(1, round(self.save_every_epochs * num_update_steps_per_epoch))
+
+    def loss_weights(self) -> dict[str, float]:
+        """The loss weights that were set (the others keep `Stage2Loss`'s defaults)."""
+        names = (
+            "spectral_weight",
+            "ndvi_weight",
+            "evi_weight",
+            "sam_weight",
+            "identity_weight",
+            "edge_weight",
+            "adversarial_weight",
+            "reconstruction_weight",
+        )
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass
+class Stage2DataArguments:
+    """Where the training data comes from and how it is prepared.
+
+    Args:
+        data_dir (`str`): NPZ tiles (`DATA_DIR/{train,val,test}/*.npz`, converted once to Arrow and cached) or a
+            `DatasetDict` saved with `save_to_disk`.
+        stage1_dir (`str`, *optional*): Stage 1 outputs (`<tile>.npz` with `opt_v1`); without it `opt_v1` is
+            synthesised from the target by the data builders' degradation.
+        max_samples (`int`, *optional*): use only the first N training tiles.
+        max_eval_samples (`int`, *optional*): use only the first N validation tiles.
+        input_mode (`str`, *optional*): how `opt_v1` is made: `"synthetic"` (degraded target, the default without
+            `stage1_dir`), `"stage1"` (the default with it) or `"identity"`.
+        dataset_seed (`int`, defaults to 0): seed of the synthetic degradation.
+        dataset_cache_dir (`str`, *optional*): where converted datasets are cached (default: `OUTPUT_DIR/_dataset`).
+        augment (`bool`, defaults to `True`): random flips / 90-degree rotations of the training tiles.
+        brightness_augment (`list[float]`, *optional*): `[low, high]`: each training tile (target and opt_v1) is
+            multiplied by a factor drawn log-uniformly from that range; shows the model dark scenes (water) whose
+            NDVI/EVI are the most sensitive to small absolute errors.
+        eval_split (`str`, defaults to `"val"`): the split used for validation.
+    """
+
+    data_dir: str | None = field(
+        default=None, metadata={"help": "NPZ tiles folder (converted once, cached) or a saved Arrow DatasetDict."}
+    )
+    stage1_dir: str | None = field(default=None, metadata={"help": "Stage 1 outputs (<tile>.npz with opt_v1)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training tiles."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation tiles."})
+    input_mode: str | None = field(
+        default=None,
+        metadata={"help": "How opt_v1 is made: synthetic (default without --stage1_dir), stage1 (default with it) "
+                          "or identity.", "choices": ("synthetic", "stage1", "identity")},
+    )
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the synthetic opt_v1 degradation."})
+    dataset_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache of converted datasets (default: OUTPUT_DIR/_dataset)."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Random flips and 90-degree rotations of training tiles."})
+    brightness_augment: list[float] | None = field(
+        default=None,
+        metadata={"help": "LOW HIGH: multiply each training tile (target and opt_v1) by a factor drawn log-uniformly "
+                          "from [LOW, HIGH] (exposure augmentation; unset: off)."},
+    )
+    eval_split: str = field(default="val", metadata={"help": "Split used for validation."})
+
+    def __post_init__(self):
+        if self.brightness_augment is not None and (
+            len(self.brightness_augment) != 2 or not 0 < self.brightness_augment[0] <= self.brightness_augment[1]
+        ):
+            raise ValueError(f"brightness_augment must be LOW HIGH with 0 < LOW <= HIGH, got {self.brightness_augment}.")
+        for name in ("max_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {value}.")
+
+
+def num_update_steps_per_epoch(num_samples: int, per_device_batch_size: int, world_size: int, accumulation: int,
+                               drop_last: bool = False) -> int:
+    """Optimizer steps in one epoch, as the Trainer counts them (the last partial accumulation still steps)."""
+    batches = num_samples // per_device_batch_size if drop_last else math.ceil(num_samples / per_device_batch_size)
+    batches_per_process = math.ceil(batches / world_size)
+    return max(1, math.ceil(batches_per_process / accumulation))

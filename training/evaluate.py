@@ -1,0 +1,128 @@
+"""Evaluate a trained refiner on a dataset split: metrics of the refined output and of `opt_v1` side by side.
+
+    stage2-evaluate --model runs/demo/best --data data/sample/tiles [--split val] [--stage1_dir S] [--json FILE]
+
+`--model` is a folder written by training (`best/`, a checkpoint, `save_trained_model`) or a full refiner folder
+(`save_pretrained` / `export_merged_model`), or a Hub repo id. `--data` is NPZ tiles (converted to Arrow in a
+temporary folder, or in `--cache_dir`) or a saved Arrow `DatasetDict`. Prints a table; `--json FILE` writes
+`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` with `ndvi_rmse`, `evi_rmse`, `sam`, `identity_l1`,
+`edge_l1`, `psnr`, `ssim` in each object.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stage2-evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="trained model folder (best/, checkpoint) or Hub repo id")
+    parser.add_argument("--data", required=True, help="NPZ tiles folder or saved Arrow DatasetDict")
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--stage1_dir", default=None, help="Stage 1 outputs (<tile>.npz with opt_v1) for NPZ tiles")
+    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--quantization", default="none", choices=("8bit", "4bit", "none"),
+                        help="how to load the frozen base of an adapter folder (default: none)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N tiles")
+    parser.add_argument("--input_mode", default=None, choices=("synthetic", "stage1", "identity"),
+                        help="how opt_v1 is made for NPZ tiles (default: synthetic, or stage1 with --stage1_dir)")
+    parser.add_argument("--dataset_seed", type=int, default=0, help="seed of the synthetic opt_v1 degradation")
+    parser.add_argument("--cache_dir", default=None, help="keep the converted NPZ dataset here (default: temporary)")
+    return parser
+
+
+def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None,
+               max_samples=None):
+    """A dataset split with the evaluation transform (tensors), from Arrow or NPZ tiles."""
+    from data_builders import make_eval_transform
+    from datasets import load_from_disk
+
+    from training.train import dataset_cache_key, is_arrow_dataset
+    from training.trainer import BATCH_COLUMNS
+
+    path = Path(data)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such folder.")
+    if is_arrow_dataset(path):
+        dataset_dict = load_from_disk(str(path))
+    else:
+        from data_builders import build_dataset
+
+        root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="stage2-evaluate-"))
+        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed)
+        if not is_arrow_dataset(target):
+            root.mkdir(parents=True, exist_ok=True)
+            build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed)
+        dataset_dict = load_from_disk(str(target))
+    if split not in dataset_dict:
+        raise ValueError(f"{data}: no {split!r} split (it has {sorted(dataset_dict)}).")
+    dataset = dataset_dict[split]
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"{data}: split {split!r} is empty.")
+    dataset = dataset.select_columns([name for name in BATCH_COLUMNS if name in dataset.column_names])
+    dataset.set_transform(make_eval_transform())
+    return dataset
+
+
+@torch.no_grad()
+def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: bool = True) -> dict:
+    """`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` of `model` on `dataset` (items with tensors)."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import default_data_collator
+
+    from training.metrics import MetricAccumulator
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    accumulator = MetricAccumulator()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=default_data_collator)
+    for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
+        opt_v1 = batch["opt_v1"].to(device)
+        refined = model(opt_v1=opt_v1, month=batch["month"].to(device), biome=batch["biome"].to(device)).refined
+        accumulator.update(refined.float().cpu(), batch["target"].float(), batch["opt_v1"].float(),
+                           batch.get("valid_mask"))
+    return accumulator.compute()
+
+
+def write_json(path: str | os.PathLike, results: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    from modeling_stage2 import load_trained_model
+
+    from training.metrics import format_metrics_table
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.batch_size < 1:
+        raise SystemExit("--batch_size must be >= 1")
+    dataset = load_split(args.data, args.split, args.stage1_dir, args.input_mode, args.dataset_seed, args.cache_dir,
+                         args.max_samples)
+    model = load_trained_model(args.model, quantization=args.quantization,
+                               device=device if args.quantization == "none" else None)
+    results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device)
+    print(f"Model {args.model} on {args.data} [{args.split}]")
+    print(format_metrics_table(results))
+    if args.json:
+        write_json(args.json, results)
+        print(f"Wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,689 @@
+"""`Stage2Trainer`: the `transformers.Trainer` of the Stage 2 refiner.
+
+What it adds to the Trainer (which keeps the optimizer, warmup/cosine schedule, gradient clipping, gradient
+accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushes):
+
+- `compute_loss` (trl's signature) runs the refiner and `training.losses.Stage2Loss`, returns the weighted total
+  and records every component; the overridden `log()` averages them (over steps and processes) into the logs.
+- A PatchGAN discriminator with its own AdamW, trained on detached fakes. Its gradients accumulate like the
+  generator's and it steps only on gradient-accumulation boundaries (diffusers#4046), every
+  `disc_update_interval` optimizer steps, at `disc_learning_rate_ratio` times the generator's scheduled learning
+  rate. Under DDP it is not wrapped with the generator: its gradients are all-reduced (averaged) by hand.
+  Its weights (safetensors) and optimizer state (safetensors + JSON) are in every checkpoint and restored on resume.
+- A non-finite loss or gradient never reaches the weights: the optimizer step is skipped (grads dropped; with an
+  fp16 grad scaler, the scaler skips it), counted (`nonfinite_skipped_steps`) and logged.
+- Evaluation computes `training.metrics` for the refined output and for `opt_v1` (the do-nothing baseline):
+  `eval_refined_<metric>`, `eval_opt_v1_<metric>`, `eval_n_tiles`, `eval_loss`; when the metric named by
+  `metric_for_best_model` improves, the model is written to `OUTPUT_DIR/best` (`save_trained_model`, atomic).
+- Checkpoints get a completion marker written last; `find_latest_checkpoint` (used by `--resume latest`) only
+  returns checkpoints that have it, and torn ones left by a killed process are removed when training starts.
+"""
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, default_data_collator
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+
+from .args import Stage2TrainingArguments, num_update_steps_per_epoch
+from .callbacks import EpochLoggingCallback, JsonlLoggerCallback, Stage2TensorBoardCallback, write_png, render_preview
+
+logger = logging.getLogger(__name__)
+
+MODEL_INPUT_COLUMNS = ("opt_v1", "month", "biome")
+BATCH_COLUMNS = ("target", "opt_v1", "month", "biome", "valid_mask")
+CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
+DISC_OPTIMIZER_TENSORS = "discriminator_optimizer.safetensors"
+DISC_OPTIMIZER_META = "discriminator_optimizer.json"
+TRAINER_EXTRA_STATE = "stage2_trainer_state.json"
+BEST_DIR_NAME = "best"
+METRICS_NAME = "metrics.json"
+TRAINING_CONFIG_NAME = "training_config.json"
+PREVIEW_NAME = "preview.png"
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """True when `path` has the completion marker and every file it lists, with the recorded size."""
+    marker = Path(path) / CHECKPOINT_COMPLETE_NAME
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((Path(path) / name).is_file() and (Path(path) / name).stat().st_size == size for name, size in files.items())
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    if not path.is_dir() or not path.name.startswith(prefix) or not path.name[len(prefix):].isdigit():
+        return None
+    return int(path.name[len(prefix):])
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every `checkpoint-N` folder of `output_dir`, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(_checkpoint_step(path), path) for path in folder.iterdir()]
+    return sorted((step, path, is_complete_checkpoint(path)) for step, path in found if step is not None)
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint of `output_dir` (torn ones, without the marker, are never returned)."""
+    complete = [path for _, path, ok in list_checkpoints(output_dir) if ok]
+    return str(complete[-1]) if complete else None
+
+
+def resolve_resume_checkpoint(value, output_dir: str | os.PathLike) -> str | None:
+    """`--resume`: None/False -> None; "latest"/True -> newest complete checkpoint (None if there is none);
+    a path -> that checkpoint, which must be complete."""
+    if value in (None, False, "", "none", "None"):
+        return None
+    if value is True or str(value).lower() in ("latest", "last", "true"):
+        latest = find_latest_checkpoint(output_dir)
+        if latest is None:
+            logger.warning(f"--resume latest: no complete checkpoint in {output_dir}; starting from scratch.")
+        return latest
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {value}: no such checkpoint folder.")
+    if not is_complete_checkpoint(path):
+        raise ValueError(
+            f"--resume {value}: the checkpoint is incomplete (no valid {CHECKPOINT_COMPLETE_NAME}; it was torn by an "
+            "interrupted save). Resume from an earlier checkpoint or use --resume latest."
+        )
+    return str(path)
+
+
+def _write_json_atomically(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- optimizer state
+def optimizer_state_to_safetensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a torch optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            name = f"state.{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().contiguous().cpu()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_state_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = defaultdict(dict)
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        _, index, key = name.split(".", 2)
+        state[int(index)][key] = value
+    param_groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in meta["param_groups"]]
+    return {"state": dict(state), "param_groups": param_groups}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def build_loss(args: Stage2TrainingArguments):
+    from .losses import Stage2Loss
+
+    weights = args.loss_weights()
+    return Stage2Loss(**weights)
+
+
+def build_discriminator(args: Stage2TrainingArguments):
+    from .discriminator import PatchDiscriminator
+
+    return PatchDiscriminator(in_channels=4, base_channels=args.disc_base_channels, num_layers=args.disc_num_layers)
+
+
+@contextmanager
+def _frozen(module: torch.nn.Module):
+    """Gradients flow through `module` to its input but not into its parameters."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(module.parameters(), flags):
+            parameter.requires_grad_(flag)
+
+
+def _masked(image: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
+    """Invalid target pixels set to 0 in both real and fake images, so the discriminator cannot use them."""
+    if valid_mask is None:
+        return image
+    return torch.where(valid_mask[:, None], image, torch.zeros((), dtype=image.dtype, device=image.device))
+
+
+def _component_name(name: str) -> str:
+    return name.replace("/", "_")
+
+
+def _nonfinite(tensors) -> bool:
+    """True if any tensor holds inf or NaN (one reduction, one host sync)."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return False
+    return not bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)]).sum()))
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Rows of a data-builders split as tensors, optionally with the training augmentation.
+
+    `dataset` is a `datasets.Dataset` (read in numpy format, which is much faster than `set_transform`'s
+    Python lists); `transform` is `data_builders.make_train_transform()` / `make_eval_transform()`. Each row is
+    transformed under its own torch RNG seeded by (seed, epoch, row index): a row gets the same flip/rotation
+    whatever the batch size, the number of processes or the order in which the data loader prefetches rows, so
+    resumed, accumulated and distributed runs see exactly the augmentations of an uninterrupted single run.
+    The trainer calls `set_epoch` at the start of each epoch.
+
+    `brightness_range=(low, high)` also multiplies `target` and `opt_v1` of a row by one factor drawn
+    log-uniformly from that range (an exposure augmentation: it shows the refiner dark scenes such as water, whose
+    indices are the most sensitive to small absolute errors, even when the training tiles have few of them).
+    """
+
+    def __init__(self, dataset, transform, seed: int = 0, columns=BATCH_COLUMNS, brightness_range=None):
+        self.columns = [name for name in columns if name in dataset.column_names]
+        self.dataset = dataset.with_format("numpy", columns=self.columns)
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+        if brightness_range is not None:
+            low, high = (float(v) for v in brightness_range)
+            if not 0 < low <= high:
+                raise ValueError(f"brightness_range must be (low, high) with 0 < low <= high, got {brightness_range}.")
+            brightness_range = (low, high)
+        self.brightness_range = brightness_range
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _row_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch * 7_919 + int(index) * 104_729) % (2**63 - 1)
+
+    def __getitems__(self, indices) -> list[dict]:
+        batch = self.dataset[list(indices)]
+        rows = []
+        for position, index in enumerate(indices):
+            single = {name: batch[name][position:position + 1] for name in self.columns}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._row_seed(index))
+                out = self.transform(single)
+                if self.brightness_range is not None:
+                    low, high = self.brightness_range
+                    factor = math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(())))
+                    for name in ("target", "opt_v1"):
+                        out[name] = out[name] * factor
+            rows.append({name: value[0] for name, value in out.items()})
+        return rows
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+class _EpochCallback(TrainerCallback):
+    """Tells the training dataset which epoch starts (for its per-row augmentation seeds)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
+
+
+class Stage2Trainer(Trainer):
+    """Trainer of the Stage 2 refiner. See the module docstring for what it adds.
+
+    Args:
+        model: the `peft.PeftModel` of `modeling_stage2.build_trainable_model` (or any module whose
+            `forward(opt_v1, month, biome)` returns an object with `.refined`).
+        args (`Stage2TrainingArguments`): training arguments.
+        train_dataset, eval_dataset: datasets whose items hold `target`, `opt_v1`, `month`, `biome`, `valid_mask`
+            as tensors (e.g. the data builders' Arrow splits with `make_train_transform` / `make_eval_transform`).
+        loss_fn: the generator objective (default `Stage2Loss` with the weights set in `args`).
+        discriminator: the PatchGAN (default: built from `args`; none when the adversarial weight is 0).
+        preview_tiles: how many validation tiles the previews show.
+        training_config: settings recorded in `best/training_config.json` (and the model card).
+        Other keyword arguments go to `transformers.Trainer`.
+    """
+
+    # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args: Stage2TrainingArguments | None = None, train_dataset=None, eval_dataset=None,
+                 *, loss_fn=None, discriminator=None, preview_tiles: int = 4, training_config: dict | None = None,
+                 data_collator=None, callbacks=None, **kwargs):
+        if args is None:
+            raise ValueError("Stage2Trainer needs Stage2TrainingArguments (args=...).")
+        if getattr(args, "deterministic", False):
+            # Before anything runs: some CPU backward kernels (index_put with accumulation) are otherwise
+            # thread-order dependent, and resumed runs would not be bit-identical.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if args.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns must be False: `target` and `valid_mask` are not forward arguments of the "
+                "refiner and the Trainer would drop them."
+            )
+        self.loss_fn = loss_fn if loss_fn is not None else build_loss(args)
+        adversarial = float(getattr(self.loss_fn, "adversarial_weight", 0.0)) > 0
+        if discriminator is None and adversarial:
+            discriminator = build_discriminator(args)
+        self.discriminator = discriminator if adversarial else None
+        self.preview_tiles = preview_tiles
+        self.training_config = dict(training_config or {})
+        super().__init__(model=model, args=args, data_collator=data_collator or default_data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
+
+        self._metrics = {"train": defaultdict(list)}
+        self._step_has_nonfinite = False
+        self._pending_disc = None
+        self._resume_checkpoint = None
+        self.nonfinite_skipped_steps = 0
+        self.disc_skipped_steps = 0
+        self.disc_steps = 0
+        self.eval_preview = None
+        self.last_eval_results = None
+        self.disc_optimizer = None
+        if self.discriminator is not None:
+            self.discriminator.to(self.args.device)
+            self.disc_optimizer = torch.optim.AdamW(
+                self.discriminator.parameters(), lr=self.args.learning_rate * self.args.disc_learning_rate_ratio,
+                betas=(0.5, 0.999), weight_decay=0.0,
+            )
+        if "tensorboard" in (self.args.report_to or []):
+            self.remove_callback(TensorBoardCallback)
+            self.add_callback(Stage2TensorBoardCallback(preview_source=lambda: self.eval_preview,
+                                                        max_tiles=preview_tiles))
+        self.add_callback(JsonlLoggerCallback())
+        self.add_callback(EpochLoggingCallback())
+        if hasattr(train_dataset, "set_epoch"):
+            self.add_callback(_EpochCallback(train_dataset))
+        if train_dataset is not None and hasattr(train_dataset, "__len__"):
+            self.args.resolve_epoch_intervals(num_update_steps_per_epoch(
+                len(train_dataset), self.args.per_device_train_batch_size, self.args.world_size,
+                self.args.gradient_accumulation_steps, drop_last=self.args.dataloader_drop_last))
+        logger.warning(f"Stage 2 training precision: {getattr(self.args, 'precision_note', 'see TrainingArguments')}")
+
+    # --------------------------------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, with `resume_from_checkpoint="latest"`/True meaning the newest *complete* checkpoint."""
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if self.args.should_save:
+            self._remove_torn_checkpoints()
+        self._resume_checkpoint = resume
+        return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                             **kwargs)
+
+    def _remove_torn_checkpoints(self) -> None:
+        for step, path, complete in list_checkpoints(self.args.output_dir):
+            if not complete:
+                logger.warning(f"Removing {path}: an incomplete checkpoint left by an interrupted save.")
+                shutil.rmtree(path, ignore_errors=True)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        opt_v1 = inputs["opt_v1"]
+        target = inputs["target"]
+        valid_mask = inputs.get("valid_mask")
+        outputs = model(**{name: inputs[name] for name in MODEL_INPUT_COLUMNS})
+        refined = outputs.refined.float()
+        fake_scores = None
+        if self.discriminator is not None and model.training:
+            with _frozen(self.discriminator):
+                fake_scores = self.discriminator(_masked(refined, valid_mask))
+        loss, components = self.loss_fn(refined, target.float(), opt_v1.float(), valid_mask=valid_mask,
+                                        fake_scores=fake_scores)
+        if model.training:
+            self._pending_components = components
+            if self.discriminator is not None:
+                self._pending_disc = (target.float(), refined.detach(), valid_mask)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._pending_components = None
+        self._pending_disc = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = bool(torch.isfinite(loss))
+        if finite and self._pending_components is not None:
+            for name, value in self._pending_components.items():
+                self._metrics["train"][_component_name(name)].append(value.detach().float())
+        elif not finite:
+            self._step_has_nonfinite = True
+        if self._pending_disc is not None and self.state.global_step % self.args.disc_update_interval == 0:
+            self._discriminator_backward(*self._pending_disc)
+        self._pending_disc = None
+        if self.accelerator.sync_gradients:
+            self._end_of_accumulation(model)
+        return loss
+
+    def _discriminator_backward(self, real: torch.Tensor, fake: torch.Tensor, valid_mask) -> None:
+        from .losses import lsgan_discriminator_loss
+
+        real_scores = self.discriminator(_masked(real, valid_mask))
+        fake_scores = self.discriminator(_masked(fake, valid_mask))
+        loss, components = lsgan_discriminator_loss(real_scores, fake_scores, valid_mask)
+        if not torch.isfinite(loss):
+            self._step_has_nonfinite = True
+            return
+        (loss / self.current_gradient_accumulation_steps).backward()
+        for name, value in components.items():
+            self._metrics["train"][_component_name(name)].append(value.detach().float())
+        self._metrics["train"]["adversarial_real_score"].append(real_scores.detach().float().mean())
+        self._metrics["train"]["adversarial_fake_score"].append(fake_scores.detach().float().mean())
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.args.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def _end_of_accumulation(self, model) -> None:
+        """On the accumulation boundary, before the Trainer clips and steps: drop a poisoned generator step and
+        step the discriminator."""
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        poisoned = self._any_process(self._step_has_nonfinite or _nonfinite(p.grad for p in parameters))
+        self._step_has_nonfinite = False
+        if poisoned:
+            self.nonfinite_skipped_steps += 1
+            logger.warning(
+                f"Non-finite loss or gradient at step {self.state.global_step + 1}: the optimizer step is skipped "
+                f"({self.nonfinite_skipped_steps} skipped so far)."
+            )
+            if getattr(self.accelerator, "scaler", None) is not None:
+                # The grad scaler skips steps with inf/NaN gradients (and lowers its scale); make sure it sees them.
+                for p in parameters:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            else:
+                for p in parameters:
+                    p.grad = None  # AdamW leaves parameters without gradients untouched (no moment or decay update)
+        if self.discriminator is not None and self.state.global_step % self.args.disc_update_interval == 0:
+            self._discriminator_step(skip=poisoned)
+
+    def _discriminator_step(self, skip: bool) -> None:
+        parameters = [p for p in self.discriminator.parameters() if p.grad is not None]
+        if parameters and self.accelerator.num_processes > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in parameters])
+            torch.distributed.all_reduce(flat)
+            flat /= self.accelerator.num_processes
+            offset = 0
+            for p in parameters:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        if skip or not parameters or _nonfinite(p.grad for p in parameters):
+            self.disc_skipped_steps += 1
+        else:
+            lr = self._get_learning_rate() * self.args.disc_learning_rate_ratio
+            for group in self.disc_optimizer.param_groups:
+                group["lr"] = lr
+            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm)
+            self.disc_optimizer.step()
+            self.disc_steps += 1
+        self.disc_optimizer.zero_grad(set_to_none=True)
+
+    # --------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (every process gets here together)
+            logs.update(self._reduced_train_metrics())
+            counters = torch.tensor([float(self._cpu_fallback_count())], device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                torch.distributed.all_reduce(counters)
+            logs["cpu_fallback_count"] = int(counters[0].item())
+            logs["nonfinite_skipped_steps"] = self.nonfinite_skipped_steps
+            if self.discriminator is not None:
+                logs["disc_steps"] = self.disc_steps
+        super().log(logs, start_time)
+
+    def _reduced_train_metrics(self) -> dict[str, float]:
+        recorded = self._metrics["train"]
+        names = sorted(recorded)
+        if not names:
+            return {}
+        means = torch.stack([torch.stack(recorded[name]).mean() for name in names]).to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        recorded.clear()
+        return {name: round(float(value), 6) for name, value in zip(names, means.tolist())}
+
+    def _cpu_fallback_count(self) -> int:
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return int(getattr(base, "cpu_fallback_count", 0))
+
+    # --------------------------------------------------------------------------------------- evaluation
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval") -> EvalLoopOutput:
+        from .metrics import MetricAccumulator, paired_tile_statistics
+
+        model = self._wrap_model(self.model, training=False)
+        if len(self.accelerator._models) == 0 and model is self.model:
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            if model is not self.model:
+                self.model_wrapped = model
+        model.eval()
+        self.callback_handler.eval_dataloader = dataloader
+        accumulator = MetricAccumulator()
+        loss_sum, tiles = 0.0, 0
+        preview = {"opt_v1": [], "refined": [], "target": []}
+        for inputs in dataloader:
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                refined = model(**{name: inputs[name] for name in MODEL_INPUT_COLUMNS}).refined.float()
+            target, opt_v1 = inputs["target"].float(), inputs["opt_v1"].float()
+            valid_mask = inputs.get("valid_mask")
+            # Per-tile statistics and losses, so that gather_for_metrics drops the padding duplicates of DDP.
+            statistics = paired_tile_statistics(refined, target, opt_v1, valid_mask)
+            losses = torch.stack([
+                self.loss_fn(refined[i:i + 1], target[i:i + 1], opt_v1[i:i + 1],
+                             valid_mask=None if valid_mask is None else valid_mask[i:i + 1])[0].detach().float()
+                for i in range(refined.shape[0])
+            ])
+            statistics, losses = self.accelerator.gather_for_metrics((statistics, losses))
+            accumulator.add_statistics(statistics)
+            loss_sum += float(losses.double().sum())
+            tiles += int(losses.numel())
+            kept = sum(len(a) for a in preview["target"])
+            if kept < self.preview_tiles:
+                for name, tensor in (("opt_v1", opt_v1), ("refined", refined), ("target", target)):
+                    preview[name].append(tensor[: self.preview_tiles - kept].cpu().numpy())
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+        if tiles == 0:
+            raise ValueError("The evaluation dataset is empty: give a non-empty validation split.")
+        results = accumulator.compute()
+        self.last_eval_results = results
+        self.eval_preview = {name: np.concatenate(parts) for name, parts in preview.items()}
+        metrics = {f"{metric_key_prefix}_loss": loss_sum / tiles, f"{metric_key_prefix}_n_tiles": tiles}
+        for group in ("refined", "opt_v1"):
+            for name, value in results[group].items():
+                metrics[f"{metric_key_prefix}_{group}_{name}"] = float(value)
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=tiles)
+
+    # --------------------------------------------------------------------------------------- best model
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        is_new_best = super()._determine_best_metric(metrics, trial)
+        if is_new_best and self.args.should_save:
+            self.save_best_model(metrics)
+        return is_new_best
+
+    @property
+    def best_model_dir(self) -> Path:
+        return Path(self.args.output_dir) / BEST_DIR_NAME
+
+    def save_best_model(self, metrics: dict | None = None) -> Path:
+        """Write the current model to `OUTPUT_DIR/best` (`save_trained_model`), with `metrics.json` (the
+        `stage2-evaluate --json` format), `training_config.json` and `preview.png`. Atomic: the folder is replaced
+        only once complete."""
+        from modeling_stage2.adapters import save_trained_model
+
+        best = self.best_model_dir
+        staging = Path(tempfile.mkdtemp(prefix=".best.tmp-", dir=self.args.output_dir)) / BEST_DIR_NAME
+        try:
+            save_trained_model(self.accelerator.unwrap_model(self.model), staging)
+            if self.last_eval_results is not None:
+                results = {"refined": self.last_eval_results["refined"], "opt_v1": self.last_eval_results["opt_v1"],
+                           "n_tiles": int(self.last_eval_results["n_tiles"]), "global_step": self.state.global_step,
+                           "epoch": self.state.epoch}
+                _write_json_atomically(staging / METRICS_NAME, results)
+            _write_json_atomically(staging / TRAINING_CONFIG_NAME, self.training_config_record())
+            if self.eval_preview is not None:
+                grids = render_preview(self.eval_preview["opt_v1"], self.eval_preview["refined"],
+                                       self.eval_preview["target"], self.preview_tiles)
+                write_png(staging / PREVIEW_NAME, grids["combined"])
+            retired = staging.parent / "old"
+            if best.exists():
+                best.rename(retired)
+            staging.rename(best)
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+        logger.info(f"New best model ({self.args.metric_for_best_model}={self.state.best_metric}) saved to {best}.")
+        return best
+
+    def training_config_record(self) -> dict:
+        args = self.args
+        record = {
+            "backbone_preset": args.backbone_preset,
+            "backbone_weights": args.backbone_weights,
+            "quantization": args.quantization,
+            "lora_r": args.lora_r,
+            "lora_alpha": args.lora_alpha,
+            "lora_dropout": args.lora_dropout,
+            "lora_target_modules": list(args.lora_target_modules),
+            "unfreeze_last_n_blocks": args.unfreeze_last_n_blocks,
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+            "num_train_epochs": args.num_train_epochs,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size,
+            "max_grad_norm": args.max_grad_norm,
+            "precision": args.precision_note,
+            "loss_weights": {k: getattr(self.loss_fn, k) for k in ("spectral_weight", "identity_weight",
+                             "adversarial_weight", "reconstruction_weight") if hasattr(self.loss_fn, k)},
+            "disc_learning_rate_ratio": args.disc_learning_rate_ratio if self.discriminator is not None else None,
+            "disc_update_interval": args.disc_update_interval if self.discriminator is not None else None,
+            "global_step": self.state.global_step,
+            "seed": args.seed,
+        }
+        record.update(self.training_config)
+        return record
+
+    def load_best_model(self) -> bool:
+        """Put the weights of `best/` back into the model being trained (like `load_best_model_at_end`)."""
+        best = self.best_model_dir
+        if not (best / "adapter_model.safetensors").is_file():
+            return False
+        model = self.accelerator.unwrap_model(self.model)
+        model.load_adapter(str(best), adapter_name=model.active_adapter, is_trainable=True)
+        return True
+
+    # --------------------------------------------------------------------------------------- saving
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Checkpoints and the final model in `save_trained_model`'s layout (adapter + refiner config + base
+        source), so any of them loads with `load_trained_model` and resumes with the Trainer's adapter loading."""
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        from peft import PeftModel
+
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return super()._save(str(output_dir), state_dict=state_dict)
+        from modeling_stage2.adapters import save_trained_model
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=output_dir)) / "model"
+        try:
+            save_trained_model(model, staging)
+            for item in staging.iterdir():
+                os.replace(item, output_dir / item.name)
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+        (output_dir / "training_args.json").write_text(self.args.to_json_string())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir)
+        if self.discriminator is not None:
+            self.discriminator.save_pretrained(folder)
+            tensors, meta = optimizer_state_to_safetensors(self.disc_optimizer.state_dict())
+            save_file(tensors, str(folder / DISC_OPTIMIZER_TENSORS), metadata={"format": "pt"})
+            _write_json_atomically(folder / DISC_OPTIMIZER_META, meta)
+        _write_json_atomically(folder / TRAINER_EXTRA_STATE, {
+            "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
+            "disc_skipped_steps": self.disc_skipped_steps,
+            "disc_steps": self.disc_steps,
+        })
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        folder = Path(checkpoint)
+        extra = folder / TRAINER_EXTRA_STATE
+        if extra.is_file():
+            counters = json.loads(extra.read_text())
+            self.nonfinite_skipped_steps = int(counters.get("nonfinite_skipped_steps", 0))
+            self.disc_skipped_steps = int(counters.get("disc_skipped_steps", 0))
+            self.disc_steps = int(counters.get("disc_steps", 0))
+        if self.discriminator is None:
+            return
+        from .discriminator import WEIGHTS_NAME, PatchDiscriminator
+
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{folder / WEIGHTS_NAME} is missing: this checkpoint has no discriminator, but this run trains one "
+                "(adversarial_weight > 0). Resume with the settings the checkpoint was made with."
+            )
+        saved = PatchDiscriminator.from_pretrained(folder)
+        self.discriminator.load_state_dict(saved.state_dict())
+        meta = json.loads((folder / DISC_OPTIMIZER_META).read_text())
+        tensors = load_file(str(folder / DISC_OPTIMIZER_TENSORS), device=str(self.args.device))
+        self.disc_optimizer.load_state_dict(optimizer_state_from_safetensors(tensors, meta))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then (after every process wrote its part) the completion marker."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            shutil.rmtree(folder)  # a torn checkpoint of an interrupted run at the same step
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and folder.is_dir():
+            files = {item.name: item.stat().st_size for item in sorted(folder.iterdir()) if item.is_file()}
+            _write_json_atomically(folder / CHECKPOINT_COMPLETE_NAME,
+                                   {"global_step": self.state.global_step, "files": files})
+
+    # --------------------------------------------------------------------------------------- Hub
+    def create_model_card(self, **kwargs) -> None:
+        """The project's model card (`model_cards.write_model_card`) instead of the Trainer's generic one."""
+        if not self.is_world_process_zero():
+            return
+        from model_cards.cards import write_model_card
+
+        folder = Path(self.args.output_dir)
+        best = self.best_model_dir
+        for name in (METRICS_NAME, TRAINING_CONFIG_NAME, PREVIEW_NAME):
+            if (best / name).is_file():
+                shutil.copyfile(best / name, folder / name)
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        write_model_card(folder, repo_id=repo_id) if repo_id else write_model_card(folder)
