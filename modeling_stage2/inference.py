@@ -497,7 +497,7 @@ def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
     return to_reflectance(opt_v1, input_scale, f"{path}: key 'opt_v1'")
 
 
-def read_tile(path: Path, relative: Path, stage1_dir: Path | None, input_scale: str = "auto") -> _Tile:
+def _read_tile(path: Path, relative: Path, stage1_dir: Path | None, input_scale: str = "auto") -> _Tile:
     """One tile: its model input (Stage 1 opt_v1, or the S2 bands without Stage 1), target and metadata."""
     arrays = _load_npz(path)
     bands = _tile_bands(arrays, path, input_scale)
@@ -620,7 +620,7 @@ def refine_tiles(
             for path in paths[chunk_start : chunk_start + batch_size]:
                 relative = path.relative_to(input_dir)
                 try:
-                    tiles.append(read_tile(path, relative, stage1, input_scale))
+                    tiles.append(_read_tile(path, relative, stage1, input_scale))
                 except InferenceInputError as error:
                     if strict:
                         raise
