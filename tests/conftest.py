@@ -19,8 +19,6 @@ def _seed_everything():
     import numpy as np
     import torch
 
-    # Tiny tensors: one thread is faster than two fighting over 2 cores, and reproducible.
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     np.random.seed(0)
     yield

@@ -1,11 +1,12 @@
 """`--push_to_hub --hub_model_id` during training, through the Trainer's own mechanism, against the loopback Hub."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 from _hub_helpers import hub_server  # noqa: F401  (fixture)
 from _training_helpers import write_config
-
-from training.train import parse_args, run_training
 
 
 def test_push_to_hub_during_training_uploads_a_loadable_model(hub_server, tmp_path, sample_tiles_dir):  # noqa: F811
@@ -16,11 +17,13 @@ def test_push_to_hub_during_training_uploads_a_loadable_model(hub_server, tmp_pa
     repo_id = f"{hub_server.user}/stage2-tiny"
     config = write_config(tmp_path / "c.yaml", num_train_epochs=1, eval_every_epochs=1, save_every_epochs=1)
     out = tmp_path / "out"
-    training_args, data_args, settings = parse_args([
-        "--config", str(config), "--data_dir", str(sample_tiles_dir), "--output_dir", str(out),
-        "--push_to_hub", "true", "--hub_model_id", repo_id,
-    ])
-    run_training(training_args, data_args, settings)
+    # A fresh process, as `stage2-train` runs: it reads the loopback endpoint from the environment that the
+    # fixture set, whatever Hub clients earlier tests left behind in this process.
+    subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", str(config), "--data_dir", str(sample_tiles_dir),
+         "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", repo_id],
+        check=True, timeout=600,
+    )
 
     files = set(HfApi().list_repo_files(repo_id))
     expected = {"adapter_model.safetensors", "adapter_config.json", "config.json", "stage2_base.json", "README.md",
