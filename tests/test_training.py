@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _training_helpers import TINY_SETTINGS, SnapshotTrainable, StopAtStep, records, tensors, write_config
+from _training_helpers import (
+    RESUME_SETTINGS,
+    TINY_SETTINGS,
+    SnapshotTrainable,
+    records,
+    tensors,
+    train_run,
+    write_config,
+)
 
 from training.args import Stage2TrainingArguments, num_update_steps_per_epoch
 from training.train import build_model, load_config_file, load_or_build_dataset, main, parse_args, run_training
@@ -33,11 +41,7 @@ COMPONENTS = {
 }
 
 
-def _train(tmp: Path, data_dir: Path, name: str, callbacks=None, extra_argv=(), **overrides):
-    config = write_config(tmp / f"{name}.yaml", **overrides)
-    argv = ["--config", str(config), "--data_dir", str(data_dir), "--output_dir", str(tmp / name), *extra_argv]
-    training_args, data_args, settings = parse_args(argv)
-    return run_training(training_args, data_args, settings, callbacks=callbacks)
+_train = train_run
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -273,17 +277,17 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- resume
-RESUME_SETTINGS = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_samples=4,
-                       save_every_epochs=0.5, eval_every_epochs=1, lora_dropout=0.1, save_total_limit=None,
-                       refiner_config_overrides={"head_width": 16, "num_convnext_blocks": 2, "drop_path_rate": 0.2})
-
-
+# Every compared run happens in a fresh process with MKL_CBWR=AUTO (set by training/train.py and by the helper
+# script): in a process whose MKL already ran without it (other tests), identical runs can differ in the last bits.
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, sample_dataset_dir):
-    """An uninterrupted run (4 optimizer steps, a checkpoint after each) with dropout, drop-path and augmentation."""
-    tmp = tmp_path_factory.mktemp("reference")
-    _train(tmp, sample_dataset_dir, "ref", **RESUME_SETTINGS)
-    return tmp / "ref"
+def resume_runs(tmp_path_factory, sample_dataset_dir, repo_root):
+    tmp = tmp_path_factory.mktemp("resume")
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    result = subprocess.run([sys.executable, str(repo_root / "tests" / "_training_helpers.py"), "resume-scenario",
+                             str(sample_dataset_dir), str(tmp)], cwd=repo_root, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp
 
 
 def _assert_same_training(reference: Path, other: Path, final_step: int = 4):
@@ -296,58 +300,54 @@ def _assert_same_training(reference: Path, other: Path, final_step: int = 4):
     strip = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     expected = [{k: v for k, v in r.items() if k not in strip} for r in records(reference / "training_log.jsonl", "train")]
     actual = [{k: v for k, v in r.items() if k not in strip} for r in records(other / "training_log.jsonl", "train")]
+    assert [r["step"] for r in actual] == [1, 2, 3, 4]
     assert actual == expected
     val = lambda path: [r["val"] | {"runtime": 0, "samples_per_second": 0, "steps_per_second": 0}
                         for r in records(path / "training_log.jsonl", "eval")]
     assert val(other) == val(reference)
 
 
-def test_resume_mid_epoch_is_bit_identical(reference_run, tmp_path, sample_dataset_dir):
+def test_resume_mid_epoch_is_bit_identical(resume_runs):
     # Step 3 is in the middle of epoch 2 (2 optimizer steps per epoch): the hardest case for RNG and data order.
-    _train(tmp_path, sample_dataset_dir, "run", callbacks=[StopAtStep(3)], **RESUME_SETTINGS)
-    assert find_latest_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-3")
-    assert not (tmp_path / "run" / "checkpoint-4").exists()
-    trainer = _train(tmp_path, sample_dataset_dir, "run", extra_argv=["--resume", "latest"], **RESUME_SETTINGS)
-    assert trainer.state.global_step == 4 and trainer.disc_steps == 4
-    _assert_same_training(reference_run, tmp_path / "run")
+    assert json.loads((resume_runs / "mid_stopped.json").read_text()) == [f"checkpoint-{k}" for k in (1, 2, 3)]
+    resumed = json.loads((resume_runs / "mid_resumed.json").read_text())
+    assert resumed == {"resumed_from": str(resume_runs / "mid" / "checkpoint-3"), "global_step": 4, "disc_steps": 4}
+    _assert_same_training(resume_runs / "ref", resume_runs / "mid")
 
 
-def test_resume_after_sigkill_ignores_torn_checkpoint(reference_run, tmp_path, sample_dataset_dir, repo_root):
+def test_resume_after_sigkill_ignores_torn_checkpoint(resume_runs, tmp_path, sample_dataset_dir, repo_root):
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", **RESUME_SETTINGS)
     command = [sys.executable, "-m", "training.train", "--config", str(config), "--data_dir", str(sample_dataset_dir),
                "--output_dir", str(out)]
-    process = subprocess.Popen(command, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONHASHSEED": "0"})
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    process = subprocess.Popen(command, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 300
         while not is_complete_checkpoint(out / "checkpoint-2"):
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint-2 within 300 s"
-            time.sleep(0.05)
+            time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == -signal.SIGKILL
-    # A torn checkpoint newer than the last complete one (as a kill during a save leaves it).
+    # A torn checkpoint newer than the last complete one, as a kill in the middle of a save leaves it.
+    for later in ("checkpoint-3", "checkpoint-4"):
+        shutil.rmtree(out / later, ignore_errors=True)
     torn = out / "checkpoint-3"
-    if not torn.exists() or is_complete_checkpoint(torn):
-        shutil.rmtree(torn, ignore_errors=True)
-        shutil.copytree(out / "checkpoint-2", torn)
-        (torn / CHECKPOINT_COMPLETE_NAME).unlink()
-        (torn / "adapter_model.safetensors").write_bytes(b"torn")
-    shutil.rmtree(out / "checkpoint-4", ignore_errors=True)
-    latest = find_latest_checkpoint(out)
-    assert latest in (str(out / "checkpoint-2"), str(out / "checkpoint-3"))
-    if latest == str(out / "checkpoint-2"):
-        assert not is_complete_checkpoint(torn)
+    shutil.copytree(out / "checkpoint-2", torn)
+    (torn / CHECKPOINT_COMPLETE_NAME).unlink()
+    (torn / "adapter_model.safetensors").write_bytes(b"torn")
+    assert find_latest_checkpoint(out) == str(out / "checkpoint-2")
 
-    trainer = _train(tmp_path, sample_dataset_dir, "run", extra_argv=["--resume", "latest"], **RESUME_SETTINGS)
-    assert trainer._resume_checkpoint == latest
-    assert trainer.state.global_step == 4
-    _assert_same_training(reference_run, out)
+    result = subprocess.run([*command, "--resume", "latest"], cwd=repo_root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Removing" in result.stderr and "checkpoint-3" in result.stderr  # the torn one was dropped, not used
+    _assert_same_training(resume_runs / "ref", out)
 
 
 # ----------------------------------------------------------------------------------------------- training step

@@ -19,8 +19,11 @@ EVI leave little to gain; the test split is closer to the training tiles.
 """
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("MKL_CBWR", "AUTO")  # reproducible MKL results run to run (see training/train.py)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GAIN_METRICS = ("ndvi_rmse", "evi_rmse", "sam")

@@ -25,7 +25,12 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
+# Intel MKL picks code paths by memory alignment unless told otherwise, so two identical runs can differ in the
+# last bits; "AUTO" keeps MKL's fastest branch but makes it reproducible run to run (read when MKL first runs, so
+# it must be set before torch computes anything; a user's own MKL_CBWR wins).
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import yaml  # noqa: E402
 
 logger = logging.getLogger("training.train")
 
