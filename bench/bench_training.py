@@ -215,7 +215,8 @@ def render(results: list[dict], rate_gflops: float, load_start: str, load_end: s
     lines += ["", f"Machine fp32 matmul rate (2048x2048 GEMM, {results[0]['threads']} threads, best of 10): "
               f"**{rate_gflops:.1f} GFLOP/s**.", ""]
     if flops is not None:
-        lines.append(f"FLOPs of one training step on one tile (FlopCounterMode, fp32 model): **{flops / 1e9:.1f} GFLOP** "
+        lines.append("FLOPs of one training step on one tile (FlopCounterMode, fp32 model): "
+                     f"**{flops / 1e9:.1f} GFLOP** "
                      "(generator forward and backward through the frozen backbone, discriminator forward x3 and "
                      "backward x2).")
         lines.append("")
@@ -228,14 +229,22 @@ def render(results: list[dict], rate_gflops: float, load_start: str, load_end: s
     for r in results:
         lines.append(f"- {r['quantization']}: " + ", ".join(f"{s:.2f}" for s in r["step_seconds"])
                      + f" (warm-up {r['warmup_seconds']:.1f} s)")
+    by_name = {r["quantization"]: r for r in results}
+    lines += ["", "Notes:", ""]
+    if "8bit" in by_name and "none" in by_name:
+        q, f = by_name["8bit"], by_name["none"]
+        lines.append(
+            f"- 8-bit buys memory, not speed: the resident model is {q['rss_model_gib']:.2f} GiB against "
+            f"{f['rss_model_gib']:.2f} GiB in fp32, but the step is "
+            f"{f['samples_per_second'] / q['samples_per_second']:.1f}x "
+            "slower (bitsandbytes' int8 matmul on the CPU quantizes the activations and dequantizes around each "
+            "product; on GPUs LLM.int8 is also slower than fp16, bitsandbytes#490/#347). During the step the 8-bit "
+            f"process grows by {q['peak_rss_training_gib'] - q['rss_model_gib']:.2f} GiB (fp32: "
+            f"{f['peak_rss_training_gib'] - f['rss_model_gib']:.2f} GiB): transient buffers of the int8 forward and "
+            "backward, activations, gradients and the AdamW states of the trainable parameters and the "
+            "discriminator.")
     lines += [
-        "",
-        "Notes:",
-        "",
-        "- 8-bit buys memory, not speed: bitsandbytes' int8 matmul on the CPU dequantizes/requantizes around each "
-        "product, so the 8-bit step is slower than the fp32 one (on GPUs LLM.int8 is also slower than fp16, "
-        "bitsandbytes#490/#347). Peak RSS includes the Python/torch runtime (~0.5 GiB) and the optimizer states of "
-        "the trainable parameters.",
+        "- RSS includes the Python/torch runtime (~0.5 GiB).",
         "- Wall-clock rates on this shared machine vary between runs; `CPU s per step` (both threads) varies less, "
         "and on an idle machine the wall-clock rate is at best threads / (CPU s per step).",
     ]

@@ -90,6 +90,7 @@ class SnapshotTrainable(TrainerCallback):
 # Dropout, stochastic depth and augmentation on, a checkpoint after every one of the 4 optimizer steps (2 per epoch).
 RESUME_SETTINGS = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, max_samples=4,
                        save_every_epochs=0.5, eval_every_epochs=1, lora_dropout=0.1, save_total_limit=None,
+                       report_to="tensorboard",
                        refiner_config_overrides={"head_width": 16, "num_convnext_blocks": 2, "drop_path_rate": 0.2})
 
 

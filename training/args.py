@@ -111,7 +111,8 @@ class Stage2TrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Extra Stage2RefinerConfig arguments (a mapping or a JSON string)."}
     )
     quantization: str = field(
-        default="8bit", metadata={"help": "Backbone linear layers: 8bit, 4bit (NF4) or none.", "choices": QUANTIZATION_CHOICES}
+        default="8bit",
+        metadata={"help": "Backbone linear layers: 8bit, 4bit (NF4) or none.", "choices": QUANTIZATION_CHOICES},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -132,7 +133,9 @@ class Stage2TrainingArguments(TrainingArguments):
     identity_weight: float | None = field(
         default=None, metadata={"help": "Weight of the identity L1 to opt_v1 (design 0.5)."}
     )
-    edge_weight: float | None = field(default=None, metadata={"help": "Weight of the Sobel edge L1 to opt_v1 (design 0.5)."})
+    edge_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the Sobel edge L1 inside the identity group (the L1 has 1)."}
+    )
     adversarial_weight: float | None = field(
         default=None, metadata={"help": "Weight of the LSGAN generator loss (design 0.05); 0 trains no discriminator."}
     )
@@ -158,10 +161,12 @@ class Stage2TrainingArguments(TrainingArguments):
 
     # ---- intervals in epochs ----
     eval_every_epochs: float | None = field(
-        default=5.0, metadata={"help": "Validate every this many epochs (converted to eval_steps); 0: use eval_strategy."}
+        default=5.0,
+        metadata={"help": "Validate every this many epochs (converted to eval_steps); 0: use eval_strategy."},
     )
     save_every_epochs: float | None = field(
-        default=10.0, metadata={"help": "Checkpoint every this many epochs (converted to save_steps); 0: use save_strategy."}
+        default=10.0,
+        metadata={"help": "Checkpoint every this many epochs (converted to save_steps); 0: use save_strategy."},
     )
 
     def __post_init__(self):
@@ -182,7 +187,9 @@ class Stage2TrainingArguments(TrainingArguments):
         for name in ("eval_every_epochs", "save_every_epochs"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be positive, or 0 / null to use the Trainer's own strategy; got {value}.")
+                raise ValueError(
+                    f"{name} must be positive, or 0 / null to use the Trainer's own strategy; got {value}."
+                )
             if value == 0:
                 setattr(self, name, None)
         if self.eval_every_epochs is not None:
@@ -300,7 +307,9 @@ class Stage2DataArguments:
         if self.brightness_augment is not None and (
             len(self.brightness_augment) != 2 or not 0 < self.brightness_augment[0] <= self.brightness_augment[1]
         ):
-            raise ValueError(f"brightness_augment must be LOW HIGH with 0 < LOW <= HIGH, got {self.brightness_augment}.")
+            raise ValueError(
+                f"brightness_augment must be LOW HIGH with 0 < LOW <= HIGH, got {self.brightness_augment}."
+            )
         for name in ("max_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:

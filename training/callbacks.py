@@ -227,11 +227,18 @@ class Stage2TensorBoardCallback(TensorBoardCallback):
         self.preview_source = preview_source
         self.max_tiles = max_tiles
         self._warned = False
+        self._purge_step = None
+
+    def _init_summary_writer(self, args):
+        if self._SummaryWriter is not None:
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.logging_dir is None and self.tb_writer is None:
             # One folder for the whole run, resumed runs included (TensorBoard merges the event files).
             self.logging_dir = os.path.join(args.output_dir, TENSORBOARD_DIR_NAME)
+        # A resumed run hides what the interrupted run logged after its checkpoint.
+        self._purge_step = state.global_step + 1 if state.global_step > 0 else None
         super().on_train_begin(args, state, control, **kwargs)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     data_dir = _existing(args.data_dir, "--data_dir")
     config = _existing(args.config, "--config")
 
+    from model_cards.cards import write_model_card
     from modeling_stage2 import load_trained_model
     from training.evaluate import evaluate_model, load_split, write_json
     from training.metrics import format_metrics_table
@@ -87,10 +88,13 @@ def main(argv=None) -> int:
     results["gains"] = {split: gains(results[split]) for split in ("val", "test") if split in results}
     results["global_step"] = trainer.state.global_step
     write_json(output_dir / "demo_results.json", results)
+    if "test" in results:  # the card reports the held-out test tiles (best/metrics.json keeps the validation)
+        write_model_card(output_dir / "best", metrics=results["test"], split="test")
 
     for split in ("val", "test"):
         if split in results:
-            print(f"\n== {split} split (held out from training{'; used to pick the best step' if split == 'val' else ''})")
+            role = "; used to pick the best step" if split == "val" else ""
+            print(f"\n== {split} split (held out from training{role})")
             print(format_metrics_table(results[split]))
     print()
     for split, label in (("val", "validation"), ("test", "held-out test")):

@@ -258,7 +258,8 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
     trainer = Stage2Trainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
-                         "eval_tiles": len(eval_dataset), "input_mode": data_args.input_mode},
+                         "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
+                         "input_mode": data_args.input_mode},
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -277,7 +278,8 @@ def finish_run(trainer) -> None:
     if trainer.args.should_save:
         from model_cards.cards import write_model_card
 
-        write_model_card(best, repo_id=trainer.args.hub_model_id)
+        write_model_card(best, repo_id=trainer.args.hub_model_id,
+                         split=trainer.training_config.get("eval_split", "val"))
         metrics_path = best / "metrics.json"
         if metrics_path.is_file():
             from training.metrics import format_metrics_table

@@ -60,7 +60,8 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
         files = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all((Path(path) / name).is_file() and (Path(path) / name).stat().st_size == size for name, size in files.items())
+    folder = Path(path)
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -131,7 +132,8 @@ def optimizer_state_from_safetensors(tensors: dict[str, torch.Tensor], meta: dic
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         _, index, key = name.split(".", 2)
         state[int(index)][key] = value
-    param_groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in meta["param_groups"]]
+    param_groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+                    for group in meta["param_groups"]]
     return {"state": dict(state), "param_groups": param_groups}
 
 
@@ -686,4 +688,4 @@ class Stage2Trainer(Trainer):
             if (best / name).is_file():
                 shutil.copyfile(best / name, folder / name)
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
-        write_model_card(folder, repo_id=repo_id) if repo_id else write_model_card(folder)
+        write_model_card(folder, repo_id=repo_id, split=self.training_config.get("eval_split", "val"))
