@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -30,6 +29,7 @@ import torch
 
 from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
 from modeling_stage2.inference import refine_arrays, refine_scene, refine_tiles, window_starts
+from _common import cpu_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TILES = REPO_ROOT / "data" / "sample" / "tiles"
@@ -43,14 +43,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def synthetic_tiles(count: int, seed: int = 0) -> np.ndarray:

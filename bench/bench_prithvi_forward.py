@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from modeling_stage2 import PrithviConfig, PrithviEncoder
+from _common import cpu_name
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "prithvi_forward.md"
@@ -30,14 +30,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_forward(model: PrithviEncoder, pixel_values: torch.Tensor, repeats: int) -> tuple[list[float], tuple]:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from _common import cpu_name
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "refiner_memory.md"
 MODES = ("none", "8bit", "4bit")
@@ -168,14 +169,6 @@ def measure_times(repeats: int) -> dict:
 # --------------------------------------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def seconds_cell(values: list[float]) -> str:
