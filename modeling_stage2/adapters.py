@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._files import staged_folder
 from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig
 from .modeling_stage2 import Stage2RefinerModel
 
@@ -377,9 +378,7 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
     source = _base_source_of(model)
     output_dir = Path(output_dir)
     _refuse_foreign_folder(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         config = _clean_config(model.get_base_model().config)
         config.save_pretrained(staging)
@@ -387,10 +386,6 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
         (staging / BASE_SOURCE_FILE).write_text(json.dumps(source.to_json(quantization), indent=2) + "\n")
         if source.kind == "saved":
             shutil.copyfile(source.backbone_file, staging / BASE_WEIGHTS_FILE)
-        _replace_folder(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 
@@ -441,14 +436,8 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
     merged = model.merge_and_unload()
     merged.config = _clean_config(merged.config)
     merged.requires_grad_(False)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         merged.save_pretrained(staging)
-        _replace_folder(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return merged.eval()
 
 
@@ -526,16 +515,6 @@ def _refuse_foreign_folder(output_dir: Path) -> None:
         raise FileExistsError(f"{output_dir} exists and is not a folder.")
     if any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
         raise FileExistsError(f"{output_dir} holds other files; choose a new or empty folder for the model.")
-
-
-def _replace_folder(staging: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        retired = staging.with_name(staging.name + "-old")
-        output_dir.rename(retired)
-        staging.rename(output_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output_dir)
 
 
 __all__ = [

@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._files import staged_folder
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
 from .modeling_prithvi import PrithviEncoder, sincos_3d_table
 
@@ -364,20 +363,8 @@ def save_atomically(model: PrithviEncoder, output_dir: str | Path) -> Path:
                 f"{output_dir} holds other files ({others[:5]}); choose a new or empty folder for the converted "
                 "encoder."
             )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
-        if output_dir.exists():
-            retired = staging.with_name(staging.name + "-old")
-            output_dir.rename(retired)
-            staging.rename(output_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

@@ -379,3 +379,19 @@ def test_loading_errors_name_the_problem(tmp_path):
     (folder / "stage2_base.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable base description"):
         load_trained_model(folder)
+
+
+def test_staged_folder_replaces_only_on_success(tmp_path):
+    from modeling_stage2._files import staged_folder
+
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with staged_folder(target) as staging:
+            (staging / "weights").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (target / "weights").read_text() == "old"
+    with staged_folder(target) as staging:
+        (staging / "weights").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (target / "weights").read_text() == "new"
