@@ -160,7 +160,7 @@ def build_model_card(
     metrics: Mapping | None = None,
     training_config: Mapping | None = None,
     *,
-    base_model: str = DEFAULT_BASE_MODEL,
+    base_model: str | None = DEFAULT_BASE_MODEL,
     repo_id: str | None = None,
     model_name: str | None = None,
     license: str = DEFAULT_LICENSE,
@@ -184,7 +184,8 @@ def build_model_card(
         metrics: `{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` (as `stage2-evaluate --json` writes); its
             `CARD_METRICS` become `model-index` entries. None: a card without results.
         training_config: flat or nested settings shown in the training table (None values are left out).
-        base_model: Hub id of the pretrained backbone (a Prithvi-EO-2.0 repo).
+        base_model: Hub id of the pretrained backbone (a Prithvi-EO-2.0 repo); None for a randomly initialised
+            backbone (the card then names no base model).
         repo_id: where the model lives on the Hub (used in the usage snippets and as the model name).
         model_name: the `model-index` name; defaults to the repo name.
         license: SPDX-like license id of the Hub (`apache-2.0`).
@@ -205,14 +206,14 @@ def build_model_card(
     clean = validate_metrics(metrics) if metrics is not None else None
     if training_config is not None and not isinstance(training_config, Mapping):
         raise CardError(f"training_config: expected a mapping of setting -> value, got {type(training_config).__name__}")
-    if not isinstance(base_model, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
+    if base_model is not None and (not isinstance(base_model, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", base_model)):
         raise CardError(f"base_model: expected a Hub repo id OWNER/NAME, got {base_model!r}")
     dataset_ids = [datasets] if isinstance(datasets, str) else list(datasets or [])
     name = model_name or (repo_id.split("/")[-1] if repo_id else "stage2-refiner")
     tags = list(dict.fromkeys([*MODEL_TAGS, *(["peft"] if library_name == "peft" else []), *extra_tags]))
     card_data = ModelCardData(
         base_model=base_model,
-        base_model_relation="adapter" if library_name == "peft" else "finetune",
+        base_model_relation=None if base_model is None else "adapter" if library_name == "peft" else "finetune",
         license=license,
         library_name=library_name,
         pipeline_tag=TASK_TYPE,
@@ -231,7 +232,7 @@ def build_model_card(
         repo_id=repo_id or "OWNER/REPO",
         summary=_summary(library_name),
         base_model=base_model,
-        base_model_url=f"https://huggingface.co/{base_model}",
+        base_model_url=f"https://huggingface.co/{base_model}" if base_model else None,
         bands=list(model_config.get("bands") or ("B02", "B03", "B04", "B08")),
         backbone=_describe_backbone(model_config),
         adaptation=_describe_adaptation(adapter_config, model_config),
@@ -340,9 +341,11 @@ def read_json(path: Path, what: str) -> dict | None:
     return data
 
 
-def base_model_from_config(model_config: Mapping | None, adapter_config: Mapping | None = None) -> str:
+def base_model_from_config(model_config: Mapping | None, adapter_config: Mapping | None = None) -> str | None:
     """The backbone's Hub repo: `backbone_weights` of the refiner config when it names one
-    (`OWNER/REPO` or `OWNER/REPO/FILE.pt`, `hf://...`), else `DEFAULT_BASE_MODEL`."""
+    (`OWNER/REPO` or `OWNER/REPO/FILE.pt`, `hf://...`); None when the config says the backbone was randomly
+    initialised (`backbone_weights` null and no base in the adapter config: a demo or test model, which must not
+    claim a pretrained base); else `DEFAULT_BASE_MODEL` (e.g. weights converted to a local folder)."""
     for source in ((model_config or {}).get("backbone_weights"),
                    (adapter_config or {}).get("base_model_name_or_path")):
         if not isinstance(source, str):
@@ -352,6 +355,9 @@ def base_model_from_config(model_config: Mapping | None, adapter_config: Mapping
         if not text.startswith((".", "/", "~")) and len(parts) in (2, 3) and all(
                 re.fullmatch(r"[\w.-]+", p) for p in parts) and not Path(text).exists():
             return "/".join(parts[:2])
+    if (model_config is not None and "backbone_weights" in model_config and model_config["backbone_weights"] is None
+            and not (adapter_config or {}).get("base_model_name_or_path")):
+        return None
     return DEFAULT_BASE_MODEL
 
 

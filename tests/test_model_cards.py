@@ -132,6 +132,19 @@ def test_base_model_comes_from_the_backbone_weights_when_they_name_a_hub_repo(tm
     local.mkdir()
     assert base_model_from_config({"backbone_weights": str(local)}) == "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
     assert base_model_from_config({"backbone_weights": None}, {"base_model_name_or_path": PRITHVI_300M}) == PRITHVI_300M
+    # A randomly initialised backbone has no base model; nothing known about the backbone -> the default.
+    assert base_model_from_config({"backbone_weights": None}, {"base_model_name_or_path": None}) is None
+    assert base_model_from_config(None) == "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
+
+
+def test_card_of_a_randomly_initialised_backbone_claims_no_pretrained_base(tmp_path):
+    folder = _model_folder(tmp_path / "demo")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"backbone_weights": None}))
+    card = ModelCard.load(write_model_card(folder))
+    assert card.data.base_model is None and card.data.to_dict().get("base_model_relation") is None
+    assert "Prithvi-EO-2.0-600M" not in card.text and "randomly initialised" in card.text
+    assert "the frozen base comes from this repo" in card.text
 
 
 def _model_folder(folder: Path, adapter: bool = True) -> Path:
