@@ -24,6 +24,19 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def one_torch_thread():
+    """For tests of small tensors (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): on the shared
+    2-core machine intra-op threads only add contention there. Not global: the training tests compare runs in
+    subprocesses bit for bit, with torch's default threads."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -12,13 +12,7 @@ from training.discriminator import CONFIG_NAME, WEIGHTS_NAME, PatchDiscriminator
 from training.losses import lsgan_discriminator_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: on the shared 2-core machine, intra-op threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_default_discriminator_on_a_120_pixel_tile():

@@ -24,13 +24,7 @@ from training.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: on the shared 2-core machine, intra-op threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Two hand-checked pixels, band order B02 (blue), B03, B04 (red), B08 (NIR).

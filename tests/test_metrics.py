@@ -28,13 +28,7 @@ METRIC_MODULE_DIR = Path(__file__).resolve().parents[1] / "training" / "stage2_m
 C1, C2 = 0.01**2, 0.03**2
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: on the shared 2-core machine, intra-op threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def constant_tile(spectrum, size=12) -> torch.Tensor:
