@@ -5,8 +5,10 @@
     eval_ds.set_transform(make_eval_transform())     # tensors only
 
 The transform never touches the stored Arrow data; it draws from torch's global RNG (one
-`torch.randint` per batch), so the RNG state that the Trainer checkpoints makes a resumed run
-draw the same augmentations.
+`torch.randint` per batch). With a data loader that prefetches, which batch sees which RNG state
+depends on timing, so a resumed run would not redraw the same augmentations from the global
+state: the trainer (`training.trainer.TileDataset`) calls the transform row by row under a
+torch RNG seeded by (seed, epoch, row index) instead.
 
 Speed: `set_transform` hands the transform Python lists (datasets' CustomFormatter converts
 Arrow to Python objects first), which costs ~20-25 ms per tile whatever the transform does. For

@@ -24,6 +24,7 @@ same `opt_v1` whatever the file order, the split or the number of worker process
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ def shift_blur_axis(x: np.ndarray, sigma: float, shift: float, axis: int) -> np.
     away (output pixel i reads around source i + shift), clamping at the edges.
 
     `sigma == 0` is a pure sub-pixel shift (linear interpolation). Done with shifted slices, not
-    matrix products: multi-threaded BLAS on a busy 2-core machine is ~30x slower.
+    matrix products: multi-threaded BLAS on a busy 2-core machine is ~30x slower. The taps are
+    summed in order, in float32, into one buffer.
     """
     size = x.shape[axis]
     whole = math.floor(shift)
@@ -137,30 +139,58 @@ def shift_blur_axis(x: np.ndarray, sigma: float, shift: float, axis: int) -> np.
         weights = np.array([1.0 - frac, frac])
     weights = (weights / weights.sum()).astype(np.float32)
     pad = int(np.abs(offsets + whole).max())
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (pad, pad)
-    padded = np.pad(x, widths, mode="edge")
-    out = np.zeros(x.shape, dtype=np.float32)
+    padded = _edge_pad(x, pad, axis)
+    out = np.empty(x.shape, dtype=np.float32)
     term = np.empty_like(out)
     window = [slice(None)] * x.ndim
-    for offset, weight in zip(offsets, weights):
+    for i, (offset, weight) in enumerate(zip(offsets, weights)):
         start = pad + whole + int(offset)
         window[axis] = slice(start, start + size)
-        np.multiply(padded[tuple(window)], weight, out=term)
-        out += term
+        np.multiply(padded[tuple(window)], weight, out=out if i == 0 else term)
+        if i:
+            out += term
+    out += np.float32(0.0)  # -0.0 -> 0.0: the same bits as summing onto a zero-filled buffer
     return out
+
+
+def _edge_pad(x: np.ndarray, pad: int, axis: int) -> np.ndarray:
+    """`np.pad(x, pad, mode="edge")` along one axis (same dtype), without np.pad's overhead."""
+    size = x.shape[axis]
+    shape = list(x.shape)
+    shape[axis] = size + 2 * pad
+    padded = np.empty(shape, dtype=x.dtype)
+
+    def along(part: slice) -> tuple:
+        index = [slice(None)] * x.ndim
+        index[axis] = part
+        return tuple(index)
+
+    padded[along(slice(pad, pad + size))] = x
+    padded[along(slice(0, pad))] = x[along(slice(0, 1))]
+    padded[along(slice(pad + size, None))] = x[along(slice(size - 1, size))]
+    return padded
+
+
+@functools.lru_cache(maxsize=64)
+def _upsample_weights(points: int, size: int) -> tuple:
+    """(lower, upper, 1 - frac, frac) of `linear_upsample_axis` (cached: they depend on sizes only)."""
+    positions = np.linspace(0.0, points - 1, size)
+    lower = np.minimum(np.floor(positions).astype(np.int64), points - 2)
+    frac = (positions - lower).astype(np.float32)
+    return lower, lower + 1, 1.0 - frac, frac
 
 
 def linear_upsample_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
     """Linear interpolation of `x` along `axis` to `size` samples, both ends kept."""
-    points = x.shape[axis]
-    positions = np.linspace(0.0, points - 1, size)
-    lower = np.minimum(np.floor(positions).astype(np.int64), points - 2)
-    frac = (positions - lower).astype(np.float32)
+    lower, upper, keep, frac = _upsample_weights(x.shape[axis], size)
     shape = [1] * x.ndim
     shape[axis] = size
-    frac = frac.reshape(shape)
-    return np.take(x, lower, axis=axis) * (1.0 - frac) + np.take(x, lower + 1, axis=axis) * frac
+    out = np.take(x, lower, axis=axis).astype(np.result_type(x, keep), copy=False)
+    out *= keep.reshape(shape)
+    high = np.take(x, upper, axis=axis)
+    high *= frac.reshape(shape)
+    out += high
+    return out
 
 
 def crosstalk_matrix(rng: np.random.Generator, num_bands: int, max_fraction: float) -> np.ndarray:
@@ -170,6 +200,17 @@ def crosstalk_matrix(rng: np.random.Generator, num_bands: int, max_fraction: flo
     np.fill_diagonal(weights, 0.0)
     weights /= weights.sum(axis=1, keepdims=True)
     return (np.diag(1.0 - fractions) + fractions[:, None] * weights).astype(np.float32)
+
+
+def _mix_bands(mix: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`M x` over the band axis as float32 products summed band by band (no BLAS threads)."""
+    out = np.multiply(mix[:, 0, None, None], x[0])
+    term = np.empty_like(out)
+    for j in range(1, x.shape[0]):
+        np.multiply(mix[:, j, None, None], x[j], out=term)
+        out += term
+    out += np.float32(0.0)  # -0.0 -> 0.0, as when summing onto 0
+    return out
 
 
 def synthesize_opt_v1(
@@ -200,18 +241,25 @@ def synthesize_opt_v1(
     x = shift_blur_axis(shift_blur_axis(x, sigma, shift_y, axis=1), sigma, shift_x, axis=2)
 
     mix = crosstalk_matrix(rng, num_bands, config.crosstalk)
-    x = sum(mix[:, j, None, None] * x[j] for j in range(num_bands))  # M x, without BLAS threads
+    x = _mix_bands(mix, x)
 
     gain = np.asarray(config.gain_mean) + config.gain_std * np.clip(rng.standard_normal(num_bands), -3, 3)
     offset = np.asarray(config.offset_mean) + config.offset_std * np.clip(rng.standard_normal(num_bands), -3, 3)
-    x = x * gain.astype(np.float32)[:, None, None] + offset.astype(np.float32)[:, None, None]
+    x *= gain.astype(np.float32)[:, None, None]
+    x += offset.astype(np.float32)[:, None, None]
 
     grid = rng.standard_normal((num_bands, config.low_freq_grid, config.low_freq_grid)).astype(np.float32)
     field = linear_upsample_axis(linear_upsample_axis(grid, height, axis=1), width, axis=2)
-    x = x * (1.0 + np.float32(config.low_freq_std) * field)
+    field *= np.float32(config.low_freq_std)
+    field += np.float32(1.0)
+    x *= field
 
-    noise_scale = np.float32(config.noise_std) * np.abs(x) + np.float32(config.noise_floor)
-    x += noise_scale * rng.standard_normal(x.shape, dtype=np.float32)
+    noise = rng.standard_normal(x.shape, dtype=np.float32)
+    scale = np.abs(x)  # the noise's standard deviation: noise_std * |x| + noise_floor
+    scale *= np.float32(config.noise_std)
+    scale += np.float32(config.noise_floor)
+    noise *= scale
+    x += noise
     np.clip(x, config.clip[0], config.clip[1], out=x)
     if valid_mask is not None and not valid_mask.all():
         x[:, ~valid_mask] = 0.0

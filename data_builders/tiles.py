@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,72 @@ def npz_keys(path: str | Path) -> Optional[frozenset]:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of the archive, decompressed; corrupt, truncated and pickled content raise."""
+    """All arrays of the archive, decompressed; corrupt, truncated and pickled content raise.
+
+    The common case (a zip of plain numeric `.npy` members) is read by `_read_plain_npz`, which
+    decompresses each member once and parses its header without `ast`; anything it does not
+    recognise, including every damaged file, goes through `_load_npz_checked` (np.load), which
+    gives the same arrays and names the problem.
+    """
+    try:
+        arrays = _read_plain_npz(path)
+    except Exception:  # not the plain layout, or damaged: np.load decides and explains
+        arrays = None
+    return arrays if arrays is not None else _load_npz_checked(path)
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what np.load takes for an NPZ (a zip, maybe empty)
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=][biuf][1-8])', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \} *\n"
+)
+"""The header np.save writes for a C-ordered numeric array (other headers take the np.load path)."""
+
+
+def _read_plain_npz(path: Path) -> Optional[dict[str, np.ndarray]]:
+    """The arrays of an NPZ whose members are all C-ordered numeric `.npy`, else None.
+
+    Same arrays (values, dtype, shape) as `np.load(path)[key]`, read-only. Damaged members raise
+    (zipfile checks each member's CRC).
+    """
+    with open(path, "rb") as handle:
+        if handle.read(4) not in _ZIP_MAGIC:
+            return None
+        handle.seek(0)
+        with zipfile.ZipFile(handle) as archive:
+            members = archive.infolist()
+            names = [member.filename for member in members]
+            if len(set(names)) != len(names) or not all(name.endswith(".npy") for name in names):
+                return None
+            arrays = {}
+            for member in members:
+                array = _parse_npy(archive.read(member))
+                if array is None:
+                    return None
+                arrays[member.filename[:-4]] = array
+    return arrays
+
+
+def _parse_npy(data: bytes) -> Optional[np.ndarray]:
+    """A `.npy` byte string -> array (a view of `data`), or None if it is not the plain layout."""
+    if data[:6] != _NPY_MAGIC or data[6] not in (1, 2):
+        return None
+    start = 10 if data[6] == 1 else 12
+    header_size = int.from_bytes(data[8:start], "little")
+    match = _NPY_HEADER.fullmatch(data, start, start + header_size)
+    if match is None:
+        return None
+    dtype = np.dtype(match.group(1).decode("ascii"))
+    shape = tuple(int(size) for size in match.group(2).split(b",") if size.strip())
+    offset = start + header_size
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _load_npz_checked(path: Path) -> dict[str, np.ndarray]:
+    """`_load_npz` through np.load: every layout numpy reads, and the reason when it cannot."""
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -190,8 +256,11 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
         _check_shape(path, key, band, (tile_size, tile_size))
 
     if kinds == {"int"}:
-        # float64 product rounded once to float32: the float32 nearest to DN x 1e-4
-        target = (np.stack(bands).astype(np.float64) * DN_SCALE).astype(np.float32)
+        # float64 product rounded once to float32: the float32 nearest to DN x 1e-4 (the ufunc
+        # computes in float64 and rounds on output, without a float64 copy of the stack)
+        target = np.empty((len(bands), *first_shape), dtype=np.float32)
+        for band, out in zip(bands, target):
+            np.multiply(band, DN_SCALE, out=out, dtype=np.float64, casting="same_kind")
         return target, np.ones(first_shape, dtype=bool), "dn_x1e-4"
 
     target = np.stack(bands).astype(np.float32)
@@ -243,7 +312,7 @@ def read_s1(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> Optional[np
     for key in S1_KEYS:
         _numeric_kind(path, key, arrays[key])
         _check_shape(path, key, arrays[key], (tile_size, tile_size))
-    return np.stack([arrays[key] for key in S1_KEYS]).astype(np.float32)
+    return np.stack([arrays[key] for key in S1_KEYS]).astype(np.float32, copy=False)
 
 
 def read_tile(path: str | Path, metadata: Optional[dict] = None, tile_size: int = TILE_SIZE) -> Tile:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from _data_helpers import copy_sample_subset, folder_digest, make_tile_dir, tile_arrays, write_tile
 
@@ -250,6 +251,45 @@ def test_save_split_falls_back_to_save_to_disk(tmp_path):
     again = datasets.load_from_disk(str(tmp_path / "copy"))
     assert again["tile_id"] == ["train_1"]
     np.testing.assert_array_equal(again.with_format("numpy")[0]["target"], subset.with_format("numpy")[0]["target"])
+
+
+def test_fast_arrow_encoding_writes_what_from_generator_writes(tmp_path, sample_tiles_dir):
+    """The builder encodes image columns from numpy buffers (`arrow_tensor_column`); the Arrow file
+    must be the one `Dataset.from_generator` writes from the same rows through Python lists."""
+    from datasets.arrow_writer import ArrowWriter, OptimizedTypedSequence
+    from datasets.features.features import get_nested_type
+
+    paths = sorted(sample_tiles_dir.glob("*/*.npz"))[:21]
+    columns = {"source": ("source", "str"), "labels": ("labels", "list[str]")}
+    features = build_module.dataset_features(True, columns)
+    rows = []
+    for i, path in enumerate(paths):
+        tile = build_module.read_tile(path)
+        mask = tile.valid_mask.copy()
+        mask[i : i + 7, 3 * i : 3 * i + 5] = False  # masks that are not all True
+        rows.append({"tile_id": tile.tile_id, "target": tile.target, "opt_v1": tile.target * np.float32(0.5),
+                     "valid_mask": mask, "month": tile.month, "biome": tile.biome, "s1": tile.s1,
+                     "source": tile.metadata["source"], "labels": tile.metadata["labels"]})
+
+    for name in ("target", "valid_mask", "s1"):
+        pa_type = get_nested_type(features[name])
+        fast = build_module.arrow_tensor_column([row[name] for row in rows], pa_type)
+        generic = pa.array(OptimizedTypedSequence([row[name] for row in rows], type=features[name], col=name))
+        assert fast.type == generic.type and fast.equals(generic), name
+
+    generated = datasets.Dataset.from_generator(lambda: iter(rows), features=features,
+                                                cache_dir=str(tmp_path / "cache"),
+                                                writer_batch_size=build_module.WRITER_BATCH_SIZE)
+    writer = ArrowWriter(features=features, path=str(tmp_path / "fast.arrow"),
+                         writer_batch_size=build_module.WRITER_BATCH_SIZE)
+    for start in range(0, len(rows), build_module.WRITER_BATCH_SIZE):  # 16 + 5 rows
+        writer.write_batch(build_module._encode_rows(rows[start : start + build_module.WRITER_BATCH_SIZE], features))
+    assert writer.finalize()[0] == len(rows)
+    writer.close()
+    (generated_file,) = [Path(f["filename"]) for f in generated.cache_files]
+    assert (tmp_path / "fast.arrow").read_bytes() == generated_file.read_bytes()
+    fast = datasets.Dataset.from_file(str(tmp_path / "fast.arrow"))
+    assert fast.features == features and fast.data.table.equals(generated.data.table)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -159,3 +159,86 @@ def test_config_is_a_frozen_dataclass():
     config = DegradationConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.noise_std = 1.0
+
+
+# ----------------------------------------------------------------------------- the fast path = the plain one
+def _reference_blur(x, sigma, shift, axis):
+    """shift_blur_axis as first written: np.pad, taps summed onto a zero-filled buffer."""
+    whole = int(np.floor(shift))
+    frac = shift - whole
+    if sigma > 0:
+        offsets = np.arange(-int(np.ceil(3.0 * sigma - frac)), int(np.ceil(3.0 * sigma + frac)) + 1)
+        weights = np.exp(-0.5 * ((offsets - frac) / sigma) ** 2)
+    else:
+        offsets, weights = np.array([0, 1]), np.array([1.0 - frac, frac])
+    weights = (weights / weights.sum()).astype(np.float32)
+    pad = int(np.abs(offsets + whole).max())
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (pad, pad)
+    padded = np.pad(x, widths, mode="edge")
+    out, term = np.zeros(x.shape, dtype=np.float32), np.empty(x.shape, dtype=np.float32)
+    for offset, weight in zip(offsets, weights):
+        start = pad + whole + int(offset)
+        np.multiply(np.take(padded, np.arange(start, start + x.shape[axis]), axis=axis), weight, out=term)
+        out += term
+    return out
+
+
+def _reference_upsample(x, size, axis):
+    points = x.shape[axis]
+    positions = np.linspace(0.0, points - 1, size)
+    lower = np.minimum(np.floor(positions).astype(np.int64), points - 2)
+    frac = (positions - lower).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    frac = frac.reshape(shape)
+    return np.take(x, lower, axis=axis) * (1.0 - frac) + np.take(x, lower + 1, axis=axis) * frac
+
+
+def _reference_opt_v1(target, tile_id, seed, config, valid_mask):
+    """synthesize_opt_v1 as first written (fresh arrays, no in-place steps): the degradation of
+    DEGRADATION_VERSION 1, which the in-place implementation must reproduce bit for bit."""
+    rng = tile_rng(seed, tile_id)
+    num_bands, height, width = target.shape
+    sigma = rng.uniform(*config.blur_sigma)
+    shift_y, shift_x = rng.uniform(-config.max_shift, config.max_shift, size=2)
+    x = _reference_blur(_reference_blur(target, sigma, shift_y, 1), sigma, shift_x, 2)
+    mix = crosstalk_matrix(rng, num_bands, config.crosstalk)
+    x = sum(mix[:, j, None, None] * x[j] for j in range(num_bands))
+    gain = np.asarray(config.gain_mean) + config.gain_std * np.clip(rng.standard_normal(num_bands), -3, 3)
+    offset = np.asarray(config.offset_mean) + config.offset_std * np.clip(rng.standard_normal(num_bands), -3, 3)
+    x = x * gain.astype(np.float32)[:, None, None] + offset.astype(np.float32)[:, None, None]
+    grid = rng.standard_normal((num_bands, config.low_freq_grid, config.low_freq_grid)).astype(np.float32)
+    field = _reference_upsample(_reference_upsample(grid, height, 1), width, 2)
+    x = x * (1.0 + np.float32(config.low_freq_std) * field)
+    noise_scale = np.float32(config.noise_std) * np.abs(x) + np.float32(config.noise_floor)
+    x = x + noise_scale * rng.standard_normal(x.shape, dtype=np.float32)
+    x = np.clip(x, config.clip[0], config.clip[1])
+    x[:, ~valid_mask] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("config", [
+    DegradationConfig(),
+    DegradationConfig(blur_sigma=(0, 0)),
+    DegradationConfig(blur_sigma=(2.0, 3.5), max_shift=2.5, crosstalk=0.0, noise_floor=0.01, low_freq_grid=7),
+    DegradationConfig(offset_std=0, offset_mean=(0, 0, 0, 0), clip=(-1, 1)),
+], ids=["default", "no-blur", "strong", "signed-zeros"])
+def test_opt_v1_is_bit_identical_to_the_reference_implementation(sample_tiles, config):
+    holes = _target(5) - np.float32(0.1)  # negative values, zeros of both signs, invalid pixels
+    holes[0, :4] = -0.0
+    holes[1, 50:60] = 0.0
+    mask = np.ones((120, 120), bool)
+    mask[70:90, 10:30] = False
+    holes[:, ~mask] = 0.0
+    cases = [(t.target, t.tile_id, t.valid_mask) for t in sample_tiles[::6]] + [(holes, "holes", mask)]
+    for target, tile_id, valid_mask in cases:
+        fast = synthesize_opt_v1(target, tile_id, 3, config, valid_mask)
+        reference = _reference_opt_v1(target, tile_id, 3, config, valid_mask)
+        assert fast.dtype == np.float32 and fast.tobytes() == reference.tobytes(), tile_id  # signs of zeros too
+    x = np.random.default_rng(1).normal(size=(2, 17, 9))
+    for dtype in (np.float32, np.float64):
+        for sigma, shift, axis in [(0.0, 0.25, 1), (1.5, -0.7, 2), (4.0, 30.2, 1)]:
+            assert shift_blur_axis(x.astype(dtype), sigma, shift, axis).tobytes() == \
+                _reference_blur(x.astype(dtype), sigma, shift, axis).tobytes()
+        assert linear_upsample_axis(x.astype(dtype), 40, 2).tobytes() == _reference_upsample(x.astype(dtype), 40, 2).tobytes()

@@ -204,3 +204,25 @@ def test_tile_error_survives_pickling():
     error = TileError("/a/b.npz", "month", "value 13 outside 1..12")
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.path, copy.key, copy.problem, str(copy)) == (error.path, error.key, error.problem, str(error))
+
+
+def test_plain_npz_reader_gives_what_np_load_gives(sample_tiles_dir, tmp_path):
+    from data_builders.tiles import _load_npz, _read_plain_npz
+
+    for path in sorted(sample_tiles_dir.glob("*/*.npz"))[::5]:
+        fast, raw = _read_plain_npz(path), np.load(path, allow_pickle=False)
+        assert list(fast) == raw.files
+        for key in raw.files:
+            assert fast[key].dtype == raw[key].dtype and fast[key].shape == raw[key].shape
+            np.testing.assert_array_equal(fast[key], raw[key])
+    # layouts the plain reader leaves to np.load: same arrays through _load_npz either way
+    arrays = tile_arrays() | {"extra_f": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+                              "extra_be": np.arange(5, dtype=">i4"), "extra_c": np.ones(3, np.complex64)}
+    path = write_tile(tmp_path, "unusual", arrays)
+    assert _read_plain_npz(path) is None
+    loaded = _load_npz(path)
+    for key, value in arrays.items():
+        assert loaded[key].dtype == np.asarray(value).dtype
+        np.testing.assert_array_equal(loaded[key], value)
+    plain = write_tile(tmp_path, "plain", tile_arrays() | {"extra_be": np.arange(5, dtype=">i4")})
+    assert _read_plain_npz(plain)["extra_be"].dtype == np.dtype(">i4")
