@@ -41,6 +41,7 @@ from data_builders.build import (  # noqa: E402
 )
 from data_builders.degrade import synthesize_opt_v1  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
+from _common import cpu_name  # noqa: E402
 
 DESIGN_TILES = 160_000
 BUILD_GOAL = DESIGN_TILES / 600  # tiles/s for 10 minutes
@@ -165,12 +166,13 @@ def main() -> None:
     cpu_ms = build[2][2] * 1e3 / args.num_tiles
     idle_rate = 2 * 1e3 / cpu_ms  # both cores busy with the measured CPU cost per tile
     load_end = os.getloadavg()
+    busy = load[0] >= 1.0  # at the start: at the end the load average includes this benchmark
+    machine_state = (f"{'shared with other jobs' if busy else 'otherwise idle'} (load average {load[0]:.1f} at start, "
+                     f"{load_end[0]:.1f} at the end{': wall-clock rates are those of a busy machine' if busy else ''})")
     lines = [
         "# Data pipeline throughput",
         "",
-        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), shared with other "
-        f"jobs (load average {load[0]:.1f} at start, {load_end[0]:.1f} at the end: wall-clock rates are "
-        f"those of a busy machine), Python {platform.python_version()}, datasets "
+        f"Machine: {os.cpu_count()}-core CPU ({cpu_name()}), {machine_state}, Python {platform.python_version()}, datasets "
         f"{datasets.__version__}, torch {torch.__version__}. Script: `bench/bench_data_throughput.py "
         f"--num_tiles {args.num_tiles}`.",
         "",
@@ -193,13 +195,13 @@ def main() -> None:
     lines += [
         "",
         f"Goal: 160k tiles in under 10 minutes on 2 cores (~{BUILD_GOAL:.0f} tiles/s). Measured wall clock with "
-        f"2 workers on this busy machine: {minutes:.1f} min for 160k tiles -> goal "
+        f"2 workers on this machine: {minutes:.1f} min for 160k tiles -> goal "
         f"{'met' if minutes <= 10 else 'missed here'} (best {best_build:.0f} tiles/s). From the CPU cost "
         f"({cpu_ms:.1f} ms per tile, all processes), two idle cores would build ~{idle_rate:.0f} tiles/s, "
         f"i.e. 160k tiles in ~{DESIGN_TILES / idle_rate / 60:.1f} min (an estimate, not a measurement).",
         "",
         "CPU cost of the stages, one process, 200 tiles (ms per tile; measured separately from the builds "
-        "above, and CPU times on this shared machine vary by about a third from run to run):",
+        "above; CPU times on a shared machine vary by about a third from run to run):",
         "",
         "| stage | CPU ms per tile |",
         "| --- | --- |",
@@ -222,7 +224,7 @@ def main() -> None:
         "(datasets' CustomFormatter converts Arrow to Python objects first), so it is bounded by that "
         "conversion whatever the transform does.",
         "",
-        "Worker processes do not pay off on this busy 2-core machine (start-up and shared-memory transfer of "
+        "Worker processes do not pay off on this 2-core machine (start-up and shared-memory transfer of "
         "~0.5 MB per tile cost more than the decoding they take over); in the main process the numpy path "
         f"alone serves {reads[next(iter(reads))]:.0f} tiles/s, many times the 50-80 samples/s the design's GPU trains at.",
     ]
