@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,6 +410,7 @@ def _write_job(job: dict) -> dict:
                 if len(batch) == WRITER_BATCH_SIZE:
                     writer.write_batch(_encode_rows(batch, features))
                     batch = []
+            _count_done(len(chunk["tiles"]))
         if batch:
             writer.write_batch(_encode_rows(batch, features))
         rows, num_bytes = writer.finalize()
@@ -434,15 +436,71 @@ def tune_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 16 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
 
 
+_tiles_done = None
+"""This process's handle on the build's shared count of tiles done (read for the progress bar)."""
+
+
+def _count_done(tiles: int) -> None:
+    if _tiles_done is not None:
+        with _tiles_done.get_lock():
+            _tiles_done.value += tiles
+
+
+def _init_worker(tiles_done) -> None:
+    global _tiles_done
+    _tiles_done = tiles_done
+    tune_allocator()
+
+
 def _run_jobs(jobs: list[dict], num_proc: int) -> list[dict]:
-    """Results of `_write_job` in job order; worker processes take jobs as they free up."""
-    if num_proc <= 1 or len(jobs) <= 1:
-        return [_write_job(job) for job in jobs]
+    """Results of `_write_job` in job order; worker processes take jobs as they free up. A progress
+    bar (`datasets`' tqdm: `datasets.disable_progress_bars()` turns it off) counts the tiles done."""
+    global _tiles_done
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with context.Pool(min(num_proc, len(jobs)), initializer=tune_allocator) as pool:
-        # imap: results (and the first error, e.g. a strict-mode TileError) in job order
-        return list(pool.imap(_write_job, jobs))
+    tiles_done = context.Value("q", 0)
+    total = sum(len(chunk["tiles"]) for job in jobs for chunk in job["chunks"])
+    if num_proc <= 1 or len(jobs) <= 1:
+        _tiles_done = tiles_done
+        try:
+            with _ProgressBar(tiles_done, total):
+                return [_write_job(job) for job in jobs]
+        finally:
+            _tiles_done = None
+    # the workers are forked before the progress thread starts
+    with context.Pool(min(num_proc, len(jobs)), initializer=_init_worker, initargs=(tiles_done,)) as pool:
+        with _ProgressBar(tiles_done, total):
+            # imap: results (and the first error, e.g. a strict-mode TileError) in job order
+            return list(pool.imap(_write_job, jobs))
+
+
+class _ProgressBar:
+    """A tqdm bar that follows a shared counter from a background thread while the block runs."""
+
+    def __init__(self, counter, total: int, interval: float = 0.5):
+        self.counter, self.total, self.interval = counter, total, interval
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        from datasets.utils import tqdm
+
+        self.bar = tqdm(total=self.total, unit=" tiles", desc="Building the dataset")
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._update()
+
+    def _update(self) -> None:
+        self.bar.update(self.counter.value - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+        self.bar.close()
 
 
 def _write_json(path: Path, data: Any) -> None:

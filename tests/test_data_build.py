@@ -194,6 +194,23 @@ def test_num_proc_does_not_change_the_rows(tmp_path, sample_tiles_dir, monkeypat
     assert read_build_info(one)["statistics"] == read_build_info(two)["statistics"]
 
 
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_progress_bar_counts_every_tile(tmp_path, sample_tiles_dir, monkeypatch, capsys, num_proc):
+    data = copy_sample_subset(sample_tiles_dir, tmp_path / "tiles", per_split=5)
+    (data / "train" / sorted(p.name for p in (data / "train").glob("*.npz"))[0]).write_bytes(b"broken")
+    monkeypatch.setattr(build_module, "CHUNK_SIZE", 2)
+    datasets.enable_progress_bars()
+    build_dataset(data, tmp_path / "out", num_proc=num_proc)
+    err = capsys.readouterr().err
+    assert "Building the dataset" in err and "15/15" in err  # rejected tiles count as done
+    datasets.disable_progress_bars()
+    try:
+        build_dataset(data, tmp_path / "quiet", num_proc=num_proc)
+    finally:
+        datasets.enable_progress_bars()
+    assert "Building the dataset" not in capsys.readouterr().err
+
+
 def test_metadata_columns_keep_sidecar_types(tmp_path):
     data = tmp_path / "tiles"
     write_tile(data / "train", "a", sidecar={"cloud": 0.5, "count": 3, "extra": {"k": [1, 2]}, "month": "June"})
