@@ -196,9 +196,13 @@ def spectral_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_image("a", a, channels=None)
     check_same_shape(a=a, b=b)
     dot = (a * b).sum(dim=1)
-    i, j = torch.triu_indices(a.shape[1], a.shape[1], offset=1, device=a.device)
-    wedge = a[:, i] * b[:, j] - a[:, j] * b[:, i]
-    wedge_norm = safe_sqrt((wedge * wedge).sum(dim=1))
+    # band pairs by plain slicing: the backward of advanced indexing (index_put with accumulation) adds in
+    # an order that depends on thread timing on the CPU, which would break bit-identical resumed runs
+    channels = a.shape[1]
+    wedge_squared = sum(
+        (a[:, i] * b[:, j] - a[:, j] * b[:, i]).square() for i in range(channels) for j in range(i + 1, channels)
+    )
+    wedge_norm = safe_sqrt(wedge_squared if torch.is_tensor(wedge_squared) else torch.zeros_like(dot))
     degenerate = dot * dot + wedge_norm * wedge_norm <= DEGENERATE_SPECTRUM_PRODUCT**2
     return torch.atan2(
         torch.where(degenerate, torch.zeros_like(wedge_norm), wedge_norm),
