@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ._files import staged_folder
-from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig
+from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, resolve_lora_targets
 from .modeling_stage2 import Stage2RefinerModel
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def modules_kept_in_full_precision(config: Stage2RefinerConfig) -> list[str]:
 
 def lora_target_pattern(config: Stage2RefinerConfig, target_modules=None, last_n_blocks=None) -> str:
     """Regex (peft full-match) of the adapted backbone linears; never the patch embedding."""
-    targets = config.lora_target_modules if target_modules is None else _resolve_targets(target_modules)
+    targets = config.lora_target_modules if target_modules is None else resolve_lora_targets(target_modules, "target_modules")
     depth = config.backbone_config.depth
     if last_n_blocks is None:
         blocks = config.lora_blocks
@@ -102,17 +102,6 @@ def _block_linear_regex(blocks, targets):
     block_ids = "|".join(str(block) for block in blocks)
     names = "|".join(_TARGET_PATTERNS[target] for target in targets)
     return re.compile(rf"(?:.*\.)?backbone\.blocks\.(?:{block_ids})\.(?:{names})")
-
-
-def _resolve_targets(target_modules) -> list[str]:
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = [name for name in names if name not in LORA_TARGETS]
-    if not names or unknown:
-        raise ValueError(
-            f"target_modules must be a non-empty subset of {LORA_TARGETS} (the backbone block linears; the patch "
-            f"embedding is never adapted), got {names}."
-        )
-    return [name for name in LORA_TARGETS if name in names]
 
 
 def _check_quantization(quantization: str) -> None:

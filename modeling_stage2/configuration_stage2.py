@@ -139,7 +139,7 @@ class Stage2RefinerConfig(PretrainedConfig):
         self.lora_r = _positive_int(lora_r, "lora_r")
         self.lora_alpha = _positive_int(lora_alpha, "lora_alpha")
         self.lora_dropout = _fraction(lora_dropout, "lora_dropout")
-        self.lora_target_modules = _resolve_lora_targets(lora_target_modules)
+        self.lora_target_modules = resolve_lora_targets(lora_target_modules)
         self.unfreeze_last_n_blocks = _resolve_last_n_blocks(unfreeze_last_n_blocks, self.backbone_config.depth)
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
@@ -244,15 +244,17 @@ def _resolve_feature_layers(feature_layers, depth: int) -> list[int]:
     return sorted(layers)
 
 
-def _resolve_lora_targets(targets) -> list[str]:
+def resolve_lora_targets(targets, argument: str = "lora_target_modules") -> list[str]:
+    """LoRA target names (one or several of `LORA_TARGETS`) in `LORA_TARGETS` order; `argument` names the
+    setting in the error message."""
     if isinstance(targets, str):
         targets = [targets]
     names = [str(name) for name in targets]
     unknown = [name for name in names if name not in LORA_TARGETS]
     if not names or unknown:
         raise ValueError(
-            f"lora_target_modules must be a non-empty subset of {LORA_TARGETS} (the backbone block linears), "
-            f"got {list(targets)}."
+            f"{argument} must be a non-empty subset of {LORA_TARGETS} (the backbone block linears; the patch "
+            f"embedding is never adapted), got {list(targets)}."
         )
     return [name for name in LORA_TARGETS if name in names]
 

@@ -94,7 +94,7 @@ def test_config_round_trip_and_backbone_given_three_ways(tmp_path):
     [
         ({"feature_layers": [0, 2]}, "block 2 does not exist"),
         ({"feature_layers": [1, -1]}, "more than once"),
-        ({"lora_target_modules": ["qkv", "patch_embed.proj"]}, "subset of"),
+        ({"lora_target_modules": ["qkv", "patch_embed.proj"]}, r"^lora_target_modules must be a non-empty subset of"),
         ({"unfreeze_last_n_blocks": 3}, "exceeds the backbone depth"),
         ({"padding_mode": "zeros"}, "padding_mode"),
         ({"num_biomes": 0}, "num_biomes must be a positive integer"),

@@ -256,9 +256,7 @@ def ndvi_rmse(
     floor: float = NDVI_DENOMINATOR_FLOOR,
 ) -> torch.Tensor:
     """sqrt(mean over valid pixels of (NDVI(refined) - NDVI(target))^2)."""
-    valid_mask = check_valid_mask(valid_mask, refined)
-    diff = ndvi(zero_invalid(refined, valid_mask), floor) - ndvi(zero_invalid(target, valid_mask), floor)
-    return safe_sqrt(masked_mean(diff * diff, valid_mask))
+    return _index_rmse(ndvi, refined, target, valid_mask, floor)
 
 
 @in_full_precision
@@ -267,8 +265,12 @@ def evi_rmse(
     floor: float = EVI_DENOMINATOR_FLOOR,
 ) -> torch.Tensor:
     """sqrt(mean over valid pixels of (EVI(refined) - EVI(target))^2)."""
+    return _index_rmse(evi, refined, target, valid_mask, floor)
+
+
+def _index_rmse(index, refined, target, valid_mask, floor: float) -> torch.Tensor:
     valid_mask = check_valid_mask(valid_mask, refined)
-    diff = evi(zero_invalid(refined, valid_mask), floor) - evi(zero_invalid(target, valid_mask), floor)
+    diff = index(zero_invalid(refined, valid_mask), floor) - index(zero_invalid(target, valid_mask), floor)
     return safe_sqrt(masked_mean(diff * diff, valid_mask))
 
 
