@@ -2,7 +2,7 @@
 
     stage2-build-dataset --data_dir D [--stage1_dir S] --output_dir O [--max_samples N]
                          [--strict] [--num_proc K] [--input_mode synthetic|stage1|identity]
-                         [--seed 0] [--degradation_config FILE.json]
+                         [--seed 0] [--degradation mild|strong|mixture] [--degradation_config FILE.json]
 
 Layout read: `D/{train,val,test}/<tile_id>.npz` (a `validation` folder counts as `val`), each with
 an optional `<tile_id>.json` sidecar whose `split` wins over the folder. `datasets.load_from_disk(O)`
@@ -46,7 +46,17 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .degrade import DEGRADATION_VERSION, DegradationConfig, synthesize_opt_v1
+from .degrade import (
+    DEGRADATION_CHOICES,
+    DEGRADATION_PRESETS,
+    DEGRADATION_VERSION,
+    MIXTURE,
+    DegradationConfig,
+    DegradationSpec,
+    config_for_tile,
+    resolve_degradation,
+    synthesize_opt_v1,
+)
 from .tiles import (
     BAND_NAMES,
     SPLIT_ALIASES,
@@ -302,9 +312,10 @@ def _make_opt_v1(tile, settings: dict) -> np.ndarray:
         return tile.target
     if mode == "stage1":
         return read_stage1(Path(settings["stage1_dir"]) / f"{tile.tile_id}.npz")
-    return synthesize_opt_v1(
-        tile.target, tile.tile_id, settings["seed"], DegradationConfig.from_dict(settings["degradation"]), tile.valid_mask
-    )
+    config = settings["degradation"]
+    config = DegradationConfig.from_dict(config) if config is not None else None
+    _, config = config_for_tile(settings["degradation_preset"], config, settings["seed"], tile.tile_id)
+    return synthesize_opt_v1(tile.target, tile.tile_id, settings["seed"], config, tile.valid_mask)
 
 
 def _chunk_rows(chunk: dict, settings: dict, report: dict) -> Iterator[dict]:
@@ -638,21 +649,30 @@ def _resolve_input_mode(input_mode: Optional[str], stage1_dir) -> str:
     return mode
 
 
-def _opt_v1_record(mode: str, stage1_dir, degradation: DegradationConfig, seed: int) -> dict:
+def _opt_v1_record(mode: str, stage1_dir, preset: str, degradation: Optional[DegradationConfig], seed: int) -> dict:
     if mode == "identity":
         return {"mode": "identity", "description": "opt_v1 is the target itself (no Stage 1, no degradation)"}
     if mode == "stage1":
         return {"mode": "stage1", "stage1_dir": str(Path(stage1_dir).resolve()),
                 "description": "opt_v1 read from STAGE1_DIR/<tile_id>.npz (key opt_v1)"}
-    return {
+    record = {
         "mode": "synthetic",
-        "description": "opt_v1 synthesised from the target by data_builders.degrade.synthesize_opt_v1 "
-                       "(blur + misregistration, band cross-talk, gain/offset, smooth field, noise), "
-                       "seeded per tile from (seed, tile_id)",
+        "description": f"opt_v1 synthesised from the target by data_builders.degrade.synthesize_opt_v1, "
+                       f"degradation preset {preset!r} "
+                       "(blur + misregistration, band cross-talk, gain/offset, optional haze and tone curve, "
+                       "smooth field, noise), seeded per tile from (seed, tile_id)",
         "seed": seed,
-        "degradation": degradation.to_dict(),
+        "preset": preset,
+        "degradation": degradation.to_dict() if degradation is not None else None,
         "degradation_version": DEGRADATION_VERSION,
     }
+    if preset == MIXTURE:
+        record["description"] += (
+            "; each tile uses the preset data_builders.degrade.mixture_choice(seed, tile_id) picks "
+            "(mild or strong, equal odds), whose parameters are in mixture_presets")
+        record["mixture_presets"] = {name: DEGRADATION_PRESETS[name].to_dict()
+                                     for name in sorted({"mild", "strong"})}
+    return record
 
 
 def build_dataset(
@@ -663,8 +683,9 @@ def build_dataset(
     strict: bool = False,
     num_proc: int = 1,
     input_mode: Optional[str] = None,
-    degradation: Optional[DegradationConfig | dict] = None,
+    degradation: DegradationSpec = None,
     seed: int = 0,
+    degradation_overrides: Optional[dict] = None,
 ):
     """Build the Arrow `DatasetDict` of a tile folder and save it to `output_dir`.
 
@@ -678,8 +699,13 @@ def build_dataset(
         num_proc: worker processes that read and write tiles.
         input_mode: how `opt_v1` is made: `"synthetic"` (degraded target; the default without
             `stage1_dir`), `"stage1"` (the default with `stage1_dir`) or `"identity"`.
-        degradation: `DegradationConfig` (or its dict) for `"synthetic"`; defaults otherwise.
+        degradation: for `"synthetic"`: a preset name (`DEGRADATION_CHOICES`: `"mild"`, the
+            default, `"strong"` or `"mixture"`), a `DegradationConfig`, or a dict of its fields
+            overriding the defaults (`data_builders.degrade.resolve_degradation`). The build
+            record names the preset (`opt_v1.preset`).
         seed: seed of the synthetic degradation (per tile: seed + tile id).
+        degradation_overrides: `DegradationConfig` fields replacing those of `degradation` (the
+            record then names the preset `"<name>+overrides"`); not with `"mixture"` (ValueError).
 
     Returns:
         The `DatasetDict` loaded from `output_dir`, splits `train`, `val`, `test` (those with
@@ -693,9 +719,7 @@ def build_dataset(
 
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     mode = _resolve_input_mode(input_mode, stage1_dir)
-    if isinstance(degradation, dict):
-        degradation = DegradationConfig.from_dict(degradation)
-    degradation = degradation or DegradationConfig()
+    preset, degradation = resolve_degradation(degradation, degradation_overrides)
     if int(num_proc) < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
     if max_samples is not None and int(max_samples) < 1:
@@ -722,7 +746,8 @@ def build_dataset(
         "input_mode": mode,
         "stage1_dir": str(stage1_dir) if stage1_dir is not None else None,
         "seed": int(seed),
-        "degradation": degradation.to_dict(),
+        "degradation_preset": preset,
+        "degradation": degradation.to_dict() if degradation is not None else None,
         "include_s1": include_s1,
         "strict": bool(strict),
     }
@@ -733,7 +758,7 @@ def build_dataset(
         if not built:
             raise ValueError(f"every tile under {data_dir} was rejected" + _first_reasons(rejected))
         info = _build_record(data_dir, built, reports, rejected, columns, include_s1, max_samples,
-                             _opt_v1_record(mode, stage1_dir, degradation, int(seed)))
+                             _opt_v1_record(mode, stage1_dir, preset, degradation, int(seed)))
         staged = _stage(built, fingerprints, info, rejected, scratch / "dataset")
         del built  # release the memory maps of the Arrow files before moving them
         _move_into_place(staged, output_dir, scratch)
@@ -883,8 +908,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first bad tile")
     parser.add_argument("--num_proc", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradation")
+    parser.add_argument("--degradation", default="mild", metavar="{" + ",".join(DEGRADATION_CHOICES) + "}",
+                        help="preset of the synthetic degradation (default mild; mixture: mild or strong per tile)")
     parser.add_argument("--degradation_config", default=None,
-                        help="JSON file of DegradationConfig fields overriding the defaults")
+                        help="JSON file of DegradationConfig fields overriding those of the --degradation preset "
+                             "(not with mixture)")
     return parser.parse_args(argv)
 
 
@@ -892,15 +920,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tune_allocator()  # this process is the CLI's own
+    if args.degradation not in DEGRADATION_CHOICES:  # one line, not argparse's usage + error
+        print(f"stage2-build-dataset: error: --degradation: unknown preset {args.degradation!r} "
+              f"(choose from {', '.join(DEGRADATION_CHOICES)})", file=sys.stderr)
+        return 2
+    if args.degradation == MIXTURE and args.degradation_config:
+        print("stage2-build-dataset: error: --degradation_config cannot be combined with --degradation mixture "
+              "(it would apply to both of its presets); use mild or strong", file=sys.stderr)
+        return 2
     try:
-        degradation = None
+        overrides = None
         if args.degradation_config:
             with open(args.degradation_config, encoding="utf-8") as handle:
-                degradation = DegradationConfig.from_dict(json.load(handle))
+                overrides = json.load(handle)
+            if not isinstance(overrides, dict):
+                raise ValueError(f"--degradation_config {args.degradation_config}: expected a JSON object of "
+                                 f"DegradationConfig fields, got {type(overrides).__name__}")
         build_dataset(
             args.data_dir, args.output_dir, stage1_dir=args.stage1_dir, max_samples=args.max_samples,
             strict=args.strict, num_proc=args.num_proc, input_mode=args.input_mode,
-            degradation=degradation, seed=args.seed,
+            degradation=args.degradation, degradation_overrides=overrides, seed=args.seed,
         )
     except (TileError, OSError, ValueError) as error:
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)

@@ -49,6 +49,9 @@ METRIC_NOTES = (
     "spectral angle between output and target spectra, in radians; identity L1: mean |output - opt_v1| (how "
     "far the refinement moves from its input); edge L1: mean |Sobel(output) - Sobel(opt_v1)| (edges kept from "
     "the input). The `opt_v1` column scores the unrefined input the same way, so its identity and edge L1 are 0. "
+    "The colour-fit column, when present, scores the second baseline: a least-squares per-band affine colour "
+    "correction of `opt_v1` (4x4 matrix + bias, `training.linear_fit`) fitted on the split it names and applied "
+    "to the evaluated tiles; the refined output is worth using where it beats both baselines. "
     "Metrics are pooled over the valid pixels of the whole split (`training.metrics`); n/a: nothing to measure."
 )
 
@@ -79,8 +82,9 @@ class CardError(ValueError):
 def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
     """Check `{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` and return it with plain floats/ints.
 
-    `refined` must have every `CARD_METRICS` key; `opt_v1` (the baseline) and `n_tiles` are optional. Values
-    must be numbers; NaN (a metric with no valid pixel to measure) is kept and shown as n/a.
+    `refined` must have every `CARD_METRICS` key; `opt_v1` (the baseline), `linear_fit` (the colour-fit baseline,
+    with `linear_fit_fitted_on = {"split": ..., "tiles": N}`) and `n_tiles` are optional. Values must be numbers;
+    NaN (a metric with no valid pixel to measure) is kept and shown as n/a.
     """
     if not isinstance(metrics, Mapping):
         raise CardError(f"{source}: expected a mapping {{'refined': {{...}}, 'opt_v1': {{...}}, 'n_tiles': N}}, "
@@ -89,7 +93,7 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
         raise CardError(f"{source}: key 'refined' is missing or not a mapping of metric name -> value "
                         "(write it with `stage2-evaluate --json`)")
     clean: dict[str, Any] = {}
-    for group in ("refined", "opt_v1"):
+    for group in ("refined", "opt_v1", "linear_fit"):
         if group not in metrics:
             continue
         values = metrics[group]
@@ -104,6 +108,12 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
         if isinstance(n_tiles, bool) or not isinstance(n_tiles, int) or n_tiles < 1:
             raise CardError(f"{source}: 'n_tiles' must be a positive integer, got {n_tiles!r}")
         clean["n_tiles"] = int(n_tiles)
+    fitted_on = metrics.get("linear_fit_fitted_on")
+    if fitted_on is not None:
+        if not isinstance(fitted_on, Mapping) or not isinstance(fitted_on.get("split"), str):
+            raise CardError(f"{source}: 'linear_fit_fitted_on' must be a mapping with the 'split' the colour fit "
+                            f"was fitted on, got {fitted_on!r}")
+        clean["linear_fit_fitted_on"] = {"split": fitted_on["split"], "tiles": fitted_on.get("tiles")}
     return clean
 
 
@@ -137,16 +147,26 @@ def metric_rows(metrics: Mapping) -> list[dict[str, str]]:
         if refined is None:
             continue
         baseline = metrics.get("opt_v1", {}).get(name)
+        linear_fit = metrics.get("linear_fit", {}).get(name)
         target = DESIGN_TARGETS.get(name)
         rows.append({
             "name": name,
             "label": METRIC_LABELS[name] + (" (higher is better)" if name in HIGHER_IS_BETTER else ""),
             "refined": _fmt(refined),
             "baseline": _fmt(baseline),
+            "linear_fit": _fmt(linear_fit),
             "target": f"< {target:g}" if target is not None else "-",
             "meets": "-" if target is None or not math.isfinite(refined) else ("yes" if refined < target else "no"),
         })
     return rows
+
+
+def _linear_fit_label(fitted_on: Mapping | None) -> str:
+    """Column header of the colour-fit baseline, naming the split (and tile count) it was fitted on."""
+    if not fitted_on:
+        return "colour fit (baseline)"
+    tiles = f", {fitted_on['tiles']} tiles" if fitted_on.get("tiles") else ""
+    return f"colour fit (baseline, fitted on `{fitted_on['split']}`{tiles})"
 
 
 def _fmt(value: float | None) -> str:
@@ -252,6 +272,8 @@ def build_model_card(
         split=split,
         eval_dataset_name=dataset_name,
         metric_notes=METRIC_NOTES,
+        linear_fit_label=(_linear_fit_label(clean.get("linear_fit_fitted_on"))
+                          if clean and "linear_fit" in clean else None),
         generated_marker=GENERATED_MARKER,
     )
 

@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("8bit", "4bit", "none")
 
-# Trained in full and saved with the adapter (peft `modules_to_save`); matched by name suffix, so these names must
-# not end any other module's name.
-TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head")
+# Trained in full and saved with the adapter (peft `modules_to_save`) when the refiner has them (the spectral
+# correction only with `spectral_correction="affine"`); matched by name suffix, so these names must not end any
+# other module's name.
+TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head", "spectral_correction")
 
 BASE_SOURCE_FILE = "stage2_base.json"
 BASE_WEIGHTS_FILE = "base_model.safetensors"
@@ -237,7 +238,8 @@ def build_trainable_model(
     "8bit" (LLM.int8) or "4bit" (NF4, double quantization, fp32 compute) on the backbone's block linears only;
     "none" keeps everything in full precision. The base is frozen; LoRA adapters go on the backbone's `qkv`, `proj`,
     `fc1`, `fc2` (never `patch_embed.proj`), on every block or only the last `unfreeze_last_n_blocks`; the
-    metadata embedding, fusion and head are trained in full and saved with the adapter (`modules_to_save`).
+    metadata embedding, fusion, head and spectral correction (when the config has one) are trained in full and
+    saved with the adapter (`modules_to_save`).
 
     LoRA arguments left as None take the config's defaults (`lora_r` 8, `lora_alpha` 16, `lora_dropout` 0.1,
     `lora_target_modules`, `unfreeze_last_n_blocks`). With `gradient_checkpointing`, the backbone blocks recompute
@@ -263,7 +265,7 @@ def build_trainable_model(
         lora_alpha=config.lora_alpha if lora_alpha is None else lora_alpha,
         lora_dropout=config.lora_dropout if lora_dropout is None else lora_dropout,
         target_modules=lora_target_pattern(config, target_modules, unfreeze_last_n_blocks),
-        modules_to_save=list(TRAINABLE_MODULES),
+        modules_to_save=[name for name in TRAINABLE_MODULES if getattr(base, name, None) is not None],
         bias="none",
     )
     checkpointing_kwargs = {"use_reentrant": False}
@@ -324,7 +326,7 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
 
 
 def trainable_parameter_summary(model) -> dict[str, int]:
-    """Trainable parameters by group ("lora", "metadata_embedding", "fusion", "head", "other"), plus "trainable"
+    """Trainable parameters by group ("lora", each of `TRAINABLE_MODULES`, "other"), plus "trainable"
     and "total" (4-bit weights counted as the parameters they hold)."""
     groups = dict.fromkeys(("lora", *TRAINABLE_MODULES, "other"), 0)
     total = 0
@@ -351,7 +353,7 @@ def format_trainable_summary(model) -> str:
         f"parameters ({100.0 * summary['trainable'] / max(summary['total'], 1):.2f}%)"
     ]
     for group in ("lora", *TRAINABLE_MODULES, "other"):
-        if summary[group] or group != "other":
+        if summary[group] or group not in ("other", "spectral_correction"):
             lines.append(f"  {group:<20} {summary[group]:>14,}")
     return "\n".join(lines)
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from typing import Any
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PretrainedConfig
 
 # Bands the released Prithvi-EO-2.0 checkpoints were pretrained on (HLS), in checkpoint channel order.
 PRETRAINED_BANDS: tuple[str, ...] = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
@@ -91,24 +94,45 @@ def canonical_band_name(band: str) -> str:
     )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _positive_int(name: str, value, fix: str = "") -> int:
+    """`value` as an int, or a ValueError naming the field `name` (bools, strings and fractions are refused)."""
+    if not _is_number(value) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.{' ' + fix if fix else ''}")
+    return int(value)
+
+
+def _positive_float(name: str, value, fix: str = "", allow_zero: bool = False) -> float:
+    if not _is_number(value) or not (float(value) >= 0 if allow_zero else float(value) > 0):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}.{' ' + fix if fix else ''}")
+    return float(value)
+
+
 def _normalise_patch_size(patch_size) -> list[int]:
-    if isinstance(patch_size, int):
-        return [1, patch_size, patch_size]
-    patch = [int(p) for p in patch_size]
-    if len(patch) != 3 or min(patch) < 1:
-        raise ValueError(f"patch_size must be an int or (t, h, w) positive ints, got {patch_size!r}")
-    return patch
+    fix = "Give an int p (meaning (1, p, p)) or three positive ints (t, h, w), e.g. patch_size=(1, 14, 14)."
+    if isinstance(patch_size, numbers.Real):
+        size = _positive_int("patch_size", patch_size, fix)
+        return [1, size, size]
+    if isinstance(patch_size, str) or not hasattr(patch_size, "__len__") or len(patch_size) != 3:
+        raise ValueError(f"patch_size must be an int or (t, h, w), got {patch_size!r}. {fix}")
+    return [_positive_int("patch_size", p, fix) for p in patch_size]
 
 
 def _normalise_img_size(img_size) -> int | list[int]:
-    if isinstance(img_size, int):
-        return img_size
-    size = [int(s) for s in img_size]
-    if len(size) != 2:
-        raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}")
+    fix = "Give an int or (height, width) in pixels, e.g. img_size=224."
+    if isinstance(img_size, numbers.Real):
+        return _positive_int("img_size", img_size, fix)
+    if isinstance(img_size, str) or not hasattr(img_size, "__len__") or len(img_size) != 2:
+        raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}. {fix}")
+    size = [_positive_int("img_size", s, fix) for s in img_size]
     return size[0] if size[0] == size[1] else size
 
 
+@strict
 class PrithviConfig(PretrainedConfig):
     r"""
     Configuration of a Prithvi-EO-2.0 encoder ([`PrithviEncoder`]). The defaults are those of the released
@@ -157,6 +181,13 @@ class PrithviConfig(PretrainedConfig):
             Standard deviation of the normal initialisation of the CLS token.
         output_hidden_states (`bool`, *optional*, defaults to `True`):
             Whether the forward returns the per-block hidden states (the official `forward_features` output).
+        attn_implementation (`str`, *optional*):
+            The attention implementation (a [`PretrainedConfig`] argument): `"eager"` (plain torch; the only one
+            that returns attention maps), `"sdpa"` (`torch.nn.functional.scaled_dot_product_attention`, the default
+            when not set), `"flash_attention_2"`/`"flash_attention_3"` or `"flex_attention"` where installed.
+            Unknown values are refused when the model is built.
+        output_attentions (`bool`, *optional*, defaults to `False`):
+            Whether the forward returns per-block attention maps (needs `attn_implementation="eager"`).
         kwargs:
             Passed to [`PretrainedConfig`]. The official MAE's decoder/pre-training arguments
             (`decoder_embed_dim`, `decoder_depth`, `decoder_num_heads`, `mask_ratio`, `norm_pix_loss`) are
@@ -201,20 +232,23 @@ class PrithviConfig(PretrainedConfig):
 
         self.img_size = _normalise_img_size(img_size)
         self.patch_size = _normalise_patch_size(patch_size)
-        self.num_frames = int(num_frames)
+        self.num_frames = _positive_int("num_frames", num_frames, "The released checkpoints use num_frames=4.")
+        if in_chans is not None:
+            in_chans = _positive_int("in_chans", in_chans, "Or leave it unset and name the input bands with `bands=`.")
         self.bands = self._resolve_bands(bands, in_chans)
         self.in_chans = len(self.bands)
-        self.embed_dim = int(embed_dim)
-        self.depth = int(depth)
-        self.num_heads = int(num_heads)
-        self.mlp_ratio = float(mlp_ratio)
+        self.embed_dim = _positive_int("embed_dim", embed_dim)
+        self.depth = _positive_int("depth", depth)
+        self.num_heads = _positive_int("num_heads", num_heads, "It must divide embed_dim.")
+        self.mlp_ratio = _positive_float("mlp_ratio", mlp_ratio, "The released models use mlp_ratio=4.0.")
         self.coords_encoding = self._resolve_coords_encoding(coords_encoding)
         self.coords_scale_learn = bool(coords_scale_learn)
-        self.layer_norm_eps = float(layer_norm_eps)
+        self.layer_norm_eps = _positive_float("layer_norm_eps", layer_norm_eps, "The official value is 1e-5.")
         self.band_mean = self._resolve_band_stats(band_mean, PRETRAINED_BAND_MEAN, "band_mean")
         self.band_std = self._resolve_band_stats(band_std, PRETRAINED_BAND_STD, "band_std")
-        self.initializer_range = float(initializer_range)
+        self.initializer_range = _positive_float("initializer_range", initializer_range, allow_zero=True)
         self._check_architecture()
+        self._check_band_statistics()
         super().__init__(**kwargs)
 
     @classmethod
@@ -282,23 +316,57 @@ class PrithviConfig(PretrainedConfig):
     def _resolve_band_stats(self, values, defaults: dict[str, float], name: str) -> list[float]:
         if values is None:
             return [defaults[canonical_band_name(band)] for band in self.bands]
-        values = [float(value) for value in values]
-        if len(values) != len(self.bands):
-            raise ValueError(f"{name} has {len(values)} values for the {len(self.bands)} bands {self.bands}.")
-        return values
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"{name} must be a list of numbers, one per band of `bands`, got {values!r}.")
+        if name == "band_std":
+            return [_positive_float(name, value, "A standard deviation must be > 0.") for value in values]
+        if not all(_is_number(value) for value in values):
+            raise ValueError(f"{name} must hold finite numbers, one per band of `bands`, got {values!r}.")
+        return [float(value) for value in values]
+
+    # `validate_*` methods are transformers' (`@strict`) config validators: they run after `__init__` and again at
+    # `save_pretrained`, so a field changed after construction is caught too. `__init__` calls the same checks
+    # first so that a bad argument raises a plain ValueError naming the field.
+    def validate_architecture(self) -> None:
+        super().validate_architecture()
+        self._check_architecture()
+
+    def validate_band_statistics(self) -> None:
+        self._check_band_statistics()
+
+    def _check_band_statistics(self) -> None:
+        for name in ("band_mean", "band_std"):
+            values = getattr(self, name)
+            if len(values) != len(self.bands):
+                raise ValueError(
+                    f"{name} has {len(values)} values for the {len(self.bands)} bands {list(self.bands)}: give one "
+                    f"value per band, in the order of `bands`, or leave {name} unset to use the official statistics."
+                )
 
     def _check_architecture(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads}).")
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads}): choose num_heads "
+                f"among the divisors of {self.embed_dim}."
+            )
         if self.embed_dim % 16:
             # The 3D sin-cos table splits the width 6/16 (w), 6/16 (h), 4/16 (t), each into sin/cos halves.
             raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of 16 for the 3D sin-cos table.")
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must hold three ints (t, h, w), got {self.patch_size!r}.")
         if "time" in self.coords_encoding and self.patch_size[0] != 1:
-            raise ValueError(f"The temporal encoding needs patch_size[0] == 1, got {self.patch_size}.")
+            raise ValueError(
+                f"The temporal encoding needs patch_size[0] == 1, got patch_size={self.patch_size}: set "
+                "patch_size=(1, h, w) or drop 'time' from coords_encoding."
+            )
         if min(self.grid_size) < 1:
             raise ValueError(
                 f"img_size {self.img_size} / num_frames {self.num_frames} is smaller than one patch {self.patch_size}."
             )
+
+
+# `import modeling_stage2` registers the config with AutoConfig (the model half is in modeling_prithvi.py).
+AutoConfig.register(PrithviConfig.model_type, PrithviConfig, exist_ok=True)
 
 
 __all__ = [

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_prithvi import PrithviConfig, canonical_band_name
 
@@ -19,13 +20,18 @@ LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 
 PADDING_MODES: tuple[str, ...] = ("reflect", "replicate")
 
+# Per-tile spectral correction branches: "none" (the head's residual only, as models saved before the branch
+# existed) or "affine" (a 4x4 + bias colour transform of `opt_v1`, predicted per tile).
+SPECTRAL_CORRECTIONS: tuple[str, ...] = ("none", "affine")
+
 
 class Stage2RefinerConfig(PretrainedConfig):
     r"""
     Configuration of a [`Stage2RefinerModel`]: the Stage 2 refiner that turns the synthetic Sentinel-2 image `opt_v1`
     into a refined one. The month and biome of the tile are embedded, projected to `metadata_channels` maps, fused
     with `opt_v1` back to the backbone's bands, encoded by a Prithvi-EO-2.0 backbone, and a ConvNeXt head predicts a
-    residual at full resolution (`refined = opt_v1 + delta`).
+    residual at full resolution (`refined = opt_v1 + delta`). With `spectral_correction="affine"` a per-tile colour
+    correction of `opt_v1` comes first (`refined = (M + dM) opt_v1 + (b + db) + delta`, see the argument).
 
     Building the config allocates nothing: the default describes the 600M backbone without loading it.
 
@@ -84,6 +90,25 @@ class Stage2RefinerConfig(PretrainedConfig):
             `None` adapts every block.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the head's and embeddings' weights.
+        spectral_correction (`str`, *optional*, defaults to `"none"`):
+            `"affine"` adds a spectral-correction branch: each tile's `opt_v1` first goes through its own affine
+            colour transform, `corrected = (M + dM) opt_v1 + (b + db)` per pixel, and the head's residual is added
+            to `corrected`. `M` (bands x bands) and `b` (bands) are shared by all tiles (identity and zero at
+            initialisation; training can start them at the least-squares colour fit of the training split);
+            `dM`, `db` are predicted per tile from the mean backbone features, the month/biome embedding and the
+            per-band mean and spread of the tile, by an MLP whose last layer starts at zero. So the model can
+            express any per-band affine correction from step 0, conditioned on the tile's content, month and
+            biome, and the head adds the local, spatial correction on top. `"none"` (the default, so that models
+            saved before this option load and compute exactly as before) has no such branch. Training
+            (`Stage2TrainingArguments.spectral_correction`) builds new refiners with `"affine"`.
+        spectral_correction_hidden_size (`int`, *optional*, defaults to 64):
+            Width of the MLP that predicts the per-tile correction `dM`, `db` (with `spectral_correction="affine"`).
+        nonnegative_output (`bool`, *optional*, defaults to `False`):
+            Clamp the refined output at 0: surface reflectance is never negative, and a negative value (an affine
+            correction's negative offset on open water, say) wrecks the spectral angle and NDVI of dark pixels. The
+            gradient passes straight through the clamp, so training still learns to lift pixels predicted below 0.
+            `False` (the default) keeps the output unbounded, as models saved before this option computed it;
+            training (`Stage2TrainingArguments.nonnegative_output`) builds new refiners with `True`.
         kwargs:
             Passed to [`PretrainedConfig`] (e.g. `output_hidden_states`, `return_dict`).
 
@@ -97,6 +122,9 @@ class Stage2RefinerConfig(PretrainedConfig):
     """
 
     model_type = "stage2_refiner"
+    # The backbone's config is a sub-config: `attn_implementation` set on the refiner (at construction or at
+    # `from_pretrained`) reaches it.
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=PrithviConfig)}
 
     def __init__(
         self,
@@ -119,6 +147,9 @@ class Stage2RefinerConfig(PretrainedConfig):
         lora_target_modules: tuple[str, ...] | list[str] = LORA_TARGETS,
         unfreeze_last_n_blocks: int | None = None,
         initializer_range: float = 0.02,
+        spectral_correction: str = "none",
+        spectral_correction_hidden_size: int = 64,
+        nonnegative_output: bool = False,
         **kwargs,
     ):
         self.bands = _resolve_bands(bands)
@@ -142,7 +173,21 @@ class Stage2RefinerConfig(PretrainedConfig):
         self.lora_target_modules = resolve_lora_targets(lora_target_modules)
         self.unfreeze_last_n_blocks = _resolve_last_n_blocks(unfreeze_last_n_blocks, self.backbone_config.depth)
         self.initializer_range = float(initializer_range)
+        if spectral_correction not in SPECTRAL_CORRECTIONS:
+            raise ValueError(
+                f"spectral_correction must be one of {SPECTRAL_CORRECTIONS}, got {spectral_correction!r}: \"affine\" "
+                "adds the per-tile colour-correction branch, \"none\" keeps the head's residual only."
+            )
+        self.spectral_correction = spectral_correction
+        self.spectral_correction_hidden_size = _positive_int(
+            spectral_correction_hidden_size, "spectral_correction_hidden_size"
+        )
+        if not isinstance(nonnegative_output, bool):
+            raise ValueError(f"nonnegative_output must be True or False, got {nonnegative_output!r}.")
+        self.nonnegative_output = nonnegative_output
         super().__init__(**kwargs)
+        if self.dtype is not None and self.backbone_config.dtype is None:
+            self.backbone_config.dtype = self.dtype  # one dtype for the whole refiner unless the backbone says
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -271,4 +316,4 @@ def _resolve_last_n_blocks(value, depth: int) -> int | None:
 Stage2RefinerConfig.register_for_auto_class()
 AutoConfig.register(Stage2RefinerConfig.model_type, Stage2RefinerConfig, exist_ok=True)
 
-__all__ = ["BAND_NAMES", "LORA_TARGETS", "UNKNOWN_METADATA", "Stage2RefinerConfig"]
+__all__ = ["BAND_NAMES", "LORA_TARGETS", "SPECTRAL_CORRECTIONS", "UNKNOWN_METADATA", "Stage2RefinerConfig"]

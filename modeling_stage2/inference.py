@@ -310,15 +310,21 @@ def load_model(
     quantization: str = "none",
     device: str | torch.device | None = None,
 ) -> Any:
-    """A trained refiner in eval mode from a local folder or a Hub repo id.
+    """A trained refiner in eval mode from a local folder or a Hub repo id, or an exported one.
 
     The folder is either a full model (`save_pretrained`: config.json + model.safetensors) or a trained
     adapter folder written by `save_trained_model` (adapter_config.json + adapter weights); both go
     through `modeling_stage2.adapters.load_trained_model`. A name that is not a local path and looks
-    like `owner/name` is downloaded from the Hub first (cached).
+    like `owner/name` is downloaded from the Hub first (cached). A folder written by `stage2-export` (or its
+    `model.onnx` / `model.pt2`) gives a `modeling_stage2.onnx_runtime.ExportedRefiner` with the same call contract,
+    running on ONNX Runtime (or torch for `.pt2`).
     """
     name = str(model_name_or_path)
     path = Path(name).expanduser()
+    from .onnx_runtime import is_exported_model
+
+    if is_exported_model(path):  # a stage2-export folder or a .onnx / .pt2 file: same call contract
+        return _load_exported(path, quantization, device)
     if path.exists():
         folder = path
     elif _REPO_ID.match(name):
@@ -345,6 +351,20 @@ def load_model(
     except (OSError, ValueError) as error:  # missing or corrupt weight files, a foreign config
         raise InferenceInputError(f"model {folder}: could not be loaded ({type(error).__name__}: {error})") from error
     return model.eval()
+
+
+def _load_exported(path: Path, quantization: str, device: str | torch.device | None) -> Any:
+    """An `ExportedRefiner` (ONNX Runtime or torch.export) for a `stage2-export` folder or graph file."""
+    from .onnx_runtime import load_exported
+
+    if quantization != "none":
+        raise InferenceInputError(
+            f"model {path}: an exported model has its weights fixed at export; drop --quantization {quantization}"
+        )
+    try:
+        return load_exported(path, device=device)
+    except Exception as error:  # missing files, no onnxruntime, ONNX Runtime's own errors on a corrupt graph
+        raise InferenceInputError(f"model {path}: could not be loaded ({type(error).__name__}: {error})") from error
 
 
 def _download_model(repo_id: str) -> Path:
@@ -1116,7 +1136,8 @@ def build_parser() -> argparse.ArgumentParser:
             "GeoTIFF scene of any size (--output)."
         ),
     )
-    parser.add_argument("--model", required=True, help="model folder (full model or trained adapter) or Hub repo id")
+    parser.add_argument("--model", required=True, help="model folder (full model or trained adapter), Hub repo id, "
+                        "or an exported model (a stage2-export folder, model.onnx or model.pt2)")
     parser.add_argument(
         "--input", required=True, nargs="+",
         help="a folder of NPZ tiles, a 4-band GeoTIFF, or four single-band GeoTIFFs in the order B02 B03 B04 B08",

@@ -5,15 +5,19 @@ prefix is stripped (see `convert_prithvi.py`).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .configuration_prithvi import PrithviConfig
 
@@ -65,11 +69,17 @@ class PrithviEncoderOutput(ModelOutput):
             `forward_features` returns them.
         grid_size (`tuple[int, int, int]`):
             The patch grid (t, h, w) of the tokens, for reshaping them into feature maps.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            One `(batch_size, num_heads, 1 + num_patches, 1 + num_patches)` tensor of softmax attention weights per
+            block (returned when `output_attentions=True`; each row sums to 1). Only the eager attention computes
+            them: with another `attn_implementation` the tuple is empty (and transformers warns), as in ViT. Last
+            field, so that the tuple positions of the other fields are those of earlier releases.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     grid_size: tuple[int, int, int] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PrithviPatchEmbed(nn.Module):
@@ -124,22 +134,60 @@ class PrithviLocationEncoder(nn.Module):
         return self.scale * torch.cat([lat, lon], dim=-1)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch attention (ViT's): (B, heads, N, d) inputs -> ((B, N, heads, d) output, (B, heads, N, N) weights)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
 class PrithviAttention(nn.Module):
-    """Multi-head self-attention with a fused `qkv` projection (timm layout)."""
+    """Multi-head self-attention with a fused `qkv` projection (timm layout, as the official checkpoints store it).
+
+    The attention itself goes through transformers' attention interface: `config._attn_implementation` picks
+    `eager_attention_forward` ("eager"), `F.scaled_dot_product_attention` ("sdpa"), flash attention or flex
+    attention (where the hardware and installed kernels have them).
+    """
 
     def __init__(self, config: PrithviConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_heads
         self.head_size = config.embed_dim // config.num_heads
+        self.scaling = self.head_size**-0.5
+        self.is_causal = False
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, tokens, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch, tokens, 3, self.num_heads, self.head_size)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        context = F.scaled_dot_product_attention(query, key, value)
-        return self.proj(context.transpose(1, 2).reshape(batch, tokens, width))
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        context, attn_weights = attention_interface(
+            self, query, key, value, None, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        return self.proj(context.reshape(batch, tokens, width)), attn_weights
 
 
 class PrithviMLP(nn.Module):
@@ -164,9 +212,13 @@ class PrithviBlock(GradientCheckpointingLayer):
         self.norm2 = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.mlp = PrithviMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
-        return hidden_states + self.mlp(self.norm2(hidden_states))
+    def forward(
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attn(self.norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
+        return hidden_states, attn_weights
 
 
 class PrithviPreTrainedModel(PreTrainedModel):
@@ -178,28 +230,34 @@ class PrithviPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PrithviBlock"]
     _input_embed_layer = "patch_embed"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Official initialisation: xavier-uniform linears (and the patch conv seen as a linear), unit
-        LayerNorms, N(0, 0.02) CLS token, the fixed sin-cos position table, coordinate scales 0.1 (learned)
-        or 1 (fixed)."""
-        if isinstance(module, nn.Linear):
+        """Official initialisation: xavier-uniform linears and patch conv (the conv seen as a linear), zero biases,
+        unit LayerNorms, N(0, 0.02) CLS token, the fixed sin-cos position table, coordinate scales 0.1 (learned) or
+        1 (fixed). Every parameter and buffer is set here, through `transformers.initialization` (which skips
+        tensors already loaded and works on models built on the meta device)."""
+        if isinstance(module, nn.Conv3d):
+            # MAE/Prithvi: xavier_uniform_ of the weight viewed as (embed_dim, in_chans * t * h * w).
+            fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / float(fan_in + fan_out))
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, PrithviPatchEmbed):
-            weight = module.proj.weight
-            if not getattr(weight, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            init.zeros_(module.proj.bias)
         elif isinstance(module, (PrithviTemporalEncoder, PrithviLocationEncoder)):
             init.constant_(module.scale, 0.1 if isinstance(module.scale, nn.Parameter) else 1.0)
         elif isinstance(module, PrithviEncoder):
-            init.normal_(module.cls_token, std=self.config.initializer_range)
+            init.normal_(module.cls_token, std=module.config.initializer_range)
             table = sincos_3d_table(module.config.embed_dim, module.config.grid_size, device=module.pos_embed.device)
             init.copy_(module.pos_embed, table)
 
@@ -236,6 +294,8 @@ class PrithviEncoder(PrithviPreTrainedModel):
         location_coords: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> PrithviEncoderOutput | tuple:
         r"""
         Args:
@@ -249,10 +309,17 @@ class PrithviEncoder(PrithviPreTrainedModel):
                 Return the per-block hidden states; defaults to `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
                 Return a [`PrithviEncoderOutput`] instead of a tuple; defaults to `config.return_dict`.
+            output_attentions (`bool`, *optional*):
+                Return each block's attention weights in `attentions`; defaults to `config.output_attentions`.
+                Only the eager attention computes them (`attn_implementation="eager"`); other implementations
+                return an empty tuple and transformers warns, as for ViT.
+            kwargs:
+                Passed to the attention implementation (e.g. flash-attention arguments).
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         pixel_values = self._check_pixel_values(pixel_values)
@@ -269,11 +336,13 @@ class PrithviEncoder(PrithviPreTrainedModel):
         cls_tokens = (self.cls_token + pos_embed[:, :1, :]).expand(embeddings.shape[0], -1, -1)
         hidden_states = torch.cat([cls_tokens, embeddings], dim=1)
 
-        all_hidden_states = []
+        all_hidden_states, all_attentions = [], []
         for block in self.blocks:
-            hidden_states = block(hidden_states)
+            hidden_states, attn_weights = block(hidden_states, output_attentions=output_attentions, **kwargs)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
+            if output_attentions and attn_weights is not None:
+                all_attentions.append(attn_weights)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states[-1] = hidden_states
@@ -282,6 +351,7 @@ class PrithviEncoder(PrithviPreTrainedModel):
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             grid_size=grid_size,
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -333,4 +403,15 @@ class PrithviEncoder(PrithviPreTrainedModel):
         return grid
 
 
-__all__ = ["PrithviEncoder", "PrithviEncoderOutput", "PrithviPreTrainedModel", "sincos_3d_table"]
+# `import modeling_stage2` makes `AutoModel.from_pretrained(<a PrithviEncoder folder>)` work (the config half is
+# registered in configuration_prithvi.py).
+AutoModel.register(PrithviConfig, PrithviEncoder, exist_ok=True)
+
+
+__all__ = [
+    "PrithviEncoder",
+    "PrithviEncoderOutput",
+    "PrithviPreTrainedModel",
+    "eager_attention_forward",
+    "sincos_3d_table",
+]

@@ -6,7 +6,16 @@
         --> ConvNeXt head, upsampled stage by stage, with a skip from the full-resolution input
         --> delta, cropped to (H, W);  refined = opt_v1 + delta
 
-The head's last layer starts at zero, so an untrained model returns `opt_v1` exactly.
+With `spectral_correction="affine"` the residual is added to a per-tile colour correction of `opt_v1` instead:
+
+    mean backbone features, month/biome embedding, per-band mean and spread of the tile --> MLP --> dM, db
+        corrected = (M + dM) opt_v1 + (b + db)  (the head's full-resolution stem sees the corrected bands)
+        refined = corrected + delta
+
+With `nonnegative_output` the refined image is clamped at 0 reflectance (straight-through gradient).
+
+The head's last layer starts at zero (and the correction at the identity), so an untrained model returns `opt_v1`
+exactly.
 """
 from __future__ import annotations
 
@@ -39,15 +48,25 @@ class Stage2RefinerOutput(ModelOutput):
 
     Args:
         refined (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`):
-            The refined image, reflectance, same bands, size and dtype as `opt_v1` (`opt_v1 + delta`).
+            The refined image, reflectance, same bands, size and dtype as `opt_v1` (`opt_v1 + delta`, or
+            `corrected + delta` with the spectral correction).
+        corrected (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`, *optional*):
+            `opt_v1` after the per-tile spectral correction, before the head's residual; `None` without the
+            correction branch (`config.spectral_correction="none"`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The backbone's hidden states, one `(batch_size, 1 + num_patches, embed_dim)` tensor per block (CLS token
             first, the last after the final LayerNorm), returned when `output_hidden_states=True`. They describe the
             padded input: the patch grid is `(ceil(height / patch), ceil(width / patch))`, tokens in row-major order.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The backbone's attention maps, one `(batch_size, num_heads, 1 + num_patches, 1 + num_patches)` tensor per
+            block, returned when `output_attentions=True` (computed by the eager attention only, see
+            [`PrithviEncoderOutput`]).
     """
 
     refined: torch.FloatTensor | None = None
+    corrected: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -121,12 +140,27 @@ class Stage2MetadataEmbedding(nn.Module):
             nn.Linear(2 + 2 * width, width), nn.GELU(), nn.Linear(width, config.metadata_channels)
         )
 
-    def forward(self, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+    @property
+    def feature_size(self) -> int:
+        """Width of `features()`: the cyclic month (2) and the two learned embeddings."""
+        return 2 + self.month_embedding.embedding_dim + self.biome_embedding.embedding_dim
+
+    def features(self, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+        """(B,) month and biome -> (B, `feature_size`): the cyclic month and the learned embeddings, concatenated."""
         month_index = torch.where(month != UNKNOWN_METADATA, month, torch.zeros_like(month))
         biome_index = torch.where(biome != UNKNOWN_METADATA, biome, torch.full_like(biome, self.num_biomes))
         cyclic = cyclic_month_encoding(month, self.num_months).to(self.month_embedding.weight.dtype)
-        features = torch.cat([cyclic, self.month_embedding(month_index), self.biome_embedding(biome_index)], dim=-1)
-        return self.projection(features)
+        return torch.cat([cyclic, self.month_embedding(month_index), self.biome_embedding(biome_index)], dim=-1)
+
+    def forward(self, month: torch.Tensor, biome: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The `metadata_channels` values; pass `features` when `features(month, biome)` is already computed."""
+        return self.projection(self.features(month, biome) if features is None else features)
+
+
+def clamp_min_straight_through(values: torch.Tensor, minimum: float) -> torch.Tensor:
+    """`values.clamp(min=minimum)` whose gradient passes through unchanged (straight-through), so that a loss can
+    still lift a value predicted below the bound."""
+    return values + (values.clamp(min=minimum) - values).detach()
 
 
 def cyclic_month_encoding(month: torch.Tensor, num_months: int = 12) -> torch.Tensor:
@@ -155,6 +189,71 @@ class Stage2ResidualOutput(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, kernel_size=1)
+
+
+class Stage2ZeroInitLinear(nn.Linear):
+    """A linear layer that starts at zero (weights and bias): the per-tile correction starts as no correction."""
+
+
+class Stage2SpectralCorrection(nn.Module):
+    """Per-tile affine colour correction of `opt_v1`: `corrected = (M + dM) opt_v1 + (b + db)` for every pixel.
+
+    `matrix` (M, bands x bands) and `bias` (b) are shared by all tiles: the identity and zero at initialisation,
+    and what a least-squares colour fit of the training split gives when training starts from it
+    (`set_shared_correction`). `dM` and `db` are this tile's own: an MLP predicts them from the tile's context,
+    the mean of the backbone's last selected features over the patch grid (what the tile shows), the month/biome
+    embedding (when it was taken, where) and the per-band mean and standard deviation of the normalised `opt_v1`
+    (how bright and how contrasted it is). The MLP's last layer starts at zero, so the branch starts as (M, b) and
+    an untrained refiner returns `opt_v1` exactly.
+    """
+
+    def __init__(self, config: Stage2RefinerConfig, metadata_feature_size: int):
+        super().__init__()
+        bands = len(config.bands)
+        embed_dim = config.backbone_config.embed_dim
+        self.num_bands = bands
+        self.matrix = nn.Parameter(torch.empty(bands, bands))
+        self.bias = nn.Parameter(torch.empty(bands))
+        # Normalised separately: backbone features, and embeddings that start 50x smaller than the cyclic month.
+        self.feature_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.metadata_norm = nn.LayerNorm(metadata_feature_size, eps=1e-6)
+        hidden = config.spectral_correction_hidden_size
+        self.context = nn.Sequential(nn.Linear(embed_dim + metadata_feature_size + 2 * bands, hidden), nn.GELU())
+        self.tile_correction = Stage2ZeroInitLinear(hidden, bands * bands + bands)
+
+    def forward(self, opt_v1: torch.Tensor, normalized_bands: torch.Tensor, features: torch.Tensor,
+                metadata_features: torch.Tensor) -> torch.Tensor:
+        """`opt_v1` (B, bands, H, W) reflectance, `normalized_bands` the same tile normalised, `features`
+        (B, h, w, E) channels-last backbone features, `metadata_features` (B, F) -> corrected (B, bands, H, W)."""
+        dtype = self.matrix.dtype
+        spread, mean = torch.std_mean(normalized_bands.to(dtype), dim=(-2, -1), correction=0)
+        context = torch.cat([
+            self.feature_norm(features.to(dtype).mean(dim=(1, 2))),
+            self.metadata_norm(metadata_features.to(dtype)),
+            mean,
+            spread,
+        ], dim=-1)
+        correction = self.tile_correction(self.context(context))
+        bands = self.num_bands
+        matrix = self.matrix + correction[:, : bands * bands].view(-1, bands, bands)
+        bias = self.bias + correction[:, bands * bands :]
+        corrected = torch.einsum("bij,bjhw->bihw", matrix, opt_v1.to(dtype)) + bias[:, :, None, None]
+        return corrected.to(opt_v1.dtype)
+
+    @torch.no_grad()
+    def set_shared_correction(self, matrix, bias) -> None:
+        """Start the shared (M, b) at a given colour correction, e.g. a least-squares fit of the training tiles."""
+        matrix = torch.as_tensor(matrix, dtype=self.matrix.dtype, device=self.matrix.device)
+        bias = torch.as_tensor(bias, dtype=self.bias.dtype, device=self.bias.device)
+        if matrix.shape != self.matrix.shape or bias.shape != self.bias.shape:
+            raise ValueError(
+                f"A spectral correction of {self.num_bands} bands needs a {tuple(self.matrix.shape)} matrix and a "
+                f"{tuple(self.bias.shape)} bias, got {tuple(matrix.shape)} and {tuple(bias.shape)}."
+            )
+        if not (torch.isfinite(matrix).all() and torch.isfinite(bias).all()):
+            raise ValueError("The spectral correction's matrix and bias must be finite.")
+        self.matrix.copy_(matrix)
+        self.bias.copy_(bias)
 
 
 class Stage2InputNormalizer(nn.Module):
@@ -240,6 +339,11 @@ class Stage2PreTrainedModel(PreTrainedModel):
     main_input_name = "opt_v1"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
+    # The attention is the backbone's (transformers' attention interface): eager, SDPA, flash, flex.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _no_split_modules = ["PrithviBlock", "Stage2ConvNextBlock"]
     _input_embed_layer = "fusion"
 
@@ -248,13 +352,16 @@ class Stage2PreTrainedModel(PreTrainedModel):
         `layer_scale_init_value` layer scales, the band statistics of the backbone; the fusion starts as the
         identity on the bands and the head's output conv at zero (an untrained refiner returns `opt_v1`)."""
         std = self.config.initializer_range
-        if isinstance(module, Stage2InputFusion):
+        if isinstance(module, Stage2SpectralCorrection):
+            init.copy_(module.matrix, torch.eye(module.num_bands, dtype=module.matrix.dtype))
+            init.zeros_(module.bias)
+        elif isinstance(module, Stage2InputFusion):
             bands = len(self.config.bands)
             identity = torch.zeros(module.weight.shape, dtype=module.weight.dtype)
             identity[:, :bands, 0, 0] = torch.eye(bands, dtype=identity.dtype)
             init.copy_(module.weight, identity)
             init.zeros_(module.bias)
-        elif isinstance(module, Stage2ResidualOutput):
+        elif isinstance(module, (Stage2ResidualOutput, Stage2ZeroInitLinear)):
             init.zeros_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -295,6 +402,11 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         self.fusion = Stage2InputFusion(config)
         self.backbone = PrithviEncoder(config.backbone_config)
         self.head = Stage2RefinementHead(config)
+        self.spectral_correction = (
+            Stage2SpectralCorrection(config, self.metadata_embedding.feature_size)
+            if config.spectral_correction == "affine"
+            else None
+        )
         self.cpu_fallback_count = 0
         self._warned_cpu_fallback = False
         self.post_init()
@@ -306,6 +418,7 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         biome: torch.Tensor,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> Stage2RefinerOutput | tuple:
         r"""
         Args:
@@ -320,7 +433,11 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
                 Also return the backbone's per-block hidden states; defaults to `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
                 Return a [`Stage2RefinerOutput`] instead of a tuple; defaults to `config.return_dict`.
+            output_attentions (`bool`, *optional*):
+                Also return the backbone's attention maps (with `attn_implementation="eager"`); defaults to
+                `config.output_attentions`.
         """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -333,24 +450,37 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         dtype = self.fusion.weight.dtype
         height, width = opt_v1.shape[-2:]
         bands = self.normalizer(opt_v1.to(self.normalizer.mean.dtype)).to(dtype)
-        metadata = self.metadata_embedding(month, biome).to(dtype)
+        metadata_features = self.metadata_embedding.features(month, biome)
+        metadata = self.metadata_embedding(month, biome, features=metadata_features).to(dtype)
         metadata_maps = metadata[:, :, None, None].expand(-1, -1, height, width)
         conditioned, padding = self._pad_to_patch_multiple(torch.cat([bands, metadata_maps], dim=1))
 
-        encoded = self.backbone(self.fusion(conditioned), output_hidden_states=True, return_dict=True)
+        encoded = self.backbone(self.fusion(conditioned), output_hidden_states=True, return_dict=True,
+                                output_attentions=output_attentions)
         grid = encoded.grid_size
         features = [
             self._tokens_to_grid(encoded.hidden_states[layer], grid).to(dtype) for layer in self.config.feature_layers
         ]
-        delta = self._run_head(features, conditioned)
+        corrected, head_input = None, conditioned
+        if self.spectral_correction is not None:
+            corrected = self.spectral_correction(opt_v1, bands, features[-1], metadata_features)
+            # The head refines what the correction made: its full-resolution stem sees the corrected bands.
+            corrected_bands = self.normalizer(corrected.to(self.normalizer.mean.dtype)).to(dtype)
+            head_input, _ = self._pad_to_patch_multiple(torch.cat([corrected_bands, metadata_maps], dim=1))
+        delta = self._run_head(features, head_input)
         top, _, left, _ = padding
         delta = delta[:, :, top : top + height, left : left + width]
-        refined = opt_v1 + delta.to(opt_v1.dtype)
+        refined = (opt_v1 if corrected is None else corrected) + delta.to(opt_v1.dtype)
+        if self.config.nonnegative_output:
+            refined = clamp_min_straight_through(refined, 0.0)
 
-        hidden_states = encoded.hidden_states if output_hidden_states else None
-        if not return_dict:
-            return (refined, hidden_states) if output_hidden_states else (refined,)
-        return Stage2RefinerOutput(refined=refined, hidden_states=hidden_states)
+        output = Stage2RefinerOutput(
+            refined=refined,
+            corrected=corrected,
+            hidden_states=encoded.hidden_states if output_hidden_states else None,
+            attentions=encoded.attentions if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
 
     # ---------------------------------------------------------------------------------------------- forward parts
 
@@ -533,6 +663,8 @@ __all__ = [
     "Stage2PreTrainedModel",
     "Stage2RefinerModel",
     "Stage2RefinerOutput",
+    "Stage2SpectralCorrection",
+    "clamp_min_straight_through",
     "cyclic_month_encoding",
     "load_pretrained_encoder",
 ]

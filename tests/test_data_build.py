@@ -19,7 +19,7 @@ from _data_helpers import copy_sample_subset, folder_digest, make_tile_dir, tile
 import datasets
 from data_builders import build as build_module
 from data_builders.build import BUILD_INFO_FILE, REJECTED_FILE, SCRATCH_MARKER, build_dataset, main, read_build_info
-from data_builders.degrade import DegradationConfig, synthesize_opt_v1
+from data_builders.degrade import DEGRADATION_PRESETS, DegradationConfig, mixture_choice, synthesize_opt_v1
 from data_builders.tiles import BAND_KEYS, BAND_NAMES, TileError
 
 datasets.disable_progress_bars()
@@ -79,6 +79,7 @@ def test_build_record_in_dataset_info(sample_dataset_dir, sample_tiles_dir):
     assert info["scaling"]["tiles"] == {"dn_x1e-4": 54}
     assert info["opt_v1"]["mode"] == "synthetic" and info["opt_v1"]["seed"] == 0
     assert info["opt_v1"]["degradation"] == DegradationConfig().to_dict()
+    assert info["opt_v1"]["preset"] == "mild" and "preset 'mild'" in info["opt_v1"]["description"]
     assert (sample_dataset_dir / REJECTED_FILE).read_text() == ""
 
     targets = np.stack(ds["train"].with_format("numpy")["target"])  # (18, 4, 120, 120), all valid
@@ -475,3 +476,90 @@ def test_sigkill_mid_build_keeps_the_old_dataset(tmp_path, existing_dataset):
     # the next build removes the dead build's scratch folder and replaces the dataset
     assert build_dataset(data, out)["train"]["tile_id"] == ["train_0", "train_1", "train_2"]
     assert not _scratch_dirs(out)
+
+
+# ----------------------------------------------------------------------------- degradation presets
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "data_builders.build", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_presets_in_python_and_the_build_record(tmp_path, sample_tiles_dir):
+    data = copy_sample_subset(sample_tiles_dir, tmp_path / "tiles", per_split=2)
+    mild = build_dataset(data, tmp_path / "mild", degradation="mild")["val"].with_format("numpy")[:]
+    default = build_dataset(data, tmp_path / "default")["val"].with_format("numpy")[:]
+    assert mild["opt_v1"].tobytes() == default["opt_v1"].tobytes()
+
+    ds = build_dataset(data, tmp_path / "mixture", degradation="mixture", seed=4)
+    info = read_build_info(ds)["opt_v1"]
+    assert info["preset"] == "mixture" and info["degradation"] is None and info["degradation_version"] == 1
+    assert info["mixture_presets"] == {name: DEGRADATION_PRESETS[name].to_dict() for name in ("mild", "strong")}
+    assert "mixture_choice(seed, tile_id)" in info["description"]
+    rows = ds["val"].with_format("numpy")[:]
+    for target, tile_id, mask, opt_v1 in zip(rows["target"], rows["tile_id"], rows["valid_mask"], rows["opt_v1"]):
+        config = DEGRADATION_PRESETS[mixture_choice(4, str(tile_id))]
+        np.testing.assert_array_equal(synthesize_opt_v1(target, str(tile_id), 4, config, mask), opt_v1)
+
+    overridden = build_dataset(data, tmp_path / "over", degradation="strong", degradation_overrides={"noise_std": 0})
+    info = read_build_info(overridden)["opt_v1"]
+    assert info["preset"] == "strong+overrides" and info["degradation"]["noise_std"] == 0
+    assert info["degradation"]["crosstalk"] == DEGRADATION_PRESETS["strong"].crosstalk
+    with pytest.raises(ValueError, match="unknown degradation preset 'bogus'"):
+        build_dataset(data, tmp_path / "bad", degradation="bogus")
+    with pytest.raises(ValueError, match="cannot be combined with the 'mixture' preset"):
+        build_dataset(data, tmp_path / "bad", degradation="mixture", degradation_overrides={"noise_std": 0})
+
+
+def test_cli_degradation_flag(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    done = _run_cli("--data_dir", data, "--output_dir", tmp_path / "strong", "--degradation", "strong")
+    assert done.returncode == 0, done.stderr
+    info = json.loads((tmp_path / "strong" / BUILD_INFO_FILE).read_text())["opt_v1"]
+    assert info["preset"] == "strong" and info["degradation"] == DEGRADATION_PRESETS["strong"].to_dict()
+
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({"noise_std": 0.01}))
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "over"), "--degradation", "strong",
+                 "--degradation_config", str(overrides)]) == 0
+    info = json.loads((tmp_path / "over" / BUILD_INFO_FILE).read_text())["opt_v1"]
+    assert info["preset"] == "strong+overrides" and info["degradation"]["noise_std"] == 0.01
+
+    bad = _run_cli("--data_dir", data, "--output_dir", tmp_path / "bad", "--degradation", "bogus")
+    assert bad.returncode == 2 and not (tmp_path / "bad").exists()
+    assert bad.stderr.strip() == ("stage2-build-dataset: error: --degradation: unknown preset 'bogus' "
+                                  "(choose from mild, strong, mixture)")
+    conflict = _run_cli("--data_dir", data, "--output_dir", tmp_path / "bad", "--degradation", "mixture",
+                        "--degradation_config", overrides)
+    assert conflict.returncode == 2 and len(conflict.stderr.strip().splitlines()) == 1
+    assert "--degradation_config cannot be combined with --degradation mixture" in conflict.stderr
+
+
+def test_training_config_and_cache_key_know_the_preset(tmp_path):
+    from training.args import Stage2DataArguments
+    from training.train import dataset_cache_key
+
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    keys = {name: dataset_cache_key(data, None, None, 0, degradation=name) for name in ("mild", "strong", "mixture")}
+    assert len(set(keys.values())) == 3
+    assert keys["mild"] == dataset_cache_key(data, None, None, 0)  # the key existing caches were built under
+    with pytest.raises(ValueError, match="degradation must be one of"):
+        dataset_cache_key(data, degradation="bogus")
+    assert Stage2DataArguments().degradation == "mild"
+    assert Stage2DataArguments(degradation="strong").degradation == "strong"
+    with pytest.raises(ValueError, match="degradation must be one of .*'bogus'"):
+        Stage2DataArguments(degradation="bogus")
+
+
+def test_training_yaml_selects_the_preset(tmp_path):
+    from training.train import ensure_arrow_dataset, parse_args
+
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    config = tmp_path / "config.yaml"
+    config.write_text("degradation: strong\n")
+    _, data_args, settings = parse_args(["--config", str(config), "--data_dir", str(data),
+                                         "--output_dir", str(tmp_path / "run")])
+    assert data_args.degradation == "strong" and settings["degradation"] == "strong"
+    built = ensure_arrow_dataset(data_args, tmp_path / "run")
+    assert json.loads((built / BUILD_INFO_FILE).read_text())["opt_v1"]["preset"] == "strong"
+    data_args.degradation = "mild"
+    assert ensure_arrow_dataset(data_args, tmp_path / "run") != built  # never the strong cache entry

@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 
 from data_builders.degrade import (
+    DEGRADATION_CHOICES,
+    DEGRADATION_PRESETS,
     DegradationConfig,
+    config_for_tile,
     crosstalk_matrix,
     linear_upsample_axis,
+    mixture_choice,
+    resolve_degradation,
     shift_blur_axis,
     synthesize_opt_v1,
     tile_rng,
@@ -242,3 +247,128 @@ def test_opt_v1_is_bit_identical_to_the_reference_implementation(sample_tiles, c
             assert shift_blur_axis(x.astype(dtype), sigma, shift, axis).tobytes() == \
                 _reference_blur(x.astype(dtype), sigma, shift, axis).tobytes()
         assert linear_upsample_axis(x.astype(dtype), 40, 2).tobytes() == _reference_upsample(x.astype(dtype), 40, 2).tobytes()
+
+
+# ----------------------------------------------------------------------------- presets and the optional steps
+def _sam_and_psnr(opt_v1, target):
+    return _spectral_angle(opt_v1, target).mean(), 10 * np.log10(1.0 / ((opt_v1 - target) ** 2).mean())
+
+
+def test_mild_preset_is_the_default_bit_for_bit(sample_tiles):
+    assert DEGRADATION_PRESETS["mild"] == DegradationConfig()
+    assert DEGRADATION_CHOICES == ("mild", "strong", "mixture")
+    assert resolve_degradation(None) == resolve_degradation("mild") == ("mild", DegradationConfig())
+    config = DegradationConfig()
+    assert config.haze == (0.0, 0.0) and config.tone_gamma == (1.0, 1.0)  # the new steps are off by default
+    assert not config.has_haze and not config.has_tone_curve
+    for tile in sample_tiles[::9]:
+        default = synthesize_opt_v1(tile.target, tile.tile_id, 3, None, tile.valid_mask)
+        assert synthesize_opt_v1(tile.target, tile.tile_id, 3, "mild", tile.valid_mask).tobytes() == default.tobytes()
+        assert synthesize_opt_v1(tile.target, tile.tile_id, 3, DEGRADATION_PRESETS["mild"],
+                                 tile.valid_mask).tobytes() == default.tobytes()
+
+
+def test_strong_preset_lands_in_the_documented_band(sample_tiles):
+    """docs/data.md: on the 54 bundled tiles, seed 0, strong opt_v1 has SAM 0.254 rad, PSNR 23.3 dB
+    (mild: 0.103 rad, 31.1 dB)."""
+    strong = DEGRADATION_PRESETS["strong"]
+    assert strong.has_haze and strong.has_tone_curve and strong.crosstalk >= 0.25 and strong.gain_mean[3] <= 0.85
+    target = np.stack([t.target for t in sample_tiles]).astype(np.float64)
+    results = {}
+    for name in ("mild", "strong"):
+        opt_v1 = np.stack([synthesize_opt_v1(t.target, t.tile_id, 0, name, t.valid_mask) for t in sample_tiles])
+        results[name] = _sam_and_psnr(opt_v1.astype(np.float64), target)
+    assert results["mild"][0] == pytest.approx(0.103, abs=0.002) and results["mild"][1] == pytest.approx(31.1, abs=0.1)
+    assert results["strong"][0] == pytest.approx(0.254, abs=0.005) and 0.2 < results["strong"][0] < 0.3
+    assert results["strong"][1] == pytest.approx(23.3, abs=0.2)
+    # one real tile on its own is also well inside the SAR-to-optical band
+    tile = sample_tiles[0]
+    one = synthesize_opt_v1(tile.target, tile.tile_id, 0, "strong", tile.valid_mask)
+    assert 0.15 < _spectral_angle(one[None], tile.target[None]).mean() < 0.35
+
+
+def test_tone_curve_is_a_power_of_the_value():
+    constant = np.full((4, 16, 16), 0.3, np.float32)
+    for gamma in (0.8, 1.25):
+        out = synthesize_opt_v1(constant, "t", config=dataclasses.replace(NO_DEGRADATION, tone_gamma=(gamma, gamma)))
+        np.testing.assert_allclose(out, 0.3**gamma, rtol=1e-6)
+    # per tile, log-uniform in the range: some tiles brighten, some darken, none leaves the range
+    config = dataclasses.replace(NO_DEGRADATION, tone_gamma=(0.8, 1.25))
+    gammas = np.array([np.log(synthesize_opt_v1(constant, f"t{i}", config=config)[0, 0, 0]) / np.log(0.3)
+                       for i in range(200)])
+    assert gammas.min() >= 0.8 - 1e-5 and gammas.max() <= 1.25 + 1e-5
+    assert np.median(gammas) == pytest.approx(1.0, abs=0.05) and (gammas < 0.9).any() and (gammas > 1.12).any()
+    # negative values (after offsets) are floored at 0, never NaN
+    negative = dataclasses.replace(config, offset_mean=(-0.5, 0, 0, 0), clip=(-1, 10))
+    assert np.isfinite(synthesize_opt_v1(constant, "t", config=negative)).all()
+
+
+def test_haze_adds_the_documented_per_band_offset():
+    target = _target(7)
+    weights = np.array([1.0, (560 / 490) ** -2, (665 / 490) ** -2, (842 / 490) ** -2])
+    np.testing.assert_allclose(DegradationConfig().haze_weights(), weights)
+    assert weights[3] == pytest.approx(0.3387, abs=1e-4)
+    out = synthesize_opt_v1(target, "t", config=dataclasses.replace(NO_DEGRADATION, haze=(0.02, 0.02)))
+    np.testing.assert_allclose((out - target).mean(axis=(1, 2)), 0.02 * weights, atol=1e-6)
+    flat = synthesize_opt_v1(target, "t", config=dataclasses.replace(NO_DEGRADATION, haze=(0.02, 0.02),
+                                                                          haze_exponent=0.0))
+    np.testing.assert_allclose(flat - target, 0.02, atol=1e-6)
+    # drawn uniformly per tile within the range
+    config = dataclasses.replace(NO_DEGRADATION, haze=(0.0, 0.04))
+    hazes = np.array([(synthesize_opt_v1(target, f"t{i}", config=config) - target)[0].mean() for i in range(200)])
+    assert hazes.min() >= -1e-6 and hazes.max() <= 0.04 + 1e-6 and hazes.mean() == pytest.approx(0.02, abs=0.003)
+
+
+def test_new_steps_draw_after_the_others():
+    """Switching haze on changes nothing but the haze: the other steps' random draws are the same."""
+    target = _target(8)
+    linear = DegradationConfig(noise_std=0.0, low_freq_std=0.0, clip=(-10, 10))  # blur, cross-talk, gain, offset
+    off = synthesize_opt_v1(target, "t", 5, linear)
+    hazy = synthesize_opt_v1(target, "t", 5, dataclasses.replace(linear, haze=(0.03, 0.03)))
+    np.testing.assert_allclose(hazy - off, (0.03 * linear.haze_weights())[:, None, None] * np.ones_like(off), atol=1e-6)
+    toned = synthesize_opt_v1(target, "t", 5, dataclasses.replace(linear, tone_gamma=(1.1, 1.1)))
+    np.testing.assert_allclose(toned, np.maximum(off, 0) ** np.float32(1.1), rtol=2e-6, atol=1e-7)
+
+
+def test_new_fields_are_validated_and_round_trip():
+    strong = DEGRADATION_PRESETS["strong"]
+    assert DegradationConfig.from_dict(strong.to_dict()) == strong
+    for bad in ({"haze": (0.02, 0.01)}, {"haze": (-0.01, 0.01)}, {"haze_exponent": -1},
+                {"tone_gamma": (0, 1)}, {"tone_gamma": (1.2, 0.9)}):
+        with pytest.raises(ValueError):
+            DegradationConfig(**bad)
+
+
+def test_resolve_degradation():
+    assert resolve_degradation("strong") == ("strong", DEGRADATION_PRESETS["strong"])
+    assert resolve_degradation("mixture") == ("mixture", None)
+    assert resolve_degradation({"noise_std": 0.03}) == ("mild", DegradationConfig())  # equals the preset
+    assert resolve_degradation({"noise_std": 0.01})[0] == "custom"
+    assert resolve_degradation(DEGRADATION_PRESETS["strong"])[0] == "strong"
+    name, config = resolve_degradation("strong", {"noise_std": 0.01})
+    assert name == "strong+overrides" and config == dataclasses.replace(DEGRADATION_PRESETS["strong"], noise_std=0.01)
+    with pytest.raises(ValueError, match="unknown degradation preset 'bogus'; choose from mild, strong, mixture"):
+        resolve_degradation("bogus")
+    with pytest.raises(ValueError, match="cannot be combined with the 'mixture' preset"):
+        resolve_degradation("mixture", {"noise_std": 0.01})
+    with pytest.raises(ValueError, match="unknown degradation parameters"):
+        resolve_degradation("strong", {"sigma": 1})
+    with pytest.raises(TypeError):
+        resolve_degradation(3)
+
+
+def test_mixture_choice_is_per_tile_and_both_presets_occur(sample_tiles):
+    ids = [t.tile_id for t in sample_tiles]
+    forward = {tile_id: mixture_choice(0, tile_id) for tile_id in ids}
+    backward = {tile_id: mixture_choice(0, tile_id) for tile_id in reversed(ids)}
+    assert forward == backward
+    counts = {name: list(forward.values()).count(name) for name in ("mild", "strong")}
+    assert counts == {"mild": 26, "strong": 28}  # 54 bundled tiles, seed 0
+    assert [mixture_choice(1, i) for i in ids] != list(forward.values())  # the seed matters
+    # its own stream: the degradation stream (stream 0) is untouched by the choice
+    assert tile_rng(0, ids[0], stream=1).integers(1 << 30) != tile_rng(0, ids[0]).integers(1 << 30)
+    for tile in sample_tiles[::7]:
+        choice = forward[tile.tile_id]
+        assert config_for_tile("mixture", None, 0, tile.tile_id) == (choice, DEGRADATION_PRESETS[choice])
+        mixed = synthesize_opt_v1(tile.target, tile.tile_id, 0, "mixture", tile.valid_mask)
+        assert mixed.tobytes() == synthesize_opt_v1(tile.target, tile.tile_id, 0, choice, tile.valid_mask).tobytes()

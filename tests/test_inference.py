@@ -638,7 +638,7 @@ def test_real_model_blended_scene_is_smooth_across_window_borders(perturbed_tiny
     for axis in (1, 2):
         hard = _delta_jumps(outputs[0], reflectance, axis)
         blended = _delta_jumps(outputs[32], reflectance, axis)
-        assert max(hard[79], hard[119]) > 5 * np.median(hard)
+        assert max(hard[79], hard[119]) > 4 * np.median(hard)  # 4.6-11.6x over random inits (seeds 0-3)
         assert blended.max() < 2.5 * np.median(blended)
     # A ViT sees a window's context, so tiles differ from one pass over the scene, but only a little.
     change = np.abs(single_pass - reflectance).mean()

@@ -46,9 +46,18 @@ def reference(prithvi_fixtures_dir):
     return load_reference(prithvi_fixtures_dir)
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("case, input_name, bands", FIXTURE_CASES)
-def test_every_block_matches_the_official_features(prithvi_fixtures_dir, reference, case, input_name, bands):
-    model = convert_official_checkpoint(prithvi_fixtures_dir / "tiny_checkpoint.pt", bands=bands, **FIXTURE_OVERRIDES)
+def test_every_block_matches_the_official_features(
+    prithvi_fixtures_dir, reference, case, input_name, bands, attn_implementation
+):
+    model = convert_official_checkpoint(
+        prithvi_fixtures_dir / "tiny_checkpoint.pt",
+        bands=bands,
+        attn_implementation=attn_implementation,
+        **FIXTURE_OVERRIDES,
+    )
+    assert model.config._attn_implementation == attn_implementation
     with torch.no_grad():
         output = model(reference[f"inputs.{input_name}"])
 

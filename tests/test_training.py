@@ -199,6 +199,35 @@ def test_saved_best_model_loads_and_refines(e2e):
     assert not torch.equal(refined, opt_v1)
 
 
+def test_the_starting_point_is_kept_when_training_only_makes_it_worse(tmp_path, sample_tiles_dir):
+    """eval_on_start: the model before the first step (at the spectral fit) is a candidate for best/. A learning
+    rate far too high wrecks every later step, so best/ must be the start, and it is the spectral fit exactly."""
+    from modeling_stage2 import load_trained_model
+    from training.linear_fit import fit_spectral_correction
+
+    config = write_config(tmp_path / "wild.yaml", learning_rate=5.0, max_grad_norm=0.0, warmup_steps=0,
+                          metric_for_best_model="eval_loss")
+    trainer = main(["--config", str(config), "--data_dir", str(sample_tiles_dir), "--output_dir", str(tmp_path / "o")])
+    evals = records(tmp_path / "o" / "training_log.jsonl", "eval")
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert min(r["val"]["loss"] for r in evals[1:]) > evals[0]["val"]["loss"]  # training made it worse
+    best = json.loads((tmp_path / "o" / "best" / "metrics.json").read_text())
+    assert best["global_step"] == 0 and trainer.state.best_metric == pytest.approx(evals[0]["val"]["loss"])
+    dataset = load_or_build_dataset(_data_args(sample_tiles_dir), tmp_path / "o")
+    start = fit_spectral_correction(dataset["train"].select(range(4)), seed=0)
+    model = load_trained_model(tmp_path / "o" / "best")
+    rows = dataset["val"].with_format("torch")[:2]
+    with torch.no_grad():
+        refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
+    torch.testing.assert_close(refined, start.apply(rows["opt_v1"]).clamp(min=0).float(), rtol=0, atol=1e-5)
+
+
+def _data_args(data_dir):
+    from training.args import Stage2DataArguments
+
+    return Stage2DataArguments(data_dir=str(data_dir))
+
+
 def test_training_log_is_jsonl_with_components_and_validation(e2e):
     _, out, _ = e2e
     train = records(out / "training_log.jsonl", "train")
@@ -208,7 +237,8 @@ def test_training_log_is_jsonl_with_components_and_validation(e2e):
         assert COMPONENTS <= set(record), COMPONENTS - set(record)
         assert {"epoch", "lr", "loss", "grad_norm", "cpu_fallback_count", "nonfinite_skipped_steps"} <= set(record)
         assert np.isfinite(record["loss"]) and record["nonfinite_skipped_steps"] == 0
-    assert [(r["step"], r["epoch"]) for r in evals] == [(2, 1.0), (4, 2.0)]
+    # eval_on_start: the model as training starts it (at the spectral fit) is validated too, a candidate for best/
+    assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (2, 1.0), (4, 2.0)]
     for record in evals:
         val = record["val"]
         assert {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim", "loss"} <= set(val)
@@ -226,7 +256,7 @@ def test_tensorboard_has_scalars_and_previews(e2e):
     scalars = {"train/loss", "train/spectral_ndvi", "eval/refined_ndvi_rmse", "eval/opt_v1_ndvi_rmse"}
     assert scalars <= set(tags["scalars"])
     assert {"preview/rgb", "preview/ndvi"} <= set(tags["images"])
-    assert [event.step for event in events.Images("preview/rgb")] == [2, 4]
+    assert [event.step for event in events.Images("preview/rgb")] == [0, 2, 4]
 
 
 def test_base_weights_frozen_and_adapter_and_head_trained(e2e):
@@ -261,21 +291,58 @@ def test_dataset_conversion_is_cached(e2e, sample_tiles_dir):
 
 
 def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
+    from training.args import Stage2DataArguments
     from training.evaluate import main as evaluate_main
+    from training.linear_fit import LinearColorFit
+    from training.metrics import evaluate_pair
 
     _, out, _ = e2e
     data = next((out / "_dataset").iterdir())
-    results = evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val",
-                             "--max_samples", "2", "--json", str(tmp_path / "r.json")])
+    code = evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val",
+                          "--max_samples", "2", "--json", str(tmp_path / "r.json")])
+    assert code == 0
     written = json.loads((tmp_path / "r.json").read_text())
     keys = {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim"}
-    assert set(written) == {"refined", "opt_v1", "n_tiles"} and written["n_tiles"] == 2
-    assert set(written["refined"]) == keys and set(written["opt_v1"]) == keys
+    assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles"}
+    assert written["n_tiles"] == 2 and written["linear_fit_fitted_on"] == {"split": "train", "tiles": 18}
+    assert set(written["refined"]) == keys and set(written["opt_v1"]) == keys and set(written["linear_fit"]) == keys
     best = json.loads((out / "best" / "metrics.json").read_text())
     for name in keys:  # the same model on the same tiles as the trainer's evaluation of the best step
         assert written["refined"][name] == pytest.approx(best["refined"][name], rel=1e-5, abs=1e-7)
-    assert results == written
-    assert "| ndvi_rmse |" in capsys.readouterr().out
+    # The colour-fit block: the least-squares fit of the train split, applied to the two evaluated tiles.
+    dataset = load_or_build_dataset(Stage2DataArguments(data_dir=str(data)), out)
+    fit = LinearColorFit.from_dataset(dataset["train"])
+    rows = dataset["val"].with_format("torch")[:2]
+    expected = evaluate_pair(fit.apply(rows["opt_v1"]), rows["target"], rows["opt_v1"], rows["valid_mask"])
+    for name in keys:
+        assert written["linear_fit"][name] == pytest.approx(expected["refined"][name], rel=1e-6, abs=1e-9)
+    assert written["linear_fit"]["identity_l1"] > 0.005  # the fit moves the colours
+    printed = capsys.readouterr().out
+    assert "| ndvi_rmse |" in printed and "| colour fit (train) |" in printed
+
+    assert evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val", "--max_samples", "1",
+                          "--no-baselines", "--json", str(tmp_path / "plain.json")]) == 0
+    assert "linear_fit" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_evaluate_console_script_exit_status(e2e, tmp_path, repo_root):
+    _, out, _ = e2e
+    data = next((out / "_dataset").iterdir())
+    script = [sys.executable, "-c", "import sys; from training.evaluate import main; sys.exit(main())"]
+    ok = subprocess.run([*script, "--model", str(out / "best"), "--data", str(data), "--split", "test",
+                         "--max_samples", "1"], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "colour fit (train)" in ok.stdout
+    bad_split = subprocess.run([*script, "--model", str(out / "best"), "--data", str(data), "--split", "validation"],
+                               cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert bad_split.returncode == 2
+    assert bad_split.stderr.strip().splitlines()[-1].startswith("stage2-evaluate: error:")
+    assert "'validation'" in bad_split.stderr and "Traceback" not in bad_split.stderr
+    missing = subprocess.run([*script, "--model", str(out / "best"), "--data", str(tmp_path / "nowhere")],
+                             cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+    usage = subprocess.run([*script, "--help"], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 0 and "--baselines" in usage.stdout
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -350,6 +417,7 @@ def test_resume_after_sigkill_ignores_torn_checkpoint(resume_runs, tmp_path, sam
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Removing" in result.stderr and "checkpoint-3" in result.stderr  # the torn one was dropped, not used
+    assert f"Resuming from {out / 'checkpoint-2'} (global step 2)." in result.stderr  # says where it resumed
     _assert_same_training(resume_runs / "ref", out)
 
     # TensorBoard: what the killed run logged after checkpoint-2 is purged, each step appears once.
@@ -473,12 +541,20 @@ def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):
     results = json.loads((out / "demo_results.json").read_text())
     assert results["val"]["n_tiles"] == 18 and results["test"]["n_tiles"] == 18
     for split in ("val", "test"):
+        assert results[split]["linear_fit_fitted_on"] == {"split": "train", "tiles": 18}
         for name, row in results["gains"][split].items():
             assert row["refined"] == results[split]["refined"][name]
+            assert row["linear_fit"] == results[split]["linear_fit"][name]
             assert row["reduction"] == pytest.approx((row["opt_v1"] - row["refined"]) / row["opt_v1"])
-    beats = all(row["reduction"] > 0 for row in results["gains"]["test"].values())
+            assert row["reduction_vs_linear_fit"] == pytest.approx(
+                (row["linear_fit"] - row["refined"]) / row["linear_fit"])
+    # The colour fit is the least-squares fit of the 18 training tiles (not of the 4 the run trained on).
+    assert results["test"]["linear_fit"]["sam"] == pytest.approx(0.0693, abs=5e-4)
+    beats = all(row["reduction"] > 0 and row["reduction_vs_linear_fit"] > 0 for row in results["gains"]["test"].values())
     assert code == (0 if beats else 1)
     for name in ("README.md", "preview.png", "adapter_model.safetensors"):
         assert (out / "best" / name).is_file()
+    assert "colour fit (baseline, fitted on `train`, 18 tiles)" in (out / "best" / "README.md").read_text()
     printed = capsys.readouterr().out
-    assert "== val split" in printed and "== test split" in printed and "Refined vs opt_v1 on the held-out" in printed
+    assert "== val split" in printed and "== test split" in printed
+    assert "Refined vs the baselines on the held-out test tiles" in printed and "| colour fit (train) |" in printed

@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from data_builders.degrade import DEGRADATION_CHOICES
+from modeling_stage2.configuration_stage2 import SPECTRAL_CORRECTIONS
+
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_CHOICES = ("8bit", "4bit", "none")
+# Where the refiner's shared spectral correction (M, b) starts: the training split's least-squares colour fit refined
+# under the spectral loss, the least-squares fit itself, or the identity.
+SPECTRAL_CORRECTION_INITS = ("spectral_fit", "linear_fit", "identity")
 DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 # Metric name fragments for which a smaller value is better (all others, e.g. psnr/ssim: larger).
 _LOWER_IS_BETTER = ("loss", "rmse", "sam", "l1")
@@ -26,7 +32,7 @@ class Stage2TrainingArguments(TrainingArguments):
     r"""
     [`~transformers.TrainingArguments`] for the Stage 2 refiner, with the design's defaults (batch 1, gradient
     accumulation 8, learning rate 1e-4, cosine schedule, gradient clipping 1.0, 100 epochs, best model chosen on
-    the validation NDVI RMSE of the refined output).
+    the validation NDVI RMSE of the refined output, the model before the first step included: `eval_on_start`).
 
     Model:
         model_name_or_path (`str`, *optional*): a saved `Stage2RefinerModel` folder or Hub repo to start from
@@ -34,7 +40,17 @@ class Stage2TrainingArguments(TrainingArguments):
         backbone_preset (`str`, defaults to `"prithvi_eo_v2_600m"`): Prithvi preset of a new refiner's backbone.
         backbone_weights (`str`, *optional*): where the pretrained backbone comes from (Hub repo id, official `.pt`,
             converted folder); `None` initialises the backbone randomly.
-        refiner_config_overrides (`dict` or JSON `str`, *optional*): extra `Stage2RefinerConfig` arguments.
+        refiner_config_overrides (`dict` or JSON `str`, *optional*): extra `Stage2RefinerConfig` arguments (they win
+            over the fields below that set the same config argument).
+        spectral_correction (`str`, defaults to `"affine"`): the per-tile colour-correction branch of a new refiner
+            (`Stage2RefinerConfig.spectral_correction`; `"none"`: the head's residual only).
+        nonnegative_output (`bool`, defaults to `True`): a new refiner clamps its output at 0 reflectance
+            (`Stage2RefinerConfig.nonnegative_output`).
+        spectral_correction_init (`str`, defaults to `"spectral_fit"`): where the branch's shared correction starts,
+            computed before training (not when resuming: the checkpoint has it): `"spectral_fit"`, the least-squares
+            colour fit (4x4 + bias) of the training split's valid pixels refined for 300 steps under the run's
+            spectral loss (NDVI, EVI, SAM; `training.linear_fit.fit_spectral_correction`); `"linear_fit"`, the
+            least-squares fit alone; or `"identity"`.
         quantization (`str`, defaults to `"8bit"`): backbone linear layers in `"8bit"`, `"4bit"` (NF4) or `"none"`.
         lora_r, lora_alpha, lora_dropout, lora_target_modules, unfreeze_last_n_blocks: LoRA settings.
 
@@ -75,6 +91,11 @@ class Stage2TrainingArguments(TrainingArguments):
         default=0.05, metadata={"help": "Linear warmup: steps, or a ratio of the total steps when below 1."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log the training losses every this many steps."})
+    eval_on_start: bool = field(
+        default=True,
+        metadata={"help": "Validate before the first step: the starting model (e.g. at the spectral fit) is a "
+                          "candidate for best/ too (not when resuming)."},
+    )
     save_total_limit: int | None = field(
         default=3, metadata={"help": "Keep at most this many checkpoints (the newest and the best are kept)."}
     )
@@ -109,6 +130,20 @@ class Stage2TrainingArguments(TrainingArguments):
     )
     refiner_config_overrides: dict | str | None = field(
         default=None, metadata={"help": "Extra Stage2RefinerConfig arguments (a mapping or a JSON string)."}
+    )
+    spectral_correction: str = field(
+        default="affine",
+        metadata={"help": "Per-tile colour-correction branch of a new refiner: affine or none.",
+                  "choices": SPECTRAL_CORRECTIONS},
+    )
+    nonnegative_output: bool = field(
+        default=True, metadata={"help": "A new refiner clamps its output at 0 reflectance (straight-through gradient)."}
+    )
+    spectral_correction_init: str = field(
+        default="spectral_fit",
+        metadata={"help": "Start of the shared colour correction: spectral_fit (least squares on the training split, "
+                          "refined under the spectral loss), linear_fit (least squares) or identity.",
+                  "choices": SPECTRAL_CORRECTION_INITS},
     )
     quantization: str = field(
         default="8bit",
@@ -178,6 +213,15 @@ class Stage2TrainingArguments(TrainingArguments):
                     f"refiner_config_overrides must be a mapping or a JSON object string, got "
                     f"{self.refiner_config_overrides!r} ({error})."
                 ) from None
+        if self.spectral_correction not in SPECTRAL_CORRECTIONS:
+            raise ValueError(
+                f"spectral_correction must be one of {SPECTRAL_CORRECTIONS}, got {self.spectral_correction!r}."
+            )
+        if self.spectral_correction_init not in SPECTRAL_CORRECTION_INITS:
+            raise ValueError(
+                f"spectral_correction_init must be one of {SPECTRAL_CORRECTION_INITS}, got "
+                f"{self.spectral_correction_init!r}."
+            )
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}.")
         if self.disc_update_interval < 1:
@@ -272,6 +316,10 @@ class Stage2DataArguments:
         input_mode (`str`, *optional*): how `opt_v1` is made: `"synthetic"` (degraded target, the default without
             `stage1_dir`), `"stage1"` (the default with it) or `"identity"`.
         dataset_seed (`int`, defaults to 0): seed of the synthetic degradation.
+        degradation (`str`, defaults to `"mild"`): preset of the synthetic degradation (`DEGRADATION_CHOICES`):
+            `"mild"`, `"strong"` (the wide systematic errors of a generator hallucinating from SAR) or `"mixture"`
+            (each tile mild or strong, equal odds); see `docs/data.md`, "Degradation presets". Part of the dataset
+            cache key. Ignored when `data_dir` is already an Arrow dataset.
         dataset_cache_dir (`str`, *optional*): where converted datasets are cached (default: `OUTPUT_DIR/_dataset`).
         augment (`bool`, defaults to `True`): random flips / 90-degree rotations of the training tiles.
         brightness_augment (`list[float]`, *optional*): `[low, high]`: each training tile (target and opt_v1) is
@@ -292,6 +340,11 @@ class Stage2DataArguments:
                           "or identity.", "choices": ("synthetic", "stage1", "identity")},
     )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the synthetic opt_v1 degradation."})
+    degradation: str = field(
+        default="mild",
+        metadata={"help": "Preset of the synthetic opt_v1 degradation: mild, strong or mixture (mild or strong per "
+                          "tile).", "choices": DEGRADATION_CHOICES},
+    )
     dataset_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of converted datasets (default: OUTPUT_DIR/_dataset)."}
     )
@@ -314,6 +367,8 @@ class Stage2DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {value}.")
+        if self.degradation not in DEGRADATION_CHOICES:
+            raise ValueError(f"degradation must be one of {DEGRADATION_CHOICES}, got {self.degradation!r}.")
 
 
 def num_update_steps_per_epoch(num_samples: int, per_device_batch_size: int, world_size: int, accumulation: int,

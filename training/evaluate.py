@@ -5,8 +5,14 @@
 `--model` is a folder written by training (`best/`, a checkpoint, `save_trained_model`) or a full refiner folder
 (`save_pretrained` / `export_merged_model`), or a Hub repo id. `--data` is NPZ tiles (converted to Arrow in a
 temporary folder, or in `--cache_dir`) or a saved Arrow `DatasetDict`. Prints a table; `--json FILE` writes
-`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` with `ndvi_rmse`, `evi_rmse`, `sam`, `identity_l1`,
-`edge_l1`, `psnr`, `ssim` in each object.
+`{"refined": {...}, "opt_v1": {...}, "linear_fit": {...}, "n_tiles": N}` with `ndvi_rmse`, `evi_rmse`, `sam`,
+`identity_l1`, `edge_l1`, `psnr`, `ssim` in each object.
+
+Two baselines, always: `opt_v1` itself, and (`--baselines`, on by default when the data has a `train` split) the
+least-squares colour fit (4x4 + bias, `training.linear_fit`) fitted on the `train` split's valid pixels and
+applied to the evaluated split (`"linear_fit"`, with `"linear_fit_fitted_on"` naming the split and tile count).
+
+Exit status: 0 on success, 2 for a usage or input error (one line on stderr).
 """
 import argparse
 import json
@@ -16,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from data_builders.degrade import DEGRADATION_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,18 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_mode", default=None, choices=("synthetic", "stage1", "identity"),
                         help="how opt_v1 is made for NPZ tiles (default: synthetic, or stage1 with --stage1_dir)")
     parser.add_argument("--dataset_seed", type=int, default=0, help="seed of the synthetic opt_v1 degradation")
+    parser.add_argument("--degradation", default="mild", choices=DEGRADATION_CHOICES,
+                        help="preset of the synthetic opt_v1 degradation for NPZ tiles (default: mild)")
     parser.add_argument("--cache_dir", default=None, help="keep the converted NPZ dataset here (default: temporary)")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                        help="also report the least-squares colour fit of the train split (default: on when the "
+                             "data has a train split; --no-baselines turns it off)")
     return parser
 
 
-def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None,
-               max_samples=None):
-    """A dataset split with the evaluation transform (tensors), from Arrow or NPZ tiles."""
-    from data_builders import make_eval_transform
+FIT_SPLIT = "train"
+
+
+def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None, degradation="mild"):
+    """The `DatasetDict` of `data`: a saved Arrow dataset, or NPZ tiles converted (in `cache_dir` or a temporary
+    folder)."""
     from datasets import load_from_disk
 
     from training.train import dataset_cache_key, is_arrow_dataset
-    from training.trainer import BATCH_COLUMNS
 
     path = Path(data)
     if not path.is_dir():
@@ -55,11 +69,25 @@ def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, 
         from data_builders import build_dataset
 
         root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="stage2-evaluate-"))
-        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed)
+        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation)
         if not is_arrow_dataset(target):
             root.mkdir(parents=True, exist_ok=True)
-            build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed)
+            build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed,
+                          degradation=degradation)
         dataset_dict = load_from_disk(str(target))
+    return dataset_dict
+
+
+def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None,
+               max_samples=None, dataset_dict=None):
+    """A dataset split with the evaluation transform (tensors), from Arrow or NPZ tiles (or `dataset_dict`, already
+    loaded from `data`)."""
+    from data_builders import make_eval_transform
+
+    from training.trainer import BATCH_COLUMNS
+
+    if dataset_dict is None:
+        dataset_dict = load_dataset_dict(data, stage1_dir, input_mode, seed, cache_dir)
     if split not in dataset_dict:
         raise ValueError(f"{data}: no {split!r} split (it has {sorted(dataset_dict)}).")
     dataset = dataset_dict[split]
@@ -72,9 +100,21 @@ def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, 
     return dataset
 
 
+def fit_color_baseline(dataset_dict, split: str = FIT_SPLIT):
+    """The least-squares colour fit of `dataset_dict[split]` (a `training.linear_fit.ColorFitResult`), or None when
+    there is no such split."""
+    from training.linear_fit import LinearColorFit
+
+    if split not in dataset_dict or len(dataset_dict[split]) == 0:
+        return None
+    return LinearColorFit.from_dataset(dataset_dict[split])
+
+
 @torch.no_grad()
-def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: bool = True) -> dict:
-    """`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` of `model` on `dataset` (items with tensors)."""
+def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: bool = True, color_fit=None,
+                   color_fit_split: str = FIT_SPLIT) -> dict:
+    """`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` of `model` on `dataset` (items with tensors), plus
+    `"linear_fit": {...}` and `"linear_fit_fitted_on"` when `color_fit` (a `ColorFitResult`) is given."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import default_data_collator
@@ -84,13 +124,20 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     accumulator = MetricAccumulator()
+    fit_accumulator = MetricAccumulator() if color_fit is not None else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=default_data_collator)
     for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
         opt_v1 = batch["opt_v1"].to(device)
         refined = model(opt_v1=opt_v1, month=batch["month"].to(device), biome=batch["biome"].to(device)).refined
-        accumulator.update(refined.float().cpu(), batch["target"].float(), batch["opt_v1"].float(),
-                           batch.get("valid_mask"))
-    return accumulator.compute()
+        target, opt_v1 = batch["target"].float(), batch["opt_v1"].float()
+        accumulator.update(refined.float().cpu(), target, opt_v1, batch.get("valid_mask"))
+        if fit_accumulator is not None:
+            fit_accumulator.update(color_fit.apply(opt_v1), target, opt_v1, batch.get("valid_mask"))
+    results = accumulator.compute()
+    if fit_accumulator is not None:
+        results["linear_fit"] = fit_accumulator.compute()["refined"]
+        results["linear_fit_fitted_on"] = {"split": color_fit_split, "tiles": color_fit.tiles}
+    return results
 
 
 def write_json(path: str | os.PathLike, results: dict) -> Path:
@@ -102,20 +149,33 @@ def write_json(path: str | os.PathLike, results: dict) -> Path:
     return path
 
 
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+def run(args) -> dict:
+    """Evaluate as the parsed command line says; returns the results (what `--json` writes). NPZ tiles are
+    converted in `--cache_dir`, or in a temporary folder removed at the end."""
+    if args.cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="stage2-evaluate-") as cache_dir:
+            return _run(args, cache_dir)
+    return _run(args, args.cache_dir)
+
+
+def _run(args, cache_dir) -> dict:
     from modeling_stage2 import load_trained_model
 
     from training.metrics import format_metrics_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.batch_size < 1:
-        raise SystemExit("--batch_size must be >= 1")
-    dataset = load_split(args.data, args.split, args.stage1_dir, args.input_mode, args.dataset_seed, args.cache_dir,
-                         args.max_samples)
+    dataset_dict = load_dataset_dict(args.data, args.stage1_dir, args.input_mode, args.dataset_seed, cache_dir,
+                                     args.degradation)
+    dataset = load_split(args.data, args.split, max_samples=args.max_samples, dataset_dict=dataset_dict)
+    color_fit = None
+    if args.baselines is not False:
+        color_fit = fit_color_baseline(dataset_dict)
+        if color_fit is None and args.baselines:
+            raise ValueError(f"--baselines: {args.data} has no {FIT_SPLIT!r} split to fit the colour baseline on.")
     model = load_trained_model(args.model, quantization=args.quantization,
                                device=device if args.quantization == "none" else None)
-    results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device)
+    results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device,
+                             color_fit=color_fit)
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if args.json:
@@ -124,5 +184,19 @@ def main(argv=None) -> dict:
     return results
 
 
+def main(argv=None) -> int:
+    """Console script `stage2-evaluate`: 0 on success, 2 for a usage or input error (one line on stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"stage2-evaluate: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -316,19 +316,23 @@ def _meets_target(name: str, value: float) -> str:
 
 
 def format_metrics_table(results: Mapping) -> str:
-    """Markdown table: one row per metric; columns opt_v1 | refined | change | design target | met?.
+    """Markdown table: one row per metric; columns opt_v1 | [linear fit] | refined | change | design target | met?.
 
-    `change` is refined - opt_v1; `met?` says whether the refined value is below the design
-    target.
+    The linear-fit column (the least-squares colour fit baseline, `training.linear_fit`) appears when `results`
+    has a `"linear_fit"` block. `change` is refined - opt_v1; `met?` says whether the refined value is below the
+    design target.
     """
     for role in ("refined", "opt_v1"):
         if role not in results:
             raise KeyError(f"results lack {role!r}; expected the output of MetricAccumulator.compute().")
+    fit = results.get("linear_fit")
+    fitted_on = results.get("linear_fit_fitted_on") or {}
+    fit_label = f"colour fit ({fitted_on['split']})" if "split" in fitted_on else "colour fit"
     lines = [
         f"Evaluated tiles: {results.get('n_tiles', 'unknown')}",
         "",
-        "| metric | opt_v1 | refined | change | design target | met? |",
-        "| --- | ---: | ---: | ---: | ---: | :---: |",
+        "| metric | opt_v1 | " + (f"{fit_label} | " if fit else "") + "refined | change | design target | met? |",
+        "| --- | ---: | " + ("---: | " if fit else "") + "---: | ---: | ---: | :---: |",
     ]
     for name in METRIC_NAMES:
         baseline, refined = float(results["opt_v1"][name]), float(results["refined"][name])
@@ -336,8 +340,9 @@ def format_metrics_table(results: Mapping) -> str:
         label = f"{name} ({unit})" if unit else name
         target = f"< {DESIGN_TARGETS[name]:g}" if name in DESIGN_TARGETS else "-"
         change = refined - baseline
+        fit_cell = f"{_format_value(name, float(fit[name]))} | " if fit else ""
         lines.append(
-            f"| {label} | {_format_value(name, baseline)} | {_format_value(name, refined)} | "
+            f"| {label} | {_format_value(name, baseline)} | {fit_cell}{_format_value(name, refined)} | "
             f"{_format_value(name, change, signed=True)} | {target} | {_meets_target(name, refined)} |"
         )
     return "\n".join(lines)

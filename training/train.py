@@ -149,10 +149,17 @@ def _tree_fingerprint(folder: Path, digest) -> int:
 
 
 def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: str | None = None,
-                      seed: int = 0) -> str:
+                      seed: int = 0, degradation: str = "mild") -> str:
     """Key of a converted dataset: the tiles' (and Stage 1 files') names, sizes and modification times, and the
-    build options. Any change to the tiles makes a new key (and a new conversion)."""
+    build options (with the degradation preset, `DEGRADATION_CHOICES`). Any change to the tiles makes a new key
+    (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is unchanged)."""
+    from data_builders.degrade import DEGRADATION_CHOICES
+
+    if degradation not in DEGRADATION_CHOICES:
+        raise ValueError(f"degradation must be one of {DEGRADATION_CHOICES}, got {degradation!r}.")
     digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION}\0{input_mode}\0{seed}\n".encode())
+    if degradation != "mild":
+        digest.update(f"degradation\0{degradation}\n".encode())
     if _tree_fingerprint(Path(data_dir), digest) == 0:
         raise FileNotFoundError(
             f"--data_dir {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
@@ -178,7 +185,7 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike) -> Path:
         return data_dir
     cache_root = Path(data_args.dataset_cache_dir or Path(output_dir) / DATASET_CACHE_DIR)
     cached = cache_root / dataset_cache_key(data_dir, data_args.stage1_dir, data_args.input_mode,
-                                            data_args.dataset_seed)
+                                            data_args.dataset_seed, degradation=data_args.degradation)
     if is_arrow_dataset(cached):
         logger.info(f"Using the cached Arrow dataset {cached} (converted from {data_dir}).")
         return cached
@@ -187,7 +194,7 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike) -> Path:
     logger.info(f"Converting the NPZ tiles of {data_dir} to Arrow in {cached} (once; later runs reuse it).")
     cache_root.mkdir(parents=True, exist_ok=True)
     build_dataset(data_dir, cached, stage1_dir=data_args.stage1_dir, input_mode=data_args.input_mode,
-                  seed=data_args.dataset_seed)
+                  seed=data_args.dataset_seed, degradation=data_args.degradation)
     return cached
 
 
@@ -233,11 +240,44 @@ def build_model(training_args, print_summary: bool = True):
     if training_args.model_name_or_path is not None:
         return build_trainable_model(model_name_or_path=training_args.model_name_or_path,
                                      quantization=training_args.quantization, print_summary=print_summary, **lora)
+    settings = {"spectral_correction": training_args.spectral_correction,
+                "nonnegative_output": training_args.nonnegative_output,
+                **(training_args.refiner_config_overrides or {})}
     config = Stage2RefinerConfig(backbone_config=training_args.backbone_preset,
-                                 backbone_weights=training_args.backbone_weights,
-                                 **(training_args.refiner_config_overrides or {}))
+                                 backbone_weights=training_args.backbone_weights, **settings)
     return build_trainable_model(config, quantization=training_args.quantization, print_summary=print_summary,
                                  **lora)
+
+
+def start_spectral_correction(model, train_split, training_args) -> str | None:
+    """Start the refiner's shared spectral correction as `spectral_correction_init` says; returns what it did
+    ("spectral_fit of N tiles", "linear_fit of N tiles", "identity"), or None for a refiner without the branch or
+    a resumed run."""
+    from training.linear_fit import (
+        LinearColorFit,
+        fit_spectral_correction,
+        set_shared_spectral_correction,
+        spectral_corrections,
+    )
+    from training.trainer import build_loss, resolve_resume_checkpoint
+
+    init = training_args.spectral_correction_init
+    if not spectral_corrections(model):
+        return None
+    if resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False):
+        return None  # the checkpoint holds the correction reached so far
+    if init == "identity":
+        return "identity"
+    if init == "spectral_fit":
+        nonnegative = bool(getattr(model.config, "nonnegative_output", False))
+        fit = fit_spectral_correction(train_split, loss=build_loss(training_args).spectral, nonnegative=nonnegative,
+                                      seed=training_args.seed)
+    else:
+        fit = LinearColorFit.from_dataset(train_split)
+    set_shared_spectral_correction(model, fit)
+    logger.info(f"The spectral correction starts at the {init} colour correction of {fit.tiles} training tiles "
+                f"({fit.pixels:,} valid pixels).")
+    return f"{init} of {fit.tiles} training tiles"
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -255,11 +295,12 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
     train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
     set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
     model = build_model(training_args, print_summary=training_args.should_log)
+    spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args)
     trainer = Stage2Trainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
                          "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
-                         "input_mode": data_args.input_mode},
+                         "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start},
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -86,14 +86,14 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def resolve_resume_checkpoint(value, output_dir: str | os.PathLike) -> str | None:
-    """`--resume`: None/False -> None; "latest"/True -> newest complete checkpoint (None if there is none);
-    a path -> that checkpoint, which must be complete."""
+def resolve_resume_checkpoint(value, output_dir: str | os.PathLike, warn: bool = True) -> str | None:
+    """`--resume`: None/False -> None; "latest"/True -> newest complete checkpoint (None if there is none, with a
+    warning unless `warn=False`); a path -> that checkpoint, which must be complete."""
     if value in (None, False, "", "none", "None"):
         return None
     if value is True or str(value).lower() in ("latest", "last", "true"):
         latest = find_latest_checkpoint(output_dir)
-        if latest is None:
+        if latest is None and warn:
             logger.warning(f"--resume latest: no complete checkpoint in {output_dir}; starting from scratch.")
         return latest
     path = Path(value)
@@ -326,6 +326,9 @@ class Stage2Trainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, with `resume_from_checkpoint="latest"`/True meaning the newest *complete* checkpoint."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            logger.warning(f"Resuming from {resume} (global step {_checkpoint_step(Path(resume))}).")
+            self.args.eval_on_start = False  # the starting point was evaluated by the run that saved the checkpoint
         if self.args.should_save:
             self._remove_torn_checkpoints()
         self._resume_checkpoint = resume
@@ -348,7 +351,11 @@ class Stage2Trainer(Trainer):
         if self.discriminator is not None and model.training:
             with _frozen(self.discriminator):
                 fake_scores = self.discriminator(_masked(refined, valid_mask))
-        loss, components = self.loss_fn(refined, target.float(), opt_v1.float(), valid_mask=valid_mask,
+        # The identity/edge guard keeps the head's local residual faithful to the geometry of its input: the colour-
+        # corrected opt_v1 when the refiner has a spectral correction (a colour change is the point, not a drift).
+        corrected = getattr(outputs, "corrected", None)
+        reference = opt_v1.float() if corrected is None else corrected.detach().float()
+        loss, components = self.loss_fn(refined, target.float(), reference, valid_mask=valid_mask,
                                         fake_scores=fake_scores)
         if model.training:
             self._pending_components = components
@@ -518,6 +525,15 @@ class Stage2Trainer(Trainer):
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=tiles)
 
     # --------------------------------------------------------------------------------------- best model
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`; before the first step (`eval_on_start`) the model as training starts it (for instance
+        at the spectral fit) also becomes a candidate for `best/`: training that only makes it worse keeps it."""
+        metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                   metric_key_prefix=metric_key_prefix)
+        if self.state.global_step == 0 and eval_dataset is None and metric_key_prefix == "eval":
+            self._determine_best_metric(metrics, trial=None)
+        return metrics
+
     def _determine_best_metric(self, metrics, trial) -> bool:
         is_new_best = super()._determine_best_metric(metrics, trial)
         if is_new_best and self.args.should_save:

@@ -1,0 +1,262 @@
+"""Refinement quality against both baselines, before and after the spectral correction, under both degradations.
+
+    .venv/bin/python bench/study_quality.py [--presets mild strong] [--seeds 0 1 2] [--variants before after]
+                                            [--no-mixture] [--jobs 2] [--output bench/results/quality.md]
+    .venv/bin/python bench/study_quality.py --presets proxy --no-mixture --output bench/results/quality_proxy.md
+
+For each degradation preset (`data_builders.degrade`), training seed and model variant it trains the demo
+(`python -m training.demo`: `configs/demo.yaml`, the tiny backbone on the CPU, best step picked on the validation
+split) in its own process, then scores the best model on the held-out test split and on the validation split
+next to the two baselines: `opt_v1` itself and the least-squares colour fit (4x4 + bias, `training.linear_fit`)
+fitted on the same training tiles. Variants: `before` is the refiner of the previous release (additive head only:
+`--spectral_correction none --nonnegative_output false --eval_on_start false`), `after` the current default
+(per-tile affine correction started at the spectral fit, output clamped at 0, the starting point a candidate for
+the best step). With `--mixture` (default) it also trains `after` on the `mixture`
+degradation and scores it on the `mild` test split, to compare with the model trained on `mild` alone.
+The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
+stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
+
+Besides the design metrics (NDVI RMSE, EVI RMSE, SAM, PSNR, SSIM, `training.metrics`) it reports the NDVI RMSE
+without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`), where NDVI is a ratio of
+quantisation noise. Writes the tables to `--output` and every number to the same name with `.json`.
+Runs `--jobs` trainings at a time, each on one thread (about a minute and a half each on a 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import cpu_name, load_average  # noqa: E402
+
+SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
+COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "sam", "psnr", "ssim")
+ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined")
+# Red + NIR reflectance of the target below which a pixel is "near black" (open water, deep shadow): there NDVI is
+# the ratio of two numbers a few digital numbers above zero.
+NEAR_BLACK = 0.02
+GOAL_MARGIN = 0.10  # the refined output must beat the colour fit by this fraction on each spectral metric
+
+
+# ------------------------------------------------------------------------------------------------- running
+PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degradation preset
+SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
+
+
+def proxy_stage1_dir(workdir: Path) -> Path:
+    return workdir / "stage1-proxy"
+
+
+def build_datasets(presets, workdir: Path) -> dict[str, Path]:
+    from data_builders import build_dataset
+
+    folders = {}
+    for preset in presets:
+        folders[preset] = workdir / f"data-{preset}"
+        if preset == PROXY:
+            subprocess.run([sys.executable, str(REPO / "bench" / "stage1_proxy.py"), "--output_dir",
+                            str(proxy_stage1_dir(workdir))], check=True, cwd=REPO)
+            build_dataset(SAMPLE_TILES, folders[preset], stage1_dir=proxy_stage1_dir(workdir))
+        else:
+            build_dataset(SAMPLE_TILES, folders[preset], degradation=preset, seed=0)
+    return folders
+
+
+def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
+    output = workdir / f"{preset}-{variant}-seed{seed}"
+    data = (["--stage1_dir", str(proxy_stage1_dir(workdir))] if preset == PROXY else ["--degradation", preset])
+    command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), *data,
+               "--seed", str(seed), "--disable_tqdm", "true", "--report_to", "none"]
+    if variant == "before":  # the previous release's refiner: additive head only, unbounded output
+        command += ["--spectral_correction", "none", "--nonnegative_output", "false", "--eval_on_start", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    if not (output / "demo_results.json").is_file():  # exit status 1 only means "did not beat a baseline"
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return output / "best"
+
+
+@functools.lru_cache(maxsize=None)
+def spectral_fit(dataset_dir: Path):
+    """Where the spectral correction of the default model starts (`spectral_correction_init: spectral_fit`, seed 0)."""
+    from datasets import load_from_disk
+
+    from training.linear_fit import fit_spectral_correction
+
+    return fit_spectral_correction(load_from_disk(str(dataset_dir))["train"])
+
+
+def score(model_dir: Path, dataset_dir: Path) -> dict:
+    """{split: {role: {metric: value}}} of the model, both baselines and the spectral fit on the val and test
+    splits."""
+    import torch
+    from datasets import load_from_disk
+
+    from modeling_stage2 import load_trained_model
+    from training.evaluate import evaluate_model, fit_color_baseline, load_split
+    from training.losses import ndvi
+    from training.metrics import evaluate_pair
+
+    dataset_dict = load_from_disk(str(dataset_dir))
+    fit = fit_color_baseline(dataset_dict)
+    start = spectral_fit(dataset_dir)
+    model = load_trained_model(model_dir)
+    scores = {}
+    for split in ("test", "val"):
+        dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
+        results = evaluate_model(model, dataset, progress=False, color_fit=fit)
+        rows = dataset_dict[split].with_format("torch")[:]
+        with torch.no_grad():
+            refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
+        target = rows["target"]
+        bright = rows["valid_mask"] & (target[:, 2] + target[:, 3] >= NEAR_BLACK)
+        started = start.apply(rows["opt_v1"]).clamp(min=0.0)
+        results["spectral_fit"] = evaluate_pair(started, target, rows["opt_v1"], rows["valid_mask"])["refined"]
+        outputs = {"opt_v1": rows["opt_v1"], "linear_fit": fit.apply(rows["opt_v1"]), "spectral_fit": started,
+                   "refined": refined}
+        for role, output in outputs.items():
+            error = (ndvi(output) - ndvi(target))[bright]
+            results[role]["ndvi_rmse_bright"] = float(error.pow(2).mean().sqrt())
+        results["bright_fraction"] = float(bright.sum() / rows["valid_mask"].sum())
+        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "n_tiles")}
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def _cell(values: list[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _digits(metric: str) -> int:
+    return 2 if metric == "psnr" else 4
+
+
+def beats_goal(split_scores: dict) -> bool:
+    fit, refined = split_scores["linear_fit"], split_scores["refined"]
+    return all(refined[m] <= (1 - GOAL_MARGIN) * fit[m] for m in SPECTRAL)
+
+
+def render(runs: dict, mixture: dict, seeds, seconds: float, load: str) -> str:
+    lines = [
+        "# Refinement quality against both baselines",
+        "",
+        f"Script: `bench/study_quality.py --seeds {' '.join(map(str, seeds))}`; "
+        f"{sum(len(v) for v in runs.values()) + len(mixture)} demo trainings (`configs/demo.yaml`, tiny random-init "
+        f"backbone, 18 training tiles, CPU, best step by validation loss) in {seconds / 60:.0f} min on {cpu_name()}; "
+        f"load average {load}.",
+        "",
+        "Baselines: `opt_v1` (the Stage 1 image itself) and `colour fit` (least-squares 4x4 + bias fitted on the "
+        "18 training tiles' valid pixels, `training.linear_fit`). Models: `before` = no spectral correction, "
+        "unbounded output (the previous release), `after` = per-tile affine spectral correction started at the "
+        "spectral fit, output clamped at 0, the starting point a candidate for the best step (the default). "
+        "`spectral fit`: where the default model's correction starts, the colour fit refined under the spectral "
+        "loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0: what training adds is the "
+        "difference to it. "
+        "Cells: mean over seeds (min-max). `ndvi_rmse_bright`: NDVI RMSE without near-black pixels (target "
+        f"red + NIR < {NEAR_BLACK} reflectance), beside the design metric.",
+        "",
+    ]
+    for (preset, variant_runs) in _by_preset(runs).items():
+        for split, role in (("test", "held out from training and model selection"),
+                            ("val", "held out from training; picks the best step")):
+            first = next(iter(variant_runs.values()))[0][split]
+            lines += [f"## {preset}: {split} split ({role})", "",
+                      f"{first['n_tiles']} tiles; {100 * first['bright_fraction']:.0f} % of valid pixels are not "
+                      "near-black.", "",
+                      "| output | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+            for role_name, label in (("opt_v1", "opt_v1"), ("linear_fit", "colour fit (train)"),
+                                     ("spectral_fit", "spectral fit (the default model's start)")):
+                lines.append(f"| {label} | " + " | ".join(f"{first[role_name][m]:.{_digits(m)}f}" for m in COLUMNS)
+                             + " |")
+            for variant, results in variant_runs.items():
+                cells = [_cell([r[split]["refined"][m] for r in results], _digits(m)) for m in COLUMNS]
+                lines.append(f"| refined, {variant} | " + " | ".join(cells) + " |")
+            for variant, results in variant_runs.items():
+                ratios = [_cell([r[split]["refined"][m] / r[split]["linear_fit"][m] for r in results], 2)
+                          for m in COLUMNS if m not in ("psnr", "ssim")]
+                lines.append(f"| refined / colour fit, {variant} | " + " | ".join(ratios) + " | | |")
+            if split == "test":
+                lines.append("")
+                for variant, results in variant_runs.items():
+                    met = sum(beats_goal(r["test"]) for r in results)
+                    lines.append(f"- `{variant}`: {met} of {len(results)} seeds beat the colour fit by at least "
+                                 f"{100 * GOAL_MARGIN:.0f} % on NDVI RMSE, EVI RMSE and SAM.")
+            lines.append("")
+    if mixture:
+        mild = runs.get(("mild", "after"), [])
+        lines += ["## Trained on `mixture`, scored on the `mild` test split", "",
+                  "| training degradation | " + " | ".join(COLUMNS) + " |",
+                  "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
+        for label, results in (("mild", mild), ("mixture", list(mixture.values()))):
+            if results:
+                lines.append(f"| {label} | " + " | ".join(
+                    _cell([r["test"]["refined"][m] for r in results], _digits(m)) for m in COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _by_preset(runs: dict) -> dict:
+    grouped: dict = {}
+    for (preset, variant), results in runs.items():
+        grouped.setdefault(preset, {})[variant] = results
+    return grouped
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["mild", "strong"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["before", "after"], choices=("before", "after"))
+    parser.add_argument("--mixture", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "quality.md"))
+    args = parser.parse_args(argv)
+
+    load_start = load_average()
+    start = time.perf_counter()
+    jobs = [(preset, seed, variant) for preset in args.presets for variant in args.variants for seed in args.seeds]
+    if args.mixture:
+        jobs += [("mixture", seed, "after") for seed in args.seeds]
+    with tempfile.TemporaryDirectory(prefix="stage2-quality-") as tmp:
+        workdir = Path(tmp)
+        datasets = build_datasets(sorted(set(args.presets) | ({"mild"} if args.mixture else set())), workdir)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            trained = list(pool.map(lambda job: train(*job, workdir), jobs))
+        runs: dict = {}
+        mixture: dict = {}
+        for (preset, seed, variant), model_dir in zip(jobs, trained):
+            scored = score(model_dir, datasets["mild" if preset == "mixture" else preset])
+            print(f"{preset} {variant} seed {seed}: test refined/fit " + ", ".join(
+                f"{m} {scored['test']['refined'][m] / scored['test']['linear_fit'][m]:.3f}" for m in SPECTRAL),
+                flush=True)
+            if preset == "mixture":
+                mixture[seed] = scored
+            else:
+                runs.setdefault((preset, variant), []).append(scored)
+    load = f"{load_start} at the start, {load_average()} at the end"
+    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load)
+    output = Path(args.output)
+    output.write_text(text)
+    record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
+              "mixture_on_mild": list(mixture.values()), "seeds": args.seeds, "near_black": NEAR_BLACK}
+    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

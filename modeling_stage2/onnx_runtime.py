@@ -1,0 +1,186 @@
+"""Running an exported refiner (`stage2-export`) with the eager model's call contract.
+
+    from modeling_stage2.onnx_runtime import ExportedRefiner
+    model = ExportedRefiner("runs/x/onnx")            # a stage2-export folder, or model.onnx / model.pt2 itself
+    refined = model(opt_v1, month, biome).refined     # torch tensors or numpy arrays in, a torch tensor out
+
+`ExportedRefiner` checks the input exactly as `Stage2RefinerModel.forward` does (same exceptions, same messages:
+wrong band count, non-float or non-finite `opt_v1`, month/biome dtype, shape and range) before it runs the graph,
+because the graph itself cannot. ONNX graphs run on ONNX Runtime (`pip install 'stage2-refiner[export]'`), `.pt2`
+graphs on torch (`torch.export.load`). `modeling_stage2.inference` (and `stage2-refine --model`) accept it wherever
+they accept the eager model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .configuration_stage2 import Stage2RefinerConfig
+from .export import MAX_SIDE, MIN_SIDE
+
+EXPORT_INFO_FILE = "export.json"
+_FORMATS_BY_SUFFIX = {".onnx": "onnx", ".pt2": "torch_export"}
+_GRAPH_FILES = {"onnx": "model.onnx", "torch_export": "model.pt2"}
+
+__all__ = ["ExportedRefiner", "is_exported_model", "load_exported"]
+
+
+def is_exported_model(path: str | os.PathLike) -> bool:
+    """True for a `.onnx` / `.pt2` file or a folder written by `stage2-export` (it holds `export.json`)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path.suffix in _FORMATS_BY_SUFFIX
+    return path.is_dir() and (path / EXPORT_INFO_FILE).is_file()
+
+
+def _resolve(path: Path, format: str | None) -> tuple[Path, str, dict[str, Any]]:
+    """(graph file, format, export.json contents or {})."""
+    if path.is_dir():
+        info_file = path / EXPORT_INFO_FILE
+        if not info_file.is_file():
+            raise FileNotFoundError(f"{path}: no {EXPORT_INFO_FILE}; is it a folder written by stage2-export?")
+        info = json.loads(info_file.read_text())
+        graph = path / info.get("graph_file", _GRAPH_FILES.get(info.get("format"), ""))
+        if not graph.is_file():
+            raise FileNotFoundError(f"{graph}: missing (named by {info_file})")
+        return graph, info["format"], info
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    fmt = format or _FORMATS_BY_SUFFIX.get(path.suffix)
+    if fmt is None:
+        raise ValueError(f"{path}: expected a .onnx or .pt2 file, or a stage2-export folder")
+    info_file = path.parent / EXPORT_INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return path, fmt, info
+
+
+class ExportedRefiner:
+    """An exported refiner with the call contract of `Stage2RefinerModel`: `model(opt_v1, month, biome)` returns a
+    `Stage2RefinerOutput` whose `refined` is a float32 tensor (B, 4, H, W) (with `return_dict=False`, a 1-tuple).
+
+    Args:
+        path: a `stage2-export` folder, or the `model.onnx` / `model.pt2` file (its `config.json` is looked for
+            beside it, else pass `config`).
+        config: the refiner's config, when the graph has no `config.json` beside it.
+        format: `"onnx"` or `"torch_export"` (default: from the folder or the file suffix).
+        device: `"cpu"` (default) or `"cuda"`; ONNX graphs use the CUDA execution provider when ONNX Runtime has
+            it and fall back to the CPU otherwise.
+        num_threads: intra-op threads of ONNX Runtime (default: torch's current thread count).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        config: Stage2RefinerConfig | None = None,
+        format: str | None = None,
+        device: str | torch.device | None = None,
+        num_threads: int | None = None,
+    ):
+        self.path = Path(path).expanduser()
+        self.graph_file, self.format, self.export_info = _resolve(self.path, format)
+        if config is None:
+            config_file = self.graph_file.parent / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{config_file}: missing; pass config= for a graph without its folder")
+            config = Stage2RefinerConfig.from_pretrained(self.graph_file.parent)
+        self.config = config
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._checker = SimpleNamespace(config=config)
+        if self.format == "onnx":
+            self._session = self._onnx_session(num_threads)
+            self.providers = self._session.get_providers()
+            self._program = None
+        elif self.format == "torch_export":
+            self._session = None
+            self.providers = ["torch"]
+            self._program = torch.export.load(str(self.graph_file)).module().to(self.device)
+        else:
+            raise ValueError(f"format must be 'onnx' or 'torch_export', got {self.format!r}")
+
+    def _onnx_session(self, num_threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError as error:  # pragma: no cover - the export extra is missing
+            raise ImportError(
+                "running an ONNX refiner needs onnxruntime: pip install 'stage2-refiner[export]'"
+            ) from error
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
+        return ort.InferenceSession(str(self.graph_file), sess_options=options, providers=providers)
+
+    # The inference helpers put models in eval mode and look for parameters; an exported graph has neither.
+    def eval(self) -> "ExportedRefiner":
+        return self
+
+    def parameters(self):
+        return iter(())
+
+    def check_inputs(self, opt_v1: Any, month: Any, biome: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The eager model's input checks (same exceptions and messages) -> (opt_v1, month, biome) tensors."""
+        from .modeling_stage2 import Stage2RefinerModel
+
+        opt_v1 = torch.from_numpy(opt_v1) if isinstance(opt_v1, np.ndarray) else opt_v1
+        Stage2RefinerModel._check_opt_v1(self._checker, opt_v1)
+        batch = opt_v1.shape[0]
+        month = Stage2RefinerModel._check_metadata(month, "month", 1, self.config.num_months, batch)
+        biome = Stage2RefinerModel._check_metadata(biome, "biome", 0, self.config.num_biomes - 1, batch)
+        limits = self.export_info.get("shape_limits") or {"height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]}
+        for axis, name in ((2, "height"), (3, "width")):
+            low, high = limits.get(name, (None, None))
+            size = opt_v1.shape[axis]
+            if (low is not None and size < low) or (high is not None and size > high):
+                raise ValueError(
+                    f"opt_v1 {name} {size} is outside the exported graph's range {low}..{high} "
+                    f"({self.graph_file.name}); pad the image or use the eager model."
+                )
+        return opt_v1, month, biome
+
+    def __call__(self, opt_v1: Any, month: Any, biome: Any, output_hidden_states: bool | None = None,
+                 return_dict: bool | None = None):
+        from .modeling_stage2 import Stage2RefinerOutput
+
+        if output_hidden_states:
+            raise ValueError("an exported refiner returns the refined image only (no hidden states)")
+        opt_v1, month, biome = self.check_inputs(opt_v1, month, biome)
+        refined = self._run(opt_v1, month, biome)
+        if return_dict is False:
+            return (refined,)
+        return Stage2RefinerOutput(refined=refined)
+
+    forward = __call__
+
+    def _run(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+        input_device, input_dtype = opt_v1.device, opt_v1.dtype
+        if self._program is not None:
+            with torch.no_grad():
+                refined = self._program(
+                    opt_v1.to(self.device, torch.float32), month.to(self.device), biome.to(self.device)
+                )
+        else:
+            feeds = {
+                "opt_v1": np.ascontiguousarray(opt_v1.detach().cpu().float().numpy()),
+                "month": np.ascontiguousarray(month.cpu().numpy().astype(np.int64)),
+                "biome": np.ascontiguousarray(biome.cpu().numpy().astype(np.int64)),
+            }
+            refined = torch.from_numpy(self._session.run(["refined"], feeds)[0])
+        return refined.to(input_device, input_dtype)
+
+    def __repr__(self) -> str:
+        return f"ExportedRefiner({str(self.graph_file)!r}, format={self.format!r}, providers={self.providers})"
+
+
+def load_exported(path: str | os.PathLike, *, device: str | torch.device | None = None, **kwargs) -> ExportedRefiner:
+    """`ExportedRefiner(path, device=device, **kwargs)`."""
+    return ExportedRefiner(path, device=device, **kwargs)

@@ -1,0 +1,380 @@
+"""Deployment export (`stage2-export`): torch.export (.pt2) and ONNX graphs of a trained refiner with LoRA adapters
+and metadata conditioning, with and without the spectral correction, against the eager model on real sample tiles;
+the input checks of `ExportedRefiner`; tiles and GeoTIFF scenes refined on ONNX Runtime through `stage2-refine`.
+
+Each trained folder is exported once per module (the ONNX export of the affine model through the command line, as
+a subprocess); the graphs run on one thread.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from _refiner_helpers import tiny_refiner_config, wake_up  # noqa: E402
+from data_builders.tiles import read_tile  # noqa: E402
+from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model  # noqa: E402
+from modeling_stage2.export import EXPORT_INFO_FILE, MIN_SIDE, export_refiner  # noqa: E402
+from modeling_stage2.inference import main as refine_main  # noqa: E402
+from modeling_stage2.inference import load_model, refine_scene, refine_tiles  # noqa: E402
+from modeling_stage2.onnx_runtime import ExportedRefiner, is_exported_model  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_TILES = REPO_ROOT / "data" / "sample" / "tiles"
+VARIANTS = ("none", "affine")
+FORMATS = ("onnx", "torch_export")
+TOLERANCE = 1e-4
+SIZES = ((120, 120), (155, 152))
+BATCHES = (1, 3)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def run_export_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_stage2.export", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=_cli_env(), cwd=REPO_ROOT,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@torch.no_grad()
+def _wake_everything(model, seed: int) -> None:
+    """`wake_up` plus the spectral correction's zero-initialised tile MLP, so every branch changes the output."""
+    wake_up(model, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    for name, parameter in model.named_parameters():
+        if "tile_correction" in name:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> dict[str, Path]:
+    """A trained adapter folder (LoRA r 8 on every block, metadata embedding, fusion, head trained) per variant."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folders = {}
+    for index, variant in enumerate(VARIANTS):
+        torch.manual_seed(index)
+        model = build_trainable_model(
+            # the affine variant as training builds it: output clamped at 0 too
+            tiny_refiner_config(spectral_correction=variant, nonnegative_output=variant == "affine"),
+            quantization="none", print_summary=False,
+        )
+        _wake_everything(model, seed=index + 1)
+        folders[variant] = save_trained_model(model, workdir / f"trained_{variant}")
+    torch.set_num_threads(threads)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def eager(trained) -> dict[str, torch.nn.Module]:
+    """The trained models as a user loads them (PeftModel, adapters not merged)."""
+    return {variant: load_trained_model(folder) for variant, folder in trained.items()}
+
+
+@pytest.fixture(scope="module")
+def exported(trained, workdir) -> dict[tuple[str, str], Path]:
+    """Export folders per (variant, format); the affine ONNX one through the command line."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folders = {}
+    for variant in VARIANTS:
+        for fmt in FORMATS:
+            output = workdir / f"exported_{variant}_{fmt}"
+            if (variant, fmt) == ("affine", "onnx"):
+                result = run_export_cli(trained[variant], output, "--format", "onnx", "--opset", "18")
+                assert result.returncode == 0, result.stderr[-3000:]
+                assert "wrote" in result.stdout and "model.onnx" in result.stdout
+            else:
+                export_refiner(trained[variant], output, format=fmt, check=False)
+            folders[variant, fmt] = output
+    torch.set_num_threads(threads)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def sample_images() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real bundled tiles: (N, 4, 120, 120) reflectance, months and biomes (one unknown each)."""
+    paths = sorted(SAMPLE_TILES.rglob("*.npz"))[:4]
+    tiles = [read_tile(path) for path in paths]
+    images = np.stack([tile.target for tile in tiles]).astype(np.float32)
+    months = np.array([tile.month for tile in tiles], dtype=np.int64)
+    biomes = np.array([tile.biome for tile in tiles], dtype=np.int64)
+    months[1], biomes[2] = -1, -1
+    return images, months, biomes
+
+
+def sample_batch(sample_images, batch: int, size: tuple[int, int]):
+    """`batch` real images of `size`: 120x120 tiles, or a crop of a 2x2 mosaic of tiles for larger sizes."""
+    images, months, biomes = sample_images
+    height, width = size
+    picked = []
+    for index in range(batch):
+        order = [(index + k) % len(images) for k in range(4)]
+        mosaic = np.concatenate([
+            np.concatenate([images[order[0]], images[order[1]]], axis=2),
+            np.concatenate([images[order[2]], images[order[3]]], axis=2),
+        ], axis=1)
+        picked.append(mosaic[:, :height, :width])
+    opt_v1 = torch.from_numpy(np.ascontiguousarray(np.stack(picked)))
+    return opt_v1, torch.from_numpy(months[:batch]), torch.from_numpy(biomes[:batch])
+
+
+# ------------------------------------------------------------------------------------ graphs vs eager
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exported_graph_equals_eager_on_sample_tiles(variant, fmt, eager, exported, sample_images):
+    model = ExportedRefiner(exported[variant, fmt], num_threads=1)
+    assert model.format == fmt
+    assert model.config.spectral_correction == variant
+    for size in SIZES:
+        for batch in BATCHES:
+            opt_v1, month, biome = sample_batch(sample_images, batch, size)
+            with torch.no_grad():
+                expected = eager[variant](opt_v1=opt_v1, month=month, biome=biome).refined
+            actual = model(opt_v1, month, biome).refined
+            assert actual.shape == opt_v1.shape and actual.dtype == torch.float32
+            difference = float((actual - expected).abs().max())
+            assert difference < TOLERANCE, (variant, fmt, size, batch, difference)
+            # The trained weights matter: the output is not opt_v1 (nor the same for every variant).
+            assert float((expected - opt_v1).abs().max()) > 1e-3
+
+
+def test_the_graph_file_alone_and_numpy_inputs(exported, eager, sample_images):
+    folder = exported["none", "onnx"]
+    model = ExportedRefiner(folder / "model.onnx", num_threads=1)  # config.json found beside it
+    opt_v1, month, biome = sample_batch(sample_images, 2, (120, 120))
+    from_numpy = model(opt_v1.numpy(), month.numpy(), biome.numpy()).refined
+    with torch.no_grad():
+        expected = eager["none"](opt_v1=opt_v1, month=month, biome=biome).refined
+    assert float((from_numpy - expected).abs().max()) < TOLERANCE
+    assert model(opt_v1, month, biome, return_dict=False)[0].shape == opt_v1.shape
+
+
+def test_export_json_describes_the_contract(exported, trained):
+    folder = exported["affine", "onnx"]
+    files = sorted(path.name for path in folder.iterdir())
+    assert files == ["README.md", "config.json", EXPORT_INFO_FILE, "model.onnx"]
+    info = json.loads((folder / EXPORT_INFO_FILE).read_text())
+    inputs = {entry["name"]: entry for entry in info["inputs"]}
+    assert list(inputs) == ["opt_v1", "month", "biome"]
+    assert [entry["name"] for entry in info["outputs"]] == ["refined"]
+    assert inputs["opt_v1"]["dtype"] == "float32" and inputs["month"]["dtype"] == "int64"
+    assert inputs["opt_v1"]["shape"] == ["batch", 4, "height", "width"]
+    assert inputs["opt_v1"]["value_range"] == [0.0, 1.0]
+    assert inputs["month"]["value_range"] == [1, 12] and inputs["month"]["unknown"] == -1
+    assert inputs["biome"]["value_range"] == [0, 16] and inputs["biome"]["unknown"] == -1
+    assert info["padding"]["inside_graph"] and info["padding"]["multiple_of"] == [14, 14]
+    assert info["shape_limits"]["height"][0] == MIN_SIDE
+    assert info["opset"] == 18 and info["spectral_correction"] == "affine"
+    assert info["source"]["adapters_merged"] is True
+    assert info["max_abs_difference_vs_eager"] < TOLERANCE  # the command line checks the graph after export
+    assert "Exported Stage 2 refiner" in (folder / "README.md").read_text()
+    pt2 = exported["none", "torch_export"]
+    assert (pt2 / "model.pt2").is_file() and json.loads((pt2 / EXPORT_INFO_FILE).read_text())["opset"] is None
+    assert is_exported_model(folder) and is_exported_model(folder / "model.onnx")
+    assert not is_exported_model(trained["none"])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _error_of(call):
+    try:
+        call()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    raise AssertionError("no error raised")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bad_input_gives_the_eager_error_before_running(fmt, exported, eager, monkeypatch):
+    model = ExportedRefiner(exported["affine", fmt], num_threads=1)
+
+    def must_not_run(*args):
+        raise AssertionError("the graph ran on bad input")
+
+    monkeypatch.setattr(model, "_run", must_not_run)
+    good = torch.rand(2, 4, 120, 120) * 0.3
+    month, biome = torch.tensor([7, 1]), torch.tensor([4, -1])
+    cases = {
+        "three bands": (torch.rand(2, 3, 120, 120), month, biome),
+        "month 13": (good, torch.tensor([13, 1]), biome),
+        "biome 17": (good, month, torch.tensor([17, 0])),
+        "float month": (good, torch.tensor([7.0, 1.0]), biome),
+        "one month for two tiles": (good, torch.tensor([7]), biome),
+        "NaN": (torch.where(good > 0.29, torch.nan, good), month, biome),
+        "integer image": ((good * 10000).long(), month, biome),
+    }
+    for name, inputs in cases.items():
+        with torch.no_grad():
+            expected = _error_of(lambda: eager["affine"](*inputs))
+        actual = _error_of(lambda: model(*inputs))
+        assert actual == expected, name
+    assert "month must be in 1..12" in _error_of(lambda: model(*cases["month 13"]))[1]
+    kind, message = _error_of(lambda: model(torch.rand(1, 4, 14, 120), torch.tensor([1]), torch.tensor([1])))
+    assert kind is ValueError and "height 14" in message and f"{MIN_SIDE}.." in message
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_subprocess_help_and_bad_input(tmp_path):
+    script = Path(sys.executable).parent / "stage2-export"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "modeling_stage2.export"]
+    help_run = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, env=_cli_env())
+    assert help_run.returncode == 0 and "--format" in help_run.stdout and "--opset" in help_run.stdout
+
+    missing = tmp_path / "no_such_model"
+    result = run_export_cli(missing, tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and lines[0].startswith("stage2-export: error: MODEL")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_user_errors_in_process(tmp_path, trained, exported, capsys):
+    """The other user errors, through `main` (no subprocess start-up each): exit 2, one line naming the flag/file."""
+    from modeling_stage2.export import main as export_main
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    model_file = tmp_path / "model.bin"
+    model_file.write_bytes(b"not a model")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    cases = [
+        ((trained["none"], tmp_path / "o1", "--opset", "12"), "--opset"),
+        ((trained["none"], tmp_path / "o2", "--format", "torch_export", "--opset", "18"), "--opset"),
+        ((trained["none"], foreign), str(foreign)),
+        ((exported["none", "onnx"], tmp_path / "o3"), "already an exported model"),
+        ((model_file, tmp_path / "o4"), str(model_file)),
+        ((foreign, tmp_path / "o5"), "neither config.json"),
+        ((broken, tmp_path / "o7"), "could not be loaded"),
+    ]
+    for args, needle in cases:
+        assert export_main([str(arg) for arg in args]) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o7"))
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(trained["none"]), str(tmp_path / "o6"), "--format", "tflite"])
+    assert exit_info.value.code == 2 and "--format" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- stage2-refine on ONNX Runtime
+
+
+def _write_scene(path: Path, seed: int = 0) -> Path:
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(seed)
+    height, width = 170, 205
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    bands = [1200 + 600 * b + 400 * np.sin(rows / (17 + b)) * np.cos(cols / (23 - b)) for b in range(4)]
+    data = np.clip(np.stack(bands) + rng.normal(0, 80, (4, height, width)), 1, 10000).astype(np.uint16)
+    data[:, :30, :40] = 0  # a nodata corner
+    profile = {
+        "driver": "GTiff", "width": width, "height": height, "count": 4, "dtype": "uint16", "nodata": 0,
+        "crs": "EPSG:32633", "transform": from_origin(500000.0, 5400000.0, 10.0, 10.0),
+    }
+    with rasterio.open(path, "w", **profile) as dataset:
+        dataset.write(data)
+    return path
+
+
+def test_scene_on_onnx_runtime_equals_eager(tmp_path, trained, exported):
+    rasterio = pytest.importorskip("rasterio")
+    scene = _write_scene(tmp_path / "scene.tif")
+    eager_out, onnx_out = tmp_path / "eager.tif", tmp_path / "onnx.tif"
+    refine_scene(load_model(trained["affine"]), scene, eager_out, month=7, biome=4, overlap=32, batch_size=4,
+                 progress=False)
+    code = refine_main([
+        "--model", str(exported["affine", "onnx"]), "--input", str(scene), "--output", str(onnx_out),
+        "--month", "7", "--biome", "4", "--batch_size", "4", "--no_progress", "--num_threads", "1",
+    ])
+    assert code == 0
+    with rasterio.open(eager_out) as a, rasterio.open(onnx_out) as b:
+        expected, actual = a.read(), b.read()
+        assert b.profile["nodata"] == a.profile["nodata"] and b.crs == a.crs and b.transform == a.transform
+        assert b.tags()["STAGE2_REFINED"] == "true"
+    assert np.array_equal(np.isnan(expected), np.isnan(actual))
+    assert (actual[:, :30, :40] == 0).all()  # nodata kept
+    assert np.nanmax(np.abs(actual - expected)) < TOLERANCE
+
+
+def test_tiles_on_onnx_runtime_equal_eager(tmp_path, trained, exported):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for path in sorted(SAMPLE_TILES.rglob("*.npz"))[:3]:
+        (tiles / path.name).write_bytes(path.read_bytes())
+    refine_tiles(load_model(trained["none"]), tiles, tmp_path / "eager", batch_size=2, progress=False)
+    code = refine_main([
+        "--model", str(exported["none", "onnx"] / "model.onnx"), "--input", str(tiles),
+        "--output_dir", str(tmp_path / "onnx"), "--batch_size", "2", "--no_progress",
+    ])
+    assert code == 0
+    for path in sorted(tiles.glob("*.npz")):
+        with np.load(tmp_path / "eager" / path.name) as a, np.load(tmp_path / "onnx" / path.name) as b:
+            assert np.abs(a["refined"] - b["refined"]).max() < TOLERANCE
+            assert int(a["month"]) == int(b["month"])
+
+
+def test_refine_cli_refuses_quantization_of_an_exported_model(tmp_path, exported, capsys):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    path = sorted(SAMPLE_TILES.rglob("*.npz"))[0]
+    (tiles / path.name).write_bytes(path.read_bytes())
+    code = refine_main([
+        "--model", str(exported["none", "onnx"]), "--input", str(tiles), "--output_dir", str(tmp_path / "out"),
+        "--quantization", "8bit", "--no_progress",
+    ])
+    assert code == 2 and "--quantization" in capsys.readouterr().err
+
+
+def test_float16_export_of_a_model_object_leaves_it_unchanged(tmp_path, eager, sample_images):
+    """A `Stage2RefinerModel` passed in is neither cast, nor frozen, nor left in eval mode; float16 weights give
+    float32 outputs within fp16 rounding of the fp32 model."""
+    from modeling_stage2 import Stage2RefinerModel
+
+    model = Stage2RefinerModel(tiny_refiner_config(spectral_correction="affine"))
+    _wake_everything(model, seed=5)
+    model.train()
+    result = export_refiner(model, tmp_path / "fp16", format="onnx", dtype="float16")
+    assert model.training and next(model.parameters()).dtype == torch.float32
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    assert result.max_abs_difference < 1e-2  # fp16 graph vs fp16 eager
+    info = json.loads((tmp_path / "fp16" / EXPORT_INFO_FILE).read_text())
+    assert info["weights_dtype"] == "float16" and info["inputs"][0]["dtype"] == "float32"
+    opt_v1, month, biome = sample_batch(sample_images, 2, (155, 152))
+    refined = ExportedRefiner(tmp_path / "fp16", num_threads=1)(opt_v1, month, biome).refined
+    with torch.no_grad():
+        expected = model.eval()(opt_v1, month, biome).refined
+    assert refined.dtype == torch.float32 and float((refined - expected).abs().max()) < 1e-2

@@ -1,0 +1,62 @@
+"""The quality figures quoted in the README, BENCHMARKS.md and docs/training.md are those the study recorded
+(`bench/study_quality.py` -> `bench/results/quality.json`)."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
+
+
+@pytest.fixture(scope="module")
+def study(repo_root) -> dict:
+    return json.loads((repo_root / "bench" / "results" / "quality.json").read_text())
+
+
+def _text(path) -> str:
+    """The file's text with line breaks and runs of spaces made single spaces (Markdown reflows freely)."""
+    return " ".join(path.read_text().split())
+
+
+def ratios(runs: list[dict], split: str = "test") -> str:
+    """'a / b / c': mean over seeds of refined / colour fit for NDVI RMSE, EVI RMSE, SAM."""
+    means = [statistics.fmean(run[split]["refined"][m] / run[split]["linear_fit"][m] for run in runs) for m in SPECTRAL]
+    return " / ".join(f"{value:.2f}" for value in means)
+
+
+def test_the_study_covers_three_seeds_of_both_presets_and_models(study):
+    assert study["seeds"] == [0, 1, 2]
+    assert set(study["runs"]) == {"mild/before", "mild/after", "strong/before", "strong/after"}
+    assert all(len(runs) == 3 for runs in study["runs"].values()) and len(study["mixture_on_mild"]) == 3
+
+
+def test_quoted_ratios_to_the_colour_fit_are_the_recorded_ones(study, repo_root):
+    benchmarks = _text(repo_root / "BENCHMARKS.md")
+    readme = _text(repo_root / "README.md")
+    for key in ("mild/after", "mild/before", "strong/after", "strong/before"):
+        assert ratios(study["runs"][key]) in benchmarks, key
+    assert ratios(study["runs"]["mild/after"]) in readme and ratios(study["runs"]["mild/before"]) in readme
+
+
+def test_quoted_means_against_opt_v1_are_the_recorded_ones(study, repo_root):
+    benchmarks = _text(repo_root / "BENCHMARKS.md")
+    runs = study["runs"]["mild/after"]
+    first = runs[0]["test"]
+    for metric, digits in (("ndvi_rmse", 3), ("evi_rmse", 3), ("sam", 3)):
+        baseline = f"{first['opt_v1'][metric]:.4f}" if metric != "sam" else f"{first['opt_v1'][metric]:.3f}"
+        refined = f"{statistics.fmean(r['test']['refined'][metric] for r in runs):.{digits}f}"
+        assert f"{baseline} -> {refined}" in benchmarks, metric
+    mixture = statistics.fmean(r["test"]["refined"]["evi_rmse"] for r in study["mixture_on_mild"])
+    mild = statistics.fmean(r["test"]["refined"]["evi_rmse"] for r in runs)
+    assert f"EVI RMSE {mixture:.3f} vs {mild:.3f}" in benchmarks
+
+
+def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
+    proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())
+    benchmarks = _text(repo_root / "BENCHMARKS.md")
+    training = _text(repo_root / "docs" / "training.md")
+    for key in ("proxy/after", "proxy/before"):
+        assert len(proxy["runs"][key]) == 3
+        assert ratios(proxy["runs"][key]) in benchmarks and ratios(proxy["runs"][key]) in training, key

@@ -1,0 +1,170 @@
+"""The least-squares colour fit: the baseline every refiner must beat, and the refiner's warm start.
+
+A remote-sensing engineer's first correction of a biased image is a per-band affine colour transform,
+`fit(x) = M x + b` with `M` a (bands x bands) matrix and `b` a bias (20 numbers for 4 bands), fitted by least
+squares on the valid pixels of the training tiles (`opt_v1 -> target`). `LinearColorFit` accumulates the normal
+equations in float64 over any number of batches (exactly: sums add up across batches), then solves them once.
+
+    fit = LinearColorFit.from_dataset(dataset_dict["train"])   # one pass over the training split
+    corrected = fit.apply(opt_v1)                              # (B, 4, H, W) -> (B, 4, H, W)
+
+Evaluation reports the metrics of `fit.apply(opt_v1)` beside those of `opt_v1` and the refined output
+(`"linear_fit"`). Training starts the refiner's spectral correction at a global fit
+(`Stage2TrainingArguments.spectral_correction_init`): the least-squares one (`"linear_fit"`), or by default that fit
+refined under the training objective (`"spectral_fit"`, `fit_spectral_correction`): least squares weighs every
+reflectance error alike, while NDVI, EVI and the spectral angle care about band ratios, dark pixels included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Tiles read per Arrow batch during `from_dataset` (bounded memory: ~7 MB of float32 per 32 tiles).
+_READ_BATCH = 32
+
+
+@dataclass(frozen=True)
+class ColorFitResult:
+    """A solved colour fit: `corrected = matrix @ opt_v1 + bias` per pixel (reflectance).
+
+    Args:
+        matrix (`torch.Tensor` of shape `(bands, bands)`): float64; row i mixes the input bands into output band i.
+        bias (`torch.Tensor` of shape `(bands,)`): float64 reflectance offsets.
+        pixels (`int`): valid pixels it was fitted on.
+        tiles (`int`): tiles it was fitted on.
+    """
+
+    matrix: torch.Tensor
+    bias: torch.Tensor
+    pixels: int
+    tiles: int
+
+    def apply(self, opt_v1: torch.Tensor) -> torch.Tensor:
+        """The fit applied to a (B, bands, H, W) image, in the image's dtype."""
+        matrix = self.matrix.to(device=opt_v1.device, dtype=opt_v1.dtype)
+        bias = self.bias.to(device=opt_v1.device, dtype=opt_v1.dtype)
+        return torch.einsum("ij,bjhw->bihw", matrix, opt_v1) + bias[None, :, None, None]
+
+    def to_dict(self) -> dict:
+        return {"matrix": self.matrix.tolist(), "bias": self.bias.tolist(), "pixels": self.pixels,
+                "tiles": self.tiles}
+
+
+class LinearColorFit:
+    """Accumulates `sum x x^T` and `sum x y^T` of valid pixels (`x` = opt_v1 bands and a 1, `y` = target bands) and
+    solves the least-squares affine map. Pixels where `valid_mask` is False, or where any value is not finite, do
+    not count."""
+
+    def __init__(self, num_bands: int = 4):
+        if num_bands < 1:
+            raise ValueError(f"num_bands must be >= 1, got {num_bands}.")
+        self.num_bands = num_bands
+        self.gram = torch.zeros(num_bands + 1, num_bands + 1, dtype=torch.float64)
+        self.cross = torch.zeros(num_bands + 1, num_bands, dtype=torch.float64)
+        self.pixels = 0
+        self.tiles = 0
+
+    def update(self, opt_v1, target, valid_mask=None) -> None:
+        """Add a batch: `opt_v1` and `target` (B, bands, H, W) reflectance, `valid_mask` (B, H, W) bool or None."""
+        opt_v1 = torch.as_tensor(opt_v1).to(torch.float64)
+        target = torch.as_tensor(target).to(torch.float64)
+        if opt_v1.ndim != 4 or opt_v1.shape[1] != self.num_bands or opt_v1.shape != target.shape:
+            raise ValueError(
+                f"opt_v1 and target must both be (batch, {self.num_bands}, height, width); got "
+                f"{tuple(opt_v1.shape)} and {tuple(target.shape)}."
+            )
+        valid = torch.isfinite(opt_v1).all(dim=1) & torch.isfinite(target).all(dim=1)
+        if valid_mask is not None:
+            valid &= torch.as_tensor(valid_mask, dtype=torch.bool)
+        inputs = opt_v1.permute(0, 2, 3, 1)[valid]  # (N, bands)
+        outputs = target.permute(0, 2, 3, 1)[valid]
+        design = torch.cat([inputs, torch.ones(inputs.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.gram += design.T @ design
+        self.cross += design.T @ outputs
+        self.pixels += int(inputs.shape[0])
+        self.tiles += int(opt_v1.shape[0])
+
+    def solve(self) -> ColorFitResult:
+        """The least-squares matrix and bias (minimum-norm when the pixels do not determine them)."""
+        if self.pixels == 0:
+            raise ValueError("LinearColorFit.solve() has no valid pixel to fit; update() it with tiles first.")
+        solution = torch.linalg.lstsq(self.gram, self.cross, driver="gelsd").solution  # (bands + 1, bands)
+        return ColorFitResult(matrix=solution[: self.num_bands].T.contiguous(), bias=solution[self.num_bands].clone(),
+                              pixels=self.pixels, tiles=self.tiles)
+
+    @classmethod
+    def from_dataset(cls, dataset, num_bands: int = 4) -> ColorFitResult:
+        """The fit of a `datasets.Dataset` split with `opt_v1`, `target` (and optionally `valid_mask`) columns."""
+        columns = [name for name in ("opt_v1", "target", "valid_mask") if name in dataset.column_names]
+        missing = {"opt_v1", "target"} - set(columns)
+        if missing:
+            raise ValueError(f"The dataset lacks the columns {sorted(missing)} needed for a colour fit.")
+        fit = cls(num_bands)
+        view = dataset.select_columns(columns).with_format("numpy")
+        for start in range(0, len(view), _READ_BATCH):
+            batch = view[start : start + _READ_BATCH]
+            fit.update(np.asarray(batch["opt_v1"]), np.asarray(batch["target"]),
+                       np.asarray(batch["valid_mask"]) if "valid_mask" in batch else None)
+        return fit.solve()
+
+
+def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: int = 32, learning_rate: float = 1e-3,
+                            nonnegative: bool = True, seed: int = 0) -> ColorFitResult:
+    """The global affine correction that minimises the spectral loss on `dataset` (a split with `opt_v1`, `target`
+    and optionally `valid_mask`): the least-squares fit, then `steps` Adam steps on its 20 numbers, each on
+    `batch_tiles` tiles drawn (seeded) from the split. `loss` maps `(output, target, valid_mask)` to `(value, ...)`
+    (default `training.losses.SpectralLoss()`); `nonnegative` clamps the corrected image at 0 first (straight-through
+    gradient), as a refiner with `nonnegative_output` does."""
+    from modeling_stage2.modeling_stage2 import clamp_min_straight_through
+
+    from .losses import SpectralLoss
+
+    start = LinearColorFit.from_dataset(dataset)
+    loss = loss if loss is not None else SpectralLoss()
+    columns = [name for name in ("opt_v1", "target", "valid_mask") if name in dataset.column_names]
+    rows = dataset.select_columns(columns).with_format("numpy")
+    matrix = start.matrix.float().clone().requires_grad_(True)
+    bias = start.bias.float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([matrix, bias], lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randperm(len(rows), generator=generator)[:batch_tiles].sort().values.tolist()
+        batch = rows[index]
+        opt_v1, target = torch.from_numpy(batch["opt_v1"]), torch.from_numpy(batch["target"])
+        valid = torch.from_numpy(batch["valid_mask"]) if "valid_mask" in batch else None
+        corrected = torch.einsum("ij,bjhw->bihw", matrix, opt_v1) + bias[None, :, None, None]
+        if nonnegative:
+            corrected = clamp_min_straight_through(corrected, 0.0)
+        value = loss(corrected, target, valid)[0]
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    return ColorFitResult(matrix=matrix.detach().double(), bias=bias.detach().double(), pixels=start.pixels,
+                          tiles=start.tiles)
+
+
+def spectral_corrections(model) -> list:
+    """The `Stage2SpectralCorrection` modules of a refiner (peft keeps an original and a trained copy), if any."""
+    from modeling_stage2.modeling_stage2 import Stage2SpectralCorrection
+
+    return [module for module in model.modules() if isinstance(module, Stage2SpectralCorrection)]
+
+
+def set_shared_spectral_correction(model, fit: ColorFitResult) -> None:
+    """Start the refiner's shared spectral correction (M, b) at a colour fit (every copy of the module)."""
+    modules = spectral_corrections(model)
+    if not modules:
+        raise ValueError("The model has no spectral correction branch; build it with spectral_correction='affine'.")
+    for module in modules:
+        module.set_shared_correction(fit.matrix, fit.bias)
+
+
+__all__ = [
+    "ColorFitResult",
+    "LinearColorFit",
+    "fit_spectral_correction",
+    "set_shared_spectral_correction",
+    "spectral_corrections",
+]
