@@ -270,10 +270,12 @@ def test_lora_model_trains_and_saves_the_branch(tmp_path):
     fit.update(degrade(target, MIX, OFFSET, seed=0), target)
     fit = fit.solve()
     set_shared_spectral_correction(model, fit)
-    assert len(spectral_corrections(model)) == 2  # peft's original and trained copies, both set
     trained = model.base_model.model.spectral_correction.modules_to_save["default"]
+    assert spectral_corrections(model) == [trained]  # the copy peft trains and saves, not the frozen original
     assert trained.matrix.requires_grad
     torch.testing.assert_close(trained.matrix.detach(), fit.matrix.float())
+    original = model.base_model.model.spectral_correction.original_module
+    assert torch.equal(original.matrix.detach(), torch.eye(4))  # the frozen base is left as it was
     save_trained_model(model, tmp_path / "saved")
     reloaded = load_trained_model(tmp_path / "saved")
     opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28))

@@ -262,16 +262,21 @@ def test_tensorboard_has_scalars_and_previews(e2e):
 def test_base_weights_frozen_and_adapter_and_head_trained(e2e):
     from transformers import set_seed
 
-    trainer, _, _ = e2e
+    from modeling_stage2 import load_trained_model
+
+    trainer, out, _ = e2e
     set_seed(trainer.args.seed)
     fresh = dict(build_model(trainer.args, print_summary=False).named_parameters())
-    trained = dict(trainer.model.named_parameters())
-    assert fresh.keys() == trained.keys()
-    frozen = [name for name, p in trained.items() if not p.requires_grad]
-    trainable = [name for name, p in trained.items() if p.requires_grad]
+    current = dict(trainer.model.named_parameters())
+    assert fresh.keys() == current.keys()
+    frozen = [name for name, p in current.items() if not p.requires_grad]
+    trainable = [name for name, p in current.items() if p.requires_grad]
     assert any(".backbone." in name for name in frozen) and frozen
     for name in frozen:
-        assert torch.equal(fresh[name], trained[name]), name
+        assert torch.equal(fresh[name], current[name]), name
+    # What training changed: the last checkpoint (best/, now in the trainer's model, may be the starting point,
+    # which eval_on_start makes a candidate).
+    trained = dict(load_trained_model(out / "checkpoint-4").named_parameters())
     changed = {name for name in trainable if not torch.equal(fresh[name], trained[name])}
     assert any("lora_B" in name for name in changed)
     assert any(".head." in name for name in changed) and any("fusion" in name for name in changed)

@@ -49,7 +49,9 @@ def test_two_cpu_processes_with_ddp_agree_with_one(tmp_path, sample_dataset_dir,
     assert single.state.global_step == 2
 
     ddp_config = json.loads((tmp_path / "ddp" / "best" / "training_config.json").read_text())
-    assert ddp_config["world_size"] == 2 and ddp_config["global_step"] == 2
+    one_config = json.loads((tmp_path / "one" / "best" / "training_config.json").read_text())
+    # the same best step (the start included, eval_on_start) chosen by both
+    assert ddp_config["world_size"] == 2 and ddp_config["global_step"] == one_config["global_step"]
 
     ddp_weights = tensors(tmp_path / "ddp" / "checkpoint-2" / "adapter_model.safetensors")
     one_weights = tensors(tmp_path / "one" / "checkpoint-2" / "adapter_model.safetensors")

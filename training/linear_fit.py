@@ -146,14 +146,17 @@ def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: i
 
 
 def spectral_corrections(model) -> list:
-    """The `Stage2SpectralCorrection` modules of a refiner (peft keeps an original and a trained copy), if any."""
+    """The `Stage2SpectralCorrection` modules a refiner computes with, if any: in a peft model the trained copy
+    (`modules_to_save`), not the frozen original that peft keeps beside it."""
     from modeling_stage2.modeling_stage2 import Stage2SpectralCorrection
 
-    return [module for module in model.modules() if isinstance(module, Stage2SpectralCorrection)]
+    return [module for name, module in model.named_modules()
+            if isinstance(module, Stage2SpectralCorrection) and "original_module" not in name.split(".")]
 
 
 def set_shared_spectral_correction(model, fit: ColorFitResult) -> None:
-    """Start the refiner's shared spectral correction (M, b) at a colour fit (every copy of the module)."""
+    """Start the refiner's shared spectral correction (M, b) at a colour fit (the trained copy; the frozen base
+    keeps its own)."""
     modules = spectral_corrections(model)
     if not modules:
         raise ValueError("The model has no spectral correction branch; build it with spectral_correction='affine'.")

@@ -329,6 +329,8 @@ class Stage2Trainer(Trainer):
         if resume is not None:
             logger.warning(f"Resuming from {resume} (global step {_checkpoint_step(Path(resume))}).")
             self.args.eval_on_start = False  # the starting point was evaluated by the run that saved the checkpoint
+        if self.eval_dataset is None:
+            self.args.eval_on_start = False  # nothing to validate the starting point on
         if self.args.should_save:
             self._remove_torn_checkpoints()
         self._resume_checkpoint = resume
