@@ -225,7 +225,12 @@ def _interpolate_pos_encoding(self, grid_size):
     table_grid = tuple(self.config.grid_size)
     table = self.pos_embed
     if table_grid[0] != 1:
-        raise ExportError(f"the export handles single-frame backbones only, this one has {table_grid[0]} frames")
+        # The refiner's input is one frame: like the eager code, recompute the table for one frame (a constant of the
+        # config, so it is traced as one), e.g. for the 600M preset whose table is built for 4 frames.
+        from .modeling_prithvi import sincos_3d_table
+
+        table_grid = (1, *table_grid[1:])
+        table = sincos_3d_table(self.config.embed_dim, table_grid, device=table.device)
     cls_pos, patch_pos = table[:, :1], table[:, 1:].float()
     patch_pos = patch_pos.reshape(*table_grid, self.config.embed_dim).permute(0, 3, 1, 2)
     patch_pos = F.interpolate(patch_pos, size=(height, width), mode="bicubic", align_corners=True)

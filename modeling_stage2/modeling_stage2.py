@@ -318,8 +318,9 @@ class Stage2RefinementHead(nn.Module):
         sizes = self.stage_sizes(*full_resolution_input.shape[-2:])
         last = len(self.blocks) - 1
         for stage, block in enumerate(self.blocks):
-            if tuple(hidden.shape[-2:]) != sizes[stage]:
-                hidden = F.interpolate(hidden, size=sizes[stage], mode="bilinear", align_corners=False)
+            # Always resized, also to its own size (the identity, bit for bit): no comparison of sizes in the
+            # forward, so it traces for any input size (torch.export / ONNX).
+            hidden = F.interpolate(hidden, size=sizes[stage], mode="bilinear", align_corners=False)
             if stage == last:
                 skip = self.input_stem(full_resolution_input.to(hidden.dtype))
                 hidden = self.skip_merge(torch.cat([hidden, skip], dim=1))

@@ -378,3 +378,24 @@ def test_float16_export_of_a_model_object_leaves_it_unchanged(tmp_path, eager, s
     with torch.no_grad():
         expected = model.eval()(opt_v1, month, biome).refined
     assert refined.dtype == torch.float32 and float((refined - expected).abs().max()) < 1e-2
+
+
+def test_the_600m_layout_exports_like_the_eager_model(tmp_path, sample_images):
+    """Two things of the 600M default that the tiny demo config lacks: a position table built for 4 frames (the
+    refiner feeds one frame, for which the eager encoder recomputes the table; the graph used to refuse such
+    backbones) and a 4-stage head (1/8 .. full resolution; its resizes used to depend on the input size)."""
+    from _refiner_helpers import tiny_backbone_config
+
+    from modeling_stage2 import Stage2RefinerModel
+
+    model = Stage2RefinerModel(tiny_refiner_config(backbone_config=tiny_backbone_config(num_frames=4),
+                                                   num_convnext_blocks=4, spectral_correction="affine",
+                                                   nonnegative_output=True))
+    assert model.backbone.config.grid_size[0] == 4
+    _wake_everything(model, seed=7)
+    export_refiner(model, tmp_path / "four", format="onnx")
+    opt_v1, month, biome = sample_batch(sample_images, 2, (155, 152))
+    refined = ExportedRefiner(tmp_path / "four", num_threads=1)(opt_v1, month, biome).refined
+    with torch.no_grad():
+        expected = model.eval()(opt_v1, month, biome).refined
+    assert float((refined - expected).abs().max()) < TOLERANCE

@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     held_out = "test" if "test" in results["gains"] else "val"
     failed = not_beaten(results["gains"][held_out])
     if failed:
-        print(f"The refined output does not beat {', '.join(failed)} ({held_out} split): train longer "
-              "(--num_train_epochs) or check the data.", file=sys.stderr)
+        print(f"The refined output does not beat {', '.join(failed)} ({held_out} split); docs/training.md, "
+              "\"The demo\", says what limits it on this sample.", file=sys.stderr)
         return 1
     return 0
 
