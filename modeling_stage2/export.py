@@ -216,40 +216,6 @@ def _grid_size(self, sample_shape):
     return frames // patch_t, height // patch_h, width // patch_w
 
 
-def _interpolate_pos_encoding(self, grid_size):
-    """Export-friendly `PrithviEncoder.interpolate_pos_encoding`: always resizes the table (bicubic,
-    align_corners=True, which is the identity when the grid already matches), instead of comparing sizes in Python."""
-    from torch.nn import functional as F
-
-    frames, height, width = grid_size
-    table_grid = tuple(self.config.grid_size)
-    table = self.pos_embed
-    if table_grid[0] != 1:
-        # The refiner's input is one frame: like the eager code, recompute the table for one frame (a constant of the
-        # config, so it is traced as one), e.g. for the 600M preset whose table is built for 4 frames.
-        from .modeling_prithvi import sincos_3d_table
-
-        table_grid = (1, *table_grid[1:])
-        table = sincos_3d_table(self.config.embed_dim, table_grid, device=table.device)
-    cls_pos, patch_pos = table[:, :1], table[:, 1:].float()
-    patch_pos = patch_pos.reshape(*table_grid, self.config.embed_dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=(height, width), mode="bicubic", align_corners=True)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, self.config.embed_dim)
-    return torch.cat([cls_pos.float(), patch_pos], dim=1).to(self.pos_embed.dtype)
-
-
-def _stage_sizes(self, height, width):
-    """Export-friendly `Stage2RefinementHead.stage_sizes`: integer ceiling division instead of
-    `math.ceil(height / stride)`, whose float the tracer cannot reason about (same values)."""
-    count = len(self.blocks)
-    sizes = []
-    for stage in range(count):
-        stride = 2 ** (count - 1 - stage)
-        stride_h, stride_w = min(stride, self.patch_size[0]), min(stride, self.patch_size[1])
-        sizes.append(((height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w))
-    return sizes
-
-
 def _unchecked_metadata(values, name, low, high, batch_size):
     return values.long()
 
@@ -260,7 +226,7 @@ def _unchecked_opt_v1(opt_v1):
 
 @contextlib.contextmanager
 def export_friendly(model: nn.Module) -> Iterator[nn.Module]:
-    """Swap seven methods of this refiner instance (and its backbone) for traceable versions while the block runs.
+    """Swap five methods of this refiner instance (and its backbone) for traceable versions while the block runs.
 
     - `_check_opt_v1`, `_check_metadata`: the checks branch on the input's values (`if not isfinite(...).all()`),
       which a graph cannot do; they are skipped in the graph and run by `ExportedRefiner` before the session.
@@ -268,10 +234,11 @@ def export_friendly(model: nn.Module) -> Iterator[nn.Module]:
       replaced by index gathers that give the same values for every size.
     - `_run_head`: crops the head's output to the input size itself (a gather), because the tracer cannot prove
       the bounds of the forward's crop slice for every size; the forward's slice then covers the whole tensor.
-    - `backbone._grid_size` (`int(size)`) and `backbone.interpolate_pos_encoding` (`if grid == table`) fix the
-      example's size into the graph; replaced by size-agnostic versions.
-    - `head.stage_sizes` computes `math.ceil(height / stride)` through a float the tracer cannot reason about;
-      replaced by integer ceiling division (same values).
+    - `backbone._grid_size` (`int(size)`) fixes the example's size into the graph; replaced by a size-agnostic
+      version.
+
+    The position table and the head's stage sizes trace as they are (an unconditional resize, integer ceiling
+    division).
 
     Only this instance is changed, and only inside the block; the class and other models are untouched.
     """
@@ -284,9 +251,7 @@ def export_friendly(model: nn.Module) -> Iterator[nn.Module]:
         },
         model.backbone: {
             "_grid_size": types.MethodType(_grid_size, model.backbone),
-            "interpolate_pos_encoding": types.MethodType(_interpolate_pos_encoding, model.backbone),
         },
-        model.head: {"stage_sizes": types.MethodType(_stage_sizes, model.head)},
     }
     for owner, methods in patches.items():
         for name in methods:

@@ -357,10 +357,9 @@ class PrithviEncoder(PrithviPreTrainedModel):
 
     def interpolate_pos_encoding(self, grid_size: tuple[int, int, int]) -> torch.Tensor:
         """The position table for an input patch grid (t, h, w), as the official `_interpolate_pos_encoding`:
-        recomputed for another frame count, then bicubically resized (align_corners=True) in h and w."""
+        recomputed for another frame count, then bicubically resized (align_corners=True) in h and w. Resized also
+        when the grid already matches (the identity, bit for bit), so that no size comparison stops a trace."""
         table_grid = tuple(self.config.grid_size)
-        if tuple(grid_size) == table_grid:
-            return self.pos_embed
         frames, height, width = grid_size
         table = self.pos_embed
         if frames != table_grid[0]:

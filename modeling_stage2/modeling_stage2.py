@@ -309,7 +309,9 @@ class Stage2RefinementHead(nn.Module):
         for stage in range(count):
             stride = 2 ** (count - 1 - stage)
             stride_h, stride_w = min(stride, self.patch_size[0]), min(stride, self.patch_size[1])
-            sizes.append((math.ceil(height / stride_h), math.ceil(width / stride_w)))
+            # integer ceiling division on positive numbers: the values of math.ceil(height / stride), and traceable
+            # (ONNX divides integers by truncation, so no floor division of negative numbers)
+            sizes.append(((height + stride_h - 1) // stride_h, (width + stride_w - 1) // stride_w))
         return sizes
 
     def forward(self, features: list[torch.Tensor], full_resolution_input: torch.Tensor) -> torch.Tensor:
