@@ -25,6 +25,7 @@ demo: venv
 
 bench: venv
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	$(BIN)/python bench/summarize.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

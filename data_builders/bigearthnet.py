@@ -16,8 +16,10 @@ Splits come from the metadata (`validation` -> `val`). Patches flagged with seas
 cloud/shadow are skipped unless `--include_cloudy_snowy`, which also reads the snow/cloud parquet
 beside `--metadata`. Skipped patches are listed with the reason in `TILES/skipped.jsonl`.
 
-Blobs are decoded with safetensors only (no pickle). Files are written to a temporary name and
-renamed, so an interrupted ingest leaves no truncated tile.
+Patch ids become file names, so metadata whose `patch_id` is not a plain name (path separators,
+`..`, other characters than letters, digits, `_`, `.`, `-`) stops the ingest before anything is
+written. Blobs are decoded with safetensors only (no pickle). Files are written to a temporary
+name and renamed, so an interrupted ingest leaves no truncated tile.
 """
 from __future__ import annotations
 
@@ -34,11 +36,11 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .tiles import BAND_KEYS, TILE_SIZE, UNKNOWN_METADATA
+from .tiles import BAND_KEYS, BAND_NAMES, TILE_SIZE, UNKNOWN_METADATA
 
 logger = logging.getLogger(__name__)
 
-S2_BANDS = ("B02", "B03", "B04", "B08")  # -> BAND_KEYS, in order
+S2_BANDS = BAND_NAMES  # -> BAND_KEYS, in order
 S1_BANDS = ("VV", "VH")  # -> s1_vv, s1_vh
 SOURCE = "BigEarthNet v2"
 CLOUD_SNOW_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
@@ -78,6 +80,10 @@ BIOME_PRIORITY: tuple[tuple[int, str, tuple[str, ...]], ...] = (
 )
 
 _PATCH_DATE = re.compile(r"_(\d{4})(\d{2})(\d{2})T\d+")
+_PATCH_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+"""A patch id becomes a file name: letters, digits, `_`, `.`, `-`, starting with a letter or digit
+(so no path separator, no `..`, no hidden file), at most 200 characters; e.g.
+`S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_38_58`."""
 
 
 def biome_from_labels(labels: Iterable[str]) -> int:
@@ -130,12 +136,21 @@ def read_metadata(paths: Sequence[str | Path]) -> list[dict]:
             raise ValueError(f"--metadata {path}: missing columns {missing}; BigEarthNet v2 metadata has "
                              f"{', '.join(REQUIRED_COLUMNS)}, ...")
         for row in table.to_pylist():
+            check_patch_id(path, row["patch_id"])
             if row["patch_id"] in seen:
                 continue
             seen.add(row["patch_id"])
             row["cloudy_snowy"] = bool(row.get("contains_seasonal_snow")) or bool(row.get("contains_cloud_or_shadow"))
             rows.append(row)
     return rows
+
+
+def check_patch_id(metadata_path: str | Path, patch_id) -> None:
+    """Refuse a patch id that is not a plain file name: the tile is written to `<patch_id>.npz`, so
+    `../x` or `/x` would land outside the output folder."""
+    if not isinstance(patch_id, str) or _PATCH_ID.fullmatch(patch_id) is None:
+        raise ValueError(f"--metadata {metadata_path}: 'patch_id' {patch_id!r} is not a plain file name "
+                         "(letters, digits, '_', '.', '-', starting with a letter or digit, up to 200 characters)")
 
 
 def _decode(blob: bytes, key: str, bands: Sequence[str]) -> dict[str, np.ndarray]:
@@ -285,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      include_cloudy_snowy=args.include_cloudy_snowy, max_patches=args.max_patches)
     except (OSError, ValueError) as error:
         print(f"stage2-ingest-bigearthnet: error: {error}", file=sys.stderr)
-        return 1
+        return 2  # bad input (a missing or malformed file, an unsafe patch id): a user error
     written = ", ".join(f"{split} {n}" for split, n in sorted(summary["written"].items())) or "none"
     skipped = sum(summary["skipped"].values())
     line = f"wrote {sum(summary['written'].values())} tiles to {summary['output_dir']} ({written}); skipped {skipped}"

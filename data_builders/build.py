@@ -32,13 +32,16 @@ import collections
 import ctypes
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,10 +460,36 @@ def _count_done(tiles: int) -> None:
             _tiles_done.value += tiles
 
 
-def _init_worker(tiles_done) -> None:
+def _init_worker(tiles_done, parent_pid: int) -> None:
     global _tiles_done
     _tiles_done = tiles_done
+    _die_with_parent(parent_pid)
     tune_allocator()
+
+
+PR_SET_PDEATHSIG = 1
+"""`prctl` option (linux/prctl.h): a signal the kernel sends this process when its parent dies."""
+
+
+def _die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Make this worker exit when the build process dies, even by SIGKILL (which no handler sees): a worker left
+    behind would go on reading tiles into a scratch folder that nobody will use. Linux: the kernel's parent-death
+    signal; elsewhere, a thread that watches for the parent's exit."""
+    try:
+        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True,
+                         name="stage2-build-parent-watch").start()
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    while os.getppid() == parent_pid:  # an orphan is re-parented (to init or a subreaper)
+        time.sleep(interval)
+    os._exit(1)
 
 
 def _run_jobs(jobs: list[dict], num_proc: int) -> list[dict]:
@@ -479,7 +508,8 @@ def _run_jobs(jobs: list[dict], num_proc: int) -> list[dict]:
         finally:
             _tiles_done = None
     # the workers are forked before the progress thread starts
-    with context.Pool(min(num_proc, len(jobs)), initializer=_init_worker, initargs=(tiles_done,)) as pool:
+    with context.Pool(min(num_proc, len(jobs)), initializer=_init_worker,
+                      initargs=(tiles_done, os.getpid())) as pool:
         with _ProgressBar(tiles_done, total):
             # imap: results (and the first error, e.g. a strict-mode TileError) in job order
             return list(pool.imap(_write_job, jobs))
@@ -552,13 +582,21 @@ def _check_output_dir(output_dir: Path, inputs: dict) -> None:
 
 
 def _remove_stale_scratch(output_dir: Path) -> None:
-    """Scratch folders left by builds that were killed (their process is gone)."""
+    """Undo what builds that were killed (their process is gone) left: a dataset they had set aside while
+    replacing it goes back to `output_dir`, then their scratch folders are removed."""
+    files = _files_module()
+    files.restore_set_aside(output_dir)
     for scratch in output_dir.parent.glob(f".{output_dir.name}{SCRATCH_MARKER}*"):
         try:
             pid = int(scratch.name.rsplit(SCRATCH_MARKER, 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
         if pid != os.getpid() and not _process_alive(pid):
+            # builds before the shared replace_folder set the old dataset aside inside their scratch folder
+            if (scratch / "previous").is_dir() and not os.path.lexists(output_dir):
+                os.replace(scratch / "previous", output_dir)
+                logger.warning("%s was missing: restored it from %s, left by a build killed while replacing it",
+                               output_dir, scratch / "previous")
             logger.info("removing %s, left by an interrupted build", scratch)
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -609,18 +647,24 @@ def _save_split(dataset, split_dir: Path, fingerprint: str) -> None:
         dataset.save_to_disk(str(split_dir))
 
 
-def _move_into_place(built: Path, output_dir: Path, scratch: Path) -> None:
-    """Replace `output_dir` by `built` with two renames; the old one is restored on failure."""
-    previous = None
-    if output_dir.exists():
-        previous = scratch / "previous"
-        os.replace(output_dir, previous)
-    try:
-        os.replace(built, output_dir)
-    except BaseException:
-        if previous is not None:
-            os.replace(previous, output_dir)
-        raise
+@functools.lru_cache(maxsize=None)
+def _files_module():
+    """`modeling_stage2._files`, the one implementation of folder replacement, loaded without running
+    `modeling_stage2/__init__.py`, which imports torch and transformers (~3 s more for every build)."""
+    if "modeling_stage2._files" in sys.modules:
+        return sys.modules["modeling_stage2._files"]
+    package = importlib.util.find_spec("modeling_stage2")
+    location = Path(next(iter(package.submodule_search_locations))) / "_files.py"
+    spec = importlib.util.spec_from_file_location("modeling_stage2._files", location)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _move_into_place(built: Path, output_dir: Path) -> None:
+    """Replace `output_dir` by `built` (`replace_folder`: the old dataset is set aside beside it, not in the
+    scratch folder, so that a build killed between the two renames leaves it for the next build to restore)."""
+    _files_module().replace_folder(built, output_dir)
 
 
 # ----------------------------------------------------------------------------- build
@@ -761,7 +805,7 @@ def build_dataset(
                              _opt_v1_record(mode, stage1_dir, preset, degradation, int(seed)))
         staged = _stage(built, fingerprints, info, rejected, scratch / "dataset")
         del built  # release the memory maps of the Arrow files before moving them
-        _move_into_place(staged, output_dir, scratch)
+        _move_into_place(staged, output_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

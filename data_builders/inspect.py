@@ -220,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"\nwrote {plot_tiles(args.path, args.plot, split=args.split, num_tiles=args.num_tiles)}")
     except (OSError, ValueError) as error:
         print(f"stage2-inspect: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -4,13 +4,18 @@ A tile is `<tile_id>.npz` holding the four Sentinel-2 bands `s2_b2`, `s2_b3`, `s
 (120 x 120 each), `month` (1..12) and `biome_code` (0..16), optionally Sentinel-1 `s1_vv` and
 `s1_vh` (dB), beside an optional `<tile_id>.json` metadata sidecar. Integer bands are digital
 numbers (reflectance x 10000, BigEarthNet's native format) and are scaled by 1e-4; float bands
-are reflectance and are kept.
+are reflectance and are kept. Reflectance down to `REFLECTANCE_MIN` (-0.1, the floor of L2A's BOA
+offset; atmospheric correction gives small negatives) is kept as it is; a band reaching lower is
+rejected.
 
 Every problem raises `TileError`, whose message names the file, the key and the problem.
-Nothing is ever unpickled (`np.load(allow_pickle=False)`).
+Nothing is ever unpickled (`np.load(allow_pickle=False)`), and no NPZ is decompressed beyond
+`NPZ_MAX_BYTES` or beyond what its members' `.npy` headers declare.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -21,8 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-BAND_NAMES = ("B02", "B03", "B04", "B08")
-"""Bands of the product, in storage order (blue, green, red, broad NIR)."""
+from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA  # noqa: F401  (re-exported)
 
 BAND_KEYS = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
 """NPZ keys of `BAND_NAMES`, in the same order."""
@@ -31,17 +35,38 @@ S1_KEYS = ("s1_vv", "s1_vh")
 """Optional Sentinel-1 backscatter (dB); carried as the `s1` column (VV, VH)."""
 
 TILE_SIZE = 120
-NUM_MONTHS = 12
-NUM_BIOMES = 17  # biome codes 0..16 (IGBP-like)
-UNKNOWN_METADATA = -1
-"""Month or biome that is not known: accepted by the builder, embedded separately by the model."""
 
 DN_SCALE = 1e-4
 """Digital numbers (reflectance x 10000) -> reflectance."""
 
+
+def dn_to_reflectance(values: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Digital numbers -> float32 reflectance, the float32 nearest to DN x 1e-4: the product is computed in float64
+    and rounded once (the ufunc rounds on output, without a float64 copy). The one conversion of the data builders,
+    training and inference, so a tile reads bitwise the same everywhere."""
+    if out is None:
+        out = np.empty(np.shape(values), dtype=np.float32)
+    return np.multiply(values, DN_SCALE, out=out, dtype=np.float64, casting="same_kind")
+
 FLOAT_REFLECTANCE_LIMIT = 10.0
 """Float bands above this are digital numbers stored as floats, not reflectance (bright snow and
 clouds reach about 1.5-2)."""
+
+REFLECTANCE_MIN = -0.1
+"""Lowest reflectance a band may hold. Atmospheric correction leaves small negatives over dark
+water and shadow, and Sentinel-2 L2A products of processing baseline 04.00 on (January 2022)
+store reflectance as (DN - 1000) / 10000 (BOA_ADD_OFFSET = -1000), so they reach -0.1: such values
+are kept as they are, not clipped. Anything lower cannot come from an L2A product (a wrong offset
+or scale) and the tile is rejected, naming the band and its minimum."""
+
+NPZ_MAX_BYTES = 64 * 2**20
+"""Most bytes one NPZ may decompress to, all members together. A tile holding its four bands,
+Sentinel-1 and a Stage 1 `opt_v1`, all in float64, is 1.4 MB: this is ~45 such tiles. Readers
+refuse a member whose header implies more, or whose size differs from what its header implies
+(trailing data), before decompressing it."""
+
+PICKLED_ARRAY = "object array (pickled); store a numeric array instead"
+"""The problem of a member that np.load could only read by unpickling (it never does)."""
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
@@ -131,34 +156,120 @@ def npz_keys(path: str | Path) -> Optional[frozenset]:
         return None
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of the archive, decompressed; corrupt, truncated and pickled content raise.
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of an NPZ archive; corrupt, truncated, oversized and pickled content raise `TileError`.
 
     The common case (a zip of plain numeric `.npy` members) is read by `_read_plain_npz`, which
     decompresses each member once and parses its header without `ast`; anything it does not
-    recognise, including every damaged file, goes through `_load_npz_checked` (np.load), which
-    gives the same arrays and names the problem.
+    recognise goes through `_load_npz_checked` (np.load), which gives the same arrays and names the
+    problem. Both check every member's header against its declared size first and decompress no
+    more than `NPZ_MAX_BYTES` (a small zip can inflate to gigabytes).
     """
+    path = Path(path)
     try:
         arrays = _read_plain_npz(path)
-    except Exception:  # not the plain layout, or damaged: np.load decides and explains
+    except TileError:
+        raise
+    except Exception:  # not a readable zip: np.load decides and explains
         arrays = None
     return arrays if arrays is not None else _load_npz_checked(path)
 
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what np.load takes for an NPZ (a zip, maybe empty)
 _NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10_000  # np.load's own limit (max_header_size)
 _NPY_HEADER = re.compile(
     rb"\{'descr': '([<>|=][biuf][1-8])', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \} *\n"
 )
 """The header np.save writes for a C-ordered numeric array (other headers take the np.load path)."""
 
 
+@dataclass(frozen=True)
+class _NpyHeader:
+    """What a `.npy` member's header declares."""
+
+    dtype: np.dtype
+    shape: tuple
+    offset: int  # header bytes; the data follows
+    size: int  # header + data bytes the member must hold (header only for object arrays: never read)
+    plain: bool  # C-ordered numeric, version 1 or 2: `_read_plain_npz` reads it without np.load
+
+
+def _read_npy_header(stream) -> Optional[_NpyHeader]:
+    """The header of a `.npy` stream, read alone (the stream is left at the data); None when the
+    stream is not a `.npy`. A header np.load would not read either raises ValueError."""
+    prefix = stream.read(8)
+    if prefix[:6] != _NPY_MAGIC:
+        return None
+    version = prefix[6]
+    if version not in (1, 2, 3):
+        raise ValueError(f"unsupported .npy format version {version}")
+    length_bytes = stream.read(2 if version == 1 else 4)
+    length = int.from_bytes(length_bytes, "little")
+    if length > _NPY_MAX_HEADER:
+        raise ValueError(f".npy header of {length} bytes, more than the {_NPY_MAX_HEADER} np.load reads")
+    text = stream.read(length)
+    if len(text) != length:
+        raise EOFError("the .npy header is cut short")
+    match = _NPY_HEADER.fullmatch(text)
+    if match is not None:
+        dtype = np.dtype(match.group(1).decode("ascii"))
+        shape = tuple(int(size) for size in match.group(2).split(b",") if size.strip())
+    else:  # any other header np.load accepts (numpy parses it with ast.literal_eval)
+        reader = np.lib.format.read_array_header_1_0 if version == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(io.BytesIO(length_bytes + text), max_header_size=_NPY_MAX_HEADER)
+        if any(size < 0 for size in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+    offset = 8 + len(length_bytes) + length
+    data = 0 if dtype.hasobject else math.prod(shape) * dtype.itemsize
+    return _NpyHeader(dtype, shape, offset, offset + data, match is not None and version in (1, 2))
+
+
+@contextlib.contextmanager
+def _member_errors(path: Path, key: str):
+    """A damaged member (zlib.error, BadZipFile for a bad CRC, EOFError, bad header) -> TileError."""
+    try:
+        yield
+    except TileError:
+        raise
+    except Exception as exc:
+        raise TileError(path, key, f"corrupt or truncated array ({' '.join(str(exc).split())})") from None
+
+
+_NPZ_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what np.savez and np.savez_compressed write
+
+
+def _open_member(path: Path, key: str, archive: zipfile.ZipFile, member: zipfile.ZipInfo):
+    """The member's stream. Other compressions are refused unopened: zipfile inflates a bzip2 or LZMA
+    chunk whole however little is read (a few hundred bytes can hold gigabytes of zeros)."""
+    if member.compress_type not in _NPZ_COMPRESSION:
+        raise TileError(path, key, f"compressed with zip method {member.compress_type}; NPZ files are stored "
+                                   "or deflated (np.savez, np.savez_compressed)")
+    return archive.open(member)
+
+
+def _checked_header(path: Path, key: str, member: zipfile.ZipInfo, stream, budget: int):
+    """(header or None for a member that is not a `.npy`, bytes the member holds), after checking
+    that its size is what the header implies and within `budget`. Only the header is decompressed."""
+    header = _read_npy_header(stream)
+    if header is None or header.dtype.hasobject:  # raw bytes, or a pickle np.load refuses unread
+        size, what = member.file_size, f"member of {member.file_size} bytes"
+    else:
+        size, what = header.size, f"header declares a {header.shape} {header.dtype} array ({header.size} bytes)"
+    if size > budget:
+        raise TileError(path, key, f"{what}; the archive would exceed the limit of {NPZ_MAX_BYTES} bytes "
+                                   "uncompressed per NPZ (NPZ_MAX_BYTES)")
+    if member.file_size != size:
+        problem = "trailing data" if member.file_size > size else "member shorter than its header"
+        raise TileError(path, key, f"{member.file_size} bytes uncompressed where the {what}: {problem}")
+    return header, size
+
+
 def _read_plain_npz(path: Path) -> Optional[dict[str, np.ndarray]]:
     """The arrays of an NPZ whose members are all C-ordered numeric `.npy`, else None.
 
     Same arrays (values, dtype, shape) as `np.load(path)[key]`, read-only. Damaged members raise
-    (zipfile checks each member's CRC).
+    (zipfile checks each member's CRC), and so do sizes that `_checked_header` refuses.
     """
     with open(path, "rb") as handle:
         if handle.read(4) not in _ZIP_MAGIC:
@@ -169,51 +280,62 @@ def _read_plain_npz(path: Path) -> Optional[dict[str, np.ndarray]]:
             names = [member.filename for member in members]
             if len(set(names)) != len(names) or not all(name.endswith(".npy") for name in names):
                 return None
-            arrays = {}
+            arrays, budget = {}, NPZ_MAX_BYTES
             for member in members:
-                array = _parse_npy(archive.read(member))
-                if array is None:
+                key = member.filename[:-4]
+                with _member_errors(path, key), _open_member(path, key, archive, member) as stream:
+                    header, size = _checked_header(path, key, member, stream, budget)
+                    if header is None or not header.plain:
+                        return None
+                    data = stream.read(size - header.offset)  # zipfile inflates no more than asked
+                if len(data) != size - header.offset:
                     return None
-                arrays[member.filename[:-4]] = array
+                budget -= size
+                count = math.prod(header.shape)
+                arrays[key] = np.frombuffer(data, dtype=header.dtype, count=count).reshape(header.shape)
     return arrays
 
 
-def _parse_npy(data: bytes) -> Optional[np.ndarray]:
-    """A `.npy` byte string -> array (a view of `data`), or None if it is not the plain layout."""
-    if data[:6] != _NPY_MAGIC or data[6] not in (1, 2):
-        return None
-    start = 10 if data[6] == 1 else 12
-    header_size = int.from_bytes(data[8:start], "little")
-    match = _NPY_HEADER.fullmatch(data, start, start + header_size)
-    if match is None:
-        return None
-    dtype = np.dtype(match.group(1).decode("ascii"))
-    shape = tuple(int(size) for size in match.group(2).split(b",") if size.strip())
-    offset = start + header_size
-    count = math.prod(shape)
-    if len(data) - offset != count * dtype.itemsize:
-        return None
-    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+def _check_members(path: Path, archive: zipfile.ZipFile) -> dict[str, bytes]:
+    """Check every member as `_read_plain_npz` does, before np.load reads one; returns the members
+    that are not `.npy` (np.load returns their bytes), read here within their bound."""
+    raw, budget = {}, NPZ_MAX_BYTES
+    for member in archive.infolist():
+        key = member.filename[:-4] if member.filename.endswith(".npy") else member.filename
+        with _member_errors(path, key):
+            with _open_member(path, key, archive, member) as stream:
+                header, size = _checked_header(path, key, member, stream, budget)
+            if header is None:  # np.load would inflate all of it, whatever the directory says
+                with _open_member(path, key, archive, member) as stream:
+                    raw[key] = stream.read(size)
+        budget -= size
+    return raw
 
 
 def _load_npz_checked(path: Path) -> dict[str, np.ndarray]:
-    """`_load_npz` through np.load: every layout numpy reads, and the reason when it cannot."""
+    """`load_npz` through np.load: every layout numpy reads, and the reason when it cannot."""
     try:
-        archive = np.load(path, allow_pickle=False)
+        with open(path, "rb") as handle:
+            single_npy = handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        archive = None if single_npy else np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise TileError(path, None, "file not found") from None
     except Exception as exc:  # BadZipFile, EOFError, OSError, ValueError, ... from a damaged file
         raise TileError(path, None, f"corrupt or truncated file, not a readable NPZ ({exc})") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise TileError(path, None, "not an NPZ archive (np.load returned a single array); save tiles with np.savez")
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load would read a lone .npy whole
+        raise TileError(path, None, "not an NPZ archive (a single .npy array); save tiles with np.savez")
     arrays = {}
     with archive:
+        raw = _check_members(path, archive.zip)
         for key in archive.files:
+            if key in raw:
+                arrays[key] = raw[key]
+                continue
             try:
                 arrays[key] = archive[key]
             except ValueError as exc:
                 if "allow_pickle" in str(exc):
-                    raise TileError(path, key, "object array (pickled); store a numeric array instead") from None
+                    raise TileError(path, key, PICKLED_ARRAY) from None
                 raise TileError(path, key, f"corrupt or truncated array ({exc})") from None
             except Exception as exc:  # zlib.error, BadZipFile (bad CRC), EOFError
                 raise TileError(path, key, f"corrupt or truncated array ({exc})") from None
@@ -256,11 +378,11 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
         _check_shape(path, key, band, (tile_size, tile_size))
 
     if kinds == {"int"}:
-        # float64 product rounded once to float32: the float32 nearest to DN x 1e-4 (the ufunc
-        # computes in float64 and rounds on output, without a float64 copy of the stack)
         target = np.empty((len(bands), *first_shape), dtype=np.float32)
         for band, out in zip(bands, target):
-            np.multiply(band, DN_SCALE, out=out, dtype=np.float64, casting="same_kind")
+            dn_to_reflectance(band, out=out)
+        if any(band.dtype.kind == "i" for band in bands):  # unsigned digital numbers cannot be negative
+            _check_reflectance_floor(path, target)
         return target, np.ones(first_shape, dtype=bool), "dn_x1e-4"
 
     target = np.stack(bands).astype(np.float32)
@@ -280,7 +402,20 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
             f"float band values reach {peak:g}: these look like digital numbers (reflectance x 10000) "
             "stored as floats; store them as integers or divide by 10000",
         )
+    _check_reflectance_floor(path, target)
     return target, valid_mask, "float"
+
+
+def _check_reflectance_floor(path: Path, target: np.ndarray) -> None:
+    """Reject a band reaching below `REFLECTANCE_MIN` (invalid pixels are already 0)."""
+    lowest = target.reshape(len(target), -1).min(axis=1)
+    band = int(np.argmin(lowest))
+    if lowest[band] < np.float32(REFLECTANCE_MIN):  # float32 -0.1 itself is accepted
+        raise TileError(
+            path, BAND_KEYS[band],
+            f"reflectance down to {float(lowest[band]):g}, below the tolerance of {REFLECTANCE_MIN:g} "
+            "(L2A's BOA offset); a wrong offset or scale?",
+        )
 
 
 def read_scalar(path: Path, arrays: dict, key: str, low: int, high: int) -> int:
@@ -331,7 +466,7 @@ def read_tile(path: str | Path, metadata: Optional[dict] = None, tile_size: int 
     path = Path(path)
     if metadata is None:
         metadata = {k: v for k, v in read_sidecar(sidecar_path(path)).items() if k != "split"}
-    arrays = _load_npz(path)
+    arrays = load_npz(path)
     target, valid_mask, scaling = read_bands(path, arrays, tile_size)
     return Tile(
         tile_id=path.stem,
@@ -354,12 +489,12 @@ def read_stage1(path: str | Path, tile_size: int = TILE_SIZE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise TileError(path, "opt_v1", "Stage 1 file missing: every tile needs STAGE1_DIR/<tile_id>.npz")
-    arrays = _load_npz(path)
+    arrays = load_npz(path)
     opt_v1 = _require(path, arrays, "opt_v1")
     kind = _numeric_kind(path, "opt_v1", opt_v1)
     _check_shape(path, "opt_v1", opt_v1, (len(BAND_NAMES), tile_size, tile_size))
     if kind == "int":
-        return (opt_v1.astype(np.float64) * DN_SCALE).astype(np.float32)
+        return dn_to_reflectance(opt_v1)
     opt_v1 = opt_v1.astype(np.float32)
     bad = int(np.size(opt_v1) - np.count_nonzero(np.isfinite(opt_v1)))
     if bad:

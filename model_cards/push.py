@@ -14,12 +14,14 @@ import argparse
 import contextlib
 import fnmatch
 import json
-import re
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
+
+logger = logging.getLogger(__name__)
 
 MODEL_FOLDER_LAYOUTS = (
     ("adapter", ("adapter_config.json",), ("adapter_model.safetensors",)),
@@ -31,18 +33,6 @@ UPLOAD_PATTERNS = ("*.safetensors", "*.json", "README.md", "*.png", "*.jpg", "*.
 NEVER_UPLOAD = ("trainer_state.json", "optimizer*", "scheduler*", "rng_state*", "training_args*", "*.bin", "*.pt",
                 "*.pth", "*.pkl", "*.pickle", "*.npy")
 SKIPPED_DIRS = ("checkpoint-*", "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard")
-# The modeling code files whose relative imports make up what `trust_remote_code` needs.
-CODE_ENTRY_GLOBS = ("configuration_*.py", "modeling_*.py")
-AUTO_MAP = {
-    "stage2_refiner": {"AutoConfig": "configuration_stage2.Stage2RefinerConfig",
-                       "AutoModel": "modeling_stage2.Stage2RefinerModel"},
-    "prithvi_eo_v2": {"AutoConfig": "configuration_prithvi.PrithviConfig",
-                      "AutoModel": "modeling_prithvi.PrithviEncoder"},
-}
-_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
-_RELATIVE_PACKAGE_IMPORT = re.compile(r"^\s*from\s+\.\s+import\s+([\w\s,]+)", re.MULTILINE)
-
-
 # ------------------------------------------------------------------------------------ model folders
 def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
     """The folder holding the trained model (`output_dir` itself or its `best/`) and its layout name.
@@ -67,8 +57,9 @@ def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
                     f"modeling_stage2.save_trained_model), in this folder or in its best/; found {found}{hint}")
 
 
-def files_to_upload(folder: Path, include_code: bool = False) -> dict[str, Path]:
-    """`path_in_repo -> local file` for what belongs on the Hub (see `UPLOAD_PATTERNS`)."""
+def files_to_upload(folder: Path) -> dict[str, Path]:
+    """`path_in_repo -> local file` for what belongs on the Hub (see `UPLOAD_PATTERNS`; modeling code only with
+    `--include_code`, from `remote_code`)."""
     chosen: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -77,8 +68,6 @@ def files_to_upload(folder: Path, include_code: bool = False) -> dict[str, Path]
         if _matches(path.name, NEVER_UPLOAD) or not _matches(path.name, UPLOAD_PATTERNS):
             continue
         chosen[relative.as_posix()] = path
-    if include_code:
-        chosen.update(code_files())
     return chosen
 
 
@@ -86,45 +75,50 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def code_files(package_dir: str | Path | None = None) -> dict[str, Path]:
-    """The modeling code of `modeling_stage2` that `trust_remote_code` needs: every `configuration_*.py` and
-    `modeling_*.py` plus the package modules they import relatively (followed transitively, including
-    imports inside functions, which transformers' remote-code loader also fetches)."""
-    if package_dir is None:
-        import modeling_stage2
+def remote_code(config_path: Path) -> tuple[dict[str, Path], bytes]:
+    """What `trust_remote_code` needs for the model of `config_path`, as transformers itself writes it: the modeling
+    and configuration modules with everything they import relatively (`custom_object_save`, what `save_pretrained`
+    does for a class registered with `register_for_auto_class`) and `config.json` with the matching `auto_map`.
+    Returns (`file name -> copied module`, the new `config.json` bytes); the copies live in a temporary folder kept
+    for the life of the process."""
+    import tempfile
 
-        package_dir = Path(modeling_stage2.__file__).parent
-    package_dir = Path(package_dir)
-    pending = sorted({p.name for pattern in CODE_ENTRY_GLOBS for p in package_dir.glob(pattern)})
-    found: dict[str, Path] = {}
-    while pending:
-        name = pending.pop()
-        if name in found:
-            continue
-        path = package_dir / name
-        if not path.is_file():
-            raise CardError(f"{package_dir}: the modeling code imports .{name[:-3]}, but {path} does not exist")
-        found[name] = path
-        source = path.read_text(encoding="utf-8")
-        modules = [a or b for a, b in _RELATIVE_IMPORT.findall(source)]
-        for group in _RELATIVE_PACKAGE_IMPORT.findall(source):
-            modules.extend(m.strip() for m in group.split(",") if m.strip())
-        pending.extend(f"{m}.py" for m in modules if f"{m}.py" not in found)
-    return dict(sorted(found.items()))
+    import torch
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import custom_object_save
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+    import modeling_stage2  # noqa: F401  (registers both model types with the Auto classes)
 
-def config_with_auto_map(config_path: Path) -> bytes:
-    """`config.json` with the `auto_map` that lets `AutoModel(..., trust_remote_code=True)` find the code."""
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    model_type = config.get("model_type")
-    if model_type not in AUTO_MAP:
-        raise CardError(f"{config_path}: model_type {model_type!r} has no modeling code to include; "
-                        f"expected one of {sorted(AUTO_MAP)}")
-    config["auto_map"] = {**(config.get("auto_map") or {}), **AUTO_MAP[model_type]}
-    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    try:
+        config_class = type(AutoConfig.for_model(config.get("model_type")))
+        model_class = MODEL_MAPPING[config_class]
+    except (KeyError, ValueError):
+        config_class = model_class = None
+    if model_class is None or not model_class.__module__.startswith(f"{modeling_stage2.__name__}."):
+        raise CardError(f"{config_path}: model_type {config.get('model_type')!r} has no modeling code in "
+                        "modeling_stage2 to include")
+    folder = Path(tempfile.mkdtemp(prefix="stage2-push-code-"))
+    instance_config = config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+    with torch.device("meta"):  # an instance only to name its class and module: no weights are allocated
+        model = model_class(instance_config)
+    for obj, auto_class in ((instance_config, "AutoConfig"), (model, "AutoModel")):
+        obj._auto_class = auto_class  # on the instance: the class's registration (or absence) is left alone
+        custom_object_save(obj, folder, config=config)
+    files = {path.name: path for path in sorted(folder.glob("*.py"))}
+    return files, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
 # ------------------------------------------------------------------------------------ pushing
+def _make_private(api, repo_id: str, repo_type: str = "model") -> None:
+    """`create_repo(private=True, exist_ok=True)` keeps an existing public repo public: switch it before uploading."""
+    if api.repo_info(repo_id, repo_type=repo_type).private:
+        return
+    api.update_repo_settings(repo_id, private=True, repo_type=repo_type)
+    logger.warning(f"{repo_id} existed and was public; made it private as asked (--private) before uploading.")
+
+
 def push_trained_model(
     output_dir: str | Path,
     repo_id: str,
@@ -143,25 +137,33 @@ def push_trained_model(
     and the model card (`README.md`), generated with `model_cards.cards.card_for_folder` for this repo unless the
     folder holds a hand-written one (a card that is neither peft's unfilled template nor a generated one).
     `include_code=True` adds the modeling code and an `auto_map` in `config.json`. Files of an earlier
-    push that this one does not replace stay in the repo. Returns the commit URL.
+    push that this one does not replace stay in the repo. `private=True` on an existing public repo makes it
+    private before anything is uploaded (and logs it); `private=False` leaves an existing repo's visibility alone.
+    Returns the commit URL.
 
     Raises `CardError` (a `ValueError`) when the folder holds no adapter or full model.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder, layout = find_model_folder(output_dir)
-    files = files_to_upload(folder, include_code=include_code)
+    files = files_to_upload(folder)
+    config_bytes = None
+    if include_code:
+        code, config_bytes = remote_code(folder / "config.json")
+        files.update(code)
     readme = files.get("README.md")
     if readme is not None and should_regenerate_card(readme.read_text(encoding="utf-8", errors="replace")):
         del files["README.md"]  # peft's unfilled template or an earlier generated card: generate it for this repo
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = repo_url.repo_id
+    if private:
+        _make_private(api, repo_id)
     operations = []
     for path_in_repo, path in files.items():
         content: str | bytes = str(path)
-        if include_code and path_in_repo == "config.json":
-            content = config_with_auto_map(path)
+        if config_bytes is not None and path_in_repo == "config.json":
+            content = config_bytes
         operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))
     if "README.md" not in files:
         card = card_for_folder(folder, repo_id=repo_id, has_code=include_code, datasets=datasets)
@@ -191,6 +193,20 @@ def push_dataset(
                          commit_message=commit_message, license=license, max_shard_size=max_shard_size)[1]
 
 
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _dataset_hint(folder: Path) -> str:
+    """Where the dataset probably is: a training run keeps its Arrow cache two levels down (`_dataset/<key>`)."""
+    for parent in (folder, folder.parent):
+        found = sorted(p.parent for p in parent.glob("*/*/dataset_dict.json")) if parent.is_dir() else []
+        found = found or (sorted(p.parent for p in parent.glob("*/dataset_dict.json")) if parent.is_dir() else [])
+        if found:
+            return f"pass {found[0]} (the Arrow dataset found there)"
+    return "build one with stage2-build-dataset, or pass a run's OUTPUT_DIR/_dataset/<key>"
+
+
 def _push_dataset(dataset_dir, repo_id, *, private, token, endpoint, commit_message, license,
                   max_shard_size) -> tuple[str, str]:
     """`push_dataset`, returning (the full dataset repo id, the card's commit URL)."""
@@ -198,17 +214,20 @@ def _push_dataset(dataset_dir, repo_id, *, private, token, endpoint, commit_mess
     from huggingface_hub import DatasetCard, HfApi
 
     dataset_dir = Path(dataset_dir)
-    if not (dataset_dir / "dataset_dict.json").is_file() and not (dataset_dir / "state.json").is_file():
+    if not _is_saved_dataset(dataset_dir):
         raise CardError(f"{dataset_dir}: not a dataset saved with save_to_disk (no dataset_dict.json or "
-                        "state.json); build it with stage2-build-dataset")
+                        f"state.json); {_dataset_hint(dataset_dir)}")
     dataset = datasets.load_from_disk(str(dataset_dir))
     if isinstance(dataset, datasets.Dataset):
         dataset = datasets.DatasetDict({"train": dataset})
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    api = HfApi(endpoint=endpoint, token=token)
+    if private:  # push_to_hub(private=True) keeps an existing public repo public
+        repo_id = api.create_repo(repo_id, private=True, exist_ok=True, repo_type="dataset").repo_id
+        _make_private(api, repo_id, repo_type="dataset")
     with _datasets_endpoint(endpoint):
         commit = dataset.push_to_hub(repo_id, private=private, token=token,
                                      commit_message=commit_message or "Upload Stage 2 dataset", **kwargs)
-    api = HfApi(endpoint=endpoint, token=token)
     repo_id = commit.repo_url.repo_id if getattr(commit, "repo_url", None) else repo_id
     readme = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=commit.oid)
     pushed = DatasetCard.load(readme).data.to_dict()
@@ -274,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         url = push_trained_model(args.output_dir, args.repo_id, private=args.private, token=args.token,
                                  endpoint=args.endpoint, commit_message=args.commit_message,
                                  include_code=args.include_code, datasets=datasets)
-    except (CardError, FileNotFoundError, HfHubHTTPError) as err:
+    except (CardError, FileNotFoundError) as err:  # the folder or the dataset is not what was asked for
+        print(f"stage2-push: error: {err}", file=sys.stderr)
+        return 2
+    except HfHubHTTPError as err:  # the Hub refused or failed (auth, network): nothing or not everything landed
         print(f"stage2-push: error: {err}", file=sys.stderr)
         return 1
     print(f"model pushed: {url}")

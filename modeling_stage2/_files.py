@@ -1,32 +1,115 @@
-"""Writing model folders so that a failed or interrupted save never leaves a half-written one."""
+"""Replacing folders so that a failed, interrupted or killed save never leaves a half-written one, nor loses the old one.
+
+A folder is replaced in two renames: the old one is set aside beside it as `.NAME.previous-PID-RANDOM`, the new one is
+moved in, then the old one is deleted. A process killed between the two renames leaves no `NAME` and the old content
+set aside; the next replacement of `NAME` (or a call of `restore_set_aside`) moves it back before anything else, and
+deletes a set-aside folder only once `NAME` exists again (the kill came after the second rename).
+"""
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+logger = logging.getLogger(__name__)
+
+SET_ASIDE_MARKER = ".previous-"
+STAGING_MARKER = ".tmp-"
+
+
+def process_alive(pid: int) -> bool:
+    """True when a process `pid` exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _set_aside_path(output_dir: Path) -> Path:
+    # the owner's pid in the name: a later process can tell a swap in progress from one that was killed
+    return output_dir.parent / f".{output_dir.name}{SET_ASIDE_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner(path: Path, marker: str) -> int | None:
+    try:
+        return int(path.name.rsplit(marker, 1)[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _abandoned(output_dir: Path, marker: str) -> list[Path]:
+    """Folders `.NAME<marker>PID-...` of `output_dir` whose owner process is gone: what a killed save left. (This
+    process's own are a save in progress in another thread: a failed one cleans up after itself.)"""
+    found = []
+    for path in sorted(output_dir.parent.glob(f".{output_dir.name}{marker}*")):
+        pid = _owner(path, marker)
+        if pid is not None and pid != os.getpid() and path.is_dir() and not process_alive(pid):
+            found.append(path)
+    return found
+
+
+def restore_set_aside(output_dir: str | os.PathLike) -> Path | None:
+    """Finish what a process killed while replacing `output_dir` left: the previous content it had set aside is
+    moved back when `output_dir` is missing (returns where it came from), and deleted when `output_dir` exists."""
+    output_dir = Path(output_dir)
+    abandoned = _abandoned(output_dir, SET_ASIDE_MARKER)
+    if not abandoned:
+        return None
+    if os.path.lexists(output_dir):
+        for path in abandoned:
+            logger.info("removing %s: the previous content of %s, which was replaced", path, output_dir)
+            shutil.rmtree(path, ignore_errors=True)
+        return None
+    restored = abandoned[-1]
+    os.replace(restored, output_dir)
+    logger.warning("%s was missing (a replacement of it was killed half-way): restored its previous content from %s",
+                   output_dir, restored.name)
+    return restored
+
+
+def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Move the folder `new` to `output_dir`, replacing what is there; the old content is deleted only once `new` is
+    in place, and restored if moving `new` in fails."""
+    new, output_dir = Path(new), Path(output_dir)
+    restore_set_aside(output_dir)
+    set_aside = None
+    if os.path.lexists(output_dir):
+        set_aside = _set_aside_path(output_dir)
+        os.replace(output_dir, set_aside)
+    try:
+        os.replace(new, output_dir)
+    except BaseException:
+        if set_aside is not None:
+            os.replace(set_aside, output_dir)
+        raise
+    if set_aside is not None:
+        shutil.rmtree(set_aside, ignore_errors=True)
+
 
 @contextmanager
-def staged_folder(output_dir: Path) -> Iterator[Path]:
-    """Yield a new folder beside `output_dir` to write into; when the block succeeds, it replaces `output_dir`.
-
-    The old `output_dir` is set aside before the new one is moved in and deleted only then; if the block raises,
-    the staging folder is removed and `output_dir` is left as it was.
-    """
+def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new folder beside `output_dir` to write into; when the block succeeds, it replaces `output_dir`
+    (`replace_folder`). If the block raises, the staging folder is removed and `output_dir` is left as it was."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    restore_set_aside(output_dir)  # readers see the old content again while the new one is written
+    for path in _abandoned(output_dir, STAGING_MARKER):  # what killed saves were writing: never moved in
+        shutil.rmtree(path, ignore_errors=True)
+    prefix = f".{output_dir.name}{STAGING_MARKER}{os.getpid()}-"
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir.parent))
     try:
         yield staging
-        if output_dir.exists():
-            retired = staging.with_name(staging.name + "-old")
-            output_dir.rename(retired)
-            staging.rename(output_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output_dir)
+        replace_folder(staging, output_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._files import staged_folder
+from .hub import download_model_folder, is_hub_repo_id
 from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, resolve_lora_targets
 from .modeling_stage2 import Stage2RefinerModel
 
@@ -41,6 +42,12 @@ TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head", "spectral_correctio
 BASE_SOURCE_FILE = "stage2_base.json"
 BASE_WEIGHTS_FILE = "base_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes (safe_serialization)
+METRICS_FILE = "metrics.json"
+TRAINING_CONFIG_FILE = "training_config.json"
+PREVIEW_FILE = "preview.png"
+RECORD_FILES = (METRICS_FILE, TRAINING_CONFIG_FILE, PREVIEW_FILE)
+"""What training records beside a model (evaluation metrics, settings, preview): they travel with its exports."""
 
 _TARGET_PATTERNS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
 
@@ -380,22 +387,27 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
     return output_dir
 
 
-def load_trained_model(path: str | Path, quantization: str = "none", device=None):
+def load_trained_model(path: str | Path, quantization: str = "none", device=None, revision: str | None = None):
     """A trained refiner in eval mode, from a `save_trained_model` folder (a fresh base, quantized as asked, with the
     adapter applied: a `peft.PeftModel`) or from a full refiner folder (`save_pretrained` / `export_merged_model`:
-    a `Stage2RefinerModel`). `path` may be a Hub repo id. `device` defaults to the CPU for full precision and to
+    a `Stage2RefinerModel`). `path` may be a Hub repo id (`revision`: its branch, tag or commit;
+    `modeling_stage2.hub.download_model_folder`). `device` defaults to the CPU for full precision and to
     bitsandbytes' choice (the GPU when there is one) for quantized bases."""
     _check_quantization(quantization)
-    folder = _local_folder(path)
+    _check_device(device)
+    folder = _local_folder(path, revision)
     device_map = _device_map(device)
     if (folder / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
+
+        _check_adapter_files(folder)
 
         config = Stage2RefinerConfig.from_pretrained(folder)
         source = _read_base_source(folder)
         base = _rebuild_base(config, source, quantization, device_map)
         model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
         model.stage2_base_source = source
+        model.stage2_folder = folder  # where its records (RECORD_FILES) are, for export_merged_model
         model.stage2_quantization = quantization
     elif (folder / "config.json").is_file():
         model = _from_pretrained(folder, quantization, device_map)
@@ -412,7 +424,9 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
 def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
     """Merge the LoRA weights into a full-precision base (`merge_and_unload`) and `save_pretrained` the result, a
     plain `Stage2RefinerModel` loadable with `AutoModel.from_pretrained`. Like `merge_and_unload`, this consumes
-    `model`; the merged refiner is returned in eval mode. Quantized bases cannot be merged exactly: load the
+    `model`; the merged refiner is returned in eval mode. The records of the folder `model` was loaded from
+    (`RECORD_FILES`: metrics, training settings, preview) are copied along, so the export's model card still
+    shows its evaluation. Quantized bases cannot be merged exactly: load the
     adapter onto a full-precision base first (`load_trained_model(path, quantization="none")`)."""
     base = model.get_base_model()
     if getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_8bit", False) or getattr(
@@ -427,8 +441,12 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
     merged = model.merge_and_unload()
     merged.config = _clean_config(merged.config)
     merged.requires_grad_(False)
+    records = getattr(model, "stage2_folder", None)
     with staged_folder(output_dir) as staging:
         merged.save_pretrained(staging)
+        for name in RECORD_FILES if records is not None else ():
+            if (records / name).is_file():
+                shutil.copyfile(records / name, staging / name)
     return merged.eval()
 
 
@@ -486,15 +504,50 @@ def _clean_config(config: Stage2RefinerConfig) -> Stage2RefinerConfig:
     return config
 
 
-def _local_folder(path: str | Path) -> Path:
+def _check_device(device) -> None:
+    """A CUDA device asked for where torch has none is a user error, said before anything loads."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA GPU (a CPU build of torch, or "
+                         "no GPU here); pass device='cpu'.")
+
+
+def _check_json_object(path: Path) -> None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); the folder is damaged, save or download it again.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected an object.")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file exists and its header parses (a truncated or overwritten header fails here, named)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a trained adapter folder needs it beside {ADAPTER_CONFIG_FILE} "
+                                "(written by save_trained_model).")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # SafetensorError (not an OSError/ValueError) for a damaged header
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); save or download it again.") from None
+
+
+def _check_adapter_files(folder: Path) -> None:
+    """Before peft sees the folder: a missing weight file would make peft take the path for a Hub repo id."""
+    _check_json_object(folder / ADAPTER_CONFIG_FILE)
+    if (folder / "config.json").is_file():
+        _check_json_object(folder / "config.json")
+    _check_safetensors(folder / ADAPTER_WEIGHTS_FILE)
+
+
+def _local_folder(path: str | Path, revision: str | None = None) -> Path:
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
-    text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=text))
+    if is_hub_repo_id(str(path)):
+        return download_model_folder(str(path), revision=revision)
     raise FileNotFoundError(f"{path} is not a folder (nor a Hub repo id OWNER/NAME).")
 
 

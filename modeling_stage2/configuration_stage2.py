@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import copy
+import operator
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 from .configuration_prithvi import PrithviConfig, canonical_band_name
-
-# Bands of the product, in order (blue, green, red, broad NIR); values are reflectance 0..1.
-BAND_NAMES: tuple[str, ...] = ("B02", "B03", "B04", "B08")
-
-# Month or biome code of a tile without that metadata; it selects the learned "unknown" embedding.
-UNKNOWN_METADATA: int = -1
 
 DEFAULT_BACKBONE_PRESET = "prithvi_eo_v2_600m"
 
@@ -131,8 +127,8 @@ class Stage2RefinerConfig(PretrainedConfig):
         backbone_config: PrithviConfig | dict | str | None = None,
         backbone_weights: str | None = None,
         bands: tuple[str, ...] | list[str] = BAND_NAMES,
-        num_months: int = 12,
-        num_biomes: int = 17,
+        num_months: int = NUM_MONTHS,
+        num_biomes: int = NUM_BIOMES,
         metadata_embed_dim: int = 32,
         metadata_channels: int = 4,
         feature_layers: list[int] | tuple[int, ...] | None = None,
@@ -162,7 +158,7 @@ class Stage2RefinerConfig(PretrainedConfig):
         self.feature_layers = _resolve_feature_layers(feature_layers, self.backbone_config.depth)
         self.num_convnext_blocks = _positive_int(num_convnext_blocks, "num_convnext_blocks")
         self.head_width = _positive_int(head_width, "head_width")
-        self.layer_scale_init_value = float(layer_scale_init_value)
+        self.layer_scale_init_value = _real(layer_scale_init_value, "layer_scale_init_value")
         self.drop_path_rate = _fraction(drop_path_rate, "drop_path_rate")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
@@ -172,7 +168,7 @@ class Stage2RefinerConfig(PretrainedConfig):
         self.lora_dropout = _fraction(lora_dropout, "lora_dropout")
         self.lora_target_modules = resolve_lora_targets(lora_target_modules)
         self.unfreeze_last_n_blocks = _resolve_last_n_blocks(unfreeze_last_n_blocks, self.backbone_config.depth)
-        self.initializer_range = float(initializer_range)
+        self.initializer_range = _real(initializer_range, "initializer_range")
         if spectral_correction not in SPECTRAL_CORRECTIONS:
             raise ValueError(
                 f"spectral_correction must be one of {SPECTRAL_CORRECTIONS}, got {spectral_correction!r}: \"affine\" "
@@ -216,13 +212,29 @@ class Stage2RefinerConfig(PretrainedConfig):
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+    """`value` as an int >= 1; anything else (a bool, a fraction, a string, ...) is a ValueError naming `name`."""
+    try:
+        number = int(value)
+        exact = not isinstance(value, (bool, str)) and number == value
+    except (TypeError, ValueError, OverflowError):
+        exact = False
+    if not exact or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
+    return number
+
+
+def _real(value, name: str) -> float:
+    """`value` as a float; a value that is not a number is a ValueError naming `name`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
 
 
 def _fraction(value, name: str) -> float:
-    value = float(value)
+    value = _real(value, name)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}.")
     return value
@@ -280,7 +292,10 @@ def _resolve_feature_layers(feature_layers, depth: int) -> list[int]:
         raise ValueError(f"feature_layers must be a non-empty list of block indices, got {feature_layers!r}.")
     layers = []
     for layer in feature_layers:
-        layer = int(layer)
+        try:
+            layer = operator.index(layer)  # ints (numpy's too), never a fraction or a string
+        except TypeError:
+            raise ValueError(f"feature_layers must be block indices (integers), got {feature_layers!r}.") from None
         if not -depth <= layer < depth:
             raise ValueError(f"feature_layers: block {layer} does not exist in a backbone of depth {depth}.")
         layers.append(layer % depth)

@@ -16,10 +16,10 @@ Three entry points share one model call:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 import uuid
@@ -31,14 +31,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .configuration_stage2 import BAND_NAMES, UNKNOWN_METADATA
+from data_builders.tiles import BAND_KEYS as TILE_BAND_KEYS
+from data_builders.tiles import DN_SCALE, TILE_SIZE, dn_to_reflectance
 
-# Keys of the four bands in a tile NPZ, aligned with BAND_NAMES.
-TILE_BAND_KEYS: tuple[str, ...] = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
-TILE_SIZE = 120
-DN_SCALE = 1e-4
-NUM_MONTHS = 12
-NUM_BIOMES = 17
+from .bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+from .hub import download_model_folder, is_hub_repo_id
+
 INPUT_SCALES = ("auto", "reflectance", "dn")
 OUTPUT_SCALES = ("reflectance", "dn")
 DEFAULT_WINDOW = TILE_SIZE
@@ -98,7 +96,7 @@ def to_reflectance(
     values = np.asarray(values)
     scale = resolve_input_scale(values.dtype, input_scale, source)
     if scale == "dn":
-        return values.astype(np.float32) * np.float32(DN_SCALE)
+        return dn_to_reflectance(values)
     reflectance = values.astype(np.float32, copy=True)
     if warn:
         _warn_if_looks_like_dn(reflectance, source)
@@ -117,25 +115,32 @@ def _warn_if_looks_like_dn(reflectance: np.ndarray, source: str) -> None:
         )
 
 
-def check_month(month: Any, source: str = "month") -> int:
-    """`month` as an int in 1..12 or -1 (unknown); raises a clear error otherwise."""
+def check_month(month: Any, source: str = "month", num_months: int = NUM_MONTHS) -> int:
+    """`month` as an int in 1..`num_months` or -1 (unknown); raises a clear error otherwise."""
     value = _as_metadata_int(month, source)
-    if value != UNKNOWN_METADATA and not 1 <= value <= NUM_MONTHS:
+    if value != UNKNOWN_METADATA and not 1 <= value <= num_months:
         raise InferenceInputError(
-            f"{source}: month {value} is out of range; use 1..12, or {UNKNOWN_METADATA} for unknown"
+            f"{source}: month {value} is out of range; use 1..{num_months}, or {UNKNOWN_METADATA} for unknown"
         )
     return value
 
 
-def check_biome(biome: Any, source: str = "biome") -> int:
-    """`biome` as an int in 0..16 or -1 (unknown); raises a clear error otherwise."""
+def check_biome(biome: Any, source: str = "biome", num_biomes: int = NUM_BIOMES) -> int:
+    """`biome` as an int in 0..`num_biomes - 1` or -1 (unknown); raises a clear error otherwise."""
     value = _as_metadata_int(biome, source)
-    if value != UNKNOWN_METADATA and not 0 <= value < NUM_BIOMES:
+    if value != UNKNOWN_METADATA and not 0 <= value < num_biomes:
         raise InferenceInputError(
-            f"{source}: biome code {value} is out of range; use 0..{NUM_BIOMES - 1}, "
+            f"{source}: biome code {value} is out of range; use 0..{num_biomes - 1}, "
             f"or {UNKNOWN_METADATA} for unknown"
         )
     return value
+
+
+def metadata_limits(model: Any) -> tuple[int, int]:
+    """`(num_months, num_biomes)` the model was built for (its config: a refiner, its PEFT wrapper or an export
+    that carries one), else the product's 12 months and 17 biomes."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_months", NUM_MONTHS)), int(getattr(config, "num_biomes", NUM_BIOMES))
 
 
 def _as_metadata_int(value: Any, source: str) -> int:
@@ -286,8 +291,9 @@ def refine_arrays(
             f"opt_v1: expected shape (4, H, W) or (B, 4, H, W) with bands {BAND_NAMES}, got {array.shape}"
         )
     reflectance = to_reflectance(batch, input_scale, "opt_v1")
-    months = _metadata_vector(month, len(batch), check_month, "month")
-    biomes = _metadata_vector(biome, len(batch), check_biome, "biome")
+    num_months, num_biomes = metadata_limits(model)
+    months = _metadata_vector(month, len(batch), functools.partial(check_month, num_months=num_months), "month")
+    biomes = _metadata_vector(biome, len(batch), functools.partial(check_biome, num_biomes=num_biomes), "biome")
     valid = np.isfinite(reflectance).all(axis=1)
     refined = predict_reflectance(
         model, fill_invalid_pixels(reflectance, valid), months, biomes, batch_size=batch_size, device=device
@@ -300,7 +306,6 @@ def refine_arrays(
 # Loading a model
 # ----------------------------------------------------------------------------------------------
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_FILES = ("config.json", "adapter_config.json")
 
 
@@ -309,8 +314,10 @@ def load_model(
     *,
     quantization: str = "none",
     device: str | torch.device | None = None,
+    revision: str | None = None,
 ) -> Any:
-    """A trained refiner in eval mode from a local folder or a Hub repo id, or an exported one.
+    """A trained refiner in eval mode from a local folder or a Hub repo id (at `revision`: a branch, tag or commit),
+    or an exported one.
 
     The folder is either a full model (`save_pretrained`: config.json + model.safetensors) or a trained
     adapter folder written by `save_trained_model` (adapter_config.json + adapter weights); both go
@@ -327,8 +334,8 @@ def load_model(
         return _load_exported(path, quantization, device)
     if path.exists():
         folder = path
-    elif _REPO_ID.match(name):
-        folder = _download_model(name)
+    elif is_hub_repo_id(name):
+        folder = _download_model(name, revision)
     else:
         raise InferenceInputError(
             f"model {name}: no such folder; pass a folder written by save_pretrained/save_trained_model "
@@ -367,11 +374,9 @@ def _load_exported(path: Path, quantization: str, device: str | torch.device | N
         raise InferenceInputError(f"model {path}: could not be loaded ({type(error).__name__}: {error})") from error
 
 
-def _download_model(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
+def _download_model(repo_id: str, revision: str | None = None) -> Path:
     try:
-        return Path(snapshot_download(repo_id))
+        return download_model_folder(repo_id, revision=revision)
     except Exception as error:  # offline, missing repo, auth: all mean "cannot use this name"
         raise InferenceInputError(
             f"model {repo_id}: not a local folder, and downloading it from the Hub failed "
@@ -443,13 +448,16 @@ class TileRefinementSummary:
     Attributes:
         output_dir: where the refined tiles are.
         input_source: `"stage1"` (opt_v1 from STAGE1_DIR, S2 bands are the target) or `"s2_bands"` (the
-            S2 bands themselves are the model input, as in the seed's inference script; no metrics).
+            S2 bands themselves are the model input (refining a real image); no metrics).
         written: relative paths of the tiles written.
         rejected: `(path, reason)` for each tile that was skipped.
         metrics: the metrics over all written tiles (pixels pooled, as `stage2-evaluate` computes them):
             `{"refined": {...}, "opt_v1": {...}, "n_tiles": N}`, also written to OUTPUT_DIR/metrics.json;
             None without Stage 1 input or without the `training` package.
         seconds: wall time.
+        replaced: relative paths of outputs of an earlier run into the same folder that were overwritten.
+        removed_stale: outputs of an earlier run that this run would have left looking current (a tile now
+            rejected, a `metrics.json` this run did not compute): removed.
     """
 
     output_dir: Path
@@ -458,22 +466,25 @@ class TileRefinementSummary:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
     seconds: float = 0.0
+    replaced: list[str] = field(default_factory=list)
+    removed_stale: list[str] = field(default_factory=list)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an NPZ through the data builder's reader: pickles refused, and no member
+    decompressed beyond what its header declares or `NPZ_MAX_BYTES` (a small zip can inflate to GBs)."""
+    from data_builders.tiles import PICKLED_ARRAY, TileError, load_npz
+
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except ValueError as error:
-        if "pickle" in str(error).lower():
+        return load_npz(path)
+    except TileError as error:
+        if error.problem == PICKLED_ARRAY:
             raise InferenceInputError(
-                f"{path}: holds an object array, which needs unpickling; refusing (store numeric arrays)"
-            ) from error
-        raise InferenceInputError(f"{path}: cannot be read as an NPZ file ({error})") from error
-    except Exception as error:  # zipfile.BadZipFile, EOFError, OSError on truncated or corrupt files
-        raise InferenceInputError(
-            f"{path}: cannot be read as an NPZ file ({type(error).__name__}: {error})"
-        ) from error
+                f"{path}: key {error.key!r} holds an object array, which needs unpickling; refusing "
+                "(store numeric arrays)"
+            ) from None
+        where = f"key {error.key!r}: " if error.key else ""
+        raise InferenceInputError(f"{path}: cannot be read as an NPZ file ({where}{error.problem})") from None
 
 
 def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> np.ndarray:
@@ -491,10 +502,11 @@ def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> 
     return np.stack(bands)
 
 
-def _tile_metadata(arrays: dict[str, np.ndarray], path: Path) -> tuple[int, int]:
+def _tile_metadata(arrays: dict[str, np.ndarray], path: Path, limits: tuple[int, int]) -> tuple[int, int]:
     month = arrays.get("month", UNKNOWN_METADATA)
     biome = arrays.get("biome_code", arrays.get("biome", UNKNOWN_METADATA))
-    return check_month(month, f"{path}: key 'month'"), check_biome(biome, f"{path}: key 'biome_code'")
+    return (check_month(month, f"{path}: key 'month'", limits[0]),
+            check_biome(biome, f"{path}: key 'biome_code'", limits[1]))
 
 
 def _stage1_path(stage1_dir: Path, relative: Path) -> Path:
@@ -517,11 +529,13 @@ def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
     return to_reflectance(opt_v1, input_scale, f"{path}: key 'opt_v1'")
 
 
-def _read_tile(path: Path, relative: Path, stage1_dir: Path | None, input_scale: str = "auto") -> _Tile:
-    """One tile: its model input (Stage 1 opt_v1, or the S2 bands without Stage 1), target and metadata."""
+def _read_tile(path: Path, relative: Path, stage1_dir: Path | None, input_scale: str = "auto",
+               limits: tuple[int, int] = (NUM_MONTHS, NUM_BIOMES)) -> _Tile:
+    """One tile: its model input (Stage 1 opt_v1, or the S2 bands without Stage 1), target and metadata (checked
+    against the model's `limits`, `metadata_limits`)."""
     arrays = _load_npz(path)
     bands = _tile_bands(arrays, path, input_scale)
-    month, biome = _tile_metadata(arrays, path)
+    month, biome = _tile_metadata(arrays, path, limits)
     if stage1_dir is None:
         return _Tile(path, relative, bands, None, month, biome)
     opt_v1 = _stage1_opt_v1(_stage1_path(stage1_dir, relative), input_scale)
@@ -603,7 +617,7 @@ def refine_tiles(
     Input tiles have `s2_b2`, `s2_b3`, `s2_b4`, `s2_b8` (120x120, digital numbers or reflectance), `month`
     and `biome_code` (absent = unknown). With `stage1_dir`, the model input is `opt_v1` from
     `STAGE1_DIR/<tile>.npz` and the S2 bands are the target, so per-tile metrics are computed; without
-    it the S2 bands themselves are the model input (as in the seed's inference script) and there is no
+    it the S2 bands themselves are the model input (a real image refined as it is) and there is no
     target.
 
     Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
@@ -631,6 +645,7 @@ def refine_tiles(
     if stage1 is not None and metrics is None:
         warnings.warn("the `training` package is not installed: tiles are refined without metrics", stacklevel=2)
     accumulator = metrics.MetricAccumulator() if metrics is not None else None
+    limits = metadata_limits(model)
 
     from tqdm.auto import tqdm
 
@@ -640,11 +655,14 @@ def refine_tiles(
             for path in paths[chunk_start : chunk_start + batch_size]:
                 relative = path.relative_to(input_dir)
                 try:
-                    tiles.append(_read_tile(path, relative, stage1, input_scale))
+                    tiles.append(_read_tile(path, relative, stage1, input_scale, limits))
                 except InferenceInputError as error:
                     if strict:
                         raise
                     summary.rejected.append((str(path), str(error)))
+                    # An output of this tile from an earlier run would pass for a result of this one.
+                    if _remove_stale(output_dir / relative):
+                        summary.removed_stale.append(str(relative))
                     bar.update(1)
             if not tiles:
                 continue
@@ -660,6 +678,8 @@ def refine_tiles(
             paired = _batch_metrics(metrics, refined, tiles) if accumulator is not None else None
             for index, (tile, image) in enumerate(zip(tiles, refined)):
                 tile_metrics = _tile_metrics(metrics, paired, index) if paired is not None else None
+                if (output_dir / tile.relative).exists():
+                    summary.replaced.append(str(tile.relative))
                 save_npz_atomic(output_dir / tile.relative, _tile_output(image, tile, source, tile_metrics))
                 summary.written.append(str(tile.relative))
                 bar.update(1)
@@ -668,8 +688,19 @@ def refine_tiles(
     if accumulator is not None and accumulator.n_tiles:
         summary.metrics = accumulator.compute()
         _save_json_atomic(output_dir / "metrics.json", summary.metrics)
+    elif _remove_stale(output_dir / "metrics.json"):  # metrics of an earlier run, not of these tiles
+        summary.removed_stale.append("metrics.json")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _remove_stale(path: Path) -> bool:
+    """Remove an earlier run's output file; True if there was one."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1024,8 +1055,9 @@ def refine_scene(
     the whole scene. The output appears only when complete (written to a temporary file beside it).
     """
     start = time.perf_counter()
-    month = check_month(month, "month")
-    biome = check_biome(biome, "biome")
+    num_months, num_biomes = metadata_limits(model)
+    month = check_month(month, "month", num_months)
+    biome = check_biome(biome, "biome", num_biomes)
     if output_scale not in OUTPUT_SCALES:
         raise InferenceInputError(f"output_scale must be one of {OUTPUT_SCALES}, got {output_scale!r}")
     if window < 1 or not 0 <= overlap < window:
@@ -1138,6 +1170,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="model folder (full model or trained adapter), Hub repo id, "
                         "or an exported model (a stage2-export folder, model.onnx or model.pt2)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub repo id: the branch, tag or commit to download (default: main)")
     parser.add_argument(
         "--input", required=True, nargs="+",
         help="a folder of NPZ tiles, a 4-band GeoTIFF, or four single-band GeoTIFFs in the order B02 B03 B04 B08",
@@ -1185,6 +1219,8 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     if len(inputs) == 1 and inputs[0].is_dir():
         if args.output_dir is None or args.output is not None:
             parser.error("a tiles folder as --input needs --output_dir (and no --output)")
+        if args.month is not None or args.biome is not None:
+            parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
         return "tiles"
     if args.output is None or args.output_dir is not None:
         parser.error("a GeoTIFF scene as --input needs --output FILE.tif (and no --output_dir)")
@@ -1207,7 +1243,8 @@ def _default_device(device: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`stage2-refine`: 0 on success, 1 when some tiles were rejected, 2 on bad input."""
+    """`stage2-refine`: 0 on success, 1 when some tiles were rejected or a scene held no valid pixel, 2 on bad
+    input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -1218,7 +1255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.num_threads)
     try:
         mode = _check_mode(args, parser)
-        model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device))
+        model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device),
+                           revision=args.revision)
         if mode == "tiles":
             summary = refine_tiles(
                 model, args.input[0], args.output_dir, args.stage1_dir, args.batch_size,
@@ -1232,7 +1270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_scale=args.output_scale, device=args.device, progress=not args.no_progress,
         )
         _report_scene(result)
-        return 0
+        return 1 if result.windows == 0 else 0
     except InferenceInputError as error:
         print(f"stage2-refine: error: {error}", file=sys.stderr)
         return 2
@@ -1249,6 +1287,11 @@ def _report_tiles(summary: TileRefinementSummary) -> None:
 
         print(format_metrics_table(summary.metrics))
         print(f"(also in {summary.output_dir / 'metrics.json'})")
+    if summary.replaced:
+        print(f"replaced {len(summary.replaced)} output(s) of an earlier run in {summary.output_dir}", file=sys.stderr)
+    for relative in summary.removed_stale:
+        print(f"removed {summary.output_dir / relative}: an earlier run's output, not refined this time",
+              file=sys.stderr)
     for path, reason in summary.rejected:
         print(f"rejected {path}: {reason}", file=sys.stderr)
     if summary.rejected:
@@ -1256,6 +1299,9 @@ def _report_tiles(summary: TileRefinementSummary) -> None:
 
 
 def _report_scene(result: SceneRefinementResult) -> None:
+    if result.windows == 0:
+        print(f"warning: the scene has no valid pixel (all nodata); {result.output_path} is all nodata",
+              file=sys.stderr)
     minutes = result.seconds / 60
     print(
         f"wrote {result.output_path}: {result.width}x{result.height} px ({result.area_km2:.2f} km^2 at 10 m), "

@@ -12,6 +12,7 @@ from pathlib import Path
 if __name__ == "__main__":
     os.environ.setdefault("MKL_CBWR", "AUTO")
 
+import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -70,11 +71,13 @@ class StopAtStep(TrainerCallback):
 
 
 class SnapshotTrainable(TrainerCallback):
-    """Copies of the trainable parameters at the start and end of every optimizer step."""
+    """Copies of the trainable parameters at the start and end of every optimizer step, and of their gradients as the
+    optimizer receives them (accumulated, clipped)."""
 
     def __init__(self):
         self.before: dict[int, dict] = {}
         self.after: dict[int, dict] = {}
+        self.gradients: dict[int, dict] = {}
 
     @staticmethod
     def _copy(model):
@@ -83,8 +86,54 @@ class SnapshotTrainable(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self.before[state.global_step + 1] = self._copy(model)
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients[state.global_step + 1] = {
+            name: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for name, p in model.named_parameters() if p.requires_grad}
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.after[state.global_step] = self._copy(model)
+
+
+def assert_same_updates(result: dict, expected: dict, rtol: float = 1e-3) -> None:
+    """Two runs made the same SGD updates: `result` and `expected` map step -> {name: gradient the optimizer got}.
+
+    With plain SGD an update is -lr x that gradient; comparing the gradients (not the weights) keeps float32 weight
+    rounding out of the comparison: a LoRA A matrix moves by ~1e-8 in a few steps, below what an `atol` on the weights
+    can tell from no update at all. Each tensor must have received a non-zero gradient in some step (so it was
+    updated), and over all steps its gradients in the two runs agree within `rtol` of their largest entry."""
+    import torch
+
+    assert result.keys() == expected.keys()
+    steps = sorted(expected)
+    for name in expected[steps[0]]:
+        want = torch.stack([expected[step][name].double() for step in steps])
+        got = torch.stack([result[step][name].double() for step in steps])
+        scale = want.abs().max().item()
+        assert scale > 0, f"{name}: never received a gradient, so it was never updated"
+        error = (got - want).abs().max().item()
+        assert error <= rtol * scale, f"{name}: updates differ by {error:.3g} ({error / scale:.2%} of {scale:.3g})"
+
+
+def assert_same_weight_updates(start: dict, result: dict, expected: dict, rtol: float = 1e-3) -> set:
+    """`result` and `expected` (name -> weights) moved from `start` by the same update, where float32 can tell.
+
+    An update (after - start) is measurable when it reaches 8 ulp of the tensor's largest value; for those the two
+    updates agree within `rtol` of the expected update plus 2 ulp (an update that did not happen differs by all of it).
+    Below that, two runs cannot be told apart from the weights; returns the names that were compared."""
+    assert result.keys() == expected.keys() == start.keys()
+    compared = set()
+    for name, before in start.items():
+        update = expected[name].double() - before.double()
+        other = result[name].double() - before.double()
+        scale = update.abs().max().item()
+        ulp = torch.finfo(before.dtype).eps * before.abs().max().item()
+        if scale < 8 * ulp:
+            continue
+        error = (other - update).abs().max().item()
+        assert error <= rtol * scale + 2 * ulp, f"{name}: updates differ by {error:.3g} ({error / scale:.2%} of {scale:.3g})"
+        compared.add(name)
+    return compared
 
 
 # Dropout, stochastic depth and augmentation on, a checkpoint after every one of the 4 optimizer steps (2 per epoch).

@@ -342,6 +342,46 @@ def test_merged_export_matches_the_adapted_model(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
+def test_merged_export_keeps_the_metrics_settings_and_preview_of_its_folder(tmp_path):
+    from model_cards.cards import card_for_folder
+
+    folder = save_trained_model(trained("none"), tmp_path / "best")
+    metrics = {"refined": {name: 0.05 for name in ("ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1")},
+               "n_tiles": 3, "split": "val"}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "training_config.json").write_text(json.dumps({"learning_rate": 0.001}))
+    (folder / "preview.png").write_bytes(b"\x89PNG\r\n")
+    export_merged_model(load_trained_model(folder), tmp_path / "merged")
+    for name in ("metrics.json", "training_config.json", "preview.png"):
+        assert (tmp_path / "merged" / name).read_bytes() == (folder / name).read_bytes(), name
+    card = card_for_folder(tmp_path / "merged")  # what stage2-push would publish
+    assert len(card.data.eval_results) == 5 and "3 tiles of the `val` split" in card.text
+
+
+def test_the_documented_filter_silences_the_bitsandbytes_cast_message(repo_root, caplog):
+    import logging
+    import re
+
+    documented = re.search(r"`(logging\.getLogger\([^`]+\)\.setLevel\(logging\.ERROR\))`",
+                           (repo_root / "docs" / "refiner.md").read_text())
+    assert documented, "docs/refiner.md no longer shows how to silence the bitsandbytes message"
+    model = build("8bit").eval()
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28))
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    level = logger.level
+    try:
+        with caplog.at_level(logging.WARNING):
+            refine(model, opt_v1, month, biome)
+        assert "MatMul8bitLt: inputs will be cast" in caplog.text  # the message the docs talk about
+        caplog.clear()
+        eval(documented.group(1), {"logging": logging})
+        with caplog.at_level(logging.WARNING):
+            refine(model, opt_v1, month, biome)
+        assert "MatMul8bitLt" not in caplog.text
+    finally:
+        logger.setLevel(level)
+
+
 def test_quantized_models_cannot_be_merged(tmp_path):
     with pytest.raises(ValueError, match="needs a full-precision base"):
         export_merged_model(build("8bit"), tmp_path / "merged")

@@ -157,4 +157,44 @@ def test_bad_paths_and_metadata(tmp_path, capsys):
         ingest_bigearthnet(lmdb_dir, bad_meta, tmp_path / "tiles")
     code = main(["--lmdb", str(lmdb_dir), "--metadata", str(tmp_path / "absent.parquet"), "--output_dir",
                  str(tmp_path / "tiles")])
-    assert code == 1 and "absent.parquet does not exist" in capsys.readouterr().err
+    assert code == 2 and "absent.parquet does not exist" in capsys.readouterr().err
+
+
+
+BAD_PATCH_IDS = ["../../escaped_S2A_MSIL2A_20180101T100000_0_0", "{tmp}/absolute_S2A_MSIL2A_20180101T100000_0_0",
+                 "sub/S2A_MSIL2A_20180101T100000_0_0", "..", ".", ".hidden_20180101T100000", "a\\b_20180101T100000",
+                 "nul\x00_20180101T100000", "new\nline_20180101T100000", ""]
+
+
+@pytest.mark.parametrize("patch_id", BAD_PATCH_IDS)
+def test_patch_ids_that_are_not_plain_file_names_stop_the_ingest_before_any_write(tmp_path, capsys, patch_id):
+    patch_id = patch_id.format(tmp=tmp_path)  # an absolute id inside tmp_path: nothing escapes the test
+    s2 = {band: np.full((120, 120), 500, np.uint16) for band in ("B02", "B03", "B04", "B08")}
+    s1 = {"VV": np.zeros((120, 120), np.float32), "VH": np.zeros((120, 120), np.float32)}
+    good = "S2A_MSIL2A_20180101T100000_0_1"
+    lmdb_dir = _tiny_lmdb(tmp_path / "lmdb", {good: s2, "S1_0": s1} | ({patch_id: s2} if patch_id else {}))
+    rows = [{"patch_id": value, "labels": ["Arable land"], "split": "train", "s1_name": "S1_0", "country": "Nowhere",
+             "contains_seasonal_snow": False, "contains_cloud_or_shadow": False} for value in (good, patch_id)]
+    metadata = _metadata(tmp_path / "crafted.parquet", rows)
+    work = tmp_path / "work"
+    output = work / "a" / "b" / "tiles"
+    with pytest.raises(ValueError) as caught:
+        ingest_bigearthnet(lmdb_dir, metadata, output)
+    message = str(caught.value)
+    assert message.startswith(f"--metadata {metadata}: 'patch_id' {patch_id!r} is not a plain file name")
+    assert "\n" not in message
+    assert not work.exists() and not list(tmp_path.rglob("*.npz"))  # nothing written, inside or outside
+    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(output)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"stage2-ingest-bigearthnet: error: {message}"]
+    assert not work.exists() and not list(tmp_path.rglob("*.npz"))
+
+
+def test_real_patch_ids_are_plain_file_names(tmp_path):
+    from data_builders.bigearthnet import check_patch_id
+
+    for patch_id in ("S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP_38_58", "S2B_MSIL2A_20180525T94031_23_83",
+                     "S1B_IW_GRDH_1SDV_20171101T154016_35VNJ_0_0", "tile-1.v2"):
+        check_patch_id(tmp_path / "metadata.parquet", patch_id)
+    for patch_id in (7, None, "x" * 201):
+        with pytest.raises(ValueError, match="is not a plain file name"):
+            check_patch_id(tmp_path / "metadata.parquet", patch_id)

@@ -478,6 +478,121 @@ def test_sigkill_mid_build_keeps_the_old_dataset(tmp_path, existing_dataset):
     assert not _scratch_dirs(out)
 
 
+KILLED_BETWEEN_RENAMES = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import data_builders.build as build
+
+    output_dir, real_replace = Path(sys.argv[1]), os.replace
+
+    def replace(source, destination):
+        if Path(destination) == output_dir and Path(source).name == "dataset":  # the old one is set aside by now
+            os._exit(9)  # as SIGKILL would: no handler, no finally
+        real_replace(source, destination)
+
+    os.replace = replace
+    sys.exit(build.main(["--data_dir", sys.argv[2], "--output_dir", sys.argv[1]]))
+    """
+)
+
+
+def _all_rejected_tiles(root: Path) -> Path:
+    write_tile(root / "train", "bad", tile_arrays() | {"month": np.int64(0)})
+    return root
+
+
+def test_build_killed_between_the_final_renames_keeps_the_old_dataset(tmp_path, existing_dataset):
+    out, before = existing_dataset
+    data = make_tile_dir(tmp_path / "new_tiles", per_split=2)
+    script = tmp_path / "killed_swap.py"
+    script.write_text(KILLED_BETWEEN_RENAMES)
+    killed = subprocess.run([sys.executable, str(script), str(out), str(data)], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    assert not out.exists()
+    kept = [info.parent for info in tmp_path.rglob(BUILD_INFO_FILE) if folder_digest(info.parent) == before]
+    assert len(kept) == 1, "the old dataset must still be on disk"
+
+    # the next build puts it back first, so a build that then fails leaves it in place
+    with pytest.raises(ValueError, match="every tile under"):
+        build_dataset(_all_rejected_tiles(tmp_path / "bad_tiles"), out)
+    assert folder_digest(out) == before
+    assert not _scratch_dirs(out) and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert build_dataset(data, out)["train"]["tile_id"] == ["train_0", "train_1"]
+
+
+def test_dataset_left_in_the_scratch_folder_of_an_older_build_is_restored(tmp_path, existing_dataset):
+    # builds before the shared replace_folder set the old dataset aside inside their scratch folder
+    out, before = existing_dataset
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    scratch = out.parent / f".{out.name}{SCRATCH_MARKER}{dead}-0123abcd"
+    scratch.mkdir()
+    os.replace(out, scratch / "previous")
+    with pytest.raises(ValueError, match="every tile under"):
+        build_dataset(_all_rejected_tiles(tmp_path / "bad_tiles"), out)
+    assert folder_digest(out) == before and not _scratch_dirs(out)
+
+
+WORKERS_OF_A_KILLED_BUILD = textwrap.dedent(
+    """
+    import os, pathlib, sys, time
+    import data_builders.build as build
+
+    def stuck_read_tile(*args, **kwargs):  # in a worker process: say which one, then hang as on a slow disk
+        (pathlib.Path(sys.argv[1]) / str(os.getpid())).write_text("reading")
+        time.sleep(300)
+
+    build.read_tile = stuck_read_tile
+    sys.exit(build.main(sys.argv[2:]))
+    """
+)
+
+
+def _process_gone(pid: int) -> bool:
+    """No process `pid`, or only its exit status left (a zombie that its new parent has not reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_build_workers_die_with_a_killed_parent(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)  # 3 splits: 3 jobs for 2 workers
+    pids = tmp_path / "worker_pids"
+    pids.mkdir()
+    script = tmp_path / "killed_parent.py"
+    script.write_text(WORKERS_OF_A_KILLED_BUILD)
+    process = subprocess.Popen([sys.executable, str(script), str(pids), "--data_dir", str(data), "--output_dir",
+                                str(tmp_path / "out"), "--num_proc", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:
+            assert process.poll() is None, "the build ended before its workers started"
+            assert time.monotonic() < deadline, "the two workers never started reading tiles"
+            time.sleep(0.05)
+            workers = [int(p.name) for p in pids.iterdir()]
+        assert process.pid not in workers
+        process.kill()
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 3
+        while not all(_process_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in workers if not _process_gone(pid)] == [], "workers outlived their parent"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in workers:
+            if not _process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------- degradation presets
 def _run_cli(*args):
     return subprocess.run([sys.executable, "-m", "data_builders.build", *map(str, args)],

@@ -44,12 +44,12 @@ def test_cli_writes_a_png_grid(sample_dataset_dir, tmp_path, capsys):
 
 
 def test_cli_errors(sample_dataset_dir, tmp_path, capsys):
-    assert main([str(tmp_path / "absent")]) == 1
+    assert main([str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main([str(sample_dataset_dir), "--plot", str(tmp_path / "x.png"), "--split", "holdout"]) == 1
+    assert main([str(sample_dataset_dir), "--plot", str(tmp_path / "x.png"), "--split", "holdout"]) == 2
     assert "no split 'holdout'" in capsys.readouterr().err
     (tmp_path / "junk").mkdir()
-    assert main([str(tmp_path / "junk")]) == 1
+    assert main([str(tmp_path / "junk")]) == 2
     assert "is not a saved dataset" in capsys.readouterr().err
 
 

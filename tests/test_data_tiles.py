@@ -55,6 +55,39 @@ def test_float_reflectance_is_kept_and_nan_pixels_are_masked(tmp_path):
     np.testing.assert_array_equal(tile.target, expected)
 
 
+def _dark_tile(dtype, value) -> dict:
+    """A tile whose s2_b4 holds `value` at one pixel (reflectance for floats, digital numbers for ints)."""
+    arrays = tile_arrays(s1=False)
+    for key in BAND_KEYS:
+        arrays[key] = (arrays[key] * 1e-4).astype(dtype) if np.dtype(dtype).kind == "f" else arrays[key].astype(dtype)
+    arrays["s2_b4"][7, 7] = value
+    return arrays
+
+
+def test_small_negative_reflectance_is_kept_as_it_is(tmp_path):
+    # atmospheric correction over dark water, down to the floor of L2A's BOA offset (-0.1)
+    from data_builders.tiles import REFLECTANCE_MIN
+
+    assert REFLECTANCE_MIN == -0.1
+    arrays = _dark_tile(np.float32, -0.1)
+    arrays["s2_b2"][0, :2] = [-0.02, -0.0999]
+    tile = read_tile(write_tile(tmp_path, "dark", arrays))
+    assert tile.scaling == "float" and tile.valid_mask.all()
+    np.testing.assert_array_equal(tile.target, np.stack([arrays[key] for key in BAND_KEYS]))  # not clipped
+    dn = read_tile(write_tile(tmp_path, "dark_dn", _dark_tile(np.int16, -1000)))  # L2A DN minus the offset
+    assert dn.target[2, 7, 7] == np.float32(-0.1)
+
+
+@pytest.mark.parametrize("dtype,value,shown", [(np.float32, -0.49, "-0.49"), (np.float32, -0.1001, "-0.1001"),
+                                               (np.float64, -0.49, "-0.49"), (np.int16, -4900, "-0.49")])
+def test_reflectance_below_the_tolerance_names_file_band_and_minimum(tmp_path, dtype, value, shown):
+    path = write_tile(tmp_path, "negative", _dark_tile(dtype, value))
+    with pytest.raises(TileError) as caught:
+        read_tile(path)
+    assert caught.value.key == "s2_b4" and f"reflectance down to {shown}," in caught.value.problem
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_unknown_month_and_biome_are_accepted(tmp_path):
     tile = read_tile(write_tile(tmp_path, "t", month=UNKNOWN_METADATA, biome=UNKNOWN_METADATA))
     assert (tile.month, tile.biome) == (-1, -1)
@@ -207,7 +240,7 @@ def test_tile_error_survives_pickling():
 
 
 def test_plain_npz_reader_gives_what_np_load_gives(sample_tiles_dir, tmp_path):
-    from data_builders.tiles import _load_npz, _read_plain_npz
+    from data_builders.tiles import _read_plain_npz, load_npz
 
     for path in sorted(sample_tiles_dir.glob("*/*.npz"))[::5]:
         fast, raw = _read_plain_npz(path), np.load(path, allow_pickle=False)
@@ -215,12 +248,12 @@ def test_plain_npz_reader_gives_what_np_load_gives(sample_tiles_dir, tmp_path):
         for key in raw.files:
             assert fast[key].dtype == raw[key].dtype and fast[key].shape == raw[key].shape
             np.testing.assert_array_equal(fast[key], raw[key])
-    # layouts the plain reader leaves to np.load: same arrays through _load_npz either way
+    # layouts the plain reader leaves to np.load: same arrays through load_npz either way
     arrays = tile_arrays() | {"extra_f": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
                               "extra_be": np.arange(5, dtype=">i4"), "extra_c": np.ones(3, np.complex64)}
     path = write_tile(tmp_path, "unusual", arrays)
     assert _read_plain_npz(path) is None
-    loaded = _load_npz(path)
+    loaded = load_npz(path)
     for key, value in arrays.items():
         assert loaded[key].dtype == np.asarray(value).dtype
         np.testing.assert_array_equal(loaded[key], value)

@@ -294,6 +294,39 @@ def test_pushed_adapter_loads_back_with_identical_outputs(hub_server, trained):
     assert hub_server.unknown_routes == []
 
 
+def test_models_load_at_a_revision_and_only_their_model_files_are_downloaded(hub_server, trained, tmp_path):
+    import shutil
+
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file, save_file
+
+    from model_cards.push import push_trained_model
+    from modeling_stage2 import load_trained_model
+    from modeling_stage2.inference import load_model
+
+    api = HfApi()
+    repo = f"{DEFAULT_USER}/versions"
+    push_trained_model(trained["adapter_dir"], "versions")
+    api.create_tag(repo, tag="v1")
+    changed = tmp_path / "changed"
+    shutil.copytree(trained["adapter_dir"], changed)
+    weights = load_file(changed / "adapter_model.safetensors")
+    save_file({name: value * 0.5 for name, value in weights.items()}, changed / "adapter_model.safetensors")
+    push_trained_model(changed, "versions")
+    api.upload_file(path_or_fileobj=b"pickled", path_in_repo="extras/optimizer.bin", repo_id=repo)
+
+    def refined(model):
+        with torch.no_grad():
+            return model(**trained["inputs"]).refined
+
+    assert torch.equal(refined(load_trained_model(repo, revision="v1")), trained["adapter_out"])
+    assert torch.equal(refined(load_model(repo, revision="v1")), trained["adapter_out"])
+    latest = load_trained_model(repo)
+    assert not torch.equal(refined(latest), trained["adapter_out"])
+    downloaded = {p.relative_to(latest.stage2_folder).as_posix() for p in latest.stage2_folder.rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in downloaded and "extras/optimizer.bin" not in downloaded  # never a pickle
+
+
 def test_pushed_full_model_loads_with_from_pretrained_and_automodel(hub_server, trained):
     from transformers import AutoModel
 
@@ -357,21 +390,31 @@ def test_trust_remote_code_loads_a_pushed_repo_without_the_package(hub_server, t
     assert torch.equal(refined, trained["merged_out"])
 
 
-def test_code_files_follow_relative_imports_and_auto_map_needs_known_code(tmp_path):
+def test_remote_code_is_what_transformers_writes_for_each_model_type(tmp_path):
     from model_cards.cards import CardError
-    from model_cards.push import code_files, config_with_auto_map
+    from model_cards.push import remote_code
+    from modeling_stage2 import PrithviConfig, PrithviEncoder, Stage2RefinerConfig, Stage2RefinerModel
 
-    package = _write(tmp_path / "pkg", {"configuration_a.py": "from .helpers import x\n",
-                                        "modeling_a.py": "def f():\n    from .lazy import y\n",
-                                        "helpers.py": "from . import deep\n", "deep.py": "", "lazy.py": "",
-                                        "unused.py": ""})
-    assert sorted(code_files(package)) == ["configuration_a.py", "deep.py", "helpers.py", "lazy.py", "modeling_a.py"]
-    (package / "lazy.py").unlink()
-    with pytest.raises(CardError, match="imports .lazy"):
-        code_files(package)
+    refiner = Stage2RefinerModel(Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny"))
+    refiner.save_pretrained(tmp_path / "saved")  # a registered class: save_pretrained copies its code itself
+    saved_code = sorted(p.name for p in (tmp_path / "saved").glob("*.py"))
+    files, config = remote_code(tmp_path / "saved" / "config.json")
+    assert sorted(files) == saved_code and {"modeling_stage2.py", "modeling_prithvi.py"} <= set(files)
+    assert json.loads(config)["auto_map"] == {"AutoConfig": "configuration_stage2.Stage2RefinerConfig",
+                                              "AutoModel": "modeling_stage2.Stage2RefinerModel"}
+    for name, path in files.items():
+        assert path.read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
+
+    PrithviConfig.from_preset("prithvi_eo_v2_tiny").to_json_file(tmp_path / "prithvi.json")
+    files, config = remote_code(tmp_path / "prithvi.json")
+    assert {"configuration_prithvi.py", "modeling_prithvi.py"} <= set(files) and "modeling_stage2.py" not in files
+    assert json.loads(config)["auto_map"] == {"AutoConfig": "configuration_prithvi.PrithviConfig",
+                                              "AutoModel": "modeling_prithvi.PrithviEncoder"}
+    assert getattr(PrithviEncoder, "_auto_class", None) is None  # the class's registration is left as it was
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CardError, match="model_type 'bert' has no modeling code"):
-        config_with_auto_map(tmp_path / "config.json")
+        remote_code(tmp_path / "config.json")
 
 
 def test_push_refuses_a_folder_without_a_model(hub_server, tmp_path, capsys):
@@ -381,7 +424,7 @@ def test_push_refuses_a_folder_without_a_model(hub_server, tmp_path, capsys):
     folder = _write(tmp_path / "run", {"training_log.jsonl": "{}\n", "pytorch_model.bin": b"\0"})
     with pytest.raises(CardError, match="no trained model to push.*adapter_config.json.*pickled .bin"):
         push_trained_model(folder, "nothing")
-    assert main([str(folder), "nothing", "--endpoint", hub_server.url]) == 1
+    assert main([str(folder), "nothing", "--endpoint", hub_server.url]) == 2
     assert "no trained model to push" in capsys.readouterr().err
     assert hub_server.repos == {}  # refused before creating anything
 
@@ -405,6 +448,41 @@ def test_push_finds_best_and_regenerates_its_card_for_the_repo(hub_server, train
     assert info.private is True and "adapter_model.safetensors" in {s.rfilename for s in info.siblings}
     card = ModelCard.load(repo)
     assert f'load_trained_model("{repo}")' in card.text and len(card.data.eval_results) == 5
+
+
+def test_private_push_to_an_existing_public_repo_makes_it_private_first(hub_server, trained, tmp_path, caplog):
+    import logging
+
+    from huggingface_hub import HfApi
+
+    from model_cards.push import push_dataset, push_trained_model
+
+    api = HfApi()
+    repo = f"{DEFAULT_USER}/was-public"
+    api.create_repo(repo, private=False)
+    with caplog.at_level(logging.WARNING, logger="model_cards.push"):
+        push_trained_model(trained["adapter_dir"], "was-public", private=True)
+    assert api.repo_info(repo).private is True
+    assert f"{repo} existed and was public; made it private" in caplog.text
+    push_trained_model(trained["adapter_dir"], "was-public")  # no --private: the visibility is left as it is
+    assert api.repo_info(repo).private is True
+
+    original = _tiny_dataset_dict()
+    original.save_to_disk(str(tmp_path / "arrow"))
+    api.create_repo(f"{DEFAULT_USER}/public-tiles", repo_type="dataset", private=False)
+    push_dataset(tmp_path / "arrow", "public-tiles", private=True)
+    assert api.repo_info(f"{DEFAULT_USER}/public-tiles", repo_type="dataset").private is True
+
+
+def test_pushing_a_run_folder_as_a_dataset_points_at_its_arrow_cache(tmp_path):
+    from model_cards.cards import CardError
+    from model_cards.push import push_dataset
+
+    run = tmp_path / "run"
+    _tiny_dataset_dict().save_to_disk(str(run / "_dataset" / "abc123"))
+    for wrong in (run, run / "dataset"):  # the run itself, or the path the docs once gave
+        with pytest.raises(CardError, match=rf"not a dataset saved with save_to_disk .*pass {run / '_dataset' / 'abc123'}"):
+            push_dataset(wrong, "tiles")
 
 
 def test_a_hand_written_card_is_pushed_as_it_is(hub_server, trained, tmp_path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +136,8 @@ def small_dn_scene(tmp_path):
 
 
 def dn_to_reflectance(data: np.ndarray) -> np.ndarray:
-    return data.astype(np.float32) * np.float32(1e-4)
+    """The float32 nearest to DN x 1e-4 (the product rounded once), written out independently of the package."""
+    return (data.astype(np.float64) * 1e-4).astype(np.float32)
 
 
 def files_in(folder: Path) -> list[str]:
@@ -525,6 +528,92 @@ def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_pa
     assert len(summary.rejected) == 1 and "Stage 1 file missing" in summary.rejected[0][1]
 
 
+def test_tiles_into_an_earlier_runs_folder_replace_and_remove_what_would_look_current(few_tiles, tmp_path, capsys):
+    from modeling_stage2.inference import _report_tiles
+
+    output = tmp_path / "refined"
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    paths = sorted(few_tiles.rglob("*.npz"))
+    for path in paths:
+        np.savez(stage1 / path.name, opt_v1=tile_reflectance(load_npz(path)) * 0.9)
+    first = refine_tiles(PixelwiseRefiner(), few_tiles, output, stage1_dir=stage1, progress=False)
+    assert len(first.written) == 3 and not first.replaced and (output / "metrics.json").is_file()
+    # Second run without Stage 1 input, one tile now damaged: its old output and the old metrics must go.
+    broken = paths[0]
+    broken.write_bytes(broken.read_bytes()[:100])
+    second = refine_tiles(PixelwiseRefiner(), few_tiles, output, progress=False)
+    stale = str(broken.relative_to(few_tiles))
+    assert sorted(second.replaced) == sorted(str(p.relative_to(few_tiles)) for p in paths[1:])
+    assert second.removed_stale == [stale, "metrics.json"]
+    assert not (output / stale).exists() and not (output / "metrics.json").exists()
+    _report_tiles(second)
+    err = capsys.readouterr().err
+    assert "replaced 2 output(s) of an earlier run" in err and f"removed {output / stale}" in err
+
+
+def test_scene_without_a_valid_pixel_warns_and_exits_1(full_model_dir, tmp_path, capsys):
+    path = write_geotiff(tmp_path / "empty.tif", np.zeros((4, 64, 64), dtype=np.uint16), nodata=0)
+    output = tmp_path / "refined.tif"
+    assert main(["--model", str(full_model_dir), "--input", str(path), "--month", "7", "--biome", "4",
+                 "--output", str(output), "--no_progress"]) == 1
+    assert "has no valid pixel (all nodata)" in capsys.readouterr().err
+    refined, _ = read_geotiff(output)
+    assert (refined == 0).all()
+
+
+class RecordingRefiner(torch.nn.Module):
+    """Returns its input and keeps every `opt_v1` batch it was given; `config` may set the metadata ranges."""
+
+    def __init__(self, num_months=12, num_biomes=17):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.config = type("Config", (), {"num_months": num_months, "num_biomes": num_biomes})()
+        self.inputs = []
+
+    def forward(self, opt_v1, month, biome):
+        self.inputs.append(opt_v1.detach().clone())
+        return opt_v1
+
+
+def test_a_tile_reaches_the_model_bitwise_as_in_training(few_tiles, tmp_path):
+    from data_builders import build_dataset, make_eval_transform
+    from training.trainer import TileDataset
+
+    # Digital numbers 0..20000 in every band: every value a real tile can hold, in one tile.
+    tile = dict(load_npz(sorted(few_tiles.rglob("*.npz"))[0]))
+    values = np.arange(4 * 120 * 120, dtype=np.uint16) % 20001
+    for index, key in enumerate(("s2_b2", "s2_b3", "s2_b4", "s2_b8")):
+        tile[key] = values[index * 14400:(index + 1) * 14400].reshape(120, 120)
+    tiles = tmp_path / "one" / "train"
+    tiles.mkdir(parents=True)
+    np.savez(tiles / "all_values.npz", **tile)
+    # Training: stage2-build-dataset (opt_v1 = the S2 bands) -> Arrow -> the Trainer's dataset and collate.
+    built = build_dataset(tmp_path / "one", tmp_path / "arrow", input_mode="identity")
+    rows = TileDataset(built["train"], make_eval_transform())
+    trained_on = make_eval_transform().collate(rows.__getitems__([0]))["opt_v1"]
+    # Inference: stage2-refine on the same NPZ (no Stage 1 folder: the S2 bands are the model input).
+    model = RecordingRefiner()
+    refine_tiles(model, tmp_path / "one", tmp_path / "refined", progress=False)
+    (refined_from,) = model.inputs
+    assert refined_from.dtype == trained_on.dtype == torch.float32
+    assert torch.equal(refined_from[:, :, :120, :120], trained_on)
+
+
+def test_metadata_ranges_come_from_the_models_config(few_tiles, tmp_path):
+    image = smooth_scene(120, 120)
+    with pytest.raises(InferenceInputError, match="month 13 is out of range; use 1..12"):
+        refine_arrays(RecordingRefiner(), image, 13, 4)
+    refine_arrays(RecordingRefiner(num_months=13), image, 13, 4)  # a model built for 13 months takes month 13
+    with pytest.raises(InferenceInputError, match="biome code 4 is out of range; use 0..3"):
+        refine_arrays(RecordingRefiner(num_biomes=4), image, 7, 4)
+    # Tiles are checked against the model's ranges too: with 4 biomes, the sample's higher codes are rejected.
+    codes = {int(load_npz(p)["biome_code"]) for p in few_tiles.rglob("*.npz")}
+    summary = refine_tiles(RecordingRefiner(num_biomes=min(codes) + 1), few_tiles, tmp_path / "out", progress=False)
+    assert len(summary.rejected) == sum(1 for p in few_tiles.rglob("*.npz") if int(load_npz(p)["biome_code"]) > min(codes))
+    assert all("key 'biome_code'" in reason for _, reason in summary.rejected)
+
+
 def test_tiles_bad_arguments(few_tiles, tmp_path):
     with pytest.raises(InferenceInputError, match="no such folder of NPZ tiles"):
         refine_tiles(PixelwiseRefiner(), tmp_path / "nothing", tmp_path / "out")
@@ -573,6 +662,12 @@ def test_cli_argument_errors(dn_scene, tmp_path, capsys):
         main(["--model", "m", "--input", str(path), "--output", str(tmp_path / "o.tif"), "--num_threads", "0"])
     assert "--num_threads must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "o.tif").exists()
+    for flag in ("--month", "--biome"):  # tiles carry their own: a scene flag with a tiles folder is a mistake
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", "m", "--input", str(tmp_path), "--output_dir", str(tmp_path / "out"), flag, "13"])
+        assert exit_info.value.code == 2
+        assert "--month and --biome are for a scene" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -723,10 +818,21 @@ def test_cli_missing_model_files_exit_2_and_leave_no_output(
     (broken_adapter / "base_model.safetensors").unlink()
     not_a_model = tmp_path / "empty_model"
     not_a_model.mkdir()
+    damaged = {}
+    for name in ("no_weights", "truncated_weights", "bad_adapter_config"):
+        damaged[name] = tmp_path / name
+        shutil.copytree(adapter_model_dir, damaged[name])
+    (damaged["no_weights"] / "adapter_model.safetensors").unlink()  # peft would take the path for a Hub repo id
+    weights = damaged["truncated_weights"] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])
+    (damaged["bad_adapter_config"] / "adapter_config.json").write_text('{"r": 8,')
     output = tmp_path / "out" / "refined.tif"
     for model, message in (
         (broken_full, "broken_full: could not be loaded"),
         (broken_adapter, "base_model.safetensors is missing"),
+        (damaged["no_weights"], "no_weights/adapter_model.safetensors: missing"),
+        (damaged["truncated_weights"], "truncated_weights/adapter_model.safetensors: not a readable safetensors"),
+        (damaged["bad_adapter_config"], "bad_adapter_config/adapter_config.json: not valid JSON"),
         (not_a_model, "has neither config.json"),
         (full_model_dir / "config.json", "config.json: is a file"),
     ):
@@ -735,6 +841,22 @@ def test_cli_missing_model_files_exit_2_and_leave_no_output(
         assert code == 2
         assert message in capsys.readouterr().err
         assert not output.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where torch has no CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(full_model_dir, adapter_model_dir, few_tiles, tmp_path):
+    from modeling_stage2.inference import InferenceInputError, load_model
+
+    for folder in (full_model_dir, adapter_model_dir):
+        with pytest.raises(InferenceInputError, match="device 'cuda' was asked for, but torch sees no CUDA GPU"):
+            load_model(folder, device="cuda")
+    # As a command: one line on stderr, exit status 2 (a user error), nothing written.
+    result = subprocess.run([sys.executable, "-m", "modeling_stage2.inference", "--model", str(adapter_model_dir),
+                             "--input", str(few_tiles), "--output_dir", str(tmp_path / "out"), "--device", "cuda",
+                             "--no_progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "no CUDA GPU" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):

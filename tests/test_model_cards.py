@@ -30,6 +30,7 @@ METRICS = {
     "opt_v1": {"ndvi_rmse": 0.09, "evi_rmse": 0.11, "sam": 0.15, "identity_l1": 0.0, "edge_l1": 0.0,
                "psnr": 21.0, "ssim": 0.6},
     "n_tiles": 12,
+    "split": "test",
 }
 PRITHVI_300M = "ibm-nasa-geospatial/Prithvi-EO-2.0-300M"
 
@@ -52,6 +53,25 @@ def test_model_card_metadata_and_eval_results():
         (name, METRICS["refined"][name], "me/tiles", "test", "image-to-image") for name in CARD_METRICS]
     model_index = data.to_dict()["model-index"]
     assert model_index[0]["name"] == "refiner" and len(model_index[0]["results"][0]["metrics"]) == 5
+
+
+def test_card_names_the_split_the_metrics_record_and_never_relabels_it(tmp_path):
+    validation = {**METRICS, "split": "val"}
+    card = build_model_card(validation)
+    assert {r.dataset_split for r in card.data.eval_results} == {"val"}
+    assert "12 tiles of the `val` split" in card.text
+    with pytest.raises(CardError, match="computed on the 'val' split; they cannot be labelled 'test'"):
+        build_model_card(validation, split="test")
+    # Metrics written before they recorded a split: the caller's split, or "unrecorded", never a guess.
+    old = {key: value for key, value in METRICS.items() if key != "split"}
+    assert "tiles of the `unrecorded` split" in build_model_card(old).text
+    assert {r.dataset_split for r in build_model_card(old, split="val").data.eval_results} == {"val"}
+    with pytest.raises(CardError, match="'split' must name the split"):
+        validate_metrics({**METRICS, "split": 3})
+    # A folder's metrics.json (what stage2-push rebuilds the card from) keeps its split.
+    folder = _model_folder(tmp_path / "best")
+    (folder / "metrics.json").write_text(json.dumps(validation))
+    assert "12 tiles of the `val` split" in ModelCard.load(write_model_card(folder)).text
 
 
 def test_evaluation_table_compares_refined_baseline_and_design_targets():

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from _training_helpers import (
+    assert_same_updates,
     RESUME_SETTINGS,
     TINY_SETTINGS,
     SnapshotTrainable,
@@ -132,6 +133,73 @@ def test_latest_checkpoint_ignores_torn_ones(tmp_path):
     assert resolve_resume_checkpoint("latest", tmp_path / "empty") is None
 
 
+def _overwrite_in_place(path: Path, offset: int, length: int = 4096) -> None:
+    """Invert `length` bytes of `path` from `offset`, keeping its size: damage that a size check cannot see."""
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        original = handle.read(length)
+        handle.seek(offset)
+        handle.write(bytes(255 - byte for byte in original))
+
+
+def test_checkpoint_corrupted_in_place_is_reported_by_file_name(tmp_path, caplog):
+    from training.trainer import checkpoint_marker
+
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(np.random.default_rng(step).bytes(3 * 4096))
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(checkpoint_marker(folder, step)))
+    latest, previous = tmp_path / "checkpoint-4", tmp_path / "checkpoint-2"
+    _overwrite_in_place(latest / "adapter_model.safetensors", 4096)
+    assert (latest / "adapter_model.safetensors").stat().st_size == 3 * 4096  # the sizes still match
+
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        assert resolve_resume_checkpoint("latest", tmp_path) == str(previous)
+    assert (f"skipping {latest}: the checkpoint is corrupt: adapter_model.safetensors does not match its sha256 in "
+            f"{CHECKPOINT_COMPLETE_NAME}") in caplog.text
+    assert f"falling back to {previous}, the newest checkpoint that verifies" in caplog.text
+    assert find_latest_checkpoint(tmp_path) == str(previous) and not is_complete_checkpoint(latest)
+    with pytest.raises(ValueError, match=r"checkpoint-4: the checkpoint is corrupt: adapter_model\.safetensors does "
+                                         r"not match its sha256") as error:
+        resolve_resume_checkpoint(str(latest), tmp_path)
+    assert "\n" not in str(error.value)  # one line
+    assert (latest / "adapter_model.safetensors").is_file()  # reported, never deleted
+
+    (previous / "trainer_state.json").write_text("[]")  # same size too: only the hash sees it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.trainer"):
+        assert resolve_resume_checkpoint("latest", tmp_path) is None
+    assert "trainer_state.json does not match" in caplog.text and "starting from scratch" in caplog.text
+
+
+def test_checkpoint_markers_without_hashes_are_checked_by_size(tmp_path):
+    """Markers written before hashes were recorded (sizes only) still resume: old runs are not stranded."""
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(bytes(8192))
+    (folder / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps({"global_step": 3,
+                                                               "files": {"adapter_model.safetensors": 8192}}))
+    _overwrite_in_place(folder / "adapter_model.safetensors", 0)  # invisible without a recorded hash
+    assert resolve_resume_checkpoint(str(folder), tmp_path) == str(folder)
+    assert resolve_resume_checkpoint("latest", tmp_path) == str(folder)
+    (folder / "adapter_model.safetensors").write_bytes(bytes(100))
+    with pytest.raises(ValueError, match=r"corrupt: adapter_model\.safetensors has 100 bytes, "
+                                         rf"{CHECKPOINT_COMPLETE_NAME} records 8192"):
+        resolve_resume_checkpoint(str(folder), tmp_path)
+
+
+def test_checkpoint_file_hash_is_streamed_in_chunks(tmp_path):
+    import hashlib
+
+    from training.trainer import HASH_CHUNK_BYTES, file_sha256
+
+    data = np.random.default_rng(0).bytes(2 * HASH_CHUNK_BYTES + 123)
+    (tmp_path / "big.bin").write_bytes(data)
+    assert file_sha256(tmp_path / "big.bin") == hashlib.sha256(data).hexdigest()
+
+
 def test_optimizer_state_round_trips_through_safetensors():
     parameters = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     optimizer = torch.optim.AdamW(parameters, lr=0.01, betas=(0.5, 0.999))
@@ -171,16 +239,22 @@ def test_end_to_end_writes_every_output(e2e):
     for name in ("discriminator.safetensors", "discriminator_optimizer.safetensors", "optimizer.pt"):
         assert (out / "checkpoint-4" / name).is_file(), name
 
-    png = (best / "preview.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    # 2 tiles x (opt_v1 | refined | target), the RGB grid and the NDVI grid side by side
-    assert height == 2 * 120 + 4 and width == 2 * (3 * 120 + 2 * 4) + 12
+    from PIL import Image
+
+    from training.callbacks import COLOUR_BAR_HEIGHT, LABEL_HEIGHT
+
+    with Image.open(best / "preview.png") as png:
+        assert png.format == "PNG" and png.mode == "RGB"
+        width, height = png.size
+    # 2 tiles x (opt_v1 | refined | target) under a header, the RGB grid and the NDVI grid (with its colour bar)
+    assert height == LABEL_HEIGHT + 2 * 120 + 4 + 2 + COLOUR_BAR_HEIGHT + LABEL_HEIGHT
+    assert width == 2 * (3 * 120 + 2 * 4) + 12
 
     card = (best / "README.md").read_text()
     assert "ndvi_rmse" in card.lower() or "NDVI RMSE" in card
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["n_tiles"] == 2 and set(metrics["refined"]) >= {"ndvi_rmse", "evi_rmse", "sam"}
+    assert metrics["split"] == "val" and "tiles of the `val` split" in card  # computed on the eval split, named so
     assert trainer.state.best_metric == pytest.approx(metrics["refined"]["ndvi_rmse"])
 
     settings = yaml.safe_load((out / "config.yaml").read_text())
@@ -246,6 +320,41 @@ def test_training_log_is_jsonl_with_components_and_validation(e2e):
         assert val["opt_v1"]["identity_l1"] == 0.0 and val["identity_l1"] > 0
 
 
+def test_preview_labels_its_columns_and_shows_the_ndvi_scale(tmp_path):
+    from PIL import Image
+
+    from training.callbacks import (COLOUR_BAR_HEIGHT, LABEL_HEIGHT, NDVI_PREVIEW_RANGE, ndvi_colour,
+                                    render_preview, true_colour, write_png)
+
+    rng = np.random.default_rng(0)
+    tiles = [rng.uniform(0.0, 0.4, (2, 4, 32, 32)).astype(np.float32) for _ in range(3)]
+    grids = render_preview(*tiles, gap=4)
+    rgb, ndvi = grids["rgb"], grids["ndvi"]
+    for grid in (rgb, ndvi):  # a label (dark text) above each of the three columns
+        header = grid[:LABEL_HEIGHT]
+        for column in range(3):
+            left = column * (32 + 4)
+            assert (header[:, left:left + 32] < 100).any(), column
+    # The colour bar spans the NDVI range: its colours are those of ndvi_colour at evenly spaced NDVI values.
+    bar_top = LABEL_HEIGHT + 2 * 32 + 4 + 2
+    bar = ndvi[bar_top:bar_top + COLOUR_BAR_HEIGHT]
+    width = bar.shape[1]
+    for position in (0, width // 2, width - 1):
+        value = NDVI_PREVIEW_RANGE[0] + (NDVI_PREVIEW_RANGE[1] - NDVI_PREVIEW_RANGE[0]) * position / (width - 1)
+        tile = np.zeros((1, 4, 1, 1), dtype=np.float32)
+        tile[0, 2], tile[0, 3] = 1 - value, 1 + value  # red, NIR with that NDVI
+        np.testing.assert_allclose(bar[:, position].astype(int), ndvi_colour(tile)[0, 0, 0].astype(int)[None].repeat(
+            COLOUR_BAR_HEIGHT, 0), atol=1)
+    assert (ndvi[bar_top + COLOUR_BAR_HEIGHT:] < 100).any()  # the tick labels
+    # The tiles themselves sit under the header, unchanged by it.
+    np.testing.assert_array_equal(rgb[LABEL_HEIGHT:LABEL_HEIGHT + 32, :32],
+                                  true_colour(tiles[0], reference=tiles[2])[0])
+    path = write_png(tmp_path / "preview.png", grids["combined"])
+    with Image.open(path) as image:
+        np.testing.assert_array_equal(np.asarray(image), grids["combined"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preview.png"]
+
+
 def test_tensorboard_has_scalars_and_previews(e2e):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -308,8 +417,9 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     assert code == 0
     written = json.loads((tmp_path / "r.json").read_text())
     keys = {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim"}
-    assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles"}
+    assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles", "split"}
     assert written["n_tiles"] == 2 and written["linear_fit_fitted_on"] == {"split": "train", "tiles": 18}
+    assert written["split"] == "val"  # recorded with the metrics, for the model card
     assert set(written["refined"]) == keys and set(written["opt_v1"]) == keys and set(written["linear_fit"]) == keys
     best = json.loads((out / "best" / "metrics.json").read_text())
     for name in keys:  # the same model on the same tiles as the trainer's evaluation of the best step
@@ -328,6 +438,23 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     assert evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val", "--max_samples", "1",
                           "--no-baselines", "--json", str(tmp_path / "plain.json")]) == 0
     assert "linear_fit" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_evaluation_reads_numpy_rows_and_collates_them_like_training(e2e):
+    from data_builders import make_eval_transform
+    from modeling_stage2 import load_trained_model
+    from training.evaluate import evaluate_model, load_split
+
+    _, out, _ = e2e
+    data = next((out / "_dataset").iterdir())
+    dataset = load_split(str(data), "val", max_samples=3)
+    assert dataset.format["type"] == "numpy"  # zero-copy Arrow reads, not set_transform's Python lists
+    model = load_trained_model(out / "best")
+    fast = evaluate_model(model, dataset, batch_size=2, progress=False)
+    reference = dataset.with_format(None)  # the former path: set_transform over Python lists
+    reference.set_transform(make_eval_transform())
+    slow = evaluate_model(model, reference, batch_size=2, progress=False)
+    assert fast == slow
 
 
 def test_evaluate_console_script_exit_status(e2e, tmp_path, repo_root):
@@ -436,6 +563,37 @@ def test_resume_after_sigkill_ignores_torn_checkpoint(resume_runs, tmp_path, sam
     assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6)
 
 
+def test_resume_latest_falls_back_past_a_checkpoint_corrupted_in_place(resume_runs, tmp_path, sample_dataset_dir,
+                                                                      repo_root):
+    out = tmp_path / "run"
+    shutil.copytree(resume_runs / "ref", out)
+    corrupt = out / "checkpoint-4" / "adapter_model.safetensors"
+    size = corrupt.stat().st_size
+    assert size > 3 * 4096
+    _overwrite_in_place(corrupt, size // 2)  # 4 KiB of garbage, same size
+    assert corrupt.stat().st_size == size
+    # checkpoint-3 with a marker as the previous version wrote it (sizes only): old runs still resume
+    marker = json.loads((out / "checkpoint-3" / CHECKPOINT_COMPLETE_NAME).read_text())
+    assert set(marker) == {"global_step", "files", "sha256"}
+    (out / "checkpoint-3" / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps({"global_step": 3,
+                                                                             "files": marker["files"]}))
+
+    config = write_config(tmp_path / "run.yaml", **RESUME_SETTINGS)
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    result = subprocess.run([sys.executable, "-m", "training.train", "--config", str(config), "--data_dir",
+                             str(sample_dataset_dir), "--output_dir", str(out), "--resume", "latest"],
+                            cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (f"skipping {out / 'checkpoint-4'}: the checkpoint is corrupt: adapter_model.safetensors does not match its "
+            "sha256") in result.stderr
+    assert f"falling back to {out / 'checkpoint-3'}, the newest checkpoint that verifies" in result.stderr
+    assert f"Resuming from {out / 'checkpoint-3'} (global step 3)." in result.stderr
+    assert f"Removing {out / 'checkpoint-4'}" not in result.stderr  # kept at the start ...
+    assert f"Replacing {out / 'checkpoint-4'}" in result.stderr  # ... until this run wrote its own step 4
+    assert is_complete_checkpoint(out / "checkpoint-4")
+    _assert_same_training(resume_runs / "ref", out)  # trained on from the good checkpoint, not from the garbage
+
+
 # ----------------------------------------------------------------------------------------------- training step
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path, sample_dataset_dir):
     # Terms linear in the pixels (the RMSE terms pool over the batch, so they are off here); SGD so that the
@@ -444,20 +602,17 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path, sample_dataset_d
     common = dict(max_samples=4, num_train_epochs=3, eval_every_epochs=None, save_every_epochs=None,
                   eval_strategy="no", save_strategy="no", optim="sgd", learning_rate=0.05, ndvi_weight=0.0,
                   evi_weight=0.0, disc_learning_rate_ratio=0.1)
+    big_snapshots, snapshots = SnapshotTrainable(), SnapshotTrainable()
     big = _train(tmp_path, sample_dataset_dir, "big", per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                 **common)
-    snapshots = SnapshotTrainable()
+                 callbacks=[big_snapshots], **common)
     small = _train(tmp_path, sample_dataset_dir, "small", per_device_train_batch_size=1, gradient_accumulation_steps=4,
                    callbacks=[snapshots], **common)
     assert big.state.global_step == small.state.global_step == 3
     assert big.disc_steps == small.disc_steps == 3  # the discriminator steps once per accumulated batch
-    big_params = dict(big.model.named_parameters())
-    for name, parameter in small.model.named_parameters():
-        if parameter.requires_grad:
-            torch.testing.assert_close(parameter, big_params[name], rtol=1e-4, atol=1e-6)
-    first, last = snapshots.before[1], snapshots.after[3]
-    moved = [name for name in last if not torch.equal(first[name], last[name])]
-    assert len(moved) >= 0.9 * len(last)
+    start = snapshots.before[1]
+    assert all(torch.equal(start[name], big_snapshots.before[1][name]) for name in start)  # the same initial weights
+    # Every trainable tensor was updated, by the same update as with the larger batch.
+    assert_same_updates(snapshots.gradients, big_snapshots.gradients, rtol=1e-3)
     # The discriminator's AdamW divides each gradient by its magnitude: where a gradient is ~0, float noise can flip
     # the sign of that entry's update. So: nearly every entry equal within float noise, and none off by more than
     # the 3 updates of lr 0.005 it made.
@@ -513,27 +668,6 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
     assert trainer.disc_steps == 1 and trainer.disc_skipped_steps == 1
     logged = records(tmp_path / "out" / "training_log.jsonl", "train")
     assert [r["nonfinite_skipped_steps"] for r in logged] == [0, 1]
-
-
-def test_console_script_relaunches_through_accelerate(monkeypatch):
-    import training.train as train_module
-
-    calls = {}
-    monkeypatch.delenv("ACCELERATE_LAUNCHED", raising=False)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setattr(train_module.os, "execvpe", lambda file, args, env: calls.update(file=file, args=args, env=env))
-    train_module.launch_main(["--num_processes", "2", "--multi_gpu", "--", "--config", "c.yaml", "--epochs", "3"])
-    args = calls["args"]
-    assert args[1:3] == ["-m", "accelerate.commands.launch"]
-    assert args[3:6] == ["--num_processes", "2", "--multi_gpu"]
-    assert args[6].endswith("training/train.py") and args[7:] == ["--config", "c.yaml", "--epochs", "3"]
-    assert calls["env"]["ACCELERATE_LAUNCHED"] == "1"
-
-    monkeypatch.setenv("LOCAL_RANK", "0")  # already under a launcher: train in this process
-    monkeypatch.setattr(train_module, "main", lambda argv: calls.update(main=argv))
-    train_module.launch_main(["--config", "c.yaml"])
-    assert calls["main"] == ["--config", "c.yaml"]
 
 
 def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):

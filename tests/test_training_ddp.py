@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from _training_helpers import records, tensors, write_config
+from _training_helpers import SnapshotTrainable, assert_same_weight_updates, records, tensors, write_config
 
 from training.train import parse_args, run_training
 
@@ -45,7 +45,8 @@ def test_two_cpu_processes_with_ddp_agree_with_one(tmp_path, sample_dataset_dir,
     single_config = write_config(tmp_path / "single.yaml", gradient_accumulation_steps=2, **SETTINGS)
     training_args, data_args, settings = parse_args(["--config", str(single_config), "--data_dir",
                                                      str(sample_dataset_dir), "--output_dir", str(tmp_path / "one")])
-    single = run_training(training_args, data_args, settings)
+    snapshots = SnapshotTrainable()
+    single = run_training(training_args, data_args, settings, callbacks=[snapshots])
     assert single.state.global_step == 2
 
     ddp_config = json.loads((tmp_path / "ddp" / "best" / "training_config.json").read_text())
@@ -55,9 +56,16 @@ def test_two_cpu_processes_with_ddp_agree_with_one(tmp_path, sample_dataset_dir,
 
     ddp_weights = tensors(tmp_path / "ddp" / "checkpoint-2" / "adapter_model.safetensors")
     one_weights = tensors(tmp_path / "one" / "checkpoint-2" / "adapter_model.safetensors")
-    assert ddp_weights.keys() == one_weights.keys()
-    for name in one_weights:
-        torch.testing.assert_close(ddp_weights[name], one_weights[name], rtol=1e-4, atol=1e-6)
+    # Both start from the same seeded weights: compare the updates (after - start), not the weights, so that a tensor
+    # that DDP never updated cannot pass inside a tolerance.
+    from peft import get_peft_model_state_dict
+
+    start = get_peft_model_state_dict(single.model, state_dict=snapshots.before[1])
+    compared = assert_same_weight_updates(start, ddp_weights, one_weights, rtol=1e-3)
+    # In two steps LoRA A (whose gradient is proportional to LoRA B, zero at the start) and the ConvNeXt blocks behind
+    # their 1e-6 layer scale move by less than float32 can resolve; every other tensor is compared.
+    assert {name for name in start if "lora_B" in name} <= compared
+    assert len(compared) >= 0.7 * len(start)
     # The discriminator's gradients are all-reduced by hand (it is not wrapped with the generator).
     ddp_disc = tensors(tmp_path / "ddp" / "checkpoint-2" / "discriminator.safetensors")
     one_disc = tensors(tmp_path / "one" / "checkpoint-2" / "discriminator.safetensors")

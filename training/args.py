@@ -5,9 +5,14 @@ model, LoRA, quantization, loss and discriminator settings and changes a few def
 values. Both dataclasses are parsed by `transformers.HfArgumentParser` from a YAML file plus command-line
 overrides (see `training.train.parse_args`).
 """
+import contextlib
+import dataclasses
+import enum
 import json
 import logging
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -377,3 +382,126 @@ def num_update_steps_per_epoch(num_samples: int, per_device_batch_size: int, wor
     batches = num_samples // per_device_batch_size if drop_last else math.ceil(num_samples / per_device_batch_size)
     batches_per_process = math.ceil(batches / world_size)
     return max(1, math.ceil(batches_per_process / accumulation))
+
+
+# ------------------------------------------------------------------------------------------- typed settings
+class SettingTypeError(ValueError):
+    """A setting whose value is not of its field's type; the message says what was expected."""
+
+
+def setting_types() -> dict:
+    """Field name -> type annotation of every `Stage2TrainingArguments` / `Stage2DataArguments` field (None where an
+    annotation does not resolve)."""
+    annotations = {}
+    for cls in (Stage2TrainingArguments, Stage2DataArguments):
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # an annotation that does not resolve: use the raw ones
+            hints = {}
+        for item in dataclasses.fields(cls):
+            hint = hints.get(item.name, item.type)
+            annotations[item.name] = None if isinstance(hint, str) else hint
+    return annotations
+
+
+class _Mismatch(Exception):
+    pass
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "y": True, "t": True, "1": True,
+               "false": False, "no": False, "n": False, "f": False, "0": False}
+
+
+def _scalar(value, kind):
+    """`value` as an int, float, bool or str (`kind`), accepting what the same flag accepts on the command line."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise _Mismatch
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Mismatch
+    if kind is str:
+        return str(value)
+    try:
+        number = float(value) if kind is float or isinstance(value, float) else int(value)
+        if kind is int and number != int(number):
+            raise _Mismatch  # 2.5 is no batch size
+        return kind(number)
+    except (TypeError, ValueError, OverflowError):
+        raise _Mismatch from None
+
+
+def _is_union(origin) -> bool:
+    return origin in (typing.Union, types.UnionType)
+
+
+def _convert(value, hint):
+    """`value` (e.g. from YAML) as the annotation `hint` expects it; `_Mismatch` when it does not fit."""
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    if _is_union(origin):
+        for member in members:
+            with contextlib.suppress(_Mismatch):
+                return _convert(value, member)
+        raise _Mismatch
+    if value is None or hint is type(None):
+        if value is None and hint is type(None):
+            return None
+        raise _Mismatch  # null only where the field allows None
+    if origin is typing.Literal:
+        if value in members:
+            return value
+        raise _Mismatch
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_convert(item, members[0]) if members else item for item in value]
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if hint in (bool, int, float, str):
+        return _scalar(value, hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        if str(value) in {str(member.value) for member in hint}:
+            return value
+        raise _Mismatch
+    return value  # other types (accelerator configs, ...) are checked by TrainingArguments itself
+
+
+def describe_type(hint, plural: bool = False) -> str:
+    """What `hint` expects, in words: "a float", "a list of floats or null", "one of ['no', 'steps', 'epoch']"."""
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    names = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a float", "floats"),
+             str: ("a string", "strings"), dict: ("a mapping", "mappings"), type(None): ("null", "nulls")}
+    if hint in names:
+        return names[hint][plural]
+    if _is_union(origin):
+        return " or ".join(describe_type(member, plural) for member in members)
+    if origin is typing.Literal:
+        return f"one of {list(members)}"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return f"one of {[member.value for member in hint]}"
+    if origin in (list, tuple) or hint in (list, tuple):
+        return f"a list of {describe_type(members[0], plural=True)}" if members else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def convert_setting(value, hint, choices=None):
+    """`value` converted to the field type `hint` (None: unchecked) and checked against `choices`; a
+    `SettingTypeError` saying what was expected ("expected a float, got 'fast'") when it does not fit."""
+    try:
+        converted = value if hint is None else _convert(value, hint)
+    except _Mismatch:
+        raise SettingTypeError(f"expected {describe_type(hint)}, got {_shown(value)}.") from None
+    allowed = [str(choice) for choice in choices or ()]
+    if allowed and converted is not None and str(converted) not in allowed:
+        raise SettingTypeError(f"expected one of {allowed}, got {_shown(value)}.")
+    return converted
+
+
+def _shown(value) -> str:
+    return "null" if value is None else repr(value)

@@ -1,14 +1,12 @@
 """Trainer callbacks of the Stage 2 refiner: `training_log.jsonl`, TensorBoard previews, per-epoch logging.
 
-Also the preview rendering (true-colour RGB and NDVI of opt_v1 / refined / target side by side) shared by the
-TensorBoard images and the `preview.png` written at the end of training, and a dependency-free PNG writer.
+Also the preview rendering (true-colour RGB and NDVI of opt_v1 / refined / target side by side, column labels and
+an NDVI colour bar) shared by the TensorBoard images and the `preview.png` written at the end of training.
 """
 import json
 import logging
 import math
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +62,30 @@ def render_preview(opt_v1: np.ndarray, refined: np.ndarray, target: np.ndarray, 
                    gap: int = 4) -> dict[str, np.ndarray]:
     """Grids of up to `max_tiles` tiles (rows) x (opt_v1, refined, target) (columns), as (H, W, 3) uint8.
 
+    Each grid has a header naming its columns; the NDVI grid has a colour bar with its range underneath.
     Returns `{"rgb": ..., "ndvi": ..., "combined": ...}`; `combined` puts the NDVI grid right of the RGB grid.
     """
     count = min(max_tiles, len(target))
     if count == 0:
         raise ValueError("render_preview needs at least one tile.")
     opt_v1, refined, target = (np.asarray(a[:count], dtype=np.float32) for a in (opt_v1, refined, target))
+    tile_width = target.shape[-1]
     rgb = [true_colour(tiles, reference=target) for tiles in (opt_v1, refined, target)]
     ndvi = [ndvi_colour(tiles) for tiles in (opt_v1, refined, target)]
-    grids = {"rgb": _grid(rgb, gap), "ndvi": _grid(ndvi, gap)}
-    spacer = np.full((grids["rgb"].shape[0], 3 * gap, 3), 255, dtype=np.uint8)
-    grids["combined"] = np.concatenate([grids["rgb"], spacer, grids["ndvi"]], axis=1)
+    grids = {
+        "rgb": _with_header(_grid(rgb, gap), [f"{name} RGB" for name in PREVIEW_COLUMNS], tile_width, gap),
+        "ndvi": _with_colour_bar(_with_header(_grid(ndvi, gap), [f"{name} NDVI" for name in PREVIEW_COLUMNS],
+                                              tile_width, gap)),
+    }
+    rgb_grid = _pad_bottom(grids["rgb"], grids["ndvi"].shape[0])
+    spacer = np.full((rgb_grid.shape[0], 3 * gap, 3), 255, dtype=np.uint8)
+    grids["combined"] = np.concatenate([rgb_grid, spacer, grids["ndvi"]], axis=1)
     return grids
+
+
+LABEL_HEIGHT = 14  # px of the header row and of the colour bar's tick labels (Pillow's default 10-px font)
+COLOUR_BAR_HEIGHT = 8
+NDVI_PREVIEW_RANGE = (-0.2, 1.0)  # what ndvi_colour's ramp spans
 
 
 def _grid(columns: list[np.ndarray], gap: int) -> np.ndarray:
@@ -89,23 +99,62 @@ def _grid(columns: list[np.ndarray], gap: int) -> np.ndarray:
     return grid
 
 
+def _text_band(width: int, texts: list[tuple[int, str]]) -> np.ndarray:
+    """A white (LABEL_HEIGHT, width, 3) band with each text drawn in black at its x offset."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (width, LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(band)
+    for left, text in texts:
+        draw.text((left, 1), text, fill="black")
+    return np.asarray(band, dtype=np.uint8)
+
+
+def _with_header(grid: np.ndarray, labels: list[str], tile_width: int, gap: int) -> np.ndarray:
+    header = _text_band(grid.shape[1], [(index * (tile_width + gap) + 2, label) for index, label in enumerate(labels)])
+    return np.concatenate([header, grid], axis=0)
+
+
+def _with_colour_bar(grid: np.ndarray) -> np.ndarray:
+    """The NDVI ramp of `ndvi_colour` across the grid's width, with its ends and 0 labelled."""
+    width = grid.shape[1]
+    low, high = NDVI_PREVIEW_RANGE
+    values = np.linspace(low, high, width, dtype=np.float32)
+    ramp = ndvi_colour(_tiles_with_ndvi(values))[0]  # (1, width, 3)
+    bar = np.repeat(ramp, COLOUR_BAR_HEIGHT, axis=0)
+    zero = int(round((0 - low) / (high - low) * (width - 1)))
+    ticks = _text_band(width, [(0, f"NDVI {low:g}"), (zero, "0"), (width - 22, f"{high:g}")])
+    spacer = np.full((2, width, 3), 255, dtype=np.uint8)
+    return np.concatenate([grid, spacer, bar, ticks], axis=0)
+
+
+def _tiles_with_ndvi(values: np.ndarray) -> np.ndarray:
+    """(1, 4, 1, W) reflectance whose NDVI is `values` (red 1 - v, NIR 1 + v)."""
+    tiles = np.zeros((1, 4, 1, values.size), dtype=np.float32)
+    tiles[0, _RED, 0], tiles[0, _NIR, 0] = 1 - values, 1 + values
+    return tiles
+
+
+def _pad_bottom(image: np.ndarray, height: int) -> np.ndarray:
+    padding = np.full((height - image.shape[0], image.shape[1], 3), 255, dtype=np.uint8)
+    return np.concatenate([image, padding], axis=0)
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG (no imaging library needed), atomically."""
+    """Write an (H, W, 3) uint8 image as PNG with Pillow, atomically (temporary name, then rename)."""
+    from PIL import Image
+
     image = np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"write_png expects an (H, W, 3) uint8 image, got shape {image.shape}.")
-    height, width, _ = image.shape
-    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -226,7 +275,6 @@ class Stage2TensorBoardCallback(TensorBoardCallback):
         super().__init__(tb_writer=tb_writer)
         self.preview_source = preview_source
         self.max_tiles = max_tiles
-        self._warned = False
         self._purge_step = None
 
     def _init_summary_writer(self, args):
@@ -251,14 +299,9 @@ class Stage2TensorBoardCallback(TensorBoardCallback):
             self.logging_dir = self.logging_dir or os.path.join(args.output_dir, TENSORBOARD_DIR_NAME)
             self._init_summary_writer(args)
         grids = render_preview(preview["opt_v1"], preview["refined"], preview["target"], self.max_tiles)
-        try:
-            for name in ("rgb", "ndvi"):
-                self.tb_writer.add_image(f"preview/{name}", grids[name], state.global_step, dataformats="HWC")
-            self.tb_writer.flush()
-        except ImportError as error:  # TensorBoard's image encoder needs Pillow
-            if not self._warned:
-                logger.warning(f"TensorBoard image previews are off: {error}. Install Pillow to get them.")
-                self._warned = True
+        for name in ("rgb", "ndvi"):
+            self.tb_writer.add_image(f"preview/{name}", grids[name], state.global_step, dataformats="HWC")
+        self.tb_writer.flush()
 
 
 # ------------------------------------------------------------------------------------------- flow

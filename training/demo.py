@@ -114,12 +114,12 @@ def main(argv=None) -> int:
         if split not in dataset_dict:
             continue
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
-        results[split] = evaluate_model(model, dataset, progress=False, color_fit=color_fit)
+        results[split] = evaluate_model(model, dataset, progress=False, color_fit=color_fit, split=split)
     results["gains"] = {split: gains(results[split]) for split in ("val", "test") if split in results}
     results["global_step"] = trainer.state.global_step
     write_json(output_dir / "demo_results.json", results)
     if "test" in results:  # the card reports the held-out test tiles (best/metrics.json keeps the validation)
-        write_model_card(output_dir / "best", metrics=results["test"], split="test")
+        write_model_card(output_dir / "best", metrics=results["test"])
 
     for split in ("val", "test"):
         if split in results:

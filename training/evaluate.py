@@ -29,6 +29,8 @@ from data_builders.degrade import DEGRADATION_CHOICES
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stage2-evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained model folder (best/, checkpoint) or Hub repo id")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub repo id: the branch, tag or commit to download (default: main)")
     parser.add_argument("--data", required=True, help="NPZ tiles folder or saved Arrow DatasetDict")
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     parser.add_argument("--stage1_dir", default=None, help="Stage 1 outputs (<tile>.npz with opt_v1) for NPZ tiles")
@@ -80,10 +82,9 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
 
 def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None,
                max_samples=None, dataset_dict=None):
-    """A dataset split with the evaluation transform (tensors), from Arrow or NPZ tiles (or `dataset_dict`, already
-    loaded from `data`)."""
-    from data_builders import make_eval_transform
-
+    """A dataset split in numpy format with the columns a batch needs (read zero-copy from Arrow; `evaluate_model`
+    collates them into tensors, as training does), from Arrow or NPZ tiles (or `dataset_dict`, already loaded from
+    `data`)."""
     from training.trainer import BATCH_COLUMNS
 
     if dataset_dict is None:
@@ -95,9 +96,7 @@ def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, 
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"{data}: split {split!r} is empty.")
-    dataset = dataset.select_columns([name for name in BATCH_COLUMNS if name in dataset.column_names])
-    dataset.set_transform(make_eval_transform())
-    return dataset
+    return dataset.with_format("numpy", columns=[name for name in BATCH_COLUMNS if name in dataset.column_names])
 
 
 def fit_color_baseline(dataset_dict, split: str = FIT_SPLIT):
@@ -112,12 +111,15 @@ def fit_color_baseline(dataset_dict, split: str = FIT_SPLIT):
 
 @torch.no_grad()
 def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: bool = True, color_fit=None,
-                   color_fit_split: str = FIT_SPLIT) -> dict:
-    """`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` of `model` on `dataset` (items with tensors), plus
-    `"linear_fit": {...}` and `"linear_fit_fitted_on"` when `color_fit` (a `ColorFitResult`) is given."""
+                   color_fit_split: str = FIT_SPLIT, split: str | None = None) -> dict:
+    """`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` of `model` on `dataset` (rows of numpy arrays or tensors,
+    e.g. `load_split`'s; collated with the evaluation transform), plus
+    `"linear_fit": {...}` and `"linear_fit_fitted_on"` when `color_fit` (a `ColorFitResult`) is given, and
+    `"split"` (the name of the split `dataset` is, recorded for model cards) when given."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-    from transformers import default_data_collator
+
+    from data_builders import make_eval_transform
 
     from training.metrics import MetricAccumulator
 
@@ -125,7 +127,7 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
     model.eval()
     accumulator = MetricAccumulator()
     fit_accumulator = MetricAccumulator() if color_fit is not None else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=default_data_collator)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=make_eval_transform().collate)
     for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
         opt_v1 = batch["opt_v1"].to(device)
         refined = model(opt_v1=opt_v1, month=batch["month"].to(device), biome=batch["biome"].to(device)).refined
@@ -137,6 +139,8 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
     if fit_accumulator is not None:
         results["linear_fit"] = fit_accumulator.compute()["refined"]
         results["linear_fit_fitted_on"] = {"split": color_fit_split, "tiles": color_fit.tiles}
+    if split is not None:
+        results["split"] = split
     return results
 
 
@@ -173,9 +177,9 @@ def _run(args, cache_dir) -> dict:
         if color_fit is None and args.baselines:
             raise ValueError(f"--baselines: {args.data} has no {FIT_SPLIT!r} split to fit the colour baseline on.")
     model = load_trained_model(args.model, quantization=args.quantization,
-                               device=device if args.quantization == "none" else None)
+                               device=device if args.quantization == "none" else None, revision=args.revision)
     results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device,
-                             color_fit=color_fit)
+                             color_fit=color_fit, split=args.split)
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if args.json:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BAND_NAMES: tuple[str, ...] = ("B02", "B03", "B04", "B08")
+from modeling_stage2.bands import BAND_NAMES
+
 BLUE, GREEN, RED, NIR = range(len(BAND_NAMES))
 
 # EVI = G (NIR - R) / (NIR + C1 R - C2 B + L), MODIS coefficients.

@@ -1,13 +1,20 @@
 """Train the Stage 2 refiner: the design's command line.
 
-    accelerate launch training/train.py --config configs/hardware.lowvr.yaml --data_dir D \\
-        [--stage1_dir S] --output_dir O [--resume CKPT|latest] [--max_samples N] [--epochs N] [--any_trainer_flag V]
-    stage2-train ...same flags...                      # re-executes itself through `accelerate launch`
-    stage2-train --num_processes 2 -- ...flags...      # accelerate options before `--`
+    stage2-train --config configs/hardware.lowvr.yaml --data_dir D --output_dir O \\
+        [--stage1_dir S] [--resume CKPT|latest] [--max_samples N] [--epochs N] [--any_trainer_flag V]
+    stage2-train --num_processes 2 --multi_gpu -- ...flags...   # accelerate options before `--`
+    accelerate launch training/train.py ...same flags...         # what stage2-train runs
 
 Settings come from the YAML file given with `--config` (keys are the fields of `Stage2TrainingArguments` and
 `Stage2DataArguments`, i.e. any `TrainingArguments` field plus the model, LoRA, loss and data settings) and are
-overridden by the same flags on the command line (`transformers.HfArgumentParser`).
+overridden by the same flags on the command line (`transformers.HfArgumentParser`). Every value is checked (type,
+range, the refiner config it makes, the input folders) before anything runs or is written: a mistake is one line
+naming the file, key or flag (`UsageError`, exit status 2).
+
+`stage2-train` (`launch_main`) checks the settings in its own process, then runs `accelerate launch` on this file
+as a child in its own process group: SIGTERM/SIGHUP to `stage2-train` stop every process of the run, SIGINT stops
+training after the current optimizer step with a checkpoint (exit status 130), and a trainer whose `stage2-train`
+died (even by SIGKILL) stops itself.
 
 `--data_dir` is either NPZ tiles (`{train,val,test}/*.npz`), converted once to an Arrow `DatasetDict` and cached
 (in `OUTPUT_DIR/_dataset/<key>`, the key hashing the tiles' names, sizes and modification times and the build
@@ -15,14 +22,23 @@ options), or a `DatasetDict` saved with `save_to_disk`.
 
 Output folder: `best/` (the best validation model: `load_trained_model("O/best")`, with `metrics.json`,
 `training_config.json`, `preview.png` and the model card `README.md`), `checkpoint-N/` (complete ones carry
-`checkpoint_complete.json`), `config.yaml` (the settings of this run, usable as `--config`),
-`training_log.jsonl`, TensorBoard events in `runs/`.
+`checkpoint_complete.json`), `config.yaml` (the settings of this run, usable as `--config`; written when training
+starts), `training_log.jsonl`, TensorBoard events in `runs/`. A run that fails before training starts leaves the
+output folder as it was.
 """
+import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 # Intel MKL picks code paths by memory alignment unless told otherwise, so two identical runs can differ in the
@@ -34,19 +50,44 @@ import yaml  # noqa: E402
 
 logger = logging.getLogger("training.train")
 
+PROG = "stage2-train"
 CONFIG_NAME = "config.yaml"
 DATASET_CACHE_DIR = "_dataset"  # "_*" is never pushed to the Hub by the Trainer
 ARROW_MARKER = "dataset_dict.json"
 _CACHE_FORMAT_VERSION = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+# Set by `stage2-train` for the trainer it launches: its PID (the trainer stops when it is gone) and a file where
+# the trainer leaves its exit status (`accelerate launch --quiet` reports every failure as 1).
+LAUNCHER_PID_ENV = "STAGE2_TRAIN_LAUNCHER_PID"
+STATUS_FILE_ENV = "STAGE2_TRAIN_STATUS_FILE"
+
+
+class UsageError(ValueError):
+    """A mistake in the settings or inputs of a run: reported as one line, exit status 2."""
+
+
+class MissingInputError(UsageError, FileNotFoundError):
+    """A file or folder named by the settings does not exist."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT after writing a checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------- arguments
-def _parser():
+def _parser(prog: str | None = None):
     from transformers import HfArgumentParser
 
     from training.args import Stage2DataArguments, Stage2TrainingArguments
 
-    return HfArgumentParser((Stage2TrainingArguments, Stage2DataArguments))
+    parser = HfArgumentParser((Stage2TrainingArguments, Stage2DataArguments), prog=prog)
+    parser.error = _raise_usage_error  # one line naming the flag, never a usage dump and exit
+    return parser
+
+
+def _raise_usage_error(message: str):
+    raise UsageError(message)
 
 
 def _aliases(parser) -> dict[str, str]:
@@ -59,55 +100,182 @@ def _aliases(parser) -> dict[str, str]:
     return names
 
 
+def _choices(parser) -> dict[str, list]:
+    """Field name -> the values its flag accepts, for fields with a fixed set of values."""
+    return {action.dest: list(action.choices) for action in parser._actions if action.choices and action.option_strings}
+
+
+def _read_yaml(path: Path):
+    if not path.exists():
+        raise MissingInputError(f"--config {path}: no such file.")
+    if not path.is_file():
+        raise UsageError(f"--config {path}: not a file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path}: cannot read the file ({error}).") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())}).") from None
+
+
 def load_config_file(path: str | os.PathLike, parser=None) -> dict:
-    """Read a YAML config: a mapping of argument names to values. Unknown keys are an error naming the file."""
+    """Read a YAML config: a mapping of argument names to values, each converted to its field's type. An unknown key
+    or a value of the wrong type is a `UsageError` naming the file and the key."""
     parser = parser or _parser()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file.")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error}).") from None
+    values = _read_yaml(path)
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}.")
-    aliases = _aliases(parser)
+        raise UsageError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}.")
+    from training.args import SettingTypeError, convert_setting, setting_types
+
+    aliases, types, choices = _aliases(parser), setting_types(), _choices(parser)
     resolved = {}
     for key, value in values.items():
         if key not in aliases:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: unknown key {key!r}. Keys are Stage2TrainingArguments / Stage2DataArguments fields "
-                f"(any TrainingArguments field, e.g. learning_rate, num_train_epochs); see --help."
+                f"(any TrainingArguments field, e.g. learning_rate, num_train_epochs); see {PROG} --help-all."
             )
-        resolved[aliases[key]] = value
+        name = aliases[key]
+        try:
+            resolved[name] = convert_setting(value, types.get(name), choices.get(name))
+        except SettingTypeError as error:
+            raise UsageError(f"{path}: {key}: {error}") from None
     return resolved
 
 
-def parse_args(argv=None):
+class _Sources:
+    """Where each setting of a run came from (the config file or the command line), to name it in messages."""
+
+    def __init__(self, config: str | None, file_keys, cli_keys):
+        self.config, self.file_keys, self.cli_keys = config, set(file_keys), set(cli_keys)
+
+    def key_in(self, message: str) -> str | None:
+        import re
+
+        for key in sorted(self.cli_keys | self.file_keys, key=len, reverse=True):
+            if re.search(rf"(?<![A-Za-z0-9_]){re.escape(key)}(?![A-Za-z0-9_])", message):
+                return key
+        return None
+
+    def explain(self, error: Exception, key: str | None = None) -> str:
+        """`error`'s message prefixed with the file or flag that set `key` (by default: the key it names)."""
+        message = " ".join(str(error.args[0] if isinstance(error, KeyError) and error.args else error).split())
+        key = key or self.key_in(message)
+        if key in self.cli_keys:
+            return f"--{key}: {message}"
+        if key in self.file_keys:
+            return f"{self.config}: {message}" if key in message else f"{self.config}: {key}: {message}"
+        return f"{key}: {message}" if key and key not in message else message
+
+
+def _parse_command_line(parser, argv: list[str]):
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+
+        flag = next((item for item in unknown if item.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(flag, [o for a in parser._actions for o in a.option_strings], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else f" (see {PROG} --help-all)"
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return namespace
+
+
+def parse_args(argv=None, *, without_devices: bool = False):
     """`--config FILE` (YAML) + command-line overrides -> (Stage2TrainingArguments, Stage2DataArguments, settings).
 
     `settings` holds what this run sets explicitly (the config file's values and the command-line overrides):
-    it is written to `OUTPUT_DIR/config.yaml`.
+    it is written to `OUTPUT_DIR/config.yaml`. Every mistake (unknown key or flag, a value of the wrong type or
+    out of range, a refiner config that cannot be built) is a `UsageError` naming the file, key or flag.
+    `without_devices`: check the settings without touching a GPU (what `stage2-train` does before it launches).
     """
-    import argparse
-
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
+    pre.error = _raise_usage_error
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = _parser()
     parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
     file_values = load_config_file(known.config, parser) if known.config else {}
     parser.set_defaults(**file_values)
-    namespace, unknown = parser.parse_known_args(rest)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    values = vars(namespace)
+    values = vars(_parse_command_line(parser, rest))
     values.pop("config", None)
     overrides = {key: value for key, value in values.items() if value != parser.get_default(key)}
     settings = {**file_values, **overrides}
-    training_args, data_args = parser.parse_dict(values)
+    sources = _Sources(known.config, file_values, overrides)
+    if without_devices:
+        values["use_cpu"] = True
+    try:
+        training_args, data_args = parser.parse_dict(values)
+    except ValueError as error:
+        raise UsageError(sources.explain(error)) from None
+    check_model_settings(training_args, sources)
     return training_args, data_args, settings
+
+
+def _refiner_config_keys() -> set[str]:
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    from modeling_stage2 import Stage2RefinerConfig
+
+    names = set()
+    for cls in (Stage2RefinerConfig, PretrainedConfig):
+        names |= {name for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD}
+    return (names - {"self"}) | {"attn_implementation"}
+
+
+def refiner_config(training_args, *, overrides: bool = True, lora: bool = False):
+    """The `Stage2RefinerConfig` of a new refiner with the run's settings; `refiner_config_overrides` win over the
+    other settings. `lora`: the LoRA settings in the config too (to check them; `build_model` passes them to
+    `build_trainable_model` instead)."""
+    from modeling_stage2 import Stage2RefinerConfig
+
+    settings = {"spectral_correction": training_args.spectral_correction,
+                "nonnegative_output": training_args.nonnegative_output}
+    if lora:
+        settings.update(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
+                        lora_dropout=training_args.lora_dropout,
+                        lora_target_modules=list(training_args.lora_target_modules),
+                        unfreeze_last_n_blocks=training_args.unfreeze_last_n_blocks)
+    if overrides:
+        settings.update(training_args.refiner_config_overrides or {})
+    return Stage2RefinerConfig(backbone_config=training_args.backbone_preset,
+                               backbone_weights=training_args.backbone_weights, **settings)
+
+
+def check_model_settings(training_args, sources: _Sources | None = None) -> None:
+    """The refiner config the settings make can be built: the backbone preset, the LoRA settings, and every key and
+    value of `refiner_config_overrides`. `UsageError` naming the file or flag and the key."""
+    sources = sources or _Sources(None, (), ())
+    if training_args.model_name_or_path is not None:
+        return  # the saved refiner's own config.json applies (checked with the input folders)
+    from modeling_stage2 import PrithviConfig
+
+    try:
+        PrithviConfig.from_preset(training_args.backbone_preset)
+    except (ValueError, KeyError) as error:
+        raise UsageError(sources.explain(error, key="backbone_preset")) from None
+    try:
+        refiner_config(training_args, overrides=False, lora=True)
+    except (ValueError, TypeError) as error:
+        raise UsageError(sources.explain(error)) from None
+    overrides = training_args.refiner_config_overrides or {}
+    key = "refiner_config_overrides"
+    if not isinstance(overrides, dict):
+        raise UsageError(sources.explain(ValueError(f"{key}: expected a mapping, got {overrides!r}."), key=key))
+    unknown = sorted(set(overrides) - _refiner_config_keys())
+    if unknown:
+        raise UsageError(sources.explain(ValueError(
+            f"{key}: unknown key {unknown[0]!r}; keys are Stage2RefinerConfig arguments (e.g. head_width, "
+            f"num_convnext_blocks, drop_path_rate)."), key=key))
+    try:
+        refiner_config(training_args, lora=True)
+    except (ValueError, TypeError) as error:
+        raise UsageError(sources.explain(ValueError(f"{key}: {error}"), key=key)) from None
 
 
 def write_run_config(output_dir: str | os.PathLike, settings: dict, training_args) -> Path:
@@ -171,19 +339,100 @@ def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: 
     return digest.hexdigest()[:16]
 
 
+def _check_data_folder(data_args) -> None:
+    """`--data_dir` is a folder of NPZ tiles or an Arrow dataset, and `--stage1_dir` fits it."""
+    if data_args.data_dir is None:
+        raise UsageError("--data_dir is required: NPZ tiles ({train,val,test}/*.npz) or a saved Arrow DatasetDict.")
+    data_dir = Path(data_args.data_dir)
+    if not data_dir.is_dir():
+        raise MissingInputError(f"--data_dir {data_dir}: no such folder.")
+    if is_arrow_dataset(data_dir):
+        if data_args.stage1_dir is not None:
+            raise UsageError(f"--stage1_dir applies to NPZ tiles; {data_dir} is already an Arrow dataset.")
+        return
+    if next(data_dir.rglob("*.npz"), None) is None:
+        raise MissingInputError(
+            f"--data_dir {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
+            f"({ARROW_MARKER}) there."
+        )
+    if data_args.stage1_dir is not None and not Path(data_args.stage1_dir).is_dir():
+        raise MissingInputError(f"--stage1_dir {data_args.stage1_dir}: no such folder.")
+
+
+def _check_arrow_splits(data_args) -> None:
+    """A saved Arrow dataset has the training and the validation split (NPZ tiles: checked once converted)."""
+    data_dir = Path(data_args.data_dir)
+    if not is_arrow_dataset(data_dir):
+        return
+    try:
+        splits = json.loads((data_dir / ARROW_MARKER).read_text(encoding="utf-8")).get("splits", [])
+    except (OSError, ValueError, AttributeError) as error:
+        raise UsageError(f"--data_dir {data_dir}: unreadable {ARROW_MARKER} ({error}).") from None
+    _require_splits(splits, data_args.eval_split, f"--data_dir {data_dir}")
+
+
+def _require_splits(splits, eval_split: str, where: str) -> None:
+    for split in ("train", eval_split):
+        if split not in splits:
+            raise UsageError(f"{where}: the dataset has no {split!r} split (it has {sorted(splits)}); training "
+                             f"needs 'train' and the validation split (--eval_split).")
+
+
+_RESUME_NONE = (None, False, "", "none", "None")
+_RESUME_LATEST = ("latest", "last", "true")
+
+
+def _check_resume(training_args, complete: bool) -> None:
+    """`--resume PATH` names a checkpoint folder; `complete`: also a complete one (the trainer's own check)."""
+    value = training_args.resume_from_checkpoint
+    if value in _RESUME_NONE or value is True or str(value).lower() in _RESUME_LATEST:
+        return
+    if not Path(value).is_dir():
+        raise MissingInputError(f"--resume {value}: no such checkpoint folder.")
+    if complete:
+        from training.trainer import resolve_resume_checkpoint
+
+        try:
+            resolve_resume_checkpoint(value, training_args.output_dir, warn=False)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(str(error)) from None
+
+
+def _check_start_model(training_args) -> None:
+    """A local `--model_name_or_path` folder holds a valid refiner `config.json`."""
+    name = training_args.model_name_or_path
+    if name is None or not Path(name).is_dir():
+        return  # a Hub repo: checked when it is downloaded
+    config_file = Path(name) / "config.json"
+    if not config_file.is_file():
+        raise MissingInputError(f"--model_name_or_path {name}: no config.json there (a saved Stage2RefinerModel "
+                                f"folder has one).")
+    from modeling_stage2 import Stage2RefinerConfig
+
+    try:
+        Stage2RefinerConfig.from_pretrained(name)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise UsageError(f"{config_file}: {' '.join(str(error).split())}") from None
+
+
+def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) -> None:
+    """The folders and files the settings name exist and fit, before anything runs or is written: the data, the
+    Stage 1 outputs, the checkpoint to resume from (`check_checkpoint`: that it is complete too) and a saved refiner
+    to start from. `UsageError` (`MissingInputError`) naming the flag."""
+    _check_data_folder(data_args)
+    _check_arrow_splits(data_args)
+    _check_resume(training_args, complete=check_checkpoint)
+    _check_start_model(training_args)
+
+
 def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike) -> Path:
     """The folder of the Arrow `DatasetDict` of `data_args.data_dir`: the folder itself if it is one, else the
     cached conversion of its NPZ tiles (built on first use)."""
-    if data_args.data_dir is None:
-        raise ValueError("--data_dir is required: NPZ tiles ({train,val,test}/*.npz) or a saved Arrow DatasetDict.")
+    _check_data_folder(data_args)
     data_dir = Path(data_args.data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data_dir {data_dir}: no such folder.")
     if is_arrow_dataset(data_dir):
-        if data_args.stage1_dir is not None:
-            raise ValueError(f"--stage1_dir applies to NPZ tiles; {data_dir} is already an Arrow dataset.")
         return data_dir
-    cache_root = Path(data_args.dataset_cache_dir or Path(output_dir) / DATASET_CACHE_DIR)
+    cache_root = _cache_root(data_args, output_dir)
     cached = cache_root / dataset_cache_key(data_dir, data_args.stage1_dir, data_args.input_mode,
                                             data_args.dataset_seed, degradation=data_args.degradation)
     if is_arrow_dataset(cached):
@@ -196,6 +445,10 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike) -> Path:
     build_dataset(data_dir, cached, stage1_dir=data_args.stage1_dir, input_mode=data_args.input_mode,
                   seed=data_args.dataset_seed, degradation=data_args.degradation)
     return cached
+
+
+def _cache_root(data_args, output_dir: str | os.PathLike) -> Path:
+    return Path(data_args.dataset_cache_dir or Path(output_dir) / DATASET_CACHE_DIR)
 
 
 def load_or_build_dataset(data_args, output_dir: str | os.PathLike):
@@ -211,10 +464,7 @@ def prepare_splits(dataset_dict, data_args, seed: int = 0):
 
     from training.trainer import BATCH_COLUMNS, TileDataset
 
-    for split in ("train", data_args.eval_split):
-        if split not in dataset_dict:
-            raise ValueError(f"The dataset has no {split!r} split (it has {sorted(dataset_dict)}); "
-                             f"training needs 'train' and the validation split (--eval_split).")
+    _require_splits(list(dataset_dict), data_args.eval_split, f"--data_dir {data_args.data_dir}")
     train, evaluation = dataset_dict["train"], dataset_dict[data_args.eval_split]
     if data_args.max_samples is not None:
         train = train.select(range(min(data_args.max_samples, len(train))))
@@ -223,7 +473,8 @@ def prepare_splits(dataset_dict, data_args, seed: int = 0):
     columns = [name for name in BATCH_COLUMNS if name in train.column_names]
     missing = sorted(set(BATCH_COLUMNS) - {"valid_mask"} - set(columns))
     if missing:
-        raise ValueError(f"The dataset lacks the columns {missing}; build it with stage2-build-dataset.")
+        raise UsageError(f"--data_dir {data_args.data_dir}: the dataset lacks the columns {missing}; build it with "
+                         "stage2-build-dataset.")
     train_transform = make_train_transform() if data_args.augment else make_eval_transform()
     return (TileDataset(train, train_transform, seed=seed, brightness_range=data_args.brightness_augment),
             TileDataset(evaluation, make_eval_transform()))
@@ -232,7 +483,7 @@ def prepare_splits(dataset_dict, data_args, seed: int = 0):
 # ------------------------------------------------------------------------------------------- model
 def build_model(training_args, print_summary: bool = True):
     """The trainable refiner of the run's settings (`modeling_stage2.build_trainable_model`)."""
-    from modeling_stage2 import Stage2RefinerConfig, build_trainable_model
+    from modeling_stage2 import build_trainable_model
 
     lora = dict(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                 lora_dropout=training_args.lora_dropout, target_modules=list(training_args.lora_target_modules),
@@ -240,13 +491,8 @@ def build_model(training_args, print_summary: bool = True):
     if training_args.model_name_or_path is not None:
         return build_trainable_model(model_name_or_path=training_args.model_name_or_path,
                                      quantization=training_args.quantization, print_summary=print_summary, **lora)
-    settings = {"spectral_correction": training_args.spectral_correction,
-                "nonnegative_output": training_args.nonnegative_output,
-                **(training_args.refiner_config_overrides or {})}
-    config = Stage2RefinerConfig(backbone_config=training_args.backbone_preset,
-                                 backbone_weights=training_args.backbone_weights, **settings)
-    return build_trainable_model(config, quantization=training_args.quantization, print_summary=print_summary,
-                                 **lora)
+    return build_trainable_model(refiner_config(training_args), quantization=training_args.quantization,
+                                 print_summary=print_summary, **lora)
 
 
 def start_spectral_correction(model, train_split, training_args) -> str | None:
@@ -282,30 +528,66 @@ def start_spectral_correction(model, train_split, training_args) -> str | None:
 
 # ------------------------------------------------------------------------------------------- main
 def run_training(training_args, data_args, settings: dict | None = None, callbacks=None):
-    """Build data and model, train, and finish the output folder. Returns the trainer."""
+    """Build data and model, train, and finish the output folder. Returns the trainer.
+
+    Until training starts, a failure leaves the output folder as it was (what this run created there, the dataset
+    conversion included, is removed); `config.yaml` is written when training starts. With an `InterruptCallback`
+    that stopped training (SIGINT), raises `TrainingInterrupted` once the checkpoint is written."""
     from transformers import set_seed
 
     from training.trainer import Stage2Trainer
 
     output_dir = Path(training_args.output_dir)
-    if training_args.should_save:
-        write_run_config(output_dir, settings or {}, training_args)
-    with training_args.main_process_first(local=False, desc="dataset conversion"):
-        dataset_dict = load_or_build_dataset(data_args, output_dir)
-    train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
-    set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
-    model = build_model(training_args, print_summary=training_args.should_log)
-    spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args)
-    trainer = Stage2Trainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
-                         "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
-                         "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start},
-        callbacks=callbacks,
-    )
+    with _undone_on_failure(output_dir, _cache_root(data_args, output_dir), enabled=training_args.should_save):
+        with training_args.main_process_first(local=False, desc="dataset conversion"):
+            dataset_dict = load_or_build_dataset(data_args, output_dir)
+        train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
+        set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
+        model = build_model(training_args, print_summary=training_args.should_log)
+        spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args)
+        trainer = Stage2Trainer(
+            model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
+                             "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
+                             "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start},
+            callbacks=callbacks,
+        )
+        if training_args.should_save:
+            write_run_config(output_dir, settings or {}, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    interrupt = next((item for item in callbacks or () if isinstance(item, InterruptCallback)), None)
+    if interrupt is not None and interrupt.stopped_at is not None:
+        step = interrupt.stopped_at
+        raise TrainingInterrupted(f"interrupted: training stopped after optimizer step {step} with a checkpoint "
+                                  f"({output_dir / f'checkpoint-{step}'}); continue with --resume latest.")
     finish_run(trainer)
     return trainer
+
+
+def _entries(folder: Path) -> set[Path]:
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+@contextlib.contextmanager
+def _undone_on_failure(output_dir: Path, cache_root: Path, enabled: bool = True):
+    """On an exception inside the block, remove what the block created in `output_dir` (all of it if the block
+    created the folder; else the new entries, and the new entries of the dataset cache when it is inside)."""
+    if not enabled:
+        yield
+        return
+    existed = output_dir.exists()
+    inside = output_dir.resolve() in cache_root.resolve().parents
+    before = {folder: _entries(folder) for folder in ((cache_root,) if inside else ()) + (output_dir,)}
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        else:
+            for folder, entries in before.items():
+                for path in _entries(folder) - entries:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
 
 
 def finish_run(trainer) -> None:
@@ -331,31 +613,441 @@ def finish_run(trainer) -> None:
         trainer.push_to_hub(commit_message="End of training: best model")
 
 
-def main(argv=None):
+# ------------------------------------------------------------------------------------------- the trainer process
+class InterruptCallback:
+    """SIGINT handling of the trainer process. During training, the first SIGINT stops training after the current
+    optimizer step with a checkpoint (all processes together); before training starts, or the second time, it
+    interrupts at once (`KeyboardInterrupt`). `handle` is the signal handler; the instance is a Trainer callback."""
+
+    def __init__(self):
+        self.training = False
+        self.requested = False
+        self.stopped_at = None
+
+    def handle(self, signum, frame):
+        if not self.training or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, f"{PROG}: interrupt: stopping after the current optimizer step, with a checkpoint (interrupt "
+                        f"again to stop at once).\n".encode())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_process(self.requested, args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def __getattr__(self, name: str):
+        if name.startswith("on_"):  # the other Trainer events: nothing to do
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+def _any_process(flag: bool, args) -> bool:
+    """`flag` of any process of a distributed run (every process stops at the same step)."""
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=args.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def main(argv=None, callbacks=None):
+    """Train with the settings of `argv` in this process. Returns the trainer; `UsageError` on a mistake in the
+    settings or inputs (raised before anything runs or is written)."""
     training_args, data_args, settings = parse_args(argv)
+    check_run_inputs(training_args, data_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
-    return run_training(training_args, data_args, settings)
+    return run_training(training_args, data_args, settings, callbacks=callbacks)
+
+
+def cli(argv=None) -> int:
+    """The trainer process (`accelerate launch training/train.py ARGS`): exit status 0 trained, 2 a mistake in the
+    settings or inputs (one line), 130 interrupted; a bug raises (status 1)."""
+    _stop_with_launcher()
+    interrupt = InterruptCallback()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt.handle) if in_main_thread else None
+    try:
+        main(argv, callbacks=[interrupt])
+        code = 0
+    except UsageError as error:
+        _say(error, once=True)
+        code = EXIT_USAGE
+    except TrainingInterrupted as stop:
+        _say(stop, once=True)
+        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        _say("interrupted.", once=True)
+        code = EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    _record_exit_status(code)
+    return code
+
+
+def _say(message, once: bool = False) -> None:
+    """One line on stderr (`once`: from the first process of a distributed run only)."""
+    if not once or os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _record_exit_status(code: int) -> None:
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path and code:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(str(code))
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of `/proc/PID/stat` after the command name (state, ppid, pgrp, ...); None without the process
+    (or without /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name in (...) may hold spaces
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _has_ancestor(pid: int) -> bool:
+    """Whether `pid` is an ancestor of this process (Linux /proc)."""
+    current = os.getpid()
+    for _ in range(64):
+        current = _parent_of(current)
+        if current is None or current <= 1:
+            return False
+        if current == pid:
+            return True
+    return False
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """Linux: the kernel sends `signum` to this process when its parent dies (`prctl(PR_SET_PDEATHSIG)`)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
+def _stop_with_launcher() -> None:
+    """In a trainer started by `stage2-train`: stop (with every process of the run's process group) when the
+    launcher is gone, however it died; the parent's death (`accelerate launch`) stops this process too."""
+    value = os.environ.get(LAUNCHER_PID_ENV)
+    if not value or not value.isdigit():
+        return
+    launcher = int(value)
+    _set_parent_death_signal(signal.SIGTERM)
+    on_linux = Path("/proc/self/stat").is_file()
+    parent = os.getppid()
+    try:
+        own_group = os.getpgid(launcher) != os.getpgrp()  # stage2-train starts the run in a group of its own
+    except OSError:
+        own_group = True
+
+    def alive() -> bool:
+        return _has_ancestor(launcher) if on_linux else os.getppid() == parent
+
+    def stop() -> None:
+        _say(f"the launcher (PID {launcher}) is gone: stopping.")
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgrp(), signal.SIGTERM) if own_group else os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        os._exit(128 + signal.SIGTERM)
+
+    def watch() -> None:
+        while alive():
+            time.sleep(0.5)
+        stop()
+
+    if not alive():
+        stop()
+    threading.Thread(target=watch, name="stage2-launcher-watch", daemon=True).start()
+
+
+# ------------------------------------------------------------------------------------------- stage2-train
+_HELP_DESCRIPTION = """\
+Train the Stage 2 refiner (Prithvi-EO-2.0 backbone, LoRA, ConvNeXt head) on Sentinel-2 tiles.
+
+Checks the settings (the YAML file and the flags) and the input folders, then runs the trainer
+(training/train.py) under `accelerate launch`. Keys of the YAML file are the flags without `--`;
+flags override the file."""
+
+_HELP_EPILOG = """\
+accelerate options:
+  Options before a `--` go to `accelerate launch`, everything after it to training:
+    stage2-train --num_processes 2 --multi_gpu -- --config configs/hardware.lowvr.yaml \\
+        --data_dir DATA --output_dir runs/x
+  Without them (and without an `accelerate config` file) one process runs: --num_processes 1
+  --num_machines 1 --mixed_precision no --dynamo_backend no (the training settings choose the
+  precision: fp16 / bf16). `accelerate launch --help` lists accelerate's options.
+
+all training flags:
+  Every TrainingArguments field and every Stage 2 setting (model, LoRA, loss, discriminator, data)
+  is a flag: `stage2-train --help-all` lists them (slower: it loads transformers).
+
+exit status:
+  0 trained; 2 a mistake in the settings or inputs (one line names the file, key or flag; nothing
+  is started or written); 130 interrupted (SIGINT / Ctrl-C: training stops after the current
+  optimizer step and writes a checkpoint; `--resume latest` continues); 128+N stopped by signal N
+  (SIGTERM and SIGHUP stop every process of the run); 1 training failed (its traceback is above)."""
+
+_HELP_FLAGS = (
+    ("--config", "FILE", "YAML file of settings; flags on the command line override it."),
+    ("--data_dir", "DIR", "NPZ tiles ({train,val,test}/*.npz; converted once and cached) or a saved Arrow "
+                          "DatasetDict."),
+    ("--output_dir", "DIR", "where checkpoints, best/, the logs and config.yaml go."),
+    ("--stage1_dir", "DIR", "Stage 1 outputs (<tile>.npz with opt_v1); without it opt_v1 is synthesised."),
+    ("--resume", "CKPT|latest", "resume from a checkpoint folder, or from the newest complete one in --output_dir."),
+    ("--epochs", "N", "number of training epochs (alias of --num_train_epochs)."),
+    ("--max_samples", "N", "use only the first N training tiles."),
+    ("--learning_rate", "LR", "peak learning rate of the generator."),
+)
+
+
+def _help_parser() -> argparse.ArgumentParser:
+    """The summary `stage2-train --help` prints: no torch or transformers import, so it is instant."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, usage="%(prog)s [ACCELERATE_OPTIONS --] [--config FILE] --data_dir DIR --output_dir DIR "
+                         "[TRAINING_FLAGS]",
+        description=_HELP_DESCRIPTION, epilog=_HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False)
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit.")
+    parser.add_argument("--help-all", action="store_true", help="list every training flag and exit.")
+    for flag, metavar, text in _HELP_FLAGS:
+        parser.add_argument(flag, metavar=metavar, help=text)
+    return parser
+
+
+def split_launcher_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(accelerate options, training flags): the options before the first `--`, the flags after it; without `--`
+    every argument is a training flag."""
+    if "--" in argv:
+        index = argv.index("--")
+        return argv[:index], argv[index + 1:]
+    return [], list(argv)
+
+
+# Values accelerate would otherwise pick itself, with a warning at every start ("`--num_processes` was set to a
+# value of `0`"); passed only when neither the user nor an accelerate config file sets them.
+_ACCELERATE_DEFAULTS = (("num_processes", "1"), ("num_machines", "1"), ("mixed_precision", "no"),
+                        ("dynamo_backend", "no"))
+
+
+def accelerate_arguments(launcher: list[str]) -> list[str]:
+    """The `accelerate launch` options of a run: the user's (checked with accelerate's own parser), the defaults
+    they leave unset, and `--quiet` (a failed trainer reports itself; accelerate would add a traceback)."""
+    from accelerate.commands import config as accelerate_config
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+    parser.error = lambda message: _raise_usage_error(f"accelerate option: {message}")
+    parser.allow_abbrev = False  # `--config FILE` before `--` is a misplaced training flag, not `--config_file`
+    placeholder = "<training script>"
+    options = parser.parse_args([*launcher, placeholder])
+    if options.training_script != placeholder:
+        raise UsageError(f"accelerate option: unexpected argument {options.training_script!r} before `--` (only "
+                         f"`accelerate launch` options go there; training flags go after it).")
+    added = []
+    if options.config_file is None and not os.path.isfile(accelerate_config.default_config_file):
+        for name, value in _ACCELERATE_DEFAULTS:
+            if name == "num_processes" and options.multi_gpu:
+                continue  # accelerate counts the GPUs
+            if getattr(options, name, None) is None:
+                added += [f"--{name}", value]
+    return [*launcher, *added, *([] if options.quiet else ["--quiet"])]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No log records or warnings while the launcher checks the settings (the trainer prints its own)."""
+    import warnings
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def check_before_launch(training: list[str]) -> None:
+    """What the trainer will check, in this process and without touching a GPU: the settings and the inputs."""
+    with _quiet():
+        training_args, data_args, _ = parse_args(training, without_devices=True)
+        check_run_inputs(training_args, data_args, check_checkpoint=False)
+
+
+def _signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signum)
+
+
+def _group_running(group: int) -> bool:
+    """Whether a process of `group` still runs (on Linux, exited ones waiting to be reaped do not count)."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in Path("/proc").iterdir():
+        fields = _proc_stat(entry.name) if entry.name.isdigit() else None
+        if fields and int(fields[2]) == group and fields[0] not in "ZX":
+            return True
+    return False
+
+
+def _stop_group(group: int, grace: float = 10.0) -> None:
+    """Stop whatever is left in the process group of the run (SIGTERM, then SIGKILL after `grace` seconds)."""
+    if not _group_running(group):
+        return
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _group_running(group):
+            return
+        time.sleep(0.1)
+    _signal_group(group, signal.SIGKILL)
+
+
+def run_accelerate(command: list[str], env: dict) -> tuple[int, list[int]]:
+    """Run `command` (`accelerate launch ...`) in a new session and process group and wait for it, forwarding
+    SIGINT, SIGTERM and SIGHUP to the group (a second SIGINT becomes SIGTERM: stop at once). accelerate itself
+    ignores SIGINT, so the trainer alone decides how to stop. Returns (exit status, the signals received); the
+    group is empty when it returns."""
+    received: list[int] = []
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.getsignal(signum) for signum in forwarded} if in_main_thread else {}
+    if in_main_thread:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by accelerate (and the trainer, which sets its own)
+    try:
+        child = subprocess.Popen(command, env=env, start_new_session=True)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+    def forward(signum, frame):
+        send = signal.SIGTERM if signum == signal.SIGINT and signal.SIGINT in received else signum
+        received.append(signum)
+        _signal_group(child.pid, send)
+
+    try:
+        for signum in previous:
+            signal.signal(signum, forward)
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _stop_group(child.pid)
+    return code, received
+
+
+def _exit_status(code: int, received: list[int], status_file: Path) -> int:
+    """The status of `stage2-train`: stopped by SIGTERM/SIGHUP: 128 + N; else the trainer's own (recorded in
+    `status_file`: accelerate --quiet reports every failure as 1), else accelerate's."""
+    stopping = [signum for signum in received if signum != signal.SIGINT]
+    if stopping:
+        _say(f"stopped by {signal.Signals(stopping[0]).name}.")
+        return 128 + stopping[0]
+    with contextlib.suppress(OSError, ValueError):
+        recorded = status_file.read_text().strip()
+        if recorded:
+            return int(recorded)
+    if code < 0:
+        return 128 - code
+    if code and signal.SIGINT in received:
+        return EXIT_INTERRUPTED
+    return code
 
 
 def _under_launcher() -> bool:
     return any(name in os.environ for name in ("ACCELERATE_LAUNCHED", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"))
 
 
-def launch_main(argv=None):
-    """Console script `stage2-train`: re-executes `accelerate launch training/train.py ARGS`.
+def launch_main(argv=None) -> int:
+    """Console script `stage2-train`: check the settings in this process, then (`launch`, same PID) run
+    `accelerate launch training/train.py ARGS` in a process group of its own and exit with the trainer's status
+    (see `_HELP_EPILOG`); returns 0 for `--help`, 2 for a mistake in the settings or inputs.
 
     Options before a `--` go to `accelerate launch` (e.g. `--num_processes 2 --multi_gpu`), the rest to training.
+    Already under a launcher (`accelerate launch stage2-train ...`): trains in this process (`cli`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if _under_launcher():
-        main(argv)
-        return
-    launcher, training = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(Path(__file__).resolve()),
-               *training]
-    os.execvpe(sys.executable, command, {**os.environ, "ACCELERATE_LAUNCHED": "1"})
+        return cli(argv)
+    launcher, training = split_launcher_arguments(argv)
+    if "-h" in argv or "--help" in argv:
+        _help_parser().print_help()
+        return 0
+    if "--help-all" in argv:
+        parser = _parser(prog=PROG)
+        parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
+        parser.print_help()
+        return 0
+    try:
+        options = accelerate_arguments(launcher)
+        check_before_launch(training)
+    except UsageError as error:
+        _say(error)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _say("interrupted.")
+        return EXIT_INTERRUPTED
+    return launch(options, training)
+
+
+def launch(options: list[str], training: list[str]):
+    """Replace this process (same PID; its settings checked, transformers loaded) by a lean one that runs the
+    trainer under `accelerate launch` and waits for it (`supervise`): the memory of the check is not held for the
+    whole run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            "from training.train import supervise; sys.exit(supervise(sys.argv[1:]))")
+    os.execv(sys.executable, [sys.executable, "-c", code, *options, "--", *training])
+
+
+def accelerate_command(options: list[str], training: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *options, str(Path(__file__).resolve()), *training]
+
+
+def supervise(argv: list[str]) -> int:
+    """Run `accelerate launch OPTIONS training/train.py TRAINING` (`argv`: OPTIONS -- TRAINING, already checked)
+    in its own process group and return the trainer's exit status; signals are forwarded (`run_accelerate`)."""
+    options, training = split_launcher_arguments(argv)
+    handle, status_path = tempfile.mkstemp(prefix="stage2-train-status-")
+    os.close(handle)
+    status_file = Path(status_path)
+    env = {**os.environ, "ACCELERATE_LAUNCHED": "1", LAUNCHER_PID_ENV: str(os.getpid()),
+           STATUS_FILE_ENV: str(status_file)}
+    try:
+        code, received = run_accelerate(accelerate_command(options, training), env)
+        return _exit_status(code, received, status_file)
+    finally:
+        status_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

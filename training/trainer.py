@@ -3,7 +3,7 @@
 What it adds to the Trainer (which keeps the optimizer, warmup/cosine schedule, gradient clipping, gradient
 accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushes):
 
-- `compute_loss` (trl's signature) runs the refiner and `training.losses.Stage2Loss`, returns the weighted total
+- `compute_loss` (transformers' `Trainer.compute_loss` signature) runs the refiner and `training.losses.Stage2Loss`, returns the weighted total
   and records every component; the overridden `log()` averages them (over steps and processes) into the logs.
 - A PatchGAN discriminator with its own AdamW, trained on detached fakes. Its gradients accumulate like the
   generator's and it steps only on gradient-accumulation boundaries (diffusers#4046), every
@@ -15,9 +15,11 @@ accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushe
 - Evaluation computes `training.metrics` for the refined output and for `opt_v1` (the do-nothing baseline):
   `eval_refined_<metric>`, `eval_opt_v1_<metric>`, `eval_n_tiles`, `eval_loss`; when the metric named by
   `metric_for_best_model` improves, the model is written to `OUTPUT_DIR/best` (`save_trained_model`, atomic).
-- Checkpoints get a completion marker written last; `find_latest_checkpoint` (used by `--resume latest`) only
-  returns checkpoints that have it, and torn ones left by a killed process are removed when training starts.
+- Checkpoints get a completion marker written last, with the size and sha256 of every file; `find_latest_checkpoint`
+  (used by `--resume latest`) only returns checkpoints that verify against it, falling back past corrupt ones (named
+  in a warning, never deleted); torn ones (no marker) left by a killed process are removed when training starts.
 """
+import hashlib
 import json
 import logging
 import math
@@ -53,15 +55,62 @@ PREVIEW_NAME = "preview.png"
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """True when `path` has the completion marker and every file it lists, with the recorded size."""
-    marker = Path(path) / CHECKPOINT_COMPLETE_NAME
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoint files can be larger than memory should hold twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_marker(folder: Path, global_step: int) -> dict:
+    """The completion marker's record of `folder`: the size and sha256 of every file in it."""
+    files = [item for item in sorted(folder.iterdir()) if item.is_file() and item.name != CHECKPOINT_COMPLETE_NAME]
+    return {"global_step": global_step, "files": {item.name: item.stat().st_size for item in files},
+            "sha256": {item.name: file_sha256(item) for item in files}}
+
+
+def _read_marker(folder: Path) -> tuple[dict, dict]:
+    """(sizes, sha256s) of the marker; sha256s is empty for markers written before hashes were recorded."""
+    record = json.loads((folder / CHECKPOINT_COMPLETE_NAME).read_text())
+    sizes, hashes = record["files"], record.get("sha256", {})
+    if not isinstance(sizes, dict) or not isinstance(hashes, dict):
+        raise TypeError("'files' and 'sha256' must be mappings")
+    return sizes, hashes
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the checkpoint `path` cannot be resumed from, naming the file; None when every file the marker lists is
+    there with its recorded size and sha256 (size only for markers of older versions, which have no hashes)."""
     folder = Path(path)
-    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+    if not (folder / CHECKPOINT_COMPLETE_NAME).is_file():
+        return (f"the checkpoint is incomplete (no valid {CHECKPOINT_COMPLETE_NAME}; it was torn by an interrupted "
+                "save)")
+    try:
+        sizes, hashes = _read_marker(folder)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"the checkpoint is corrupt: {CHECKPOINT_COMPLETE_NAME} is unreadable ({error})"
+    for name, size in sizes.items():  # sizes first: cheap, and they catch truncation
+        if not (folder / name).is_file():
+            return f"the checkpoint is corrupt: {name} is missing"
+        if (folder / name).stat().st_size != size:
+            return (f"the checkpoint is corrupt: {name} has {(folder / name).stat().st_size} bytes, "
+                    f"{CHECKPOINT_COMPLETE_NAME} records {size}")
+    for name, expected in hashes.items():
+        if not (folder / name).is_file():
+            return f"the checkpoint is corrupt: {name} is missing"
+        if file_sha256(folder / name) != expected:
+            return f"the checkpoint is corrupt: {name} does not match its sha256 in {CHECKPOINT_COMPLETE_NAME}"
+    return None
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """True when `path` has the completion marker and every file it lists, with the recorded size and sha256."""
+    return checkpoint_problem(path) is None
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -71,40 +120,65 @@ def _checkpoint_step(path: Path) -> int | None:
     return int(path.name[len(prefix):])
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
-    """(step, path, complete) of every `checkpoint-N` folder of `output_dir`, oldest first."""
+def _checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
     found = [(_checkpoint_step(path), path) for path in folder.iterdir()]
-    return sorted((step, path, is_complete_checkpoint(path)) for step, path in found if step is not None)
+    return sorted((step, path) for step, path in found if step is not None)
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every `checkpoint-N` folder of `output_dir`, oldest first (verifies every one)."""
+    return [(step, path, is_complete_checkpoint(path)) for step, path in _checkpoint_folders(output_dir)]
+
+
+def _latest_verified(output_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the (path, problem) of newer ones that have a marker but do not
+    (torn ones, without a marker, are skipped without a word: an interrupted save, removed when training starts)."""
+    rejected = []
+    for _, path in reversed(_checkpoint_folders(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, rejected
+        if (path / CHECKPOINT_COMPLETE_NAME).exists():
+            rejected.append((path, problem))
+    return None, rejected
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest complete checkpoint of `output_dir` (torn ones, without the marker, are never returned)."""
-    complete = [path for _, path, ok in list_checkpoints(output_dir) if ok]
-    return str(complete[-1]) if complete else None
+    """The newest checkpoint of `output_dir` that verifies (torn or corrupt ones are never returned)."""
+    latest, _ = _latest_verified(output_dir)
+    return str(latest) if latest is not None else None
 
 
 def resolve_resume_checkpoint(value, output_dir: str | os.PathLike, warn: bool = True) -> str | None:
-    """`--resume`: None/False -> None; "latest"/True -> newest complete checkpoint (None if there is none, with a
-    warning unless `warn=False`); a path -> that checkpoint, which must be complete."""
+    """`--resume`: None/False -> None; "latest"/True -> newest checkpoint that verifies (None if there is none; with
+    `warn`, a warning names every newer corrupt checkpoint and the file that fails, and says what is used instead);
+    a path -> that checkpoint, which must verify (ValueError naming the file otherwise)."""
     if value in (None, False, "", "none", "None"):
         return None
     if value is True or str(value).lower() in ("latest", "last", "true"):
-        latest = find_latest_checkpoint(output_dir)
-        if latest is None and warn:
-            logger.warning(f"--resume latest: no complete checkpoint in {output_dir}; starting from scratch.")
-        return latest
+        latest, rejected = _latest_verified(output_dir)
+        if warn:
+            _warn_skipped(rejected, latest, output_dir)
+        return str(latest) if latest is not None else None
     path = Path(value)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {value}: no such checkpoint folder.")
-    if not is_complete_checkpoint(path):
-        raise ValueError(
-            f"--resume {value}: the checkpoint is incomplete (no valid {CHECKPOINT_COMPLETE_NAME}; it was torn by an "
-            "interrupted save). Resume from an earlier checkpoint or use --resume latest."
-        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume {value}: {problem}. Resume from an earlier checkpoint or use --resume latest.")
     return str(path)
+
+
+def _warn_skipped(rejected: list[tuple[Path, str]], latest: Path | None, output_dir) -> None:
+    for path, problem in rejected:
+        logger.warning(f"--resume latest: skipping {path}: {problem} (the folder is kept, not deleted).")
+    if latest is None:
+        logger.warning(f"--resume latest: no complete checkpoint in {output_dir} that verifies; starting from scratch.")
+    elif rejected:
+        logger.warning(f"--resume latest: falling back to {latest}, the newest checkpoint that verifies.")
 
 
 def _write_json_atomically(path: Path, payload) -> None:
@@ -338,8 +412,10 @@ class Stage2Trainer(Trainer):
                              **kwargs)
 
     def _remove_torn_checkpoints(self) -> None:
-        for step, path, complete in list_checkpoints(self.args.output_dir):
-            if not complete:
+        """Remove checkpoints without a completion marker (written last: the save was interrupted). Ones with a
+        marker that fail verification are kept: the problem is reported by `resolve_resume_checkpoint`."""
+        for _, path in _checkpoint_folders(self.args.output_dir):
+            if not (path / CHECKPOINT_COMPLETE_NAME).exists():
                 logger.warning(f"Removing {path}: an incomplete checkpoint left by an interrupted save.")
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -398,10 +474,7 @@ class Stage2Trainer(Trainer):
         self._metrics["train"]["adversarial_fake_score"].append(fake_scores.detach().float().mean())
 
     def _any_process(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.args.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        value = self.accelerator.reduce(torch.tensor([float(flag)], device=self.args.device), reduction="sum")
         return bool(value.item() > 0)
 
     def _end_of_accumulation(self, model) -> None:
@@ -429,10 +502,8 @@ class Stage2Trainer(Trainer):
 
     def _discriminator_step(self, skip: bool) -> None:
         parameters = [p for p in self.discriminator.parameters() if p.grad is not None]
-        if parameters and self.accelerator.num_processes > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in parameters])
-            torch.distributed.all_reduce(flat)
-            flat /= self.accelerator.num_processes
+        if parameters and self.accelerator.num_processes > 1:  # D is not wrapped in DDP: average its gradients here
+            flat = self.accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in parameters]), reduction="mean")
             offset = 0
             for p in parameters:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
@@ -454,9 +525,7 @@ class Stage2Trainer(Trainer):
         if "loss" in logs:  # a training log (every process gets here together)
             logs.update(self._reduced_train_metrics())
             counters = torch.tensor([float(self._cpu_fallback_count())], device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                torch.distributed.all_reduce(counters)
-            logs["cpu_fallback_count"] = int(counters[0].item())
+            logs["cpu_fallback_count"] = int(self.accelerator.reduce(counters, reduction="sum")[0].item())
             logs["nonfinite_skipped_steps"] = self.nonfinite_skipped_steps
             if self.discriminator is not None:
                 logs["disc_steps"] = self.disc_steps
@@ -467,9 +536,8 @@ class Stage2Trainer(Trainer):
         names = sorted(recorded)
         if not names:
             return {}
-        means = torch.stack([torch.stack(recorded[name]).mean() for name in names]).to(self.args.device)
-        if self.accelerator.num_processes > 1:
-            means = self.accelerator.reduce(means, reduction="mean")
+        means = self.accelerator.reduce(
+            torch.stack([torch.stack(recorded[name]).mean() for name in names]).to(self.args.device), reduction="mean")
         recorded.clear()
         return {name: round(float(value), 6) for name, value in zip(names, means.tolist())}
 
@@ -548,30 +616,25 @@ class Stage2Trainer(Trainer):
 
     def save_best_model(self, metrics: dict | None = None) -> Path:
         """Write the current model to `OUTPUT_DIR/best` (`save_trained_model`), with `metrics.json` (the
-        `stage2-evaluate --json` format), `training_config.json` and `preview.png`. Atomic: the folder is replaced
-        only once complete."""
+        `stage2-evaluate --json` format), `training_config.json` and `preview.png`. Atomic (`staged_folder`): the
+        folder is replaced only once complete, and the next save restores one that a kill left set aside."""
+        from modeling_stage2._files import staged_folder
         from modeling_stage2.adapters import save_trained_model
 
         best = self.best_model_dir
-        staging = Path(tempfile.mkdtemp(prefix=".best.tmp-", dir=self.args.output_dir)) / BEST_DIR_NAME
-        try:
+        with staged_folder(best) as staging:  # a save killed half-way leaves the previous best/ for the next one
             save_trained_model(self.accelerator.unwrap_model(self.model), staging)
             if self.last_eval_results is not None:
                 results = {"refined": self.last_eval_results["refined"], "opt_v1": self.last_eval_results["opt_v1"],
-                           "n_tiles": int(self.last_eval_results["n_tiles"]), "global_step": self.state.global_step,
-                           "epoch": self.state.epoch}
+                           "n_tiles": int(self.last_eval_results["n_tiles"]),
+                           "split": self.training_config.get("eval_split", "val"),
+                           "global_step": self.state.global_step, "epoch": self.state.epoch}
                 _write_json_atomically(staging / METRICS_NAME, results)
             _write_json_atomically(staging / TRAINING_CONFIG_NAME, self.training_config_record())
             if self.eval_preview is not None:
                 grids = render_preview(self.eval_preview["opt_v1"], self.eval_preview["refined"],
                                        self.eval_preview["target"], self.preview_tiles)
                 write_png(staging / PREVIEW_NAME, grids["combined"])
-            retired = staging.parent / "old"
-            if best.exists():
-                best.rename(retired)
-            staging.rename(best)
-        finally:
-            shutil.rmtree(staging.parent, ignore_errors=True)
         logger.info(f"New best model ({self.args.metric_for_best_model}={self.state.best_metric}) saved to {best}.")
         return best
 
@@ -606,9 +669,14 @@ class Stage2Trainer(Trainer):
         return record
 
     def load_best_model(self) -> bool:
-        """Put the weights of `best/` back into the model being trained (like `load_best_model_at_end`)."""
+        """Put the weights of `best/` back into the model being trained (like `load_best_model_at_end`); a `best/`
+        that a kill left set aside between the renames of its last save is restored first."""
+        from modeling_stage2._files import restore_set_aside
+        from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE
+
         best = self.best_model_dir
-        if not (best / "adapter_model.safetensors").is_file():
+        restore_set_aside(best)
+        if not (best / ADAPTER_WEIGHTS_FILE).is_file():
             return False
         model = self.accelerator.unwrap_model(self.model)
         model.load_adapter(str(best), adapter_name=model.active_adapter, is_trainable=True)
@@ -684,14 +752,15 @@ class Stage2Trainer(Trainer):
         """The Trainer's checkpoint, then (after every process wrote its part) the completion marker."""
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
-            shutil.rmtree(folder)  # a torn checkpoint of an interrupted run at the same step
+            if (folder / CHECKPOINT_COMPLETE_NAME).exists():  # not torn: say that an earlier run's one is replaced
+                logger.warning(f"Replacing {folder}, a checkpoint of an earlier run at the same step "
+                               f"({checkpoint_problem(folder) or 'it verifies'}).")
+            shutil.rmtree(folder)
         self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()
         if self.args.should_save and folder.is_dir():
-            files = {item.name: item.stat().st_size for item in sorted(folder.iterdir()) if item.is_file()}
-            _write_json_atomically(folder / CHECKPOINT_COMPLETE_NAME,
-                                   {"global_step": self.state.global_step, "files": files})
+            _write_json_atomically(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step))
 
     # --------------------------------------------------------------------------------------- Hub
     def create_model_card(self, **kwargs) -> None:

@@ -1,0 +1,17 @@
+"""The product's bands and metadata codes: the facts the model, the data builders, training and inference share.
+
+A leaf module (no imports), so that `data_builders` can use it without loading the model, and `trust_remote_code`
+copies of the configuration carry it along.
+"""
+
+BAND_NAMES: tuple[str, ...] = ("B02", "B03", "B04", "B08")
+"""Bands of the product, in storage order (blue, green, red, broad NIR); values are reflectance 0..1."""
+
+UNKNOWN_METADATA: int = -1
+"""Month or biome code of a tile without that metadata; it selects the learned "unknown" embedding."""
+
+NUM_MONTHS: int = 12
+"""Months are coded 1..12 (the refiner's default `num_months`)."""
+
+NUM_BIOMES: int = 17
+"""Biomes are coded 0..16, IGBP-like (the refiner's default `num_biomes`)."""

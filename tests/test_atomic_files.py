@@ -1,0 +1,187 @@
+"""Folder replacement (`modeling_stage2._files`): a process killed between the two renames never loses the old
+content, and the next save of the folder puts it back; `best/` of a training run goes through the same code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from modeling_stage2 import _files
+from modeling_stage2._files import SET_ASIDE_MARKER, restore_set_aside, staged_folder
+
+# Replaces `sys.argv[2]` with a staged folder holding weights="new", and dies (os._exit, as SIGKILL would: no
+# handler, no finally) when the new folder is about to be moved in, i.e. after the old one was set aside.
+KILLED_BETWEEN_RENAMES = textwrap.dedent(
+    """
+    import importlib.util, os, sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("files_under_test", sys.argv[1])
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    target = Path(sys.argv[2])
+    real_replace, real_rename = os.replace, os.rename
+
+    def die_moving_in(source, destination):
+        if Path(destination) == target and ".tmp-" in str(source):
+            os._exit(9)
+
+    os.replace = lambda source, destination: die_moving_in(source, destination) or real_replace(source, destination)
+    os.rename = lambda source, destination: die_moving_in(source, destination) or real_rename(source, destination)
+    with files.staged_folder(target) as staging:
+        (staging / "weights").write_text("new")
+    """
+)
+
+
+def _set_asides(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}{SET_ASIDE_MARKER}*"))
+
+
+def kill_between_renames(target: Path) -> None:
+    """Leave `target` as a save killed between its two renames leaves it."""
+    script = target.parent / "killed_save.py"
+    script.write_text(KILLED_BETWEEN_RENAMES)
+    result = subprocess.run([sys.executable, str(script), _files.__file__, str(target)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 9, result.stderr
+    assert not target.exists()
+
+
+@pytest.fixture()
+def killed_save(tmp_path):
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    kill_between_renames(target)
+    return target
+
+
+def test_a_kill_between_the_renames_keeps_the_old_content(killed_save):
+    (set_aside,) = _set_asides(killed_save)  # not deleted, not left in a folder that anything removes
+    assert (set_aside / "weights").read_text() == "old"
+
+
+def test_the_next_save_restores_the_old_content_even_if_it_fails(killed_save, caplog):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with staged_folder(killed_save) as staging:
+            assert (killed_save / "weights").read_text() == "old"  # back before the new content is written
+            (staging / "weights").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (killed_save / "weights").read_text() == "old" and not _set_asides(killed_save)
+    assert f"{killed_save} was missing" in caplog.text and SET_ASIDE_MARKER in caplog.text
+
+
+def test_the_next_save_replaces_it_and_leaves_nothing_behind(killed_save):
+    with staged_folder(killed_save) as staging:
+        (staging / "weights").write_text("newer")
+    assert (killed_save / "weights").read_text() == "newer"
+    assert sorted(p.name for p in killed_save.parent.iterdir()) == ["best", "killed_save.py"]
+
+
+def test_a_failed_second_rename_puts_the_old_content_back(tmp_path, monkeypatch):
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace, real_rename = os.replace, os.rename
+
+    def fail_moving_in(source, destination):
+        if Path(destination) == target and ".tmp-" in str(source):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", lambda s, d: fail_moving_in(s, d) or real_replace(s, d))
+    monkeypatch.setattr(os, "rename", lambda s, d: fail_moving_in(s, d) or real_rename(s, d))
+    with pytest.raises(OSError, match="disk full"):
+        with staged_folder(target) as staging:
+            (staging / "weights").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (target / "weights").read_text() == "old"
+
+
+def test_a_set_aside_folder_is_left_alone_while_its_process_runs(tmp_path):
+    target = tmp_path / "best"
+    busy = tmp_path / f".best{SET_ASIDE_MARKER}{os.getppid()}-0123abcd"  # a live process other than this one
+    busy.mkdir()
+    assert restore_set_aside(target) is None
+    assert busy.is_dir() and not target.exists()
+
+
+def test_leftover_of_a_kill_after_the_second_rename_is_removed(tmp_path):
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "weights").write_text("new")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".best{SET_ASIDE_MARKER}{int(dead.stdout)}-0123abcd"
+    stale.mkdir()
+    (stale / "weights").write_text("old")
+    assert restore_set_aside(target) is None
+    assert not stale.exists() and (target / "weights").read_text() == "new"
+
+
+# ----------------------------------------------------------------------------------------------- best/ of a run
+def _fake_trainer(output_dir: Path):
+    """What `Stage2Trainer.save_best_model` uses of the trainer, without training anything."""
+    return SimpleNamespace(best_model_dir=output_dir / "best", model="model",
+                           accelerator=SimpleNamespace(unwrap_model=lambda model: model), last_eval_results=None,
+                           eval_preview=None, training_config_record=lambda: {"global_step": 7},
+                           args=SimpleNamespace(metric_for_best_model="eval_loss", output_dir=str(output_dir)),
+                           state=SimpleNamespace(best_metric=0.5, global_step=7))
+
+
+def _write_weights(text: str):
+    def save_trained_model(model, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_text(text)
+        return Path(folder)
+    return save_trained_model
+
+
+def test_best_model_save_restores_a_best_folder_left_by_a_kill(tmp_path, monkeypatch):
+    from modeling_stage2 import adapters
+    from training.trainer import Stage2Trainer
+
+    trainer = _fake_trainer(tmp_path)
+    best = trainer.best_model_dir
+    monkeypatch.setattr(adapters, "save_trained_model", _write_weights("old"))
+    Stage2Trainer.save_best_model(trainer)
+    kill_between_renames(best)
+
+    def failing(model, folder):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(adapters, "save_trained_model", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Stage2Trainer.save_best_model(trainer)
+    assert (best / "adapter_model.safetensors").read_text() == "old"  # restored by the failed save
+    monkeypatch.setattr(adapters, "save_trained_model", _write_weights("new"))
+    assert Stage2Trainer.save_best_model(trainer) == best
+    assert (best / "adapter_model.safetensors").read_text() == "new"
+    assert (best / "training_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "killed_save.py"]
+
+
+def test_best_model_save_keeps_the_old_best_when_the_second_rename_fails(tmp_path, monkeypatch):
+    from modeling_stage2 import adapters
+    from training.trainer import Stage2Trainer
+
+    trainer = _fake_trainer(tmp_path)
+    best = trainer.best_model_dir
+    monkeypatch.setattr(adapters, "save_trained_model", _write_weights("old"))
+    Stage2Trainer.save_best_model(trainer)
+    monkeypatch.setattr(adapters, "save_trained_model", _write_weights("new"))
+    real_replace, real_rename = os.replace, Path.rename
+
+    def fail_into_best(source, destination):
+        if Path(destination) == best and ".tmp-" in str(source):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", lambda s, d: fail_into_best(s, d) or real_replace(s, d))
+    monkeypatch.setattr(Path, "rename", lambda s, d: fail_into_best(s, d) or real_rename(s, d))
+    with pytest.raises(OSError, match="disk full"):
+        Stage2Trainer.save_best_model(trainer)
+    assert (best / "adapter_model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

@@ -1,0 +1,201 @@
+"""The figures BENCHMARKS.md, the README and docs/data.md quote are the recorded ones in bench/results/:
+BENCHMARKS.md's table is what `bench/summarize.py` generates from them, and the other quotes match them."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+RESULT_FILES = ("prithvi_forward.md", "refiner_memory.md", "data_throughput.md", "inference.md", "export.md",
+                "training.md", "reconstruction_weight.md", "quality.md", "quality.json", "quality_proxy.json")
+
+
+@pytest.fixture(scope="module")
+def summarize(repo_root):
+    spec = importlib.util.spec_from_file_location("bench_summarize", repo_root / "bench" / "summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def results_copy(repo_root, tmp_path):
+    """bench/results and BENCHMARKS.md copied under tmp_path: (results dir, benchmarks file)."""
+    results = tmp_path / "results"
+    shutil.copytree(repo_root / "bench" / "results", results)
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    shutil.copy(repo_root / "BENCHMARKS.md", benchmarks)
+    return results, benchmarks
+
+
+def _text(path) -> str:
+    """The file's text with line breaks and runs of spaces made single spaces (Markdown reflows freely)."""
+    return " ".join(path.read_text().split())
+
+
+def _replace_once(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, f"{old!r} is not once in {path.name}"
+    path.write_text(text.replace(old, new))
+
+
+def _run_script(repo_root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(repo_root / "bench" / "summarize.py"), *args], cwd=repo_root,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_benchmarks_md_is_what_summarize_generates(summarize, repo_root, capsys):
+    current, expected = summarize.expected_benchmarks(repo_root / "bench" / "results", repo_root / "BENCHMARKS.md")
+    assert current == expected, "BENCHMARKS.md is out of date: run `python bench/summarize.py`"
+    assert summarize.main(["--check"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_the_check_exits_0_as_a_script(repo_root):
+    finished = _run_script(repo_root, "--check")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+
+
+def test_the_table_quotes_the_recorded_inference_rates(summarize, repo_root):
+    """Issue item 15: the inference row said 5.1 / 0.67 tiles/s and 1,214 / 14.8 km^2/min, figures no results file
+    ever held."""
+    results = repo_root / "bench" / "results"
+    measured = summarize.inference(results)
+    demo, large = measured.best_tiles_per_s["demo"], measured.best_tiles_per_s["600M"]
+    in_memory = [line.strip("| ").split(" | ") for line in (results / "inference.md").read_text().splitlines()
+                 if line.startswith(("| demo |", "| 600M |")) and line.count("|") == 8]
+    assert demo == max(float(cells[4]) for cells in in_memory if cells[0] == "demo")  # the best row of each model
+    assert large == max(float(cells[4]) for cells in in_memory if cells[0] == "600M")
+    scenes = f"scenes {measured.scene_km2_per_min['demo']:,.0f} / {measured.scene_km2_per_min['600M']:,.0f} km^2/min"
+    benchmarks = _text(repo_root / "BENCHMARKS.md")
+    assert f"{demo:.1f} / {large:.2f} tiles/s" in benchmarks and scenes in benchmarks
+    assert "5.1 / 0.67" not in benchmarks and "1,214" not in benchmarks
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "expected"),
+    [
+        ("inference.md", "| 67.40 |", "| 71.20 |", "71.2 / 0.75 tiles/s"),
+        ("inference.md", "| 2056.48 |", "| 1999.60 |", "scenes 2,000 / 36 km^2/min"),
+        ("data_throughput.md", "| set_transform(make_train_transform()), 0 workers | 86 |",
+         "| set_transform(make_train_transform()), 0 workers | 91 |",
+         "`set_transform` only 91 tiles/s (136 with 2 workers)"),
+        ("refiner_memory.md", "| 0.41 / 0.61 |", "| 0.45 / 0.61 |", "forward 0.93 / 0.45 / 1.06 s"),
+        ("export.md", "| 3.08 |", "| 3.18 |", "and 3.18 / 3.93"),
+        ("training.md", "| 0.269 |", "| 0.291 |", "0.29 / 0.34 samples/s"),
+        ("prithvi_forward.md", "| 0.971 | 0.872 |", "| 0.971 | 0.851 |", "0.85 s min, 0.97 s median"),
+        ("reconstruction_weight.md", "| 0.737 (0.723-0.757) |", "| 0.731 (0.723-0.757) |", "0.731 / 0.752 / 0.744"),
+    ],
+)
+def test_a_changed_result_changes_the_table(summarize, repo_root, results_copy, capsys, name, old, new, expected):
+    results, benchmarks = results_copy
+    original = benchmarks.read_text()
+    assert expected not in _text(benchmarks)
+    _replace_once(results / name, old, new)
+
+    assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 1
+    diff = capsys.readouterr().out
+    assert "+| " in diff and expected in diff, diff
+    assert benchmarks.read_text() == original  # --check writes nothing
+
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 0
+    written = benchmarks.read_text()
+    assert expected in written
+    begin, end = summarize.BEGIN_MARKER, summarize.END_MARKER
+    assert written.split(begin)[0] == original.split(begin)[0]  # the prose around the table is kept
+    assert written.split(end)[1] == original.split(end)[1]
+    assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 0
+    assert sorted(p.name for p in benchmarks.parent.iterdir()) == ["BENCHMARKS.md", "results"]  # no temporary left
+
+
+def test_a_changed_quality_json_changes_the_quality_rows(summarize, results_copy):
+    import json
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "quality.json").read_text())
+    for run in study["runs"]["mild/after"]:
+        run["test"]["refined"]["evi_rmse"] = run["test"]["linear_fit"]["evi_rmse"] * 0.5
+    (results / "quality.json").write_text(json.dumps(study))
+    table = summarize.summary_table(results)
+    assert "`mild`: 0.93 / 0.50 / 0.80" in table
+
+
+@pytest.mark.parametrize("name", RESULT_FILES)
+def test_a_missing_results_file_exits_2_naming_it(summarize, results_copy, capsys, name):
+    results, benchmarks = results_copy
+    (results / name).unlink()
+    original = benchmarks.read_text()
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    error = capsys.readouterr().err
+    assert str(results / name) in error and "missing" in error, error
+    assert benchmarks.read_text() == original
+
+
+def test_a_missing_results_file_exits_2_as_a_script(repo_root, results_copy):
+    results, benchmarks = results_copy
+    (results / "inference.md").unlink()
+    finished = _run_script(repo_root, "--check", "--results", str(results), "--benchmarks", str(benchmarks))
+    assert finished.returncode == 2
+    assert "inference.md: missing" in finished.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "message"),
+    [
+        ("inference.md", "| km^2/min |", "| km2 per min |", "no table with the columns 'model', 'input', 'km^2/min'"),
+        ("refiner_memory.md", "alone take 0.630 GB", "alone take some GB", "the 8-bit floor not found"),
+        ("training.md", "| 0.269 |", "| n/a |", "8bit samples/s: no number in 'n/a'"),
+        ("quality.json", '"mild/after"', '"mild/later"', "no runs 'mild/after'"),
+    ],
+)
+def test_an_unparsable_results_file_exits_2_saying_what_is_missing(summarize, results_copy, capsys, name, old, new,
+                                                                   message):
+    results, benchmarks = results_copy
+    _replace_once(results / name, old, new)
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    error = capsys.readouterr().err
+    assert f"{results / name}: " in error and message in error, error
+
+
+def test_benchmarks_md_without_the_markers_exits_2(summarize, results_copy, capsys):
+    results, benchmarks = results_copy
+    benchmarks.write_text(benchmarks.read_text().replace(summarize.END_MARKER, ""))
+    assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    assert "BENCHMARKS.md: no '<!-- generated" in capsys.readouterr().err
+
+
+def test_readme_quotes_the_measured_8bit_forward_and_training_step(summarize, repo_root):
+    """Issue item 15: the README said the quantized layers are slower than fp32 on the CPU; the measurement has the
+    8-bit forward faster and only the LoRA training step slower."""
+    results = repo_root / "bench" / "results"
+    memory = summarize.refiner_memory(results)
+    forward, step = memory.forward_min_s, memory.step_min_s
+    assert forward["8-bit"] < forward["fp32"] and step["8-bit"] > step["fp32"]  # what the sentence's words say
+    readme = _text(repo_root / "README.md")
+    assert f"the 8-bit forward of one tile is faster than fp32 ({forward['8-bit']:.2f} vs {forward['fp32']:.2f} s" \
+        in readme
+    assert f"the 8-bit LoRA training step is slower ({step['8-bit']:.2f} vs {step['fp32']:.2f} s)" in readme
+    rates = summarize.export(results).tiles_per_s
+    batched = "-".join(f"{rates['600m', '8bit', b]:.1f}" for b in (1, 8)) + " vs " + "-".join(
+        f"{rates['600m', 'fp32', b]:.1f}" for b in (1, 8))
+    assert f"batched inference {batched} tiles/s" in readme
+    assert "quantized layers are slower" not in readme
+
+
+def test_docs_data_quotes_the_measured_set_transform_rates(summarize, repo_root):
+    """Issue item 15: docs/data.md said ~75 tiles/s through `set_transform`; data_throughput.md measured 86 (main
+    process) and 136 (2 workers)."""
+    rates = summarize.data_throughput(repo_root / "bench" / "results").set_transform_read
+    main, workers = rates[0], rates[2]
+    data = _text(repo_root / "docs" / "data.md")
+    assert (f"caps loading at {main:.0f} tiles/s in the main process (about {1000 / main:.0f} ms per tile; "
+            f"{workers:.0f} tiles/s with 2 DataLoader workers") in data
+    assert f"{main:.0f} tiles/s ({workers:.0f} with 2 workers) through `set_transform`" in data
+    assert "~75 tiles/s" not in data and "~80 tiles/s" not in data
+    benchmarks = _text(repo_root / "BENCHMARKS.md")
+    assert f"`set_transform` only {main:.0f} tiles/s ({workers:.0f} with 2 workers)" in benchmarks

@@ -1,0 +1,62 @@
+"""The console scripts without a subprocess test of their own elsewhere, run as installed: `--help`, success and a
+user error (exit status 2, one line naming the problem, no traceback). `stage2-train`, `-evaluate`, `-refine`,
+`-build-dataset` and `-export` are run as subprocesses in their own test files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    executable = BIN / script
+    if not executable.exists():
+        pytest.skip(f"{script} is not installed in {BIN} (pip install -e .)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+@pytest.mark.parametrize("script", ["stage2-inspect", "stage2-push", "stage2-convert-prithvi",
+                                    "stage2-ingest-bigearthnet"])
+def test_help_names_the_command(script):
+    result = run(script, "--help")
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}")
+
+
+def test_inspect(sample_dataset_dir, tmp_path):
+    result = run("stage2-inspect", str(sample_dataset_dir), "--plot", str(tmp_path / "tiles.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train" in result.stdout and (tmp_path / "tiles.png").is_file()
+    assert_user_error(run("stage2-inspect", str(tmp_path / "absent")), "absent", "does not exist")
+
+
+def test_push_of_a_folder_without_a_model_is_a_user_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "training_log.jsonl").write_text("{}\n")
+    result = run("stage2-push", str(tmp_path / "run"), "me/nothing", "--endpoint", "http://127.0.0.1:9")
+    assert_user_error(result, "no trained model to push")
+
+
+def test_convert_prithvi_with_a_missing_checkpoint(tmp_path):
+    result = run("stage2-convert-prithvi", str(tmp_path / "missing.pt"), str(tmp_path / "out"))
+    assert_user_error(result, "missing.pt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ingest_bigearthnet_with_missing_metadata(tmp_path):
+    result = run("stage2-ingest-bigearthnet", "--lmdb", str(tmp_path), "--metadata", str(tmp_path / "absent.parquet"),
+                 "--output_dir", str(tmp_path / "tiles"))
+    assert_user_error(result, "absent.parquet does not exist")
+    assert not (tmp_path / "tiles").exists()

@@ -1,0 +1,388 @@
+"""`stage2-train` as a user meets it: `--help`, one-line user errors with exit status 2, settings checked before
+anything runs or is written, and the process tree under `accelerate launch` stopped by SIGTERM, SIGINT and the
+launcher's death (issue 11, items 2, 3, 4 and 9)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from _data_helpers import folder_digest, make_tile_dir
+from _training_helpers import write_config
+
+import training.train as train_module
+from training.train import UsageError, launch_main, main, parse_args
+
+SCRIPT = Path(sys.executable).with_name("stage2-train")
+ACCELERATE_WARNING = "were not passed to `accelerate launch`"
+
+
+@pytest.fixture(autouse=True)
+def _never_exec(monkeypatch):
+    """The in-process tests must never replace the test process by a launcher (the launcher execs itself)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the test process would have been replaced by {args[1] if len(args) > 1 else args}")
+
+    for name in ("execv", "execve", "execvp", "execvpe"):
+        monkeypatch.setattr(train_module.os, name, refuse)
+
+
+def _stage2_train() -> list[str]:
+    if SCRIPT.is_file():
+        return [str(SCRIPT)]
+    return [sys.executable, "-c", "import sys; from training.train import launch_main; sys.exit(launch_main())"]
+
+
+def _error_lines(capsys) -> list[str]:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _assert_one_line(lines: list[str], *fragments: str) -> None:
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("stage2-train: ") and "Traceback" not in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+# ----------------------------------------------------------------------------------------------- --help
+def test_help_is_instant_names_the_command_and_the_separator(repo_root):
+    # Instant: answered without importing torch, transformers or accelerate (those take 10-35 s to import).
+    code = ("import sys; from training.train import launch_main; code = launch_main(['--help']); "
+            "heavy = sorted({'torch', 'transformers', 'accelerate'} & set(sys.modules)); "
+            "assert not heavy, heavy; sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for output in (result.stdout, subprocess.run([*_stage2_train(), "--help"], cwd=repo_root, capture_output=True,
+                                                 text=True, timeout=120).stdout):
+        assert output.startswith("usage: stage2-train [ACCELERATE_OPTIONS --]")
+        assert "Train the Stage 2 refiner" in output  # a description
+        assert "Options before a `--` go to `accelerate launch`" in output
+        assert "--help-all" in output and "exit status" in output
+
+
+def test_help_flags_are_real_training_flags(capsys):
+    real = train_module._aliases(train_module._parser())
+    listed = [option for action in train_module._help_parser()._actions for option in action.option_strings
+              if option.startswith("--") and option not in ("--help", "--help-all")]
+    assert len(listed) >= 6
+    assert [flag for flag in listed if flag[2:] not in real and flag != "--config"] == []
+    assert launch_main(["--help-all"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith("usage: stage2-train") and "--brightness_augment" in output and "--config" in output
+
+
+# ----------------------------------------------------------------------------------------------- user mistakes
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    return write_config(tmp_path / "tiny.yaml")
+
+
+def _user_mistakes(tmp_path: Path, tiny_config: Path, dataset: Path) -> dict:
+    out = ["--output_dir", str(tmp_path / "out")]
+    data = ["--data_dir", str(dataset)]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"learning_rat": 3.0}))
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    return {
+        "yaml key typo": (["--config", str(typo), *data, *out], [str(typo), "unknown key 'learning_rat'"]),
+        "bad --data_dir": (["--config", str(tiny_config), "--data_dir", str(tmp_path / "nowhere"), *out],
+                           ["--data_dir", "nowhere", "no such folder"]),
+        "cli flag typo": (["--config", str(tiny_config), *data, *out, "--lerning_rate", "3"],
+                          ["--lerning_rate", "did you mean --learning_rate"]),
+        "cli value type": (["--config", str(tiny_config), *data, *out, "--learning_rate", "fast"],
+                           ["--learning_rate", "'fast'"]),
+        "unreadable config": (["--config", str(binary), *data, *out], [str(binary), "cannot read"]),
+        "config is a folder": (["--config", str(tmp_path), *data, *out], ["--config", str(tmp_path), "not a file"]),
+        "missing config": (["--config", str(tmp_path / "absent.yaml"), *data, *out], ["absent.yaml", "no such file"]),
+        "range on the command line": (["--config", str(tiny_config), *data, *out, "--disc_update_interval", "0"],
+                                      ["--disc_update_interval", ">= 1"]),
+        "missing resume checkpoint": (["--config", str(tiny_config), *data, *out, "--resume", str(tmp_path / "ck")],
+                                      ["--resume", "no such checkpoint folder"]),
+        "accelerate option typo": (["--num_procs", "2", "--", "--config", str(tiny_config), *data, *out],
+                                   ["accelerate option", "--num_procs"]),
+        "training flag before --": (["--config", str(tiny_config), "--", *data, *out],
+                                    ["accelerate option", "--config"]),
+    }
+
+
+MISTAKES = ["yaml key typo", "bad --data_dir", "cli flag typo", "cli value type", "unreadable config",
+            "config is a folder", "missing config", "range on the command line", "missing resume checkpoint",
+            "accelerate option typo", "training flag before --"]
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_user_mistakes_are_one_line_and_status_2(case, tmp_path, tiny_config, sample_dataset_dir, capsys):
+    argv, fragments = _user_mistakes(tmp_path, tiny_config, sample_dataset_dir)[case]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), *fragments)
+    assert not (tmp_path / "out").exists()  # nothing was started or written
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"refiner_config_overrides": {"head_width": "sixteen", "num_convnext_blocks": 2}},
+     "refiner_config_overrides: head_width must be a positive integer, got 'sixteen'"),
+    ({"refiner_config_overrides": {"head_widht": 16}}, "refiner_config_overrides: unknown key 'head_widht'"),
+    ({"brightness_augment": 0.5}, "brightness_augment: expected a list of floats or null, got 0.5"),
+    ({"learning_rate": "fast"}, "learning_rate: expected a float, got 'fast'"),
+    ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size: expected an integer, got 2.5"),
+    ({"fp16": "maybe"}, "fp16: expected true or false, got 'maybe'"),
+    ({"num_train_epochs": None}, "num_train_epochs: expected a float, got null"),
+    ({"quantization": "2bit"}, "quantization: expected one of ['8bit', '4bit', 'none'], got '2bit'"),
+    ({"backbone_preset": "prithvi_eo_v9"}, "backbone_preset: Unknown Prithvi preset 'prithvi_eo_v9'"),
+    ({"disc_update_interval": 0}, "disc_update_interval must be >= 1, got 0"),
+])
+def test_config_type_errors_name_file_and_key(settings, message, tmp_path, sample_dataset_dir, capsys):
+    config = write_config(tmp_path / "x.yaml", **settings)
+    with pytest.raises(UsageError) as error:
+        parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    assert str(error.value).startswith(f"{config}: ") and message in str(error.value)
+    argv = ["--config", str(config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "out")]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), f"{config}: ", message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_values_are_converted_to_their_field_types(tmp_path):
+    config = write_config(tmp_path / "x.yaml", learning_rate="2e-4", per_device_train_batch_size=2.0, fp16="no",
+                          brightness_augment=[1, 2], report_to=["tensorboard"])
+    training_args, data_args, settings = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "o")])
+    assert training_args.learning_rate == 2e-4 and training_args.per_device_train_batch_size == 2
+    assert isinstance(training_args.per_device_train_batch_size, int) and training_args.fp16 is False
+    assert data_args.brightness_augment == [1.0, 2.0] and training_args.report_to == ["tensorboard"]
+    assert settings["learning_rate"] == 2e-4
+
+
+def test_model_config_json_type_error_names_file_and_key(tmp_path, tiny_config, sample_dataset_dir, capsys):
+    from modeling_stage2 import Stage2RefinerConfig
+
+    folder = tmp_path / "model"
+    Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", head_width=16).save_pretrained(folder)
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**values, "head_width": "sixteen"}))
+    with pytest.raises(ValueError, match=r"^head_width must be a positive integer, got 'sixteen'"):
+        Stage2RefinerConfig.from_pretrained(folder)
+    for key, value in (("layer_scale_init_value", "tiny"), ("feature_layers", ["a", 1])):
+        with pytest.raises(ValueError, match=key):
+            Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", **{key: value})
+    argv = ["--config", str(tiny_config), "--model_name_or_path", str(folder), "--data_dir", str(sample_dataset_dir),
+            "--output_dir", str(tmp_path / "out")]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), f"{folder / 'config.json'}: head_width must be a positive integer")
+
+
+# ----------------------------------------------------------------------------------------------- output folder
+@pytest.fixture
+def tiles_without_validation(tmp_path) -> Path:
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    shutil.rmtree(data / "val")
+    shutil.rmtree(data / "test")
+    return data
+
+
+def test_failed_run_does_not_create_the_output_folder(tmp_path, tiny_config, tiles_without_validation):
+    out = tmp_path / "new"
+    with pytest.raises(UsageError, match="no 'val' split"):  # found once the tiles are converted
+        main(["--config", str(tiny_config), "--data_dir", str(tiles_without_validation), "--output_dir", str(out)])
+    assert not out.exists()  # neither config.yaml nor the dataset conversion is left behind
+
+
+def test_failed_run_leaves_an_existing_output_folder_unchanged(tmp_path, tiny_config, tiles_without_validation):
+    out = tmp_path / "existing"
+    (out / "_dataset" / "0123456789abcdef").mkdir(parents=True)
+    (out / "_dataset" / "0123456789abcdef" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (out / "notes.txt").write_text("mine")
+    (out / "config.yaml").write_text("learning_rate: 0.001\n")
+    before = folder_digest(out)
+    with pytest.raises(UsageError, match="no 'val' split"):
+        main(["--config", str(tiny_config), "--data_dir", str(tiles_without_validation), "--output_dir", str(out)])
+    assert folder_digest(out) == before
+    assert sorted(path.name for path in (out / "_dataset").iterdir()) == ["0123456789abcdef"]
+
+
+# ----------------------------------------------------------------------------------------------- accelerate options
+def test_accelerate_gets_explicit_defaults_and_no_warning(monkeypatch, tmp_path, caplog):
+    from accelerate.commands import config as accelerate_config
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "no_accelerate_config.yaml"))
+    options = train_module.accelerate_arguments([])
+    assert options == ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                       "--dynamo_backend", "no", "--quiet"]
+    command = train_module.accelerate_command(options, ["--config", "c.yaml", "--epochs", "3"])
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"] and command[3:12] == options
+    assert command[12].endswith("training/train.py") and command[13:] == ["--config", "c.yaml", "--epochs", "3"]
+    with caplog.at_level("WARNING"):
+        _validate_launch_command(launch_command_parser().parse_args(["train.py"]))
+    assert ACCELERATE_WARNING in caplog.text  # what every run printed before
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _validate_launch_command(launch_command_parser().parse_args([*options, "train.py"]))
+    assert ACCELERATE_WARNING not in caplog.text
+
+    user = train_module.accelerate_arguments(["--num_processes", "2", "--multi_gpu", "--mixed_precision", "fp16"])
+    assert user == ["--num_processes", "2", "--multi_gpu", "--mixed_precision", "fp16", "--num_machines", "1",
+                    "--dynamo_backend", "no", "--quiet"]
+    assert train_module.accelerate_arguments(["--config_file", "acc.yaml", "-q"]) == ["--config_file", "acc.yaml",
+                                                                                       "-q"]
+    assert train_module.split_launcher_arguments(["--cpu", "--", "--epochs", "1"]) == (["--cpu"], ["--epochs", "1"])
+    assert train_module.split_launcher_arguments(["--epochs", "1"]) == ([], ["--epochs", "1"])
+
+
+# ----------------------------------------------------------------------------------------------- process tree
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in "ZX"
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _is_trainer(pid: int) -> bool:
+    command = _command_line(pid)
+    return "training/train.py" in command and "accelerate" not in command
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process tree from /proc")
+
+
+class _Run:
+    """`stage2-train` on the tiny config in a subprocess, and every process it started."""
+
+    def __init__(self, tmp_path: Path, repo_root: Path, dataset: Path, extra=(), **settings):
+        self.out = tmp_path / "out"
+        self.config = write_config(tmp_path / "run.yaml", **settings)
+        self.stderr_path = tmp_path / "stderr.txt"
+        command = [*_stage2_train(), "--config", str(self.config), "--data_dir", str(dataset),
+                   "--output_dir", str(self.out), *extra]
+        env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_LAUNCHED")}
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        self.tree: list[int] = []
+
+    def wait_for(self, ready, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.tree = sorted(set(self.tree) | set(_descendants(self.process.pid)))
+            if any(_is_trainer(pid) for pid in self.tree) and ready():
+                return
+            assert self.process.poll() is None, self.stderr()[-3000:]
+            assert time.monotonic() < deadline, f"not ready within {timeout} s: {self.stderr()[-3000:]}"
+            time.sleep(0.05)
+
+    def running_descendants(self, within: float) -> list[str]:
+        deadline = time.monotonic() + within
+        while any(_running(pid) for pid in self.tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [f"{pid}: {_command_line(pid)[:150]}" for pid in self.tree if _running(pid)]
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def cleanup(self) -> None:
+        for pid in [self.process.pid, *self.tree]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def run_stage2_train(tmp_path, repo_root, sample_dataset_dir):
+    runs = []
+
+    def start(extra=(), **settings) -> _Run:
+        # Long enough never to finish during a test; no validation or checkpoint unless interrupted.
+        defaults = dict(num_train_epochs=1000, eval_every_epochs=None, save_every_epochs=None, eval_strategy="no",
+                        save_strategy="no", eval_on_start=False)
+        runs.append(_Run(tmp_path, repo_root, sample_dataset_dir, extra, **{**defaults, **settings}))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.cleanup()
+
+
+@needs_proc
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_to_stage2_train_stops_every_process(signum, run_stage2_train):
+    run = run_stage2_train()
+    run.wait_for(lambda: True)  # the trainer process exists
+    os.kill(run.process.pid, signum)
+    assert run.process.wait(timeout=30) == 128 + signum
+    assert run.running_descendants(within=5) == []
+    assert "Traceback" not in run.stderr() and ACCELERATE_WARNING not in run.stderr()
+
+
+@needs_proc
+def test_sigkill_of_stage2_train_stops_the_trainer(run_stage2_train):
+    run = run_stage2_train()
+    run.wait_for(lambda: True)
+    os.kill(run.process.pid, signal.SIGKILL)
+    assert run.process.wait(timeout=30) == -signal.SIGKILL
+    assert run.running_descendants(within=10) == []  # no trainer re-parented to PID 1 trains on
+    assert "the launcher" in run.stderr() and "is gone" in run.stderr()
+
+
+@needs_proc
+def test_sigint_stops_training_after_a_checkpoint(run_stage2_train):
+    from training.trainer import is_complete_checkpoint
+
+    run = run_stage2_train()
+    log = run.out / "training_log.jsonl"
+    run.wait_for(lambda: log.is_file() and '"event": "train"' in log.read_text())  # training steps are running
+    os.kill(run.process.pid, signal.SIGINT)
+    assert run.process.wait(timeout=120) == 130
+    assert run.running_descendants(within=5) == []
+    checkpoints = sorted(run.out.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert checkpoints and is_complete_checkpoint(checkpoints[-1]), run.stderr()[-3000:]
+    step = int(checkpoints[-1].name.split("-")[1])
+    assert f"stopped after optimizer step {step} with a checkpoint" in run.stderr()
+    assert not (run.out / "best" / "README.md").exists()  # the run did not finish as if it had completed
+    assert "Traceback" not in run.stderr()
+
+
+@needs_proc
+def test_trainer_side_user_error_is_status_2_without_accelerate_traceback(tmp_path, run_stage2_train):
+    torn = tmp_path / "torn-checkpoint"
+    torn.mkdir()  # exists (the launcher's check), but is no complete checkpoint (the trainer's check)
+    run = run_stage2_train(extra=["--resume", str(torn)])
+    assert run.process.wait(timeout=240) == 2
+    lines = [line for line in run.stderr().splitlines() if line.startswith("stage2-train: ")]
+    assert len(lines) == 1 and "--resume" in lines[0] and str(torn) in lines[0], run.stderr()[-3000:]
+    assert "Traceback" not in run.stderr() and "CalledProcessError" not in run.stderr()
+    assert not run.out.exists()
