@@ -1,7 +1,7 @@
 """Inference throughput on the CPU: tiles/s and scene km^2/min for the demo refiner and the real 600M one.
 
 Random weights (the cost does not depend on the values), float32, `torch.inference_mode()`, through the public
-inference API (`modeling_stage2.inference`):
+inference API (`inference_stage2`):
 
 - tiles/s of `refine_arrays` on 120x120 tiles held in memory (the model alone, batched), with 1 and 2 torch
   threads (on this shared 2-core machine 2 threads can be much slower than 1);
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
-from modeling_stage2.inference import refine_arrays, refine_scene, refine_tiles, window_starts
+from inference_stage2 import refine_arrays, refine_scene, refine_tiles, window_starts
 from _common import cpu_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -113,7 +113,8 @@ def worker(quantization: str, steps: int, with_flops: bool) -> dict:
     from modeling_stage2 import Stage2RefinerConfig, build_trainable_model
     from modeling_stage2.adapters import trainable_parameter_summary
     from training.args import Stage2TrainingArguments
-    from training.trainer import Stage2Trainer, TileDataset
+    from training.data import TileDataset
+    from training.trainer import Stage2Trainer
     from data_builders import make_train_transform
 
     set_seed(0)

@@ -591,7 +591,7 @@ def _remove_stale_scratch(output_dir: Path) -> None:
             pid = int(scratch.name.rsplit(SCRATCH_MARKER, 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _process_alive(pid):
+        if pid != os.getpid() and not files.process_alive(pid):
             # builds before the shared replace_folder set the old dataset aside inside their scratch folder
             if (scratch / "previous").is_dir() and not os.path.lexists(output_dir):
                 os.replace(scratch / "previous", output_dir)
@@ -599,16 +599,6 @@ def _remove_stale_scratch(output_dir: Path) -> None:
                                output_dir, scratch / "previous")
             logger.info("removing %s, left by an interrupted build", scratch)
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _save_split(dataset, split_dir: Path, fingerprint: str) -> None:

@@ -7,7 +7,7 @@
 `ExportedRefiner` checks the input exactly as `Stage2RefinerModel.forward` does (same exceptions, same messages:
 wrong band count, non-float or non-finite `opt_v1`, month/biome dtype, shape and range) before it runs the graph,
 because the graph itself cannot. ONNX graphs run on ONNX Runtime (`pip install 'stage2-refiner[export]'`), `.pt2`
-graphs on torch (`torch.export.load`). `modeling_stage2.inference` (and `stage2-refine --model`) accept it wherever
+graphs on torch (`torch.export.load`). `inference_stage2` (and `stage2-refine --model`) accept it wherever
 they accept the eager model.
 """
 from __future__ import annotations

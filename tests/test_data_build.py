@@ -651,7 +651,7 @@ def test_cli_degradation_flag(tmp_path):
 
 def test_training_config_and_cache_key_know_the_preset(tmp_path):
     from training.args import Stage2DataArguments
-    from training.train import dataset_cache_key
+    from data_builders.cache import dataset_cache_key
 
     data = make_tile_dir(tmp_path / "tiles", per_split=1)
     keys = {name: dataset_cache_key(data, None, None, 0, degradation=name) for name in ("mild", "strong", "mixture")}

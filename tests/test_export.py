@@ -24,8 +24,8 @@ from _refiner_helpers import tiny_refiner_config, wake_up  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model  # noqa: E402
 from modeling_stage2.export import EXPORT_INFO_FILE, MIN_SIDE, export_refiner  # noqa: E402
-from modeling_stage2.inference import main as refine_main  # noqa: E402
-from modeling_stage2.inference import load_model, refine_scene, refine_tiles  # noqa: E402
+from inference_stage2 import main as refine_main  # noqa: E402
+from inference_stage2 import load_model, refine_scene, refine_tiles  # noqa: E402
 from modeling_stage2.onnx_runtime import ExportedRefiner, is_exported_model  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -302,7 +302,7 @@ def test_models_load_at_a_revision_and_only_their_model_files_are_downloaded(hub
 
     from model_cards.push import push_trained_model
     from modeling_stage2 import load_trained_model
-    from modeling_stage2.inference import load_model
+    from inference_stage2 import load_model
 
     api = HfApi()
     repo = f"{DEFAULT_USER}/versions"

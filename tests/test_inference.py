@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_stage2.inference import (
+from inference_stage2 import (
     BAND_NAMES,
     InferenceInputError,
-    StripAccumulator,
-    blend_ramp,
     blend_weights,
     main,
     refine_arrays,
@@ -28,6 +26,7 @@ from modeling_stage2.inference import (
     refine_tiles,
     window_starts,
 )
+from inference_stage2.windows import StripAccumulator, blend_ramp
 
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import from_origin  # noqa: E402
@@ -529,7 +528,7 @@ def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_pa
 
 
 def test_tiles_into_an_earlier_runs_folder_replace_and_remove_what_would_look_current(few_tiles, tmp_path, capsys):
-    from modeling_stage2.inference import _report_tiles
+    from inference_stage2.cli import _report_tiles
 
     output = tmp_path / "refined"
     stage1 = tmp_path / "stage1"
@@ -578,7 +577,7 @@ class RecordingRefiner(torch.nn.Module):
 
 def test_a_tile_reaches_the_model_bitwise_as_in_training(few_tiles, tmp_path):
     from data_builders import build_dataset, make_eval_transform
-    from training.trainer import TileDataset
+    from training.data import TileDataset
 
     # Digital numbers 0..20000 in every band: every value a real tile can hold, in one tile.
     tile = dict(load_npz(sorted(few_tiles.rglob("*.npz"))[0]))
@@ -794,7 +793,7 @@ def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir
     output = tmp_path / "refined.tif"
     assert main(["--model", str(adapter_model_dir), "--input", *map(str, band_paths), "--month", "7", "--biome", "4",
                  "--output", str(output), "--overlap", "32", "--batch_size", "4", "--no_progress"]) == 0
-    from modeling_stage2.inference import load_model
+    from inference_stage2 import load_model
 
     refine_scene(load_model(adapter_model_dir), path, tmp_path / "in_process.tif", 7, 4, batch_size=4, progress=False)
     refined, profile = read_geotiff(output)
@@ -845,13 +844,13 @@ def test_cli_missing_model_files_exit_2_and_leave_no_output(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where torch has no CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error(full_model_dir, adapter_model_dir, few_tiles, tmp_path):
-    from modeling_stage2.inference import InferenceInputError, load_model
+    from inference_stage2 import InferenceInputError, load_model
 
     for folder in (full_model_dir, adapter_model_dir):
         with pytest.raises(InferenceInputError, match="device 'cuda' was asked for, but torch sees no CUDA GPU"):
             load_model(folder, device="cuda")
     # As a command: one line on stderr, exit status 2 (a user error), nothing written.
-    result = subprocess.run([sys.executable, "-m", "modeling_stage2.inference", "--model", str(adapter_model_dir),
+    result = subprocess.run([sys.executable, "-m", "inference_stage2", "--model", str(adapter_model_dir),
                              "--input", str(few_tiles), "--output_dir", str(tmp_path / "out"), "--device", "cuda",
                              "--no_progress"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -862,7 +861,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(full_model_dir, adapter_model
 def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):
     import huggingface_hub
 
-    from modeling_stage2.inference import load_model
+    from inference_stage2 import load_model
 
     requested = []
 

@@ -164,7 +164,7 @@ class _Gain(torch.nn.Module):
 
 
 def test_npz_bomb_is_rejected_by_stage2_refine_without_inflating(tmp_path):
-    from modeling_stage2.inference import InferenceInputError, refine_tiles
+    from inference_stage2 import InferenceInputError, refine_tiles
 
     tiles = tmp_path / "tiles"
     tiles.mkdir()

@@ -104,6 +104,18 @@ def test_epoch_intervals_become_steps(tmp_path):
     assert args.metric_for_best_model == "eval_refined_ndvi_rmse" and args.greater_is_better is False
 
 
+def test_best_model_direction_follows_the_metrics_rule(tmp_path):
+    from training.args import greater_is_better
+    from training.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+
+    for name in METRIC_NAMES:
+        assert greater_is_better(f"eval_refined_{name}") is HIGHER_IS_BETTER[name] is greater_is_better(name)
+    assert greater_is_better("eval_refined_psnr") and greater_is_better("eval_ssim")
+    assert not greater_is_better("eval_loss") and not greater_is_better("eval_refined_sam")
+    args = Stage2TrainingArguments(output_dir=str(tmp_path), report_to="none", metric_for_best_model="eval_refined_psnr")
+    assert args.greater_is_better is True
+
+
 def test_gradient_checkpointing_is_non_reentrant(tmp_path):
     args = Stage2TrainingArguments(output_dir=str(tmp_path), report_to="none", activation_checkpointing=True)
     assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
@@ -633,7 +645,8 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
     from data_builders import make_eval_transform
 
     from training.losses import Stage2Loss
-    from training.trainer import Stage2Trainer, TileDataset
+    from training.data import TileDataset
+    from training.trainer import Stage2Trainer
 
     class PoisonedLoss(Stage2Loss):
         """NaN for batches holding the marked tile (as an overflow or a corrupt tile would give)."""

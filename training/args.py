@@ -28,8 +28,15 @@ QUANTIZATION_CHOICES = ("8bit", "4bit", "none")
 # under the spectral loss, the least-squares fit itself, or the identity.
 SPECTRAL_CORRECTION_INITS = ("spectral_fit", "linear_fit", "identity")
 DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
-# Metric name fragments for which a smaller value is better (all others, e.g. psnr/ssim: larger).
-_LOWER_IS_BETTER = ("loss", "rmse", "sam", "l1")
+
+
+def greater_is_better(metric: str) -> bool:
+    """Whether a larger `metric_for_best_model` is better: the metrics' own rule (`training.metrics.HIGHER_IS_BETTER`:
+    PSNR and SSIM) for `[eval_][refined_]<metric>`; losses and every other name are smaller-is-better."""
+    from .metrics import HIGHER_IS_BETTER
+
+    name = metric.removeprefix("eval_").removeprefix("refined_")
+    return HIGHER_IS_BETTER.get(name, False)
 
 
 @dataclass
@@ -70,8 +77,8 @@ class Stage2TrainingArguments(TrainingArguments):
 
     Reproducibility:
         deterministic (`bool`, *optional*): use torch's deterministic algorithms (warn-only) so that a rerun or a
-            resumed run gives bit-identical weights; by default on without CUDA and off on GPUs. Some CPU kernels
-            (e.g. the backward of advanced indexing, used by the spectral angle) otherwise accumulate in a
+            resumed run gives bit-identical weights; by default on without CUDA and off on GPUs. Some kernels
+            (e.g. the backward of an indexed assignment, `index_put` with accumulation) otherwise add in a
             thread-dependent order.
 
     Schedule:
@@ -247,7 +254,7 @@ class Stage2TrainingArguments(TrainingArguments):
         if self.save_every_epochs is not None:
             self.save_strategy, self.save_steps = "steps", 1
         if self.metric_for_best_model is not None and self.greater_is_better is None:
-            self.greater_is_better = not any(part in self.metric_for_best_model for part in _LOWER_IS_BETTER)
+            self.greater_is_better = greater_is_better(self.metric_for_best_model)
         if self.gradient_checkpointing or self.activation_checkpointing:
             # Frozen (quantized) inputs + LoRA need the non-reentrant variant (transformers #21381, #26221).
             kwargs = self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs or {}

@@ -60,7 +60,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     folder)."""
     from datasets import load_from_disk
 
-    from training.train import dataset_cache_key, is_arrow_dataset
+    from data_builders.cache import dataset_cache_key, is_arrow_dataset
 
     path = Path(data)
     if not path.is_dir():
@@ -85,7 +85,7 @@ def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, 
     """A dataset split in numpy format with the columns a batch needs (read zero-copy from Arrow; `evaluate_model`
     collates them into tensors, as training does), from Arrow or NPZ tiles (or `dataset_dict`, already loaded from
     `data`)."""
-    from training.trainer import BATCH_COLUMNS
+    from training.data import BATCH_COLUMNS
 
     if dataset_dict is None:
         dataset_dict = load_dataset_dict(data, stage1_dir, input_mode, seed, cache_dir)

@@ -28,7 +28,6 @@ output folder as it was.
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -48,13 +47,13 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import yaml  # noqa: E402
 
+from data_builders.cache import ARROW_MARKER, dataset_cache_key, is_arrow_dataset  # noqa: E402,F401  (re-exported)
+
 logger = logging.getLogger("training.train")
 
 PROG = "stage2-train"
 CONFIG_NAME = "config.yaml"
 DATASET_CACHE_DIR = "_dataset"  # "_*" is never pushed to the Hub by the Trainer
-ARROW_MARKER = "dataset_dict.json"
-_CACHE_FORMAT_VERSION = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 # Set by `stage2-train` for the trainer it launches: its PID (the trainer stops when it is gone) and a file where
@@ -302,43 +301,6 @@ def _yaml_value(value):
 
 
 # ------------------------------------------------------------------------------------------- data
-def is_arrow_dataset(path: str | os.PathLike) -> bool:
-    return (Path(path) / ARROW_MARKER).is_file()
-
-
-def _tree_fingerprint(folder: Path, digest) -> int:
-    count = 0
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix in (".npz", ".json"):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            count += path.suffix == ".npz"
-    return count
-
-
-def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: str | None = None,
-                      seed: int = 0, degradation: str = "mild") -> str:
-    """Key of a converted dataset: the tiles' (and Stage 1 files') names, sizes and modification times, and the
-    build options (with the degradation preset, `DEGRADATION_CHOICES`). Any change to the tiles makes a new key
-    (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is unchanged)."""
-    from data_builders.degrade import DEGRADATION_CHOICES
-
-    if degradation not in DEGRADATION_CHOICES:
-        raise ValueError(f"degradation must be one of {DEGRADATION_CHOICES}, got {degradation!r}.")
-    digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION}\0{input_mode}\0{seed}\n".encode())
-    if degradation != "mild":
-        digest.update(f"degradation\0{degradation}\n".encode())
-    if _tree_fingerprint(Path(data_dir), digest) == 0:
-        raise FileNotFoundError(
-            f"--data_dir {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
-            f"({ARROW_MARKER}) there."
-        )
-    if stage1_dir is not None:
-        digest.update(b"stage1\n")
-        _tree_fingerprint(Path(stage1_dir), digest)
-    return digest.hexdigest()[:16]
-
-
 def _check_data_folder(data_args) -> None:
     """`--data_dir` is a folder of NPZ tiles or an Arrow dataset, and `--stage1_dir` fits it."""
     if data_args.data_dir is None:
@@ -462,7 +424,7 @@ def prepare_splits(dataset_dict, data_args, seed: int = 0):
     """(train, eval) `TileDataset`s: the training columns as tensors, the training split augmented."""
     from data_builders import make_eval_transform, make_train_transform
 
-    from training.trainer import BATCH_COLUMNS, TileDataset
+    from training.data import BATCH_COLUMNS, TileDataset
 
     _require_splits(list(dataset_dict), data_args.eval_split, f"--data_dir {data_args.data_dir}")
     train, evaluation = dataset_dict["train"], dataset_dict[data_args.eval_split]

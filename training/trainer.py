@@ -43,7 +43,6 @@ from .callbacks import EpochLoggingCallback, JsonlLoggerCallback, Stage2TensorBo
 logger = logging.getLogger(__name__)
 
 MODEL_INPUT_COLUMNS = ("opt_v1", "month", "biome")
-BATCH_COLUMNS = ("target", "opt_v1", "month", "biome", "valid_mask")
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
 DISC_OPTIMIZER_TENSORS = "discriminator_optimizer.safetensors"
 DISC_OPTIMIZER_META = "discriminator_optimizer.json"
@@ -254,63 +253,6 @@ def _nonfinite(tensors) -> bool:
     if not tensors:
         return False
     return not bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)]).sum()))
-
-
-class TileDataset(torch.utils.data.Dataset):
-    """Rows of a data-builders split as tensors, optionally with the training augmentation.
-
-    `dataset` is a `datasets.Dataset` (read in numpy format, which is much faster than `set_transform`'s
-    Python lists); `transform` is `data_builders.make_train_transform()` / `make_eval_transform()`. Each row is
-    transformed under its own torch RNG seeded by (seed, epoch, row index): a row gets the same flip/rotation
-    whatever the batch size, the number of processes or the order in which the data loader prefetches rows, so
-    resumed, accumulated and distributed runs see exactly the augmentations of an uninterrupted single run.
-    The trainer calls `set_epoch` at the start of each epoch.
-
-    `brightness_range=(low, high)` also multiplies `target` and `opt_v1` of a row by one factor drawn
-    log-uniformly from that range (an exposure augmentation: it shows the refiner dark scenes such as water, whose
-    indices are the most sensitive to small absolute errors, even when the training tiles have few of them).
-    """
-
-    def __init__(self, dataset, transform, seed: int = 0, columns=BATCH_COLUMNS, brightness_range=None):
-        self.columns = [name for name in columns if name in dataset.column_names]
-        self.dataset = dataset.with_format("numpy", columns=self.columns)
-        self.transform = transform
-        self.seed = int(seed)
-        self.epoch = 0
-        if brightness_range is not None:
-            low, high = (float(v) for v in brightness_range)
-            if not 0 < low <= high:
-                raise ValueError(f"brightness_range must be (low, high) with 0 < low <= high, got {brightness_range}.")
-            brightness_range = (low, high)
-        self.brightness_range = brightness_range
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _row_seed(self, index: int) -> int:
-        return (self.seed * 1_000_003 + self.epoch * 7_919 + int(index) * 104_729) % (2**63 - 1)
-
-    def __getitems__(self, indices) -> list[dict]:
-        batch = self.dataset[list(indices)]
-        rows = []
-        for position, index in enumerate(indices):
-            single = {name: batch[name][position:position + 1] for name in self.columns}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._row_seed(index))
-                out = self.transform(single)
-                if self.brightness_range is not None:
-                    low, high = self.brightness_range
-                    factor = math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(torch.rand(())))
-                    for name in ("target", "opt_v1"):
-                        out[name] = out[name] * factor
-            rows.append({name: value[0] for name, value in out.items()})
-        return rows
-
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
 
 
 class _EpochCallback(TrainerCallback):

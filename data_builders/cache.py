@@ -1,0 +1,49 @@
+"""The Arrow conversion of a folder of NPZ tiles, cached under a key of what it was built from: the tiles' (and
+Stage 1 files') names, sizes and modification times and the build options. Shared by `stage2-train` and
+`stage2-evaluate`, which convert NPZ tiles on first use."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+ARROW_MARKER = "dataset_dict.json"
+"""The file `DatasetDict.save_to_disk` writes at the top of a saved dataset."""
+_CACHE_FORMAT_VERSION = 1
+
+
+def is_arrow_dataset(path: str | os.PathLike) -> bool:
+    return (Path(path) / ARROW_MARKER).is_file()
+
+
+def _tree_fingerprint(folder: Path, digest) -> int:
+    count = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".npz", ".json"):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            count += path.suffix == ".npz"
+    return count
+
+
+def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: str | None = None,
+                      seed: int = 0, degradation: str = "mild") -> str:
+    """Key of a converted dataset: the tiles' (and Stage 1 files') names, sizes and modification times, and the
+    build options (with the degradation preset, `DEGRADATION_CHOICES`). Any change to the tiles makes a new key
+    (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is unchanged)."""
+    from .degrade import DEGRADATION_CHOICES
+
+    if degradation not in DEGRADATION_CHOICES:
+        raise ValueError(f"degradation must be one of {DEGRADATION_CHOICES}, got {degradation!r}.")
+    digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION}\0{input_mode}\0{seed}\n".encode())
+    if degradation != "mild":
+        digest.update(f"degradation\0{degradation}\n".encode())
+    if _tree_fingerprint(Path(data_dir), digest) == 0:
+        raise FileNotFoundError(
+            f"--data_dir {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
+            f"({ARROW_MARKER}) there."
+        )
+    if stage1_dir is not None:
+        digest.update(b"stage1\n")
+        _tree_fingerprint(Path(stage1_dir), digest)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,168 @@
+"""`stage2-refine`: the command line of tile folders and scenes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .loading import load_model
+from .raster import SceneSource
+from .scenes import SceneRefinementResult, refine_scene
+from .tiles import TileRefinementSummary, refine_tiles
+from .values import (
+    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, INPUT_SCALES, InferenceInputError, OUTPUT_SCALES,
+    check_biome, check_month,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stage2-refine",
+        description=(
+            "Refine Stage 1 images with a trained Stage 2 model: a folder of NPZ tiles (--output_dir) or a "
+            "GeoTIFF scene of any size (--output)."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model folder (full model or trained adapter), Hub repo id, "
+                        "or an exported model (a stage2-export folder, model.onnx or model.pt2)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub repo id: the branch, tag or commit to download (default: main)")
+    parser.add_argument(
+        "--input", required=True, nargs="+",
+        help="a folder of NPZ tiles, a 4-band GeoTIFF, or four single-band GeoTIFFs in the order B02 B03 B04 B08",
+    )
+    parser.add_argument("--output_dir", help="tiles: folder for the refined NPZ tiles (mirrors the input layout)")
+    parser.add_argument("--output", help="scene: the refined GeoTIFF to write")
+    parser.add_argument(
+        "--stage1_dir",
+        help="tiles: folder of Stage 1 outputs STAGE1_DIR/<tile>.npz with 'opt_v1'; without it the S2 bands are "
+        "the model input and no metrics are computed",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="tiles: stop at the first bad tile instead of skipping it"
+    )
+    parser.add_argument("--month", type=int, help="scene: acquisition month 1..12 (-1 = unknown)")
+    parser.add_argument("--biome", type=int, help="scene: biome code 0..16 (-1 = unknown)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="scene: window size in pixels (default 120)")
+    parser.add_argument(
+        "--overlap", type=int, default=DEFAULT_OVERLAP, help="scene: overlap of neighbouring windows (default 32)"
+    )
+    parser.add_argument("--input_scale", choices=INPUT_SCALES, default="auto",
+                        help="auto: integer = digital numbers (x 1e-4), float = reflectance")
+    parser.add_argument("--output_scale", choices=OUTPUT_SCALES, default="reflectance",
+                        help="scene: float32 reflectance (default) or digital numbers (reflectance x 10000)")
+    parser.add_argument(
+        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass (default 8)"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--num_threads", type=int, default=None,
+        help="CPU threads for torch (default: torch's choice); on a busy machine 1 can be faster than several",
+    )
+    parser.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
+                        help="load the backbone quantized (bitsandbytes)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """`"tiles"` or `"scene"`, with the arguments each needs; input problems raise before the model loads."""
+    inputs = [Path(path) for path in args.input]
+    for path in inputs:
+        if not path.exists():
+            raise InferenceInputError(f"input {path}: no such file or folder")
+    if len(inputs) == 1 and inputs[0].is_dir():
+        if args.output_dir is None or args.output is not None:
+            parser.error("a tiles folder as --input needs --output_dir (and no --output)")
+        if args.month is not None or args.biome is not None:
+            parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
+        return "tiles"
+    if args.output is None or args.output_dir is not None:
+        parser.error("a GeoTIFF scene as --input needs --output FILE.tif (and no --output_dir)")
+    if args.month is None or args.biome is None:
+        parser.error("a scene needs --month (1..12) and --biome (0..16); pass -1 for unknown")
+    check_month(args.month, "--month")
+    check_biome(args.biome, "--biome")
+    if args.window < 1 or not 0 <= args.overlap < args.window:
+        raise InferenceInputError(
+            f"need --window >= 1 and 0 <= --overlap < --window, got {args.window}, {args.overlap}"
+        )
+    SceneSource(inputs).close()  # band count, CRS, grid: checked before the model is loaded
+    return "scene"
+
+
+def _default_device(device: str | None) -> str:
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`stage2-refine`: 0 on success, 1 when some tiles were rejected or a scene held no valid pixel, 2 on bad
+    input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            parser.error("--num_threads must be at least 1")
+        torch.set_num_threads(args.num_threads)
+    try:
+        mode = _check_mode(args, parser)
+        model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device),
+                           revision=args.revision)
+        if mode == "tiles":
+            summary = refine_tiles(
+                model, args.input[0], args.output_dir, args.stage1_dir, args.batch_size,
+                input_scale=args.input_scale, device=args.device, strict=args.strict, progress=not args.no_progress,
+            )
+            _report_tiles(summary)
+            return 1 if summary.rejected else 0
+        result = refine_scene(
+            model, args.input if len(args.input) > 1 else args.input[0], args.output, args.month, args.biome,
+            window=args.window, overlap=args.overlap, batch_size=args.batch_size, input_scale=args.input_scale,
+            output_scale=args.output_scale, device=args.device, progress=not args.no_progress,
+        )
+        _report_scene(result)
+        return 1 if result.windows == 0 else 0
+    except InferenceInputError as error:
+        print(f"stage2-refine: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _report_tiles(summary: TileRefinementSummary) -> None:
+    rate = len(summary.written) / summary.seconds if summary.seconds else float("nan")
+    print(
+        f"refined {len(summary.written)} tiles into {summary.output_dir} ({rate:.1f} tiles/s); "
+        f"model input: {'Stage 1 opt_v1' if summary.input_source == 'stage1' else 'the S2 bands (no --stage1_dir)'}"
+    )
+    if summary.metrics:
+        from training.metrics import format_metrics_table
+
+        print(format_metrics_table(summary.metrics))
+        print(f"(also in {summary.output_dir / 'metrics.json'})")
+    if summary.replaced:
+        print(f"replaced {len(summary.replaced)} output(s) of an earlier run in {summary.output_dir}", file=sys.stderr)
+    for relative in summary.removed_stale:
+        print(f"removed {summary.output_dir / relative}: an earlier run's output, not refined this time",
+              file=sys.stderr)
+    for path, reason in summary.rejected:
+        print(f"rejected {path}: {reason}", file=sys.stderr)
+    if summary.rejected:
+        print(f"{len(summary.rejected)} tile(s) rejected", file=sys.stderr)
+
+
+def _report_scene(result: SceneRefinementResult) -> None:
+    if result.windows == 0:
+        print(f"warning: the scene has no valid pixel (all nodata); {result.output_path} is all nodata",
+              file=sys.stderr)
+    minutes = result.seconds / 60
+    print(
+        f"wrote {result.output_path}: {result.width}x{result.height} px ({result.area_km2:.2f} km^2 at 10 m), "
+        f"{result.windows} windows in {result.strips} strips, {result.dtype} {result.output_scale}, "
+        f"nodata {result.nodata}; {result.area_km2 / minutes if minutes else float('nan'):.1f} km^2/min"
+    )

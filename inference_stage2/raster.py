@@ -1,0 +1,213 @@
+"""GeoTIFF input and output (rasterio): one 4-band file or four single-band files read strip by strip, and the output's dtype, nodata and profile."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from data_builders.tiles import DN_SCALE
+from modeling_stage2.bands import BAND_NAMES
+
+from .values import InferenceInputError, resolve_input_scale
+
+
+def _describe(value: Any) -> str:
+    """A one-line description of a raster property (an Affine transform prints as its 6 coefficients)."""
+    if hasattr(value, "to_gdal"):
+        return "(" + ", ".join(f"{v:.12g}" for v in tuple(value)[:6]) + ")"
+    return str(value)
+
+
+def require_rasterio():
+    try:
+        import rasterio
+    except ImportError as error:  # the optional `geo` extra
+        raise ImportError(
+            "scene inference needs rasterio: pip install 'stage2-refiner[geo]'"
+        ) from error
+    return rasterio
+
+
+class SceneSource:
+    """One 4-band raster or four single-band rasters (B02 B03 B04 B08), validated, read by row strips."""
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
+        rasterio = require_rasterio()
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [Path(path) for path in paths]
+        if len(self.paths) not in (1, len(BAND_NAMES)):
+            raise InferenceInputError(
+                f"input: give one 4-band raster or four single-band rasters ({' '.join(BAND_NAMES)}), "
+                f"got {len(self.paths)} files"
+            )
+        self.datasets = []
+        try:
+            for path in self.paths:
+                if not path.is_file():
+                    raise InferenceInputError(f"{path}: no such file")
+                try:
+                    self.datasets.append(rasterio.open(path))
+                except rasterio.errors.RasterioIOError as error:
+                    raise InferenceInputError(f"{path}: cannot be read as a raster ({error})") from error
+            self._validate()
+        except BaseException:
+            self.close()
+            raise
+        self.max_rows_read = 0
+
+    def _validate(self) -> None:
+        expected = len(BAND_NAMES) if len(self.datasets) == 1 else 1
+        for path, dataset in zip(self.paths, self.datasets):
+            if dataset.count != expected:
+                layout = "a 4-band raster" if expected == len(BAND_NAMES) else "one of four single-band rasters"
+                raise InferenceInputError(
+                    f"{path}: has {dataset.count} band(s), expected {expected} as {layout} "
+                    f"(bands {' '.join(BAND_NAMES)})"
+                )
+            if dataset.crs is None or not dataset.crs.to_wkt():
+                raise InferenceInputError(
+                    f"{path}: has no coordinate reference system (CRS); the output could not be "
+                    f"georeferenced. Assign one first, e.g. gdal_edit.py -a_srs EPSG:32633 {path}"
+                )
+            if dataset.transform.is_identity:
+                raise InferenceInputError(
+                    f"{path}: has no geotransform (pixel grid to map coordinates); georeference it first"
+                )
+        first, first_path = self.datasets[0], self.paths[0]
+        for path, dataset in zip(self.paths[1:], self.datasets[1:]):
+            for name in ("width", "height", "crs", "transform"):
+                if getattr(dataset, name) != getattr(first, name):
+                    raise InferenceInputError(
+                        f"{path}: {name} {_describe(getattr(dataset, name))} differs from {first_path}'s "
+                        f"{_describe(getattr(first, name))}; the four band files must share one grid"
+                    )
+
+    @property
+    def width(self) -> int:
+        return self.datasets[0].width
+
+    @property
+    def height(self) -> int:
+        return self.datasets[0].height
+
+    @property
+    def crs(self):
+        return self.datasets[0].crs
+
+    @property
+    def transform(self):
+        return self.datasets[0].transform
+
+    @property
+    def dtypes(self) -> list[np.dtype]:
+        return [np.dtype(dtype) for dataset in self.datasets for dtype in dataset.dtypes]
+
+    @property
+    def nodata_values(self) -> list[float | None]:
+        """Nodata value of each band (None when undeclared)."""
+        return [value for dataset in self.datasets for value in dataset.nodatavals]
+
+    @property
+    def nodata(self) -> float | None:
+        """The declared nodata value (the first band's that has one)."""
+        return next((value for value in self.nodata_values if value is not None), None)
+
+    def resolve_input_scale(self, input_scale: str) -> str:
+        pairs = zip(self._band_paths(), self.dtypes)
+        scales = {resolve_input_scale(dtype, input_scale, str(path)) for path, dtype in pairs}
+        if len(scales) > 1:
+            raise InferenceInputError(
+                f"input: band files mix integer and float values ({[str(d) for d in self.dtypes]}); "
+                "say which they are with input_scale='dn' or 'reflectance'"
+            )
+        return scales.pop()
+
+    def _band_paths(self) -> list[Path]:
+        return self.paths * len(BAND_NAMES) if len(self.paths) == 1 else self.paths
+
+    def read_rows(self, row: int, count: int) -> np.ndarray:
+        """Bands (4, count, width) of rows [row, row + count), in the file's dtype (a windowed read)."""
+        from rasterio.windows import Window
+
+        window = Window(0, row, self.width, count)
+        self.max_rows_read = max(self.max_rows_read, count)
+        if len(self.datasets) == 1:
+            return self.datasets[0].read(window=window)
+        return np.stack([dataset.read(1, window=window) for dataset in self.datasets])
+
+    def valid_mask(self, values: np.ndarray) -> np.ndarray:
+        """(rows, width) True where every band is finite and differs from its nodata value."""
+        valid = np.ones(values.shape[1:], dtype=bool)
+        for band, nodata in zip(values, self.nodata_values):
+            if band.dtype.kind == "f":
+                valid &= np.isfinite(band)
+            if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+                valid &= band != nodata
+        return valid
+
+    def close(self) -> None:
+        for dataset in self.datasets:
+            dataset.close()
+        self.datasets = []
+
+    def __enter__(self) -> "SceneSource":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def output_dtype(source: SceneSource, output_scale: str) -> np.dtype:
+    if output_scale == "reflectance":
+        return np.dtype(np.float32)
+    integer = [dtype for dtype in source.dtypes if dtype.kind in "iu"]
+    return integer[0] if integer else np.dtype(np.uint16)
+
+
+def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
+    if nodata is None or dtype.kind == "f":
+        return nodata
+    info = np.iinfo(dtype)
+    if math.isnan(nodata) or not info.min <= nodata <= info.max or nodata != int(nodata):
+        raise InferenceInputError(
+            f"input nodata value {nodata} cannot be stored in the {dtype} digital-number output; "
+            "use output_scale='reflectance' (float32)"
+        )
+    return nodata
+
+
+def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodata: float | None) -> np.ndarray:
+    """Reflectance block -> the output dtype, with nodata (or NaN / 0 when none is declared) where invalid."""
+    if dtype.kind == "f":
+        block = reflectance.astype(dtype)
+        fill = np.nan if nodata is None else nodata
+    else:
+        info = np.iinfo(dtype)
+        block = np.clip(np.rint(reflectance / DN_SCALE), info.min, info.max).astype(dtype)
+        fill = 0 if nodata is None else nodata
+    block[:, ~valid] = fill
+    return block
+
+
+def output_profile(source: SceneSource, dtype: np.dtype, nodata: float | None) -> dict[str, Any]:
+    profile = {
+        "driver": "GTiff",
+        "width": source.width,
+        "height": source.height,
+        "count": len(BAND_NAMES),
+        "dtype": dtype.name,
+        "crs": source.crs,
+        "transform": source.transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "predictor": 3 if dtype.kind == "f" else 2,
+        "BIGTIFF": "IF_SAFER",
+    }
+    return profile

@@ -1,0 +1,199 @@
+"""Whole GeoTIFF scenes of any size: overlapping windows blended without seams, one strip in memory."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from modeling_stage2.bands import BAND_NAMES
+
+from .files import partial_path, remove_quietly
+from .predict import predict_reflectance
+from .raster import SceneSource, output_dtype, output_nodata, output_profile, require_rasterio, to_output
+from .values import (
+    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, InferenceInputError, OUTPUT_SCALES, check_biome,
+    check_month, fill_invalid_pixels, metadata_limits, to_reflectance,
+)
+from .windows import StripAccumulator, blend_weights, window_starts
+
+
+@dataclass
+class SceneRefinementResult:
+    """What [`refine_scene`] did: sizes, windows and the memory it held.
+
+    `accumulator_shape` / `accumulator_bytes`: the blending buffer (bands, rows, width) held during the
+    whole run; `max_rows_read`: the most scene rows read at once. Both stay at the window height
+    whatever the scene's height.
+    """
+
+    output_path: Path
+    width: int
+    height: int
+    windows: int
+    strips: int
+    window: int
+    overlap: int
+    input_scale: str
+    output_scale: str
+    dtype: str
+    nodata: float | None
+    accumulator_shape: tuple[int, ...]
+    accumulator_bytes: int
+    max_rows_read: int
+    seconds: float
+
+    @property
+    def area_km2(self) -> float:
+        """Scene area at 10 m pixels."""
+        return self.width * self.height * 100.0 / 1e6
+
+
+def _pad_to(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Mirror-pad (N, C, h, w) up to (height, width) at the bottom/right (scenes smaller than a window)."""
+    pad_h, pad_w = height - images.shape[-2], width - images.shape[-1]
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return np.pad(images, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode="symmetric")
+
+
+def refine_scene(
+    model: Any,
+    input_path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    output_path: str | os.PathLike,
+    month: int,
+    biome: int,
+    *,
+    window: int = DEFAULT_WINDOW,
+    overlap: int = DEFAULT_OVERLAP,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    input_scale: str = "auto",
+    output_scale: str = "reflectance",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> SceneRefinementResult:
+    """Refine a GeoTIFF scene of any size in overlapping windows and write a GeoTIFF beside it.
+
+    Args:
+        model: the refiner (or any callable with its signature, see [`refine_arrays`]).
+        input_path_or_paths: one 4-band raster (B02 B03 B04 B08) or four single-band rasters in that
+            order, sharing one grid. A CRS and a geotransform are required.
+        output_path: the GeoTIFF to write: same size, CRS, transform and nodata value; 4 bands.
+        month: 1..12 or -1 (unknown). biome: 0..16 or -1 (unknown).
+        window: window size in pixels (the model works on 120x120 tiles).
+        overlap: pixels shared by neighbouring windows, blended with a raised-cosine ramp.
+        batch_size: windows per forward pass.
+        input_scale: `"auto"` (integer rasters = digital numbers, float = reflectance), `"dn"`, `"reflectance"`.
+        output_scale: `"reflectance"` (float32, the default) or `"dn"` (digital numbers, reflectance x
+            10000 rounded, in the input's integer dtype or uint16).
+        device: where to run the model.
+        progress: show a progress bar.
+
+    Pixels where any band is nodata (the declared value, or NaN) are filled for the model and written
+    as nodata in every band (NaN when no nodata value is declared and the output is float; 0 for a
+    digital-number output). Memory: one strip of `window` rows (input, blending sums and weights), never
+    the whole scene. The output appears only when complete (written to a temporary file beside it).
+    """
+    start = time.perf_counter()
+    num_months, num_biomes = metadata_limits(model)
+    month = check_month(month, "month", num_months)
+    biome = check_biome(biome, "biome", num_biomes)
+    if output_scale not in OUTPUT_SCALES:
+        raise InferenceInputError(f"output_scale must be one of {OUTPUT_SCALES}, got {output_scale!r}")
+    if window < 1 or not 0 <= overlap < window:
+        raise InferenceInputError(f"need window >= 1 and 0 <= overlap < window, got window={window}, overlap={overlap}")
+    if batch_size < 1:
+        raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
+    output_path = Path(output_path)
+    rasterio = require_rasterio()
+
+    with SceneSource(input_path_or_paths) as source:
+        if any(output_path.resolve() == path.resolve() for path in source.paths):
+            raise InferenceInputError(f"output {output_path} is an input file; refusing to overwrite it")
+        scale = source.resolve_input_scale(input_scale)
+        dtype = output_dtype(source, output_scale)
+        nodata = output_nodata(source.nodata, dtype)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(output_path)
+        try:
+            with rasterio.open(partial, "w", **output_profile(source, dtype, nodata)) as destination:
+                for index, name in enumerate(BAND_NAMES, start=1):
+                    destination.set_band_description(index, name)
+                destination.update_tags(
+                    STAGE2_REFINED="true", MONTH=str(month), BIOME=str(biome), OUTPUT_SCALE=output_scale
+                )
+                counts = _refine_strips(
+                    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
+                    device, progress,
+                )
+            os.replace(partial, output_path)
+        except BaseException:
+            remove_quietly(partial)
+            raise
+        return SceneRefinementResult(
+            output_path=output_path,
+            width=source.width,
+            height=source.height,
+            windows=counts["windows"],
+            strips=counts["strips"],
+            window=window,
+            overlap=overlap,
+            input_scale=scale,
+            output_scale=output_scale,
+            dtype=dtype.name,
+            nodata=nodata,
+            accumulator_shape=counts["accumulator_shape"],
+            accumulator_bytes=counts["accumulator_bytes"],
+            max_rows_read=source.max_rows_read,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _refine_strips(
+    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata, device, progress
+) -> dict[str, Any]:
+    """The scene loop: for each row of windows, read its strip, refine its windows, blend them into the
+    strip accumulator and write the rows no later window touches."""
+    from rasterio.windows import Window
+    from tqdm.auto import tqdm
+
+    height, width = source.height, source.width
+    rows, cols = window_starts(height, window, overlap), window_starts(width, window, overlap)
+    strip_height, window_width = min(window, height), min(window, width)
+    weights = blend_weights(strip_height, window_width, overlap)
+    accumulator = StripAccumulator(len(BAND_NAMES), strip_height, width)
+    windows = 0
+    with tqdm(total=len(rows) * len(cols), unit="window", desc="stage2-refine", disable=not progress) as bar:
+        for index, row in enumerate(rows):
+            raw = source.read_rows(row, strip_height)
+            valid = source.valid_mask(raw)
+            # Warn once (first strip) when float input looks like digital numbers.
+            reflectance = to_reflectance(raw, scale, str(source.paths[0]), warn=index == 0)
+            useful = [col for col in cols if valid[:, col : col + window_width].any()]
+            if useful:
+                images = np.stack([reflectance[:, :, col : col + window_width] for col in useful])
+                image_valid = np.stack([valid[:, col : col + window_width] for col in useful])
+                filled = _pad_to(fill_invalid_pixels(images, image_valid), window, window)
+                count = len(useful)
+                refined = predict_reflectance(
+                    model, filled, np.full(count, month, dtype=np.int64), np.full(count, biome, dtype=np.int64),
+                    batch_size=batch_size, device=device,
+                )[:, :, :strip_height, :window_width]
+                for col, image in zip(useful, refined):
+                    accumulator.add(row, col, image, weights)
+                windows += count
+            bar.update(len(cols))
+            stop = rows[index + 1] if index + 1 < len(rows) else height
+            blended, _ = accumulator.pop(stop)
+            block = to_output(blended, valid[: stop - row], dtype, nodata)
+            destination.write(block, window=Window(0, row, width, stop - row))
+    return {
+        "windows": windows,
+        "strips": len(rows),
+        "accumulator_shape": tuple(accumulator.sums.shape),
+        "accumulator_bytes": accumulator.nbytes,
+    }

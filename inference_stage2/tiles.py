@@ -1,0 +1,292 @@
+"""Folders of NPZ tiles: the shared tile reader, per-tile metrics, outputs that mirror the input layout."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_builders.tiles import BAND_KEYS as TILE_BAND_KEYS
+from data_builders.tiles import TILE_SIZE
+from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+
+from .files import save_json_atomic, save_npz_atomic
+from .predict import refine_arrays
+from .values import DEFAULT_BATCH_SIZE, InferenceInputError, check_biome, check_month, metadata_limits, to_reflectance
+
+
+@dataclass
+class _Tile:
+    path: Path
+    relative: Path
+    opt_v1: np.ndarray  # (4, H, W) float32 reflectance, the model input
+    target: np.ndarray | None  # (4, H, W) float32 reflectance when opt_v1 came from Stage 1
+    month: int
+    biome: int
+
+
+@dataclass
+class TileRefinementSummary:
+    """What [`refine_tiles`] did.
+
+    Attributes:
+        output_dir: where the refined tiles are.
+        input_source: `"stage1"` (opt_v1 from STAGE1_DIR, S2 bands are the target) or `"s2_bands"` (the
+            S2 bands themselves are the model input (refining a real image); no metrics).
+        written: relative paths of the tiles written.
+        rejected: `(path, reason)` for each tile that was skipped.
+        metrics: the metrics over all written tiles (pixels pooled, as `stage2-evaluate` computes them):
+            `{"refined": {...}, "opt_v1": {...}, "n_tiles": N}`, also written to OUTPUT_DIR/metrics.json;
+            None without Stage 1 input or without the `training` package.
+        seconds: wall time.
+        replaced: relative paths of outputs of an earlier run into the same folder that were overwritten.
+        removed_stale: outputs of an earlier run that this run would have left looking current (a tile now
+            rejected, a `metrics.json` this run did not compute): removed.
+    """
+
+    output_dir: Path
+    input_source: str
+    written: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    seconds: float = 0.0
+    replaced: list[str] = field(default_factory=list)
+    removed_stale: list[str] = field(default_factory=list)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an NPZ through the data builder's reader: pickles refused, and no member
+    decompressed beyond what its header declares or `NPZ_MAX_BYTES` (a small zip can inflate to GBs)."""
+    from data_builders.tiles import PICKLED_ARRAY, TileError, load_npz
+
+    try:
+        return load_npz(path)
+    except TileError as error:
+        if error.problem == PICKLED_ARRAY:
+            raise InferenceInputError(
+                f"{path}: key {error.key!r} holds an object array, which needs unpickling; refusing "
+                "(store numeric arrays)"
+            ) from None
+        where = f"key {error.key!r}: " if error.key else ""
+        raise InferenceInputError(f"{path}: cannot be read as an NPZ file ({where}{error.problem})") from None
+
+
+def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> np.ndarray:
+    bands = []
+    for key in TILE_BAND_KEYS:
+        if key not in arrays:
+            raise InferenceInputError(f"{path}: missing key {key!r} (a tile needs {TILE_BAND_KEYS})")
+        band = arrays[key]
+        if band.shape != (TILE_SIZE, TILE_SIZE):
+            raise InferenceInputError(
+                f"{path}: key {key!r} has shape {band.shape}, expected ({TILE_SIZE}, {TILE_SIZE}); "
+                "refine larger images as a GeoTIFF scene"
+            )
+        bands.append(to_reflectance(band, input_scale, f"{path}: key {key!r}"))
+    return np.stack(bands)
+
+
+def _tile_metadata(arrays: dict[str, np.ndarray], path: Path, limits: tuple[int, int]) -> tuple[int, int]:
+    month = arrays.get("month", UNKNOWN_METADATA)
+    biome = arrays.get("biome_code", arrays.get("biome", UNKNOWN_METADATA))
+    return (check_month(month, f"{path}: key 'month'", limits[0]),
+            check_biome(biome, f"{path}: key 'biome_code'", limits[1]))
+
+
+def _stage1_path(stage1_dir: Path, relative: Path) -> Path:
+    """`STAGE1_DIR/<tile>.npz`, or the tile's own relative path (split subfolders) when that exists."""
+    nested = stage1_dir / relative
+    return nested if nested.is_file() else stage1_dir / relative.name
+
+
+def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
+    if not path.is_file():
+        raise InferenceInputError(f"{path}: Stage 1 file missing (expected STAGE1_DIR/<tile>.npz with 'opt_v1')")
+    arrays = _load_npz(path)
+    if "opt_v1" not in arrays:
+        raise InferenceInputError(f"{path}: missing key 'opt_v1' (Stage 1 output, shape (4, 120, 120))")
+    opt_v1 = arrays["opt_v1"]
+    if opt_v1.shape != (len(BAND_NAMES), TILE_SIZE, TILE_SIZE):
+        raise InferenceInputError(
+            f"{path}: key 'opt_v1' has shape {opt_v1.shape}, expected (4, {TILE_SIZE}, {TILE_SIZE})"
+        )
+    return to_reflectance(opt_v1, input_scale, f"{path}: key 'opt_v1'")
+
+
+def _read_tile(path: Path, relative: Path, stage1_dir: Path | None, input_scale: str = "auto",
+               limits: tuple[int, int] = (NUM_MONTHS, NUM_BIOMES)) -> _Tile:
+    """One tile: its model input (Stage 1 opt_v1, or the S2 bands without Stage 1), target and metadata (checked
+    against the model's `limits`, `metadata_limits`)."""
+    arrays = _load_npz(path)
+    bands = _tile_bands(arrays, path, input_scale)
+    month, biome = _tile_metadata(arrays, path, limits)
+    if stage1_dir is None:
+        return _Tile(path, relative, bands, None, month, biome)
+    opt_v1 = _stage1_opt_v1(_stage1_path(stage1_dir, relative), input_scale)
+    return _Tile(path, relative, opt_v1, bands, month, biome)
+
+
+def _metrics_module():
+    """`training.metrics` when the training package is installed, else None.
+
+    Imported lazily: the model package does not depend on training; metrics are an extra of the tiles
+    mode with Stage 1 input.
+    """
+    try:
+        from training import metrics
+    except ImportError:
+        return None
+    return metrics
+
+
+def _batch_metrics(metrics, refined: np.ndarray, tiles: list[_Tile]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-tile statistics (`training.metrics.paired_tile_statistics`) of the refined tiles and of opt_v1
+    itself against the target; pixels invalid in the target or in opt_v1 do not count."""
+    target = np.stack([tile.target for tile in tiles])
+    opt_v1 = np.stack([tile.opt_v1 for tile in tiles])
+    valid = np.isfinite(target).all(axis=1) & np.isfinite(opt_v1).all(axis=1)
+    as_tensor = lambda array: torch.from_numpy(np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0))  # noqa: E731
+    return metrics.paired_tile_statistics(
+        as_tensor(refined), as_tensor(target), as_tensor(opt_v1), torch.from_numpy(valid)
+    )
+
+
+def _tile_metrics(metrics, paired: dict[str, dict[str, torch.Tensor]], index: int) -> dict[str, dict[str, float]]:
+    """The metrics of tile `index` of a batch, for the refined output and for opt_v1."""
+    result = {}
+    for role, stats in paired.items():
+        values = metrics.metrics_from_statistics({name: value[index : index + 1] for name, value in stats.items()})
+        result[role] = {name: float(values[name][0]) for name in metrics.METRIC_NAMES}
+    return result
+
+
+def _tile_output(refined: np.ndarray, tile: _Tile, source: str, metrics: dict | None) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {
+        "refined": refined.astype(np.float32),
+        "month": np.int64(tile.month),
+        "biome_code": np.int64(tile.biome),
+        "band_names": np.array(BAND_NAMES),
+        "input_source": np.array(source),
+    }
+    for kind, values in (metrics or {}).items():
+        for key, value in values.items():
+            arrays[f"metrics_{kind}_{key}"] = np.float64(value)
+    return arrays
+
+
+def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
+    output = output_dir.resolve()
+    paths = []
+    for path in sorted(input_dir.rglob("*.npz")):
+        if output in path.resolve().parents or path.name.startswith("."):
+            continue  # earlier outputs nested in the input, partial files
+        paths.append(path)
+    return paths
+
+
+def refine_tiles(
+    model: Any,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    stage1_dir: str | os.PathLike | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    input_scale: str = "auto",
+    device: str | torch.device | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> TileRefinementSummary:
+    """Refine every NPZ tile under `input_dir` (recursively: train/val/test subfolders) into `output_dir`.
+
+    Input tiles have `s2_b2`, `s2_b3`, `s2_b4`, `s2_b8` (120x120, digital numbers or reflectance), `month`
+    and `biome_code` (absent = unknown). With `stage1_dir`, the model input is `opt_v1` from
+    `STAGE1_DIR/<tile>.npz` and the S2 bands are the target, so per-tile metrics are computed; without
+    it the S2 bands themselves are the model input (a real image refined as it is) and there is no
+    target.
+
+    Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
+    `month`, `biome_code`, `band_names`, `input_source` and, with Stage 1 input, scalar
+    `metrics_refined_<name>` / `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
+    Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises).
+    """
+    start = time.perf_counter()
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if batch_size < 1:
+        raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
+    if not input_dir.is_dir():
+        raise InferenceInputError(f"input {input_dir}: no such folder of NPZ tiles")
+    if input_dir.resolve() == output_dir.resolve():
+        raise InferenceInputError(f"output_dir {output_dir} is the input folder; refusing to overwrite the tiles")
+    stage1 = Path(stage1_dir) if stage1_dir is not None else None
+    if stage1 is not None and not stage1.is_dir():
+        raise InferenceInputError(f"stage1_dir {stage1}: no such folder")
+    paths = _find_tiles(input_dir, output_dir)
+    if not paths:
+        raise InferenceInputError(f"input {input_dir}: no .npz tiles found (searched recursively)")
+    source = "stage1" if stage1 is not None else "s2_bands"
+    summary = TileRefinementSummary(output_dir=output_dir, input_source=source)
+    metrics = _metrics_module() if stage1 is not None else None
+    if stage1 is not None and metrics is None:
+        warnings.warn("the `training` package is not installed: tiles are refined without metrics", stacklevel=2)
+    accumulator = metrics.MetricAccumulator() if metrics is not None else None
+    limits = metadata_limits(model)
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), unit="tile", desc="stage2-refine", disable=not progress) as bar:
+        for chunk_start in range(0, len(paths), batch_size):
+            tiles = []
+            for path in paths[chunk_start : chunk_start + batch_size]:
+                relative = path.relative_to(input_dir)
+                try:
+                    tiles.append(_read_tile(path, relative, stage1, input_scale, limits))
+                except InferenceInputError as error:
+                    if strict:
+                        raise
+                    summary.rejected.append((str(path), str(error)))
+                    # An output of this tile from an earlier run would pass for a result of this one.
+                    if _remove_stale(output_dir / relative):
+                        summary.removed_stale.append(str(relative))
+                    bar.update(1)
+            if not tiles:
+                continue
+            refined = refine_arrays(
+                model,
+                np.stack([tile.opt_v1 for tile in tiles]),
+                [tile.month for tile in tiles],
+                [tile.biome for tile in tiles],
+                input_scale="reflectance",
+                batch_size=batch_size,
+                device=device,
+            )
+            paired = _batch_metrics(metrics, refined, tiles) if accumulator is not None else None
+            for index, (tile, image) in enumerate(zip(tiles, refined)):
+                tile_metrics = _tile_metrics(metrics, paired, index) if paired is not None else None
+                if (output_dir / tile.relative).exists():
+                    summary.replaced.append(str(tile.relative))
+                save_npz_atomic(output_dir / tile.relative, _tile_output(image, tile, source, tile_metrics))
+                summary.written.append(str(tile.relative))
+                bar.update(1)
+            if paired is not None:
+                accumulator.add_statistics(paired)
+    if accumulator is not None and accumulator.n_tiles:
+        summary.metrics = accumulator.compute()
+        save_json_atomic(output_dir / "metrics.json", summary.metrics)
+    elif _remove_stale(output_dir / "metrics.json"):  # metrics of an earlier run, not of these tiles
+        summary.removed_stale.append("metrics.json")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _remove_stale(path: Path) -> bool:
+    """Remove an earlier run's output file; True if there was one."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
