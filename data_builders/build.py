@@ -32,7 +32,6 @@ import collections
 import ctypes
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import multiprocessing
@@ -60,6 +59,7 @@ from .degrade import (
     resolve_degradation,
     synthesize_opt_v1,
 )
+from ._leaves import model_leaf
 from .tiles import (
     BAND_NAMES,
     SPLIT_ALIASES,
@@ -639,16 +639,8 @@ def _save_split(dataset, split_dir: Path, fingerprint: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _files_module():
-    """`modeling_stage2._files`, the one implementation of folder replacement, loaded without running
-    `modeling_stage2/__init__.py`, which imports torch and transformers (~3 s more for every build)."""
-    if "modeling_stage2._files" in sys.modules:
-        return sys.modules["modeling_stage2._files"]
-    package = importlib.util.find_spec("modeling_stage2")
-    location = Path(next(iter(package.submodule_search_locations))) / "_files.py"
-    spec = importlib.util.spec_from_file_location("modeling_stage2._files", location)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`modeling_stage2._files`, the one implementation of folder replacement (without the model package's imports)."""
+    return model_leaf("_files")
 
 
 def _move_into_place(built: Path, output_dir: Path) -> None:

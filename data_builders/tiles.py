@@ -26,7 +26,11 @@ from typing import Optional
 
 import numpy as np
 
-from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA  # noqa: F401  (re-exported)
+from ._leaves import model_leaf
+
+# The shared band facts (`modeling_stage2.bands`), re-exported here for the data builders.
+BAND_NAMES, UNKNOWN_METADATA, NUM_MONTHS, NUM_BIOMES = (
+    getattr(model_leaf("bands"), name) for name in ("BAND_NAMES", "UNKNOWN_METADATA", "NUM_MONTHS", "NUM_BIOMES"))
 
 BAND_KEYS = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
 """NPZ keys of `BAND_NAMES`, in the same order."""

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -450,6 +451,44 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     assert evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val", "--max_samples", "1",
                           "--no-baselines", "--json", str(tmp_path / "plain.json")]) == 0
     assert "linear_fit" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+def test_resume_from_an_explicit_corrupt_checkpoint_is_a_usage_error(tmp_path):
+    from types import SimpleNamespace
+
+    from training.train import UsageError, _check_resume
+    from training.trainer import CHECKPOINT_COMPLETE_NAME, checkpoint_marker
+
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (checkpoint / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(checkpoint_marker(checkpoint, 3)))
+    args = SimpleNamespace(resume_from_checkpoint=str(checkpoint), output_dir=str(tmp_path / "out"))
+    _check_resume(args, complete=True)  # intact: accepted
+    data = bytearray((checkpoint / "adapter_model.safetensors").read_bytes())
+    data[4096:4196] = bytes(100)  # same size, other content
+    (checkpoint / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="adapter_model.safetensors"):
+        _check_resume(args, complete=True)
+    assert (checkpoint / "adapter_model.safetensors").is_file()  # reported, never deleted
+
+
+def test_evaluate_on_npz_tiles_names_the_tiles_it_left_out(e2e, sample_tiles_dir, tmp_path, capsys, monkeypatch):
+    from training.evaluate import main as evaluate_main
+
+    _, out, _ = e2e
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    tiles = tmp_path / "tiles"
+    for split in ("train", "val"):
+        (tiles / split).mkdir(parents=True)
+        for path in sorted((sample_tiles_dir / split).glob("*.npz"))[:2]:
+            shutil.copy(path, tiles / split / path.name)
+    (tiles / "val" / "broken.npz").write_bytes(b"PK\x03\x04 not a zip")
+    assert evaluate_main(["--model", str(out / "best"), "--data", str(tiles), "--split", "val"]) == 0
+    err = capsys.readouterr().err
+    assert "stage2-evaluate: rejected" in err and "broken.npz" in err and "(not evaluated)" in err
+    assert not list((tmp_path / "tmp").iterdir())  # the NPZ conversion left nothing behind
 
 
 def test_evaluation_reads_numpy_rows_and_collates_them_like_training(e2e):

@@ -76,8 +76,23 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
             root.mkdir(parents=True, exist_ok=True)
             build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed,
                           degradation=degradation)
+        report_rejected_tiles(target)
         dataset_dict = load_from_disk(str(target))
     return dataset_dict
+
+
+def report_rejected_tiles(dataset_dir: Path) -> list[dict]:
+    """Print (stderr) every NPZ tile the conversion left out, with its reason: the evaluation does not cover them.
+    Returns the records of `rejected.jsonl`."""
+    from data_builders.build import REJECTED_FILE
+
+    path = Path(dataset_dir) / REJECTED_FILE
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if path.is_file() else []
+    for record in records:
+        print(f"stage2-evaluate: rejected {record['file']}: {record.get('key') or '-'}: {record['problem']} "
+              "(not evaluated)", file=sys.stderr)
+    return records
 
 
 def load_split(data: str, split: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None,

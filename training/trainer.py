@@ -546,6 +546,8 @@ class Stage2Trainer(Trainer):
             self._determine_best_metric(metrics, trial=None)
         return metrics
 
+    # Private override (transformers 5.24, setup.cfg pins the tested range): the one place that knows "this evaluation
+    # is a new best" before the checkpoint of the step is written; a callback would recompute the Trainer's rule.
     def _determine_best_metric(self, metrics, trial) -> bool:
         is_new_best = super()._determine_best_metric(metrics, trial)
         if is_new_best and self.args.should_save:
@@ -625,6 +627,7 @@ class Stage2Trainer(Trainer):
         return True
 
     # --------------------------------------------------------------------------------------- saving
+    # Private override: `_save` is what both `save_model` and checkpoints call to write the model files.
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints and the final model in `save_trained_model`'s layout (adapter + refiner config + base
         source), so any of them loads with `load_trained_model` and resumes with the Trainer's adapter loading."""
@@ -648,6 +651,8 @@ class Stage2Trainer(Trainer):
             shutil.rmtree(staging.parent, ignore_errors=True)
         (output_dir / "training_args.json").write_text(self.args.to_json_string())
 
+    # Private overrides: the discriminator's optimizer state is saved and restored with the Trainer's own, at the same
+    # moment and in the same checkpoint, which no public hook offers for a second optimizer.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if not self.args.should_save:
@@ -690,6 +695,8 @@ class Stage2Trainer(Trainer):
         tensors = load_file(str(folder / DISC_OPTIMIZER_TENSORS), device=str(self.args.device))
         self.disc_optimizer.load_state_dict(optimizer_state_from_safetensors(tensors, meta))
 
+    # Private override: the completion marker must be written after every file of the checkpoint (trainer state and
+    # RNG states included) on every process, and an older checkpoint of the same step be replaced, not merged into.
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then (after every process wrote its part) the completion marker."""
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
