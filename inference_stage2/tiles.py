@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from data_builders.tiles import BAND_KEYS as TILE_BAND_KEYS
-from data_builders.tiles import TILE_SIZE
+from data_builders.tiles import TILE_SIZE, TileError, read_bands, read_stage1
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
 from .files import save_json_atomic, save_npz_atomic
@@ -77,6 +77,14 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> np.ndarray:
+    """The four bands as float32 reflectance; invalid (non-finite) pixels NaN, so that they stay unrefined."""
+    if input_scale == "auto":  # the data builders' reader: the same checks, bitwise the same reflectance as training
+        try:
+            bands, valid, _ = read_bands(path, arrays)
+        except TileError as error:
+            raise InferenceInputError(str(error)) from None
+        bands[:, ~valid] = np.nan
+        return bands
     bands = []
     for key in TILE_BAND_KEYS:
         if key not in arrays:
@@ -105,6 +113,11 @@ def _stage1_path(stage1_dir: Path, relative: Path) -> Path:
 
 
 def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
+    if input_scale == "auto":  # the data builders' Stage 1 reader
+        try:
+            return read_stage1(path)
+        except TileError as error:
+            raise InferenceInputError(str(error)) from None
     if not path.is_file():
         raise InferenceInputError(f"{path}: Stage 1 file missing (expected STAGE1_DIR/<tile>.npz with 'opt_v1')")
     arrays = _load_npz(path)

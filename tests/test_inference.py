@@ -462,10 +462,10 @@ def _write_bad_tiles(folder: Path, good: Path) -> dict[str, str]:
     np.savez(folder / "small.npz", **{**arrays, "s2_b3": arrays["s2_b3"][:60]})
     return {
         "truncated.npz": "cannot be read as an NPZ file",
-        "missing_band.npz": "missing key 's2_b8'",
+        "missing_band.npz": "'s2_b8': missing key",
         "month13.npz": "month 13 is out of range",
         "objects.npz": "refusing",
-        "small.npz": "key 's2_b3' has shape (60, 120)",
+        "small.npz": "'s2_b3': shape (60, 120)",
     }
 
 
@@ -597,6 +597,19 @@ def test_a_tile_reaches_the_model_bitwise_as_in_training(few_tiles, tmp_path):
     (refined_from,) = model.inputs
     assert refined_from.dtype == trained_on.dtype == torch.float32
     assert torch.equal(refined_from[:, :, :120, :120], trained_on)
+
+
+def test_tiles_are_checked_by_the_builders_reader(few_tiles, tmp_path):
+    good = sorted(few_tiles.rglob("*.npz"))[0]
+    arrays = dict(load_npz(good))
+    reflectance = tile_reflectance(arrays)
+    reflectance[2, 5, 5] = -0.49  # below the -0.1 tolerance of L2A products (data_builders.tiles.REFLECTANCE_MIN)
+    bad = tmp_path / "bad" / "train"
+    bad.mkdir(parents=True)
+    np.savez(bad / "negative.npz", **{**arrays, **dict(zip(("s2_b2", "s2_b3", "s2_b4", "s2_b8"), reflectance))})
+    summary = refine_tiles(PixelwiseRefiner(), tmp_path / "bad", tmp_path / "out", progress=False)
+    [(path, reason)] = summary.rejected
+    assert "negative.npz" in reason and "'s2_b4'" in reason and "-0.49" in reason and not summary.written
 
 
 def test_metadata_ranges_come_from_the_models_config(few_tiles, tmp_path):
