@@ -545,10 +545,7 @@ class _ProgressBar:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".partial")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    _files_module().write_json(path, data, indent=1, sort_keys=True)
 
 
 def _chunks(split: str, specs: Sequence[TileSpec], columns: dict) -> list[dict]:

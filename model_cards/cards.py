@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -471,15 +469,10 @@ def write_model_card(
 
 
 def write_text_atomically(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """`modeling_stage2._files.write_text`: the project's one atomic write."""
+    from modeling_stage2._files import write_text
+
+    return write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------ dataset card

@@ -1,4 +1,8 @@
-"""Replacing folders so that a failed, interrupted or killed save never leaves a half-written one, nor loses the old one.
+"""Writing files and replacing folders so that a failed, interrupted or killed save never leaves a half-written one,
+nor loses the old one: the one implementation of the project's atomic writes.
+
+A file is written under a temporary name beside it and renamed over it when complete (`atomic_file`, `write_text`,
+`write_json`).
 
 A folder is replaced in two renames: the old one is set aside beside it as `.NAME.previous-PID-RANDOM`, the new one is
 moved in, then the old one is deleted. A process killed between the two renames leaves no `NAME` and the old content
@@ -7,6 +11,7 @@ deletes a set-aside folder only once `NAME` exists again (the kill came after th
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -113,3 +118,38 @@ def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def partial_path(target: str | os.PathLike) -> Path:
+    """A temporary name beside `target` (so the final rename stays on one file system), unique to this process and
+    call, hidden, keeping the suffix (writers such as `np.savez` or GDAL choose the format by it)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{target.suffix}")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block succeeds it replaces `path` (one rename), when it
+    raises the temporary file is removed and `path` is left as it was. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`text` (UTF-8, newlines as given) written atomically to `path`."""
+    with atomic_file(path) as partial:
+        with open(partial, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, payload, *, sort_keys: bool = False, indent: int = 2) -> Path:
+    """`payload` as JSON (plus a final newline) written atomically to `path`."""
+    return write_text(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")

@@ -2,6 +2,7 @@
 content, and the next save of the folder puts it back; `best/` of a training run goes through the same code."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,19 @@ def test_best_model_save_keeps_the_old_best_when_the_second_rename_fails(tmp_pat
         Stage2Trainer.save_best_model(trainer)
     assert (best / "adapter_model.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_atomic_file_replaces_only_when_the_write_completes(tmp_path):
+    from modeling_stage2._files import atomic_file, write_json, write_text
+
+    target = tmp_path / "deep" / "results.json"
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as partial:
+            partial.write_text('{"a": 2, "half')  # a write cut short
+            raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"a": 1}  # the old content, never the half-written one
+    assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]  # no partial file left
+    write_text(target, "line\r\n")
+    assert target.read_bytes() == b"line\r\n"  # written as given

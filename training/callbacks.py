@@ -147,15 +147,11 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     image = np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"write_png expects an (H, W, 3) uint8 image, got shape {image.shape}.")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        Image.fromarray(image, mode="RGB").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from modeling_stage2._files import atomic_file
+
+    with atomic_file(path) as partial:
+        Image.fromarray(image, mode="RGB").save(partial, format="PNG")
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------- JSONL log

@@ -160,12 +160,10 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
 
 
 def write_json(path: str | os.PathLike, results: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """The results as JSON, written atomically (`modeling_stage2._files.write_json`)."""
+    from modeling_stage2._files import write_json as write_json_atomically
+
+    return write_json_atomically(path, results)
 
 
 def run(args) -> dict:

@@ -181,9 +181,9 @@ def _warn_skipped(rejected: list[tuple[Path, str]], latest: Path | None, output_
 
 
 def _write_json_atomically(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from modeling_stage2._files import write_json
+
+    write_json(path, payload, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------- optimizer state
