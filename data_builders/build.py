@@ -964,10 +964,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             strict=args.strict, num_proc=args.num_proc, input_mode=args.input_mode,
             degradation=args.degradation, degradation_overrides=overrides, seed=args.seed,
         )
-    except (TileError, OSError, ValueError) as error:
+    except (TileError, FileNotFoundError, ValueError) as error:  # bad input: nothing was written
+        print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the system failed (disk full, permissions): the previous dataset is kept
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
         return 1
-    return 0
+    rejected = Path(args.output_dir) / REJECTED_FILE
+    return 1 if rejected.is_file() and rejected.read_text(encoding="utf-8").strip() else 0  # some tiles left out
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ import numpy as np
 from ._leaves import model_leaf
 
 # The shared band facts (`modeling_stage2.bands`), re-exported here for the data builders.
-BAND_NAMES, UNKNOWN_METADATA, NUM_MONTHS, NUM_BIOMES = (
-    getattr(model_leaf("bands"), name) for name in ("BAND_NAMES", "UNKNOWN_METADATA", "NUM_MONTHS", "NUM_BIOMES"))
+_bands = model_leaf("bands")
+BAND_NAMES = _bands.BAND_NAMES
+UNKNOWN_METADATA = _bands.UNKNOWN_METADATA
+NUM_MONTHS = _bands.NUM_MONTHS
+NUM_BIOMES = _bands.NUM_BIOMES
 
 BAND_KEYS = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
 """NPZ keys of `BAND_NAMES`, in the same order."""

@@ -1,4 +1,5 @@
-"""GeoTIFF input and output (rasterio): one 4-band file or four single-band files read strip by strip, and the output's dtype, nodata and profile."""
+"""GeoTIFF input and output (rasterio): one 4-band file or four single-band files read strip by strip, and the
+output's dtype, nodata and profile."""
 from __future__ import annotations
 
 import math

@@ -10,9 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from modeling_stage2._files import partial_path
 from modeling_stage2.bands import BAND_NAMES
 
-from .files import partial_path, remove_quietly
 from .predict import predict_reflectance
 from .raster import SceneSource, output_dtype, output_nodata, output_profile, require_rasterio, to_output
 from .values import (
@@ -20,6 +20,12 @@ from .values import (
     check_month, fill_invalid_pixels, metadata_limits, to_reflectance,
 )
 from .windows import StripAccumulator, blend_weights, window_starts
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a partial GeoTIFF and the `.aux.xml` sidecar GDAL may have written beside it."""
+    for candidate in (path, path.with_name(path.name + ".aux.xml")):
+        candidate.unlink(missing_ok=True)
 
 
 @dataclass

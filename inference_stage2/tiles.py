@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from data_builders.tiles import BAND_KEYS as TILE_BAND_KEYS
-from data_builders.tiles import TILE_SIZE, TileError, read_bands, read_stage1
+from data_builders.tiles import PICKLED_ARRAY, TILE_SIZE, TileError, load_npz, read_bands, read_stage1
+from modeling_stage2._files import atomic_file, write_json
+from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
-from .files import save_json_atomic, save_npz_atomic
 from .predict import refine_arrays
 from .values import DEFAULT_BATCH_SIZE, InferenceInputError, check_biome, check_month, metadata_limits, to_reflectance
 
@@ -59,11 +60,16 @@ class TileRefinementSummary:
     removed_stale: list[str] = field(default_factory=list)
 
 
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez` to a temporary file beside `path`, renamed into place only when complete."""
+    with atomic_file(path) as partial:
+        with open(partial, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an NPZ through the data builder's reader: pickles refused, and no member
     decompressed beyond what its header declares or `NPZ_MAX_BYTES` (a small zip can inflate to GBs)."""
-    from data_builders.tiles import PICKLED_ARRAY, TileError, load_npz
-
     try:
         return load_npz(path)
     except TileError as error:
@@ -289,9 +295,9 @@ def refine_tiles(
                 accumulator.add_statistics(paired)
     if accumulator is not None and accumulator.n_tiles:
         summary.metrics = accumulator.compute()
-        save_json_atomic(output_dir / "metrics.json", summary.metrics)
-    elif _remove_stale(output_dir / "metrics.json"):  # metrics of an earlier run, not of these tiles
-        summary.removed_stale.append("metrics.json")
+        write_json(output_dir / METRICS_FILE, summary.metrics)
+    elif _remove_stale(output_dir / METRICS_FILE):  # metrics of an earlier run, not of these tiles
+        summary.removed_stale.append(METRICS_FILE)
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -19,12 +19,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from modeling_stage2.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
 
 logger = logging.getLogger(__name__)
 
 MODEL_FOLDER_LAYOUTS = (
-    ("adapter", ("adapter_config.json",), ("adapter_model.safetensors",)),
+    ("adapter", (ADAPTER_CONFIG_FILE,), (ADAPTER_WEIGHTS_FILE,)),
     ("full model", ("config.json",), ("model.safetensors", "model.safetensors.index.json")),
 )
 # What a trained folder may hold that belongs on the Hub; everything else (optimizer and RNG states,
@@ -75,12 +77,11 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def remote_code(config_path: Path) -> tuple[dict[str, Path], bytes]:
+def remote_code(config_path: Path) -> tuple[dict[str, bytes], bytes]:
     """What `trust_remote_code` needs for the model of `config_path`, as transformers itself writes it: the modeling
     and configuration modules with everything they import relatively (`custom_object_save`, what `save_pretrained`
     does for a class registered with `register_for_auto_class`) and `config.json` with the matching `auto_map`.
-    Returns (`file name -> copied module`, the new `config.json` bytes); the copies live in a temporary folder kept
-    for the life of the process."""
+    Returns (`file name -> module source`, the new `config.json` bytes)."""
     import tempfile
 
     import torch
@@ -99,14 +100,14 @@ def remote_code(config_path: Path) -> tuple[dict[str, Path], bytes]:
     if model_class is None or not model_class.__module__.startswith(f"{modeling_stage2.__name__}."):
         raise CardError(f"{config_path}: model_type {config.get('model_type')!r} has no modeling code in "
                         "modeling_stage2 to include")
-    folder = Path(tempfile.mkdtemp(prefix="stage2-push-code-"))
     instance_config = config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
     with torch.device("meta"):  # an instance only to name its class and module: no weights are allocated
         model = model_class(instance_config)
-    for obj, auto_class in ((instance_config, "AutoConfig"), (model, "AutoModel")):
-        obj._auto_class = auto_class  # on the instance: the class's registration (or absence) is left alone
-        custom_object_save(obj, folder, config=config)
-    files = {path.name: path for path in sorted(folder.glob("*.py"))}
+    with tempfile.TemporaryDirectory(prefix="stage2-push-code-") as folder:
+        for obj, auto_class in ((instance_config, "AutoConfig"), (model, "AutoModel")):
+            obj._auto_class = auto_class  # on the instance: the class's registration (or absence) is left alone
+            custom_object_save(obj, folder, config=config)
+        files = {path.name: path.read_bytes() for path in sorted(Path(folder).glob("*.py"))}
     return files, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -146,7 +147,7 @@ def push_trained_model(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder, layout = find_model_folder(output_dir)
-    files = files_to_upload(folder)
+    files: dict[str, Path | bytes] = dict(files_to_upload(folder))
     config_bytes = None
     if include_code:
         code, config_bytes = remote_code(folder / "config.json")
@@ -161,7 +162,7 @@ def push_trained_model(
         _make_private(api, repo_id)
     operations = []
     for path_in_repo, path in files.items():
-        content: str | bytes = str(path)
+        content: str | bytes = path if isinstance(path, bytes) else str(path)
         if config_bytes is not None and path_in_repo == "config.json":
             content = config_bytes
         operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))

@@ -105,10 +105,10 @@ def merged_refiner(model_or_path: Any, *, device: str | None = None) -> tuple[nn
 
     info: dict[str, Any] = {"source": None, "adapters_merged": False, "trained_quantization": None}
     if isinstance(model_or_path, (str, Path)):
-        from .adapters import load_trained_model
+        from .adapters import BASE_SOURCE_FILE, load_trained_model
 
         info["source"] = str(model_or_path)
-        base_file = Path(model_or_path) / "stage2_base.json"
+        base_file = Path(model_or_path) / BASE_SOURCE_FILE
         if base_file.is_file():
             try:
                 info["trained_quantization"] = json.loads(base_file.read_text()).get("trained_quantization")

@@ -402,8 +402,8 @@ def test_remote_code_is_what_transformers_writes_for_each_model_type(tmp_path):
     assert sorted(files) == saved_code and {"modeling_stage2.py", "modeling_prithvi.py"} <= set(files)
     assert json.loads(config)["auto_map"] == {"AutoConfig": "configuration_stage2.Stage2RefinerConfig",
                                               "AutoModel": "modeling_stage2.Stage2RefinerModel"}
-    for name, path in files.items():
-        assert path.read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
+    for name, source in files.items():
+        assert source == (tmp_path / "saved" / name).read_bytes(), name
 
     PrithviConfig.from_preset("prithvi_eo_v2_tiny").to_json_file(tmp_path / "prithvi.json")
     files, config = remote_code(tmp_path / "prithvi.json")

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
 
     from model_cards.cards import write_model_card
     from modeling_stage2 import load_trained_model
-    from training.evaluate import evaluate_model, fit_color_baseline, load_split, write_json
+    from modeling_stage2._files import write_json
+    from training.evaluate import evaluate_model, fit_color_baseline, load_split
     from training.metrics import format_metrics_table
     from training.train import ensure_arrow_dataset, parse_args, run_training
 

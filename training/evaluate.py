@@ -16,7 +16,6 @@ Exit status: 0 on success, 2 for a usage or input error (one line on stderr).
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -159,13 +158,6 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
     return results
 
 
-def write_json(path: str | os.PathLike, results: dict) -> Path:
-    """The results as JSON, written atomically (`modeling_stage2._files.write_json`)."""
-    from modeling_stage2._files import write_json as write_json_atomically
-
-    return write_json_atomically(path, results)
-
-
 def run(args) -> dict:
     """Evaluate as the parsed command line says; returns the results (what `--json` writes). NPZ tiles are
     converted in `--cache_dir`, or in a temporary folder removed at the end."""
@@ -196,6 +188,8 @@ def _run(args, cache_dir) -> dict:
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if args.json:
+        from modeling_stage2._files import write_json
+
         write_json(args.json, results)
         print(f"Wrote {args.json}")
     return results

@@ -280,14 +280,12 @@ def check_model_settings(training_args, sources: _Sources | None = None) -> None
 def write_run_config(output_dir: str | os.PathLike, settings: dict, training_args) -> Path:
     """`OUTPUT_DIR/config.yaml`: the explicit settings of the run (loadable with `--config`)."""
     path = Path(output_dir) / CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {key: _yaml_value(value) for key, value in sorted(settings.items()) if key not in ("hub_token",)}
     header = (f"# Settings of this Stage 2 training run ({training_args.precision_note})\n"
               f"# Re-run with: accelerate launch training/train.py --config {path}\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from modeling_stage2._files import write_text  # the run has started: the model package is loaded anyway
+
+    return write_text(path, header + yaml.safe_dump(body, sort_keys=False))
 
 
 def _yaml_value(value):
@@ -565,7 +563,9 @@ def finish_run(trainer) -> None:
 
         write_model_card(best, repo_id=trainer.args.hub_model_id,
                          split=trainer.training_config.get("eval_split", "val"))
-        metrics_path = best / "metrics.json"
+        from modeling_stage2.adapters import METRICS_FILE
+
+        metrics_path = best / METRICS_FILE
         if metrics_path.is_file():
             from training.metrics import format_metrics_table
 

@@ -3,7 +3,8 @@
 What it adds to the Trainer (which keeps the optimizer, warmup/cosine schedule, gradient clipping, gradient
 accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushes):
 
-- `compute_loss` (transformers' `Trainer.compute_loss` signature) runs the refiner and `training.losses.Stage2Loss`, returns the weighted total
+- `compute_loss` (transformers' `Trainer.compute_loss` signature) runs the refiner and `training.losses.Stage2Loss`,
+  returns the weighted total
   and records every component; the overridden `log()` averages them (over steps and processes) into the logs.
 - A PatchGAN discriminator with its own AdamW, trained on detached fakes. Its gradients accumulate like the
   generator's and it steps only on gradient-accumulation boundaries (diffusers#4046), every
@@ -37,6 +38,9 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
+from modeling_stage2._files import write_json
+from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE, METRICS_FILE, PREVIEW_FILE, TRAINING_CONFIG_FILE
+
 from .args import Stage2TrainingArguments, num_update_steps_per_epoch
 from .callbacks import EpochLoggingCallback, JsonlLoggerCallback, Stage2TensorBoardCallback, write_png, render_preview
 
@@ -48,9 +52,6 @@ DISC_OPTIMIZER_TENSORS = "discriminator_optimizer.safetensors"
 DISC_OPTIMIZER_META = "discriminator_optimizer.json"
 TRAINER_EXTRA_STATE = "stage2_trainer_state.json"
 BEST_DIR_NAME = "best"
-METRICS_NAME = "metrics.json"
-TRAINING_CONFIG_NAME = "training_config.json"
-PREVIEW_NAME = "preview.png"
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -178,12 +179,6 @@ def _warn_skipped(rejected: list[tuple[Path, str]], latest: Path | None, output_
         logger.warning(f"--resume latest: no complete checkpoint in {output_dir} that verifies; starting from scratch.")
     elif rejected:
         logger.warning(f"--resume latest: falling back to {latest}, the newest checkpoint that verifies.")
-
-
-def _write_json_atomically(path: Path, payload) -> None:
-    from modeling_stage2._files import write_json
-
-    write_json(path, payload, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------- optimizer state
@@ -573,12 +568,12 @@ class Stage2Trainer(Trainer):
                            "n_tiles": int(self.last_eval_results["n_tiles"]),
                            "split": self.training_config.get("eval_split", "val"),
                            "global_step": self.state.global_step, "epoch": self.state.epoch}
-                _write_json_atomically(staging / METRICS_NAME, results)
-            _write_json_atomically(staging / TRAINING_CONFIG_NAME, self.training_config_record())
+                write_json(staging / METRICS_FILE, results, sort_keys=True)
+            write_json(staging / TRAINING_CONFIG_FILE, self.training_config_record(), sort_keys=True)
             if self.eval_preview is not None:
                 grids = render_preview(self.eval_preview["opt_v1"], self.eval_preview["refined"],
                                        self.eval_preview["target"], self.preview_tiles)
-                write_png(staging / PREVIEW_NAME, grids["combined"])
+                write_png(staging / PREVIEW_FILE, grids["combined"])
         logger.info(f"New best model ({self.args.metric_for_best_model}={self.state.best_metric}) saved to {best}.")
         return best
 
@@ -616,7 +611,6 @@ class Stage2Trainer(Trainer):
         """Put the weights of `best/` back into the model being trained (like `load_best_model_at_end`); a `best/`
         that a kill left set aside between the renames of its last save is restored first."""
         from modeling_stage2._files import restore_set_aside
-        from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE
 
         best = self.best_model_dir
         restore_set_aside(best)
@@ -662,12 +656,12 @@ class Stage2Trainer(Trainer):
             self.discriminator.save_pretrained(folder)
             tensors, meta = optimizer_state_to_safetensors(self.disc_optimizer.state_dict())
             save_file(tensors, str(folder / DISC_OPTIMIZER_TENSORS), metadata={"format": "pt"})
-            _write_json_atomically(folder / DISC_OPTIMIZER_META, meta)
-        _write_json_atomically(folder / TRAINER_EXTRA_STATE, {
+            write_json(folder / DISC_OPTIMIZER_META, meta, sort_keys=True)
+        write_json(folder / TRAINER_EXTRA_STATE, {
             "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
             "disc_skipped_steps": self.disc_skipped_steps,
             "disc_steps": self.disc_steps,
-        })
+        }, sort_keys=True)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -709,7 +703,8 @@ class Stage2Trainer(Trainer):
         super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()
         if self.args.should_save and folder.is_dir():
-            _write_json_atomically(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step))
+            write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
+                       sort_keys=True)
 
     # --------------------------------------------------------------------------------------- Hub
     def create_model_card(self, **kwargs) -> None:
@@ -720,7 +715,7 @@ class Stage2Trainer(Trainer):
 
         folder = Path(self.args.output_dir)
         best = self.best_model_dir
-        for name in (METRICS_NAME, TRAINING_CONFIG_NAME, PREVIEW_NAME):
+        for name in (METRICS_FILE, TRAINING_CONFIG_FILE, PREVIEW_FILE):
             if (best / name).is_file():
                 shutil.copyfile(best / name, folder / name)
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
