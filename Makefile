@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench clean transformers-common-tests transformers-range
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,24 @@ demo: venv
 bench: venv
 	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 	$(BIN)/python bench/summarize.py
+
+# transformers' own common model tests (ModelTesterMixin, ConfigTester) on both models, from the sdist of the
+# installed transformers release (needs PyPI; not part of `make test`, which skips them). See tests/transformers_common.
+TF_SCRATCH ?= /tmp/stage2-transformers-common
+transformers-common-tests: venv
+	@set -e; v=$$($(BIN)/python -c 'import transformers; print(transformers.__version__)'); d=$(TF_SCRATCH)/$$v; \
+	mkdir -p $$d; \
+	[ -f $$d/transformers-$$v.tar.gz ] || $(BIN)/pip download --quiet --disable-pip-version-check \
+		transformers==$$v --no-binary :all: --no-deps -d $$d; \
+	[ -d $$d/transformers-$$v/tests ] || tar -xzf $$d/transformers-$$v.tar.gz -C $$d transformers-$$v/tests; \
+	[ -d $$d/deps/parameterized ] || $(PIP) --target $$d/deps 'parameterized>=0.9'; \
+	TRANSFORMERS_SDIST_DIR=$$d/transformers-$$v PYTHONPATH=$$d/deps $(BIN)/python -m pytest -q -p no:cacheprovider \
+		-W ignore::pytest.PytestUnknownMarkWarning tests/transformers_common
+
+# The trainer tests against the lowest and the highest transformers release setup.cfg allows, each in a scratch
+# venv (needs PyPI; several minutes per version). Results: docs/transformers_compat.md.
+transformers-range: venv
+	$(BIN)/python tools/transformers_range.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

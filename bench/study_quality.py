@@ -1,6 +1,6 @@
 """Refinement quality against both baselines, before and after the spectral correction, under both degradations.
 
-    .venv/bin/python bench/study_quality.py [--presets mild strong] [--seeds 0 1 2] [--variants before after]
+    .venv/bin/python bench/study_quality.py [--presets mild strong] [--seeds 0 1 2] [--variants before per_tile after]
                                             [--no-mixture] [--jobs 2] [--output bench/results/quality.md]
     .venv/bin/python bench/study_quality.py --presets proxy --no-mixture --output bench/results/quality_proxy.md
 
@@ -9,9 +9,10 @@ For each degradation preset (`data_builders.degrade`), training seed and model v
 split) in its own process, then scores the best model on the held-out test split and on the validation split
 next to the two baselines: `opt_v1` itself and the least-squares colour fit (4x4 + bias, `training.linear_fit`)
 fitted on the same training tiles. Variants: `before` is the refiner of the previous release (additive head only:
-`--spectral_correction none --nonnegative_output false --eval_on_start false`), `after` the current default
-(per-tile affine correction started at the spectral fit, output clamped at 0, the starting point a candidate for
-the best step). With `--mixture` (default) it also trains `after` on the `mixture`
+`--spectral_correction none --nonnegative_output false --eval_on_start false`), `per_tile` the default before the
+spectral MLP (per-tile affine correction started at the spectral fit, output clamped at 0, brightness augmentation
+0.1-1.0, no spectral MLP), `after` the current demo (one shared correction started at the spectral fit, refined
+per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step). With `--mixture` (default) it also trains `after` on the `mixture`
 degradation and scores it on the `mild` test split, to compare with the model trained on `mild` alone.
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
@@ -73,13 +74,24 @@ def build_datasets(presets, workdir: Path) -> dict[str, Path]:
     return folders
 
 
+# Flags that turn the demo (`after`) into each earlier model.
+VARIANT_FLAGS = {
+    # the release before the spectral correction: additive head only, unbounded output
+    "before": ["--spectral_correction", "none", "--nonnegative_output", "false", "--eval_on_start", "false",
+               "--spectral_mlp_hidden_size", "0", "--brightness_augment", "0.1", "1.0"],
+    # the release before the spectral MLP: per-tile affine correction, brightness augmentation
+    "per_tile": ["--spectral_correction", "affine", "--spectral_mlp_hidden_size", "0",
+                 "--brightness_augment", "0.1", "1.0"],
+    "after": [],
+}
+
+
 def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
     output = workdir / f"{preset}-{variant}-seed{seed}"
     data = (["--stage1_dir", str(proxy_stage1_dir(workdir))] if preset == PROXY else ["--degradation", preset])
     command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), *data,
                "--seed", str(seed), "--disable_tqdm", "true", "--report_to", "none"]
-    if variant == "before":  # the previous release's refiner: additive head only, unbounded output
-        command += ["--spectral_correction", "none", "--nonnegative_output", "false", "--eval_on_start", "false"]
+    command += VARIANT_FLAGS[variant]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     if not (output / "demo_results.json").is_file():  # exit status 1 only means "did not beat a baseline"
@@ -150,19 +162,24 @@ def beats_goal(split_scores: dict) -> bool:
     return all(refined[m] <= (1 - GOAL_MARGIN) * fit[m] for m in SPECTRAL)
 
 
-def render(runs: dict, mixture: dict, seeds, seconds: float, load: str) -> str:
+def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
     lines = [
         "# Refinement quality against both baselines",
         "",
         f"Script: `bench/study_quality.py --seeds {' '.join(map(str, seeds))}`; "
-        f"{sum(len(v) for v in runs.values()) + len(mixture)} demo trainings (`configs/demo.yaml`, tiny random-init "
+        f"{sum(len(v) for k, v in runs.items() if '/'.join(k) not in reused) + len(mixture)} demo trainings "
+        "(`configs/demo.yaml`, tiny random-init "
         f"backbone, 18 training tiles, CPU, best step by validation loss) in {seconds / 60:.0f} min on {cpu_name()}; "
-        f"load average {load}.",
+        f"load average {load}."
+        + (f" Runs of {', '.join(f'`{key}`' for key in reused)} reused from an earlier study (`--reuse`: same code "
+           "path and seeds)." if reused else ""),
         "",
         "Baselines: `opt_v1` (the Stage 1 image itself) and `colour fit` (least-squares 4x4 + bias fitted on the "
         "18 training tiles' valid pixels, `training.linear_fit`). Models: `before` = no spectral correction, "
-        "unbounded output (the previous release), `after` = per-tile affine spectral correction started at the "
-        "spectral fit, output clamped at 0, the starting point a candidate for the best step (the default). "
+        "unbounded output (two releases ago), `per_tile` = per-tile affine spectral correction started at the "
+        "spectral fit, output clamped at 0, brightness augmentation (the previous release), `after` = one shared "
+        "correction started at the spectral fit and the per-pixel spectral MLP, no brightness augmentation (the "
+        "demo now); the starting point is a candidate for the best step. "
         "`spectral fit`: where the default model's correction starts, the colour fit refined under the spectral "
         "loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0: what training adds is the "
         "difference to it. "
@@ -209,6 +226,23 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str) -> str:
     return "\n".join(lines)
 
 
+def reuse_runs(path: Path, runs: dict) -> list[str]:
+    """Adds to `runs` the runs of `path` (an earlier study's JSON) for (preset, variant) pairs not trained now, in
+    the order of VARIANT_FLAGS; returns the keys it took."""
+    earlier = json.loads(path.read_text())["runs"]
+    taken = []
+    for key, results in earlier.items():
+        preset, variant = key.split("/")
+        if variant in VARIANT_FLAGS and (preset, variant) not in runs:
+            runs[(preset, variant)] = results
+            taken.append(key)
+    order = {variant: index for index, variant in enumerate(VARIANT_FLAGS)}
+    ordered = sorted(runs.items(), key=lambda item: (item[0][0], order[item[0][1]]))
+    runs.clear()
+    runs.update(ordered)
+    return taken
+
+
 def _by_preset(runs: dict) -> dict:
     grouped: dict = {}
     for (preset, variant), results in runs.items():
@@ -220,9 +254,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["mild", "strong"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=["before", "after"], choices=("before", "after"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=tuple(VARIANT_FLAGS))
     parser.add_argument("--mixture", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--reuse", help="an earlier study's JSON: its runs of variants not trained now are reported "
+                                        "beside the new ones (for variants whose code and seeds did not change)")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "quality.md"))
     args = parser.parse_args(argv)
 
@@ -248,7 +284,8 @@ def main(argv=None) -> int:
             else:
                 runs.setdefault((preset, variant), []).append(scored)
     load = f"{load_start} at the start, {load_average()} at the end"
-    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load)
+    reused = reuse_runs(Path(args.reuse), runs) if args.reuse else []
+    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load, reused)
     output = Path(args.output)
     output.write_text(text)
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},

@@ -1,22 +1,18 @@
 """Training-time augmentation: the same random flip / 90-degree rotation for every image column.
 
     from data_builders.augment import make_train_transform, make_eval_transform
-    train_ds.set_transform(make_train_transform())   # tensors, jointly flipped/rotated
-    eval_ds.set_transform(make_eval_transform())     # tensors only
-
-The transform never touches the stored Arrow data; it draws from torch's global RNG (one
-`torch.randint` per batch). With a data loader that prefetches, which batch sees which RNG state
-depends on timing, so a resumed run would not redraw the same augmentations from the global
-state: the trainer (`training.trainer.TileDataset`) calls the transform row by row under a
-torch RNG seeded by (seed, epoch, row index) instead.
-
-Speed: `set_transform` hands the transform Python lists (datasets' CustomFormatter converts
-Arrow to Python objects first), which costs ~20-25 ms per tile whatever the transform does. For
-fast loading, format the dataset as numpy and apply the same transform when batches are
-collated (the array work is numpy views and one copy: torch's multi-threaded rot90/stack are far
-slower on a busy CPU):
-
     loader = DataLoader(train_ds.with_format("numpy"), batch_size=8, collate_fn=make_train_transform().collate)
+
+Training and evaluation read the Arrow data in numpy format and apply the transform when batches are collated
+(the array work is numpy views and one copy: torch's multi-threaded rot90/stack are far slower on a busy CPU).
+The transform never touches the stored Arrow data. Called on a batch it draws from torch's global RNG (one
+`torch.randint` per batch); with a data loader that prefetches, which batch sees which RNG state depends on
+timing, so the trainer's `training.data.TileDataset` calls it row by row under a torch RNG seeded by
+(seed, epoch, row index) instead.
+
+It also works with `Dataset.set_transform(make_train_transform())`, but `set_transform` hands the transform
+Python lists (datasets' CustomFormatter converts Arrow to Python objects first), which costs ~20-25 ms per tile
+whatever the transform does.
 
 (bench/results/data_throughput.md has the numbers.)
 """

@@ -7,7 +7,7 @@
 Layout read: `D/{train,val,test}/<tile_id>.npz` (a `validation` folder counts as `val`), each with
 an optional `<tile_id>.json` sidecar whose `split` wins over the folder. `datasets.load_from_disk(O)`
 gives the `DatasetDict`; `json.loads(ds["train"].info.description)` (or `read_build_info`) is the
-build record: source, scaling, train per-band statistics, how `opt_v1` was made.
+build record: source, input_scale (dn or reflectance tiles), train per-band statistics, how `opt_v1` was made.
 
 How it works, and why:
 - Discovery reads only the sidecars and the zip directories of the tiles (no pixels), places each
@@ -78,8 +78,9 @@ from .tiles import (
 logger = logging.getLogger(__name__)
 
 BUILD_INFO_FORMAT = "stage2-tiles-dataset"
-BUILD_INFO_VERSION = 1
-INPUT_MODES = ("synthetic", "stage1", "identity")
+BUILD_INFO_VERSION = 2  # 2: "input_scale" {"tiles": {"dn": N, "reflectance": M}} (1: "scaling", "dn_x1e-4"/"float")
+_vocabulary = model_leaf("vocabulary")
+INPUT_MODES = _vocabulary.INPUT_MODES  # synthetic | stage1 | identity (modeling_stage2.vocabulary)
 CORE_COLUMNS = ("tile_id", "target", "opt_v1", "valid_mask", "month", "biome")
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {"s1"}
 CHUNK_SIZE = 64
@@ -346,7 +347,7 @@ def _chunk_rows(chunk: dict, settings: dict, report: dict) -> Iterator[dict]:
         }
         if settings["include_s1"]:
             example["s1"] = tile.s1
-        report["scaling"][tile.scaling] += 1
+        report["input_scale"][tile.input_scale] += 1
         report["sources"][source] += 1
         report["rows"] += 1
         target_stats.update(tile.target, tile.valid_mask)
@@ -357,7 +358,7 @@ def _chunk_rows(chunk: dict, settings: dict, report: dict) -> Iterator[dict]:
 
 
 def _new_report(split: str) -> dict:
-    return {"split": split, "rejected": [], "scaling": collections.Counter(), "sources": collections.Counter(),
+    return {"split": split, "rejected": [], "input_scale": collections.Counter(), "sources": collections.Counter(),
             "rows": 0}
 
 
@@ -656,6 +657,23 @@ def read_build_info(dataset) -> dict:
         raise ValueError("this dataset was not written by stage2-build-dataset (its info holds no build record)") from None
     if not isinstance(info, dict) or info.get("format") != BUILD_INFO_FORMAT:
         raise ValueError("this dataset was not written by stage2-build-dataset (unknown build record)")
+    return upgrade_build_info(info)
+
+
+def upgrade_build_info(info: dict) -> dict:
+    """A build record in the current vocabulary. Records of version 1 (written before `input_scale` was the one
+    name) carry `"scaling"` with `"dn_x1e-4"` / `"float"` counts: read for one more release, with a deprecation
+    warning, as `"input_scale"` with `"dn"` / `"reflectance"`."""
+    if "scaling" not in info or "input_scale" in info:
+        return info
+    _vocabulary.warn_deprecated('the build record key "scaling" (a dataset built by an older release)',
+                                '"input_scale" (rebuild the dataset to update its record)')
+    info = dict(info)
+    old = info.pop("scaling")
+    if isinstance(old, dict):
+        tiles = {_vocabulary.DEPRECATED_VALUES.get(name, name): count for name, count in old.get("tiles", {}).items()}
+        old = {**old, "tiles": tiles}
+    info["input_scale"] = old
     return info
 
 
@@ -871,10 +889,10 @@ def _build_record(data_dir: Path, built: dict, reports: list, rejected: list, co
             "max_samples": max_samples,
         },
         "bands": list(BAND_NAMES),
-        "scaling": {
-            "rule": "integer bands are digital numbers, multiplied by 1e-4 (float64, rounded once to float32); "
+        "input_scale": {
+            "rule": "integer bands are digital numbers (dn), multiplied by 1e-4 (float64, rounded once to float32); "
                     "float bands are reflectance, kept",
-            "tiles": total("scaling"),
+            "tiles": total("input_scale"),
         },
         "opt_v1": opt_v1,
         "statistics": _train_statistics(reports),

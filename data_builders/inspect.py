@@ -16,7 +16,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ._leaves import model_leaf
+from .build import upgrade_build_info
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+
+_vocabulary = model_leaf("vocabulary")
 
 RGB_BANDS = (2, 1, 0)  # B04, B03, B02
 RED, NIR = 2, 3
@@ -45,7 +49,7 @@ def _build_info(splits: dict) -> Optional[dict]:
         info = json.loads(next(iter(splits.values())).info.description)
     except (TypeError, ValueError, StopIteration):
         return None
-    return info if isinstance(info, dict) else None
+    return upgrade_build_info(info) if isinstance(info, dict) else None
 
 
 def _feature_line(name: str, feature) -> str:
@@ -114,7 +118,7 @@ def describe_dataset(path: str | Path) -> str:
         lines += [
             f"Source: {info['source'].get('data_dir')} {json.dumps(info['source'].get('sources', {}))}; "
             f"rejected {info['source'].get('rejected', 0)}",
-            f"Scaling: {json.dumps(info['scaling'].get('tiles', {}))} ({info['scaling'].get('rule')})",
+            f"Input scale: {json.dumps(info['input_scale'].get('tiles', {}))} ({info['input_scale'].get('rule')})",
             f"opt_v1: {info['opt_v1'].get('mode')}"
             + (f", seed {info['opt_v1']['seed']}, degradation v{info['opt_v1'].get('degradation_version')}"
                if info["opt_v1"].get("mode") == "synthetic" else ""),
@@ -215,9 +219,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        print(describe_dataset(args.path))
-        if args.plot:
-            print(f"\nwrote {plot_tiles(args.path, args.plot, split=args.split, num_tiles=args.num_tiles)}")
+        with _vocabulary.one_line_warnings("stage2-inspect"):
+            print(describe_dataset(args.path))
+            if args.plot:
+                print(f"\nwrote {plot_tiles(args.path, args.plot, split=args.split, num_tiles=args.num_tiles)}")
     except (OSError, ValueError) as error:
         print(f"stage2-inspect: error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Reading and validating one NPZ tile of the Stage 2 layout.
 
 A tile is `<tile_id>.npz` holding the four Sentinel-2 bands `s2_b2`, `s2_b3`, `s2_b4`, `s2_b8`
-(120 x 120 each), `month` (1..12) and `biome_code` (0..16), optionally Sentinel-1 `s1_vv` and
+(120 x 120 each), `month` (1..12) and `biome_code` (0..16; read, it becomes `Tile.biome` and the `biome`
+column), optionally Sentinel-1 `s1_vv` and
 `s1_vh` (dB), beside an optional `<tile_id>.json` metadata sidecar. Integer bands are digital
 numbers (reflectance x 10000, BigEarthNet's native format) and are scaled by 1e-4; float bands
 are reflectance and are kept. Reflectance down to `REFLECTANCE_MIN` (-0.1, the floor of L2A's BOA
@@ -34,6 +35,7 @@ BAND_NAMES = _bands.BAND_NAMES
 UNKNOWN_METADATA = _bands.UNKNOWN_METADATA
 NUM_MONTHS = _bands.NUM_MONTHS
 NUM_BIOMES = _bands.NUM_BIOMES
+_vocabulary = model_leaf("vocabulary")  # the names input_scale / input_mode / biome and their old spellings
 
 BAND_KEYS = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
 """NPZ keys of `BAND_NAMES`, in the same order."""
@@ -110,7 +112,8 @@ class Tile:
         valid_mask: bool (H, W), True where every band of the input was finite.
         month: 1..12, or `UNKNOWN_METADATA`.
         biome: 0..16, or `UNKNOWN_METADATA`.
-        scaling: `"dn_x1e-4"` (integer bands scaled) or `"float"` (reflectance kept).
+        input_scale: `"dn"` (integer bands: digital numbers, multiplied by 1e-4) or `"reflectance"` (float
+            bands, kept).
         s1: float32 (2, H, W) VV, VH in dB, or None when the tile has no Sentinel-1.
         metadata: the sidecar's fields (without `split`), {} when there is no sidecar.
     """
@@ -120,9 +123,15 @@ class Tile:
     valid_mask: np.ndarray
     month: int
     biome: int
-    scaling: str
+    input_scale: str
     s1: Optional[np.ndarray] = None
     metadata: dict = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> str:
+        """Deprecated (one release): `input_scale` in the old spelling (`"dn_x1e-4"` / `"float"`)."""
+        _vocabulary.warn_deprecated("Tile.scaling", "Tile.input_scale ('dn' / 'reflectance')")
+        return _vocabulary.OLD_SCALING[self.input_scale]
 
 
 def sidecar_path(npz_path: str | Path) -> Path:
@@ -370,7 +379,8 @@ def _check_shape(path: Path, key: str, array: np.ndarray, shape: tuple) -> None:
 
 
 def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np.ndarray, np.ndarray, str]:
-    """(target float32 (4, H, W) with invalid pixels zeroed, valid_mask (H, W), scaling)."""
+    """(target float32 (4, H, W) with invalid pixels zeroed, valid_mask (H, W), input_scale `"dn"` or
+    `"reflectance"`)."""
     bands = [_require(path, arrays, key) for key in BAND_KEYS]
     kinds = {_numeric_kind(path, key, band) for key, band in zip(BAND_KEYS, bands)}
     if len(kinds) > 1:
@@ -390,7 +400,7 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
             dn_to_reflectance(band, out=out)
         if any(band.dtype.kind == "i" for band in bands):  # unsigned digital numbers cannot be negative
             _check_reflectance_floor(path, target)
-        return target, np.ones(first_shape, dtype=bool), "dn_x1e-4"
+        return target, np.ones(first_shape, dtype=bool), "dn"
 
     target = np.stack(bands).astype(np.float32)
     finite = np.isfinite(target)
@@ -410,7 +420,7 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
             "stored as floats; store them as integers or divide by 10000",
         )
     _check_reflectance_floor(path, target)
-    return target, valid_mask, "float"
+    return target, valid_mask, "reflectance"
 
 
 def _check_reflectance_floor(path: Path, target: np.ndarray) -> None:
@@ -474,14 +484,14 @@ def read_tile(path: str | Path, metadata: Optional[dict] = None, tile_size: int 
     if metadata is None:
         metadata = {k: v for k, v in read_sidecar(sidecar_path(path)).items() if k != "split"}
     arrays = load_npz(path)
-    target, valid_mask, scaling = read_bands(path, arrays, tile_size)
+    target, valid_mask, input_scale = read_bands(path, arrays, tile_size)
     return Tile(
         tile_id=path.stem,
         target=target,
         valid_mask=valid_mask,
         month=read_scalar(path, arrays, "month", 1, NUM_MONTHS),
-        biome=read_scalar(path, arrays, "biome_code", 0, NUM_BIOMES - 1),
-        scaling=scaling,
+        biome=read_scalar(path, arrays, _vocabulary.BIOME_NPZ_KEY, 0, NUM_BIOMES - 1),
+        input_scale=input_scale,
         s1=read_s1(path, arrays, tile_size),
         metadata=metadata,
     )

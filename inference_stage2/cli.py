@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from modeling_stage2.vocabulary import one_line_warnings
+
 from .loading import load_model
 from .raster import SceneSource
 from .scenes import SceneRefinementResult, refine_scene
@@ -38,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="scene: the refined GeoTIFF to write")
     parser.add_argument(
         "--stage1_dir",
-        help="tiles: folder of Stage 1 outputs STAGE1_DIR/<tile>.npz with 'opt_v1'; without it the S2 bands are "
-        "the model input and no metrics are computed",
+        help="tiles: folder of Stage 1 outputs STAGE1_DIR/<tile>.npz with 'opt_v1' (input_mode stage1); without it "
+        "the tile's own S2 bands are opt_v1 (input_mode identity) and no metrics are computed",
     )
     parser.add_argument(
         "--strict", action="store_true", help="tiles: stop at the first bad tile instead of skipping it"
@@ -103,6 +105,11 @@ def _default_device(device: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """`stage2-refine`: 0 on success, 1 when some tiles were rejected or a scene held no valid pixel, 2 on bad
     input."""
+    with one_line_warnings("stage2-refine"):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -138,7 +145,8 @@ def _report_tiles(summary: TileRefinementSummary) -> None:
     rate = len(summary.written) / summary.seconds if summary.seconds else float("nan")
     print(
         f"refined {len(summary.written)} tiles into {summary.output_dir} ({rate:.1f} tiles/s); "
-        f"model input: {'Stage 1 opt_v1' if summary.input_source == 'stage1' else 'the S2 bands (no --stage1_dir)'}"
+        f"input_mode {summary.input_mode}: "
+        f"{'Stage 1 opt_v1' if summary.input_mode == 'stage1' else 'the S2 bands are opt_v1 (no --stage1_dir)'}"
     )
     if summary.metrics:
         from training.metrics import format_metrics_table

@@ -16,6 +16,7 @@ from data_builders.tiles import PICKLED_ARRAY, TILE_SIZE, TileError, load_npz, r
 from modeling_stage2._files import atomic_file, write_json
 from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, warn_deprecated
 
 from .predict import refine_arrays
 from .values import DEFAULT_BATCH_SIZE, InferenceInputError, check_biome, check_month, metadata_limits, to_reflectance
@@ -37,8 +38,9 @@ class TileRefinementSummary:
 
     Attributes:
         output_dir: where the refined tiles are.
-        input_source: `"stage1"` (opt_v1 from STAGE1_DIR, S2 bands are the target) or `"s2_bands"` (the
-            S2 bands themselves are the model input (refining a real image); no metrics).
+        input_mode: how `opt_v1`, the model input, was obtained (`modeling_stage2.vocabulary.INPUT_MODES`):
+            `"stage1"` (opt_v1 from STAGE1_DIR, the S2 bands are the target) or `"identity"` (the tile's own S2
+            bands are opt_v1: a real image refined as it is; no metrics).
         written: relative paths of the tiles written.
         rejected: `(path, reason)` for each tile that was skipped.
         metrics: the metrics over all written tiles (pixels pooled, as `stage2-evaluate` computes them):
@@ -51,13 +53,20 @@ class TileRefinementSummary:
     """
 
     output_dir: Path
-    input_source: str
+    input_mode: str
     written: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
     seconds: float = 0.0
     replaced: list[str] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+
+    @property
+    def input_source(self) -> str:
+        """Deprecated (one release): `input_mode` in the old spelling (`"stage1"` / `"s2_bands"`)."""
+        warn_deprecated("TileRefinementSummary.input_source", "TileRefinementSummary.input_mode "
+                        "('stage1' / 'identity'; 's2_bands' is now 'identity')")
+        return OLD_INPUT_SOURCE[self.input_mode]
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -107,9 +116,13 @@ def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> 
 
 def _tile_metadata(arrays: dict[str, np.ndarray], path: Path, limits: tuple[int, int]) -> tuple[int, int]:
     month = arrays.get("month", UNKNOWN_METADATA)
-    biome = arrays.get("biome_code", arrays.get("biome", UNKNOWN_METADATA))
+    key = BIOME_NPZ_KEY
+    if key not in arrays and "biome" in arrays:  # the column's name used as an NPZ key: read for one release
+        warn_deprecated("the NPZ tile key 'biome'", f"{BIOME_NPZ_KEY!r} (the tile format's key for the biome code)")
+        key = "biome"
+    biome = arrays.get(key, UNKNOWN_METADATA)
     return (check_month(month, f"{path}: key 'month'", limits[0]),
-            check_biome(biome, f"{path}: key 'biome_code'", limits[1]))
+            check_biome(biome, f"{path}: key {key!r}", limits[1]))
 
 
 def _stage1_path(stage1_dir: Path, relative: Path) -> Path:
@@ -184,13 +197,13 @@ def _tile_metrics(metrics, paired: dict[str, dict[str, torch.Tensor]], index: in
     return result
 
 
-def _tile_output(refined: np.ndarray, tile: _Tile, source: str, metrics: dict | None) -> dict[str, np.ndarray]:
+def _tile_output(refined: np.ndarray, tile: _Tile, input_mode: str, metrics: dict | None) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "refined": refined.astype(np.float32),
         "month": np.int64(tile.month),
-        "biome_code": np.int64(tile.biome),
+        BIOME_NPZ_KEY: np.int64(tile.biome),
         "band_names": np.array(BAND_NAMES),
-        "input_source": np.array(source),
+        "input_mode": np.array(input_mode),
     }
     for kind, values in (metrics or {}).items():
         for key, value in values.items():
@@ -229,7 +242,7 @@ def refine_tiles(
     target.
 
     Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
-    `month`, `biome_code`, `band_names`, `input_source` and, with Stage 1 input, scalar
+    `month`, `biome_code`, `band_names`, `input_mode` (`"stage1"` or `"identity"`) and, with Stage 1 input, scalar
     `metrics_refined_<name>` / `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
     Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises).
     """
@@ -247,8 +260,8 @@ def refine_tiles(
     paths = _find_tiles(input_dir, output_dir)
     if not paths:
         raise InferenceInputError(f"input {input_dir}: no .npz tiles found (searched recursively)")
-    source = "stage1" if stage1 is not None else "s2_bands"
-    summary = TileRefinementSummary(output_dir=output_dir, input_source=source)
+    input_mode = "stage1" if stage1 is not None else "identity"
+    summary = TileRefinementSummary(output_dir=output_dir, input_mode=input_mode)
     metrics = _metrics_module() if stage1 is not None else None
     if stage1 is not None and metrics is None:
         warnings.warn("the `training` package is not installed: tiles are refined without metrics", stacklevel=2)
@@ -288,7 +301,7 @@ def refine_tiles(
                 tile_metrics = _tile_metrics(metrics, paired, index) if paired is not None else None
                 if (output_dir / tile.relative).exists():
                     summary.replaced.append(str(tile.relative))
-                save_npz_atomic(output_dir / tile.relative, _tile_output(image, tile, source, tile_metrics))
+                save_npz_atomic(output_dir / tile.relative, _tile_output(image, tile, input_mode, tile_metrics))
                 summary.written.append(str(tile.relative))
                 bar.update(1)
             if paired is not None:

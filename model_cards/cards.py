@@ -7,8 +7,8 @@
 
 The metadata carries the base model (the Prithvi-EO-2.0 repo), license, library, tags, datasets and the
 evaluation results as `model-index` entries (`EvalResult`s, lower is better); the text has the intended
-use and limits, the training configuration and the results next to the `opt_v1` baseline and the
-design's targets.
+use and limits, the training configuration and the results next to the two baselines, `opt_v1` itself and the
+colour fit (`linear_fit`), and the design's targets.
 """
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ METRIC_NOTES = (
     "spectral angle between output and target spectra, in radians; identity L1: mean |output - opt_v1| (how "
     "far the refinement moves from its input); edge L1: mean |Sobel(output) - Sobel(opt_v1)| (edges kept from "
     "the input). The `opt_v1` column scores the unrefined input the same way, so its identity and edge L1 are 0. "
-    "The colour-fit column, when present, scores the second baseline: a least-squares per-band affine colour "
+    "The colour fit column, when present, scores the colour fit: a least-squares per-band affine colour "
     "correction of `opt_v1` (4x4 matrix + bias, `training.linear_fit`) fitted on the split it names and applied "
-    "to the evaluated tiles; the refined output is worth using where it beats both baselines. "
+    "to the evaluated tiles. These are the two baselines; the refined output is worth using where it beats both "
+    "`opt_v1` and the colour fit. "
     "Metrics are pooled over the valid pixels of the whole split (`training.metrics`); n/a: nothing to measure."
 )
 
@@ -86,7 +87,7 @@ class CardError(ValueError):
 def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
     """Check `{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` and return it with plain floats/ints.
 
-    `refined` must have every `CARD_METRICS` key; `opt_v1` (the baseline), `linear_fit` (the colour-fit baseline,
+    `refined` must have every `CARD_METRICS` key; `opt_v1` (the unrefined input), `linear_fit` (the colour fit,
     with `linear_fit_fitted_on = {"split": ..., "tiles": N}`), `n_tiles` and `split` (the split the metrics were
     computed on, recorded when they were) are optional. Values must be numbers; NaN (a metric with no valid pixel to
     measure) is kept and shown as n/a.
@@ -162,21 +163,22 @@ def eval_results(metrics: Mapping, *, dataset_type: str, dataset_name: str, spli
 
 
 def metric_rows(metrics: Mapping) -> list[dict[str, str]]:
-    """Rows of the evaluation table: refined, baseline, target and whether the target is met."""
+    """Rows of the evaluation table: refined, `opt_v1`, colour fit (`linear_fit`), target and whether the target is
+    met."""
     metrics = validate_metrics(metrics)
     rows = []
     for name in TABLE_METRICS:
         refined = metrics["refined"].get(name)
         if refined is None:
             continue
-        baseline = metrics.get("opt_v1", {}).get(name)
+        opt_v1 = metrics.get("opt_v1", {}).get(name)
         linear_fit = metrics.get("linear_fit", {}).get(name)
         target = DESIGN_TARGETS.get(name)
         rows.append({
             "name": name,
             "label": METRIC_LABELS[name] + (" (higher is better)" if name in HIGHER_IS_BETTER else ""),
             "refined": _fmt(refined),
-            "baseline": _fmt(baseline),
+            "opt_v1": _fmt(opt_v1),
             "linear_fit": _fmt(linear_fit),
             "target": f"< {target:g}" if target is not None else "-",
             "meets": "-" if target is None or not math.isfinite(refined) else ("yes" if refined < target else "no"),
@@ -185,11 +187,11 @@ def metric_rows(metrics: Mapping) -> list[dict[str, str]]:
 
 
 def _linear_fit_label(fitted_on: Mapping | None) -> str:
-    """Column header of the colour-fit baseline, naming the split (and tile count) it was fitted on."""
+    """Column header of the colour fit (`linear_fit`), naming the split (and tile count) it was fitted on."""
     if not fitted_on:
-        return "colour fit (baseline)"
+        return "colour fit"
     tiles = f", {fitted_on['tiles']} tiles" if fitted_on.get("tiles") else ""
-    return f"colour fit (baseline, fitted on `{fitted_on['split']}`{tiles})"
+    return f"colour fit (fitted on `{fitted_on['split']}`{tiles})"
 
 
 def _fmt(value: float | None) -> str:

@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 QUANTIZATIONS = ("8bit", "4bit", "none")
 
 # Trained in full and saved with the adapter (peft `modules_to_save`) when the refiner has them (the spectral
-# correction only with `spectral_correction="affine"`); matched by name suffix, so these names must not end any
+# correction only with `spectral_correction="affine"`, the spectral MLP only with `spectral_mlp_hidden_size > 0`); matched by name suffix, so these names must not end any
 # other module's name.
-TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head", "spectral_correction")
+TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head", "spectral_correction", "spectral_mlp")
 
 BASE_SOURCE_FILE = "stage2_base.json"
 BASE_WEIGHTS_FILE = "base_model.safetensors"
@@ -360,7 +360,7 @@ def format_trainable_summary(model) -> str:
         f"parameters ({100.0 * summary['trainable'] / max(summary['total'], 1):.2f}%)"
     ]
     for group in ("lora", *TRAINABLE_MODULES, "other"):
-        if summary[group] or group not in ("other", "spectral_correction"):
+        if summary[group] or group not in ("other", "spectral_correction", "spectral_mlp"):
             lines.append(f"  {group:<20} {summary[group]:>14,}")
     return "\n".join(lines)
 

@@ -17,8 +17,9 @@ LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 PADDING_MODES: tuple[str, ...] = ("reflect", "replicate")
 
 # Per-tile spectral correction branches: "none" (the head's residual only, as models saved before the branch
-# existed) or "affine" (a 4x4 + bias colour transform of `opt_v1`, predicted per tile).
-SPECTRAL_CORRECTIONS: tuple[str, ...] = ("none", "affine")
+# existed), "affine" (a 4x4 + bias colour transform of `opt_v1`, predicted per tile) or "shared" (the same transform
+# for every tile).
+SPECTRAL_CORRECTIONS: tuple[str, ...] = ("none", "affine", "shared")
 
 
 class Stage2RefinerConfig(PretrainedConfig):
@@ -27,7 +28,8 @@ class Stage2RefinerConfig(PretrainedConfig):
     into a refined one. The month and biome of the tile are embedded, projected to `metadata_channels` maps, fused
     with `opt_v1` back to the backbone's bands, encoded by a Prithvi-EO-2.0 backbone, and a ConvNeXt head predicts a
     residual at full resolution (`refined = opt_v1 + delta`). With `spectral_correction="affine"` a per-tile colour
-    correction of `opt_v1` comes first (`refined = (M + dM) opt_v1 + (b + db) + delta`, see the argument).
+    correction of `opt_v1` comes first (`refined = (M + dM) opt_v1 + (b + db) + delta`, see the argument), and with
+    `spectral_mlp_hidden_size > 0` a per-pixel spectral MLP adds a non-linear colour correction before the head.
 
     Building the config allocates nothing: the default describes the 600M backbone without loading it.
 
@@ -95,10 +97,27 @@ class Stage2RefinerConfig(PretrainedConfig):
             per-band mean and spread of the tile, by an MLP whose last layer starts at zero. So the model can
             express any per-band affine correction from step 0, conditioned on the tile's content, month and
             biome, and the head adds the local, spatial correction on top. `"none"` (the default, so that models
-            saved before this option load and compute exactly as before) has no such branch. Training
+            saved before this option load and compute exactly as before) has no such branch. `"shared"` keeps only
+            the shared `M`, `b` (no `dM`, `db`): one colour correction for every tile, for training sets too small
+            to learn a per-tile one (on the 18 tiles of the bundled sample the per-tile part overfits). Training
             (`Stage2TrainingArguments.spectral_correction`) builds new refiners with `"affine"`.
         spectral_correction_hidden_size (`int`, *optional*, defaults to 64):
             Width of the MLP that predicts the per-tile correction `dM`, `db` (with `spectral_correction="affine"`).
+        spectral_mlp_hidden_size (`int`, *optional*, defaults to 0):
+            Width of the per-pixel spectral MLP; 0 (the default, so that models saved before this option load and
+            compute exactly as before) means none. The MLP maps each pixel's spectrum, after the spectral correction
+            (or `opt_v1` without one), to a residual added to it: a non-linear colour correction (tone curves, band
+            cross-talk that depends on brightness) that a 4x4 + bias cannot express. It sees the log reflectance
+            (`log(max(x, 0) + spectral_mlp_log_offset)`), in which the gain errors of a Stage 1 generator are
+            offsets and bright pixels (cloud, snow) are compressed instead of extrapolated. It is fed neither
+            the month, the biome nor the neighbourhood: it learns from pixels, not tiles, so a few training tiles
+            are enough. Its last layer starts at zero. Training (`Stage2TrainingArguments.spectral_mlp_hidden_size`)
+            builds new refiners with 32.
+        spectral_mlp_num_layers (`int`, *optional*, defaults to 2):
+            Hidden layers of the per-pixel spectral MLP (with `spectral_mlp_hidden_size > 0`).
+        spectral_mlp_log_offset (`float`, *optional*, defaults to 0.05):
+            Reflectance added before the log of the spectral MLP's input: well above the quantisation step (1e-4)
+            and the noise of open water, so dark pixels do not dominate the input.
         nonnegative_output (`bool`, *optional*, defaults to `False`):
             Clamp the refined output at 0: surface reflectance is never negative, and a negative value (an affine
             correction's negative offset on open water, say) wrecks the spectral angle and NDVI of dark pixels. The
@@ -145,6 +164,9 @@ class Stage2RefinerConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         spectral_correction: str = "none",
         spectral_correction_hidden_size: int = 64,
+        spectral_mlp_hidden_size: int = 0,
+        spectral_mlp_num_layers: int = 2,
+        spectral_mlp_log_offset: float = 0.05,
         nonnegative_output: bool = False,
         **kwargs,
     ):
@@ -172,12 +194,18 @@ class Stage2RefinerConfig(PretrainedConfig):
         if spectral_correction not in SPECTRAL_CORRECTIONS:
             raise ValueError(
                 f"spectral_correction must be one of {SPECTRAL_CORRECTIONS}, got {spectral_correction!r}: \"affine\" "
-                "adds the per-tile colour-correction branch, \"none\" keeps the head's residual only."
+                "adds the per-tile colour-correction branch, \"shared\" one correction for all tiles, \"none\" "
+                "keeps the head's residual only."
             )
         self.spectral_correction = spectral_correction
         self.spectral_correction_hidden_size = _positive_int(
             spectral_correction_hidden_size, "spectral_correction_hidden_size"
         )
+        self.spectral_mlp_hidden_size = _nonnegative_int(spectral_mlp_hidden_size, "spectral_mlp_hidden_size")
+        self.spectral_mlp_num_layers = _positive_int(spectral_mlp_num_layers, "spectral_mlp_num_layers")
+        self.spectral_mlp_log_offset = _real(spectral_mlp_log_offset, "spectral_mlp_log_offset")
+        if not self.spectral_mlp_log_offset > 0:
+            raise ValueError(f"spectral_mlp_log_offset must be > 0 (reflectance), got {spectral_mlp_log_offset!r}.")
         if not isinstance(nonnegative_output, bool):
             raise ValueError(f"nonnegative_output must be True or False, got {nonnegative_output!r}.")
         self.nonnegative_output = nonnegative_output
@@ -187,8 +215,8 @@ class Stage2RefinerConfig(PretrainedConfig):
 
     def to_dict(self) -> dict:
         output = super().to_dict()
-        # The backbone's non-default fields only (no id2label etc. of the generic parent config).
-        backbone = self.backbone_config.to_diff_dict()
+        # The whole sub-config, as transformers' composite configs save theirs.
+        backbone = self.backbone_config.to_dict()
         backbone.pop("transformers_version", None)
         output["backbone_config"] = backbone
         return output
@@ -220,6 +248,18 @@ def _positive_int(value, name: str) -> int:
         exact = False
     if not exact or number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return number
+
+
+def _nonnegative_int(value, name: str) -> int:
+    """`value` as an int >= 0 (0 switches a part off); anything else is a ValueError naming `name`."""
+    try:
+        number = int(value)
+        exact = not isinstance(value, (bool, str)) and number == value
+    except (TypeError, ValueError, OverflowError):
+        exact = False
+    if not exact or number < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: none), got {value!r}.")
     return number
 
 

@@ -104,7 +104,7 @@ class PrithviTemporalEncoder(nn.Module):
         if config.coords_scale_learn:
             self.scale = nn.Parameter(torch.empty(1))
         else:
-            self.register_buffer("scale", torch.empty(1))
+            self.register_buffer("scale", torch.ones(1))  # final value here too (as `_init_weights` sets it)
 
     def forward(self, temporal_coords: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
         batch, frames = temporal_coords.shape[:2]
@@ -125,7 +125,7 @@ class PrithviLocationEncoder(nn.Module):
         if config.coords_scale_learn:
             self.scale = nn.Parameter(torch.empty(1))
         else:
-            self.register_buffer("scale", torch.empty(1))
+            self.register_buffer("scale", torch.ones(1))  # final value here too (as `_init_weights` sets it)
 
     def forward(self, location_coords: torch.Tensor) -> torch.Tensor:
         coords = location_coords.to(self.scale.dtype)
@@ -280,9 +280,9 @@ class PrithviEncoder(PrithviPreTrainedModel):
         if "location" in config.coords_encoding:
             self.location_embed_enc = PrithviLocationEncoder(config)
         self.cls_token = nn.Parameter(torch.empty(1, 1, config.embed_dim))
-        grid_t, grid_h, grid_w = config.grid_size
-        # Fixed (never trained) and saved, as in the official checkpoints.
-        self.register_buffer("pos_embed", torch.empty(1, 1 + grid_t * grid_h * grid_w, config.embed_dim))
+        # Fixed (never trained) and saved, as in the official checkpoints. Computed here as well as in
+        # `_init_weights`: a model built without weight initialisation must hold the same buffers.
+        self.register_buffer("pos_embed", sincos_3d_table(config.embed_dim, config.grid_size))
         self.blocks = nn.ModuleList(PrithviBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.post_init()

@@ -12,9 +12,14 @@ With `spectral_correction="affine"` the residual is added to a per-tile colour c
         corrected = (M + dM) opt_v1 + (b + db)  (the head's full-resolution stem sees the corrected bands)
         refined = corrected + delta
 
+With `spectral_mlp_hidden_size > 0` a per-pixel MLP adds a non-linear colour correction before the head:
+
+    corrected = corrected + MLP(log(max(corrected, 0) + offset))   (per pixel; `opt_v1` in place of `corrected`
+                                                                    without the affine branch)
+
 With `nonnegative_output` the refined image is clamped at 0 reflectance (straight-through gradient).
 
-The head's last layer starts at zero (and the correction at the identity), so an untrained model returns `opt_v1`
+The head's last layer starts at zero (and the correction at the identity, the MLP at zero), so an untrained model returns `opt_v1`
 exactly.
 """
 from __future__ import annotations
@@ -51,8 +56,8 @@ class Stage2RefinerOutput(ModelOutput):
             The refined image, reflectance, same bands, size and dtype as `opt_v1` (`opt_v1 + delta`, or
             `corrected + delta` with the spectral correction).
         corrected (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`, *optional*):
-            `opt_v1` after the per-tile spectral correction, before the head's residual; `None` without the
-            correction branch (`config.spectral_correction="none"`).
+            `opt_v1` after the per-tile spectral correction and the per-pixel spectral MLP, before the head's
+            residual; `None` without either (`config.spectral_correction="none"`, `config.spectral_mlp_hidden_size=0`).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The backbone's hidden states, one `(batch_size, 1 + num_patches, embed_dim)` tensor per block (CLS token
             first, the last after the final LayerNorm), returned when `output_hidden_states=True`. They describe the
@@ -204,7 +209,8 @@ class Stage2SpectralCorrection(nn.Module):
     the mean of the backbone's last selected features over the patch grid (what the tile shows), the month/biome
     embedding (when it was taken, where) and the per-band mean and standard deviation of the normalised `opt_v1`
     (how bright and how contrasted it is). The MLP's last layer starts at zero, so the branch starts as (M, b) and
-    an untrained refiner returns `opt_v1` exactly.
+    an untrained refiner returns `opt_v1` exactly. With `spectral_correction="shared"` there is no `dM`, `db`: every
+    tile gets (M, b).
     """
 
     def __init__(self, config: Stage2RefinerConfig, metadata_feature_size: int):
@@ -214,18 +220,23 @@ class Stage2SpectralCorrection(nn.Module):
         self.num_bands = bands
         self.matrix = nn.Parameter(torch.empty(bands, bands))
         self.bias = nn.Parameter(torch.empty(bands))
-        # Normalised separately: backbone features, and embeddings that start 50x smaller than the cyclic month.
-        self.feature_norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.metadata_norm = nn.LayerNorm(metadata_feature_size, eps=1e-6)
-        hidden = config.spectral_correction_hidden_size
-        self.context = nn.Sequential(nn.Linear(embed_dim + metadata_feature_size + 2 * bands, hidden), nn.GELU())
-        self.tile_correction = Stage2ZeroInitLinear(hidden, bands * bands + bands)
+        self.per_tile = config.spectral_correction == "affine"  # "shared": (M, b) only
+        if self.per_tile:
+            # Normalised separately: backbone features, and embeddings that start 50x smaller than the cyclic month.
+            self.feature_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.metadata_norm = nn.LayerNorm(metadata_feature_size, eps=1e-6)
+            hidden = config.spectral_correction_hidden_size
+            self.context = nn.Sequential(nn.Linear(embed_dim + metadata_feature_size + 2 * bands, hidden), nn.GELU())
+            self.tile_correction = Stage2ZeroInitLinear(hidden, bands * bands + bands)
 
     def forward(self, opt_v1: torch.Tensor, normalized_bands: torch.Tensor, features: torch.Tensor,
                 metadata_features: torch.Tensor) -> torch.Tensor:
         """`opt_v1` (B, bands, H, W) reflectance, `normalized_bands` the same tile normalised, `features`
         (B, h, w, E) channels-last backbone features, `metadata_features` (B, F) -> corrected (B, bands, H, W)."""
         dtype = self.matrix.dtype
+        if not self.per_tile:
+            corrected = torch.einsum("ij,bjhw->bihw", self.matrix, opt_v1.to(dtype)) + self.bias[None, :, None, None]
+            return corrected.to(opt_v1.dtype)
         spread, mean = torch.std_mean(normalized_bands.to(dtype), dim=(-2, -1), correction=0)
         context = torch.cat([
             self.feature_norm(features.to(dtype).mean(dim=(1, 2))),
@@ -256,6 +267,45 @@ class Stage2SpectralCorrection(nn.Module):
         self.bias.copy_(bias)
 
 
+class Stage2SpectralMLPLinear(nn.Linear):
+    """A hidden layer of the spectral MLP, initialised with std 1/sqrt(fan_in): at `initializer_range` (0.02) the
+    four-band input would keep the GELUs in their linear range, and the MLP would start as a plain linear map."""
+
+
+# The spectral MLP's log input is centred on a typical land reflectance.
+SPECTRAL_MLP_LOG_CENTRE = math.log(0.1)
+
+
+class Stage2SpectralMLP(nn.Module):
+    """Per-pixel non-linear colour correction: `corrected + MLP(log(max(corrected, 0) + log_offset))`.
+
+    Each pixel's spectrum alone goes in, nothing of its neighbours, month or biome: the MLP learns from the (many)
+    pixels, not from the (few) tiles, which a small training set can support. The log turns the gain errors of a
+    generator into offsets and compresses bright pixels (cloud, snow), so the MLP does not extrapolate a steep slope
+    to reflectances it rarely saw. The last layer starts at zero: the branch starts as no correction.
+    """
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__()
+        bands, hidden = len(config.bands), config.spectral_mlp_hidden_size
+        self.log_offset = config.spectral_mlp_log_offset
+        layers: list[nn.Module] = []
+        width = bands
+        for _ in range(config.spectral_mlp_num_layers):
+            layers += [Stage2SpectralMLPLinear(width, hidden), nn.GELU()]
+            width = hidden
+        self.hidden = nn.Sequential(*layers)
+        self.output = Stage2ZeroInitLinear(hidden, bands)
+
+    def forward(self, spectra: torch.Tensor) -> torch.Tensor:
+        """(B, bands, H, W) reflectance -> the same plus the per-pixel residual."""
+        dtype = self.output.weight.dtype
+        log_spectra = torch.log(spectra.to(dtype).clamp(min=0) + self.log_offset) - SPECTRAL_MLP_LOG_CENTRE
+        log_spectra = log_spectra.permute(0, 2, 3, 1)
+        residual = self.output(self.hidden(log_spectra)).permute(0, 3, 1, 2)
+        return spectra + residual.to(spectra.dtype)
+
+
 class Stage2InputNormalizer(nn.Module):
     """Reflectance (0..1) -> the backbone's normalised input: (reflectance * 10000 - mean) / std per band."""
 
@@ -263,8 +313,11 @@ class Stage2InputNormalizer(nn.Module):
         super().__init__()
         bands = len(config.bands)
         # Derived from the config (not saved): the statistics stay those of the backbone's pretraining.
-        self.register_buffer("mean", torch.empty(1, bands, 1, 1), persistent=False)
-        self.register_buffer("std", torch.empty(1, bands, 1, 1), persistent=False)
+        backbone = config.backbone_config
+        self.register_buffer("mean", torch.tensor(backbone.band_mean, dtype=torch.float32).view(1, bands, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.band_std, dtype=torch.float32).view(1, bands, 1, 1),
+                             persistent=False)
 
     def forward(self, reflectance: torch.Tensor) -> torch.Tensor:
         return (reflectance * 10000.0 - self.mean) / self.std
@@ -353,7 +406,8 @@ class Stage2PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal convs and linears (std `initializer_range`), normal embeddings, unit LayerNorms,
         `layer_scale_init_value` layer scales, the band statistics of the backbone; the fusion starts as the
-        identity on the bands and the head's output conv at zero (an untrained refiner returns `opt_v1`)."""
+        identity on the bands and the head's output conv at zero (an untrained refiner returns `opt_v1`); the
+        spectral MLP's hidden layers at std 1/sqrt(fan_in), its output at zero."""
         std = self.config.initializer_range
         if isinstance(module, Stage2SpectralCorrection):
             init.copy_(module.matrix, torch.eye(module.num_bands, dtype=module.matrix.dtype))
@@ -366,6 +420,9 @@ class Stage2PreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, (Stage2ResidualOutput, Stage2ZeroInitLinear)):
             init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, Stage2SpectralMLPLinear):
+            init.trunc_normal_(module.weight, std=module.in_features**-0.5)
             init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             init.trunc_normal_(module.weight, std=std)
@@ -407,9 +464,10 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         self.head = Stage2RefinementHead(config)
         self.spectral_correction = (
             Stage2SpectralCorrection(config, self.metadata_embedding.feature_size)
-            if config.spectral_correction == "affine"
+            if config.spectral_correction != "none"
             else None
         )
+        self.spectral_mlp = Stage2SpectralMLP(config) if config.spectral_mlp_hidden_size > 0 else None
         self.cpu_fallback_count = 0
         self._warned_cpu_fallback = False
         self.post_init()
@@ -467,6 +525,9 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         corrected, head_input = None, conditioned
         if self.spectral_correction is not None:
             corrected = self.spectral_correction(opt_v1, bands, features[-1], metadata_features)
+        if self.spectral_mlp is not None:
+            corrected = self.spectral_mlp(opt_v1 if corrected is None else corrected)
+        if corrected is not None:
             # The head refines what the correction made: its full-resolution stem sees the corrected bands.
             corrected_bands = self.normalizer(corrected.to(self.normalizer.mean.dtype)).to(dtype)
             head_input, _ = self._pad_to_patch_multiple(torch.cat([corrected_bands, metadata_maps], dim=1))

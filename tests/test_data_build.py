@@ -76,7 +76,7 @@ def test_build_record_in_dataset_info(sample_dataset_dir, sample_tiles_dir):
     assert info == read_build_info(ds["test"]) == json.loads((sample_dataset_dir / BUILD_INFO_FILE).read_text())
     assert info["source"]["sources"] == {"BigEarthNet v1": 30, "BigEarthNet v2": 24}
     assert info["source"]["tiles"] == {"train": 18, "val": 18, "test": 18}
-    assert info["scaling"]["tiles"] == {"dn_x1e-4": 54}
+    assert info["input_scale"]["tiles"] == {"dn": 54} and "scaling" not in info
     assert info["opt_v1"]["mode"] == "synthetic" and info["opt_v1"]["seed"] == 0
     assert info["opt_v1"]["degradation"] == DegradationConfig().to_dict()
     assert info["opt_v1"]["preset"] == "mild" and "preset 'mild'" in info["opt_v1"]["description"]

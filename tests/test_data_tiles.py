@@ -29,7 +29,7 @@ def test_reads_a_real_sample_tile(sample_tiles_dir):
     raw = np.load(path, allow_pickle=False)
     tile = read_tile(path)
     assert tile.tile_id == path.stem
-    assert tile.scaling == "dn_x1e-4"
+    assert tile.input_scale == "dn"
     assert tile.target.dtype == np.float32 and tile.target.shape == (4, 120, 120)
     expected = (np.stack([raw[k] for k in BAND_KEYS]).astype(np.float64) * 1e-4).astype(np.float32)
     np.testing.assert_array_equal(tile.target, expected)
@@ -46,7 +46,7 @@ def test_float_reflectance_is_kept_and_nan_pixels_are_masked(tmp_path):
     arrays["s2_b3"][5, 7] = np.nan
     arrays["s2_b8"][0, 0] = np.inf
     tile = read_tile(write_tile(tmp_path, "t", arrays))
-    assert tile.scaling == "float" and tile.s1 is None
+    assert tile.input_scale == "reflectance" and tile.s1 is None
     assert tile.valid_mask.sum() == 120 * 120 - 2
     assert not tile.valid_mask[5, 7] and not tile.valid_mask[0, 0]
     assert (tile.target[:, 5, 7] == 0).all() and (tile.target[:, 0, 0] == 0).all()
@@ -72,7 +72,7 @@ def test_small_negative_reflectance_is_kept_as_it_is(tmp_path):
     arrays = _dark_tile(np.float32, -0.1)
     arrays["s2_b2"][0, :2] = [-0.02, -0.0999]
     tile = read_tile(write_tile(tmp_path, "dark", arrays))
-    assert tile.scaling == "float" and tile.valid_mask.all()
+    assert tile.input_scale == "reflectance" and tile.valid_mask.all()
     np.testing.assert_array_equal(tile.target, np.stack([arrays[key] for key in BAND_KEYS]))  # not clipped
     dn = read_tile(write_tile(tmp_path, "dark_dn", _dark_tile(np.int16, -1000)))  # L2A DN minus the offset
     assert dn.target[2, 7, 7] == np.float32(-0.1)

@@ -436,19 +436,19 @@ def tile_reflectance(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return dn_to_reflectance(np.stack([arrays[key] for key in ("s2_b2", "s2_b3", "s2_b4", "s2_b8")]))
 
 
-def test_tiles_mirror_the_input_layout_with_s2_bands_as_input(few_tiles, tmp_path):
+def test_tiles_mirror_the_input_layout_with_identity_input_mode(few_tiles, tmp_path):
     output = tmp_path / "refined"
     summary = refine_tiles(PixelwiseRefiner(), few_tiles, output, batch_size=2, progress=False)
     inputs = sorted(path.relative_to(few_tiles) for path in few_tiles.rglob("*.npz"))
     assert sorted(Path(p) for p in summary.written) == inputs and summary.rejected == []
-    assert summary.input_source == "s2_bands" and summary.metrics is None
+    assert summary.input_mode == "identity" and summary.metrics is None
     for relative in inputs:
         tile = load_npz(few_tiles / relative)
         out = load_npz(output / relative)
         assert out["refined"].dtype == np.float32 and out["refined"].shape == (4, 120, 120)
         expected = pixelwise_expected(tile_reflectance(tile), int(tile["month"]), int(tile["biome_code"]))
         np.testing.assert_allclose(out["refined"], expected, rtol=1e-6, atol=1e-7)
-        assert int(out["month"]) == int(tile["month"]) and str(out["input_source"]) == "s2_bands"
+        assert int(out["month"]) == int(tile["month"]) and str(out["input_mode"]) == "identity"
         assert not any(key.startswith("metrics_") for key in out)
     assert sorted(p.name for p in output.rglob("*") if p.name.startswith(".")) == []
 
@@ -495,7 +495,7 @@ def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_pa
         np.savez(stage1 / path.name, opt_v1=opt_v1[path.name])
     output = tmp_path / "refined"
     summary = refine_tiles(PixelwiseRefiner(), few_tiles, output, stage1_dir=stage1, batch_size=2, progress=False)
-    assert summary.input_source == "stage1" and len(summary.written) == 3
+    assert summary.input_mode == "stage1" and len(summary.written) == 3
     from training.metrics import METRIC_NAMES, evaluate_pair, per_tile_metrics
 
     paths = sorted(few_tiles.rglob("*.npz"))
@@ -504,7 +504,7 @@ def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_pa
         tile = load_npz(path)
         expected = pixelwise_expected(opt_v1[path.name], int(tile["month"]), int(tile["biome_code"]))
         np.testing.assert_allclose(out["refined"], expected, rtol=1e-6, atol=1e-7)
-        assert str(out["input_source"]) == "stage1"
+        assert str(out["input_mode"]) == "stage1"
     refined = torch.from_numpy(np.stack([out["refined"] for out in outputs]))
     targets = torch.from_numpy(np.stack([tile_reflectance(load_npz(path)) for path in paths]))
     inputs = torch.from_numpy(np.stack([opt_v1[path.name] for path in paths]))

@@ -86,6 +86,23 @@ def test_evaluation_table_compares_refined_baseline_and_design_targets():
     assert "![Refinement preview" in text and "(preview.png)" in text
 
 
+def test_card_names_both_baselines_opt_v1_and_the_colour_fit():
+    fit = {name: value * 0.9 for name, value in METRICS["opt_v1"].items()}
+    with_fit = {**METRICS, "linear_fit": fit, "linear_fit_fitted_on": {"split": "train", "tiles": 18}}
+    text = build_model_card(with_fit).text
+    header = next(line for line in text.splitlines() if line.startswith("| metric |"))
+    assert [cell.strip() for cell in header.strip("|").split("|")] == [
+        "metric", "refined", "`opt_v1`", "colour fit (fitted on `train`, 18 tiles)", "design target", "meets target"]
+    assert table_row(text, "NDVI RMSE")[:4] == ["NDVI RMSE", "0.041", "0.09", "0.081"]
+    assert "beats both `opt_v1` and the colour fit" in text
+    # "baseline" only ever names the two together, never one of them alone.
+    for line in text.splitlines():
+        for phrase in ("(baseline", "the baseline", "opt_v1 baseline", "second baseline", "colour-fit baseline"):
+            assert phrase not in line, line
+    without_fit = build_model_card(METRICS).text
+    assert "| metric | refined | `opt_v1` | design target | meets target |" in without_fit
+
+
 def test_design_targets_are_the_training_metrics_targets():
     metrics = pytest.importorskip("training.metrics")
     assert DESIGN_TARGETS == metrics.DESIGN_TARGETS

@@ -358,3 +358,20 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 4, 10, 56))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         model(torch.randn(4, 56, 56))
+
+
+@pytest.mark.parametrize("coords_scale_learn", [False, True])
+def test_buffers_hold_their_values_without_weight_initialisation(coords_scale_learn, monkeypatch):
+    """The fixed buffers (position table, non-learned coordinate scales) are set in `__init__` too, so a model built
+    without `_init_weights` (transformers' `test_init_weights_can_init_buffers`) holds the initialised values."""
+    from transformers import PreTrainedModel
+
+    config = PrithviConfig.from_preset("prithvi_eo_v2_tiny", depth=1, img_size=28, num_frames=2,
+                                       coords_encoding=["time", "location"], coords_scale_learn=coords_scale_learn)
+    initialised = dict(PrithviEncoder(config).named_buffers())
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", lambda *args, **kwargs: None)
+    uninitialised = dict(PrithviEncoder(config).named_buffers())
+    assert sorted(initialised) == sorted(uninitialised)
+    assert "pos_embed" in initialised and (not coords_scale_learn) == ("temporal_embed_enc.scale" in initialised)
+    for name, value in initialised.items():
+        torch.testing.assert_close(uninitialised[name], value, rtol=0, atol=0, msg=name)

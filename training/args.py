@@ -55,9 +55,12 @@ class Stage2TrainingArguments(TrainingArguments):
         refiner_config_overrides (`dict` or JSON `str`, *optional*): extra `Stage2RefinerConfig` arguments (they win
             over the fields below that set the same config argument).
         spectral_correction (`str`, defaults to `"affine"`): the per-tile colour-correction branch of a new refiner
-            (`Stage2RefinerConfig.spectral_correction`; `"none"`: the head's residual only).
+            (`Stage2RefinerConfig.spectral_correction`; `"shared"`: one correction for all tiles; `"none"`: the
+            head's residual only).
         nonnegative_output (`bool`, defaults to `True`): a new refiner clamps its output at 0 reflectance
             (`Stage2RefinerConfig.nonnegative_output`).
+        spectral_mlp_hidden_size (`int`, defaults to 32): width of a new refiner's per-pixel spectral MLP
+            (`Stage2RefinerConfig.spectral_mlp_hidden_size`; 0: none).
         spectral_correction_init (`str`, defaults to `"spectral_fit"`): where the branch's shared correction starts,
             computed before training (not when resuming: the checkpoint has it): `"spectral_fit"`, the least-squares
             colour fit (4x4 + bias) of the training split's valid pixels refined for 300 steps under the run's
@@ -145,11 +148,15 @@ class Stage2TrainingArguments(TrainingArguments):
     )
     spectral_correction: str = field(
         default="affine",
-        metadata={"help": "Per-tile colour-correction branch of a new refiner: affine or none.",
+        metadata={"help": "Colour-correction branch of a new refiner: affine (per tile), shared (one for all tiles) or none.",
                   "choices": SPECTRAL_CORRECTIONS},
     )
     nonnegative_output: bool = field(
         default=True, metadata={"help": "A new refiner clamps its output at 0 reflectance (straight-through gradient)."}
+    )
+    spectral_mlp_hidden_size: int = field(
+        default=32, metadata={"help": "Width of a new refiner's per-pixel spectral MLP (non-linear colour correction "
+                                      "before the head); 0: none."}
     )
     spectral_correction_init: str = field(
         default="spectral_fit",

@@ -125,7 +125,7 @@ def tile_statistics(output, target, opt_v1, valid_mask=None) -> dict[str, torch.
     """Per-tile sums and counts (`TILE_STATISTICS`) of `output` against `target` and `opt_v1`.
 
     Args:
-        output: (B, 4, H, W) image to score (the refined output, or opt_v1 for the baseline).
+        output: (B, 4, H, W) image to score (the refined output, or opt_v1 itself).
         target: (B, 4, H, W) reference reflectance.
         opt_v1: (B, 4, H, W) Stage 1 input (identity and edge terms).
         valid_mask: optional (B, H, W) bool, True where the target is valid.

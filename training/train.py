@@ -234,7 +234,8 @@ def refiner_config(training_args, *, overrides: bool = True, lora: bool = False)
     from modeling_stage2 import Stage2RefinerConfig
 
     settings = {"spectral_correction": training_args.spectral_correction,
-                "nonnegative_output": training_args.nonnegative_output}
+                "nonnegative_output": training_args.nonnegative_output,
+                "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size}
     if lora:
         settings.update(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                         lora_dropout=training_args.lora_dropout,

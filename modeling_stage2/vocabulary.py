@@ -1,0 +1,69 @@
+"""The project's names for how `opt_v1` is obtained and what scale input values are in, and the old spellings
+that still work for one release.
+
+A leaf module (standard library only), so that the data builders can load it without the model package
+(`data_builders._leaves.model_leaf`). Every package takes these names from here:
+
+- `input_mode`: how `opt_v1` is obtained, one of `INPUT_MODES`: `"synthetic"` (a degraded copy of the target),
+  `"stage1"` (Stage 1's output), `"identity"` (the tile's own S2 bands are used as `opt_v1`).
+- `input_scale`: what band values are, one of `INPUT_SCALES`: `"dn"` (digital numbers, reflectance x 10000,
+  multiplied by 1e-4 when read) or `"reflectance"` (0..1, kept); inference also takes `"auto"` (by dtype:
+  integers are digital numbers, floats reflectance).
+- `biome`: the biome code 0..16 as an Arrow column and a model argument. NPZ tiles (the on-disk format) store it
+  under the key `BIOME_NPZ_KEY` (`"biome_code"`), which becomes the `biome` column/argument when read.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+INPUT_MODES: tuple[str, ...] = ("synthetic", "stage1", "identity")
+"""How `opt_v1` is obtained (`input_mode`)."""
+
+INPUT_SCALES: tuple[str, ...] = ("dn", "reflectance")
+"""What band values are (`input_scale`)."""
+
+BIOME_NPZ_KEY = "biome_code"
+"""The NPZ tile key of the biome code; read, it becomes the `biome` column / model argument."""
+
+DEPRECATED_NAMES: dict[str, str] = {
+    "input_source": "input_mode",  # inference's name for input_mode (TileRefinementSummary, refined NPZ tiles)
+    "scaling": "input_scale",  # the data builders' name for input_scale (Tile, the build record)
+}
+"""Old name -> name, for one release."""
+
+DEPRECATED_VALUES: dict[str, str] = {
+    "s2_bands": "identity",  # input_mode: the tile's own S2 bands are opt_v1
+    "dn_x1e-4": "dn",  # input_scale
+    "float": "reflectance",  # input_scale
+}
+"""Old value -> value, for one release."""
+
+OLD_INPUT_SOURCE = {"stage1": "stage1", "identity": "s2_bands"}
+"""input_mode -> the old `input_source` value (what the deprecated `input_source` attributes return)."""
+
+OLD_SCALING = {"dn": "dn_x1e-4", "reflectance": "float"}
+"""input_scale -> the old `scaling` value (what the deprecated `scaling` attributes return)."""
+
+
+def warn_deprecated(old: str, new: str, where: str = "", stacklevel: int = 3) -> None:
+    """A one-line `FutureWarning`: `old` still works for this release; `new` is the spelling to use."""
+    prefix = f"{where}: " if where else ""
+    warnings.warn(f"{prefix}{old} is deprecated and will be removed in the next release; use {new}",
+                  FutureWarning, stacklevel=stacklevel)
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str):
+    """Within the block, warnings print as one line `PROG: FutureWarning: message` (no source line): for the
+    console scripts."""
+    original = warnings.formatwarning
+
+    def format_one_line(message, category, filename, lineno, line=None):
+        return f"{prog}: {category.__name__}: {message}\n"
+
+    warnings.formatwarning = format_one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
