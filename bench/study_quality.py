@@ -180,9 +180,9 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "spectral fit, output clamped at 0, brightness augmentation (the previous release), `after` = one shared "
         "correction started at the spectral fit and the per-pixel spectral MLP, no brightness augmentation (the "
         "demo now); the starting point is a candidate for the best step. "
-        "`spectral fit`: where the default model's correction starts, the colour fit refined under the spectral "
-        "loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0: what training adds is the "
-        "difference to it. "
+        "`spectral fit`: where the default model's affine correction starts, the colour fit refined under the "
+        "spectral loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0 (`after` starts there "
+        "with its spectral MLP fitted on top). "
         "Cells: mean over seeds (min-max). `ndvi_rmse_bright`: NDVI RMSE without near-black pixels (target "
         f"red + NIR < {NEAR_BLACK} reflectance), beside the design metric.",
         "",
@@ -196,7 +196,7 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                       "near-black.", "",
                       "| output | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
             for role_name, label in (("opt_v1", "opt_v1"), ("linear_fit", "colour fit (train)"),
-                                     ("spectral_fit", "spectral fit (the default model's start)")):
+                                     ("spectral_fit", "spectral fit (affine part of the default model's start)")):
                 lines.append(f"| {label} | " + " | ".join(f"{first[role_name][m]:.{_digits(m)}f}" for m in COLUMNS)
                              + " |")
             for variant, results in variant_runs.items():

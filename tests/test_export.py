@@ -55,11 +55,12 @@ def run_export_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @torch.no_grad()
 def _wake_everything(model, seed: int) -> None:
-    """`wake_up` plus the spectral correction's zero-initialised tile MLP, so every branch changes the output."""
+    """`wake_up` plus the zero-initialised tile MLP of the spectral correction and output of the spectral MLP, so every
+    branch changes the output."""
     wake_up(model, seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)
     for name, parameter in model.named_parameters():
-        if "tile_correction" in name:
+        if "tile_correction" in name or "spectral_mlp" in name and "output" in name:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
@@ -77,8 +78,9 @@ def trained(workdir) -> dict[str, Path]:
     for index, variant in enumerate(VARIANTS):
         torch.manual_seed(index)
         model = build_trainable_model(
-            # the affine variant as training builds it: output clamped at 0 too
-            tiny_refiner_config(spectral_correction=variant, nonnegative_output=variant == "affine"),
+            # the affine variant as training builds it: output clamped at 0 and a spectral MLP too
+            tiny_refiner_config(spectral_correction=variant, nonnegative_output=variant == "affine",
+                                spectral_mlp_hidden_size=8 if variant == "affine" else 0),
             quantization="none", print_summary=False,
         )
         _wake_everything(model, seed=index + 1)

@@ -145,3 +145,40 @@ def test_lora_model_trains_and_saves_the_mlp(quantization, tmp_path):
     reloaded = load_trained_model(tmp_path / "saved", quantization=quantization)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(opt_v1, month, biome).refined, refined, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ warm start
+def test_the_spectral_fit_also_fits_the_mlp_on_top_of_the_affine_map(sample_dataset_dir):
+    """With a spectral MLP, training's default start fits it too, after and on top of the affine spectral fit: the
+    affine part is the same as without the MLP, the MLP moves off zero, and the spectral loss on the tiles it was
+    fitted on drops below the affine fit's. Deterministic for a seed."""
+    from datasets import load_from_disk
+
+    from modeling_stage2.modeling_stage2 import clamp_min_straight_through
+    from training.args import Stage2TrainingArguments
+    from training.linear_fit import fit_spectral_correction
+    from training.losses import SpectralLoss
+    from training.train import start_spectral_correction
+
+    train_split = load_from_disk(str(sample_dataset_dir))["train"]
+    affine_only = fit_spectral_correction(train_split, steps=40, seed=0)
+    mlps = [mlp_model(spectral_correction="shared").spectral_mlp for _ in range(2)]
+    fits = [fit_spectral_correction(train_split, steps=40, seed=0, spectral_mlp=mlp) for mlp in mlps]
+    for fit in fits:  # the affine map does not depend on the MLP fitted after it
+        assert torch.equal(fit.matrix, affine_only.matrix) and torch.equal(fit.bias, affine_only.bias)
+    assert torch.equal(mlps[0].output.weight, mlps[1].output.weight)
+    assert float(mlps[0].output.weight.abs().max()) > 1e-3
+    rows = train_split.with_format("torch")[:]
+
+    @torch.no_grad()
+    def loss(correct) -> float:
+        corrected = clamp_min_straight_through(correct(affine_only.apply(rows["opt_v1"])), 0.0)
+        return float(SpectralLoss()(corrected, rows["target"], rows["valid_mask"])[0])
+
+    assert loss(mlps[0]) < 0.97 * loss(lambda x: x), (loss(mlps[0]), loss(lambda x: x))
+    # Through training's start: the MLP the model computes with is the one fitted.
+    model = mlp_model(spectral_correction="shared", nonnegative_output=True)
+    said = start_spectral_correction(model, train_split, Stage2TrainingArguments(
+        output_dir="unused", quantization="none", report_to="none"))
+    assert said == f"spectral_fit of {len(train_split)} training tiles"
+    assert float(model.spectral_mlp.output.weight.abs().max()) > 1e-3

@@ -111,12 +111,18 @@ class LinearColorFit:
 
 
 def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: int = 32, learning_rate: float = 1e-3,
-                            nonnegative: bool = True, seed: int = 0) -> ColorFitResult:
+                            nonnegative: bool = True, seed: int = 0, spectral_mlp=None,
+                            mlp_batch_tiles: int = 6) -> ColorFitResult:
     """The global affine correction that minimises the spectral loss on `dataset` (a split with `opt_v1`, `target`
     and optionally `valid_mask`): the least-squares fit, then `steps` Adam steps on its 20 numbers, each on
     `batch_tiles` tiles drawn (seeded) from the split. `loss` maps `(output, target, valid_mask)` to `(value, ...)`
     (default `training.losses.SpectralLoss()`); `nonnegative` clamps the corrected image at 0 first (straight-through
-    gradient), as a refiner with `nonnegative_output` does."""
+    gradient), as a refiner with `nonnegative_output` does.
+
+    With `spectral_mlp` (a refiner's `Stage2SpectralMLP`) the per-pixel MLP is then fitted on top of that affine
+    correction, in place: `steps` more Adam steps on `mlp_batch_tiles` tiles each, `corrected = spectral_mlp(M x + b)`
+    with (M, b) fixed. It is a pixel-level model that every pixel of the split teaches, so it can start fitted, like
+    the affine map, instead of at zero; the affine map is fitted first so that the MLP only adds what it cannot do."""
     from modeling_stage2.modeling_stage2 import clamp_min_straight_through
 
     from .losses import SpectralLoss
@@ -125,24 +131,35 @@ def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: i
     loss = loss if loss is not None else SpectralLoss()
     columns = [name for name in ("opt_v1", "target", "valid_mask") if name in dataset.column_names]
     rows = dataset.select_columns(columns).with_format("numpy")
+    generator = torch.Generator().manual_seed(seed)
+
+    def fit(parameters, correct, tiles_per_step: int) -> None:
+        optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+        for _ in range(steps):
+            index = torch.randperm(len(rows), generator=generator)[:tiles_per_step].sort().values.tolist()
+            batch = rows[index]
+            opt_v1, target = torch.from_numpy(batch["opt_v1"]), torch.from_numpy(batch["target"])
+            valid = torch.from_numpy(batch["valid_mask"]) if "valid_mask" in batch else None
+            corrected = correct(opt_v1)
+            if nonnegative:
+                corrected = clamp_min_straight_through(corrected, 0.0)
+            value = loss(corrected, target, valid)[0]
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+
     matrix = start.matrix.float().clone().requires_grad_(True)
     bias = start.bias.float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([matrix, bias], lr=learning_rate)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        index = torch.randperm(len(rows), generator=generator)[:batch_tiles].sort().values.tolist()
-        batch = rows[index]
-        opt_v1, target = torch.from_numpy(batch["opt_v1"]), torch.from_numpy(batch["target"])
-        valid = torch.from_numpy(batch["valid_mask"]) if "valid_mask" in batch else None
-        corrected = torch.einsum("ij,bjhw->bihw", matrix, opt_v1) + bias[None, :, None, None]
-        if nonnegative:
-            corrected = clamp_min_straight_through(corrected, 0.0)
-        value = loss(corrected, target, valid)[0]
-        optimizer.zero_grad()
-        value.backward()
-        optimizer.step()
-    return ColorFitResult(matrix=matrix.detach().double(), bias=bias.detach().double(), pixels=start.pixels,
-                          tiles=start.tiles)
+
+    def affine(opt_v1: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ij,bjhw->bihw", matrix, opt_v1) + bias[None, :, None, None]
+
+    fit([matrix, bias], affine, batch_tiles)
+    matrix, bias = matrix.detach(), bias.detach()
+    if spectral_mlp is not None:
+        fit([p for p in spectral_mlp.parameters() if p.requires_grad], lambda x: spectral_mlp(affine(x)),
+            mlp_batch_tiles)
+    return ColorFitResult(matrix=matrix.double(), bias=bias.double(), pixels=start.pixels, tiles=start.tiles)
 
 
 def spectral_corrections(model) -> list:
@@ -152,6 +169,14 @@ def spectral_corrections(model) -> list:
 
     return [module for name, module in model.named_modules()
             if isinstance(module, Stage2SpectralCorrection) and "original_module" not in name.split(".")]
+
+
+def spectral_mlps(model) -> list:
+    """The `Stage2SpectralMLP` modules a refiner computes with, if any (in a peft model the trained copy)."""
+    from modeling_stage2.modeling_stage2 import Stage2SpectralMLP
+
+    return [module for name, module in model.named_modules()
+            if isinstance(module, Stage2SpectralMLP) and "original_module" not in name.split(".")]
 
 
 def set_shared_spectral_correction(model, fit: ColorFitResult) -> None:
@@ -170,4 +195,5 @@ __all__ = [
     "fit_spectral_correction",
     "set_shared_spectral_correction",
     "spectral_corrections",
+    "spectral_mlps",
 ]

@@ -465,6 +465,7 @@ def start_spectral_correction(model, train_split, training_args) -> str | None:
         fit_spectral_correction,
         set_shared_spectral_correction,
         spectral_corrections,
+        spectral_mlps,
     )
     from training.trainer import build_loss, resolve_resume_checkpoint
 
@@ -477,13 +478,15 @@ def start_spectral_correction(model, train_split, training_args) -> str | None:
         return "identity"
     if init == "spectral_fit":
         nonnegative = bool(getattr(model.config, "nonnegative_output", False))
+        mlps = spectral_mlps(model)  # fitted with the correction: pixel-level, every training pixel teaches it
         fit = fit_spectral_correction(train_split, loss=build_loss(training_args).spectral, nonnegative=nonnegative,
-                                      seed=training_args.seed)
+                                      seed=training_args.seed, spectral_mlp=mlps[0] if mlps else None)
     else:
         fit = LinearColorFit.from_dataset(train_split)
     set_shared_spectral_correction(model, fit)
+    fitted_mlp = " and the spectral MLP fitted on top of it" if init == "spectral_fit" and spectral_mlps(model) else ""
     logger.info(f"The spectral correction starts at the {init} colour correction of {fit.tiles} training tiles "
-                f"({fit.pixels:,} valid pixels).")
+                f"({fit.pixels:,} valid pixels){fitted_mlp}.")
     return f"{init} of {fit.tiles} training tiles"
 
 
