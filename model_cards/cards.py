@@ -29,6 +29,7 @@ from modeling_stage2.adapters import (  # the files save_trained_model and train
 )
 from modeling_stage2._files import write_text
 from modeling_stage2.hub import is_hub_repo_id
+from training.metrics import DESIGN_TARGETS, HIGHER_IS_BETTER, METRIC_NAMES
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 DATASET_TEMPLATE_PATH = Path(__file__).with_name("dataset_template.md")
@@ -43,12 +44,9 @@ DATASET_TAGS = ("earth-observation", "remote-sensing", "sentinel-2", "bigearthne
 TASK_TYPE = "image-to-image"
 TASK_NAME = "Stage 2 refinement of opt_v1"
 
-# The model-index metrics (lower is better) and the design's targets for them.
-CARD_METRICS: tuple[str, ...] = ("ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1")
-DESIGN_TARGETS: dict[str, float] = {"ndvi_rmse": 0.05, "evi_rmse": 0.05, "sam": 0.1, "identity_l1": 0.05,
-                                    "edge_l1": 0.02}
-TABLE_METRICS: tuple[str, ...] = CARD_METRICS + ("psnr", "ssim")
-HIGHER_IS_BETTER = frozenset({"psnr", "ssim"})
+# The model-index metrics: those with a design target (all lower is better), as training.metrics defines them.
+CARD_METRICS: tuple[str, ...] = tuple(DESIGN_TARGETS)
+TABLE_METRICS: tuple[str, ...] = CARD_METRICS + tuple(name for name in METRIC_NAMES if name not in DESIGN_TARGETS)
 METRIC_LABELS = {"ndvi_rmse": "NDVI RMSE", "evi_rmse": "EVI RMSE", "sam": "SAM (rad)",
                  "identity_l1": "identity L1", "edge_l1": "edge L1", "psnr": "PSNR (dB)", "ssim": "SSIM"}
 METRIC_NOTES = (
@@ -176,7 +174,7 @@ def metric_rows(metrics: Mapping) -> list[dict[str, str]]:
         target = DESIGN_TARGETS.get(name)
         rows.append({
             "name": name,
-            "label": METRIC_LABELS[name] + (" (higher is better)" if name in HIGHER_IS_BETTER else ""),
+            "label": METRIC_LABELS[name] + (" (higher is better)" if HIGHER_IS_BETTER[name] else ""),
             "refined": _fmt(refined),
             "opt_v1": _fmt(opt_v1),
             "linear_fit": _fmt(linear_fit),

@@ -29,10 +29,10 @@ from ._files import staged_folder
 from .hub import download_model_folder, is_hub_repo_id
 from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, resolve_lora_targets
 from .modeling_stage2 import Stage2RefinerModel
+from .vocabulary import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("8bit", "4bit", "none")
 
 # Trained in full and saved with the adapter (peft `modules_to_save`) when the refiner has them (the spectral
 # correction only with `spectral_correction="affine"`, the spectral MLP only with `spectral_mlp_hidden_size > 0`); matched by name suffix, so these names must not end any

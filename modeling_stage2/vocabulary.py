@@ -9,6 +9,7 @@ A leaf module (standard library only), so that the data builders can load it wit
 - `input_scale`: what band values are, one of `INPUT_SCALES`: `"dn"` (digital numbers, reflectance x 10000,
   multiplied by 1e-4 when read) or `"reflectance"` (0..1, kept); inference also takes `"auto"` (by dtype:
   integers are digital numbers, floats reflectance).
+- `quantization`: how the frozen backbone is loaded, one of `QUANTIZATIONS`.
 - `biome`: the biome code 0..16 as an Arrow column and a model argument. NPZ tiles (the on-disk format) store it
   under the key `BIOME_NPZ_KEY` (`"biome_code"`), which becomes the `biome` column/argument when read.
 """
@@ -22,6 +23,9 @@ INPUT_MODES: tuple[str, ...] = ("synthetic", "stage1", "identity")
 
 INPUT_SCALES: tuple[str, ...] = ("dn", "reflectance")
 """What band values are (`input_scale`)."""
+
+QUANTIZATIONS: tuple[str, ...] = ("8bit", "4bit", "none")
+"""How the frozen backbone's linear layers are loaded (`quantization`): 8-bit, 4-bit NF4, or full precision."""
 
 BIOME_NPZ_KEY = "biome_code"
 """The NPZ tile key of the biome code; read, it becomes the `biome` column / model argument."""

@@ -12,6 +12,7 @@ from _hub_helpers import hub_server  # noqa: F401  (fixture)
 from model_cards.cards import (
     CARD_METRICS,
     DESIGN_TARGETS,
+    TABLE_METRICS,
     GENERATED_MARKER,
     CardError,
     base_model_from_config,
@@ -103,10 +104,10 @@ def test_card_names_both_baselines_opt_v1_and_the_colour_fit():
     assert "| metric | refined | `opt_v1` | design target | meets target |" in without_fit
 
 
-def test_design_targets_are_the_training_metrics_targets():
-    metrics = pytest.importorskip("training.metrics")
-    assert DESIGN_TARGETS == metrics.DESIGN_TARGETS
-    assert set(CARD_METRICS) == set(metrics.DESIGN_TARGETS) and set(CARD_METRICS) < set(metrics.METRIC_NAMES)
+def test_card_metrics_are_the_design_targets_in_order_then_psnr_and_ssim():
+    assert CARD_METRICS == ("ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1")
+    assert DESIGN_TARGETS["sam"] == 0.1 and DESIGN_TARGETS["edge_l1"] == 0.02
+    assert TABLE_METRICS == CARD_METRICS + ("psnr", "ssim")
 
 
 def test_card_parses_back_with_identical_eval_results(tmp_path):

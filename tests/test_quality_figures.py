@@ -28,16 +28,24 @@ def ratios(runs: list[dict], split: str = "test") -> str:
 
 def test_the_study_covers_three_seeds_of_both_presets_and_models(study):
     assert study["seeds"] == [0, 1, 2]
-    assert set(study["runs"]) == {"mild/before", "mild/after", "strong/before", "strong/after"}
+    assert set(study["runs"]) == {f"{preset}/{model}" for preset in ("mild", "strong")
+                                  for model in ("before", "per_tile", "after")}
     assert all(len(runs) == 3 for runs in study["runs"].values()) and len(study["mixture_on_mild"]) == 3
 
 
 def test_quoted_ratios_to_the_colour_fit_are_the_recorded_ones(study, repo_root):
     benchmarks = _text(repo_root / "BENCHMARKS.md")
     readme = _text(repo_root / "README.md")
-    for key in ("mild/after", "mild/before", "strong/after", "strong/before"):
+    training = _text(repo_root / "docs" / "training.md")
+    for key in ("mild/after", "mild/per_tile", "strong/after", "strong/per_tile"):  # this and the previous release
         assert ratios(study["runs"][key]) in benchmarks, key
-    assert ratios(study["runs"]["mild/after"]) in readme and ratios(study["runs"]["mild/before"]) in readme
+    assert ratios(study["runs"]["mild/after"]) in readme and ratios(study["runs"]["mild/per_tile"]) in readme
+    for key, runs in study["runs"].items():  # docs/training.md's table: every model, mean (min-max) per metric
+        for metric in SPECTRAL:
+            values = [run["test"]["refined"][metric] / run["test"]["linear_fit"][metric] for run in runs]
+            cell = (f"{statistics.fmean(values):.2f}" if max(values) - min(values) < 0.005 else
+                    f"{statistics.fmean(values):.2f} ({min(values):.2f}-{max(values):.2f})")
+            assert f"| {cell} |" in training, (key, metric, cell)
 
 
 def test_quoted_means_against_opt_v1_are_the_recorded_ones(study, repo_root):
@@ -57,6 +65,6 @@ def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
     proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())
     benchmarks = _text(repo_root / "BENCHMARKS.md")
     training = _text(repo_root / "docs" / "training.md")
-    for key in ("proxy/after", "proxy/before"):
+    for key in ("proxy/after", "proxy/per_tile"):
         assert len(proxy["runs"][key]) == 3
         assert ratios(proxy["runs"][key]) in benchmarks and ratios(proxy["runs"][key]) in training, key

@@ -288,9 +288,10 @@ def test_saved_best_model_loads_and_refines(e2e):
 
 def test_the_starting_point_is_kept_when_training_only_makes_it_worse(tmp_path, sample_tiles_dir):
     """eval_on_start: the model before the first step (at the spectral fit) is a candidate for best/. A learning
-    rate far too high wrecks every later step, so best/ must be the start, and it is the spectral fit exactly."""
+    rate far too high wrecks every later step, so best/ must be the start, and it is the spectral fit (with the
+    spectral MLP fitted on it) exactly."""
     from modeling_stage2 import load_trained_model
-    from training.linear_fit import fit_spectral_correction
+    from training.linear_fit import fit_spectral_correction, spectral_mlps
 
     config = write_config(tmp_path / "wild.yaml", learning_rate=5.0, max_grad_norm=0.0, warmup_steps=0,
                           metric_for_best_model="eval_loss")
@@ -304,9 +305,12 @@ def test_the_starting_point_is_kept_when_training_only_makes_it_worse(tmp_path, 
     start = fit_spectral_correction(dataset["train"].select(range(4)), seed=0)
     model = load_trained_model(tmp_path / "o" / "best")
     rows = dataset["val"].with_format("torch")[:2]
+    (mlp,) = spectral_mlps(model)  # fitted on top of the affine start (its own test: tests/test_spectral_mlp.py)
+    assert float(mlp.output.weight.abs().max()) > 1e-3
     with torch.no_grad():
         refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
-    torch.testing.assert_close(refined, start.apply(rows["opt_v1"]).clamp(min=0).float(), rtol=0, atol=1e-5)
+        expected = mlp(start.apply(rows["opt_v1"]).float()).clamp(min=0)
+    torch.testing.assert_close(refined, expected, rtol=0, atol=1e-5)  # the start: no head, no per-tile term
 
 
 def _data_args(data_dir):

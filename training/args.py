@@ -19,15 +19,14 @@ import torch
 from transformers import TrainingArguments
 
 from data_builders.degrade import DEGRADATION_CHOICES
-from modeling_stage2.configuration_stage2 import SPECTRAL_CORRECTIONS
+from modeling_stage2.configuration_stage2 import LORA_TARGETS, SPECTRAL_CORRECTIONS
+from modeling_stage2.vocabulary import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("8bit", "4bit", "none")
 # Where the refiner's shared spectral correction (M, b) starts: the training split's least-squares colour fit refined
 # under the spectral loss, the least-squares fit itself, or the identity.
 SPECTRAL_CORRECTION_INITS = ("spectral_fit", "linear_fit", "identity")
-DEFAULT_LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 def greater_is_better(metric: str) -> bool:
@@ -167,13 +166,13 @@ class Stage2TrainingArguments(TrainingArguments):
     )
     quantization: str = field(
         default="8bit",
-        metadata={"help": "Backbone linear layers: 8bit, 4bit (NF4) or none.", "choices": QUANTIZATION_CHOICES},
+        metadata={"help": "Backbone linear layers: 8bit, 4bit (NF4) or none.", "choices": QUANTIZATIONS},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        default_factory=lambda: list(LORA_TARGETS),
         metadata={"help": "Backbone linear layers that get LoRA (never patch_embed.proj)."},
     )
     unfreeze_last_n_blocks: int | None = field(
@@ -242,8 +241,8 @@ class Stage2TrainingArguments(TrainingArguments):
                 f"spectral_correction_init must be one of {SPECTRAL_CORRECTION_INITS}, got "
                 f"{self.spectral_correction_init!r}."
             )
-        if self.quantization not in QUANTIZATION_CHOICES:
-            raise ValueError(f"quantization must be one of {QUANTIZATION_CHOICES}, got {self.quantization!r}.")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}.")
         if self.disc_update_interval < 1:
             raise ValueError(f"disc_update_interval must be >= 1, got {self.disc_update_interval}.")
         if self.disc_learning_rate_ratio < 0:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from data_builders.degrade import DEGRADATION_CHOICES
+from modeling_stage2.vocabulary import QUANTIZATIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage1_dir", default=None, help="Stage 1 outputs (<tile>.npz with opt_v1) for NPZ tiles")
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--quantization", default="none", choices=("8bit", "4bit", "none"),
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                         help="how to load the frozen base of an adapter folder (default: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N tiles")

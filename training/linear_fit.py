@@ -16,6 +16,7 @@ reflectance error alike, while NDVI, EVI and the spectral angle care about band 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,7 +123,28 @@ def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: i
     With `spectral_mlp` (a refiner's `Stage2SpectralMLP`) the per-pixel MLP is then fitted on top of that affine
     correction, in place: `steps` more Adam steps on `mlp_batch_tiles` tiles each, `corrected = spectral_mlp(M x + b)`
     with (M, b) fixed. It is a pixel-level model that every pixel of the split teaches, so it can start fitted, like
-    the affine map, instead of at zero; the affine map is fitted first so that the MLP only adds what it cannot do."""
+    the affine map, instead of at zero; the affine map is fitted first so that the MLP only adds what it cannot do.
+
+    It runs on one CPU thread: Adam normalises every gradient, so the float noise of a multi-threaded sum would move
+    near-zero-gradient weights differently with each thread count; on one thread the fit is the same bits in every
+    process of a distributed run and on every machine."""
+    with _one_thread():
+        return _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, nonnegative, seed,
+                                        spectral_mlp, mlp_batch_tiles)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, nonnegative, seed, spectral_mlp,
+                             mlp_batch_tiles) -> ColorFitResult:
     from modeling_stage2.modeling_stage2 import clamp_min_straight_through
 
     from .losses import SpectralLoss
