@@ -24,25 +24,25 @@ How it works, and why:
   (`arrow_tensor_column`), not row by row through Python lists.
 - Everything is written into a scratch folder beside `output_dir` and moved into place only
   when complete: a failed or killed build leaves any previous dataset untouched.
+
+The parts, one module each: `discovery` (which tile goes into which split, read from the sidecars),
+`schema` (the dataset's columns and types, sidecar columns included), `encoding` (rows to Arrow
+columns) and `workers` (the process pool whose workers die with the build, and the progress bar).
+This module generates the rows, handles the output folder, builds the dataset and its record, and
+is the CLI.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import dataclasses
 import functools
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
-import threading
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -60,20 +60,15 @@ from .degrade import (
     synthesize_opt_v1,
 )
 from ._leaves import model_leaf
-from .tiles import (
-    BAND_NAMES,
-    SPLIT_ALIASES,
-    SPLITS,
-    TILE_SIZE,
-    TileError,
-    npz_keys,
-    read_sidecar,
-    read_stage1,
-    read_tile,
-    S1_KEYS,
-    sidecar_path,
-    sidecar_split,
-)
+from .discovery import TileSpec, _list_s1, discover_tiles
+from .encoding import _encode_rows
+from .schema import _metadata_row, dataset_features, metadata_columns
+from .tiles import BAND_NAMES, TileError, read_stage1, read_tile, S1_KEYS
+from .workers import _count_done, _run_jobs, tune_allocator
+# the other public names of the modules split out of this one, still importable from here
+from .encoding import arrow_tensor_column  # noqa: F401
+from .schema import CORE_COLUMNS, RESERVED_COLUMNS  # noqa: F401
+from .workers import PR_SET_PDEATHSIG  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +76,6 @@ BUILD_INFO_FORMAT = "stage2-tiles-dataset"
 BUILD_INFO_VERSION = 2  # 2: "input_scale" {"tiles": {"dn": N, "reflectance": M}} (1: "scaling", "dn_x1e-4"/"float")
 _vocabulary = model_leaf("vocabulary")
 INPUT_MODES = _vocabulary.INPUT_MODES  # synthetic | stage1 | identity (modeling_stage2.vocabulary)
-CORE_COLUMNS = ("tile_id", "target", "opt_v1", "valid_mask", "month", "biome")
-RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {"s1"}
 CHUNK_SIZE = 64
 """Tiles per chunk: the unit a split is cut into before its chunks are shared out between jobs,
 and the unit of the rejection/statistics reports."""
@@ -92,174 +85,6 @@ WRITER_BATCH_SIZE = 16
 REJECTED_FILE = "rejected.jsonl"
 BUILD_INFO_FILE = "build_info.json"
 SCRATCH_MARKER = ".stage2-build-"
-
-
-# ----------------------------------------------------------------------------- discovery
-@dataclass
-class TileSpec:
-    """A tile found on disk, before its pixels are read."""
-
-    path: str
-    tile_id: str
-    split: str
-    sidecar: dict = field(default_factory=dict)
-    has_s1: Optional[bool] = None  # None: the archive could not be listed (read_tile will say why)
-
-
-def _split_folders(data_dir: Path) -> list[tuple[str, Path]]:
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data_dir {data_dir} does not exist or is not a folder")
-    folders = [
-        (SPLIT_ALIASES[child.name.lower()], child)
-        for child in sorted(data_dir.iterdir())
-        if child.is_dir() and child.name.lower() in SPLIT_ALIASES
-    ]
-    if not folders:
-        raise FileNotFoundError(
-            f"{data_dir} has no split folder: expected {data_dir}/train, {data_dir}/val and/or "
-            f"{data_dir}/test holding <tile_id>.npz tiles"
-        )
-    return folders
-
-
-def discover_tiles(data_dir: str | Path, strict: bool = False) -> tuple[dict[str, list[TileSpec]], list[dict]]:
-    """Find the tiles of each split and the tiles rejected before reading pixels.
-
-    Returns `({split: [TileSpec sorted by tile id]}, [rejection records])`.
-    Raises `TileError` at the first problem when `strict`.
-    """
-    rejected: list[dict] = []
-
-    def reject(error: TileError, split: Optional[str]) -> None:
-        if strict:
-            raise error
-        rejected.append({**error.to_record(), "split": split})
-
-    found: dict[str, list[TileSpec]] = collections.defaultdict(list)
-    for folder_split, folder in _split_folders(Path(data_dir)):
-        for path in sorted(folder.glob("*.npz")):
-            try:
-                sidecar = read_sidecar(sidecar_path(path))
-                split = sidecar_split(sidecar_path(path), sidecar) or folder_split
-            except TileError as error:
-                reject(error, folder_split)
-                continue
-            sidecar = {k: v for k, v in sidecar.items() if k != "split"}
-            found[path.stem].append(TileSpec(str(path), path.stem, split, sidecar))
-
-    splits: dict[str, list[TileSpec]] = {split: [] for split in SPLITS}
-    for tile_id in sorted(found):
-        copies = found[tile_id]
-        if len(copies) > 1:  # the same tile twice would leak between splits: keep none of them
-            places = ", ".join(f"{c.path} ({c.split})" for c in copies)
-            for copy in copies:
-                reject(TileError(copy.path, None, f"tile id {tile_id!r} appears more than once: {places}; "
-                                                  "a tile may be in one split only"), copy.split)
-            continue
-        splits[copies[0].split].append(copies[0])
-    return {split: specs for split, specs in splits.items() if specs}, rejected
-
-
-def _list_s1(specs: Sequence[TileSpec]) -> None:
-    for spec in specs:
-        keys = npz_keys(spec.path)
-        spec.has_s1 = None if keys is None else all(key in keys for key in S1_KEYS)
-
-
-# ----------------------------------------------------------------------------- sidecar columns
-def _value_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, list):
-        kinds = {_value_kind(item) for item in value}
-        if kinds <= {"str"}:
-            return "list[str]" if kinds else "list[]"
-        if kinds <= {"int"}:
-            return "list[int]"
-        if kinds <= {"int", "float"}:
-            return "list[float]"
-    return "json"
-
-
-def _merge_kinds(kinds: set[str]) -> str:
-    kinds = set(kinds)
-    if "list[]" in kinds and len(kinds) > 1:
-        kinds.discard("list[]")
-    if kinds == {"list[int]", "list[float]"}:
-        return "list[float]"
-    if kinds == {"int", "float"}:
-        return "float"
-    return kinds.pop() if len(kinds) == 1 else "json"
-
-
-def metadata_columns(specs: Sequence[TileSpec]) -> dict[str, tuple[str, str]]:
-    """{column name: (sidecar key, kind)} for every sidecar key, in first-seen order.
-
-    Kinds map to Arrow types (bool, int64, float64, string, list of those); values of mixed or
-    nested types are stored as JSON strings (kind "json"). Keys that clash with a core column
-    are prefixed with `sidecar_`.
-    """
-    kinds: dict[str, set] = {}
-    for spec in specs:
-        for key, value in spec.sidecar.items():
-            if value is not None:
-                kinds.setdefault(key, set()).add(_value_kind(value))
-            else:
-                kinds.setdefault(key, set())
-    columns = {}
-    for key, seen in kinds.items():
-        name = f"sidecar_{key}" if key in RESERVED_COLUMNS else key
-        columns[name] = (key, _merge_kinds(seen) if seen else "str")
-    return columns
-
-
-def _metadata_feature(kind: str):
-    from datasets import List, Value
-
-    scalar = {"bool": "bool", "int": "int64", "float": "float64", "str": "string", "json": "string"}
-    if kind in scalar:
-        return Value(scalar[kind])
-    item = {"list[str]": "string", "list[]": "string", "list[int]": "int64", "list[float]": "float64"}[kind]
-    return List(Value(item))
-
-
-def _metadata_row(sidecar: dict, columns: dict[str, tuple[str, str]]) -> dict:
-    row = {}
-    for name, (key, kind) in columns.items():
-        value = sidecar.get(key)
-        if value is not None and kind == "json":
-            value = json.dumps(value, sort_keys=True)
-        elif value is not None and kind == "list[float]":
-            value = [float(v) for v in value]
-        elif value is not None and kind == "float":
-            value = float(value)
-        row[name] = value
-    return row
-
-
-def dataset_features(include_s1: bool, columns: dict[str, tuple[str, str]]):
-    """The typed `datasets.Features` of a built dataset."""
-    from datasets import Array2D, Array3D, Features, Value
-
-    features = {
-        "tile_id": Value("string"),
-        "target": Array3D((len(BAND_NAMES), TILE_SIZE, TILE_SIZE), "float32"),
-        "opt_v1": Array3D((len(BAND_NAMES), TILE_SIZE, TILE_SIZE), "float32"),
-        "valid_mask": Array2D((TILE_SIZE, TILE_SIZE), "bool"),
-        "month": Value("int64"),
-        "biome": Value("int64"),
-    }
-    if include_s1:
-        features["s1"] = Array3D((len(S1_KEYS), TILE_SIZE, TILE_SIZE), "float32")
-    for name, (_, kind) in columns.items():
-        features[name] = _metadata_feature(kind)
-    return Features(features)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -362,51 +187,6 @@ def _new_report(split: str) -> dict:
             "rows": 0}
 
 
-@functools.lru_cache(maxsize=32)
-def _list_offsets(rows: int, shape: tuple) -> tuple:
-    """int32 offsets of the nested Arrow lists holding `rows` arrays of `shape`, outermost first."""
-    import pyarrow as pa
-
-    offsets = []
-    for size in shape:
-        offsets.append(pa.array(np.arange(rows + 1, dtype=np.int32) * np.int32(size)))
-        rows *= size
-    return tuple(offsets)
-
-
-def arrow_tensor_column(arrays: Sequence[np.ndarray], pa_type):
-    """The Arrow array of an `ArrayXD` column (`pa_type`, its extension type) holding `arrays`.
-
-    The same storage `datasets` writes (nested lists with int32 offsets over the flat values), but
-    built from one stacked copy of the arrays instead of per-row flatten/convert/concatenate passes.
-    """
-    import pyarrow as pa
-
-    shape = tuple(pa_type.shape)
-    stacked = np.stack(arrays).astype(pa_type.value_type, copy=False)
-    if stacked.shape[1:] != shape:
-        raise ValueError(f"arrays of shape {stacked.shape[1:]} in a column of shape {shape}")
-    storage = pa.array(stacked.reshape(-1))
-    for offsets in reversed(_list_offsets(len(arrays), shape)):
-        storage = pa.ListArray.from_arrays(offsets, storage)
-    return pa.ExtensionArray.from_storage(pa_type, storage)
-
-
-def _encode_rows(rows: list[dict], features) -> dict:
-    """A batch of rows as columns for `ArrowWriter.write_batch`: the array columns already in
-    Arrow, the scalar and sidecar columns as lists (encoded by `datasets` as before)."""
-    from datasets import Array2D, Array3D
-    from datasets.features.features import get_nested_type
-
-    columns = {}
-    for name, feature in features.items():
-        values = [row[name] for row in rows]
-        if isinstance(feature, (Array2D, Array3D)):
-            values = arrow_tensor_column(values, get_nested_type(feature))
-        columns[name] = values
-    return columns
-
-
 def _write_job(job: dict) -> dict:
     """Write the rows of consecutive chunks of one split into one Arrow file (a worker's task).
 
@@ -432,117 +212,6 @@ def _write_job(job: dict) -> dict:
     finally:
         writer.close()
     return {"split": job["split"], "path": job["path"], "rows": rows, "bytes": num_bytes, "reports": reports}
-
-
-def tune_allocator() -> bool:
-    """Let glibc's malloc keep freed blocks of up to 16 MB for reuse in this process.
-
-    By default every array over ~128 kB (a tile band stack is 230 kB) is a fresh `mmap` whose pages
-    the kernel faults in and zeroes, and freed memory at the top of the heap goes back to the
-    system: ~250 page faults per tile, ~20 % of a build's CPU time. Called in the build's worker
-    processes and by the CLI, not by `build_dataset` in a caller's process. False where it does
-    not apply (no glibc).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 16 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
-
-
-_tiles_done = None
-"""This process's handle on the build's shared count of tiles done (read for the progress bar)."""
-
-
-def _count_done(tiles: int) -> None:
-    if _tiles_done is not None:
-        with _tiles_done.get_lock():
-            _tiles_done.value += tiles
-
-
-def _init_worker(tiles_done, parent_pid: int) -> None:
-    global _tiles_done
-    _tiles_done = tiles_done
-    _die_with_parent(parent_pid)
-    tune_allocator()
-
-
-PR_SET_PDEATHSIG = 1
-"""`prctl` option (linux/prctl.h): a signal the kernel sends this process when its parent dies."""
-
-
-def _die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """Make this worker exit when the build process dies, even by SIGKILL (which no handler sees): a worker left
-    behind would go on reading tiles into a scratch folder that nobody will use. Linux: the kernel's parent-death
-    signal; elsewhere, a thread that watches for the parent's exit."""
-    try:
-        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        armed = False
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-    if not armed:
-        threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True,
-                         name="stage2-build-parent-watch").start()
-
-
-def _watch_parent(parent_pid: int, interval: float) -> None:
-    while os.getppid() == parent_pid:  # an orphan is re-parented (to init or a subreaper)
-        time.sleep(interval)
-    os._exit(1)
-
-
-def _run_jobs(jobs: list[dict], num_proc: int) -> list[dict]:
-    """Results of `_write_job` in job order; worker processes take jobs as they free up. A progress
-    bar (`datasets`' tqdm: `datasets.disable_progress_bars()` turns it off) counts the tiles done."""
-    global _tiles_done
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    tiles_done = context.Value("q", 0)
-    total = sum(len(chunk["tiles"]) for job in jobs for chunk in job["chunks"])
-    if num_proc <= 1 or len(jobs) <= 1:
-        _tiles_done = tiles_done
-        try:
-            with _ProgressBar(tiles_done, total):
-                return [_write_job(job) for job in jobs]
-        finally:
-            _tiles_done = None
-    # the workers are forked before the progress thread starts
-    with context.Pool(min(num_proc, len(jobs)), initializer=_init_worker,
-                      initargs=(tiles_done, os.getpid())) as pool:
-        with _ProgressBar(tiles_done, total):
-            # imap: results (and the first error, e.g. a strict-mode TileError) in job order
-            return list(pool.imap(_write_job, jobs))
-
-
-class _ProgressBar:
-    """A tqdm bar that follows a shared counter from a background thread while the block runs."""
-
-    def __init__(self, counter, total: int, interval: float = 0.5):
-        self.counter, self.total, self.interval = counter, total, interval
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        from datasets.utils import tqdm
-
-        self.bar = tqdm(total=self.total, unit=" tiles", desc="Building the dataset")
-        self._thread = threading.Thread(target=self._follow, daemon=True)
-        self._thread.start()
-        return self
-
-    def _follow(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._update()
-
-    def _update(self) -> None:
-        self.bar.update(self.counter.value - self.bar.n)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._update()
-        self.bar.close()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -830,7 +499,7 @@ def _generate_splits(splits: dict, columns: dict, features, settings: dict, scra
         for index, group in enumerate(groups):
             jobs.append({"split": split, "chunks": group, "features": features, "settings": settings,
                          "path": str(cache / f"{split}-{index:05d}-of-{len(groups):05d}.arrow")})
-    results = _run_jobs(jobs, num_proc)
+    results = _run_jobs(_write_job, jobs, num_proc)
 
     built, fingerprints = {}, {}
     for split in splits:

@@ -239,28 +239,26 @@ class Stage2RefinerConfig(PretrainedConfig):
         return list(range(first, depth))
 
 
-def _positive_int(value, name: str) -> int:
-    """`value` as an int >= 1; anything else (a bool, a fraction, a string, ...) is a ValueError naming `name`."""
+def _int_at_least(value, minimum: int, requirement: str, name: str) -> int:
+    """`value` as an int >= `minimum`; anything else (a bool, a fraction, a string, ...) is a ValueError naming
+    `name` and saying `requirement`."""
     try:
         number = int(value)
         exact = not isinstance(value, (bool, str)) and number == value
     except (TypeError, ValueError, OverflowError):
         exact = False
-    if not exact or number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not exact or number < minimum:
+        raise ValueError(f"{name} must be {requirement}, got {value!r}.")
     return number
+
+
+def _positive_int(value, name: str) -> int:
+    return _int_at_least(value, 1, "a positive integer", name)
 
 
 def _nonnegative_int(value, name: str) -> int:
-    """`value` as an int >= 0 (0 switches a part off); anything else is a ValueError naming `name`."""
-    try:
-        number = int(value)
-        exact = not isinstance(value, (bool, str)) and number == value
-    except (TypeError, ValueError, OverflowError):
-        exact = False
-    if not exact or number < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0: none), got {value!r}.")
-    return number
+    """0 switches a part off."""
+    return _int_at_least(value, 0, "an integer >= 0 (0: none)", name)
 
 
 def _real(value, name: str) -> float:

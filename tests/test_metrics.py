@@ -227,6 +227,21 @@ def test_format_metrics_table():
     assert set(DESIGN_TARGETS) < set(METRIC_NAMES)
 
 
+def test_the_standalone_evaluate_module_restates_the_metric_facts_exactly():
+    """`training/stage2_metric` is a self-contained `evaluate` module (no project imports, so it can be copied
+    alone): the one place that must restate the metric facts. They must equal training.metrics' own."""
+    import importlib.util
+
+    from training import metrics
+
+    spec = importlib.util.spec_from_file_location("standalone_stage2_metric", METRIC_MODULE_DIR / "stage2_metric.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.DESIGN_TARGETS == metrics.DESIGN_TARGETS
+    assert module.METRIC_NAMES == metrics.METRIC_NAMES and module.TILE_STATISTICS == metrics.TILE_STATISTICS
+    assert (module.PSNR_DATA_RANGE, module.PSNR_MSE_FLOOR) == (metrics.PSNR_DATA_RANGE, metrics.PSNR_MSE_FLOOR)
+
+
 def test_real_tiles_give_finite_metrics_where_the_plain_formulas_explode(shared_dir):
     """Real BigEarthNet tiles include cloud, snow and water: the guarded indices stay usable."""
     paths = sorted((shared_dir / "data" / "bigearthnet_sample" / "tiles").glob("*/*.npz"))

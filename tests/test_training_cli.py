@@ -283,7 +283,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="r
 class _Run:
     """`stage2-train` on the tiny config in a subprocess, and every process it started."""
 
-    def __init__(self, tmp_path: Path, repo_root: Path, dataset: Path, extra=(), **settings):
+    def __init__(self, tmp_path: Path, repo_root: Path, dataset: Path, extra=(), nohup: bool = False, **settings):
         self.out = tmp_path / "out"
         self.config = write_config(tmp_path / "run.yaml", **settings)
         self.stderr_path = tmp_path / "stderr.txt"
@@ -291,7 +291,10 @@ class _Run:
                    "--output_dir", str(self.out), *extra]
         env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_LAUNCHED")}
         with open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            # Default signal dispositions, however pytest was started (`nohup` would leave SIGHUP ignored), or
+            # SIGHUP ignored as `nohup stage2-train` starts it.
+            self.process = subprocess.Popen(command, cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                            preexec_fn=_nohup_signals if nohup else _default_signals)
         self.tree: list[int] = []
 
     def wait_for(self, ready, timeout: float = 240) -> None:
@@ -321,15 +324,25 @@ class _Run:
             self.process.wait(timeout=30)
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def _nohup_signals() -> None:
+    _default_signals()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 @pytest.fixture
 def run_stage2_train(tmp_path, repo_root, sample_dataset_dir):
     runs = []
 
-    def start(extra=(), **settings) -> _Run:
+    def start(extra=(), nohup: bool = False, **settings) -> _Run:
         # Long enough never to finish during a test; no validation or checkpoint unless interrupted.
         defaults = dict(num_train_epochs=1000, eval_every_epochs=None, save_every_epochs=None, eval_strategy="no",
                         save_strategy="no", eval_on_start=False)
-        runs.append(_Run(tmp_path, repo_root, sample_dataset_dir, extra, **{**defaults, **settings}))
+        runs.append(_Run(tmp_path, repo_root, sample_dataset_dir, extra, nohup, **{**defaults, **settings}))
         return runs[-1]
 
     yield start
@@ -349,6 +362,20 @@ def test_sigterm_to_stage2_train_stops_every_process(signum, run_stage2_train):
 
 
 @needs_proc
+@needs_proc
+def test_under_nohup_sighup_is_ignored_by_the_whole_run(run_stage2_train):
+    run = run_stage2_train(nohup=True)
+    run.wait_for(lambda: True)
+    os.kill(run.process.pid, signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):  # the run goes on ...
+        run.process.wait(timeout=3)
+    assert [pid for pid in run.tree if _is_trainer(pid) and _running(pid)]
+    os.kill(run.process.pid, signal.SIGTERM)  # ... and still stops on SIGTERM, saying so
+    assert run.process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert run.running_descendants(within=5) == []
+    assert "stopped by SIGTERM" in run.stderr() and "SIGHUP" not in run.stderr()
+
+
 def test_sigkill_of_stage2_train_stops_the_trainer(run_stage2_train):
     run = run_stage2_train()
     run.wait_for(lambda: True)

@@ -899,8 +899,9 @@ def _stop_group(group: int, grace: float = 10.0) -> None:
 
 def run_accelerate(command: list[str], env: dict) -> tuple[int, list[int]]:
     """Run `command` (`accelerate launch ...`) in a new session and process group and wait for it, forwarding
-    SIGINT, SIGTERM and SIGHUP to the group (a second SIGINT becomes SIGTERM: stop at once). accelerate itself
-    ignores SIGINT, so the trainer alone decides how to stop. Returns (exit status, the signals received); the
+    SIGINT, SIGTERM and SIGHUP to the group (a second SIGINT becomes SIGTERM: stop at once), except one this process
+    was started ignoring (SIGHUP under `nohup`), which the run keeps ignoring. accelerate itself ignores SIGINT, so
+    the trainer alone decides how to stop. Returns (exit status, the signals received); the
     group is empty when it returns."""
     received: list[int] = []
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -921,7 +922,8 @@ def run_accelerate(command: list[str], env: dict) -> tuple[int, list[int]]:
 
     try:
         for signum in previous:
-            signal.signal(signum, forward)
+            if previous[signum] is not signal.SIG_IGN:  # an ignored signal stays ignored (`nohup stage2-train`)
+                signal.signal(signum, forward)
         code = child.wait()
     finally:
         for signum, handler in previous.items():
