@@ -124,7 +124,7 @@ def test_known_answer_tone_curve_the_mlp_beats_the_least_squares_fit():
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-@pytest.mark.parametrize("quantization", ["none", "8bit"])
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
 def test_lora_model_trains_and_saves_the_mlp(quantization, tmp_path):
     from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model
 
