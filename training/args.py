@@ -65,7 +65,8 @@ class Stage2TrainingArguments(TrainingArguments):
             colour fit (4x4 + bias) of the training split's valid pixels refined for 300 steps under the run's
             spectral loss (NDVI, EVI, SAM; `training.linear_fit.fit_spectral_correction`); `"linear_fit"`, the
             least-squares fit alone; or `"identity"`. With `"spectral_fit"` a spectral MLP is fitted too, on top of
-            that affine fit (300 more steps on 6 tiles each); with the others it starts at zero.
+            that affine fit (300 more steps on 6 tiles each); with the others, or in a refiner without the
+            correction branch (`spectral_correction="none"`), it starts at zero.
         quantization (`str`, defaults to `"8bit"`): backbone linear layers in `"8bit"`, `"4bit"` (NF4) or `"none"`.
         lora_r, lora_alpha, lora_dropout, lora_target_modules, unfreeze_last_n_blocks: LoRA settings.
 

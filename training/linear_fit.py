@@ -172,16 +172,14 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
 
     matrix = start.matrix.float().clone().requires_grad_(True)
     bias = start.bias.float().clone().requires_grad_(True)
-
-    def affine(opt_v1: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("ij,bjhw->bihw", matrix, opt_v1) + bias[None, :, None, None]
-
-    fit([matrix, bias], affine, batch_tiles)
-    matrix, bias = matrix.detach(), bias.detach()
+    training = ColorFitResult(matrix=matrix, bias=bias, pixels=start.pixels, tiles=start.tiles)
+    fit([matrix, bias], training.apply, batch_tiles)
+    fitted = ColorFitResult(matrix=matrix.detach().double(), bias=bias.detach().double(), pixels=start.pixels,
+                            tiles=start.tiles)
     if spectral_mlp is not None:
-        fit([p for p in spectral_mlp.parameters() if p.requires_grad], lambda x: spectral_mlp(affine(x)),
+        fit([p for p in spectral_mlp.parameters() if p.requires_grad], lambda x: spectral_mlp(fitted.apply(x)),
             mlp_batch_tiles)
-    return ColorFitResult(matrix=matrix.double(), bias=bias.double(), pixels=start.pixels, tiles=start.tiles)
+    return fitted
 
 
 def spectral_corrections(model) -> list:
