@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._common import mean_range_cell  # noqa: E402
+
 SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
 COLUMNS = SPECTRAL + ("psnr",)
 
@@ -41,13 +45,6 @@ def run_demo(parameter: str, value: str, seed: int, workdir: Path) -> dict:
 def relative_spectral_score(split_results: dict) -> float:
     """Mean over NDVI RMSE, EVI RMSE and SAM of refined / opt_v1 (1 = no gain, lower is better)."""
     return statistics.fmean(split_results["refined"][m] / split_results["opt_v1"][m] for m in SPECTRAL)
-
-
-def _cell(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def render(parameter: str, runs: dict[str, list[dict]], seeds: list[int], seconds: float, load: str) -> str:
@@ -73,9 +70,9 @@ def render(parameter: str, runs: dict[str, list[dict]], seeds: list[int], second
                   f"| {parameter} | " + " | ".join(COLUMNS) + (" | score" if split == "test" else "") + " |",
                   "| ---: | " + " | ".join("---:" for _ in COLUMNS) + (" | ---:" if split == "test" else "") + " |"]
         for value, results in runs.items():
-            cells = [_cell([r[split]["refined"][m] for r in results], 2 if m == "psnr" else 4) for m in COLUMNS]
+            cells = [mean_range_cell([r[split]["refined"][m] for r in results], 2 if m == "psnr" else 4) for m in COLUMNS]
             if split == "test":
-                cells.append(_cell([relative_spectral_score(r["test"]) for r in results], 3))
+                cells.append(mean_range_cell([relative_spectral_score(r["test"]) for r in results], 3))
             lines.append(f"| {value} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [f"Best by the test score: `{parameter} = {best}` (score {scores[best]:.3f}).", ""]

@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import cpu_name, load_average  # noqa: E402
+from bench._common import cpu_name, load_average, mean_range_cell  # noqa: E402
 
 SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
 COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "sam", "psnr", "ssim")
@@ -146,13 +145,6 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def _cell(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def _digits(metric: str) -> int:
     return 2 if metric == "psnr" else 4
 
@@ -200,10 +192,10 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                 lines.append(f"| {label} | " + " | ".join(f"{first[role_name][m]:.{_digits(m)}f}" for m in COLUMNS)
                              + " |")
             for variant, results in variant_runs.items():
-                cells = [_cell([r[split]["refined"][m] for r in results], _digits(m)) for m in COLUMNS]
+                cells = [mean_range_cell([r[split]["refined"][m] for r in results], _digits(m)) for m in COLUMNS]
                 lines.append(f"| refined, {variant} | " + " | ".join(cells) + " |")
             for variant, results in variant_runs.items():
-                ratios = [_cell([r[split]["refined"][m] / r[split]["linear_fit"][m] for r in results], 2)
+                ratios = [mean_range_cell([r[split]["refined"][m] / r[split]["linear_fit"][m] for r in results], 2)
                           for m in COLUMNS if m not in ("psnr", "ssim")]
                 lines.append(f"| refined / colour fit, {variant} | " + " | ".join(ratios) + " | | |")
             if split == "test":
@@ -221,7 +213,7 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         for label, results in (("mild", mild), ("mixture", list(mixture.values()))):
             if results:
                 lines.append(f"| {label} | " + " | ".join(
-                    _cell([r["test"]["refined"][m] for r in results], _digits(m)) for m in COLUMNS) + " |")
+                    mean_range_cell([r["test"]["refined"][m] for r in results], _digits(m)) for m in COLUMNS) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -276,6 +276,11 @@ class Stage2SpectralMLPLinear(nn.Linear):
 SPECTRAL_MLP_LOG_CENTRE = math.log(0.1)
 
 
+def log_spectra(spectra: torch.Tensor, log_offset: float) -> torch.Tensor:
+    """The spectral MLP's input: `log(max(spectra, 0) + log_offset) - log(0.1)`, elementwise."""
+    return torch.log(spectra.clamp(min=0) + log_offset) - SPECTRAL_MLP_LOG_CENTRE
+
+
 class Stage2SpectralMLP(nn.Module):
     """Per-pixel non-linear colour correction: `corrected + MLP(log(max(corrected, 0) + log_offset))`.
 
@@ -300,9 +305,8 @@ class Stage2SpectralMLP(nn.Module):
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
         """(B, bands, H, W) reflectance -> the same plus the per-pixel residual."""
         dtype = self.output.weight.dtype
-        log_spectra = torch.log(spectra.to(dtype).clamp(min=0) + self.log_offset) - SPECTRAL_MLP_LOG_CENTRE
-        log_spectra = log_spectra.permute(0, 2, 3, 1)
-        residual = self.output(self.hidden(log_spectra)).permute(0, 3, 1, 2)
+        features = log_spectra(spectra.to(dtype), self.log_offset).permute(0, 2, 3, 1)
+        residual = self.output(self.hidden(features)).permute(0, 3, 1, 2)
         return spectra + residual.to(spectra.dtype)
 
 
@@ -731,4 +735,5 @@ __all__ = [
     "clamp_min_straight_through",
     "cyclic_month_encoding",
     "load_pretrained_encoder",
+    "log_spectra",
 ]
