@@ -7,6 +7,17 @@ import statistics
 from pathlib import Path
 
 
+# The quality goal of the studies: the refined output beats the least-squares colour fit by at least GOAL_MARGIN on
+# each of these metrics (lower is better), on the held-out test tiles.
+SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
+GOAL_MARGIN = 0.10
+
+
+def meets_goal(refined: dict, colour_fit: dict) -> bool:
+    """Whether `refined` scores (metric -> value) beat `colour_fit`'s by `GOAL_MARGIN` on every `SPECTRAL` metric."""
+    return all(refined[m] <= (1 - GOAL_MARGIN) * colour_fit[m] for m in SPECTRAL)
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:

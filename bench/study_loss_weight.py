@@ -25,9 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import mean_range_cell  # noqa: E402
+from bench._common import SPECTRAL, mean_range_cell  # noqa: E402
 
-SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
 COLUMNS = SPECTRAL + ("psnr",)
 
 

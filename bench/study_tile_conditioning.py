@@ -41,8 +41,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import cpu_name, load_average, mean_range_cell  # noqa: E402
-from bench.study_quality import GOAL_MARGIN, SPECTRAL, build_datasets  # noqa: E402
+from bench._common import SPECTRAL, cpu_name, load_average, mean_range_cell, meets_goal  # noqa: E402
+from bench.study_quality import build_datasets  # noqa: E402
 from modeling_stage2.modeling_stage2 import log_spectra  # noqa: E402
 
 DATASETS = ("mild", "strong", "proxy", "mixture")
@@ -54,9 +54,12 @@ BASELINES = ("opt_v1", "colour fit", "spectral fit")
 
 # ------------------------------------------------------------------------------------------------ corrections
 def _refiner_config():
+    """The tiny refiner with the spectral MLP a training run builds (`Stage2TrainingArguments`' default width)."""
     from modeling_stage2 import Stage2RefinerConfig
+    from training.args import Stage2TrainingArguments
 
-    return Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", spectral_mlp_hidden_size=32)
+    width = Stage2TrainingArguments.__dataclass_fields__["spectral_mlp_hidden_size"].default
+    return Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", spectral_mlp_hidden_size=width)
 
 
 def pixel_mlp() -> nn.Module:
@@ -74,12 +77,14 @@ def tile_statistics(log_image: torch.Tensor) -> torch.Tensor:
 
 
 class ConditionedSpectralMLP(nn.Module):
-    """The spectral MLP's shape (two hidden layers of 32 GELUs, hidden weights std 1/sqrt(fan_in), the output at
-    zero, so it starts as no correction) with a tile-level or neighbourhood input added, per `variant`."""
+    """The spectral MLP's shape (two hidden layers of GELUs as wide as the refiner's, hidden weights std
+    1/sqrt(fan_in), the output at zero, so it starts as no correction) with a tile-level or neighbourhood input added,
+    per `variant`. 1x1 convolutions stand for the MLP's linear layers, so that the 3x3 one fits beside them."""
 
-    def __init__(self, variant: str, bands: int = 4, hidden: int = 32):
+    def __init__(self, variant: str):
         super().__init__()
         config = _refiner_config()
+        bands, hidden = len(config.bands), config.spectral_mlp_hidden_size
         self.variant, self.log_offset = variant, config.spectral_mlp_log_offset
         statistics_width = bands * len(QUANTILES)
         if variant == "pixel + tile statistics":
@@ -166,8 +171,8 @@ def baselines(train_dir: Path, test_dir: Path, steps: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ reporting
 def seeds_meeting_goal(fitted: list[dict], colour_fit: dict) -> int:
-    """Seeds that beat the colour fit by `GOAL_MARGIN` on every spectral metric."""
-    return sum(all(run[m] <= (1 - GOAL_MARGIN) * colour_fit[m] for m in SPECTRAL) for run in fitted)
+    """Seeds that meet the quality goal (`bench._common.meets_goal`)."""
+    return sum(meets_goal(run, colour_fit) for run in fitted)
 
 
 def render(record: dict, seconds: float, load: str) -> str:

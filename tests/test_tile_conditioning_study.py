@@ -55,13 +55,9 @@ def test_what_each_correction_sees_of_other_pixels(study_module):
     near[..., 0, 1] += 0.2  # a neighbour of (0, 0)
     changed = {}
     for variant in study_module.VARIANTS:
-        correction = study_module.build_correction(variant)
-        if variant == "pixel":
-            torch.nn.init.normal_(correction.output.weight, std=0.5)
-        else:
-            _with_output_weights(correction)
-            if variant == "tile affine + pixel":
-                torch.nn.init.normal_(correction.tile_affine.weight, std=0.5)
+        correction = _with_output_weights(study_module.build_correction(variant))
+        if variant == "tile affine + pixel":
+            torch.nn.init.normal_(correction.tile_affine.weight, std=0.5)
         with torch.no_grad():
             base = correction(spectra)[..., 0, 0]
             changed[variant] = (not torch.allclose(correction(far)[..., 0, 0], base, atol=1e-6),
