@@ -1,6 +1,7 @@
 """What every benchmark script records about the machine it ran on."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -40,3 +41,16 @@ def mean_range_cell(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def load_span(load_at_start: str) -> str:
+    """'<load at the start> at the start, <load now> at the end', for a study's header."""
+    return f"{load_at_start} at the start, {load_average()} at the end"
+
+
+def record_study(output: str | Path, text: str, record: dict) -> None:
+    """Writes a study's tables to `output`, every number to the same name with `.json`, and prints the tables."""
+    output = Path(output)
+    output.write_text(text)
+    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(text)

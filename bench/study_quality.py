@@ -38,7 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import GOAL_MARGIN, SPECTRAL, cpu_name, load_average, mean_range_cell, meets_goal  # noqa: E402
+from bench._common import (  # noqa: E402
+    GOAL_MARGIN, SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study,
+)
 
 COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "sam", "psnr", "ssim")
 ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined")
@@ -268,15 +270,11 @@ def main(argv=None) -> int:
                 mixture[seed] = scored
             else:
                 runs.setdefault((preset, variant), []).append(scored)
-    load = f"{load_start} at the start, {load_average()} at the end"
     reused = reuse_runs(Path(args.reuse), runs) if args.reuse else []
-    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load, reused)
-    output = Path(args.output)
-    output.write_text(text)
+    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused)
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
               "mixture_on_mild": list(mixture.values()), "seeds": args.seeds, "near_black": NEAR_BLACK}
-    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    print(text)
+    record_study(args.output, text, record)
     return 0
 
 

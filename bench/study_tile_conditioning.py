@@ -28,7 +28,6 @@ every number to the same name with `.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import SPECTRAL, cpu_name, load_average, mean_range_cell, meets_goal  # noqa: E402
+from bench._common import SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study  # noqa: E402
 from bench.study_quality import build_datasets  # noqa: E402
 from modeling_stage2.modeling_stage2 import log_spectra  # noqa: E402
 
@@ -53,7 +52,7 @@ BASELINES = ("opt_v1", "colour fit", "spectral fit")
 
 
 # ------------------------------------------------------------------------------------------------ corrections
-def _refiner_config():
+def study_refiner_config():
     """The tiny refiner with the spectral MLP a training run builds (`Stage2TrainingArguments`' default width)."""
     from modeling_stage2 import Stage2RefinerConfig
     from training.args import Stage2TrainingArguments
@@ -66,7 +65,7 @@ def pixel_mlp() -> nn.Module:
     """The refiner's spectral MLP, initialised as a new refiner initialises it."""
     from modeling_stage2 import Stage2RefinerModel
 
-    return Stage2RefinerModel(_refiner_config()).spectral_mlp
+    return Stage2RefinerModel(study_refiner_config()).spectral_mlp
 
 
 def tile_statistics(log_image: torch.Tensor) -> torch.Tensor:
@@ -83,7 +82,7 @@ class ConditionedSpectralMLP(nn.Module):
 
     def __init__(self, variant: str):
         super().__init__()
-        config = _refiner_config()
+        config = study_refiner_config()
         bands, hidden = len(config.bands), config.spectral_mlp_hidden_size
         self.variant, self.log_offset = variant, config.spectral_mlp_log_offset
         statistics_width = bands * len(QUANTILES)
@@ -125,14 +124,21 @@ def build_correction(variant: str) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ fitting
-def _test_rows(dataset_dir: Path):
+def datasets_to_build(names) -> list[str]:
+    """The datasets `names` are fitted on, and those they are scored on."""
+    return sorted(set(names) | {SCORED_ON[name] for name in names if name in SCORED_ON})
+
+
+def held_out_rows(dataset_dir: Path):
+    """(opt_v1, target, valid_mask) of the dataset's test split, float32."""
     from datasets import load_from_disk
 
     rows = load_from_disk(str(dataset_dir))["test"].with_format("torch")[:]
     return rows["opt_v1"].float(), rows["target"].float(), rows["valid_mask"]
 
 
-def _scores(output: torch.Tensor, rows) -> dict:
+def spectral_scores(output: torch.Tensor, rows) -> dict:
+    """NDVI RMSE, EVI RMSE and SAM of `output` against the target of `rows` (`held_out_rows`)."""
     from training.metrics import evaluate_pair
 
     opt_v1, target, valid = rows
@@ -151,9 +157,9 @@ def fit_and_score(train_dir: Path, test_dir: Path, variant: str, seed: int, step
     correction = build_correction(variant)
     affine = fit_spectral_correction(load_from_disk(str(train_dir))["train"], steps=steps, seed=seed,
                                      spectral_mlp=correction)
-    rows = _test_rows(test_dir)
+    rows = held_out_rows(test_dir)
     with torch.no_grad():
-        return _scores(correction(affine.apply(rows[0])).clamp(min=0.0), rows)
+        return spectral_scores(correction(affine.apply(rows[0])).clamp(min=0.0), rows)
 
 
 def baselines(train_dir: Path, test_dir: Path, steps: int) -> dict:
@@ -163,10 +169,10 @@ def baselines(train_dir: Path, test_dir: Path, steps: int) -> dict:
     from training.linear_fit import LinearColorFit, fit_spectral_correction
 
     train_split = load_from_disk(str(train_dir))["train"]
-    rows = _test_rows(test_dir)
+    rows = held_out_rows(test_dir)
     outputs = {"opt_v1": rows[0], "colour fit": LinearColorFit.from_dataset(train_split).apply(rows[0]),
                "spectral fit": fit_spectral_correction(train_split, steps=steps).apply(rows[0]).clamp(min=0.0)}
-    return {name: _scores(output, rows) for name, output in outputs.items()}
+    return {name: spectral_scores(output, rows) for name, output in outputs.items()}
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
     load_start, start = load_average(), time.perf_counter()
-    needed = sorted(set(args.datasets) | {SCORED_ON[name] for name in args.datasets if name in SCORED_ON})
+    needed = datasets_to_build(args.datasets)
     with tempfile.TemporaryDirectory(prefix="stage2-tile-conditioning-") as tmp:
         folders = build_datasets(needed, Path(tmp))
         pairs = {name: (folders[name], folders[SCORED_ON.get(name, name)]) for name in args.datasets}
@@ -233,11 +239,7 @@ def main(argv=None) -> int:
                 for name in args.datasets}}
             for (name, variant, _), future in zip(jobs, fitted):
                 record["datasets"][name]["variants"].setdefault(variant, []).append(future.result())
-    text = render(record, time.perf_counter() - start, f"{load_start} at the start, {load_average()} at the end")
-    output = Path(args.output)
-    output.write_text(text)
-    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    print(text)
+    record_study(args.output, render(record, time.perf_counter() - start, load_span(load_start)), record)
     return 0
 
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
-from modeling_stage2.modeling_stage2 import Stage2SpectralCorrection
+from modeling_stage2 import Stage2RefinerModel
 from training.linear_fit import LinearColorFit, set_shared_spectral_correction, spectral_corrections
 
 from _refiner_helpers import tiny_inputs, tiny_refiner_config
