@@ -19,6 +19,16 @@ def meets_goal(refined: dict, colour_fit: dict) -> bool:
     return all(refined[m] <= (1 - GOAL_MARGIN) * colour_fit[m] for m in SPECTRAL)
 
 
+def in_range_tiles(test_opt_v1, test_valid, train_opt_v1, train_valid):
+    """(B,) bool tensor: the test tiles whose mean valid `opt_v1` reflectance is not above every training tile's (the
+    others are brighter than anything a correction was fitted on: it extrapolates there)."""
+    def brightness(image, valid):
+        mask = valid[:, None].to(image.dtype)
+        return (mask * image).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * image.shape[1]).clamp(min=1)
+
+    return brightness(test_opt_v1, test_valid) <= brightness(train_opt_v1, train_valid).max()
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:

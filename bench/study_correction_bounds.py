@@ -40,7 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import SPECTRAL, cpu_name, load_average, load_span, record_study  # noqa: E402
+from bench._common import SPECTRAL, cpu_name, in_range_tiles, load_average, load_span, record_study  # noqa: E402
 from bench.study_quality import build_datasets  # noqa: E402
 from bench.study_tile_conditioning import (  # noqa: E402
     DATASETS, SCORED_ON, datasets_to_build, held_out_rows, spectral_scores, study_refiner_config, tile_statistics,
@@ -164,15 +164,6 @@ class KernelColourFit:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def in_range_tiles(test_opt_v1, test_valid, train_opt_v1, train_valid) -> torch.Tensor:
-    """(B,) bool: test tiles whose mean valid `opt_v1` reflectance is not above every training tile's."""
-    def brightness(image, valid):
-        mask = valid[:, None].to(image.dtype)
-        return (mask * image).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * image.shape[1]).clamp(min=1)
-
-    return brightness(test_opt_v1, test_valid) <= brightness(train_opt_v1, train_valid).max()
-
-
 def score(output: torch.Tensor, rows, in_range: torch.Tensor) -> dict:
     scores = spectral_scores(output, rows)
     scores["evi_rmse_in_range"] = (spectral_scores(output[in_range], [r[in_range] for r in rows])["evi_rmse"]

@@ -19,7 +19,9 @@ stand-in Stage 1 generator with other kinds of errors, given to training as Stag
 
 Besides the design metrics (NDVI RMSE, EVI RMSE, SAM, PSNR, SSIM, `training.metrics`) it reports the NDVI RMSE
 without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`), where NDVI is a ratio of
-quantisation noise. Writes the tables to `--output` and every number to the same name with `.json`.
+quantisation noise, and the EVI RMSE without the test tiles brighter than every training tile (`evi_rmse_in_range`,
+`bench._common.in_range_tiles`), where every correction extrapolates. Writes the tables to `--output` and every number
+to the same name with `.json`.
 Runs `--jobs` trainings at a time, each on one thread (about a minute and a half each on a 2-core machine).
 """
 from __future__ import annotations
@@ -39,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    GOAL_MARGIN, SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study,
+    GOAL_MARGIN, SPECTRAL, cpu_name, in_range_tiles, load_average, load_span, mean_range_cell, meets_goal, record_study,
 )
 
-COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "sam", "psnr", "ssim")
+COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "evi_rmse_in_range", "sam", "psnr", "ssim")
 ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined")
 # Red + NIR reflectance of the target below which a pixel is "near black" (open water, deep shadow): there NDVI is
 # the ratio of two numbers a few digital numbers above zero.
@@ -116,13 +118,14 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
 
     from modeling_stage2 import load_trained_model
     from training.evaluate import evaluate_model, fit_color_baseline, load_split
-    from training.losses import ndvi
+    from training.losses import evi, ndvi
     from training.metrics import evaluate_pair
 
     dataset_dict = load_from_disk(str(dataset_dir))
     fit = fit_color_baseline(dataset_dict)
     start = spectral_fit(dataset_dir)
     model = load_trained_model(model_dir)
+    train = dataset_dict["train"].with_format("torch")[:]
     scores = {}
     for split in ("test", "val"):
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
@@ -132,6 +135,8 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
             refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
         target = rows["target"]
         bright = rows["valid_mask"] & (target[:, 2] + target[:, 3] >= NEAR_BLACK)
+        in_range = in_range_tiles(rows["opt_v1"], rows["valid_mask"], train["opt_v1"], train["valid_mask"])
+        in_range_pixels = rows["valid_mask"] & in_range[:, None, None]
         started = start.apply(rows["opt_v1"]).clamp(min=0.0)
         results["spectral_fit"] = evaluate_pair(started, target, rows["opt_v1"], rows["valid_mask"])["refined"]
         outputs = {"opt_v1": rows["opt_v1"], "linear_fit": fit.apply(rows["opt_v1"]), "spectral_fit": started,
@@ -139,6 +144,8 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
         for role, output in outputs.items():
             error = (ndvi(output) - ndvi(target))[bright]
             results[role]["ndvi_rmse_bright"] = float(error.pow(2).mean().sqrt())
+            error = (evi(output) - evi(target))[in_range_pixels]
+            results[role]["evi_rmse_in_range"] = float(error.pow(2).mean().sqrt())
         results["bright_fraction"] = float(bright.sum() / rows["valid_mask"].sum())
         scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "n_tiles")}
     return scores
@@ -147,6 +154,16 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ reporting
 def _digits(metric: str) -> int:
     return 2 if metric == "psnr" else 4
+
+
+def _cell(values: list, digits: int) -> str:
+    """`mean_range_cell`, or '-' where a reused run predates the column."""
+    return "-" if any(value is None for value in values) else mean_range_cell(values, digits)
+
+
+def _ratios(results: list, split: str, metric: str) -> list:
+    return [None if r[split]["refined"].get(metric) is None else r[split]["refined"][metric] / r[split]["linear_fit"][metric]
+            for r in results]
 
 
 def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
@@ -171,27 +188,29 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "spectral loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0 (`after` starts there "
         "with its spectral MLP fitted on top). "
         "Cells: mean over seeds (min-max). `ndvi_rmse_bright`: NDVI RMSE without near-black pixels (target "
-        f"red + NIR < {NEAR_BLACK} reflectance), beside the design metric.",
+        f"red + NIR < {NEAR_BLACK} reflectance), beside the design metric. `evi_rmse_in_range`: EVI RMSE without the "
+        "test tiles brighter (mean `opt_v1` reflectance) than every training tile, where every correction "
+        "extrapolates (`-`: a reused run that predates the column).",
         "",
     ]
     for (preset, variant_runs) in _by_preset(runs).items():
         for split, role in (("test", "held out from training and model selection"),
                             ("val", "held out from training; picks the best step")):
-            first = next(iter(variant_runs.values()))[0][split]
+            # The baselines are the same in every run: take them from the newest (the last variant's).
+            first = next(reversed(variant_runs.values()))[0][split]
             lines += [f"## {preset}: {split} split ({role})", "",
                       f"{first['n_tiles']} tiles; {100 * first['bright_fraction']:.0f} % of valid pixels are not "
                       "near-black.", "",
                       "| output | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
             for role_name, label in (("opt_v1", "opt_v1"), ("linear_fit", "colour fit (train)"),
                                      ("spectral_fit", "spectral fit (affine part of the default model's start)")):
-                lines.append(f"| {label} | " + " | ".join(f"{first[role_name][m]:.{_digits(m)}f}" for m in COLUMNS)
+                lines.append(f"| {label} | " + " | ".join(_cell([first[role_name].get(m)], _digits(m)) for m in COLUMNS)
                              + " |")
             for variant, results in variant_runs.items():
-                cells = [mean_range_cell([r[split]["refined"][m] for r in results], _digits(m)) for m in COLUMNS]
+                cells = [_cell([r[split]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS]
                 lines.append(f"| refined, {variant} | " + " | ".join(cells) + " |")
             for variant, results in variant_runs.items():
-                ratios = [mean_range_cell([r[split]["refined"][m] / r[split]["linear_fit"][m] for r in results], 2)
-                          for m in COLUMNS if m not in ("psnr", "ssim")]
+                ratios = [_cell(_ratios(results, split, m), 2) for m in COLUMNS if m not in ("psnr", "ssim")]
                 lines.append(f"| refined / colour fit, {variant} | " + " | ".join(ratios) + " | | |")
             if split == "test":
                 lines.append("")
@@ -208,7 +227,7 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         for label, results in (("mild", mild), ("mixture", list(mixture.values()))):
             if results:
                 lines.append(f"| {label} | " + " | ".join(
-                    mean_range_cell([r["test"]["refined"][m] for r in results], _digits(m)) for m in COLUMNS) + " |")
+                    _cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
         lines.append("")
     return "\n".join(lines)
 

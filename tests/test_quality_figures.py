@@ -68,3 +68,8 @@ def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
     for key in ("proxy/after", "proxy/per_tile"):
         assert len(proxy["runs"][key]) == 3
         assert ratios(proxy["runs"][key]) in benchmarks and ratios(proxy["runs"][key]) in training, key
+    after = proxy["runs"]["proxy/after"]
+    opt_v1 = after[0]["test"]["opt_v1"]["evi_rmse_in_range"]
+    refined = statistics.fmean(r["test"]["refined"]["evi_rmse_in_range"] for r in after)
+    assert (f"EVI RMSE is {opt_v1:.3f} -> {refined:.3f}, {100 * (1 - refined / opt_v1):.0f} % lower: the loss is on "
+            "those two") in training
