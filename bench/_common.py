@@ -29,6 +29,15 @@ def in_range_tiles(test_opt_v1, test_valid, train_opt_v1, train_valid):
     return brightness(test_opt_v1, test_valid) <= brightness(train_opt_v1, train_valid).max()
 
 
+def in_range_evi_rmse(output, target, opt_v1, valid, in_range):
+    """EVI RMSE (`training.metrics`, as every table's) of the tiles `in_range` selects; None if it selects none."""
+    from training.metrics import evaluate_pair
+
+    if not bool(in_range.any()):
+        return None
+    return evaluate_pair(output[in_range], target[in_range], opt_v1[in_range], valid[in_range])["refined"]["evi_rmse"]
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
@@ -45,8 +54,11 @@ def load_average() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def mean_range_cell(values: list[float], digits: int) -> str:
-    """A table cell of results over seeds: 'mean (min-max)', or the value alone for one seed."""
+def mean_range_cell(values: list, digits: int) -> str:
+    """A table cell of results over seeds: 'mean (min-max)', the value alone for one seed, or '-' where a value is None
+    (a run recorded before the column existed)."""
+    if any(value is None for value in values):
+        return "-"
     mean = statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.{digits}f}"

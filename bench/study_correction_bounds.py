@@ -40,7 +40,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import SPECTRAL, cpu_name, in_range_tiles, load_average, load_span, record_study  # noqa: E402
+from bench._common import (  # noqa: E402
+    SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
+)
 from bench.study_quality import build_datasets  # noqa: E402
 from bench.study_tile_conditioning import (  # noqa: E402
     DATASETS, SCORED_ON, datasets_to_build, held_out_rows, spectral_scores, study_refiner_config, tile_statistics,
@@ -165,10 +167,9 @@ class KernelColourFit:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score(output: torch.Tensor, rows, in_range: torch.Tensor) -> dict:
-    scores = spectral_scores(output, rows)
-    scores["evi_rmse_in_range"] = (spectral_scores(output[in_range], [r[in_range] for r in rows])["evi_rmse"]
-                                   if in_range.any() else None)
-    return scores
+    opt_v1, target, valid = rows
+    return {**spectral_scores(output, rows),
+            "evi_rmse_in_range": in_range_evi_rmse(output.float(), target, opt_v1, valid, in_range)}
 
 
 def study_dataset(train_dir: Path, test_dir: Path, steps: int) -> dict:
@@ -190,16 +191,19 @@ def study_dataset(train_dir: Path, test_dir: Path, steps: int) -> dict:
     kernel = KernelColourFit(*train_rows, log_offset)
     spectral_fit = fit_spectral_correction(train_split, steps=steps)
     # The references as the other studies score them; every correction clamped at 0, as the refiner's output is.
-    outputs = {"opt_v1": opt_v1, "colour fit": colour_fit.apply(opt_v1), **{name: output.clamp(min=0.0) for name, output in {
+    corrections = {
         "spectral fit": spectral_fit.apply(opt_v1),
         "per-tile gain (oracle)": oracle_gain(opt_v1, target, valid),
         "per-tile affine (oracle)": oracle_affine(opt_v1, target, valid),
         "grey world": grey_world(opt_v1, valid),
         "kernel colour fit": kernel(opt_v1),
         "spectral fit + kernel change": kernel.change_on(spectral_fit, colour_fit, opt_v1),
-    }.items()}}
+    }
+    outputs = {"opt_v1": opt_v1, "colour fit": colour_fit.apply(opt_v1),
+               **{name: output.clamp(min=0.0) for name, output in corrections.items()}}
     return {"tiles": int(len(opt_v1)), "out_of_range_tiles": int((~in_range).sum()),
-            "kernel_bandwidth": f"{kernel.bandwidth:g}", "kernel_cv_loss": {f"{h:g}": v for h, v in kernel.cv_loss.items()},
+            "kernel_bandwidth": f"{kernel.bandwidth:g}",
+            "kernel_cv_loss": {f"{h:g}": v for h, v in kernel.cv_loss.items()},
             "grey_world_slope": grey_world.slope.tolist(),
             "rows": {name: score(output, rows, in_range) for name, output in outputs.items()}}
 
@@ -227,7 +231,7 @@ def render(record: dict, seconds: float, load: str) -> str:
                   "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: | ---: |"]
         for row in (*REFERENCES, *BOUNDS, *BLIND):
             scores = data["rows"][row]
-            lines.append(f"| {row} | " + " | ".join("-" if scores[m] is None else f"{scores[m]:.4f}" for m in COLUMNS) + " | "
+            lines.append(f"| {row} | " + " | ".join(mean_range_cell([scores[m]], 4) for m in COLUMNS) + " | "
                          + " | ".join(f"{scores[m] / fit[m]:.2f}" for m in SPECTRAL) + " |")
     return "\n".join(lines) + "\n"
 

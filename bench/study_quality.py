@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    GOAL_MARGIN, SPECTRAL, cpu_name, in_range_tiles, load_average, load_span, mean_range_cell, meets_goal, record_study,
+    GOAL_MARGIN, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell,
+    meets_goal, record_study,
 )
 
 COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "evi_rmse_in_range", "sam", "psnr", "ssim")
@@ -118,7 +119,7 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
 
     from modeling_stage2 import load_trained_model
     from training.evaluate import evaluate_model, fit_color_baseline, load_split
-    from training.losses import evi, ndvi
+    from training.losses import ndvi
     from training.metrics import evaluate_pair
 
     dataset_dict = load_from_disk(str(dataset_dir))
@@ -136,7 +137,6 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
         target = rows["target"]
         bright = rows["valid_mask"] & (target[:, 2] + target[:, 3] >= NEAR_BLACK)
         in_range = in_range_tiles(rows["opt_v1"], rows["valid_mask"], train["opt_v1"], train["valid_mask"])
-        in_range_pixels = rows["valid_mask"] & in_range[:, None, None]
         started = start.apply(rows["opt_v1"]).clamp(min=0.0)
         results["spectral_fit"] = evaluate_pair(started, target, rows["opt_v1"], rows["valid_mask"])["refined"]
         outputs = {"opt_v1": rows["opt_v1"], "linear_fit": fit.apply(rows["opt_v1"]), "spectral_fit": started,
@@ -144,8 +144,8 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
         for role, output in outputs.items():
             error = (ndvi(output) - ndvi(target))[bright]
             results[role]["ndvi_rmse_bright"] = float(error.pow(2).mean().sqrt())
-            error = (evi(output) - evi(target))[in_range_pixels]
-            results[role]["evi_rmse_in_range"] = float(error.pow(2).mean().sqrt())
+            results[role]["evi_rmse_in_range"] = in_range_evi_rmse(output, target, rows["opt_v1"], rows["valid_mask"],
+                                                                   in_range)
         results["bright_fraction"] = float(bright.sum() / rows["valid_mask"].sum())
         scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "n_tiles")}
     return scores
@@ -156,14 +156,10 @@ def _digits(metric: str) -> int:
     return 2 if metric == "psnr" else 4
 
 
-def _cell(values: list, digits: int) -> str:
-    """`mean_range_cell`, or '-' where a reused run predates the column."""
-    return "-" if any(value is None for value in values) else mean_range_cell(values, digits)
-
-
 def _ratios(results: list, split: str, metric: str) -> list:
-    return [None if r[split]["refined"].get(metric) is None else r[split]["refined"][metric] / r[split]["linear_fit"][metric]
-            for r in results]
+    """Refined / colour fit per run (None where a reused run predates the column)."""
+    return [None if r[split]["refined"].get(metric) is None
+            else r[split]["refined"][metric] / r[split]["linear_fit"][metric] for r in results]
 
 
 def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
@@ -204,13 +200,13 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                       "| output | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
             for role_name, label in (("opt_v1", "opt_v1"), ("linear_fit", "colour fit (train)"),
                                      ("spectral_fit", "spectral fit (affine part of the default model's start)")):
-                lines.append(f"| {label} | " + " | ".join(_cell([first[role_name].get(m)], _digits(m)) for m in COLUMNS)
+                lines.append(f"| {label} | " + " | ".join(mean_range_cell([first[role_name].get(m)], _digits(m)) for m in COLUMNS)
                              + " |")
             for variant, results in variant_runs.items():
-                cells = [_cell([r[split]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS]
+                cells = [mean_range_cell([r[split]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS]
                 lines.append(f"| refined, {variant} | " + " | ".join(cells) + " |")
             for variant, results in variant_runs.items():
-                ratios = [_cell(_ratios(results, split, m), 2) for m in COLUMNS if m not in ("psnr", "ssim")]
+                ratios = [mean_range_cell(_ratios(results, split, m), 2) for m in COLUMNS if m not in ("psnr", "ssim")]
                 lines.append(f"| refined / colour fit, {variant} | " + " | ".join(ratios) + " | | |")
             if split == "test":
                 lines.append("")
@@ -227,7 +223,7 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         for label, results in (("mild", mild), ("mixture", list(mixture.values()))):
             if results:
                 lines.append(f"| {label} | " + " | ".join(
-                    _cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
+                    mean_range_cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
         lines.append("")
     return "\n".join(lines)
 

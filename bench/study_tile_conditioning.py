@@ -40,7 +40,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study  # noqa: E402
+from bench._common import (  # noqa: E402
+    SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study,
+)
 from bench.study_quality import build_datasets  # noqa: E402
 from modeling_stage2.modeling_stage2 import log_spectra  # noqa: E402
 
