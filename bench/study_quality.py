@@ -20,8 +20,10 @@ stand-in Stage 1 generator with other kinds of errors, given to training as Stag
 Besides the design metrics (NDVI RMSE, EVI RMSE, SAM, PSNR, SSIM, `training.metrics`) it reports the NDVI RMSE
 without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`), where NDVI is a ratio of
 quantisation noise, and the EVI RMSE without the test tiles brighter than every training tile (`evi_rmse_in_range`,
-`bench._common.in_range_tiles`), where every correction extrapolates. Writes the tables to `--output` and every number
-to the same name with `.json`.
+`bench._common.in_range_tiles`), where every correction extrapolates. Beside each trained model it also scores the
+same output with `opt_v1` blended back in at the pixels outside the training spectra (`refined_fallback`,
+`bench._common.out_of_range_weight`): one answer to what a refiner should do where it can only extrapolate, measured,
+not part of the model. Writes the tables to `--output` and every number to the same name with `.json`.
 Runs `--jobs` trainings at a time, each on one thread (about a minute and a half each on a 2-core machine).
 """
 from __future__ import annotations
@@ -41,12 +43,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    GOAL_MARGIN, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell,
-    meets_goal, record_study,
+    GOAL_MARGIN, OUT_OF_RANGE_QUANTILE, OUT_OF_RANGE_RAMP, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles,
+    load_average, load_span, mean_range_cell, meets_goal, opt_v1_out_of_range, out_of_range_weight, record_study,
+    training_spectra_range,
 )
 
 COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "evi_rmse_in_range", "sam", "psnr", "ssim")
-ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined")
+ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined", "refined_fallback")
+# `refined_fallback`: the refined output with `opt_v1` kept outside the training spectra (`bench._common`), measured
+# beside the model, not part of it
+FALLBACK = "opt_v1 out of range"
 # Red + NIR reflectance of the target below which a pixel is "near black" (open water, deep shadow): there NDVI is
 # the ratio of two numbers a few digital numbers above zero.
 NEAR_BLACK = 0.02
@@ -127,6 +133,8 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
     start = spectral_fit(dataset_dir)
     model = load_trained_model(model_dir)
     train = dataset_dict["train"].with_format("torch")[:]
+    log_offset = model.config.spectral_mlp_log_offset
+    spectra_range = training_spectra_range(train["opt_v1"], train["valid_mask"], log_offset)
     scores = {}
     for split in ("test", "val"):
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
@@ -138,16 +146,21 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
         bright = rows["valid_mask"] & (target[:, 2] + target[:, 3] >= NEAR_BLACK)
         in_range = in_range_tiles(rows["opt_v1"], rows["valid_mask"], train["opt_v1"], train["valid_mask"])
         started = start.apply(rows["opt_v1"]).clamp(min=0.0)
-        results["spectral_fit"] = evaluate_pair(started, target, rows["opt_v1"], rows["valid_mask"])["refined"]
+        weight = out_of_range_weight(rows["opt_v1"], spectra_range, log_offset)
+        fallback = opt_v1_out_of_range(refined, rows["opt_v1"], weight)
+        for role, output in (("spectral_fit", started), ("refined_fallback", fallback)):
+            results[role] = evaluate_pair(output, target, rows["opt_v1"], rows["valid_mask"])["refined"]
         outputs = {"opt_v1": rows["opt_v1"], "linear_fit": fit.apply(rows["opt_v1"]), "spectral_fit": started,
-                   "refined": refined}
+                   "refined": refined, "refined_fallback": fallback}
         for role, output in outputs.items():
             error = (ndvi(output) - ndvi(target))[bright]
             results[role]["ndvi_rmse_bright"] = float(error.pow(2).mean().sqrt())
             results[role]["evi_rmse_in_range"] = in_range_evi_rmse(output, target, rows["opt_v1"], rows["valid_mask"],
                                                                    in_range)
         results["bright_fraction"] = float(bright.sum() / rows["valid_mask"].sum())
-        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "n_tiles")}
+        results["out_of_range_fraction"] = float(((weight[:, 0] > 0) & rows["valid_mask"]).sum()
+                                                 / rows["valid_mask"].sum())
+        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "out_of_range_fraction", "n_tiles")}
     return scores
 
 
@@ -160,6 +173,19 @@ def _ratios(results: list, split: str, metric: str) -> list:
     """Refined / colour fit per run (None where a reused run predates the column)."""
     return [None if r[split]["refined"].get(metric) is None
             else r[split]["refined"][metric] / r[split]["linear_fit"][metric] for r in results]
+
+
+def with_fallback(variant_runs: dict) -> dict:
+    """The variants, each followed (where its runs recorded it) by itself with `opt_v1` kept outside the training
+    spectra: its `refined_fallback` scores in the place of `refined`."""
+    shown = {}
+    for variant, results in variant_runs.items():
+        shown[variant] = results
+        if all("refined_fallback" in r["test"] for r in results):
+            shown[f"{variant}, {FALLBACK}"] = [
+                {split: {**r[split], "refined": r[split]["refined_fallback"]} for split in ("test", "val")}
+                for r in results]
+    return shown
 
 
 def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
@@ -186,17 +212,25 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "Cells: mean over seeds (min-max). `ndvi_rmse_bright`: NDVI RMSE without near-black pixels (target "
         f"red + NIR < {NEAR_BLACK} reflectance), beside the design metric. `evi_rmse_in_range`: EVI RMSE without the "
         "test tiles brighter (mean `opt_v1` reflectance) than every training tile, where every correction "
-        "extrapolates (`-`: a reused run that predates the column).",
+        "extrapolates (`-`: a reused run that predates the column). "
+        f"`<variant>, {FALLBACK}`: the same trained models' output with `opt_v1` blended back in at the pixels "
+        "outside the training spectra (Mahalanobis distance of the pixel's log spectrum from the training pixels' "
+        f"beyond the {100 * OUT_OF_RANGE_QUANTILE:g}th percentile of their own distances, completely at "
+        f"{OUT_OF_RANGE_RAMP:g} times it; `bench._common.out_of_range_weight`): measured beside the model, not "
+        "part of it.",
         "",
     ]
     for (preset, variant_runs) in _by_preset(runs).items():
+        variant_runs = with_fallback(variant_runs)
         for split, role in (("test", "held out from training and model selection"),
                             ("val", "held out from training; picks the best step")):
             # The baselines are the same in every run: take them from the newest (the last variant's).
             first = next(reversed(variant_runs.values()))[0][split]
+            outside = (f"; {100 * first['out_of_range_fraction']:.1f} % are outside the training spectra"
+                       if "out_of_range_fraction" in first else "")
             lines += [f"## {preset}: {split} split ({role})", "",
                       f"{first['n_tiles']} tiles; {100 * first['bright_fraction']:.0f} % of valid pixels are not "
-                      "near-black.", "",
+                      f"near-black{outside}.", "",
                       "| output | " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
             for role_name, label in (("opt_v1", "opt_v1"), ("linear_fit", "colour fit (train)"),
                                      ("spectral_fit", "spectral fit (affine part of the default model's start)")):
@@ -220,7 +254,8 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         lines += ["## Trained on `mixture`, scored on the `mild` test split", "",
                   "| training degradation | " + " | ".join(COLUMNS) + " |",
                   "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
-        for label, results in (("mild", mild), ("mixture", list(mixture.values()))):
+        trained = {"mild": mild, "mixture": list(mixture.values())}
+        for label, results in with_fallback({name: runs for name, runs in trained.items() if runs}).items():
             if results:
                 lines.append(f"| {label} | " + " | ".join(
                     mean_range_cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")

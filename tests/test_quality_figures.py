@@ -73,3 +73,43 @@ def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
     refined = statistics.fmean(r["test"]["refined"]["evi_rmse_in_range"] for r in after)
     assert (f"EVI RMSE is {opt_v1:.3f} -> {refined:.3f}, {100 * (1 - refined / opt_v1):.0f} % lower: the loss is on "
             "those two") in training
+
+
+def test_quoted_effect_of_keeping_opt_v1_out_of_range_is_the_recorded_one(study, repo_root):
+    """docs/training.md's table of the refiners with `opt_v1` kept outside the training spectra (`refined_fallback`,
+    measured beside the model) against the same refiners."""
+    from bench._common import GOAL_MARGIN, meets_goal
+
+    proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())
+    training = _text(repo_root / "docs" / "training.md")
+    groups = {"mild": study["runs"]["mild/after"], "strong": study["runs"]["strong/after"],
+              "mixture": study["mixture_on_mild"], "proxy": proxy["runs"]["proxy/after"]}
+    tests = {name: [run["test"] for run in runs] for name, runs in groups.items()}
+
+    def mean(name, role, metric="evi_rmse"):
+        return statistics.fmean(test[role][metric] for test in tests[name])
+
+    def met(name, role):
+        return sum(meets_goal(test[role], test["linear_fit"]) for test in tests[name])
+
+    def evi_ratios(name, role):
+        values = [test[role]["evi_rmse"] / test["linear_fit"]["evi_rmse"] for test in tests[name]]
+        return f"{min(values):.2f}-{max(values):.2f}"
+
+    for name, where in (("mild", "of the valid `mild` test pixels"), ("strong", "on `strong`"), ("proxy", "on the proxy")):
+        assert f"{100 * tests[name][0]['out_of_range_fraction']:.1f} % {where}" in training, name
+    assert (f"| `mild` | {mean('mild', 'refined'):.3f} | {mean('mild', 'refined_fallback'):.3f} | "
+            f"{met('mild', 'refined')} -> {met('mild', 'refined_fallback')} of 3 |") in training
+    assert (f"| `strong` | {mean('strong', 'refined'):.3f} | {mean('strong', 'refined_fallback'):.3f} | "
+            f"{met('strong', 'refined')} -> {met('strong', 'refined_fallback')} of 3 (EVI at "
+            f"{evi_ratios('strong', 'refined_fallback')} of the colour fit, was {evi_ratios('strong', 'refined')}) |"
+            ) in training
+    assert (f"| `mixture` (`mild`) | {mean('mixture', 'refined'):.3f} | {mean('mixture', 'refined_fallback'):.3f} | "
+            f"against {mean('mild', 'refined_fallback'):.3f} for `mild` with the same rule |") in training
+    assert (f"| proxy | {mean('proxy', 'refined'):.3f} | {mean('proxy', 'refined_fallback'):.3f} | `opt_v1` itself: "
+            f"{tests['proxy'][0]['opt_v1']['evi_rmse']:.3f} |") in training
+    moved = max(abs(test["refined_fallback"][metric] - test["refined"][metric])
+                for runs in tests.values() for test in runs for metric in ("ndvi_rmse", "sam"))
+    assert moved < 0.003 and "NDVI RMSE and SAM move by less than 0.003" in training
+    worst = max(test["refined_fallback"]["evi_rmse"] / test["linear_fit"]["evi_rmse"] for test in tests["strong"])
+    assert f"meets the EVI goal by {1 - GOAL_MARGIN - worst:.4f}" in training
