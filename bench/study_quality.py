@@ -23,7 +23,7 @@ quantisation noise, and the EVI RMSE without the test tiles brighter than every 
 `bench._common.in_range_tiles`), where every correction extrapolates. Beside each trained model it also scores the
 same output with `opt_v1` blended back in at the pixels outside the training spectra (`refined_fallback`,
 `bench._common.out_of_range_weight`): one answer to what a refiner should do where it can only extrapolate, measured,
-not part of the model. Writes the tables to `--output` and every number to the same name with `.json`.
+not part of the model; and, on the test split, the same under the other settings of that rule in `SENSITIVITY`. Writes the tables to `--output` and every number to the same name with `.json`.
 Runs `--jobs` trainings at a time, each on one thread (about a minute and a half each on a 2-core machine).
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined", "refined_fallback")
 # `refined_fallback`: the refined output with `opt_v1` kept outside the training spectra (`bench._common`), measured
 # beside the model, not part of it
 FALLBACK = "opt_v1 out of range"
+# The settings of that rule tried beside its own (quantile of the training distances, ramp), on the test split
+SENSITIVITY = tuple((quantile, ramp) for quantile in (0.95, 0.99, 0.995) for ramp in (1.5, 2.0, 3.0))
 # Red + NIR reflectance of the target below which a pixel is "near black" (open water, deep shadow): there NDVI is
 # the ratio of two numbers a few digital numbers above zero.
 NEAR_BLACK = 0.02
@@ -117,9 +119,10 @@ def spectral_fit(dataset_dir: Path):
     return fit_spectral_correction(load_from_disk(str(dataset_dir))["train"])
 
 
-def score(model_dir: Path, dataset_dir: Path) -> dict:
+def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) -> dict:
     """{split: {role: {metric: value}}} of the model, both baselines and the spectral fit on the val and test
-    splits."""
+    splits of `dataset_dir`. `trained_on` (default `dataset_dir`) holds the training split the model learnt from:
+    the training spectra and the brightest training tile come from it (the baselines stay `dataset_dir`'s)."""
     import torch
     from datasets import load_from_disk
 
@@ -132,9 +135,11 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
     fit = fit_color_baseline(dataset_dict)
     start = spectral_fit(dataset_dir)
     model = load_trained_model(model_dir)
-    train = dataset_dict["train"].with_format("torch")[:]
+    train = load_from_disk(str(trained_on or dataset_dir))["train"].with_format("torch")[:]
     log_offset = model.config.spectral_mlp_log_offset
     spectra_range = training_spectra_range(train["opt_v1"], train["valid_mask"], log_offset)
+    other_ranges = {quantile: training_spectra_range(train["opt_v1"], train["valid_mask"], log_offset, quantile)
+                    for quantile in {quantile for quantile, _ in SENSITIVITY}}
     scores = {}
     for split in ("test", "val"):
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
@@ -161,6 +166,13 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
         results["out_of_range_fraction"] = float(((weight[:, 0] > 0) & rows["valid_mask"]).sum()
                                                  / rows["valid_mask"].sum())
         scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "out_of_range_fraction", "n_tiles")}
+        if split == "test":
+            scores[split]["fallback_sensitivity"] = {
+                f"{quantile}/{ramp}": evaluate_pair(
+                    opt_v1_out_of_range(refined, rows["opt_v1"],
+                                        out_of_range_weight(rows["opt_v1"], other_ranges[quantile], log_offset, ramp)),
+                    target, rows["opt_v1"], rows["valid_mask"])["refined"]
+                for quantile, ramp in SENSITIVITY}
     return scores
 
 
@@ -260,7 +272,40 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                 lines.append(f"| {label} | " + " | ".join(
                     mean_range_cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
         lines.append("")
+    lines += sensitivity_section(runs, mixture)
     return "\n".join(lines)
+
+
+def sensitivity_section(runs: dict, mixture: dict) -> list[str]:
+    """The test EVI RMSE of the `after` models with `opt_v1` kept out of range under each setting of `SENSITIVITY`
+    (and the seeds that then meet the goal), where the runs recorded it."""
+    groups = {f"`{preset}`": results for (preset, variant), results in runs.items() if variant == "after"}
+    if mixture:
+        groups["`mixture` (scored on `mild`)"] = list(mixture.values())
+    groups = {label: results for label, results in groups.items()
+              if all("fallback_sensitivity" in r["test"] for r in results)}
+    if not groups:
+        return []
+    lines = [f"## How much the two numbers of `{FALLBACK}` matter (test split)", "",
+             "Test EVI RMSE of the `after` models (mean over seeds) with `opt_v1` kept where a pixel's distance passes "
+             "the given quantile of the training pixels' distances, completely at the given multiple of it; in "
+             "brackets the seeds that then beat the colour fit by the goal's margin on all three metrics (not shown for "
+             f"the `mixture`, whose goal is the `mild` model's score). The study's own setting is "
+             f"{100 * OUT_OF_RANGE_QUANTILE:g} % / {OUT_OF_RANGE_RAMP:g}x.", "",
+             "| trained on | without | " + " | ".join(f"{100 * q:g} % / {r:g}x" for q, r in SENSITIVITY) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in SENSITIVITY) + " |"]
+    for label, results in groups.items():
+        def cell(scores_of) -> str:
+            scores = [scores_of(r["test"]) for r in results]
+            evi = sum(score["evi_rmse"] for score in scores) / len(scores)
+            if label.startswith("`mixture`"):
+                return f"{evi:.4f}"
+            met = sum(meets_goal(score, r["test"]["linear_fit"]) for score, r in zip(scores, results))
+            return f"{evi:.4f} ({met} of {len(results)})"
+        lines.append(f"| {label} | {cell(lambda test: test['refined'])} | " + " | ".join(
+            cell(lambda test, key=f"{q}/{r}": test["fallback_sensitivity"][key]) for q, r in SENSITIVITY) + " |")
+    lines.append("")
+    return lines
 
 
 def reuse_runs(path: Path, runs: dict) -> list[str]:
@@ -306,13 +351,15 @@ def main(argv=None) -> int:
         jobs += [("mixture", seed, "after") for seed in args.seeds]
     with tempfile.TemporaryDirectory(prefix="stage2-quality-") as tmp:
         workdir = Path(tmp)
-        datasets = build_datasets(sorted(set(args.presets) | ({"mild"} if args.mixture else set())), workdir)
+        datasets = build_datasets(sorted(set(args.presets) | ({"mild", "mixture"} if args.mixture else set())),
+                                  workdir)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             trained = list(pool.map(lambda job: train(*job, workdir), jobs))
         runs: dict = {}
         mixture: dict = {}
         for (preset, seed, variant), model_dir in zip(jobs, trained):
-            scored = score(model_dir, datasets["mild" if preset == "mixture" else preset])
+            scored = (score(model_dir, datasets["mild"], trained_on=datasets["mixture"]) if preset == "mixture"
+                      else score(model_dir, datasets[preset]))
             print(f"{preset} {variant} seed {seed}: test refined/fit " + ", ".join(
                 f"{m} {scored['test']['refined'][m] / scored['test']['linear_fit'][m]:.3f}" for m in SPECTRAL),
                 flush=True)

@@ -82,6 +82,8 @@ def test_the_training_spectra_range_is_the_mean_covariance_and_distance_quantile
     torch.testing.assert_close(torch.linalg.inv(spectra_range["precision"]), covariance, atol=0.002, rtol=0)
     # Gaussian log spectra: the squared distance is chi-square with 4 degrees of freedom, 99 % quantile 13.277
     assert spectra_range["threshold"] == pytest.approx(13.2767 ** 0.5, rel=0.01)
+    assert common.training_spectra_range(opt_v1, valid, 0.05, quantile=0.95)["threshold"] == pytest.approx(
+        9.4877 ** 0.5, rel=0.01)
 
 
 def test_the_out_of_range_weight_ramps_from_the_threshold_to_twice_it_and_blends_in_opt_v1(common):
@@ -95,6 +97,8 @@ def test_the_out_of_range_weight_ramps_from_the_threshold_to_twice_it_and_blends
     weight = common.out_of_range_weight(opt_v1, spectra_range, 0.05)
     assert weight.shape == (1, 1, 1, len(distances)) and weight.dtype == torch.float32
     torch.testing.assert_close(weight[0, 0, 0], torch.tensor([0.0, 0.0, 0.0, 0.25, 0.5, 1.0, 1.0]), atol=1e-6, rtol=0)
+    wider = common.out_of_range_weight(opt_v1, spectra_range, 0.05, ramp=3.0)  # complete at 3x the threshold
+    torch.testing.assert_close(wider[0, 0, 0], torch.tensor([0.0, 0.0, 0.0, 0.125, 0.25, 0.5, 1.0]), atol=1e-6, rtol=0)
     output = torch.full_like(opt_v1, 0.5)
     blended = common.opt_v1_out_of_range(output, opt_v1, weight)
     torch.testing.assert_close(blended, output + weight * (opt_v1 - output), atol=0, rtol=0)

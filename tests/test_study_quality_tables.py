@@ -1,0 +1,64 @@
+"""`bench/study_quality.py`'s tables: the rows of a model with `opt_v1` kept out of range sit beside the model's own,
+only for runs that recorded them, and the sensitivity section counts the seeds meeting the goal per setting."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study_quality(repo_root):
+    sys.path.insert(0, str(repo_root))
+    from bench import study_quality
+
+    return study_quality
+
+
+def _scores(evi: float, other: float = 0.05) -> dict:
+    """Scores with this EVI RMSE; NDVI RMSE and SAM at `other` (half the colour fit's by default: they pass)."""
+    return {"ndvi_rmse": other, "ndvi_rmse_bright": other, "evi_rmse": evi, "evi_rmse_in_range": evi, "sam": other,
+            "psnr": 30.0, "ssim": 0.9}
+
+
+def _run(study_quality, refined: float, fallback: float | None, sensitivity: dict | None = None) -> dict:
+    run = {}
+    for split in ("test", "val"):
+        scores = {"opt_v1": _scores(0.2), "linear_fit": _scores(0.1, 0.1), "spectral_fit": _scores(0.1, 0.1),
+                  "refined": _scores(refined), "bright_fraction": 0.9, "n_tiles": 3}
+        if fallback is not None:
+            scores["refined_fallback"] = _scores(fallback)
+            scores["out_of_range_fraction"] = 0.05
+        run[split] = scores
+    if sensitivity is not None:
+        run["test"]["fallback_sensitivity"] = {f"{q}/{r}": _scores(sensitivity.get((q, r), refined))
+                                               for q, r in study_quality.SENSITIVITY}
+    return run
+
+
+def test_fallback_rows_follow_the_model_only_where_recorded(study_quality):
+    runs = {("mild", "before"): [_run(study_quality, 0.12, None)],
+            ("mild", "after"): [_run(study_quality, 0.095, 0.085)]}
+    text = study_quality.render(runs, {}, [0], 60.0, "0.0")
+    assert "| refined, after, opt_v1 out of range |" in text
+    assert "| refined, before, opt_v1 out of range |" not in text
+    assert "- `after`: 0 of 1 seeds beat the colour fit" in text  # 0.095 > 0.9 * 0.1
+    assert "- `after, opt_v1 out of range`: 1 of 1 seeds beat the colour fit" in text  # 0.085 <= 0.09
+    assert "5.0 % are outside the training spectra" in text
+    assert "How much the two numbers" not in text  # no run recorded the sensitivity
+
+
+def test_the_sensitivity_section_scores_every_setting(study_quality):
+    worse = {(0.95, 1.5): 0.2}
+    runs = {("mild", "after"): [_run(study_quality, 0.095, 0.085, {**worse, (0.99, 2.0): 0.085}),
+                                _run(study_quality, 0.08, 0.07, {**worse, (0.99, 2.0): 0.07})]}
+    mixture = {0: _run(study_quality, 0.14, 0.12, {(0.95, 1.5): 0.3})}
+    text = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0")
+    header = next(line for line in text.splitlines() if line.startswith("| trained on | without |"))
+    assert header.count("|") == len(study_quality.SENSITIVITY) + 3
+    mild = next(line for line in text.splitlines() if line.startswith("| `mild` |")).split(" | ")
+    assert mild[1] == "0.0875 (1 of 2)"  # without the rule: only the second seed meets the goal
+    assert mild[2] == "0.2000 (0 of 2)"  # 95 % / 1.5x
+    assert mild[1 + 1 + study_quality.SENSITIVITY.index((0.99, 2.0))] == "0.0775 (2 of 2)"
+    row = next(line for line in text.splitlines() if line.startswith("| `mixture` (scored on `mild`) |"))
+    assert row.split(" | ")[1:3] == ["0.1400", "0.3000"]  # EVI only: the mixture's goal is the mild model's score
