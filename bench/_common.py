@@ -38,52 +38,6 @@ def in_range_evi_rmse(output, target, opt_v1, valid, in_range):
     return evaluate_pair(output[in_range], target[in_range], opt_v1[in_range], valid[in_range])["refined"]["evi_rmse"]
 
 
-# Where a test pixel counts as outside the training spectra: its Mahalanobis distance from the training pixels' log
-# spectra beyond this quantile of the training pixels' own distances (`OUT_OF_RANGE_QUANTILE`); the blend towards
-# `opt_v1` grows linearly from there and is complete at `OUT_OF_RANGE_RAMP` times that distance. Chosen before
-# measuring (a 1 % tail, a ramp as wide as the threshold), not tuned.
-OUT_OF_RANGE_QUANTILE = 0.99
-OUT_OF_RANGE_RAMP = 2.0
-
-
-def training_spectra_range(opt_v1, valid, log_offset: float, quantile: float = OUT_OF_RANGE_QUANTILE) -> dict:
-    """{"mean", "precision", "threshold"} of the valid training pixels' log spectra (`log_spectra(opt_v1,
-    log_offset)`, what the refiner's spectral MLP sees): their mean, the inverse of their covariance, and the
-    `quantile` of their own Mahalanobis distances (float64)."""
-    import torch
-
-    from modeling_stage2.modeling_stage2 import log_spectra
-
-    pixels = log_spectra(opt_v1.double(), log_offset).permute(1, 0, 2, 3)[:, valid].T  # (N, bands)
-    spectra_range = {"mean": pixels.mean(dim=0), "precision": torch.linalg.inv(torch.cov(pixels.T))}
-    distances = _mahalanobis(pixels, spectra_range)
-    spectra_range["threshold"] = float(torch.quantile(distances, quantile))
-    return spectra_range
-
-
-def _mahalanobis(pixels, spectra_range):
-    import torch
-
-    centred = pixels - spectra_range["mean"]
-    return torch.einsum("...i,ij,...j->...", centred, spectra_range["precision"], centred).clamp(min=0).sqrt()
-
-
-def out_of_range_weight(opt_v1, spectra_range: dict, log_offset: float, ramp: float = OUT_OF_RANGE_RAMP):
-    """(B, 1, H, W) weight of `opt_v1` in an output left as Stage 1 made it outside the training spectra
-    (`training_spectra_range`): 0 up to the threshold distance, 1 from `ramp` times it, linear between."""
-    from modeling_stage2.modeling_stage2 import log_spectra
-
-    distances = _mahalanobis(log_spectra(opt_v1.double(), log_offset).permute(0, 2, 3, 1), spectra_range)
-    threshold = spectra_range["threshold"]
-    return ((distances - threshold) / ((ramp - 1) * threshold)).clamp(0, 1)[:, None].to(opt_v1.dtype)
-
-
-def opt_v1_out_of_range(output, opt_v1, weight):
-    """`output` with `opt_v1` blended in by `weight` (`out_of_range_weight`): Stage 1's pixels kept where the
-    training spectra end."""
-    return output + weight * (opt_v1 - output)
-
-
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:

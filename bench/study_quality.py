@@ -12,8 +12,10 @@ fitted on the same training tiles. Variants: `before` is the refiner of the prev
 `--spectral_correction none --nonnegative_output false --eval_on_start false`), `per_tile` the default before the
 spectral MLP (per-tile affine correction started at the spectral fit, output clamped at 0, brightness augmentation
 0.1-1.0, no spectral MLP), `after` the current demo (one shared correction started at the spectral fit, refined
-per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step). With `--mixture` (default) it also trains `after` on the `mixture`
-degradation and scores it on the `mild` test split, to compare with the model trained on `mild` alone.
+per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step),
+`fallback` the demo with `--out_of_range_fallback true`. With `--mixture` (default) it also trains `after` on the
+`mixture` degradation and scores it on the `mild` test split, to compare with the model trained on `mild` alone (with
+`--no-mixture --reuse`, the earlier study's mixture runs are reported).
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
 
@@ -22,8 +24,9 @@ without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`)
 quantisation noise, and the EVI RMSE without the test tiles brighter than every training tile (`evi_rmse_in_range`,
 `bench._common.in_range_tiles`), where every correction extrapolates. Beside each trained model it also scores the
 same output with `opt_v1` blended back in at the pixels outside the training spectra (`refined_fallback`,
-`bench._common.out_of_range_weight`): one answer to what a refiner should do where it can only extrapolate, measured,
-not part of the model; and, on the test split, the same under the other settings of that rule in `SENSITIVITY`.
+`modeling_stage2.Stage2SpectralRange`, fitted by `training.spectral_range`): the rule of a refiner built with
+`out_of_range_fallback`, applied to these models' output (trained without it); and, on the test split, the same under
+the other settings of that rule in `SENSITIVITY`.
 Writes the tables to `--output` and every number to the same name with `.json`.
 Runs `--jobs` trainings at a time, each on one thread (about a minute and a half each on a 2-core machine).
 """
@@ -44,15 +47,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    GOAL_MARGIN, OUT_OF_RANGE_QUANTILE, OUT_OF_RANGE_RAMP, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles,
-    load_average, load_span, mean_range_cell, meets_goal, opt_v1_out_of_range, out_of_range_weight, record_study,
-    training_spectra_range,
+    GOAL_MARGIN, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell,
+    meets_goal, record_study,
 )
 
 COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "evi_rmse_in_range", "sam", "psnr", "ssim")
 ROLES = ("opt_v1", "linear_fit", "spectral_fit", "refined", "refined_fallback")
-# `refined_fallback`: the refined output with `opt_v1` kept outside the training spectra (`bench._common`), measured
-# beside the model, not part of it
+# `refined_fallback`: the refined output with `opt_v1` kept outside the training spectra (`out_of_range_fallback`'s
+# rule applied to a model trained without it)
 FALLBACK = "opt_v1 out of range"
 # The settings of that rule tried beside its own (quantile of the training distances, ramp), on the test split
 SENSITIVITY = tuple((quantile, ramp) for quantile in (0.95, 0.99, 0.995) for ramp in (1.5, 2.0, 3.0))
@@ -64,6 +66,14 @@ NEAR_BLACK = 0.02
 # ------------------------------------------------------------------------------------------------- running
 PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degradation preset
 SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
+
+
+def fallback_setting() -> tuple[float, float]:
+    """The out-of-range rule's own (quantile, ramp): training's defaults (imported when needed: they load torch)."""
+    from modeling_stage2.configuration_stage2 import OUT_OF_RANGE_RAMP
+    from training.spectral_range import OUT_OF_RANGE_QUANTILE
+
+    return OUT_OF_RANGE_QUANTILE, OUT_OF_RANGE_RAMP
 
 
 def proxy_stage1_dir(workdir: Path) -> Path:
@@ -94,6 +104,8 @@ VARIANT_FLAGS = {
     "per_tile": ["--spectral_correction", "affine", "--spectral_mlp_hidden_size", "0",
                  "--brightness_augment", "0.1", "1.0"],
     "after": [],
+    # the demo with the rule in the model: opt_v1 kept outside the training spectra, in training and inference
+    "fallback": ["--out_of_range_fallback", "true"],
 }
 
 
@@ -128,9 +140,11 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
     from datasets import load_from_disk
 
     from modeling_stage2 import load_trained_model
+    from modeling_stage2.modeling_stage2 import keep_opt_v1, out_of_range_weight
     from training.evaluate import evaluate_model, fit_color_baseline, load_split
     from training.losses import ndvi
     from training.metrics import evaluate_pair
+    from training.spectral_range import fit_spectral_range
 
     dataset_dict = load_from_disk(str(dataset_dir))
     fit = fit_color_baseline(dataset_dict)
@@ -138,25 +152,36 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
     model = load_trained_model(model_dir)
     train = load_from_disk(str(trained_on or dataset_dir))["train"].with_format("torch")[:]
     log_offset = model.config.spectral_mlp_log_offset
-    spectra_ranges = {quantile: training_spectra_range(train["opt_v1"], train["valid_mask"], log_offset, quantile)
-                      for quantile in {OUT_OF_RANGE_QUANTILE} | {quantile for quantile, _ in SENSITIVITY}}
+    own_quantile, own_ramp = fallback_setting()
+    spectra_ranges = {quantile: fit_spectral_range(lambda: [(train["opt_v1"], train["valid_mask"])], log_offset,
+                                                   quantile)
+                      for quantile in {own_quantile} | {quantile for quantile, _ in SENSITIVITY}}
+
+    def fallback_weight(opt_v1, quantile=own_quantile, ramp=own_ramp):
+        spectra_range = spectra_ranges[quantile]
+        return out_of_range_weight(spectra_range.distance(opt_v1, log_offset), spectra_range.threshold, ramp)[:, None]
+
+    in_model = model.config.out_of_range_fallback  # the rule is the model's own: nothing to add after it
     scores = {}
     for split in ("test", "val"):
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
         results = evaluate_model(model, dataset, progress=False, color_fit=fit)
         rows = dataset_dict[split].with_format("torch")[:]
         with torch.no_grad():
-            refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
+            model_output = model(rows["opt_v1"], rows["month"], rows["biome"])
+        refined = model_output.refined
         target = rows["target"]
         bright = rows["valid_mask"] & (target[:, 2] + target[:, 3] >= NEAR_BLACK)
         in_range = in_range_tiles(rows["opt_v1"], rows["valid_mask"], train["opt_v1"], train["valid_mask"])
         started = start.apply(rows["opt_v1"]).clamp(min=0.0)
-        weight = out_of_range_weight(rows["opt_v1"], spectra_ranges[OUT_OF_RANGE_QUANTILE], log_offset)
-        fallback = opt_v1_out_of_range(refined, rows["opt_v1"], weight)
-        for role, output in (("spectral_fit", started), ("refined_fallback", fallback)):
-            results[role] = evaluate_pair(output, target, rows["opt_v1"], rows["valid_mask"])["refined"]
+        weight = model_output.out_of_range_weight if in_model else fallback_weight(rows["opt_v1"])
         outputs = {"opt_v1": rows["opt_v1"], "linear_fit": fit.apply(rows["opt_v1"]), "spectral_fit": started,
-                   "refined": refined, "refined_fallback": fallback}
+                   "refined": refined}
+        if not in_model:
+            outputs["refined_fallback"] = keep_opt_v1(refined, rows["opt_v1"], weight.to(refined.dtype))
+        for role in ("spectral_fit", "refined_fallback"):
+            if role in outputs:
+                results[role] = evaluate_pair(outputs[role], target, rows["opt_v1"], rows["valid_mask"])["refined"]
         for role, output in outputs.items():
             error = (ndvi(output) - ndvi(target))[bright]
             results[role]["ndvi_rmse_bright"] = float(error.pow(2).mean().sqrt())
@@ -165,12 +190,12 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
         results["bright_fraction"] = float(bright.sum() / rows["valid_mask"].sum())
         results["out_of_range_fraction"] = float(((weight[:, 0] > 0) & rows["valid_mask"]).sum()
                                                  / rows["valid_mask"].sum())
-        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "out_of_range_fraction", "n_tiles")}
-        if split == "test":
+        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "out_of_range_fraction", "n_tiles")
+                         if key in results}
+        if split == "test" and not in_model:
             scores[split]["fallback_sensitivity"] = {
                 f"{quantile}/{ramp}": evaluate_pair(
-                    opt_v1_out_of_range(refined, rows["opt_v1"],
-                                        out_of_range_weight(rows["opt_v1"], spectra_ranges[quantile], log_offset, ramp)),
+                    keep_opt_v1(refined, rows["opt_v1"], fallback_weight(rows["opt_v1"], quantile, ramp).to(refined.dtype)),
                     target, rows["opt_v1"], rows["valid_mask"])["refined"]
                 for quantile, ramp in SENSITIVITY}
     return scores
@@ -201,11 +226,13 @@ def with_fallback(variant_runs: dict) -> dict:
 
 
 def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
+    quantile, ramp = fallback_setting()
     lines = [
         "# Refinement quality against both baselines",
         "",
         f"Script: `bench/study_quality.py --seeds {' '.join(map(str, seeds))}`; "
-        f"{sum(len(v) for k, v in runs.items() if '/'.join(k) not in reused) + len(mixture)} demo trainings "
+        f"{sum(len(v) for k, v in runs.items() if '/'.join(k) not in reused) + len(mixture) * ('mixture' not in reused)}"
+        " demo trainings "
         "(`configs/demo.yaml`, tiny random-init "
         f"backbone, 18 training tiles, CPU, best step by validation loss) in {seconds / 60:.0f} min on {cpu_name()}; "
         f"load average {load}."
@@ -217,7 +244,9 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "unbounded output (two releases ago), `per_tile` = per-tile affine spectral correction started at the "
         "spectral fit, output clamped at 0, brightness augmentation (the previous release), `after` = one shared "
         "correction started at the spectral fit and the per-pixel spectral MLP, no brightness augmentation (the "
-        "demo now); the starting point is a candidate for the best step. "
+        "demo now); the starting point is a candidate for the best step; `fallback` = `after` built with "
+        "`out_of_range_fallback` (`opt_v1` kept outside the training spectra by the model itself, in training and "
+        "in evaluation; the rule below). "
         "`spectral fit`: where the default model's affine correction starts, the colour fit refined under the "
         "spectral loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0 (`after` starts there "
         "with its spectral MLP fitted on top). "
@@ -227,9 +256,9 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "extrapolates (`-`: a reused run that predates the column). "
         f"`<variant>, {FALLBACK}`: the same trained models' output with `opt_v1` blended back in at the pixels "
         "outside the training spectra (Mahalanobis distance of the pixel's log spectrum from the training pixels' "
-        f"beyond the {100 * OUT_OF_RANGE_QUANTILE:g}th percentile of their own distances, completely at "
-        f"{OUT_OF_RANGE_RAMP:g} times it; `bench._common.out_of_range_weight`): measured beside the model, not "
-        "part of it.",
+        f"beyond the {100 * quantile:g}th percentile of their own distances, completely at {ramp:g} times it): the "
+        "rule of a refiner built with `out_of_range_fallback` (`training.spectral_range`), applied to the output of "
+        "these models, trained without it.",
         "",
     ]
     for (preset, variant_runs) in _by_preset(runs).items():
@@ -287,12 +316,13 @@ def sensitivity_section(runs: dict, mixture: dict) -> list[str]:
               if all("fallback_sensitivity" in r["test"] for r in group[0])}
     if not groups:
         return []
+    own_quantile, own_ramp = fallback_setting()
     lines = [f"## How much the two numbers of `{FALLBACK}` matter (test split)", "",
              "Test EVI RMSE of the `after` models (mean over seeds) with `opt_v1` kept where a pixel's distance passes "
              "the given quantile of the training pixels' distances, completely at the given multiple of it; in "
              "brackets the seeds that then beat the colour fit by the goal's margin on all three metrics (not shown for "
-             f"the `mixture`, whose goal is the `mild` model's score). The study's own setting is "
-             f"{100 * OUT_OF_RANGE_QUANTILE:g} % / {OUT_OF_RANGE_RAMP:g}x.", "",
+             "the `mixture`, whose goal is the `mild` model's score). The study's own setting (training's default) is "
+             f"{100 * own_quantile:g} % / {own_ramp:g}x.", "",
              "| trained on | without | " + " | ".join(f"{100 * q:g} % / {r:g}x" for q, r in SENSITIVITY) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in SENSITIVITY) + " |"]
     for label, (results, with_goal) in groups.items():
@@ -324,6 +354,11 @@ def reuse_runs(path: Path, runs: dict) -> list[str]:
     runs.clear()
     runs.update(ordered)
     return taken
+
+
+def reuse_mixture(path: Path) -> dict:
+    """The `mixture` runs of `path` (an earlier study's JSON), by position, as `main` keeps them."""
+    return dict(enumerate(json.loads(path.read_text()).get("mixture_on_mild", [])))
 
 
 def _by_preset(runs: dict) -> dict:
@@ -369,6 +404,9 @@ def main(argv=None) -> int:
             else:
                 runs.setdefault((preset, variant), []).append(scored)
     reused = reuse_runs(Path(args.reuse), runs) if args.reuse else []
+    if args.reuse and not mixture:  # the mixture is trained as `after`: its earlier runs stand
+        mixture = reuse_mixture(Path(args.reuse))
+        reused += ["mixture"] if mixture else []
     text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused)
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
               "mixture_on_mild": list(mixture.values()), "seeds": args.seeds, "near_black": NEAR_BLACK}

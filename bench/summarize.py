@@ -392,8 +392,10 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool) -> Qua
     data = read_json(path)
     if not isinstance(data.get("runs"), dict):
         raise ResultsError(path, "no 'runs' object")
-    # The `per_tile` runs (the release before the spectral MLP) where the study has them.
-    optional = [key for key in data["runs"] if key.endswith("/per_tile") and key.split("/")[0] + "/after" in keys]
+    # The `per_tile` runs (the release before the spectral MLP) and the `fallback` ones (the demo trained with
+    # `--out_of_range_fallback true`) where the study has them.
+    optional = [key for key in data["runs"] if key.endswith(("/per_tile", "/fallback"))
+                and key.split("/")[0] + "/after" in keys]
     runs = {key: _checked_runs(data, path, key, ("opt_v1", "linear_fit", "refined")) for key in (*keys, *optional)}
     mixture = (_checked_runs(data, path, "mixture_on_mild", ("refined",), data.get("mixture_on_mild"))
                if with_mixture else [])
@@ -594,8 +596,19 @@ def colour_fit_row(study: QualityStudy) -> tuple[str, str, str]:
             f"EVI RMSE / SAM, mean of {len(study.runs['mild/after'])} seeds",
             f"`mild`: {two_decimals(mild)} (previous release {two_decimals(mild_before)}); "
             f"`strong`: {two_decimals(strong)} (previous {two_decimals(strong_before)}); "
-            f"goal (at most {RATIO_GOAL:.2f} on all three, every seed) met by {_and(met)}",
+            f"goal (at most {RATIO_GOAL:.2f} on all three, every seed) met by {_and(met)}"
+            + _with_fallback(study, ("mild", "strong")),
             cite("quality.md"))
+
+
+def _with_fallback(study: QualityStudy, presets: tuple[str, ...]) -> str:
+    """'; trained with the option: ...' for the presets whose `fallback` runs the study has ('' if none)."""
+    runs = {preset: study.runs[f"{preset}/fallback"] for preset in presets if f"{preset}/fallback" in study.runs}
+    if not runs:
+        return ""
+    parts = [f"`{preset}` {two_decimals(ratios_to_colour_fit(results))}, {seeds_meeting_goal(results)} of "
+             f"{len(results)} seeds meeting the goal" for preset, results in runs.items()]
+    return f"; trained with `--out_of_range_fallback true` (an option, off by default): {_and(parts)}"
 
 
 def _beyond_spread(worse: list[float], better: list[float]) -> bool:
@@ -623,7 +636,11 @@ def proxy_row(study: QualityStudy) -> tuple[str, str, str]:
             f"NDVI RMSE / EVI RMSE / SAM, {len(after)} seeds",
             f"{two_decimals(ratios_to_colour_fit(after))} (previous release "
             f"{two_decimals(ratios_to_colour_fit(previous_release(study.runs, 'proxy')))}); EVI RMSE "
-            f"{higher_or_lower(refined_evi, opt_v1_evi)} than `opt_v1`'s ({refined_evi:.3f} vs {opt_v1_evi:.3f})",
+            f"{higher_or_lower(refined_evi, opt_v1_evi)} than `opt_v1`'s ({refined_evi:.3f} vs {opt_v1_evi:.3f})"
+            + (f"; trained with `--out_of_range_fallback true`: "
+               f"{two_decimals(ratios_to_colour_fit(study.runs['proxy/fallback']))}, EVI RMSE "
+               f"{mean_over_runs(study.runs['proxy/fallback'], 'refined', 'evi_rmse'):.3f}"
+               if "proxy/fallback" in study.runs else ""),
             cite("quality_proxy.md"))
 
 

@@ -23,6 +23,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from modeling_stage2.adapters import (  # the files save_trained_model and training write beside a model
     ADAPTER_CONFIG_FILE,
     BASE_SOURCE_FILE,
+    FITTED_MODULES,
     METRICS_FILE,
     PREVIEW_FILE,
     TRAINING_CONFIG_FILE,
@@ -327,10 +328,13 @@ def _describe_adaptation(adapter_config: Mapping | None, model_config: Mapping) 
                    else f"the last {blocks} backbone blocks")
     where = f"{', '.join(targets)} of {blocks_text}"
     if adapter_config is not None:
-        saved = adapter_config.get("modules_to_save")
+        saved = adapter_config.get("modules_to_save") or ()
+        trained = [name for name in saved if name not in FITTED_MODULES]
+        fitted = [name for name in saved if name in FITTED_MODULES]
         text = (f"LoRA r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}, "
                 f"dropout={adapter_config.get('lora_dropout')} on {where}")
-        return text + (f"; trained in full: {', '.join(saved)}" if saved else "")
+        text += f"; trained in full: {', '.join(trained)}" if trained else ""
+        return text + (f"; fitted before training: {', '.join(fitted)}" if fitted else "")
     if model_config.get("lora_r"):
         return f"LoRA r={model_config['lora_r']}, alpha={model_config.get('lora_alpha')} on {where}, merged"
     return "fine-tuned refiner weights"

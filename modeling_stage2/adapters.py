@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 # correction only with `spectral_correction="affine"`, the spectral MLP only with `spectral_mlp_hidden_size > 0`); matched by name suffix, so these names must not end any
 # other module's name.
 TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head", "spectral_correction", "spectral_mlp")
+# Fitted before training (not by the optimiser) and saved with the adapter too (`modules_to_save`): the statistics
+# of the training spectra, with `out_of_range_fallback`.
+FITTED_MODULES = ("spectral_range",)
 
 BASE_SOURCE_FILE = "stage2_base.json"
 BASE_WEIGHTS_FILE = "base_model.safetensors"
@@ -272,7 +275,7 @@ def build_trainable_model(
         lora_alpha=config.lora_alpha if lora_alpha is None else lora_alpha,
         lora_dropout=config.lora_dropout if lora_dropout is None else lora_dropout,
         target_modules=lora_target_pattern(config, target_modules, unfreeze_last_n_blocks),
-        modules_to_save=[name for name in TRAINABLE_MODULES if getattr(base, name, None) is not None],
+        modules_to_save=[name for name in TRAINABLE_MODULES + FITTED_MODULES if getattr(base, name, None) is not None],
         bias="none",
     )
     checkpointing_kwargs = {"use_reentrant": False}
@@ -563,6 +566,7 @@ def _refuse_foreign_folder(output_dir: Path) -> None:
 
 __all__ = [
     "QUANTIZATIONS",
+    "FITTED_MODULES",
     "TRAINABLE_MODULES",
     "build_trainable_model",
     "export_merged_model",

@@ -21,6 +21,10 @@ PADDING_MODES: tuple[str, ...] = ("reflect", "replicate")
 # for every tile).
 SPECTRAL_CORRECTIONS: tuple[str, ...] = ("none", "affine", "shared")
 
+# With `out_of_range_fallback`: the output is `opt_v1` entirely at this multiple of the threshold distance (a ramp as
+# wide as the threshold; chosen before measuring, see docs/training.md).
+OUT_OF_RANGE_RAMP = 2.0
+
 
 class Stage2RefinerConfig(PretrainedConfig):
     r"""
@@ -124,6 +128,21 @@ class Stage2RefinerConfig(PretrainedConfig):
             gradient passes straight through the clamp, so training still learns to lift pixels predicted below 0.
             `False` (the default) keeps the output unbounded, as models saved before this option computed it;
             training (`Stage2TrainingArguments.nonnegative_output`) builds new refiners with `True`.
+        out_of_range_fallback (`bool`, *optional*, defaults to `False`):
+            Leave `opt_v1` as it is at pixels whose spectrum lies outside the spectra the refiner was trained on:
+            the refiner then carries the statistics of its training pixels' log spectra (`spectral_mlp_log_offset`,
+            as the spectral MLP sees them: mean, inverse covariance and a threshold on the Mahalanobis distance,
+            fitted by training and saved with the model or adapter), `refined` is blended towards `opt_v1` beyond the
+            threshold, completely from `out_of_range_ramp` times it (before the non-negative clamp), and the output
+            carries the blend weight (`out_of_range_weight`) so users see where the refiner declined. Every
+            correction extrapolates on a spectrum it never saw (cloud, snow, a colour cast no training tile had) and
+            can be worse there than Stage 1's own image; how much this helps depends on the generator, see
+            docs/training.md. Until the statistics are fitted (a fresh model) the weight is 0 everywhere. `False`
+            (the default, so that models saved before this option load and compute exactly as before): no
+            statistics, no blend.
+        out_of_range_ramp (`float`, *optional*, defaults to 2.0):
+            With `out_of_range_fallback`: the multiple of the threshold distance at which the output is `opt_v1`
+            entirely (linear in the distance from the threshold, where the blend starts); must be > 1.
         kwargs:
             Passed to [`PretrainedConfig`] (e.g. `output_hidden_states`, `return_dict`).
 
@@ -168,6 +187,8 @@ class Stage2RefinerConfig(PretrainedConfig):
         spectral_mlp_num_layers: int = 2,
         spectral_mlp_log_offset: float = 0.05,
         nonnegative_output: bool = False,
+        out_of_range_fallback: bool = False,
+        out_of_range_ramp: float = OUT_OF_RANGE_RAMP,
         **kwargs,
     ):
         self.bands = _resolve_bands(bands)
@@ -209,6 +230,15 @@ class Stage2RefinerConfig(PretrainedConfig):
         if not isinstance(nonnegative_output, bool):
             raise ValueError(f"nonnegative_output must be True or False, got {nonnegative_output!r}.")
         self.nonnegative_output = nonnegative_output
+        if not isinstance(out_of_range_fallback, bool):
+            raise ValueError(f"out_of_range_fallback must be True or False, got {out_of_range_fallback!r}.")
+        self.out_of_range_fallback = out_of_range_fallback
+        self.out_of_range_ramp = _real(out_of_range_ramp, "out_of_range_ramp")
+        if not self.out_of_range_ramp > 1:
+            raise ValueError(
+                f"out_of_range_ramp must be > 1 (the multiple of the threshold distance where the output is opt_v1 "
+                f"entirely), got {out_of_range_ramp!r}."
+            )
         super().__init__(**kwargs)
         if self.dtype is not None and self.backbone_config.dtype is None:
             self.backbone_config.dtype = self.dtype  # one dtype for the whole refiner unless the backbone says
@@ -369,4 +399,6 @@ def _resolve_last_n_blocks(value, depth: int) -> int | None:
 Stage2RefinerConfig.register_for_auto_class()
 AutoConfig.register(Stage2RefinerConfig.model_type, Stage2RefinerConfig, exist_ok=True)
 
-__all__ = ["BAND_NAMES", "LORA_TARGETS", "SPECTRAL_CORRECTIONS", "UNKNOWN_METADATA", "Stage2RefinerConfig"]
+__all__ = [
+    "BAND_NAMES", "LORA_TARGETS", "OUT_OF_RANGE_RAMP", "SPECTRAL_CORRECTIONS", "UNKNOWN_METADATA", "Stage2RefinerConfig",
+]

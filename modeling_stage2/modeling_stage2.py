@@ -17,6 +17,11 @@ With `spectral_mlp_hidden_size > 0` a per-pixel MLP adds a non-linear colour cor
     corrected = corrected + MLP(log(max(corrected, 0) + offset))   (per pixel; `opt_v1` in place of `corrected`
                                                                     without the affine branch)
 
+With `out_of_range_fallback` the output is blended back towards `opt_v1` at pixels whose spectrum lies outside the
+training pixels' (Mahalanobis distance of the log spectrum beyond a fitted threshold):
+
+    refined = refined + w (opt_v1 - refined),  w = 0 within the threshold .. 1 from `out_of_range_ramp` times it
+
 With `nonnegative_output` the refined image is clamped at 0 reflectance (straight-through gradient).
 
 The head's last layer starts at zero (and the correction at the identity, the MLP at zero), so an untrained model returns `opt_v1`
@@ -58,6 +63,10 @@ class Stage2RefinerOutput(ModelOutput):
         corrected (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`, *optional*):
             `opt_v1` after the per-tile spectral correction and the per-pixel spectral MLP, before the head's
             residual; `None` without either (`config.spectral_correction="none"`, `config.spectral_mlp_hidden_size=0`).
+        out_of_range_weight (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`, *optional*):
+            With `config.out_of_range_fallback`: each pixel's weight of `opt_v1` in `refined`, 0 where the refiner
+            corrected it as trained, 1 where its spectrum lies so far outside the training spectra that `opt_v1` was
+            kept (`Stage2SpectralRange`); `None` without the option.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The backbone's hidden states, one `(batch_size, 1 + num_patches, embed_dim)` tensor per block (CLS token
             first, the last after the final LayerNorm), returned when `output_hidden_states=True`. They describe the
@@ -70,6 +79,7 @@ class Stage2RefinerOutput(ModelOutput):
 
     refined: torch.FloatTensor | None = None
     corrected: torch.FloatTensor | None = None
+    out_of_range_weight: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -310,6 +320,77 @@ class Stage2SpectralMLP(nn.Module):
         return spectra + residual.to(spectra.dtype)
 
 
+def spectral_distance(spectra: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor,
+                      log_offset: float) -> torch.Tensor:
+    """(B, bands, H, W) reflectance -> (B, H, W) Mahalanobis distance of each pixel's log spectrum (`log_spectra`)
+    from `mean` (bands,) under `precision` (bands x bands, an inverse covariance), in the dtype of `mean`."""
+    centred = log_spectra(spectra.to(mean.dtype), log_offset).permute(0, 2, 3, 1) - mean
+    return torch.einsum("...i,ij,...j->...", centred, precision, centred).clamp(min=0).sqrt()
+
+
+def out_of_range_weight(distance: torch.Tensor, threshold: torch.Tensor | float, ramp: float) -> torch.Tensor:
+    """The weight of `opt_v1` at a pixel `distance` away from the training spectra: 0 up to `threshold`, 1 from
+    `ramp` times it, linear between; 0 everywhere with an infinite `threshold` (no range fitted)."""
+    return ((distance / threshold - 1) / (ramp - 1)).clamp(0, 1)
+
+
+def keep_opt_v1(output: torch.Tensor, opt_v1: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`output` with `opt_v1` blended in by `weight` ((B, 1, H, W), `out_of_range_weight`): Stage 1's own pixels kept
+    where the training spectra end."""
+    return output + weight * (opt_v1 - output)
+
+
+class Stage2SpectralRange(nn.Module):
+    """Where the spectra the refiner was trained on end (with `config.out_of_range_fallback`).
+
+    Buffers, fitted by training (`training.spectral_range`) and saved with the model or adapter: the `mean` and
+    `precision` (inverse covariance) of the training pixels' log spectra (`log_spectra`, as the spectral MLP sees
+    them) and a `threshold` on their Mahalanobis distance (a high quantile of the training pixels' own). `forward`
+    gives each pixel's weight of `opt_v1` in the output: 0 within the threshold, 1 from `config.out_of_range_ramp`
+    times it. A fresh module has an infinite threshold: weight 0 everywhere.
+    """
+
+    def __init__(self, config: Stage2RefinerConfig):
+        super().__init__()
+        bands = len(config.bands)
+        self.log_offset = config.spectral_mlp_log_offset
+        self.ramp = config.out_of_range_ramp
+        # Unfitted: `_init_weights` sets the same values (a model built on the meta device gets them there).
+        self.register_buffer("mean", torch.zeros(bands))
+        self.register_buffer("precision", torch.eye(bands))
+        self.register_buffer("threshold", torch.tensor(math.inf))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(torch.isfinite(self.threshold))
+
+    def forward(self, opt_v1: torch.Tensor) -> torch.Tensor:
+        """(B, bands, H, W) reflectance -> (B, 1, H, W) weight of `opt_v1`, in its dtype."""
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)  # a half-precision model measures in float32
+        distance = spectral_distance(opt_v1, self.mean.to(dtype), self.precision.to(dtype), self.log_offset)
+        return out_of_range_weight(distance, self.threshold.to(dtype), self.ramp)[:, None].to(opt_v1.dtype)
+
+    @torch.no_grad()
+    def set_range(self, mean, precision, threshold) -> None:
+        """Set the fitted statistics: `mean` (bands,), `precision` (bands x bands), `threshold` (a positive
+        distance)."""
+        mean = torch.as_tensor(mean, dtype=self.mean.dtype, device=self.mean.device)
+        precision = torch.as_tensor(precision, dtype=self.precision.dtype, device=self.precision.device)
+        threshold = torch.as_tensor(threshold, dtype=self.threshold.dtype, device=self.threshold.device)
+        if mean.shape != self.mean.shape or precision.shape != self.precision.shape or threshold.ndim != 0:
+            raise ValueError(
+                f"A spectral range of {self.mean.numel()} bands needs a {tuple(self.mean.shape)} mean, a "
+                f"{tuple(self.precision.shape)} precision and a scalar threshold, got {tuple(mean.shape)}, "
+                f"{tuple(precision.shape)} and {tuple(threshold.shape)}."
+            )
+        if not (torch.isfinite(mean).all() and torch.isfinite(precision).all() and torch.isfinite(threshold)
+                and threshold > 0):
+            raise ValueError("The spectral range's mean and precision must be finite and its threshold positive.")
+        self.mean.copy_(mean)
+        self.precision.copy_(precision)
+        self.threshold.copy_(threshold)
+
+
 class Stage2InputNormalizer(nn.Module):
     """Reflectance (0..1) -> the backbone's normalised input: (reflectance * 10000 - mean) / std per band."""
 
@@ -411,7 +492,8 @@ class Stage2PreTrainedModel(PreTrainedModel):
         """Truncated-normal convs and linears (std `initializer_range`), normal embeddings, unit LayerNorms,
         `layer_scale_init_value` layer scales, the band statistics of the backbone; the fusion starts as the
         identity on the bands and the head's output conv at zero (an untrained refiner returns `opt_v1`); the
-        spectral MLP's hidden layers at std 1/sqrt(fan_in), its output at zero."""
+        spectral MLP's hidden layers at std 1/sqrt(fan_in), its output at zero; the spectral range unfitted (an
+        infinite threshold: `opt_v1` is never blended back in)."""
         std = self.config.initializer_range
         if isinstance(module, Stage2SpectralCorrection):
             init.copy_(module.matrix, torch.eye(module.num_bands, dtype=module.matrix.dtype))
@@ -439,6 +521,10 @@ class Stage2PreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, Stage2ConvNextBlock) and module.layer_scale is not None:
             init.constant_(module.layer_scale, self.config.layer_scale_init_value)
+        elif isinstance(module, Stage2SpectralRange):
+            init.zeros_(module.mean)
+            init.copy_(module.precision, torch.eye(module.mean.numel(), dtype=module.precision.dtype))
+            init.constant_(module.threshold, math.inf)
         elif isinstance(module, Stage2InputNormalizer):
             backbone = self.config.backbone_config
             init.copy_(module.mean, torch.tensor(backbone.band_mean, dtype=module.mean.dtype).view_as(module.mean))
@@ -472,6 +558,7 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
             else None
         )
         self.spectral_mlp = Stage2SpectralMLP(config) if config.spectral_mlp_hidden_size > 0 else None
+        self.spectral_range = Stage2SpectralRange(config) if config.out_of_range_fallback else None
         self.cpu_fallback_count = 0
         self._warned_cpu_fallback = False
         self.post_init()
@@ -539,12 +626,18 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         top, _, left, _ = padding
         delta = delta[:, :, top : top + height, left : left + width]
         refined = (opt_v1 if corrected is None else corrected) + delta.to(opt_v1.dtype)
+        out_of_range = None
+        if self.spectral_range is not None:
+            # Outside the training spectra every correction extrapolates: Stage 1's own pixel is kept there.
+            out_of_range = self.spectral_range(opt_v1)
+            refined = keep_opt_v1(refined, opt_v1, out_of_range)
         if self.config.nonnegative_output:
             refined = clamp_min_straight_through(refined, 0.0)
 
         output = Stage2RefinerOutput(
             refined=refined,
             corrected=corrected,
+            out_of_range_weight=out_of_range,
             hidden_states=encoded.hidden_states if output_hidden_states else None,
             attentions=encoded.attentions if output_attentions else None,
         )
@@ -732,8 +825,12 @@ __all__ = [
     "Stage2RefinerModel",
     "Stage2RefinerOutput",
     "Stage2SpectralCorrection",
+    "Stage2SpectralRange",
     "clamp_min_straight_through",
     "cyclic_month_encoding",
+    "keep_opt_v1",
     "load_pretrained_encoder",
     "log_spectra",
+    "out_of_range_weight",
+    "spectral_distance",
 ]

@@ -27,6 +27,7 @@ from modeling_stage2.export import EXPORT_INFO_FILE, MIN_SIDE, export_refiner  #
 from inference_stage2 import main as refine_main  # noqa: E402
 from inference_stage2 import load_model, refine_scene, refine_tiles  # noqa: E402
 from modeling_stage2.onnx_runtime import ExportedRefiner, is_exported_model  # noqa: E402
+from training.spectral_range import fit_spectral_range, set_spectral_range  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TILES = REPO_ROOT / "data" / "sample" / "tiles"
@@ -70,7 +71,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(workdir) -> dict[str, Path]:
+def trained(workdir, sample_images) -> dict[str, Path]:
     """A trained adapter folder (LoRA r 8 on every block, metadata embedding, fusion, head trained) per variant."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -78,12 +79,17 @@ def trained(workdir) -> dict[str, Path]:
     for index, variant in enumerate(VARIANTS):
         torch.manual_seed(index)
         model = build_trainable_model(
-            # the affine variant as training builds it: output clamped at 0 and a spectral MLP too
+            # the affine variant as training builds it (output clamped at 0, a spectral MLP), and keeping opt_v1
+            # outside its training spectra
             tiny_refiner_config(spectral_correction=variant, nonnegative_output=variant == "affine",
-                                spectral_mlp_hidden_size=8 if variant == "affine" else 0),
+                                spectral_mlp_hidden_size=8 if variant == "affine" else 0,
+                                out_of_range_fallback=variant == "affine"),
             quantization="none", print_summary=False,
         )
         _wake_everything(model, seed=index + 1)
+        if variant == "affine":  # a range of the first two sample tiles: the others are partly outside it
+            images = torch.from_numpy(sample_images[0][:2])
+            set_spectral_range(model, fit_spectral_range(lambda: [(images, None)], 0.05, quantile=0.5))
         folders[variant] = save_trained_model(model, workdir / f"trained_{variant}")
     torch.set_num_threads(threads)
     return folders
@@ -156,8 +162,12 @@ def test_exported_graph_equals_eager_on_sample_tiles(variant, fmt, eager, export
         for batch in BATCHES:
             opt_v1, month, biome = sample_batch(sample_images, batch, size)
             with torch.no_grad():
-                expected = eager[variant](opt_v1=opt_v1, month=month, biome=biome).refined
+                eager_output = eager[variant](opt_v1=opt_v1, month=month, biome=biome)
+            expected = eager_output.refined
             actual = model(opt_v1, month, biome).refined
+            if variant == "affine":  # opt_v1 kept where the tiles leave the training spectra, in the graph too
+                weight = eager_output.out_of_range_weight
+                assert 0.1 < float((weight > 0).double().mean()) < 0.95 and float(weight.max()) == 1.0
             assert actual.shape == opt_v1.shape and actual.dtype == torch.float32
             difference = float((actual - expected).abs().max())
             assert difference < TOLERANCE, (variant, fmt, size, batch, difference)

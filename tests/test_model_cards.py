@@ -198,6 +198,15 @@ def _model_folder(folder: Path, adapter: bool = True) -> Path:
     return folder
 
 
+def test_the_card_tells_fitted_modules_from_trained_ones(tmp_path):
+    folder = _model_folder(tmp_path / "best")
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["fusion", "head", "spectral_range"]}))
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    text = ModelCard.load(write_model_card(folder)).text
+    assert "; trained in full: fusion, head; fitted before training: spectral_range" in text
+
+
 def test_write_model_card_reads_the_folder(tmp_path):
     folder = _model_folder(tmp_path / "best")
     (folder / "metrics.json").write_text(json.dumps(METRICS))

@@ -29,7 +29,7 @@ def ratios(runs: list[dict], split: str = "test") -> str:
 def test_the_study_covers_three_seeds_of_both_presets_and_models(study):
     assert study["seeds"] == [0, 1, 2]
     assert set(study["runs"]) == {f"{preset}/{model}" for preset in ("mild", "strong")
-                                  for model in ("before", "per_tile", "after")}
+                                  for model in ("before", "per_tile", "after", "fallback")}
     assert all(len(runs) == 3 for runs in study["runs"].values()) and len(study["mixture_on_mild"]) == 3
 
 
@@ -37,9 +37,10 @@ def test_quoted_ratios_to_the_colour_fit_are_the_recorded_ones(study, repo_root)
     benchmarks = _text(repo_root / "BENCHMARKS.md")
     readme = _text(repo_root / "README.md")
     training = _text(repo_root / "docs" / "training.md")
-    for key in ("mild/after", "mild/per_tile", "strong/after", "strong/per_tile"):  # this and the previous release
-        assert ratios(study["runs"][key]) in benchmarks, key
-    assert ratios(study["runs"]["mild/after"]) in readme and ratios(study["runs"]["mild/per_tile"]) in readme
+    for key in ("mild/after", "mild/per_tile", "strong/after", "strong/per_tile", "mild/fallback", "strong/fallback"):
+        assert ratios(study["runs"][key]) in benchmarks, key  # this and the previous release, and the option
+    for key in ("mild/after", "mild/per_tile", "mild/fallback", "strong/fallback"):
+        assert ratios(study["runs"][key]) in readme, key
     for key, runs in study["runs"].items():  # docs/training.md's table: every model, mean (min-max) per metric
         for metric in SPECTRAL:
             values = [run["test"]["refined"][metric] / run["test"]["linear_fit"][metric] for run in runs]
@@ -68,6 +69,9 @@ def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
     for key in ("proxy/after", "proxy/per_tile"):
         assert len(proxy["runs"][key]) == 3
         assert ratios(proxy["runs"][key]) in benchmarks and ratios(proxy["runs"][key]) in training, key
+    with_rule = proxy["runs"]["proxy/fallback"]
+    evi = statistics.fmean(r["test"]["refined"]["evi_rmse"] for r in with_rule)
+    assert f"trained with `--out_of_range_fallback true`: {ratios(with_rule)}, EVI RMSE {evi:.3f} |" in benchmarks
     after = proxy["runs"]["proxy/after"]
     opt_v1 = after[0]["test"]["opt_v1"]["evi_rmse_in_range"]
     refined = statistics.fmean(r["test"]["refined"]["evi_rmse_in_range"] for r in after)
@@ -76,43 +80,66 @@ def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
 
 
 def test_quoted_effect_of_keeping_opt_v1_out_of_range_is_the_recorded_one(study, repo_root):
-    """docs/training.md's table of the refiners with `opt_v1` kept outside the training spectra (`refined_fallback`,
-    measured beside the model) against the same refiners."""
+    """docs/training.md's table of the refiners with `opt_v1` kept outside the training spectra: applied afterwards
+    (`refined_fallback` of the `after` runs) and trained with it (the `fallback` runs), against the same refiners."""
     from bench._common import GOAL_MARGIN, meets_goal
 
     proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())
     training = _text(repo_root / "docs" / "training.md")
     groups = {"mild": study["runs"]["mild/after"], "strong": study["runs"]["strong/after"],
               "mixture": study["mixture_on_mild"], "proxy": proxy["runs"]["proxy/after"]}
+    trained_with = {name: [run["test"] for run in runs] for name, runs in (
+        ("mild", study["runs"]["mild/fallback"]), ("strong", study["runs"]["strong/fallback"]),
+        ("proxy", proxy["runs"]["proxy/fallback"]))}
     tests = {name: [run["test"] for run in runs] for name, runs in groups.items()}
 
-    def mean(name, role, metric="evi_rmse"):
-        return statistics.fmean(test[role][metric] for test in tests[name])
+    def mean(name, role, metric="evi_rmse", runs=None):
+        return statistics.fmean(test[role][metric] for test in (runs or tests)[name])
 
-    def met(name, role):
-        return sum(meets_goal(test[role], test["linear_fit"]) for test in tests[name])
+    def met(name, role, runs=None):
+        return sum(meets_goal(test[role], test["linear_fit"]) for test in (runs or tests)[name])
 
-    def evi_ratios(name, role):
-        values = [test[role]["evi_rmse"] / test["linear_fit"]["evi_rmse"] for test in tests[name]]
+    def evi_ratios(name, role, runs=None):
+        values = [test[role]["evi_rmse"] / test["linear_fit"]["evi_rmse"] for test in (runs or tests)[name]]
         return f"{min(values):.2f}-{max(values):.2f}"
+
+    def trained(name):
+        return mean(name, "refined", runs=trained_with)
 
     for name, where in (("mild", "of the valid `mild` test pixels"), ("strong", "on `strong`"), ("proxy", "on the proxy")):
         assert f"{100 * tests[name][0]['out_of_range_fraction']:.1f} % {where}" in training, name
+        # the model's own range is the one the study fits: the same pixels are outside it
+        assert all(test["out_of_range_fraction"] == tests[name][0]["out_of_range_fraction"]
+                   for test in trained_with[name])
     assert (f"| `mild` | {mean('mild', 'refined'):.3f} | {mean('mild', 'refined_fallback'):.3f} | "
-            f"{met('mild', 'refined')} -> {met('mild', 'refined_fallback')} of 3 |") in training
+            f"{trained('mild'):.3f} | {met('mild', 'refined')} -> {met('mild', 'refined_fallback')} of 3 afterwards, "
+            f"{met('mild', 'refined', trained_with)} of 3 trained with it |") in training
     assert (f"| `strong` | {mean('strong', 'refined'):.3f} | {mean('strong', 'refined_fallback'):.3f} | "
-            f"{met('strong', 'refined')} -> {met('strong', 'refined_fallback')} of 3 (EVI at "
-            f"{evi_ratios('strong', 'refined_fallback')} of the colour fit, was {evi_ratios('strong', 'refined')}) |"
-            ) in training
+            f"{trained('strong'):.3f} | {met('strong', 'refined')} -> {met('strong', 'refined_fallback')} of 3 "
+            f"afterwards (EVI at {evi_ratios('strong', 'refined_fallback')} of the colour fit, was "
+            f"{evi_ratios('strong', 'refined')}), {met('strong', 'refined', trained_with)} of 3 trained with it "
+            f"({evi_ratios('strong', 'refined', trained_with)}) |") in training
+    assert met("mild", "refined", trained_with) == met("strong", "refined", trained_with) == 3
     assert (f"| `mixture` (`mild`) | {mean('mixture', 'refined'):.3f} | {mean('mixture', 'refined_fallback'):.3f} | "
-            f"against {mean('mild', 'refined_fallback'):.3f} for `mild` with the same rule |") in training
-    assert (f"| proxy | {mean('proxy', 'refined'):.3f} | {mean('proxy', 'refined_fallback'):.3f} | `opt_v1` itself: "
-            f"{tests['proxy'][0]['opt_v1']['evi_rmse']:.3f} |") in training
+            f"not trained | against {mean('mild', 'refined_fallback'):.3f} for `mild` with the same rule |") in training
+    assert (f"| proxy | {mean('proxy', 'refined'):.3f} | {mean('proxy', 'refined_fallback'):.3f} | "
+            f"{trained('proxy'):.3f} | `opt_v1` itself: {tests['proxy'][0]['opt_v1']['evi_rmse']:.3f} |") in training
     moved = max(abs(test["refined_fallback"][metric] - test["refined"][metric])
                 for runs in tests.values() for test in runs for metric in ("ndvi_rmse", "sam"))
     assert moved < 0.003 and "NDVI RMSE and SAM move by less than 0.003" in training
     worst = max(test["refined_fallback"]["evi_rmse"] / test["linear_fit"]["evi_rmse"] for test in tests["strong"])
     assert f"meets the EVI goal by {1 - GOAL_MARGIN - worst:.4f}" in training
+    # "On the proxy the refiner trained with it ends where the one without did (the gain of applying it afterwards,
+    # 0.003, is gone)"
+    assert abs(trained("proxy") - mean("proxy", "refined")) < 0.001
+    gain = mean("proxy", "refined") - mean("proxy", "refined_fallback")
+    assert f"(the gain of applying it afterwards, {gain:.3f}, is gone)" in training
+    # the demo seed whose NDVI RMSE ends above opt_v1's when trained with the rule
+    seed0, without = study["runs"]["mild/fallback"][0], study["runs"]["mild/after"][0]
+    assert seed0["test"]["refined"]["ndvi_rmse"] > seed0["test"]["opt_v1"]["ndvi_rmse"]
+    assert (f"on `mild` with seed 0 it is {seed0['test']['refined']['ndvi_rmse']:.4f}, above `opt_v1`'s "
+            f"{seed0['test']['opt_v1']['ndvi_rmse']:.4f} (its best step moved: validation NDVI RMSE "
+            f"{seed0['val']['refined']['ndvi_rmse']:.3f} against {without['val']['refined']['ndvi_rmse']:.3f})") in training
 
 
 def test_quoted_sensitivity_of_keeping_opt_v1_out_of_range_is_the_recorded_one(study, repo_root):

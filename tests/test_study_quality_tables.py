@@ -62,3 +62,23 @@ def test_the_sensitivity_section_scores_every_setting(study_quality):
     assert mild[1 + 1 + study_quality.SENSITIVITY.index((0.99, 2.0))] == "0.0775 (2 of 2)"
     row = next(line for line in text.splitlines() if line.startswith("| `mixture` (scored on `mild`) |"))
     assert row.split(" | ")[1:3] == ["0.1400", "0.3000"]  # EVI only: the mixture's goal is the mild model's score
+
+
+def test_a_model_with_the_rule_inside_gets_its_own_row_and_reused_runs_are_not_counted(study_quality, tmp_path):
+    import json
+
+    in_model = _run(study_quality, 0.084, None)
+    for split in ("test", "val"):
+        in_model[split]["out_of_range_fraction"] = 0.05  # from the model's own weight map
+    runs = {("mild", "after"): [_run(study_quality, 0.095, 0.085)], ("mild", "fallback"): [in_model]}
+    earlier = tmp_path / "quality.json"
+    earlier.write_text(json.dumps({"runs": {}, "mixture_on_mild": [_run(study_quality, 0.14, 0.12)] * 2}))
+    mixture = study_quality.reuse_mixture(earlier)
+    assert sorted(mixture) == [0, 1]
+    text = study_quality.render(runs, mixture, [0], 60.0, "0.0", reused=["mild/after", "mixture"])
+    assert "Script: `bench/study_quality.py --seeds 0`; 1 demo trainings" in text  # only the fallback run is new
+    assert "Runs of `mild/after`, `mixture` reused" in text
+    assert "| refined, fallback | 0.0500" in text
+    assert "- `fallback`: 1 of 1 seeds beat the colour fit" in text  # 0.084 <= 0.09
+    assert "fallback, opt_v1 out of range" not in text  # the rule is not applied twice
+    assert study_quality.VARIANT_FLAGS["fallback"] == ["--out_of_range_fallback", "true"]

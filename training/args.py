@@ -19,8 +19,10 @@ import torch
 from transformers import TrainingArguments
 
 from data_builders.degrade import DEGRADATION_CHOICES
-from modeling_stage2.configuration_stage2 import LORA_TARGETS, SPECTRAL_CORRECTIONS
+from modeling_stage2.configuration_stage2 import LORA_TARGETS, OUT_OF_RANGE_RAMP, SPECTRAL_CORRECTIONS
 from modeling_stage2.vocabulary import QUANTIZATIONS
+
+from .spectral_range import OUT_OF_RANGE_QUANTILE
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,13 @@ class Stage2TrainingArguments(TrainingArguments):
             least-squares fit alone; or `"identity"`. With `"spectral_fit"` a spectral MLP is fitted too, on top of
             that affine fit (300 more steps on 6 tiles each); with the others, or in a refiner without the
             correction branch (`spectral_correction="none"`), it starts at zero.
+        out_of_range_fallback (`bool`, defaults to `False`): a new refiner keeps `opt_v1` at pixels outside its
+            training spectra (`Stage2RefinerConfig.out_of_range_fallback`); their range is fitted on the training
+            split before training (not when resuming: the checkpoint has it), `training.spectral_range`.
+        out_of_range_quantile (`float`, defaults to 0.99): with `out_of_range_fallback`, the quantile of the training
+            pixels' own distances from their spectra beyond which `opt_v1` is blended back in.
+        out_of_range_ramp (`float`, defaults to 2.0): with `out_of_range_fallback`, the multiple of that distance
+            where the output is `opt_v1` entirely (`Stage2RefinerConfig.out_of_range_ramp`).
         quantization (`str`, defaults to `"8bit"`): backbone linear layers in `"8bit"`, `"4bit"` (NF4) or `"none"`.
         lora_r, lora_alpha, lora_dropout, lora_target_modules, unfreeze_last_n_blocks: LoRA settings.
 
@@ -165,6 +174,21 @@ class Stage2TrainingArguments(TrainingArguments):
                           "refined under the spectral loss), linear_fit (least squares) or identity.",
                   "choices": SPECTRAL_CORRECTION_INITS},
     )
+    out_of_range_fallback: bool = field(
+        default=False,
+        metadata={"help": "A new refiner keeps opt_v1 at pixels whose spectrum lies outside its training spectra "
+                          "(their range is fitted on the training split before training)."},
+    )
+    out_of_range_quantile: float = field(
+        default=OUT_OF_RANGE_QUANTILE,
+        metadata={"help": "With out_of_range_fallback: quantile of the training pixels' own distances from their "
+                          "spectra beyond which opt_v1 is blended back in."},
+    )
+    out_of_range_ramp: float = field(
+        default=OUT_OF_RANGE_RAMP,
+        metadata={"help": "With out_of_range_fallback: multiple of that distance where the output is opt_v1 "
+                          "entirely (> 1)."},
+    )
     quantization: str = field(
         default="8bit",
         metadata={"help": "Backbone linear layers: 8bit, 4bit (NF4) or none.", "choices": QUANTIZATIONS},
@@ -242,6 +266,10 @@ class Stage2TrainingArguments(TrainingArguments):
                 f"spectral_correction_init must be one of {SPECTRAL_CORRECTION_INITS}, got "
                 f"{self.spectral_correction_init!r}."
             )
+        if not 0.0 < self.out_of_range_quantile < 1.0:
+            raise ValueError(f"out_of_range_quantile must be in (0, 1), got {self.out_of_range_quantile}.")
+        if not self.out_of_range_ramp > 1.0:
+            raise ValueError(f"out_of_range_ramp must be > 1, got {self.out_of_range_ramp}.")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}.")
         if self.disc_update_interval < 1:

@@ -8,6 +8,18 @@ import torch
 BATCH_COLUMNS = ("target", "opt_v1", "month", "biome", "valid_mask")
 """The columns of a training or evaluation batch."""
 
+# Tiles per batch of `split_batches` (bounded memory: ~7 MB of float32 per 32 tiles of 4 bands).
+SPLIT_BATCH_TILES = 32
+
+
+def split_batches(dataset, columns):
+    """The `columns` of a `datasets.Dataset` split (those it has), `SPLIT_BATCH_TILES` rows at a time, as dicts of
+    numpy arrays: one pass over a split of any size in bounded memory (the fits of `training.linear_fit` and
+    `training.spectral_range`)."""
+    view = dataset.select_columns([name for name in columns if name in dataset.column_names]).with_format("numpy")
+    for start in range(0, len(view), SPLIT_BATCH_TILES):
+        yield view[start : start + SPLIT_BATCH_TILES]
+
 
 class TileDataset(torch.utils.data.Dataset):
     """Rows of a data-builders split as tensors, optionally with the training augmentation.

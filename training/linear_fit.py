@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Tiles read per Arrow batch during `from_dataset` (bounded memory: ~7 MB of float32 per 32 tiles).
-_READ_BATCH = 32
+from .data import split_batches
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,7 @@ class LinearColorFit:
         if missing:
             raise ValueError(f"The dataset lacks the columns {sorted(missing)} needed for a colour fit.")
         fit = cls(num_bands)
-        view = dataset.select_columns(columns).with_format("numpy")
-        for start in range(0, len(view), _READ_BATCH):
-            batch = view[start : start + _READ_BATCH]
+        for batch in split_batches(dataset, columns):
             fit.update(np.asarray(batch["opt_v1"]), np.asarray(batch["target"]),
                        np.asarray(batch["valid_mask"]) if "valid_mask" in batch else None)
         return fit.solve()

@@ -235,7 +235,9 @@ def refiner_config(training_args, *, overrides: bool = True, lora: bool = False)
 
     settings = {"spectral_correction": training_args.spectral_correction,
                 "nonnegative_output": training_args.nonnegative_output,
-                "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size}
+                "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size,
+                "out_of_range_fallback": training_args.out_of_range_fallback,
+                "out_of_range_ramp": training_args.out_of_range_ramp}
     if lora:
         settings.update(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                         lora_dropout=training_args.lora_dropout,
@@ -490,6 +492,25 @@ def start_spectral_correction(model, train_split, training_args) -> str | None:
     return f"{init} of {fit.tiles} training tiles"
 
 
+def start_spectral_range(model, train_split, training_args) -> str | None:
+    """Fit the range of the training spectra of a refiner with `out_of_range_fallback` on the training split;
+    returns what it did, or None for a refiner without it or a resumed run (the checkpoint has it)."""
+    from training.spectral_range import fit_spectral_range_of_dataset, set_spectral_range, spectral_ranges
+    from training.trainer import resolve_resume_checkpoint
+
+    modules = spectral_ranges(model)
+    if not modules:
+        return None
+    if resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False):
+        return None
+    fit = fit_spectral_range_of_dataset(train_split, modules[0].log_offset, training_args.out_of_range_quantile)
+    set_spectral_range(model, fit)
+    logger.info(f"Outside the spectra of {fit.tiles} training tiles ({fit.pixels:,} valid pixels; Mahalanobis "
+                f"distance of the log spectrum beyond {fit.threshold:.3f}, their {100 * fit.quantile:g}th "
+                f"percentile) the refiner keeps opt_v1.")
+    return f"{100 * fit.quantile:g}th percentile of {fit.tiles} training tiles"
+
+
 # ------------------------------------------------------------------------------------------- main
 def run_training(training_args, data_args, settings: dict | None = None, callbacks=None):
     """Build data and model, train, and finish the output folder. Returns the trainer.
@@ -509,11 +530,13 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
         set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
         model = build_model(training_args, print_summary=training_args.should_log)
         spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args)
+        spectral_range = start_spectral_range(model, train_dataset.dataset, training_args)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
                              "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
-                             "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start},
+                             "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start,
+                             "out_of_range_fallback": spectral_range},
             callbacks=callbacks,
         )
         if training_args.should_save:

@@ -206,3 +206,20 @@ class Stage2RefinerCommonTest(_NotApplicable, ModelTesterMixin, unittest.TestCas
     # `Stage2RefinerConfig.to_dict()` stores the whole backbone sub-config, as the composite check expects.
     def test_config_composite_save_load(self):
         self.config_tester.create_and_test_config_from_and_save_pretrained_composite()
+
+
+class Stage2RefinerAllOptionsModelTester(Stage2RefinerModelTester):
+    """The refiner with every optional module: the spectral correction and MLP and the non-negative output that
+    training builds, and the range of the training spectra (`out_of_range_fallback`, its buffers unfitted)."""
+
+    def get_config(self) -> Stage2RefinerConfig:
+        return Stage2RefinerConfig(backbone_config=PrithviEncoderModelTester.get_config(self), head_width=16,
+                                   num_convnext_blocks=2, metadata_embed_dim=8, drop_path_rate=0.0, lora_dropout=0.0,
+                                   spectral_correction="affine", spectral_mlp_hidden_size=8, nonnegative_output=True,
+                                   out_of_range_fallback=True)
+
+
+class Stage2RefinerAllOptionsCommonTest(Stage2RefinerCommonTest):
+    def setUp(self):
+        super().setUp()
+        self.model_tester = Stage2RefinerAllOptionsModelTester(self)
