@@ -1,7 +1,8 @@
 """Refinement quality against both baselines, before and after the spectral correction, under both degradations.
 
     .venv/bin/python bench/study_quality.py [--presets mild strong] [--seeds 0 1 2] [--variants before per_tile after]
-                                            [--no-mixture] [--jobs 2] [--output bench/results/quality.md]
+                                            [--no-mixture] [--mixture_variants after fallback] [--jobs 2]
+                                            [--reuse bench/results/quality.json] [--output bench/results/quality.md]
     .venv/bin/python bench/study_quality.py --presets proxy --no-mixture --output bench/results/quality_proxy.md
 
 For each degradation preset (`data_builders.degrade`), training seed and model variant it trains the demo
@@ -13,9 +14,10 @@ fitted on the same training tiles. Variants: `before` is the refiner of the prev
 spectral MLP (per-tile affine correction started at the spectral fit, output clamped at 0, brightness augmentation
 0.1-1.0, no spectral MLP), `after` the current demo (one shared correction started at the spectral fit, refined
 per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step),
-`fallback` the demo with `--out_of_range_fallback true`. With `--mixture` (default) it also trains `after` on the
-`mixture` degradation and scores it on the `mild` test split, to compare with the model trained on `mild` alone (with
-`--no-mixture --reuse`, the earlier study's mixture runs are reported).
+`fallback` the demo with `--out_of_range_fallback true`. With `--mixture` (default) it also trains the
+`--mixture_variants` (default `after`) on the `mixture` degradation and scores them on the `mild` test split, to compare
+with the same variant trained on `mild` alone (with `--reuse`, the earlier study's mixture runs of variants not trained
+now are reported).
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
 
@@ -226,13 +228,17 @@ def with_fallback(variant_runs: dict) -> dict:
 
 
 def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
+    """The study's markdown. `runs`: (preset, variant) -> one score per seed; `mixture`: variant -> the scores on the
+    `mild` test split of that variant trained on `mixture`; `reused`: the keys (`preset/variant`) of runs taken from an
+    earlier study."""
     quantile, ramp = fallback_setting()
+    trainings = sum(len(results) for (preset, variant), results in runs.items() if f"{preset}/{variant}" not in reused)
+    trainings += sum(len(results) for variant, results in mixture.items() if f"mixture/{variant}" not in reused)
     lines = [
         "# Refinement quality against both baselines",
         "",
         f"Script: `bench/study_quality.py --seeds {' '.join(map(str, seeds))}`; "
-        f"{sum(len(v) for k, v in runs.items() if '/'.join(k) not in reused) + len(mixture) * ('mixture' not in reused)}"
-        " demo trainings "
+        f"{trainings} demo trainings "
         "(`configs/demo.yaml`, tiny random-init "
         f"backbone, 18 training tiles, CPU, best step by validation loss) in {seconds / 60:.0f} min on {cpu_name()}; "
         f"load average {load}."
@@ -291,18 +297,30 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                                  f"{100 * GOAL_MARGIN:.0f} % on NDVI RMSE, EVI RMSE and SAM.")
             lines.append("")
     if mixture:
-        mild = runs.get(("mild", "after"), [])
         lines += ["## Trained on `mixture`, scored on the `mild` test split", "",
+                  "Each variant trained on `mild` and on `mixture` (`after` unless named).", "",
                   "| training degradation | " + " | ".join(COLUMNS) + " |",
                   "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
-        trained = {"mild": mild, "mixture": list(mixture.values())}
-        for label, results in with_fallback({name: runs for name, runs in trained.items() if runs}).items():
-            if results:
-                lines.append(f"| {label} | " + " | ".join(
-                    mean_range_cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
+        for label, results in mixture_rows(runs, mixture).items():
+            lines.append(f"| {label} | " + " | ".join(
+                mean_range_cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
         lines.append("")
     lines += sensitivity_section(runs, mixture)
     return "\n".join(lines)
+
+
+def mixture_rows(runs: dict, mixture: dict) -> dict:
+    """label -> runs of the mixture table: `mild` and `mixture` (the `after` variant, each followed by its scores with
+    `opt_v1` kept out of range), then `mild, <variant>` and `mixture, <variant>` for each other variant trained on the
+    mixture."""
+    trained = {"mild": runs.get(("mild", "after"), []), "mixture": mixture.get("after", [])}
+    rows = with_fallback({name: results for name, results in trained.items() if results})
+    for variant, results in mixture.items():
+        if variant != "after":
+            if runs.get(("mild", variant)):
+                rows[f"mild, {variant}"] = runs[("mild", variant)]
+            rows[f"mixture, {variant}"] = results
+    return rows
 
 
 def sensitivity_section(runs: dict, mixture: dict) -> list[str]:
@@ -310,8 +328,8 @@ def sensitivity_section(runs: dict, mixture: dict) -> list[str]:
     (and the seeds that then meet the goal), where the runs recorded it."""
     # label -> (runs, whether to count the seeds meeting the goal: not for the mixture, judged by the mild model)
     groups = {f"`{preset}`": (results, True) for (preset, variant), results in runs.items() if variant == "after"}
-    if mixture:
-        groups["`mixture` (scored on `mild`)"] = (list(mixture.values()), False)
+    if mixture.get("after"):
+        groups["`mixture` (scored on `mild`)"] = (mixture["after"], False)
     groups = {label: group for label, group in groups.items()
               if all("fallback_sensitivity" in r["test"] for r in group[0])}
     if not groups:
@@ -356,9 +374,21 @@ def reuse_runs(path: Path, runs: dict) -> list[str]:
     return taken
 
 
-def reuse_mixture(path: Path) -> dict:
-    """The `mixture` runs of `path` (an earlier study's JSON), by position, as `main` keeps them."""
-    return dict(enumerate(json.loads(path.read_text()).get("mixture_on_mild", [])))
+def reuse_mixture(path: Path, mixture: dict) -> list[str]:
+    """Adds to `mixture` the `mixture` runs of `path` (an earlier study's JSON) of variants not trained now; returns
+    the keys (`mixture/<variant>`) it took. (A study before the mixture had variants recorded a list of `after` runs.)"""
+    earlier = json.loads(path.read_text()).get("mixture_on_mild", {})
+    earlier = {"after": earlier} if isinstance(earlier, list) else earlier
+    taken = []
+    for variant, results in earlier.items():
+        if variant in VARIANT_FLAGS and variant not in mixture and results:
+            mixture[variant] = results
+            taken.append(f"mixture/{variant}")
+    order = {variant: index for index, variant in enumerate(VARIANT_FLAGS)}
+    ordered = sorted(mixture.items(), key=lambda item: order[item[0]])
+    mixture.clear()
+    mixture.update(ordered)
+    return taken
 
 
 def _by_preset(runs: dict) -> dict:
@@ -370,10 +400,13 @@ def _by_preset(runs: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["mild", "strong"])
+    parser.add_argument("--presets", nargs="*", default=["mild", "strong"],
+                        help="the presets trained (none: only the mixture, with the others reused)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=tuple(VARIANT_FLAGS))
     parser.add_argument("--mixture", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mixture_variants", nargs="+", default=["after"], choices=tuple(VARIANT_FLAGS),
+                        help="the variants trained on the mixture")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reuse", help="an earlier study's JSON: its runs of variants not trained now are reported "
                                         "beside the new ones (for variants whose code and seeds did not change)")
@@ -384,7 +417,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     jobs = [(preset, seed, variant) for preset in args.presets for variant in args.variants for seed in args.seeds]
     if args.mixture:
-        jobs += [("mixture", seed, "after") for seed in args.seeds]
+        jobs += [("mixture", seed, variant) for variant in args.mixture_variants for seed in args.seeds]
     with tempfile.TemporaryDirectory(prefix="stage2-quality-") as tmp:
         workdir = Path(tmp)
         datasets = build_datasets(sorted(set(args.presets) | ({"mild", "mixture"} if args.mixture else set())),
@@ -400,16 +433,15 @@ def main(argv=None) -> int:
                 f"{m} {scored['test']['refined'][m] / scored['test']['linear_fit'][m]:.3f}" for m in SPECTRAL),
                 flush=True)
             if preset == "mixture":
-                mixture[seed] = scored
+                mixture.setdefault(variant, []).append(scored)
             else:
                 runs.setdefault((preset, variant), []).append(scored)
     reused = reuse_runs(Path(args.reuse), runs) if args.reuse else []
-    if args.reuse and not mixture:  # the mixture is trained as `after`: its earlier runs stand
-        mixture = reuse_mixture(Path(args.reuse))
-        reused += ["mixture"] if mixture else []
+    if args.reuse:
+        reused += reuse_mixture(Path(args.reuse), mixture)
     text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused)
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
-              "mixture_on_mild": list(mixture.values()), "seeds": args.seeds, "near_black": NEAR_BLACK}
+              "mixture_on_mild": mixture, "seeds": args.seeds, "near_black": NEAR_BLACK}
     record_study(args.output, text, record)
     return 0
 

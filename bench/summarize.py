@@ -18,7 +18,7 @@ import json
 import re
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,8 +368,9 @@ def reconstruction_weight(results: Path) -> WeightStudy:
 @dataclass
 class QualityStudy:
     runs: dict[str, list[dict]]  # 'mild/after' -> one result per seed
-    mixture_on_mild: list[dict]
+    mixture_on_mild: list[dict]  # the `after` variant trained on `mixture`, scored on `mild` test tiles
     seeds: list[int]
+    mixture_fallback_on_mild: list[dict] = field(default_factory=list)  # the `fallback` variant, where recorded
 
 
 def _has_test_metrics(run, output: str) -> bool:
@@ -397,12 +398,14 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool) -> Qua
     optional = [key for key in data["runs"] if key.endswith(("/per_tile", "/fallback"))
                 and key.split("/")[0] + "/after" in keys]
     runs = {key: _checked_runs(data, path, key, ("opt_v1", "linear_fit", "refined")) for key in (*keys, *optional)}
-    mixture = (_checked_runs(data, path, "mixture_on_mild", ("refined",), data.get("mixture_on_mild"))
-               if with_mixture else [])
+    recorded = (data.get("mixture_on_mild") or {}) if with_mixture else {}
+    mixture = _checked_runs(data, path, "mixture_on_mild/after", ("refined",), recorded.get("after")) if with_mixture else []
+    mixture_fallback = (_checked_runs(data, path, "mixture_on_mild/fallback", ("refined",), recorded["fallback"])
+                        if "fallback" in recorded else [])
     seeds = data.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) for seed in seeds):
         raise ResultsError(path, "no list of integer 'seeds'")
-    return QualityStudy(runs, mixture, seeds)
+    return QualityStudy(runs, mixture, seeds, mixture_fallback)
 
 
 def quality(results: Path) -> QualityStudy:
@@ -615,8 +618,8 @@ def _beyond_spread(worse: list[float], better: list[float]) -> bool:
     return min(worse) > max(better)
 
 
-def mixture_row(study: QualityStudy) -> tuple[str, str, str]:
-    mild, mixture = study.runs["mild/after"], study.mixture_on_mild
+def _mixture_against_mild(mixture: list[dict], mild: list[dict]) -> str:
+    """'EVI RMSE a vs b, SAM c vs d: <verdict>' of the mixture-trained runs against the mild-trained ones."""
     parts, beyond = [], True
     for metric, name in (("evi_rmse", "EVI RMSE"), ("sam", "SAM")):
         ours = [run["test"]["refined"][metric] for run in mixture]
@@ -624,8 +627,15 @@ def mixture_row(study: QualityStudy) -> tuple[str, str, str]:
         parts.append(f"{name} {statistics.fmean(ours):.3f} vs {statistics.fmean(reference):.3f}")
         beyond = beyond and _beyond_spread(ours, reference)
     verdict = "much worse, beyond the seed spread" if beyond else "not worse beyond the seed spread"
-    return ("Trained on `mixture`, scored on `mild` test tiles, vs trained on `mild`",
-            f"{', '.join(parts)}: {verdict}", cite("quality.md"))
+    return f"{', '.join(parts)}: {verdict}"
+
+
+def mixture_row(study: QualityStudy) -> tuple[str, str, str]:
+    text = _mixture_against_mild(study.mixture_on_mild, study.runs["mild/after"])
+    if study.mixture_fallback_on_mild and "mild/fallback" in study.runs:
+        text += ("; both trained with `--out_of_range_fallback true`: "
+                 + _mixture_against_mild(study.mixture_fallback_on_mild, study.runs["mild/fallback"]))
+    return ("Trained on `mixture`, scored on `mild` test tiles, vs trained on `mild`", text, cite("quality.md"))
 
 
 def proxy_row(study: QualityStudy) -> tuple[str, str, str]:

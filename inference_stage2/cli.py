@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", help="tiles: folder for the refined NPZ tiles (mirrors the input layout)")
     parser.add_argument("--output", help="scene: the refined GeoTIFF to write")
     parser.add_argument(
+        "--out_of_range_output",
+        help="scene: also write each pixel's weight of opt_v1 in the output (0 refined .. 1 opt_v1 kept, outside the "
+        "training spectra) to this single-band GeoTIFF; needs a model built with out_of_range_fallback (tiles get it "
+        "as the NPZ key out_of_range_weight without asking)",
+    )
+    parser.add_argument(
         "--stage1_dir",
         help="tiles: folder of Stage 1 outputs STAGE1_DIR/<tile>.npz with 'opt_v1' (input_mode stage1); without it "
         "the tile's own S2 bands are opt_v1 (input_mode identity) and no metrics are computed",
@@ -81,6 +87,8 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
             parser.error("a tiles folder as --input needs --output_dir (and no --output)")
         if args.month is not None or args.biome is not None:
             parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
+        if args.out_of_range_output is not None:
+            parser.error("--out_of_range_output is for a scene; refined tiles carry the key out_of_range_weight")
         return "tiles"
     if args.output is None or args.output_dir is not None:
         parser.error("a GeoTIFF scene as --input needs --output FILE.tif (and no --output_dir)")
@@ -133,6 +141,7 @@ def _main(argv: Sequence[str] | None) -> int:
             model, args.input if len(args.input) > 1 else args.input[0], args.output, args.month, args.biome,
             window=args.window, overlap=args.overlap, batch_size=args.batch_size, input_scale=args.input_scale,
             output_scale=args.output_scale, device=args.device, progress=not args.no_progress,
+            out_of_range_output=args.out_of_range_output,
         )
         _report_scene(result)
         return 1 if result.windows == 0 else 0
@@ -148,6 +157,8 @@ def _report_tiles(summary: TileRefinementSummary) -> None:
         f"input_mode {summary.input_mode}: "
         f"{'Stage 1 opt_v1' if summary.input_mode == 'stage1' else 'the S2 bands are opt_v1 (no --stage1_dir)'}"
     )
+    if summary.out_of_range_fraction is not None:
+        print(_kept_line(summary.out_of_range_fraction) + " (NPZ key out_of_range_weight)")
     if summary.metrics:
         from training.metrics import format_metrics_table
 
@@ -174,3 +185,10 @@ def _report_scene(result: SceneRefinementResult) -> None:
         f"{result.windows} windows in {result.strips} strips, {result.dtype} {result.output_scale}, "
         f"nodata {result.nodata}; {result.area_km2 / minutes if minutes else float('nan'):.1f} km^2/min"
     )
+    if result.out_of_range_path is not None:
+        print(_kept_line(result.out_of_range_fraction) + f"; weight map {result.out_of_range_path}")
+
+
+def _kept_line(fraction: float | None) -> str:
+    share = "no valid pixel" if fraction is None else f"{100 * fraction:.1f} % of valid pixels"
+    return f"opt_v1 kept, in part or entirely, outside the training spectra: {share}"

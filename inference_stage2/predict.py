@@ -1,7 +1,9 @@
-"""The one model call of every entry point: batches of reflectance in, refined reflectance out."""
+"""The one model call of every entry point: batches of reflectance in, refined reflectance (and where the refiner
+kept `opt_v1`, for a model that says so) out."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -47,9 +49,15 @@ def _same_device(actual: torch.device, wanted: torch.device) -> bool:
     return actual.type == wanted.type and (wanted.index is None or wanted.index == actual.index)
 
 
-def _forward(model: Any, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
-    """`model(opt_v1=..., month=..., biome=...)` -> refined tensor (a `.refined` output, a tuple's
-    first element or a plain tensor, so that any callable with the model's signature works)."""
+def _forward(
+    model: Any, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`model(opt_v1=..., month=..., biome=...)` -> (refined, out_of_range_weight or None).
+
+    The refined tensor is a `.refined` output, a tuple's first element or a plain tensor, so that any callable with
+    the model's signature works; the weight (B, H, W) is the output's `out_of_range_weight` where it has one (a
+    refiner built with `out_of_range_fallback`).
+    """
     output = model(opt_v1=opt_v1, month=month, biome=biome)
     refined = getattr(output, "refined", None)
     if refined is None:
@@ -59,10 +67,35 @@ def _forward(model: Any, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch
             f"the model returned {type(refined).__name__} of shape {getattr(refined, 'shape', None)}; "
             f"expected refined images of the input's shape {tuple(opt_v1.shape)}"
         )
-    return refined
+    weight = getattr(output, "out_of_range_weight", None)
+    return refined, None if weight is None else weight[:, 0]
 
 
-def predict_reflectance(
+def reports_out_of_range_weight(model: Any) -> bool:
+    """Whether `model`'s output carries `out_of_range_weight`: a PyTorch refiner (or its PEFT wrapper) built with
+    `out_of_range_fallback`. An exported graph (`ExportedRefiner`) returns `refined` only, whatever its config."""
+    from modeling_stage2.onnx_runtime import ExportedRefiner
+
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "out_of_range_fallback", False)) and not isinstance(model, ExportedRefiner)
+
+
+@dataclass
+class Prediction:
+    """The model's outputs for a stack of images.
+
+    Attributes:
+        refined: float32 `(N, 4, H, W)` reflectance.
+        out_of_range_weight: float32 `(N, H, W)`, each pixel's weight of `opt_v1` in `refined` (0 where the refiner
+            worked, 1 where the pixel's spectrum lies so far outside the training spectra that `opt_v1` was kept);
+            None when the model reports none (`reports_out_of_range_weight`).
+    """
+
+    refined: np.ndarray
+    out_of_range_weight: np.ndarray | None = None
+
+
+def predict(
     model: Any,
     reflectance: np.ndarray,
     months: np.ndarray,
@@ -70,20 +103,27 @@ def predict_reflectance(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
-) -> np.ndarray:
-    """Run the model on finite float32 reflectance (N, 4, H, W) in batches -> float32 (N, 4, H, W)."""
+) -> Prediction:
+    """Run the model on finite float32 reflectance (N, 4, H, W) in batches -> its [`Prediction`]."""
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
     device = _prepare_model(model, device)
     refined = np.empty_like(reflectance, dtype=np.float32)
+    weights = []
     with torch.inference_mode():
         for start in range(0, len(reflectance), batch_size):
             stop = start + batch_size
             opt_v1 = torch.from_numpy(np.ascontiguousarray(reflectance[start:stop])).to(device)
             month = torch.from_numpy(months[start:stop]).to(device)
             biome = torch.from_numpy(biomes[start:stop]).to(device)
-            refined[start:stop] = _forward(model, opt_v1, month, biome).float().cpu().numpy()
-    return refined
+            batch, weight = _forward(model, opt_v1, month, biome)
+            refined[start:stop] = batch.float().cpu().numpy()
+            weights.append(None if weight is None else weight.float().cpu().numpy())
+    if all(weight is None for weight in weights):
+        return Prediction(refined)
+    if any(weight is None for weight in weights):
+        raise RuntimeError("the model returned out_of_range_weight for some batches only")
+    return Prediction(refined, np.concatenate(weights))
 
 
 def refine_arrays(
@@ -95,7 +135,8 @@ def refine_arrays(
     input_scale: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
-) -> np.ndarray:
+    return_out_of_range_weight: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray | None]:
     """Refine numpy images with `model` and return float32 reflectance of the same shape.
 
     Args:
@@ -110,8 +151,11 @@ def refine_arrays(
             or `"dn"`.
         batch_size: images per forward pass.
         device: where to run (the model is moved there); default: where the model is.
+        return_out_of_range_weight: also return each pixel's weight of `opt_v1` in the output, float32 `(H, W)` or
+            `(B, H, W)` (see [`Prediction`]), or None when the model reports none: `(refined, weight)`.
 
-    Non-finite input pixels (any band) are filled for the model and are NaN in every band of the output.
+    Non-finite input pixels (any band) are filled for the model and are NaN in every band of the output (and in
+    the weight).
     """
     array = np.asarray(opt_v1)
     single = array.ndim == 3
@@ -125,8 +169,13 @@ def refine_arrays(
     months = metadata_vector(month, len(batch), functools.partial(check_month, num_months=num_months), "month")
     biomes = metadata_vector(biome, len(batch), functools.partial(check_biome, num_biomes=num_biomes), "biome")
     valid = np.isfinite(reflectance).all(axis=1)
-    refined = predict_reflectance(
+    prediction = predict(
         model, fill_invalid_pixels(reflectance, valid), months, biomes, batch_size=batch_size, device=device
     )
+    refined, weight = prediction.refined, prediction.out_of_range_weight
     refined[np.broadcast_to(~valid[:, None], refined.shape)] = np.nan
-    return refined[0] if single else refined
+    if weight is not None:
+        weight[~valid] = np.nan
+    if single:
+        refined, weight = refined[0], None if weight is None else weight[0]
+    return (refined, weight) if return_out_of_range_weight else refined

@@ -194,12 +194,13 @@ def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodat
     return block
 
 
-def output_profile(source: SceneSource, dtype: np.dtype, nodata: float | None) -> dict[str, Any]:
+def output_profile(source: SceneSource, dtype: np.dtype, nodata: float | None,
+                   count: int = len(BAND_NAMES)) -> dict[str, Any]:
     profile = {
         "driver": "GTiff",
         "width": source.width,
         "height": source.height,
-        "count": len(BAND_NAMES),
+        "count": count,
         "dtype": dtype.name,
         "crs": source.crs,
         "transform": source.transform,

@@ -1,6 +1,7 @@
 """Whole GeoTIFF scenes of any size: overlapping windows blended without seams, one strip in memory."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -13,13 +14,17 @@ import torch
 from modeling_stage2._files import partial_path
 from modeling_stage2.bands import BAND_NAMES
 
-from .predict import predict_reflectance
+from .predict import predict, reports_out_of_range_weight
 from .raster import SceneSource, output_dtype, output_nodata, output_profile, require_rasterio, to_output
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, InferenceInputError, OUTPUT_SCALES, check_biome,
     check_month, fill_invalid_pixels, metadata_limits, to_reflectance,
 )
 from .windows import StripAccumulator, blend_weights, window_starts
+
+
+OUT_OF_RANGE_BAND = "out_of_range_weight"
+"""The band description of the weight map `refine_scene` writes with `out_of_range_output`."""
 
 
 def remove_quietly(path: Path) -> None:
@@ -34,10 +39,13 @@ class SceneRefinementResult:
 
     `accumulator_shape` / `accumulator_bytes`: the blending buffer (bands, rows, width) held during the
     whole run; `max_rows_read`: the most scene rows read at once. Both stay at the window height
-    whatever the scene's height.
+    whatever the scene's height. `out_of_range_path`: the weight map written (`out_of_range_output`), and
+    `out_of_range_fraction` the fraction of valid pixels where its weight is above 0 (None without one).
     """
 
     output_path: Path
+    out_of_range_path: Path | None
+    out_of_range_fraction: float | None
     width: int
     height: int
     windows: int
@@ -81,6 +89,7 @@ def refine_scene(
     output_scale: str = "reflectance",
     device: str | torch.device | None = None,
     progress: bool = True,
+    out_of_range_output: str | os.PathLike | None = None,
 ) -> SceneRefinementResult:
     """Refine a GeoTIFF scene of any size in overlapping windows and write a GeoTIFF beside it.
 
@@ -98,6 +107,10 @@ def refine_scene(
             10000 rounded, in the input's integer dtype or uint16).
         device: where to run the model.
         progress: show a progress bar.
+        out_of_range_output: with a model built with `out_of_range_fallback`, also write each pixel's weight of
+            `opt_v1` in the output to this single-band float32 GeoTIFF (same grid; 0 where the refiner worked, 1
+            where the pixel's spectrum lies so far outside the training spectra that `opt_v1` was kept; blended
+            across windows like the bands; NaN where the input is nodata).
 
     Pixels where any band is nodata (the declared value, or NaN) are filled for the model and written
     as nodata in every band (NaN when no nodata value is declared and the output is float; 0 for a
@@ -115,33 +128,57 @@ def refine_scene(
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
     output_path = Path(output_path)
+    weight_path = None if out_of_range_output is None else Path(out_of_range_output)
+    if weight_path is not None and not reports_out_of_range_weight(model):
+        raise InferenceInputError(
+            f"out_of_range_output {weight_path}: the model reports no out_of_range_weight (it needs a PyTorch refiner "
+            "built with out_of_range_fallback; an exported graph returns refined only)"
+        )
+    if weight_path is not None and weight_path.resolve() == output_path.resolve():
+        raise InferenceInputError(f"out_of_range_output {weight_path} is the output file; give another path")
     rasterio = require_rasterio()
 
     with SceneSource(input_path_or_paths) as source:
-        if any(output_path.resolve() == path.resolve() for path in source.paths):
-            raise InferenceInputError(f"output {output_path} is an input file; refusing to overwrite it")
+        for path in (output_path, weight_path):
+            if path is not None and any(path.resolve() == source_path.resolve() for source_path in source.paths):
+                raise InferenceInputError(f"output {path} is an input file; refusing to overwrite it")
         scale = source.resolve_input_scale(input_scale)
         dtype = output_dtype(source, output_scale)
         nodata = output_nodata(source.nodata, dtype)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(output_path)
+        weight_partial = None
         try:
-            with rasterio.open(partial, "w", **output_profile(source, dtype, nodata)) as destination:
+            with contextlib.ExitStack() as files:
+                destination = files.enter_context(rasterio.open(partial, "w", **output_profile(source, dtype, nodata)))
                 for index, name in enumerate(BAND_NAMES, start=1):
                     destination.set_band_description(index, name)
                 destination.update_tags(
                     STAGE2_REFINED="true", MONTH=str(month), BIOME=str(biome), OUTPUT_SCALE=output_scale
                 )
+                weight_destination = None
+                if weight_path is not None:
+                    weight_path.parent.mkdir(parents=True, exist_ok=True)
+                    weight_partial = partial_path(weight_path)
+                    weight_destination = files.enter_context(rasterio.open(
+                        weight_partial, "w", **output_profile(source, np.dtype(np.float32), np.nan, count=1)))
+                    weight_destination.set_band_description(1, OUT_OF_RANGE_BAND)
                 counts = _refine_strips(
                     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
-                    device, progress,
+                    device, progress, weight_destination,
                 )
+            if weight_partial is not None:
+                os.replace(weight_partial, weight_path)
             os.replace(partial, output_path)
         except BaseException:
-            remove_quietly(partial)
+            for path in (partial, weight_partial):
+                if path is not None:
+                    remove_quietly(path)
             raise
         return SceneRefinementResult(
             output_path=output_path,
+            out_of_range_path=weight_path,
+            out_of_range_fraction=counts["out_of_range_fraction"],
             width=source.width,
             height=source.height,
             windows=counts["windows"],
@@ -160,10 +197,12 @@ def refine_scene(
 
 
 def _refine_strips(
-    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata, device, progress
+    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata, device, progress,
+    weight_destination=None,
 ) -> dict[str, Any]:
     """The scene loop: for each row of windows, read its strip, refine its windows, blend them into the
-    strip accumulator and write the rows no later window touches."""
+    strip accumulator and write the rows no later window touches. With `weight_destination`, the model's
+    `out_of_range_weight` is blended as one more band and written there."""
     from rasterio.windows import Window
     from tqdm.auto import tqdm
 
@@ -171,8 +210,9 @@ def _refine_strips(
     rows, cols = window_starts(height, window, overlap), window_starts(width, window, overlap)
     strip_height, window_width = min(window, height), min(window, width)
     weights = blend_weights(strip_height, window_width, overlap)
-    accumulator = StripAccumulator(len(BAND_NAMES), strip_height, width)
-    windows = 0
+    with_weight = weight_destination is not None
+    accumulator = StripAccumulator(len(BAND_NAMES) + with_weight, strip_height, width)
+    windows = kept_pixels = valid_pixels = 0
     with tqdm(total=len(rows) * len(cols), unit="window", desc="stage2-refine", disable=not progress) as bar:
         for index, row in enumerate(rows):
             raw = source.read_rows(row, strip_height)
@@ -185,21 +225,31 @@ def _refine_strips(
                 image_valid = np.stack([valid[:, col : col + window_width] for col in useful])
                 filled = _pad_to(fill_invalid_pixels(images, image_valid), window, window)
                 count = len(useful)
-                refined = predict_reflectance(
+                prediction = predict(
                     model, filled, np.full(count, month, dtype=np.int64), np.full(count, biome, dtype=np.int64),
                     batch_size=batch_size, device=device,
-                )[:, :, :strip_height, :window_width]
-                for col, image in zip(useful, refined):
+                )
+                values = prediction.refined
+                if with_weight:
+                    values = np.concatenate([values, prediction.out_of_range_weight[:, None]], axis=1)
+                for col, image in zip(useful, values[:, :, :strip_height, :window_width]):
                     accumulator.add(row, col, image, weights)
                 windows += count
             bar.update(len(cols))
             stop = rows[index + 1] if index + 1 < len(rows) else height
             blended, _ = accumulator.pop(stop)
-            block = to_output(blended, valid[: stop - row], dtype, nodata)
+            strip_valid = valid[: stop - row]
+            block = to_output(blended[: len(BAND_NAMES)], strip_valid, dtype, nodata)
             destination.write(block, window=Window(0, row, width, stop - row))
+            if with_weight:
+                weight = to_output(blended[len(BAND_NAMES) :], strip_valid, np.dtype(np.float32), np.nan)
+                weight_destination.write(weight, window=Window(0, row, width, stop - row))
+                kept_pixels += int((weight[0][strip_valid] > 0).sum())
+                valid_pixels += int(strip_valid.sum())
     return {
         "windows": windows,
         "strips": len(rows),
         "accumulator_shape": tuple(accumulator.sums.shape),
         "accumulator_bytes": accumulator.nbytes,
+        "out_of_range_fraction": kept_pixels / valid_pixels if valid_pixels else None,
     }

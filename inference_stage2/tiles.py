@@ -22,6 +22,10 @@ from .predict import refine_arrays
 from .values import DEFAULT_BATCH_SIZE, InferenceInputError, check_biome, check_month, metadata_limits, to_reflectance
 
 
+OUT_OF_RANGE_KEY = "out_of_range_weight"
+"""The output NPZ key of each pixel's weight of `opt_v1` in `refined` (a model built with `out_of_range_fallback`)."""
+
+
 @dataclass
 class _Tile:
     path: Path
@@ -50,6 +54,9 @@ class TileRefinementSummary:
         replaced: relative paths of outputs of an earlier run into the same folder that were overwritten.
         removed_stale: outputs of an earlier run that this run would have left looking current (a tile now
             rejected, a `metrics.json` this run did not compute): removed.
+        out_of_range_fraction: with a model that reports `out_of_range_weight` (built with `out_of_range_fallback`):
+            the fraction of the written tiles' valid pixels where `opt_v1` was kept, in part or entirely (weight >
+            0: the pixel's spectrum lies outside the training spectra); else None.
     """
 
     output_dir: Path
@@ -60,6 +67,7 @@ class TileRefinementSummary:
     seconds: float = 0.0
     replaced: list[str] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+    out_of_range_fraction: float | None = None
 
     @property
     def input_source(self) -> str:
@@ -197,7 +205,8 @@ def _tile_metrics(metrics, paired: dict[str, dict[str, torch.Tensor]], index: in
     return result
 
 
-def _tile_output(refined: np.ndarray, tile: _Tile, input_mode: str, metrics: dict | None) -> dict[str, np.ndarray]:
+def _tile_output(refined: np.ndarray, weight: np.ndarray | None, tile: _Tile, input_mode: str,
+                 metrics: dict | None) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {
         "refined": refined.astype(np.float32),
         "month": np.int64(tile.month),
@@ -205,6 +214,8 @@ def _tile_output(refined: np.ndarray, tile: _Tile, input_mode: str, metrics: dic
         "band_names": np.array(BAND_NAMES),
         "input_mode": np.array(input_mode),
     }
+    if weight is not None:
+        arrays[OUT_OF_RANGE_KEY] = weight.astype(np.float32)
     for kind, values in (metrics or {}).items():
         for key, value in values.items():
             arrays[f"metrics_{kind}_{key}"] = np.float64(value)
@@ -242,8 +253,10 @@ def refine_tiles(
     target.
 
     Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
-    `month`, `biome_code`, `band_names`, `input_mode` (`"stage1"` or `"identity"`) and, with Stage 1 input, scalar
-    `metrics_refined_<name>` / `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
+    `month`, `biome_code`, `band_names`, `input_mode` (`"stage1"` or `"identity"`), with a model built with
+    `out_of_range_fallback` `out_of_range_weight` (120, 120) float32 (each pixel's weight of `opt_v1` in `refined`,
+    NaN where the input is invalid) and, with Stage 1 input, scalar `metrics_refined_<name>` /
+    `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
     Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises).
     """
     start = time.perf_counter()
@@ -267,6 +280,7 @@ def refine_tiles(
         warnings.warn("the `training` package is not installed: tiles are refined without metrics", stacklevel=2)
     accumulator = metrics.MetricAccumulator() if metrics is not None else None
     limits = metadata_limits(model)
+    kept_pixels = valid_pixels = 0  # out-of-range pixels, over the written tiles
 
     from tqdm.auto import tqdm
 
@@ -287,7 +301,7 @@ def refine_tiles(
                     bar.update(1)
             if not tiles:
                 continue
-            refined = refine_arrays(
+            refined, weights = refine_arrays(
                 model,
                 np.stack([tile.opt_v1 for tile in tiles]),
                 [tile.month for tile in tiles],
@@ -295,13 +309,19 @@ def refine_tiles(
                 input_scale="reflectance",
                 batch_size=batch_size,
                 device=device,
+                return_out_of_range_weight=True,
             )
+            if weights is not None:
+                valid = np.isfinite(weights)
+                kept_pixels += int((weights[valid] > 0).sum())
+                valid_pixels += int(valid.sum())
             paired = _batch_metrics(metrics, refined, tiles) if accumulator is not None else None
             for index, (tile, image) in enumerate(zip(tiles, refined)):
                 tile_metrics = _tile_metrics(metrics, paired, index) if paired is not None else None
+                weight = None if weights is None else weights[index]
                 if (output_dir / tile.relative).exists():
                     summary.replaced.append(str(tile.relative))
-                save_npz_atomic(output_dir / tile.relative, _tile_output(image, tile, input_mode, tile_metrics))
+                save_npz_atomic(output_dir / tile.relative, _tile_output(image, weight, tile, input_mode, tile_metrics))
                 summary.written.append(str(tile.relative))
                 bar.update(1)
             if paired is not None:
@@ -311,6 +331,8 @@ def refine_tiles(
         write_json(output_dir / METRICS_FILE, summary.metrics)
     elif _remove_stale(output_dir / METRICS_FILE):  # metrics of an earlier run, not of these tiles
         summary.removed_stale.append(METRICS_FILE)
+    if valid_pixels:
+        summary.out_of_range_fraction = kept_pixels / valid_pixels
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -798,6 +798,7 @@ def test_cli_tiles_end_to_end_with_a_full_model_folder(
         out = load_npz(output / path.relative_to(few_tiles))
         np.testing.assert_allclose(out["refined"], image, atol=1e-5)
         assert np.abs(out["refined"] - tile_reflectance(tile)).mean() > 1e-3  # it did refine
+        assert "out_of_range_weight" not in out  # built without out_of_range_fallback
 
 
 def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir, small_dn_scene, tmp_path):
@@ -895,3 +896,136 @@ def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(InferenceInputError, match="my-org/stage2-refiner: not a local folder, and downloading it"):
         load_model("my-org/stage2-refiner")
+
+
+# ------------------------------------------------------------------------------------------------
+# A refiner built with out_of_range_fallback: where it kept opt_v1, in every output
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fallback_refiner():
+    """The perturbed tiny refiner with a range fitted on a smooth scene's spectra (90th percentile): pixels of
+    other scenes beyond it keep (some of) `opt_v1`."""
+    from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
+    from training.spectral_range import fit_spectral_range, set_spectral_range
+
+    torch.manual_seed(0)
+    model = Stage2RefinerModel(Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", out_of_range_fallback=True))
+    torch.nn.init.normal_(model.head.output_projection.weight, std=0.005)
+    training = torch.from_numpy(dn_to_reflectance(smooth_scene(120, 120, seed=5)))[None]
+    set_spectral_range(model, fit_spectral_range(lambda: [(training, None)], model.config.spectral_mlp_log_offset,
+                                                 quantile=0.9))
+    return model.eval()
+
+
+def expected_weight(model, reflectance: np.ndarray) -> np.ndarray:
+    """The model's own per-pixel weight of `opt_v1` ((4, H, W) reflectance -> (H, W))."""
+    with torch.no_grad():
+        return model.spectral_range(torch.from_numpy(reflectance)[None])[0, 0].numpy()
+
+
+def test_refine_arrays_returns_the_models_out_of_range_weight(fallback_refiner, perturbed_tiny_refiner):
+    image = dn_to_reflectance(smooth_scene(120, 120, seed=2))
+    image[:, 10:20, 30:60] = 0.6  # brighter than anything the range was fitted on
+    image[:, 0, 0] = np.nan
+    refined, weight = refine_arrays(fallback_refiner, image, 7, 4, return_out_of_range_weight=True)
+    np.testing.assert_array_equal(refined, refine_arrays(fallback_refiner, image, 7, 4))
+    with torch.no_grad():
+        filled = torch.from_numpy(np.nan_to_num(image))[None]
+        output = fallback_refiner(filled, torch.tensor([7]), torch.tensor([4]))
+    assert weight.shape == (120, 120) and np.isnan(weight[0, 0])
+    finite = np.isfinite(weight)
+    np.testing.assert_array_equal(weight[finite], output.out_of_range_weight[0, 0].numpy()[finite])
+    assert (weight[10:20, 30:60] == 1).all()
+    assert 0.02 < float((weight[finite] > 0).mean()) < 0.5  # the 90th percentile: some pixels, not most
+    np.testing.assert_allclose(refined[:, 10:20, 30:60], image[:, 10:20, 30:60], atol=1e-6)
+    # A model built without the option reports no weight.
+    assert refine_arrays(perturbed_tiny_refiner, image, 7, 4, return_out_of_range_weight=True)[1] is None
+
+
+def test_refined_tiles_carry_the_weight_and_the_cli_reports_its_share(fallback_refiner, few_tiles, tmp_path, capsys):
+    model_dir = tmp_path / "fallback"
+    fallback_refiner.save_pretrained(model_dir)
+    output = tmp_path / "refined"
+    assert main(["--model", str(model_dir), "--input", str(few_tiles), "--output_dir", str(output),
+                 "--device", "cpu", "--no_progress"]) == 0
+    kept = valid = 0
+    for path in sorted(few_tiles.rglob("*.npz")):
+        out = load_npz(output / path.relative_to(few_tiles))
+        weight = out["out_of_range_weight"]
+        assert weight.shape == (120, 120) and weight.dtype == np.float32
+        np.testing.assert_allclose(weight, expected_weight(fallback_refiner, tile_reflectance(load_npz(path))),
+                                   atol=1e-6)
+        kept, valid = kept + int((weight > 0).sum()), valid + weight.size
+    assert 0 < kept < valid  # real tiles, a range fitted on a synthetic scene: some pixels in, some out
+    assert (f"opt_v1 kept, in part or entirely, outside the training spectra: {100 * kept / valid:.1f} % of valid "
+            "pixels") in capsys.readouterr().out
+
+
+def test_a_scene_writes_the_weight_map_beside_it(fallback_refiner, small_dn_scene, tmp_path, capsys):
+    _, data = small_dn_scene
+    data = data.copy()
+    data[:, 20:40, 100:140] = 6000  # a snow-bright block across two windows
+    path = write_geotiff(tmp_path / "bright.tif", data, nodata=0)
+    model_dir = tmp_path / "fallback"
+    fallback_refiner.save_pretrained(model_dir)
+    refined_path, weight_path = tmp_path / "refined.tif", tmp_path / "maps" / "kept.tif"
+    assert main(["--model", str(model_dir), "--input", str(path), "--month", "7", "--biome", "4", "--output",
+                 str(refined_path), "--out_of_range_output", str(weight_path), "--no_progress"]) == 0
+    refined, profile = read_geotiff(refined_path)
+    weight, weight_profile = read_geotiff(weight_path)
+    assert weight.shape == (1, 200, 160) and weight_profile["dtype"] == "float32"
+    assert all(weight_profile[key] == profile[key] for key in ("crs", "transform", "width", "height"))
+    with rasterio.open(weight_path) as dataset:
+        assert dataset.descriptions == ("out_of_range_weight",)
+    nodata = (data == 0).any(axis=0)
+    assert np.isnan(weight[0, nodata]).all() and (refined[:, nodata] == 0).all()
+    reflectance = dn_to_reflectance(data)
+    # The weight is a function of the pixel's spectrum: blending the windows leaves it as the model computes it.
+    np.testing.assert_allclose(weight[0, ~nodata], expected_weight(fallback_refiner, reflectance)[~nodata], atol=1e-6)
+    assert (weight[0, 20:40, 100:140] == 1).all()
+    np.testing.assert_allclose(refined[:, 20:40, 100:140], reflectance[:, 20:40, 100:140], atol=1e-6)
+    share = float((weight[0, ~nodata] > 0).mean())
+    assert 0.02 < share < 0.5
+    assert f"outside the training spectra: {100 * share:.1f} % of valid pixels; weight map {weight_path}" in \
+        capsys.readouterr().out
+    # Asking for the map changes nothing in the refined bands.
+    refine_scene(fallback_refiner, path, tmp_path / "alone.tif", 7, 4, progress=False)
+    np.testing.assert_array_equal(read_geotiff(tmp_path / "alone.tif")[0], refined)
+
+
+def test_a_weight_map_needs_a_model_that_reports_one(perturbed_tiny_refiner, fallback_refiner, small_dn_scene,
+                                                      few_tiles, tmp_path, capsys):
+    path, _ = small_dn_scene
+    with pytest.raises(InferenceInputError, match="reports no out_of_range_weight.*out_of_range_fallback"):
+        refine_scene(perturbed_tiny_refiner, path, tmp_path / "out.tif", 7, 4, out_of_range_output=tmp_path / "w.tif")
+    with pytest.raises(InferenceInputError, match="is the output file"):
+        refine_scene(fallback_refiner, path, tmp_path / "out.tif", 7, 4, out_of_range_output=tmp_path / "out.tif")
+    with pytest.raises(InferenceInputError, match="is an input file"):
+        refine_scene(fallback_refiner, path, tmp_path / "out.tif", 7, 4, out_of_range_output=path)
+    assert files_in(tmp_path) == [path.name, "tiles"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "unused", "--input", str(few_tiles), "--output_dir", str(tmp_path / "o"),
+              "--out_of_range_output", str(tmp_path / "w.tif")])
+    assert exit_info.value.code == 2 and "--out_of_range_output is for a scene" in capsys.readouterr().err
+
+
+def test_a_failing_scene_leaves_neither_file(fallback_refiner, small_dn_scene, tmp_path, monkeypatch):
+    path, _ = small_dn_scene
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed midway")
+        return original(*args, **kwargs)
+
+    import inference_stage2.scenes as scenes
+
+    original = scenes.predict
+    monkeypatch.setattr(scenes, "predict", failing)
+    with pytest.raises(RuntimeError, match="killed midway"):
+        refine_scene(fallback_refiner, path, tmp_path / "out.tif", 7, 4, out_of_range_output=tmp_path / "w.tif",
+                     progress=False)
+    assert files_in(tmp_path) == [path.name]

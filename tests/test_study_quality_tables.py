@@ -52,7 +52,7 @@ def test_the_sensitivity_section_scores_every_setting(study_quality):
     worse = {(0.95, 1.5): 0.2}
     runs = {("mild", "after"): [_run(study_quality, 0.095, 0.085, {**worse, (0.99, 2.0): 0.085}),
                                 _run(study_quality, 0.08, 0.07, {**worse, (0.99, 2.0): 0.07})]}
-    mixture = {0: _run(study_quality, 0.14, 0.12, {(0.95, 1.5): 0.3})}
+    mixture = {"after": [_run(study_quality, 0.14, 0.12, {(0.95, 1.5): 0.3})]}
     text = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0")
     header = next(line for line in text.splitlines() if line.startswith("| trained on | without |"))
     assert header.count("|") == len(study_quality.SENSITIVITY) + 3
@@ -72,12 +72,17 @@ def test_a_model_with_the_rule_inside_gets_its_own_row_and_reused_runs_are_not_c
         in_model[split]["out_of_range_fraction"] = 0.05  # from the model's own weight map
     runs = {("mild", "after"): [_run(study_quality, 0.095, 0.085)], ("mild", "fallback"): [in_model]}
     earlier = tmp_path / "quality.json"
+    # an earlier study recorded the mixture as a list of `after` runs; this one trains the mixture's `fallback`
     earlier.write_text(json.dumps({"runs": {}, "mixture_on_mild": [_run(study_quality, 0.14, 0.12)] * 2}))
-    mixture = study_quality.reuse_mixture(earlier)
-    assert sorted(mixture) == [0, 1]
-    text = study_quality.render(runs, mixture, [0], 60.0, "0.0", reused=["mild/after", "mixture"])
-    assert "Script: `bench/study_quality.py --seeds 0`; 1 demo trainings" in text  # only the fallback run is new
-    assert "Runs of `mild/after`, `mixture` reused" in text
+    mixture = {"fallback": [_run(study_quality, 0.13, None)]}
+    assert study_quality.reuse_mixture(earlier, mixture) == ["mixture/after"]
+    assert list(mixture) == ["after", "fallback"] and len(mixture["after"]) == 2
+    text = study_quality.render(runs, mixture, [0], 60.0, "0.0", reused=["mild/after", "mixture/after"])
+    assert "Script: `bench/study_quality.py --seeds 0`; 2 demo trainings" in text  # the two fallback runs are new
+    assert "Runs of `mild/after`, `mixture/after` reused" in text
+    rows = [line.split(" | ")[0] for line in text.split("## Trained on `mixture`")[1].splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["| mild", "| mild, opt_v1 out of range", "| mixture", "| mixture, opt_v1 out of range",
+                        "| mild, fallback", "| mixture, fallback"]
     assert "| refined, fallback | 0.0500" in text
     assert "- `fallback`: 1 of 1 seeds beat the colour fit" in text  # 0.084 <= 0.09
     assert "fallback, opt_v1 out of range" not in text  # the rule is not applied twice

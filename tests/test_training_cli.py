@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from _data_helpers import folder_digest, make_tile_dir
-from _training_helpers import write_config
+from _training_helpers import TINY_SETTINGS, write_config
 
 import training.train as train_module
 from training.train import UsageError, launch_main, main, parse_args
@@ -413,3 +414,39 @@ def test_trainer_side_user_error_is_status_2_without_accelerate_traceback(tmp_pa
     assert len(lines) == 1 and "--resume" in lines[0] and str(torn) in lines[0], run.stderr()[-3000:]
     assert "Traceback" not in run.stderr() and "CalledProcessError" not in run.stderr()
     assert not run.out.exists()
+
+
+def test_a_run_with_out_of_range_fallback_as_the_user_starts_it(tmp_path, run_stage2_train, sample_dataset_dir,
+                                                                 sample_tiles_dir, repo_root):
+    """`stage2-train --out_of_range_fallback true` and then `stage2-refine` with its model, both as subprocesses:
+    the range is fitted on the training split, travels with the adapter, and the refined tiles say where it kept
+    opt_v1."""
+    from datasets import load_from_disk
+
+    from modeling_stage2 import load_trained_model
+    from training.spectral_range import fit_spectral_range_of_dataset
+
+    run = run_stage2_train(extra=["--out_of_range_fallback", "true", "--out_of_range_quantile", "0.9",
+                                  "--max_steps", "1"])
+    assert run.process.wait(timeout=600) == 0, run.stderr()[-3000:]
+    best = run.out / "best"
+    recorded = json.loads((best / "training_config.json").read_text())
+    train_split = load_from_disk(str(sample_dataset_dir))["train"].select(range(TINY_SETTINGS["max_samples"]))
+    assert recorded["out_of_range_fallback"] == f"90th percentile of {len(train_split)} training tiles"
+    model = load_trained_model(best)
+    assert model.config.out_of_range_fallback
+    expected = fit_spectral_range_of_dataset(train_split, model.config.spectral_mlp_log_offset, quantile=0.9)
+    assert float(model.spectral_range.threshold) == pytest.approx(expected.threshold, rel=1e-6)
+
+    refine = Path(sys.executable).with_name("stage2-refine")
+    command = [str(refine)] if refine.is_file() else [sys.executable, "-m", "inference_stage2"]
+    tiles = sample_tiles_dir / "test"
+    result = subprocess.run([*command, "--model", str(best), "--input", str(tiles), "--output_dir",
+                             str(tmp_path / "refined"), "--device", "cpu", "--no_progress"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = [np.load(path)["out_of_range_weight"] for path in sorted((tmp_path / "refined").glob("*.npz"))]
+    assert len(weights) == len(list(tiles.glob("*.npz")))
+    share = float(np.mean(np.concatenate([weight.ravel() for weight in weights]) > 0))
+    assert 0 < share < 1  # 4 training tiles: many test pixels lie outside their spectra, not all
+    assert f"outside the training spectra: {100 * share:.1f} % of valid pixels" in result.stdout
