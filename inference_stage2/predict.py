@@ -73,11 +73,14 @@ def _forward(
 
 def reports_out_of_range_weight(model: Any) -> bool:
     """Whether `model`'s output carries `out_of_range_weight`: a PyTorch refiner (or its PEFT wrapper) built with
-    `out_of_range_fallback`. An exported graph (`ExportedRefiner`) returns `refined` only, whatever its config."""
+    `out_of_range_fallback`, or an exported graph with that output (`ExportedRefiner.output_names`; one exported
+    before the weight became an output has `refined` only, whatever its config)."""
     from modeling_stage2.onnx_runtime import ExportedRefiner
 
+    if isinstance(model, ExportedRefiner):
+        return model.reports_out_of_range_weight
     config = getattr(model, "config", None)
-    return bool(getattr(config, "out_of_range_fallback", False)) and not isinstance(model, ExportedRefiner)
+    return bool(getattr(config, "out_of_range_fallback", False))
 
 
 @dataclass

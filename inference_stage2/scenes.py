@@ -131,8 +131,8 @@ def refine_scene(
     weight_path = None if out_of_range_output is None else Path(out_of_range_output)
     if weight_path is not None and not reports_out_of_range_weight(model):
         raise InferenceInputError(
-            f"out_of_range_output {weight_path}: the model reports no out_of_range_weight (it needs a PyTorch refiner "
-            "built with out_of_range_fallback; an exported graph returns refined only)"
+            f"out_of_range_output {weight_path}: the model reports no out_of_range_weight (it needs a refiner built "
+            "with out_of_range_fallback; export a graph of such a refiner again if it was exported without the weight)"
         )
     if weight_path is not None and weight_path.resolve() == output_path.resolve():
         raise InferenceInputError(f"out_of_range_output {weight_path} is the output file; give another path")

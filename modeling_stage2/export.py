@@ -5,12 +5,14 @@
 
 The trained folder (an adapter folder from `save_trained_model`, a full refiner folder or a Hub repo id) is loaded in
 full precision, its LoRA adapters are merged into the base weights (`merge_and_unload`) and the merged refiner is
-traced once with a dynamic batch, height and width. The graph has three inputs and one output:
+traced once with a dynamic batch, height and width. The graph has three inputs and one output, two for a refiner
+built with `out_of_range_fallback`:
 
     opt_v1  float32 (batch, 4, height, width)  reflectance 0..1, bands B02 B03 B04 B08
     month   int64   (batch,)                   1..num_months, -1 = unknown
     biome   int64   (batch,)                   0..num_biomes-1, -1 = unknown
     refined float32 (batch, 4, height, width)  reflectance
+    out_of_range_weight float32 (batch, 1, height, width)  weight of opt_v1 in refined, 0..1 (fallback refiners only)
 
 The padding of height and width to a multiple of the patch (reflect, or replicate when the image is too small to
 mirror, as the eager model does) happens inside the graph, so any size works. The input checks of the eager model
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from ._files import staged_folder
-from .configuration_stage2 import BAND_NAMES, UNKNOWN_METADATA, Stage2RefinerConfig
+from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
 
 FORMATS = ("onnx", "torch_export")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -48,7 +50,9 @@ EXPORT_FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23
 INPUT_NAMES = ("opt_v1", "month", "biome")
-OUTPUT_NAMES = ("refined",)
+# The graph's outputs, in this order; a refiner without `out_of_range_fallback` has the first only
+# (`graph_output_names`). The names are those of `Stage2RefinerOutput`'s fields.
+OUTPUT_NAMES = ("refined", "out_of_range_weight")
 # Largest height/width the graph is declared for; the eager model has no limit, memory sets one in practice.
 MAX_SIDE = 32768
 # Smallest height/width of the graph: two patches' worth minus 13 px. A one-patch grid (H or W <= 14) is cut off by
@@ -70,6 +74,7 @@ __all__ = [
     "ExportResult",
     "export_friendly",
     "export_refiner",
+    "graph_output_names",
     "main",
     "merged_refiner",
 ]
@@ -137,15 +142,25 @@ def merged_refiner(model_or_path: Any, *, device: str | None = None) -> tuple[nn
     return model.eval(), info
 
 
-class _RefinedOnly(nn.Module):
-    """`(opt_v1, month, biome) -> refined`: the graph's signature."""
+def graph_output_names(config: Stage2RefinerConfig) -> tuple[str, ...]:
+    """The outputs of the graph exported from a refiner with `config`: `refined`, and `out_of_range_weight` where the
+    refiner keeps `opt_v1` outside its training spectra (`config.out_of_range_fallback`)."""
+    return OUTPUT_NAMES if getattr(config, "out_of_range_fallback", False) else OUTPUT_NAMES[:1]
+
+
+class _GraphSignature(nn.Module):
+    """`(opt_v1, month, biome) -> refined` or `(refined, out_of_range_weight)` (`graph_output_names`): the graph's
+    signature."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.output_names = graph_output_names(model.config)
 
-    def forward(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
-        return self.model(opt_v1, month, biome, output_hidden_states=False, return_dict=True).refined
+    def forward(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor):
+        output = self.model(opt_v1, month, biome, output_hidden_states=False, return_dict=True)
+        outputs = tuple(output[name] for name in self.output_names)
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 # ------------------------------------------------------------------------------------ export-friendly parts
@@ -295,22 +310,25 @@ def _dynamic_shapes(strict: bool = True) -> dict[str, dict[int, Any]]:
 
 
 def trace(model: nn.Module) -> torch.export.ExportedProgram:
-    """`torch.export.export` of `(opt_v1, month, biome) -> refined` with dynamic batch, height and width.
+    """`torch.export.export` of `(opt_v1, month, biome) -> refined` (and `out_of_range_weight`,
+    `graph_output_names`) with dynamic batch, height and width.
 
     float32 weights are traced with named size ranges (batch 1.., height and width MIN_SIDE..), which makes the
     export fail rather than fix a size. float16 weights on the CPU bring guards from torch's own half-precision
     kernels that hold for every size but that the tracer cannot prove; they are traced with `Dim.DYNAMIC`.
     """
     example = _example_inputs(model.config, *_EXAMPLE_SHAPE)
-    wrapper = _RefinedOnly(model).eval()
+    wrapper = _GraphSignature(model).eval()
     strict = model.dtype == torch.float32
     with export_friendly(model), torch.no_grad():
         return torch.export.export(wrapper, example, dynamic_shapes=_dynamic_shapes(strict), strict=False)
 
 
-def _eager_refined(model: nn.Module, opt_v1, month, biome) -> torch.Tensor:
+def _eager_outputs(model: nn.Module, opt_v1, month, biome) -> dict[str, torch.Tensor]:
+    """The eager model's outputs that the graph has (`graph_output_names`)."""
     with torch.no_grad():
-        return model(opt_v1, month, biome, return_dict=True).refined
+        output = model(opt_v1, month, biome, return_dict=True)
+    return {name: output[name] for name in graph_output_names(model.config)}
 
 
 def export_refiner(
@@ -355,7 +373,7 @@ def _export_to_folder(model, output_dir: Path, format, opset, dtype, check, info
         if format == "torch_export":
             torch.export.save(program, str(graph_file))
         else:
-            _save_onnx(program, graph_file, opset or DEFAULT_OPSET)
+            _save_onnx(program, graph_file, opset or DEFAULT_OPSET, graph_output_names(model.config))
         difference = _check_against_eager(model, graph_file, format) if check else float("nan")
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
@@ -379,12 +397,12 @@ def _export_to_folder(model, output_dir: Path, format, opset, dtype, check, info
     )
 
 
-def _save_onnx(program: torch.export.ExportedProgram, path: Path, opset: int) -> None:
+def _save_onnx(program: torch.export.ExportedProgram, path: Path, opset: int, output_names: Sequence[str]) -> None:
     onnx_program = torch.onnx.export(
         program,
         dynamo=True,
         input_names=list(INPUT_NAMES),
-        output_names=list(OUTPUT_NAMES),
+        output_names=list(output_names),
         opset_version=opset,
         optimize=True,
         verbose=False,
@@ -396,16 +414,42 @@ def _check_against_eager(model: nn.Module, graph_file: Path, format: str) -> flo
     from .onnx_runtime import ExportedRefiner
 
     exported = ExportedRefiner(graph_file, config=model.config, format=format)
+    if exported.output_names != graph_output_names(model.config):
+        raise ExportError(f"{graph_file.name}: the graph's outputs are {exported.output_names}, expected "
+                          f"{graph_output_names(model.config)}")
     worst = 0.0
     for shape in _CHECK_SHAPES:
         inputs = _example_inputs(model.config, *shape, seed=1)
-        expected = _eager_refined(model, *inputs).float()
-        actual = exported(*inputs).refined.float()
-        worst = max(worst, float((actual - expected).abs().max()))
+        actual = exported(*inputs)
+        for name, expected in _eager_outputs(model, *inputs).items():
+            worst = max(worst, float((actual[name].float() - expected.float()).abs().max()))
     return worst
 
 
 # ---------------------------------------------------------------------------------------- the contract
+
+
+_OUTPUT_DESCRIPTIONS = {
+    "refined": lambda bands: {
+        "name": "refined",
+        "dtype": "float32",
+        "shape": ["batch", len(bands), "height", "width"],
+        "dynamic_axes": {"0": "batch", "2": "height", "3": "width"},
+        "bands": bands,
+        "description": "refined surface reflectance, same size as opt_v1 (not clipped)",
+    },
+    "out_of_range_weight": lambda bands: {
+        "name": "out_of_range_weight",
+        "dtype": "float32",
+        "shape": ["batch", 1, "height", "width"],
+        "dynamic_axes": {"0": "batch", "2": "height", "3": "width"},
+        "value_range": [0.0, 1.0],
+        "description": (
+            "each pixel's weight of opt_v1 in refined: 0 where the refiner worked, 1 where the pixel's spectrum lies "
+            "so far outside the training spectra that opt_v1 was kept (out_of_range_fallback)"
+        ),
+    },
+}
 
 
 def describe(
@@ -456,16 +500,7 @@ def describe(
                 "description": f"biome code 0..{config.num_biomes - 1} (IGBP-like); {UNKNOWN_METADATA} = unknown",
             },
         ],
-        "outputs": [
-            {
-                "name": "refined",
-                "dtype": "float32",
-                "shape": ["batch", len(bands), "height", "width"],
-                "dynamic_axes": {"0": "batch", "2": "height", "3": "width"},
-                "bands": bands,
-                "description": "refined surface reflectance, same size as opt_v1 (not clipped)",
-            }
-        ],
+        "outputs": [_OUTPUT_DESCRIPTIONS[name](bands) for name in graph_output_names(config)],
         "shape_limits": {"batch": [1, MAX_BATCH], "height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]},
         "padding": {
             "inside_graph": True,
@@ -491,6 +526,7 @@ def describe(
 def model_card_section(info: dict[str, Any]) -> str:
     """A README.md section for an exported refiner (also fit for a model card)."""
     inputs = {entry["name"]: entry for entry in info["inputs"]}
+    outputs = {entry["name"]: entry for entry in info["outputs"]}
     source = info.get("source") or {}
     runtime = "ONNX Runtime" if info["format"] == "onnx" else "torch (torch.export.load)"
     merged = "LoRA adapters merged into the base weights" if source.get("adapters_merged") else "no adapters"
@@ -516,7 +552,11 @@ def model_card_section(info: dict[str, Any]) -> str:
         f"{' '.join(inputs['opt_v1']['bands'])} |\n"
         f"| `month` | int64 | (batch,) | 1..{inputs['month']['value_range'][1]}, -1 unknown |\n"
         f"| `biome` | int64 | (batch,) | 0..{inputs['biome']['value_range'][1]}, -1 unknown |\n"
-        "| `refined` | float32 | (batch, 4, height, width) | reflectance |\n\n"
+        "| `refined` | float32 | (batch, 4, height, width) | reflectance |\n"
+        + ("| `out_of_range_weight` | float32 | (batch, 1, height, width) | weight of `opt_v1` in `refined`: 0 where "
+           "the refiner worked, 1 where it kept `opt_v1` (outside its training spectra) |\n"
+           if "out_of_range_weight" in outputs else "")
+        + "\n"
         f"- Padding inside the graph: {info['padding']['rule']}.\n"
         "- The graph does not validate its input: use `modeling_stage2.onnx_runtime.ExportedRefiner` (or "
         "`stage2-refine --model THIS_FOLDER`), which checks it first, or check band count, finite values and the "

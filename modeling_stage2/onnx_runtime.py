@@ -3,6 +3,7 @@
     from modeling_stage2.onnx_runtime import ExportedRefiner
     model = ExportedRefiner("runs/x/onnx")            # a stage2-export folder, or model.onnx / model.pt2 itself
     refined = model(opt_v1, month, biome).refined     # torch tensors or numpy arrays in, a torch tensor out
+    model(opt_v1, month, biome).out_of_range_weight   # graphs of refiners built with out_of_range_fallback
 
 `ExportedRefiner` checks the input exactly as `Stage2RefinerModel.forward` does (same exceptions, same messages:
 wrong band count, non-float or non-finite `opt_v1`, month/biome dtype, shape and range) before it runs the graph,
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .configuration_stage2 import Stage2RefinerConfig
-from .export import MAX_SIDE, MIN_SIDE
+from .export import MAX_SIDE, MIN_SIDE, OUTPUT_NAMES
 
 EXPORT_INFO_FILE = "export.json"
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".pt2": "torch_export"}
@@ -62,7 +63,10 @@ def _resolve(path: Path, format: str | None) -> tuple[Path, str, dict[str, Any]]
 
 class ExportedRefiner:
     """An exported refiner with the call contract of `Stage2RefinerModel`: `model(opt_v1, month, biome)` returns a
-    `Stage2RefinerOutput` whose `refined` is a float32 tensor (B, 4, H, W) (with `return_dict=False`, a 1-tuple).
+    `Stage2RefinerOutput` whose `refined` is a float32 tensor (B, 4, H, W), and whose `out_of_range_weight` is the
+    graph's (B, 1, H, W) weight of `opt_v1` where the graph has that output (`output_names`: a refiner built with
+    `out_of_range_fallback`, exported by this version or later), None otherwise. With `return_dict=False`: a tuple of
+    the outputs the graph has, `refined` first.
 
     Args:
         path: a `stage2-export` folder, or the `model.onnx` / `model.pt2` file (its `config.json` is looked for
@@ -97,12 +101,26 @@ class ExportedRefiner:
             self._session = self._onnx_session(num_threads)
             self.providers = self._session.get_providers()
             self._program = None
+            names = tuple(output.name for output in self._session.get_outputs())
         elif self.format == "torch_export":
             self._session = None
             self.providers = ["torch"]
-            self._program = torch.export.load(str(self.graph_file)).module().to(self.device)
+            program = torch.export.load(str(self.graph_file))
+            self._program = program.module().to(self.device)
+            names = OUTPUT_NAMES[: len(program.graph_signature.user_outputs)]
         else:
             raise ValueError(f"format must be 'onnx' or 'torch_export', got {self.format!r}")
+        if names not in (OUTPUT_NAMES[:1], OUTPUT_NAMES):
+            raise ValueError(f"{self.graph_file}: the graph's outputs are {names}; a Stage 2 refiner's are "
+                             f"{OUTPUT_NAMES[:1]} or {OUTPUT_NAMES}")
+        # What the graph computes, not what its config says: a graph exported before the weight became an output has
+        # `refined` only, even from a refiner with `out_of_range_fallback`.
+        self.output_names: tuple[str, ...] = names
+
+    @property
+    def reports_out_of_range_weight(self) -> bool:
+        """Whether the graph returns `out_of_range_weight`."""
+        return "out_of_range_weight" in self.output_names
 
     def _onnx_session(self, num_threads: int | None):
         try:
@@ -152,30 +170,30 @@ class ExportedRefiner:
         from .modeling_stage2 import Stage2RefinerOutput
 
         if output_hidden_states:
-            raise ValueError("an exported refiner returns the refined image only (no hidden states)")
+            raise ValueError(f"an exported refiner returns {', '.join(self.output_names)} only (no hidden states)")
         opt_v1, month, biome = self.check_inputs(opt_v1, month, biome)
-        refined = self._run(opt_v1, month, biome)
-        if return_dict is False:
-            return (refined,)
-        return Stage2RefinerOutput(refined=refined)
+        output = Stage2RefinerOutput(**self._run(opt_v1, month, biome))
+        return output.to_tuple() if return_dict is False else output
 
     forward = __call__
 
-    def _run(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> torch.Tensor:
+    def _run(self, opt_v1: torch.Tensor, month: torch.Tensor, biome: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{output name: tensor} in `opt_v1`'s device and dtype."""
         input_device, input_dtype = opt_v1.device, opt_v1.dtype
         if self._program is not None:
             with torch.no_grad():
-                refined = self._program(
+                outputs = self._program(
                     opt_v1.to(self.device, torch.float32), month.to(self.device), biome.to(self.device)
                 )
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         else:
             feeds = {
                 "opt_v1": np.ascontiguousarray(opt_v1.detach().cpu().float().numpy()),
                 "month": np.ascontiguousarray(month.cpu().numpy().astype(np.int64)),
                 "biome": np.ascontiguousarray(biome.cpu().numpy().astype(np.int64)),
             }
-            refined = torch.from_numpy(self._session.run(["refined"], feeds)[0])
-        return refined.to(input_device, input_dtype)
+            outputs = [torch.from_numpy(array) for array in self._session.run(list(self.output_names), feeds)]
+        return {name: tensor.to(input_device, input_dtype) for name, tensor in zip(self.output_names, outputs)}
 
     def __repr__(self) -> str:
         return f"ExportedRefiner({str(self.graph_file)!r}, format={self.format!r}, providers={self.providers})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from modeling_stage2.adapters import build_trainable_model, load_trained_model, 
 from modeling_stage2.export import EXPORT_INFO_FILE, MIN_SIDE, export_refiner  # noqa: E402
 from inference_stage2 import main as refine_main  # noqa: E402
 from inference_stage2 import load_model, refine_scene, refine_tiles  # noqa: E402
+from inference_stage2.predict import reports_out_of_range_weight  # noqa: E402
 from modeling_stage2.onnx_runtime import ExportedRefiner, is_exported_model  # noqa: E402
 from training.spectral_range import fit_spectral_range, set_spectral_range  # noqa: E402
 
@@ -164,10 +166,16 @@ def test_exported_graph_equals_eager_on_sample_tiles(variant, fmt, eager, export
             with torch.no_grad():
                 eager_output = eager[variant](opt_v1=opt_v1, month=month, biome=biome)
             expected = eager_output.refined
-            actual = model(opt_v1, month, biome).refined
+            graph_output = model(opt_v1, month, biome)
+            actual = graph_output.refined
             if variant == "affine":  # opt_v1 kept where the tiles leave the training spectra, in the graph too
                 weight = eager_output.out_of_range_weight
                 assert 0.1 < float((weight > 0).double().mean()) < 0.95 and float(weight.max()) == 1.0
+                # ... and the graph says where, as the eager model does
+                assert graph_output.out_of_range_weight.shape == weight.shape
+                assert float((graph_output.out_of_range_weight - weight).abs().max()) < TOLERANCE
+            else:
+                assert graph_output.out_of_range_weight is None
             assert actual.shape == opt_v1.shape and actual.dtype == torch.float32
             difference = float((actual - expected).abs().max())
             assert difference < TOLERANCE, (variant, fmt, size, batch, difference)
@@ -193,7 +201,10 @@ def test_export_json_describes_the_contract(exported, trained):
     info = json.loads((folder / EXPORT_INFO_FILE).read_text())
     inputs = {entry["name"]: entry for entry in info["inputs"]}
     assert list(inputs) == ["opt_v1", "month", "biome"]
-    assert [entry["name"] for entry in info["outputs"]] == ["refined"]
+    outputs = {entry["name"]: entry for entry in info["outputs"]}
+    assert list(outputs) == ["refined", "out_of_range_weight"]  # a refiner built with out_of_range_fallback
+    assert outputs["out_of_range_weight"]["shape"] == ["batch", 1, "height", "width"]
+    assert outputs["out_of_range_weight"]["value_range"] == [0.0, 1.0]
     assert inputs["opt_v1"]["dtype"] == "float32" and inputs["month"]["dtype"] == "int64"
     assert inputs["opt_v1"]["shape"] == ["batch", 4, "height", "width"]
     assert inputs["opt_v1"]["value_range"] == [0.0, 1.0]
@@ -204,9 +215,16 @@ def test_export_json_describes_the_contract(exported, trained):
     assert info["opset"] == 18 and info["spectral_correction"] == "affine"
     assert info["source"]["adapters_merged"] is True
     assert info["max_abs_difference_vs_eager"] < TOLERANCE  # the command line checks the graph after export
-    assert "Exported Stage 2 refiner" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "Exported Stage 2 refiner" in card and "| `out_of_range_weight` | float32 | (batch, 1, height, width)" in card
     pt2 = exported["none", "torch_export"]
-    assert (pt2 / "model.pt2").is_file() and json.loads((pt2 / EXPORT_INFO_FILE).read_text())["opset"] is None
+    pt2_info = json.loads((pt2 / EXPORT_INFO_FILE).read_text())
+    assert (pt2 / "model.pt2").is_file() and pt2_info["opset"] is None
+    assert [entry["name"] for entry in pt2_info["outputs"]] == ["refined"]
+    assert "out_of_range_weight" not in (pt2 / "README.md").read_text()
+    for fmt in FORMATS:  # what the runtime reads from the graph itself
+        assert ExportedRefiner(exported["affine", fmt]).output_names == ("refined", "out_of_range_weight")
+        assert ExportedRefiner(exported["none", fmt]).output_names == ("refined",)
     assert is_exported_model(folder) and is_exported_model(folder / "model.onnx")
     assert not is_exported_model(trained["none"])
 
@@ -303,15 +321,21 @@ def test_cli_user_errors_in_process(tmp_path, trained, exported, capsys):
 # --------------------------------------------------------------------------- stage2-refine on ONNX Runtime
 
 
-def _write_scene(path: Path, seed: int = 0) -> Path:
+def _write_scene(path: Path, seed: int = 0, sample_images=None) -> Path:
+    """A 205x170 px uint16 scene with a nodata corner: smooth synthetic bands, or a crop of a mosaic of the real sample
+    tiles (`sample_images`)."""
     rasterio = pytest.importorskip("rasterio")
     from rasterio.transform import from_origin
 
     rng = np.random.default_rng(seed)
     height, width = 170, 205
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    bands = [1200 + 600 * b + 400 * np.sin(rows / (17 + b)) * np.cos(cols / (23 - b)) for b in range(4)]
-    data = np.clip(np.stack(bands) + rng.normal(0, 80, (4, height, width)), 1, 10000).astype(np.uint16)
+    if sample_images is None:
+        rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+        bands = np.stack([1200 + 600 * b + 400 * np.sin(rows / (17 + b)) * np.cos(cols / (23 - b)) for b in range(4)])
+        bands += rng.normal(0, 80, (4, height, width))
+    else:
+        bands = sample_batch(sample_images, 1, (height, width))[0][0].numpy() * 10000
+    data = np.clip(bands, 1, 10000).astype(np.uint16)
     data[:, :30, :40] = 0  # a nodata corner
     profile = {
         "driver": "GTiff", "width": width, "height": height, "count": 4, "dtype": "uint16", "nodata": 0,
@@ -322,17 +346,27 @@ def _write_scene(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def test_scene_on_onnx_runtime_equals_eager(tmp_path, trained, exported):
+def test_scene_on_onnx_runtime_equals_eager(tmp_path, trained, exported, sample_images, capsys):
     rasterio = pytest.importorskip("rasterio")
-    scene = _write_scene(tmp_path / "scene.tif")
+    scene = _write_scene(tmp_path / "scene.tif", sample_images=sample_images)  # real tiles: partly in range
     eager_out, onnx_out = tmp_path / "eager.tif", tmp_path / "onnx.tif"
-    refine_scene(load_model(trained["affine"]), scene, eager_out, month=7, biome=4, overlap=32, batch_size=4,
-                 progress=False)
+    eager_kept, onnx_kept = tmp_path / "eager_kept.tif", tmp_path / "onnx_kept.tif"
+    eager_result = refine_scene(load_model(trained["affine"]), scene, eager_out, month=7, biome=4, overlap=32,
+                                batch_size=4, progress=False, out_of_range_output=eager_kept)
     code = refine_main([
         "--model", str(exported["affine", "onnx"]), "--input", str(scene), "--output", str(onnx_out),
         "--month", "7", "--biome", "4", "--batch_size", "4", "--no_progress", "--num_threads", "1",
+        "--out_of_range_output", str(onnx_kept),
     ])
     assert code == 0
+    # The weight map of the graph is the eager model's, and so is the share printed
+    assert 0.05 < eager_result.out_of_range_fraction < 0.95
+    assert f"{100 * eager_result.out_of_range_fraction:.1f} % of valid pixels" in capsys.readouterr().out
+    with rasterio.open(eager_kept) as a, rasterio.open(onnx_kept) as b:
+        expected_kept, actual_kept = a.read(1), b.read(1)
+        assert b.transform == a.transform and b.descriptions == a.descriptions
+    assert np.array_equal(np.isnan(expected_kept), np.isnan(actual_kept))
+    assert np.nanmax(np.abs(actual_kept - expected_kept)) < TOLERANCE
     with rasterio.open(eager_out) as a, rasterio.open(onnx_out) as b:
         expected, actual = a.read(), b.read()
         assert b.profile["nodata"] == a.profile["nodata"] and b.crs == a.crs and b.transform == a.transform
@@ -357,6 +391,28 @@ def test_tiles_on_onnx_runtime_equal_eager(tmp_path, trained, exported):
         with np.load(tmp_path / "eager" / path.name) as a, np.load(tmp_path / "onnx" / path.name) as b:
             assert np.abs(a["refined"] - b["refined"]).max() < TOLERANCE
             assert int(a["month"]) == int(b["month"])
+
+
+def test_a_graph_without_the_weight_reports_none_whatever_its_config(tmp_path, exported, capsys):
+    """A graph exported before the weight became an output (here: one without it, its config claiming the fallback)
+    has `refined` only: the runtime goes by the graph, and asking for the map is a usage error before any output."""
+    folder = tmp_path / "old_export"
+    shutil.copytree(exported["none", "onnx"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "out_of_range_fallback": True}))
+    model = ExportedRefiner(folder, num_threads=1)
+    assert model.config.out_of_range_fallback and model.output_names == ("refined",)
+    assert not reports_out_of_range_weight(model)
+    opt_v1 = torch.rand(1, 4, 120, 120) * 0.3
+    output = model(opt_v1, torch.tensor([7]), torch.tensor([4]))
+    assert output.out_of_range_weight is None and len(model(opt_v1, [7], [4], return_dict=False)) == 1
+    scene = _write_scene(tmp_path / "scene.tif")
+    code = refine_main([
+        "--model", str(folder), "--input", str(scene), "--output", str(tmp_path / "refined.tif"),
+        "--month", "7", "--biome", "4", "--no_progress", "--out_of_range_output", str(tmp_path / "kept.tif"),
+    ])
+    assert code == 2 and "reports no out_of_range_weight" in capsys.readouterr().err
+    assert not (tmp_path / "refined.tif").exists() and not (tmp_path / "kept.tif").exists()
 
 
 def test_refine_cli_refuses_quantization_of_an_exported_model(tmp_path, exported, capsys):
