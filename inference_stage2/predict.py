@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .values import (
     DEFAULT_BATCH_SIZE, InferenceInputError, metadata_vector, check_biome, check_month, fill_invalid_pixels,
@@ -67,7 +68,7 @@ def _forward(
             f"the model returned {type(refined).__name__} of shape {getattr(refined, 'shape', None)}; "
             f"expected refined images of the input's shape {tuple(opt_v1.shape)}"
         )
-    weight = getattr(output, "out_of_range_weight", None)
+    weight = getattr(output, OUT_OF_RANGE_WEIGHT, None)
     return refined, None if weight is None else weight[:, 0]
 
 

@@ -13,6 +13,7 @@ import torch
 
 from modeling_stage2._files import partial_path
 from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .predict import predict, reports_out_of_range_weight
 from .raster import SceneSource, output_dtype, output_nodata, output_profile, require_rasterio, to_output
@@ -21,10 +22,6 @@ from .values import (
     check_month, fill_invalid_pixels, metadata_limits, to_reflectance,
 )
 from .windows import StripAccumulator, blend_weights, window_starts
-
-
-OUT_OF_RANGE_BAND = "out_of_range_weight"
-"""The band description of the weight map `refine_scene` writes with `out_of_range_output`."""
 
 
 def remove_quietly(path: Path) -> None:
@@ -162,7 +159,7 @@ def refine_scene(
                     weight_partial = partial_path(weight_path)
                     weight_destination = files.enter_context(rasterio.open(
                         weight_partial, "w", **output_profile(source, np.dtype(np.float32), np.nan, count=1)))
-                    weight_destination.set_band_description(1, OUT_OF_RANGE_BAND)
+                    weight_destination.set_band_description(1, OUT_OF_RANGE_WEIGHT)
                 counts = _refine_strips(
                     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
                     device, progress, weight_destination,

@@ -16,14 +16,10 @@ from data_builders.tiles import PICKLED_ARRAY, TILE_SIZE, TileError, load_npz, r
 from modeling_stage2._files import atomic_file, write_json
 from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
-from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, warn_deprecated
+from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_RANGE_WEIGHT, warn_deprecated
 
 from .predict import refine_arrays
 from .values import DEFAULT_BATCH_SIZE, InferenceInputError, check_biome, check_month, metadata_limits, to_reflectance
-
-
-OUT_OF_RANGE_KEY = "out_of_range_weight"
-"""The output NPZ key of each pixel's weight of `opt_v1` in `refined` (a model built with `out_of_range_fallback`)."""
 
 
 @dataclass
@@ -215,7 +211,7 @@ def _tile_output(refined: np.ndarray, weight: np.ndarray | None, tile: _Tile, in
         "input_mode": np.array(input_mode),
     }
     if weight is not None:
-        arrays[OUT_OF_RANGE_KEY] = weight.astype(np.float32)
+        arrays[OUT_OF_RANGE_WEIGHT] = weight.astype(np.float32)
     for kind, values in (metrics or {}).items():
         for key, value in values.items():
             arrays[f"metrics_{kind}_{key}"] = np.float64(value)

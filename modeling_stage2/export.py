@@ -41,6 +41,7 @@ from torch import nn
 
 from ._files import staged_folder
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
+from .vocabulary import OUT_OF_RANGE_WEIGHT
 
 FORMATS = ("onnx", "torch_export")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -52,7 +53,7 @@ MIN_OPSET, MAX_OPSET = 18, 23
 INPUT_NAMES = ("opt_v1", "month", "biome")
 # The graph's outputs, in this order; a refiner without `out_of_range_fallback` has the first only
 # (`graph_output_names`). The names are those of `Stage2RefinerOutput`'s fields.
-OUTPUT_NAMES = ("refined", "out_of_range_weight")
+OUTPUT_NAMES = ("refined", OUT_OF_RANGE_WEIGHT)
 # Largest height/width the graph is declared for; the eager model has no limit, memory sets one in practice.
 MAX_SIDE = 32768
 # Smallest height/width of the graph: two patches' worth minus 13 px. A one-patch grid (H or W <= 14) is cut off by
@@ -145,7 +146,7 @@ def merged_refiner(model_or_path: Any, *, device: str | None = None) -> tuple[nn
 def graph_output_names(config: Stage2RefinerConfig) -> tuple[str, ...]:
     """The outputs of the graph exported from a refiner with `config`: `refined`, and `out_of_range_weight` where the
     refiner keeps `opt_v1` outside its training spectra (`config.out_of_range_fallback`)."""
-    return OUTPUT_NAMES if getattr(config, "out_of_range_fallback", False) else OUTPUT_NAMES[:1]
+    return OUTPUT_NAMES if config.out_of_range_fallback else OUTPUT_NAMES[:1]
 
 
 class _GraphSignature(nn.Module):
@@ -438,8 +439,8 @@ _OUTPUT_DESCRIPTIONS = {
         "bands": bands,
         "description": "refined surface reflectance, same size as opt_v1 (not clipped)",
     },
-    "out_of_range_weight": lambda bands: {
-        "name": "out_of_range_weight",
+    OUT_OF_RANGE_WEIGHT: lambda bands: {
+        "name": OUT_OF_RANGE_WEIGHT,
         "dtype": "float32",
         "shape": ["batch", 1, "height", "width"],
         "dynamic_axes": {"0": "batch", "2": "height", "3": "width"},
@@ -555,7 +556,7 @@ def model_card_section(info: dict[str, Any]) -> str:
         "| `refined` | float32 | (batch, 4, height, width) | reflectance |\n"
         + ("| `out_of_range_weight` | float32 | (batch, 1, height, width) | weight of `opt_v1` in `refined`: 0 where "
            "the refiner worked, 1 where it kept `opt_v1` (outside its training spectra) |\n"
-           if "out_of_range_weight" in outputs else "")
+           if OUT_OF_RANGE_WEIGHT in outputs else "")
         + "\n"
         f"- Padding inside the graph: {info['padding']['rule']}.\n"
         "- The graph does not validate its input: use `modeling_stage2.onnx_runtime.ExportedRefiner` (or "

@@ -24,6 +24,7 @@ import torch
 
 from .configuration_stage2 import Stage2RefinerConfig
 from .export import MAX_SIDE, MIN_SIDE, OUTPUT_NAMES
+from .vocabulary import OUT_OF_RANGE_WEIGHT
 
 EXPORT_INFO_FILE = "export.json"
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".pt2": "torch_export"}
@@ -107,7 +108,9 @@ class ExportedRefiner:
             self.providers = ["torch"]
             program = torch.export.load(str(self.graph_file))
             self._program = program.module().to(self.device)
-            names = OUTPUT_NAMES[: len(program.graph_signature.user_outputs)]
+            # A .pt2 keeps no output names: the outputs are `OUTPUT_NAMES` in order.
+            count = len(program.graph_signature.user_outputs)
+            names = tuple(OUTPUT_NAMES[i] if i < len(OUTPUT_NAMES) else f"output_{i}" for i in range(count))
         else:
             raise ValueError(f"format must be 'onnx' or 'torch_export', got {self.format!r}")
         if names not in (OUTPUT_NAMES[:1], OUTPUT_NAMES):
@@ -120,7 +123,7 @@ class ExportedRefiner:
     @property
     def reports_out_of_range_weight(self) -> bool:
         """Whether the graph returns `out_of_range_weight`."""
-        return "out_of_range_weight" in self.output_names
+        return OUT_OF_RANGE_WEIGHT in self.output_names
 
     def _onnx_session(self, num_threads: int | None):
         try:
