@@ -4,6 +4,7 @@
                                             [--no-mixture] [--mixture_variants after fallback] [--jobs 2]
                                             [--reuse bench/results/quality.json] [--output bench/results/quality.md]
     .venv/bin/python bench/study_quality.py --presets proxy --no-mixture --output bench/results/quality_proxy.md
+    .venv/bin/python bench/study_quality.py --presets --no-mixture --mixture_bounds --reuse bench/results/quality.json
 
 For each degradation preset (`data_builders.degrade`), training seed and model variant it trains the demo
 (`python -m training.demo`: `configs/demo.yaml`, the tiny backbone on the CPU, best step picked on the validation
@@ -17,7 +18,10 @@ per pixel by the spectral MLP, no brightness augmentation; the starting point a 
 `fallback` the demo with `--out_of_range_fallback true`. With `--mixture` (default) it also trains the
 `--mixture_variants` (default `after`) on the `mixture` degradation and scores them on the `mild` test split, to compare
 with the same variant trained on `mild` alone (with `--reuse`, the earlier study's mixture runs of variants not trained
-now are reported).
+now are reported). With `--mixture_bounds` it also trains `after` on two training sets that bound what the mixture
+could reach on `mild` tiles (`MIXTURE_BOUNDS`): the `mild` tiles of the mixture alone (what a model that told the two
+presets apart perfectly would have for its `mild` tiles), and every tile under both presets (the mixture without the
+loss of `mild` tiles).
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
 
@@ -68,6 +72,14 @@ NEAR_BLACK = 0.02
 # ------------------------------------------------------------------------------------------------- running
 PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degradation preset
 SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
+DATASET_SEED = 0  # of the synthetic degradation (and of the mixture's choice), as in the demo
+# Training sets made from the `mild` and `strong` datasets that bound what a `mixture`-trained model can reach on
+# `mild` tiles (validation and test splits: `mild`'s unless said): name -> row label of the mixture table.
+MIXTURE_BOUNDS = {
+    "mixture_mild_tiles": "mild, only the mixture's mild training tiles",
+    "mild_and_strong": "mild and strong, every tile under both presets",
+}
+BOUNDS_KEY = "mixture_bounds_on_mild"  # where the study's JSON records their runs
 
 
 def fallback_setting() -> tuple[float, float]:
@@ -93,8 +105,35 @@ def build_datasets(presets, workdir: Path) -> dict[str, Path]:
                             str(proxy_stage1_dir(workdir))], check=True, cwd=REPO)
             build_dataset(SAMPLE_TILES, folders[preset], stage1_dir=proxy_stage1_dir(workdir))
         else:
-            build_dataset(SAMPLE_TILES, folders[preset], degradation=preset, seed=0)
+            build_dataset(SAMPLE_TILES, folders[preset], degradation=preset, seed=DATASET_SEED)
     return folders
+
+
+def training_tiles(dataset_dir: Path) -> int:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(dataset_dir))["train"].num_rows
+
+
+def build_mixture_bounds(folders: dict[str, Path], workdir: Path) -> dict[str, Path]:
+    """The `MIXTURE_BOUNDS` training sets, saved beside `folders` (which holds `mild` and `strong`)."""
+    from datasets import DatasetDict, concatenate_datasets, load_from_disk
+
+    from data_builders.degrade import mixture_choice
+
+    mild, strong = (load_from_disk(str(folders[preset])) for preset in ("mild", "strong"))
+    kept = [index for index, tile_id in enumerate(mild["train"]["tile_id"])
+            if mixture_choice(DATASET_SEED, tile_id) == "mild"]
+    bounds = {
+        "mixture_mild_tiles": DatasetDict({**mild, "train": mild["train"].select(kept)}),
+        "mild_and_strong": DatasetDict({**mild, **{split: concatenate_datasets([mild[split], strong[split]])
+                                                   for split in ("train", "val")}}),
+    }
+    built = {}
+    for name, dataset_dict in bounds.items():
+        built[name] = workdir / f"data-{name}"
+        dataset_dict.save_to_disk(str(built[name]))
+    return built
 
 
 # Flags that turn the demo (`after`) into each earlier model.
@@ -113,7 +152,12 @@ VARIANT_FLAGS = {
 
 def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
     output = workdir / f"{preset}-{variant}-seed{seed}"
-    data = (["--stage1_dir", str(proxy_stage1_dir(workdir))] if preset == PROXY else ["--degradation", preset])
+    if preset == PROXY:
+        data = ["--stage1_dir", str(proxy_stage1_dir(workdir))]
+    elif preset in MIXTURE_BOUNDS:  # an Arrow dataset of build_mixture_bounds
+        data = ["--data_dir", str(workdir / f"data-{preset}")]
+    else:
+        data = ["--degradation", preset]
     command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), *data,
                "--seed", str(seed), "--disable_tqdm", "true", "--report_to", "none"]
     command += VARIANT_FLAGS[variant]
@@ -227,13 +271,16 @@ def with_fallback(variant_runs: dict) -> dict:
     return shown
 
 
-def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = ()) -> str:
+def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = (),
+           bounds: dict | None = None) -> str:
     """The study's markdown. `runs`: (preset, variant) -> one score per seed; `mixture`: variant -> the scores on the
     `mild` test split of that variant trained on `mixture`; `reused`: the keys (`preset/variant`) of runs taken from an
-    earlier study."""
+    earlier study; `bounds`: `MIXTURE_BOUNDS` name -> the scores on the `mild` test split of `after` trained on it."""
     quantile, ramp = fallback_setting()
+    bounds = bounds or {}
     trainings = sum(len(results) for (preset, variant), results in runs.items() if f"{preset}/{variant}" not in reused)
     trainings += sum(len(results) for variant, results in mixture.items() if f"mixture/{variant}" not in reused)
+    trainings += sum(len(results) for name, results in bounds.items() if f"{BOUNDS_KEY}/{name}" not in reused)
     lines = [
         "# Refinement quality against both baselines",
         "",
@@ -296,12 +343,18 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                     lines.append(f"- `{variant}`: {met} of {len(results)} seeds beat the colour fit by at least "
                                  f"{100 * GOAL_MARGIN:.0f} % on NDVI RMSE, EVI RMSE and SAM.")
             lines.append("")
-    if mixture:
+    if mixture or bounds:
         lines += ["## Trained on `mixture`, scored on the `mild` test split", "",
-                  "Each variant trained on `mild` and on `mixture` (`after` unless named).", "",
+                  "Each variant trained on `mild` and on `mixture` (`after` unless named)."
+                  + (" Then `after` trained on the sets that bound what the mixture can reach on `mild` tiles "
+                     f"(`--mixture_bounds`): `{MIXTURE_BOUNDS['mixture_mild_tiles']}` are the "
+                     f"{_training_tiles(bounds, 'mixture_mild_tiles')} of 18 training tiles the mixture degrades with "
+                     "`mild` (all a model that told the two presets apart perfectly would have for its `mild` "
+                     f"tiles); `{MIXTURE_BOUNDS['mild_and_strong']}` is the mixture without that loss of `mild` tiles "
+                     "(its validation split too)." if bounds else ""), "",
                   "| training degradation | " + " | ".join(COLUMNS) + " |",
                   "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"]
-        for label, results in mixture_rows(runs, mixture).items():
+        for label, results in mixture_rows(runs, mixture, bounds).items():
             lines.append(f"| {label} | " + " | ".join(
                 mean_range_cell([r["test"]["refined"].get(m) for r in results], _digits(m)) for m in COLUMNS) + " |")
         lines.append("")
@@ -309,10 +362,16 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
     return "\n".join(lines)
 
 
-def mixture_rows(runs: dict, mixture: dict) -> dict:
+def _training_tiles(bounds: dict, name: str) -> str:
+    """The number of training tiles of a `MIXTURE_BOUNDS` set, as its runs recorded it ('?' where they did not)."""
+    counts = {run.get("train_tiles") for run in bounds.get(name, [])}
+    return str(counts.pop()) if len(counts) == 1 and None not in counts else "?"
+
+
+def mixture_rows(runs: dict, mixture: dict, bounds: dict | None = None) -> dict:
     """label -> runs of the mixture table: `mild` and `mixture` (the `after` variant, each followed by its scores with
     `opt_v1` kept out of range), then `mild, <variant>` and `mixture, <variant>` for each other variant trained on the
-    mixture."""
+    mixture, then the `MIXTURE_BOUNDS` runs."""
     trained = {"mild": runs.get(("mild", "after"), []), "mixture": mixture.get("after", [])}
     rows = with_fallback({name: results for name, results in trained.items() if results})
     for variant, results in mixture.items():
@@ -320,6 +379,9 @@ def mixture_rows(runs: dict, mixture: dict) -> dict:
             if runs.get(("mild", variant)):
                 rows[f"mild, {variant}"] = runs[("mild", variant)]
             rows[f"mixture, {variant}"] = results
+    for name, label in MIXTURE_BOUNDS.items():
+        if (bounds or {}).get(name):
+            rows[label] = bounds[name]
     return rows
 
 
@@ -391,6 +453,21 @@ def reuse_mixture(path: Path, mixture: dict) -> list[str]:
     return taken
 
 
+def reuse_bounds(path: Path, bounds: dict) -> list[str]:
+    """Adds to `bounds` the `MIXTURE_BOUNDS` runs of `path` (an earlier study's JSON) not trained now; returns the keys
+    (`mixture_bounds/<name>`) it took."""
+    earlier = json.loads(path.read_text()).get(BOUNDS_KEY, {})
+    taken = []
+    for name in MIXTURE_BOUNDS:
+        if earlier.get(name) and name not in bounds:
+            bounds[name] = earlier[name]
+            taken.append(f"{BOUNDS_KEY}/{name}")
+    ordered = sorted(bounds.items(), key=lambda item: list(MIXTURE_BOUNDS).index(item[0]))
+    bounds.clear()
+    bounds.update(ordered)
+    return taken
+
+
 def _by_preset(runs: dict) -> dict:
     grouped: dict = {}
     for (preset, variant), results in runs.items():
@@ -407,6 +484,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mixture", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--mixture_variants", nargs="+", default=["after"], choices=tuple(VARIANT_FLAGS),
                         help="the variants trained on the mixture")
+    parser.add_argument("--mixture_bounds", action=argparse.BooleanOptionalAction, default=False,
+                        help="also train `after` on the MIXTURE_BOUNDS training sets")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reuse", help="an earlier study's JSON: its runs of variants not trained now are reported "
                                         "beside the new ones (for variants whose code and seeds did not change)")
@@ -418,30 +497,40 @@ def main(argv=None) -> int:
     jobs = [(preset, seed, variant) for preset in args.presets for variant in args.variants for seed in args.seeds]
     if args.mixture:
         jobs += [("mixture", seed, variant) for variant in args.mixture_variants for seed in args.seeds]
+    if args.mixture_bounds:
+        jobs += [(name, seed, "after") for name in MIXTURE_BOUNDS for seed in args.seeds]
+    needed = (set(args.presets) | ({"mild", "mixture"} if args.mixture else set())
+              | ({"mild", "strong"} if args.mixture_bounds else set()))
     with tempfile.TemporaryDirectory(prefix="stage2-quality-") as tmp:
         workdir = Path(tmp)
-        datasets = build_datasets(sorted(set(args.presets) | ({"mild", "mixture"} if args.mixture else set())),
-                                  workdir)
+        datasets = build_datasets(sorted(needed), workdir)
+        if args.mixture_bounds:
+            datasets.update(build_mixture_bounds(datasets, workdir))
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             trained = list(pool.map(lambda job: train(*job, workdir), jobs))
         runs: dict = {}
         mixture: dict = {}
+        bounds: dict = {}
         for (preset, seed, variant), model_dir in zip(jobs, trained):
-            scored = (score(model_dir, datasets["mild"], trained_on=datasets["mixture"]) if preset == "mixture"
+            on_mild = preset == "mixture" or preset in MIXTURE_BOUNDS
+            scored = (score(model_dir, datasets["mild"], trained_on=datasets[preset]) if on_mild
                       else score(model_dir, datasets[preset]))
             print(f"{preset} {variant} seed {seed}: test refined/fit " + ", ".join(
                 f"{m} {scored['test']['refined'][m] / scored['test']['linear_fit'][m]:.3f}" for m in SPECTRAL),
                 flush=True)
             if preset == "mixture":
                 mixture.setdefault(variant, []).append(scored)
+            elif preset in MIXTURE_BOUNDS:
+                scored["train_tiles"] = training_tiles(datasets[preset])
+                bounds.setdefault(preset, []).append(scored)
             else:
                 runs.setdefault((preset, variant), []).append(scored)
     reused = reuse_runs(Path(args.reuse), runs) if args.reuse else []
     if args.reuse:
-        reused += reuse_mixture(Path(args.reuse), mixture)
-    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused)
+        reused += reuse_mixture(Path(args.reuse), mixture) + reuse_bounds(Path(args.reuse), bounds)
+    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused, bounds)
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
-              "mixture_on_mild": mixture, "seeds": args.seeds, "near_black": NEAR_BLACK}
+              "mixture_on_mild": mixture, BOUNDS_KEY: bounds, "seeds": args.seeds, "near_black": NEAR_BLACK}
     record_study(args.output, text, record)
     return 0
 

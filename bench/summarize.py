@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # data_builders (the shared atomic write) and bench._common (the quality goal)
 
-from bench._common import GOAL_MARGIN, SPECTRAL, meets_goal  # noqa: E402
+from bench._common import GOAL_MARGIN, SPECTRAL, mean_range_cell, meets_goal  # noqa: E402
+from bench.study_quality import BOUNDS_KEY, MIXTURE_BOUNDS  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "bench" / "results"
 DEFAULT_BENCHMARKS = REPO / "BENCHMARKS.md"
@@ -371,6 +372,8 @@ class QualityStudy:
     mixture_on_mild: list[dict]  # the `after` variant trained on `mixture`, scored on `mild` test tiles
     seeds: list[int]
     mixture_fallback_on_mild: list[dict] = field(default_factory=list)  # the `fallback` variant, where recorded
+    # `after` trained on the sets that bound what the mixture can reach on `mild` tiles, where recorded
+    mixture_bounds_on_mild: dict[str, list[dict]] = field(default_factory=dict)
 
 
 def _has_test_metrics(run, output: str) -> bool:
@@ -402,10 +405,13 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool) -> Qua
     mixture = _checked_runs(data, path, "mixture_on_mild/after", ("refined",), recorded.get("after")) if with_mixture else []
     mixture_fallback = (_checked_runs(data, path, "mixture_on_mild/fallback", ("refined",), recorded["fallback"])
                         if "fallback" in recorded else [])
+    recorded_bounds = (data.get(BOUNDS_KEY) or {}) if with_mixture else {}
+    bounds = {name: _checked_runs(data, path, f"{BOUNDS_KEY}/{name}", ("refined",), recorded_bounds[name])
+              for name in MIXTURE_BOUNDS if name in recorded_bounds}
     seeds = data.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) for seed in seeds):
         raise ResultsError(path, "no list of integer 'seeds'")
-    return QualityStudy(runs, mixture, seeds, mixture_fallback)
+    return QualityStudy(runs, mixture, seeds, mixture_fallback, bounds)
 
 
 def quality(results: Path) -> QualityStudy:
@@ -635,6 +641,11 @@ def mixture_row(study: QualityStudy) -> tuple[str, str, str]:
     if study.mixture_fallback_on_mild and "mild/fallback" in study.runs:
         text += ("; both trained with `--out_of_range_fallback true`: "
                  + _mixture_against_mild(study.mixture_fallback_on_mild, study.runs["mild/fallback"]))
+    if study.mixture_bounds_on_mild:
+        mild = [run["test"]["refined"]["evi_rmse"] for run in study.runs["mild/after"]]
+        text += f"; EVI RMSE on the mixture's bounds (`mild` alone: {mean_range_cell(mild, 3)}): " + ", ".join(
+            f"`{MIXTURE_BOUNDS[name]}` {mean_range_cell([run['test']['refined']['evi_rmse'] for run in runs], 3)}"
+            for name, runs in study.mixture_bounds_on_mild.items())
     return ("Trained on `mixture`, scored on `mild` test tiles, vs trained on `mild`", text, cite("quality.md"))
 
 

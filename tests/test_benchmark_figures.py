@@ -129,6 +129,32 @@ def test_a_changed_quality_json_changes_the_quality_rows(summarize, results_copy
     assert "met by 2 of 3 `mild` seeds" in summarize.summary_table(results)  # the goal holds per seed
 
 
+def test_the_mixture_row_quotes_the_recorded_bounds_only_where_recorded(summarize, results_copy, capsys):
+    import json
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "quality.json").read_text())
+    bounds = study[summarize.BOUNDS_KEY]
+    assert set(bounds) == set(summarize.MIXTURE_BOUNDS)
+    for run, evi in zip(bounds["mild_and_strong"], (0.2, 0.3, 0.4)):
+        run["test"]["refined"]["evi_rmse"] = evi
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)
+    assert f"`{summarize.MIXTURE_BOUNDS['mild_and_strong']}` 0.300 (0.200-0.400)" in row
+    del study[summarize.BOUNDS_KEY]["mixture_mild_tiles"]
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)
+    assert summarize.MIXTURE_BOUNDS["mixture_mild_tiles"] not in row and "0.300 (0.200-0.400)" in row
+    del study[summarize.BOUNDS_KEY]
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)
+    assert "bounds" not in row
+    study[summarize.BOUNDS_KEY] = {"mild_and_strong": [{"test": {"refined": {"evi_rmse": 0.1}}}]}
+    (results / "quality.json").write_text(json.dumps(study))
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    assert f"a run '{summarize.BOUNDS_KEY}/mild_and_strong' lacks the test refined" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", RESULT_FILES)
 def test_a_missing_results_file_exits_2_naming_it(summarize, results_copy, capsys, name):
     results, benchmarks = results_copy

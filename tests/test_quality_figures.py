@@ -63,6 +63,27 @@ def test_quoted_means_against_opt_v1_are_the_recorded_ones(study, repo_root):
     assert f"EVI RMSE {mixture:.3f} vs {mild:.3f}" in benchmarks
 
 
+def test_quoted_bounds_of_the_mixture_are_the_recorded_ones(study, repo_root):
+    training = _text(repo_root / "docs" / "training.md")
+
+    def cell(runs, metric="evi_rmse") -> str:
+        values = [run["test"]["refined"][metric] for run in runs]
+        return f"{statistics.fmean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    bounds = study["mixture_bounds_on_mild"]
+    assert {name: len(runs) for name, runs in bounds.items()} == {"mixture_mild_tiles": 3, "mild_and_strong": 3}
+    assert {run["train_tiles"] for run in bounds["mixture_mild_tiles"]} == {8}
+    subset, both, mild = bounds["mixture_mild_tiles"], bounds["mild_and_strong"], study["runs"]["mild/after"]
+    assert f"`mild` alone {cell(mild)}" in training
+    assert f"degraded with `mild`: {cell(subset)}, SAM {cell(subset, 'sam')}" in training
+    assert f"18 `strong` ones added): {cell(both)}" in training
+    cost = statistics.fmean(r["test"]["refined"]["evi_rmse"] for r in both) - statistics.fmean(
+        r["test"]["refined"]["evi_rmse"] for r in mild)
+    assert f"cost the `mild` ones {cost:.3f} of EVI RMSE" in training
+    # "already beyond the `mild` model's seed spread on EVI": the best bound seed is worse than the worst mild seed
+    assert min(r["test"]["refined"]["evi_rmse"] for r in subset) > max(r["test"]["refined"]["evi_rmse"] for r in mild)
+
+
 def test_quoted_ratios_with_another_generator_are_the_recorded_ones(repo_root):
     proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())
     benchmarks = _text(repo_root / "BENCHMARKS.md")

@@ -87,3 +87,54 @@ def test_a_model_with_the_rule_inside_gets_its_own_row_and_reused_runs_are_not_c
     assert "- `fallback`: 1 of 1 seeds beat the colour fit" in text  # 0.084 <= 0.09
     assert "fallback, opt_v1 out of range" not in text  # the rule is not applied twice
     assert study_quality.VARIANT_FLAGS["fallback"] == ["--out_of_range_fallback", "true"]
+
+
+def test_the_mixture_bounds_are_rows_of_the_mixture_table_and_can_be_reused(study_quality, tmp_path):
+    import json
+
+    runs = {("mild", "after"): [_run(study_quality, 0.088, 0.084)]}
+    mixture = {"after": [_run(study_quality, 0.14, 0.12)]}
+    subset = {**_run(study_quality, 0.096, 0.09), "train_tiles": 8}
+    bounds = {"mixture_mild_tiles": [subset, subset]}
+    earlier = tmp_path / "quality.json"
+    earlier.write_text(json.dumps({"runs": {}, study_quality.BOUNDS_KEY: {
+        "mild_and_strong": [_run(study_quality, 0.118, 0.11)], "mixture_mild_tiles": [_run(study_quality, 0.5, 0.5)]}}))
+    assert study_quality.reuse_bounds(earlier, bounds) == [f"{study_quality.BOUNDS_KEY}/mild_and_strong"]
+    assert len(bounds["mixture_mild_tiles"]) == 2  # trained now: the earlier runs are not taken
+    text = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0", reused=["mild/after", "mixture/after",
+                                f"{study_quality.BOUNDS_KEY}/mild_and_strong"], bounds=bounds)
+    assert "; 2 demo trainings" in text  # the two new bound runs only
+    assert "are the 8 of 18 training tiles the mixture degrades with `mild`" in text
+    table = text.split("## Trained on `mixture`")[1].split("\n\n## ")[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in table.splitlines() if line.startswith("| ")}
+    assert rows["mild"] == "0.0880" and rows["mixture"] == "0.1400"
+    assert rows[study_quality.MIXTURE_BOUNDS["mixture_mild_tiles"]] == "0.0960 (0.0960-0.0960)"  # two seeds
+    assert rows[study_quality.MIXTURE_BOUNDS["mild_and_strong"]] == "0.1180"
+    assert list(rows)[-2:] == list(study_quality.MIXTURE_BOUNDS.values())
+    without = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0")
+    assert "--mixture_bounds" not in without and "mild and strong" not in without
+
+
+def test_the_mixture_bound_sets_are_the_mixtures_mild_tiles_and_both_presets(study_quality, tmp_path):
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    from data_builders.degrade import mixture_choice
+
+    ids = [f"tile_{index}" for index in range(12)]
+    folders = {}
+    for preset in ("mild", "strong"):
+        folders[preset] = tmp_path / preset
+        DatasetDict({split: Dataset.from_dict({"tile_id": ids, "opt_v1": [f"{preset}-{split}"] * len(ids)})
+                     for split in ("train", "val", "test")}).save_to_disk(str(folders[preset]))
+    built = study_quality.build_mixture_bounds(folders, tmp_path)
+    subset, both = (load_from_disk(str(built[name])) for name in ("mixture_mild_tiles", "mild_and_strong"))
+    expected = [tile for tile in ids if mixture_choice(study_quality.DATASET_SEED, tile) == "mild"]
+    assert 0 < len(expected) < len(ids)  # the choice splits these ids: the test can tell a subset from the whole
+    assert subset["train"]["tile_id"] == expected
+    assert set(subset["train"]["opt_v1"]) == {"mild-train"}
+    assert subset["val"]["tile_id"] == ids and subset["test"]["opt_v1"] == ["mild-test"] * len(ids)
+    for split in ("train", "val"):
+        assert both[split]["tile_id"] == ids + ids
+        assert both[split]["opt_v1"] == [f"mild-{split}"] * len(ids) + [f"strong-{split}"] * len(ids)
+    assert both["test"]["opt_v1"] == ["mild-test"] * len(ids)  # scored on `mild` tiles only
+    assert study_quality.training_tiles(built["mixture_mild_tiles"]) == len(expected)
