@@ -455,7 +455,7 @@ def reuse_mixture(path: Path, mixture: dict) -> list[str]:
 
 def reuse_bounds(path: Path, bounds: dict) -> list[str]:
     """Adds to `bounds` the `MIXTURE_BOUNDS` runs of `path` (an earlier study's JSON) not trained now; returns the keys
-    (`mixture_bounds/<name>`) it took."""
+    (`<BOUNDS_KEY>/<name>`) it took."""
     earlier = json.loads(path.read_text()).get(BOUNDS_KEY, {})
     taken = []
     for name in MIXTURE_BOUNDS:
