@@ -281,12 +281,14 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
     trainings = sum(len(results) for (preset, variant), results in runs.items() if f"{preset}/{variant}" not in reused)
     trainings += sum(len(results) for variant, results in mixture.items() if f"mixture/{variant}" not in reused)
     trainings += sum(len(results) for name, results in bounds.items() if f"{BOUNDS_KEY}/{name}" not in reused)
+    # trainings on both presets' tiles run twice the demo's steps: say so, so the time per training reads right
+    doubled = len(bounds.get("mild_and_strong", [])) if f"{BOUNDS_KEY}/mild_and_strong" not in reused else 0
     lines = [
         "# Refinement quality against both baselines",
         "",
         f"Script: `bench/study_quality.py --seeds {' '.join(map(str, seeds))}`; "
-        f"{trainings} demo trainings "
-        "(`configs/demo.yaml`, tiny random-init "
+        f"{trainings} demo trainings" + (f", {doubled} of them twice as long (36 training tiles)," if doubled else "")
+        + " (`configs/demo.yaml`, tiny random-init "
         f"backbone, 18 training tiles, CPU, best step by validation loss) in {seconds / 60:.0f} min on {cpu_name()}; "
         f"load average {load}."
         + (f" Runs of {', '.join(f'`{key}`' for key in reused)} reused from an earlier study (`--reuse`: same code "

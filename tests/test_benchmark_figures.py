@@ -141,6 +141,10 @@ def test_the_mixture_row_quotes_the_recorded_bounds_only_where_recorded(summariz
     (results / "quality.json").write_text(json.dumps(study))
     row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)
     assert f"`{summarize.MIXTURE_BOUNDS['mild_and_strong']}` 0.300 (0.200-0.400)" in row
+    assert "one training ~60 s in the study (6 in 9 min, 3 of them twice as long)" in summarize.summary_table(results)
+    _replace_once(results / "quality.md", "6 demo trainings, 3 of them twice as long (36 training tiles),",
+                  "6 demo trainings")
+    assert "one training ~90 s in the study (6 in 9 min) |" in summarize.summary_table(results)
     del study[summarize.BOUNDS_KEY]["mixture_mild_tiles"]
     (results / "quality.json").write_text(json.dumps(study))
     row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)

@@ -357,13 +357,15 @@ def test_resolve_degradation():
         resolve_degradation(3)
 
 
-def test_mixture_choice_is_per_tile_and_both_presets_occur(sample_tiles):
+def test_mixture_choice_is_per_tile_and_both_presets_occur(sample_tiles, sample_tiles_dir):
     ids = [t.tile_id for t in sample_tiles]
     forward = {tile_id: mixture_choice(0, tile_id) for tile_id in ids}
     backward = {tile_id: mixture_choice(0, tile_id) for tile_id in reversed(ids)}
     assert forward == backward
     counts = {name: list(forward.values()).count(name) for name in ("mild", "strong")}
     assert counts == {"mild": 26, "strong": 28}  # 54 bundled tiles, seed 0
+    train = [read_tile(path).tile_id for path in sample_tiles_dir.glob("train/*.npz")]
+    assert len(train) == 18 and [forward[tile_id] for tile_id in train].count("mild") == 8  # as docs/data.md says
     assert [mixture_choice(1, i) for i in ids] != list(forward.values())  # the seed matters
     # its own stream: the degradation stream (stream 0) is untouched by the choice
     assert tile_rng(0, ids[0], stream=1).integers(1 << 30) != tile_rng(0, ids[0]).integers(1 << 30)

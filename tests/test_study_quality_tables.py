@@ -111,6 +111,9 @@ def test_the_mixture_bounds_are_rows_of_the_mixture_table_and_can_be_reused(stud
     assert rows[study_quality.MIXTURE_BOUNDS["mixture_mild_tiles"]] == "0.0960 (0.0960-0.0960)"  # two seeds
     assert rows[study_quality.MIXTURE_BOUNDS["mild_and_strong"]] == "0.1180"
     assert list(rows)[-2:] == list(study_quality.MIXTURE_BOUNDS.values())
+    trained_now = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0", reused=["mild/after", "mixture/after"],
+                                       bounds=bounds)
+    assert "; 3 demo trainings, 1 of them twice as long (36 training tiles), (`configs/demo.yaml`" in trained_now
     without = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0")
     assert "--mixture_bounds" not in without and "mild and strong" not in without
 
