@@ -198,6 +198,9 @@ def test_docs_quote_the_global_oracle_on_the_proxy(recorded, repo_root):
     refined = statistics.fmean(run["test"]["refined"]["evi_rmse_in_range"] for run in quality["runs"]["proxy/after"])
     assert refined < oracle["evi_rmse_in_range"]
     assert f"`bench/results/quality_proxy.md`: {refined:.3f})" in training
+    assert f"would take EVI RMSE to {rows['per-tile gain (oracle)']['evi_rmse']:.3f}" in training
+    fitted = sorted(rows[name]["evi_rmse"] for name in ("colour fit", "spectral fit"))
+    assert f"(colour fit, spectral fit) stay at {fitted[0]:.3f}-{fitted[1]:.3f}." in training
     # Fitted on the tiles it scores, the oracle beats the training tiles' colour fit on EVI everywhere (a least-squares
     # fit of reflectance does not promise that for EVI, so it is checked).
     for name, data in recorded["datasets"].items():
