@@ -4,6 +4,8 @@
                                             [--no-mixture] [--mixture_variants after fallback] [--jobs 2]
                                             [--reuse bench/results/quality.json] [--output bench/results/quality.md]
     .venv/bin/python bench/study_quality.py --presets proxy --no-mixture --output bench/results/quality_proxy.md
+    .venv/bin/python bench/study_quality.py --presets proxy-seed1 proxy-seed2 --variants after fallback --no-mixture \
+        --reuse bench/results/quality_proxy.json --output bench/results/quality_proxy.md
     .venv/bin/python bench/study_quality.py --presets --no-mixture --mixture_bounds --reuse bench/results/quality.json
 
 For each degradation preset (`data_builders.degrade`), training seed and model variant it trains the demo
@@ -24,6 +26,8 @@ presets apart perfectly would have for its `mild` tiles), and every tile under b
 loss of `mild` tiles).
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
+`proxy-seed1` and `proxy-seed2` are the same generator with its per-tile errors drawn from other seeds
+(`PROXY_DRAWS`): 18 test tiles are few, so a verdict on the proxy should hold on more than one draw.
 
 Besides the design metrics (NDVI RMSE, EVI RMSE, SAM, PSNR, SSIM, `training.metrics`) it reports the NDVI RMSE
 without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`), where NDVI is a ratio of
@@ -71,6 +75,8 @@ NEAR_BLACK = 0.02
 
 # ------------------------------------------------------------------------------------------------- running
 PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degradation preset
+# preset -> the seed of bench/stage1_proxy.py: the proxy generator's per-tile errors, drawn again
+PROXY_DRAWS = {PROXY: 0, f"{PROXY}-seed1": 1, f"{PROXY}-seed2": 2}
 SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
 DATASET_SEED = 0  # of the synthetic degradation (and of the mixture's choice), as in the demo
 # Training sets made from the `mild` and `strong` datasets that bound what a `mixture`-trained model can reach on
@@ -90,8 +96,8 @@ def fallback_setting() -> tuple[float, float]:
     return OUT_OF_RANGE_QUANTILE, OUT_OF_RANGE_RAMP
 
 
-def proxy_stage1_dir(workdir: Path) -> Path:
-    return workdir / "stage1-proxy"
+def proxy_stage1_dir(workdir: Path, preset: str = PROXY) -> Path:
+    return workdir / f"stage1-{preset}"
 
 
 def build_datasets(presets, workdir: Path) -> dict[str, Path]:
@@ -100,10 +106,11 @@ def build_datasets(presets, workdir: Path) -> dict[str, Path]:
     folders = {}
     for preset in presets:
         folders[preset] = workdir / f"data-{preset}"
-        if preset == PROXY:
+        if preset in PROXY_DRAWS:
             subprocess.run([sys.executable, str(REPO / "bench" / "stage1_proxy.py"), "--output_dir",
-                            str(proxy_stage1_dir(workdir))], check=True, cwd=REPO)
-            build_dataset(SAMPLE_TILES, folders[preset], stage1_dir=proxy_stage1_dir(workdir))
+                            str(proxy_stage1_dir(workdir, preset)), "--seed", str(PROXY_DRAWS[preset])],
+                           check=True, cwd=REPO)
+            build_dataset(SAMPLE_TILES, folders[preset], stage1_dir=proxy_stage1_dir(workdir, preset))
         else:
             build_dataset(SAMPLE_TILES, folders[preset], degradation=preset, seed=DATASET_SEED)
     return folders
@@ -152,8 +159,8 @@ VARIANT_FLAGS = {
 
 def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
     output = workdir / f"{preset}-{variant}-seed{seed}"
-    if preset == PROXY:
-        data = ["--stage1_dir", str(proxy_stage1_dir(workdir))]
+    if preset in PROXY_DRAWS:
+        data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
     elif preset in MIXTURE_BOUNDS:  # an Arrow dataset of build_mixture_bounds
         data = ["--data_dir", str(workdir / f"data-{preset}")]
     else:

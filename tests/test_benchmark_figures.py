@@ -159,6 +159,36 @@ def test_the_mixture_row_quotes_the_recorded_bounds_only_where_recorded(summariz
     assert f"a run '{summarize.BOUNDS_KEY}/mild_and_strong' lacks the test refined" in capsys.readouterr().err
 
 
+def test_the_proxy_row_quotes_each_draw_of_the_generator_where_recorded(summarize, results_copy, capsys):
+    """Refined / colour fit and refined / `opt_v1` per draw of the proxy generator's errors (the proxy goal's two
+    ratios); one draw alone gets no such list, and a draw without the test refined scores exits 2."""
+    import json
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "quality_proxy.json").read_text())
+    draws = [draw for draw in summarize.PROXY_DRAWS if f"{draw}/after" in study["runs"]]
+    assert draws == list(summarize.PROXY_DRAWS)  # the recorded study has every draw
+    for run in study["runs"]["proxy-seed2/after"]:
+        for metric, to_fit, to_opt_v1 in (("ndvi_rmse", 0.5, 0.4), ("evi_rmse", 0.9, 0.8), ("sam", 0.7, 0.6)):
+            run["test"]["linear_fit"][metric] = 1.0
+            run["test"]["refined"][metric] = to_fit
+            run["test"]["opt_v1"][metric] = to_fit / to_opt_v1
+    (results / "quality_proxy.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "another generator" in line)
+    assert "on 3 draws of that generator's errors" in row
+    assert "`proxy-seed2` 0.50 / 0.90 / 0.70 and 0.40 / 0.80 / 0.60" in row
+    for draw in ("proxy-seed1", "proxy-seed2"):
+        for variant in ("after", "fallback"):
+            del study["runs"][f"{draw}/{variant}"]
+    (results / "quality_proxy.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "another generator" in line)
+    assert "draws" not in row and "`proxy`" not in row
+    study["runs"]["proxy-seed1/after"] = [{"test": {"opt_v1": {}, "linear_fit": {}}}]
+    (results / "quality_proxy.json").write_text(json.dumps(study))
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    assert "'proxy-seed1/after'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", RESULT_FILES)
 def test_a_missing_results_file_exits_2_naming_it(summarize, results_copy, capsys, name):
     results, benchmarks = results_copy

@@ -141,3 +141,25 @@ def test_the_mixture_bound_sets_are_the_mixtures_mild_tiles_and_both_presets(stu
         assert both[split]["opt_v1"] == [f"mild-{split}"] * len(ids) + [f"strong-{split}"] * len(ids)
     assert both["test"]["opt_v1"] == ["mild-test"] * len(ids)  # scored on `mild` tiles only
     assert study_quality.training_tiles(built["mixture_mild_tiles"]) == len(expected)
+
+
+def test_each_proxy_draw_is_the_proxy_generator_with_its_own_seed(study_quality, tmp_path):
+    """`proxy-seed1` is `bench/stage1_proxy.py --seed 1` on the bundled tiles: the same targets as `proxy` (seed 0),
+    other Stage 1 errors."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from bench import stage1_proxy
+
+    assert study_quality.PROXY_DRAWS == {"proxy": 0, "proxy-seed1": 1, "proxy-seed2": 2}
+    folders = study_quality.build_datasets(["proxy", "proxy-seed1"], tmp_path)
+    seed0, seed1 = (load_from_disk(str(folders[name]))["test"].with_format("numpy")[:]
+                    for name in ("proxy", "proxy-seed1"))
+    assert seed0["tile_id"].tolist() == seed1["tile_id"].tolist()
+    assert np.array_equal(seed0["target"], seed1["target"])
+    assert np.abs(seed0["opt_v1"] - seed1["opt_v1"]).mean() > 0.005  # another draw of the errors, not a copy
+    assert stage1_proxy.main(["--output_dir", str(tmp_path / "direct"), "--seed", "1"]) == 0
+    tile = sorted((tmp_path / "direct").rglob("*.npz"))[0]
+    drawn = study_quality.proxy_stage1_dir(tmp_path, "proxy-seed1") / tile.relative_to(tmp_path / "direct")
+    with np.load(tile) as direct, np.load(drawn) as built:
+        assert np.array_equal(direct["opt_v1"], built["opt_v1"])
