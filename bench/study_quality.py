@@ -27,7 +27,8 @@ loss of `mild` tiles).
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
 `proxy-seed1` and `proxy-seed2` are the same generator with its per-tile errors drawn from other seeds
-(`PROXY_DRAWS`): 18 test tiles are few, so a verdict on the proxy should hold on more than one draw.
+(`PROXY_DRAWS`), and `mild-seed1` ... `strong-seed2` the degradation presets drawn with other dataset seeds
+(`DEGRADATION_DRAWS`, `--dataset_seed`): 18 test tiles are few, so a verdict should hold on more than one draw.
 
 Besides the design metrics (NDVI RMSE, EVI RMSE, SAM, PSNR, SSIM, `training.metrics`) it reports the NDVI RMSE
 without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`), where NDVI is a ratio of
@@ -77,6 +78,8 @@ NEAR_BLACK = 0.02
 PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degradation preset
 # preset -> the seed of bench/stage1_proxy.py: the proxy generator's per-tile errors, drawn again
 PROXY_DRAWS = {PROXY: 0, f"{PROXY}-seed1": 1, f"{PROXY}-seed2": 2}
+# preset -> (degradation preset, dataset seed): the per-tile errors of `degrade.py` drawn again
+DEGRADATION_DRAWS = {f"{preset}-seed{seed}": (preset, seed) for preset in ("mild", "strong") for seed in (1, 2)}
 SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
 DATASET_SEED = 0  # of the synthetic degradation (and of the mixture's choice), as in the demo
 # Training sets made from the `mild` and `strong` datasets that bound what a `mixture`-trained model can reach on
@@ -112,7 +115,8 @@ def build_datasets(presets, workdir: Path) -> dict[str, Path]:
                            check=True, cwd=REPO)
             build_dataset(SAMPLE_TILES, folders[preset], stage1_dir=proxy_stage1_dir(workdir, preset))
         else:
-            build_dataset(SAMPLE_TILES, folders[preset], degradation=preset, seed=DATASET_SEED)
+            degradation, seed = DEGRADATION_DRAWS.get(preset, (preset, DATASET_SEED))
+            build_dataset(SAMPLE_TILES, folders[preset], degradation=degradation, seed=seed)
     return folders
 
 
@@ -163,6 +167,9 @@ def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
         data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
     elif preset in MIXTURE_BOUNDS:  # an Arrow dataset of build_mixture_bounds
         data = ["--data_dir", str(workdir / f"data-{preset}")]
+    elif preset in DEGRADATION_DRAWS:
+        degradation, dataset_seed = DEGRADATION_DRAWS[preset]
+        data = ["--degradation", degradation, "--dataset_seed", str(dataset_seed)]
     else:
         data = ["--degradation", preset]
     command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), *data,

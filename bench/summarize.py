@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # data_builders (the shared atomic write) and bench._common (the quality goal)
 
 from bench._common import GOAL_MARGIN, SPECTRAL, mean_range_cell, meets_goal  # noqa: E402
-from bench.study_quality import BOUNDS_KEY, MIXTURE_BOUNDS, PROXY, PROXY_DRAWS  # noqa: E402
+from bench.study_quality import (  # noqa: E402
+    BOUNDS_KEY, DATASET_SEED, DEGRADATION_DRAWS, MIXTURE_BOUNDS, PROXY, PROXY_DRAWS,
+)
 
 DEFAULT_RESULTS = REPO / "bench" / "results"
 DEFAULT_BENCHMARKS = REPO / "BENCHMARKS.md"
@@ -415,7 +417,13 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool) -> Qua
 
 
 def quality(results: Path) -> QualityStudy:
-    return _quality_study(results / "quality.json", ("mild/before", "mild/after", "strong/before", "strong/after"),
+    """The quality study, with the `after` runs of the degradations' other draws (`DEGRADATION_DRAWS`) where it has
+    them."""
+    path = results / "quality.json"
+    recorded = read_json(path).get("runs")
+    draws = tuple(f"{draw}/after" for draw in DEGRADATION_DRAWS
+                  if isinstance(recorded, dict) and f"{draw}/after" in recorded)
+    return _quality_study(path, ("mild/before", "mild/after", "strong/before", "strong/after", *draws),
                           with_mixture=True)
 
 
@@ -619,8 +627,32 @@ def colour_fit_row(study: QualityStudy) -> tuple[str, str, str]:
             f"`mild`: {two_decimals(mild)} (previous release {two_decimals(mild_before)}); "
             f"`strong`: {two_decimals(strong)} (previous {two_decimals(strong_before)}); "
             f"goal (at most {RATIO_GOAL:.2f} on all three, every seed) met by {_and(met)}"
-            + _with_fallback(study, ("mild", "strong")),
+            + _with_fallback(study, ("mild", "strong")) + _degradation_draws(study),
             cite("quality.md"))
+
+
+def _degradation_draws(study: QualityStudy) -> str:
+    """'; on other draws of the degradations' errors: ...' per preset with other draws recorded (`DEGRADATION_DRAWS`):
+    the seeds meeting the goal per draw (the `fallback` runs' too where every draw has them) and refined / `opt_v1`
+    ('' if no preset has other draws)."""
+    parts = []
+    for preset in ("mild", "strong"):
+        draws = {preset: DATASET_SEED, **{draw: seed for draw, (base, seed) in DEGRADATION_DRAWS.items()
+                                          if base == preset and f"{draw}/after" in study.runs}}
+        if len(draws) < 2:
+            continue
+        part = (f"`{preset}` with dataset seeds {', '.join(map(str, draws.values()))}: "
+                + ", ".join(str(seeds_meeting_goal(study.runs[f"{draw}/after"])) for draw in draws)
+                + f" of {len(study.runs[f'{preset}/after'])} seeds meeting the goal")
+        if all(f"{draw}/fallback" in study.runs for draw in draws):
+            part += (" (trained with `--out_of_range_fallback true`: "
+                     + ", ".join(str(seeds_meeting_goal(study.runs[f"{draw}/fallback"])) for draw in draws) + ")")
+        part += ", refined / `opt_v1` " + ", ".join(two_decimals(ratios_to_opt_v1(study.runs[f"{draw}/after"]))
+                                                    for draw in draws)
+        parts.append(part)
+    if not parts:
+        return ""
+    return "; on other draws of the degradations' errors (`--dataset_seed`): " + "; ".join(parts)
 
 
 def _with_fallback(study: QualityStudy, presets: tuple[str, ...]) -> str:

@@ -141,6 +141,10 @@ def test_the_mixture_row_quotes_the_recorded_bounds_only_where_recorded(summariz
     (results / "quality.json").write_text(json.dumps(study))
     row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)
     assert f"`{summarize.MIXTURE_BOUNDS['mild_and_strong']}` 0.300 (0.200-0.400)" in row
+    trainings, doubled, minutes = summarize.quality_minutes_per_training(results)
+    header = f"{trainings} demo trainings" + (f", {doubled} of them twice as long (36 training tiles)," if doubled else "")
+    _replace_once(results / "quality.md", f"{header} (", "6 demo trainings, 3 of them twice as long (36 training tiles), (")
+    _replace_once(results / "quality.md", f") in {minutes} min on", ") in 9 min on")
     assert "one training ~60 s in the study (6 in 9 min, 3 of them twice as long)" in summarize.summary_table(results)
     _replace_once(results / "quality.md", "6 demo trainings, 3 of them twice as long (36 training tiles),",
                   "6 demo trainings")
@@ -187,6 +191,42 @@ def test_the_proxy_row_quotes_each_draw_of_the_generator_where_recorded(summariz
     (results / "quality_proxy.json").write_text(json.dumps(study))
     assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
     assert "'proxy-seed1/after'" in capsys.readouterr().err
+
+
+def test_the_colour_fit_row_counts_the_goal_on_each_draw_of_the_degradations(summarize, results_copy):
+    """Seeds meeting the goal per draw of `degrade.py`'s errors (dataset seeds), with and without the out-of-range
+    rule, where the study recorded the draws; a preset without other draws gets no such count."""
+    import json
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "quality.json").read_text())
+    recorded = [draw for draw in summarize.DEGRADATION_DRAWS if f"{draw}/after" in study["runs"]]
+    assert recorded == list(summarize.DEGRADATION_DRAWS)  # the recorded study has every draw
+    for variant, ratio in (("after", 0.5), ("fallback", 0.95)):  # every seed meets the goal / none does
+        for run in study["runs"][f"mild-seed2/{variant}"]:
+            for metric in ("ndvi_rmse", "evi_rmse", "sam"):
+                run["test"]["refined"][metric] = run["test"]["linear_fit"][metric] * ratio
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Refined / least-squares" in line)
+    counts = {key: summarize.seeds_meeting_goal(study["runs"][key]) for key in study["runs"]}
+    assert (f"`mild` with dataset seeds 0, 1, 2: {counts['mild/after']}, {counts['mild-seed1/after']}, 3 of 3 seeds "
+            f"meeting the goal (trained with `--out_of_range_fallback true`: {counts['mild/fallback']}, "
+            f"{counts['mild-seed1/fallback']}, 0), refined / `opt_v1` ") in row
+    to_opt_v1 = summarize.two_decimals(summarize.ratios_to_opt_v1(study["runs"]["mild-seed2/after"]))
+    assert f", {to_opt_v1}; `strong` with dataset seeds 0, 1, 2: " in row
+    for draw in ("strong-seed1", "strong-seed2"):
+        for variant in ("after", "fallback"):
+            del study["runs"][f"{draw}/{variant}"]
+    del study["runs"]["mild-seed1/fallback"]
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Refined / least-squares" in line)
+    assert "`strong` with" not in row and "(trained with `--out_of_range_fallback true`: " not in row.split(
+        "dataset seeds")[1]  # no fallback count unless every draw has one
+    for draw in ("mild-seed1", "mild-seed2"):
+        study["runs"].pop(f"{draw}/after")
+        study["runs"].pop(f"{draw}/fallback", None)
+    (results / "quality.json").write_text(json.dumps(study))
+    assert "dataset seeds" not in summarize.summary_table(results)
 
 
 @pytest.mark.parametrize("name", RESULT_FILES)

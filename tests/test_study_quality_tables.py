@@ -3,6 +3,7 @@ only for runs that recorded them, and the sensitivity section counts the seeds m
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,37 @@ def test_each_proxy_draw_is_the_proxy_generator_with_its_own_seed(study_quality,
     drawn = study_quality.proxy_stage1_dir(tmp_path, "proxy-seed1") / tile.relative_to(tmp_path / "direct")
     with np.load(tile) as direct, np.load(drawn) as built:
         assert np.array_equal(direct["opt_v1"], built["opt_v1"])
+
+
+def test_each_degradation_draw_is_the_preset_with_its_own_dataset_seed(study_quality, tmp_path, monkeypatch):
+    """`mild-seed1` is the `mild` dataset built with seed 1: the same targets, other errors; its trainings are told
+    the same (`--degradation mild --dataset_seed 1`), and the plain presets' command is as before."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from data_builders import build_dataset
+
+    assert study_quality.DEGRADATION_DRAWS == {"mild-seed1": ("mild", 1), "mild-seed2": ("mild", 2),
+                                               "strong-seed1": ("strong", 1), "strong-seed2": ("strong", 2)}
+    folders = study_quality.build_datasets(["mild", "mild-seed1"], tmp_path)
+    build_dataset(study_quality.SAMPLE_TILES, tmp_path / "direct", degradation="mild", seed=1)
+    seed0, seed1, direct = (load_from_disk(str(folder))["test"].with_format("numpy")[:]
+                            for folder in (folders["mild"], folders["mild-seed1"], tmp_path / "direct"))
+    assert np.array_equal(seed0["target"], seed1["target"])
+    assert np.abs(seed0["opt_v1"] - seed1["opt_v1"]).mean() > 0.001
+    assert np.array_equal(seed1["opt_v1"], direct["opt_v1"])
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        output = Path(command[command.index("--output_dir") + 1])
+        output.mkdir(parents=True)
+        (output / "demo_results.json").write_text("{}")
+
+    monkeypatch.setattr(study_quality.subprocess, "run", fake_run)
+    study_quality.train("mild-seed1", 2, "after", tmp_path)
+    study_quality.train("mild", 2, "after", tmp_path)
+    drawn, plain = commands
+    assert drawn[drawn.index("--degradation"):][:4] == ["--degradation", "mild", "--dataset_seed", "1"]
+    assert "--dataset_seed" not in plain and plain[plain.index("--degradation") + 1] == "mild"
