@@ -7,6 +7,8 @@
     .venv/bin/python bench/study_quality.py --presets proxy-seed1 proxy-seed2 --variants after fallback --no-mixture \
         --reuse bench/results/quality_proxy.json --output bench/results/quality_proxy.md
     .venv/bin/python bench/study_quality.py --presets --no-mixture --mixture_bounds --reuse bench/results/quality.json
+    .venv/bin/python bench/study_quality.py --presets mild-seed1 mild-seed2 strong-seed1 strong-seed2 \
+        --variants after fallback --no-mixture --reuse bench/results/quality.json
 
 For each degradation preset (`data_builders.degrade`), training seed and model variant it trains the demo
 (`python -m training.demo`: `configs/demo.yaml`, the tiny backbone on the CPU, best step picked on the validation
@@ -57,6 +59,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_builders.degrade import DEGRADATION_PRESETS  # noqa: E402
 from bench._common import (  # noqa: E402
     GOAL_MARGIN, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell,
     meets_goal, record_study,
@@ -79,7 +82,8 @@ PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degrada
 # preset -> the seed of bench/stage1_proxy.py: the proxy generator's per-tile errors, drawn again
 PROXY_DRAWS = {PROXY: 0, f"{PROXY}-seed1": 1, f"{PROXY}-seed2": 2}
 # preset -> (degradation preset, dataset seed): the per-tile errors of `degrade.py` drawn again
-DEGRADATION_DRAWS = {f"{preset}-seed{seed}": (preset, seed) for preset in ("mild", "strong") for seed in (1, 2)}
+DEGRADATION_DRAWS = {f"{preset}-seed{seed}": (preset, seed) for preset in DEGRADATION_PRESETS for seed in (1, 2)}
+TRAINED_PRESETS = (*DEGRADATION_PRESETS, *DEGRADATION_DRAWS, *PROXY_DRAWS)  # what `--presets` takes
 SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
 DATASET_SEED = 0  # of the synthetic degradation (and of the mixture's choice), as in the demo
 # Training sets made from the `mild` and `strong` datasets that bound what a `mixture`-trained model can reach on
@@ -493,7 +497,7 @@ def _by_preset(runs: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="*", default=["mild", "strong"],
+    parser.add_argument("--presets", nargs="*", default=["mild", "strong"], choices=TRAINED_PRESETS,
                         help="the presets trained (none: only the mixture, with the others reused)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=tuple(VARIANT_FLAGS))

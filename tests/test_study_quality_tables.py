@@ -198,3 +198,13 @@ def test_each_degradation_draw_is_the_preset_with_its_own_dataset_seed(study_qua
     drawn, plain = commands
     assert drawn[drawn.index("--degradation"):][:4] == ["--degradation", "mild", "--dataset_seed", "1"]
     assert "--dataset_seed" not in plain and plain[plain.index("--degradation") + 1] == "mild"
+
+
+def test_an_unknown_preset_exits_2_before_any_work(repo_root, tmp_path):
+    import subprocess
+
+    output = tmp_path / "quality.md"
+    result = subprocess.run([sys.executable, str(repo_root / "bench" / "study_quality.py"), "--presets", "mild-seed3",
+                             "--output", str(output)], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "invalid choice: 'mild-seed3'" in result.stderr
+    assert not output.exists() and not output.with_suffix(".json").exists()
