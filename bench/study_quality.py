@@ -103,7 +103,7 @@ def fallback_setting() -> tuple[float, float]:
     return OUT_OF_RANGE_QUANTILE, OUT_OF_RANGE_RAMP
 
 
-def proxy_stage1_dir(workdir: Path, preset: str = PROXY) -> Path:
+def proxy_stage1_dir(workdir: Path, preset: str) -> Path:
     return workdir / f"stage1-{preset}"
 
 
@@ -171,11 +171,9 @@ def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
         data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
     elif preset in MIXTURE_BOUNDS:  # an Arrow dataset of build_mixture_bounds
         data = ["--data_dir", str(workdir / f"data-{preset}")]
-    elif preset in DEGRADATION_DRAWS:
-        degradation, dataset_seed = DEGRADATION_DRAWS[preset]
+    else:  # the dataset seed said, as build_datasets builds the dataset it is scored on
+        degradation, dataset_seed = DEGRADATION_DRAWS.get(preset, (preset, DATASET_SEED))
         data = ["--degradation", degradation, "--dataset_seed", str(dataset_seed)]
-    else:
-        data = ["--degradation", preset]
     command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), *data,
                "--seed", str(seed), "--disable_tqdm", "true", "--report_to", "none"]
     command += VARIANT_FLAGS[variant]

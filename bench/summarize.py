@@ -394,10 +394,12 @@ def _checked_runs(data: dict, path: Path, key: str, outputs: tuple[str, ...], ru
     return runs
 
 
-def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool) -> QualityStudy:
+def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool, draws=()) -> QualityStudy:
+    """The study's runs of `keys`, with the `after` runs of the other draws in `draws` where it recorded them."""
     data = read_json(path)
     if not isinstance(data.get("runs"), dict):
         raise ResultsError(path, "no 'runs' object")
+    keys = (*keys, *(f"{draw}/after" for draw in draws if f"{draw}/after" in data["runs"]))
     # The `per_tile` runs (the release before the spectral MLP) and the `fallback` ones (the demo trained with
     # `--out_of_range_fallback true`) where the study has them.
     optional = [key for key in data["runs"] if key.endswith(("/per_tile", "/fallback"))
@@ -417,23 +419,13 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool) -> Qua
 
 
 def quality(results: Path) -> QualityStudy:
-    """The quality study, with the `after` runs of the degradations' other draws (`DEGRADATION_DRAWS`) where it has
-    them."""
-    path = results / "quality.json"
-    recorded = read_json(path).get("runs")
-    draws = tuple(f"{draw}/after" for draw in DEGRADATION_DRAWS
-                  if isinstance(recorded, dict) and f"{draw}/after" in recorded)
-    return _quality_study(path, ("mild/before", "mild/after", "strong/before", "strong/after", *draws),
-                          with_mixture=True)
+    return _quality_study(results / "quality.json", ("mild/before", "mild/after", "strong/before", "strong/after"),
+                          with_mixture=True, draws=DEGRADATION_DRAWS)
 
 
 def quality_proxy(results: Path) -> QualityStudy:
-    """The proxy study, with the `after` runs of the generator's other draws (`PROXY_DRAWS`) where it has them."""
-    path = results / "quality_proxy.json"
-    recorded = read_json(path).get("runs")
-    draws = tuple(f"{draw}/after" for draw in PROXY_DRAWS
-                  if draw != PROXY and isinstance(recorded, dict) and f"{draw}/after" in recorded)
-    return _quality_study(path, (f"{PROXY}/before", f"{PROXY}/after", *draws), with_mixture=False)
+    return _quality_study(results / "quality_proxy.json", (f"{PROXY}/before", f"{PROXY}/after"), with_mixture=False,
+                          draws=[draw for draw in PROXY_DRAWS if draw != PROXY])
 
 
 def quality_minutes_per_training(results: Path) -> tuple[int, int, int]:
@@ -636,7 +628,7 @@ def _degradation_draws(study: QualityStudy) -> str:
     the seeds meeting the goal per draw (the `fallback` runs' too where every draw has them) and refined / `opt_v1`
     ('' if no preset has other draws)."""
     parts = []
-    for preset in ("mild", "strong"):
+    for preset in dict.fromkeys(base for base, _ in DEGRADATION_DRAWS.values()):
         draws = {preset: DATASET_SEED, **{draw: seed for draw, (base, seed) in DEGRADATION_DRAWS.items()
                                           if base == preset and f"{draw}/after" in study.runs}}
         if len(draws) < 2:

@@ -168,7 +168,7 @@ def test_each_proxy_draw_is_the_proxy_generator_with_its_own_seed(study_quality,
 
 def test_each_degradation_draw_is_the_preset_with_its_own_dataset_seed(study_quality, tmp_path, monkeypatch):
     """`mild-seed1` is the `mild` dataset built with seed 1: the same targets, other errors; its trainings are told
-    the same (`--degradation mild --dataset_seed 1`), and the plain presets' command is as before."""
+    the same (`--degradation mild --dataset_seed 1`), and a plain preset's the study's own dataset seed."""
     import numpy as np
     from datasets import load_from_disk
 
@@ -197,7 +197,8 @@ def test_each_degradation_draw_is_the_preset_with_its_own_dataset_seed(study_qua
     study_quality.train("mild", 2, "after", tmp_path)
     drawn, plain = commands
     assert drawn[drawn.index("--degradation"):][:4] == ["--degradation", "mild", "--dataset_seed", "1"]
-    assert "--dataset_seed" not in plain and plain[plain.index("--degradation") + 1] == "mild"
+    assert plain[plain.index("--degradation"):][:4] == ["--degradation", "mild", "--dataset_seed",
+                                                         str(study_quality.DATASET_SEED)]
 
 
 def test_an_unknown_preset_exits_2_before_any_work(repo_root, tmp_path):
