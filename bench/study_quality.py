@@ -19,7 +19,8 @@ fitted on the same training tiles. Variants: `before` is the refiner of the prev
 spectral MLP (per-tile affine correction started at the spectral fit, output clamped at 0, brightness augmentation
 0.1-1.0, no spectral MLP), `after` the current demo (one shared correction started at the spectral fit, refined
 per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step),
-`fallback` the demo with `--out_of_range_fallback true`. With `--mixture` (default) it also trains the
+`fallback` the demo with `--out_of_range_fallback true`, `near_black` the demo with `--near_black_fallback true`
+(`opt_v1` kept where its red + NIR is near-black). With `--mixture` (default) it also trains the
 `--mixture_variants` (default `after`) on the `mixture` degradation and scores them on the `mild` test split, to compare
 with the same variant trained on `mild` alone (with `--reuse`, the earlier study's mixture runs of variants not trained
 now are reported). With `--mixture_bounds` it also trains `after` on two training sets that bound what the mixture
@@ -73,7 +74,9 @@ FALLBACK = "opt_v1 out of range"
 # The settings of that rule tried beside its own (quantile of the training distances, ramp), on the test split
 SENSITIVITY = tuple((quantile, ramp) for quantile in (0.95, 0.99, 0.995) for ramp in (1.5, 2.0, 3.0))
 # Red + NIR reflectance of the target below which a pixel is "near black" (open water, deep shadow): there NDVI is
-# the ratio of two numbers a few digital numbers above zero.
+# the ratio of two numbers a few digital numbers above zero. The refiner's `near_black_threshold` defaults to the
+# same value (on `opt_v1`, the only image it has); kept here so that this script's reporting does not load the model
+# (tests/test_near_black.py checks the two agree).
 NEAR_BLACK = 0.02
 
 
@@ -162,6 +165,8 @@ VARIANT_FLAGS = {
     "after": [],
     # the demo with the rule in the model: opt_v1 kept outside the training spectra, in training and inference
     "fallback": ["--out_of_range_fallback", "true"],
+    # the demo with opt_v1 kept at its near-black pixels by the model itself, in training and inference
+    "near_black": ["--near_black_fallback", "true"],
 }
 
 
@@ -317,7 +322,9 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "correction started at the spectral fit and the per-pixel spectral MLP, no brightness augmentation (the "
         "demo now); the starting point is a candidate for the best step; `fallback` = `after` built with "
         "`out_of_range_fallback` (`opt_v1` kept outside the training spectra by the model itself, in training and "
-        "in evaluation; the rule below). "
+        "in evaluation; the rule below); `near_black` = `after` built with `near_black_fallback` (`opt_v1` kept at "
+        f"its near-black pixels, `opt_v1` red + NIR up to {NEAR_BLACK} reflectance, blended up to twice that, in "
+        "training and in evaluation). "
         "`spectral fit`: where the default model's affine correction starts, the colour fit refined under the "
         "spectral loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0 (`after` starts there "
         "with its spectral MLP fitted on top). "

@@ -400,9 +400,9 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool, draws=
     if not isinstance(data.get("runs"), dict):
         raise ResultsError(path, "no 'runs' object")
     keys = (*keys, *(f"{draw}/after" for draw in draws if f"{draw}/after" in data["runs"]))
-    # The `per_tile` runs (the release before the spectral MLP) and the `fallback` ones (the demo trained with
-    # `--out_of_range_fallback true`) where the study has them.
-    optional = [key for key in data["runs"] if key.endswith(("/per_tile", "/fallback"))
+    # The `per_tile` runs (the release before the spectral MLP), the `fallback` ones (the demo trained with
+    # `--out_of_range_fallback true`) and the `near_black` ones (`--near_black_fallback true`) where the study has them.
+    optional = [key for key in data["runs"] if key.endswith(("/per_tile", "/fallback", "/near_black"))
                 and key.split("/")[0] + "/after" in keys]
     runs = {key: _checked_runs(data, path, key, ("opt_v1", "linear_fit", "refined")) for key in (*keys, *optional)}
     recorded = (data.get("mixture_on_mild") or {}) if with_mixture else {}
@@ -623,10 +623,19 @@ def colour_fit_row(study: QualityStudy) -> tuple[str, str, str]:
             cite("quality.md"))
 
 
+def runs_beating_both_baselines(runs: list[dict]) -> int:
+    """Runs whose refined output beats `opt_v1` and the colour fit on every gain metric on the test split: the demo's
+    own exit-0 rule (`training.demo.not_beaten`)."""
+    from training.demo import gains, not_beaten
+
+    return sum(not not_beaten(gains(run["test"])) for run in runs)
+
+
 def _degradation_draws(study: QualityStudy) -> str:
     """'; on other draws of the degradations' errors: ...' per preset with other draws recorded (`DEGRADATION_DRAWS`):
-    the seeds meeting the goal per draw (the `fallback` runs' too where every draw has them) and refined / `opt_v1`
-    ('' if no preset has other draws)."""
+    the seeds meeting the goal per draw (the `fallback` runs' too where every draw has them), refined / `opt_v1`, and
+    with the `near_black` runs of every draw, the runs beating both baselines with and without them ('' if no preset
+    has other draws)."""
     parts = []
     for preset in dict.fromkeys(base for base, _ in DEGRADATION_DRAWS.values()):
         draws = {preset: DATASET_SEED, **{draw: seed for draw, (base, seed) in DEGRADATION_DRAWS.items()
@@ -641,6 +650,14 @@ def _degradation_draws(study: QualityStudy) -> str:
                      + ", ".join(str(seeds_meeting_goal(study.runs[f"{draw}/fallback"])) for draw in draws) + ")")
         part += ", refined / `opt_v1` " + ", ".join(two_decimals(ratios_to_opt_v1(study.runs[f"{draw}/after"]))
                                                     for draw in draws)
+        if all(f"{draw}/near_black" in study.runs for draw in draws):
+            runs = {variant: [run for draw in draws for run in study.runs[f"{draw}/{variant}"]]
+                    for variant in ("after", "near_black")}
+            goals = ", ".join(str(seeds_meeting_goal(study.runs[f"{draw}/near_black"])) for draw in draws)
+            part += (f"; runs beating both baselines (the demo's exit 0) {runs_beating_both_baselines(runs['after'])} "
+                     f"of {len(runs['after'])}, trained with `--near_black_fallback true` "
+                     f"{runs_beating_both_baselines(runs['near_black'])} of {len(runs['near_black'])} (seeds meeting "
+                     f"the goal {goals})")
         parts.append(part)
     if not parts:
         return ""

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out_of_range_output",
         help="scene: also write each pixel's weight of opt_v1 in the output (0 refined .. 1 opt_v1 kept, outside the "
-        "training spectra) to this single-band GeoTIFF; needs a model built with out_of_range_fallback (tiles get it "
-        "as the NPZ key out_of_range_weight without asking)",
+        "training spectra, or near-black) to this single-band GeoTIFF; needs a model built with out_of_range_fallback "
+        "or near_black_fallback (tiles get it as the NPZ key out_of_range_weight without asking)",
     )
     parser.add_argument(
         "--stage1_dir",
@@ -191,4 +191,4 @@ def _report_scene(result: SceneRefinementResult) -> None:
 
 def _kept_line(fraction: float | None) -> str:
     share = "no valid pixel" if fraction is None else f"{100 * fraction:.1f} % of valid pixels"
-    return f"opt_v1 kept, in part or entirely, outside the training spectra: {share}"
+    return f"opt_v1 kept, in part or entirely (outside the training spectra, or near-black): {share}"

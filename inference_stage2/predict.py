@@ -57,7 +57,7 @@ def _forward(
 
     The refined tensor is a `.refined` output, a tuple's first element or a plain tensor, so that any callable with
     the model's signature works; the weight (B, H, W) is the output's `out_of_range_weight` where it has one (a
-    refiner built with `out_of_range_fallback`).
+    refiner that keeps `opt_v1` somewhere, `config.keeps_opt_v1`).
     """
     output = model(opt_v1=opt_v1, month=month, biome=biome)
     refined = getattr(output, "refined", None)
@@ -74,14 +74,15 @@ def _forward(
 
 def reports_out_of_range_weight(model: Any) -> bool:
     """Whether `model`'s output carries `out_of_range_weight`: a PyTorch refiner (or its PEFT wrapper) built with
-    `out_of_range_fallback`, or an exported graph with that output (`ExportedRefiner.output_names`; one exported
-    before the weight became an output has `refined` only, whatever its config)."""
+    `out_of_range_fallback` or `near_black_fallback` (`config.keeps_opt_v1`), or an exported graph with that output
+    (`ExportedRefiner.output_names`; one exported before the weight became an output has `refined` only, whatever
+    its config)."""
     from modeling_stage2.onnx_runtime import ExportedRefiner
 
     if isinstance(model, ExportedRefiner):
         return model.reports_out_of_range_weight
     config = getattr(model, "config", None)
-    return bool(getattr(config, "out_of_range_fallback", False))
+    return bool(getattr(config, "keeps_opt_v1", False))
 
 
 @dataclass

@@ -104,10 +104,10 @@ def refine_scene(
             10000 rounded, in the input's integer dtype or uint16).
         device: where to run the model.
         progress: show a progress bar.
-        out_of_range_output: with a model built with `out_of_range_fallback`, also write each pixel's weight of
-            `opt_v1` in the output to this single-band float32 GeoTIFF (same grid; 0 where the refiner worked, 1
-            where the pixel's spectrum lies so far outside the training spectra that `opt_v1` was kept; blended
-            across windows like the bands; NaN where the input is nodata).
+        out_of_range_output: with a model built with `out_of_range_fallback` or `near_black_fallback`, also write
+            each pixel's weight of `opt_v1` in the output to this single-band float32 GeoTIFF (same grid; 0 where the
+            refiner worked, 1 where `opt_v1` was kept: the pixel's spectrum lies so far outside the training spectra,
+            or it is near-black; blended across windows like the bands; NaN where the input is nodata).
 
     Pixels where any band is nodata (the declared value, or NaN) are filled for the model and written
     as nodata in every band (NaN when no nodata value is declared and the output is float; 0 for a
@@ -129,7 +129,8 @@ def refine_scene(
     if weight_path is not None and not reports_out_of_range_weight(model):
         raise InferenceInputError(
             f"out_of_range_output {weight_path}: the model reports no out_of_range_weight (it needs a refiner built "
-            "with out_of_range_fallback; export a graph of such a refiner again if it was exported without the weight)"
+            "with out_of_range_fallback or near_black_fallback; export a graph of such a refiner again if it was "
+            "exported without the weight)"
         )
     if weight_path is not None and weight_path.resolve() == output_path.resolve():
         raise InferenceInputError(f"out_of_range_output {weight_path} is the output file; give another path")

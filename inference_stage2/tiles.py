@@ -50,9 +50,10 @@ class TileRefinementSummary:
         replaced: relative paths of outputs of an earlier run into the same folder that were overwritten.
         removed_stale: outputs of an earlier run that this run would have left looking current (a tile now
             rejected, a `metrics.json` this run did not compute): removed.
-        out_of_range_fraction: with a model that reports `out_of_range_weight` (built with `out_of_range_fallback`):
-            the fraction of the written tiles' valid pixels where `opt_v1` was kept, in part or entirely (weight >
-            0: the pixel's spectrum lies outside the training spectra); else None.
+        out_of_range_fraction: with a model that reports `out_of_range_weight` (built with `out_of_range_fallback`
+            or `near_black_fallback`): the fraction of the written tiles' valid pixels where `opt_v1` was kept, in
+            part or entirely (weight > 0: the pixel's spectrum lies outside the training spectra, or it is
+            near-black); else None.
     """
 
     output_dir: Path
@@ -250,8 +251,8 @@ def refine_tiles(
 
     Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
     `month`, `biome_code`, `band_names`, `input_mode` (`"stage1"` or `"identity"`), with a model built with
-    `out_of_range_fallback` `out_of_range_weight` (120, 120) float32 (each pixel's weight of `opt_v1` in `refined`,
-    NaN where the input is invalid) and, with Stage 1 input, scalar `metrics_refined_<name>` /
+    `out_of_range_fallback` or `near_black_fallback` `out_of_range_weight` (120, 120) float32 (each pixel's weight
+    of `opt_v1` in `refined`, NaN where the input is invalid) and, with Stage 1 input, scalar `metrics_refined_<name>` /
     `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
     Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises).
     """

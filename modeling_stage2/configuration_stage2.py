@@ -25,6 +25,15 @@ SPECTRAL_CORRECTIONS: tuple[str, ...] = ("none", "affine", "shared")
 # wide as the threshold; chosen before measuring, see docs/training.md).
 OUT_OF_RANGE_RAMP = 2.0
 
+# With `near_black_fallback`: `opt_v1` is kept entirely where its red + NIR reflectance is at most this (water, deep
+# shadow: NDVI is a ratio of noise there) and the refiner's own output is used from `NEAR_BLACK_RAMP` times it on,
+# linear between. Both fixed before measuring (the quality studies' near-black threshold, a ramp as wide as it; see
+# docs/training.md).
+NEAR_BLACK_THRESHOLD = 0.02
+NEAR_BLACK_RAMP = 2.0
+# The bands whose sum is a pixel's brightness for `near_black_fallback`: those of NDVI.
+NEAR_BLACK_BANDS: tuple[str, ...] = ("B04", "B08")
+
 
 class Stage2RefinerConfig(PretrainedConfig):
     r"""
@@ -143,6 +152,20 @@ class Stage2RefinerConfig(PretrainedConfig):
         out_of_range_ramp (`float`, *optional*, defaults to 2.0):
             With `out_of_range_fallback`: the multiple of the threshold distance at which the output is `opt_v1`
             entirely (linear in the distance from the threshold, where the blend starts); must be > 1.
+        near_black_fallback (`bool`, *optional*, defaults to `False`):
+            Leave `opt_v1` as it is at its near-black pixels (open water, deep shadow): where its red + NIR
+            reflectance (B04 + B08, which `bands` must hold) is at most `near_black_threshold`, `refined` is
+            `opt_v1`, and from `near_black_ramp` times it on the refiner's own output, linear between (before the
+            non-negative clamp). There NDVI is a ratio of two noisy, near-zero values, and a colour correction fitted
+            to all pixels (its offsets above all) moves it further than Stage 1 got it wrong. Nothing is fitted: the
+            rule is the config's. With `out_of_range_fallback` too, a pixel keeps the larger of the two weights;
+            either way the output carries the weight (`out_of_range_weight`). `False` (the default, so that models
+            saved before this option load and compute exactly as before): no blend.
+        near_black_threshold (`float`, *optional*, defaults to 0.02):
+            With `near_black_fallback`: the red + NIR reflectance up to which the output is `opt_v1` entirely; > 0.
+        near_black_ramp (`float`, *optional*, defaults to 2.0):
+            With `near_black_fallback`: the multiple of `near_black_threshold` from which the output is the refiner's
+            own; must be > 1.
         kwargs:
             Passed to [`PretrainedConfig`] (e.g. `output_hidden_states`, `return_dict`).
 
@@ -189,6 +212,9 @@ class Stage2RefinerConfig(PretrainedConfig):
         nonnegative_output: bool = False,
         out_of_range_fallback: bool = False,
         out_of_range_ramp: float = OUT_OF_RANGE_RAMP,
+        near_black_fallback: bool = False,
+        near_black_threshold: float = NEAR_BLACK_THRESHOLD,
+        near_black_ramp: float = NEAR_BLACK_RAMP,
         **kwargs,
     ):
         self.bands = _resolve_bands(bands)
@@ -239,6 +265,25 @@ class Stage2RefinerConfig(PretrainedConfig):
                 f"out_of_range_ramp must be > 1 (the multiple of the threshold distance where the output is opt_v1 "
                 f"entirely), got {out_of_range_ramp!r}."
             )
+        if not isinstance(near_black_fallback, bool):
+            raise ValueError(f"near_black_fallback must be True or False, got {near_black_fallback!r}.")
+        canonical = [canonical_band_name(band) for band in self.bands]
+        missing = [band for band in NEAR_BLACK_BANDS if canonical_band_name(band) not in canonical]
+        if near_black_fallback and missing:
+            raise ValueError(
+                f"near_black_fallback needs the bands {NEAR_BLACK_BANDS} (red and NIR) in `bands`, which lacks "
+                f"{tuple(missing)}: add them or leave near_black_fallback=False."
+            )
+        self.near_black_fallback = near_black_fallback
+        self.near_black_threshold = _real(near_black_threshold, "near_black_threshold")
+        if not self.near_black_threshold > 0:
+            raise ValueError(f"near_black_threshold must be > 0 (red + NIR reflectance), got {near_black_threshold!r}.")
+        self.near_black_ramp = _real(near_black_ramp, "near_black_ramp")
+        if not self.near_black_ramp > 1:
+            raise ValueError(
+                f"near_black_ramp must be > 1 (the multiple of near_black_threshold from which the output is the "
+                f"refiner's own), got {near_black_ramp!r}."
+            )
         super().__init__(**kwargs)
         if self.dtype is not None and self.backbone_config.dtype is None:
             self.backbone_config.dtype = self.dtype  # one dtype for the whole refiner unless the backbone says
@@ -250,6 +295,18 @@ class Stage2RefinerConfig(PretrainedConfig):
         backbone.pop("transformers_version", None)
         output["backbone_config"] = backbone
         return output
+
+    @property
+    def keeps_opt_v1(self) -> bool:
+        """Whether the refiner keeps `opt_v1` at some pixels (`out_of_range_fallback`, `near_black_fallback`) and
+        says where in its output (`out_of_range_weight`)."""
+        return self.out_of_range_fallback or self.near_black_fallback
+
+    @property
+    def near_black_band_indices(self) -> tuple[int, ...]:
+        """Positions in `bands` of the red and NIR bands whose sum `near_black_fallback` thresholds."""
+        canonical = [canonical_band_name(band) for band in self.bands]
+        return tuple(canonical.index(canonical_band_name(band)) for band in NEAR_BLACK_BANDS)
 
     @property
     def patch_size(self) -> tuple[int, int]:

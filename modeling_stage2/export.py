@@ -6,13 +6,13 @@
 The trained folder (an adapter folder from `save_trained_model`, a full refiner folder or a Hub repo id) is loaded in
 full precision, its LoRA adapters are merged into the base weights (`merge_and_unload`) and the merged refiner is
 traced once with a dynamic batch, height and width. The graph has three inputs and one output, two for a refiner
-built with `out_of_range_fallback`:
+built with `out_of_range_fallback` or `near_black_fallback`:
 
     opt_v1  float32 (batch, 4, height, width)  reflectance 0..1, bands B02 B03 B04 B08
     month   int64   (batch,)                   1..num_months, -1 = unknown
     biome   int64   (batch,)                   0..num_biomes-1, -1 = unknown
     refined float32 (batch, 4, height, width)  reflectance
-    out_of_range_weight float32 (batch, 1, height, width)  weight of opt_v1 in refined, 0..1 (fallback refiners only)
+    out_of_range_weight float32 (batch, 1, height, width)  weight of opt_v1 in refined, 0..1 (those refiners only)
 
 The padding of height and width to a multiple of the patch (reflect, or replicate when the image is too small to
 mirror, as the eager model does) happens inside the graph, so any size works. The input checks of the eager model
@@ -51,7 +51,7 @@ EXPORT_FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23
 INPUT_NAMES = ("opt_v1", "month", "biome")
-# The graph's outputs, in this order; a refiner without `out_of_range_fallback` has the first only
+# The graph's outputs, in this order; a refiner that never keeps `opt_v1` (`config.keeps_opt_v1`) has the first only
 # (`graph_output_names`). The names are those of `Stage2RefinerOutput`'s fields.
 OUTPUT_NAMES = ("refined", OUT_OF_RANGE_WEIGHT)
 # Largest height/width the graph is declared for; the eager model has no limit, memory sets one in practice.
@@ -145,8 +145,8 @@ def merged_refiner(model_or_path: Any, *, device: str | None = None) -> tuple[nn
 
 def graph_output_names(config: Stage2RefinerConfig) -> tuple[str, ...]:
     """The outputs of the graph exported from a refiner with `config`: `refined`, and `out_of_range_weight` where the
-    refiner keeps `opt_v1` outside its training spectra (`config.out_of_range_fallback`)."""
-    return OUTPUT_NAMES if config.out_of_range_fallback else OUTPUT_NAMES[:1]
+    refiner keeps `opt_v1` at some pixels (`config.keeps_opt_v1`: outside its training spectra, or near-black)."""
+    return OUTPUT_NAMES if config.keeps_opt_v1 else OUTPUT_NAMES[:1]
 
 
 class _GraphSignature(nn.Module):
@@ -446,8 +446,9 @@ _OUTPUT_DESCRIPTIONS = {
         "dynamic_axes": {"0": "batch", "2": "height", "3": "width"},
         "value_range": [0.0, 1.0],
         "description": (
-            "each pixel's weight of opt_v1 in refined: 0 where the refiner worked, 1 where the pixel's spectrum lies "
-            "so far outside the training spectra that opt_v1 was kept (out_of_range_fallback)"
+            "each pixel's weight of opt_v1 in refined: 0 where the refiner worked, 1 where opt_v1 was kept: the "
+            "pixel's spectrum lies so far outside the training spectra (out_of_range_fallback), or it is near-black "
+            "(near_black_fallback)"
         ),
     },
 }
@@ -555,7 +556,7 @@ def model_card_section(info: dict[str, Any]) -> str:
         f"| `biome` | int64 | (batch,) | 0..{inputs['biome']['value_range'][1]}, -1 unknown |\n"
         "| `refined` | float32 | (batch, 4, height, width) | reflectance |\n"
         + ("| `out_of_range_weight` | float32 | (batch, 1, height, width) | weight of `opt_v1` in `refined`: 0 where "
-           "the refiner worked, 1 where it kept `opt_v1` (outside its training spectra) |\n"
+           "the refiner worked, 1 where it kept `opt_v1` (outside its training spectra, or near-black) |\n"
            if OUT_OF_RANGE_WEIGHT in outputs else "")
         + "\n"
         f"- Padding inside the graph: {info['padding']['rule']}.\n"

@@ -22,6 +22,10 @@ training pixels' (Mahalanobis distance of the log spectrum beyond a fitted thres
 
     refined = refined + w (opt_v1 - refined),  w = 0 within the threshold .. 1 from `out_of_range_ramp` times it
 
+With `near_black_fallback` the same blend keeps `opt_v1` at its near-black pixels (red + NIR of `opt_v1`):
+
+    w = 1 up to `near_black_threshold` .. 0 from `near_black_ramp` times it   (the larger weight where both rules act)
+
 With `nonnegative_output` the refined image is clamped at 0 reflectance (straight-through gradient).
 
 The head's last layer starts at zero (and the correction at the identity, the MLP at zero), so an untrained model returns `opt_v1`
@@ -64,9 +68,10 @@ class Stage2RefinerOutput(ModelOutput):
             `opt_v1` after the per-tile spectral correction and the per-pixel spectral MLP, before the head's
             residual; `None` without either (`config.spectral_correction="none"`, `config.spectral_mlp_hidden_size=0`).
         out_of_range_weight (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`, *optional*):
-            With `config.out_of_range_fallback`: each pixel's weight of `opt_v1` in `refined`, 0 where the refiner
-            corrected it as trained, 1 where its spectrum lies so far outside the training spectra that `opt_v1` was
-            kept (`Stage2SpectralRange`); `None` without the option.
+            With `config.out_of_range_fallback` or `config.near_black_fallback` (`config.keeps_opt_v1`): each pixel's
+            weight of `opt_v1` in `refined`, 0 where the refiner corrected it as trained, 1 where `opt_v1` was kept:
+            its spectrum lies so far outside the training spectra (`Stage2SpectralRange`), or it is near-black
+            (`near_black_weight`); `None` without either option.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The backbone's hidden states, one `(batch_size, 1 + num_patches, embed_dim)` tensor per block (CLS token
             first, the last after the final LayerNorm), returned when `output_hidden_states=True`. They describe the
@@ -334,10 +339,18 @@ def out_of_range_weight(distance: torch.Tensor, threshold: torch.Tensor | float,
     return ((distance / threshold - 1) / (ramp - 1)).clamp(0, 1)
 
 
+def near_black_weight(opt_v1: torch.Tensor, band_indices: tuple[int, ...], threshold: float,
+                      ramp: float) -> torch.Tensor:
+    """(B, bands, H, W) reflectance -> (B, 1, H, W) weight of `opt_v1` at its near-black pixels: 1 where the sum of
+    the bands at `band_indices` (red and NIR) is at most `threshold`, 0 from `ramp` times it, linear between."""
+    brightness = sum(opt_v1[:, index : index + 1] for index in band_indices)
+    return ((ramp - brightness / threshold) / (ramp - 1)).clamp(0, 1)
+
+
 def keep_opt_v1(output: torch.Tensor, opt_v1: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`output` with `opt_v1` blended in by `weight` ((B, 1, H, W), `out_of_range_weight`): Stage 1's own pixels kept
-    where the training spectra end."""
-    return output + weight * (opt_v1 - output)
+    where the refiner declines. Written so that both ends are exact: `output` at weight 0, `opt_v1` itself at 1."""
+    return (1 - weight) * output + weight * opt_v1
 
 
 class Stage2SpectralRange(nn.Module):
@@ -626,10 +639,8 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         top, _, left, _ = padding
         delta = delta[:, :, top : top + height, left : left + width]
         refined = (opt_v1 if corrected is None else corrected) + delta.to(opt_v1.dtype)
-        out_of_range = None
-        if self.spectral_range is not None:
-            # Outside the training spectra every correction extrapolates: Stage 1's own pixel is kept there.
-            out_of_range = self.spectral_range(opt_v1)
+        out_of_range = self._opt_v1_weight(opt_v1)
+        if out_of_range is not None:
             refined = keep_opt_v1(refined, opt_v1, out_of_range)
         if self.config.nonnegative_output:
             refined = clamp_min_straight_through(refined, 0.0)
@@ -644,6 +655,21 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     # ---------------------------------------------------------------------------------------------- forward parts
+
+    def _opt_v1_weight(self, opt_v1: torch.Tensor) -> torch.Tensor | None:
+        """Each pixel's weight of `opt_v1` in the output, (B, 1, H, W): the larger of the rules the config has
+        (`out_of_range_fallback`, `near_black_fallback`); None with neither."""
+        weights = []
+        if self.spectral_range is not None:
+            # Outside the training spectra every correction extrapolates: Stage 1's own pixel is kept there.
+            weights.append(self.spectral_range(opt_v1))
+        if self.config.near_black_fallback:
+            # On near-black pixels NDVI is a ratio of noise: a correction fitted to all pixels only moves it.
+            weights.append(near_black_weight(opt_v1, self.config.near_black_band_indices,
+                                             self.config.near_black_threshold, self.config.near_black_ramp))
+        if not weights:
+            return None
+        return weights[0] if len(weights) == 1 else torch.maximum(*weights)
 
     def _check_opt_v1(self, opt_v1: torch.Tensor) -> None:
         bands = len(self.config.bands)

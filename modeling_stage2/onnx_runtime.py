@@ -3,7 +3,7 @@
     from modeling_stage2.onnx_runtime import ExportedRefiner
     model = ExportedRefiner("runs/x/onnx")            # a stage2-export folder, or model.onnx / model.pt2 itself
     refined = model(opt_v1, month, biome).refined     # torch tensors or numpy arrays in, a torch tensor out
-    model(opt_v1, month, biome).out_of_range_weight   # graphs of refiners built with out_of_range_fallback
+    model(opt_v1, month, biome).out_of_range_weight   # graphs of refiners that keep opt_v1 somewhere (keeps_opt_v1)
 
 `ExportedRefiner` checks the input exactly as `Stage2RefinerModel.forward` does (same exceptions, same messages:
 wrong band count, non-float or non-finite `opt_v1`, month/biome dtype, shape and range) before it runs the graph,
@@ -66,8 +66,8 @@ class ExportedRefiner:
     """An exported refiner with the call contract of `Stage2RefinerModel`: `model(opt_v1, month, biome)` returns a
     `Stage2RefinerOutput` whose `refined` is a float32 tensor (B, 4, H, W), and whose `out_of_range_weight` is the
     graph's (B, 1, H, W) weight of `opt_v1` where the graph has that output (`output_names`: a refiner built with
-    `out_of_range_fallback`, exported by this version or later), None otherwise. With `return_dict=False`: a tuple of
-    the outputs the graph has, `refined` first.
+    `out_of_range_fallback` or `near_black_fallback`, exported by a version with that output), None otherwise. With
+    `return_dict=False`: a tuple of the outputs the graph has, `refined` first.
 
     Args:
         path: a `stage2-export` folder, or the `model.onnx` / `model.pt2` file (its `config.json` is looked for

@@ -12,7 +12,8 @@ A leaf module (standard library only), so that the data builders can load it wit
 - `quantization`: how the frozen backbone is loaded, one of `QUANTIZATIONS`.
 - `biome`: the biome code 0..16 as an Arrow column and a model argument. NPZ tiles (the on-disk format) store it
   under the key `BIOME_NPZ_KEY` (`"biome_code"`), which becomes the `biome` column/argument when read.
-- `out_of_range_weight` (`OUT_OF_RANGE_WEIGHT`): where a refiner built with `out_of_range_fallback` kept `opt_v1`.
+- `out_of_range_weight` (`OUT_OF_RANGE_WEIGHT`): where a refiner built with `out_of_range_fallback` or
+  `near_black_fallback` kept `opt_v1` (outside the training spectra, or near-black).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ BIOME_NPZ_KEY = "biome_code"
 """The NPZ tile key of the biome code; read, it becomes the `biome` column / model argument."""
 
 OUT_OF_RANGE_WEIGHT = "out_of_range_weight"
-"""Each pixel's weight of `opt_v1` in `refined` (a refiner built with `out_of_range_fallback`), under one name as the
+"""Each pixel's weight of `opt_v1` in `refined` (a refiner built with `out_of_range_fallback` or `near_black_fallback`,
+`Stage2RefinerConfig.keeps_opt_v1`), under one name as the
 field of `Stage2RefinerOutput`, the second output of an exported graph, the key of refined NPZ tiles and the band
 description of the map `stage2-refine --out_of_range_output` writes."""
 

@@ -213,7 +213,7 @@ def test_the_colour_fit_row_counts_the_goal_on_each_draw_of_the_degradations(sum
             f"meeting the goal (trained with `--out_of_range_fallback true`: {counts['mild/fallback']}, "
             f"{counts['mild-seed1/fallback']}, 0), refined / `opt_v1` ") in row
     to_opt_v1 = summarize.two_decimals(summarize.ratios_to_opt_v1(study["runs"]["mild-seed2/after"]))
-    assert f", {to_opt_v1}; `strong` with dataset seeds 0, 1, 2: " in row
+    assert f", {to_opt_v1}; runs beating both baselines" in row and "; `strong` with dataset seeds 0, 1, 2: " in row
     for draw in ("strong-seed1", "strong-seed2"):
         for variant in ("after", "fallback"):
             del study["runs"][f"{draw}/{variant}"]
@@ -227,6 +227,38 @@ def test_the_colour_fit_row_counts_the_goal_on_each_draw_of_the_degradations(sum
         study["runs"].pop(f"{draw}/fallback", None)
     (results / "quality.json").write_text(json.dumps(study))
     assert "dataset seeds" not in summarize.summary_table(results)
+
+
+def test_the_colour_fit_row_counts_the_runs_beating_both_baselines_with_the_near_black_rule(summarize, results_copy):
+    """Over a preset's draws: the runs that beat `opt_v1` and the colour fit on all three metrics (the demo's exit 0,
+    by the demo's own rule), with and without `--near_black_fallback true`, only where every draw has its runs."""
+    import json
+
+    from training.demo import gains, not_beaten
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "quality.json").read_text())
+    for run in study["runs"]["strong-seed1/near_black"][:2]:  # two runs that now beat both baselines everywhere
+        for metric in ("ndvi_rmse", "evi_rmse", "sam"):
+            run["test"]["refined"][metric] = 0.5 * min(run["test"]["opt_v1"][metric], run["test"]["linear_fit"][metric])
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Refined / least-squares" in line)
+
+    def beating(draws, variant) -> int:
+        return sum(not not_beaten(gains(run["test"])) for draw in draws for run in study["runs"][f"{draw}/{variant}"])
+
+    for preset in ("mild", "strong"):
+        draws = (preset, f"{preset}-seed1", f"{preset}-seed2")
+        goals = ", ".join(str(summarize.seeds_meeting_goal(study["runs"][f"{draw}/near_black"])) for draw in draws)
+        assert (f"runs beating both baselines (the demo's exit 0) {beating(draws, 'after')} of 9, trained with "
+                f"`--near_black_fallback true` {beating(draws, 'near_black')} of 9 (seeds meeting the goal {goals})"
+                ) in row, preset
+    assert beating(("strong", "strong-seed1", "strong-seed2"), "near_black") == 8  # 6 recorded + the two above
+    del study["runs"]["mild-seed2/near_black"]
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Refined / least-squares" in line)
+    mild, strong = row.split("`strong` with dataset seeds")
+    assert "--near_black_fallback" not in mild and "--near_black_fallback" in strong
 
 
 @pytest.mark.parametrize("name", RESULT_FILES)

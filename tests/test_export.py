@@ -82,10 +82,10 @@ def trained(workdir, sample_images) -> dict[str, Path]:
         torch.manual_seed(index)
         model = build_trainable_model(
             # the affine variant as training builds it (output clamped at 0, a spectral MLP), and keeping opt_v1
-            # outside its training spectra
+            # outside its training spectra and at its near-black pixels
             tiny_refiner_config(spectral_correction=variant, nonnegative_output=variant == "affine",
                                 spectral_mlp_hidden_size=8 if variant == "affine" else 0,
-                                out_of_range_fallback=variant == "affine"),
+                                out_of_range_fallback=variant == "affine", near_black_fallback=variant == "affine"),
             quantization="none", print_summary=False,
         )
         _wake_everything(model, seed=index + 1)
@@ -181,6 +181,36 @@ def test_exported_graph_equals_eager_on_sample_tiles(variant, fmt, eager, export
             assert difference < TOLERANCE, (variant, fmt, size, batch, difference)
             # The trained weights matter: the output is not opt_v1 (nor the same for every variant).
             assert float((expected - opt_v1).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_graph_keeps_opt_v1_at_near_black_pixels(fmt, eager, exported, sample_images):
+    """The near-black rule is part of the graph: a stripe darkened to red + NIR 0.01 .. 0.05 (across its columns)
+    keeps `opt_v1` as the eager model does, the larger of both rules' weights."""
+    from modeling_stage2.modeling_stage2 import near_black_weight
+
+    model = ExportedRefiner(exported["affine", fmt], num_threads=1)
+    config = model.config
+    assert config.near_black_fallback and config.out_of_range_fallback
+    opt_v1, month, biome = sample_batch(sample_images, 2, (120, 120))
+    red_nir = opt_v1[:, 2:3, :12] + opt_v1[:, 3:4, :12]
+    wanted = torch.linspace(0.01, 0.05, 120)[None, None, None, :]
+    opt_v1[:, :, :12] *= wanted / red_nir  # the same spectra, dark
+    base = eager["affine"].base_model.model
+    with torch.no_grad():
+        eager_output = eager["affine"](opt_v1=opt_v1, month=month, biome=biome)
+        out_of_range = base.spectral_range(opt_v1)
+    near_black = near_black_weight(opt_v1, config.near_black_band_indices, config.near_black_threshold,
+                                   config.near_black_ramp)
+    assert float((near_black - out_of_range).max()) > 0.5  # pixels only the near-black rule keeps
+    graph_output = model(opt_v1, month, biome)
+    weight = graph_output.out_of_range_weight
+    assert float((weight - torch.maximum(out_of_range, near_black)).abs().max()) < TOLERANCE
+    assert float((weight - eager_output.out_of_range_weight).abs().max()) < TOLERANCE
+    kept = (near_black == 1).expand_as(opt_v1)
+    assert int(kept.sum()) > 1000
+    assert float((graph_output.refined[kept] - opt_v1[kept]).abs().max()) < TOLERANCE
+    assert float((graph_output.refined - eager_output.refined).abs().max()) < TOLERANCE
 
 
 def test_the_graph_file_alone_and_numpy_inputs(exported, eager, sample_images):

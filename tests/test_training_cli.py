@@ -418,23 +418,24 @@ def test_trainer_side_user_error_is_status_2_without_accelerate_traceback(tmp_pa
 
 def test_a_run_with_out_of_range_fallback_as_the_user_starts_it(tmp_path, run_stage2_train, sample_dataset_dir,
                                                                  sample_tiles_dir, repo_root):
-    """`stage2-train --out_of_range_fallback true` and then `stage2-refine` with its model, both as subprocesses:
-    the range is fitted on the training split, travels with the adapter, and the refined tiles say where it kept
-    opt_v1."""
+    """`stage2-train --out_of_range_fallback true --near_black_fallback true` and then `stage2-refine` with its model,
+    both as subprocesses: the range is fitted on the training split, both rules travel with the adapter, and the
+    refined tiles say where it kept opt_v1 (entirely at every near-black pixel)."""
+    from data_builders.tiles import read_tile
     from datasets import load_from_disk
 
     from modeling_stage2 import load_trained_model
     from training.spectral_range import fit_spectral_range_of_dataset
 
     run = run_stage2_train(extra=["--out_of_range_fallback", "true", "--out_of_range_quantile", "0.9",
-                                  "--max_steps", "1"])
+                                  "--near_black_fallback", "true", "--max_steps", "1"])
     assert run.process.wait(timeout=600) == 0, run.stderr()[-3000:]
     best = run.out / "best"
     recorded = json.loads((best / "training_config.json").read_text())
     train_split = load_from_disk(str(sample_dataset_dir))["train"].select(range(TINY_SETTINGS["max_samples"]))
     assert recorded["out_of_range_fallback"] == f"90th percentile of {len(train_split)} training tiles"
     model = load_trained_model(best)
-    assert model.config.out_of_range_fallback
+    assert model.config.out_of_range_fallback and model.config.near_black_fallback
     expected = fit_spectral_range_of_dataset(train_split, model.config.spectral_mlp_log_offset, quantile=0.9)
     assert float(model.spectral_range.threshold) == pytest.approx(expected.threshold, rel=1e-6)
 
@@ -447,6 +448,10 @@ def test_a_run_with_out_of_range_fallback_as_the_user_starts_it(tmp_path, run_st
     assert result.returncode == 0, result.stderr[-3000:]
     weights = [np.load(path)["out_of_range_weight"] for path in sorted((tmp_path / "refined").glob("*.npz"))]
     assert len(weights) == len(list(tiles.glob("*.npz")))
+    near_black = [read_tile(path).target for path in sorted(tiles.glob("*.npz"))]  # identity input: opt_v1 = S2
+    near_black = np.concatenate([(image[2] + image[3] <= 0.02).ravel() for image in near_black])
+    every_weight = np.concatenate([weight.ravel() for weight in weights])
+    assert near_black.sum() > 100 and np.all(every_weight[near_black] == 1)
     share = float(np.mean(np.concatenate([weight.ravel() for weight in weights]) > 0))
     assert 0 < share < 1  # 4 training tiles: many test pixels lie outside their spectra, not all
-    assert f"outside the training spectra: {100 * share:.1f} % of valid pixels" in result.stdout
+    assert f"(outside the training spectra, or near-black): {100 * share:.1f} % of valid pixels" in result.stdout

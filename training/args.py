@@ -19,7 +19,13 @@ import torch
 from transformers import TrainingArguments
 
 from data_builders.degrade import DEGRADATION_CHOICES
-from modeling_stage2.configuration_stage2 import LORA_TARGETS, OUT_OF_RANGE_RAMP, SPECTRAL_CORRECTIONS
+from modeling_stage2.configuration_stage2 import (
+    LORA_TARGETS,
+    NEAR_BLACK_RAMP,
+    NEAR_BLACK_THRESHOLD,
+    OUT_OF_RANGE_RAMP,
+    SPECTRAL_CORRECTIONS,
+)
 from modeling_stage2.vocabulary import QUANTIZATIONS
 
 from .spectral_range import OUT_OF_RANGE_QUANTILE
@@ -76,6 +82,9 @@ class Stage2TrainingArguments(TrainingArguments):
             pixels' own distances from their spectra beyond which `opt_v1` is blended back in.
         out_of_range_ramp (`float`, defaults to 2.0): with `out_of_range_fallback`, the multiple of that distance
             where the output is `opt_v1` entirely (`Stage2RefinerConfig.out_of_range_ramp`).
+        near_black_fallback (`bool`, defaults to `False`): a new refiner keeps `opt_v1` at its near-black pixels
+            (`Stage2RefinerConfig.near_black_fallback`: red + NIR up to `near_black_threshold`, blended up to
+            `near_black_ramp` times it; `refiner_config_overrides` can change both).
         quantization (`str`, defaults to `"8bit"`): backbone linear layers in `"8bit"`, `"4bit"` (NF4) or `"none"`.
         lora_r, lora_alpha, lora_dropout, lora_target_modules, unfreeze_last_n_blocks: LoRA settings.
 
@@ -188,6 +197,12 @@ class Stage2TrainingArguments(TrainingArguments):
         default=OUT_OF_RANGE_RAMP,
         metadata={"help": "With out_of_range_fallback: multiple of that distance where the output is opt_v1 "
                           "entirely (> 1)."},
+    )
+    near_black_fallback: bool = field(
+        default=False,
+        metadata={"help": f"A new refiner keeps opt_v1 at its near-black pixels (red + NIR up to "
+                          f"{NEAR_BLACK_THRESHOLD} reflectance, blended up to {NEAR_BLACK_RAMP:g} times that), where "
+                          "NDVI is a ratio of noise."},
     )
     quantization: str = field(
         default="8bit",

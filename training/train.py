@@ -237,7 +237,8 @@ def refiner_config(training_args, *, overrides: bool = True, lora: bool = False)
                 "nonnegative_output": training_args.nonnegative_output,
                 "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size,
                 "out_of_range_fallback": training_args.out_of_range_fallback,
-                "out_of_range_ramp": training_args.out_of_range_ramp}
+                "out_of_range_ramp": training_args.out_of_range_ramp,
+                "near_black_fallback": training_args.near_black_fallback}
     if lora:
         settings.update(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                         lora_dropout=training_args.lora_dropout,
