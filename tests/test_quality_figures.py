@@ -381,3 +381,17 @@ def test_quoted_effect_of_keeping_opt_v1_at_near_black_pixels_is_the_recorded_on
             "pixels), 12 of 18 runs over the three draws beat both baselines (without it 6 of 18)") in readme
     assert (f"(`mild`: {to(rule['mild', 0], 'linear_fit')[2]:.2f} of the colour fit's, against "
             f"{to(after['mild', 0], 'linear_fit')[2]:.2f})") in readme
+    # "With another generator it does harm": the proxy's three draws, NDVI RMSE and SAM against opt_v1
+    proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())["runs"]
+    moves = {metric: [(to(proxy[f"{draw}/after"], "opt_v1")[index], to(proxy[f"{draw}/near_black"], "opt_v1")[index])
+                      for draw in ("proxy", "proxy-seed1", "proxy-seed2")] for index, metric in ((0, "ndvi"), (2, "sam"))}
+    for metric, pairs in moves.items():
+        assert all(now > before for before, now in pairs), metric  # worse on every draw
+    ndvi = moves["ndvi"]
+    assert (f"test NDVI RMSE goes from {ndvi[0][0]:.2f} to {ndvi[0][1]:.2f} of `opt_v1`'s on the first draw, "
+            f"{ndvi[1][0]:.2f} to {ndvi[1][1]:.2f} on the second and {ndvi[2][0]:.2f} to {ndvi[2][1]:.2f} on the "
+            "third") in training
+    sam = moves["sam"]
+    assert (f"SAM from {sam[0][0]:.2f} to {sam[0][1]:.2f}, {sam[1][0]:.2f} to {sam[1][1]:.2f} and "
+            f"{sam[2][0]:.2f} to {sam[2][1]:.2f}") in training
+    assert f"NDVI RMSE worse ({ndvi[0][0]:.2f} -> {ndvi[0][1]:.2f} of `opt_v1`'s on its first draw)" in readme
