@@ -252,8 +252,8 @@ def refine_tiles(
     Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
     `month`, `biome_code`, `band_names`, `input_mode` (`"stage1"` or `"identity"`), with a model built with
     `out_of_range_fallback` or `near_black_fallback` `out_of_range_weight` (120, 120) float32 (each pixel's weight
-    of `opt_v1` in `refined`, NaN where the input is invalid) and, with Stage 1 input, scalar `metrics_refined_<name>` /
-    `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
+    of `opt_v1` in `refined`, NaN where the input is invalid) and, with Stage 1 input, scalar
+    `metrics_refined_<name>` / `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
     Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises).
     """
     start = time.perf_counter()

@@ -34,9 +34,9 @@ BIOME_NPZ_KEY = "biome_code"
 
 OUT_OF_RANGE_WEIGHT = "out_of_range_weight"
 """Each pixel's weight of `opt_v1` in `refined` (a refiner built with `out_of_range_fallback` or `near_black_fallback`,
-`Stage2RefinerConfig.keeps_opt_v1`), under one name as the
-field of `Stage2RefinerOutput`, the second output of an exported graph, the key of refined NPZ tiles and the band
-description of the map `stage2-refine --out_of_range_output` writes."""
+`Stage2RefinerConfig.keeps_opt_v1`), under one name as the field of `Stage2RefinerOutput`, the second output of an
+exported graph, the key of refined NPZ tiles and the band description of the map `stage2-refine --out_of_range_output`
+writes."""
 
 DEPRECATED_NAMES: dict[str, str] = {
     "input_source": "input_mode",  # inference's name for input_mode (TileRefinementSummary, refined NPZ tiles)
