@@ -373,7 +373,8 @@ def test_quoted_effect_of_keeping_opt_v1_at_near_black_pixels_is_the_recorded_on
         assert sum(goal(rule[preset, seed]) for seed in (0, 1, 2)) == 5  # "5 of 9 runs of each preset, as without"
         assert sum(goal(after[preset, seed]) for seed in (0, 1, 2)) == 5
     # The criteria written down before the trainings: the first and the last fail, the middle one holds.
-    assert not all(to(rule[key], "opt_v1")[0] < to(after[key], "opt_v1")[0] for key in rule)
+    assert {key for key in rule if to(rule[key], "opt_v1")[0] >= to(after[key], "opt_v1")[0]} == {
+        ("mild", 0), ("strong", 0), ("strong", 1)}  # "NDVI on the bundled draw of both presets and on strong 1"
     assert to(rule["mild", 0], "linear_fit")[2] - to(after["mild", 0], "linear_fit")[2] > max(
         r["test"]["refined"]["sam"] / r["test"]["linear_fit"]["sam"] for r in after["mild", 0]) - min(
         r["test"]["refined"]["sam"] / r["test"]["linear_fit"]["sam"] for r in after["mild", 0])
@@ -383,8 +384,9 @@ def test_quoted_effect_of_keeping_opt_v1_at_near_black_pixels_is_the_recorded_on
             f"{to(after['mild', 0], 'linear_fit')[2]:.2f})") in readme
     # "With another generator it does harm": the proxy's three draws, NDVI RMSE and SAM against opt_v1
     proxy = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())["runs"]
+    proxy_draws = ("proxy", "proxy-seed1", "proxy-seed2")
     moves = {metric: [(to(proxy[f"{draw}/after"], "opt_v1")[index], to(proxy[f"{draw}/near_black"], "opt_v1")[index])
-                      for draw in ("proxy", "proxy-seed1", "proxy-seed2")] for index, metric in ((0, "ndvi"), (2, "sam"))}
+                      for draw in proxy_draws] for index, metric in ((0, "ndvi"), (2, "sam"))}
     for metric, pairs in moves.items():
         assert all(now > before for before, now in pairs), metric  # worse on every draw
     ndvi = moves["ndvi"]
