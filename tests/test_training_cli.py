@@ -448,8 +448,10 @@ def test_a_run_with_out_of_range_fallback_as_the_user_starts_it(tmp_path, run_st
     assert result.returncode == 0, result.stderr[-3000:]
     weights = [np.load(path)["out_of_range_weight"] for path in sorted((tmp_path / "refined").glob("*.npz"))]
     assert len(weights) == len(list(tiles.glob("*.npz")))
-    near_black = [read_tile(path).target for path in sorted(tiles.glob("*.npz"))]  # identity input: opt_v1 = S2
-    near_black = np.concatenate([(image[2] + image[3] <= 0.02).ravel() for image in near_black])
+    red, nir = model.config.near_black_band_indices
+    inputs = [read_tile(path).target for path in sorted(tiles.glob("*.npz"))]  # identity input: opt_v1 = S2
+    near_black = np.concatenate([(image[red] + image[nir] <= model.config.near_black_threshold).ravel()
+                                 for image in inputs])
     every_weight = np.concatenate([weight.ravel() for weight in weights])
     assert near_black.sum() > 100 and np.all(every_weight[near_black] == 1)
     share = float(np.mean(np.concatenate([weight.ravel() for weight in weights]) > 0))
