@@ -20,7 +20,8 @@ spectral MLP (per-tile affine correction started at the spectral fit, output cla
 0.1-1.0, no spectral MLP), `after` the current demo (one shared correction started at the spectral fit, refined
 per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step),
 `fallback` the demo with `--out_of_range_fallback true`, `near_black` the demo with `--near_black_fallback true`
-(`opt_v1` kept where its red + NIR is near-black). With `--mixture` (default) it also trains the
+(`opt_v1` kept where its red + NIR is near-black), `near_black_ndvi` the same with `--near_black_keep ndvi` (only
+`opt_v1`'s NDVI kept there: its split of the refined red + NIR). With `--mixture` (default) it also trains the
 `--mixture_variants` (default `after`) on the `mixture` degradation and scores them on the `mild` test split, to compare
 with the same variant trained on `mild` alone (with `--reuse`, the earlier study's mixture runs of variants not trained
 now are reported). With `--mixture_bounds` it also trains `after` on two training sets that bound what the mixture
@@ -167,6 +168,8 @@ VARIANT_FLAGS = {
     "fallback": ["--out_of_range_fallback", "true"],
     # the demo with opt_v1 kept at its near-black pixels by the model itself, in training and inference
     "near_black": ["--near_black_fallback", "true"],
+    # the same rule keeping only opt_v1's NDVI (its red/NIR split) at those pixels
+    "near_black_ndvi": ["--near_black_fallback", "true", "--near_black_keep", "ndvi"],
 }
 
 
@@ -324,7 +327,9 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         "`out_of_range_fallback` (`opt_v1` kept outside the training spectra by the model itself, in training and "
         "in evaluation; the rule below); `near_black` = `after` built with `near_black_fallback` (`opt_v1` kept at "
         f"its near-black pixels, `opt_v1` red + NIR up to {NEAR_BLACK} reflectance, blended up to twice that, in "
-        "training and in evaluation). "
+        "training and in evaluation); `near_black_ndvi` = `near_black` keeping only `opt_v1`'s NDVI at those pixels "
+        "(`near_black_keep: ndvi`: the refined red + NIR divided as `opt_v1` divides its own, blue and green the "
+        "refiner's). "
         "`spectral fit`: where the default model's affine correction starts, the colour fit refined under the "
         "spectral loss (`training.linear_fit.fit_spectral_correction`, seed 0), clamped at 0 (`after` starts there "
         "with its spectral MLP fitted on top). "

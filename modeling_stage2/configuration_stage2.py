@@ -33,6 +33,9 @@ NEAR_BLACK_THRESHOLD = 0.02
 NEAR_BLACK_RAMP = 2.0
 # The bands whose sum is a pixel's brightness for `near_black_fallback`: those of NDVI.
 NEAR_BLACK_BANDS: tuple[str, ...] = ("B04", "B08")
+# What `near_black_fallback` keeps of `opt_v1` at a near-black pixel: "pixel", all of it; "ndvi", only its split of
+# red + NIR (its NDVI), with the refiner's own red + NIR sum and other bands.
+NEAR_BLACK_KEEPS: tuple[str, ...] = ("pixel", "ndvi")
 
 
 class Stage2RefinerConfig(PretrainedConfig):
@@ -166,6 +169,13 @@ class Stage2RefinerConfig(PretrainedConfig):
         near_black_ramp (`float`, *optional*, defaults to 2.0):
             With `near_black_fallback`: the multiple of `near_black_threshold` from which the output is the refiner's
             own; must be > 1.
+        near_black_keep (`str`, *optional*, defaults to `"pixel"`):
+            With `near_black_fallback`, what of `opt_v1` the blend keeps at a near-black pixel: `"pixel"` (the
+            default, as before this option) all four bands; `"ndvi"` only its NDVI, the split of red + NIR between
+            the two bands. With `"ndvi"` the refiner's own red + NIR sum is divided as `opt_v1` divides its own (evenly
+            where `opt_v1`'s red + NIR is zero) and its other bands are left alone: NDVI there is a ratio of noise
+            that a correction only moves, while the brightness and the spectral angle it corrects are kept. The
+            weight is the same either way.
         kwargs:
             Passed to [`PretrainedConfig`] (e.g. `output_hidden_states`, `return_dict`).
 
@@ -215,6 +225,7 @@ class Stage2RefinerConfig(PretrainedConfig):
         near_black_fallback: bool = False,
         near_black_threshold: float = NEAR_BLACK_THRESHOLD,
         near_black_ramp: float = NEAR_BLACK_RAMP,
+        near_black_keep: str = "pixel",
         **kwargs,
     ):
         self.bands = _resolve_bands(bands)
@@ -284,6 +295,12 @@ class Stage2RefinerConfig(PretrainedConfig):
                 f"near_black_ramp must be > 1 (the multiple of near_black_threshold from which the output is the "
                 f"refiner's own), got {near_black_ramp!r}."
             )
+        if near_black_keep not in NEAR_BLACK_KEEPS:
+            raise ValueError(
+                f"near_black_keep must be one of {NEAR_BLACK_KEEPS}, got {near_black_keep!r}: \"pixel\" keeps all of "
+                "opt_v1 at near-black pixels, \"ndvi\" only its NDVI (the split of red + NIR)."
+            )
+        self.near_black_keep = near_black_keep
         super().__init__(**kwargs)
         if self.dtype is not None and self.backbone_config.dtype is None:
             self.backbone_config.dtype = self.dtype  # one dtype for the whole refiner unless the backbone says

@@ -26,6 +26,10 @@ With `near_black_fallback` the same blend keeps `opt_v1` at its near-black pixel
 
     w = 1 up to `near_black_threshold` .. 0 from `near_black_ramp` times it   (the larger weight where both rules act)
 
+or, with `near_black_keep="ndvi"`, keeps only `opt_v1`'s split of red + NIR (its NDVI), on the refiner's own sum:
+
+    red' = red + w (s r - red),  NIR' = NIR + w (s (1 - r) - NIR),  s = red + NIR,  r = opt_v1's red / (red + NIR)
+
 With `nonnegative_output` the refined image is clamped at 0 reflectance (straight-through gradient).
 
 The head's last layer starts at zero (and the correction at the identity, the MLP at zero), so an untrained model returns `opt_v1`
@@ -71,7 +75,8 @@ class Stage2RefinerOutput(ModelOutput):
             With `config.out_of_range_fallback` or `config.near_black_fallback` (`config.keeps_opt_v1`): each pixel's
             weight of `opt_v1` in `refined`, 0 where the refiner corrected it as trained, 1 where `opt_v1` was kept:
             its spectrum lies so far outside the training spectra (`Stage2SpectralRange`), or it is near-black
-            (`near_black_weight`); `None` without either option.
+            (`near_black_weight`; with `config.near_black_keep="ndvi"` only `opt_v1`'s NDVI is kept there); `None`
+            without either option.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The backbone's hidden states, one `(batch_size, 1 + num_patches, embed_dim)` tensor per block (CLS token
             first, the last after the final LayerNorm), returned when `output_hidden_states=True`. They describe the
@@ -339,6 +344,13 @@ def out_of_range_weight(distance: torch.Tensor, threshold: torch.Tensor | float,
     return ((distance / threshold - 1) / (ramp - 1)).clamp(0, 1)
 
 
+def _larger(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """The elementwise larger of two weights, either of which may be absent (None)."""
+    if first is None or second is None:
+        return second if first is None else first
+    return torch.maximum(first, second)
+
+
 def near_black_weight(opt_v1: torch.Tensor, band_indices: tuple[int, ...], threshold: float,
                       ramp: float) -> torch.Tensor:
     """(B, bands, H, W) reflectance -> (B, 1, H, W) weight of `opt_v1` at its near-black pixels: 1 where the sum of
@@ -351,6 +363,27 @@ def keep_opt_v1(output: torch.Tensor, opt_v1: torch.Tensor, weight: torch.Tensor
     """`output` with `opt_v1` blended in by `weight` ((B, 1, H, W), `out_of_range_weight`): Stage 1's own pixels kept
     where the refiner declines. Written so that both ends are exact: `output` at weight 0, `opt_v1` itself at 1."""
     return (1 - weight) * output + weight * opt_v1
+
+
+# Below this red + NIR reflectance `opt_v1` has no red/NIR split: `keep_opt_v1_ndvi` divides the sum evenly there.
+RED_NIR_SPLIT_FLOOR = 1e-6
+
+
+def keep_opt_v1_ndvi(output: torch.Tensor, opt_v1: torch.Tensor, weight: torch.Tensor,
+                     band_indices: tuple[int, int]) -> torch.Tensor:
+    """`output` with `opt_v1`'s NDVI blended in by `weight` ((B, 1, H, W)): its red + NIR (`band_indices`) divided
+    as `opt_v1` divides its own, every other band and the red + NIR sum untouched. `output` at weight 0, `opt_v1`'s
+    NDVI exactly at 1 (where the sum is positive)."""
+    red, nir = band_indices
+    source_total = opt_v1[:, red : red + 1] + opt_v1[:, nir : nir + 1]
+    red_share = torch.where(source_total > RED_NIR_SPLIT_FLOOR,
+                            opt_v1[:, red : red + 1] / source_total.clamp(min=RED_NIR_SPLIT_FLOOR),
+                            torch.full_like(source_total, 0.5)).clamp(0, 1)
+    total = output[:, red : red + 1] + output[:, nir : nir + 1]
+    kept = {red: total * red_share, nir: total * (1 - red_share)}
+    bands = [keep_opt_v1(output[:, b : b + 1], kept[b], weight) if b in kept else output[:, b : b + 1]
+             for b in range(output.shape[1])]
+    return torch.cat(bands, dim=1)
 
 
 class Stage2SpectralRange(nn.Module):
@@ -639,16 +672,21 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         top, _, left, _ = padding
         delta = delta[:, :, top : top + height, left : left + width]
         refined = (opt_v1 if corrected is None else corrected) + delta.to(opt_v1.dtype)
-        out_of_range = self._opt_v1_weight(opt_v1)
-        if out_of_range is not None:
-            refined = keep_opt_v1(refined, opt_v1, out_of_range)
+        out_of_range, near_black = self._opt_v1_weights(opt_v1)
+        if near_black is not None and self.config.near_black_keep == "ndvi":
+            refined = keep_opt_v1_ndvi(refined, opt_v1, near_black, self.config.near_black_band_indices)
+            kept_whole = out_of_range
+        else:
+            kept_whole = _larger(out_of_range, near_black)
+        if kept_whole is not None:
+            refined = keep_opt_v1(refined, opt_v1, kept_whole)
         if self.config.nonnegative_output:
             refined = clamp_min_straight_through(refined, 0.0)
 
         output = Stage2RefinerOutput(
             refined=refined,
             corrected=corrected,
-            out_of_range_weight=out_of_range,
+            out_of_range_weight=_larger(out_of_range, near_black),
             hidden_states=encoded.hidden_states if output_hidden_states else None,
             attentions=encoded.attentions if output_attentions else None,
         )
@@ -656,20 +694,18 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
 
     # ---------------------------------------------------------------------------------------------- forward parts
 
-    def _opt_v1_weight(self, opt_v1: torch.Tensor) -> torch.Tensor | None:
-        """Each pixel's weight of `opt_v1` in the output, (B, 1, H, W): the larger of the rules the config has
-        (`out_of_range_fallback`, `near_black_fallback`); None with neither."""
-        weights = []
+    def _opt_v1_weights(self, opt_v1: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each pixel's weight of `opt_v1` in the output, (B, 1, H, W), under each rule the config has: outside the
+        training spectra (`out_of_range_fallback`) and near-black (`near_black_fallback`); None for a rule it lacks."""
+        out_of_range = near_black = None
         if self.spectral_range is not None:
             # Outside the training spectra every correction extrapolates: Stage 1's own pixel is kept there.
-            weights.append(self.spectral_range(opt_v1))
+            out_of_range = self.spectral_range(opt_v1)
         if self.config.near_black_fallback:
             # On near-black pixels NDVI is a ratio of noise: a correction fitted to all pixels only moves it.
-            weights.append(near_black_weight(opt_v1, self.config.near_black_band_indices,
-                                             self.config.near_black_threshold, self.config.near_black_ramp))
-        if not weights:
-            return None
-        return weights[0] if len(weights) == 1 else torch.maximum(*weights)
+            near_black = near_black_weight(opt_v1, self.config.near_black_band_indices,
+                                           self.config.near_black_threshold, self.config.near_black_ramp)
+        return out_of_range, near_black
 
     def _check_opt_v1(self, opt_v1: torch.Tensor) -> None:
         bands = len(self.config.bands)
@@ -855,6 +891,7 @@ __all__ = [
     "clamp_min_straight_through",
     "cyclic_month_encoding",
     "keep_opt_v1",
+    "keep_opt_v1_ndvi",
     "load_pretrained_encoder",
     "log_spectra",
     "out_of_range_weight",

@@ -213,6 +213,32 @@ def test_the_graph_keeps_opt_v1_at_near_black_pixels(fmt, eager, exported, sampl
     assert float((graph_output.refined - eager_output.refined).abs().max()) < TOLERANCE
 
 
+def test_the_graph_keeps_only_the_ndvi_of_opt_v1_with_near_black_keep_ndvi(workdir, sample_images):
+    """`near_black_keep="ndvi"` is part of the graph too: at the kept pixels of a darkened stripe the graph's red/NIR
+    split is `opt_v1`'s, its blue and green the refiner's, and everything matches the eager model."""
+    torch.manual_seed(5)
+    model = build_trainable_model(tiny_refiner_config(spectral_correction="shared", spectral_mlp_hidden_size=8,
+                                                      near_black_fallback=True, near_black_keep="ndvi"),
+                                  quantization="none", print_summary=False)
+    _wake_everything(model, seed=6)
+    folder = save_trained_model(model, workdir / "trained_ndvi")
+    export_refiner(folder, workdir / "exported_ndvi", format="onnx", check=False)
+    graph = ExportedRefiner(workdir / "exported_ndvi", num_threads=1)
+    opt_v1, month, biome = sample_batch(sample_images, 2, (120, 120))
+    red_nir = opt_v1[:, 2:3, :12] + opt_v1[:, 3:4, :12]
+    opt_v1[:, :, :12] *= torch.linspace(0.005, 0.05, 120)[None, None, None, :] / red_nir
+    with torch.no_grad():
+        expected = load_trained_model(folder)(opt_v1=opt_v1, month=month, biome=biome)
+    actual = graph(opt_v1, month, biome)
+    assert float((actual.refined - expected.refined).abs().max()) < TOLERANCE
+    assert float((actual.out_of_range_weight - expected.out_of_range_weight).abs().max()) < TOLERANCE
+    kept = expected.out_of_range_weight[:, 0] == 1
+    assert int(kept.sum()) > 500
+    share = actual.refined[:, 2] / (actual.refined[:, 2] + actual.refined[:, 3])
+    assert float((share - opt_v1[:, 2] / (opt_v1[:, 2] + opt_v1[:, 3]))[kept].abs().max()) < 1e-3
+    assert float((actual.refined[:, :2] - opt_v1[:, :2]).abs().amax(dim=1)[kept].max()) > 1e-3  # not kept
+
+
 def test_the_graph_file_alone_and_numpy_inputs(exported, eager, sample_images):
     folder = exported["none", "onnx"]
     model = ExportedRefiner(folder / "model.onnx", num_threads=1)  # config.json found beside it

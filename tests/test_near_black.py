@@ -203,3 +203,101 @@ def test_the_rule_and_the_studies_mean_the_same_near_black(repo_root, monkeypatc
 
     assert study_quality.NEAR_BLACK == NEAR_BLACK_THRESHOLD
     assert study_quality.VARIANT_FLAGS["near_black"] == ["--near_black_fallback", "true"]
+    assert study_quality.VARIANT_FLAGS["near_black_ndvi"] == ["--near_black_fallback", "true", "--near_black_keep",
+                                                              "ndvi"]
+
+
+# ------------------------------------------------------------------------------------------------ near_black_keep="ndvi"
+def red_share(image: torch.Tensor) -> torch.Tensor:
+    return image[:, RED] / (image[:, RED] + image[:, NIR])
+
+
+def test_keeping_only_ndvi_splits_the_refined_red_and_nir_as_opt_v1_does():
+    """At a kept pixel: `opt_v1`'s NDVI, the refiner's red + NIR sum, blue and green; half way on the ramp; the
+    refiner's own output elsewhere. The weight it reports is the whole-pixel rule's."""
+    plain, whole = pair(spectral_correction="affine", spectral_mlp_hidden_size=8)
+    ndvi_only = Stage2RefinerModel(tiny_refiner_config(near_black_fallback=True, near_black_keep="ndvi",
+                                                       spectral_correction="affine", spectral_mlp_hidden_size=8))
+    ndvi_only.load_state_dict(plain.state_dict())
+    ndvi_only.eval()
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28))
+    opt_v1 = 0.2 + 0.5 * opt_v1
+    opt_v1[:, :, :8] = 0.005 + 0.01 * opt_v1[:, :, :8]  # water: red + NIR 0.012-0.03, an NDVI of its own per pixel
+    opt_v1[:, NIR, :8] *= 0.6
+    opt_v1[:, :, 8:10] = 0.015  # red + NIR 0.03: half way
+    with torch.no_grad():
+        expected, kept_whole = plain(opt_v1, month, biome), whole(opt_v1, month, biome)
+        output = ndvi_only(opt_v1, month, biome)
+    torch.testing.assert_close(output.out_of_range_weight, kept_whole.out_of_range_weight, atol=0, rtol=0)
+    weight = output.out_of_range_weight[:, 0]
+    dark = weight == 1
+    assert int(dark.sum()) > 100 and bool((weight[:, 10:] == 0).all())
+    refined, own = output.refined, expected.refined
+    # Blue, green and the red + NIR sum are the refiner's everywhere; only the split of red + NIR changed.
+    torch.testing.assert_close(refined[:, :RED], own[:, :RED], atol=0, rtol=0)
+    torch.testing.assert_close(refined[:, RED] + refined[:, NIR], own[:, RED] + own[:, NIR], atol=1e-6, rtol=0)
+    torch.testing.assert_close(red_share(refined)[dark], red_share(opt_v1)[dark], atol=1e-5, rtol=0)
+    assert float((red_share(own) - red_share(opt_v1))[dark].abs().max()) > 0.05  # the refiner had moved it
+    half = 0.5 * (red_share(own) + red_share(opt_v1))
+    torch.testing.assert_close(red_share(refined)[:, 8:10], half[:, 8:10], atol=1e-5, rtol=0)
+    torch.testing.assert_close(refined[:, :, 10:], own[:, :, 10:], atol=0, rtol=0)
+    # The whole-pixel rule gives blue and green back to opt_v1 as well: what "ndvi" leaves to the refiner.
+    assert float((kept_whole.refined[:, :RED] - refined[:, :RED])[:, :, :8].abs().max()) > 1e-3
+
+
+def test_keeping_only_ndvi_splits_evenly_where_opt_v1_is_black_and_saves_and_trains(tmp_path):
+    from modeling_stage2.modeling_stage2 import keep_opt_v1_ndvi
+    from training.args import Stage2TrainingArguments
+    from training.train import parse_args, refiner_config
+
+    output = torch.tensor([0.1, 0.2, 0.03, 0.01]).view(1, 4, 1, 1).repeat(1, 1, 1, 3)
+    opt_v1 = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.004, 0.001], [0.0, 0.0, 0.004, 0.001]]).T
+    opt_v1 = opt_v1.reshape(1, 4, 1, 3)
+    weight = torch.tensor([1.0, 1.0, 0.25]).view(1, 1, 1, 3)
+    kept = keep_opt_v1_ndvi(output, opt_v1, weight, (RED, NIR))
+    torch.testing.assert_close(kept[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.02, 0.02]))  # black: an even split
+    torch.testing.assert_close(kept[0, :, 0, 1], torch.tensor([0.1, 0.2, 0.032, 0.008]))  # opt_v1's 4:1
+    torch.testing.assert_close(kept[0, :, 0, 2], torch.tensor([0.1, 0.2, 0.0305, 0.0095]))  # a quarter of the way
+    with pytest.raises(ValueError, match=r"near_black_keep must be one of \('pixel', 'ndvi'\)"):
+        tiny_refiner_config(near_black_fallback=True, near_black_keep="bands")
+    assert tiny_refiner_config().near_black_keep == "pixel"
+
+    _, whole = pair()
+    model = Stage2RefinerModel(tiny_refiner_config(near_black_fallback=True, near_black_keep="ndvi"))
+    model.load_state_dict(whole.state_dict())
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["near_black_keep"] == "ndvi"
+    reloaded = Stage2RefinerModel.from_pretrained(tmp_path / "saved").eval()
+    inputs = tiny_inputs(batch=2, size=(28, 28))
+    inputs = (with_dark_stripe(0.2 + 0.2 * inputs[0]), *inputs[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(*inputs).refined, model.eval()(*inputs).refined, atol=0, rtol=0)
+
+    arguments = dict(output_dir=str(tmp_path), quantization="none", report_to="none")
+    assert refiner_config(Stage2TrainingArguments(**arguments)).near_black_keep == "pixel"
+    training_args = parse_args(["--output_dir", str(tmp_path), "--near_black_fallback", "true",
+                                "--near_black_keep", "ndvi"], without_devices=True)[0]
+    assert refiner_config(training_args).near_black_keep == "ndvi"
+
+
+def test_with_both_rules_and_only_ndvi_kept_out_of_range_pixels_are_still_opt_v1_entirely():
+    torch.manual_seed(0)
+    model = awake(Stage2RefinerModel(tiny_refiner_config(out_of_range_fallback=True, near_black_fallback=True,
+                                                         near_black_keep="ndvi")))
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28))
+    opt_v1 = with_dark_stripe(0.2 + 0.2 * opt_v1, red_nir=0.012)
+    opt_v1[:, NIR, :8] *= 0.5  # dark pixels with an NDVI of their own
+    # bright visible, dark NIR: outside the training spectra below, which hold the water and the land
+    opt_v1[:, :, 20:] = torch.tensor([0.9, 0.9, 0.9, 0.02])[None, :, None, None]
+    set_spectral_range(model, fit_spectral_range(lambda: [(opt_v1[:, :, :20], None)], 0.05, quantile=0.95))
+    with torch.no_grad():
+        output = model(opt_v1, month, biome)
+        out_of_range = model.spectral_range(opt_v1)
+    near_black = near_black_weight(opt_v1, (RED, NIR), NEAR_BLACK_THRESHOLD, NEAR_BLACK_RAMP)
+    torch.testing.assert_close(output.out_of_range_weight, torch.maximum(out_of_range, near_black), atol=0, rtol=0)
+    assert float(out_of_range[:, :, 20:].min()) == 1.0
+    torch.testing.assert_close(output.refined[:, :, 20:], opt_v1[:, :, 20:], atol=0, rtol=0)  # the whole pixel
+    dark = (near_black[:, 0] == 1) & (out_of_range[:, 0] == 0)
+    assert int(dark.sum()) > 50
+    torch.testing.assert_close(red_share(output.refined)[dark], red_share(opt_v1)[dark], atol=1e-5, rtol=0)
+    assert float((output.refined[:, :RED] - opt_v1[:, :RED]).abs().amax(dim=1)[dark].max()) > 1e-3  # only NDVI kept

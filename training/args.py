@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2.configuration_stage2 import (
     LORA_TARGETS,
+    NEAR_BLACK_KEEPS,
     NEAR_BLACK_RAMP,
     NEAR_BLACK_THRESHOLD,
     OUT_OF_RANGE_RAMP,
@@ -85,6 +86,8 @@ class Stage2TrainingArguments(TrainingArguments):
         near_black_fallback (`bool`, defaults to `False`): a new refiner keeps `opt_v1` at its near-black pixels
             (`Stage2RefinerConfig.near_black_fallback`: red + NIR up to `near_black_threshold`, blended up to
             `near_black_ramp` times it; `refiner_config_overrides` can change both).
+        near_black_keep (`str`, defaults to `"pixel"`): with `near_black_fallback`, what of `opt_v1` is kept there:
+            `"pixel"` all of it, `"ndvi"` only its NDVI (`Stage2RefinerConfig.near_black_keep`).
         quantization (`str`, defaults to `"8bit"`): backbone linear layers in `"8bit"`, `"4bit"` (NF4) or `"none"`.
         lora_r, lora_alpha, lora_dropout, lora_target_modules, unfreeze_last_n_blocks: LoRA settings.
 
@@ -203,6 +206,12 @@ class Stage2TrainingArguments(TrainingArguments):
         metadata={"help": f"A new refiner keeps opt_v1 at its near-black pixels (red + NIR up to "
                           f"{NEAR_BLACK_THRESHOLD} reflectance, blended up to {NEAR_BLACK_RAMP:g} times that), where "
                           "NDVI is a ratio of noise."},
+    )
+    near_black_keep: str = field(
+        default="pixel",
+        metadata={"help": "With near_black_fallback, what of opt_v1 is kept at near-black pixels: pixel (all of it) "
+                          "or ndvi (only its NDVI: the split of red + NIR; the refiner's own sum and other bands).",
+                  "choices": NEAR_BLACK_KEEPS},
     )
     quantization: str = field(
         default="8bit",

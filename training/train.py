@@ -238,7 +238,8 @@ def refiner_config(training_args, *, overrides: bool = True, lora: bool = False)
                 "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size,
                 "out_of_range_fallback": training_args.out_of_range_fallback,
                 "out_of_range_ramp": training_args.out_of_range_ramp,
-                "near_black_fallback": training_args.near_black_fallback}
+                "near_black_fallback": training_args.near_black_fallback,
+                "near_black_keep": training_args.near_black_keep}
     if lora:
         settings.update(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                         lora_dropout=training_args.lora_dropout,

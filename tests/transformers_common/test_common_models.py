@@ -211,13 +211,13 @@ class Stage2RefinerCommonTest(_NotApplicable, ModelTesterMixin, unittest.TestCas
 class Stage2RefinerAllOptionsModelTester(Stage2RefinerModelTester):
     """The refiner with every optional module: the spectral correction and MLP and the non-negative output that
     training builds, the range of the training spectra (`out_of_range_fallback`, its buffers unfitted) and the
-    near-black rule (`near_black_fallback`)."""
+    near-black rule (`near_black_fallback`, keeping only the NDVI of `opt_v1`: `near_black_keep="ndvi"`)."""
 
     def get_config(self) -> Stage2RefinerConfig:
         return Stage2RefinerConfig(backbone_config=PrithviEncoderModelTester.get_config(self), head_width=16,
                                    num_convnext_blocks=2, metadata_embed_dim=8, drop_path_rate=0.0, lora_dropout=0.0,
                                    spectral_correction="affine", spectral_mlp_hidden_size=8, nonnegative_output=True,
-                                   out_of_range_fallback=True, near_black_fallback=True)
+                                   out_of_range_fallback=True, near_black_fallback=True, near_black_keep="ndvi")
 
 
 class Stage2RefinerAllOptionsCommonTest(Stage2RefinerCommonTest):
