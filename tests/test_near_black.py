@@ -153,6 +153,7 @@ def test_a_saved_refiner_keeps_the_rule_and_one_saved_before_it_loads_without(tm
     assert "near_black_fallback" not in json.loads((folder / "config.json").read_text())
     old = Stage2RefinerModel.from_pretrained(folder).eval()
     assert old.config.near_black_fallback is False and not old.config.keeps_opt_v1
+    assert old.config.near_black_keep == "pixel"
 
 
 @pytest.mark.parametrize("quantization", ["none", "8bit"])
