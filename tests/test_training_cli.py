@@ -139,6 +139,7 @@ def test_user_mistakes_are_one_line_and_status_2(case, tmp_path, tiny_config, sa
     ({"fp16": "maybe"}, "fp16: expected true or false, got 'maybe'"),
     ({"num_train_epochs": None}, "num_train_epochs: expected a float, got null"),
     ({"quantization": "2bit"}, "quantization: expected one of ['8bit', '4bit', 'none'], got '2bit'"),
+    ({"near_black_keep": "bands"}, "near_black_keep: expected one of ['pixel', 'ndvi'], got 'bands'"),
     ({"backbone_preset": "prithvi_eo_v9"}, "backbone_preset: Unknown Prithvi preset 'prithvi_eo_v9'"),
     ({"disc_update_interval": 0}, "disc_update_interval must be >= 1, got 0"),
 ])
