@@ -211,6 +211,7 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
 
     from modeling_stage2 import load_trained_model
     from modeling_stage2.modeling_stage2 import keep_opt_v1, out_of_range_weight
+    from training.bootstrap import DEFAULT_RESAMPLES
     from training.evaluate import evaluate_model, fit_color_baseline, load_split
     from training.losses import ndvi
     from training.metrics import evaluate_pair
@@ -235,7 +236,8 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
     scores = {}
     for split in ("test", "val"):
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
-        results = evaluate_model(model, dataset, progress=False, color_fit=fit)
+        results = evaluate_model(model, dataset, progress=False, color_fit=fit,
+                                 bootstrap_resamples=DEFAULT_RESAMPLES if split == "test" else 0)
         rows = dataset_dict[split].with_format("torch")[:]
         with torch.no_grad():
             model_output = model(rows["opt_v1"], rows["month"], rows["biome"])
@@ -260,8 +262,8 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
         results["bright_fraction"] = float(bright.sum() / rows["valid_mask"].sum())
         results["out_of_range_fraction"] = float(((weight[:, 0] > 0) & rows["valid_mask"]).sum()
                                                  / rows["valid_mask"].sum())
-        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "out_of_range_fraction", "n_tiles")
-                         if key in results}
+        scores[split] = {key: results[key] for key in (*ROLES, "bright_fraction", "out_of_range_fraction", "n_tiles",
+                                                       "bootstrap") if key in results}
         if split == "test" and not in_model:
             scores[split]["fallback_sensitivity"] = {
                 f"{quantile}/{ramp}": evaluate_pair(
@@ -373,6 +375,7 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
                     lines.append(f"- `{variant}`: {met} of {len(results)} seeds beat the colour fit by at least "
                                  f"{100 * GOAL_MARGIN:.0f} % on NDVI RMSE, EVI RMSE and SAM.")
             lines.append("")
+    lines += bootstrap_section(runs, seeds)
     if mixture or bounds:
         lines += ["## Trained on `mixture`, scored on the `mild` test split", "",
                   "Each variant trained on `mild` and on `mixture` (`after` unless named)."
@@ -390,6 +393,32 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
         lines.append("")
     lines += sensitivity_section(runs, mixture)
     return "\n".join(lines)
+
+
+def bootstrap_section(runs: dict, seeds) -> list[str]:
+    """Each run's test-split ratios with their paired tile-bootstrap interval, for the runs that recorded one (the
+    runs of each (preset, variant) are those of `seeds`, in order)."""
+    recorded = [(preset, variant, seed, r["test"]) for (preset, variant), results in runs.items()
+                for seed, r in zip(seeds, results) if r["test"].get("bootstrap")]
+    if not recorded:
+        return []
+    first = recorded[0][3]["bootstrap"]
+    lines = ["## How much each run's verdict hangs on the 18 test tiles", "",
+             f"Refined / baseline on the test split with the {100 * first['confidence']:g} % interval of a paired tile "
+             f"bootstrap (`training.bootstrap`: the test tiles drawn with replacement {first['resamples']} times, "
+             "the same tiles for the refined output and the baseline; what `stage2-evaluate` and the demo print). "
+             "Cells: ratio (interval). The goal asks 0.90 or less against the colour fit.", "",
+             "| run | seed | " + " | ".join(f"{m} / colour fit" for m in SPECTRAL) + " | "
+             + " | ".join(f"{m} / opt_v1" for m in SPECTRAL) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in range(2 * len(SPECTRAL))) + " |"]
+    for preset, variant, seed, test in recorded:
+        cells = []
+        for role in ("linear_fit", "opt_v1"):
+            for metric in SPECTRAL:
+                cell = test["bootstrap"][role][metric]
+                cells.append("-" if cell is None else f"{cell['ratio']:.2f} ({cell['low']:.2f}-{cell['high']:.2f})")
+        lines.append(f"| `{preset}/{variant}` | {seed} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _training_tiles(bounds: dict, name: str) -> str:

@@ -232,9 +232,10 @@ def test_quoted_sensitivity_of_keeping_opt_v1_out_of_range_is_the_recorded_one(s
     ratios = [evi(proxy, k) / opt_v1 for k in high]
     assert f"EVI RMSE {min(ratios):.2f}-{max(ratios):.2f} times `opt_v1`'s" in training
     low_mild = [evi(mild, k) for k in low]
-    assert min(low_mild) >= without(mild) - 0.0005  # nothing gained at the 95th percentile
-    assert (f"gains nothing or loses (EVI RMSE {min(low_mild):.3f}-{max(low_mild):.3f}, against {without(mild):.3f} "
-            "without)") in training
+    gained = without(mild) - min(low_mild)
+    assert gained < 0.0015  # next to nothing gained at the 95th percentile
+    assert (f"gains at most {gained:.3f} or loses (EVI RMSE {min(low_mild):.3f}-{max(low_mild):.3f}, against "
+            f"{without(mild):.3f} without)") in training
     assert f"at most {max(met(strong, k) for k in low)} of 3 seeds" in training
     best = min(keys, key=lambda k: evi(proxy, k))
     assert best in low and f"{evi(proxy, best):.3f} at best, {100 * (1 - evi(proxy, best) / opt_v1):.0f} % below" in training
@@ -307,11 +308,12 @@ def test_quoted_draws_of_the_degradations_are_the_recorded_ones(study, repo_root
         assert (max(to(results, "opt_v1")) < 1) == (seed == 0 or (preset, seed) == ("strong", 1)), (preset, seed)
         # "No run on dataset seeds 1 and 2 beats both baselines"; on seed 0 every run does (the demo exits 0)
         assert beating_both(results) == (3 if seed == 0 else 0), (preset, seed)
-    for preset, met, with_rule in (("mild", 5, 9), ("strong", 5, 3)):
+    for preset, met, with_rule in (("mild", 4, 9), ("strong", 5, 3)):
         assert sum(goal(after[preset, seed]) for seed in (0, 1, 2)) == met
         assert sum(goal(fallback[preset, seed]) for seed in (0, 1, 2)) == with_rule
-    assert "the goal is met in 5 of 9 runs under each preset" in training
-    assert "the goal is met in 5 of 9 runs of each preset, and with the option in 9 of 9 (`mild`) and 3 of 9" in readme
+    assert "the goal is met in 4 of 9 runs under `mild` and 5 of 9 under `strong`" in training
+    assert ("the goal is met in 4 of 9 runs under `mild` and 5 of 9 under `strong`, and with the option in 9 of 9 (`mild`) "
+            "and 3 of 9") in readme
     assert "it does not in any of 12 runs, `mild` or `strong`" in readme
     assert all(r["test"]["refined"]["evi_rmse"] > r["test"]["linear_fit"]["evi_rmse"] for r in after["strong", 1])
     # "Without near-black pixels ... below opt_v1's in 17 of 18 runs; without the bright test tiles in all 18"
@@ -371,8 +373,9 @@ def test_quoted_effect_of_keeping_opt_v1_at_near_black_pixels_is_the_recorded_on
     for preset in ("mild", "strong"):  # "a little worse on the bundled draw" against opt_v1
         before, now = to(after[preset, 0], "opt_v1")[0], to(rule[preset, 0], "opt_v1")[0]
         assert now > before and f"{before:.2f} -> {now:.2f} on `{preset}`" in training
-        assert sum(goal(rule[preset, seed]) for seed in (0, 1, 2)) == 5  # "5 of 9 runs of each preset, as without"
-        assert sum(goal(after[preset, seed]) for seed in (0, 1, 2)) == 5
+        assert sum(goal(rule[preset, seed]) for seed in (0, 1, 2)) == 5  # "5 of 9 runs of each preset"
+        assert sum(goal(after[preset, seed]) for seed in (0, 1, 2)) == {"mild": 4, "strong": 5}[preset]
+    assert "is met in 5 of 9 runs of each preset (without it 4 of 9 on `mild`, 5 of 9 on `strong`)" in training
     # The criteria written down before the trainings: the first and the last fail, the middle one holds.
     assert {key for key in rule if to(rule[key], "opt_v1")[0] >= to(after[key], "opt_v1")[0]} == {
         ("mild", 0), ("strong", 0), ("strong", 1)}  # "NDVI on the bundled draw of both presets and on strong 1"
@@ -443,7 +446,8 @@ def test_quoted_effect_of_keeping_only_the_ndvi_of_opt_v1_is_the_recorded_one(st
     assert all(to(ndvi[key], "opt_v1")[0] - to(whole[key], "opt_v1")[0] < ndvi_spread(ndvi[key]) for key in higher)
     goals = {preset: [sum(goal(models[preset, seed]) for seed in (0, 1, 2)) for models in (ndvi, whole, after)]
              for preset in ("mild", "strong")}
-    assert goals == {"mild": [4, 5, 5], "strong": [5, 5, 5]}
+    assert goals == {"mild": [4, 5, 4], "strong": [5, 5, 5]}
+    assert "4 of 9 on `mild` (5 with the whole pixel, 4 without the rule;" in training
     assert max(r["test"]["refined"]["evi_rmse"] / r["test"]["linear_fit"]["evi_rmse"] for r in ndvi["mild", 2]) >= 0.995
     # The criteria: the first two hold, the third fails on `mild`.
     assert all(sam[key][0] < sam[key][1] for key in DRAWS if sam[key][1] > sam[key][2])
@@ -462,3 +466,24 @@ def test_quoted_effect_of_keeping_only_the_ndvi_of_opt_v1_is_the_recorded_one(st
             f"{listed('near_black', 2)}; no rule {listed('after', 2)})") in training
     assert all(to(proxy[f"{draw}/near_black_ndvi"], "opt_v1")[0] > to(proxy[f"{draw}/after"], "opt_v1")[0]
                for draw in draws)
+
+
+def test_quoted_bootstrap_intervals_are_the_recorded_ones(study, repo_root):
+    """docs/training.md's and the README's reading of the paired tile bootstrap of the demo's test-split ratios."""
+    readme, training = _text(repo_root / "README.md"), _text(repo_root / "docs" / "training.md")
+    cells = {}
+    for preset in ("mild", "strong"):
+        intervals = [run["test"]["bootstrap"]["linear_fit"]["evi_rmse"] for run in study["runs"][f"{preset}/after"]]
+        assert all(run["test"]["bootstrap"]["resamples"] == 1000 for run in study["runs"][f"{preset}/after"])
+        assert all(i["ratio"] == pytest.approx(run["test"]["refined"]["evi_rmse"] / run["test"]["linear_fit"]["evi_rmse"])
+                   for i, run in zip(intervals, study["runs"][f"{preset}/after"]))
+        cells[preset] = [f"{i['ratio']:.2f} ({i['low']:.2f}-{i['high']:.2f})" for i in intervals]
+        assert all(i["high"] > 0.90 for i in intervals)  # "Every interval reaches past 0.90"
+        assert min(i["high"] for i in intervals) >= {"mild": 0.99, "strong": 0.95}[preset]
+    assert (f"`mild` {cells['mild'][0]}, {cells['mild'][1]} and {cells['mild'][2]}; `strong` {cells['strong'][0]}, "
+            f"{cells['strong'][1]} and {cells['strong'][2]}. Every interval reaches past 0.90") in training
+    example = study["runs"]["mild/after"][0]["test"]["bootstrap"]["opt_v1"]["evi_rmse"]  # the JSON in "Evaluation"
+    assert (f'"opt_v1": {{"evi_rmse": {{"ratio": {example["ratio"]:.2f}, "low": {example["low"]:.2f}, "high": '
+            f'{example["high"]:.2f}, "share_below_1": {example["share_below_1"]:.1f}}}, ...}},') in training
+    assert ("EVI RMSE / colour fit reaches 0.99 or more under `mild` and 0.95 or more under `strong` (printed by the demo "
+            "and `stage2-evaluate`)") in readme

@@ -49,6 +49,26 @@ def test_fallback_rows_follow_the_model_only_where_recorded(study_quality):
     assert "How much the two numbers" not in text  # no run recorded the sensitivity
 
 
+def test_the_bootstrap_section_lists_the_runs_that_recorded_one_with_their_seeds(study_quality):
+    def interval(ratio):
+        return {"ratio": ratio, "low": ratio - 0.1, "high": ratio + 0.15, "share_below_1": 0.9}
+
+    recorded = _run(study_quality, 0.095, None)
+    recorded["test"]["bootstrap"] = {"resamples": 500, "confidence": 0.8, "seed": 0,
+                                     "linear_fit": {m: interval(0.95) for m in ("ndvi_rmse", "evi_rmse", "sam")},
+                                     "opt_v1": {"ndvi_rmse": None, "evi_rmse": interval(0.5), "sam": interval(0.4)}}
+    runs = {("mild", "before"): [_run(study_quality, 0.12, None)] * 2,
+            ("mild", "after"): [_run(study_quality, 0.095, None), recorded]}
+    lines = study_quality.render(runs, {}, [3, 7], 60.0, "0.0").splitlines()
+    assert "the 80 % interval of a paired tile bootstrap" in next(l for l in lines if "tile bootstrap (" in l)
+    assert "drawn with replacement 500 times" in "\n".join(lines)
+    rows = [line for line in lines if line.startswith("| `mild/")]
+    assert rows == ["| `mild/after` | 7 | 0.95 (0.85-1.10) | 0.95 (0.85-1.10) | 0.95 (0.85-1.10) | - | "
+                    "0.50 (0.40-0.65) | 0.40 (0.30-0.55) |"]  # the second seed only; an undefined ratio is '-'
+    without = study_quality.render({("mild", "after"): [_run(study_quality, 0.095, None)]}, {}, [0], 60.0, "0.0")
+    assert "How much each run's verdict hangs" not in without
+
+
 def test_the_sensitivity_section_scores_every_setting(study_quality):
     worse = {(0.95, 1.5): 0.2}
     runs = {("mild", "after"): [_run(study_quality, 0.095, 0.085, {**worse, (0.99, 2.0): 0.085}),

@@ -434,7 +434,8 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     assert code == 0
     written = json.loads((tmp_path / "r.json").read_text())
     keys = {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim"}
-    assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles", "split"}
+    assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles", "split",
+                            "bootstrap"}
     assert written["n_tiles"] == 2 and written["linear_fit_fitted_on"] == {"split": "train", "tiles": 18}
     assert written["split"] == "val"  # recorded with the metrics, for the model card
     assert set(written["refined"]) == keys and set(written["opt_v1"]) == keys and set(written["linear_fit"]) == keys
@@ -449,12 +450,27 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     for name in keys:
         assert written["linear_fit"][name] == pytest.approx(expected["refined"][name], rel=1e-6, abs=1e-9)
     assert written["linear_fit"]["identity_l1"] > 0.005  # the fit moves the colours
+    # The bootstrap block: refined / each baseline of the blocks above, 1000 resamples of the two tiles by default.
+    assert written["bootstrap"]["resamples"] == 1000 and set(written["bootstrap"]) == {
+        "resamples", "confidence", "seed", "opt_v1", "linear_fit"}
+    for role in ("opt_v1", "linear_fit"):
+        for name in ("ndvi_rmse", "evi_rmse", "sam"):
+            cell = written["bootstrap"][role][name]
+            assert cell["ratio"] == pytest.approx(written["refined"][name] / written[role][name], rel=1e-9)
+            assert cell["low"] <= cell["ratio"] <= cell["high"] and 0 <= cell["share_below_1"] <= 1
     printed = capsys.readouterr().out
     assert "| ndvi_rmse |" in printed and "| colour fit (train) |" in printed
+    assert "these 2 tiles, with the 90 % interval of a paired tile bootstrap (1000 resamples" in printed
+    assert "| metric | / opt_v1 | / colour fit (train) |" in printed
 
     assert evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val", "--max_samples", "1",
                           "--no-baselines", "--json", str(tmp_path / "plain.json")]) == 0
     assert "linear_fit" not in json.loads((tmp_path / "plain.json").read_text())
+    assert "bootstrap" not in json.loads((tmp_path / "plain.json").read_text())  # one tile: nothing to resample
+    assert evaluate_main(["--model", str(out / "best"), "--data", str(data), "--split", "val", "--max_samples", "2",
+                          "--bootstrap", "0", "--json", str(tmp_path / "off.json")]) == 0
+    assert "bootstrap" not in json.loads((tmp_path / "off.json").read_text())
+    assert "paired tile bootstrap" not in capsys.readouterr().out
 
 
 def test_resume_from_an_explicit_corrupt_checkpoint_is_a_usage_error(tmp_path):
@@ -528,8 +544,11 @@ def test_evaluate_console_script_exit_status(e2e, tmp_path, repo_root):
     missing = subprocess.run([*script, "--model", str(out / "best"), "--data", str(tmp_path / "nowhere")],
                              cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+    negative = subprocess.run([*script, "--model", str(out / "best"), "--data", str(data), "--bootstrap", "-1"],
+                              cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert negative.returncode == 2 and "--bootstrap must be >= 0" in negative.stderr.strip().splitlines()[-1]
     usage = subprocess.run([*script, "--help"], cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert usage.returncode == 0 and "--baselines" in usage.stdout
+    assert usage.returncode == 0 and "--baselines" in usage.stdout and "--bootstrap" in usage.stdout
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -753,3 +772,11 @@ def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):
     printed = capsys.readouterr().out
     assert "== val split" in printed and "== test split" in printed
     assert "Refined vs the baselines on the held-out test tiles" in printed and "| colour fit (train) |" in printed
+    # How much the verdict hangs on the 18 held-out tiles: the paired tile bootstrap of the test split, printed.
+    test_bootstrap = results["test"]["bootstrap"]
+    assert test_bootstrap["resamples"] == 1000 and results["val"]["bootstrap"]["resamples"] == 1000
+    evi = test_bootstrap["linear_fit"]["evi_rmse"]
+    assert evi["ratio"] == pytest.approx(results["gains"]["test"]["evi_rmse"]["refined"]
+                                         / results["gains"]["test"]["evi_rmse"]["linear_fit"], rel=1e-9)
+    assert f"| evi_rmse | {test_bootstrap['opt_v1']['evi_rmse']['ratio']:.2f} (" in printed
+    assert f"| {evi['ratio']:.2f} ({evi['low']:.2f}-{evi['high']:.2f}) |" in printed

@@ -53,6 +53,9 @@ DESIGN_TARGETS: dict[str, float] = {
     "identity_l1": 0.05,
     "edge_l1": 0.02,
 }
+# The metrics the refined output is judged on against its baselines, `opt_v1` and the colour fit (the demo's exit
+# status, the quality studies' goal, `training.bootstrap`).
+GAIN_METRICS: tuple[str, ...] = ("ndvi_rmse", "evi_rmse", "sam")
 HIGHER_IS_BETTER: dict[str, bool] = {name: name in ("psnr", "ssim") for name in METRIC_NAMES}
 METRIC_UNITS: dict[str, str] = {"sam": "rad", "psnr": "dB"}
 
@@ -233,13 +236,18 @@ class MetricAccumulator:
 
     Under several processes, gather `paired_tile_statistics(...)` (per-tile tensors, so
     `accelerator.gather_for_metrics` drops padded duplicates) and feed it to `add_statistics`.
+
+    With `keep_tiles=True` it also keeps each tile's statistics, in the order added (`tile_statistics_of`), for a
+    tile bootstrap (`training.bootstrap`); ten numbers per tile and role.
     """
 
-    def __init__(self):
+    def __init__(self, keep_tiles: bool = False):
+        self.keep_tiles = keep_tiles
         self.reset()
 
     def reset(self) -> None:
         self._totals = {role: torch.zeros(len(TILE_STATISTICS), dtype=torch.float64) for role in ("refined", "opt_v1")}
+        self._tiles: dict[str, list[torch.Tensor]] = {role: [] for role in self._totals}
         self.n_tiles = 0
 
     def update(self, refined, target, opt_v1, valid_mask=None) -> None:
@@ -260,9 +268,22 @@ class MetricAccumulator:
             )
             sizes.add(columns.shape[1])
             totals += columns.sum(dim=1)
+            if self.keep_tiles:
+                self._tiles[role].append(columns)
         if len(sizes) != 1:
             raise ValueError(f"refined and opt_v1 statistics cover different numbers of tiles: {sorted(sizes)}.")
         self.n_tiles += sizes.pop()
+
+    def tile_statistics_of(self, role: str) -> dict[str, torch.Tensor]:
+        """Each tile's statistics of `role` ("refined" or "opt_v1"): `TILE_STATISTICS` name -> (n_tiles,) float64,
+        in the order the tiles were added. Needs `keep_tiles=True`."""
+        if not self.keep_tiles:
+            raise ValueError("this MetricAccumulator does not keep per-tile statistics; build it with keep_tiles=True.")
+        if role not in self._tiles:
+            raise KeyError(f"no role {role!r}; expected one of {sorted(self._tiles)}.")
+        columns = (torch.cat(self._tiles[role], dim=1) if self._tiles[role]
+                   else torch.zeros(len(TILE_STATISTICS), 0, dtype=torch.float64))
+        return dict(zip(TILE_STATISTICS, columns))
 
     def compute(self) -> dict:
         """{"refined": {metric: float}, "opt_v1": {metric: float}, "n_tiles": int}."""
@@ -315,6 +336,14 @@ def _meets_target(name: str, value: float) -> str:
     return "yes" if value < DESIGN_TARGETS[name] else "no"
 
 
+def baseline_labels(results: Mapping) -> dict[str, str]:
+    """Role -> the name tables give each baseline of `results` (`opt_v1`; the colour fit with the split it was fitted
+    on, from `linear_fit_fitted_on`)."""
+    fitted_on = results.get("linear_fit_fitted_on") or {}
+    fit = f"colour fit ({fitted_on['split']})" if "split" in fitted_on else "colour fit"
+    return {"opt_v1": "opt_v1", "linear_fit": fit}
+
+
 def format_metrics_table(results: Mapping) -> str:
     """Markdown table: one row per metric; columns opt_v1 | [linear fit] | refined | change | design target | met?.
 
@@ -326,8 +355,7 @@ def format_metrics_table(results: Mapping) -> str:
         if role not in results:
             raise KeyError(f"results lack {role!r}; expected the output of MetricAccumulator.compute().")
     fit = results.get("linear_fit")
-    fitted_on = results.get("linear_fit_fitted_on") or {}
-    fit_label = f"colour fit ({fitted_on['split']})" if "split" in fitted_on else "colour fit"
+    fit_label = baseline_labels(results)["linear_fit"]
     lines = [
         f"Evaluated tiles: {results.get('n_tiles', 'unknown')}",
         "",
@@ -350,10 +378,12 @@ def format_metrics_table(results: Mapping) -> str:
 
 __all__ = [
     "DESIGN_TARGETS",
+    "GAIN_METRICS",
     "HIGHER_IS_BETTER",
     "METRIC_NAMES",
     "MetricAccumulator",
     "TILE_STATISTICS",
+    "baseline_labels",
     "evaluate_module_inputs",
     "evaluate_pair",
     "format_metrics_table",
