@@ -487,3 +487,14 @@ def test_quoted_bootstrap_intervals_are_the_recorded_ones(study, repo_root):
             f'{example["high"]:.2f}, "share_below_1": {example["share_below_1"]:.1f}}}, ...}},') in training
     assert ("EVI RMSE / colour fit reaches 0.99 or more under `mild` and 0.95 or more under `strong` (printed by the demo "
             "and `stage2-evaluate`)") in readme
+
+
+def test_quoted_bootstrap_of_the_proxy_is_the_recorded_one(repo_root):
+    """docs/training.md: the proxy's EVI RMSE / opt_v1 intervals straddle 1 and none reaches the goal's 0.70."""
+    runs = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())["runs"]["proxy/after"]
+    cells = [run["test"]["bootstrap"]["opt_v1"]["evi_rmse"] for run in runs]
+    assert all(cell["low"] < 1 < cell["high"] and cell["low"] > 0.70 for cell in cells)
+    quoted = ", ".join(f"{c['ratio']:.2f} ({c['low']:.2f}-{c['high']:.2f})" for c in cells[:2])
+    quoted += f" and {cells[2]['ratio']:.2f} ({cells[2]['low']:.2f}-{cells[2]['high']:.2f})"
+    assert f"EVI RMSE / `opt_v1`, seeds 0, 1 and 2, is {quoted}: each spans better and worse" in _text(
+        repo_root / "docs" / "training.md")
