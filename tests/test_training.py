@@ -768,7 +768,9 @@ def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):
     assert code == (0 if beats else 1)
     for name in ("README.md", "preview.png", "adapter_model.safetensors"):
         assert (out / "best" / name).is_file()
-    assert "colour fit (fitted on `train`, 18 tiles)" in (out / "best" / "README.md").read_text()
+    card = (out / "best" / "README.md").read_text()
+    assert "colour fit (fitted on `train`, 18 tiles)" in card
+    assert "bootstrap" not in card and "share_below_1" not in card  # the card takes the metric blocks only
     printed = capsys.readouterr().out
     assert "== val split" in printed and "== test split" in printed
     assert "Refined vs the baselines on the held-out test tiles" in printed and "| colour fit (train) |" in printed
