@@ -398,6 +398,8 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
 def bootstrap_section(runs: dict, seeds) -> list[str]:
     """Each run's test-split ratios with their paired tile-bootstrap interval, for the runs that recorded one (the
     runs of each (preset, variant) are those of `seeds`, in order)."""
+    from training.bootstrap import interval_cell
+
     recorded = [(preset, variant, seed, r["test"]) for (preset, variant), results in runs.items()
                 for seed, r in zip(seeds, results) if r["test"].get("bootstrap")]
     if not recorded:
@@ -412,11 +414,8 @@ def bootstrap_section(runs: dict, seeds) -> list[str]:
              + " | ".join(f"{m} / opt_v1" for m in SPECTRAL) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in range(2 * len(SPECTRAL))) + " |"]
     for preset, variant, seed, test in recorded:
-        cells = []
-        for role in ("linear_fit", "opt_v1"):
-            for metric in SPECTRAL:
-                cell = test["bootstrap"][role][metric]
-                cells.append("-" if cell is None else f"{cell['ratio']:.2f} ({cell['low']:.2f}-{cell['high']:.2f})")
+        cells = [interval_cell(test["bootstrap"][role][metric])
+                 for role in ("linear_fit", "opt_v1") for metric in SPECTRAL]
         lines.append(f"| `{preset}/{variant}` | {seed} | " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -312,8 +312,8 @@ def test_quoted_draws_of_the_degradations_are_the_recorded_ones(study, repo_root
         assert sum(goal(after[preset, seed]) for seed in (0, 1, 2)) == met
         assert sum(goal(fallback[preset, seed]) for seed in (0, 1, 2)) == with_rule
     assert "the goal is met in 4 of 9 runs under `mild` and 5 of 9 under `strong`" in training
-    assert ("the goal is met in 4 of 9 runs under `mild` and 5 of 9 under `strong`, and with the option in 9 of 9 (`mild`) "
-            "and 3 of 9") in readme
+    assert ("the goal is met in 4 of 9 runs under `mild` and 5 of 9 under `strong`, and with the option in 9 of 9 "
+            "(`mild`) and 3 of 9") in readme
     assert "it does not in any of 12 runs, `mild` or `strong`" in readme
     assert all(r["test"]["refined"]["evi_rmse"] > r["test"]["linear_fit"]["evi_rmse"] for r in after["strong", 1])
     # "Without near-black pixels ... below opt_v1's in 17 of 18 runs; without the bright test tiles in all 18"
@@ -475,8 +475,9 @@ def test_quoted_bootstrap_intervals_are_the_recorded_ones(study, repo_root):
     for preset in ("mild", "strong"):
         intervals = [run["test"]["bootstrap"]["linear_fit"]["evi_rmse"] for run in study["runs"][f"{preset}/after"]]
         assert all(run["test"]["bootstrap"]["resamples"] == 1000 for run in study["runs"][f"{preset}/after"])
-        assert all(i["ratio"] == pytest.approx(run["test"]["refined"]["evi_rmse"] / run["test"]["linear_fit"]["evi_rmse"])
-                   for i, run in zip(intervals, study["runs"][f"{preset}/after"]))
+        for interval, run in zip(intervals, study["runs"][f"{preset}/after"]):
+            test = run["test"]
+            assert interval["ratio"] == pytest.approx(test["refined"]["evi_rmse"] / test["linear_fit"]["evi_rmse"])
         cells[preset] = [f"{i['ratio']:.2f} ({i['low']:.2f}-{i['high']:.2f})" for i in intervals]
         assert all(i["high"] > 0.90 for i in intervals)  # "Every interval reaches past 0.90"
         assert min(i["high"] for i in intervals) >= {"mild": 0.99, "strong": 0.95}[preset]
@@ -485,8 +486,8 @@ def test_quoted_bootstrap_intervals_are_the_recorded_ones(study, repo_root):
     example = study["runs"]["mild/after"][0]["test"]["bootstrap"]["opt_v1"]["evi_rmse"]  # the JSON in "Evaluation"
     assert (f'"opt_v1": {{"evi_rmse": {{"ratio": {example["ratio"]:.2f}, "low": {example["low"]:.2f}, "high": '
             f'{example["high"]:.2f}, "share_below_1": {example["share_below_1"]:.1f}}}, ...}},') in training
-    assert ("EVI RMSE / colour fit reaches 0.99 or more under `mild` and 0.95 or more under `strong` (printed by the demo "
-            "and `stage2-evaluate`)") in readme
+    assert ("EVI RMSE / colour fit reaches 0.99 or more under `mild` and 0.95 or more under `strong` (printed by the "
+            "demo and `stage2-evaluate`)") in readme
 
 
 def test_quoted_bootstrap_of_the_proxy_is_the_recorded_one(repo_root):

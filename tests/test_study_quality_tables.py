@@ -63,8 +63,8 @@ def test_the_bootstrap_section_lists_the_runs_that_recorded_one_with_their_seeds
     assert "the 80 % interval of a paired tile bootstrap" in next(l for l in lines if "tile bootstrap (" in l)
     assert "drawn with replacement 500 times" in "\n".join(lines)
     rows = [line for line in lines if line.startswith("| `mild/")]
-    assert rows == ["| `mild/after` | 7 | 0.95 (0.85-1.10) | 0.95 (0.85-1.10) | 0.95 (0.85-1.10) | - | "
-                    "0.50 (0.40-0.65) | 0.40 (0.30-0.55) |"]  # the second seed only; an undefined ratio is '-'
+    assert rows == ["| `mild/after` | 7 | 0.95 (0.85-1.10) | 0.95 (0.85-1.10) | 0.95 (0.85-1.10) | n/a | "
+                    "0.50 (0.40-0.65) | 0.40 (0.30-0.55) |"]  # the second seed only; an undefined ratio is n/a
     without = study_quality.render({("mild", "after"): [_run(study_quality, 0.095, None)]}, {}, [0], 60.0, "0.0")
     assert "How much each run's verdict hangs" not in without
 

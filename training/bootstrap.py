@@ -91,24 +91,25 @@ def bootstrap_ratios(refined: Mapping, baselines: Mapping[str, Mapping], resampl
     return result
 
 
+def interval_cell(cell: Mapping | None) -> str:
+    """One `bootstrap_ratios` entry as a table cell: 'ratio (low-high)', or 'n/a' where the ratio is undefined."""
+    return "n/a" if cell is None else f"{cell['ratio']:.2f} ({cell['low']:.2f}-{cell['high']:.2f})"
+
+
 def format_bootstrap_table(bootstrap: Mapping, n_tiles: int, labels: Mapping[str, str]) -> str:
     """Markdown table of `bootstrap_ratios` output: one row per metric, one column per baseline, named by `labels`
     (role -> column header); cells 'ratio (low-high)'."""
     roles = [role for role in labels if role in bootstrap]
     lines = [
-        f"Refined / baseline on these {n_tiles} tiles, with the {100 * bootstrap['confidence']:g} % interval of a paired "
-        f"tile bootstrap ({bootstrap['resamples']} resamples; below 1 = the refined output is better):",
+        f"Refined / baseline on these {n_tiles} tiles, with the {100 * bootstrap['confidence']:g} % interval of a "
+        f"paired tile bootstrap ({bootstrap['resamples']} resamples; below 1 = the refined output is better):",
         "",
         "| metric | " + " | ".join(f"/ {labels[role]}" for role in roles) + " |",
         "| --- | " + " | ".join("---:" for _ in roles) + " |",
     ]
     for name in GAIN_METRICS:
-        cells = []
-        for role in roles:
-            cell = bootstrap[role][name]
-            cells.append("n/a" if cell is None else f"{cell['ratio']:.2f} ({cell['low']:.2f}-{cell['high']:.2f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(interval_cell(bootstrap[role][name]) for role in roles) + " |")
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_CONFIDENCE", "DEFAULT_RESAMPLES", "bootstrap_ratios", "format_bootstrap_table"]
+__all__ = ["DEFAULT_CONFIDENCE", "DEFAULT_RESAMPLES", "bootstrap_ratios", "format_bootstrap_table", "interval_cell"]
