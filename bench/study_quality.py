@@ -173,11 +173,13 @@ VARIANT_FLAGS = {
 }
 
 
-def train(preset: str, seed: int, variant: str, workdir: Path) -> Path:
+def train(preset: str, seed: int, variant: str, workdir: Path, arrow_presets=MIXTURE_BOUNDS) -> Path:
+    """Trains the demo's `variant` with `seed` on `preset`'s data; `arrow_presets`: the presets whose data is an Arrow
+    dataset saved at `workdir / f"data-{preset}"` (those of `build_mixture_bounds`, unless said)."""
     output = workdir / f"{preset}-{variant}-seed{seed}"
     if preset in PROXY_DRAWS:
         data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
-    elif preset in MIXTURE_BOUNDS:  # an Arrow dataset of build_mixture_bounds
+    elif preset in arrow_presets:
         data = ["--data_dir", str(workdir / f"data-{preset}")]
     else:  # the dataset seed said, as build_datasets builds the dataset it is scored on
         degradation, dataset_seed = DEGRADATION_DRAWS.get(preset, (preset, DATASET_SEED))

@@ -428,6 +428,23 @@ def quality_proxy(results: Path) -> QualityStudy:
                           draws=[draw for draw in PROXY_DRAWS if draw != PROXY])
 
 
+def rotation(results: Path) -> dict[str, list[dict]]:
+    """preset -> one entry per seed ({"scores": {role: {metric: value}}, "goal": bool, "n_tiles": int}) of
+    bench/study_rotation.py: the test tiles of the three rotations pooled."""
+    path = results / "rotation.json"
+    summary = read_json(path).get("summary")
+    if not isinstance(summary, dict) or not summary:
+        raise ResultsError(path, "no 'summary' object (run bench/study_rotation.py)")
+    for preset, data in summary.items():
+        seeds = data.get("seeds") if isinstance(data, dict) else None
+        if not isinstance(seeds, list) or not seeds or not all(
+                isinstance(seed.get("goal"), bool) and all(
+                    isinstance(seed.get("scores", {}).get(role, {}).get(metric), float)
+                    for role in ("refined", "opt_v1", "linear_fit") for metric in SPECTRAL) for seed in seeds):
+            raise ResultsError(path, f"summary of {preset!r} lacks each seed's 'goal' and 'scores'")
+    return {preset: data["seeds"] for preset, data in summary.items()}
+
+
 def quality_minutes_per_training(results: Path) -> tuple[int, int, int]:
     """(trainings, of them twice as long as the demo's, minutes) of the quality study, from quality.md's first line."""
     path = results / "quality.md"
@@ -732,6 +749,25 @@ def _proxy_draws(study: QualityStudy) -> str:
                 f"{two_decimals(ratios_to_opt_v1(study.runs[f'{draw}/after']))}" for draw in draws))
 
 
+def _pooled_ratios(seeds: list[dict], baseline: str) -> list[float]:
+    return [statistics.fmean(seed["scores"]["refined"][metric] / seed["scores"][baseline][metric] for seed in seeds)
+            for metric in SPECTRAL]
+
+
+def rotation_row(results: Path) -> tuple[str, str, str]:
+    pooled = rotation(results)
+    parts = []
+    for preset, seeds in pooled.items():
+        against = (f"/ colour fit {two_decimals(_pooled_ratios(seeds, 'linear_fit'))}"
+                   + (f", / `opt_v1` {two_decimals(_pooled_ratios(seeds, 'opt_v1'))}" if preset in PROXY_DRAWS else ""))
+        parts.append(f"`{preset}` {against}, goal met by {sum(seed['goal'] for seed in seeds)} of {len(seeds)}")
+    tiles = next(iter(pooled.values()))[0]["n_tiles"]
+    return (f"The quality goal on every tile of the sample (the splits' roles rotated, each of the {tiles} tiles "
+            f"held out once): refined / baseline pooled over them, NDVI RMSE / EVI RMSE / SAM, mean of "
+            f"{len(next(iter(pooled.values())))} seeds",
+            "; ".join(parts), cite("rotation.md"))
+
+
 def reconstruction_weight_row(results: Path) -> tuple[str, str, str]:
     study = reconstruction_weight(results)
     scores = study.scores
@@ -759,6 +795,7 @@ def summary_rows(results: Path) -> list[tuple[str, str, str]]:
         colour_fit_row(study),
         mixture_row(study),
         proxy_row(quality_proxy(results)),
+        rotation_row(results),
         reconstruction_weight_row(results),
     ]
 

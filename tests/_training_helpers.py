@@ -143,6 +143,21 @@ RESUME_SETTINGS = dict(per_device_train_batch_size=1, gradient_accumulation_step
                        refiner_config_overrides={"head_width": 16, "num_convnext_blocks": 2, "drop_path_rate": 0.2})
 
 
+def fake_demo_runs(monkeypatch, study_module) -> list[list[str]]:
+    """Make a study's `subprocess.run` of the demo record its command and leave the `demo_results.json` a finished
+    demo writes, instead of training: the list the commands are appended to."""
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        output = Path(command[command.index("--output_dir") + 1])
+        output.mkdir(parents=True)
+        (output / "demo_results.json").write_text("{}")
+
+    monkeypatch.setattr(study_module.subprocess, "run", fake_run)
+    return commands
+
+
 def train_run(tmp: Path, data_dir: Path, name: str, callbacks=None, extra_argv=(), **overrides):
     from training.train import parse_args, run_training
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 RESULT_FILES = ("prithvi_forward.md", "refiner_memory.md", "data_throughput.md", "inference.md", "export.md",
-                "training.md", "reconstruction_weight.md", "quality.md", "quality.json", "quality_proxy.json")
+                "training.md", "reconstruction_weight.md", "quality.md", "quality.json", "quality_proxy.json",
+                "rotation.json")
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,32 @@ def test_the_proxy_row_quotes_each_draw_of_the_generator_where_recorded(summariz
     (results / "quality_proxy.json").write_text(json.dumps(study))
     assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
     assert "'proxy-seed1/after'" in capsys.readouterr().err
+
+
+def test_the_rotation_row_quotes_the_pooled_ratios_and_goals(summarize, results_copy, capsys):
+    """Refined / colour fit (and / `opt_v1` for the proxy) pooled over the rotations, mean over seeds, and the seeds
+    meeting each preset's goal, from rotation.json's summary; a summary without the scores exits 2."""
+    import json
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "rotation.json").read_text())
+    assert list(study["summary"]) == ["mild", "strong", "proxy"]
+    for preset, goals in (("mild", (True, False, True)), ("proxy", (False, False, False))):
+        for seed, goal in zip(study["summary"][preset]["seeds"], goals):
+            seed["goal"] = goal
+            for metric, to_fit, to_opt_v1 in (("ndvi_rmse", 0.5, 0.4), ("evi_rmse", 0.85, 0.8), ("sam", 0.7, 0.6)):
+                seed["scores"]["linear_fit"][metric] = 1.0
+                seed["scores"]["refined"][metric] = to_fit
+                seed["scores"]["opt_v1"][metric] = to_fit / to_opt_v1
+    (results / "rotation.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "every tile of the sample" in line)
+    assert "each of the 54 tiles held out once" in row
+    assert "`mild` / colour fit 0.50 / 0.85 / 0.70, goal met by 2 of 3" in row
+    assert "`proxy` / colour fit 0.50 / 0.85 / 0.70, / `opt_v1` 0.40 / 0.80 / 0.60, goal met by 0 of 3" in row
+    del study["summary"]["strong"]["seeds"][1]["scores"]
+    (results / "rotation.json").write_text(json.dumps(study))
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    assert "rotation.json: summary of 'strong' lacks" in capsys.readouterr().err
 
 
 def test_the_colour_fit_row_counts_the_goal_on_each_draw_of_the_degradations(summarize, results_copy):

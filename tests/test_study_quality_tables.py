@@ -3,9 +3,9 @@ only for runs that recorded them, and the sensitivity section counts the seeds m
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
+from _training_helpers import fake_demo_runs
 
 
 @pytest.fixture(scope="module")
@@ -204,15 +204,7 @@ def test_each_degradation_draw_is_the_preset_with_its_own_dataset_seed(study_qua
     assert np.abs(seed0["opt_v1"] - seed1["opt_v1"]).mean() > 0.001
     assert np.array_equal(seed1["opt_v1"], direct["opt_v1"])
 
-    commands = []
-
-    def fake_run(command, **kwargs):
-        commands.append(command)
-        output = Path(command[command.index("--output_dir") + 1])
-        output.mkdir(parents=True)
-        (output / "demo_results.json").write_text("{}")
-
-    monkeypatch.setattr(study_quality.subprocess, "run", fake_run)
+    commands = fake_demo_runs(monkeypatch, study_quality)
     study_quality.train("mild-seed1", 2, "after", tmp_path)
     study_quality.train("mild", 2, "after", tmp_path)
     drawn, plain = commands
