@@ -77,7 +77,7 @@ def build_rotations(presets, workdir: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def test_tile_statistics(model_dir: Path, dataset_dir: Path) -> dict:
+def held_out_tile_statistics(model_dir: Path, dataset_dir: Path) -> dict:
     """{"tile_ids": [...], role: {statistic: [one value per test tile]}} of the refined output and both baselines
     (the colour fit fitted on the dataset's training split) on its test split."""
     import torch
@@ -102,7 +102,7 @@ def test_tile_statistics(model_dir: Path, dataset_dir: Path) -> dict:
 
 
 def pooled(runs: list[dict]) -> dict:
-    """The tile statistics of several evaluations (`test_tile_statistics`), concatenated: one set of tiles."""
+    """The tile statistics of several evaluations (`held_out_tile_statistics`), concatenated: one set of tiles."""
     return {"tile_ids": [tile for run in runs for tile in run["tile_ids"]],
             **{role: {name: [value for run in runs for value in run[role][name]] for name in runs[0][role]}
                for role in ROLES}}
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                         "presets": {preset: {str(rotation): [] for rotation in ROTATIONS} for preset in args.presets}}
         for (name, seed), model_dir in zip(jobs, trained):
             preset, rotation = name.rsplit("-rotation", 1)
-            record["presets"][preset][rotation].append(test_tile_statistics(model_dir, folders[name]))
+            record["presets"][preset][rotation].append(held_out_tile_statistics(model_dir, folders[name]))
             print(f"{name} seed {seed} done", flush=True)
     summary = summarise(record)
     record["summary"] = summary

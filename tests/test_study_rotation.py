@@ -29,7 +29,8 @@ def _images(seed: int, tiles: int, size: int = 16):
 
 
 def _evaluation(target, opt_v1, valid, refined_gain: float, fit_gain: float, first_tile: int) -> dict:
-    """A `test_tile_statistics` record of a refined output and a colour fit that scale `opt_v1` towards the target."""
+    """A `held_out_tile_statistics` record of a refined output and a colour fit that move `opt_v1` towards the
+    target by a gain."""
     from training.metrics import tile_statistics
 
     outputs = {"refined": target + refined_gain * (opt_v1 - target), "opt_v1": opt_v1,
@@ -123,8 +124,8 @@ def test_the_tables_show_each_seed_pooled_and_each_rotation_alone(study):
     assert interval_cell(cell) == row.split(" | ")[2]
 
 
-def test_test_tile_statistics_score_the_saved_model_and_the_rotations_colour_fit(study, sample_dataset_dir,
-                                                                                    tmp_path):
+def test_held_out_tile_statistics_score_the_saved_model_and_the_rotations_colour_fit(study, sample_dataset_dir,
+                                                                                     tmp_path):
     from datasets import load_from_disk
 
     from modeling_stage2.adapters import build_trainable_model, save_trained_model
@@ -136,7 +137,7 @@ def test_test_tile_statistics_score_the_saved_model_and_the_rotations_colour_fit
     folder = save_trained_model(model.eval(), tmp_path / "best")
     rotated = tmp_path / "rotation1"
     study.rotate_splits(load_from_disk(str(sample_dataset_dir)), 1).save_to_disk(str(rotated))
-    record = study.test_tile_statistics(folder, rotated)
+    record = study.held_out_tile_statistics(folder, rotated)
 
     dataset_dict = load_from_disk(str(rotated))
     assert record["tile_ids"] == dataset_dict["test"]["tile_id"]
