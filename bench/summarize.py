@@ -28,6 +28,7 @@ from bench._common import GOAL_MARGIN, SPECTRAL, mean_range_cell, meets_goal  # 
 from bench.study_quality import (  # noqa: E402
     BOUNDS_KEY, DATASET_SEED, DEGRADATION_DRAWS, MIXTURE_BOUNDS, PROXY, PROXY_DRAWS,
 )
+from bench.study_rotation import ROLES as ROTATION_ROLES  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "bench" / "results"
 DEFAULT_BENCHMARKS = REPO / "BENCHMARKS.md"
@@ -440,7 +441,7 @@ def rotation(results: Path) -> dict[str, list[dict]]:
         if not isinstance(seeds, list) or not seeds or not all(
                 isinstance(seed.get("goal"), bool) and all(
                     isinstance(seed.get("scores", {}).get(role, {}).get(metric), float)
-                    for role in ("refined", "opt_v1", "linear_fit") for metric in SPECTRAL) for seed in seeds):
+                    for role in ROTATION_ROLES for metric in SPECTRAL) for seed in seeds):
             raise ResultsError(path, f"summary of {preset!r} lacks each seed's 'goal' and 'scores'")
     return {preset: data["seeds"] for preset, data in summary.items()}
 
