@@ -21,7 +21,9 @@ spectral MLP (per-tile affine correction started at the spectral fit, output cla
 per pixel by the spectral MLP, no brightness augmentation; the starting point a candidate for the best step),
 `fallback` the demo with `--out_of_range_fallback true`, `near_black` the demo with `--near_black_fallback true`
 (`opt_v1` kept where its red + NIR is near-black), `near_black_ndvi` the same with `--near_black_keep ndvi` (only
-`opt_v1`'s NDVI kept there: its split of the refined red + NIR). With `--mixture` (default) it also trains the
+`opt_v1`'s NDVI kept there: its split of the refined red + NIR), `redraw` the demo with `--redraw_degradation true`
+(the training tiles' synthetic `opt_v1` drawn anew each epoch and at each warm-start step; degradation presets
+only). With `--mixture` (default) it also trains the
 `--mixture_variants` (default `after`) on the `mixture` degradation and scores them on the `mild` test split, to compare
 with the same variant trained on `mild` alone (with `--reuse`, the earlier study's mixture runs of variants not trained
 now are reported). With `--mixture_bounds` it also trains `after` on two training sets that bound what the mixture
@@ -170,6 +172,8 @@ VARIANT_FLAGS = {
     "near_black": ["--near_black_fallback", "true"],
     # the same rule keeping only opt_v1's NDVI (its red/NIR split) at those pixels
     "near_black_ndvi": ["--near_black_fallback", "true", "--near_black_keep", "ndvi"],
+    # the demo with the training tiles' synthetic opt_v1 drawn anew each epoch and warm-start step
+    "redraw": ["--redraw_degradation", "true"],
 }
 
 

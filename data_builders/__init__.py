@@ -10,6 +10,7 @@ _EXPORTS = {
     "DegradationConfig": "degrade",
     "DEGRADATION_CHOICES": "degrade",
     "DEGRADATION_PRESETS": "degrade",
+    "DegradationRedraw": "degrade",
     "resolve_degradation": "degrade",
     "mixture_choice": "degrade",
     "synthesize_opt_v1": "degrade",

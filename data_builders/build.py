@@ -346,7 +346,7 @@ def upgrade_build_info(info: dict) -> dict:
     return info
 
 
-def _resolve_input_mode(input_mode: Optional[str], stage1_dir) -> str:
+def resolve_input_mode(input_mode: Optional[str], stage1_dir) -> str:
     mode = input_mode or ("stage1" if stage1_dir is not None else "synthetic")
     if mode not in INPUT_MODES:
         raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
@@ -428,7 +428,7 @@ def build_dataset(
     from datasets import load_from_disk
 
     data_dir, output_dir = Path(data_dir), Path(output_dir)
-    mode = _resolve_input_mode(input_mode, stage1_dir)
+    mode = resolve_input_mode(input_mode, stage1_dir)
     preset, degradation = resolve_degradation(degradation, degradation_overrides)
     if int(num_proc) < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")

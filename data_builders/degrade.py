@@ -263,6 +263,56 @@ def tile_rng(seed: int, tile_id: str, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *words], spawn_key=spawn_key))
 
 
+def draw_seed(seed: int, draw: int) -> int:
+    """The dataset seed of a tile's `draw`-th synthetic `opt_v1`: draw 0 is `seed` itself (the built dataset's own
+    `opt_v1`), each later draw a seed derived from (seed, draw), so that draws are independent of each other."""
+    if int(draw) < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}")
+    if int(draw) == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(draw)]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class DegradationRedraw:
+    """Draws a tile's synthetic `opt_v1` again (`--redraw_degradation`): the degradation of a built dataset (its
+    preset, parameters and seed, from the `opt_v1` part of its build record), applied to a tile's target with the
+    seed of another draw (`draw_seed`). Draw 0 gives the dataset's own `opt_v1`; under `mixture` each draw also picks
+    the tile's preset anew.
+
+    A dataset of 18 tiles holds 18 draws of the Stage 1 errors; redrawn each epoch, the same targets teach the
+    refiner the degradation's distribution instead of those 18 draws."""
+
+    preset: str
+    config: Optional[DegradationConfig]
+    seed: int
+
+    @classmethod
+    def from_record(cls, record: dict) -> "DegradationRedraw":
+        """From the `opt_v1` part of a build record (`data_builders.build.read_build_info(dataset)["opt_v1"]`);
+        ValueError for a dataset whose `opt_v1` is not synthetic, or was synthesised by another version."""
+        cls.check_input_mode(record.get("mode"))
+        if record.get("degradation_version") != DEGRADATION_VERSION:
+            raise ValueError(f"its opt_v1 was synthesised by degradation version {record.get('degradation_version')}"
+                             f", this is version {DEGRADATION_VERSION}; rebuild the dataset")
+        degradation = record["degradation"]
+        config = DegradationConfig.from_dict(degradation) if degradation is not None else None
+        return cls(record["preset"], config, int(record["seed"]))
+
+    @staticmethod
+    def check_input_mode(mode) -> None:
+        """ValueError unless a dataset's `input_mode` (`"synthetic"`, `"stage1"`, `"identity"`) can be redrawn."""
+        if mode != "synthetic":
+            raise ValueError(f"its opt_v1 is not synthetic (mode {mode!r}): only a degradation can be drawn again; "
+                             "build the dataset with --degradation, or drop --redraw_degradation")
+
+    def __call__(self, target: np.ndarray, tile_id: str, valid_mask: Optional[np.ndarray], draw: int) -> np.ndarray:
+        """The `draw`-th synthetic `opt_v1` of a (4, H, W) target (float32, same shape)."""
+        seed = draw_seed(self.seed, draw)
+        _, config = config_for_tile(self.preset, self.config, seed, tile_id)
+        return synthesize_opt_v1(target, tile_id, seed, config, valid_mask)
+
+
 def mixture_choice(seed: int, tile_id: str) -> str:
     """The preset (`MIXTURE_PRESETS`, equal odds) a tile gets under `mixture`: a function of
     (seed, tile_id) only, drawn from the tile's stream 1 (never from its degradation stream)."""

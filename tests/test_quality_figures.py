@@ -57,9 +57,10 @@ def test_the_study_covers_three_seeds_of_both_presets_and_models(study):
         f"{preset}-seed{seed}/{model}" for preset in ("mild", "strong") for seed in (1, 2)
         for model in ("after", "fallback")} | {  # the other draws of the degradations' errors
         f"{draw}/{rule}" for draw in ("mild", "strong", "mild-seed1", "mild-seed2", "strong-seed1", "strong-seed2")
-        for rule in ("near_black", "near_black_ndvi")}
+        for rule in ("near_black", "near_black_ndvi")} | {f"{preset}/redraw" for preset in ("mild", "strong")}
     assert all(len(runs) == 3 for runs in study["runs"].values())
-    assert {variant: len(runs) for variant, runs in study["mixture_on_mild"].items()} == {"after": 3, "fallback": 3}
+    assert {variant: len(runs) for variant, runs in study["mixture_on_mild"].items()} == {"after": 3, "fallback": 3,
+                                                                                             "redraw": 3}
 
 
 def test_quoted_ratios_to_the_colour_fit_are_the_recorded_ones(study, repo_root):
@@ -71,8 +72,8 @@ def test_quoted_ratios_to_the_colour_fit_are_the_recorded_ones(study, repo_root)
     for key in ("mild/after", "mild/per_tile", "mild/fallback", "strong/fallback"):
         assert ratios(study["runs"][key]) in readme, key
     for key, runs in study["runs"].items():  # docs/training.md's table: every model, mean (min-max) per metric
-        if "-seed" in key or key.endswith(("/near_black", "/near_black_ndvi")):
-            continue  # the other draws and the near-black rule have tables of their own
+        if "-seed" in key or key.endswith(("/near_black", "/near_black_ndvi", "/redraw")):
+            continue  # the other draws, the near-black rule and the redrawn degradation have tables of their own
         for metric in SPECTRAL:
             values = [run["test"]["refined"][metric] / run["test"]["linear_fit"][metric] for run in runs]
             cell = (f"{statistics.fmean(values):.2f}" if max(values) - min(values) < 0.005 else
@@ -579,3 +580,36 @@ def test_quoted_figures_of_every_tile_held_out_once_are_the_recorded_ones(rotati
     assert (f"the goal is met in 3 of 3 seeds of both (`mild` {_pooled_means(mild, 'linear_fit')}: a narrow pass on "
             f"EVI), and with Stage 1 outputs of another generator EVI RMSE is "
             f"{statistics.fmean(to_opt_v1[1]):.2f} of `opt_v1`'s where the goal asks 0.70") in readme
+
+
+def test_quoted_effect_of_drawing_the_degradation_again_is_the_recorded_one(study, repo_root):
+    runs = study["runs"]
+    text = _text(repo_root / "docs" / "training.md")
+    for preset in ("mild", "strong"):
+        row = (f"| `{preset}` | {ratios(runs[f'{preset}/after'])} | {ratios(runs[f'{preset}/redraw'])}, "
+               f"{goal(runs[f'{preset}/redraw'])} of 3")
+        assert row in text, row
+
+    def absolute(variant: str) -> list[float]:
+        return [statistics.fmean(r["test"]["refined"][m] for r in study["mixture_on_mild"][variant]) for m in SPECTRAL]
+
+    row = ("| `mixture` (`mild`), absolute | " + " / ".join(f"{v:.3f}" for v in absolute("after")) + " | "
+           + " / ".join(f"{v:.3f}" for v in absolute("redraw")) + " |")
+    assert row in text, row
+    mild = [r["test"]["refined"]["evi_rmse"] for r in runs["mild/redraw"]]
+    demo = statistics.fmean(r["test"]["refined"]["evi_rmse"] for r in runs["mild/after"])
+    assert f"0.101 ({min(mild):.3f}-{max(mild):.3f}) against {demo:.3f}" in text
+    assert all(r["test"]["refined"]["evi_rmse"] > r["test"]["linear_fit"]["evi_rmse"] for r in runs["mild/redraw"])
+    assert f"{statistics.fmean(mild):.3f}" == "0.101"
+    in_range = [statistics.fmean(r["test"]["refined"]["evi_rmse_in_range"]
+                                 / r["test"]["linear_fit"]["evi_rmse_in_range"] for r in runs[f"mild/{variant}"])
+                for variant in ("redraw", "after")]
+    assert f"`evi_rmse_in_range` {in_range[0]:.2f} of the colour fit's, against {in_range[1]:.2f}" in text
+    mixture = [r["test"]["refined"]["evi_rmse"] for r in study["mixture_on_mild"]["redraw"]]
+    assert (f"0.135 ({min(mixture):.3f}-{max(mixture):.3f}) against {absolute('after')[1]:.3f}, still far from the "
+            f"{demo:.3f}") in text
+    assert f"{statistics.fmean(mixture):.3f}" == "0.135"
+    for metric, gains in (("ndvi_rmse", True), ("evi_rmse", True), ("sam", False)):  # on `strong`
+        change = [statistics.fmean(r["test"]["refined"][metric] / r["test"]["linear_fit"][metric]
+                                   for r in runs[f"strong/{variant}"]) for variant in ("after", "redraw")]
+        assert (change[1] < change[0]) == gains and abs(change[1] - change[0]) < 0.05, (metric, change)

@@ -397,6 +397,10 @@ class Stage2DataArguments:
         brightness_augment (`list[float]`, *optional*): `[low, high]`: each training tile (target and opt_v1) is
             multiplied by a factor drawn log-uniformly from that range; shows the model dark scenes (water) whose
             NDVI/EVI are the most sensitive to small absolute errors.
+        redraw_degradation (`bool`, defaults to `False`): draw the training tiles' synthetic `opt_v1` anew each epoch
+            (epoch 0 keeps the dataset's own draw) and at each step of the spectral warm start, from the dataset's
+            degradation (preset, parameters and seed of its build record): many draws of the Stage 1 errors per
+            target instead of one. Needs a dataset whose `opt_v1` is synthetic; validation keeps its own draw.
         eval_split (`str`, defaults to `"val"`): the split used for validation.
     """
 
@@ -425,6 +429,11 @@ class Stage2DataArguments:
         default=None,
         metadata={"help": "LOW HIGH: multiply each training tile (target and opt_v1) by a factor drawn log-uniformly "
                           "from [LOW, HIGH] (exposure augmentation; unset: off)."},
+    )
+    redraw_degradation: bool = field(
+        default=False,
+        metadata={"help": "Draw the training tiles' synthetic opt_v1 anew each epoch (and at each step of the "
+                          "spectral warm start) from the dataset's degradation; needs synthetic opt_v1."},
     )
     eval_split: str = field(default="val", metadata={"help": "Split used for validation."})
 

@@ -34,10 +34,21 @@ class TileDataset(torch.utils.data.Dataset):
     `brightness_range=(low, high)` also multiplies `target` and `opt_v1` of a row by one factor drawn
     log-uniformly from that range (an exposure augmentation: it shows the refiner dark scenes such as water, whose
     indices are the most sensitive to small absolute errors, even when the training tiles have few of them).
+
+    `redraw` (a `data_builders.degrade.DegradationRedraw`, `--redraw_degradation`) replaces a row's synthetic
+    `opt_v1` by the degradation's draw number `epoch` of that tile (before the flips): epoch 0 reads the dataset's own
+    draw, each later epoch a new one, the same in every process and on resume.
     """
 
-    def __init__(self, dataset, transform, seed: int = 0, columns=BATCH_COLUMNS, brightness_range=None):
+    def __init__(self, dataset, transform, seed: int = 0, columns=BATCH_COLUMNS, brightness_range=None,
+                 redraw=None):
         self.columns = [name for name in columns if name in dataset.column_names]
+        self.redraw = redraw
+        if redraw is not None:
+            missing = sorted({"tile_id", "target", "opt_v1"} - set(dataset.column_names))
+            if missing:
+                raise ValueError(f"redrawing opt_v1 needs the columns {missing}, which the dataset lacks.")
+            self.tile_ids = list(dataset["tile_id"])
         self.dataset = dataset.with_format("numpy", columns=self.columns)
         self.transform = transform
         self.seed = int(seed)
@@ -63,6 +74,8 @@ class TileDataset(torch.utils.data.Dataset):
         rows = []
         for position, index in enumerate(indices):
             single = {name: batch[name][position:position + 1] for name in self.columns}
+            if self.redraw is not None and self.epoch > 0:
+                single["opt_v1"] = self._redrawn(single, index)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self._row_seed(index))
                 out = self.transform(single)
@@ -73,6 +86,10 @@ class TileDataset(torch.utils.data.Dataset):
                         out[name] = out[name] * factor
             rows.append({name: value[0] for name, value in out.items()})
         return rows
+
+    def _redrawn(self, single: dict, index: int):
+        mask = single["valid_mask"][0] if "valid_mask" in single else None
+        return self.redraw(single["target"][0], self.tile_ids[int(index)], mask, self.epoch)[None]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]

@@ -110,7 +110,7 @@ class LinearColorFit:
 
 def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: int = 32, learning_rate: float = 1e-3,
                             nonnegative: bool = True, seed: int = 0, spectral_mlp=None,
-                            mlp_batch_tiles: int = 6) -> ColorFitResult:
+                            mlp_batch_tiles: int = 6, redraw=None) -> ColorFitResult:
     """The global affine correction that minimises the spectral loss on `dataset` (a split with `opt_v1`, `target`
     and optionally `valid_mask`): the least-squares fit, then `steps` Adam steps on its 20 numbers, each on
     `batch_tiles` tiles drawn (seeded) from the split. `loss` maps `(output, target, valid_mask)` to `(value, ...)`
@@ -122,12 +122,16 @@ def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: i
     with (M, b) fixed. It is a pixel-level model that every pixel of the split teaches, so it can start fitted, like
     the affine map, instead of at zero; the affine map is fitted first so that the MLP only adds what it cannot do.
 
+    With `redraw` (a `data_builders.degrade.DegradationRedraw`, `--redraw_degradation`) each Adam step reads its
+    tiles' `opt_v1` from a draw of their degradation of its own (draws 1, 2, ... in step order, through both fits),
+    as training redraws it each epoch; the least-squares start is the dataset's own draw.
+
     It runs on one CPU thread: Adam normalises every gradient, so the float noise of a multi-threaded sum would move
     near-zero-gradient weights differently with each thread count; on one thread the fit is the same bits in every
     process of a distributed run and on every machine."""
     with _one_thread():
         return _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, nonnegative, seed,
-                                        spectral_mlp, mlp_batch_tiles)
+                                        spectral_mlp, mlp_batch_tiles, redraw)
 
 
 @contextlib.contextmanager
@@ -141,22 +145,27 @@ def _one_thread():
 
 
 def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, nonnegative, seed, spectral_mlp,
-                             mlp_batch_tiles) -> ColorFitResult:
+                             mlp_batch_tiles, redraw) -> ColorFitResult:
     from modeling_stage2.modeling_stage2 import clamp_min_straight_through
 
     from .losses import SpectralLoss
 
     start = LinearColorFit.from_dataset(dataset)
     loss = loss if loss is not None else SpectralLoss()
-    columns = [name for name in ("opt_v1", "target", "valid_mask") if name in dataset.column_names]
+    columns = [name for name in ("opt_v1", "target", "valid_mask", "tile_id") if name in dataset.column_names]
     rows = dataset.select_columns(columns).with_format("numpy")
     generator = torch.Generator().manual_seed(seed)
+    draws = iter(range(1, 2 * steps + 1))  # with `redraw`: each step's draw of the degradation
+    if redraw is not None and "tile_id" not in columns:
+        raise ValueError("redrawing opt_v1 needs the dataset's tile_id column, which it lacks.")
 
     def fit(parameters, correct, tiles_per_step: int) -> None:
         optimizer = torch.optim.Adam(parameters, lr=learning_rate)
         for _ in range(steps):
             index = torch.randperm(len(rows), generator=generator)[:tiles_per_step].sort().values.tolist()
             batch = rows[index]
+            if redraw is not None:
+                batch["opt_v1"] = _redrawn(batch, redraw, next(draws))
             opt_v1, target = torch.from_numpy(batch["opt_v1"]), torch.from_numpy(batch["target"])
             valid = torch.from_numpy(batch["valid_mask"]) if "valid_mask" in batch else None
             corrected = correct(opt_v1)
@@ -177,6 +186,13 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
         fit([p for p in spectral_mlp.parameters() if p.requires_grad], lambda x: spectral_mlp(fitted.apply(x)),
             mlp_batch_tiles)
     return fitted
+
+
+def _redrawn(batch: dict, redraw, draw: int) -> np.ndarray:
+    """The batch's `opt_v1` from the degradation's draw `draw` of each tile."""
+    masks = batch["valid_mask"] if "valid_mask" in batch else [None] * len(batch["target"])
+    return np.stack([redraw(target, tile_id, mask, draw)
+                     for target, tile_id, mask in zip(batch["target"], batch["tile_id"], masks)])
 
 
 def spectral_corrections(model) -> list:

@@ -336,6 +336,26 @@ def _check_arrow_splits(data_args) -> None:
     _require_splits(splits, data_args.eval_split, f"--data_dir {data_dir}")
 
 
+def _check_redraw(data_args) -> None:
+    """`--redraw_degradation` needs a synthetic `opt_v1`: NPZ tiles converted without Stage 1 outputs, or an Arrow
+    dataset whose build record says it was synthesised."""
+    if not data_args.redraw_degradation:
+        return
+    data_dir = Path(data_args.data_dir)
+    if is_arrow_dataset(data_dir):
+        from datasets import load_from_disk
+
+        degradation_redraw(load_from_disk(str(data_dir)), data_args)
+        return
+    from data_builders.build import resolve_input_mode
+    from data_builders.degrade import DegradationRedraw
+
+    try:
+        DegradationRedraw.check_input_mode(resolve_input_mode(data_args.input_mode, data_args.stage1_dir))
+    except ValueError as error:
+        raise UsageError(f"--data_dir {data_dir}: --redraw_degradation cannot draw opt_v1 again: {error}.") from None
+
+
 def _require_splits(splits, eval_split: str, where: str) -> None:
     for split in ("train", eval_split):
         if split not in splits:
@@ -386,6 +406,7 @@ def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) ->
     to start from. `UsageError` (`MissingInputError`) naming the flag."""
     _check_data_folder(data_args)
     _check_arrow_splits(data_args)
+    _check_redraw(data_args)
     _check_resume(training_args, complete=check_checkpoint)
     _check_start_model(training_args)
 
@@ -441,8 +462,23 @@ def prepare_splits(dataset_dict, data_args, seed: int = 0):
         raise UsageError(f"--data_dir {data_args.data_dir}: the dataset lacks the columns {missing}; build it with "
                          "stage2-build-dataset.")
     train_transform = make_train_transform() if data_args.augment else make_eval_transform()
-    return (TileDataset(train, train_transform, seed=seed, brightness_range=data_args.brightness_augment),
+    redraw = degradation_redraw(dataset_dict, data_args) if data_args.redraw_degradation else None
+    return (TileDataset(train, train_transform, seed=seed, brightness_range=data_args.brightness_augment,
+                        redraw=redraw),
             TileDataset(evaluation, make_eval_transform()))
+
+
+def degradation_redraw(dataset_dict, data_args):
+    """The `DegradationRedraw` of the dataset's synthetic `opt_v1` (`--redraw_degradation`); a UsageError naming
+    the data when it has none."""
+    from data_builders.build import read_build_info
+    from data_builders.degrade import DegradationRedraw
+
+    try:
+        return DegradationRedraw.from_record(read_build_info(dataset_dict)["opt_v1"])
+    except (KeyError, ValueError) as error:
+        raise UsageError(f"--data_dir {data_args.data_dir}: --redraw_degradation cannot draw opt_v1 again: "
+                         f"{error}.") from None
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -460,7 +496,7 @@ def build_model(training_args, print_summary: bool = True):
                                  print_summary=print_summary, **lora)
 
 
-def start_spectral_correction(model, train_split, training_args) -> str | None:
+def start_spectral_correction(model, train_split, training_args, redraw=None) -> str | None:
     """Start the refiner's shared spectral correction as `spectral_correction_init` says; returns what it did
     ("spectral_fit of N tiles", "linear_fit of N tiles", "identity"), or None for a refiner without the branch or
     a resumed run."""
@@ -484,7 +520,8 @@ def start_spectral_correction(model, train_split, training_args) -> str | None:
         nonnegative = bool(getattr(model.config, "nonnegative_output", False))
         mlps = spectral_mlps(model)  # fitted with the correction: pixel-level, every training pixel teaches it
         fit = fit_spectral_correction(train_split, loss=build_loss(training_args).spectral, nonnegative=nonnegative,
-                                      seed=training_args.seed, spectral_mlp=mlps[0] if mlps else None)
+                                      seed=training_args.seed, spectral_mlp=mlps[0] if mlps else None,
+                                      redraw=redraw)
     else:
         fit = LinearColorFit.from_dataset(train_split)
     set_shared_spectral_correction(model, fit)
@@ -531,14 +568,16 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
         train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
         set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
         model = build_model(training_args, print_summary=training_args.should_log)
-        spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args)
+        spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args,
+                                                   redraw=train_dataset.redraw)
         spectral_range = start_spectral_range(model, train_dataset.dataset, training_args)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
                              "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
                              "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start,
-                             "out_of_range_fallback": spectral_range},
+                             "out_of_range_fallback": spectral_range,
+                             "redraw_degradation": _redraw_description(train_dataset.redraw)},
             callbacks=callbacks,
         )
         if training_args.should_save:
@@ -551,6 +590,11 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
                                   f"({output_dir / f'checkpoint-{step}'}); continue with --resume latest.")
     finish_run(trainer)
     return trainer
+
+
+def _redraw_description(redraw) -> str | None:
+    """What `--redraw_degradation` drew the training tiles' `opt_v1` from (training_config.json), or None."""
+    return None if redraw is None else f"degradation {redraw.preset!r} of dataset seed {redraw.seed}, a draw per epoch"
 
 
 def _entries(folder: Path) -> set[Path]:
