@@ -43,6 +43,14 @@ TINY_SETTINGS = {
 }
 
 
+def stage2_train_command() -> list[str]:
+    """The `stage2-train` console script, or the same entry point through this Python when it is not installed."""
+    script = Path(sys.executable).with_name("stage2-train")
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from training.train import launch_main; sys.exit(launch_main())"]
+
+
 def write_config(path: Path, **overrides) -> Path:
     settings = {**TINY_SETTINGS, **overrides}
     path.write_text(yaml.safe_dump(settings, sort_keys=False))

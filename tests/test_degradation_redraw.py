@@ -1,12 +1,13 @@
 """`--redraw_degradation`: the training tiles' synthetic opt_v1 drawn anew each epoch and at each warm-start step."""
 import re
+import subprocess
 
 import datasets
 import numpy as np
 import pytest
 import torch
 import yaml
-from _training_helpers import train_run, write_config
+from _training_helpers import stage2_train_command, train_run, write_config
 from datasets import load_from_disk
 
 from data_builders.build import read_build_info
@@ -219,19 +220,21 @@ def test_a_run_records_it_and_its_warm_start_uses_it(tmp_path, sample_dataset_di
     assert float((matrices["plain"] - matrices["redrawn"]).abs().max()) > 1e-3
 
 
-def test_a_dataset_without_synthetic_opt_v1_is_a_one_line_error_before_any_work(tmp_path, sample_tiles_dir, capsys):
+def test_a_dataset_without_synthetic_opt_v1_is_a_one_line_error_before_any_work(tmp_path, sample_tiles_dir,
+                                                                                   repo_root):
+    """`stage2-train --redraw_degradation true` as the user starts it: exit 2 and one line, before any work."""
     from data_builders import build_dataset
-    from training.train import launch_main
 
     identity = tmp_path / "identity"
     build_dataset(sample_tiles_dir, identity, input_mode="identity", max_samples=2)
-    capsys.readouterr()  # the build's progress
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml")
     for data in (["--data_dir", str(identity)], ["--data_dir", str(sample_tiles_dir), "--input_mode", "identity"]):
-        assert launch_main(["--config", str(config), *data, "--output_dir", str(out),
-                            "--redraw_degradation", "true"]) == 2
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        result = subprocess.run([*stage2_train_command(), "--config", str(config), *data, "--output_dir", str(out),
+                                 "--redraw_degradation", "true"], cwd=repo_root, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("stage2-train: --data_dir "), lines
         assert "--redraw_degradation" in lines[0] and "not synthetic (mode 'identity')" in lines[0], lines
         assert not out.exists()

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import yaml
 from _data_helpers import folder_digest, make_tile_dir
-from _training_helpers import TINY_SETTINGS, write_config
+from _training_helpers import TINY_SETTINGS, stage2_train_command, write_config
 
 import training.train as train_module
 from training.train import UsageError, launch_main, main, parse_args
 
-SCRIPT = Path(sys.executable).with_name("stage2-train")
 ACCELERATE_WARNING = "were not passed to `accelerate launch`"
 
 
@@ -35,10 +34,6 @@ def _never_exec(monkeypatch):
         monkeypatch.setattr(train_module.os, name, refuse)
 
 
-def _stage2_train() -> list[str]:
-    if SCRIPT.is_file():
-        return [str(SCRIPT)]
-    return [sys.executable, "-c", "import sys; from training.train import launch_main; sys.exit(launch_main())"]
 
 
 def _error_lines(capsys) -> list[str]:
@@ -62,8 +57,9 @@ def test_help_is_instant_names_the_command_and_the_separator(repo_root):
             "assert not heavy, heavy; sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    for output in (result.stdout, subprocess.run([*_stage2_train(), "--help"], cwd=repo_root, capture_output=True,
-                                                 text=True, timeout=120).stdout):
+    script_help = subprocess.run([*stage2_train_command(), "--help"], cwd=repo_root, capture_output=True, text=True,
+                                 timeout=120).stdout
+    for output in (result.stdout, script_help):
         assert output.startswith("usage: stage2-train [ACCELERATE_OPTIONS --]")
         assert "Train the Stage 2 refiner" in output  # a description
         assert "Options before a `--` go to `accelerate launch`" in output
@@ -289,7 +285,7 @@ class _Run:
         self.out = tmp_path / "out"
         self.config = write_config(tmp_path / "run.yaml", **settings)
         self.stderr_path = tmp_path / "stderr.txt"
-        command = [*_stage2_train(), "--config", str(self.config), "--data_dir", str(dataset),
+        command = [*stage2_train_command(), "--config", str(self.config), "--data_dir", str(dataset),
                    "--output_dir", str(self.out), *extra]
         env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_LAUNCHED")}
         with open(self.stderr_path, "w") as stderr:

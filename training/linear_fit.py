@@ -152,12 +152,13 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
 
     start = LinearColorFit.from_dataset(dataset)
     loss = loss if loss is not None else SpectralLoss()
-    columns = [name for name in ("opt_v1", "target", "valid_mask", "tile_id") if name in dataset.column_names]
+    wanted = ("opt_v1", "target", "valid_mask") + (("tile_id",) if redraw is not None else ())
+    columns = [name for name in wanted if name in dataset.column_names]
+    if redraw is not None and "tile_id" not in columns:
+        raise ValueError("redrawing opt_v1 needs the dataset's tile_id column, which it lacks.")
     rows = dataset.select_columns(columns).with_format("numpy")
     generator = torch.Generator().manual_seed(seed)
     draws = iter(range(1, 2 * steps + 1))  # with `redraw`: each step's draw of the degradation
-    if redraw is not None and "tile_id" not in columns:
-        raise ValueError("redrawing opt_v1 needs the dataset's tile_id column, which it lacks.")
 
     def fit(parameters, correct, tiles_per_step: int) -> None:
         optimizer = torch.optim.Adam(parameters, lr=learning_rate)
