@@ -6,6 +6,8 @@
     .venv/bin/python bench/study_quality.py --presets proxy --no-mixture --output bench/results/quality_proxy.md
     .venv/bin/python bench/study_quality.py --presets proxy-seed1 proxy-seed2 --variants after fallback --no-mixture \
         --reuse bench/results/quality_proxy.json --output bench/results/quality_proxy.md
+    .venv/bin/python bench/study_quality.py --presets proxy-no-style --variants after fallback --no-mixture \
+        --reuse bench/results/quality_proxy.json --output bench/results/quality_proxy.md
     .venv/bin/python bench/study_quality.py --presets --no-mixture --mixture_bounds --reuse bench/results/quality.json
     .venv/bin/python bench/study_quality.py --presets mild-seed1 mild-seed2 strong-seed1 strong-seed2 \
         --variants after fallback --no-mixture --reuse bench/results/quality.json
@@ -33,8 +35,10 @@ loss of `mild` tiles).
 The preset `proxy` is not a degradation of `degrade.py`: its `opt_v1` comes from `bench/stage1_proxy.py`, a
 stand-in Stage 1 generator with other kinds of errors, given to training as Stage 1 outputs (`--stage1_dir`).
 `proxy-seed1` and `proxy-seed2` are the same generator with its per-tile errors drawn from other seeds
-(`PROXY_DRAWS`), and `mild-seed1` ... `strong-seed2` the degradation presets drawn with other dataset seeds
-(`DEGRADATION_DRAWS`, `--dataset_seed`): 18 test tiles are few, so a verdict should hold on more than one draw.
+(`PROXY_DRAWS`), `proxy-no-style` its first draw without the random per-tile colour cast and band mixing
+(`PROXY_PRESETS`, `--style_spread 0`; its other errors as drawn for `proxy`), and `mild-seed1` ... `strong-seed2` the
+degradation presets drawn with other dataset seeds (`DEGRADATION_DRAWS`, `--dataset_seed`): 18 test tiles are few, so
+a verdict should hold on more than one draw.
 
 Besides the design metrics (NDVI RMSE, EVI RMSE, SAM, PSNR, SSIM, `training.metrics`) it reports the NDVI RMSE
 without near-black pixels (`ndvi_rmse_bright`: target red + NIR >= `NEAR_BLACK`), where NDVI is a ratio of
@@ -87,9 +91,12 @@ NEAR_BLACK = 0.02
 PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degradation preset
 # preset -> the seed of bench/stage1_proxy.py: the proxy generator's per-tile errors, drawn again
 PROXY_DRAWS = {PROXY: 0, f"{PROXY}-seed1": 1, f"{PROXY}-seed2": 2}
+# preset -> (seed, --style_spread) of bench/stage1_proxy.py: every preset of that generator. `proxy-no-style` is the
+# first draw without the random per-tile colour style, so that a correction fitted on other tiles could know it all.
+PROXY_PRESETS = {**{preset: (seed, 1.0) for preset, seed in PROXY_DRAWS.items()}, f"{PROXY}-no-style": (0, 0.0)}
 # preset -> (degradation preset, dataset seed): the per-tile errors of `degrade.py` drawn again
 DEGRADATION_DRAWS = {f"{preset}-seed{seed}": (preset, seed) for preset in DEGRADATION_PRESETS for seed in (1, 2)}
-TRAINED_PRESETS = (*DEGRADATION_PRESETS, *DEGRADATION_DRAWS, *PROXY_DRAWS)  # what `--presets` takes
+TRAINED_PRESETS = (*DEGRADATION_PRESETS, *DEGRADATION_DRAWS, *PROXY_PRESETS)  # what `--presets` takes
 SAMPLE_TILES = REPO / "data" / "sample" / "tiles"
 DATASET_SEED = 0  # of the synthetic degradation (and of the mixture's choice), as in the demo
 # Training sets made from the `mild` and `strong` datasets that bound what a `mixture`-trained model can reach on
@@ -119,10 +126,11 @@ def build_datasets(presets, workdir: Path) -> dict[str, Path]:
     folders = {}
     for preset in presets:
         folders[preset] = workdir / f"data-{preset}"
-        if preset in PROXY_DRAWS:
+        if preset in PROXY_PRESETS:
+            seed, style_spread = PROXY_PRESETS[preset]
             subprocess.run([sys.executable, str(REPO / "bench" / "stage1_proxy.py"), "--output_dir",
-                            str(proxy_stage1_dir(workdir, preset)), "--seed", str(PROXY_DRAWS[preset])],
-                           check=True, cwd=REPO)
+                            str(proxy_stage1_dir(workdir, preset)), "--seed", str(seed),
+                            "--style_spread", str(style_spread)], check=True, cwd=REPO)
             build_dataset(SAMPLE_TILES, folders[preset], stage1_dir=proxy_stage1_dir(workdir, preset))
         else:
             degradation, seed = DEGRADATION_DRAWS.get(preset, (preset, DATASET_SEED))
@@ -181,7 +189,7 @@ def train(preset: str, seed: int, variant: str, workdir: Path, arrow_presets=MIX
     """Trains the demo's `variant` with `seed` on `preset`'s data; `arrow_presets`: the presets whose data is an Arrow
     dataset saved at `workdir / f"data-{preset}"` (those of `build_mixture_bounds`, unless said)."""
     output = workdir / f"{preset}-{variant}-seed{seed}"
-    if preset in PROXY_DRAWS:
+    if preset in PROXY_PRESETS:
         data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
     elif preset in arrow_presets:
         data = ["--data_dir", str(workdir / f"data-{preset}")]

@@ -37,7 +37,7 @@ from bench._common import (  # noqa: E402
     GOAL_MARGIN, OPT_V1_GOAL_MARGIN, SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal,
     record_study,
 )
-from bench.study_quality import PROXY_DRAWS, build_datasets, train  # noqa: E402
+from bench.study_quality import PROXY_PRESETS, build_datasets, train  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 ROTATIONS = (0, 1, 2)
@@ -134,7 +134,7 @@ def ratios(scored: dict, baseline: str) -> list[float]:
 
 def meets_preset_goal(preset: str, scored: dict) -> bool:
     """The goal of `preset`'s kind (module docstring) on `scores` output."""
-    if preset in PROXY_DRAWS:
+    if preset in PROXY_PRESETS:
         return (all(ratio <= 1.0 for ratio in ratios(scored, "linear_fit"))
                 and all(ratio <= 1.0 - OPT_V1_GOAL_MARGIN for ratio in ratios(scored, "opt_v1")))
     return meets_goal(scored["refined"], scored["linear_fit"])
@@ -164,7 +164,7 @@ def summarise(record: dict) -> dict:
 
 
 def _goal_text(preset: str) -> str:
-    if preset in PROXY_DRAWS:
+    if preset in PROXY_PRESETS:
         return f"at most 1 against the colour fit and at most {1 - OPT_V1_GOAL_MARGIN:.2f} against `opt_v1`"
     return f"at most {1 - GOAL_MARGIN:.2f} against the colour fit"
 

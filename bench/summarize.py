@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))  # data_builders (the shared atomic write) and ben
 
 from bench._common import GOAL_MARGIN, SPECTRAL, mean_range_cell, meets_goal  # noqa: E402
 from bench.study_quality import (  # noqa: E402
-    BOUNDS_KEY, DATASET_SEED, DEGRADATION_DRAWS, MIXTURE_BOUNDS, PROXY, PROXY_DRAWS,
+    BOUNDS_KEY, DATASET_SEED, DEGRADATION_DRAWS, MIXTURE_BOUNDS, PROXY, PROXY_DRAWS, PROXY_PRESETS,
 )
 from bench.study_rotation import ROLES as ROTATION_ROLES  # noqa: E402
 
@@ -425,8 +425,20 @@ def quality(results: Path) -> QualityStudy:
 
 
 def quality_proxy(results: Path) -> QualityStudy:
-    return _quality_study(results / "quality_proxy.json", (f"{PROXY}/before", f"{PROXY}/after"), with_mixture=False,
-                          draws=[draw for draw in PROXY_DRAWS if draw != PROXY])
+    path = results / "quality_proxy.json"
+    study = _quality_study(path, (f"{PROXY}/before", f"{PROXY}/after"), with_mixture=False,
+                           draws=[preset for preset in PROXY_PRESETS if preset != PROXY])
+    for preset in _presets_without_style(study):  # their row also quotes the EVI RMSE of the tiles in range
+        for run in study.runs[f"{preset}/after"]:
+            if not all(isinstance(run["test"][role].get("evi_rmse_in_range"), (int, float))
+                       for role in ("refined", "linear_fit")):
+                raise ResultsError(path, f"a run '{preset}/after' lacks the test evi_rmse_in_range")
+    return study
+
+
+def _presets_without_style(study: QualityStudy) -> list[str]:
+    """The presets of the proxy generator without its random per-tile style that `study` trained `after` on."""
+    return [preset for preset, (_, spread) in PROXY_PRESETS.items() if spread == 0 and f"{preset}/after" in study.runs]
 
 
 def rotation(results: Path) -> dict[str, list[dict]]:
@@ -734,7 +746,7 @@ def proxy_row(study: QualityStudy) -> tuple[str, str, str]:
                f"{two_decimals(ratios_to_colour_fit(study.runs['proxy/fallback']))}, EVI RMSE "
                f"{mean_over_runs(study.runs['proxy/fallback'], 'refined', 'evi_rmse'):.3f}"
                if "proxy/fallback" in study.runs else "")
-            + _proxy_draws(study),
+            + _proxy_draws(study) + _proxy_without_style(study),
             cite("quality_proxy.md"))
 
 
@@ -750,6 +762,20 @@ def _proxy_draws(study: QualityStudy) -> str:
                 f"{two_decimals(ratios_to_opt_v1(study.runs[f'{draw}/after']))}" for draw in draws))
 
 
+def _proxy_without_style(study: QualityStudy) -> str:
+    """Refined / colour fit and / `opt_v1` of `after` on the proxy without its random per-tile style, and its EVI RMSE
+    / the colour fit's on the test tiles in range, where the study has that preset."""
+    presets = _presets_without_style(study)
+    if not presets:
+        return ""
+    after = study.runs[f"{presets[0]}/after"]
+    in_range = statistics.fmean(run["test"]["refined"]["evi_rmse_in_range"]
+                                / run["test"]["linear_fit"]["evi_rmse_in_range"] for run in after)
+    return (f"; without the generator's random per-tile colour style (`{presets[0]}`, `--style_spread 0`): / colour "
+            f"fit {two_decimals(ratios_to_colour_fit(after))}, / `opt_v1` {two_decimals(ratios_to_opt_v1(after))}, "
+            f"EVI RMSE / colour fit on the test tiles in range {in_range:.2f}")
+
+
 def _pooled_ratios(seeds: list[dict], baseline: str) -> list[float]:
     return [statistics.fmean(seed["scores"]["refined"][metric] / seed["scores"][baseline][metric] for seed in seeds)
             for metric in SPECTRAL]
@@ -760,7 +786,8 @@ def rotation_row(results: Path) -> tuple[str, str, str]:
     parts = []
     for preset, seeds in pooled.items():
         against = (f"/ colour fit {two_decimals(_pooled_ratios(seeds, 'linear_fit'))}"
-                   + (f", / `opt_v1` {two_decimals(_pooled_ratios(seeds, 'opt_v1'))}" if preset in PROXY_DRAWS else ""))
+                   + (f", / `opt_v1` {two_decimals(_pooled_ratios(seeds, 'opt_v1'))}"
+                      if preset in PROXY_PRESETS else ""))
         parts.append(f"`{preset}` {against}, goal met by {sum(seed['goal'] for seed in seeds)} of {len(seeds)}")
     tiles = next(iter(pooled.values()))[0]["n_tiles"]
     return (f"The quality goal on every tile of the sample (the splits' roles rotated, each of the {tiles} tiles "

@@ -194,6 +194,38 @@ def test_the_proxy_row_quotes_each_draw_of_the_generator_where_recorded(summariz
     assert "'proxy-seed1/after'" in capsys.readouterr().err
 
 
+def test_the_proxy_row_quotes_the_generator_without_its_style_where_recorded(summarize, results_copy, capsys):
+    """`proxy-no-style`'s refined / colour fit, refined / `opt_v1` and EVI RMSE / colour fit on the tiles in range;
+    no such clause without its runs, and a run without the in-range EVI RMSE exits 2 naming the file."""
+    import json
+
+    results, benchmarks = results_copy
+    study = json.loads((results / "quality_proxy.json").read_text())
+    assert summarize.PROXY_PRESETS["proxy-no-style"] == (0, 0.0)
+    for run in study["runs"]["proxy-no-style/after"]:
+        for metric, to_fit, to_opt_v1 in (("ndvi_rmse", 0.5, 0.4), ("evi_rmse", 1.2, 0.8), ("sam", 0.7, 0.6)):
+            run["test"]["linear_fit"][metric] = 1.0
+            run["test"]["refined"][metric] = to_fit
+            run["test"]["opt_v1"][metric] = to_fit / to_opt_v1
+        run["test"]["linear_fit"]["evi_rmse_in_range"] = 0.1
+        run["test"]["refined"]["evi_rmse_in_range"] = 0.085
+    (results / "quality_proxy.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "another generator" in line)
+    assert ("without the generator's random per-tile colour style (`proxy-no-style`, `--style_spread 0`): / colour "
+            "fit 0.50 / 1.20 / 0.70, / `opt_v1` 0.40 / 0.80 / 0.60, EVI RMSE / colour fit on the test tiles in range "
+            "0.85") in row
+    saved = study["runs"].pop("proxy-no-style/after")
+    (results / "quality_proxy.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "another generator" in line)
+    assert "proxy-no-style" not in row and "`proxy-seed2`" in row
+    del saved[0]["test"]["refined"]["evi_rmse_in_range"]
+    study["runs"]["proxy-no-style/after"] = saved
+    (results / "quality_proxy.json").write_text(json.dumps(study))
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    error = capsys.readouterr().err
+    assert "quality_proxy.json" in error and "'proxy-no-style/after' lacks the test evi_rmse_in_range" in error
+
+
 def test_the_rotation_row_quotes_the_pooled_ratios_and_goals(summarize, results_copy, capsys):
     """Refined / colour fit (and / `opt_v1` for the proxy) pooled over the rotations, mean over seeds, and the seeds
     meeting each preset's goal, from rotation.json's summary; a summary without the scores exits 2."""

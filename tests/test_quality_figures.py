@@ -271,6 +271,55 @@ def test_quoted_draws_of_the_proxy_generator_are_the_recorded_ones(repo_root):
             f"and {opt_v1_ndvi['proxy-seed1']:.3f})") in training
 
 
+def test_quoted_proxy_without_its_style_is_the_recorded_one(repo_root):
+    """docs/training.md's table of `proxy-no-style` (the proxy generator without its random per-tile style), what the
+    text says of it, and the README's figure."""
+    runs = json.loads((repo_root / "bench" / "results" / "quality_proxy.json").read_text())["runs"]
+    training = _text(repo_root / "docs" / "training.md")
+    after, fallback = runs["proxy-no-style/after"], runs["proxy-no-style/fallback"]
+    assert len(after) == 3 and len(fallback) == 3
+    test = after[0]["test"]
+    assert all(run["test"]["opt_v1"] == test["opt_v1"] and run["test"]["linear_fit"] == test["linear_fit"]
+               for run in after + fallback)  # one dataset, one colour fit: the baseline rows hold for every run
+
+    def cells(scores: dict) -> str:
+        return (" / ".join(f"{scores[m]:.3f}" for m in SPECTRAL) + f" | {scores['evi_rmse_in_range']:.3f}")
+
+    def mean_scores(results: list[dict]) -> dict:
+        return {m: statistics.fmean(r["test"]["refined"][m] for r in results) for m in (*SPECTRAL, "evi_rmse_in_range")}
+
+    def slashed(values) -> str:
+        return " / ".join(f"{v:.2f}" for v in values)
+
+    fit_to_opt_v1 = [test["linear_fit"][m] / test["opt_v1"][m] for m in SPECTRAL]
+    assert f"| `opt_v1` | {cells(test['opt_v1'])} | | |" in training
+    assert f"| colour fit | {cells(test['linear_fit'])} | | {slashed(fit_to_opt_v1)} |" in training
+    for label, results in (("refined (demo)", after), ("refined, `--out_of_range_fallback true`", fallback)):
+        assert (f"| {label} | {cells(mean_scores(results))} | {slashed(to(results, 'linear_fit'))} | "
+                f"{slashed(to(results, 'opt_v1'))} |") in training, label
+    # "Its colour fit beats opt_v1 by 33 % on EVI RMSE"
+    assert f"beats `opt_v1` by {100 * (1 - fit_to_opt_v1[1]):.0f} % on EVI RMSE" in training
+    gains = [100 * (1 - v) for v in to(after, "opt_v1")]
+    assert (f"beats `opt_v1` by {gains[0]:.0f} % on NDVI RMSE and {gains[2]:.0f} % on SAM, but by {gains[1]:.0f} % on "
+            "EVI RMSE") in training
+    assert gains[1] < 30 <= min(gains[0], gains[2])  # the goal missed on EVI alone
+    per_seed = [r["test"]["refined"]["evi_rmse"] / r["test"]["linear_fit"]["evi_rmse"] for r in after]
+    assert min(per_seed) > 1 and f"in every seed ({min(per_seed):.2f}-{max(per_seed):.2f} of it)" in training
+
+    def in_range(results, baseline):
+        return statistics.fmean(r["test"]["refined"]["evi_rmse_in_range"] / r["test"][baseline]["evi_rmse_in_range"]
+                                for r in results)
+
+    assert (f"On the 16 in range the refiner's EVI RMSE is {in_range(after, 'linear_fit'):.2f} of the colour fit's "
+            f"and {in_range(after, 'opt_v1'):.2f} of `opt_v1`'s") in training
+    assert in_range(after, "linear_fit") < 1 < to(after, "linear_fit")[1]  # better in range, worse overall
+    assert f"still loses EVI to the colour fit ({to(fallback, 'linear_fit')[1]:.2f})" in training
+    assert to(fallback, "linear_fit")[1] > 1
+    readme = _text(repo_root / "README.md")
+    assert (f"without that generator's random per-tile colour style, {to(after, 'opt_v1')[1]:.2f}, lost on the two "
+            "test tiles brighter than any training tile") in readme
+
+
 def test_the_readme_says_how_little_the_rule_moves_the_proxy(repo_root):
     """README: trained with `--out_of_range_fallback true`, EVI RMSE on the proxy's three draws moves by less than
     0.01, either way."""

@@ -186,6 +186,78 @@ def test_each_proxy_draw_is_the_proxy_generator_with_its_own_seed(study_quality,
         assert np.array_equal(direct["opt_v1"], built["opt_v1"])
 
 
+def test_the_no_style_proxy_is_the_first_draw_without_its_random_per_tile_style(study_quality, tmp_path):
+    """`proxy-no-style` is `bench/stage1_proxy.py --seed 0 --style_spread 0` on the bundled tiles: the targets of
+    `proxy`, another `opt_v1`; every other preset of the generator keeps the documented spread."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from bench import stage1_proxy
+
+    assert study_quality.PROXY_PRESETS == {"proxy": (0, 1.0), "proxy-seed1": (1, 1.0), "proxy-seed2": (2, 1.0),
+                                           "proxy-no-style": (0, 0.0)}
+    assert "proxy-no-style" in study_quality.TRAINED_PRESETS
+    folders = study_quality.build_datasets(["proxy-no-style"], tmp_path)
+    assert stage1_proxy.main(["--output_dir", str(tmp_path / "direct"), "--style_spread", "0"]) == 0
+    assert stage1_proxy.main(["--output_dir", str(tmp_path / "styled")]) == 0
+    tile = sorted((tmp_path / "direct").rglob("*.npz"))[0]
+    drawn = study_quality.proxy_stage1_dir(tmp_path, "proxy-no-style") / tile.relative_to(tmp_path / "direct")
+    with np.load(tile) as direct, np.load(drawn) as built, np.load(tmp_path / "styled" / tile.name) as styled:
+        assert np.array_equal(direct["opt_v1"], built["opt_v1"])
+        assert np.abs(direct["opt_v1"] - styled["opt_v1"]).mean() > 0.003  # the style is gone, not kept
+    dataset = load_from_disk(str(folders["proxy-no-style"]))["test"]
+    assert dataset.num_rows == 18 and dataset.with_format("numpy")[:]["opt_v1"].std() > 0.01
+
+
+class _FixedDraws:
+    """A stand-in random generator whose every normal draw is loc + scale and every uniform draw its lower end."""
+
+    def normal(self, loc, scale, size=None):
+        import numpy as np
+
+        return np.full(size, loc + scale, dtype=float) if size is not None else loc + scale
+
+    def uniform(self, low, high, size=None):
+        import numpy as np
+
+        return np.full(size, low, dtype=float) if size is not None else low
+
+
+def test_the_proxy_style_spread_scales_only_the_random_style(study_quality):
+    """Known answer on a flat tile (no detail to hallucinate), with every normal draw at +1 standard deviation:
+    without the style blue is the target through the correlated field (x exp(0.04)) plus the white noise (+0.01);
+    with it, also the mixing (+0.06 from each band in log space) and the cast (+0.08)."""
+    import math
+
+    import numpy as np
+
+    from bench import stage1_proxy
+
+    flat = np.full((4, 8, 8), 0.1, dtype=np.float32)
+    plain = stage1_proxy.generate(flat, flat, _FixedDraws(), style_spread=0.0)
+    assert np.allclose(plain[0], 0.1 * math.exp(0.04) + 0.01, atol=1e-5)
+    styled = stage1_proxy.generate(flat, flat, _FixedDraws())
+    log = math.log(0.1 + stage1_proxy.LOG_EPSILON)
+    blue = math.exp(log * (1 + 4 * 0.06) + 0.08) - stage1_proxy.LOG_EPSILON
+    assert np.allclose(styled[0], blue * math.exp(0.04) + 0.01, atol=1e-5)
+    assert abs(blue - 0.1) > 0.01  # the two answers are far apart at this tolerance
+    halved = stage1_proxy.generate(flat, flat, _FixedDraws(), style_spread=0.5)
+    half_blue = math.exp(log * (1 + 4 * 0.03) + 0.04) - stage1_proxy.LOG_EPSILON
+    assert np.allclose(halved[0], half_blue * math.exp(0.04) + 0.01, atol=1e-5)
+
+
+def test_the_proxy_rejects_a_negative_style_spread(repo_root, tmp_path):
+    """A user error: exit 2 with one line naming the flag, nothing written."""
+    import subprocess
+
+    output = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(repo_root / "bench" / "stage1_proxy.py"), "--output_dir",
+                             str(output), "--style_spread", "-0.5"], capture_output=True, text=True, cwd=repo_root)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["stage1_proxy: error: --style_spread must be 0 or more, got -0.5"]
+    assert not output.exists()
+
+
 def test_each_degradation_draw_is_the_preset_with_its_own_dataset_seed(study_quality, tmp_path, monkeypatch):
     """`mild-seed1` is the `mild` dataset built with seed 1: the same targets, other errors; its trainings are told
     the same (`--degradation mild --dataset_seed 1`), and a plain preset's the study's own dataset seed."""
