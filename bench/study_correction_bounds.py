@@ -25,7 +25,9 @@ that depends on the tile. This study measures, without training a refiner, on th
   snow.
 
 Datasets as in `bench/study_tile_conditioning.py` (`mixture`: fitted on its training tiles, scored on the `mild` test
-tiles). The references beside them: `opt_v1`, the colour fit and the affine spectral fit (seed 0, `--steps`).
+tiles). The references beside them: `opt_v1`, the colour fit (as every study and `stage2-evaluate` score it: the
+least-squares output as it comes, negative reflectance included), the same clamped at 0 (as the refiner's output and
+every other row here are) and the affine spectral fit (seed 0, `--steps`).
 Writes the tables to `--output` and every number to the same name with `.json`.
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ from modeling_stage2.modeling_stage2 import log_spectra  # noqa: E402
 from training.linear_fit import ColorFitResult, LinearColorFit  # noqa: E402
 
 BANDWIDTHS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
-REFERENCES = ("opt_v1", "colour fit", "spectral fit")
+REFERENCES = ("opt_v1", "colour fit", "colour fit, clamped at 0", "spectral fit")
 BOUNDS = ("global affine (oracle)", "per-tile gain (oracle)", "per-tile affine (oracle)")
 BLIND = ("grey world", "kernel colour fit", "spectral fit + kernel change")
 COLUMNS = (*SPECTRAL, "evi_rmse_in_range")
@@ -201,6 +203,7 @@ def study_dataset(train_dir: Path, test_dir: Path, steps: int) -> dict:
     spectral_fit = fit_spectral_correction(train_split, steps=steps)
     # The references as the other studies score them; every correction clamped at 0, as the refiner's output is.
     corrections = {
+        "colour fit, clamped at 0": colour_fit.apply(opt_v1),
         "spectral fit": spectral_fit.apply(opt_v1),
         "global affine (oracle)": oracle_global_affine(opt_v1, target, valid),
         "per-tile gain (oracle)": oracle_gain(opt_v1, target, valid),

@@ -205,3 +205,34 @@ def test_docs_quote_the_global_oracle_on_the_proxy(recorded, repo_root):
     # fit of reflectance does not promise that for EVI, so it is checked).
     for name, data in recorded["datasets"].items():
         assert data["rows"]["global affine (oracle)"]["evi_rmse"] < data["rows"]["colour fit"]["evi_rmse"], name
+
+
+def test_docs_quote_the_colour_fit_clamped_at_0(recorded, repo_root):
+    """docs/training.md and the README: the colour fit as every study scores it and clamped at 0, on the `mild` test
+    tiles, and the refiner (`after`, mean over seeds) against the clamped one on both presets."""
+    training = " ".join((repo_root / "docs" / "training.md").read_text().split())
+    readme = " ".join((repo_root / "README.md").read_text().split())
+    quality = json.loads((repo_root / "bench" / "results" / "quality.json").read_text())["runs"]
+    metrics = ("ndvi_rmse", "evi_rmse", "sam")
+
+    def slashed(values, digits: int = 2) -> str:
+        return " / ".join(f"{value:.{digits}f}" for value in values)
+
+    ratios = {}
+    for preset in ("mild", "strong"):
+        rows = recorded["datasets"][preset]["rows"]
+        raw, clamped = rows["colour fit"], rows["colour fit, clamped at 0"]
+        runs = quality[f"{preset}/after"]
+        assert all(abs(runs[0]["test"]["linear_fit"][m] - raw[m]) < 1e-6 for m in metrics)  # one baseline, two studies
+        ratios[preset] = [statistics.fmean(run["test"]["refined"][m] for run in runs) / clamped[m] for m in metrics]
+    mild = recorded["datasets"]["mild"]["rows"]
+    assert (f"the colour fit's `mild` test NDVI RMSE / EVI RMSE / SAM are "
+            f"{slashed([mild['colour fit, clamped at 0'][m] for m in metrics], 3)}, against "
+            f"{slashed([mild['colour fit'][m] for m in metrics], 3)}: the refiner is then {slashed(ratios['mild'])} of "
+            "it") in training
+    assert f"On `strong` clamping changes little: {slashed(ratios['strong'])}." in training
+    leads = [100 * (1 - ratios["mild"][index]) for index in (0, 2)]
+    assert f"lead on NDVI RMSE and SAM is {leads[0]:.0f} % and {leads[1]:.0f} %" in training
+    assert (f"Against the colour fit clamped at 0, as the refiner's output is, `mild` is {slashed(ratios['mild'])} and "
+            f"`strong` {slashed(ratios['strong'])}.") in readme
+    assert mild["colour fit, clamped at 0"]["ndvi_rmse"] < 0.9 * mild["colour fit"]["ndvi_rmse"]  # it matters here
