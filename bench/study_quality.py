@@ -92,7 +92,7 @@ PROXY = "proxy"  # Stage 1 outputs of bench/stage1_proxy.py instead of a degrada
 # preset -> the seed of bench/stage1_proxy.py: the proxy generator's per-tile errors, drawn again
 PROXY_DRAWS = {PROXY: 0, f"{PROXY}-seed1": 1, f"{PROXY}-seed2": 2}
 # preset -> (seed, --style_spread) of bench/stage1_proxy.py: every preset of that generator. `proxy-no-style` is the
-# first draw without the random per-tile colour style, so that a correction fitted on other tiles could know it all.
+# first draw without the random per-tile colour style: most of its colour error is then the same on every tile.
 PROXY_PRESETS = {**{preset: (seed, 1.0) for preset, seed in PROXY_DRAWS.items()}, f"{PROXY}-no-style": (0, 0.0)}
 # preset -> (degradation preset, dataset seed): the per-tile errors of `degrade.py` drawn again
 DEGRADATION_DRAWS = {f"{preset}-seed{seed}": (preset, seed) for preset in DEGRADATION_PRESETS for seed in (1, 2)}
