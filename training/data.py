@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 BATCH_COLUMNS = ("target", "opt_v1", "month", "biome", "valid_mask")
@@ -19,6 +20,13 @@ def split_batches(dataset, columns):
     view = dataset.select_columns([name for name in columns if name in dataset.column_names]).with_format("numpy")
     for start in range(0, len(view), SPLIT_BATCH_TILES):
         yield view[start : start + SPLIT_BATCH_TILES]
+
+
+def redrawn_opt_v1(redraw, targets, tile_ids, valid_masks, draw: int):
+    """(N, bands, H, W) float32: the degradation's draw `draw` of each tile's synthetic `opt_v1` (`redraw`: a
+    `data_builders.degrade.DegradationRedraw`, or any callable `(target, tile_id, valid_mask, draw)`)."""
+    masks = valid_masks if valid_masks is not None else [None] * len(targets)
+    return np.stack([redraw(target, tile_id, mask, draw) for target, tile_id, mask in zip(targets, tile_ids, masks)])
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -75,7 +83,8 @@ class TileDataset(torch.utils.data.Dataset):
         for position, index in enumerate(indices):
             single = {name: batch[name][position:position + 1] for name in self.columns}
             if self.redraw is not None and self.epoch > 0:
-                single["opt_v1"] = self._redrawn(single, index)
+                single["opt_v1"] = redrawn_opt_v1(self.redraw, single["target"], [self.tile_ids[int(index)]],
+                                                  single.get("valid_mask"), self.epoch)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self._row_seed(index))
                 out = self.transform(single)
@@ -86,10 +95,6 @@ class TileDataset(torch.utils.data.Dataset):
                         out[name] = out[name] * factor
             rows.append({name: value[0] for name, value in out.items()})
         return rows
-
-    def _redrawn(self, single: dict, index: int):
-        mask = single["valid_mask"][0] if "valid_mask" in single else None
-        return self.redraw(single["target"][0], self.tile_ids[int(index)], mask, self.epoch)[None]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]

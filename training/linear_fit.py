@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import split_batches
+from .data import redrawn_opt_v1, split_batches
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
             index = torch.randperm(len(rows), generator=generator)[:tiles_per_step].sort().values.tolist()
             batch = rows[index]
             if redraw is not None:
-                batch["opt_v1"] = _redrawn(batch, redraw, next(draws))
+                batch["opt_v1"] = redrawn_opt_v1(redraw, batch["target"], batch["tile_id"],
+                                                 batch["valid_mask"] if "valid_mask" in batch else None, next(draws))
             opt_v1, target = torch.from_numpy(batch["opt_v1"]), torch.from_numpy(batch["target"])
             valid = torch.from_numpy(batch["valid_mask"]) if "valid_mask" in batch else None
             corrected = correct(opt_v1)
@@ -187,13 +188,6 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
         fit([p for p in spectral_mlp.parameters() if p.requires_grad], lambda x: spectral_mlp(fitted.apply(x)),
             mlp_batch_tiles)
     return fitted
-
-
-def _redrawn(batch: dict, redraw, draw: int) -> np.ndarray:
-    """The batch's `opt_v1` from the degradation's draw `draw` of each tile."""
-    masks = batch["valid_mask"] if "valid_mask" in batch else [None] * len(batch["target"])
-    return np.stack([redraw(target, tile_id, mask, draw)
-                     for target, tile_id, mask in zip(batch["target"], batch["tile_id"], masks)])
 
 
 def spectral_corrections(model) -> list:
