@@ -163,7 +163,8 @@ def summarise(record: dict) -> dict:
     return summary
 
 
-def _goal_text(preset: str) -> str:
+def goal_text(preset: str) -> str:
+    """The goal of `preset`'s kind (`meets_preset_goal`), in words."""
     if preset in PROXY_PRESETS:
         return f"at most 1 against the colour fit and at most {1 - OPT_V1_GOAL_MARGIN:.2f} against `opt_v1`"
     return f"at most {1 - GOAL_MARGIN:.2f} against the colour fit"
@@ -192,7 +193,7 @@ def render(record: dict, summary: dict, seconds: float, load: str) -> str:
     ]
     for preset, data in summary.items():
         lines += ["", f"## `{preset}`: pooled over the rotations ({data['seeds'][0]['n_tiles']} test tiles)", "",
-                  f"Goal: {_goal_text(preset)}, on all three.", "",
+                  f"Goal: {goal_text(preset)}, on all three.", "",
                   "| seed | / colour fit: NDVI RMSE | EVI RMSE | SAM | / `opt_v1`: NDVI RMSE | EVI RMSE | SAM "
                   "| goal met |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]

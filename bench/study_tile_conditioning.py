@@ -148,20 +148,24 @@ def spectral_scores(output: torch.Tensor, rows) -> dict:
     return {metric: scores[metric] for metric in SPECTRAL}
 
 
-def fit_and_score(train_dir: Path, test_dir: Path, variant: str, seed: int, steps: int) -> dict:
-    """Test-split scores of `variant` fitted on `train_dir`'s training split with `seed`."""
-    from datasets import load_from_disk
-
+def fitted_scores(training_tiles, rows, variant: str, seed: int, steps: int) -> dict:
+    """Scores on `rows` (`held_out_rows`) of `variant` fitted on the dataset `training_tiles` with `seed`, on top of
+    the affine spectral fit, as the refiner's warm start fits its spectral MLP; clamped at 0 as the refiner's output."""
     from training.linear_fit import fit_spectral_correction
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     correction = build_correction(variant)
-    affine = fit_spectral_correction(load_from_disk(str(train_dir))["train"], steps=steps, seed=seed,
-                                     spectral_mlp=correction)
-    rows = held_out_rows(test_dir)
+    affine = fit_spectral_correction(training_tiles, steps=steps, seed=seed, spectral_mlp=correction)
     with torch.no_grad():
         return spectral_scores(correction(affine.apply(rows[0])).clamp(min=0.0), rows)
+
+
+def fit_and_score(train_dir: Path, test_dir: Path, variant: str, seed: int, steps: int) -> dict:
+    """Test-split scores of `variant` fitted on `train_dir`'s training split with `seed`."""
+    from datasets import load_from_disk
+
+    return fitted_scores(load_from_disk(str(train_dir))["train"], held_out_rows(test_dir), variant, seed, steps)
 
 
 def baselines(train_dir: Path, test_dir: Path, steps: int) -> dict:
