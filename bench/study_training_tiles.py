@@ -63,6 +63,14 @@ def pool(dataset_dir: Path):
     return concatenate_datasets([dataset[split] for split in POOL_SPLITS])
 
 
+def sample_pool_ids() -> list[str]:
+    """The tile ids of the bundled sample's `POOL_SPLITS`, as the dataset builder splits them (sidecars only)."""
+    from data_builders.discovery import discover_tiles
+
+    splits, _ = discover_tiles(SAMPLE_TILES)
+    return [spec.tile_id for split in POOL_SPLITS for spec in splits[split]]
+
+
 def training_sets(tile_ids: list[str], size: int) -> list[list[str]]:
     """The pool's tiles (`tile_ids`), in the order `POOL_ORDER_SEED` draws over their sorted ids, cut into disjoint
     sets of `size` tiles (each sorted)."""
@@ -199,16 +207,14 @@ def main(argv=None) -> int:
     if "mixture" in args.datasets and MIXTURE_REFERENCE not in args.datasets:
         parser.error(f"--datasets mixture needs {MIXTURE_REFERENCE} too: the mixture is compared with it")
 
-    pool_size = sum(len(list((SAMPLE_TILES / split).glob("*.npz"))) for split in POOL_SPLITS)
-    for size in args.sizes:
-        if size < 1 or pool_size % size:
-            parser.error(f"--sizes must divide the pool's {pool_size} tiles (train and val), got {size}")
+    try:  # the sets from the sample's tile ids as the dataset builder splits them, before any dataset is built
+        sets = {str(size): training_sets(sample_pool_ids(), size) for size in args.sizes}
+    except ValueError as error:
+        parser.error(f"--sizes: {error}")
 
     load_start, start = load_average(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stage2-training-tiles-") as tmp:
         folders = build_datasets(datasets_to_build(args.datasets), Path(tmp))
-        pool_ids = pool(folders[args.datasets[0]])["tile_id"]
-        sets = {str(size): training_sets(pool_ids, size) for size in args.sizes}
         pairs = {name: (folders[name], folders[SCORED_ON.get(name, name)]) for name in args.datasets}
         jobs = [(name, size, index, variant, seed) for name in args.datasets for size in sets
                 for index in range(len(sets[size])) for variant in args.variants for seed in args.seeds]

@@ -4,6 +4,7 @@ ones."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def _run(repo_root, *args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sizes", "9", "7"], "--sizes must divide the pool's 36 tiles (train and val), got 7"),
+    (["--sizes", "9", "7"], "--sizes: a training set size must divide the pool's 36 tiles, got 7"),
     (["--datasets", "mixture"], "--datasets mixture needs mild too: the mixture is compared with it"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
 ])
@@ -263,3 +264,21 @@ def test_readme_quotes_the_recorded_range(recorded, repo_root):
               for sets in recorded["datasets"]["mild"]["sizes"].values()]
     assert (f"the pixel MLP's `mild` EVI RMSE stays at {min(ratios):.2f}-{max(ratios):.2f} of the colour fit's: more "
             "tiles improve both alike") in readme
+
+
+def test_the_recorded_sets_are_the_ones_the_script_draws_from_the_sample(recorded, study):
+    """The pool is the sample's train and val tiles as the dataset builder splits them, and each recorded size's sets
+    are what `training_sets` draws from it now."""
+    pool_ids = study.sample_pool_ids()
+    assert len(pool_ids) == 36 and len(set(pool_ids)) == 36
+    for data in recorded["datasets"].values():
+        for size, sets in data["sizes"].items():
+            assert [s["tiles"] for s in sets] == study.training_sets(pool_ids, int(size))
+
+
+def test_benchmarks_quote_the_recorded_run(repo_root):
+    """BENCHMARKS.md gives the study's size and time as its results file's header records them."""
+    header = (repo_root / "bench" / "results" / "training_tiles.md").read_text()
+    fits, minutes = re.search(r"; (\d+) fits on one thread each in (\d+) min", header).groups()
+    benchmarks = " ".join((repo_root / "BENCHMARKS.md").read_text().split())
+    assert f"`bench/study_training_tiles.py` ({fits} fits, ~{minutes} min with 2 jobs)" in benchmarks
