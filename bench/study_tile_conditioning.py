@@ -99,26 +99,41 @@ class ConditionedSpectralMLP(nn.Module):
             nn.init.zeros_(self.tile_affine.bias)
         else:
             raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS[1:]}")
-        self.second = nn.Conv2d(hidden, hidden, 1)
-        self.output = nn.Conv2d(hidden, bands, 1)
-        for layer in (self.first, self.second):
-            nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
-            nn.init.zeros_(layer.bias)
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.output.bias)
+        self.second, self.output = mlp_layers_after(self.first, hidden, bands)
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
-        bands = spectra.shape[1]
         if self.variant == "tile affine + pixel":
-            change = self.tile_affine(tile_statistics(log_spectra(spectra, self.log_offset)))
-            matrix, bias = change[:, : bands * bands].view(-1, bands, bands), change[:, bands * bands:]
-            spectra = spectra + torch.einsum("bij,bjhw->bihw", matrix, spectra) + bias[:, :, None, None]
+            spectra = apply_affine_change(spectra, self.tile_affine(tile_statistics(log_spectra(spectra,
+                                                                                                 self.log_offset))))
         features = log_spectra(spectra, self.log_offset)
         if self.variant == "pixel + tile statistics":
-            tile = tile_statistics(features)[:, :, None, None].expand(-1, -1, *features.shape[2:])
-            features = torch.cat([features, tile], dim=1)
+            features = with_tile_inputs(features, tile_statistics(features))
         hidden = nn.functional.gelu(self.second(nn.functional.gelu(self.first(features))))
         return spectra + self.output(hidden)
+
+
+def mlp_layers_after(first: nn.Conv2d, hidden: int, bands: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """The second hidden layer and the output layer of a conditioned spectral MLP whose first layer is `first`, with
+    the spectral MLP's initialisation: hidden weights std 1/sqrt(fan_in) (`first` too, here), output at zero."""
+    second, output = nn.Conv2d(hidden, hidden, 1), nn.Conv2d(hidden, bands, 1)
+    for layer in (first, second):
+        nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
+        nn.init.zeros_(layer.bias)
+    nn.init.zeros_(output.weight)
+    nn.init.zeros_(output.bias)
+    return second, output
+
+
+def apply_affine_change(spectra: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """`spectra` (B, bands, H, W) plus the per-tile 4x4 + bias change `change` (B, bands * bands + bands) of it."""
+    bands = spectra.shape[1]
+    matrix, bias = change[:, : bands * bands].view(-1, bands, bands), change[:, bands * bands:]
+    return spectra + torch.einsum("bij,bjhw->bihw", matrix, spectra) + bias[:, :, None, None]
+
+
+def with_tile_inputs(features: torch.Tensor, tile: torch.Tensor) -> torch.Tensor:
+    """Per-pixel `features` (B, C, H, W) with per-tile inputs `tile` (B, K) appended to every pixel."""
+    return torch.cat([features, tile[:, :, None, None].expand(-1, -1, *features.shape[2:])], dim=1)
 
 
 def build_correction(variant: str) -> nn.Module:

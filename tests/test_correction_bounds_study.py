@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from _study_helpers import run_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -115,8 +116,7 @@ def test_grey_world_recovers_casts_when_scenes_do_not_differ(study):
 
 
 def _run(repo_root, *args):
-    return subprocess.run([sys.executable, str(repo_root / "bench" / "study_correction_bounds.py"), *args],
-                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    return run_study(repo_root, "study_correction_bounds.py", *args)
 
 
 def test_the_study_runs_as_a_script_and_records_what_it_prints(repo_root, tmp_path):

@@ -182,3 +182,66 @@ def test_the_spectral_fit_also_fits_the_mlp_on_top_of_the_affine_map(sample_data
         output_dir="unused", quantization="none", report_to="none"))
     assert said == f"spectral_fit of {len(train_split)} training tiles"
     assert float(model.spectral_mlp.output.weight.detach().abs().max()) > 1e-3
+
+
+class _GainPerLabel(torch.nn.Module):
+    """A correction told each tile's label: a gain and an offset per label, starting at no change."""
+
+    def __init__(self):
+        super().__init__()
+        self.gains = torch.nn.Parameter(torch.ones(2))
+        self.offsets = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, spectra: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        label = label.long()
+        return spectra * self.gains[label][:, None, None, None] + self.offsets[label][:, None, None, None]
+
+
+def _labelled_tiles(true_gains=(1.0, 0.5)):
+    """8 tiles whose `opt_v1` is their target times the gain of their label (0, 1, 0, 1, ...): no single colour map
+    fits both labels."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+    target = 0.05 + 0.4 * torch.rand(8, 4, 8, 8, generator=generator)
+    labels = torch.arange(8) % 2
+    opt_v1 = target * torch.tensor(true_gains)[labels][:, None, None, None]
+    return Dataset.from_dict({"opt_v1": opt_v1.numpy(), "target": target.numpy(), "label": labels.tolist()})
+
+
+def _l1(output, target, valid_mask):
+    return ((output - target).abs().mean(),)
+
+
+def test_the_spectral_mlp_can_be_told_a_column_of_each_tile():
+    """`mlp_columns` hands each step's tiles' values of those columns to the MLP. Told its tiles' labels, a gain and
+    an offset per label fit the tiles far better than the same correction told one label for all (the affine map
+    cannot fit both labels' gains), and label 1's tiles, half as bright, get the larger gain; the affine map itself
+    does not see the labels."""
+    from training.linear_fit import fit_spectral_correction
+
+    def fitted_error(tiles):
+        correction = _GainPerLabel()
+        affine = fit_spectral_correction(tiles, loss=_l1, steps=150, batch_tiles=8, mlp_batch_tiles=4,
+                                         learning_rate=0.02, seed=0, spectral_mlp=correction, mlp_columns=("label",))
+        rows = tiles.with_format("torch")[:]
+        with torch.no_grad():
+            told = correction(affine.apply(rows["opt_v1"]).float(), rows["label"])
+        return float(_l1(told, rows["target"], None)[0]), correction.gains.detach(), affine
+
+    tiles = _labelled_tiles()
+    told_error, gains, affine = fitted_error(tiles)
+    one_label_error, _, one_label_affine = fitted_error(tiles.map(lambda row: {"label": 0}))
+    assert torch.equal(affine.matrix, one_label_affine.matrix) and torch.equal(affine.bias, one_label_affine.bias)
+    assert told_error < 0.7 * one_label_error, (told_error, one_label_error)
+    assert float(gains[1] / gains[0]) > 1.5, gains
+
+
+def test_mlp_columns_are_checked_before_any_fit():
+    from training.linear_fit import fit_spectral_correction
+
+    tiles = _labelled_tiles()
+    with pytest.raises(ValueError, match=r"mlp_columns \['preset'\] are not columns of the dataset"):
+        fit_spectral_correction(tiles, loss=_l1, steps=2, spectral_mlp=_GainPerLabel(), mlp_columns=("preset",))
+    with pytest.raises(ValueError, match="mlp_columns are inputs of the spectral MLP: pass spectral_mlp too"):
+        fit_spectral_correction(tiles, loss=_l1, steps=2, mlp_columns=("label",))

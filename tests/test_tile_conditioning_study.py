@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from _study_helpers import run_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -72,8 +73,7 @@ def test_an_unknown_variant_is_refused(study_module):
 
 
 def _run(repo_root, *args):
-    return subprocess.run([sys.executable, str(repo_root / "bench" / "study_tile_conditioning.py"), *args],
-                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    return run_study(repo_root, "study_tile_conditioning.py", *args)
 
 
 def test_the_study_runs_as_a_script_and_records_what_it_prints(repo_root, tmp_path):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import subprocess
 import sys
 
 import pytest
+
+from _study_helpers import assert_refused_before_any_work, assert_wrote_its_tables, run_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -109,8 +110,7 @@ def test_the_proxy_goal_needs_the_opt_v1_margin_too(study):
 
 # ------------------------------------------------------------------------------------------------ the script
 def _run(repo_root, *args):
-    return subprocess.run([sys.executable, str(repo_root / "bench" / "study_training_tiles.py"), *args],
-                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    return run_study(repo_root, "study_training_tiles.py", *args)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -119,11 +119,7 @@ def _run(repo_root, *args):
     (["--steps", "0"], "--steps must be >= 1, got 0"),
 ])
 def test_bad_arguments_exit_2_before_any_work(repo_root, tmp_path, args, message):
-    result = _run(repo_root, *args, "--output", str(tmp_path / "x.md"))
-    assert result.returncode == 2 and message in result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith(message)
-    assert "Building the dataset" not in result.stderr + result.stdout
-    assert not list(tmp_path.iterdir())
+    assert_refused_before_any_work(_run(repo_root, *args, "--output", str(tmp_path / "x.md")), tmp_path, message)
 
 
 def test_the_study_runs_as_a_script_on_the_whole_pool(study, repo_root, tmp_path, sample_dataset_dir):
@@ -151,9 +147,7 @@ def test_the_study_runs_as_a_script_on_the_whole_pool(study, repo_root, tmp_path
     (pixel,) = training_set["variants"]["pixel"]
     assert all(0 < pixel[m] < 1 for m in ("ndvi_rmse", "evi_rmse", "sam"))
     # What it wrote is the tables of what it recorded (all but the header line, which holds the time and load).
-    written, rendered = output.read_text().splitlines(), study.render(record, 0, "").splitlines()
-    assert len(written) == len(rendered) and written[2].startswith("Script:")
-    assert written[:2] + written[3:] == rendered[:2] + rendered[3:]
+    assert_wrote_its_tables(output, study.render(record, 0, ""))
 
 
 # ------------------------------------------------------------------------------------------------ recorded figures

@@ -110,7 +110,7 @@ class LinearColorFit:
 
 def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: int = 32, learning_rate: float = 1e-3,
                             nonnegative: bool = True, seed: int = 0, spectral_mlp=None,
-                            mlp_batch_tiles: int = 6, redraw=None) -> ColorFitResult:
+                            mlp_batch_tiles: int = 6, redraw=None, mlp_columns: tuple[str, ...] = ()) -> ColorFitResult:
     """The global affine correction that minimises the spectral loss on `dataset` (a split with `opt_v1`, `target`
     and optionally `valid_mask`): the least-squares fit, then `steps` Adam steps on its 20 numbers, each on
     `batch_tiles` tiles drawn (seeded) from the split. `loss` maps `(output, target, valid_mask)` to `(value, ...)`
@@ -126,12 +126,16 @@ def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: i
     tiles' `opt_v1` from a draw of their degradation of its own (draws 1, 2, ... in step order, through both fits),
     as training redraws it each epoch; the least-squares start is the dataset's own draw.
 
+    With `mlp_columns` (names of `dataset` columns holding one number per tile, e.g. a label) the spectral MLP is
+    called as `spectral_mlp(spectra, *columns)`, each column a (tiles,) tensor of the step's tiles: a correction
+    conditioned on something the spectra do not show (`bench/study_mixture_label.py`). The affine fit ignores them.
+
     It runs on one CPU thread: Adam normalises every gradient, so the float noise of a multi-threaded sum would move
     near-zero-gradient weights differently with each thread count; on one thread the fit is the same bits in every
     process of a distributed run and on every machine."""
     with _one_thread():
         return _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, nonnegative, seed,
-                                        spectral_mlp, mlp_batch_tiles, redraw)
+                                        spectral_mlp, mlp_batch_tiles, redraw, tuple(mlp_columns))
 
 
 @contextlib.contextmanager
@@ -145,14 +149,19 @@ def _one_thread():
 
 
 def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, nonnegative, seed, spectral_mlp,
-                             mlp_batch_tiles, redraw) -> ColorFitResult:
+                             mlp_batch_tiles, redraw, mlp_columns) -> ColorFitResult:
     from modeling_stage2.modeling_stage2 import clamp_min_straight_through
 
     from .losses import SpectralLoss
 
+    missing = [name for name in mlp_columns if name not in dataset.column_names]
+    if missing:
+        raise ValueError(f"mlp_columns {missing} are not columns of the dataset (it has {dataset.column_names}).")
+    if mlp_columns and spectral_mlp is None:
+        raise ValueError("mlp_columns are inputs of the spectral MLP: pass spectral_mlp too.")
     start = LinearColorFit.from_dataset(dataset)
     loss = loss if loss is not None else SpectralLoss()
-    wanted = ("opt_v1", "target", "valid_mask") + (("tile_id",) if redraw is not None else ())
+    wanted = ("opt_v1", "target", "valid_mask") + (("tile_id",) if redraw is not None else ()) + mlp_columns
     columns = [name for name in wanted if name in dataset.column_names]
     if redraw is not None and "tile_id" not in columns:
         raise ValueError("redrawing opt_v1 needs the dataset's tile_id column, which it lacks.")
@@ -170,7 +179,7 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
                                                  batch["valid_mask"] if "valid_mask" in batch else None, next(draws))
             opt_v1, target = torch.from_numpy(batch["opt_v1"]), torch.from_numpy(batch["target"])
             valid = torch.from_numpy(batch["valid_mask"]) if "valid_mask" in batch else None
-            corrected = correct(opt_v1)
+            corrected = correct(opt_v1, [torch.as_tensor(batch[name]) for name in mlp_columns])
             if nonnegative:
                 corrected = clamp_min_straight_through(corrected, 0.0)
             value = loss(corrected, target, valid)[0]
@@ -181,12 +190,12 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
     matrix = start.matrix.float().clone().requires_grad_(True)
     bias = start.bias.float().clone().requires_grad_(True)
     training = ColorFitResult(matrix=matrix, bias=bias, pixels=start.pixels, tiles=start.tiles)
-    fit([matrix, bias], training.apply, batch_tiles)
+    fit([matrix, bias], lambda x, _: training.apply(x), batch_tiles)
     fitted = ColorFitResult(matrix=matrix.detach().double(), bias=bias.detach().double(), pixels=start.pixels,
                             tiles=start.tiles)
     if spectral_mlp is not None:
-        fit([p for p in spectral_mlp.parameters() if p.requires_grad], lambda x: spectral_mlp(fitted.apply(x)),
-            mlp_batch_tiles)
+        fit([p for p in spectral_mlp.parameters() if p.requires_grad],
+            lambda x, conditioning: spectral_mlp(fitted.apply(x), *conditioning), mlp_batch_tiles)
     return fitted
 
 
