@@ -34,7 +34,6 @@ number to the same name with `.json`.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +52,9 @@ from bench.study_tile_conditioning import (  # noqa: E402
     apply_affine_change, held_out_rows, mlp_layers_after, spectral_scores, study_refiner_config, tile_statistics,
     with_tile_inputs,
 )
-from bench.study_training_tiles import fit_on_set, pool, sample_pool_ids, select_tiles, training_sets  # noqa: E402
+from bench.study_training_tiles import (  # noqa: E402
+    POOL_SPLITS, evi_comparison, fit_on_set, pool, sample_pool_ids, select_tiles, training_sets,
+)
 from data_builders.degrade import MIXTURE_PRESETS, mixture_choice  # noqa: E402
 from modeling_stage2.modeling_stage2 import log_spectra  # noqa: E402
 
@@ -66,7 +67,7 @@ TOLD = {  # name -> where the told correction's per-preset changes start, and wh
     "mixture, told the preset, own fits kept": "own, kept",
 }
 CORRECTIONS = ("mild", "mixture", *TOLD, "mild, the mixture's mild tiles only")
-CLASSIFIER_L2 = 1e-2  # the logistic regression's weight penalty: the statistics separate the presets almost fully
+CLASSIFIER_L2 = 1e-2  # the logistic regression's weight penalty: keeps the weights finite if the pool is separable
 CLASSIFIER_ITERATIONS = 200
 
 
@@ -180,15 +181,15 @@ def fit_correction(name: str, folders: dict, tile_ids: list[str], seed: int, ste
 
 
 # ------------------------------------------------------------------------------------------------ telling the presets
-def opt_v1_statistics(dataset_dir: Path, splits: tuple[str, ...]) -> tuple[torch.Tensor, list[str]]:
+def opt_v1_statistics(dataset_dir: Path, splits: tuple[str, ...]) -> torch.Tensor:
     """(tiles, 12) tile statistics of `opt_v1` (`bench.study_tile_conditioning.tile_statistics` of its log spectra) of
-    the dataset's `splits`, and the tiles' ids."""
+    the dataset's `splits`."""
     from datasets import concatenate_datasets, load_from_disk
 
     dataset = load_from_disk(str(dataset_dir))
-    rows = concatenate_datasets([dataset[split] for split in splits]).select_columns(["opt_v1", "tile_id"])
-    opt_v1 = rows.with_format("torch", columns=["opt_v1"])[:]["opt_v1"].float()
-    return tile_statistics(log_spectra(opt_v1, study_refiner_config().spectral_mlp_log_offset)), list(rows["tile_id"])
+    rows = concatenate_datasets([dataset[split] for split in splits]).select_columns(["opt_v1"])
+    opt_v1 = rows.with_format("torch")[:]["opt_v1"].float()
+    return tile_statistics(log_spectra(opt_v1, study_refiner_config().spectral_mlp_log_offset))
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor):
@@ -214,14 +215,11 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor):
 def preset_classification(folders: dict) -> dict:
     """How well the tile statistics tell `strong` tiles from `mild` ones: fitted on the pool under both presets,
     scored on the test split under both (accuracy, and each preset's tiles told right)."""
-    from bench.study_training_tiles import POOL_SPLITS
-
     def labelled(splits):
         features, labels = [], []
         for label, preset in enumerate(MIXTURE_PRESETS):
-            statistics_of, _ = opt_v1_statistics(folders[preset], splits)
-            features.append(statistics_of)
-            labels.append(torch.full((statistics_of.shape[0],), label))
+            features.append(opt_v1_statistics(folders[preset], splits))
+            labels.append(torch.full((features[-1].shape[0],), label))
         return torch.cat(features), torch.cat(labels)
 
     train_features, train_labels = labelled(tuple(POOL_SPLITS))
@@ -238,18 +236,6 @@ def preset_classification(folders: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def evi_comparison(runs: list[list[dict]], reference: list[list[dict]]) -> dict:
-    """`runs` and `reference` (per set, per seed: scores) compared on EVI RMSE: their means, the mean of the paired
-    ratios, the difference of the means, and the reference's seed spread (max - min over seeds, mean over sets)."""
-    ratios = [run["evi_rmse"] / ref["evi_rmse"] for set_runs, set_ref in zip(runs, reference)
-              for run, ref in zip(set_runs, set_ref)]
-    mean_of = lambda sets: statistics.fmean(run["evi_rmse"] for set_runs in sets for run in set_runs)  # noqa: E731
-    spread = statistics.fmean(max(r["evi_rmse"] for r in s) - min(r["evi_rmse"] for r in s) for s in reference)
-    return {"ratio": statistics.fmean(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "difference": mean_of(runs) - mean_of(reference), "seed_spread": spread,
-            "within_spread": mean_of(runs) - mean_of(reference) <= spread}
-
-
 def render(record: dict, seconds: float, load: str) -> str:
     fits = sum(len(runs) for sets in record["sizes"].values() for training_set in sets
                for runs in training_set["corrections"].values())
@@ -281,9 +267,8 @@ def render(record: dict, seconds: float, load: str) -> str:
                 lines.append(f"| {name} | " + " | ".join(cells) + f" | 1 | seed spread {spread:.4f} | |")
                 continue
             compared = evi_comparison(runs, [s["corrections"][REFERENCE] for s in sets])
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {compared['ratio']:.2f} ({compared['ratio_min']:.2f}"
-                         f"-{compared['ratio_max']:.2f}) | {compared['difference']:+.4f} | "
-                         f"{'yes' if compared['within_spread'] else 'no'} |")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_range_cell(compared['ratios'], 2)} | "
+                         f"{compared['difference']:+.4f} | {'yes' if compared['within_spread'] else 'no'} |")
     classified = record["preset_classification"]
     lines += ["", "## Can the tile statistics tell the presets apart?", "",
               "A logistic regression on the 12 tile statistics of `opt_v1` (`bench/study_tile_conditioning.py`'s), "

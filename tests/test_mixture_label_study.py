@@ -140,7 +140,7 @@ def test_the_comparison_pairs_sets_and_seeds_and_uses_the_mean_seed_spread(study
     compared = study.evi_comparison(runs, reference)
     ratios = [1.1, 1.0, 1.5, 1.0]
     assert compared["ratio"] == pytest.approx(statistics.fmean(ratios))
-    assert (compared["ratio_min"], compared["ratio_max"]) == pytest.approx((1.0, 1.5))
+    assert compared["ratios"] == pytest.approx(ratios)
     assert compared["seed_spread"] == pytest.approx((0.02 + 0.01) / 2)
     assert compared["difference"] == pytest.approx((0.74 - 0.63) / 4)
     assert compared["within_spread"] is False  # 0.0275 > 0.015
@@ -272,8 +272,9 @@ def test_docs_quote_the_recorded_study(study, recorded, repo_root):
     short = _compared(study, recorded, "18", "mild, the mixture's mild tiles only")["ratio"]
     assert f"{few[0]} and {few[1]} `mild` tiles are too few: {short:.2f})" in training
     classified = recorded["preset_classification"]
-    assert (f"tells the presets apart on {classified['pool']['accuracy']:.0%} of the pool's tiles and "
-            f"{classified['test']['accuracy']:.0%} of the test tiles") in training
+    assert (f"names the right preset for {classified['pool']['accuracy']:.0%} of the pool's tiles and "
+            f"{classified['test']['accuracy']:.0%} of the test tiles, each tile taken under both presets") in training
+    assert (classified["pool"]["tiles"], classified["test"]["tiles"]) == (72, 36)
     assert not any(_compared(study, recorded, size, name)["within_spread"]
                    for size in ("18", "36") for name in study.CORRECTIONS[1:])
 
