@@ -22,13 +22,13 @@ PADDING_MODES: tuple[str, ...] = ("reflect", "replicate")
 SPECTRAL_CORRECTIONS: tuple[str, ...] = ("none", "affine", "shared")
 
 # With `out_of_range_fallback`: the output is `opt_v1` entirely at this multiple of the threshold distance (a ramp as
-# wide as the threshold; chosen before measuring, see docs/training.md).
+# wide as the threshold; chosen before measuring, see docs/quality.md).
 OUT_OF_RANGE_RAMP = 2.0
 
 # With `near_black_fallback`: `opt_v1` is kept entirely where its red + NIR reflectance is at most this (water, deep
 # shadow: NDVI is a ratio of noise there) and the refiner's own output is used from `NEAR_BLACK_RAMP` times it on,
 # linear between. Both fixed before measuring (the quality studies' near-black threshold, a ramp as wide as it; see
-# docs/training.md).
+# docs/quality.md).
 NEAR_BLACK_THRESHOLD = 0.02
 NEAR_BLACK_RAMP = 2.0
 # The bands whose sum is a pixel's brightness for `near_black_fallback`: those of NDVI.
@@ -149,7 +149,7 @@ class Stage2RefinerConfig(PretrainedConfig):
             carries the blend weight (`out_of_range_weight`) so users see where the refiner declined. Every
             correction extrapolates on a spectrum it never saw (cloud, snow, a colour cast no training tile had) and
             can be worse there than Stage 1's own image; how much this helps depends on the generator, see
-            docs/training.md. Until the statistics are fitted (a fresh model) the weight is 0 everywhere. `False`
+            docs/quality.md. Until the statistics are fitted (a fresh model) the weight is 0 everywhere. `False`
             (the default, so that models saved before this option load and compute exactly as before): no
             statistics, no blend.
         out_of_range_ramp (`float`, *optional*, defaults to 2.0):

@@ -251,7 +251,7 @@ def _compared(study, recorded: dict, size: str, name: str) -> dict:
 
 
 def test_docs_quote_the_recorded_study(study, recorded, repo_root):
-    training = " ".join((repo_root / "docs" / "training.md").read_text().split())
+    training = " ".join((repo_root / "docs" / "quality.md").read_text().split())
     assert ("in that order (not told, told, told from own fits, own fits kept, each preset apart)" in training
             and list(study.CORRECTIONS[1:]) == ["mixture", *study.TOLD, "mild, the mixture's mild tiles only"])
     quoted = [f"on {size} tiles " + " / ".join(f"{_compared(study, recorded, size, name)['ratio']:.2f}"

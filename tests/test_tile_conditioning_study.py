@@ -1,5 +1,5 @@
 """`bench/study_tile_conditioning.py`: the tile-level and neighbourhood inputs it compares with the refiner's pixel MLP
-do what they say, it runs as a script, and the figures docs/training.md quotes from it are the recorded ones."""
+do what they say, it runs as a script, and the figures docs/quality.md quotes from it are the recorded ones."""
 from __future__ import annotations
 
 import json
@@ -116,8 +116,8 @@ def test_the_recorded_study_covers_every_dataset_variant_and_seed(recorded, stud
 
 
 def test_docs_quote_the_recorded_ratios(recorded, repo_root):
-    """docs/training.md quotes, for each dataset and variant, the mean test EVI and SAM ratios to the colour fit."""
-    training = " ".join((repo_root / "docs" / "training.md").read_text().split())
+    """docs/quality.md quotes, for each dataset and variant, the mean test EVI and SAM ratios to the colour fit."""
+    training = " ".join((repo_root / "docs" / "quality.md").read_text().split())
     for name, data in recorded["datasets"].items():
         fit = data["baselines"]["colour fit"]
         cells = []

@@ -745,7 +745,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
     assert [r["nonfinite_skipped_steps"] for r in logged] == [0, 1]
 
 
-def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):
+def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys, repo_root):
     from training.demo import main as demo_main
 
     out = tmp_path / "demo"
@@ -771,7 +771,11 @@ def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys):
     card = (out / "best" / "README.md").read_text()
     assert "colour fit (fitted on `train`, 18 tiles)" in card
     assert "bootstrap" not in card and "share_below_1" not in card  # the card takes the metric blocks only
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Exit 1 says which baseline is not beaten and where the page on what limits it is; exit 0 says nothing of it.
+    assert ("docs/quality.md says what limits it" in captured.err) == (code == 1)
+    assert (repo_root / "docs" / "quality.md").is_file()
     assert "== val split" in printed and "== test split" in printed
     assert "Refined vs the baselines on the held-out test tiles" in printed and "| colour fit (train) |" in printed
     # How much the verdict hangs on the 18 held-out tiles: the paired tile bootstrap of the test split, printed.

@@ -2,7 +2,7 @@
 
 Every metric of `training.metrics` is pooled over the valid pixels of an evaluation set from per-tile sums
 (`TILE_STATISTICS`). Which tiles happen to be in a small set moves those pooled values a lot: on the bundled
-sample's 18 test tiles two bright tiles hold half of the spectral fit's squared EVI error (docs/training.md).
+sample's 18 test tiles two bright tiles hold half of the spectral fit's squared EVI error (docs/quality.md).
 `bootstrap_ratios` resamples the tiles with replacement, the same tiles for the refined output and for each
 baseline (paired: what differs between two outputs on one tile is not resampled away), recomputes the pooled metrics
 of each resample from the summed statistics, and reports the spread of refined / baseline:

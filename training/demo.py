@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     print(f"Model, model card and preview: {output_dir / 'best'}; results: {output_dir / 'demo_results.json'}")
     failed = not_beaten(results["gains"][held_out])
     if failed:
-        print(f"The refined output does not beat {', '.join(failed)} ({held_out} split); docs/training.md, "
-              "\"The demo\", says what limits it on this sample.", file=sys.stderr)
+        print(f"The refined output does not beat {', '.join(failed)} ({held_out} split); docs/quality.md says what "
+              "limits it on this sample.", file=sys.stderr)
         return 1
     return 0
 
