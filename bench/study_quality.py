@@ -185,9 +185,11 @@ VARIANT_FLAGS = {
 }
 
 
-def train(preset: str, seed: int, variant: str, workdir: Path, arrow_presets=MIXTURE_BOUNDS) -> Path:
+def train(preset: str, seed: int, variant: str, workdir: Path, arrow_presets=MIXTURE_BOUNDS,
+          extra_flags=()) -> Path:
     """Trains the demo's `variant` with `seed` on `preset`'s data; `arrow_presets`: the presets whose data is an Arrow
-    dataset saved at `workdir / f"data-{preset}"` (those of `build_mixture_bounds`, unless said)."""
+    dataset saved at `workdir / f"data-{preset}"` (those of `build_mixture_bounds`, unless said); `extra_flags`: more
+    demo flags, after the variant's."""
     output = workdir / f"{preset}-{variant}-seed{seed}"
     if preset in PROXY_PRESETS:
         data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
@@ -198,7 +200,7 @@ def train(preset: str, seed: int, variant: str, workdir: Path, arrow_presets=MIX
         data = ["--degradation", degradation, "--dataset_seed", str(dataset_seed)]
     command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), *data,
                "--seed", str(seed), "--disable_tqdm", "true", "--report_to", "none"]
-    command += VARIANT_FLAGS[variant]
+    command += [*VARIANT_FLAGS[variant], *extra_flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     if not (output / "demo_results.json").is_file():  # exit status 1 only means "did not beat a baseline"
