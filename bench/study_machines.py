@@ -4,14 +4,15 @@
                                              [--output bench/results/machines.md] [-- DEMO FLAGS]
 
 `bench/study_quality.py` records each run of the demo's `after` model once, on the machine the study ran on. The demo
-is deterministic on one machine (same seed, same numbers, one thread or two), but CPUs differ in the kernels torch
-picks for them, and a GAN-trained refiner whose best step is chosen by the validation loss can amplify such float
-differences. This study trains the same runs again here (`bench.study_quality.train`: `python -m training.demo`, one
-thread each), scores their test tiles as `bench/study_rotation.py` scores rotation 0 (the sample as shipped), and puts
-each run beside its record (`bench/results/quality.json`, `quality_proxy.json` for `proxy`): the scores, refined /
-each baseline and whether the run meets its preset's goal (`bench.study_rotation.meets_preset_goal`). Writes the
-tables to `--output` and every number (each tile's statistics included) to the same name with `.json`. Flags after
-`--` go to the demo (for a quick run of the script itself; a record is only comparable without them).
+is deterministic on one machine (same seed, same numbers; on two threads instead of one they move in the last digits),
+but machines differ in their CPUs and in the kernels torch and its libraries pick for them, and a refiner trained
+against a discriminator, whose best step is chosen by the validation loss, can amplify such float differences. This
+study trains the same runs again here (`bench.study_quality.train`: `python -m training.demo`, one thread each),
+scores their test tiles as `bench/study_rotation.py` scores rotation 0 (the sample as shipped), and puts each run
+beside its record (`bench/results/quality.json`, `quality_proxy.json` for `proxy`): the scores, refined / each
+baseline and whether the run meets its preset's goal (`bench.study_rotation.meets_preset_goal`). Writes the tables to
+`--output` and every number (each tile's statistics included) to the same name with `.json`. Flags after `--` go to
+the demo (for a quick run of the script itself; a record is only comparable without them).
 """
 from __future__ import annotations
 
