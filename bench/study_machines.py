@@ -16,22 +16,19 @@ the demo (for a quick run of the script itself; a record is only comparable with
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._after_runs import parse_arguments, script_line, train_after_runs  # noqa: E402
 from bench._common import SPECTRAL, cpu_name, load_average, load_span, record_study  # noqa: E402
-from bench.study_quality import PROXY_PRESETS, build_datasets, train  # noqa: E402
-from bench.study_rotation import (  # noqa: E402
-    PRESETS, ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores,
-)
+from bench.study_quality import PROXY_PRESETS  # noqa: E402
+from bench.study_rotation import ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 BASELINES = ("linear_fit", "opt_v1")  # the order of the tables' columns
@@ -82,10 +79,8 @@ def render(record: dict, seconds: float, load: str) -> str:
     lines = [
         "# The quality study's runs trained again on another machine",
         "",
-        f"Script: `bench/study_machines.py --presets {' '.join(record['presets'])} --seeds "
-        f"{' '.join(map(str, record['seeds']))}`; {sum(map(len, record['presets'].values()))} demo trainings "
-        f"(`configs/demo.yaml`, the `after` model of `bench/study_quality.py`, one thread each) in {seconds / 60:.0f} "
-        f"min on {facts['cpu']} (torch {facts['torch']}, CPU kernels {facts['cpu_capability']}); load average {load}.",
+        script_line("study_machines.py", record, seconds,
+                    f"{facts['cpu']} (torch {facts['torch']}, CPU kernels {facts['cpu_capability']})", load),
         "",
         "Each run beside its record in `bench/results/quality.json` (`quality_proxy.json` for `proxy`), test split. "
         "Refined / colour fit and refined / `opt_v1`: NDVI RMSE / EVI RMSE / SAM. Goal: the preset's "
@@ -117,17 +112,8 @@ def render(record: dict, seconds: float, load: str) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    demo_flags = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--output", default=str(RESULTS / "machines.md"))
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    parser, args, demo_flags = parse_arguments(__doc__.split("\n\n")[0], list(sys.argv[1:] if argv is None else argv),
+                                               RESULTS / "machines.md")
     recorded = {preset: recorded_runs(preset) for preset in args.presets}
     missing = sorted({seed for seed in args.seeds for runs in recorded.values() if not 0 <= seed < len(runs)})
     if missing:
@@ -135,15 +121,11 @@ def main(argv=None) -> int:
                      f"{min(map(len, recorded.values())) - 1} only")
 
     load_start, start = load_average(), time.perf_counter()
-    jobs = [(preset, seed) for preset in args.presets for seed in args.seeds]
     with tempfile.TemporaryDirectory(prefix="stage2-machines-") as tmp:
-        workdir = Path(tmp)
-        folders = build_datasets(args.presets, workdir)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            trained = list(pool.map(lambda job: train(*job, "after", workdir, extra_flags=demo_flags), jobs))
+        folders, trained = train_after_runs(args, demo_flags, Path(tmp))
         record: dict = {"seeds": args.seeds, "machine": machine(), "demo_flags": demo_flags,
                         "presets": {preset: [] for preset in args.presets}}
-        for (preset, seed), model_dir in zip(jobs, trained):
+        for (preset, seed), model_dir in trained.items():
             statistics = held_out_tile_statistics(model_dir, folders[preset])
             run = compare(preset, scores(statistics), recorded[preset][seed])
             record["presets"][preset].append({**run, "tile_statistics": statistics})

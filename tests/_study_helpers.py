@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Demo flags after `--` for a quick run of a study that trains the demo: one epoch, started at the colour fit
+QUICK_DEMO_FLAGS = ["--num_train_epochs", "1", "--spectral_correction_init", "linear_fit"]
+
 
 def run_study(repo_root: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     """`bench/<script>` run with `args` as a user runs it (from the repository root)."""

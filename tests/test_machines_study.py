@@ -5,11 +5,10 @@ import json
 import sys
 
 import pytest
-from _study_helpers import assert_refused_before_any_work, assert_wrote_its_tables, run_study
+from _study_helpers import QUICK_DEMO_FLAGS, assert_refused_before_any_work, assert_wrote_its_tables, run_study
 from _training_helpers import fake_demo_runs
 
 SPECTRAL = ("ndvi_rmse", "evi_rmse", "sam")
-QUICK = ["--num_train_epochs", "1", "--spectral_correction_init", "linear_fit"]  # demo flags: a short run
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +101,10 @@ def test_the_study_runs_as_a_script_and_records_what_it_scored(study, repo_root,
 
     output = tmp_path / "machines.md"
     result = run_study(repo_root, "study_machines.py", "--presets", "mild", "--seeds", "1", "--jobs", "1",
-                       "--output", str(output), "--", *QUICK)
+                       "--output", str(output), "--", *QUICK_DEMO_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(output.with_suffix(".json").read_text())
-    assert record["demo_flags"] == QUICK and record["seeds"] == [1]
+    assert record["demo_flags"] == QUICK_DEMO_FLAGS and record["seeds"] == [1]
     assert set(record["machine"]) == {"cpu", "cpu_capability", "torch"}
     (run,) = record["presets"]["mild"]
     assert run["here"] == scores(run["tile_statistics"]) and len(run["tile_statistics"]["tile_ids"]) == 18

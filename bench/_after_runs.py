@@ -1,0 +1,43 @@
+"""What the studies that train the quality study's `after` runs again share: their arguments and the trainings."""
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.study_quality import build_datasets, train
+from bench.study_rotation import PRESETS
+
+
+def parse_arguments(description: str, argv: list[str], default_output: Path):
+    """(parser, arguments, demo flags): `--presets`, `--seeds`, `--jobs` and `--output`, checked; the flags after `--`
+    are for the demo."""
+    demo_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--output", default=str(default_output))
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return parser, args, demo_flags
+
+
+def train_after_runs(args, demo_flags: list[str], workdir: Path):
+    """(each preset's dataset folder, {(preset, seed): trained model folder}): the demo's `after` model trained on
+    every preset and seed of `args`, `args.jobs` at a time, each on one thread."""
+    jobs = [(preset, seed) for preset in args.presets for seed in args.seeds]
+    folders = build_datasets(args.presets, workdir)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        trained = list(pool.map(lambda job: train(*job, "after", workdir, extra_flags=demo_flags), jobs))
+    return folders, dict(zip(jobs, trained))
+
+
+def script_line(script: str, record: dict, seconds: float, machine: str, load: str) -> str:
+    """The tables' first line: how `bench/<script>` was run, how long its trainings took, where, and how busy."""
+    return (f"Script: `bench/{script} --presets {' '.join(record['presets'])} --seeds "
+            f"{' '.join(map(str, record['seeds']))}`; {sum(map(len, record['presets'].values()))} demo trainings "
+            f"(`configs/demo.yaml`, the `after` model of `bench/study_quality.py`, one thread each) in "
+            f"{seconds / 60:.0f} min on {machine}; load average {load}.")
