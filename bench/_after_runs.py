@@ -5,6 +5,7 @@ import argparse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench._common import cpu_name
 from bench.study_quality import build_datasets, train
 from bench.study_rotation import PRESETS
 
@@ -35,9 +36,19 @@ def train_after_runs(args, demo_flags: list[str], workdir: Path):
     return folders, dict(zip(jobs, trained))
 
 
-def script_line(script: str, record: dict, seconds: float, machine: str, load: str) -> str:
-    """The tables' first line: how `bench/<script>` was run, how long its trainings took, where, and how busy."""
+def machine() -> dict:
+    """What decides the kernels torch runs here: the CPU, the instruction set torch chose for it, torch's version."""
+    import torch
+
+    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
+def script_line(script: str, record: dict, seconds: float, load: str) -> str:
+    """The tables' first line: how `bench/<script>` was run, how long its trainings took, on which machine (the
+    record's `machine()`), and how busy it was."""
+    facts = record["machine"]
+    where = f"{facts['cpu']} (torch {facts['torch']}, CPU kernels {facts['cpu_capability']})"
     return (f"Script: `bench/{script} --presets {' '.join(record['presets'])} --seeds "
             f"{' '.join(map(str, record['seeds']))}`; {sum(map(len, record['presets'].values()))} demo trainings "
             f"(`configs/demo.yaml`, the `after` model of `bench/study_quality.py`, one thread each) in "
-            f"{seconds / 60:.0f} min on {machine}; load average {load}.")
+            f"{seconds / 60:.0f} min on {where}; load average {load}.")

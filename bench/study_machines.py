@@ -25,13 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._after_runs import parse_arguments, script_line, train_after_runs  # noqa: E402
-from bench._common import SPECTRAL, cpu_name, load_average, load_span, record_study  # noqa: E402
+from bench._after_runs import machine, parse_arguments, script_line, train_after_runs  # noqa: E402
+from bench._common import SPECTRAL, load_average, load_span, record_study  # noqa: E402
 from bench.study_quality import PROXY_PRESETS  # noqa: E402
-from bench.study_rotation import ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores  # noqa: E402
+from bench.study_rotation import (  # noqa: E402
+    BASELINES, ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores,
+)
 
 RESULTS = REPO / "bench" / "results"
-BASELINES = ("linear_fit", "opt_v1")  # the order of the tables' columns
 DIGITS = 4  # of the scores in the tables
 
 
@@ -41,13 +42,6 @@ def recorded_runs(preset: str, results: Path = RESULTS) -> list[dict]:
     name = "quality_proxy.json" if preset in PROXY_PRESETS else "quality.json"
     runs = json.loads((results / name).read_text())["runs"][f"{preset}/after"]
     return [{role: {metric: run["test"][role][metric] for metric in SPECTRAL} for role in ROLES} for run in runs]
-
-
-def machine() -> dict:
-    """What decides the kernels torch runs here: the CPU, the instruction set torch chose for it, torch's version."""
-    import torch
-
-    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def compare(preset: str, here: dict, recorded: dict) -> dict:
@@ -75,12 +69,10 @@ def summarise(record: dict) -> dict:
 
 
 def render(record: dict, seconds: float, load: str) -> str:
-    facts = record["machine"]
     lines = [
         "# The quality study's runs trained again on another machine",
         "",
-        script_line("study_machines.py", record, seconds,
-                    f"{facts['cpu']} (torch {facts['torch']}, CPU kernels {facts['cpu_capability']})", load),
+        script_line("study_machines.py", record, seconds, load),
         "",
         "Each run beside its record in `bench/results/quality.json` (`quality_proxy.json` for `proxy`), test split. "
         "Refined / colour fit and refined / `opt_v1`: NDVI RMSE / EVI RMSE / SAM. Goal: the preset's "

@@ -24,13 +24,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._after_runs import parse_arguments, script_line, train_after_runs  # noqa: E402
-from bench._common import SPECTRAL, cpu_name, in_range_tiles, load_average, load_span, record_study  # noqa: E402
-from bench.study_rotation import meets_preset_goal, ratios  # noqa: E402
+from bench._after_runs import machine, parse_arguments, script_line, train_after_runs  # noqa: E402
+from bench._common import SPECTRAL, in_range_tiles, load_average, load_span, record_study  # noqa: E402
+from bench.study_rotation import BASELINES, meets_preset_goal, ratios  # noqa: E402
 
 # Output -> what the out-of-range tiles get ("refined": nothing changed)
 VARIANTS = {"refined": "the refined output", "opt_v1 kept": "`opt_v1`", "colour fit kept": "the colour fit"}
-BASELINES = ("linear_fit", "opt_v1")  # the order of the tables' columns
 
 
 def tile_fallback(refined, replacement, in_range):
@@ -73,8 +72,7 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
 
 
 def summarise(record: dict) -> dict:
-    """preset -> variant -> {"to": {baseline: mean ratios over seeds}, "evi_to": {baseline: [per seed]}, "goal": seeds
-    meeting the preset's goal}."""
+    """preset -> variant -> {"to": {baseline: mean ratios over seeds}, "goal": seeds meeting the preset's goal}."""
     summary = {}
     for preset, runs in record["presets"].items():
         summary[preset] = {}
@@ -83,8 +81,6 @@ def summarise(record: dict) -> dict:
             summary[preset][variant] = {
                 "to": {baseline: [statistics.fmean(ratios(s, baseline)[index] for s in scores)
                                   for index in range(len(SPECTRAL))] for baseline in BASELINES},
-                "evi_to": {baseline: [ratios(s, baseline)[SPECTRAL.index("evi_rmse")] for s in scores]
-                           for baseline in BASELINES},
                 "goal": sum(meets_preset_goal(preset, s) for s in scores),
             }
     return summary
@@ -95,7 +91,7 @@ def render(record: dict, seconds: float, load: str) -> str:
     lines = [
         "# Keeping `opt_v1` or the colour fit on whole tiles brighter than every training tile",
         "",
-        script_line("study_tile_fallback.py", record, seconds, cpu_name(), load),
+        script_line("study_tile_fallback.py", record, seconds, load),
         "",
         "Test split. A tile is out of range when its mean valid `opt_v1` reflectance is above every training tile's "
         "(`bench._common.in_range_tiles`); there the output is the refined one, `opt_v1`, or the colour fit. Cells: "
@@ -119,7 +115,8 @@ def main(argv=None) -> int:
     load_start, start = load_average(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stage2-tile-fallback-") as tmp:
         folders, trained = train_after_runs(args, demo_flags, Path(tmp))
-        record: dict = {"seeds": args.seeds, "demo_flags": demo_flags, "presets": {p: [] for p in args.presets}}
+        record: dict = {"seeds": args.seeds, "machine": machine(), "demo_flags": demo_flags,
+                        "presets": {p: [] for p in args.presets}}
         for (preset, seed), model_dir in trained.items():
             record["presets"][preset].append(score(model_dir, folders[preset]))
             print(f"{preset} seed {seed} done", flush=True)
