@@ -1,22 +1,22 @@
-"""Which value of one loss weight gives the best refined output on the bundled sample?
+"""Does one loss weight move the refined output against both baselines?
 
-    .venv/bin/python bench/study_loss_weight.py [--parameter reconstruction_weight] [--values 0 0.5 1 2 5]
-                                                [--seeds 0 1 2] [--output bench/results/reconstruction_weight.md]
+    .venv/bin/python bench/study_loss_weight.py --parameter reconstruction_weight --values 0 1 5
+                                                [--presets mild strong proxy] [--seeds 0 1 2] [--jobs 2]
+                                                [--output bench/results/<parameter>.md] [-- <more demo flags>]
 
-Runs the demo (`python -m training.demo`: `configs/demo.yaml`, the tiny backbone on the CPU, best step picked on
-the validation split) once per value and seed, each in its own process with `--<parameter> VALUE --seed SEED`,
-and tabulates NDVI RMSE, EVI RMSE, SAM and PSNR of the refined output on the held-out test split and on the
-validation split, next to `opt_v1`. The value with the lowest mean (over seeds) of the test split's three
-spectral metrics, each relative to `opt_v1`, is reported as the best; the rest of the table says how much that
-choice matters against the seed-to-seed spread. About a minute per run on 2 idle cores.
+Trains the demo (`python -m training.demo`, the `after` model of `bench/study_quality.py`: `configs/demo.yaml`, best
+step by the validation loss) with `--<parameter> <value>` for each value, preset and seed, and scores each run on the
+test tiles of the sample as shipped (as `bench/study_rotation.py` scores its rotation 0) against both baselines:
+`opt_v1` and the least-squares colour fit (4x4 + bias) fitted on the same training tiles. `--parameter` is a weight of
+`training.losses.Stage2Loss` (the record names its default). Presets and goals are those of `bench/study_rotation.py`:
+`mild` and `strong` (`degrade.py`), `proxy` (`bench/stage1_proxy.py`, a generator that is not `degrade.py`), so that a
+weight is not judged on one kind of Stage 1 error. Writes the tables to `--output` and every score to the same name
+with `.json`. Runs `--jobs` trainings at a time, each on one thread: about a minute a training on 2 idle cores.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import inspect
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,83 +25,118 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import SPECTRAL, mean_range_cell  # noqa: E402
+from bench._after_runs import machine, parse_arguments, script_line, train_settings  # noqa: E402
+from bench._common import SPECTRAL, load_average, load_span, mean_range_cell, record_study  # noqa: E402
+from bench.study_rotation import (  # noqa: E402
+    BASELINES, held_out_tile_statistics, meets_preset_goal, ratios, scores,
+)
 
-COLUMNS = SPECTRAL + ("psnr",)
-
-
-def run_demo(parameter: str, value: str, seed: int, workdir: Path) -> dict:
-    output = workdir / f"{parameter}={value}-seed{seed}"
-    command = [sys.executable, "-m", "training.demo", "--output_dir", str(output), f"--{parameter}", value,
-               "--seed", str(seed), "--disable_tqdm", "true", "--report_to", "none"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    results_file = output / "demo_results.json"
-    if not results_file.is_file():  # exit status 1 only means "did not beat opt_v1": the results are still there
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(results_file.read_text())
+RESULTS = REPO / "bench" / "results"
+BASELINE_NAMES = {"linear_fit": "colour fit", "opt_v1": "`opt_v1`"}
 
 
-def relative_spectral_score(split_results: dict) -> float:
-    """Mean over NDVI RMSE, EVI RMSE and SAM of refined / opt_v1 (1 = no gain, lower is better)."""
-    return statistics.fmean(split_results["refined"][m] / split_results["opt_v1"][m] for m in SPECTRAL)
+def loss_weights() -> dict[str, float]:
+    """The weights of `Stage2Loss` (name -> default): the parameters this study can vary."""
+    from training.losses import Stage2Loss
+
+    return {name: parameter.default for name, parameter in inspect.signature(Stage2Loss).parameters.items()
+            if name.endswith("_weight")}
 
 
-def render(parameter: str, runs: dict[str, list[dict]], seeds: list[int], seconds: float, load: str) -> str:
-    first = next(iter(runs.values()))[0]
-    scores = {value: statistics.fmean(relative_spectral_score(r["test"]) for r in results)
-              for value, results in runs.items()}
-    best = min(scores, key=scores.get)
+def add_arguments(parser) -> None:
+    parser.add_argument("--parameter", required=True, help="a weight of training.losses.Stage2Loss")
+    parser.add_argument("--values", nargs="+", required=True, help="the weights to train with (>= 0)")
+
+
+def check_arguments(parser, args) -> None:
+    """Exits 2 with a one-line error on a parameter that is no loss weight or a value that is no weight."""
+    weights = loss_weights()
+    if args.parameter not in weights:
+        parser.error(f"--parameter {args.parameter}: not a weight of training.losses.Stage2Loss; use one of "
+                     f"{', '.join(sorted(weights))}")
+    for value in args.values:
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not weight >= 0:
+            parser.error(f"--values {value}: a weight is a number >= 0")
+    if len(set(map(float, args.values))) < len(args.values):
+        parser.error(f"--values {' '.join(args.values)}: each weight once")
+
+
+def run_record(preset: str, scored: dict) -> dict:
+    """One training's test scores, refined / each baseline and whether it meets its preset's goal."""
+    return {"scores": scored, "ratios": {baseline: ratios(scored, baseline) for baseline in BASELINES},
+            "goal": meets_preset_goal(preset, scored)}
+
+
+def summarise(record: dict) -> dict:
+    """value -> preset -> the mean, min and max over seeds of refined / each baseline (one per `SPECTRAL` metric),
+    and how many seeds meet the goal."""
+    summary: dict = {}
+    for value, presets in record["runs"].items():
+        for preset, runs in presets.items():
+            spread = {baseline: [[f(run["ratios"][baseline][index] for run in runs) for f in (statistics.fmean, min, max)]
+                                 for index in range(len(SPECTRAL))] for baseline in BASELINES}
+            summary.setdefault(value, {})[preset] = {"ratios": spread,
+                                                     "seeds_meeting_goal": sum(run["goal"] for run in runs)}
+    return summary
+
+
+def _ratio_cell(runs: list[dict], baseline: str, index: int) -> str:
+    return mean_range_cell([run["ratios"][baseline][index] for run in runs], 2)
+
+
+def render(record: dict, seconds: float, load: str) -> str:
+    parameter = record["parameter"]
     lines = [
         f"# Loss-weight study: `{parameter}`",
         "",
-        f"Script: `bench/study_loss_weight.py --parameter {parameter} --values {' '.join(runs)} "
-        f"--seeds {' '.join(map(str, seeds))}`; {len(runs) * len(seeds)} demo runs (`configs/demo.yaml`, tiny "
-        f"backbone, CPU, best step by validation loss) in {seconds / 60:.0f} min; load average {load}.",
+        script_line("study_loss_weight.py", record, seconds, load,
+                    f"--parameter {parameter} --values {' '.join(record['values'])} ", len(record["values"])),
         "",
-        "Cells: mean over seeds (min-max). `score`: mean of refined / opt_v1 over NDVI RMSE, EVI RMSE and SAM on the "
-        "test split (lower is better, 1 = no gain).",
+        f"`{parameter}` is a weight of `training.losses.Stage2Loss` (default {record['default']:g}). Test split of "
+        "the sample as shipped (18 tiles). Cells: refined / baseline, mean over seeds (min-max); below 1 = better "
+        "than the baseline. Goal: the preset's (`bench/study_rotation.py`).",
         "",
     ]
-    for split, role in (("test", "held out from training and model selection"),
-                        ("val", "held out from training, picks the best step")):
-        lines += [f"## {split} split ({role})", "",
-                  "opt_v1: " + ", ".join(f"{m} {first[split]['opt_v1'][m]:.4f}" for m in COLUMNS), "",
-                  f"| {parameter} | " + " | ".join(COLUMNS) + (" | score" if split == "test" else "") + " |",
-                  "| ---: | " + " | ".join("---:" for _ in COLUMNS) + (" | ---:" if split == "test" else "") + " |"]
-        for value, results in runs.items():
-            cells = [mean_range_cell([r[split]["refined"][m] for r in results], 2 if m == "psnr" else 4) for m in COLUMNS]
-            if split == "test":
-                cells.append(mean_range_cell([relative_spectral_score(r["test"]) for r in results], 3))
-            lines.append(f"| {value} | " + " | ".join(cells) + " |")
+    for preset in record["presets"]:
+        header = " | ".join(f"{metric} / {BASELINE_NAMES[baseline]}" for baseline in BASELINES for metric in SPECTRAL)
+        lines += [f"## {preset}", "", f"| {parameter} | {header} | seeds meeting the goal |",
+                  "| ---: | " + " | ".join("---:" for _ in BASELINES for _ in SPECTRAL) + " | --- |"]
+        for value in record["values"]:
+            runs = record["runs"][value][preset]
+            cells = [_ratio_cell(runs, baseline, index) for baseline in BASELINES for index in range(len(SPECTRAL))]
+            met = record["summary"][value][preset]["seeds_meeting_goal"]
+            default = " (default)" if float(value) == record["default"] else ""
+            lines.append(f"| {value}{default} | " + " | ".join(cells) + f" | {met} of {len(runs)} |")
         lines.append("")
-    lines += [f"Best by the test score: `{parameter} = {best}` (score {scores[best]:.3f}).", ""]
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parameter", default="reconstruction_weight", help="a stage2-train flag (without --)")
-    parser.add_argument("--values", nargs="+", default=["0", "0.5", "1", "2", "5"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output", default=None, help="markdown file (default: bench/results/<parameter>.md)")
-    args = parser.parse_args(argv)
-    output = Path(args.output) if args.output else REPO / "bench" / "results" / f"{args.parameter}.md"
+def main(argv=None) -> int:
+    parser, args, demo_flags = parse_arguments(__doc__.split("\n\n")[0], list(sys.argv[1:] if argv is None else argv),
+                                               None, add_arguments)
+    check_arguments(parser, args)
+    output = Path(args.output or RESULTS / f"{args.parameter}.md")
+    settings = {f"{args.parameter}={value}": [f"--{args.parameter}", value, *demo_flags] for value in args.values}
 
-    load_start = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    start = time.perf_counter()
-    runs: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="stage2-study-") as workdir:
-        for value in args.values:
-            for seed in args.seeds:
-                result = run_demo(args.parameter, value, seed, Path(workdir))
-                runs.setdefault(value, []).append(result)
-                print(f"{args.parameter}={value} seed {seed}: test score "
-                      f"{relative_spectral_score(result['test']):.3f}", flush=True)
-    load = f"{load_start} at the start, " + " ".join(f"{v:.1f}" for v in os.getloadavg()) + " at the end"
-    text = render(args.parameter, runs, args.seeds, time.perf_counter() - start, load)
-    output.write_text(text)
-    print(text)
+    load_start, start = load_average(), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stage2-loss-weight-") as tmp:
+        folders, trained = train_settings(args, settings, Path(tmp))
+        record: dict = {"parameter": args.parameter, "default": loss_weights()[args.parameter], "values": args.values,
+                        "presets": args.presets, "seeds": args.seeds, "machine": machine(), "demo_flags": demo_flags,
+                        "runs": {value: {preset: [] for preset in args.presets} for value in args.values}}
+        for (setting, preset, seed), model_dir in trained.items():
+            value = setting.split("=", 1)[1]
+            scored = scores(held_out_tile_statistics(model_dir, folders[preset]))
+            record["runs"][value][preset].append(run_record(preset, scored))
+            print(f"{setting} {preset} seed {seed} done", flush=True)
+    record["summary"] = summarise(record)
+    record_study(output, render(record, time.perf_counter() - start, load_span(load_start)), record)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -186,11 +186,12 @@ VARIANT_FLAGS = {
 
 
 def train(preset: str, seed: int, variant: str, workdir: Path, arrow_presets=MIXTURE_BOUNDS,
-          extra_flags=()) -> Path:
+          extra_flags=(), tag: str = "") -> Path:
     """Trains the demo's `variant` with `seed` on `preset`'s data; `arrow_presets`: the presets whose data is an Arrow
     dataset saved at `workdir / f"data-{preset}"` (those of `build_mixture_bounds`, unless said); `extra_flags`: more
-    demo flags, after the variant's."""
-    output = workdir / f"{preset}-{variant}-seed{seed}"
+    demo flags, after the variant's; `tag`: added to the run's folder name, so that runs of the same preset, seed and
+    variant with different `extra_flags` keep their own."""
+    output = workdir / f"{preset}-{variant}{tag}-seed{seed}"
     if preset in PROXY_PRESETS:
         data = ["--stage1_dir", str(proxy_stage1_dir(workdir, preset))]
     elif preset in arrow_presets:

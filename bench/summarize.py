@@ -338,35 +338,26 @@ def training(results: Path) -> Training:
     )
 
 
-@dataclass
-class WeightScore:
-    weight: str
-    mean: float
-    low: float
-    high: float
+# The loss weights whose studies (`bench/study_loss_weight.py`) BENCHMARKS.md summarises, one row each.
+LOSS_WEIGHT_STUDIES = ("reconstruction_weight", "identity_weight")
 
 
-@dataclass
-class WeightStudy:
-    scores: list[WeightScore]
-    seeds: int
-
-
-def reconstruction_weight(results: Path) -> WeightStudy:
-    """The test score (mean and min-max over seeds) of each reconstruction_weight studied, and the number of seeds."""
-    path = results / "reconstruction_weight.md"
-    text = read_text(path)
-    seeds = search(r"--seeds ([\d ]+)", text, path, "the seeds of the study").group(1).split()
-    table = find_table(text, path, "reconstruction_weight", "score")
-    scores = []
-    for row in table.rows:
-        weight = row["reconstruction_weight"]
-        spread = search(r"\(([\d.]+)-([\d.]+)\)", row["score"], path, f"the score spread of weight {weight}")
-        scores.append(WeightScore(row["reconstruction_weight"], number(row["score"], path, "score"),
-                                  float(spread.group(1)), float(spread.group(2))))
-    if not scores:
-        raise ResultsError(path, "the score table has no rows")
-    return WeightStudy(scores, len(seeds))
+def loss_weight(results: Path, parameter: str) -> dict:
+    """The record of `bench/study_loss_weight.py --parameter <parameter>`, checked for what the row reads."""
+    path = results / f"{parameter}.json"
+    record = read_json(path)
+    for key in ("parameter", "default", "values", "presets", "seeds", "summary"):
+        if key not in record:
+            raise ResultsError(path, f"no {key!r} key")
+    if record["parameter"] != parameter:
+        raise ResultsError(path, f"records {record['parameter']!r}, not {parameter!r}")
+    if not any(float(value) == record["default"] for value in record["values"]):
+        raise ResultsError(path, f"the default {record['default']:g} is not among the values studied")
+    for value in record["values"]:
+        for preset in record["presets"]:
+            if preset not in record["summary"].get(value, {}):
+                raise ResultsError(path, f"no summary of value {value} on {preset!r}")
+    return record
 
 
 @dataclass
@@ -796,15 +787,35 @@ def rotation_row(results: Path) -> tuple[str, str, str]:
             "; ".join(parts), cite("rotation.md"))
 
 
-def reconstruction_weight_row(results: Path) -> tuple[str, str, str]:
-    study = reconstruction_weight(results)
-    scores = study.scores
-    overlap = max(s.low for s in scores) <= min(s.high for s in scores)
-    verdict = "equal within the seed spread" if overlap else "not all equal within the seed spread"
-    return (f"Reconstruction-L1 weight {slashed((s.weight for s in scores), str)} on the demo (test score, refined / "
-            f"`opt_v1`, mean of {study.seeds} seeds)",
-            f"{slashed((s.mean for s in scores), lambda v: f'{v:.3f}')}: {verdict}; default 0",
-            cite("reconstruction_weight.md"))
+def within_default_spread(record: dict) -> bool:
+    """Whether every value's min-max over seeds of refined / colour fit overlaps the default's, on every preset and
+    metric."""
+    default = next(value for value in record["values"] if float(value) == record["default"])
+    for preset in record["presets"]:
+        reference = record["summary"][default][preset]["ratios"]["linear_fit"]
+        for value in record["values"]:
+            spread = record["summary"][value][preset]["ratios"]["linear_fit"]
+            if any(low > ref_high or high < ref_low
+                   for (_, low, high), (_, ref_low, ref_high) in zip(spread, reference)):
+                return False
+    return True
+
+
+def loss_weight_row(results: Path, parameter: str) -> tuple[str, str, str]:
+    record = loss_weight(results, parameter)
+    values = [f"{value} (default)" if float(value) == record["default"] else value for value in record["values"]]
+    presets = []
+    for preset in record["presets"]:
+        summaries = [record["summary"][value][preset] for value in record["values"]]
+        ratios = ", ".join(two_decimals([mean for mean, _, _ in summary["ratios"]["linear_fit"]])
+                           for summary in summaries)
+        met = ", ".join(str(summary["seeds_meeting_goal"]) for summary in summaries)
+        presets.append(f"`{preset}` {ratios} ({met} of {len(record['seeds'])} seeds meeting the goal)")
+    verdict = ("every value within the seed spread of the default's" if within_default_spread(record)
+               else "not every value within the seed spread of the default's")
+    return (f"Loss weight `{parameter}` {' / '.join(values)} on the demo: refined / colour fit, test tiles, NDVI RMSE "
+            f"/ EVI RMSE / SAM, mean of {len(record['seeds'])} seeds",
+            f"{'; '.join(presets)}: {verdict}", cite(f"{parameter}.md"))
 
 
 def summary_rows(results: Path) -> list[tuple[str, str, str]]:
@@ -824,7 +835,7 @@ def summary_rows(results: Path) -> list[tuple[str, str, str]]:
         mixture_row(study),
         proxy_row(quality_proxy(results)),
         rotation_row(results),
-        reconstruction_weight_row(results),
+        *(loss_weight_row(results, parameter) for parameter in LOSS_WEIGHT_STUDIES),
     ]
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 RESULT_FILES = ("prithvi_forward.md", "refiner_memory.md", "data_throughput.md", "inference.md", "export.md",
-                "training.md", "reconstruction_weight.md", "quality.md", "quality.json", "quality_proxy.json",
+                "training.md", "reconstruction_weight.json", "identity_weight.json", "quality.md", "quality.json", "quality_proxy.json",
                 "rotation.json")
 
 
@@ -90,7 +90,6 @@ def test_the_table_quotes_the_recorded_inference_rates(summarize, repo_root):
         ("export.md", "| 3.08 |", "| 3.18 |", "and 3.18 / 3.93"),
         ("training.md", "| 0.269 |", "| 0.291 |", "0.29 / 0.34 samples/s"),
         ("prithvi_forward.md", "| 0.971 | 0.872 |", "| 0.971 | 0.851 |", "0.85 s min, 0.97 s median"),
-        ("reconstruction_weight.md", "| 0.737 (0.723-0.757) |", "| 0.731 (0.723-0.757) |", "0.731 / 0.752 / 0.744"),
     ],
 )
 def test_a_changed_result_changes_the_table(summarize, repo_root, results_copy, capsys, name, old, new, expected):
@@ -112,6 +111,55 @@ def test_a_changed_result_changes_the_table(summarize, repo_root, results_copy, 
     assert written.split(end)[1] == original.split(end)[1]
     assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 0
     assert sorted(p.name for p in benchmarks.parent.iterdir()) == ["BENCHMARKS.md", "results"]  # no temporary left
+
+
+def _loss_weight_record(results, parameter: str):
+    import json
+
+    path = results / f"{parameter}.json"
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("parameter", ["reconstruction_weight", "identity_weight"])
+def test_a_changed_loss_weight_record_changes_its_row(summarize, results_copy, capsys, parameter):
+    """The row quotes each value's mean refined / colour fit and goal count of each preset from the record, and says
+    whether every value stays within the default's seed spread."""
+    import json
+
+    results, benchmarks = results_copy
+    path, record = _loss_weight_record(results, parameter)
+    other = next(value for value in record["values"] if float(value) != record["default"])
+    summary = record["summary"][other]["mild"]
+    summary["ratios"]["linear_fit"][1] = [0.5, 0.49, 0.51]  # EVI RMSE: mean, min, max over seeds
+    summary["seeds_meeting_goal"] = 3
+    path.write_text(json.dumps(record))
+    assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 1
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"+| Loss weight `{parameter}`")]
+    ndvi, _, sam = (mean for mean, _, _ in summary["ratios"]["linear_fit"])
+    assert f"{ndvi:.2f} / 0.50 / {sam:.2f}" in row
+    mild = row.split("`mild` ")[1].split("`strong`")[0]
+    counts = ", ".join(str(record["summary"][value]["mild"]["seeds_meeting_goal"]) for value in record["values"])
+    assert mild.count("/") == 2 * len(record["values"]) and f"({counts} of 3 seeds meeting the goal)" in mild
+    assert row.endswith("not every value within the seed spread of the default's | "
+                        f"`bench/results/{parameter}.md` |")
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda record: record.update(parameter="sam_weight"), "records 'sam_weight', not 'identity_weight'"),
+    (lambda record: record.update(default=7.0), "the default 7 is not among the values studied"),
+    (lambda record: record.pop("summary"), "no 'summary' key"),
+    (lambda record: record["summary"][record["values"][0]].pop("proxy"), "no summary of value"),
+])
+def test_a_broken_loss_weight_record_exits_2_naming_it(summarize, results_copy, capsys, change, problem):
+    import json
+
+    results, benchmarks = results_copy
+    path, record = _loss_weight_record(results, "identity_weight")
+    change(record)
+    path.write_text(json.dumps(record))
+    assert summarize.main(["--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    error = capsys.readouterr().err
+    assert str(path) in error and problem in error, error
 
 
 def test_a_changed_quality_json_changes_the_quality_rows(summarize, results_copy):

@@ -52,9 +52,10 @@ DEFAULT_SPECTRAL_WEIGHT = 1.0
 DEFAULT_IDENTITY_WEIGHT = 0.5
 DEFAULT_ADVERSARIAL_WEIGHT = 0.05
 # Weight of the optional reconstruction L1 (refined vs target): off, the design's objective.
-# Measured on the bundled sample (bench/study_loss_weight.py, 3 seeds each, results in
-# bench/results/reconstruction_weight.md): weights 0, 0.5, 1, 2 and 5 give the same test-split
-# quality within the seed spread, 0 the lowest mean.
+# Measured on the bundled sample against both baselines (bench/study_loss_weight.py, presets mild,
+# strong and proxy, 3 seeds each, results in bench/results/reconstruction_weight.md): weights 0, 1
+# and 5 give the same test-split quality within the seed spread; so do identity weights 0, 0.5
+# and 2 (bench/results/identity_weight.md).
 DEFAULT_RECONSTRUCTION_WEIGHT = 0.0
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -474,7 +475,7 @@ class Stage2Loss(nn.Module):
         identity_weight: weight of the identity/edge group (design: 0.5).
         adversarial_weight: weight of the LSGAN generator term (design: 0.05).
         reconstruction_weight: weight of the L1 to the target; off (0) by default, which measured
-            as good as any weight up to 5 on the bundled sample (`bench/results/reconstruction_weight.md`).
+            as good as 1 or 5 on the bundled sample (`bench/results/reconstruction_weight.md`).
         ndvi_weight, evi_weight, sam_weight: weights inside the spectral group.
         edge_weight: weight of the Sobel edge term inside the identity group (the L1 has 1.0).
         ndvi_floor, evi_floor: index denominator floors (see `SpectralLoss`).
