@@ -16,6 +16,7 @@ with `.json`. Runs `--jobs` trainings at a time, each on one thread: about a min
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 import sys
 import tempfile
@@ -58,9 +59,9 @@ def check_arguments(parser, args) -> None:
         try:
             weight = float(value)
         except ValueError:
-            weight = -1.0
-        if not weight >= 0:
-            parser.error(f"--values {value}: a weight is a number >= 0")
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            parser.error(f"--values {value}: a weight is a finite number >= 0")
     if len(set(map(float, args.values))) < len(args.values):
         parser.error(f"--values {' '.join(args.values)}: each weight once")
 

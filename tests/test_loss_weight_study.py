@@ -87,8 +87,10 @@ def test_each_value_trains_in_its_own_folder_with_its_flag_after_the_others(monk
 @pytest.mark.parametrize("arguments, message", [
     (["--parameter", "learning_rate", "--values", "1"], "--parameter learning_rate: not a weight of "
                                                         "training.losses.Stage2Loss; use one of {weights}"),
-    (["--parameter", "identity_weight", "--values", "0", "-1"], "--values -1: a weight is a number >= 0"),
-    (["--parameter", "identity_weight", "--values", "nan"], "--values nan: a weight is a number >= 0"),
+    (["--parameter", "identity_weight", "--values", "0", "-1"], "--values -1: a weight is a finite number >= 0"),
+    (["--parameter", "identity_weight", "--values", "nan"], "--values nan: a weight is a finite number >= 0"),
+    (["--parameter", "identity_weight", "--values", "inf"], "--values inf: a weight is a finite number >= 0"),
+    (["--parameter", "identity_weight", "--values", "half"], "--values half: a weight is a finite number >= 0"),
     (["--parameter", "identity_weight", "--values", "0", "0.0"], "--values 0 0.0: each weight once"),
     (["--parameter", "identity_weight"], "the following arguments are required: --values"),
     (["--parameter", "identity_weight", "--values", "1", "--jobs", "0"], "--jobs must be >= 1, got 0"),
