@@ -339,7 +339,7 @@ def training(results: Path) -> Training:
 
 
 # The loss weights whose studies (`bench/study_loss_weight.py`) BENCHMARKS.md summarises, one row each.
-LOSS_WEIGHT_STUDIES = ("reconstruction_weight", "identity_weight")
+LOSS_WEIGHT_STUDIES = ("reconstruction_weight", "identity_weight", "evi_weight")
 
 
 def loss_weight(results: Path, parameter: str) -> dict:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 RESULT_FILES = ("prithvi_forward.md", "refiner_memory.md", "data_throughput.md", "inference.md", "export.md",
-                "training.md", "reconstruction_weight.json", "identity_weight.json", "quality.md", "quality.json", "quality_proxy.json",
+                "training.md", "reconstruction_weight.json", "identity_weight.json", "evi_weight.json", "quality.md", "quality.json", "quality_proxy.json",
                 "rotation.json")
 
 
@@ -120,7 +120,7 @@ def _loss_weight_record(results, parameter: str):
     return path, json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("parameter", ["reconstruction_weight", "identity_weight"])
+@pytest.mark.parametrize("parameter", ["reconstruction_weight", "identity_weight", "evi_weight"])
 def test_a_changed_loss_weight_record_changes_its_row(summarize, results_copy, capsys, parameter):
     """The row quotes each value's mean refined / colour fit and goal count of each preset from the record, and says
     whether every value stays within the default's seed spread."""

@@ -9,7 +9,8 @@ import pytest
 from _study_helpers import QUICK_DEMO_FLAGS, assert_refused_before_any_work, assert_wrote_its_tables, run_study
 from _training_helpers import fake_demo_runs
 
-STUDIED = ("reconstruction_weight", "identity_weight")  # the records in bench/results
+STUDIED = ("reconstruction_weight", "identity_weight", "evi_weight")  # the records in bench/results
+WITHIN_SPREAD = ("reconstruction_weight", "identity_weight")  # the docs say these stay within the seed spread
 
 
 @pytest.fixture(scope="module")
@@ -176,29 +177,54 @@ def test_the_losses_page_shows_the_recorded_tables(recorded, repo_root):
         assert row in page, row
 
 
-def test_the_losses_page_says_what_the_records_show(recorded, repo_root):
-    """"No value moves the refiner beyond the seed spread", "the goal counts move by one seed at most" and the time
-    the page gives are the record's."""
-    page = " ".join((repo_root / "docs" / "losses_and_metrics.md").read_text().split())
-    default = next(value for value in recorded["values"] if float(value) == recorded["default"])
-    for preset in recorded["presets"]:
-        reference = recorded["summary"][default][preset]
-        for value in recorded["values"]:
-            summary = recorded["summary"][value][preset]
+def _within_default_spread(record: dict) -> bool:
+    default = next(value for value in record["values"] if float(value) == record["default"])
+    for preset in record["presets"]:
+        reference = record["summary"][default][preset]
+        for value in record["values"]:
+            summary = record["summary"][value][preset]
             for (_, low, high), (_, ref_low, ref_high) in zip(summary["ratios"]["linear_fit"],
                                                               reference["ratios"]["linear_fit"]):
-                assert low <= ref_high and high >= ref_low, (value, preset)
-            assert abs(summary["seeds_meeting_goal"] - reference["seeds_meeting_goal"]) <= 1
-    assert "No value moves the refiner beyond the seed spread" in page
-    assert "The goal counts move by one seed at most" in page
+                if low > ref_high or high < ref_low:
+                    return False
+            if abs(summary["seeds_meeting_goal"] - reference["seeds_meeting_goal"]) > 1:
+                return False
+    return True
+
+
+def test_the_losses_page_says_what_the_records_show(recorded, repo_root):
+    """Which weights "do not move the refiner beyond the seed spread" (nor the goal counts by more than one seed), and
+    the time the page gives, are the records'."""
+    page = " ".join((repo_root / "docs" / "losses_and_metrics.md").read_text().split())
+    assert _within_default_spread(recorded) == (recorded["parameter"] in WITHIN_SPREAD)
     header = (repo_root / "bench" / "results" / f"{recorded['parameter']}.md").read_text().splitlines()[2]
     minutes = int(header.split(" min on ")[0].rsplit(" ", 1)[1])
     assert "27 trainings a weight, ~23 min with 2 jobs" in page and abs(minutes - 23) <= 2
+    assert ("The reconstruction L1 and the identity guard do not move the refiner beyond the seed spread" in page)
 
 
-def test_the_quality_page_quotes_both_records(repo_root):
+def test_the_pages_quote_what_a_larger_evi_weight_did(repo_root):
+    record = json.loads((repo_root / "bench" / "results" / "evi_weight.json").read_text())
+    evi = {preset: {value: record["summary"][value][preset]["ratios"]["linear_fit"][1] for value in record["values"]}
+           for preset in record["presets"]}
+    default, larger = "1", ["2", "4"]
+    assert record["default"] == 1.0 and record["values"] == [default, *larger]
+    assert all(evi["mild"][value][1] > evi["mild"][default][2] for value in larger)  # min above the default's max
+    proxy = [record["summary"][value]["proxy"]["ratios"]["opt_v1"][1][0] for value in larger]
+    losses = " ".join((repo_root / "docs" / "losses_and_metrics.md").read_text().split())
+    quality = " ".join((repo_root / "docs" / "quality.md").read_text().split())
+    mild = " and ".join(f"{evi['mild'][value][0]:.2f}" for value in larger)
+    strong = " and ".join(f"{evi['strong'][value][0]:.2f}" for value in larger)
+    assert (f"`mild` EVI RMSE {mild} of the colour fit's at 2 and 4 (0.90 at the default 1; both ranges over seeds "
+            f"above the default's), `strong` {strong} ({evi['strong'][default][0]:.2f}); the proxy's stays at "
+            f"{min(proxy):.2f}-{max(proxy):.2f} of `opt_v1`'s") in losses
+    assert f"{evi['mild'][default][0]:.2f}" == "0.90"
+    assert f"`mild` {mild} of the colour fit's, `strong` {strong}" in quality
+
+
+def test_the_quality_page_quotes_the_weights_within_the_spread(repo_root):
     page = " ".join((repo_root / "docs" / "quality.md").read_text().split())
-    records = [json.loads((repo_root / "bench" / "results" / f"{name}.json").read_text()) for name in STUDIED]
+    records = [json.loads((repo_root / "bench" / "results" / f"{name}.json").read_text()) for name in WITHIN_SPREAD]
     values = {record["parameter"]: " and ".join([", ".join(record["values"][:-1]), record["values"][-1]])
               for record in records}
     mild = [r["summary"][v]["mild"]["ratios"]["linear_fit"][1][0] for r in records for v in r["values"]]
