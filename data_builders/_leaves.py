@@ -1,4 +1,5 @@
-"""Leaf modules of `modeling_stage2` (standard library imports only: `bands`, `_files`) for the data builders.
+"""Leaf modules of `modeling_stage2` (standard library imports only: `bands`, `_files`, `vocabulary`, `_signals`)
+for the data builders.
 
 They are loaded from their file, without running `modeling_stage2/__init__.py`, which imports torch and transformers
 to register the Auto classes (about 4 s more for every data command and build worker). The module is registered

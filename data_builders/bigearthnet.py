@@ -27,16 +27,18 @@ import argparse
 import collections
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ._leaves import model_leaf
 from .tiles import BAND_KEYS, BAND_NAMES, TILE_SIZE, UNKNOWN_METADATA
+
+_files = model_leaf("_files")  # atomic writes
+_signals = model_leaf("_signals")  # SIGTERM/SIGHUP exit cleanly
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +194,9 @@ def patch_tile(row: dict, s2: dict, s1: dict) -> tuple[dict, dict]:
 
 
 def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    with _files.atomic_file(path) as partial:
+        with open(partial, "wb") as handle:
             write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_tile(output_dir: Path, arrays: dict, sidecar: dict) -> Path:
@@ -234,6 +231,8 @@ def ingest_bigearthnet(
     """
     import lmdb
 
+    if max_patches is not None and max_patches < 1:
+        raise ValueError(f"max_patches must be >= 1 (or None for all patches), got {max_patches}")
     metadata_paths = [Path(metadata)] if isinstance(metadata, (str, Path)) else [Path(p) for p in metadata]
     if include_cloudy_snowy:
         extra = metadata_paths[0].parent / CLOUD_SNOW_METADATA
@@ -293,6 +292,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@_signals.exit_on_termination
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:

@@ -75,6 +75,7 @@ logger = logging.getLogger(__name__)
 BUILD_INFO_FORMAT = "stage2-tiles-dataset"
 BUILD_INFO_VERSION = 2  # 2: "input_scale" {"tiles": {"dn": N, "reflectance": M}} (1: "scaling", "dn_x1e-4"/"float")
 _vocabulary = model_leaf("vocabulary")
+_signals = model_leaf("_signals")
 INPUT_MODES = _vocabulary.INPUT_MODES  # synthetic | stage1 | identity (modeling_stage2.vocabulary)
 CHUNK_SIZE = 64
 """Tiles per chunk: the unit a split is cut into before its chunks are shared out between jobs,
@@ -626,6 +627,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@_signals.exit_on_termination
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -21,11 +21,13 @@ from .build import upgrade_build_info
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
 _vocabulary = model_leaf("vocabulary")
+_signals = model_leaf("_signals")
 
 RGB_BANDS = (2, 1, 0)  # B04, B03, B02
 RED, NIR = 2, 3
 STRETCH_PERCENTILES = (2.0, 98.0)
 STATS_MAX_TILES = 2000
+DEFAULT_PLOT_TILES = 4
 
 
 def load_splits(path: str | Path) -> dict:
@@ -163,15 +165,20 @@ def ndvi(image: np.ndarray) -> np.ndarray:
     return np.clip((nir - red) / np.maximum(nir + red, 1e-4), -1.0, 1.0)
 
 
-def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = None, num_tiles: int = 4) -> Path:
+def _check_split(splits: dict, split: str, path) -> None:
+    if split not in splits:
+        raise ValueError(f"no split {split!r} in {path}; splits: {', '.join(splits)}")
+
+
+def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = None,
+               num_tiles: int = DEFAULT_PLOT_TILES) -> Path:
     """Draw `num_tiles` tiles (spread over the split) as rows: target RGB, opt_v1 RGB, NDVIs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     splits = load_splits(path)
     split = split or ("train" if "train" in splits else next(iter(splits)))
-    if split not in splits:
-        raise ValueError(f"no split {split!r} in {path}; splits: {', '.join(splits)}")
+    _check_split(splits, split, path)
     dataset = splits[split]
     if num_tiles < 1:
         raise ValueError(f"num_tiles must be >= 1, got {num_tiles}")
@@ -211,15 +218,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stage2-inspect", description="Describe a built Stage 2 dataset.")
     parser.add_argument("path", help="dataset folder written by stage2-build-dataset")
     parser.add_argument("--plot", default=None, help="write a preview grid to this PNG")
-    parser.add_argument("--split", default=None, help="split to plot (default: train)")
-    parser.add_argument("--num_tiles", type=int, default=4, help="tiles in the preview grid")
-    return parser.parse_args(argv)
+    parser.add_argument("--split", default=None, help="with --plot: the split to plot (default: train)")
+    parser.add_argument("--num_tiles", type=int, default=None,
+                        help=f"with --plot: tiles in the preview grid (default {DEFAULT_PLOT_TILES})")
+    args = parser.parse_args(argv)
+    if args.plot is None and (args.split is not None or args.num_tiles is not None):
+        parser.error("--split and --num_tiles choose the tiles of the preview; add --plot FILE.png")
+    if args.num_tiles is None:
+        args.num_tiles = DEFAULT_PLOT_TILES
+    if args.num_tiles < 1:
+        parser.error(f"--num_tiles must be at least 1, got {args.num_tiles}")
+    return args
 
 
+@_signals.exit_on_termination
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         with _vocabulary.one_line_warnings("stage2-inspect"):
+            if args.plot and args.split is not None:  # a wrong split is an error before anything is printed
+                _check_split(load_splits(args.path), args.split, args.path)
             print(describe_dataset(args.path))
             if args.plot:
                 print(f"\nwrote {plot_tiles(args.path, args.plot, split=args.split, num_tiles=args.num_tiles)}")

@@ -332,10 +332,15 @@ def _load_npz_checked(path: Path) -> dict[str, np.ndarray]:
     """`load_npz` through np.load: every layout numpy reads, and the reason when it cannot."""
     try:
         with open(path, "rb") as handle:
-            single_npy = handle.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+            head = handle.read(len(_NPY_MAGIC))
+        single_npy = head == _NPY_MAGIC
+        if not single_npy and head[:4] not in _ZIP_MAGIC:  # np.load would take it for a pickle
+            raise TileError(path, None, _not_a_zip(head))
         archive = None if single_npy else np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise TileError(path, None, "file not found") from None
+    except TileError:
+        raise
     except Exception as exc:  # BadZipFile, EOFError, OSError, ValueError, ... from a damaged file
         raise TileError(path, None, f"corrupt or truncated file, not a readable NPZ ({exc})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load would read a lone .npy whole
@@ -356,6 +361,11 @@ def _load_npz_checked(path: Path) -> dict[str, np.ndarray]:
             except Exception as exc:  # zlib.error, BadZipFile (bad CRC), EOFError
                 raise TileError(path, key, f"corrupt or truncated array ({exc})") from None
     return arrays
+
+
+def _not_a_zip(head: bytes) -> str:
+    what = "an empty file" if not head else "no zip signature at the start"
+    return f"not an NPZ archive ({what}); save tiles with np.savez or np.savez_compressed"
 
 
 def _require(path: Path, arrays: dict, key: str) -> np.ndarray:

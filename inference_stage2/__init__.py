@@ -4,9 +4,9 @@ Three entry points share one model call (`predict`):
 
 - `refine_arrays` (`predict`): numpy `(4, H, W)` or `(B, 4, H, W)` in reflectance or digital numbers -> refined
   reflectance (float32).
-- `refine_tiles` (`tiles`): a folder of NPZ tiles in the design's layout (searched recursively), read with the data
-  builders' tile reader -> one NPZ per tile with `refined` (and per-tile metrics, `training.metrics`, when a Stage 1
-  `opt_v1` and the Sentinel-2 target exist).
+- `refine_tiles` (`tiles`): a folder of NPZ tiles in the design's layout (searched recursively) or NPZ files, read
+  with the data builders' tile reader -> one NPZ per tile with `refined` (and per-tile metrics, `training.metrics`,
+  when a Stage 1 `opt_v1` and the Sentinel-2 target exist).
 - `refine_scene` (`scenes`): a GeoTIFF of any size (one 4-band file or four single-band files, `raster`) -> a
   GeoTIFF with the same CRS, transform and nodata, refined in overlapping windows blended without seams
   (`windows`), reading and writing one strip of windows at a time so that memory does not grow with the scene.

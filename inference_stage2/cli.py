@@ -1,4 +1,4 @@
-"""`stage2-refine`: the command line of tile folders and scenes."""
+"""`stage2-refine`: the command line of NPZ tiles (a folder or files) and scenes."""
 from __future__ import annotations
 
 import argparse
@@ -13,19 +13,20 @@ from modeling_stage2.vocabulary import one_line_warnings
 from .loading import load_model
 from .raster import SceneSource
 from .scenes import SceneRefinementResult, refine_scene
-from .tiles import TileRefinementSummary, refine_tiles
+from .tiles import TileRefinementSummary, _tile_inputs, refine_tiles
 from .values import (
-    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, INPUT_SCALES, InferenceInputError, OUTPUT_SCALES,
-    check_biome, check_month,
+    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError,
+    OUTPUT_SCALES, check_biome, check_month,
 )
+from modeling_stage2._signals import exit_on_termination
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stage2-refine",
         description=(
-            "Refine Stage 1 images with a trained Stage 2 model: a folder of NPZ tiles (--output_dir) or a "
-            "GeoTIFF scene of any size (--output)."
+            "Refine Stage 1 images with a trained Stage 2 model: NPZ tiles, a folder of them or .npz files "
+            "(--output_dir), or a GeoTIFF scene of any size (--output)."
         ),
     )
     parser.add_argument("--model", required=True, help="model folder (full model or trained adapter), Hub repo id, "
@@ -34,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with a Hub repo id: the branch, tag or commit to download (default: main)")
     parser.add_argument(
         "--input", required=True, nargs="+",
-        help="a folder of NPZ tiles, a 4-band GeoTIFF, or four single-band GeoTIFFs in the order B02 B03 B04 B08",
+        help="tiles: a folder of NPZ tiles (searched recursively) or one or more .npz files; scene: a 4-band "
+        "GeoTIFF, or four single-band GeoTIFFs in the order B02 B03 B04 B08",
     )
-    parser.add_argument("--output_dir", help="tiles: folder for the refined NPZ tiles (mirrors the input layout)")
+    parser.add_argument("--output_dir", help="tiles: folder for the refined NPZ tiles (mirrors an input folder's "
+                        "layout; .npz files given one by one go to OUTPUT_DIR/<file name>)")
     parser.add_argument("--output", help="scene: the refined GeoTIFF to write")
     parser.add_argument(
         "--out_of_range_output",
@@ -46,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stage1_dir",
-        help="tiles: folder of Stage 1 outputs STAGE1_DIR/<tile>.npz with 'opt_v1' (input_mode stage1); without it "
-        "the tile's own S2 bands are opt_v1 (input_mode identity) and no metrics are computed",
+        help="tiles: folder of Stage 1 outputs STAGE1_DIR/<tile file name> with 'opt_v1' (input_mode stage1); "
+        "without it the tile's own S2 bands are opt_v1 (input_mode identity) and no metrics are computed",
     )
     parser.add_argument(
         "--strict", action="store_true", help="tiles: stop at the first bad tile instead of skipping it"
@@ -82,16 +85,33 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     for path in inputs:
         if not path.exists():
             raise InferenceInputError(f"input {path}: no such file or folder")
-    if len(inputs) == 1 and inputs[0].is_dir():
+    folders = [path for path in inputs if path.is_dir()]
+    npz_files = [path for path in inputs if path.is_file() and path.suffix.lower() == ".npz"]
+    if folders and len(inputs) > 1:
+        parser.error(f"--input: {folders[0]} is a folder; pass one folder of NPZ tiles, or .npz files, or GeoTIFF "
+                     "files (a scene), not a mix")
+    if npz_files and len(npz_files) < len(inputs):
+        other = next(path for path in inputs if path not in npz_files)
+        parser.error(f"--input mixes .npz tiles with {other}; NPZ tiles and a GeoTIFF scene are refined in separate "
+                     "runs")
+    if folders or npz_files:
+        what = "a tiles folder as --input needs" if folders else "NPZ tiles as --input need"
         if args.output_dir is None or args.output is not None:
-            parser.error("a tiles folder as --input needs --output_dir (and no --output)")
+            parser.error(f"{what} --output_dir FOLDER (and no --output, which is for a GeoTIFF scene)")
         if args.month is not None or args.biome is not None:
             parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
         if args.out_of_range_output is not None:
             parser.error("--out_of_range_output is for a scene; refined tiles carry the key out_of_range_weight")
+        _tile_inputs(inputs, Path(args.output_dir))  # no tiles, clashing names, an output on an input: before loading
+        if args.stage1_dir is not None and not Path(args.stage1_dir).is_dir():
+            raise InferenceInputError(f"--stage1_dir {args.stage1_dir}: no such folder")
         return "tiles"
     if args.output is None or args.output_dir is not None:
-        parser.error("a GeoTIFF scene as --input needs --output FILE.tif (and no --output_dir)")
+        parser.error("a GeoTIFF scene as --input (anything but a folder or .npz files) needs --output FILE.tif "
+                     "(and no --output_dir, which is for NPZ tiles)")
+    for flag, path in (("--output", args.output), ("--out_of_range_output", args.out_of_range_output)):
+        if path is not None and Path(path).suffix.lower() not in GEOTIFF_SUFFIXES:
+            parser.error(f"{flag} {path}: a scene is written as a GeoTIFF; name it FILE.tif or FILE.tiff")
     if args.month is None or args.biome is None:
         parser.error("a scene needs --month (1..12) and --biome (0..16); pass -1 for unknown")
     check_month(args.month, "--month")
@@ -110,6 +130,7 @@ def _default_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@exit_on_termination
 def main(argv: Sequence[str] | None = None) -> int:
     """`stage2-refine`: 0 on success, 1 when some tiles were rejected or a scene held no valid pixel, 2 on bad
     input."""
@@ -132,7 +153,8 @@ def _main(argv: Sequence[str] | None) -> int:
                            revision=args.revision)
         if mode == "tiles":
             summary = refine_tiles(
-                model, args.input[0], args.output_dir, args.stage1_dir, args.batch_size,
+                model, args.input if len(args.input) > 1 else args.input[0], args.output_dir, args.stage1_dir,
+                args.batch_size,
                 input_scale=args.input_scale, device=args.device, strict=args.strict, progress=not args.no_progress,
             )
             _report_tiles(summary)
@@ -169,8 +191,8 @@ def _report_tiles(summary: TileRefinementSummary) -> None:
     for relative in summary.removed_stale:
         print(f"removed {summary.output_dir / relative}: an earlier run's output, not refined this time",
               file=sys.stderr)
-    for path, reason in summary.rejected:
-        print(f"rejected {path}: {reason}", file=sys.stderr)
+    for path, reason in summary.rejected:  # a reason names the file it is about, most often the tile itself
+        print(f"rejected: {reason}" if path in reason else f"rejected {path}: {reason}", file=sys.stderr)
     if summary.rejected:
         print(f"{len(summary.rejected)} tile(s) rejected", file=sys.stderr)
 

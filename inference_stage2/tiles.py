@@ -1,4 +1,5 @@
-"""Folders of NPZ tiles: the shared tile reader, per-tile metrics, outputs that mirror the input layout."""
+"""NPZ tiles (a folder, or files one by one): the shared tile reader, per-tile metrics, outputs that mirror the input
+layout."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,10 @@ from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_ME
 from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_RANGE_WEIGHT, warn_deprecated
 
 from .predict import refine_arrays
-from .values import DEFAULT_BATCH_SIZE, InferenceInputError, check_biome, check_month, metadata_limits, to_reflectance
+from .values import (
+    DEFAULT_BATCH_SIZE, GEOTIFF_SUFFIXES, InferenceInputError, check_biome, check_month, metadata_limits,
+    to_reflectance,
+)
 
 
 @dataclass
@@ -229,19 +233,97 @@ def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
     return paths
 
 
+def _is_npz(path: Path) -> bool:
+    return path.suffix.lower() == ".npz"
+
+
+def _tile_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
+    """NPZ files given one by one -> `(path, output name)`; each output is `OUTPUT_DIR/<file name>`, so two inputs
+    with the same name are refused."""
+    by_name: dict[str, Path] = {}
+    for path in inputs:
+        if path.is_dir():
+            raise InferenceInputError(
+                f"input {path} is a folder among {len(inputs)} inputs; pass one folder of NPZ tiles, or NPZ files"
+            )
+        if not path.exists():
+            raise InferenceInputError(f"input {path}: no such NPZ file")
+        if not _is_npz(path):
+            if path.suffix.lower() in GEOTIFF_SUFFIXES:
+                raise InferenceInputError(f"input {path}: a GeoTIFF is a scene, refined with refine_scene "
+                                          "(stage2-refine --output FILE.tif), not among NPZ tiles")
+            raise InferenceInputError(f"input {path}: not an NPZ tile (.npz)")
+        if path.name in by_name:
+            raise InferenceInputError(
+                f"inputs {by_name[path.name]} and {path} have the same file name; both would be written to "
+                f"OUTPUT_DIR/{path.name} (refine them into separate folders)"
+            )
+        by_name[path.name] = path
+    return [(path, Path(path.name)) for path in inputs]
+
+
+def _tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_dir: Path) -> list[tuple[Path, Path]]:
+    """`[(tile path, output path relative to OUTPUT_DIR)]` for a folder (searched recursively, the outputs mirror its
+    layout) or for NPZ files (outputs `OUTPUT_DIR/<file name>`); no output may be an input."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = [Path(path) for path in inputs]
+    if not paths:
+        raise InferenceInputError("no input: pass a folder of NPZ tiles or NPZ files")
+    if len(paths) == 1 and not paths[0].is_file():
+        folder = paths[0]
+        if not folder.is_dir():
+            raise InferenceInputError(f"input {folder}: no such folder of NPZ tiles or NPZ file")
+        if folder.resolve() == output_dir.resolve():
+            raise InferenceInputError(f"output_dir {output_dir} is the input folder; refusing to overwrite the tiles")
+        found = _find_tiles(folder, output_dir)
+        if not found:
+            raise InferenceInputError(f"input {folder}: no .npz tiles found (searched recursively)")
+        tiles = [(path, path.relative_to(folder)) for path in found]
+    else:
+        tiles = _tile_files(paths)
+    _refuse_outputs_on_inputs(tiles, output_dir)
+    return tiles
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _refuse_outputs_on_inputs(tiles: list[tuple[Path, Path]], output_dir: Path) -> None:
+    """No output may be one of the inputs (the same file, through any spelling or link of its path)."""
+    inputs = {_file_id(path): path for path, _ in tiles}
+    for _, relative in tiles:
+        output = output_dir / relative
+        same = inputs.get(_file_id(output)) if output.exists() else None
+        if same is not None:
+            raise InferenceInputError(
+                f"output_dir {output_dir}: the output {output} would overwrite the input {same}; refusing "
+                "(choose another output folder)"
+            )
+
+
 def refine_tiles(
     model: Any,
-    input_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    output_dir: str | os.PathLike | None = None,
     stage1_dir: str | os.PathLike | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     *,
+    input_dir: str | os.PathLike | None = None,
     input_scale: str = "auto",
     device: str | torch.device | None = None,
     strict: bool = False,
     progress: bool = True,
 ) -> TileRefinementSummary:
-    """Refine every NPZ tile under `input_dir` (recursively: train/val/test subfolders) into `output_dir`.
+    """Refine NPZ tiles into `output_dir`: every tile under a folder `inputs` (recursively: train/val/test
+    subfolders; the outputs mirror its layout), or NPZ files `inputs` (a path or a sequence of paths; each output is
+    `OUTPUT_DIR/<file name>`, so two inputs with the same name are refused before anything is written).
+    `input_dir=` is the deprecated keyword spelling of `inputs`.
 
     Input tiles have `s2_b2`, `s2_b3`, `s2_b4`, `s2_b8` (120x120, digital numbers or reflectance), `month`
     and `biome_code` (absent = unknown). With `stage1_dir`, the model input is `opt_v1` from
@@ -249,27 +331,30 @@ def refine_tiles(
     it the S2 bands themselves are the model input (a real image refined as it is) and there is no
     target.
 
-    Each output `OUTPUT_DIR/<relative path>.npz` holds `refined` (4, 120, 120) float32 reflectance,
+    Each output `OUTPUT_DIR/<relative path or file name>` holds `refined` (4, 120, 120) float32 reflectance,
     `month`, `biome_code`, `band_names`, `input_mode` (`"stage1"` or `"identity"`), with a model built with
     `out_of_range_fallback` or `near_black_fallback` `out_of_range_weight` (120, 120) float32 (each pixel's weight
     of `opt_v1` in `refined`, NaN where the input is invalid) and, with Stage 1 input, scalar
     `metrics_refined_<name>` / `metrics_opt_v1_<name>`. Files are written atomically (temp + rename).
-    Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises).
+    Bad tiles are skipped and listed in the summary's `rejected` (`strict=True`: the first one raises). No output
+    may be an input: refused before any work.
     """
     start = time.perf_counter()
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if input_dir is not None:
+        if inputs is not None:
+            raise TypeError("refine_tiles() got both inputs and input_dir (its deprecated spelling)")
+        warn_deprecated("refine_tiles(input_dir=...)", "refine_tiles(model, inputs, output_dir) (a folder or NPZ "
+                        "files)")
+        inputs = input_dir
+    if inputs is None or output_dir is None:
+        raise TypeError("refine_tiles() needs inputs (a folder of NPZ tiles or NPZ files) and output_dir")
+    output_dir = Path(output_dir)
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
-    if not input_dir.is_dir():
-        raise InferenceInputError(f"input {input_dir}: no such folder of NPZ tiles")
-    if input_dir.resolve() == output_dir.resolve():
-        raise InferenceInputError(f"output_dir {output_dir} is the input folder; refusing to overwrite the tiles")
     stage1 = Path(stage1_dir) if stage1_dir is not None else None
+    paths = _tile_inputs(inputs, output_dir)
     if stage1 is not None and not stage1.is_dir():
         raise InferenceInputError(f"stage1_dir {stage1}: no such folder")
-    paths = _find_tiles(input_dir, output_dir)
-    if not paths:
-        raise InferenceInputError(f"input {input_dir}: no .npz tiles found (searched recursively)")
     input_mode = "stage1" if stage1 is not None else "identity"
     summary = TileRefinementSummary(output_dir=output_dir, input_mode=input_mode)
     metrics = _metrics_module() if stage1 is not None else None
@@ -284,8 +369,7 @@ def refine_tiles(
     with tqdm(total=len(paths), unit="tile", desc="stage2-refine", disable=not progress) as bar:
         for chunk_start in range(0, len(paths), batch_size):
             tiles = []
-            for path in paths[chunk_start : chunk_start + batch_size]:
-                relative = path.relative_to(input_dir)
+            for path, relative in paths[chunk_start : chunk_start + batch_size]:
                 try:
                     tiles.append(_read_tile(path, relative, stage1, input_scale, limits))
                 except InferenceInputError as error:

@@ -15,6 +15,7 @@ OUTPUT_SCALES = ("reflectance", "dn")
 DEFAULT_WINDOW = TILE_SIZE
 DEFAULT_OVERLAP = 32
 DEFAULT_BATCH_SIZE = 8
+GEOTIFF_SUFFIXES = (".tif", ".tiff")  # a scene's files; NPZ tiles are ".npz"
 # Reflectance above this median is almost certainly digital numbers passed as floats.
 _DN_LOOKING_MEDIAN = 2.0
 

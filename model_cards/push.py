@@ -22,6 +22,7 @@ from pathlib import Path
 from modeling_stage2.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
+from modeling_stage2._signals import exit_on_termination
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,10 @@ def push_dataset(
                          commit_message=commit_message, license=license, max_shard_size=max_shard_size)[1]
 
 
-def _is_saved_dataset(folder: Path) -> bool:
-    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+def _check_saved_dataset(folder: Path) -> None:
+    if not ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
+        raise CardError(f"{folder}: not a dataset saved with save_to_disk (no dataset_dict.json or "
+                        f"state.json); {_dataset_hint(folder)}")
 
 
 def _dataset_hint(folder: Path) -> str:
@@ -215,9 +218,7 @@ def _push_dataset(dataset_dir, repo_id, *, private, token, endpoint, commit_mess
     from huggingface_hub import DatasetCard, HfApi
 
     dataset_dir = Path(dataset_dir)
-    if not _is_saved_dataset(dataset_dir):
-        raise CardError(f"{dataset_dir}: not a dataset saved with save_to_disk (no dataset_dict.json or "
-                        f"state.json); {_dataset_hint(dataset_dir)}")
+    _check_saved_dataset(dataset_dir)
     dataset = datasets.load_from_disk(str(dataset_dir))
     if isinstance(dataset, datasets.Dataset):
         dataset = datasets.DatasetDict({"train": dataset})
@@ -279,11 +280,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_before_pushing(args: argparse.Namespace) -> None:
+    """The repo ids, the model folder and the dataset folder, checked before anything reaches the Hub: a bad
+    model folder must not be found only after the dataset was pushed."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    for name, repo_id in (("repo_id", args.repo_id), ("--dataset_repo_id", args.dataset_repo_id)):
+        try:
+            if repo_id is not None:
+                validate_repo_id(repo_id)
+        except HFValidationError:
+            raise CardError(f"{name} {repo_id!r} is not a Hub repo id: use OWNER/NAME or NAME (letters, digits, "
+                            "'-', '_', '.'; at most 96 characters)") from None
+    find_model_folder(args.output_dir)
+    if args.dataset is not None:
+        _check_saved_dataset(Path(args.dataset))
+
+
+@exit_on_termination
 def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
     args = build_parser().parse_args(argv)
     try:
+        _check_before_pushing(args)
         datasets = None
         if args.dataset is not None:
             dataset_repo, url = _push_dataset(

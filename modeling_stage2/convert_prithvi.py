@@ -19,6 +19,7 @@ import torch
 from ._files import staged_folder
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
 from .modeling_prithvi import PrithviEncoder, sincos_3d_table
+from ._signals import exit_on_termination
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_on_termination
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

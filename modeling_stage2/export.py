@@ -42,6 +42,7 @@ from torch import nn
 from ._files import staged_folder
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
 from .vocabulary import OUT_OF_RANGE_WEIGHT
+from ._signals import exit_on_termination
 
 FORMATS = ("onnx", "torch_export")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -634,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@exit_on_termination
 def main(argv: Sequence[str] | None = None) -> int:
     """`stage2-export`: 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)

@@ -49,6 +49,14 @@ def test_push_of_a_folder_without_a_model_is_a_user_error(tmp_path):
     assert_user_error(result, "no trained model to push")
 
 
+@pytest.mark.parametrize("flags", [["not a repo id"], ["me/a/b"], ["me/ok", "--dataset_repo_id", "me/x..y"]])
+def test_push_to_a_malformed_repo_id_is_a_user_error(tmp_path, flags):
+    result = run("stage2-push", str(tmp_path), *flags, "--endpoint", "http://127.0.0.1:9")
+    bad = flags[-1]
+    assert_user_error(result, f"{bad!r} is not a Hub repo id: use OWNER/NAME or NAME")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_convert_prithvi_with_a_missing_checkpoint(tmp_path):
     result = run("stage2-convert-prithvi", str(tmp_path / "missing.pt"), str(tmp_path / "out"))
     assert_user_error(result, "missing.pt")
@@ -59,4 +67,8 @@ def test_ingest_bigearthnet_with_missing_metadata(tmp_path):
     result = run("stage2-ingest-bigearthnet", "--lmdb", str(tmp_path), "--metadata", str(tmp_path / "absent.parquet"),
                  "--output_dir", str(tmp_path / "tiles"))
     assert_user_error(result, "absent.parquet does not exist")
+    assert not (tmp_path / "tiles").exists()
+    result = run("stage2-ingest-bigearthnet", "--lmdb", str(tmp_path), "--metadata", str(tmp_path / "absent.parquet"),
+                 "--output_dir", str(tmp_path / "tiles"), "--max_patches", "0")
+    assert_user_error(result, "max_patches must be >= 1 (or None for all patches), got 0")
     assert not (tmp_path / "tiles").exists()

@@ -340,7 +340,7 @@ def _write_bad_tiles(data: Path) -> dict[str, tuple]:
         "wrong_shape.npz": ("s2_b2", "expected (120, 120)"),
         "all_nan.npz": ("s2_b2", "entirely NaN"),
         "pickled.npz": ("s2_b3", "object array"),
-        "corrupt.npz": (None, "corrupt or truncated file"),
+        "corrupt.npz": (None, "not an NPZ archive (no zip signature at the start)"),
         "twice.npz": (None, "appears more than once"),
         "bad_sidecar.json": (None, "not valid JSON"),
     }

@@ -47,7 +47,17 @@ def test_cli_errors(sample_dataset_dir, tmp_path, capsys):
     assert main([str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main([str(sample_dataset_dir), "--plot", str(tmp_path / "x.png"), "--split", "holdout"]) == 2
-    assert "no split 'holdout'" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "no split 'holdout'" in err and out == ""  # refused before the report is printed
+    assert not (tmp_path / "x.png").exists()
+    for flags in (["--split", "holdout"], ["--split", "val"], ["--num_tiles", "3"]):  # ignored without --plot
+        with pytest.raises(SystemExit) as caught:
+            main([str(sample_dataset_dir), *flags])
+        assert caught.value.code == 2
+        assert "add --plot FILE.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main([str(sample_dataset_dir), "--plot", str(tmp_path / "x.png"), "--num_tiles", "0"])
+    assert caught.value.code == 2 and "--num_tiles must be at least 1, got 0" in capsys.readouterr().err
     (tmp_path / "junk").mkdir()
     assert main([str(tmp_path / "junk")]) == 2
     assert "is not a saved dataset" in capsys.readouterr().err

@@ -161,8 +161,20 @@ def test_object_arrays_are_never_unpickled(tmp_path):
 def test_not_a_zip_and_truncated_files(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not an npz file" * 100)
-    with pytest.raises(TileError, match="corrupt or truncated file"):
+    with pytest.raises(TileError) as caught:
         read_tile(garbage)
+    # np.load would take it for a pickle and suggest allow_pickle: the message names the real problem instead
+    assert caught.value.problem == (
+        "not an NPZ archive (no zip signature at the start); save tiles with np.savez or np.savez_compressed"
+    )
+    empty = tmp_path / "empty.npz"
+    empty.touch()
+    with pytest.raises(TileError, match=r"not an NPZ archive \(an empty file\)"):
+        read_tile(empty)
+    broken_zip = tmp_path / "broken_zip.npz"
+    broken_zip.write_bytes(b"PK\x03\x04 then nothing a zip needs")
+    with pytest.raises(TileError, match="corrupt or truncated file"):
+        read_tile(broken_zip)
     good = write_tile(tmp_path, "good")
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

@@ -429,6 +429,18 @@ def test_push_refuses_a_folder_without_a_model(hub_server, tmp_path, capsys):
     assert hub_server.repos == {}  # refused before creating anything
 
 
+def test_push_checks_the_model_folder_before_pushing_the_dataset(hub_server, tmp_path, capsys):
+    from model_cards.push import main
+
+    _tiny_dataset_dict(2, 1).save_to_disk(str(tmp_path / "arrow"))
+    folder = _write(tmp_path / "run", {"training_log.jsonl": "{}\n"})
+    assert main([str(folder), "both", "--dataset", str(tmp_path / "arrow"), "--endpoint", hub_server.url]) == 2
+    assert "no trained model to push" in capsys.readouterr().err
+    assert hub_server.repos == {}  # the dataset was not pushed either
+    assert main([str(folder), "both", "--dataset", str(tmp_path / "run"), "--endpoint", hub_server.url]) == 2
+    assert hub_server.repos == {}
+
+
 def test_push_finds_best_and_regenerates_its_card_for_the_repo(hub_server, trained, tmp_path):
     import shutil
 

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -638,6 +639,96 @@ def test_tiles_bad_arguments(few_tiles, tmp_path):
         refine_tiles(PixelwiseRefiner(), tmp_path / "empty", tmp_path / "out")
 
 
+def test_tiles_given_as_files_equal_the_folders_outputs(few_tiles, tmp_path):
+    paths = sorted(few_tiles.rglob("*.npz"))  # train/ and val/: files from two folders
+    folder = refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "from_folder", batch_size=2, progress=False)
+    files = refine_tiles(PixelwiseRefiner(), paths, tmp_path / "from_files", batch_size=2, progress=False)
+    one = refine_tiles(PixelwiseRefiner(), str(paths[-1]), tmp_path / "from_one", progress=False)
+    assert files.written == [path.name for path in paths] and not files.rejected and files.input_mode == "identity"
+    assert one.written == [paths[-1].name] and len(folder.written) == 3
+    assert sorted(p.name for p in (tmp_path / "from_files").iterdir()) == sorted(path.name for path in paths)
+    assert [p.name for p in (tmp_path / "from_one").iterdir()] == [paths[-1].name]
+    for path in paths:
+        expected = load_npz(tmp_path / "from_folder" / path.relative_to(few_tiles))
+        for out in [load_npz(tmp_path / "from_files" / path.name)] + (
+            [load_npz(tmp_path / "from_one" / path.name)] if path == paths[-1] else []
+        ):
+            assert sorted(out) == sorted(expected)
+            for key in expected:
+                assert np.array_equal(out[key], expected[key]), key
+    # The old keyword spelling still works, with a deprecation warning.
+    with pytest.warns(FutureWarning, match=r"refine_tiles\(input_dir=...\) is deprecated"):
+        old = refine_tiles(PixelwiseRefiner(), input_dir=few_tiles, output_dir=tmp_path / "old", progress=False)
+    assert sorted(old.written) == sorted(folder.written)
+
+
+def test_tiles_given_as_files_refuse_clashing_names_and_outputs_on_inputs(few_tiles, dn_scene, tmp_path):
+    paths = sorted(few_tiles.rglob("*.npz"))
+    twin = tmp_path / "elsewhere" / paths[0].name
+    twin.parent.mkdir()
+    shutil.copy(paths[0], twin)
+    output = tmp_path / "out"
+    with pytest.raises(InferenceInputError, match="have the same file name") as error:
+        refine_tiles(PixelwiseRefiner(), [paths[0], paths[1], twin], output, progress=False)
+    assert str(paths[0]) in str(error.value) and str(twin) in str(error.value)
+    assert not output.exists()  # refused before anything was written
+    # OUTPUT_DIR/<file name> would be the input itself: refused, the tiles untouched (also through another spelling).
+    train = paths[0].parent
+    before = {path: path.read_bytes() for path in paths}
+    for output_dir in (train, few_tiles / "val" / ".." / "train"):
+        with pytest.raises(InferenceInputError, match="would overwrite the input") as error:
+            refine_tiles(PixelwiseRefiner(), [paths[0], paths[2]], output_dir, progress=False)
+        assert f"the input {paths[0]}" in str(error.value)
+    assert {path: path.read_bytes() for path in paths} == before
+    assert sorted(p.name for p in train.iterdir()) == sorted(p.name for p in paths if p.parent == train)
+    # A folder among files, a GeoTIFF among tiles, something else: each named.
+    scene, _ = dn_scene
+    for inputs, message in (
+        ([few_tiles, paths[0]], "is a folder among 2 inputs"),
+        ([paths[0], scene], "scene.tif: a GeoTIFF is a scene"),
+        ([paths[0], tmp_path / "absent.npz"], "absent.npz: no such NPZ file"),
+        ([tmp_path / "absent.npz"], "absent.npz: no such folder of NPZ tiles or NPZ file"),
+        ([], "no input"),
+    ):
+        with pytest.raises(InferenceInputError, match=message):
+            refine_tiles(PixelwiseRefiner(), inputs, output, progress=False)
+    assert not output.exists()
+    # A rejected file's stale output is removed, and strict mode stops at it, as for a folder.
+    refine_tiles(PixelwiseRefiner(), paths[:2], output, progress=False)
+    broken = tmp_path / "broken" / paths[1].name
+    broken.parent.mkdir()
+    broken.write_bytes(paths[1].read_bytes()[:100])
+    summary = refine_tiles(PixelwiseRefiner(), [paths[0], broken], output, progress=False)
+    assert summary.written == [paths[0].name] and summary.removed_stale == [paths[1].name]
+    assert [path for path, _ in summary.rejected] == [str(broken)] and not (output / paths[1].name).exists()
+    with pytest.raises(InferenceInputError, match="cannot be read as an NPZ file"):
+        refine_tiles(PixelwiseRefiner(), [broken, paths[0]], tmp_path / "strict", strict=True, progress=False)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_tiles_given_as_files_find_their_stage1_file_by_name(few_tiles, tmp_path):
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    paths = sorted(few_tiles.rglob("*.npz"))
+    rng = np.random.default_rng(1)
+    for path in paths:
+        target = tile_reflectance(load_npz(path))
+        np.savez(stage1 / path.name, opt_v1=(target * 0.9 + rng.normal(0, 0.01, target.shape)).astype(np.float32))
+    folder = refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "from_folder", stage1_dir=stage1, batch_size=2,
+                          progress=False)
+    files = refine_tiles(PixelwiseRefiner(), paths, tmp_path / "from_files", stage1_dir=stage1, batch_size=2,
+                         progress=False)
+    assert files.input_mode == "stage1" and files.metrics["n_tiles"] == 3
+    assert files.metrics == folder.metrics
+    assert json.loads((tmp_path / "from_files" / "metrics.json").read_text()) == folder.metrics
+    for path in paths:
+        expected = load_npz(tmp_path / "from_folder" / path.relative_to(few_tiles))
+        out = load_npz(tmp_path / "from_files" / path.name)
+        assert sorted(out) == sorted(expected) and any(key.startswith("metrics_refined_") for key in out)
+        for key in expected:
+            assert np.array_equal(out[key], expected[key]), key
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line: errors found before any model is loaded
 # ------------------------------------------------------------------------------------------------
@@ -680,6 +771,58 @@ def test_cli_argument_errors(dn_scene, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert "--month and --biome are for a scene" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_argument_errors_with_npz_files(few_tiles, dn_scene, tmp_path, capsys):
+    scene, _ = dn_scene
+    tile = sorted(few_tiles.rglob("*.npz"))[0]
+    upper = tmp_path / "TILE.NPZ"  # the suffix in any case
+    shutil.copy(tile, upper)
+    for inputs, outputs, message in (
+        ([tile], ["--output", str(tmp_path / "x.tif")], "NPZ tiles as --input need --output_dir FOLDER"),
+        ([upper], [], "NPZ tiles as --input need --output_dir FOLDER"),
+        ([tile, upper], ["--output_dir", str(tmp_path / "out"), "--output", str(tmp_path / "x.tif")],
+         "NPZ tiles as --input need --output_dir"),
+        ([tile, scene], ["--output", str(tmp_path / "x.tif")], f"--input mixes .npz tiles with {scene}"),
+        ([few_tiles, tile], ["--output_dir", str(tmp_path / "out")], f"--input: {few_tiles} is a folder"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", "m", "--input", *map(str, inputs), *outputs, "--no_progress"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "GeoTIFF scene as --input" not in err
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--input", str(tile), "--output_dir", str(tmp_path / "out"), "--month", "7"])
+    assert "--month and --biome are for a scene" in capsys.readouterr().err
+    # Input problems of files are found before the model (absent here) is loaded.
+    twin = tmp_path / "twin" / tile.name
+    twin.parent.mkdir()
+    shutil.copy(tile, twin)
+    for arguments, message in (
+        ([str(tile), str(twin), "--output_dir", str(tmp_path / "out")], "have the same file name"),
+        ([str(tile), "--output_dir", str(tile.parent)], "would overwrite the input"),
+        ([str(tile), "--output_dir", str(tmp_path / "out"), "--stage1_dir", str(tmp_path / "nope")],
+         "--stage1_dir"),
+    ):
+        assert main(["--model", str(tmp_path / "no_model_here"), "--input", *arguments, "--no_progress"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no_model_here" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.tif").exists()
+
+
+def test_cli_scene_outputs_must_be_named_as_geotiffs(dn_scene, tmp_path, capsys):
+    scene, _ = dn_scene
+    scene_flags = ["--month", "6", "--biome", "4", "--no_progress"]
+    for outputs, flag, name in (
+        (["--output", str(tmp_path / "x.png")], "--output", "x.png"),
+        (["--output", str(tmp_path / "x")], "--output", "x"),
+        (["--output", str(tmp_path / "x.TIFF"), "--out_of_range_output", str(tmp_path / "w.npy")],
+         "--out_of_range_output", "w.npy"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", "m", "--input", str(scene), *outputs, *scene_flags])
+        assert exit_info.value.code == 2
+        assert f"{flag} {tmp_path / name}: a scene is written as a GeoTIFF" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scene.tif"]  # nothing written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -799,6 +942,62 @@ def test_cli_tiles_end_to_end_with_a_full_model_folder(
         np.testing.assert_allclose(out["refined"], image, atol=1e-5)
         assert np.abs(out["refined"] - tile_reflectance(tile)).mean() > 1e-3  # it did refine
         assert "out_of_range_weight" not in out  # built without out_of_range_fallback
+
+
+def test_cli_sigterm_while_a_scene_is_written_leaves_no_partial_file(full_model_dir, tmp_path):
+    """The real script, stopped by SIGTERM mid-scene: the partial GeoTIFF is removed, an earlier output is kept, and
+    the exit status is 128 + 15 (`modeling_stage2._signals`)."""
+    import signal
+
+    scene = write_geotiff(tmp_path / "scene.tif", smooth_scene(720, 720))  # 64 windows: seconds on the CPU
+    output = tmp_path / "refined.tif"
+    output.write_bytes(b"an earlier run's output")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "inference_stage2", "--model", str(full_model_dir), "--input", str(scene),
+         "--output", str(output), "--month", "6", "--biome", "4", "--device", "cpu", "--batch_size", "1",
+         "--num_threads", "1", "--no_progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".refined.tif.partial-*")):  # the windows are being refined and written
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in process.stderr.read()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["refined.tif", "scene.tif"]
+    assert output.read_bytes() == b"an earlier run's output"
+
+
+def test_cli_npz_files_as_a_subprocess(full_model_dir, perturbed_tiny_refiner, few_tiles, tmp_path):
+    paths = sorted(few_tiles.rglob("*.npz"))
+    output = tmp_path / "refined"
+
+    def refine(*inputs: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "inference_stage2", "--model", str(full_model_dir),
+                               "--input", *map(str, inputs), "--output_dir", str(output), "--device", "cpu",
+                               "--no_progress"], capture_output=True, text=True, timeout=300)
+
+    result = refine(paths[0])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"refined 1 tiles into {output}" in result.stdout
+    assert [p.name for p in output.iterdir()] == [paths[0].name]
+    tile = load_npz(paths[0])
+    expected = refine_arrays(perturbed_tiny_refiner, tile_reflectance(tile), int(tile["month"]),
+                             int(tile["biome_code"]))
+    np.testing.assert_allclose(load_npz(output / paths[0].name)["refined"], expected, atol=1e-5)
+    # A bad tile among files (as a shell glob gives them): exit 1, the others written, the bad one named once.
+    bad = tmp_path / "bad" / "truncated.npz"
+    bad.parent.mkdir()
+    bad.write_bytes(paths[0].read_bytes()[:500])
+    result = refine(paths[1], bad, paths[2])
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    rejected = [line for line in result.stderr.splitlines() if line.startswith("rejected")]
+    assert len(rejected) == 1 and rejected[0].startswith(f"rejected: {bad}: cannot be read as an NPZ file"), rejected
+    assert rejected[0].count(str(bad)) == 1 and "1 tile(s) rejected" in result.stderr
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in paths)
+    assert not (output / bad.name).exists()
 
 
 def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir, small_dn_scene, tmp_path):

@@ -19,6 +19,7 @@ from _data_helpers import folder_digest, make_tile_dir
 from _training_helpers import TINY_SETTINGS, stage2_train_command, write_config
 
 import training.train as train_module
+from training.args import Stage2TrainingArguments
 from training.train import UsageError, launch_main, main, parse_args
 
 ACCELERATE_WARNING = "were not passed to `accelerate launch`"
@@ -103,6 +104,9 @@ def _user_mistakes(tmp_path: Path, tiny_config: Path, dataset: Path) -> dict:
         "missing config": (["--config", str(tmp_path / "absent.yaml"), *data, *out], ["absent.yaml", "no such file"]),
         "range on the command line": (["--config", str(tiny_config), *data, *out, "--disc_update_interval", "0"],
                                       ["--disc_update_interval", ">= 1"]),
+        "inherited range on the command line": (
+            ["--config", str(tiny_config), *data, *out, "--per_device_train_batch_size", "0"],
+            ["--per_device_train_batch_size: per_device_train_batch_size must be >= 1, got 0."]),
         "missing resume checkpoint": (["--config", str(tiny_config), *data, *out, "--resume", str(tmp_path / "ck")],
                                       ["--resume", "no such checkpoint folder"]),
         "accelerate option typo": (["--num_procs", "2", "--", "--config", str(tiny_config), *data, *out],
@@ -113,8 +117,8 @@ def _user_mistakes(tmp_path: Path, tiny_config: Path, dataset: Path) -> dict:
 
 
 MISTAKES = ["yaml key typo", "bad --data_dir", "cli flag typo", "cli value type", "unreadable config",
-            "config is a folder", "missing config", "range on the command line", "missing resume checkpoint",
-            "accelerate option typo", "training flag before --"]
+            "config is a folder", "missing config", "range on the command line", "inherited range on the command line",
+            "missing resume checkpoint", "accelerate option typo", "training flag before --"]
 
 
 @pytest.mark.parametrize("case", MISTAKES)
@@ -138,6 +142,9 @@ def test_user_mistakes_are_one_line_and_status_2(case, tmp_path, tiny_config, sa
     ({"near_black_keep": "bands"}, "near_black_keep: expected one of ['pixel', 'ndvi'], got 'bands'"),
     ({"backbone_preset": "prithvi_eo_v9"}, "backbone_preset: Unknown Prithvi preset 'prithvi_eo_v9'"),
     ({"disc_update_interval": 0}, "disc_update_interval must be >= 1, got 0"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be >= 1, got 0"),
+    ({"learning_rate": -1.0}, "learning_rate must be a finite number > 0, got -1.0"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0, got nan"),  # named as the file's
 ])
 def test_config_type_errors_name_file_and_key(settings, message, tmp_path, sample_dataset_dir, capsys):
     config = write_config(tmp_path / "x.yaml", **settings)
@@ -148,6 +155,66 @@ def test_config_type_errors_name_file_and_key(settings, message, tmp_path, sampl
     assert launch_main(argv) == 2
     _assert_one_line(_error_lines(capsys), f"{config}: ", message)
     assert not (tmp_path / "out").exists()
+
+
+# Inherited TrainingArguments values that transformers leaves unchecked and that crashed a started run (a zero batch
+# size, an optimizer or numpy refusing the value) or trained nothing with exit status 0.
+BAD_TRAINER_VALUES = [
+    ("learning_rate", float("nan"), {}), ("learning_rate", -1.0, {}), ("learning_rate", 0.0, {}),
+    ("learning_rate", float("inf"), {}),
+    ("per_device_train_batch_size", 0, {}), ("per_device_eval_batch_size", 0, {}),
+    ("gradient_accumulation_steps", 0, {}),
+    ("max_steps", -5, {"num_train_epochs": 0.0}), ("max_steps", 0, {}),
+    ("num_train_epochs", -3.0, {}), ("num_train_epochs", 0.0, {}), ("num_train_epochs", float("nan"), {}),
+    ("warmup_steps", -1.0, {}), ("warmup_steps", float("nan"), {}),
+    ("weight_decay", -1.0, {}), ("weight_decay", float("nan"), {}),
+    ("adam_beta1", 1.0, {}), ("adam_beta1", -0.1, {}), ("adam_beta2", 1.0, {}),
+    ("adam_epsilon", 0.0, {}), ("max_grad_norm", -1.0, {}), ("dataloader_num_workers", -1, {}),
+    ("seed", -1, {}), ("seed", 2**32, {}), ("data_seed", -1, {}),
+]
+
+
+@pytest.mark.parametrize("name, value, others", BAD_TRAINER_VALUES,
+                         ids=[f"{name}={value}" for name, value, _ in BAD_TRAINER_VALUES])
+def test_inherited_trainer_values_out_of_range_are_refused(name, value, others, tmp_path):
+    with pytest.raises(ValueError) as error:
+        Stage2TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **{name: value, **others})
+    assert str(error.value).startswith(f"{name} must be ") and str(error.value).endswith(f", got {value}.")
+
+
+@pytest.mark.parametrize("values", [
+    {"learning_rate": 1e-9}, {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1},
+    {"gradient_accumulation_steps": 1}, {"max_steps": -1, "num_train_epochs": 1},
+    {"max_steps": 5, "num_train_epochs": 0},  # max_steps > 0: the epochs are not used
+    {"warmup_steps": 0}, {"warmup_steps": 0.5}, {"warmup_steps": 10}, {"weight_decay": 0.0},
+    {"adam_beta1": 0.0, "adam_beta2": 0.999999}, {"adam_epsilon": 1e-12}, {"max_grad_norm": 0.0},
+    {"dataloader_num_workers": 0}, {"seed": 0}, {"seed": 2**32 - 1}, {"data_seed": 0}, {"data_seed": 2**32 - 1},
+], ids=str)
+def test_inherited_trainer_values_at_their_bounds_are_accepted(values, tmp_path):
+    args = Stage2TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **values)
+    assert {name: getattr(args, name) for name in values} == values
+
+
+@pytest.mark.parametrize("where", ["flag", "config key"])
+def test_stage2_train_refuses_an_inherited_value_before_any_work(where, tmp_path, sample_tiles_dir, repo_root):
+    """The console script: one line naming the flag or the file and key, exit status 2, and neither the output folder
+    nor a converted dataset (NPZ tiles are converted into OUTPUT_DIR/_dataset) is left behind."""
+    out = tmp_path / "out"
+    if where == "flag":
+        config = write_config(tmp_path / "run.yaml")
+        extra, expected = ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps: "
+    else:
+        config = write_config(tmp_path / "run.yaml", seed=-1)
+        extra, expected = [], f"{config}: "
+    result = subprocess.run([*stage2_train_command(), "--config", str(config), "--data_dir", str(sample_tiles_dir),
+                             "--output_dir", str(out), *extra], cwd=repo_root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    message = ("gradient_accumulation_steps must be >= 1, got 0." if where == "flag"
+               else "seed must be in 0..4294967295 (numpy's seed range), got -1.")
+    assert lines == [f"stage2-train: {expected}{message}"]
+    assert result.stdout == "" and not out.exists()
 
 
 def test_yaml_values_are_converted_to_their_field_types(tmp_path):

@@ -38,6 +38,30 @@ logger = logging.getLogger(__name__)
 SPECTRAL_CORRECTION_INITS = ("spectral_fit", "linear_fit", "identity")
 
 
+# Inherited `TrainingArguments` fields that transformers leaves unchecked, as (name, valid(value, args), what it must
+# be): out of range they crash the run once it has started (a zero batch size, an optimizer or seed that refuses the
+# value) or make it train nothing, so they are refused with the other settings, before anything runs.
+_TRAINER_RANGES = (
+    ("learning_rate", lambda v, a: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("per_device_train_batch_size", lambda v, a: v >= 1, ">= 1"),
+    ("per_device_eval_batch_size", lambda v, a: v >= 1, ">= 1"),
+    ("gradient_accumulation_steps", lambda v, a: v >= 1, ">= 1"),
+    ("max_steps", lambda v, a: v > 0 or v == -1, "> 0, or -1 to train for the number of epochs"),
+    ("num_train_epochs", lambda v, a: a.max_steps > 0 or (math.isfinite(v) and v > 0),
+     "a finite number > 0 (or set max_steps > 0)"),
+    ("warmup_steps", lambda v, a: math.isfinite(v) and v >= 0,
+     "a finite number >= 0 (steps, or a ratio of the total steps when below 1)"),
+    ("weight_decay", lambda v, a: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: no weight decay)"),
+    ("adam_beta1", lambda v, a: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v, a: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v, a: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("max_grad_norm", lambda v, a: v >= 0, ">= 0 (0: no gradient clipping)"),
+    ("dataloader_num_workers", lambda v, a: v >= 0, ">= 0 (0: load in the main process)"),
+    ("seed", lambda v, a: 0 <= v <= 2**32 - 1, f"in 0..{2**32 - 1} (numpy's seed range)"),
+    ("data_seed", lambda v, a: v is None or 0 <= v <= 2**32 - 1, f"in 0..{2**32 - 1} (numpy's seed range) or unset"),
+)
+
+
 def greater_is_better(metric: str) -> bool:
     """Whether a larger `metric_for_best_model` is better: the metrics' own rule (`training.metrics.HIGHER_IS_BETTER`:
     PSNR and SSIM) for `[eval_][refined_]<metric>`; losses and every other name are smaller-is-better."""
@@ -308,6 +332,10 @@ class Stage2TrainingArguments(TrainingArguments):
                 )
             if value == 0:
                 setattr(self, name, None)
+        for name, valid, requirement in _TRAINER_RANGES:
+            value = getattr(self, name)
+            if not valid(value, self):
+                raise ValueError(f"{name} must be {requirement}, got {value}.")
         if self.eval_every_epochs is not None:
             # Placeholder until the Trainer knows the steps per epoch (see `resolve_epoch_intervals`).
             self.eval_strategy, self.eval_steps = "steps", 1

@@ -30,6 +30,7 @@ import torch
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2.vocabulary import QUANTIZATIONS
 from training.bootstrap import DEFAULT_RESAMPLES
+from modeling_stage2._signals import exit_on_termination
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,13 +95,14 @@ def report_rejected_tiles(dataset_dir: Path) -> list[dict]:
     """Print (stderr) every NPZ tile the conversion left out, with its reason: the evaluation does not cover them.
     Returns the records of `rejected.jsonl`."""
     from data_builders.build import REJECTED_FILE
+    from data_builders.tiles import TileError
 
     path = Path(dataset_dir) / REJECTED_FILE
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
         if path.is_file() else []
     for record in records:
-        print(f"stage2-evaluate: rejected {record['file']}: {record.get('key') or '-'}: {record['problem']} "
-              "(not evaluated)", file=sys.stderr)
+        reason = TileError(record["file"], record.get("key"), record["problem"])  # the builder's own wording
+        print(f"stage2-evaluate: rejected {reason} (not evaluated)", file=sys.stderr)
     return records
 
 
@@ -222,6 +224,7 @@ def _run(args, cache_dir) -> dict:
     return results
 
 
+@exit_on_termination
 def main(argv=None) -> int:
     """Console script `stage2-evaluate`: 0 on success, 2 for a usage or input error (one line on stderr)."""
     parser = build_parser()

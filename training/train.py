@@ -201,7 +201,9 @@ def parse_args(argv=None, *, without_devices: bool = False):
     parser.set_defaults(**file_values)
     values = vars(_parse_command_line(parser, rest))
     values.pop("config", None)
-    overrides = {key: value for key, value in values.items() if value != parser.get_default(key)}
+    # `is` first: a NaN from the file is its own default, though nan != nan
+    overrides = {key: value for key, value in values.items()
+                 if value is not parser.get_default(key) and value != parser.get_default(key)}
     settings = {**file_values, **overrides}
     sources = _Sources(known.config, file_values, overrides)
     if without_devices:

@@ -1,0 +1,115 @@
+"""Console scripts stop on SIGTERM and SIGHUP like on Ctrl-C: cleanups run, nothing half-written is left
+(`modeling_stage2._signals`)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from modeling_stage2._signals import TERMINATING_SIGNALS, exit_on_termination
+
+# A console script in miniature: an atomic write in progress when the signal comes.
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from modeling_stage2._files import atomic_file
+    from modeling_stage2._signals import exit_on_termination
+
+    @exit_on_termination
+    def main(target):
+        with atomic_file(target) as partial:
+            partial.write_text("half")
+            print("writing", flush=True)
+            time.sleep(60)
+        return 0
+
+    sys.exit(main(sys.argv[1]))
+""")
+
+
+def _start(target: Path, ignore_sighup: bool = False) -> subprocess.Popen:
+    def dispositions():  # in the child, before Python starts
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job's shell (CI) ignores SIGINT, and so would Python
+        if ignore_sighup:  # what nohup does
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT, str(target)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=dispositions)
+    assert process.stdout.readline() == "writing\n"  # the partial file exists now
+    assert len(list(target.parent.glob(f".{target.name}.partial-*"))) == 1
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_terminating_signal_runs_the_cleanups_and_exits_128_plus_n(tmp_path, signum):
+    target = tmp_path / "out.json"
+    process = _start(target)
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == 128 + signum  # what a shell reports for a process killed by the signal
+    assert list(tmp_path.iterdir()) == []  # neither the partial file nor a half-written target
+    stderr = process.stderr.read()
+    assert stderr == ("interrupted\n" if signum == signal.SIGINT else "")  # no traceback
+
+
+def test_without_the_decorator_the_partial_file_would_stay(tmp_path):
+    """What the decorator is for: Python's default SIGTERM ends the process without running `finally`."""
+    target = tmp_path / "out.json"
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT.replace("@exit_on_termination", ""), str(target)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == -signal.SIGTERM
+    assert len(list(tmp_path.glob(".out.json.partial-*"))) == 1
+
+
+def test_an_ignored_sighup_stays_ignored(tmp_path):
+    target = tmp_path / "out.json"
+    process = _start(target, ignore_sighup=True)
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert process.poll() is None  # still writing, as under nohup
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_previous_handlers_come_back_and_the_result_passes_through():
+    def handler(signum, frame):
+        pass
+
+    seen = {}
+
+    @exit_on_termination
+    def main(value):
+        seen.update({signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS})
+        return value + 1
+
+    previous = {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS}
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, handler)  # a caller's own handler is left in place
+    try:
+        assert main(1) == 2
+        assert seen[signal.SIGTERM] is not signal.SIG_DFL and seen[signal.SIGHUP] is handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is handler
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def test_every_console_script_but_stage2_train_is_decorated():
+    """`stage2-train` supervises a process tree and handles its signals itself (`training.train`)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].split("\n") if line)
+    assert len(scripts) == 9
+    wrapper_code = exit_on_termination(lambda: 0).__code__  # every function the decorator returns runs this code
+    for name, target in scripts.items():
+        module_name, function_name = target.split(":")
+        function = getattr(__import__(module_name, fromlist=[function_name]), function_name)
+        assert (function.__code__ is wrapper_code) == (name != "stage2-train"), name
