@@ -295,6 +295,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 @_signals.exit_on_termination
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    problem = _files.output_path_problem(args.output_dir, folder=True)
+    if problem is not None:
+        print(f"stage2-ingest-bigearthnet: error: --output_dir {args.output_dir}: {problem}", file=sys.stderr)
+        return 2
     try:
         summary = ingest_bigearthnet(args.lmdb, args.metadata, args.output_dir,
                                      include_cloudy_snowy=args.include_cloudy_snowy, max_patches=args.max_patches)

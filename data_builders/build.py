@@ -636,6 +636,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"stage2-build-dataset: error: --degradation: unknown preset {args.degradation!r} "
               f"(choose from {', '.join(DEGRADATION_CHOICES)})", file=sys.stderr)
         return 2
+    problem = _files_module().output_path_problem(args.output_dir, folder=True)
+    if problem is not None:
+        print(f"stage2-build-dataset: error: --output_dir {args.output_dir}: {problem}", file=sys.stderr)
+        return 2
     if args.degradation == MIXTURE and args.degradation_config:
         print("stage2-build-dataset: error: --degradation_config cannot be combined with --degradation mixture "
               "(it would apply to both of its presets); use mild or strong", file=sys.stderr)

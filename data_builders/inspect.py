@@ -21,6 +21,7 @@ from .build import upgrade_build_info
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
 _vocabulary = model_leaf("vocabulary")
+_files = model_leaf("_files")
 _signals = model_leaf("_signals")
 
 RGB_BANDS = (2, 1, 0)  # B04, B03, B02
@@ -209,9 +210,22 @@ def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = 
     figure.suptitle(f"{Path(path).name} / {split}: {len(indices)} of {len(dataset)} tiles", fontsize=10)
     figure.colorbar(image, ax=axes.ravel().tolist(), shrink=min(0.9, 0.5 + 0.1 * len(indices)), label="NDVI")
     output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output_png)
+    _check_plot_path(output_png)
+    with _files.atomic_file(output_png) as partial:
+        figure.savefig(partial, format=output_png.suffix[1:].lower())
     return output_png
+
+
+def _check_plot_path(path: Path) -> None:
+    """A preview is written in the format its suffix names (matplotlib's own list), and only where it can be."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--plot {path}: name the preview FILE.png (or .{', .'.join(sorted(formats))})")
+    problem = _files.output_path_problem(path)
+    if problem is not None:
+        raise ValueError(f"--plot {path}: {problem}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -228,6 +242,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.num_tiles = DEFAULT_PLOT_TILES
     if args.num_tiles < 1:
         parser.error(f"--num_tiles must be at least 1, got {args.num_tiles}")
+    if args.plot is not None:
+        try:
+            _check_plot_path(Path(args.plot))
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from modeling_stage2._files import output_path_problem
+from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.vocabulary import one_line_warnings
 
 from .loading import load_model
@@ -18,7 +20,6 @@ from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError,
     OUTPUT_SCALES, check_biome, check_month,
 )
-from modeling_stage2._signals import exit_on_termination
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +103,9 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
             parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
         if args.out_of_range_output is not None:
             parser.error("--out_of_range_output is for a scene; refined tiles carry the key out_of_range_weight")
+        problem = output_path_problem(args.output_dir, folder=True)
+        if problem is not None:
+            parser.error(f"--output_dir {args.output_dir}: {problem}")
         _tile_inputs(inputs, Path(args.output_dir))  # no tiles, clashing names, an output on an input: before loading
         if args.stage1_dir is not None and not Path(args.stage1_dir).is_dir():
             raise InferenceInputError(f"--stage1_dir {args.stage1_dir}: no such folder")
@@ -112,6 +116,9 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     for flag, path in (("--output", args.output), ("--out_of_range_output", args.out_of_range_output)):
         if path is not None and Path(path).suffix.lower() not in GEOTIFF_SUFFIXES:
             parser.error(f"{flag} {path}: a scene is written as a GeoTIFF; name it FILE.tif or FILE.tiff")
+        problem = output_path_problem(path) if path is not None else None
+        if problem is not None:
+            parser.error(f"{flag} {path}: {problem}")
     if args.month is None or args.biome is None:
         parser.error("a scene needs --month (1..12) and --biome (0..16); pass -1 for unknown")
     check_month(args.month, "--month")

@@ -19,10 +19,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
-from modeling_stage2._signals import exit_on_termination
 
 logger = logging.getLogger(__name__)
 

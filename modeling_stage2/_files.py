@@ -120,6 +120,19 @@ def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def output_path_problem(path: str | os.PathLike, *, folder: bool = False) -> str | None:
+    """What stops `path` from being written as a file (or, `folder=True`, made or filled as a folder): an entry of the
+    other kind already there, or a file where a parent folder must be. None when nothing does. Console scripts check
+    their outputs with it before the work whose result they will hold."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return "is a file; give a folder path" if folder else "is a folder; give a file path"
+    for parent in path.parents:  # the nearest one that exists must be a folder
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, so nothing can be written under it"
+    return None
+
+
 def partial_path(target: str | os.PathLike) -> Path:
     """A temporary name beside `target` (so the final rename stays on one file system), unique to this process and
     call, hidden, keeping the suffix (writers such as `np.savez` or GDAL choose the format by it)."""

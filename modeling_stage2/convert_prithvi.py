@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ._files import staged_folder
+from ._signals import exit_on_termination
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
 from .modeling_prithvi import PrithviEncoder, sincos_3d_table
-from ._signals import exit_on_termination
 
 logger = logging.getLogger(__name__)
 

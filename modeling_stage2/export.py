@@ -39,10 +39,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ._files import staged_folder
+from ._files import output_path_problem, staged_folder
+from ._signals import exit_on_termination
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
 from .vocabulary import OUT_OF_RANGE_WEIGHT
-from ._signals import exit_on_termination
 
 FORMATS = ("onnx", "torch_export")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -576,10 +576,11 @@ def model_card_section(info: dict[str, Any]) -> str:
 
 def _refuse_foreign_folder(output_dir: Path) -> None:
     """Replace a folder only when it is empty or holds an earlier export."""
+    problem = output_path_problem(output_dir, folder=True)
+    if problem is not None:
+        raise ExportError(f"OUTPUT {output_dir}: {problem}")
     if not output_dir.exists():
         return
-    if not output_dir.is_dir():
-        raise ExportError(f"OUTPUT {output_dir}: exists and is not a folder")
     if any(output_dir.iterdir()) and not (output_dir / EXPORT_INFO_FILE).is_file():
         raise ExportError(
             f"OUTPUT {output_dir}: holds other files (no {EXPORT_INFO_FILE}); choose a new or empty folder"

@@ -91,7 +91,13 @@ def _user_mistakes(tmp_path: Path, tiny_config: Path, dataset: Path) -> dict:
     typo.write_text(yaml.safe_dump({"learning_rat": 3.0}))
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00 not text")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     return {
+        "output_dir under a file": (["--config", str(tiny_config), *data, "--output_dir", str(a_file / "out")],
+                                    ["--output_dir", f"{a_file} is a file, so nothing can be written under it"]),
+        "output_dir is a file": (["--config", str(tiny_config), *data, "--output_dir", str(a_file)],
+                                 ["--output_dir", "is a file; give a folder path"]),
         "yaml key typo": (["--config", str(typo), *data, *out], [str(typo), "unknown key 'learning_rat'"]),
         "bad --data_dir": (["--config", str(tiny_config), "--data_dir", str(tmp_path / "nowhere"), *out],
                            ["--data_dir", "nowhere", "no such folder"]),
@@ -116,7 +122,7 @@ def _user_mistakes(tmp_path: Path, tiny_config: Path, dataset: Path) -> dict:
     }
 
 
-MISTAKES = ["yaml key typo", "bad --data_dir", "cli flag typo", "cli value type", "unreadable config",
+MISTAKES = ["output_dir under a file", "output_dir is a file", "yaml key typo", "bad --data_dir", "cli flag typo", "cli value type", "unreadable config",
             "config is a folder", "missing config", "range on the command line", "inherited range on the command line",
             "missing resume checkpoint", "accelerate option typo", "training flag before --"]
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from data_builders.degrade import DEGRADATION_CHOICES
+from modeling_stage2._files import output_path_problem
+from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.vocabulary import QUANTIZATIONS
 from training.bootstrap import DEFAULT_RESAMPLES
-from modeling_stage2._signals import exit_on_termination
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +234,9 @@ def main(argv=None) -> int:
         parser.error("--batch_size must be >= 1")
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0 (0 turns it off), got {args.bootstrap}")
+    problem = output_path_problem(args.json) if args.json else None
+    if problem is not None:  # found now, not after the evaluation
+        parser.error(f"--json {args.json}: {problem}")
     try:
         run(args)
     except (FileNotFoundError, ValueError) as error:
