@@ -15,7 +15,7 @@ from modeling_stage2.vocabulary import one_line_warnings
 from .loading import load_model
 from .raster import SceneSource
 from .scenes import SceneRefinementResult, refine_scene
-from .tiles import TileRefinementSummary, _tile_inputs, refine_tiles
+from .tiles import TileRefinementSummary, refine_tiles, tile_inputs
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError,
     OUTPUT_SCALES, check_biome, check_month,
@@ -106,7 +106,7 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
         problem = output_path_problem(args.output_dir, folder=True)
         if problem is not None:
             parser.error(f"--output_dir {args.output_dir}: {problem}")
-        _tile_inputs(inputs, Path(args.output_dir))  # no tiles, clashing names, an output on an input: before loading
+        tile_inputs(inputs, Path(args.output_dir))  # no tiles, clashing names, an output on an input: before loading
         if args.stage1_dir is not None and not Path(args.stage1_dir).is_dir():
             raise InferenceInputError(f"--stage1_dir {args.stage1_dir}: no such folder")
         return "tiles"

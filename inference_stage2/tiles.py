@@ -262,7 +262,8 @@ def _tile_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
     return [(path, Path(path.name)) for path in inputs]
 
 
-def _tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_dir: Path) -> list[tuple[Path, Path]]:
+def tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike],
+                output_dir: Path) -> list[tuple[Path, Path]]:
     """`[(tile path, output path relative to OUTPUT_DIR)]` for a folder (searched recursively, the outputs mirror its
     layout) or for NPZ files (outputs `OUTPUT_DIR/<file name>`); no output may be an input."""
     if isinstance(inputs, (str, os.PathLike)):
@@ -352,7 +353,7 @@ def refine_tiles(
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
     stage1 = Path(stage1_dir) if stage1_dir is not None else None
-    paths = _tile_inputs(inputs, output_dir)
+    paths = tile_inputs(inputs, output_dir)
     if stage1 is not None and not stage1.is_dir():
         raise InferenceInputError(f"stage1_dir {stage1}: no such folder")
     input_mode = "stage1" if stage1 is not None else "identity"
