@@ -47,8 +47,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import yaml  # noqa: E402
 
+from data_builders._leaves import model_leaf  # noqa: E402
 from data_builders.cache import ARROW_MARKER, dataset_cache_key, is_arrow_dataset  # noqa: E402,F401  (re-exported)
-from modeling_stage2._files import output_path_problem  # noqa: E402
 
 logger = logging.getLogger("training.train")
 
@@ -412,7 +412,7 @@ def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) ->
     _check_redraw(data_args)
     _check_resume(training_args, complete=check_checkpoint)
     _check_start_model(training_args)
-    problem = output_path_problem(training_args.output_dir, folder=True)
+    problem = model_leaf("_files").output_path_problem(training_args.output_dir, folder=True)  # without torch
     if problem is not None:
         raise UsageError(f"--output_dir {training_args.output_dir}: {problem}")
 
