@@ -60,6 +60,7 @@ from .degrade import (
     synthesize_opt_v1,
 )
 from ._leaves import model_leaf
+from .cache import ARROW_MARKER
 from .discovery import TileSpec, _list_s1, discover_tiles
 from .encoding import _encode_rows
 from .schema import _metadata_row, dataset_features, metadata_columns
@@ -230,7 +231,7 @@ def _chunks(split: str, specs: Sequence[TileSpec], columns: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- output folder
 def _is_built_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() and (path / BUILD_INFO_FILE).is_file()
+    return (path / ARROW_MARKER).is_file() and (path / BUILD_INFO_FILE).is_file()
 
 
 def _check_output_dir(output_dir: Path, inputs: dict) -> None:
@@ -577,7 +578,7 @@ def _stage(built: dict, fingerprints: dict, info: dict, rejected: list, staged: 
     for split, split_dataset in built.items():
         split_dataset.info.description = json.dumps(info, indent=1, sort_keys=True)
         _save_split(split_dataset, staged / split, fingerprints[split])
-    _write_json(staged / "dataset_dict.json", {"splits": list(built)})
+    _write_json(staged / ARROW_MARKER, {"splits": list(built)})
     _write_json(staged / BUILD_INFO_FILE, info)
     with open(staged / REJECTED_FILE, "w", encoding="utf-8") as handle:
         for record in rejected:

@@ -15,7 +15,7 @@ from modeling_stage2.vocabulary import one_line_warnings
 from .loading import load_model
 from .raster import SceneSource
 from .scenes import SceneRefinementResult, refine_scene
-from .tiles import TileRefinementSummary, refine_tiles, tile_inputs
+from .tiles import TileRefinementSummary, is_npz, refine_tiles, tile_inputs
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError,
     OUTPUT_SCALES, check_biome, check_month,
@@ -86,29 +86,15 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     for path in inputs:
         if not path.exists():
             raise InferenceInputError(f"input {path}: no such file or folder")
-    folders = [path for path in inputs if path.is_dir()]
-    npz_files = [path for path in inputs if path.is_file() and path.suffix.lower() == ".npz"]
-    if folders and len(inputs) > 1:
-        parser.error(f"--input: {folders[0]} is a folder; pass one folder of NPZ tiles, or .npz files, or GeoTIFF "
-                     "files (a scene), not a mix")
-    if npz_files and len(npz_files) < len(inputs):
-        other = next(path for path in inputs if path not in npz_files)
-        parser.error(f"--input mixes .npz tiles with {other}; NPZ tiles and a GeoTIFF scene are refined in separate "
-                     "runs")
-    if folders or npz_files:
-        what = "a tiles folder as --input needs" if folders else "NPZ tiles as --input need"
+    if any(path.is_dir() or is_npz(path) for path in inputs):  # a mix with anything else: `tile_inputs` says so
         if args.output_dir is None or args.output is not None:
-            parser.error(f"{what} --output_dir FOLDER (and no --output, which is for a GeoTIFF scene)")
+            parser.error("NPZ tiles (a folder or .npz files) as --input need --output_dir FOLDER (and no --output, "
+                         "which is for a GeoTIFF scene)")
         if args.month is not None or args.biome is not None:
             parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
         if args.out_of_range_output is not None:
             parser.error("--out_of_range_output is for a scene; refined tiles carry the key out_of_range_weight")
-        problem = output_path_problem(args.output_dir, folder=True)
-        if problem is not None:
-            parser.error(f"--output_dir {args.output_dir}: {problem}")
-        tile_inputs(inputs, Path(args.output_dir))  # no tiles, clashing names, an output on an input: before loading
-        if args.stage1_dir is not None and not Path(args.stage1_dir).is_dir():
-            raise InferenceInputError(f"--stage1_dir {args.stage1_dir}: no such folder")
+        tile_inputs(inputs, Path(args.output_dir), args.stage1_dir)  # everything that needs no model
         return "tiles"
     if args.output is None or args.output_dir is not None:
         parser.error("a GeoTIFF scene as --input (anything but a folder or .npz files) needs --output FILE.tif "

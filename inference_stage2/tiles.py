@@ -14,7 +14,7 @@ import torch
 
 from data_builders.tiles import BAND_KEYS as TILE_BAND_KEYS
 from data_builders.tiles import PICKLED_ARRAY, TILE_SIZE, TileError, load_npz, read_bands, read_stage1
-from modeling_stage2._files import atomic_file, write_json
+from modeling_stage2._files import atomic_file, output_path_problem, write_json
 from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_RANGE_WEIGHT, warn_deprecated
@@ -233,7 +233,8 @@ def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
     return paths
 
 
-def _is_npz(path: Path) -> bool:
+def is_npz(path: Path) -> bool:
+    """An NPZ tile by its name (the suffix in any case); a GeoTIFF is a scene (`GEOTIFF_SUFFIXES`)."""
     return path.suffix.lower() == ".npz"
 
 
@@ -248,7 +249,7 @@ def _tile_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
             )
         if not path.exists():
             raise InferenceInputError(f"input {path}: no such NPZ file")
-        if not _is_npz(path):
+        if not is_npz(path):
             if path.suffix.lower() in GEOTIFF_SUFFIXES:
                 raise InferenceInputError(f"input {path}: a GeoTIFF is a scene, refined with refine_scene "
                                           "(stage2-refine --output FILE.tif), not among NPZ tiles")
@@ -262,10 +263,17 @@ def _tile_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
     return [(path, Path(path.name)) for path in inputs]
 
 
-def tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike],
-                output_dir: Path) -> list[tuple[Path, Path]]:
+def tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_dir: Path,
+                stage1_dir: Path | None = None) -> list[tuple[Path, Path]]:
     """`[(tile path, output path relative to OUTPUT_DIR)]` for a folder (searched recursively, the outputs mirror its
-    layout) or for NPZ files (outputs `OUTPUT_DIR/<file name>`); no output may be an input."""
+    layout) or for NPZ files (outputs `OUTPUT_DIR/<file name>`). Every problem of a tiles run that needs no model
+    raises here, so that the CLI finds it before loading one: no output may be an input, `output_dir` must be
+    writable as a folder, `stage1_dir` must exist."""
+    problem = output_path_problem(output_dir, folder=True)
+    if problem is not None:
+        raise InferenceInputError(f"output_dir {output_dir}: {problem}")
+    if stage1_dir is not None and not Path(stage1_dir).is_dir():
+        raise InferenceInputError(f"stage1_dir {stage1_dir}: no such folder")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths = [Path(path) for path in inputs]
@@ -353,9 +361,7 @@ def refine_tiles(
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
     stage1 = Path(stage1_dir) if stage1_dir is not None else None
-    paths = tile_inputs(inputs, output_dir)
-    if stage1 is not None and not stage1.is_dir():
-        raise InferenceInputError(f"stage1_dir {stage1}: no such folder")
+    paths = tile_inputs(inputs, output_dir, stage1)
     input_mode = "stage1" if stage1 is not None else "identity"
     summary = TileRefinementSummary(output_dir=output_dir, input_mode=input_mode)
     metrics = _metrics_module() if stage1 is not None else None

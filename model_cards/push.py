@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_builders.cache import ARROW_MARKER
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
@@ -196,7 +197,7 @@ def push_dataset(
 
 
 def _check_saved_dataset(folder: Path) -> None:
-    if not ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
+    if not ((folder / ARROW_MARKER).is_file() or (folder / "state.json").is_file()):
         raise CardError(f"{folder}: not a dataset saved with save_to_disk (no dataset_dict.json or "
                         f"state.json); {_dataset_hint(folder)}")
 

@@ -760,7 +760,7 @@ def test_cli_argument_errors(dn_scene, tmp_path, capsys):
     assert exit_info.value.code == 2 and "needs --month" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "o.tif")])
-    assert "needs --output_dir" in capsys.readouterr().err
+    assert "as --input need --output_dir FOLDER" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", "m", "--input", str(path), "--output", str(tmp_path / "o.tif"), "--num_threads", "0"])
     assert "--num_threads must be at least 1" in capsys.readouterr().err
@@ -778,13 +778,12 @@ def test_cli_argument_errors_with_npz_files(few_tiles, dn_scene, tmp_path, capsy
     tile = sorted(few_tiles.rglob("*.npz"))[0]
     upper = tmp_path / "TILE.NPZ"  # the suffix in any case
     shutil.copy(tile, upper)
+    need_output_dir = "NPZ tiles (a folder or .npz files) as --input need --output_dir FOLDER"
     for inputs, outputs, message in (
-        ([tile], ["--output", str(tmp_path / "x.tif")], "NPZ tiles as --input need --output_dir FOLDER"),
-        ([upper], [], "NPZ tiles as --input need --output_dir FOLDER"),
-        ([tile, upper], ["--output_dir", str(tmp_path / "out"), "--output", str(tmp_path / "x.tif")],
-         "NPZ tiles as --input need --output_dir"),
-        ([tile, scene], ["--output", str(tmp_path / "x.tif")], f"--input mixes .npz tiles with {scene}"),
-        ([few_tiles, tile], ["--output_dir", str(tmp_path / "out")], f"--input: {few_tiles} is a folder"),
+        ([tile], ["--output", str(tmp_path / "x.tif")], need_output_dir),
+        ([upper], [], need_output_dir),
+        ([tile, upper], ["--output_dir", str(tmp_path / "out"), "--output", str(tmp_path / "x.tif")], need_output_dir),
+        ([tile, scene], ["--output", str(tmp_path / "x.tif")], need_output_dir),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["--model", "m", "--input", *map(str, inputs), *outputs, "--no_progress"])
@@ -801,7 +800,9 @@ def test_cli_argument_errors_with_npz_files(few_tiles, dn_scene, tmp_path, capsy
         ([str(tile), str(twin), "--output_dir", str(tmp_path / "out")], "have the same file name"),
         ([str(tile), "--output_dir", str(tile.parent)], "would overwrite the input"),
         ([str(tile), "--output_dir", str(tmp_path / "out"), "--stage1_dir", str(tmp_path / "nope")],
-         "--stage1_dir"),
+         f"stage1_dir {tmp_path / 'nope'}: no such folder"),
+        ([str(tile), str(scene), "--output_dir", str(tmp_path / "out")], f"input {scene}: a GeoTIFF is a scene"),
+        ([str(few_tiles), str(tile), "--output_dir", str(tmp_path / "out")], f"input {few_tiles} is a folder among"),
     ):
         assert main(["--model", str(tmp_path / "no_model_here"), "--input", *arguments, "--no_progress"]) == 2
         err = capsys.readouterr().err

@@ -70,7 +70,7 @@ def test_stage2_refine_tiles_output_dir(paths, sample_tiles_dir, where, capsys):
     tile = sorted((sample_tiles_dir / "test").glob("*.npz"))[0]
     argv = ["--model", str(paths["new"]), "--input", str(tile), "--output_dir", str(paths[where])]
     assert _exit_status(main, argv) == 2
-    assert f"--output_dir {paths[where]}: " in capsys.readouterr().err
+    assert f"stage2-refine: error: output_dir {paths[where]}: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where, message", [
