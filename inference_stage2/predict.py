@@ -3,13 +3,14 @@ kept `opt_v1`, for a model that says so) out."""
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.bands import BAND_NAMES, DigitalNumbersWarning
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .values import (
@@ -59,7 +60,10 @@ def _forward(
     the model's signature works; the weight (B, H, W) is the output's `out_of_range_weight` where it has one (a
     refiner that keeps `opt_v1` somewhere, `config.keeps_opt_v1`).
     """
-    output = model(opt_v1=opt_v1, month=month, biome=biome)
+    with warnings.catch_warnings():
+        # The band values were checked where they were read, with the file's name (`values.to_reflectance`).
+        warnings.simplefilter("ignore", DigitalNumbersWarning)
+        output = model(opt_v1=opt_v1, month=month, biome=biome)
     refined = getattr(output, "refined", None)
     if refined is None:
         refined = output[0] if isinstance(output, (tuple, list)) else output

@@ -7,7 +7,9 @@ from typing import Any, Callable
 import numpy as np
 
 from data_builders.tiles import TILE_SIZE, dn_to_reflectance
-from modeling_stage2.bands import NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+from modeling_stage2.bands import (
+    DN_CHECK_SAMPLE, DN_LOOKING_MEDIAN, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA, DigitalNumbersWarning,
+)
 
 
 INPUT_SCALES = ("auto", "reflectance", "dn")
@@ -16,8 +18,6 @@ DEFAULT_WINDOW = TILE_SIZE
 DEFAULT_OVERLAP = 32
 DEFAULT_BATCH_SIZE = 8
 GEOTIFF_SUFFIXES = (".tif", ".tiff")  # a scene's files; NPZ tiles are ".npz"
-# Reflectance above this median is almost certainly digital numbers passed as floats.
-_DN_LOOKING_MEDIAN = 2.0
 
 
 class InferenceInputError(ValueError):
@@ -59,12 +59,13 @@ def to_reflectance(
 
 def _warn_if_looks_like_dn(reflectance: np.ndarray, source: str) -> None:
     flat = reflectance.ravel()
-    sample = flat[:: max(1, flat.size // 65536)]
+    sample = flat[:: max(1, flat.size // DN_CHECK_SAMPLE)]
     sample = sample[np.isfinite(sample)]
-    if sample.size and float(np.median(sample)) > _DN_LOOKING_MEDIAN:
+    if sample.size and float(np.median(sample)) > DN_LOOKING_MEDIAN:
         warnings.warn(
             f"{source}: float values with median {float(np.median(sample)):.1f} look like digital numbers "
             "(reflectance x 10000), not reflectance in 0..1; pass input_scale='dn' (--input_scale dn) if so",
+            DigitalNumbersWarning,
             stacklevel=3,
         )
 

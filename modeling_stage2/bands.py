@@ -15,3 +15,13 @@ NUM_MONTHS: int = 12
 
 NUM_BIOMES: int = 17
 """Biomes are coded 0..16, IGBP-like (the refiner's default `num_biomes`)."""
+
+DN_LOOKING_MEDIAN: float = 2.0
+"""Reflectance whose median is above this is almost certainly digital numbers (reflectance x 10000) passed as floats."""
+
+DN_CHECK_SAMPLE: int = 65536
+"""How many values (an even stride through the image) the digital-number check takes the median of."""
+
+
+class DigitalNumbersWarning(UserWarning):
+    """Float band values look like digital numbers (reflectance x 10000) where reflectance 0..1 is expected."""

@@ -50,6 +50,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from .configuration_prithvi import PrithviConfig, canonical_band_name
+from .bands import DN_CHECK_SAMPLE, DN_LOOKING_MEDIAN, DigitalNumbersWarning
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
 from .modeling_prithvi import PrithviEncoder
 
@@ -437,6 +438,14 @@ class Stage2SpectralRange(nn.Module):
         self.threshold.copy_(threshold)
 
 
+def looks_like_digital_numbers(opt_v1: torch.Tensor) -> bool:
+    """Whether float band values look like digital numbers (reflectance x 10000): the median of an even sample of
+    `DN_CHECK_SAMPLE` values is above `DN_LOOKING_MEDIAN` (sampled, so the check costs little on large batches)."""
+    flat = opt_v1.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // DN_CHECK_SAMPLE)]
+    return bool(sample.numel()) and float(sample.float().median()) > DN_LOOKING_MEDIAN
+
+
 class Stage2InputNormalizer(nn.Module):
     """Reflectance (0..1) -> the backbone's normalised input: (reflectance * 10000 - mean) / std per band."""
 
@@ -719,6 +728,14 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
             raise TypeError(f"opt_v1 must hold float reflectance (0..1), got dtype {opt_v1.dtype}.")
         if not torch.isfinite(opt_v1).all():
             raise ValueError("opt_v1 contains NaN or infinite values; fill or mask invalid pixels before refining.")
+        if looks_like_digital_numbers(opt_v1):
+            # A warning, not an error: a generator may put out unusual values, but DN would be refined as nonsense.
+            warnings.warn(
+                f"opt_v1 looks like digital numbers (median above {DN_LOOKING_MEDIAN:g}), not reflectance 0..1; "
+                "divide digital numbers by 10000 before refining.",
+                DigitalNumbersWarning,
+                stacklevel=2,
+            )
 
     @staticmethod
     def _check_metadata(values, name: str, low: int, high: int, batch_size: int) -> torch.Tensor:

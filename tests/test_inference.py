@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from inference_stage2 import (
     window_starts,
 )
 from inference_stage2.windows import StripAccumulator, blend_ramp
+from modeling_stage2.bands import DigitalNumbersWarning
 
 rasterio = pytest.importorskip("rasterio")
 from rasterio.transform import from_origin  # noqa: E402
@@ -872,6 +874,16 @@ def test_real_untrained_model_returns_the_scene_unchanged(small_dn_scene, tmp_pa
 def _delta_jumps(refined: np.ndarray, reflectance: np.ndarray, axis: int) -> np.ndarray:
     """Mean |step| of the refinement (refined - input) between neighbouring rows (axis 1) or columns (2)."""
     return np.abs(np.diff(refined - reflectance, axis=axis)).mean(axis=(0, 3 - axis))
+
+
+def test_real_model_float_digital_numbers_warn_once_naming_the_input(perturbed_tiny_refiner):
+    # The model warns too when called directly; inference checked the values where it read them, so one warning.
+    dn = smooth_scene(120, 120).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        refine_arrays(perturbed_tiny_refiner, dn, 7, 4)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DigitalNumbersWarning)]
+    assert len(messages) == 1 and messages[0].startswith("opt_v1: float values with median"), messages
 
 
 def test_real_model_blended_scene_is_smooth_across_window_borders(perturbed_tiny_refiner, tmp_path):

@@ -24,7 +24,8 @@ from modeling_stage2 import (
     Stage2RefinerModel,
     Stage2RefinerOutput,
 )
-from modeling_stage2.modeling_stage2 import cyclic_month_encoding
+from modeling_stage2.bands import DN_LOOKING_MEDIAN, DigitalNumbersWarning
+from modeling_stage2.modeling_stage2 import cyclic_month_encoding, looks_like_digital_numbers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -253,6 +254,36 @@ def test_bad_opt_v1_gives_a_clear_error(model):
     bad[0, 1, 3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         model(bad, month, biome)
+
+
+def _digital_numbers_warnings(model, opt_v1) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(opt_v1, torch.tensor([1] * len(opt_v1)), torch.tensor([0] * len(opt_v1)))
+    return [w for w in caught if issubclass(w.category, DigitalNumbersWarning)]
+
+
+def test_digital_numbers_passed_as_reflectance_give_one_warning(model):
+    reflectance = torch.rand(2, 4, 20, 20) * 0.4
+    assert _digital_numbers_warnings(model, reflectance) == []
+    # Bright clouds and snow reach reflectance 1-2 on every band: still reflectance.
+    assert _digital_numbers_warnings(model, reflectance + 1.5) == []
+    caught = _digital_numbers_warnings(model, reflectance * 10000)
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        "opt_v1 looks like digital numbers (median above 2), not reflectance 0..1; divide digital numbers by 10000 "
+        "before refining."
+    )
+
+
+def test_the_digital_numbers_check_is_the_median_of_an_even_sample():
+    values = torch.full((1, 4, 300, 300), 0.3)
+    values.view(-1)[: values.numel() // 2 - 100] = 3000.0  # just under half the values look like DN
+    assert not looks_like_digital_numbers(values)
+    values.view(-1)[: values.numel() // 2 + 100] = 3000.0  # just over half
+    assert looks_like_digital_numbers(values)
+    assert looks_like_digital_numbers(torch.full((1, 4, 2, 2), DN_LOOKING_MEDIAN + 0.01))
+    assert not looks_like_digital_numbers(torch.full((1, 4, 2, 2), DN_LOOKING_MEDIAN))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
