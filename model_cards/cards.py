@@ -280,11 +280,12 @@ def build_model_card(
         base_model=base_model,
         base_model_url=f"https://huggingface.co/{base_model}" if base_model else None,
         bands=list(model_config.get("bands") or ("B02", "B03", "B04", "B08")),
-        backbone=_describe_backbone(model_config),
+        architecture=_describe_architecture(model_config),
         adaptation=_describe_adaptation(adapter_config, model_config),
         quantization=_describe_quantization(
             {"quantization": quantization} if quantization else training_config, model_config),
-        contents=contents or _describe_contents(library_name, has_code),
+        contents=contents or _describe_contents(
+            library_name, has_code, named=bool((adapter_config or {}).get("modules_to_save"))),
         library_name=library_name,
         has_code=has_code,
         license=license,
@@ -321,6 +322,36 @@ def _describe_backbone(model_config: Mapping) -> str:
     return ", ".join(parts) or "configuration in `config.json`"
 
 
+def _describe_architecture(model_config: Mapping) -> str:
+    """The refiner's parts in the order of its forward pass, from its config (absent keys: the config's defaults,
+    which are those of models saved before each part existed)."""
+    parts = ["month/biome embedding + fusion", f"Prithvi-EO-2.0 encoder ({_describe_backbone(model_config)})"]
+    correction = model_config.get("spectral_correction", "none")
+    if correction == "shared":
+        parts.append("one 4x4 + bias colour correction of `opt_v1` for every tile")
+    elif correction == "affine":
+        parts.append("a 4x4 + bias colour correction of `opt_v1` per tile, from the tile's features, month and biome")
+    hidden = model_config.get("spectral_mlp_hidden_size", 0)
+    if hidden:
+        parts.append(f"a per-pixel spectral MLP (hidden width {hidden}), a non-linear colour correction")
+    blocks, width = model_config.get("num_convnext_blocks"), model_config.get("head_width")
+    shape = f" ({blocks} blocks, width {width})" if blocks and width else ""
+    parts.append(f"ConvNeXt head{shape} adding a local residual")
+    text = " -> ".join(parts)
+    kept = []
+    if model_config.get("out_of_range_fallback"):
+        kept.append("`opt_v1` at pixels whose spectrum lies outside the training spectra")
+    if model_config.get("near_black_fallback"):
+        what = "`opt_v1`'s NDVI" if model_config.get("near_black_keep") == "ndvi" else "`opt_v1`"
+        kept.append(f"{what} at near-black pixels (red + NIR reflectance up to "
+                    f"{model_config.get('near_black_threshold')})")
+    if kept:
+        text += "; keeps " + " and ".join(kept)
+    if model_config.get("nonnegative_output"):
+        text += "; output clamped at 0 reflectance"
+    return text
+
+
 def _describe_adaptation(adapter_config: Mapping | None, model_config: Mapping) -> str:
     targets = model_config.get("lora_target_modules") or ("qkv", "proj", "fc1", "fc2")
     blocks = model_config.get("unfreeze_last_n_blocks")
@@ -354,10 +385,12 @@ def _describe_quantization(training_config: Mapping | None, model_config: Mappin
     return names.get(str(value), str(value))
 
 
-def _describe_contents(library_name: str, has_code: bool) -> str:
-    text = ("the LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`), the trainable non-backbone "
-            "modules (metadata embedding, fusion, head) and the refiner config; the backbone weights are not "
-            "included" if library_name == "peft" else "the full refiner weights (`model.safetensors`) and config")
+def _describe_contents(library_name: str, has_code: bool, named: bool) -> str:
+    """`named`: the Adaptation row lists the modules saved with the adapter."""
+    modules = "the non-backbone modules trained or fitted beside it" + (" (named under Adaptation)" if named else "")
+    text = (f"the LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`), {modules} and the refiner "
+            "config; the backbone weights are not included" if library_name == "peft"
+            else "the full refiner weights (`model.safetensors`) and config")
     return text + ("; the modeling code" if has_code else "")
 
 

@@ -207,6 +207,49 @@ def test_the_card_tells_fitted_modules_from_trained_ones(tmp_path):
     assert "; trained in full: fusion, head; fitted before training: spectral_range" in text
 
 
+BACKBONE_300M = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "patch_size": [1, 16, 16]}
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        # A model saved before the colour parts existed (their config defaults): the head's residual only.
+        ({"backbone_config": BACKBONE_300M},
+         "month/biome embedding + fusion -> Prithvi-EO-2.0 encoder (embed_dim 1024, depth 24, num_heads 16, "
+         "patch 1x16x16) -> ConvNeXt head adding a local residual"),
+        ({"spectral_correction": "shared", "spectral_mlp_hidden_size": 32, "num_convnext_blocks": 2,
+          "head_width": 32, "nonnegative_output": True},
+         "month/biome embedding + fusion -> Prithvi-EO-2.0 encoder (configuration in `config.json`) -> one 4x4 + "
+         "bias colour correction of `opt_v1` for every tile -> a per-pixel spectral MLP (hidden width 32), a "
+         "non-linear colour correction -> ConvNeXt head (2 blocks, width 32) adding a local residual; output "
+         "clamped at 0 reflectance"),
+        ({"spectral_correction": "affine", "out_of_range_fallback": True, "near_black_fallback": True,
+          "near_black_keep": "ndvi", "near_black_threshold": 0.02},
+         "month/biome embedding + fusion -> Prithvi-EO-2.0 encoder (configuration in `config.json`) -> a 4x4 + bias "
+         "colour correction of `opt_v1` per tile, from the tile's features, month and biome -> ConvNeXt head adding "
+         "a local residual; keeps `opt_v1` at pixels whose spectrum lies outside the training spectra and "
+         "`opt_v1`'s NDVI at near-black pixels (red + NIR reflectance up to 0.02)"),
+        ({"near_black_fallback": True, "near_black_threshold": 0.05},
+         "month/biome embedding + fusion -> Prithvi-EO-2.0 encoder (configuration in `config.json`) -> ConvNeXt "
+         "head adding a local residual; keeps `opt_v1` at near-black pixels (red + NIR reflectance up to 0.05)"),
+    ],
+)
+def test_the_architecture_row_names_the_parts_the_config_turns_on(config, expected):
+    text = build_model_card(METRICS, model_config=config).text
+    assert table_row(text, "Architecture") == ["Architecture", expected]
+
+
+def test_what_the_repo_holds_points_at_the_adapters_modules_where_the_card_names_them():
+    adapter = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["head", "spectral_mlp"]}
+    named = table_row(build_model_card(METRICS, adapter_config=adapter).text, "What this repo holds")[1]
+    assert "the non-backbone modules trained or fitted beside it (named under Adaptation) and" in named
+    assert "trained in full: head, spectral_mlp" in build_model_card(METRICS, adapter_config=adapter).text
+    unnamed = table_row(build_model_card(METRICS).text, "What this repo holds")[1]
+    assert "the non-backbone modules trained or fitted beside it and the refiner config" in unnamed
+    full = table_row(build_model_card(METRICS, library_name="transformers").text, "What this repo holds")[1]
+    assert full == "the full refiner weights (`model.safetensors`) and config"
+
+
 def test_write_model_card_reads_the_folder(tmp_path):
     folder = _model_folder(tmp_path / "best")
     (folder / "metrics.json").write_text(json.dumps(METRICS))
