@@ -328,7 +328,7 @@ def test_training_starts_the_branch_at_the_fit_of_the_training_split(sample_data
     from datasets import load_from_disk
 
     from training.args import Stage2TrainingArguments
-    from training.train import start_spectral_correction
+    from training.warm_start import start_spectral_correction
     from training.trainer import CHECKPOINT_COMPLETE_NAME
 
     train_split = load_from_disk(str(sample_dataset_dir))["train"]
@@ -369,7 +369,7 @@ def test_the_spectral_fit_lowers_the_spectral_loss_of_the_least_squares_fit(samp
     from training.args import Stage2TrainingArguments
     from training.linear_fit import fit_spectral_correction
     from training.losses import SpectralLoss
-    from training.train import start_spectral_correction
+    from training.warm_start import start_spectral_correction
 
     train_split = load_from_disk(str(sample_dataset_dir))["train"]
     spectral = fit_spectral_correction(train_split, steps=60, seed=0)

@@ -158,7 +158,7 @@ def test_the_spectral_fit_also_fits_the_mlp_on_top_of_the_affine_map(sample_data
     from training.args import Stage2TrainingArguments
     from training.linear_fit import fit_spectral_correction
     from training.losses import SpectralLoss
-    from training.train import start_spectral_correction
+    from training.warm_start import start_spectral_correction
 
     train_split = load_from_disk(str(sample_dataset_dir))["train"]
     affine_only = fit_spectral_correction(train_split, steps=40, seed=0)
@@ -182,6 +182,39 @@ def test_the_spectral_fit_also_fits_the_mlp_on_top_of_the_affine_map(sample_data
         output_dir="unused", quantization="none", report_to="none"))
     assert said == f"spectral_fit of {len(train_split)} training tiles"
     assert float(model.spectral_mlp.output.weight.detach().abs().max()) > 1e-3
+
+
+def _fit_on(device: str, train_split) -> tuple[Stage2SpectralMLP, list[int]]:
+    from training.linear_fit import fit_spectral_correction
+
+    torch.manual_seed(0)
+    mlp = mlp_model(spectral_correction="shared").spectral_mlp.to(device)
+    ids = [id(parameter) for parameter in mlp.parameters()]
+    fit_spectral_correction(train_split, steps=20, seed=0, spectral_mlp=mlp)
+    return mlp, ids
+
+
+def test_the_spectral_mlp_is_fitted_in_place_where_it_lives(sample_dataset_dir):
+    """The fit runs on a CPU copy and writes back into the MLP's own parameters (the ones peft saves and the
+    optimizer will get), on its own device."""
+    from datasets import load_from_disk
+
+    train_split = load_from_disk(str(sample_dataset_dir))["train"]
+    mlp, ids = _fit_on("cpu", train_split)
+    assert [id(parameter) for parameter in mlp.parameters()] == ids
+    assert float(mlp.output.weight.detach().abs().max()) > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a quantized refiner is on the GPU from the start")
+def test_a_spectral_mlp_on_the_gpu_is_fitted_to_the_bits_of_the_cpu_fit(sample_dataset_dir):
+    from datasets import load_from_disk
+
+    train_split = load_from_disk(str(sample_dataset_dir))["train"]
+    on_cpu, _ = _fit_on("cpu", train_split)
+    on_gpu, ids = _fit_on("cuda", train_split)
+    assert [id(parameter) for parameter in on_gpu.parameters()] == ids
+    for expected, fitted in zip(on_cpu.parameters(), on_gpu.parameters()):
+        assert fitted.device.type == "cuda" and torch.equal(fitted.cpu(), expected)
 
 
 class _GainPerLabel(torch.nn.Module):

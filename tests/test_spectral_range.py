@@ -241,7 +241,8 @@ def test_training_fits_the_range_on_the_training_split_unless_resuming(sample_da
     from datasets import load_from_disk
 
     from training.args import Stage2TrainingArguments
-    from training.train import refiner_config, start_spectral_range
+    from training.train import refiner_config
+    from training.warm_start import start_spectral_range
     from training.trainer import CHECKPOINT_COMPLETE_NAME
 
     train_split = load_from_disk(str(sample_dataset_dir))["train"]

@@ -729,7 +729,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
     table = datasets.Dataset.from_dict({"target": target, "opt_v1": opt_v1, "month": [1, 2, 3, 4],
                                         "biome": [0, 1, 2, 3], "valid_mask": np.ones((4, 120, 120), bool)})
     config = write_config(tmp_path / "c.yaml", eval_every_epochs=None, save_every_epochs=None, eval_strategy="no",
-                          save_strategy="no", num_train_epochs=1)
+                          save_strategy="no", num_train_epochs=1, spectral_correction_init="identity")
     training_args, _, _ = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
     snapshots = SnapshotTrainable()
     model = build_model(training_args, print_summary=False)
@@ -746,6 +746,71 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path):
     assert trainer.disc_steps == 1 and trainer.disc_skipped_steps == 1
     logged = records(tmp_path / "out" / "training_log.jsonl", "train")
     assert [r["nonfinite_skipped_steps"] for r in logged] == [0, 1]
+
+
+def _python_trainer(tmp_path: Path, train_dataset, **overrides):
+    """A `Stage2Trainer` built in Python, as docs/training.md shows, for one optimizer step."""
+    from training.trainer import Stage2Trainer
+
+    config = write_config(tmp_path / "c.yaml", eval_every_epochs=None, save_every_epochs=None, eval_strategy="no",
+                          save_strategy="no", max_steps=1, **overrides)
+    training_args, _, _ = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    return Stage2Trainer(model=build_model(training_args, print_summary=False), args=training_args,
+                         train_dataset=train_dataset)
+
+
+def test_a_trainer_built_in_python_starts_from_the_fits_of_its_training_split(sample_dataset_dir, tmp_path):
+    """`train()` fits the spectral correction and the range of the training spectra on the training split before
+    the first step, as `stage2-train` does (a trainer built in Python used to start at the identity, unfitted)."""
+    import datasets
+
+    from data_builders import make_eval_transform
+    from training.data import TileDataset
+    from training.linear_fit import LinearColorFit, spectral_corrections
+    from training.spectral_range import fit_spectral_range_of_dataset, spectral_ranges
+
+    split = datasets.load_from_disk(str(sample_dataset_dir))["train"].select(range(4))
+    trainer = _python_trainer(tmp_path, TileDataset(split, make_eval_transform()), spectral_correction="shared",
+                              spectral_correction_init="linear_fit", out_of_range_fallback=True)
+    correction, = spectral_corrections(trainer.model)
+    spectral_range, = spectral_ranges(trainer.model)
+    assert torch.equal(correction.matrix.detach(), torch.eye(4)) and not spectral_range.is_fitted
+    trainer.train()
+    expected = LinearColorFit.from_dataset(split)
+    assert float((expected.matrix - torch.eye(4, dtype=expected.matrix.dtype)).abs().max()) > 0.05
+    # One Adam step at lr 1e-3 moves each entry by about 1e-3: the start was the fit, not the identity.
+    torch.testing.assert_close(correction.matrix.detach(), expected.matrix.float(), atol=3e-3, rtol=0)
+    expected_range = fit_spectral_range_of_dataset(split, spectral_range.log_offset, quantile=0.99)
+    assert float(spectral_range.threshold) == pytest.approx(expected_range.threshold, rel=1e-6)
+    records = {"spectral_correction_init": "linear_fit of 4 training tiles",
+               "out_of_range_fallback": "99th percentile of 4 training tiles"}
+    assert {key: trainer.training_config[key] for key in records} == records
+    assert {key: trainer.training_config_record()[key] for key in records} == records  # best/training_config.json
+    # Once: a second start (or a second train()) does not fit again over what training reached.
+    with torch.no_grad():
+        correction.matrix.add_(0.5)
+    reached = correction.matrix.detach().clone()
+    assert trainer.start_fitted_modules() == records
+    assert torch.equal(correction.matrix.detach(), reached)
+
+
+def test_a_trainer_that_cannot_read_its_training_split_says_how_to_fix_it(tmp_path):
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise AssertionError("no row is read before the check")
+
+    trainer = _python_trainer(tmp_path, Rows(), spectral_correction="shared", spectral_correction_init="spectral_fit")
+    with pytest.raises(ValueError, match=r"spectral_correction_init='spectral_fit'.*got a Rows\. Pass "
+                                         r"train_dataset=training\.data\.TileDataset\(split, transform\)"):
+        trainer.train()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("checkpoint-*"))
+    # Started at the identity and without the range, nothing is fitted, so any dataset will do.
+    assert _python_trainer(tmp_path, Rows(), spectral_correction="shared", spectral_correction_init="identity"
+                           ).start_fitted_modules() == {"spectral_correction_init": "identity",
+                                                        "out_of_range_fallback": None}
 
 
 def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys, repo_root):

@@ -17,6 +17,7 @@ reflectance error alike, while NDVI, EVI and the spectral angle care about band 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,8 +195,14 @@ def _fit_spectral_correction(dataset, loss, steps, batch_tiles, learning_rate, n
     fitted = ColorFitResult(matrix=matrix.detach().double(), bias=bias.detach().double(), pixels=start.pixels,
                             tiles=start.tiles)
     if spectral_mlp is not None:
-        fit([p for p in spectral_mlp.parameters() if p.requires_grad],
-            lambda x, conditioning: spectral_mlp(fitted.apply(x), *conditioning), mlp_batch_tiles)
+        # Fitted on a CPU copy, whatever device the refiner is on (a quantized one is on the GPU from the start): the
+        # split is read on the CPU, and one CPU thread gives the same bits everywhere.
+        on_cpu = copy.deepcopy(spectral_mlp).to("cpu")
+        fit([p for p in on_cpu.parameters() if p.requires_grad],
+            lambda x, conditioning: on_cpu(fitted.apply(x), *conditioning), mlp_batch_tiles)
+        with torch.no_grad():
+            for fitted_parameter, parameter in zip(on_cpu.parameters(), spectral_mlp.parameters()):
+                parameter.copy_(fitted_parameter)
     return fitted
 
 

@@ -502,60 +502,6 @@ def build_model(training_args, print_summary: bool = True):
                                  print_summary=print_summary, **lora)
 
 
-def start_spectral_correction(model, train_split, training_args, redraw=None) -> str | None:
-    """Start the refiner's shared spectral correction as `spectral_correction_init` says; returns what it did
-    ("spectral_fit of N tiles", "linear_fit of N tiles", "identity"), or None for a refiner without the branch or
-    a resumed run."""
-    from training.linear_fit import (
-        LinearColorFit,
-        fit_spectral_correction,
-        set_shared_spectral_correction,
-        spectral_corrections,
-        spectral_mlps,
-    )
-    from training.trainer import build_loss, resolve_resume_checkpoint
-
-    init = training_args.spectral_correction_init
-    if not spectral_corrections(model):
-        return None
-    if resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False):
-        return None  # the checkpoint holds the correction reached so far
-    if init == "identity":
-        return "identity"
-    if init == "spectral_fit":
-        nonnegative = bool(getattr(model.config, "nonnegative_output", False))
-        mlps = spectral_mlps(model)  # fitted with the correction: pixel-level, every training pixel teaches it
-        fit = fit_spectral_correction(train_split, loss=build_loss(training_args).spectral, nonnegative=nonnegative,
-                                      seed=training_args.seed, spectral_mlp=mlps[0] if mlps else None,
-                                      redraw=redraw)
-    else:
-        fit = LinearColorFit.from_dataset(train_split)
-    set_shared_spectral_correction(model, fit)
-    fitted_mlp = " and the spectral MLP fitted on top of it" if init == "spectral_fit" and spectral_mlps(model) else ""
-    logger.info(f"The spectral correction starts at the {init} colour correction of {fit.tiles} training tiles "
-                f"({fit.pixels:,} valid pixels){fitted_mlp}.")
-    return f"{init} of {fit.tiles} training tiles"
-
-
-def start_spectral_range(model, train_split, training_args) -> str | None:
-    """Fit the range of the training spectra of a refiner with `out_of_range_fallback` on the training split;
-    returns what it did, or None for a refiner without it or a resumed run (the checkpoint has it)."""
-    from training.spectral_range import fit_spectral_range_of_dataset, set_spectral_range, spectral_ranges
-    from training.trainer import resolve_resume_checkpoint
-
-    modules = spectral_ranges(model)
-    if not modules:
-        return None
-    if resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False):
-        return None
-    fit = fit_spectral_range_of_dataset(train_split, modules[0].log_offset, training_args.out_of_range_quantile)
-    set_spectral_range(model, fit)
-    logger.info(f"Outside the spectra of {fit.tiles} training tiles ({fit.pixels:,} valid pixels; Mahalanobis "
-                f"distance of the log spectrum beyond {fit.threshold:.3f}, their {100 * fit.quantile:g}th "
-                f"percentile) the refiner keeps opt_v1.")
-    return f"{100 * fit.quantile:g}th percentile of {fit.tiles} training tiles"
-
-
 # ------------------------------------------------------------------------------------------- main
 def run_training(training_args, data_args, settings: dict | None = None, callbacks=None):
     """Build data and model, train, and finish the output folder. Returns the trainer.
@@ -574,18 +520,16 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
         train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
         set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
         model = build_model(training_args, print_summary=training_args.should_log)
-        spectral_start = start_spectral_correction(model, train_dataset.dataset, training_args,
-                                                   redraw=train_dataset.redraw)
-        spectral_range = start_spectral_range(model, train_dataset.dataset, training_args)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
                              "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
-                             "input_mode": data_args.input_mode, "spectral_correction_init": spectral_start,
-                             "out_of_range_fallback": spectral_range,
+                             "input_mode": data_args.input_mode,
                              "redraw_degradation": _redraw_description(train_dataset.redraw)},
             callbacks=callbacks,
         )
+        # Here rather than in `train`, so that a failing fit still leaves the output folder as it was.
+        trainer.start_fitted_modules(training_args.resume_from_checkpoint)
         if training_args.should_save:
             write_run_config(output_dir, settings or {}, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -3,6 +3,8 @@
 What it adds to the Trainer (which keeps the optimizer, warmup/cosine schedule, gradient clipping, gradient
 accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushes):
 
+- `train` first fits what the refiner starts from on the training split (`start_fitted_modules`,
+  `training.warm_start`: the spectral correction and MLP, the range of the training spectra), once, unless it resumes.
 - `compute_loss` (transformers' `Trainer.compute_loss` signature) runs the refiner and `training.losses.Stage2Loss`,
   returns the weighted total
   and records every component; the overridden `log()` averages them (over steps and processes) into the logs.
@@ -42,6 +44,7 @@ from modeling_stage2._files import write_json
 from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE, METRICS_FILE, PREVIEW_FILE, TRAINING_CONFIG_FILE
 
 from .args import Stage2TrainingArguments, num_update_steps_per_epoch
+from .warm_start import FITTED_MODULE_RECORDS, start_fitted_modules
 from .callbacks import EpochLoggingCallback, JsonlLoggerCallback, Stage2TensorBoardCallback, write_png, render_preview
 
 logger = logging.getLogger(__name__)
@@ -300,6 +303,7 @@ class Stage2Trainer(Trainer):
         self.discriminator = discriminator if adversarial else None
         self.preview_tiles = preview_tiles
         self.training_config = dict(training_config or {})
+        self._fitted_modules_started = False
         super().__init__(model=model, args=args, data_collator=data_collator or default_data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
 
@@ -334,8 +338,23 @@ class Stage2Trainer(Trainer):
         logger.warning(f"Stage 2 training precision: {getattr(self.args, 'precision_note', 'see TrainingArguments')}")
 
     # --------------------------------------------------------------------------------------- training
+    def start_fitted_modules(self, resume_from_checkpoint=None) -> dict[str, str | None]:
+        """Fit what the refiner starts from on the training split (`training.warm_start`: the spectral correction
+        as `spectral_correction_init` says, the range of the training spectra with `out_of_range_fallback`), once:
+        `train` calls it before the first step, and a later call, or one that resumes a checkpoint (which holds what
+        was fitted), fits nothing. Returns what was done, as recorded in `best/training_config.json`."""
+        if self._fitted_modules_started:
+            return {key: self.training_config.get(key) for key in FITTED_MODULE_RECORDS}
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, warn=False)
+        started = start_fitted_modules(self.model, self.train_dataset, self.args, resuming=resume is not None)
+        self.training_config.update(started)
+        self._fitted_modules_started = True
+        return started
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, with `resume_from_checkpoint="latest"`/True meaning the newest *complete* checkpoint."""
+        """`Trainer.train`, with `resume_from_checkpoint="latest"`/True meaning the newest *complete* checkpoint, from
+        the fitted start of `start_fitted_modules` (as `stage2-train` starts)."""
+        self.start_fitted_modules(resume_from_checkpoint)
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume is not None:
             logger.warning(f"Resuming from {resume} (global step {_checkpoint_step(Path(resume))}).")
