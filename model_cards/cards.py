@@ -23,6 +23,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from modeling_stage2.adapters import (  # the files save_trained_model and training write beside a model
     ADAPTER_CONFIG_FILE,
     BASE_SOURCE_FILE,
+    BASE_WEIGHTS_FILE,
     FITTED_MODULES,
     METRICS_FILE,
     PREVIEW_FILE,
@@ -285,7 +286,8 @@ def build_model_card(
         quantization=_describe_quantization(
             {"quantization": quantization} if quantization else training_config, model_config),
         contents=contents or _describe_contents(
-            library_name, has_code, named=bool((adapter_config or {}).get("modules_to_save"))),
+            library_name, has_code, named=bool((adapter_config or {}).get("modules_to_save")),
+            pretrained_base=base_model is not None),
         library_name=library_name,
         has_code=has_code,
         license=license,
@@ -385,12 +387,16 @@ def _describe_quantization(training_config: Mapping | None, model_config: Mappin
     return names.get(str(value), str(value))
 
 
-def _describe_contents(library_name: str, has_code: bool, named: bool) -> str:
-    """`named`: the Adaptation row lists the modules saved with the adapter."""
-    modules = "the non-backbone modules trained or fitted beside it" + (" (named under Adaptation)" if named else "")
-    text = (f"the LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`), {modules} and the refiner "
-            "config; the backbone weights are not included" if library_name == "peft"
-            else "the full refiner weights (`model.safetensors`) and config")
+def _describe_contents(library_name: str, has_code: bool, named: bool, pretrained_base: bool) -> str:
+    """`named`: the Adaptation row lists the modules saved with the adapter; `pretrained_base`: the frozen backbone
+    comes from a base model (else it was randomly initialised and `save_trained_model` saved it beside the adapter)."""
+    if library_name != "peft":
+        text = "the full refiner weights (`model.safetensors`) and config"
+    else:
+        modules = "the non-backbone modules trained or fitted beside it" + (" (named under Adaptation)" if named else "")
+        text = f"the LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`), {modules} and the refiner config"
+        text += ("; the backbone weights are not included (they come from the base model)" if pretrained_base else
+                 f"; the randomly initialised backbone (`{BASE_WEIGHTS_FILE}`) that the adapter was trained on")
     return text + ("; the modeling code" if has_code else "")
 
 

@@ -239,15 +239,32 @@ def test_the_architecture_row_names_the_parts_the_config_turns_on(config, expect
     assert table_row(text, "Architecture") == ["Architecture", expected]
 
 
-def test_what_the_repo_holds_points_at_the_adapters_modules_where_the_card_names_them():
+def test_what_the_repo_holds_points_at_the_adapters_modules_and_says_where_the_backbone_is():
     adapter = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "modules_to_save": ["head", "spectral_mlp"]}
     named = table_row(build_model_card(METRICS, adapter_config=adapter).text, "What this repo holds")[1]
-    assert "the non-backbone modules trained or fitted beside it (named under Adaptation) and" in named
+    assert named == ("the LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`), the non-backbone modules "
+                     "trained or fitted beside it (named under Adaptation) and the refiner config; the backbone "
+                     "weights are not included (they come from the base model)")
     assert "trained in full: head, spectral_mlp" in build_model_card(METRICS, adapter_config=adapter).text
     unnamed = table_row(build_model_card(METRICS).text, "What this repo holds")[1]
-    assert "the non-backbone modules trained or fitted beside it and the refiner config" in unnamed
+    assert "the non-backbone modules trained or fitted beside it and the refiner config;" in unnamed
+    # A randomly initialised backbone (a demo) is saved beside the adapter, and pushed with it.
+    random_init = table_row(build_model_card(METRICS, base_model=None).text, "What this repo holds")[1]
+    assert random_init.endswith("; the randomly initialised backbone (`base_model.safetensors`) that the adapter "
+                                "was trained on")
     full = table_row(build_model_card(METRICS, library_name="transformers").text, "What this repo holds")[1]
     assert full == "the full refiner weights (`model.safetensors`) and config"
+
+
+def test_the_card_of_a_trained_demo_folder_says_what_is_in_it(tmp_path):
+    from model_cards.push import files_to_upload
+
+    folder = _model_folder(tmp_path / "best")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "backbone_weights": None}))
+    (folder / "base_model.safetensors").write_bytes(b"")
+    holds = table_row(ModelCard.load(write_model_card(folder)).text, "What this repo holds")[1]
+    assert "`base_model.safetensors`" in holds and "base_model.safetensors" in files_to_upload(folder)
 
 
 def test_write_model_card_reads_the_folder(tmp_path):
