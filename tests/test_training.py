@@ -386,12 +386,9 @@ def test_tensorboard_has_scalars_and_previews(e2e):
 
 
 def test_base_weights_frozen_and_adapter_and_head_trained(e2e):
-    from transformers import set_seed
-
     from modeling_stage2 import load_trained_model
 
     trainer, out, _ = e2e
-    set_seed(trainer.args.seed)
     fresh = dict(build_model(trainer.args, print_summary=False).named_parameters())
     current = dict(trainer.model.named_parameters())
     assert fresh.keys() == current.keys()
@@ -792,6 +789,22 @@ def test_a_trainer_built_in_python_starts_from_the_fits_of_its_training_split(sa
     reached = correction.matrix.detach().clone()
     assert trainer.start_fitted_modules() == records
     assert torch.equal(correction.matrix.detach(), reached)
+
+
+def test_build_model_gives_the_same_model_for_the_same_seed_however_it_is_called(tmp_path):
+    """A random-init backbone and the LoRA weights' start come from the seed, not from the RNG's state: a trainer
+    built in Python resumes onto the model it saved, and every process of a run builds the same one."""
+    config = write_config(tmp_path / "c.yaml")
+    args, _, _ = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    first = dict(build_model(args, print_summary=False).state_dict())
+    torch.rand(1000)  # the RNG moves on between two builds
+    second = dict(build_model(args, print_summary=False).state_dict())
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other, _, _ = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out"), "--seed", "1"])
+    third = dict(build_model(other, print_summary=False).state_dict())
+    differ = [name for name in first if not torch.equal(first[name], third[name])]
+    assert any(".backbone." in name for name in differ) and any("lora_A" in name for name in differ)
 
 
 def test_a_trainer_that_cannot_read_its_training_split_says_how_to_fix_it(tmp_path):

@@ -489,9 +489,14 @@ def degradation_redraw(dataset_dict, data_args):
 
 # ------------------------------------------------------------------------------------------- model
 def build_model(training_args, print_summary: bool = True):
-    """The trainable refiner of the run's settings (`modeling_stage2.build_trainable_model`)."""
+    """The trainable refiner of the run's settings (`modeling_stage2.build_trainable_model`), built after
+    `transformers.set_seed(training_args.seed)`: the same model (a random-init backbone, the LoRA weights' start) in
+    every process and on resume, however it is called."""
+    from transformers import set_seed
+
     from modeling_stage2 import build_trainable_model
 
+    set_seed(training_args.seed)
     lora = dict(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                 lora_dropout=training_args.lora_dropout, target_modules=list(training_args.lora_target_modules),
                 unfreeze_last_n_blocks=training_args.unfreeze_last_n_blocks)
@@ -509,8 +514,6 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
     Until training starts, a failure leaves the output folder as it was (what this run created there, the dataset
     conversion included, is removed); `config.yaml` is written when training starts. With an `InterruptCallback`
     that stopped training (SIGINT), raises `TrainingInterrupted` once the checkpoint is written."""
-    from transformers import set_seed
-
     from training.trainer import Stage2Trainer
 
     output_dir = Path(training_args.output_dir)
@@ -518,7 +521,6 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
         with training_args.main_process_first(local=False, desc="dataset conversion"):
             dataset_dict = load_or_build_dataset(data_args, output_dir)
         train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
-        set_seed(training_args.seed)  # the same base (and random-init backbone) in every process and on resume
         model = build_model(training_args, print_summary=training_args.should_log)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
