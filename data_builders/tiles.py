@@ -422,15 +422,19 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
         raise TileError(path, None, "no pixel has all four bands finite")
     if not valid_mask.all():
         target[:, ~valid_mask] = 0.0
-    peak = float(np.abs(target).max())
+    _refuse_float_digital_numbers(path, None, target)
+    _check_reflectance_floor(path, target)
+    return target, valid_mask, "reflectance"
+
+
+def _refuse_float_digital_numbers(path: Path, key: str | None, reflectance: np.ndarray) -> None:
+    peak = float(np.abs(reflectance).max())
     if peak > FLOAT_REFLECTANCE_LIMIT:
         raise TileError(
-            path, None,
+            path, key,
             f"float band values reach {peak:g}: these look like digital numbers (reflectance x 10000) "
             "stored as floats; store them as integers or divide by 10000",
         )
-    _check_reflectance_floor(path, target)
-    return target, valid_mask, "reflectance"
 
 
 def _check_reflectance_floor(path: Path, target: np.ndarray) -> None:
@@ -511,7 +515,8 @@ def read_stage1(path: str | Path, tile_size: int = TILE_SIZE) -> np.ndarray:
     """A Stage 1 output `<tile_id>.npz` holding `opt_v1` (4, H, W) -> float32 reflectance.
 
     Integer arrays are digital numbers and are scaled by 1e-4 like the target; every value must
-    be finite (a generator output has no nodata).
+    be finite (a generator output has no nodata), and floats above `FLOAT_REFLECTANCE_LIMIT` are refused as
+    digital numbers stored as floats, as the target's are.
     """
     path = Path(path)
     if not path.is_file():
@@ -526,5 +531,6 @@ def read_stage1(path: str | Path, tile_size: int = TILE_SIZE) -> np.ndarray:
     bad = int(np.size(opt_v1) - np.count_nonzero(np.isfinite(opt_v1)))
     if bad:
         raise TileError(path, "opt_v1", f"{bad} NaN/Inf values; Stage 1 outputs must be finite")
+    _refuse_float_digital_numbers(path, "opt_v1", opt_v1)  # the target's rule: training on them would learn nonsense
     return opt_v1
 

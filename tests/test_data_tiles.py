@@ -243,6 +243,16 @@ def test_stage1_files(tmp_path):
     np.savez(other_key, refined=opt)
     with pytest.raises(TileError, match="missing key"):
         read_stage1(other_key)
+    # Digital numbers saved as floats: refused like the target's, naming the file and the key.
+    float_dn = tmp_path / "float_dn.npz"
+    np.savez(float_dn, opt_v1=opt * 10000)
+    with pytest.raises(TileError, match=r"float band values reach 99\d\d\.\d+: these look like digital numbers") \
+            as caught:
+        read_stage1(float_dn)
+    assert caught.value.key == "opt_v1" and str(float_dn) in str(caught.value)
+    bright = tmp_path / "bright.npz"  # cloud and snow reach reflectance 1.5-2: still reflectance
+    np.savez(bright, opt_v1=opt * 2)
+    np.testing.assert_array_equal(read_stage1(bright), opt * 2)
 
 
 def test_tile_error_survives_pickling():
