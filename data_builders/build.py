@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -77,6 +76,7 @@ BUILD_INFO_FORMAT = "stage2-tiles-dataset"
 BUILD_INFO_VERSION = 2  # 2: "input_scale" {"tiles": {"dn": N, "reflectance": M}} (1: "scaling", "dn_x1e-4"/"float")
 _vocabulary = model_leaf("vocabulary")
 _signals = model_leaf("_signals")
+_files = model_leaf("_files")  # atomic writes and folder replacement, without the model package's imports
 INPUT_MODES = _vocabulary.INPUT_MODES  # synthetic | stage1 | identity (modeling_stage2.vocabulary)
 CHUNK_SIZE = 64
 """Tiles per chunk: the unit a split is cut into before its chunks are shared out between jobs,
@@ -217,7 +217,7 @@ def _write_job(job: dict) -> dict:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _files_module().write_json(path, data, indent=1, sort_keys=True)
+    _files.write_json(path, data, indent=1, sort_keys=True)
 
 
 def _chunks(split: str, specs: Sequence[TileSpec], columns: dict) -> list[dict]:
@@ -253,14 +253,13 @@ def _check_output_dir(output_dir: Path, inputs: dict) -> None:
 def _remove_stale_scratch(output_dir: Path) -> None:
     """Undo what builds that were killed (their process is gone) left: a dataset they had set aside while
     replacing it goes back to `output_dir`, then their scratch folders are removed."""
-    files = _files_module()
-    files.restore_set_aside(output_dir)
+    _files.restore_set_aside(output_dir)
     for scratch in output_dir.parent.glob(f".{output_dir.name}{SCRATCH_MARKER}*"):
         try:
             pid = int(scratch.name.rsplit(SCRATCH_MARKER, 1)[1].split("-")[0])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not files.process_alive(pid):
+        if pid != os.getpid() and not _files.process_alive(pid):
             # builds before the shared replace_folder set the old dataset aside inside their scratch folder
             if (scratch / "previous").is_dir() and not os.path.lexists(output_dir):
                 os.replace(scratch / "previous", output_dir)
@@ -306,16 +305,10 @@ def _save_split(dataset, split_dir: Path, fingerprint: str) -> None:
         dataset.save_to_disk(str(split_dir))
 
 
-@functools.lru_cache(maxsize=None)
-def _files_module():
-    """`modeling_stage2._files`, the one implementation of folder replacement (without the model package's imports)."""
-    return model_leaf("_files")
-
-
 def _move_into_place(built: Path, output_dir: Path) -> None:
     """Replace `output_dir` by `built` (`replace_folder`: the old dataset is set aside beside it, not in the
     scratch folder, so that a build killed between the two renames leaves it for the next build to restore)."""
-    _files_module().replace_folder(built, output_dir)
+    _files.replace_folder(built, output_dir)
 
 
 # ----------------------------------------------------------------------------- build
@@ -637,7 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"stage2-build-dataset: error: --degradation: unknown preset {args.degradation!r} "
               f"(choose from {', '.join(DEGRADATION_CHOICES)})", file=sys.stderr)
         return 2
-    problem = _files_module().output_path_problem(args.output_dir, folder=True)
+    problem = _files.output_path_problem(args.output_dir, folder=True)
     if problem is not None:
         print(f"stage2-build-dataset: error: --output_dir {args.output_dir}: {problem}", file=sys.stderr)
         return 2

@@ -146,8 +146,7 @@ def _main(argv: Sequence[str] | None) -> int:
                            revision=args.revision)
         if mode == "tiles":
             summary = refine_tiles(
-                model, args.input if len(args.input) > 1 else args.input[0], args.output_dir, args.stage1_dir,
-                args.batch_size,
+                model, args.input, args.output_dir, args.stage1_dir, args.batch_size,
                 input_scale=args.input_scale, device=args.device, strict=args.strict, progress=not args.no_progress,
             )
             _report_tiles(summary)

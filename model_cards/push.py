@@ -198,7 +198,7 @@ def push_dataset(
 
 def _check_saved_dataset(folder: Path) -> None:
     if not ((folder / ARROW_MARKER).is_file() or (folder / "state.json").is_file()):
-        raise CardError(f"{folder}: not a dataset saved with save_to_disk (no dataset_dict.json or "
+        raise CardError(f"{folder}: not a dataset saved with save_to_disk (no {ARROW_MARKER} or "
                         f"state.json); {_dataset_hint(folder)}")
 
 
