@@ -324,6 +324,41 @@ def read_build_info(dataset) -> dict:
     return upgrade_build_info(info)
 
 
+def opt_v1_settings(info: dict) -> dict:
+    """What a build record (`read_build_info`) says its dataset's `opt_v1` is, under the names of the flags that
+    make it: `input_mode`, and for a synthetic `opt_v1` its `degradation` preset and `dataset_seed` (None for
+    other modes, and the preset for a dataset built before the presets had names)."""
+    opt_v1 = info.get("opt_v1") or {}
+    synthetic = opt_v1.get("mode") == "synthetic"
+    return {"input_mode": opt_v1.get("mode"),
+            "degradation": opt_v1.get("preset") if synthetic else None,
+            "dataset_seed": opt_v1.get("seed") if synthetic else None}
+
+
+def saved_opt_v1_problem(dataset_dir, stage1_dir=None, input_mode: Optional[str] = None, flag: str = "--data_dir"
+                         ) -> Optional[str]:
+    """Why the flags that make an `opt_v1` (`--stage1_dir`, `--input_mode`) cannot apply to the saved dataset
+    `dataset_dir` (given as `flag`), which holds its own; None when they can (unset, or the input_mode it was built
+    with)."""
+    if stage1_dir is None and input_mode is None:
+        return None
+    from datasets import load_from_disk
+
+    try:
+        built = opt_v1_settings(read_build_info(load_from_disk(str(dataset_dir))))["input_mode"]
+    except ValueError:
+        built = None
+    holds = f"{flag} {dataset_dir} is an Arrow dataset, which holds its own opt_v1" + (
+        f" (input_mode {built!r})" if built else "")
+    if stage1_dir is not None:
+        return (f"--stage1_dir applies to NPZ tiles; {holds}: build one from the Stage 1 outputs with "
+                f"stage2-build-dataset --stage1_dir {stage1_dir}, or give the NPZ tiles.")
+    if built is not None and input_mode != built:
+        return (f"--input_mode {input_mode}: {holds}; drop the flag, or build the dataset again with "
+                f"stage2-build-dataset --input_mode {input_mode}.")
+    return None
+
+
 def upgrade_build_info(info: dict) -> dict:
     """A build record in the current vocabulary. Records of version 1 (written before `input_scale` was the one
     name) carry `"scaling"` with `"dn_x1e-4"` / `"float"` counts: read for one more release, with a deprecation

@@ -104,6 +104,15 @@ def _computed_statistics(dataset, max_tiles: int = STATS_MAX_TILES) -> dict:
     return {band: {"mean": mean[i], "std": std[i], "min": low[i], "max": high[i]} for i, band in enumerate(BAND_NAMES)}
 
 
+def _synthesis_text(opt_v1: dict) -> str:
+    """How a synthetic opt_v1 was made (seed, degradation preset and version); empty for other modes. Datasets built
+    before the presets had names record none."""
+    if opt_v1.get("mode") != "synthetic":
+        return ""
+    preset = f" {opt_v1['preset']!r}" if opt_v1.get("preset") else ""
+    return f", seed {opt_v1.get('seed')}, degradation{preset} v{opt_v1.get('degradation_version')}"
+
+
 def describe_dataset(path: str | Path) -> str:
     """The text report printed by `stage2-inspect`."""
     splits = load_splits(path)
@@ -122,9 +131,7 @@ def describe_dataset(path: str | Path) -> str:
             f"Source: {info['source'].get('data_dir')} {json.dumps(info['source'].get('sources', {}))}; "
             f"rejected {info['source'].get('rejected', 0)}",
             f"Input scale: {json.dumps(info['input_scale'].get('tiles', {}))} ({info['input_scale'].get('rule')})",
-            f"opt_v1: {info['opt_v1'].get('mode')}"
-            + (f", seed {info['opt_v1']['seed']}, degradation v{info['opt_v1'].get('degradation_version')}"
-               if info["opt_v1"].get("mode") == "synthetic" else ""),
+            f"opt_v1: {info['opt_v1'].get('mode')}{_synthesis_text(info['opt_v1'])}",
         ]
     else:
         split = "train" if "train" in splits else next(iter(splits))

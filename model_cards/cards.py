@@ -38,7 +38,8 @@ DATASET_TEMPLATE_PATH = Path(__file__).with_name("dataset_template.md")
 
 DEFAULT_BASE_MODEL = "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
 DEFAULT_LICENSE = "apache-2.0"
-DEFAULT_DATASET_NAME = "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1"
+TILES_NAME = "BigEarthNet v2 Sentinel-2 tiles"
+DEFAULT_DATASET_NAME = f"{TILES_NAME} with synthetic opt_v1"
 MODEL_TAGS = ("earth-observation", "remote-sensing", "sentinel-2", "prithvi", "lora", "image-to-image",
               "sar-to-optical", "stage2-refiner")
 DATASET_TAGS = ("earth-observation", "remote-sensing", "sentinel-2", "bigearthnet", "sar-to-optical",
@@ -418,6 +419,22 @@ def training_rows(config: Mapping, prefix: str = "") -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------ folder -> card
+def training_data_name(training_config: Mapping | None) -> str:
+    """The card's name of a model's training (and validation) data, from what its training record says the `opt_v1`
+    was (`input_mode`, and for a synthetic one `degradation` and `dataset_seed`); `DEFAULT_DATASET_NAME` for a
+    record that does not say."""
+    config = training_config or {}
+    mode = config.get("input_mode")
+    if mode == "stage1":
+        return f"{TILES_NAME} with Stage 1 outputs as opt_v1"
+    if mode == "identity":
+        return f"{TILES_NAME} with opt_v1 = the target (identity)"
+    if mode == "synthetic" and config.get("degradation") is not None:
+        return (f"{TILES_NAME} with synthetic opt_v1 (degradation {config['degradation']!r}, dataset seed "
+                f"{config.get('dataset_seed')})")
+    return DEFAULT_DATASET_NAME
+
+
 def read_json(path: Path, what: str) -> dict | None:
     """A JSON object from `path` (None when the file is absent); a clear error when it is not one."""
     if not path.is_file():
@@ -473,6 +490,7 @@ def card_for_folder(
     adapter_config = read_json(folder / ADAPTER_CONFIG_FILE, "adapter config")
     base_source = read_json(folder / BASE_SOURCE_FILE, "base description") or {}
     kwargs.setdefault("quantization", base_source.get("trained_quantization"))
+    kwargs.setdefault("dataset_name", training_data_name(training_config))
     kwargs.setdefault("library_name", "peft" if adapter_config is not None else "transformers")
     if preview is not None and "://" not in preview and not (folder / preview).is_file():
         preview = None  # never link an image the repo does not have

@@ -678,3 +678,51 @@ def test_training_yaml_selects_the_preset(tmp_path):
     assert json.loads((built / BUILD_INFO_FILE).read_text())["opt_v1"]["preset"] == "strong"
     data_args.degradation = "mild"
     assert ensure_arrow_dataset(data_args, tmp_path / "run") != built  # never the strong cache entry
+
+
+def test_what_a_build_record_says_opt_v1_is():
+    from data_builders.build import opt_v1_settings
+
+    assert opt_v1_settings({"opt_v1": {"mode": "synthetic", "preset": "strong", "seed": 5}}) == {
+        "input_mode": "synthetic", "degradation": "strong", "dataset_seed": 5}
+    assert opt_v1_settings({"opt_v1": {"mode": "synthetic", "seed": 0}}) == {  # built before presets had names
+        "input_mode": "synthetic", "degradation": None, "dataset_seed": 0}
+    assert opt_v1_settings({"opt_v1": {"mode": "stage1", "stage1_dir": "/s"}}) == {
+        "input_mode": "stage1", "degradation": None, "dataset_seed": None}
+    assert opt_v1_settings({}) == {"input_mode": None, "degradation": None, "dataset_seed": None}
+
+
+def test_a_run_is_recorded_with_the_opt_v1_of_its_arrow_dataset(tmp_path, caplog):
+    """An Arrow --data_dir holds its own opt_v1, whatever the flags say: the training record (training_config.json,
+    the model card) names the dataset's input_mode, preset and seed, and a run says which flags it did not use."""
+    from training.args import Stage2DataArguments
+    from data_builders.build import saved_opt_v1_problem
+    from training.train import training_opt_v1
+
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    strong_dir = tmp_path / "strong"
+    strong = build_dataset(data, strong_dir, degradation="strong", seed=5)
+    flags = Stage2DataArguments(data_dir=str(strong_dir))  # the defaults: mild, dataset seed 0
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        assert training_opt_v1(strong, flags) == {"input_mode": "synthetic", "degradation": "strong",
+                                                  "dataset_seed": 5}
+        assert training_opt_v1(strong, flags, warn=False)["degradation"] == "strong"  # other processes are quiet
+    assert [record.getMessage() for record in caplog.records] == [
+        f"--degradation mild is not used: --data_dir {strong_dir} is an Arrow dataset whose opt_v1 was synthesised "
+        "with degradation 'strong' (stage2-build-dataset --degradation); the run is recorded with the dataset's.",
+        f"--dataset_seed 0 is not used: --data_dir {strong_dir} is an Arrow dataset whose opt_v1 was synthesised "
+        "with dataset_seed 5 (stage2-build-dataset --seed); the run is recorded with the dataset's."]
+
+    caplog.clear()
+    same = Stage2DataArguments(data_dir=str(strong_dir), input_mode="synthetic", degradation="strong", dataset_seed=5)
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        assert training_opt_v1(strong, same)["dataset_seed"] == 5
+        assert saved_opt_v1_problem(strong_dir, input_mode="synthetic") is None  # the dataset's own is accepted
+        identity = build_dataset(data, tmp_path / "identity", input_mode="identity")
+        assert training_opt_v1(identity, flags) == {"input_mode": "identity", "degradation": None,
+                                                    "dataset_seed": None}
+    assert not caplog.records
+    # a DatasetDict made another way has no build record: the flags are all there is to record
+    unrecorded = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"tile_id": ["a"]})})
+    assert training_opt_v1(unrecorded, Stage2DataArguments(data_dir="d", input_mode="identity")) == {
+        "input_mode": "identity"}

@@ -18,7 +18,7 @@ def test_report_lists_features_splits_stats_and_histograms(sample_dataset_dir):
     assert "  valid_mask       bool (120, 120)" in report
     assert "  labels           list of string" in report
     assert "Splits: train 18 | val 18 | test 18 (total 54)" in report
-    assert "opt_v1: synthetic, seed 0, degradation v1" in report
+    assert "opt_v1: synthetic, seed 0, degradation 'mild' v1" in report
     info = json.loads(datasets.load_from_disk(str(sample_dataset_dir))["train"].info.description)
     b08 = info["statistics"]["target"]["B08"]
     assert f"  B08   {b08['mean']:11.4f} {b08['std']:8.4f}" in report
@@ -28,6 +28,17 @@ def test_report_lists_features_splits_stats_and_histograms(sample_dataset_dir):
         assert f"{split:<6s}" + "".join(f"{c:>6d}" for c in months.tolist() + [0]) in report
         biomes = np.bincount(np.asarray(ds[split]["biome"]), minlength=17)
         assert f"{split:<6s}" + "".join(f"{c:>6d}" for c in biomes.tolist() + [0]) in report
+
+
+def test_report_names_the_degradation_preset(sample_tiles_dir, tmp_path):
+    from data_builders import build_dataset
+    from data_builders.inspect import _synthesis_text
+
+    build_dataset(sample_tiles_dir, tmp_path / "ds", seed=3, degradation="strong", max_samples=3)
+    assert "opt_v1: synthetic, seed 3, degradation 'strong' v1\n" in describe_dataset(tmp_path / "ds")
+    # a dataset built before the presets had names records none; Stage 1 and identity inputs have no synthesis
+    assert _synthesis_text({"mode": "synthetic", "seed": 0, "degradation_version": 1}) == ", seed 0, degradation v1"
+    assert _synthesis_text({"mode": "stage1", "seed": 0}) == ""
 
 
 def test_cli_writes_a_png_grid(sample_dataset_dir, tmp_path, capsys):

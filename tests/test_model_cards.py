@@ -18,6 +18,7 @@ from model_cards.cards import (
     base_model_from_config,
     build_dataset_card,
     build_model_card,
+    card_for_folder,
     is_placeholder_card,
     should_regenerate_card,
     training_rows,
@@ -282,6 +283,26 @@ def test_write_model_card_reads_the_folder(tmp_path):
     assert "embed_dim 1024, depth 24, num_heads 16, patch 1x16x16" in text
     assert "(preview.png)" in text and 'load_trained_model("me/refiner")' in text
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp file left
+
+
+@pytest.mark.parametrize("recorded, name", [
+    ({"input_mode": "synthetic", "degradation": "strong", "dataset_seed": 5},
+     "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1 (degradation 'strong', dataset seed 5)"),
+    ({"input_mode": "stage1", "degradation": None}, "BigEarthNet v2 Sentinel-2 tiles with Stage 1 outputs as opt_v1"),
+    ({"input_mode": "identity"}, "BigEarthNet v2 Sentinel-2 tiles with opt_v1 = the target (identity)"),
+    # records that do not say: a run of an older release, a dataset built before the presets had names
+    ({"input_mode": None}, "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1"),
+    ({"input_mode": "synthetic", "dataset_seed": 0}, "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1"),
+])
+def test_the_card_names_the_opt_v1_the_model_was_trained_on(recorded, name, tmp_path):
+    folder = _model_folder(tmp_path / "best")
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    (folder / "training_config.json").write_text(json.dumps(recorded))
+    card = ModelCard.load(write_model_card(folder))
+    assert f"\nData: {name}.\n" in card.text
+    assert f" split of {name}. " in card.text and card.data.eval_results[0].dataset_name == name
+    # a name given by the caller wins
+    assert "\nData: my tiles.\n" in card_for_folder(folder, dataset_name="my tiles").text
 
 
 def test_write_model_card_without_results_or_preview(tmp_path):

@@ -551,6 +551,26 @@ def test_evaluate_console_script_exit_status(e2e, tmp_path, repo_root):
     assert usage.returncode == 0 and "--baselines" in usage.stdout and "--bootstrap" in usage.stdout
 
 
+def test_evaluate_refuses_opt_v1_flags_that_an_arrow_dataset_cannot_use(sample_dataset_dir, tmp_path, capsys):
+    """A saved Arrow dataset holds its own opt_v1: --stage1_dir, or another --input_mode, would be silently ignored
+    (the refiner scored on other inputs than the user asked for), so they are refused, before a model loads."""
+    from training.evaluate import load_dataset_dict, main
+
+    with pytest.raises(ValueError) as error:
+        load_dataset_dict(str(sample_dataset_dir), stage1_dir=str(tmp_path))
+    assert str(error.value) == (
+        f"--stage1_dir applies to NPZ tiles; --data {sample_dataset_dir} is an Arrow dataset, which holds its own "
+        f"opt_v1 (input_mode 'synthetic'): build one from the Stage 1 outputs with stage2-build-dataset --stage1_dir "
+        f"{tmp_path}, or give the NPZ tiles.")
+    with pytest.raises(ValueError, match=r"^--input_mode identity: --data .*\(input_mode 'synthetic'\); drop the flag"):
+        load_dataset_dict(str(sample_dataset_dir), input_mode="identity")
+    assert load_dataset_dict(str(sample_dataset_dir), input_mode="synthetic")["test"].num_rows == 18
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "no_model"), "--data", str(sample_dataset_dir), "--stage1_dir",
+                 str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"stage2-evaluate: error: {error.value}"]
+
+
 # ----------------------------------------------------------------------------------------------- resume
 # Every compared run happens in a fresh process with MKL_CBWR=AUTO (set by training/train.py and by the helper
 # script): in a process whose MKL already ran without it (other tests), identical runs can differ in the last bits.

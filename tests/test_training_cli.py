@@ -119,12 +119,24 @@ def _user_mistakes(tmp_path: Path, tiny_config: Path, dataset: Path) -> dict:
                                    ["accelerate option", "--num_procs"]),
         "training flag before --": (["--config", str(tiny_config), "--", *data, *out],
                                     ["accelerate option", "--config"]),
+        # an Arrow dataset holds its own opt_v1: flags that would make another one are refused, not ignored
+        "stage1_dir with an Arrow dataset": (["--config", str(tiny_config), *data, *out, "--stage1_dir", str(tmp_path)],
+                                             [f"--stage1_dir applies to NPZ tiles; --data_dir {dataset} is an Arrow "
+                                              "dataset, which holds its own opt_v1 (input_mode 'synthetic'): build "
+                                              "one from the Stage 1 outputs with stage2-build-dataset --stage1_dir "
+                                              f"{tmp_path}, or give the NPZ tiles."]),
+        "input_mode unlike the Arrow dataset's": (
+            ["--config", str(tiny_config), *data, *out, "--input_mode", "identity"],
+            [f"--input_mode identity: --data_dir {dataset} is an Arrow dataset, which holds its own opt_v1 "
+             "(input_mode 'synthetic'); drop the flag, or build the dataset again with stage2-build-dataset "
+             "--input_mode identity."]),
     }
 
 
 MISTAKES = ["output_dir under a file", "output_dir is a file", "yaml key typo", "bad --data_dir", "cli flag typo", "cli value type", "unreadable config",
             "config is a folder", "missing config", "range on the command line", "inherited range on the command line",
-            "missing resume checkpoint", "accelerate option typo", "training flag before --"]
+            "missing resume checkpoint", "accelerate option typo", "training flag before --",
+            "stage1_dir with an Arrow dataset", "input_mode unlike the Arrow dataset's"]
 
 
 @pytest.mark.parametrize("case", MISTAKES)

@@ -415,11 +415,13 @@ class Stage2DataArguments:
         max_eval_samples (`int`, *optional*): use only the first N validation tiles.
         input_mode (`str`, *optional*): how `opt_v1` is made: `"synthetic"` (degraded target, the default without
             `stage1_dir`), `"stage1"` (the default with it) or `"identity"`.
-        dataset_seed (`int`, defaults to 0): seed of the synthetic degradation.
+        dataset_seed (`int`, defaults to 0): seed of the synthetic degradation (like `degradation`, not used with an
+            Arrow `data_dir`).
         degradation (`str`, defaults to `"mild"`): preset of the synthetic degradation (`DEGRADATION_CHOICES`):
             `"mild"`, `"strong"` (the wide systematic errors of a generator hallucinating from SAR) or `"mixture"`
             (each tile mild or strong, equal odds); see `docs/data.md`, "Degradation presets". Part of the dataset
-            cache key. Ignored when `data_dir` is already an Arrow dataset.
+            cache key. Not used when `data_dir` is already an Arrow dataset (a run whose value differs from the
+            dataset's says so; it is recorded with the dataset's).
         dataset_cache_dir (`str`, *optional*): where converted datasets are cached (default: `OUTPUT_DIR/_dataset`).
         augment (`bool`, defaults to `True`): random flips / 90-degree rotations of the training tiles.
         brightness_augment (`list[float]`, *optional*): `[low, high]`: each training tile (target and opt_v1) is

@@ -77,6 +77,11 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     if not path.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder.")
     if is_arrow_dataset(path):
+        from data_builders.build import saved_opt_v1_problem
+
+        problem = saved_opt_v1_problem(path, stage1_dir, input_mode, flag="--data")
+        if problem is not None:
+            raise ValueError(problem)
         dataset_dict = load_from_disk(str(path))
     else:
         from data_builders import build_dataset

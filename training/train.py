@@ -308,15 +308,18 @@ def _yaml_value(value):
 
 # ------------------------------------------------------------------------------------------- data
 def _check_data_folder(data_args) -> None:
-    """`--data_dir` is a folder of NPZ tiles or an Arrow dataset, and `--stage1_dir` fits it."""
+    """`--data_dir` is a folder of NPZ tiles or an Arrow dataset, and `--stage1_dir` and `--input_mode` fit it."""
     if data_args.data_dir is None:
         raise UsageError("--data_dir is required: NPZ tiles ({train,val,test}/*.npz) or a saved Arrow DatasetDict.")
     data_dir = Path(data_args.data_dir)
     if not data_dir.is_dir():
         raise MissingInputError(f"--data_dir {data_dir}: no such folder.")
     if is_arrow_dataset(data_dir):
-        if data_args.stage1_dir is not None:
-            raise UsageError(f"--stage1_dir applies to NPZ tiles; {data_dir} is already an Arrow dataset.")
+        from data_builders.build import saved_opt_v1_problem
+
+        problem = saved_opt_v1_problem(data_dir, data_args.stage1_dir, data_args.input_mode)
+        if problem is not None:
+            raise UsageError(problem)
         return
     if next(data_dir.rglob("*.npz"), None) is None:
         raise MissingInputError(
@@ -526,7 +529,7 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
                              "eval_tiles": len(eval_dataset), "eval_split": data_args.eval_split,
-                             "input_mode": data_args.input_mode,
+                             **training_opt_v1(dataset_dict, data_args, warn=training_args.should_log),
                              "redraw_degradation": _redraw_description(train_dataset.redraw)},
             callbacks=callbacks,
         )
@@ -542,6 +545,25 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
                                   f"({output_dir / f'checkpoint-{step}'}); continue with --resume latest.")
     finish_run(trainer)
     return trainer
+
+
+def training_opt_v1(dataset_dict, data_args, warn: bool = True) -> dict:
+    """What the training data's `opt_v1` is, for the training record (`training_config.json`, the model card): the
+    dataset's build record, not the flags, which an Arrow `--data_dir` does not use (`warn`: say so where they
+    differ). A dataset without a build record is recorded by the flags' `input_mode`."""
+    from data_builders.build import opt_v1_settings, read_build_info
+
+    try:
+        built = opt_v1_settings(read_build_info(dataset_dict))
+    except ValueError:
+        return {"input_mode": data_args.input_mode}
+    for flag, build_flag in (("degradation", "--degradation"), ("dataset_seed", "--seed")):
+        asked = getattr(data_args, flag)
+        if warn and built[flag] is not None and asked != built[flag]:
+            logger.warning(f"--{flag} {asked} is not used: --data_dir {data_args.data_dir} is an Arrow dataset whose "
+                           f"opt_v1 was synthesised with {flag} {built[flag]!r} (stage2-build-dataset "
+                           f"{build_flag}); the run is recorded with the dataset's.")
+    return built
 
 
 def _redraw_description(redraw) -> str | None:
