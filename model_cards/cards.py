@@ -570,8 +570,36 @@ def build_dataset_card(
                           if item[0] in ("train", "val", "validation", "test") else 9),
         total_rows=total,
         column_rows=[(name, COLUMN_DOCS.get(name, description)) for name, description in columns.items()],
+        opt_v1_origin=_opt_v1_origin(dataset_dict_or_info),
         license=license,
     )
+
+
+def _opt_v1_origin(source: Any) -> str | None:
+    """How the dataset's `opt_v1` was made, from its build record (`data_builders.build.opt_v1_settings`); None for
+    an info mapping or a dataset without a record."""
+    if isinstance(source, Mapping) and "splits" in source:
+        return None
+    from data_builders.build import opt_v1_settings, read_build_info
+
+    if isinstance(source, (str, Path)):
+        import datasets
+
+        source = datasets.load_from_disk(str(source))
+    try:
+        settings = opt_v1_settings(read_build_info(source))
+    except ValueError:
+        return None
+    mode = settings["input_mode"]
+    if mode == "stage1":
+        return "the outputs of a Stage 1 generator (`input_mode` stage1)."
+    if mode == "identity":
+        return "`target` itself (`input_mode` identity): no Stage 1 output, no degradation."
+    if mode == "synthetic":
+        preset = repr(settings["degradation"]) if settings["degradation"] is not None else "not recorded"
+        return (f"`target` degraded by `data_builders.degrade` (`input_mode` synthetic; preset {preset}, dataset seed "
+                f"{settings['dataset_seed']}): it stands in for a Stage 1 output and is not one.")
+    return None
 
 
 def _dataset_summary(source: Any) -> tuple[dict[str, int], dict[str, str]]:

@@ -356,6 +356,21 @@ def test_dataset_card_from_a_dataset_dict(tmp_path):
     assert build_dataset_card(tmp_path / "ds").data.to_dict() == build_dataset_card(dd).data.to_dict()
 
 
+def test_dataset_card_says_how_opt_v1_was_made(sample_dataset_dir, tmp_path):
+    from _data_helpers import make_tile_dir
+
+    from data_builders import build_dataset
+
+    text = build_dataset_card(sample_dataset_dir).text
+    assert ("\n`opt_v1` here is `target` degraded by `data_builders.degrade` (`input_mode` synthetic; preset 'mild', "
+            "dataset seed 0): it stands in for a Stage 1 output and is not one.\n") in text
+    identity = build_dataset(make_tile_dir(tmp_path / "tiles", per_split=1), tmp_path / "identity",
+                             input_mode="identity")
+    assert "\n`opt_v1` here is `target` itself (`input_mode` identity)" in build_dataset_card(identity).text
+    # an info mapping, or a DatasetDict made another way, has no build record to tell
+    assert "`opt_v1` here is" not in build_dataset_card({"splits": {"train": 2}}).text
+
+
 def test_dataset_card_from_info_and_its_errors(hub_server):
     card = build_dataset_card({"splits": {"train": 12_000, "val": 500}})
     assert card.data.size_categories == ["10K<n<100K"]
