@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ._leaves import model_leaf
-from .build import upgrade_build_info
+from .build import opt_v1_settings, upgrade_build_info
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
 _vocabulary = model_leaf("vocabulary")
@@ -104,13 +104,14 @@ def _computed_statistics(dataset, max_tiles: int = STATS_MAX_TILES) -> dict:
     return {band: {"mean": mean[i], "std": std[i], "min": low[i], "max": high[i]} for i, band in enumerate(BAND_NAMES)}
 
 
-def _synthesis_text(opt_v1: dict) -> str:
-    """How a synthetic opt_v1 was made (seed, degradation preset and version); empty for other modes. Datasets built
-    before the presets had names record none."""
-    if opt_v1.get("mode") != "synthetic":
+def _synthesis_text(info: dict) -> str:
+    """How the synthetic opt_v1 of a build record was made (seed, degradation preset and version); empty for other
+    input modes. Datasets built before the presets had names record none."""
+    settings = opt_v1_settings(info)
+    if settings["input_mode"] != "synthetic":
         return ""
-    preset = f" {opt_v1['preset']!r}" if opt_v1.get("preset") else ""
-    return f", seed {opt_v1.get('seed')}, degradation{preset} v{opt_v1.get('degradation_version')}"
+    preset = f" {settings['degradation']!r}" if settings["degradation"] else ""
+    return f", seed {settings['dataset_seed']}, degradation{preset} v{info['opt_v1'].get('degradation_version')}"
 
 
 def describe_dataset(path: str | Path) -> str:
@@ -131,7 +132,7 @@ def describe_dataset(path: str | Path) -> str:
             f"Source: {info['source'].get('data_dir')} {json.dumps(info['source'].get('sources', {}))}; "
             f"rejected {info['source'].get('rejected', 0)}",
             f"Input scale: {json.dumps(info['input_scale'].get('tiles', {}))} ({info['input_scale'].get('rule')})",
-            f"opt_v1: {info['opt_v1'].get('mode')}{_synthesis_text(info['opt_v1'])}",
+            f"opt_v1: {info['opt_v1'].get('mode')}{_synthesis_text(info)}",
         ]
     else:
         split = "train" if "train" in splits else next(iter(splits))

@@ -37,8 +37,9 @@ def test_report_names_the_degradation_preset(sample_tiles_dir, tmp_path):
     build_dataset(sample_tiles_dir, tmp_path / "ds", seed=3, degradation="strong", max_samples=3)
     assert "opt_v1: synthetic, seed 3, degradation 'strong' v1\n" in describe_dataset(tmp_path / "ds")
     # a dataset built before the presets had names records none; Stage 1 and identity inputs have no synthesis
-    assert _synthesis_text({"mode": "synthetic", "seed": 0, "degradation_version": 1}) == ", seed 0, degradation v1"
-    assert _synthesis_text({"mode": "stage1", "seed": 0}) == ""
+    assert _synthesis_text({"opt_v1": {"mode": "synthetic", "seed": 0, "degradation_version": 1}}) == (
+        ", seed 0, degradation v1")
+    assert _synthesis_text({"opt_v1": {"mode": "stage1", "stage1_dir": "/s"}}) == ""
 
 
 def test_cli_writes_a_png_grid(sample_dataset_dir, tmp_path, capsys):
