@@ -549,7 +549,8 @@ def build_dataset_card(
     into the YAML (e.g. the `configs` / `dataset_info` that `DatasetDict.push_to_hub` writes). The default
     license is BigEarthNet's (CDLA-Permissive-1.0); Sentinel data are under the Copernicus terms.
     """
-    splits, columns = _dataset_summary(dataset_dict_or_info)
+    source = _loaded_dataset(dataset_dict_or_info)
+    splits, columns = _dataset_summary(source)
     total = sum(splits.values())
     metadata = dict(extra_metadata or {})
     metadata.pop("license", None)
@@ -570,7 +571,7 @@ def build_dataset_card(
                           if item[0] in ("train", "val", "validation", "test") else 9),
         total_rows=total,
         column_rows=[(name, COLUMN_DOCS.get(name, description)) for name, description in columns.items()],
-        opt_v1_origin=_opt_v1_origin(dataset_dict_or_info),
+        opt_v1_origin=_opt_v1_origin(source),
         license=license,
     )
 
@@ -582,10 +583,6 @@ def _opt_v1_origin(source: Any) -> str | None:
         return None
     from data_builders.build import opt_v1_settings, read_build_info
 
-    if isinstance(source, (str, Path)):
-        import datasets
-
-        source = datasets.load_from_disk(str(source))
     try:
         settings = opt_v1_settings(read_build_info(source))
     except ValueError:
@@ -602,14 +599,19 @@ def _opt_v1_origin(source: Any) -> str | None:
     return None
 
 
-def _dataset_summary(source: Any) -> tuple[dict[str, int], dict[str, str]]:
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_dir():
-            raise CardError(f"{path}: not a saved dataset folder (write it with data_builders.build_dataset)")
-        import datasets
+def _loaded_dataset(source: Any) -> Any:
+    """`source` with a saved dataset folder loaded (`datasets.load_from_disk`); anything else as it is."""
+    if not isinstance(source, (str, Path)):
+        return source
+    path = Path(source)
+    if not path.is_dir():
+        raise CardError(f"{path}: not a saved dataset folder (write it with data_builders.build_dataset)")
+    import datasets
 
-        source = datasets.load_from_disk(str(path))
+    return datasets.load_from_disk(str(path))
+
+
+def _dataset_summary(source: Any) -> tuple[dict[str, int], dict[str, str]]:
     if isinstance(source, Mapping) and "splits" in source:
         splits = source["splits"]
         if not isinstance(splits, Mapping) or not all(isinstance(n, int) and n >= 0 for n in splits.values()):
