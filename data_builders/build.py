@@ -335,6 +335,14 @@ def opt_v1_settings(info: dict) -> dict:
             "dataset_seed": opt_v1.get("seed") if synthetic else None}
 
 
+def recorded_opt_v1(dataset) -> Optional[dict]:
+    """`opt_v1_settings` of a built `Dataset` / `DatasetDict` (its build record); None for a dataset without one."""
+    try:
+        return opt_v1_settings(read_build_info(dataset))
+    except ValueError:
+        return None
+
+
 def saved_opt_v1_problem(dataset_dir, stage1_dir=None, input_mode: Optional[str] = None, flag: str = "--data_dir"
                          ) -> Optional[str]:
     """Why the flags that make an `opt_v1` (`--stage1_dir`, `--input_mode`) cannot apply to the saved dataset
@@ -344,10 +352,7 @@ def saved_opt_v1_problem(dataset_dir, stage1_dir=None, input_mode: Optional[str]
         return None
     from datasets import load_from_disk
 
-    try:
-        built = opt_v1_settings(read_build_info(load_from_disk(str(dataset_dir))))["input_mode"]
-    except ValueError:
-        built = None
+    built = (recorded_opt_v1(load_from_disk(str(dataset_dir))) or {}).get("input_mode")
     holds = f"{flag} {dataset_dir} is an Arrow dataset, which holds its own opt_v1" + (
         f" (input_mode {built!r})" if built else "")
     if stage1_dir is not None:

@@ -31,6 +31,7 @@ from modeling_stage2.adapters import (  # the files save_trained_model and train
 )
 from modeling_stage2._files import write_text
 from modeling_stage2.hub import is_hub_repo_id
+from modeling_stage2.vocabulary import INPUT_MODES
 from training.metrics import DESIGN_TARGETS, HIGHER_IS_BETTER, METRIC_NAMES
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
@@ -89,8 +90,9 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
     """Check `{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` and return it with plain floats/ints.
 
     `refined` must have every `CARD_METRICS` key; `opt_v1` (the unrefined input), `linear_fit` (the colour fit,
-    with `linear_fit_fitted_on = {"split": ..., "tiles": N}`), `n_tiles` and `split` (the split the metrics were
-    computed on, recorded when they were) are optional. Values must be numbers; NaN (a metric with no valid pixel to
+    with `linear_fit_fitted_on = {"split": ..., "tiles": N}`), `n_tiles`, `split` (the split the metrics were
+    computed on, recorded when they were) and `data` (what the evaluated data's `opt_v1` is: `input_mode`, and for a
+    synthetic one `degradation` and `dataset_seed`, as `stage2-evaluate --json` records it) are optional. Values must be numbers; NaN (a metric with no valid pixel to
     measure) is kept and shown as n/a.
     """
     if not isinstance(metrics, Mapping):
@@ -126,7 +128,23 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
             raise CardError(f"{source}: 'split' must name the split the metrics were computed on, "
                             f"got {metrics['split']!r}")
         clean["split"] = metrics["split"]
+    if metrics.get("data") is not None:
+        clean["data"] = _data_record(metrics["data"], f"{source}: data")
     return clean
+
+
+def _data_record(data: Any, where: str) -> dict:
+    """A metrics file's `data` block, checked: `input_mode` one of `INPUT_MODES`, `degradation` a preset name or
+    None, `dataset_seed` an integer or None."""
+    if not isinstance(data, Mapping) or data.get("input_mode") not in INPUT_MODES:
+        raise CardError(f"{where}: expected {{'input_mode': one of {list(INPUT_MODES)}, 'degradation': ..., "
+                        f"'dataset_seed': ...}} (what stage2-evaluate --json records), got {data!r}")
+    degradation, seed = data.get("degradation"), data.get("dataset_seed")
+    if degradation is not None and not isinstance(degradation, str):
+        raise CardError(f"{where}.degradation: expected a preset name or null, got {degradation!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise CardError(f"{where}.dataset_seed: expected an integer or null, got {seed!r}")
+    return {"input_mode": data["input_mode"], "degradation": degradation, "dataset_seed": seed}
 
 
 UNRECORDED_SPLIT = "unrecorded"
@@ -212,6 +230,7 @@ def build_model_card(
     license: str = DEFAULT_LICENSE,
     datasets: list[str] | str | None = None,
     dataset_name: str = DEFAULT_DATASET_NAME,
+    eval_dataset_name: str | None = None,
     split: str | None = None,
     preview: str | None = PREVIEW_FILE,
     model_config: Mapping | None = None,
@@ -236,8 +255,11 @@ def build_model_card(
         model_name: the `model-index` name; defaults to the repo name.
         license: SPDX-like license id of the Hub (`apache-2.0`).
         datasets: Hub dataset ids the model was trained on (metadata `datasets`).
-        dataset_name: human name of the evaluation data; `split`: its split, for metrics that do not record it
-            (metrics name their own split under `"split"`; a different `split` here is an error).
+        dataset_name: human name of the training data (the Data line, when no `datasets` ids are given).
+        eval_dataset_name: human name of the evaluation data; by default `dataset_name`, unless the metrics
+            record (`"data"`) an `opt_v1` other than the training record's: then that one's name (`data_name`).
+            `split`: its split, for metrics that do not record it (metrics name their own split under `"split"`;
+            a different `split` here is an error).
         preview: relative path or URL of the preview image, None for none.
         model_config: the refiner's `config.json` as a dict (backbone and bands are described from it).
         adapter_config: the PEFT `adapter_config.json` as a dict (LoRA rank, alpha, targets).
@@ -252,6 +274,11 @@ def build_model_card(
     """
     clean = validate_metrics(metrics) if metrics is not None else None
     split = evaluated_split(clean, split)
+    if eval_dataset_name is None:
+        evaluated = clean.get("data") if clean else None
+        trained_on_it = evaluated is None or all((training_config or {}).get(key) == value
+                                                 for key, value in evaluated.items())
+        eval_dataset_name = dataset_name if trained_on_it else data_name(evaluated)
     if training_config is not None and not isinstance(training_config, Mapping):
         raise CardError(f"training_config: expected a mapping of setting -> value, got {type(training_config).__name__}")
     if base_model is not None and (not isinstance(base_model, str) or not is_hub_repo_id(base_model)):
@@ -270,7 +297,7 @@ def build_model_card(
         metrics=list(CARD_METRICS) if clean else None,
         model_name=name,
         eval_results=eval_results(clean, dataset_type=dataset_ids[0] if dataset_ids else "bigearthnet-v2",
-                                  dataset_name=dataset_name, split=split) or None if clean else None,
+                                  dataset_name=eval_dataset_name, split=split) or None if clean else None,
     )
     model_config = dict(model_config or {})
     return ModelCard.from_template(
@@ -300,7 +327,7 @@ def build_model_card(
         metric_rows=metric_rows(clean) if clean else [],
         n_tiles=clean.get("n_tiles", "the") if clean else None,
         split=split,
-        eval_dataset_name=dataset_name,
+        eval_dataset_name=eval_dataset_name,
         metric_notes=METRIC_NOTES,
         linear_fit_label=(_linear_fit_label(clean.get("linear_fit_fitted_on"))
                           if clean and "linear_fit" in clean else None),
@@ -419,11 +446,11 @@ def training_rows(config: Mapping, prefix: str = "") -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------ folder -> card
-def training_data_name(training_config: Mapping | None) -> str:
-    """The card's name of a model's training (and validation) data, from what its training record says the `opt_v1`
-    was (`input_mode`, and for a synthetic one `degradation` and `dataset_seed`); `DEFAULT_DATASET_NAME` for a
-    record that does not say."""
-    config = training_config or {}
+def data_name(record: Mapping | None) -> str:
+    """The card's name of a model's data, from what a record says its `opt_v1` was (`input_mode`, and for a
+    synthetic one `degradation` and `dataset_seed`): the training record (`training_config.json`) for the training
+    data, a metrics file's `"data"` for the evaluated data; `DEFAULT_DATASET_NAME` for a record that does not say."""
+    config = record or {}
     mode = config.get("input_mode")
     if mode == "stage1":
         return f"{TILES_NAME} with Stage 1 outputs as opt_v1"
@@ -490,7 +517,7 @@ def card_for_folder(
     adapter_config = read_json(folder / ADAPTER_CONFIG_FILE, "adapter config")
     base_source = read_json(folder / BASE_SOURCE_FILE, "base description") or {}
     kwargs.setdefault("quantization", base_source.get("trained_quantization"))
-    kwargs.setdefault("dataset_name", training_data_name(training_config))
+    kwargs.setdefault("dataset_name", data_name(training_config))
     kwargs.setdefault("library_name", "peft" if adapter_config is not None else "transformers")
     if preview is not None and "://" not in preview and not (folder / preview).is_file():
         preview = None  # never link an image the repo does not have
@@ -577,15 +604,14 @@ def build_dataset_card(
 
 
 def _opt_v1_origin(source: Any) -> str | None:
-    """How the dataset's `opt_v1` was made, from its build record (`data_builders.build.opt_v1_settings`); None for
+    """How the dataset's `opt_v1` was made, from its build record (`data_builders.build.recorded_opt_v1`); None for
     an info mapping or a dataset without a record."""
     if isinstance(source, Mapping) and "splits" in source:
         return None
-    from data_builders.build import opt_v1_settings, read_build_info
+    from data_builders.build import recorded_opt_v1
 
-    try:
-        settings = opt_v1_settings(read_build_info(source))
-    except ValueError:
+    settings = recorded_opt_v1(source)
+    if settings is None:
         return None
     mode = settings["input_mode"]
     if mode == "stage1":

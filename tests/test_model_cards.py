@@ -151,6 +151,15 @@ def test_nan_metrics_are_shown_as_not_measured():
     ({"refined": {**METRICS["refined"], "sam": "low"}}, r"refined.sam: expected a number, got 'low'"),
     ({"refined": {**METRICS["refined"], "sam": True}}, "refined.sam: expected a number"),
     ({**METRICS, "n_tiles": 0}, "'n_tiles' must be a positive integer"),
+    ({**METRICS, "data": "mild"}, r"m.json: data: expected \{'input_mode': one of \['synthetic', 'stage1', "
+                                  r"'identity'\]"),
+    ({**METRICS, "data": {"input_mode": "sar"}}, "m.json: data: expected .* got {'input_mode': 'sar'}"),
+    ({**METRICS, "data": {"input_mode": "synthetic", "degradation": 2}},
+     "m.json: data.degradation: expected a preset name or null, got 2"),
+    ({**METRICS, "data": {"input_mode": "synthetic", "dataset_seed": True}},
+     "m.json: data.dataset_seed: expected an integer or null, got True"),
+    ({**METRICS, "data": {"input_mode": "synthetic", "dataset_seed": "0"}},
+     "m.json: data.dataset_seed: expected an integer or null, got '0'"),
 ])
 def test_bad_metrics_are_refused_with_the_key(metrics, message):
     with pytest.raises(CardError, match=message):
@@ -303,6 +312,40 @@ def test_the_card_names_the_opt_v1_the_model_was_trained_on(recorded, name, tmp_
     assert f" split of {name}. " in card.text and card.data.eval_results[0].dataset_name == name
     # a name given by the caller wins
     assert "\nData: my tiles.\n" in card_for_folder(folder, dataset_name="my tiles").text
+
+
+STRONG_RUN = {"input_mode": "synthetic", "degradation": "strong", "dataset_seed": 5}
+STRONG_NAME = "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1 (degradation 'strong', dataset seed 5)"
+IDENTITY_NAME = "BigEarthNet v2 Sentinel-2 tiles with opt_v1 = the target (identity)"
+
+
+def test_the_card_names_the_data_the_metrics_were_computed_on(tmp_path):
+    folder = _model_folder(tmp_path / "best")
+    (folder / "training_config.json").write_text(json.dumps({**STRONG_RUN, "max_steps": 200}))
+    # stage2-evaluate on other data (here the target itself as opt_v1): the evaluation is named by its own record,
+    # the training data by the training record.
+    evaluated = {**METRICS, "data": {"input_mode": "identity", "degradation": None, "dataset_seed": None}}
+    (folder / "metrics.json").write_text(json.dumps(evaluated))
+    card = ModelCard.load(write_model_card(folder))
+    assert f"\nData: {STRONG_NAME}.\n" in card.text
+    assert f"12 tiles of the `test` split of {IDENTITY_NAME}. " in card.text
+    assert {r.dataset_name for r in card.data.eval_results} == {IDENTITY_NAME}
+    assert f" split of {STRONG_NAME}" not in card.text
+    # Another draw of the same preset is other data too.
+    other_seed = {**METRICS, "data": {**STRONG_RUN, "dataset_seed": 6}}
+    assert card_for_folder(folder, metrics=other_seed).data.eval_results[0].dataset_name == STRONG_NAME.replace(
+        "seed 5", "seed 6")
+    # The data it was trained on (the demo's test split): one name for both, and a caller's name still wins.
+    same = {**METRICS, "data": STRONG_RUN}
+    assert f" split of {STRONG_NAME}. " in card_for_folder(folder, metrics=same).text
+    named = card_for_folder(folder, metrics=same, dataset_name="my tiles")
+    assert "\nData: my tiles.\n" in named.text and " split of my tiles. " in named.text
+    # ... as does a caller's name of the evaluation data.
+    mine = card_for_folder(folder, metrics=evaluated, eval_dataset_name="my test tiles")
+    assert " split of my test tiles. " in mine.text and f"\nData: {STRONG_NAME}.\n" in mine.text
+    # Metrics that record no data (written by training, or by an older release): the training data's name.
+    assert f" split of {STRONG_NAME}. " in card_for_folder(folder, metrics=METRICS).text
+    assert validate_metrics(evaluated)["data"] == evaluated["data"]
 
 
 def test_write_model_card_without_results_or_preview(tmp_path):

@@ -432,9 +432,13 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     written = json.loads((tmp_path / "r.json").read_text())
     keys = {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim"}
     assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles", "split",
-                            "bootstrap"}
+                            "bootstrap", "data"}
     assert written["n_tiles"] == 2 and written["linear_fit_fitted_on"] == {"split": "train", "tiles": 18}
     assert written["split"] == "val"  # recorded with the metrics, for the model card
+    # What the evaluated data's opt_v1 is (its build record), for the model card: here the data the run trained on.
+    assert written["data"] == {"input_mode": "synthetic", "degradation": "mild", "dataset_seed": 0}
+    trained_on = json.loads((out / "best" / "training_config.json").read_text())
+    assert {key: trained_on[key] for key in written["data"]} == written["data"]
     assert set(written["refined"]) == keys and set(written["opt_v1"]) == keys and set(written["linear_fit"]) == keys
     best = json.loads((out / "best" / "metrics.json").read_text())
     for name in keys:  # the same model on the same tiles as the trainer's evaluation of the best step
@@ -502,7 +506,11 @@ def test_evaluate_on_npz_tiles_names_the_tiles_it_left_out(e2e, sample_tiles_dir
         for path in sorted((sample_tiles_dir / split).glob("*.npz"))[:2]:
             shutil.copy(path, tiles / split / path.name)
     (tiles / "val" / "broken.npz").write_bytes(b"PK\x03\x04 not a zip")
-    assert evaluate_main(["--model", str(out / "best"), "--data", str(tiles), "--split", "val"]) == 0
+    assert evaluate_main(["--model", str(out / "best"), "--data", str(tiles), "--split", "val", "--degradation",
+                          "strong", "--dataset_seed", "3", "--json", str(tmp_path / "r.json")]) == 0
+    # NPZ tiles are evaluated with the opt_v1 the flags make, and the JSON says which (for the model card).
+    recorded = json.loads((tmp_path / "r.json").read_text())["data"]
+    assert recorded == {"input_mode": "synthetic", "degradation": "strong", "dataset_seed": 3}
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("stage2-evaluate: rejected")]
     broken = tiles / "val" / "broken.npz"  # named as the builder names it: no placeholder for the missing key
@@ -871,6 +879,10 @@ def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys, r
         assert (out / "best" / name).is_file()
     card = (out / "best" / "README.md").read_text()
     assert "colour fit (fitted on `train`, 18 tiles)" in card
+    # The test metrics record their data, the data the run trained on: the card names it once for both.
+    assert results["test"]["data"] == {"input_mode": "synthetic", "degradation": "mild", "dataset_seed": 0}
+    name = "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1 (degradation 'mild', dataset seed 0)"
+    assert f"\nData: {name}.\n" in card and f"18 tiles of the `test` split of {name}. " in card
     assert "bootstrap" not in card and "share_below_1" not in card  # the card takes the metric blocks only
     captured = capsys.readouterr()
     printed = captured.out

@@ -27,7 +27,7 @@ from modeling_stage2.configuration_stage2 import (
     OUT_OF_RANGE_RAMP,
     SPECTRAL_CORRECTIONS,
 )
-from modeling_stage2.vocabulary import QUANTIZATIONS
+from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS
 
 from .spectral_range import OUT_OF_RANGE_QUANTILE
 
@@ -443,7 +443,7 @@ class Stage2DataArguments:
     input_mode: str | None = field(
         default=None,
         metadata={"help": "How opt_v1 is made: synthetic (default without --stage1_dir), stage1 (default with it) "
-                          "or identity.", "choices": ("synthetic", "stage1", "identity")},
+                          "or identity.", "choices": INPUT_MODES},
     )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the synthetic opt_v1 degradation."})
     degradation: str = field(

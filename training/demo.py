@@ -94,6 +94,7 @@ def main(argv=None) -> int:
 
     from datasets import load_from_disk
 
+    from data_builders.build import recorded_opt_v1
     from model_cards.cards import write_model_card
     from modeling_stage2 import load_trained_model
     from modeling_stage2._files import write_json
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
             continue
         dataset = load_split(str(dataset_dir), split, dataset_dict=dataset_dict)
         results[split] = evaluate_model(model, dataset, progress=False, color_fit=color_fit, split=split,
-                                        bootstrap_resamples=DEFAULT_RESAMPLES)
+                                        bootstrap_resamples=DEFAULT_RESAMPLES, data=recorded_opt_v1(dataset_dict))
     results["gains"] = {split: gains(results[split]) for split in ("val", "test") if split in results}
     results["global_step"] = trainer.state.global_step
     write_json(output_dir / "demo_results.json", results)

@@ -6,8 +6,10 @@
 `--model` is a folder written by training (`best/`, a checkpoint, `save_trained_model`) or a full refiner folder
 (`save_pretrained` / `export_merged_model`), or a Hub repo id. `--data` is NPZ tiles (converted to Arrow in a
 temporary folder, or in `--cache_dir`) or a saved Arrow `DatasetDict`. Prints a table; `--json FILE` writes
-`{"refined": {...}, "opt_v1": {...}, "linear_fit": {...}, "n_tiles": N}` with `ndvi_rmse`, `evi_rmse`, `sam`,
-`identity_l1`, `edge_l1`, `psnr`, `ssim` in each object.
+`{"refined": {...}, "opt_v1": {...}, "linear_fit": {...}, "n_tiles": N, "split": S, "data": {...}}` with
+`ndvi_rmse`, `evi_rmse`, `sam`, `identity_l1`, `edge_l1`, `psnr`, `ssim` in each metric object. `"data"` says what
+the evaluated data's `opt_v1` is, from its build record (`input_mode`, and for a synthetic one `degradation` and
+`dataset_seed`), so that a model card names the data its metrics were computed on.
 
 Two baselines, always: `opt_v1` itself, and (`--baselines`, on by default when the data has a `train` split) the
 least-squares colour fit (4x4 + bias, `training.linear_fit`) fitted on the `train` split's valid pixels and
@@ -30,7 +32,7 @@ import torch
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
-from modeling_stage2.vocabulary import QUANTIZATIONS
+from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS
 from training.bootstrap import DEFAULT_RESAMPLES
 
 
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how to load the frozen base of an adapter folder (default: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N tiles")
-    parser.add_argument("--input_mode", default=None, choices=("synthetic", "stage1", "identity"),
+    parser.add_argument("--input_mode", default=None, choices=INPUT_MODES,
                         help="how opt_v1 is made for NPZ tiles (default: synthetic, or stage1 with --stage1_dir)")
     parser.add_argument("--dataset_seed", type=int, default=0, help="seed of the synthetic opt_v1 degradation")
     parser.add_argument("--degradation", default="mild", choices=DEGRADATION_CHOICES,
@@ -143,11 +145,13 @@ def fit_color_baseline(dataset_dict, split: str = FIT_SPLIT):
 
 @torch.no_grad()
 def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: bool = True, color_fit=None,
-                   color_fit_split: str = FIT_SPLIT, split: str | None = None, bootstrap_resamples: int = 0) -> dict:
+                   color_fit_split: str = FIT_SPLIT, split: str | None = None, bootstrap_resamples: int = 0,
+                   data: dict | None = None) -> dict:
     """`{"refined": {...}, "opt_v1": {...}, "n_tiles": N}` of `model` on `dataset` (rows of numpy arrays or tensors,
     e.g. `load_split`'s; collated with the evaluation transform), plus
     `"linear_fit": {...}` and `"linear_fit_fitted_on"` when `color_fit` (a `ColorFitResult`) is given,
-    `"split"` (the name of the split `dataset` is, recorded for model cards) when given, and `"bootstrap"` (refined /
+    `"split"` (the name of the split `dataset` is, recorded for model cards) and `"data"` (what its `opt_v1` is,
+    `data_builders.build.recorded_opt_v1`, for model cards too) when given, and `"bootstrap"` (refined /
     each baseline with a paired tile-bootstrap interval, `training.bootstrap.bootstrap_ratios`, seed 0) when
     `bootstrap_resamples` > 0 and there are at least 2 tiles."""
     from torch.utils.data import DataLoader
@@ -179,6 +183,8 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
         results["linear_fit_fitted_on"] = {"split": color_fit_split, "tiles": color_fit.tiles}
     if split is not None:
         results["split"] = split
+    if data is not None:
+        results["data"] = dict(data)
     if keep_tiles:
         baselines = {"opt_v1": accumulator.tile_statistics_of("opt_v1")}
         if fit_accumulator is not None:  # the colour fit's output is the "refined" role of its own accumulator
@@ -199,6 +205,7 @@ def run(args) -> dict:
 
 
 def _run(args, cache_dir) -> dict:
+    from data_builders.build import recorded_opt_v1
     from modeling_stage2 import load_trained_model
 
     from training.bootstrap import format_bootstrap_table
@@ -216,7 +223,8 @@ def _run(args, cache_dir) -> dict:
     model = load_trained_model(args.model, quantization=args.quantization,
                                device=device if args.quantization == "none" else None, revision=args.revision)
     results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device,
-                             color_fit=color_fit, split=args.split, bootstrap_resamples=args.bootstrap)
+                             color_fit=color_fit, split=args.split, bootstrap_resamples=args.bootstrap,
+                             data=recorded_opt_v1(dataset_dict))
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if "bootstrap" in results:

@@ -551,11 +551,10 @@ def training_opt_v1(dataset_dict, data_args, warn: bool = True) -> dict:
     """What the training data's `opt_v1` is, for the training record (`training_config.json`, the model card): the
     dataset's build record, not the flags, which an Arrow `--data_dir` does not use (`warn`: say so where they
     differ). A dataset without a build record is recorded by the flags' `input_mode`."""
-    from data_builders.build import opt_v1_settings, read_build_info
+    from data_builders.build import recorded_opt_v1
 
-    try:
-        built = opt_v1_settings(read_build_info(dataset_dict))
-    except ValueError:
+    built = recorded_opt_v1(dataset_dict)
+    if built is None:
         return {"input_mode": data_args.input_mode}
     for flag, build_flag in (("degradation", "--degradation"), ("dataset_seed", "--seed")):
         asked = getattr(data_args, flag)
