@@ -621,8 +621,8 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
     def forward(
         self,
         opt_v1: torch.Tensor,
-        month: torch.Tensor,
-        biome: torch.Tensor,
+        month: torch.Tensor | int | None = None,
+        biome: torch.Tensor | int | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
@@ -632,10 +632,11 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
             opt_v1 (`torch.FloatTensor` of shape `(batch_size, num_bands, height, width)`):
                 The Stage 1 image, reflectance 0..1, bands in the order of `config.bands`. Any size: it is padded to a
                 multiple of the patch internally and the output is cropped back.
-            month (`torch.LongTensor` of shape `(batch_size,)`):
-                Month 1..`num_months`, or `UNKNOWN_METADATA` (-1).
-            biome (`torch.LongTensor` of shape `(batch_size,)`):
-                Biome 0..`num_biomes - 1`, or `UNKNOWN_METADATA` (-1).
+            month (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Month 1..`num_months`, or `UNKNOWN_METADATA` (-1). One integer (a Python int or a 0-d tensor) is
+                every tile's month; None (the default) is unknown for every tile.
+            biome (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Biome 0..`num_biomes - 1`, or `UNKNOWN_METADATA` (-1); one integer or None as for `month`.
             output_hidden_states (`bool`, *optional*):
                 Also return the backbone's per-block hidden states; defaults to `config.output_hidden_states`.
             return_dict (`bool`, *optional*):
@@ -739,11 +740,15 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
 
     @staticmethod
     def _check_metadata(values, name: str, low: int, high: int, batch_size: int) -> torch.Tensor:
-        values = torch.as_tensor(values)
+        """`values` as a (batch_size,) LongTensor: None is unknown for every tile, one integer is every tile's."""
+        values = torch.as_tensor(UNKNOWN_METADATA if values is None else values)
         if values.is_floating_point() or values.dtype == torch.bool or values.is_complex():
             raise TypeError(f"{name} must be an integer tensor (LongTensor), got dtype {values.dtype}.")
+        if values.ndim == 0:
+            values = values.expand(batch_size)
         if values.shape != (batch_size,):
-            raise ValueError(f"{name} must have shape ({batch_size},) (one value per tile), got {tuple(values.shape)}.")
+            raise ValueError(f"{name} must have shape ({batch_size},) (one value per tile) or be one integer for "
+                             f"every tile, got {tuple(values.shape)}.")
         values = values.long()
         valid = ((values >= low) & (values <= high)) | (values == UNKNOWN_METADATA)
         if not bool(valid.all()):

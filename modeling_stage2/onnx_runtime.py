@@ -148,7 +148,8 @@ class ExportedRefiner:
     def parameters(self):
         return iter(())
 
-    def check_inputs(self, opt_v1: Any, month: Any, biome: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def check_inputs(self, opt_v1: Any, month: Any = None, biome: Any = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The eager model's input checks (same exceptions and messages) -> (opt_v1, month, biome) tensors."""
         from .modeling_stage2 import Stage2RefinerModel
 
@@ -168,7 +169,7 @@ class ExportedRefiner:
                 )
         return opt_v1, month, biome
 
-    def __call__(self, opt_v1: Any, month: Any, biome: Any, output_hidden_states: bool | None = None,
+    def __call__(self, opt_v1: Any, month: Any = None, biome: Any = None, output_hidden_states: bool | None = None,
                  return_dict: bool | None = None):
         from .modeling_stage2 import Stage2RefinerOutput
 

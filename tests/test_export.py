@@ -253,6 +253,13 @@ def test_the_graph_file_alone_and_numpy_inputs(exported, eager, sample_images):
         expected = eager["none"](opt_v1=opt_v1, month=month, biome=biome).refined
     assert float((from_numpy - expected).abs().max()) < TOLERANCE
     assert model(opt_v1, month, biome, return_dict=False)[0].shape == opt_v1.shape
+    # The eager model's call contract: one integer for every tile, or no metadata (unknown).
+    assert torch.equal(model(opt_v1, 7, 4).refined, model(opt_v1, torch.tensor([7, 7]), torch.tensor([4, 4])).refined)
+    unknown = model(opt_v1.numpy()).refined
+    assert torch.equal(unknown, model(opt_v1, torch.tensor([-1, -1]), torch.tensor([-1, -1])).refined)
+    assert not torch.equal(unknown, from_numpy)
+    with torch.no_grad():
+        assert float((unknown - eager["none"](opt_v1=opt_v1).refined).abs().max()) < TOLERANCE
 
 
 def test_export_json_describes_the_contract(exported, trained):
@@ -317,6 +324,8 @@ def test_bad_input_gives_the_eager_error_before_running(fmt, exported, eager, mo
         "biome 17": (good, month, torch.tensor([17, 0])),
         "float month": (good, torch.tensor([7.0, 1.0]), biome),
         "one month for two tiles": (good, torch.tensor([7]), biome),
+        "month 13 for every tile": (good, 13, biome),
+        "a column of months": (good, month[:, None], biome),
         "NaN": (torch.where(good > 0.29, torch.nan, good), month, biome),
         "integer image": ((good * 10000).long(), month, biome),
     }

@@ -235,13 +235,33 @@ def test_metadata_conditions_the_output(awake_model):
         ([1, 2], [17, 0], ValueError, r"biome must be in 0\.\.16, or -1 \(UNKNOWN_METADATA\).*got \[17\]"),
         ([1, 2], [0, -5], ValueError, r"biome must be in 0\.\.16.*got \[-5\]"),
         ([1.0, 2.0], [0, 0], TypeError, "month must be an integer tensor"),
-        ([1], [0, 0], ValueError, r"month must have shape \(2,\)"),
+        ([1], [0, 0], ValueError, r"month must have shape \(2,\) \(one value per tile\) or be one integer for every "
+                                  r"tile, got \(1,\)"),
+        ([[1], [2]], [0, 0], ValueError, r"month must have shape \(2,\).*got \(2, 1\)"),
+        (13, [0, 0], ValueError, r"month must be in 1\.\.12.*got \[13, 13\] at batch positions \[0, 1\]"),
+        ([1, 2], 2.0, TypeError, "biome must be an integer tensor"),
     ],
 )
 def test_bad_month_or_biome_gives_a_clear_error(model, month, biome, error, message):
     opt_v1, _, _ = tiny_inputs(batch=2, size=(20, 20))
     with pytest.raises(error, match=message):
         model(opt_v1, torch.tensor(month), torch.tensor(biome))
+
+
+def test_metadata_may_be_one_integer_for_every_tile_or_left_out(awake_model):
+    """One month / biome for a batch (tiles of one scene), or none at all (unknown, as Prithvi's own coordinates
+    are optional): the same output as the per-tile tensors they stand for."""
+    opt_v1, _, _ = tiny_inputs(batch=2, size=(28, 28))
+    per_tile = refine(awake_model, opt_v1, torch.tensor([7, 7]), torch.tensor([4, 4])).refined
+    with torch.no_grad():
+        assert torch.equal(awake_model(opt_v1, 7, 4).refined, per_tile)
+        assert torch.equal(awake_model(opt_v1, torch.tensor(7), torch.tensor(4)).refined, per_tile)
+        unknown = refine(awake_model, opt_v1, torch.tensor([UNKNOWN_METADATA] * 2),
+                         torch.tensor([UNKNOWN_METADATA] * 2)).refined
+        assert torch.equal(awake_model(opt_v1).refined, unknown)
+        assert torch.equal(awake_model(opt_v1, month=7).refined,
+                           refine(awake_model, opt_v1, torch.tensor([7, 7]), torch.tensor([-1, -1])).refined)
+    assert not torch.equal(unknown, per_tile)  # the metadata is used: leaving it out is not the same as giving it
 
 
 def test_bad_opt_v1_gives_a_clear_error(model):
