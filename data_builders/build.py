@@ -2,7 +2,7 @@
 
     stage2-build-dataset --data_dir D [--stage1_dir S] --output_dir O [--max_samples N]
                          [--strict] [--num_proc K] [--input_mode synthetic|stage1|identity]
-                         [--seed 0] [--degradation mild|strong|mixture] [--degradation_config FILE.json]
+                         [--dataset_seed 0] [--degradation mild|strong|mixture] [--degradation_config FILE.json]
 
 Layout read: `D/{train,val,test}/<tile_id>.npz` (a `validation` folder counts as `val`), each with
 an optional `<tile_id>.json` sidecar whose `split` wins over the folder. `datasets.load_from_disk(O)`
@@ -652,7 +652,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None, help="at most N tiles per split")
     parser.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first bad tile")
     parser.add_argument("--num_proc", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradation")
+    parser.add_argument("--dataset_seed", type=int, default=None,
+                        help="seed of the synthetic degradation (default 0; the name stage2-train and "
+                             "stage2-evaluate give it)")
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # deprecated: --dataset_seed
     parser.add_argument("--degradation", default="mild", metavar="{" + ",".join(DEGRADATION_CHOICES) + "}",
                         help="preset of the synthetic degradation (default mild; mixture: mild or strong per tile)")
     parser.add_argument("--degradation_config", default=None,
@@ -666,6 +669,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tune_allocator()  # this process is the CLI's own
+    if args.seed is not None:  # the flag's name before it was the one of stage2-train and stage2-evaluate
+        if args.dataset_seed is not None and args.dataset_seed != args.seed:
+            print(f"stage2-build-dataset: error: --seed {args.seed} and --dataset_seed {args.dataset_seed} name the "
+                  "same seed; give --dataset_seed only", file=sys.stderr)
+            return 2
+        print("stage2-build-dataset: warning: --seed is deprecated and will be removed in a future release; use "
+              "--dataset_seed, as stage2-train and stage2-evaluate do", file=sys.stderr)
+        args.dataset_seed = args.seed
+    if args.dataset_seed is None:
+        args.dataset_seed = 0
     if args.degradation not in DEGRADATION_CHOICES:  # one line, not argparse's usage + error
         print(f"stage2-build-dataset: error: --degradation: unknown preset {args.degradation!r} "
               f"(choose from {', '.join(DEGRADATION_CHOICES)})", file=sys.stderr)
@@ -689,7 +702,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_dataset(
             args.data_dir, args.output_dir, stage1_dir=args.stage1_dir, max_samples=args.max_samples,
             strict=args.strict, num_proc=args.num_proc, input_mode=args.input_mode,
-            degradation=args.degradation, degradation_overrides=overrides, seed=args.seed,
+            degradation=args.degradation, degradation_overrides=overrides, seed=args.dataset_seed,
         )
     except (TileError, FileNotFoundError, ValueError) as error:  # bad input: nothing was written
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)

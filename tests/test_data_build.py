@@ -649,6 +649,34 @@ def test_cli_degradation_flag(tmp_path):
     assert "--degradation_config cannot be combined with --degradation mixture" in conflict.stderr
 
 
+def test_cli_dataset_seed_flag_and_its_deprecated_name(tmp_path, capsys):
+    """The seed of the synthetic opt_v1 is --dataset_seed, as in stage2-train and stage2-evaluate; --seed, its name
+    before, works for one more release with a warning."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+
+    def seed_of(name):
+        return json.loads((tmp_path / name / BUILD_INFO_FILE).read_text())["opt_v1"]["seed"]
+
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "default")]) == 0
+    assert seed_of("default") == 0 and "deprecated" not in capsys.readouterr().err
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "new"), "--dataset_seed", "3"]) == 0
+    assert seed_of("new") == 3 and "deprecated" not in capsys.readouterr().err
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "old"), "--seed", "3"]) == 0
+    assert seed_of("old") == 3
+    assert capsys.readouterr().err.strip().splitlines()[0] == (
+        "stage2-build-dataset: warning: --seed is deprecated and will be removed in a future release; use "
+        "--dataset_seed, as stage2-train and stage2-evaluate do")
+    both = tmp_path / "both"
+    assert main(["--data_dir", str(data), "--output_dir", str(both), "--seed", "3", "--dataset_seed", "4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "stage2-build-dataset: error: --seed 3 and --dataset_seed 4 name the same seed; give --dataset_seed only"]
+    assert not both.exists()
+    assert main(["--data_dir", str(data), "--output_dir", str(both), "--seed", "4", "--dataset_seed", "4"]) == 0
+    assert seed_of("both") == 4
+    help_text = _run_cli("--help").stdout
+    assert "--dataset_seed" in help_text and "--seed " not in help_text
+
+
 def test_training_config_and_cache_key_know_the_preset(tmp_path):
     from training.args import Stage2DataArguments
     from data_builders.cache import dataset_cache_key
@@ -711,7 +739,7 @@ def test_a_run_is_recorded_with_the_opt_v1_of_its_arrow_dataset(tmp_path, caplog
         f"--degradation mild is not used: --data_dir {strong_dir} is an Arrow dataset whose opt_v1 was synthesised "
         "with degradation 'strong' (stage2-build-dataset --degradation); the run is recorded with the dataset's.",
         f"--dataset_seed 0 is not used: --data_dir {strong_dir} is an Arrow dataset whose opt_v1 was synthesised "
-        "with dataset_seed 5 (stage2-build-dataset --seed); the run is recorded with the dataset's."]
+        "with dataset_seed 5 (stage2-build-dataset --dataset_seed); the run is recorded with the dataset's."]
 
     caplog.clear()
     same = Stage2DataArguments(data_dir=str(strong_dir), input_mode="synthetic", degradation="strong", dataset_seed=5)

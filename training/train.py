@@ -556,12 +556,12 @@ def training_opt_v1(dataset_dict, data_args, warn: bool = True) -> dict:
     built = recorded_opt_v1(dataset_dict)
     if built is None:
         return {"input_mode": data_args.input_mode}
-    for flag, build_flag in (("degradation", "--degradation"), ("dataset_seed", "--seed")):
+    for flag in ("degradation", "dataset_seed"):  # each the flag of stage2-build-dataset that sets it too
         asked = getattr(data_args, flag)
         if warn and built[flag] is not None and asked != built[flag]:
             logger.warning(f"--{flag} {asked} is not used: --data_dir {data_args.data_dir} is an Arrow dataset whose "
                            f"opt_v1 was synthesised with {flag} {built[flag]!r} (stage2-build-dataset "
-                           f"{build_flag}); the run is recorded with the dataset's.")
+                           f"--{flag}); the run is recorded with the dataset's.")
     return built
 
 
