@@ -17,6 +17,7 @@ _EXPORTS = {
     "build_dataset": "build",
     "make_train_transform": "augment",
     "make_eval_transform": "augment",
+    "plot_sample": "inspect",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,5 @@
-"""Look at a built dataset: features, split sizes, statistics, histograms, and a preview grid.
+"""Look at a built dataset: features, split sizes, statistics, histograms, a preview grid, and one tile
+(`plot_sample`, for notebooks).
 
     stage2-inspect PATH [--plot FILE.png] [--split train] [--num_tiles 4]
 
@@ -24,8 +25,9 @@ _vocabulary = model_leaf("vocabulary")
 _files = model_leaf("_files")
 _signals = model_leaf("_signals")
 
-RGB_BANDS = (2, 1, 0)  # B04, B03, B02
-RED, NIR = 2, 3
+_bands = model_leaf("bands")
+RGB_BANDS = _bands.TRUE_COLOUR_BANDS  # B04, B03, B02
+RED, NIR = _bands.RED, _bands.NIR
 STRETCH_PERCENTILES = (2.0, 98.0)
 STATS_MAX_TILES = 2000
 DEFAULT_PLOT_TILES = 4
@@ -197,21 +199,10 @@ def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = 
     figure = Figure(figsize=(11, 0.6 + 2.6 * len(indices)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(indices), 4, squeeze=False)
-    titles = ("target (true colour)", "opt_v1 (true colour)", "target NDVI", "opt_v1 NDVI")
     for row, axes_row in enumerate(axes):
-        target, opt_v1, mask = rows["target"][row], rows["opt_v1"][row], rows["valid_mask"][row]
-        limits = stretch_limits(target, mask)
-        panels = [true_colour(target, limits), true_colour(opt_v1, limits), ndvi(target), ndvi(opt_v1)]
-        for column, (axis, panel) in enumerate(zip(axes_row, panels)):
-            if column < 2:
-                axis.imshow(panel, interpolation="nearest")
-            else:
-                shown = np.ma.masked_where(~mask, panel)
-                image = axis.imshow(shown, cmap="RdYlGn", vmin=-1, vmax=1, interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(titles[column], fontsize=9)
+        images = {"target": rows["target"][row], "opt_v1": rows["opt_v1"][row]}
+        for axis, (title, panel) in zip(axes_row, _panels(images, rows["valid_mask"][row])):
+            image = _show_panel(axis, title, panel, rows["valid_mask"][row], title_it=row == 0)
         tile_id = str(rows["tile_id"][row])
         axes_row[0].set_ylabel(f"{tile_id[:22]}\n{tile_id[22:44]}\nmonth {rows['month'][row]}, biome {rows['biome'][row]}",
                                fontsize=7)
@@ -222,6 +213,97 @@ def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = 
     with _files.atomic_file(output_png) as partial:
         figure.savefig(partial, format=output_png.suffix[1:].lower())
     return output_png
+
+
+def _panels(images: dict, valid_mask: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(title, panel) of each image of `images` in true colour, then of each its NDVI. One stretch for all, the
+    target's (the first image's without a target), so that their colours compare."""
+    reference = images.get("target", next(iter(images.values())))
+    limits = stretch_limits(reference, valid_mask)
+    return ([(f"{name} (true colour)", true_colour(image, limits)) for name, image in images.items()]
+            + [(f"{name} NDVI", ndvi(image)) for name, image in images.items()])
+
+
+def _show_panel(axis, title: str, panel: np.ndarray, valid_mask: np.ndarray, title_it: bool = True):
+    """Draw a true-colour (H, W, 3) or NDVI (H, W) panel without ticks; returns the image drawn."""
+    if panel.ndim == 3:
+        image = axis.imshow(panel, interpolation="nearest")
+    else:
+        image = axis.imshow(np.ma.masked_where(~valid_mask, panel), cmap="RdYlGn", vmin=-1, vmax=1,
+                            interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if title_it:
+        axis.set_title(title, fontsize=9)
+    return image
+
+
+def _sample_image(value, name: str) -> np.ndarray:
+    """A sample's (4, H, W) image as float numpy, from a list, array or tensor (a batch of one is taken as the
+    tile); a clear error naming `name` otherwise."""
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().cpu().float().numpy()
+    image = np.asarray(value, dtype=np.float32)
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] != len(BAND_NAMES):
+        raise ValueError(f"plot_sample: {name} must be one ({len(BAND_NAMES)}, height, width) image with the bands "
+                         f"{BAND_NAMES}, got shape {image.shape}")
+    return image
+
+
+def plot_sample(sample, refined=None, suptitle: Optional[str] = None):
+    """One tile as a matplotlib `Figure`, as torchgeo's `plot(sample)`: `opt_v1`, the refined output (when given, or
+    when the sample holds `"refined"`) and the target in true colour (B04, B03, B02, one 2-98 % stretch, the
+    target's), with their NDVI underneath (invalid pixels blank).
+
+        ds = datasets.load_from_disk("data/arrow")
+        figure = plot_sample(ds["test"][0])                    # a row as datasets gives it (lists, numpy, torch)
+        figure = plot_sample(row, refined=model(...).refined)  # (4, H, W) or a batch of one
+        figure.savefig("tile.png")
+
+    A sample without `"target"` (inference input) shows what it has. Nothing is drawn on screen: display the figure
+    in a notebook, or save it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not hasattr(sample, "get") or "opt_v1" not in sample:
+        raise ValueError("plot_sample: expected a dataset row (a mapping) with 'opt_v1' (and 'target', "
+                         "'valid_mask'), e.g. datasets.load_from_disk(path)['test'][0]")
+    refined = refined if refined is not None else sample.get("refined")
+    images = {"opt_v1": _sample_image(sample["opt_v1"], "opt_v1")}
+    if refined is not None:
+        images["refined"] = _sample_image(refined, "refined")
+    if sample.get("target") is not None:
+        images["target"] = _sample_image(sample["target"], "target")
+    shape = images["opt_v1"].shape[1:]
+    for name, image in images.items():
+        if image.shape[1:] != shape:
+            raise ValueError(f"plot_sample: {name} is {image.shape[1]}x{image.shape[2]} pixels, opt_v1 "
+                             f"{shape[0]}x{shape[1]}")
+    mask = sample.get("valid_mask")
+    mask = np.ones(shape, dtype=bool) if mask is None else _sample_mask(mask, shape)
+
+    figure = Figure(figsize=(3.2 * len(images), 6.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, len(images), squeeze=False)
+    for axis, (title, panel) in zip(axes.ravel(), _panels(images, mask)):
+        image = _show_panel(axis, title, panel, mask)
+    figure.colorbar(image, ax=axes[1].tolist(), shrink=0.8, label="NDVI")
+    if suptitle is None and sample.get("tile_id") is not None:
+        suptitle = f"{sample['tile_id']}: month {sample.get('month')}, biome {sample.get('biome')}"
+    if suptitle:
+        figure.suptitle(str(suptitle), fontsize=10)
+    return figure
+
+
+def _sample_mask(value, shape) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    mask = np.asarray(value).astype(bool)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"plot_sample: valid_mask must be {shape[0]}x{shape[1]} like opt_v1, got shape {mask.shape}")
+    return mask
 
 
 def _check_plot_path(path: Path) -> None:

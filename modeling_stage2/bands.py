@@ -7,6 +7,13 @@ copies of the configuration carry it along.
 BAND_NAMES: tuple[str, ...] = ("B02", "B03", "B04", "B08")
 """Bands of the product, in storage order (blue, green, red, broad NIR); values are reflectance 0..1."""
 
+BLUE, GREEN, RED, NIR = (BAND_NAMES.index(name) for name in ("B02", "B03", "B04", "B08"))
+"""Positions of blue (B02), green (B03), red (B04) and broad NIR (B08) in `BAND_NAMES`: what NDVI, EVI and the
+true-colour views read."""
+
+TRUE_COLOUR_BANDS: tuple[int, int, int] = (RED, GREEN, BLUE)
+"""Positions of the red, green and blue channels of a true-colour view, in that order."""
+
 UNKNOWN_METADATA: int = -1
 """Month or biome code of a tile without that metadata; it selects the learned "unknown" embedding."""
 

@@ -106,3 +106,63 @@ def test_plot_helpers():
     image[3] = 0.5
     assert ndvi(image)[5, 5] == pytest.approx(0.25)
     assert histogram(np.array([1, 1, 12, -1, 13]), 12, 1) == ([2] + [0] * 10 + [1], 2)
+
+
+def _shown(figure) -> dict:
+    """{panel title: the array it shows} of a figure's image panels (the colour bar has no title)."""
+    return {axis.get_title(): axis.images[0].get_array() for axis in figure.axes if axis.get_title()}
+
+
+def test_plot_sample_draws_one_row_as_datasets_gives_it(sample_dataset_dir):
+    """torchgeo's `plot(sample)` for a dataset row: opt_v1, refined and target in true colour under the target's one
+    stretch, their NDVI underneath with invalid pixels blank, whatever format the row comes in."""
+    import torch
+
+    from data_builders import plot_sample
+
+    test = datasets.load_from_disk(str(sample_dataset_dir))["test"]
+    row = test.with_format("numpy")[5]
+    mask = row["valid_mask"].copy()
+    mask[:10, :20] = False  # a corner without data
+    limits = stretch_limits(row["target"], mask)
+    refined = (row["opt_v1"] * 0.9 + 0.01).astype(np.float32)
+
+    figure = plot_sample({**row, "valid_mask": mask}, refined=torch.from_numpy(refined)[None])
+    shown = _shown(figure)
+    assert list(shown) == ["opt_v1 (true colour)", "refined (true colour)", "target (true colour)",
+                           "opt_v1 NDVI", "refined NDVI", "target NDVI"]
+    for name, image in (("opt_v1", row["opt_v1"]), ("refined", refined), ("target", row["target"])):
+        np.testing.assert_allclose(shown[f"{name} (true colour)"], true_colour(image, limits), atol=1e-6)
+        np.testing.assert_allclose(shown[f"{name} NDVI"].filled(np.nan), np.where(mask, ndvi(image), np.nan),
+                                   atol=1e-6)
+    assert shown["target NDVI"].mask[:10, :20].all() and not shown["target NDVI"].mask[10:, 20:].any()
+    assert figure.texts[0].get_text() == f"{row['tile_id']}: month {row['month']}, biome {row['biome']}"
+
+    # The row as datasets gives it by default (nested lists) and as torch tensors: the same panels.
+    for other in (test[5], test.with_format("torch")[5]):
+        again = _shown(plot_sample(other))
+        assert list(again) == ["opt_v1 (true colour)", "target (true colour)", "opt_v1 NDVI", "target NDVI"]
+        np.testing.assert_allclose(again["opt_v1 (true colour)"],
+                                   true_colour(row["opt_v1"], stretch_limits(row["target"], row["valid_mask"])),
+                                   atol=1e-6)
+    # An inference input has no target: what it has, the stretch taken from opt_v1.
+    alone = _shown(plot_sample({"opt_v1": row["opt_v1"]}, refined=refined, suptitle="mine"))
+    assert list(alone) == ["opt_v1 (true colour)", "refined (true colour)", "opt_v1 NDVI", "refined NDVI"]
+    np.testing.assert_allclose(alone["opt_v1 (true colour)"],
+                               true_colour(row["opt_v1"], stretch_limits(row["opt_v1"], np.ones((120, 120), bool))),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize(("sample", "refined", "message"), [
+    ([1, 2], None, r"expected a dataset row \(a mapping\) with 'opt_v1'"),
+    ({"target": np.zeros((4, 8, 8))}, None, "with 'opt_v1'"),
+    ({"opt_v1": np.zeros((3, 8, 8))}, None, r"opt_v1 must be one \(4, height, width\) image .* got shape \(3, 8, 8\)"),
+    ({"opt_v1": np.zeros((2, 4, 8, 8))}, None, r"got shape \(2, 4, 8, 8\)"),
+    ({"opt_v1": np.zeros((4, 8, 8))}, np.zeros((4, 8, 9)), "refined is 8x9 pixels, opt_v1 8x8"),
+    ({"opt_v1": np.zeros((4, 8, 8)), "valid_mask": np.ones((8, 9))}, None, r"valid_mask must be 8x8 like opt_v1"),
+])
+def test_plot_sample_refuses_what_is_not_one_tile(sample, refined, message):
+    from data_builders import plot_sample
+
+    with pytest.raises(ValueError, match=f"^plot_sample: {message}" if message.startswith("expected") else message):
+        plot_sample(sample, refined=refined)

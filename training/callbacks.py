@@ -14,13 +14,13 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import IntervalStrategy
 
+from modeling_stage2.bands import NIR, RED, TRUE_COLOUR_BANDS
+
 logger = logging.getLogger(__name__)
 
 TRAINING_LOG_NAME = "training_log.jsonl"
 TENSORBOARD_DIR_NAME = "runs"
 PREVIEW_COLUMNS = ("opt_v1", "refined", "target")
-_RGB_BANDS = (2, 1, 0)  # B04 B03 B02 of (B02, B03, B04, B08)
-_RED, _NIR = 2, 3
 _EVAL_PREFIX = "eval_"
 _BASELINE_PREFIX = "opt_v1_"
 _REFINED_PREFIX = "refined_"
@@ -33,8 +33,8 @@ def true_colour(tiles: np.ndarray, reference: np.ndarray | None = None) -> np.nd
     The stretch comes from `reference` (the target) when given, so that opt_v1, refined and target of a tile
     share one colour scale and their differences stay visible.
     """
-    rgb = np.asarray(tiles, dtype=np.float32)[:, _RGB_BANDS]
-    ref = rgb if reference is None else np.asarray(reference, dtype=np.float32)[:, _RGB_BANDS]
+    rgb = np.asarray(tiles, dtype=np.float32)[:, TRUE_COLOUR_BANDS]
+    ref = rgb if reference is None else np.asarray(reference, dtype=np.float32)[:, TRUE_COLOUR_BANDS]
     out = np.empty((rgb.shape[0], rgb.shape[2], rgb.shape[3], 3), dtype=np.uint8)
     for i in range(rgb.shape[0]):
         finite = ref[i][np.isfinite(ref[i])]
@@ -48,7 +48,7 @@ def true_colour(tiles: np.ndarray, reference: np.ndarray | None = None) -> np.nd
 def ndvi_colour(tiles: np.ndarray) -> np.ndarray:
     """(N, 4, H, W) reflectance -> (N, H, W, 3) uint8: NDVI -0.2..1 on a brown-yellow-green ramp."""
     tiles = np.asarray(tiles, dtype=np.float32)
-    red, nir = tiles[:, _RED], tiles[:, _NIR]
+    red, nir = tiles[:, RED], tiles[:, NIR]
     denominator = nir + red
     ndvi = np.where(np.abs(denominator) > 1e-6, (nir - red) / np.where(denominator == 0, 1, denominator), 0.0)
     position = np.clip((np.nan_to_num(ndvi) + 0.2) / 1.2, 0.0, 1.0)
@@ -131,7 +131,7 @@ def _with_colour_bar(grid: np.ndarray) -> np.ndarray:
 def _tiles_with_ndvi(values: np.ndarray) -> np.ndarray:
     """(1, 4, 1, W) reflectance whose NDVI is `values` (red 1 - v, NIR 1 + v)."""
     tiles = np.zeros((1, 4, 1, values.size), dtype=np.float32)
-    tiles[0, _RED, 0], tiles[0, _NIR, 0] = 1 - values, 1 + values
+    tiles[0, RED, 0], tiles[0, NIR, 0] = 1 - values, 1 + values
     return tiles
 
 

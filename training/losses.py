@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_stage2.bands import BAND_NAMES
-
-BLUE, GREEN, RED, NIR = range(len(BAND_NAMES))
+from modeling_stage2.bands import BAND_NAMES, BLUE, NIR, RED
 
 # EVI = G (NIR - R) / (NIR + C1 R - C2 B + L), MODIS coefficients.
 EVI_GAIN, EVI_C1, EVI_C2, EVI_L = 2.5, 6.0, 7.5, 1.0
