@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from modeling_stage2.bands import BAND_NAMES, DigitalNumbersWarning
+from modeling_stage2.bands import BAND_NAMES, UNKNOWN_METADATA, DigitalNumbersWarning
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .values import (
@@ -138,8 +138,8 @@ def predict(
 def refine_arrays(
     model: Any,
     opt_v1: np.ndarray,
-    month: int | Sequence[int] | np.ndarray,
-    biome: int | Sequence[int] | np.ndarray,
+    month: int | Sequence[int] | np.ndarray = UNKNOWN_METADATA,
+    biome: int | Sequence[int] | np.ndarray = UNKNOWN_METADATA,
     *,
     input_scale: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -154,8 +154,8 @@ def refine_arrays(
             eval mode.
         opt_v1: `(4, H, W)` or `(B, 4, H, W)`, bands B02 B03 B04 B08; reflectance in 0..1 or digital
             numbers (reflectance x 10000).
-        month: 1..12 or -1 (unknown); one value for all images or one per image.
-        biome: 0..16 or -1 (unknown); one value for all images or one per image.
+        month: 1..12 or -1 (unknown, the default); one value for all images or one per image.
+        biome: 0..16 or -1 (unknown, the default); one value for all images or one per image.
         input_scale: `"auto"` (integer dtype = digital numbers, float = reflectance), `"reflectance"`
             or `"dn"`.
         batch_size: images per forward pass.

@@ -172,6 +172,11 @@ def test_refine_arrays_batches_and_per_image_metadata():
     for image, out, month, biome in zip(images, refined, months, biomes):
         np.testing.assert_allclose(out, pixelwise_expected(image, month, biome), rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(refined, refine_arrays(PixelwiseRefiner(), images, months, biomes, batch_size=8))
+    # Without metadata, as the model itself: unknown month and biome for every image.
+    np.testing.assert_array_equal(refine_arrays(PixelwiseRefiner(), images),
+                                  refine_arrays(PixelwiseRefiner(), images, [-1] * 5, [-1] * 5))
+    np.testing.assert_allclose(refine_arrays(PixelwiseRefiner(), images[0], month=6)[0],
+                               pixelwise_expected(images[0], 6, -1)[0], rtol=1e-6, atol=1e-7)
 
 
 def test_refine_arrays_accepts_model_outputs_with_refined_attribute():
