@@ -291,10 +291,16 @@ def plot_sample(sample, refined=None, suptitle: Optional[str] = None):
         image = _show_panel(axis, title, panel, mask)
     figure.colorbar(image, ax=axes[1].tolist(), shrink=0.8, label="NDVI")
     if suptitle is None and sample.get("tile_id") is not None:
-        suptitle = f"{sample['tile_id']}: month {sample.get('month')}, biome {sample.get('biome')}"
+        month, biome = (_plain(sample.get(key)) for key in ("month", "biome"))
+        suptitle = f"{_plain(sample['tile_id'])}: month {month}, biome {biome}"
     if suptitle:
         figure.suptitle(str(suptitle), fontsize=10)
     return figure
+
+
+def _plain(value):
+    """A numpy or torch scalar as the Python value it holds (printed as `6`, not `tensor(6)`)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def _sample_mask(value, shape) -> np.ndarray:

@@ -92,8 +92,8 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
     `refined` must have every `CARD_METRICS` key; `opt_v1` (the unrefined input), `linear_fit` (the colour fit,
     with `linear_fit_fitted_on = {"split": ..., "tiles": N}`), `n_tiles`, `split` (the split the metrics were
     computed on, recorded when they were) and `data` (what the evaluated data's `opt_v1` is: `input_mode`, and for a
-    synthetic one `degradation` and `dataset_seed`, as `stage2-evaluate --json` records it) are optional. Values must be numbers; NaN (a metric with no valid pixel to
-    measure) is kept and shown as n/a.
+    synthetic one `degradation` and `dataset_seed`, as `stage2-evaluate --json` records it) are optional. Values
+    must be numbers; NaN (a metric with no valid pixel to measure) is kept and shown as n/a.
     """
     if not isinstance(metrics, Mapping):
         raise CardError(f"{source}: expected a mapping {{'refined': {{...}}, 'opt_v1': {{...}}, 'n_tiles': N}}, "

@@ -140,7 +140,9 @@ def test_plot_sample_draws_one_row_as_datasets_gives_it(sample_dataset_dir):
 
     # The row as datasets gives it by default (nested lists) and as torch tensors: the same panels.
     for other in (test[5], test.with_format("torch")[5]):
-        again = _shown(plot_sample(other))
+        figure = plot_sample(other)
+        assert figure.texts[0].get_text() == f"{row['tile_id']}: month {row['month']}, biome {row['biome']}"
+        again = _shown(figure)
         assert list(again) == ["opt_v1 (true colour)", "target (true colour)", "opt_v1 NDVI", "target NDVI"]
         np.testing.assert_allclose(again["opt_v1 (true colour)"],
                                    true_colour(row["opt_v1"], stretch_limits(row["target"], row["valid_mask"])),
