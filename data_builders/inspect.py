@@ -238,12 +238,15 @@ def _show_panel(axis, title: str, panel: np.ndarray, valid_mask: np.ndarray, tit
     return image
 
 
+def _as_array(value) -> np.ndarray:
+    """A list, numpy array or torch tensor (without importing torch here) as a numpy array."""
+    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
 def _sample_image(value, name: str) -> np.ndarray:
     """A sample's (4, H, W) image as float numpy, from a list, array or tensor (a batch of one is taken as the
     tile); a clear error naming `name` otherwise."""
-    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
-        value = value.detach().cpu().float().numpy()
-    image = np.asarray(value, dtype=np.float32)
+    image = _as_array(value).astype(np.float32)
     if image.ndim == 4 and image.shape[0] == 1:
         image = image[0]
     if image.ndim != 3 or image.shape[0] != len(BAND_NAMES):
@@ -304,9 +307,7 @@ def _plain(value):
 
 
 def _sample_mask(value, shape) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    mask = np.asarray(value).astype(bool)
+    mask = _as_array(value).astype(bool)
     if mask.shape != tuple(shape):
         raise ValueError(f"plot_sample: valid_mask must be {shape[0]}x{shape[1]} like opt_v1, got shape {mask.shape}")
     return mask
