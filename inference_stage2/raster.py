@@ -170,8 +170,12 @@ def output_dtype(source: SceneSource, output_scale: str) -> np.dtype:
 
 
 def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
-    if nodata is None or dtype.kind == "f":
+    """The output's nodata value: the input's; for a digital-number output of an input that declares none, 0 (an
+    integer has no NaN to mark the input's non-finite pixels with)."""
+    if dtype.kind == "f":
         return nodata
+    if nodata is None:
+        return 0
     info = np.iinfo(dtype)
     if math.isnan(nodata) or not info.min <= nodata <= info.max or nodata != int(nodata):
         raise InferenceInputError(
@@ -182,16 +186,31 @@ def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
 
 
 def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodata: float | None) -> np.ndarray:
-    """Reflectance block -> the output dtype, with nodata (or NaN / 0 when none is declared) where invalid."""
+    """Reflectance block -> the output dtype, with `nodata` where invalid (NaN for a float output without one).
+
+    A valid pixel never reads as nodata: where its value equals the nodata value (a refined reflectance clamped at
+    0 in a scene whose nodata is 0, the Sentinel-2 convention) it is written as the nearest value beside it, the
+    next float32 or 1 digital number (0.0001 reflectance, the rounding step) inwards.
+    """
     if dtype.kind == "f":
         block = reflectance.astype(dtype)
         fill = np.nan if nodata is None else nodata
     else:
         info = np.iinfo(dtype)
         block = np.clip(np.rint(reflectance / DN_SCALE), info.min, info.max).astype(dtype)
-        fill = 0 if nodata is None else nodata
+        fill = nodata
+    if nodata is not None and not math.isnan(nodata):
+        block[(block == nodata) & valid] = _beside(nodata, dtype)
     block[:, ~valid] = fill
     return block
+
+
+def _beside(nodata: float, dtype: np.dtype):
+    """The value of `dtype` next to `nodata`, towards the inside of the dtype's range."""
+    if dtype.kind == "f":
+        value = dtype.type(nodata)
+        return np.nextafter(value, dtype.type(-np.inf if value == np.finfo(dtype).max else np.inf))
+    return dtype.type(nodata + 1 if nodata < np.iinfo(dtype).max else nodata - 1)
 
 
 def output_profile(source: SceneSource, dtype: np.dtype, nodata: float | None,

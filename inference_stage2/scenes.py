@@ -110,8 +110,9 @@ def refine_scene(
             or it is near-black; blended across windows like the bands; NaN where the input is nodata).
 
     Pixels where any band is nodata (the declared value, or NaN) are filled for the model and written
-    as nodata in every band (NaN when no nodata value is declared and the output is float; 0 for a
-    digital-number output). Memory: one strip of `window` rows (input, blending sums and weights), never
+    as nodata in every band (NaN when no nodata value is declared and the output is float; 0, then declared, for
+    a digital-number output). A valid pixel is never written as nodata: a band value equal to it (a refined 0 with
+    nodata 0) is written as the value beside it (`raster.to_output`). Memory: one strip of `window` rows (input, blending sums and weights), never
     the whole scene. The output appears only when complete (written to a temporary file beside it).
     """
     start = time.perf_counter()

@@ -28,6 +28,7 @@ from inference_stage2 import (
     refine_tiles,
     window_starts,
 )
+from inference_stage2.raster import to_output
 from inference_stage2.windows import StripAccumulator, blend_ramp
 from modeling_stage2.bands import DigitalNumbersWarning
 
@@ -371,6 +372,64 @@ def test_scene_digital_number_output(dn_scene, tmp_path):
     expected = np.rint(pixelwise_expected(dn_to_reflectance(data), 7, 4) / np.float32(1e-4))
     assert np.abs(refined[:, ~nodata].astype(np.int64) - expected[:, ~nodata]).max() <= 1
     assert (refined[:, nodata] == 0).all()
+
+
+class ClampedRefiner(torch.nn.Module):
+    """refined = max(opt_v1 - 0.15, 0): exact zeros on valid pixels, as the refiner's clamped output has over water."""
+
+    def forward(self, opt_v1, month, biome):
+        return (opt_v1 - 0.15).clamp(min=0)
+
+
+@pytest.mark.parametrize("output_scale", ["reflectance", "dn"])
+def test_a_valid_pixel_clamped_at_0_is_not_written_as_nodata_0(dn_scene, tmp_path, output_scale):
+    path, data = dn_scene
+    refine_scene(ClampedRefiner(), path, tmp_path / "out.tif", 7, 4, output_scale=output_scale, progress=False)
+    refined, profile = read_geotiff(tmp_path / "out.tif")
+    assert profile["nodata"] == 0
+    nodata = (data == 0).any(axis=0)
+    expected = np.maximum(dn_to_reflectance(data) - np.float32(0.15), 0)
+    clamped = (expected == 0) & ~nodata
+    assert clamped.sum() > 1000  # the case at stake
+    assert (refined[:, nodata] == 0).all() and not (refined[:, ~nodata] == 0).any()
+    if output_scale == "reflectance":  # the next float32 above 0 where the refiner gave 0; the rest as it gave it
+        assert (refined[clamped] == np.nextafter(np.float32(0), np.float32(1))).all()
+        np.testing.assert_allclose(refined[~clamped & ~nodata], expected[~clamped & ~nodata], rtol=1e-6, atol=1e-7)
+    else:  # 1 digital number where it rounds to 0
+        dn = np.rint(expected / np.float32(1e-4))
+        assert (refined[(dn == 0) & ~nodata] == 1).all()
+        assert np.abs(refined[(dn > 0) & ~nodata].astype(np.int64) - dn[(dn > 0) & ~nodata]).max() <= 1
+    with rasterio.open(tmp_path / "out.tif") as dataset:  # what a reader masks: only the input's nodata pixels
+        masked = dataset.read(masked=True).mask
+    np.testing.assert_array_equal(masked, np.broadcast_to(nodata, masked.shape))
+
+
+def test_digital_number_output_of_float_input_without_nodata_declares_nodata_0(tmp_path):
+    reflectance = dn_to_reflectance(smooth_scene(130, 140))
+    reflectance[:, 40:50, 60:75] = np.nan
+    path = write_geotiff(tmp_path / "float.tif", reflectance)
+    refine_scene(ClampedRefiner(), path, tmp_path / "dn.tif", 7, 4, output_scale="dn", progress=False)
+    refined, profile = read_geotiff(tmp_path / "dn.tif")
+    assert profile["dtype"] == "uint16" and profile["nodata"] == 0
+    nan = np.isnan(reflectance).any(axis=0)
+    assert (refined[:, nan] == 0).all() and not (refined[:, ~nan] == 0).any()
+
+
+@pytest.mark.parametrize("dtype, nodata, beside", [
+    (np.uint16, 65535, 65534), (np.int16, -32768, -32767), (np.uint16, 7, 8),
+    (np.float32, float(np.finfo(np.float32).max), np.nextafter(np.finfo(np.float32).max, np.float32(0))),
+    (np.float32, -1.0, np.nextafter(np.float32(-1), np.float32(0))),
+])
+def test_to_output_moves_a_valid_value_off_nodata_towards_the_inside_of_the_range(dtype, nodata, beside):
+    dtype = np.dtype(dtype)
+    value = nodata if dtype.kind == "f" else nodata * 1e-4
+    reflectance = np.full((4, 2, 3), value, dtype=np.float32)
+    reflectance[1] = 0.05
+    valid = np.array([[True, True, False], [True, True, True]])
+    block = to_output(reflectance, valid, dtype, nodata)
+    assert block.dtype == dtype
+    assert (block[0][valid] == beside).all() and (block[:, ~valid] == nodata).all()
+    assert (block[1][valid] == (np.float32(0.05) if dtype.kind == "f" else 500)).all()
 
 
 def test_scene_bad_inputs_leave_no_output(dn_scene, tmp_path):
