@@ -10,7 +10,7 @@ import torch
 
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
-from modeling_stage2.vocabulary import one_line_warnings
+from modeling_stage2.vocabulary import DECLARED_SCALE, one_line_warnings
 
 from .loading import load_model
 from .raster import SceneSource
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=int, default=DEFAULT_OVERLAP, help="scene: overlap of neighbouring windows (default 32)"
     )
     parser.add_argument("--input_scale", choices=INPUT_SCALES, default="auto",
-                        help="auto: integer = digital numbers (x 1e-4), float = reflectance")
+                        help="auto: a GeoTIFF's declared scale and offset, else integer = digital numbers "
+                             "(x 1e-4), float = reflectance")
     parser.add_argument("--output_scale", choices=OUTPUT_SCALES, default="reflectance",
                         help="scene: float32 reflectance (default) or digital numbers (reflectance x 10000)")
     parser.add_argument(
@@ -113,7 +114,8 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
         raise InferenceInputError(
             f"need --window >= 1 and 0 <= --overlap < --window, got {args.window}, {args.overlap}"
         )
-    SceneSource(inputs).close()  # band count, CRS, grid: checked before the model is loaded
+    with SceneSource(inputs) as source:  # band count, CRS, grid, values' scale: checked before the model is loaded
+        source.resolve_input_scale(args.input_scale)
     return "scene"
 
 
@@ -199,6 +201,8 @@ def _report_scene(result: SceneRefinementResult) -> None:
         f"{result.windows} windows in {result.strips} strips, {result.dtype} {result.output_scale}, "
         f"nodata {result.nodata}; {result.area_km2 / minutes if minutes else float('nan'):.1f} km^2/min"
     )
+    if result.input_scale == DECLARED_SCALE:
+        print("read with the scale and offset the input declares for its bands (reflectance = value x scale + offset)")
     if result.out_of_range_path is not None:
         print(_kept_line(result.out_of_range_fraction) + f"; weight map {result.out_of_range_path}")
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from data_builders.tiles import DN_SCALE
 from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.vocabulary import DECLARED_SCALE
 
-from .values import InferenceInputError, resolve_input_scale
+from .values import InferenceInputError, resolve_input_scale, to_reflectance, warn_if_looks_like_dn
 
 
 def _describe(value: Any) -> str:
@@ -117,15 +118,49 @@ class SceneSource:
         """The declared nodata value (the first band's that has one)."""
         return next((value for value in self.nodata_values if value is not None), None)
 
+    @property
+    def declared_scaling(self) -> list[tuple[float, float]]:
+        """(scale, offset) of each band as the file declares them (GDAL's band metadata: physical value = stored
+        value x scale + offset), (1, 0) where it declares none."""
+        return [(float(scale), float(offset)) for dataset in self.datasets
+                for scale, offset in zip(dataset.scales, dataset.offsets)]
+
     def resolve_input_scale(self, input_scale: str) -> str:
+        """`"dn"`, `"reflectance"`, or `"declared"` where the file declares a scale or an offset and `input_scale` is
+        `"auto"`: Sentinel-2 L2A of processing baseline 04.00 on is stored as DN with reflectance = DN x 0.0001 -
+        0.1, which x 0.0001 alone would read 0.1 too bright. An explicit `"dn"` or `"reflectance"` that contradicts
+        the declared scaling is refused, naming the band."""
         pairs = zip(self._band_paths(), self.dtypes)
         scales = {resolve_input_scale(dtype, input_scale, str(path)) for path, dtype in pairs}
+        declared = self.declared_scaling
+        if any(scaling != (1.0, 0.0) for scaling in declared):
+            if input_scale == "auto":
+                return DECLARED_SCALE
+            implied = (DN_SCALE, 0.0) if input_scale == "dn" else (1.0, 0.0)
+            for path, name, (scale, offset) in zip(self._band_paths(), BAND_NAMES, declared):
+                if not math.isclose(scale, implied[0], rel_tol=1e-9) or offset != implied[1]:
+                    raise InferenceInputError(
+                        f"{path}: band {name} declares scale {scale:g} and offset {offset:g} (reflectance = value x "
+                        f"scale + offset), which input_scale={input_scale!r} would ignore; leave input_scale at "
+                        f"'auto' (--input_scale auto) to apply them, or clear them if they are wrong "
+                        f"(gdal_edit.py -scale 1 -offset 0 {path})"
+                    )
         if len(scales) > 1:
             raise InferenceInputError(
                 f"input: band files mix integer and float values ({[str(d) for d in self.dtypes]}); "
                 "say which they are with input_scale='dn' or 'reflectance'"
             )
         return scales.pop()
+
+    def to_reflectance(self, values: np.ndarray, input_scale: str, *, warn: bool = True) -> np.ndarray:
+        """Bands read by `read_rows` as float32 reflectance, under the resolved `input_scale`."""
+        if input_scale != DECLARED_SCALE:
+            return to_reflectance(values, input_scale, str(self.paths[0]), warn=warn)
+        scale, offset = (np.array(column, dtype=np.float64).reshape(-1, 1, 1) for column in zip(*self.declared_scaling))
+        reflectance = (values * scale + offset).astype(np.float32)
+        if warn:
+            warn_if_looks_like_dn(reflectance, f"{self.paths[0]} (its declared scale and offset applied)")
+        return reflectance
 
     def _band_paths(self) -> list[Path]:
         return self.paths * len(BAND_NAMES) if len(self.paths) == 1 else self.paths
@@ -185,8 +220,18 @@ def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
     return nodata
 
 
-def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodata: float | None) -> np.ndarray:
+def output_scaling(source: SceneSource, input_scale: str, dtype: np.dtype) -> list[tuple[float, float]] | None:
+    """(scale, offset) per band that a digital-number output declares: the input's, where they were applied to read
+    it (so the output decodes as the input did); else None (reflectance, or digital numbers = reflectance x 10000)."""
+    if dtype.kind in "iu" and input_scale == DECLARED_SCALE:
+        return source.declared_scaling
+    return None
+
+
+def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodata: float | None,
+              scaling: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
     """Reflectance block -> the output dtype, with `nodata` where invalid (NaN for a float output without one).
+    Digital numbers are reflectance / 0.0001, or (reflectance - offset) / scale per band under `scaling`.
 
     A valid pixel never reads as nodata: where its value equals the nodata value (a refined reflectance clamped at
     0 in a scene whose nodata is 0, the Sentinel-2 convention) it is written as the nearest value beside it, the
@@ -197,7 +242,12 @@ def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodat
         fill = np.nan if nodata is None else nodata
     else:
         info = np.iinfo(dtype)
-        block = np.clip(np.rint(reflectance / DN_SCALE), info.min, info.max).astype(dtype)
+        if scaling is None:
+            numbers = reflectance / DN_SCALE
+        else:
+            scale, offset = (np.array(column, dtype=np.float64).reshape(-1, 1, 1) for column in zip(*scaling))
+            numbers = (reflectance - offset) / scale
+        block = np.clip(np.rint(numbers), info.min, info.max).astype(dtype)
         fill = nodata
     if nodata is not None and not math.isnan(nodata):
         block[(block == nodata) & valid] = _beside(nodata, dtype)

@@ -16,10 +16,12 @@ from modeling_stage2.bands import BAND_NAMES
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .predict import predict, reports_out_of_range_weight
-from .raster import SceneSource, output_dtype, output_nodata, output_profile, require_rasterio, to_output
+from .raster import (
+    SceneSource, output_dtype, output_nodata, output_profile, output_scaling, require_rasterio, to_output,
+)
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, InferenceInputError, OUTPUT_SCALES, check_biome,
-    check_month, fill_invalid_pixels, metadata_limits, to_reflectance,
+    check_month, fill_invalid_pixels, metadata_limits,
 )
 from .windows import StripAccumulator, blend_weights, window_starts
 
@@ -38,6 +40,8 @@ class SceneRefinementResult:
     whole run; `max_rows_read`: the most scene rows read at once. Both stay at the window height
     whatever the scene's height. `out_of_range_path`: the weight map written (`out_of_range_output`), and
     `out_of_range_fraction` the fraction of valid pixels where its weight is above 0 (None without one).
+    `input_scale`: how the input was read, `"dn"`, `"reflectance"` or `"declared"` (its bands' declared scale and
+    offset applied).
     """
 
     output_path: Path
@@ -99,9 +103,13 @@ def refine_scene(
         window: window size in pixels (the model works on 120x120 tiles).
         overlap: pixels shared by neighbouring windows, blended with a raised-cosine ramp.
         batch_size: windows per forward pass.
-        input_scale: `"auto"` (integer rasters = digital numbers, float = reflectance), `"dn"`, `"reflectance"`.
+        input_scale: `"auto"` (a scale or offset the file declares for its bands is applied, as Sentinel-2 L2A
+            of processing baseline 04.00 on needs: reflectance = DN x 0.0001 - 0.1; without one, integer rasters
+            are digital numbers, float ones reflectance), `"dn"`, `"reflectance"` (refused where they contradict
+            a declared scale or offset).
         output_scale: `"reflectance"` (float32, the default) or `"dn"` (digital numbers, reflectance x
-            10000 rounded, in the input's integer dtype or uint16).
+            10000 rounded, in the input's integer dtype or uint16; for an input read with its declared scale and
+            offset, the digital numbers of that scale and offset, declared on the output too).
         device: where to run the model.
         progress: show a progress bar.
         out_of_range_output: with a model built with `out_of_range_fallback` or `near_black_fallback`, also write
@@ -144,6 +152,7 @@ def refine_scene(
         scale = source.resolve_input_scale(input_scale)
         dtype = output_dtype(source, output_scale)
         nodata = output_nodata(source.nodata, dtype)
+        scaling = output_scaling(source, scale, dtype)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(output_path)
         weight_partial = None
@@ -155,6 +164,8 @@ def refine_scene(
                 destination.update_tags(
                     STAGE2_REFINED="true", MONTH=str(month), BIOME=str(biome), OUTPUT_SCALE=output_scale
                 )
+                if scaling is not None:
+                    destination.scales, destination.offsets = (list(column) for column in zip(*scaling))
                 weight_destination = None
                 if weight_path is not None:
                     weight_path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +175,7 @@ def refine_scene(
                     weight_destination.set_band_description(1, OUT_OF_RANGE_WEIGHT)
                 counts = _refine_strips(
                     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
-                    device, progress, weight_destination,
+                    scaling, device, progress, weight_destination,
                 )
             if weight_partial is not None:
                 os.replace(weight_partial, weight_path)
@@ -196,8 +207,8 @@ def refine_scene(
 
 
 def _refine_strips(
-    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata, device, progress,
-    weight_destination=None,
+    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata, scaling, device,
+    progress, weight_destination=None,
 ) -> dict[str, Any]:
     """The scene loop: for each row of windows, read its strip, refine its windows, blend them into the
     strip accumulator and write the rows no later window touches. With `weight_destination`, the model's
@@ -217,7 +228,7 @@ def _refine_strips(
             raw = source.read_rows(row, strip_height)
             valid = source.valid_mask(raw)
             # Warn once (first strip) when float input looks like digital numbers.
-            reflectance = to_reflectance(raw, scale, str(source.paths[0]), warn=index == 0)
+            reflectance = source.to_reflectance(raw, scale, warn=index == 0)
             useful = [col for col in cols if valid[:, col : col + window_width].any()]
             if useful:
                 images = np.stack([reflectance[:, :, col : col + window_width] for col in useful])
@@ -238,7 +249,7 @@ def _refine_strips(
             stop = rows[index + 1] if index + 1 < len(rows) else height
             blended, _ = accumulator.pop(stop)
             strip_valid = valid[: stop - row]
-            block = to_output(blended[: len(BAND_NAMES)], strip_valid, dtype, nodata)
+            block = to_output(blended[: len(BAND_NAMES)], strip_valid, dtype, nodata, scaling)
             destination.write(block, window=Window(0, row, width, stop - row))
             if with_weight:
                 weight = to_output(blended[len(BAND_NAMES) :], strip_valid, np.dtype(np.float32), np.nan)

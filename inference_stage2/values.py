@@ -53,11 +53,11 @@ def to_reflectance(
         return dn_to_reflectance(values)
     reflectance = values.astype(np.float32, copy=True)
     if warn:
-        _warn_if_looks_like_dn(reflectance, source)
+        warn_if_looks_like_dn(reflectance, source)
     return reflectance
 
 
-def _warn_if_looks_like_dn(reflectance: np.ndarray, source: str) -> None:
+def warn_if_looks_like_dn(reflectance: np.ndarray, source: str) -> None:
     flat = reflectance.ravel()
     sample = flat[:: max(1, flat.size // DN_CHECK_SAMPLE)]
     sample = sample[np.isfinite(sample)]

@@ -8,7 +8,8 @@ A leaf module (standard library only), so that the data builders can load it wit
   `"stage1"` (Stage 1's output), `"identity"` (the tile's own S2 bands are used as `opt_v1`).
 - `input_scale`: what band values are, one of `INPUT_SCALES`: `"dn"` (digital numbers, reflectance x 10000,
   multiplied by 1e-4 when read) or `"reflectance"` (0..1, kept); inference also takes `"auto"` (by dtype:
-  integers are digital numbers, floats reflectance).
+  integers are digital numbers, floats reflectance), which for a GeoTIFF declaring its bands' scale and offset
+  resolves to `DECLARED_SCALE` (`"declared"`: value x scale + offset).
 - `quantization`: how the frozen backbone is loaded, one of `QUANTIZATIONS`.
 - `biome`: the biome code 0..16 as an Arrow column and a model argument. NPZ tiles (the on-disk format) store it
   under the key `BIOME_NPZ_KEY` (`"biome_code"`), which becomes the `biome` column/argument when read.
@@ -25,6 +26,9 @@ INPUT_MODES: tuple[str, ...] = ("synthetic", "stage1", "identity")
 
 INPUT_SCALES: tuple[str, ...] = ("dn", "reflectance")
 """What band values are (`input_scale`)."""
+
+DECLARED_SCALE = "declared"
+"""The `input_scale` of a GeoTIFF read with the scale and offset it declares for its bands (`"auto"` resolves to it)."""
 
 QUANTIZATIONS: tuple[str, ...] = ("8bit", "4bit", "none")
 """How the frozen backbone's linear layers are loaded (`quantization`): 8-bit, 4-bit NF4, or full precision."""

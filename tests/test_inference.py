@@ -99,7 +99,9 @@ def smooth_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(np.stack(bands), 1, 10000).astype(np.uint16)
 
 
-def write_geotiff(path: Path, data: np.ndarray, *, crs=CRS, transform=TRANSFORM, nodata=None) -> Path:
+def write_geotiff(path: Path, data: np.ndarray, *, crs=CRS, transform=TRANSFORM, nodata=None, scales=None,
+                  offsets=None) -> Path:
+    """A GeoTIFF of `data`; `scales` / `offsets` (one per band) are declared in GDAL's band metadata."""
     profile = {
         "driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
         "dtype": data.dtype.name, "transform": transform, "nodata": nodata,
@@ -108,6 +110,10 @@ def write_geotiff(path: Path, data: np.ndarray, *, crs=CRS, transform=TRANSFORM,
         profile["crs"] = crs
     with rasterio.open(path, "w", **profile) as dataset:
         dataset.write(data)
+        if scales is not None:
+            dataset.scales = scales
+        if offsets is not None:
+            dataset.offsets = offsets
     return path
 
 
@@ -372,6 +378,93 @@ def test_scene_digital_number_output(dn_scene, tmp_path):
     expected = np.rint(pixelwise_expected(dn_to_reflectance(data), 7, 4) / np.float32(1e-4))
     assert np.abs(refined[:, ~nodata].astype(np.int64) - expected[:, ~nodata]).max() <= 1
     assert (refined[:, nodata] == 0).all()
+
+
+@pytest.fixture
+def offset_scene(tmp_path):
+    """A Sentinel-2 L2A scene of processing baseline 04.00 on: DN = reflectance x 10000 + 1000 (BOA_ADD_OFFSET),
+    nodata 0, with the scale 0.0001 and offset -0.1 declared on every band; and its reflectance."""
+    data = smooth_scene(150, 130, seed=2)
+    data[:, 100:120, 10:40] = 0
+    path = write_geotiff(tmp_path / "l2a.tif", data, nodata=0, scales=[1e-4] * 4, offsets=[-0.1] * 4)
+    reflectance = (data.astype(np.float64) * 1e-4 - 0.1).astype(np.float32)
+    return path, data, reflectance
+
+
+def test_scene_declaring_a_scale_and_offset_is_read_with_them(offset_scene, tmp_path):
+    path, data, reflectance = offset_scene
+    result = refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, progress=False)
+    refined, profile = read_geotiff(tmp_path / "out.tif")
+    assert result.input_scale == "declared" and profile["dtype"] == "float32" and profile["nodata"] == 0
+    nodata = (data == 0).any(axis=0)
+    expected = pixelwise_expected(reflectance, 7, 4)
+    np.testing.assert_allclose(refined[:, ~nodata], expected[:, ~nodata], rtol=1e-6, atol=1e-7)
+    assert (refined[:, nodata] == 0).all()
+    with rasterio.open(tmp_path / "out.tif") as dataset:  # reflectance: nothing left to scale
+        assert dataset.scales == (1.0,) * 4 and dataset.offsets == (0.0,) * 4
+    # The same numbers without the declaration are read as DN x 0.0001: 0.1 too bright in every band.
+    plain = write_geotiff(tmp_path / "plain.tif", data, nodata=0)
+    refine_scene(PixelwiseRefiner(), plain, tmp_path / "plain_out.tif", 7, 4, progress=False)
+    brighter = read_geotiff(tmp_path / "plain_out.tif")[0][:, ~nodata] - refined[:, ~nodata]
+    np.testing.assert_allclose(brighter.mean(axis=1, dtype=np.float64), 0.1 * np.asarray(GAIN), atol=1e-6)
+
+
+def test_digital_number_output_keeps_the_declared_scale_and_offset(offset_scene, tmp_path):
+    path, data, reflectance = offset_scene
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "dn.tif", 7, 4, output_scale="dn", progress=False)
+    with rasterio.open(tmp_path / "dn.tif") as dataset:
+        refined, scales, offsets = dataset.read(), dataset.scales, dataset.offsets
+        assert dataset.dtypes[0] == "uint16" and dataset.nodata == 0
+    assert scales == (1e-4,) * 4 and offsets == (-0.1,) * 4
+    nodata = (data == 0).any(axis=0)
+    expected = pixelwise_expected(reflectance, 7, 4)
+    decoded = refined.astype(np.float64) * 1e-4 - 0.1  # as any reader of the declared scaling decodes it
+    assert np.abs(decoded[:, ~nodata] - expected[:, ~nodata]).max() <= 0.5e-4 + 1e-6
+    assert (refined[:, nodata] == 0).all()
+
+
+def test_four_band_files_declaring_their_scaling_equal_one_file(offset_scene, tmp_path):
+    path, data, _ = offset_scene
+    band_paths = [write_geotiff(tmp_path / f"{name}.tif", data[i : i + 1], nodata=0, scales=[1e-4], offsets=[-0.1])
+                  for i, name in enumerate(BAND_NAMES)]
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "one.tif", 7, 4, progress=False)
+    result = refine_scene(PixelwiseRefiner(), band_paths, tmp_path / "four.tif", 7, 4, progress=False)
+    assert result.input_scale == "declared"
+    np.testing.assert_array_equal(read_geotiff(tmp_path / "one.tif")[0], read_geotiff(tmp_path / "four.tif")[0])
+
+
+def test_an_input_scale_that_contradicts_the_declared_one_is_refused(offset_scene, tmp_path):
+    path, data, _ = offset_scene
+    for input_scale in ("dn", "reflectance"):
+        with pytest.raises(InferenceInputError) as error:
+            refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, input_scale=input_scale,
+                         progress=False)
+        message = str(error.value)
+        assert message.startswith(f"{path}: band B02 declares scale 0.0001 and offset -0.1")
+        assert f"input_scale={input_scale!r} would ignore" in message and "\n" not in message
+        assert not (tmp_path / "out.tif").exists()
+    # A declared scale that says what input_scale="dn" says is no contradiction.
+    agreeing = write_geotiff(tmp_path / "dn_declared.tif", data, nodata=0, scales=[1e-4] * 4, offsets=[0.0] * 4)
+    plain = write_geotiff(tmp_path / "plain.tif", data, nodata=0)
+    assert refine_scene(PixelwiseRefiner(), agreeing, tmp_path / "a.tif", 7, 4, input_scale="dn",
+                        progress=False).input_scale == "dn"
+    refine_scene(PixelwiseRefiner(), plain, tmp_path / "b.tif", 7, 4, progress=False)
+    np.testing.assert_array_equal(read_geotiff(tmp_path / "a.tif")[0], read_geotiff(tmp_path / "b.tif")[0])
+
+
+def test_cli_reads_the_declared_scaling_and_refuses_a_contradicting_flag_before_the_model(
+    offset_scene, full_model_dir, tmp_path, capsys
+):
+    path, _, _ = offset_scene
+    output = tmp_path / "refined.tif"
+    code = main(["--model", str(tmp_path / "no_model_here"), "--input", str(path), "--month", "7", "--biome", "4",
+                 "--output", str(output), "--input_scale", "dn", "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "band B02 declares scale 0.0001 and offset -0.1" in err and "no_model_here" not in err
+    assert not output.exists()
+    assert main(["--model", str(full_model_dir), "--input", str(path), "--month", "7", "--biome", "4",
+                 "--output", str(output), "--no_progress"]) == 0
+    assert "read with the scale and offset the input declares" in capsys.readouterr().out
 
 
 class ClampedRefiner(torch.nn.Module):
