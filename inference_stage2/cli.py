@@ -10,6 +10,7 @@ import torch
 
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
+from modeling_stage2.bands import BAND_NAMES
 from modeling_stage2.vocabulary import DECLARED_SCALE, one_line_warnings
 
 from .loading import load_model
@@ -201,6 +202,10 @@ def _report_scene(result: SceneRefinementResult) -> None:
         f"{result.windows} windows in {result.strips} strips, {result.dtype} {result.output_scale}, "
         f"nodata {result.nodata}; {result.area_km2 / minutes if minutes else float('nan'):.1f} km^2/min"
     )
+    if result.band_order != tuple(range(len(BAND_NAMES))):
+        what = "band" if len(result.input_paths) == 1 else "file"
+        print("read the bands by their names: " + ", ".join(
+            f"{name} from input {what} {index + 1}" for name, index in zip(BAND_NAMES, result.band_order)))
     if result.input_scale == DECLARED_SCALE:
         print("read with the scale and offset the input declares for its bands (reflectance = value x scale + offset)")
     if result.out_of_range_path is not None:

@@ -13,6 +13,7 @@ from data_builders.tiles import DN_SCALE
 from modeling_stage2.bands import BAND_NAMES
 from modeling_stage2.vocabulary import DECLARED_SCALE
 
+from .scene_bands import band_order, named_band
 from .values import InferenceInputError, resolve_input_scale, to_reflectance, warn_if_looks_like_dn
 
 
@@ -41,6 +42,7 @@ class SceneSource:
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [Path(path) for path in paths]
+        self.input_paths = list(self.paths)  # as given; `paths` are put in band order
         if len(self.paths) not in (1, len(BAND_NAMES)):
             raise InferenceInputError(
                 f"input: give one 4-band raster or four single-band rasters ({' '.join(BAND_NAMES)}), "
@@ -56,10 +58,34 @@ class SceneSource:
                 except rasterio.errors.RasterioIOError as error:
                     raise InferenceInputError(f"{path}: cannot be read as a raster ({error})") from error
             self._validate()
+            self.band_order = self._read_band_names()
         except BaseException:
             self.close()
             raise
         self.max_rows_read = 0
+
+    def _read_band_names(self) -> tuple[int, ...]:
+        """Which input band holds each of `BAND_NAMES` (`scene_bands.band_order`), from the band descriptions of a
+        4-band raster, or from each single-band file's description, else its name; four files are put in that
+        order."""
+        if len(self.datasets) == 1:
+            path, descriptions = self.paths[0], self.datasets[0].descriptions
+            sources = [f"{path} band {index} ({description!r})" if description else f"{path} band {index}"
+                       for index, description in enumerate(descriptions, start=1)]
+            return band_order([named_band(description) for description in descriptions], sources)
+        names = [named_band(dataset.descriptions[0]) or named_band(path.stem)
+                 for path, dataset in zip(self.paths, self.datasets)]
+        order = band_order(names, [str(path) for path in self.paths])
+        self.paths = [self.paths[index] for index in order]
+        self.datasets = [self.datasets[index] for index in order]
+        return order
+
+    def _per_band(self, values_of) -> list:
+        """`values_of(dataset)` (a value per band of that dataset) for each of `BAND_NAMES`, in that order."""
+        if len(self.datasets) == 1:
+            values = values_of(self.datasets[0])
+            return [values[index] for index in self.band_order]
+        return [values_of(dataset)[0] for dataset in self.datasets]
 
     def _validate(self) -> None:
         expected = len(BAND_NAMES) if len(self.datasets) == 1 else 1
@@ -106,12 +132,12 @@ class SceneSource:
 
     @property
     def dtypes(self) -> list[np.dtype]:
-        return [np.dtype(dtype) for dataset in self.datasets for dtype in dataset.dtypes]
+        return [np.dtype(dtype) for dtype in self._per_band(lambda dataset: dataset.dtypes)]
 
     @property
     def nodata_values(self) -> list[float | None]:
         """Nodata value of each band (None when undeclared)."""
-        return [value for dataset in self.datasets for value in dataset.nodatavals]
+        return self._per_band(lambda dataset: dataset.nodatavals)
 
     @property
     def nodata(self) -> float | None:
@@ -122,8 +148,8 @@ class SceneSource:
     def declared_scaling(self) -> list[tuple[float, float]]:
         """(scale, offset) of each band as the file declares them (GDAL's band metadata: physical value = stored
         value x scale + offset), (1, 0) where it declares none."""
-        return [(float(scale), float(offset)) for dataset in self.datasets
-                for scale, offset in zip(dataset.scales, dataset.offsets)]
+        return [(float(scale), float(offset))
+                for scale, offset in self._per_band(lambda dataset: list(zip(dataset.scales, dataset.offsets)))]
 
     def resolve_input_scale(self, input_scale: str) -> str:
         """`"dn"`, `"reflectance"`, or `"declared"` where the file declares a scale or an offset and `input_scale` is
@@ -172,7 +198,7 @@ class SceneSource:
         window = Window(0, row, self.width, count)
         self.max_rows_read = max(self.max_rows_read, count)
         if len(self.datasets) == 1:
-            return self.datasets[0].read(window=window)
+            return self.datasets[0].read([index + 1 for index in self.band_order], window=window)
         return np.stack([dataset.read(1, window=window) for dataset in self.datasets])
 
     def valid_mask(self, values: np.ndarray) -> np.ndarray:

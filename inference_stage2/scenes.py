@@ -41,9 +41,11 @@ class SceneRefinementResult:
     whatever the scene's height. `out_of_range_path`: the weight map written (`out_of_range_output`), and
     `out_of_range_fraction` the fraction of valid pixels where its weight is above 0 (None without one).
     `input_scale`: how the input was read, `"dn"`, `"reflectance"` or `"declared"` (its bands' declared scale and
-    offset applied).
+    offset applied). `band_order`: which input band (of a 4-band raster) or file (of four) was read as each of
+    B02 B03 B04 B08, 0-based: `(0, 1, 2, 3)` unless the bands' descriptions or the files' names put them otherwise.
     """
 
+    input_paths: tuple[Path, ...]
     output_path: Path
     out_of_range_path: Path | None
     out_of_range_fraction: float | None
@@ -54,6 +56,7 @@ class SceneRefinementResult:
     window: int
     overlap: int
     input_scale: str
+    band_order: tuple[int, ...]
     output_scale: str
     dtype: str
     nodata: float | None
@@ -97,7 +100,8 @@ def refine_scene(
     Args:
         model: the refiner (or any callable with its signature, see [`refine_arrays`]).
         input_path_or_paths: one 4-band raster (B02 B03 B04 B08) or four single-band rasters in that
-            order, sharing one grid. A CRS and a geotransform are required.
+            order, sharing one grid. A CRS and a geotransform are required. Bands whose descriptions (or single-band
+            files whose names) name all four bands, by id (`B04`) or common name (`red`), are read by name.
         output_path: the GeoTIFF to write: same size, CRS, transform and nodata value; 4 bands.
         month: 1..12 or -1 (unknown). biome: 0..16 or -1 (unknown).
         window: window size in pixels (the model works on 120x120 tiles).
@@ -120,8 +124,9 @@ def refine_scene(
     Pixels where any band is nodata (the declared value, or NaN) are filled for the model and written
     as nodata in every band (NaN when no nodata value is declared and the output is float; 0, then declared, for
     a digital-number output). A valid pixel is never written as nodata: a band value equal to it (a refined 0 with
-    nodata 0) is written as the value beside it (`raster.to_output`). Memory: one strip of `window` rows (input, blending sums and weights), never
-    the whole scene. The output appears only when complete (written to a temporary file beside it).
+    nodata 0) is written as the value beside it (`raster.to_output`). Memory: one strip of `window` rows (input,
+    blending sums and weights), never the whole scene. The output appears only when complete (written to a
+    temporary file beside it).
     """
     start = time.perf_counter()
     num_months, num_biomes = metadata_limits(model)
@@ -186,6 +191,7 @@ def refine_scene(
                     remove_quietly(path)
             raise
         return SceneRefinementResult(
+            input_paths=tuple(source.input_paths),
             output_path=output_path,
             out_of_range_path=weight_path,
             out_of_range_fraction=counts["out_of_range_fraction"],
@@ -196,6 +202,7 @@ def refine_scene(
             window=window,
             overlap=overlap,
             input_scale=scale,
+            band_order=source.band_order,
             output_scale=output_scale,
             dtype=dtype.name,
             nodata=nodata,
