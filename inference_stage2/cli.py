@@ -198,7 +198,8 @@ def _report_scene(result: SceneRefinementResult) -> None:
               file=sys.stderr)
     minutes = result.seconds / 60
     print(
-        f"wrote {result.output_path}: {result.width}x{result.height} px ({result.area_km2:.2f} km^2 at 10 m), "
+        f"wrote {result.output_path}: {result.width}x{result.height} px of {result.pixel_size_m[0]:.3g} m "
+        f"({result.area_km2:.2f} km^2), "
         f"{result.windows} windows in {result.strips} strips, {result.dtype} {result.output_scale}, "
         f"nodata {result.nodata}; {result.area_km2 / minutes if minutes else float('nan'):.1f} km^2/min"
     )

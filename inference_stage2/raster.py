@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from data_builders.tiles import DN_SCALE
-from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import DECLARED_SCALE
 
 from .scene_bands import band_order, named_band
@@ -22,6 +23,24 @@ def _describe(value: Any) -> str:
     if hasattr(value, "to_gdal"):
         return "(" + ", ".join(f"{v:.12g}" for v in tuple(value)[:6]) + ")"
     return str(value)
+
+
+EARTH_RADIUS_M = 6_371_008.8
+"""The Earth's mean radius (IUGG), for ground distances between longitudes and latitudes."""
+
+PIXEL_SIZE_TOLERANCE = 0.2
+"""A scene whose pixels differ from `PIXEL_SIZE_M` by more than this fraction gets a `PixelSizeWarning`."""
+
+
+class PixelSizeWarning(UserWarning):
+    """A scene's pixels are not the 10 m of the bands the refiner was trained on."""
+
+
+def great_circle_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
+    """Ground distance in metres between two points in degrees (haversine, on a sphere of the mean radius)."""
+    lon1, lat1, lon2, lat2 = map(math.radians, (lon1, lat1, lon2, lat2))
+    a = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a))
 
 
 def require_rasterio():
@@ -150,6 +169,31 @@ class SceneSource:
         value x scale + offset), (1, 0) where it declares none."""
         return [(float(scale), float(offset))
                 for scale, offset in self._per_band(lambda dataset: list(zip(dataset.scales, dataset.offsets)))]
+
+    @property
+    def pixel_size_m(self) -> tuple[float, float]:
+        """(width, height) of the scene's centre pixel on the ground, in metres, whatever the CRS (degrees, UTM,
+        Web Mercator): its corners taken to longitude and latitude, and the great-circle distances between them (on a
+        sphere: within about 0.5 % of the ellipsoid's)."""
+        from rasterio.transform import xy
+        from rasterio.warp import transform
+
+        col, row = self.width // 2, self.height // 2
+        xs, ys = xy(self.transform, [row, row, row + 1], [col, col + 1, col], offset="ul")
+        lons, lats = transform(self.crs, "EPSG:4326", xs, ys)
+        return (great_circle_m(lons[0], lats[0], lons[1], lats[1]), great_circle_m(lons[0], lats[0], lons[2], lats[2]))
+
+    def warn_unless_10_m(self) -> None:
+        """A `PixelSizeWarning` where the pixels are not about `PIXEL_SIZE_M` on the ground (a 20 m or 60 m product,
+        or a resampled scene): the refiner would see other spatial scales than those it was trained on."""
+        width, height = self.pixel_size_m
+        if any(abs(size / PIXEL_SIZE_M - 1) > PIXEL_SIZE_TOLERANCE for size in (width, height)):
+            warnings.warn(
+                f"{self.paths[0]}: pixels are {width:.3g} x {height:.3g} m on the ground; the refiner was trained on "
+                f"Sentinel-2's {PIXEL_SIZE_M:g} m bands ({' '.join(BAND_NAMES)}); resample the scene to "
+                f"{PIXEL_SIZE_M:g} m first (e.g. gdalwarp -tr {PIXEL_SIZE_M:g} {PIXEL_SIZE_M:g} in a UTM CRS)",
+                PixelSizeWarning, stacklevel=3,
+            )
 
     def resolve_input_scale(self, input_scale: str) -> str:
         """`"dn"`, `"reflectance"`, or `"declared"` where the file declares a scale or an offset and `input_scale` is

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from modeling_stage2._files import partial_path
-from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .predict import predict, reports_out_of_range_weight
@@ -65,10 +65,12 @@ class SceneRefinementResult:
     max_rows_read: int
     seconds: float
 
+    pixel_size_m: tuple[float, float] = (PIXEL_SIZE_M, PIXEL_SIZE_M)
+
     @property
     def area_km2(self) -> float:
-        """Scene area at 10 m pixels."""
-        return self.width * self.height * 100.0 / 1e6
+        """Scene area on the ground, from its centre pixel's size (`pixel_size_m`)."""
+        return self.width * self.height * self.pixel_size_m[0] * self.pixel_size_m[1] / 1e6
 
 
 def _pad_to(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -155,6 +157,7 @@ def refine_scene(
             if path is not None and any(path.resolve() == source_path.resolve() for source_path in source.paths):
                 raise InferenceInputError(f"output {path} is an input file; refusing to overwrite it")
         scale = source.resolve_input_scale(input_scale)
+        source.warn_unless_10_m()
         dtype = output_dtype(source, output_scale)
         nodata = output_nodata(source.nodata, dtype)
         scaling = output_scaling(source, scale, dtype)
@@ -210,6 +213,7 @@ def refine_scene(
             accumulator_bytes=counts["accumulator_bytes"],
             max_rows_read=source.max_rows_read,
             seconds=time.perf_counter() - start,
+            pixel_size_m=source.pixel_size_m,
         )
 
 

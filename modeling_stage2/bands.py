@@ -14,6 +14,9 @@ true-colour views read."""
 TRUE_COLOUR_BANDS: tuple[int, int, int] = (RED, GREEN, BLUE)
 """Positions of the red, green and blue channels of a true-colour view, in that order."""
 
+PIXEL_SIZE_M: float = 10.0
+"""Ground size of a pixel, in metres: B02 B03 B04 B08 are Sentinel-2's 10 m bands (a 120 px tile is 1.2 km)."""
+
 UNKNOWN_METADATA: int = -1
 """Month or biome code of a tile without that metadata; it selects the learned "unknown" embedding."""
 
