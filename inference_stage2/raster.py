@@ -205,6 +205,15 @@ class SceneSource:
         declared = self.declared_scaling
         if any(scaling != (1.0, 0.0) for scaling in declared):
             if input_scale == "auto":
+                undeclared = [(path, name) for path, name, scaling in zip(self._band_paths(), BAND_NAMES, declared)
+                              if scaling == (1.0, 0.0)]
+                if undeclared:  # its values would be taken as reflectance as they are
+                    path, name = undeclared[0]
+                    raise InferenceInputError(
+                        f"{path}: band {name} declares no scale or offset while the other bands do; declare it "
+                        f"too (gdal_edit.py -scale S -offset O {path}), or give input_scale='dn' or 'reflectance' "
+                        "for bands that declare none"
+                    )
                 return DECLARED_SCALE
             implied = (DN_SCALE, 0.0) if input_scale == "dn" else (1.0, 0.0)
             for path, name, (scale, offset) in zip(self._band_paths(), BAND_NAMES, declared):

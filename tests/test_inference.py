@@ -452,6 +452,17 @@ def test_an_input_scale_that_contradicts_the_declared_one_is_refused(offset_scen
     np.testing.assert_array_equal(read_geotiff(tmp_path / "a.tif")[0], read_geotiff(tmp_path / "b.tif")[0])
 
 
+def test_band_files_of_which_only_some_declare_a_scaling_are_refused(offset_scene, tmp_path):
+    _, data, _ = offset_scene
+    band_paths = write_band_files(tmp_path, data, nodata=0)  # B02.tif ... B08.tif, none declaring
+    band_paths[0] = write_geotiff(tmp_path / "B02.tif", data[:1], nodata=0, scales=[1e-4], offsets=[-0.1])
+    with pytest.raises(InferenceInputError) as error:
+        refine_scene(PixelwiseRefiner(), band_paths, tmp_path / "out.tif", 7, 4, progress=False)
+    assert str(error.value).startswith(f"{band_paths[1]}: band B03 declares no scale or offset while the other "
+                                       "bands do")
+    assert not (tmp_path / "out.tif").exists()
+
+
 def test_cli_reads_the_declared_scaling_and_refuses_a_contradicting_flag_before_the_model(
     offset_scene, full_model_dir, tmp_path, capsys
 ):
