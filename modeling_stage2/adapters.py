@@ -13,12 +13,14 @@ The base is loaded through `from_pretrained(..., quantization_config=BitsAndByte
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
 import logging
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
@@ -288,12 +290,23 @@ def build_trainable_model(
             base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
         )
     base.name_or_path = source.model_name_or_path or config.backbone_weights or ""
-    model = get_peft_model(base, lora_config)
+    with _peft_wrapping():
+        model = get_peft_model(base, lora_config)
     model.stage2_base_source = source
     model.stage2_quantization = quantization
     if print_summary:
         print(format_trainable_summary(model))
     return model
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """peft wrapping a model reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21, transformers 5.x):
+    a FutureWarning for peft's maintainers that every `stage2-refine` and `stage2-train` printed to users, who can do
+    nothing about it. Silenced here, and only this one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _build_fresh_base(config: Stage2RefinerConfig, quantization: str):
@@ -408,7 +421,8 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
         config = Stage2RefinerConfig.from_pretrained(folder)
         source = _read_base_source(folder)
         base = _rebuild_base(config, source, quantization, device_map)
-        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
         model.stage2_base_source = source
         model.stage2_folder = folder  # where its records (RECORD_FILES) are, for export_merged_model
         model.stage2_quantization = quantization

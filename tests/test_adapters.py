@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -380,6 +381,19 @@ def test_the_documented_filter_silences_the_bitsandbytes_cast_message(repo_root,
         assert "MatMul8bitLt" not in caplog.text
     finally:
         logger.setLevel(level)
+
+
+def test_wrapping_and_loading_print_no_peft_deprecation_warning(tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; users saw that
+    FutureWarning on every stage2-refine and stage2-train. Other warnings still come through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        folder = save_trained_model(build("none"), tmp_path / "best")
+        load_trained_model(folder)
+        warnings.warn("a later warning", FutureWarning)
+    messages = [str(warning.message) for warning in caught]
+    assert not [m for m in messages if "is_gradient_checkpointing" in m]
+    assert "a later warning" in messages
 
 
 def test_quantized_models_cannot_be_merged(tmp_path):
