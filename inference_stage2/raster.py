@@ -25,8 +25,9 @@ def _describe(value: Any) -> str:
     return str(value)
 
 
-EARTH_RADIUS_M = 6_371_008.8
-"""The Earth's mean radius (IUGG), for ground distances between longitudes and latitudes."""
+WGS84_SEMI_MAJOR_AXIS_M = 6_378_137.0
+WGS84_ECCENTRICITY_SQUARED = 0.00669437999014
+"""The WGS 84 ellipsoid, for ground distances between nearby longitudes and latitudes."""
 
 PIXEL_SIZE_TOLERANCE = 0.2
 """A scene whose pixels differ from `PIXEL_SIZE_M` by more than this fraction gets a `PixelSizeWarning`."""
@@ -36,11 +37,16 @@ class PixelSizeWarning(UserWarning):
     """A scene's pixels are not the 10 m of the bands the refiner was trained on."""
 
 
-def great_circle_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
-    """Ground distance in metres between two points in degrees (haversine, on a sphere of the mean radius)."""
-    lon1, lat1, lon2, lat2 = map(math.radians, (lon1, lat1, lon2, lat2))
-    a = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(a))
+def ground_distance_m(lon1: float, lat1: float, lon2: float, lat2: float) -> float:
+    """Distance on the WGS 84 ellipsoid, in metres, between two nearby points in degrees (a few pixels apart): the
+    meridional and prime-vertical radii of curvature at their mean latitude, exact to about 1e-9 at that scale."""
+    lat = math.radians((lat1 + lat2) / 2)
+    w = 1 - WGS84_ECCENTRICITY_SQUARED * math.sin(lat) ** 2
+    meridional = WGS84_SEMI_MAJOR_AXIS_M * (1 - WGS84_ECCENTRICITY_SQUARED) / w**1.5
+    prime_vertical = WGS84_SEMI_MAJOR_AXIS_M / math.sqrt(w)
+    north = meridional * math.radians(lat2 - lat1)
+    east = prime_vertical * math.cos(lat) * math.radians(lon2 - lon1)
+    return math.hypot(north, east)
 
 
 def require_rasterio():
@@ -173,15 +179,16 @@ class SceneSource:
     @property
     def pixel_size_m(self) -> tuple[float, float]:
         """(width, height) of the scene's centre pixel on the ground, in metres, whatever the CRS (degrees, UTM,
-        Web Mercator): its corners taken to longitude and latitude, and the great-circle distances between them (on a
-        sphere: within about 0.5 % of the ellipsoid's)."""
+        Web Mercator): its corners taken to longitude and latitude, and the distances between them on the WGS 84
+        ellipsoid."""
         from rasterio.transform import xy
         from rasterio.warp import transform
 
         col, row = self.width // 2, self.height // 2
         xs, ys = xy(self.transform, [row, row, row + 1], [col, col + 1, col], offset="ul")
         lons, lats = transform(self.crs, "EPSG:4326", xs, ys)
-        return (great_circle_m(lons[0], lats[0], lons[1], lats[1]), great_circle_m(lons[0], lats[0], lons[2], lats[2]))
+        return (ground_distance_m(lons[0], lats[0], lons[1], lats[1]),
+                ground_distance_m(lons[0], lats[0], lons[2], lats[2]))
 
     def warn_unless_10_m(self) -> None:
         """A `PixelSizeWarning` where the pixels are not about `PIXEL_SIZE_M` on the ground (a 20 m or 60 m product,

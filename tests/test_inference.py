@@ -28,7 +28,7 @@ from inference_stage2 import (
     refine_tiles,
     window_starts,
 )
-from inference_stage2.raster import PixelSizeWarning, to_output
+from inference_stage2.raster import PixelSizeWarning, ground_distance_m, to_output
 from inference_stage2.windows import StripAccumulator, blend_ramp
 from modeling_stage2.bands import DigitalNumbersWarning
 
@@ -478,25 +478,33 @@ def test_cli_reads_the_declared_scaling_and_refuses_a_contradicting_flag_before_
     assert "read with the scale and offset the input declares" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("crs, transform, size_m, warns", [
-    (CRS, TRANSFORM, 10.0, False),
-    (CRS, from_origin(500000.0, 5400000.0, 20.0, 20.0), 20.0, True),  # a 20 m product
-    ("EPSG:4326", from_origin(15.0, 48.0, 10 / 74_534.0, 10 / 111_195.0), 10.0, False),  # 10 m in degrees, at 48 N
-    ("EPSG:3857", from_origin(1_669_792.0, 6_106_854.0, 14.9, 14.9), 10.0, False),  # 14.9 Mercator m = 10 m at 48 N
+def test_ground_distance_on_the_ellipsoid():
+    """WGS 84: a degree of latitude at the equator is 110,574 m, of longitude 111,319 m; 10 UTM metres at the central
+    meridian are 10 / 0.9996 m on the ground."""
+    np.testing.assert_allclose(ground_distance_m(0, 0, 0, 1), 110_574.4, atol=1)
+    np.testing.assert_allclose(ground_distance_m(0, 0, 1, 0), 111_319.5, atol=1)
+    np.testing.assert_allclose(ground_distance_m(10, 60, 11, 60), 55_800, atol=1)
+
+
+@pytest.mark.parametrize("crs, transform, size_m, rtol, warns", [
+    (CRS, TRANSFORM, 10 / 0.9996, 1e-5, False),  # the central meridian: UTM's scale factor 0.9996
+    (CRS, from_origin(300000.0, 5400000.0, 20.0, 20.0), 20.0, 1e-3, True),  # a 20 m product, off the meridian
+    ("EPSG:4326", from_origin(15.0, 48.0, 10 / 74_626.0, 10 / 111_190.0), 10.0, 1e-3, False),  # degrees, 48 N
+    ("EPSG:3857", from_origin(1_669_792.0, 6_106_854.0, 14.9, 14.9), 10.0, 0.01, False),  # Mercator m at 48 N
 ])
 def test_scene_pixel_size_is_measured_on_the_ground_and_warned_about_unless_10_m(tmp_path, crs, transform, size_m,
-                                                                                 warns):
+                                                                                 rtol, warns):
     data = smooth_scene(60, 50)
     path = write_geotiff(tmp_path / "scene.tif", data, crs=crs, transform=transform)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, progress=False)
-    np.testing.assert_allclose(result.pixel_size_m, (size_m, size_m), rtol=0.01)
-    np.testing.assert_allclose(result.area_km2, 60 * 50 * size_m**2 / 1e6, rtol=0.02)
+    np.testing.assert_allclose(result.pixel_size_m, (size_m, size_m), rtol=rtol)
+    np.testing.assert_allclose(result.area_km2, 60 * 50 * size_m**2 / 1e6, rtol=2 * rtol)
     sizes = [str(w.message) for w in caught if issubclass(w.category, PixelSizeWarning)]
     assert len(sizes) == warns
     if warns:
-        assert sizes[0].startswith(f"{path}: pixels are 19.9 x 20 m on the ground; the refiner was trained on "
+        assert sizes[0].startswith(f"{path}: pixels are 20 x 20 m on the ground; the refiner was trained on "
                                    "Sentinel-2's 10 m bands (B02 B03 B04 B08)")
     np.testing.assert_allclose(read_geotiff(tmp_path / "out.tif")[0],  # a warning, not a refusal
                                pixelwise_expected(dn_to_reflectance(data), 7, 4), rtol=1e-6)
