@@ -3,6 +3,9 @@ descriptions name its bands in another order, or four files named after their ba
 read as B02 B03 B04 B08; a band the refiner does not take, or a named band out of place, is refused."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -101,3 +104,25 @@ def test_cli_reports_the_order_and_refuses_a_band_it_does_not_take_before_the_mo
                  "--output", str(output), "--no_progress"]) == 0
     assert ("read the bands by their names: B02 from input band 3, B03 from input band 2, B04 from input band 1, "
             "B08 from input band 4") in capsys.readouterr().out
+
+
+def test_the_new_scene_refusals_exit_2_as_a_subprocess_in_one_line(tmp_path):
+    """As the installed command runs: a band the refiner does not take, and an input_scale that a declared scaling
+    contradicts, each exit 2 with one line on stderr and no traceback, before any model is loaded."""
+    data = smooth_scene(60, 70, seed=6)
+    narrow = described(tmp_path / "narrow.tif", data, ["B02", "B03", "B04", "B8A"])
+    l2a = write_geotiff(tmp_path / "l2a.tif", data, nodata=0, scales=[1e-4] * 4, offsets=[-0.1] * 4)
+    cases = [
+        ([str(narrow)], f"{narrow} band 4 ('B8A') is Sentinel-2 B8A by its name"),
+        ([str(l2a), "--input_scale", "dn"], f"{l2a}: band B02 declares scale 0.0001 and offset -0.1"),
+    ]
+    for arguments, message in cases:
+        output = tmp_path / "out.tif"
+        result = subprocess.run(
+            [sys.executable, "-m", "inference_stage2", "--model", str(tmp_path / "no_model_here"), "--input",
+             *arguments, "--month", "7", "--biome", "4", "--output", str(output), "--no_progress"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+        assert not output.exists()
