@@ -7,9 +7,10 @@ Three entry points share one model call (`predict`):
 - `refine_tiles` (`tiles`): a folder of NPZ tiles in the design's layout (searched recursively) or NPZ files, read
   with the data builders' tile reader -> one NPZ per tile with `refined` (and per-tile metrics, `training.metrics`,
   when a Stage 1 `opt_v1` and the Sentinel-2 target exist).
-- `refine_scene` (`scenes`): a GeoTIFF of any size (one 4-band file or four single-band files, `raster`) -> a
-  GeoTIFF with the same CRS, transform and nodata, refined in overlapping windows blended without seams
-  (`windows`), reading and writing one strip of windows at a time so that memory does not grow with the scene.
+- `refine_scene` (`scenes`): a GeoTIFF of any size (one 4-band file or four single-band files, `raster`; bands
+  read by the names the files give them, `scene_bands`, and with the scale and offset they declare) -> a GeoTIFF
+  with the same CRS, transform and nodata, refined in overlapping windows blended without seams (`windows`),
+  reading and writing one strip of windows at a time so that memory does not grow with the scene.
 
 `stage2-refine` (`cli.main`) is the command line for the last two; `load_model` (`loading`) reads a model folder, a
 Hub repo id or a `stage2-export` output. Bands are always `BAND_NAMES = ("B02", "B03", "B04", "B08")`; reflectance
@@ -30,6 +31,7 @@ _EXPORTS = {
     "TileRefinementSummary": "tiles",
     "refine_tiles": "tiles",
     "SceneRefinementResult": "scenes",
+    "PixelSizeWarning": "raster",
     "refine_scene": "scenes",
     "blend_weights": "windows",
     "window_starts": "windows",

@@ -10,6 +10,7 @@ import ast
 import configparser
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 OWN_PACKAGES = ("modeling_stage2", "data_builders", "training", "inference_stage2", "model_cards")
 DEMO = "python -m training.demo"
+FILE_SUFFIXES = ("py", "md", "json", "jsonl", "yaml", "txt", "png", "safetensors", "npz", "tif", "onnx", "pt2")
+"""Last parts of an inline span that make it a file name (`train.py`, `docs/data.md`), not a Python name."""
 
 
 def console_scripts() -> dict[str, str]:
@@ -156,18 +159,6 @@ def imported_names(tree: ast.AST) -> dict[str, object]:
     return names
 
 
-def called(node: ast.Call, names: dict[str, object], where: str):
-    """The object an example calls, where it is an imported name or an attribute of one (else None)."""
-    function = node.func
-    if isinstance(function, ast.Name):
-        return names.get(function.id)
-    if isinstance(function, ast.Attribute) and isinstance(function.value, ast.Name) and function.value.id in names:
-        owner = names[function.value.id]
-        assert hasattr(owner, function.attr), f"{where}: {function.value.id}.{function.attr} does not exist"
-        return getattr(owner, function.attr)
-    return None
-
-
 def unknown_keywords(target, keywords: list[str]) -> list[str]:
     """Keywords the callable does not take. One that takes **kwargs takes any, except a configuration (or its
     preset constructor), whose keywords must be its attributes: an unknown one would be stored and never used."""
@@ -187,7 +178,7 @@ def test_the_python_example_check_catches_a_renamed_keyword():
                      "Stage2RefinerConfig(spectral_mlp_hidden_size=8, mlp_width=3)\n")
     names = imported_names(tree)
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
-    unknown = [unknown_keywords(called(node, names, "here"), [k.arg for k in node.keywords]) for node in calls]
+    unknown = [unknown_keywords(called(node, names), [k.arg for k in node.keywords]) for node in calls]
     assert sorted(map(tuple, unknown)) == [("colour",), ("mlp_width",)]
 
 
@@ -202,14 +193,16 @@ def test_python_example_names_what_exists(where, code):
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
-        target = called(node, names, where)
-        if target is None or not callable(target):
+        target = called(node, names)
+        assert target is not MISSING, f"{where}: {ast.unparse(node.func)} does not exist"
+        if not callable(target):
             continue
         keywords = [keyword.arg for keyword in node.keywords if keyword.arg is not None]
         assert not unknown_keywords(target, keywords), (
             f"{where}: {ast.unparse(node.func)} takes no {unknown_keywords(target, keywords)}")
 
 
+@functools.cache
 def public_objects() -> dict[str, list[object]]:
     """Name -> the public functions and classes of that name defined in this project's packages."""
     index: dict[str, list[object]] = {}
@@ -253,6 +246,15 @@ def dotted(node: ast.AST) -> list[str] | None:
     return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else None
 
 
+def called(node: ast.Call, names: dict[str, object]):
+    """What an example calls where it is an imported name or an attribute of one (`attribute_path`: MISSING where
+    that attribute does not exist); None for anything else (a local variable's method)."""
+    path = dotted(node.func)
+    if not path or path[0] not in names:
+        return None
+    return attribute_path(names[path[0]], path[1:])
+
+
 def inline_code(doc: Path) -> list[str]:
     """The inline code spans of a doc's prose and tables (code blocks left out)."""
     prose = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
@@ -288,9 +290,6 @@ def reference_problems(span: str, index: dict[str, list[object]]) -> list[str]:
             if not any(callable(t) and not _unknown_or_unreadable(t, keywords) for t in targets):
                 problems.append(f"{ast.unparse(node.func)}(... {', '.join(keywords)} ...)")
     return problems
-
-
-FILE_SUFFIXES = ("py", "md", "json", "jsonl", "yaml", "txt", "png", "safetensors", "npz", "tif", "onnx", "pt2")
 
 
 def is_package(module: str) -> bool:

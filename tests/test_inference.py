@@ -21,6 +21,7 @@ import torch
 from inference_stage2 import (
     BAND_NAMES,
     InferenceInputError,
+    PixelSizeWarning,
     blend_weights,
     main,
     refine_arrays,
@@ -28,7 +29,7 @@ from inference_stage2 import (
     refine_tiles,
     window_starts,
 )
-from inference_stage2.raster import PixelSizeWarning, ground_distance_m, to_output
+from inference_stage2.raster import ground_distance_m, to_output
 from inference_stage2.windows import StripAccumulator, blend_ramp
 from modeling_stage2.bands import DigitalNumbersWarning
 
