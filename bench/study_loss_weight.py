@@ -7,7 +7,10 @@
 Trains the demo (`python -m training.demo`, the `after` model of `bench/study_quality.py`: `configs/demo.yaml`, best
 step by the validation loss) with `--<parameter> <value>` for each value, preset and seed, and scores each run on the
 test tiles of the sample as shipped (as `bench/study_rotation.py` scores its rotation 0) against both baselines:
-`opt_v1` and the least-squares colour fit (4x4 + bias) fitted on the same training tiles. `--parameter` is a weight of
+`opt_v1` and the least-squares colour fit (4x4 + bias) fitted on the same training tiles. Beside the goal's metrics it
+records the reflectance error of each output, PSNR, on every test tile and on the tiles in range (not brighter than
+every training tile, `bench._common.in_range_tiles`): a weight can move the reflectance and not the indices, which
+the spectral loss leaves nearly free of the overall brightness. `--parameter` is a weight of
 `training.losses.Stage2Loss` (the record names its default). Presets and goals are those of `bench/study_rotation.py`:
 `mild` and `strong` (`degrade.py`), `proxy` (`bench/stage1_proxy.py`, a generator that is not `degrade.py`), so that a
 weight is not judged on one kind of Stage 1 error. Writes the tables to `--output` and every score to the same name
@@ -27,13 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._after_runs import machine, parse_arguments, script_line, train_settings  # noqa: E402
-from bench._common import SPECTRAL, load_average, load_span, mean_range_cell, record_study  # noqa: E402
+from bench._common import (  # noqa: E402
+    SPECTRAL, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
+)
 from bench.study_rotation import (  # noqa: E402
-    BASELINES, held_out_tile_statistics, meets_preset_goal, ratios, scores,
+    BASELINES, ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores,
 )
 
 RESULTS = REPO / "bench" / "results"
 BASELINE_NAMES = {"linear_fit": "colour fit", "opt_v1": "`opt_v1`"}
+REFLECTANCE = ("psnr", "psnr_in_range")  # each role's PSNR on every test tile and on the tiles in range
 
 
 def loss_weights() -> dict[str, float]:
@@ -66,15 +72,51 @@ def check_arguments(parser, args) -> None:
         parser.error(f"--values {' '.join(args.values)}: each weight once")
 
 
-def run_record(preset: str, scored: dict) -> dict:
-    """One training's test scores, refined / each baseline and whether it meets its preset's goal."""
-    return {"scores": scored, "ratios": {baseline: ratios(scored, baseline) for baseline in BASELINES},
-            "goal": meets_preset_goal(preset, scored)}
+def in_range_test_tiles(dataset_dir: Path) -> list[bool]:
+    """For each test tile of the Arrow dataset at `dataset_dir`, in order: whether it is in range (not brighter than
+    every training tile, `bench._common.in_range_tiles`)."""
+    from datasets import load_from_disk
+
+    dataset_dict = load_from_disk(str(dataset_dir))
+    test, train = (dataset_dict[split].select_columns(["opt_v1", "valid_mask"]).with_format("torch")[:]
+                   for split in ("test", "train"))
+    return in_range_tiles(test["opt_v1"], test["valid_mask"], train["opt_v1"], train["valid_mask"]).tolist()
+
+
+def reflectance(tile_statistics: dict, in_range: list[bool]) -> dict:
+    """role -> {"psnr": over every tile of `tile_statistics` (`held_out_tile_statistics`), "psnr_in_range": over
+    the tiles that `in_range` (one flag per tile) keeps}, pooled as one evaluation set's (`training.metrics`)."""
+    import torch
+
+    from training.metrics import metrics_from_statistics
+
+    if len(in_range) != len(tile_statistics["tile_ids"]) or not any(in_range):
+        tiles = len(tile_statistics["tile_ids"])
+        raise ValueError(f"in_range needs one flag per tile ({tiles}) and one tile in range, got {in_range}")
+
+    def psnr(role_statistics: dict, keep) -> float:
+        sums = {name: torch.tensor(values, dtype=torch.float64)[keep].sum()
+                for name, values in role_statistics.items()}
+        return float(metrics_from_statistics(sums)["psnr"])
+
+    every, kept = torch.ones(len(in_range), dtype=torch.bool), torch.tensor(in_range, dtype=torch.bool)
+    return {role: {"psnr": psnr(tile_statistics[role], every), "psnr_in_range": psnr(tile_statistics[role], kept)}
+            for role in ROLES}
+
+
+def run_record(preset: str, scored: dict, reflected: dict | None = None) -> dict:
+    """One training's test scores, refined / each baseline and whether it meets its preset's goal, and its
+    `reflectance` (PSNR) where given."""
+    record = {"scores": scored, "ratios": {baseline: ratios(scored, baseline) for baseline in BASELINES},
+              "goal": meets_preset_goal(preset, scored)}
+    if reflected is not None:
+        record["reflectance"] = reflected
+    return record
 
 
 def summarise(record: dict) -> dict:
     """value -> preset -> the mean, min and max over seeds of refined / each baseline (one per `SPECTRAL` metric),
-    and how many seeds meet the goal."""
+    how many seeds meet the goal, and, where the runs recorded it, of the refined output's PSNR (`REFLECTANCE`)."""
     summary: dict = {}
     for value, presets in record["runs"].items():
         for preset, runs in presets.items():
@@ -82,6 +124,10 @@ def summarise(record: dict) -> dict:
                                  for index in range(len(SPECTRAL))] for baseline in BASELINES}
             summary.setdefault(value, {})[preset] = {"ratios": spread,
                                                      "seeds_meeting_goal": sum(run["goal"] for run in runs)}
+            if all("reflectance" in run for run in runs):  # records made before PSNR was recorded have none
+                summary[value][preset]["refined_psnr"] = {
+                    key: [f(run["reflectance"]["refined"][key] for run in runs) for f in (statistics.fmean, min, max)]
+                    for key in REFLECTANCE}
     return summary
 
 
@@ -113,7 +159,27 @@ def render(record: dict, seconds: float, load: str) -> str:
             default = " (default)" if float(value) == record["default"] else ""
             lines.append(f"| {value}{default} | " + " | ".join(cells) + f" | {met} of {len(runs)} |")
         lines.append("")
+        lines += reflectance_table(record, preset)
     return "\n".join(lines)
+
+
+def reflectance_table(record: dict, preset: str) -> list[str]:
+    """The lines of `preset`'s PSNR table (none for a record made before PSNR was recorded)."""
+    parameter, values = record["parameter"], record["values"]
+    if not all("refined_psnr" in record["summary"][value][preset] for value in values):
+        return []
+    first = record["runs"][values[0]][preset][0]["reflectance"]  # one dataset: the baselines' PSNR is every run's
+    baselines = ", ".join(f"{BASELINE_NAMES[role]} {first[role]['psnr']:.2f} ({first[role]['psnr_in_range']:.2f} in "
+                          "range)" for role in ("opt_v1", "linear_fit"))
+    lines = [f"PSNR (dB, higher is better), on every test tile and on the tiles in range (not brighter than every "
+             f"training tile): {baselines}.", "",
+             f"| {parameter} | refined PSNR | in range |", "| ---: | ---: | ---: |"]
+    for value in values:
+        runs = record["runs"][value][preset]
+        default = " (default)" if float(value) == record["default"] else ""
+        cells = [mean_range_cell([run["reflectance"]["refined"][key] for run in runs], 2) for key in REFLECTANCE]
+        lines.append(f"| {value}{default} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv=None) -> int:
@@ -129,10 +195,12 @@ def main(argv=None) -> int:
         record: dict = {"parameter": args.parameter, "default": loss_weights()[args.parameter], "values": args.values,
                         "presets": args.presets, "seeds": args.seeds, "machine": machine(), "demo_flags": demo_flags,
                         "runs": {value: {preset: [] for preset in args.presets} for value in args.values}}
+        in_range = {preset: in_range_test_tiles(folder) for preset, folder in folders.items()}
         for (setting, preset, seed), model_dir in trained.items():
             value = setting.split("=", 1)[1]
-            scored = scores(held_out_tile_statistics(model_dir, folders[preset]))
-            record["runs"][value][preset].append(run_record(preset, scored))
+            held_out = held_out_tile_statistics(model_dir, folders[preset])
+            record["runs"][value][preset].append(run_record(preset, scores(held_out),
+                                                            reflectance(held_out, in_range[preset])))
             print(f"{setting} {preset} seed {seed} done", flush=True)
     record["summary"] = summarise(record)
     record_study(output, render(record, time.perf_counter() - start, load_span(load_start)), record)

@@ -815,7 +815,20 @@ def loss_weight_row(results: Path, parameter: str) -> tuple[str, str, str]:
                else "not every value within the seed spread of the default's")
     return (f"Loss weight `{parameter}` {' / '.join(values)} on the demo: refined / colour fit, test tiles, NDVI RMSE "
             f"/ EVI RMSE / SAM, mean of {len(record['seeds'])} seeds",
-            f"{'; '.join(presets)}: {verdict}", cite(f"{parameter}.md"))
+            f"{'; '.join(presets)}: {verdict}{refined_psnr_part(record)}", cite(f"{parameter}.md"))
+
+
+def refined_psnr_part(record: dict) -> str:
+    """'; refined PSNR (dB), ...': each preset's mean refined PSNR for each value, on every test tile and on the tiles
+    in range, where the record has them (studies run before PSNR was recorded have not)."""
+    summaries = {preset: [record["summary"][value][preset] for value in record["values"]]
+                 for preset in record["presets"]}
+    if not all("refined_psnr" in summary for rows in summaries.values() for summary in rows):
+        return ""
+    parts = [f"`{preset}` " + " / ".join(f"{summary['refined_psnr']['psnr'][0]:.2f}" for summary in rows)
+             + " (in range " + " / ".join(f"{summary['refined_psnr']['psnr_in_range'][0]:.2f}" for summary in rows)
+             + ")" for preset, rows in summaries.items()]
+    return "; refined PSNR (dB), mean of seeds: " + ", ".join(parts)
 
 
 def summary_rows(results: Path) -> list[tuple[str, str, str]]:

@@ -140,8 +140,29 @@ def test_a_changed_loss_weight_record_changes_its_row(summarize, results_copy, c
     mild = row.split("`mild` ")[1].split("`strong`")[0]
     counts = ", ".join(str(record["summary"][value]["mild"]["seeds_meeting_goal"]) for value in record["values"])
     assert mild.count("/") == 2 * len(record["values"]) and f"({counts} of 3 seeds meeting the goal)" in mild
-    assert row.endswith("not every value within the seed spread of the default's | "
-                        f"`bench/results/{parameter}.md` |")
+    assert "not every value within the seed spread of the default's" in row
+    assert row.endswith(f" | `bench/results/{parameter}.md` |")
+
+
+def test_a_changed_refined_psnr_changes_the_reconstruction_rows_psnr(summarize, results_copy, capsys):
+    """The reconstruction L1's record carries PSNR (`bench/study_loss_weight.py` records it since that weight was
+    seen to move it): its row quotes each preset's mean refined PSNR per value, on every test tile and in range."""
+    import json
+
+    results, benchmarks = results_copy
+    path, record = _loss_weight_record(results, "reconstruction_weight")
+    default = record["values"][0]
+    assert float(default) == record["default"]  # the row lists the default first
+    record["summary"][default]["proxy"]["refined_psnr"]["psnr"][0] = 12.345
+    record["summary"][default]["proxy"]["refined_psnr"]["psnr_in_range"][0] = 23.456
+    path.write_text(json.dumps(record))
+    assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 1
+    (row,) = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("+| Loss weight `reconstruction_weight`")]
+    proxy = row.split("refined PSNR (dB), mean of seeds: ")[1].split("`proxy` ")[1].split(" |")[0]
+    others = [f"{record['summary'][value]['proxy']['refined_psnr'][key][0]:.2f}"
+              for key in ("psnr", "psnr_in_range") for value in record["values"][1:]]
+    assert proxy == f"12.35 / {others[0]} / {others[1]} (in range 23.46 / {others[2]} / {others[3]})"
 
 
 @pytest.mark.parametrize(("change", "problem"), [
