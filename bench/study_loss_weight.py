@@ -9,8 +9,8 @@ step by the validation loss) with `--<parameter> <value>` for each value, preset
 test tiles of the sample as shipped (as `bench/study_rotation.py` scores its rotation 0) against both baselines:
 `opt_v1` and the least-squares colour fit (4x4 + bias) fitted on the same training tiles. Beside the goal's metrics it
 records the reflectance error of each output, PSNR, on every test tile and on the tiles in range (not brighter than
-every training tile, `bench._common.in_range_tiles`): a weight can move the reflectance and not the indices, which
-the spectral loss leaves nearly free of the overall brightness. `--parameter` is a weight of
+every training tile, `bench._common.in_range_tiles`): a weight can move the reflectance and not the indices (NDVI
+and the spectral angle do not see the overall brightness). `--parameter` is a weight of
 `training.losses.Stage2Loss` (the record names its default). Presets and goals are those of `bench/study_rotation.py`:
 `mild` and `strong` (`degrade.py`), `proxy` (`bench/stage1_proxy.py`, a generator that is not `degrade.py`), so that a
 weight is not judged on one kind of Stage 1 error. Writes the tables to `--output` and every score to the same name
