@@ -34,7 +34,7 @@ from bench._common import (  # noqa: E402
     SPECTRAL, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
 )
 from bench.study_rotation import (  # noqa: E402
-    BASELINES, ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores,
+    BASELINES, ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores, select_tiles,
 )
 
 RESULTS = REPO / "bench" / "results"
@@ -85,23 +85,12 @@ def in_range_test_tiles(dataset_dir: Path) -> list[bool]:
 
 def reflectance(tile_statistics: dict, in_range: list[bool]) -> dict:
     """role -> {"psnr": over every tile of `tile_statistics` (`held_out_tile_statistics`), "psnr_in_range": over
-    the tiles that `in_range` (one flag per tile) keeps}, pooled as one evaluation set's (`training.metrics`)."""
-    import torch
-
-    from training.metrics import metrics_from_statistics
-
-    if len(in_range) != len(tile_statistics["tile_ids"]) or not any(in_range):
-        tiles = len(tile_statistics["tile_ids"])
-        raise ValueError(f"in_range needs one flag per tile ({tiles}) and one tile in range, got {in_range}")
-
-    def psnr(role_statistics: dict, keep) -> float:
-        sums = {name: torch.tensor(values, dtype=torch.float64)[keep].sum()
-                for name, values in role_statistics.items()}
-        return float(metrics_from_statistics(sums)["psnr"])
-
-    every, kept = torch.ones(len(in_range), dtype=torch.bool), torch.tensor(in_range, dtype=torch.bool)
-    return {role: {"psnr": psnr(tile_statistics[role], every), "psnr_in_range": psnr(tile_statistics[role], kept)}
-            for role in ROLES}
+    the tiles that `in_range` (one flag per tile) keeps}, pooled as one evaluation set's (`scores`)."""
+    if not any(in_range):
+        raise ValueError(f"in_range keeps no tile: {in_range}")
+    every, within = (scores(statistics, ("psnr",))
+                     for statistics in (tile_statistics, select_tiles(tile_statistics, in_range)))
+    return {role: {"psnr": every[role]["psnr"], "psnr_in_range": within[role]["psnr"]} for role in ROLES}
 
 
 def run_record(preset: str, scored: dict, reflected: dict | None = None) -> dict:

@@ -109,15 +109,25 @@ def pooled(runs: list[dict]) -> dict:
                for role in ROLES}}
 
 
-def scores(statistics: dict) -> dict:
-    """role -> {metric: value} pooled over the tiles of `statistics` (as one evaluation set's, `training.metrics`)."""
+def scores(statistics: dict, metrics: tuple[str, ...] = SPECTRAL) -> dict:
+    """role -> {metric: value} of `metrics` (`training.metrics` names; by default the goal's), pooled over the tiles
+    of `statistics` (as one evaluation set's)."""
     import torch
 
     from training.metrics import metrics_from_statistics
 
     return {role: {metric: float(value) for metric, value in metrics_from_statistics(
         {name: torch.tensor(values, dtype=torch.float64).sum() for name, values in statistics[role].items()}).items()
-        if metric in SPECTRAL} for role in ROLES}
+        if metric in metrics} for role in ROLES}
+
+
+def select_tiles(statistics: dict, keep: list[bool]) -> dict:
+    """The tile statistics (`held_out_tile_statistics`) of the tiles that `keep` (one flag per tile) keeps."""
+    if len(keep) != len(statistics["tile_ids"]):
+        raise ValueError(f"keep needs one flag per tile ({len(statistics['tile_ids'])}), got {len(keep)}")
+    return {"tile_ids": [tile for tile, kept in zip(statistics["tile_ids"], keep) if kept],
+            **{role: {name: [value for value, kept in zip(values, keep) if kept]
+                      for name, values in statistics[role].items()} for role in ROLES}}
 
 
 def bootstrap(statistics: dict) -> dict | None:
