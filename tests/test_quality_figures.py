@@ -786,7 +786,7 @@ def test_quoted_reflectance_is_the_recorded_one(study, repo_root):
     assert (f"refined PSNR is {mild_mean:.2f} dB against the colour fit's {mild['linear_fit']:.2f} on `mild`, and "
             f"with the other generator {first_mean:.2f} against {first['opt_v1']:.2f} for `opt_v1` itself") in page
     assert f"below `opt_v1`'s ({statistics.fmean(first['refined']):.2f} dB against {first['opt_v1']:.2f};" in readme
-    # the development measurement's all-tile figure is the record's
+    # "Where the loss is": its figure over every tile is this table's
     assert f"the 2 bright tiles bring it down to {statistics.fmean(first['refined']):.2f}" in page
 
 
