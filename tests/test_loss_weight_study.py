@@ -295,8 +295,9 @@ def test_the_losses_page_says_what_the_records_show(recorded, repo_root):
 
 
 def test_the_pages_quote_what_the_reconstruction_l1_did(study, repo_root):
-    """The one ratio the reconstruction L1 moves beyond the default's seed spread (the proxy's EVI RMSE, better), the
-    PSNR it moves, and what stays: docs/losses_and_metrics.md's bullet and docs/quality.md's paragraph."""
+    """The one ratio the reconstruction L1 moves beyond the default's seed spread (`strong`'s NDVI RMSE, worse), the
+    PSNR it moves (above the colour fit's), and what stays: docs/losses_and_metrics.md's bullet, docs/training.md's
+    row and docs/quality.md's paragraph."""
     from bench._common import SPECTRAL  # the order of a record's ratios
 
     record = json.loads((repo_root / "bench" / "results" / "reconstruction_weight.json").read_text())
@@ -307,41 +308,45 @@ def test_the_pages_quote_what_the_reconstruction_l1_did(study, repo_root):
         return summary[value][preset]["ratios"][baseline][SPECTRAL.index(metric)]
 
     def psnr(value, preset, key="psnr"):
-        return summary[value][preset]["refined_psnr"][key][0]
+        return summary[value][preset]["refined_psnr"][key]
 
-    # beyond the spread: the proxy's EVI at 5, below the default's whole range; nothing else
-    (_, _, high), (_, low, _) = ratio("5", "proxy", "linear_fit", "evi_rmse"), ratio("0", "proxy", "linear_fit",
-                                                                                       "evi_rmse")
-    assert high < low
+    def fit_psnr(preset):
+        return record["runs"]["0"][preset][0]["reflectance"]["linear_fit"]["psnr"]
+
+    # beyond the spread: `strong`'s NDVI at 5, above the default's whole range; no other ratio
     outside = [(value, preset, metric) for value in record["values"] for preset in record["presets"]
                for metric in SPECTRAL
                if ratio(value, preset, "linear_fit", metric)[1] > ratio("0", preset, "linear_fit", metric)[2]
                or ratio(value, preset, "linear_fit", metric)[2] < ratio("0", preset, "linear_fit", metric)[1]]
-    assert outside == [("5", "proxy", "evi_rmse")]
+    assert outside == [("5", "strong", "ndvi_rmse")]
+    assert ratio("5", "strong", "linear_fit", "ndvi_rmse")[1] > ratio("0", "strong", "linear_fit", "ndvi_rmse")[2]
+    # the PSNR of the proxy and of `strong`: ranges apart from the default's, means above the colour fit's
+    for preset in ("proxy", "strong"):
+        assert psnr("5", preset)[1] > psnr("0", preset)[2] and psnr("5", preset)[0] > fit_psnr(preset)
     losses = " ".join((repo_root / "docs" / "losses_and_metrics.md").read_text().split())
     two = "{:.2f}".format
-    assert (f"at 5 the proxy's EVI RMSE is {two(ratio('5', 'proxy', 'linear_fit', 'evi_rmse')[0])} of the colour "
-            f"fit's ({two(ratio('0', 'proxy', 'linear_fit', 'evi_rmse')[0])} at the default, both ranges over seeds "
-            f"apart) and {two(ratio('5', 'proxy', 'opt_v1', 'evi_rmse')[0])} of `opt_v1`'s "
-            f"({two(ratio('0', 'proxy', 'opt_v1', 'evi_rmse')[0])}); its PSNR {two(psnr('5', 'proxy'))} dB "
-            f"({two(psnr('0', 'proxy'))}), {two(psnr('5', 'proxy', 'psnr_in_range'))} in range "
-            f"({two(psnr('0', 'proxy', 'psnr_in_range'))}), and `strong`'s {two(psnr('5', 'strong'))} "
-            f"({two(psnr('0', 'strong'))})") in losses
-    assert (f"`mild`'s PSNR too ({two(psnr('5', 'mild'))} against {two(psnr('0', 'mild'))}), though `mild` NDVI RMSE "
-            f"and SAM sit higher in it ({two(ratio('5', 'mild', 'linear_fit', 'ndvi_rmse')[0])} and "
+    assert (f"the proxy's PSNR is {two(psnr('5', 'proxy')[0])} dB ({two(psnr('0', 'proxy')[0])} at the default), "
+            f"{two(psnr('5', 'proxy', 'psnr_in_range')[0])} in range ({two(psnr('0', 'proxy', 'psnr_in_range')[0])}), "
+            f"and `strong`'s {two(psnr('5', 'strong')[0])} ({two(psnr('0', 'strong')[0])}), both ranges over seeds "
+            f"apart from the default's and above the colour fit's ({two(fit_psnr('proxy'))} and "
+            f"{two(fit_psnr('strong'))}); `mild`'s stays at the colour fit's ({two(psnr('5', 'mild')[0])} against "
+            f"{two(fit_psnr('mild'))})") in losses
+    assert (f"`strong`'s NDVI RMSE, worse, {two(ratio('5', 'strong', 'linear_fit', 'ndvi_rmse')[0])} of the colour "
+            f"fit's ({two(ratio('0', 'strong', 'linear_fit', 'ndvi_rmse')[0])})") in losses
+    assert (f"The proxy's EVI RMSE stays at {two(ratio('5', 'proxy', 'opt_v1', 'evi_rmse')[0])} of `opt_v1`'s "
+            f"({two(ratio('0', 'proxy', 'opt_v1', 'evi_rmse')[0])}), and `mild` NDVI RMSE and SAM sit higher in the "
+            f"spread ({two(ratio('5', 'mild', 'linear_fit', 'ndvi_rmse')[0])} and "
             f"{two(ratio('5', 'mild', 'linear_fit', 'sam')[0])} of the colour fit's against "
             f"{two(ratio('0', 'mild', 'linear_fit', 'ndvi_rmse')[0])} and "
             f"{two(ratio('0', 'mild', 'linear_fit', 'sam')[0])})") in losses
-    assert psnr("5", "proxy") > psnr("0", "proxy") and psnr("5", "strong") > psnr("0", "strong")
-    _, low, high = summary["0"]["mild"]["refined_psnr"]["psnr"]
-    assert low <= psnr("5", "mild") <= high
     training = " ".join((repo_root / "docs" / "training.md").read_text().split())
     assert ("`--reconstruction_weight 5` where the reflectance itself matters as much as the indices (measured in "
-            "`docs/losses_and_metrics.md`: better PSNR with another generator and on `strong`, within the seed spread "
-            "on `mild`)") in training
+            "`docs/losses_and_metrics.md`: PSNR above the colour fit's with another generator and on `strong`, at it "
+            "on `mild`; `strong` NDVI RMSE worse)") in training
+    assert abs(psnr("5", "mild")[0] - fit_psnr("mild")) < 0.05  # "at it"
     quality = " ".join((repo_root / "docs" / "quality.md").read_text().split())
-    assert (f"moves the proxy's EVI RMSE beyond it, from {two(ratio('0', 'proxy', 'opt_v1', 'evi_rmse')[0])} to "
-            f"{two(ratio('5', 'proxy', 'opt_v1', 'evi_rmse')[0])} of `opt_v1`'s") in quality
+    assert (f"the proxy's EVI RMSE stays at {two(ratio('5', 'proxy', 'opt_v1', 'evi_rmse')[0])} of `opt_v1`'s "
+            f"({two(ratio('0', 'proxy', 'opt_v1', 'evi_rmse')[0])} at the default; the goal asks 0.70)") in quality
 
 
 def test_the_pages_quote_what_a_larger_evi_weight_did(repo_root):

@@ -231,6 +231,23 @@ def test_stage2_loss_is_the_weighted_sum_of_its_components():
     assert torch.isfinite(refined.grad).all() and refined.grad.abs().sum() > 0
 
 
+def test_the_target_terms_are_the_spectral_loss_and_the_weighted_reconstruction_l1():
+    """What the warm start fits: the terms that compare the output with the target, weighted as in the objective;
+    without a reconstruction term exactly the spectral loss (so a default warm start is the one it always was)."""
+    torch.manual_seed(0)
+    target, refined = torch.rand(2, 2, 4, 12, 12) * 0.5
+    mask = torch.rand(2, 12, 12) > 0.2
+    spectral, spectral_parts = SpectralLoss()(refined, target, mask)
+    value, parts = Stage2Loss().target_terms(refined, target, mask)
+    assert torch.equal(value, spectral) and parts.keys() == spectral_parts.keys()
+    value, parts = Stage2Loss(spectral_weight=2.0, reconstruction_weight=5.0, identity_weight=3.0,
+                              adversarial_weight=1.0).target_terms(refined, target, mask)
+    l1 = (refined - target).abs().mean(dim=1)[mask].mean()
+    assert set(parts) == {"spectral/ndvi", "spectral/evi", "spectral/sam", "reconstruction/l1"}
+    assert value.item() == pytest.approx(2.0 * spectral.item() + 5.0 * l1.item(), rel=1e-6)
+    assert 5.0 * l1.item() > 1e-3 * value.item()  # the L1 is a real share of the value the check above weighs
+
+
 def test_design_default_weights():
     loss_fn = Stage2Loss()
     assert (loss_fn.spectral_weight, loss_fn.identity_weight, loss_fn.adversarial_weight) == (1.0, 0.5, 0.05)

@@ -390,6 +390,50 @@ def test_the_spectral_fit_lowers_the_spectral_loss_of_the_least_squares_fit(samp
     assert not torch.allclose(model.spectral_correction.matrix.detach(), least_squares.matrix.float(), atol=1e-3)
 
 
+def test_the_warm_start_fits_the_reconstruction_term_of_the_objective(sample_dataset_dir, monkeypatch):
+    """With a `reconstruction_weight` the warm start fits the L1 to the target too, as training will: its correction
+    lands nearer the target's reflectance than the spectral loss alone takes it. Without one it is the spectral fit
+    to the bit, so the default start is the one every record was made with."""
+    from datasets import load_from_disk
+
+    import training.warm_start as warm_start
+    from modeling_stage2.modeling_stage2 import clamp_min_straight_through
+    from training.args import Stage2TrainingArguments
+    from training.linear_fit import fit_spectral_correction
+    from training.losses import SpectralLoss, Stage2Loss, reconstruction_l1
+
+    train_split = load_from_disk(str(sample_dataset_dir))["train"]
+    rows = train_split.with_format("torch")[:]
+    spectral_only = fit_spectral_correction(train_split, loss=SpectralLoss(), steps=60, seed=0)
+    default = fit_spectral_correction(train_split, loss=Stage2Loss().target_terms, steps=60, seed=0)
+    assert torch.equal(default.matrix, spectral_only.matrix) and torch.equal(default.bias, spectral_only.bias)
+    with_l1 = fit_spectral_correction(train_split, loss=Stage2Loss(reconstruction_weight=5.0).target_terms, steps=60,
+                                      seed=0)
+
+    def losses(fit) -> tuple[float, float]:
+        corrected = clamp_min_straight_through(fit.apply(rows["opt_v1"]), 0.0)
+        return (float(reconstruction_l1(corrected, rows["target"], rows["valid_mask"])[0]),
+                float(SpectralLoss()(corrected, rows["target"], rows["valid_mask"])[0]))
+
+    (l1_spectral, spectral_spectral), (l1_with, spectral_with) = losses(spectral_only), losses(with_l1)
+    assert l1_with < 0.995 * l1_spectral, (l1_with, l1_spectral)  # 1 % here; float noise is 1e-6 of it
+    assert spectral_with > spectral_spectral  # it traded some spectral loss for it: a fit of another objective
+
+    seen = {}
+
+    def fake_fit(split, loss, **kwargs):
+        seen["loss"] = loss
+        return LinearColorFit.from_dataset(split)
+
+    monkeypatch.setattr(warm_start, "fit_spectral_correction", fake_fit)
+    warm_start.start_spectral_correction(affine_model(), train_split, Stage2TrainingArguments(
+        output_dir="unused", quantization="none", report_to="none", reconstruction_weight=5.0, spectral_weight=2.0))
+    torch.manual_seed(0)
+    refined, target = torch.rand(2, 1, 4, 8, 8)
+    expected = Stage2Loss(spectral_weight=2.0, reconstruction_weight=5.0).target_terms(refined, target)[0]
+    assert torch.equal(seen["loss"](refined, target)[0], expected)
+
+
 def test_the_identity_guard_measures_the_head_against_the_corrected_image():
     """With the branch, the identity/edge guard compares the output with the colour-corrected opt_v1: a model whose
     correction moved the colours but whose head adds nothing pays no identity loss."""

@@ -34,7 +34,8 @@ from .spectral_range import OUT_OF_RANGE_QUANTILE
 logger = logging.getLogger(__name__)
 
 # Where the refiner's shared spectral correction (M, b) starts: the training split's least-squares colour fit refined
-# under the spectral loss, the least-squares fit itself, or the identity.
+# under the objective's terms against the target (`Stage2Loss.target_terms`), the least-squares fit itself, or the
+# identity.
 SPECTRAL_CORRECTION_INITS = ("spectral_fit", "linear_fit", "identity")
 
 
@@ -96,10 +97,11 @@ class Stage2TrainingArguments(TrainingArguments):
         spectral_correction_init (`str`, defaults to `"spectral_fit"`): where the branch's shared correction starts,
             computed before training (not when resuming: the checkpoint has it): `"spectral_fit"`, the least-squares
             colour fit (4x4 + bias) of the training split's valid pixels refined for 300 steps under the run's
-            spectral loss (NDVI, EVI, SAM; `training.linear_fit.fit_spectral_correction`); `"linear_fit"`, the
-            least-squares fit alone; or `"identity"`. With `"spectral_fit"` a spectral MLP is fitted too, on top of
-            that affine fit (300 more steps on 6 tiles each); with the others, or in a refiner without the
-            correction branch (`spectral_correction="none"`), it starts at zero.
+            terms against the target (the spectral loss, NDVI, EVI, SAM, and with a `reconstruction_weight` the L1
+            too; `training.losses.Stage2Loss.target_terms`, `training.linear_fit.fit_spectral_correction`);
+            `"linear_fit"`, the least-squares fit alone; or `"identity"`. With `"spectral_fit"` a spectral MLP is
+            fitted too, on top of that affine fit (300 more steps on 6 tiles each); with the others, or in a refiner
+            without the correction branch (`spectral_correction="none"`), it starts at zero.
         out_of_range_fallback (`bool`, defaults to `False`): a new refiner keeps `opt_v1` at pixels outside its
             training spectra (`Stage2RefinerConfig.out_of_range_fallback`); their range is fitted on the training
             split before training (not when resuming: the checkpoint has it), `training.spectral_range`.
@@ -207,7 +209,8 @@ class Stage2TrainingArguments(TrainingArguments):
     spectral_correction_init: str = field(
         default="spectral_fit",
         metadata={"help": "Start of the shared colour correction: spectral_fit (least squares on the training split, "
-                          "refined under the spectral loss), linear_fit (least squares) or identity.",
+                          "refined under the spectral loss, and the reconstruction L1 if weighted), linear_fit (least "
+                          "squares) or identity.",
                   "choices": SPECTRAL_CORRECTION_INITS},
     )
     out_of_range_fallback: bool = field(

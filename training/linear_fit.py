@@ -11,7 +11,8 @@ equations in float64 over any number of batches (exactly: sums add up across bat
 Evaluation reports the metrics of `fit.apply(opt_v1)` beside those of `opt_v1` and the refined output
 (`"linear_fit"`). Training starts the refiner's spectral correction at a global fit
 (`Stage2TrainingArguments.spectral_correction_init`): the least-squares one (`"linear_fit"`), or by default that fit
-refined under the training objective (`"spectral_fit"`, `fit_spectral_correction`): least squares weighs every
+refined under the training objective's terms against the target (`"spectral_fit"`, `fit_spectral_correction`,
+`Stage2Loss.target_terms`): least squares weighs every
 reflectance error alike, while NDVI, EVI and the spectral angle care about band ratios, dark pixels included.
 """
 from __future__ import annotations
@@ -112,11 +113,11 @@ class LinearColorFit:
 def fit_spectral_correction(dataset, loss=None, steps: int = 300, batch_tiles: int = 32, learning_rate: float = 1e-3,
                             nonnegative: bool = True, seed: int = 0, spectral_mlp=None,
                             mlp_batch_tiles: int = 6, redraw=None, mlp_columns: tuple[str, ...] = ()) -> ColorFitResult:
-    """The global affine correction that minimises the spectral loss on `dataset` (a split with `opt_v1`, `target`
-    and optionally `valid_mask`): the least-squares fit, then `steps` Adam steps on its 20 numbers, each on
-    `batch_tiles` tiles drawn (seeded) from the split. `loss` maps `(output, target, valid_mask)` to `(value, ...)`
-    (default `training.losses.SpectralLoss()`); `nonnegative` clamps the corrected image at 0 first (straight-through
-    gradient), as a refiner with `nonnegative_output` does.
+    """The global affine correction that minimises `loss` on `dataset` (a split with `opt_v1`, `target` and
+    optionally `valid_mask`): the least-squares fit, then `steps` Adam steps on its 20 numbers, each on `batch_tiles`
+    tiles drawn (seeded) from the split. `loss` maps `(output, target, valid_mask)` to `(value, ...)` (default
+    `training.losses.SpectralLoss()`; training passes its objective's `Stage2Loss.target_terms`); `nonnegative`
+    clamps the corrected image at 0 first (straight-through gradient), as a refiner with `nonnegative_output` does.
 
     With `spectral_mlp` (a refiner's `Stage2SpectralMLP`) the per-pixel MLP is then fitted on top of that affine
     correction, in place: `steps` more Adam steps on `mlp_batch_tiles` tiles each, `corrected = spectral_mlp(M x + b)`

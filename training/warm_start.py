@@ -1,7 +1,8 @@
 """What a refiner fits on its training split before the optimiser starts.
 
 - The shared spectral correction (`spectral_correction_init`): the least-squares colour fit (`"linear_fit"`), or by
-  default that fit refined under the spectral loss with the spectral MLP fitted on top (`"spectral_fit"`).
+  default that fit refined under the objective's terms against the target (`Stage2Loss.target_terms`: the spectral
+  loss, and the reconstruction L1 when it has a weight) with the spectral MLP fitted on top (`"spectral_fit"`).
 - With `out_of_range_fallback`: the range of the training spectra, beyond which the refiner keeps `opt_v1`.
 
 `Stage2Trainer.train` runs both once, before its first step, unless it resumes (the checkpoint holds what was fitted),
@@ -54,9 +55,9 @@ def start_spectral_correction(model, train_split, training_args, redraw=None, re
     if init == "spectral_fit":
         nonnegative = bool(getattr(model.config, "nonnegative_output", False))
         mlps = spectral_mlps(model)  # fitted with the correction: pixel-level, every training pixel teaches it
-        fit = fit_spectral_correction(train_split, loss=build_loss(training_args).spectral, nonnegative=nonnegative,
-                                      seed=training_args.seed, spectral_mlp=mlps[0] if mlps else None,
-                                      redraw=redraw)
+        fit = fit_spectral_correction(train_split, loss=build_loss(training_args).target_terms,
+                                      nonnegative=nonnegative, seed=training_args.seed,
+                                      spectral_mlp=mlps[0] if mlps else None, redraw=redraw)
     else:
         fit = LinearColorFit.from_dataset(train_split)
     set_shared_spectral_correction(model, fit)
