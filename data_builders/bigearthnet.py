@@ -49,6 +49,9 @@ CLOUD_SNOW_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 REQUIRED_COLUMNS = ("patch_id", "labels", "split", "s1_name")
 SKIPPED_FILE = "skipped.jsonl"
+CLOUDY_SNOWY = "cloudy or snowy"
+"""The skip reason of a patch left out by choice (`--include_cloudy_snowy` keeps them); every other
+reason is a patch that could not be read, and makes the ingest's exit status 1."""
 
 # Biome codes (IGBP-like, 0..16) from CORINE land-cover labels. A patch carries several labels
 # and no area fractions, so the first group below that holds one of its labels decides (water
@@ -139,12 +142,24 @@ def read_metadata(paths: Sequence[str | Path]) -> list[dict]:
                              f"{', '.join(REQUIRED_COLUMNS)}, ...")
         for row in table.to_pylist():
             check_patch_id(path, row["patch_id"])
+            _check_row_fields(path, row)
             if row["patch_id"] in seen:
                 continue
             seen.add(row["patch_id"])
             row["cloudy_snowy"] = bool(row.get("contains_seasonal_snow")) or bool(row.get("contains_cloud_or_shadow"))
             rows.append(row)
     return rows
+
+
+def _check_row_fields(metadata_path: Path, row: dict) -> None:
+    """The labels (a list of names) and the S1 name (a key of the LMDB) of a metadata row."""
+    labels = row["labels"]
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"--metadata {metadata_path}: 'labels' of patch {row['patch_id']!r} is {labels!r}, "
+                         "not a list of CORINE label names")
+    if not isinstance(row["s1_name"], str) or not row["s1_name"]:
+        raise ValueError(f"--metadata {metadata_path}: 's1_name' of patch {row['patch_id']!r} is "
+                         f"{row['s1_name']!r}, not the name of a Sentinel-1 patch")
 
 
 def check_patch_id(metadata_path: str | Path, patch_id) -> None:
@@ -239,19 +254,22 @@ def ingest_bigearthnet(
         if extra.is_file() and extra not in metadata_paths:
             metadata_paths.append(extra)
     rows = sorted(read_metadata(metadata_paths), key=lambda row: row["patch_id"])
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    written, skipped = collections.Counter(), []
-    env = lmdb.open(str(resolve_lmdb_dir(lmdb_path)), readonly=True, lock=False, readahead=False, max_readers=8)
+    lmdb_dir = resolve_lmdb_dir(lmdb_path)
     try:
+        env = lmdb.open(str(lmdb_dir), readonly=True, lock=False, readahead=False, max_readers=8)
+    except lmdb.Error as exc:
+        raise ValueError(f"--lmdb {lmdb_dir}: not a readable LMDB environment ({exc})") from None
+    output_dir = Path(output_dir)
+    written, skipped = collections.Counter(), []
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         with env.begin(buffers=False) as txn:
             for row in rows:
                 if max_patches is not None and sum(written.values()) >= max_patches:
                     break
                 patch_id = row["patch_id"]
                 if row["cloudy_snowy"] and not include_cloudy_snowy:
-                    skipped.append({"patch_id": patch_id, "reason": "cloudy or snowy"})
+                    skipped.append({"patch_id": patch_id, "reason": CLOUDY_SNOWY})
                     continue
                 if row["split"] not in SPLIT_NAMES:
                     skipped.append({"patch_id": patch_id, "reason": f"unknown split {row['split']!r}"})
@@ -310,10 +328,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     line = f"wrote {sum(summary['written'].values())} tiles to {summary['output_dir']} ({written}); skipped {skipped}"
     if skipped:
         line += " (" + "; ".join(f"{reason}: {n}" for reason, n in summary["skipped"].items()) + f"; see {SKIPPED_FILE})"
-        if "cloudy or snowy" in summary["skipped"]:
+        if CLOUDY_SNOWY in summary["skipped"]:
             line += "; --include_cloudy_snowy keeps cloudy and snowy patches"
     print(line)
-    return 0
+    return 1 if set(summary["skipped"]) - {CLOUDY_SNOWY} else 0  # some patches could not be read
 
 
 if __name__ == "__main__":

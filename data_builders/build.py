@@ -142,7 +142,9 @@ def _make_opt_v1(tile, settings: dict) -> np.ndarray:
     if mode == "identity":
         return tile.target
     if mode == "stage1":
-        return read_stage1(Path(settings["stage1_dir"]) / f"{tile.tile_id}.npz")
+        opt_v1 = read_stage1(Path(settings["stage1_dir"]) / f"{tile.tile_id}.npz")
+        # a generator fills the target's nodata pixels too: 0 there, as in every other mode
+        return opt_v1 if tile.valid_mask.all() else np.where(tile.valid_mask, opt_v1, np.float32(0))
     config = settings["degradation"]
     config = DegradationConfig.from_dict(config) if config is not None else None
     _, config = config_for_tile(settings["degradation_preset"], config, settings["seed"], tile.tile_id)
@@ -650,7 +652,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--input_mode", choices=INPUT_MODES, default=None,
                         help="how opt_v1 is made (default: stage1 with --stage1_dir, else synthetic)")
     parser.add_argument("--max_samples", type=int, default=None, help="at most N tiles per split")
-    parser.add_argument("--strict", action="store_true", help="stop with exit code 1 at the first bad tile")
+    parser.add_argument("--strict", action="store_true", help="stop with exit code 2 at the first bad tile")
     parser.add_argument("--num_proc", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--dataset_seed", type=int, default=None,
                         help="seed of the synthetic degradation (default 0; the name stage2-train and "
@@ -662,6 +664,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="JSON file of DegradationConfig fields overriding those of the --degradation preset "
                              "(not with mixture)")
     return parser.parse_args(argv)
+
+
+def _read_degradation_config(path: Optional[str], preset: str) -> Optional[dict]:
+    """The overrides of `--degradation_config`, checked against the preset before any work
+    (ValueError naming the file and the field)."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            overrides = json.load(handle)
+        if not isinstance(overrides, dict):
+            raise ValueError(f"expected a JSON object of DegradationConfig fields, got {type(overrides).__name__}")
+        resolve_degradation(preset, overrides)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--degradation_config {path}: file not found") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"--degradation_config {path}: {error}") from None
+    return overrides
 
 
 @_signals.exit_on_termination
@@ -692,19 +712,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "(it would apply to both of its presets); use mild or strong", file=sys.stderr)
         return 2
     try:
-        overrides = None
-        if args.degradation_config:
-            with open(args.degradation_config, encoding="utf-8") as handle:
-                overrides = json.load(handle)
-            if not isinstance(overrides, dict):
-                raise ValueError(f"--degradation_config {args.degradation_config}: expected a JSON object of "
-                                 f"DegradationConfig fields, got {type(overrides).__name__}")
+        overrides = _read_degradation_config(args.degradation_config, args.degradation)
         build_dataset(
             args.data_dir, args.output_dir, stage1_dir=args.stage1_dir, max_samples=args.max_samples,
             strict=args.strict, num_proc=args.num_proc, input_mode=args.input_mode,
             degradation=args.degradation, degradation_overrides=overrides, seed=args.dataset_seed,
         )
-    except (TileError, FileNotFoundError, ValueError) as error:  # bad input: nothing was written
+    except (TileError, FileNotFoundError, FileExistsError, ValueError) as error:  # bad input: nothing was written
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # the system failed (disk full, permissions): the previous dataset is kept

@@ -55,6 +55,15 @@ BAND_WAVELENGTHS_NM: tuple[float, ...] = (490.0, 560.0, 665.0, 842.0)
 """Nominal central wavelengths of B02, B03, B04, B08 (the haze's spectral shape)."""
 
 
+_RANGE_FIELDS = ("blur_sigma", "gain_mean", "offset_mean", "clip", "haze", "tone_gamma")
+"""The `DegradationConfig` fields that hold several numbers (a range, or one value per band)."""
+
+
+def _is_finite_number(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(value))
+
+
 @dataclass(frozen=True)
 class DegradationConfig:
     """Parameters of the synthetic `opt_v1` degradation (reflectance units, pixels).
@@ -115,7 +124,8 @@ class DegradationConfig:
     tone_gamma: tuple = (1.0, 1.0)
 
     def __post_init__(self):
-        for name in ("blur_sigma", "gain_mean", "offset_mean", "clip", "haze", "tone_gamma"):
+        self._check_types()
+        for name in _RANGE_FIELDS:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         low, high = self.blur_sigma if len(self.blur_sigma) == 2 else (None, None)
         if low is None or not 0 <= low <= high:
@@ -137,6 +147,19 @@ class DegradationConfig:
             raise ValueError(f"haze_exponent must be >= 0, got {self.haze_exponent}")
         if len(self.tone_gamma) != 2 or not 0 < self.tone_gamma[0] <= self.tone_gamma[1]:
             raise ValueError(f"tone_gamma must be (low, high) with 0 < low <= high, got {self.tone_gamma}")
+
+    def _check_types(self) -> None:
+        """Finite numbers where numbers go (a JSON file may hold anything), before the range checks."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in _RANGE_FIELDS:
+                if not isinstance(value, (list, tuple)) or not all(map(_is_finite_number, value)):
+                    raise ValueError(f"{field.name} must be a list of finite numbers, got {value!r}")
+            elif field.name == "low_freq_grid":
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise ValueError(f"low_freq_grid must be an integer, got {value!r}")
+            elif not _is_finite_number(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value!r}")
 
     @property
     def has_haze(self) -> bool:

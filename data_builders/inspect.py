@@ -127,15 +127,16 @@ def describe_dataset(path: str | Path) -> str:
     lines += ["", f"Splits: {sizes} (total {sum(len(ds) for ds in splits.values())})"]
 
     stats_source, target_stats, opt_stats = None, None, None
-    if info and info.get("statistics", {}).get("target"):
-        stats_source = "train split, recorded at build time"
-        target_stats, opt_stats = info["statistics"]["target"], info["statistics"].get("opt_v1")
+    if info:  # the build record, whatever splits the dataset has
         lines += [
             f"Source: {info['source'].get('data_dir')} {json.dumps(info['source'].get('sources', {}))}; "
             f"rejected {info['source'].get('rejected', 0)}",
             f"Input scale: {json.dumps(info['input_scale'].get('tiles', {}))} ({info['input_scale'].get('rule')})",
             f"opt_v1: {info['opt_v1'].get('mode')}{_synthesis_text(info)}",
         ]
+    if info and info.get("statistics", {}).get("target"):
+        stats_source = "train split, recorded at build time"
+        target_stats, opt_stats = info["statistics"]["target"], info["statistics"].get("opt_v1")
     else:
         split = "train" if "train" in splits else next(iter(splits))
         stats_source = f"{split} split, first {min(len(splits[split]), STATS_MAX_TILES)} tiles"

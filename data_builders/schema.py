@@ -14,13 +14,14 @@ from .tiles import BAND_NAMES, TILE_SIZE, S1_KEYS
 
 CORE_COLUMNS = ("tile_id", "target", "opt_v1", "valid_mask", "month", "biome")
 RESERVED_COLUMNS = frozenset(CORE_COLUMNS) | {"s1"}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _value_kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int):
-        return "int"
+    if isinstance(value, int):  # beyond int64, Arrow has no integer for it: kept exactly as JSON text
+        return "int" if _INT64_MIN <= value <= _INT64_MAX else "json"
     if isinstance(value, float):
         return "float"
     if isinstance(value, str):
@@ -51,8 +52,8 @@ def metadata_columns(specs: Sequence[TileSpec]) -> dict[str, tuple[str, str]]:
     """{column name: (sidecar key, kind)} for every sidecar key, in first-seen order.
 
     Kinds map to Arrow types (bool, int64, float64, string, list of those); values of mixed or
-    nested types are stored as JSON strings (kind "json"). Keys that clash with a core column
-    are prefixed with `sidecar_`.
+    nested types, and integers beyond int64, are stored as JSON strings (kind "json"). Keys that
+    clash with a core column are prefixed with `sidecar_` (again, while the name is another key's).
     """
     kinds: dict[str, set] = {}
     for spec in specs:
@@ -63,7 +64,9 @@ def metadata_columns(specs: Sequence[TileSpec]) -> dict[str, tuple[str, str]]:
                 kinds.setdefault(key, set())
     columns = {}
     for key, seen in kinds.items():
-        name = f"sidecar_{key}" if key in RESERVED_COLUMNS else key
+        name = key
+        while name in RESERVED_COLUMNS or (name != key and name in kinds):
+            name = f"sidecar_{name}"
         columns[name] = (key, _merge_kinds(seen) if seen else "str")
     return columns
 

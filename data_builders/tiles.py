@@ -148,6 +148,8 @@ def read_sidecar(path: str | Path) -> dict:
             data = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TileError(path, None, f"sidecar is not valid JSON ({exc}); fix or delete the file") from None
+    except RecursionError:
+        raise TileError(path, None, "sidecar nests too deeply to read; flatten it or delete the file") from None
     if not isinstance(data, dict):
         raise TileError(path, None, f"sidecar must hold a JSON object, got {type(data).__name__}")
     return data
@@ -376,6 +378,8 @@ def _require(path: Path, arrays: dict, key: str) -> np.ndarray:
 
 
 def _numeric_kind(path: Path, key: str, array: np.ndarray) -> str:
+    if not isinstance(array, np.ndarray):  # a zip member not named .npy: np.load hands back its bytes
+        raise TileError(path, key, f"zip member {key!r} is not a .npy array; save tiles with np.savez")
     if array.dtype.kind in "iu":
         return "int"
     if array.dtype.kind == "f":

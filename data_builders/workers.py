@@ -47,6 +47,9 @@ def _count_done(tiles: int) -> None:
 def _init_worker(tiles_done, parent_pid: int) -> None:
     global _tiles_done
     _tiles_done = tiles_done
+    # Ctrl-C reaches the whole process group: the build stops the pool and says so in one line; a worker
+    # would print a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     tune_allocator()
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,11 @@ def test_bad_lmdb_values_are_skipped_with_reasons(tmp_path):
     tile = np.load(tmp_path / "tiles" / "train" / "S2A_MSIL2A_20180101T100000_0_0.npz")
     assert int(tile["month"]) == 1 and int(tile["biome_code"]) == 12
     assert not list((tmp_path / "tiles").rglob("*.partial"))
+    # patches that could not be read make it a partial failure (a cloudy or snowy one is left out by choice)
+    done = subprocess.run([sys.executable, "-m", "data_builders.bigearthnet", "--lmdb", str(lmdb_dir), "--metadata",
+                           str(tmp_path / "meta.parquet"), "--output_dir", str(tmp_path / "again")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "wrote 1 tiles" in done.stdout and "skipped 4" in done.stdout, done.stderr
 
 
 def test_bad_paths_and_metadata(tmp_path, capsys):
@@ -159,6 +166,34 @@ def test_bad_paths_and_metadata(tmp_path, capsys):
                  str(tmp_path / "tiles")])
     assert code == 2 and "absent.parquet does not exist" in capsys.readouterr().err
 
+
+
+@pytest.mark.parametrize("field, value", [("labels", None), ("labels", "Arable land"), ("s1_name", None)])
+def test_metadata_rows_without_labels_or_s1_name_stop_the_ingest_before_any_write(tmp_path, capsys, field, value):
+    lmdb_dir = _tiny_lmdb(tmp_path / "lmdb", {})
+    row = {"patch_id": "S2A_MSIL2A_20180101T100000_0_0", "labels": ["Arable land"], "split": "train",
+           "s1_name": "S1_0"} | {field: value}
+    metadata = _metadata(tmp_path / "meta.parquet", [row])
+    output = tmp_path / "tiles"
+    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(output)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-ingest-bigearthnet: error: --metadata {metadata}: {field!r} of patch {row['patch_id']!r} is "
+        f"{value!r}, " + ("not a list of CORINE label names" if field == "labels" else
+                          "not the name of a Sentinel-1 patch")]
+    assert not output.exists()
+
+
+def test_a_data_mdb_that_is_not_an_lmdb_stops_the_ingest_before_any_write(tmp_path, capsys):
+    fake = tmp_path / "lmdb"
+    fake.mkdir()
+    (fake / "data.mdb").write_bytes(np.random.default_rng(0).bytes(5000))
+    metadata = _metadata(tmp_path / "meta.parquet", [{"patch_id": "S2A_MSIL2A_20180101T100000_0_0",
+                                                      "labels": ["Arable land"], "split": "train", "s1_name": "S1"}])
+    output = tmp_path / "tiles"
+    assert main(["--lmdb", str(fake), "--metadata", str(metadata), "--output_dir", str(output)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"stage2-ingest-bigearthnet: error: --lmdb {fake}: not a readable LMDB environment (")
+    assert not output.exists()
 
 
 BAD_PATCH_IDS = ["../../escaped_S2A_MSIL2A_20180101T100000_0_0", "{tmp}/absolute_S2A_MSIL2A_20180101T100000_0_0",

@@ -144,6 +144,23 @@ def test_stage1_mode(tmp_path):
     assert problems["test_1.npz"] == ("opt_v1", "Stage 1 file missing: every tile needs STAGE1_DIR/<tile_id>.npz")
 
 
+def test_stage1_opt_v1_is_zero_where_the_target_is_invalid(tmp_path):
+    arrays = tile_arrays(s1=False)
+    bands = {key: arrays[key].astype(np.float32) * np.float32(1e-4) for key in BAND_KEYS}
+    bands["s2_b4"][:30, :] = np.nan  # a nodata strip
+    write_tile(tmp_path / "tiles" / "train", "t0", arrays=arrays | bands)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    np.savez(stage1 / "t0.npz", opt_v1=np.full((4, 120, 120), 0.5, np.float32))  # a generator fills nodata too
+
+    ds = build_dataset(tmp_path / "tiles", tmp_path / "out", stage1_dir=stage1)
+    row = ds["train"].with_format("numpy")[0]
+    assert not row["valid_mask"][:30].any() and row["valid_mask"][30:].all()
+    assert (row["opt_v1"][:, :30] == 0).all() and (row["opt_v1"][:, 30:] == 0.5).all()
+    stats = read_build_info(ds)["statistics"]["opt_v1"]["B02"]
+    assert stats["mean"] == pytest.approx(0.5) and stats["min"] == stats["max"] == 0.5
+
+
 def test_argument_errors(tmp_path):
     data = make_tile_dir(tmp_path / "tiles", per_split=1)
     with pytest.raises(ValueError, match="needs stage1_dir"):
@@ -225,6 +242,28 @@ def test_metadata_columns_keep_sidecar_types(tmp_path):
     assert ds["cloud"] == [0.5, 1.0, None]
     assert json.loads(ds[0]["extra"]) == {"k": [1, 2]}
     assert ds["sidecar_month"] == ["June", "July", None] and ds["month"] == [6, 6, 6]
+
+
+def test_sidecar_values_arrow_cannot_type_are_kept_exactly(tmp_path):
+    data = tmp_path / "tiles"
+    big = 10**23  # beyond int64
+    write_tile(data / "train", "a", sidecar={"n": big, "ids": [1, big], "month": "June", "sidecar_month": 4})
+    write_tile(data / "train", "b", sidecar={"n": 7, "ids": [2], "month": "July"})
+    ds = build_dataset(data, tmp_path / "out")["train"]
+    assert ds.features["n"] == ds.features["ids"] == datasets.Value("string")  # JSON text, as nested values
+    assert [json.loads(v) for v in ds["n"]] == [big, 7] and [json.loads(v) for v in ds["ids"]] == [[1, big], [2]]
+    # `month` clashes with the core column, and its prefixed name with another key: neither is lost
+    assert ds["sidecar_sidecar_month"] == ["June", "July"] and ds["sidecar_month"] == [4, None]
+    assert ds["month"] == [6, 6]
+
+
+def test_sidecar_nesting_too_deep_to_read_rejects_the_tile(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    deep = data / "train" / "train_0.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TileError, match="nests too deeply") as caught:
+        build_dataset(data, tmp_path / "out", strict=True)
+    assert caught.value.path == str(deep)
 
 
 def test_s1_column_needs_every_tile(tmp_path):
@@ -593,6 +632,47 @@ def test_build_workers_die_with_a_killed_parent(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_ctrl_c_to_a_build_with_workers_is_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group, workers included: the build says "interrupted", no worker prints a
+    traceback, and no worker is left."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    pids = tmp_path / "worker_pids"
+    pids.mkdir()
+    script = tmp_path / "stuck_workers.py"
+    script.write_text(WORKERS_OF_A_KILLED_BUILD)
+
+    def as_a_terminal_would():  # in the child: its own process group, Ctrl-C not ignored (CI's shell ignores it)
+        os.setpgrp()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = subprocess.Popen([sys.executable, str(script), str(pids), "--data_dir", str(data), "--output_dir",
+                                str(tmp_path / "out"), "--num_proc", "2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_a_terminal_would)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids.iterdir())) < 2:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the two workers never started reading tiles"
+            time.sleep(0.05)
+        workers = [int(p.name) for p in pids.iterdir()]
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) == 128 + signal.SIGINT
+        stderr = process.stderr.read()
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == "interrupted"
+        deadline = time.monotonic() + 3
+        while not all(_process_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_process_gone(pid) for pid in workers)
+        assert not (tmp_path / "out").exists()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 # ----------------------------------------------------------------------------- degradation presets
 def _run_cli(*args):
     return subprocess.run([sys.executable, "-m", "data_builders.build", *map(str, args)],
@@ -647,6 +727,41 @@ def test_cli_degradation_flag(tmp_path):
                         "--degradation_config", overrides)
     assert conflict.returncode == 2 and len(conflict.stderr.strip().splitlines()) == 1
     assert "--degradation_config cannot be combined with --degradation mixture" in conflict.stderr
+
+
+BAD_DEGRADATION_CONFIGS = {
+    '{"noise_std": "a"}': "noise_std must be a finite number, got 'a'",
+    '{"noise_std": null}': "noise_std must be a finite number, got None",
+    '{"noise_std": NaN}': "noise_std must be a finite number, got nan",
+    '{"blur_sigma": 5}': "blur_sigma must be a list of finite numbers, got 5",
+    '{"low_freq_grid": 2.5}': "low_freq_grid must be an integer, got 2.5",
+    '{"noise_std": 0.01,}': "Expecting property name enclosed in double quotes",
+    "[1]": "expected a JSON object of DegradationConfig fields, got list",
+}
+
+
+@pytest.mark.parametrize("text", list(BAD_DEGRADATION_CONFIGS))
+def test_cli_bad_degradation_config_is_one_line_naming_file_and_field(tmp_path, text):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    config = tmp_path / "degradation.json"
+    config.write_text(text)
+    done = _run_cli("--data_dir", data, "--output_dir", tmp_path / "out", "--degradation", "strong",
+                    "--degradation_config", config)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"stage2-build-dataset: error: --degradation_config {config}: ")
+    assert BAD_DEGRADATION_CONFIGS[text] in line
+
+
+def test_cli_output_dir_holding_other_files_is_a_user_error(tmp_path):
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    done = _run_cli("--data_dir", data, "--output_dir", other)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert str(other) in done.stderr and sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+    assert "exit code 2 at the first bad tile" in " ".join(_run_cli("--help").stdout.split())
 
 
 def test_cli_dataset_seed_flag_and_its_deprecated_name(tmp_path, capsys):

@@ -42,6 +42,22 @@ def test_report_names_the_degradation_preset(sample_tiles_dir, tmp_path):
     assert _synthesis_text({"opt_v1": {"mode": "stage1", "stage1_dir": "/s"}}) == ""
 
 
+def test_a_dataset_without_a_train_split_still_reports_its_build_record(sample_tiles_dir, tmp_path):
+    import shutil
+
+    from data_builders import build_dataset
+
+    (tmp_path / "tiles" / "test").mkdir(parents=True)
+    for npz in sorted((sample_tiles_dir / "test").glob("*.npz"))[:2]:  # an evaluation set: test tiles only
+        shutil.copy(npz, tmp_path / "tiles" / "test" / npz.name)
+    build_dataset(tmp_path / "tiles", tmp_path / "ds", seed=3, degradation="strong")
+    report = describe_dataset(tmp_path / "ds")
+    assert f"Source: {tmp_path / 'tiles'} " in report and "; rejected 0\n" in report
+    assert 'Input scale: {"dn": 2}' in report
+    assert "opt_v1: synthetic, seed 3, degradation 'strong' v1\n" in report
+    assert "(test split, first 2 tiles; reflectance)" in report
+
+
 def test_cli_writes_a_png_grid(sample_dataset_dir, tmp_path, capsys):
     from matplotlib.image import imread
 

@@ -194,6 +194,24 @@ def test_corrupt_member_names_the_key(tmp_path):
     assert caught.value.key == "s2_b3"
 
 
+@pytest.mark.parametrize("key", ["month", "s2_b4"])
+def test_a_needed_member_not_saved_as_npy_is_rejected_by_key(tmp_path, key):
+    import zipfile
+
+    good = write_tile(tmp_path, "t")
+    path = tmp_path / "raw.npz"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(path, "w") as archive:
+        for name in source.namelist():
+            if name == f"{key}.npy":  # a member np.load hands back as bytes: no .npy name, no .npy header
+                archive.writestr(key, b"6")
+            else:
+                archive.writestr(name, source.read(name))
+    with pytest.raises(TileError) as caught:
+        read_tile(path)
+    assert caught.value.key == key and "not a .npy array" in caught.value.problem
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_single_npy_saved_as_npz_is_rejected(tmp_path):
     path = tmp_path / "single.npz"
     with open(path, "wb") as handle:
