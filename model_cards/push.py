@@ -22,6 +22,9 @@ from pathlib import Path
 from data_builders.cache import ARROW_MARKER
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
+from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
+from training.trainer import CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS, TRAINER_EXTRA_STATE
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
 
@@ -32,10 +35,11 @@ MODEL_FOLDER_LAYOUTS = (
     ("full model", ("config.json",), ("model.safetensors", "model.safetensors.index.json")),
 )
 # What a trained folder may hold that belongs on the Hub; everything else (optimizer and RNG states,
-# pickles, checkpoints, logs) stays home.
+# the discriminator and the trainer's own state in a checkpoint, pickles, checkpoints, logs) stays home.
 UPLOAD_PATTERNS = ("*.safetensors", "*.json", "README.md", "*.png", "*.jpg", "*.jpeg")
 NEVER_UPLOAD = ("trainer_state.json", "optimizer*", "scheduler*", "rng_state*", "training_args*", "*.bin", "*.pt",
-                "*.pth", "*.pkl", "*.pickle", "*.npy")
+                "*.pth", "*.pkl", "*.pickle", "*.npy", DISCRIMINATOR_CONFIG, DISCRIMINATOR_WEIGHTS, DISC_OPTIMIZER_META,
+                DISC_OPTIMIZER_TENSORS, TRAINER_EXTRA_STATE, CHECKPOINT_COMPLETE_NAME)
 SKIPPED_DIRS = ("checkpoint-*", "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard")
 # ------------------------------------------------------------------------------------ model folders
 def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
@@ -144,38 +148,45 @@ def push_trained_model(
     private before anything is uploaded (and logs it); `private=False` leaves an existing repo's visibility alone.
     Returns the commit URL.
 
-    Raises `CardError` (a `ValueError`) when the folder holds no adapter or full model.
+    Raises `CardError` (a `ValueError`) when the folder holds no adapter or full model, or its card or code cannot
+    be made (e.g. a malformed `metrics.json`): before anything reaches the Hub.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder, layout = find_model_folder(output_dir)
-    files: dict[str, Path | bytes] = dict(files_to_upload(folder))
-    config_bytes = None
-    if include_code:
-        code, config_bytes = remote_code(folder / "config.json")
-        files.update(code)
-    readme = files.get("README.md")
-    if readme is not None and should_regenerate_card(readme.read_text(encoding="utf-8", errors="replace")):
-        del files["README.md"]  # peft's unfilled template or an earlier generated card: generate it for this repo
+    contents = model_repo_contents(folder, repo_id, include_code=include_code, datasets=datasets)
     api = HfApi(endpoint=endpoint, token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    repo_id = repo_url.repo_id
+    if repo_url.repo_id != repo_id:  # NAME became OWNER/NAME: the card names the repo
+        repo_id = repo_url.repo_id
+        contents = model_repo_contents(folder, repo_id, include_code=include_code, datasets=datasets)
     if private:
         _make_private(api, repo_id)
-    operations = []
-    for path_in_repo, path in files.items():
-        content: str | bytes = path if isinstance(path, bytes) else str(path)
-        if config_bytes is not None and path_in_repo == "config.json":
-            content = config_bytes
-        operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))
-    if "README.md" not in files:
-        card = card_for_folder(folder, repo_id=repo_id, has_code=include_code, datasets=datasets)
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+    operations = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content)
+                  for path_in_repo, content in contents.items()]
     commit = api.create_commit(
         repo_id, operations, repo_type="model", revision=revision,
         commit_message=commit_message or f"Upload Stage 2 refiner ({layout}) from {folder.name}",
     )
     return commit.commit_url
+
+
+def model_repo_contents(folder: Path, repo_id: str, *, include_code: bool = False,
+                        datasets: list[str] | str | None = None) -> dict[str, str | bytes]:
+    """`path_in_repo -> local file path or bytes`: what one push of the model folder `folder` commits, with its
+    model card made for `repo_id` (unless the folder holds a hand-written one) and, with `include_code`, the
+    modeling code and the `config.json` naming it. Raises `CardError` when either cannot be made."""
+    files = files_to_upload(folder)
+    contents: dict[str, str | bytes] = {path_in_repo: str(path) for path_in_repo, path in files.items()}
+    if include_code:
+        code, contents["config.json"] = remote_code(folder / "config.json")
+        contents.update(code)
+    readme = files.get("README.md")
+    if readme is None or should_regenerate_card(readme.read_text(encoding="utf-8", errors="replace")):
+        # no card, peft's unfilled template or an earlier generated card: generate it for this repo
+        card = card_for_folder(folder, repo_id=repo_id, has_code=include_code, datasets=datasets)
+        contents["README.md"] = str(card).encode()
+    return contents
 
 
 def push_dataset(
@@ -294,14 +305,19 @@ def _check_before_pushing(args: argparse.Namespace) -> None:
         except HFValidationError:
             raise CardError(f"{name} {repo_id!r} is not a Hub repo id: use OWNER/NAME or NAME (letters, digits, "
                             "'-', '_', '.'; at most 96 characters)") from None
-    find_model_folder(args.output_dir)
+    folder, _ = find_model_folder(args.output_dir)
     if args.dataset is not None:
         _check_saved_dataset(Path(args.dataset))
+    # the card (from metrics.json) and the code as they will be pushed: a dataset pushed first must not be left
+    # beside a model that cannot be
+    datasets = [args.dataset_repo_id or args.repo_id] if args.dataset is not None else None
+    model_repo_contents(folder, args.repo_id, include_code=args.include_code, datasets=datasets)
 
 
 @exit_on_termination
 def main(argv: list[str] | None = None) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     args = build_parser().parse_args(argv)
     try:
@@ -319,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CardError, FileNotFoundError) as err:  # the folder or the dataset is not what was asked for
         print(f"stage2-push: error: {err}", file=sys.stderr)
         return 2
-    except HfHubHTTPError as err:  # the Hub refused or failed (auth, network): nothing or not everything landed
+    except HfHubHTTPError as err:  # the Hub refused or failed (auth, server): nothing or not everything landed
+        print(f"stage2-push: error: {err}", file=sys.stderr)
+        return 1
+    except HTTPError as err:  # no answer at all (connection refused, DNS, timeout)
+        endpoint = args.endpoint or constants.ENDPOINT
+        print(f"stage2-push: error: the Hub at {endpoint} could not be reached ({err})", file=sys.stderr)
+        return 1
+    except OSError as err:  # the system failed (a file unreadable mid-push)
         print(f"stage2-push: error: {err}", file=sys.stderr)
         return 1
     print(f"model pushed: {url}")

@@ -441,6 +441,53 @@ def test_push_checks_the_model_folder_before_pushing_the_dataset(hub_server, tmp
     assert hub_server.repos == {}
 
 
+def test_push_makes_the_card_before_pushing_the_dataset(hub_server, trained, tmp_path, capsys):
+    import shutil
+
+    from model_cards.push import main
+
+    _tiny_dataset_dict(2, 1).save_to_disk(str(tmp_path / "arrow"))
+    folder = tmp_path / "model"
+    shutil.copytree(trained["adapter_dir"], folder)
+    metrics = folder / "metrics.json"
+    metrics.write_text(json.dumps({"refined": {"ndvi_rmse": "x"}}))
+    capsys.readouterr()  # the dataset's save_to_disk progress
+    assert main([str(folder), "both", "--dataset", str(tmp_path / "arrow"), "--endpoint", hub_server.url]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-push: error: {metrics}: refined.ndvi_rmse: expected a number, got 'x'"]
+    assert hub_server.repos == {}  # neither the dataset nor an empty model repo
+
+
+def test_checkpoint_training_state_stays_home(trained, tmp_path):
+    import shutil
+
+    from model_cards.push import files_to_upload
+
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(trained["adapter_dir"], checkpoint)
+    state = ["discriminator.safetensors", "discriminator_config.json", "discriminator_optimizer.safetensors",
+             "discriminator_optimizer.json", "stage2_trainer_state.json", "checkpoint_complete.json",
+             "trainer_state.json", "training_args.json", "scheduler.pt", "rng_state.pth"]
+    for name in state:
+        (checkpoint / name).write_bytes(b"{}")
+    assert set(files_to_upload(checkpoint)) == set(files_to_upload(trained["adapter_dir"]))
+    assert {"adapter_model.safetensors", "config.json", "metrics.json"} <= set(files_to_upload(checkpoint))
+
+
+def test_push_to_a_hub_that_does_not_answer_is_one_line(trained, capsys):
+    import socket
+
+    from model_cards.push import main
+
+    with socket.socket() as unused:  # a port nobody listens on once it is closed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    assert main([str(trained["adapter_dir"]), "nowhere", "--endpoint", endpoint]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"stage2-push: error: the Hub at {endpoint} could not be reached (")
+
+
 def test_push_finds_best_and_regenerates_its_card_for_the_repo(hub_server, trained, tmp_path):
     import shutil
 
