@@ -413,10 +413,8 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
     _check_device(device)
     folder = _local_folder(path, revision)
     device_map = _device_map(device)
-    if (folder / ADAPTER_CONFIG_FILE).is_file():
+    if check_model_folder(folder) == "adapter":
         from peft import PeftModel
-
-        _check_adapter_files(folder)
 
         config = Stage2RefinerConfig.from_pretrained(folder)
         source = _read_base_source(folder)
@@ -426,13 +424,8 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
         model.stage2_base_source = source
         model.stage2_folder = folder  # where its records (RECORD_FILES) are, for export_merged_model
         model.stage2_quantization = quantization
-    elif (folder / "config.json").is_file():
-        model = _from_pretrained(folder, quantization, device_map)
     else:
-        raise FileNotFoundError(
-            f"{folder} holds neither {ADAPTER_CONFIG_FILE} (a save_trained_model folder) nor config.json (a full "
-            "refiner folder)."
-        )
+        model = _from_pretrained(folder, quantization, device_map)
     if quantization == "none" and device is not None:
         model.to(device)
     return model.eval()
@@ -523,7 +516,14 @@ def _clean_config(config: Stage2RefinerConfig) -> Stage2RefinerConfig:
 
 def _check_device(device) -> None:
     """A CUDA device asked for where torch has none is a user error, said before anything loads."""
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if device is None:
+        return
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as error:  # a typo such as "gpu": torch's own message lists the device types
+        raise ValueError(f"device {str(device)!r} is not a torch device ({error}); e.g. 'cpu', 'cuda', "
+                         "'cuda:1'.") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA GPU (a CPU build of torch, or "
                          "no GPU here); pass device='cpu'.")
 
@@ -537,13 +537,14 @@ def _check_json_object(path: Path) -> None:
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected an object.")
 
 
-def _check_safetensors(path: Path) -> None:
-    """The file exists and its header parses (a truncated or overwritten header fails here, named)."""
+def _check_safetensors(path: Path, needed_by: str = f"a trained adapter folder needs it beside {ADAPTER_CONFIG_FILE} "
+                                                  "(written by save_trained_model)") -> None:
+    """The file exists and its header parses, its tensors within the file (a truncated or overwritten file fails
+    here, named)."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; a trained adapter folder needs it beside {ADAPTER_CONFIG_FILE} "
-                                "(written by save_trained_model).")
+        raise FileNotFoundError(f"{path}: missing; {needed_by}.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
@@ -557,6 +558,44 @@ def _check_adapter_files(folder: Path) -> None:
     if (folder / "config.json").is_file():
         _check_json_object(folder / "config.json")
     _check_safetensors(folder / ADAPTER_WEIGHTS_FILE)
+    if (folder / BASE_WEIGHTS_FILE).is_file():
+        _check_safetensors(folder / BASE_WEIGHTS_FILE)
+
+
+def _check_full_model_files(folder: Path) -> None:
+    """A `save_pretrained` refiner folder: its config a JSON object, its weights (one file, or the shards an index
+    names) readable safetensors; a damaged file is named before transformers reads it."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    _check_json_object(folder / "config.json")
+    needed_by = f"a full refiner folder holds config.json + {SAFE_WEIGHTS_NAME} (written by save_pretrained)"
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if (folder / SAFE_WEIGHTS_NAME).is_file() or not index.is_file():
+        _check_safetensors(folder / SAFE_WEIGHTS_NAME, needed_by)
+        return
+    _check_json_object(index)
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files; save or download it again.")
+    for shard in sorted(set(map(str, weight_map.values()))):
+        _check_safetensors(folder / shard, f"{index.name} names it")
+
+
+def check_model_folder(folder: str | Path) -> str:
+    """`"adapter"` for a `save_trained_model` folder, `"full"` for a `save_pretrained` refiner, after checking that
+    the files it loads from are there and readable: `ValueError` (damaged) or `FileNotFoundError` (missing),
+    naming the file, before any of them is loaded."""
+    folder = Path(folder)
+    if (folder / ADAPTER_CONFIG_FILE).is_file():
+        _check_adapter_files(folder)
+        return "adapter"
+    if (folder / "config.json").is_file():
+        _check_full_model_files(folder)
+        return "full"
+    raise FileNotFoundError(
+        f"{folder} holds neither {ADAPTER_CONFIG_FILE} (a save_trained_model folder) nor config.json (a full "
+        "refiner folder)."
+    )
 
 
 def _local_folder(path: str | Path, revision: str | None = None) -> Path:
@@ -583,6 +622,7 @@ __all__ = [
     "FITTED_MODULES",
     "TRAINABLE_MODULES",
     "build_trainable_model",
+    "check_model_folder",
     "export_merged_model",
     "format_trainable_summary",
     "disable_cpu_4bit_repacking",

@@ -647,7 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             model, info = merged_refiner(args.model)
         except (OSError, ValueError) as error:  # missing or corrupt weights, a foreign config, no such Hub repo
-            raise ExportError(f"MODEL {args.model}: could not be loaded ({type(error).__name__}: {error})") from error
+            reason = " ".join(str(error).split())  # the Hub's errors span lines; the message is one
+            raise ExportError(f"MODEL {args.model}: could not be loaded ({type(error).__name__}: {reason})") from error
         result = export_refiner(
             model, args.output, format=args.format, opset=args.opset, dtype=args.dtype, check=not args.no_check,
             source_info=info,

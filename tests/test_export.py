@@ -368,6 +368,10 @@ def test_cli_user_errors_in_process(tmp_path, trained, exported, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{}")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(trained["none"], truncated)
+    base = truncated / "base_model.safetensors"
+    base.write_bytes(base.read_bytes()[: base.stat().st_size // 2])  # the header intact, the tensors cut
     cases = [
         ((trained["none"], tmp_path / "o1", "--opset", "12"), "--opset"),
         ((trained["none"], tmp_path / "o2", "--format", "torch_export", "--opset", "18"), "--opset"),
@@ -376,13 +380,15 @@ def test_cli_user_errors_in_process(tmp_path, trained, exported, capsys):
         ((model_file, tmp_path / "o4"), str(model_file)),
         ((foreign, tmp_path / "o5"), "neither config.json"),
         ((broken, tmp_path / "o7"), "could not be loaded"),
+        ((truncated, tmp_path / "o8"), "truncated/base_model.safetensors: not a readable safetensors file"),
+        (("nobody-here/no-such-model", tmp_path / "o9"), "could not be loaded"),
     ]
     for args, needle in cases:
         assert export_main([str(arg) for arg in args]) == 2, args
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert (foreign / "notes.txt").read_text() == "keep me"
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o7"))
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o7", "o8", "o9"))
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(trained["none"]), str(tmp_path / "o6"), "--format", "tflite"])
     assert exit_info.value.code == 2 and "--format" in capsys.readouterr().err

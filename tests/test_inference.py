@@ -1245,9 +1245,16 @@ def test_cli_missing_model_files_exit_2_and_leave_no_output(
     not_a_model = tmp_path / "empty_model"
     not_a_model.mkdir()
     damaged = {}
-    for name in ("no_weights", "truncated_weights", "bad_adapter_config"):
+    for name in ("no_weights", "truncated_weights", "bad_adapter_config", "truncated_base"):
         damaged[name] = tmp_path / name
         shutil.copytree(adapter_model_dir, damaged[name])
+    for name in ("truncated_full", "list_config"):
+        damaged[name] = tmp_path / name
+        shutil.copytree(full_model_dir, damaged[name])
+    for weights in (damaged["truncated_full"] / "model.safetensors",
+                    damaged["truncated_base"] / "base_model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the header intact, the data cut
+    (damaged["list_config"] / "config.json").write_text("[]")
     (damaged["no_weights"] / "adapter_model.safetensors").unlink()  # peft would take the path for a Hub repo id
     weights = damaged["truncated_weights"] / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5])
@@ -1259,6 +1266,9 @@ def test_cli_missing_model_files_exit_2_and_leave_no_output(
         (damaged["no_weights"], "no_weights/adapter_model.safetensors: missing"),
         (damaged["truncated_weights"], "truncated_weights/adapter_model.safetensors: not a readable safetensors"),
         (damaged["bad_adapter_config"], "bad_adapter_config/adapter_config.json: not valid JSON"),
+        (damaged["truncated_full"], "truncated_full/model.safetensors: not a readable safetensors file"),
+        (damaged["truncated_base"], "truncated_base/base_model.safetensors: not a readable safetensors file"),
+        (damaged["list_config"], "list_config/config.json: holds a JSON list, expected an object"),
         (not_a_model, "has neither config.json"),
         (full_model_dir / "config.json", "config.json: is a file"),
     ):
@@ -1283,6 +1293,17 @@ def test_cuda_device_without_cuda_is_a_clear_error(full_model_dir, adapter_model
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "no CUDA GPU" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_device_torch_does_not_know_is_a_clear_error(full_model_dir, few_tiles, tmp_path, capsys):
+    from inference_stage2 import InferenceInputError, load_model
+
+    with pytest.raises(InferenceInputError, match="device 'gpu' is not a torch device .*e.g. 'cpu', 'cuda'"):
+        load_model(full_model_dir, device="gpu")
+    assert main(["--model", str(full_model_dir), "--input", str(few_tiles), "--output_dir", str(tmp_path / "out"),
+                 "--device", "gpu", "--no_progress"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "device 'gpu' is not a torch device" in line and not (tmp_path / "out").exists()
 
 
 def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):

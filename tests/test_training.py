@@ -474,6 +474,26 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     assert "paired tile bootstrap" not in capsys.readouterr().out
 
 
+def test_evaluate_names_a_damaged_model_before_converting_the_data(sample_tiles_dir, tmp_path, capsys, monkeypatch):
+    import training.evaluate as evaluate_module
+    from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
+
+    folder = tmp_path / "model"
+    Stage2RefinerModel(Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", head_width=16,
+                                           num_convnext_blocks=1)).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+
+    def no_data_work(*args, **kwargs):
+        raise AssertionError("the data were converted before the model was checked")
+
+    monkeypatch.setattr(evaluate_module, "load_dataset_dict", no_data_work)
+    assert evaluate_module.main(["--model", str(folder), "--data", str(sample_tiles_dir), "--split", "val"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"stage2-evaluate: error: {weights}: not a readable safetensors file (")
+
+
 def test_resume_from_an_explicit_corrupt_checkpoint_is_a_usage_error(tmp_path):
     from types import SimpleNamespace
 

@@ -263,6 +263,49 @@ def test_model_config_json_type_error_names_file_and_key(tmp_path, tiny_config, 
     _assert_one_line(_error_lines(capsys), f"{folder / 'config.json'}: head_width must be a positive integer")
 
 
+def test_start_model_must_be_a_readable_full_refiner(tmp_path, tiny_config, sample_dataset_dir, capsys):
+    import torch
+
+    from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
+    from modeling_stage2.adapters import build_trainable_model, save_trained_model
+
+    torch.manual_seed(0)
+    config = Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", head_width=16, num_convnext_blocks=1)
+    adapter = save_trained_model(build_trainable_model(config, quantization="none", print_summary=False),
+                                 tmp_path / "best")
+    full = tmp_path / "full"
+    Stage2RefinerModel(config).save_pretrained(full)
+    weights = full / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()  # save_pretrained's progress bar
+    out = tmp_path / "out"
+    for folder, fragments in (
+            (adapter, [f"--model_name_or_path {adapter}: a trained adapter", "export_merged_model"]),
+            (full, [f"--model_name_or_path {weights}: not a readable safetensors file"])):
+        argv = ["--config", str(tiny_config), "--model_name_or_path", str(folder), "--data_dir",
+                str(sample_dataset_dir), "--output_dir", str(out)]
+        assert launch_main(argv) == 2
+        _assert_one_line(_error_lines(capsys), *fragments)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["eval_nonsense", "refined_ndvi", "eval_linear_fit_sam"])
+def test_metric_for_best_model_must_be_an_evaluation_metric(name, tmp_path, tiny_config, sample_dataset_dir, capsys):
+    argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",
+            str(tmp_path / "out"), "--metric_for_best_model", name]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), "metric_for_best_model must be one of the evaluation's metrics",
+                     "eval_loss, eval_refined_ndvi_rmse", f"got {name!r}")
+    assert not (tmp_path / "out").exists()
+    for good in ("loss", "eval_loss", "refined_psnr", "eval_opt_v1_sam"):
+        args, _, _ = parse_args(["--config", str(tiny_config), "--output_dir", str(tmp_path / "o"),
+                                 "--metric_for_best_model", good])
+        assert args.metric_for_best_model == good
+    assert args.greater_is_better is False and parse_args(
+        ["--config", str(tiny_config), "--output_dir", str(tmp_path / "o"), "--metric_for_best_model",
+         "refined_psnr"])[0].greater_is_better is True
+
+
 # ----------------------------------------------------------------------------------------------- output folder
 @pytest.fixture
 def tiles_without_validation(tmp_path) -> Path:

@@ -63,6 +63,18 @@ _TRAINER_RANGES = (
 )
 
 
+EVAL_METRIC_GROUPS = ("refined", "opt_v1")
+"""Whose metrics an evaluation logs, as `eval_<group>_<metric>` (`training.metrics.METRIC_NAMES`), beside
+`eval_loss`."""
+
+
+def evaluation_metric_names() -> tuple[str, ...]:
+    """The names `metric_for_best_model` can take: what an evaluation logs, with its `eval_` prefix."""
+    from .metrics import METRIC_NAMES
+
+    return ("eval_loss", *(f"eval_{group}_{name}" for group in EVAL_METRIC_GROUPS for name in METRIC_NAMES))
+
+
 def greater_is_better(metric: str) -> bool:
     """Whether a larger `metric_for_best_model` is better: the metrics' own rule (`training.metrics.HIGHER_IS_BETTER`:
     PSNR and SSIM) for `[eval_][refined_]<metric>`; losses and every other name are smaller-is-better."""
@@ -344,6 +356,11 @@ class Stage2TrainingArguments(TrainingArguments):
             self.eval_strategy, self.eval_steps = "steps", 1
         if self.save_every_epochs is not None:
             self.save_strategy, self.save_steps = "steps", 1
+        known = evaluation_metric_names()
+        if self.metric_for_best_model is not None and f"eval_{self.metric_for_best_model.removeprefix('eval_')}" \
+                not in known:
+            raise ValueError(f"metric_for_best_model must be one of the evaluation's metrics ({', '.join(known)}), "
+                             f"with or without eval_; got {self.metric_for_best_model!r}.")
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = greater_is_better(self.metric_for_best_model)
         if self.gradient_checkpointing or self.activation_checkpointing:

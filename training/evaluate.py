@@ -207,10 +207,13 @@ def run(args) -> dict:
 def _run(args, cache_dir) -> dict:
     from data_builders.build import recorded_opt_v1
     from modeling_stage2 import load_trained_model
+    from modeling_stage2.adapters import check_model_folder
 
     from training.bootstrap import format_bootstrap_table
     from training.metrics import baseline_labels, format_metrics_table
 
+    if Path(args.model).expanduser().is_dir():  # a damaged model is named before the data are converted
+        check_model_folder(Path(args.model).expanduser())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset_dict = load_dataset_dict(args.data, args.stage1_dir, args.input_mode, args.dataset_seed, cache_dir,
                                      args.degradation)

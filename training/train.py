@@ -390,7 +390,8 @@ def _check_resume(training_args, complete: bool) -> None:
 
 
 def _check_start_model(training_args) -> None:
-    """A local `--model_name_or_path` folder holds a valid refiner `config.json`."""
+    """A local `--model_name_or_path` folder holds a full refiner (`save_pretrained`): a valid `config.json` and
+    readable weights. A trained adapter folder (a run's `best/`) is refused with what to do instead."""
     name = training_args.model_name_or_path
     if name is None or not Path(name).is_dir():
         return  # a Hub repo: checked when it is downloaded
@@ -399,11 +400,23 @@ def _check_start_model(training_args) -> None:
         raise MissingInputError(f"--model_name_or_path {name}: no config.json there (a saved Stage2RefinerModel "
                                 f"folder has one).")
     from modeling_stage2 import Stage2RefinerConfig
+    from modeling_stage2.adapters import check_model_folder
 
     try:
         Stage2RefinerConfig.from_pretrained(name)
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise UsageError(f"{config_file}: {' '.join(str(error).split())}") from None
+    try:
+        kind = check_model_folder(name)
+    except FileNotFoundError as error:
+        raise MissingInputError(f"--model_name_or_path {error}") from None
+    except ValueError as error:
+        raise UsageError(f"--model_name_or_path {error}") from None
+    if kind == "adapter":
+        raise UsageError(
+            f"--model_name_or_path {name}: a trained adapter (LoRA + trained modules, as in a run's best/), not a "
+            "full refiner. To go on with that run, --resume one of its checkpoints; to start a new run from it, "
+            "merge it first: export_merged_model(load_trained_model(DIR), OUT), then --model_name_or_path OUT.")
 
 
 def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) -> None:

@@ -43,7 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from modeling_stage2._files import write_json
 from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE, METRICS_FILE, PREVIEW_FILE, TRAINING_CONFIG_FILE
 
-from .args import Stage2TrainingArguments, num_update_steps_per_epoch
+from .args import EVAL_METRIC_GROUPS, Stage2TrainingArguments, num_update_steps_per_epoch
 from .warm_start import FITTED_MODULE_RECORDS, start_fitted_modules
 from .callbacks import EpochLoggingCallback, JsonlLoggerCallback, Stage2TensorBoardCallback, write_png, render_preview
 
@@ -545,7 +545,7 @@ class Stage2Trainer(Trainer):
         self.last_eval_results = results
         self.eval_preview = {name: np.concatenate(parts) for name, parts in preview.items()}
         metrics = {f"{metric_key_prefix}_loss": loss_sum / tiles, f"{metric_key_prefix}_n_tiles": tiles}
-        for group in ("refined", "opt_v1"):
+        for group in EVAL_METRIC_GROUPS:
             for name, value in results[group].items():
                 metrics[f"{metric_key_prefix}_{group}_{name}"] = float(value)
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=tiles)
