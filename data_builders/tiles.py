@@ -23,7 +23,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -396,10 +396,7 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
     """(target float32 (4, H, W) with invalid pixels zeroed, valid_mask (H, W), input_scale `"dn"` or
     `"reflectance"`)."""
     bands = [_require(path, arrays, key) for key in BAND_KEYS]
-    kinds = {_numeric_kind(path, key, band) for key, band in zip(BAND_KEYS, bands)}
-    if len(kinds) > 1:
-        dtypes = ", ".join(f"{key}={band.dtype}" for key, band in zip(BAND_KEYS, bands))
-        raise TileError(path, None, f"bands mix integer and float dtypes ({dtypes}); store all four the same way")
+    kind = band_kind(path, bands)
     first_shape = bands[0].shape
     for key, band in zip(BAND_KEYS, bands):
         if band.ndim != 2:
@@ -408,16 +405,34 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
             raise TileError(path, key, f"shape {band.shape} does not match {BAND_KEYS[0]} {first_shape}")
         _check_shape(path, key, band, (tile_size, tile_size))
 
-    if kinds == {"int"}:
+    if kind == "int":
         target = np.empty((len(bands), *first_shape), dtype=np.float32)
         for band, out in zip(bands, target):
             dn_to_reflectance(band, out=out)
         if any(band.dtype.kind == "i" for band in bands):  # unsigned digital numbers cannot be negative
-            _check_reflectance_floor(path, target)
+            check_reflectance_floor(path, target)
         return target, np.ones(first_shape, dtype=bool), "dn"
 
     target = np.stack(bands).astype(np.float32)
-    finite = np.isfinite(target)
+    valid_mask = valid_pixels(path, target)
+    _refuse_float_digital_numbers(path, None, target)
+    check_reflectance_floor(path, target)
+    return target, valid_mask, "reflectance"
+
+
+def band_kind(path: Path, bands: Sequence[np.ndarray]) -> str:
+    """`"int"` or `"float"`: the kind all four bands share (a tile mixing them is refused)."""
+    kinds = {_numeric_kind(path, key, band) for key, band in zip(BAND_KEYS, bands)}
+    if len(kinds) > 1:
+        dtypes = ", ".join(f"{key}={band.dtype}" for key, band in zip(BAND_KEYS, bands))
+        raise TileError(path, None, f"bands mix integer and float dtypes ({dtypes}); store all four the same way")
+    return kinds.pop()
+
+
+def valid_pixels(path: Path, reflectance: np.ndarray) -> np.ndarray:
+    """The (H, W) mask of pixels whose four bands are finite; those that are not are set to 0 in place. A band
+    finite nowhere, or no pixel valid, is refused."""
+    finite = np.isfinite(reflectance)
     for key, band_finite in zip(BAND_KEYS, finite):
         if not band_finite.any():
             raise TileError(path, key, "band is entirely NaN/Inf")
@@ -425,10 +440,8 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
     if not valid_mask.any():
         raise TileError(path, None, "no pixel has all four bands finite")
     if not valid_mask.all():
-        target[:, ~valid_mask] = 0.0
-    _refuse_float_digital_numbers(path, None, target)
-    _check_reflectance_floor(path, target)
-    return target, valid_mask, "reflectance"
+        reflectance[:, ~valid_mask] = 0.0
+    return valid_mask
 
 
 def _refuse_float_digital_numbers(path: Path, key: str | None, reflectance: np.ndarray) -> None:
@@ -441,7 +454,7 @@ def _refuse_float_digital_numbers(path: Path, key: str | None, reflectance: np.n
         )
 
 
-def _check_reflectance_floor(path: Path, target: np.ndarray) -> None:
+def check_reflectance_floor(path: Path, target: np.ndarray) -> None:
     """Reject a band reaching below `REFLECTANCE_MIN` (invalid pixels are already 0)."""
     lowest = target.reshape(len(target), -1).min(axis=1)
     band = int(np.argmin(lowest))

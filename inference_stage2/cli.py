@@ -15,7 +15,7 @@ from modeling_stage2.vocabulary import DECLARED_SCALE, one_line_warnings
 
 from .loading import load_model
 from .raster import SceneSource
-from .scenes import SceneRefinementResult, refine_scene
+from .scenes import SceneRefinementResult, refine_scene, scene_output_settings
 from .tiles import TileRefinementSummary, is_npz, refine_tiles, tile_inputs
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError,
@@ -115,8 +115,9 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
         raise InferenceInputError(
             f"need --window >= 1 and 0 <= --overlap < --window, got {args.window}, {args.overlap}"
         )
-    with SceneSource(inputs) as source:  # band count, CRS, grid, values' scale: checked before the model is loaded
-        source.resolve_input_scale(args.input_scale)
+    outputs = [Path(path) if path is not None else None for path in (args.output, args.out_of_range_output)]
+    with SceneSource(inputs) as source:  # band count, CRS, grid, scales, nodata: checked before the model is loaded
+        scene_output_settings(source, args.input_scale, args.output_scale, outputs, warn=False)
     return "scene"
 
 

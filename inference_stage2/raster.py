@@ -186,7 +186,12 @@ class SceneSource:
 
         col, row = self.width // 2, self.height // 2
         xs, ys = xy(self.transform, [row, row, row + 1], [col, col + 1, col], offset="ul")
-        lons, lats = transform(self.crs, "EPSG:4326", xs, ys)
+        try:
+            lons, lats = transform(self.crs, "EPSG:4326", xs, ys)
+        except Exception as error:  # GDAL's CPLE_* errors (a local or engineering CRS): no public base class
+            raise InferenceInputError(
+                f"{self.paths[0]}: its CRS cannot be taken to longitude and latitude ({' '.join(str(error).split())}); "
+                "give the scene in a geographic or projected CRS (e.g. its UTM zone)") from None
         return (ground_distance_m(lons[0], lats[0], lons[1], lats[1]),
                 ground_distance_m(lons[0], lats[0], lons[2], lats[2]))
 
@@ -253,13 +258,19 @@ class SceneSource:
 
     def read_rows(self, row: int, count: int) -> np.ndarray:
         """Bands (4, count, width) of rows [row, row + count), in the file's dtype (a windowed read)."""
+        from rasterio.errors import RasterioIOError
         from rasterio.windows import Window
 
         window = Window(0, row, self.width, count)
         self.max_rows_read = max(self.max_rows_read, count)
-        if len(self.datasets) == 1:
-            return self.datasets[0].read([index + 1 for index in self.band_order], window=window)
-        return np.stack([dataset.read(1, window=window) for dataset in self.datasets])
+        try:
+            if len(self.datasets) == 1:
+                return self.datasets[0].read([index + 1 for index in self.band_order], window=window)
+            return np.stack([dataset.read(1, window=window) for dataset in self.datasets])
+        except RasterioIOError as error:  # the header opened; the pixels show a damaged or truncated file
+            files = ", ".join(map(str, self.input_paths))
+            raise InferenceInputError(f"{files}: rows {row}..{row + count - 1} cannot be read, the file is damaged or "
+                                      f"truncated ({' '.join(str(error).split())})") from None
 
     def valid_mask(self, values: np.ndarray) -> np.ndarray:
         """(rows, width) True where every band is finite and differs from its nodata value."""
@@ -291,14 +302,14 @@ def output_dtype(source: SceneSource, output_scale: str) -> np.dtype:
 
 
 def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
-    """The output's nodata value: the input's; for a digital-number output of an input that declares none, 0 (an
-    integer has no NaN to mark the input's non-finite pixels with)."""
+    """The output's nodata value: the input's; for a digital-number output of an input that declares none, or
+    declares NaN (the same: its non-finite pixels are nodata), 0 (an integer has no NaN to mark them with)."""
     if dtype.kind == "f":
         return nodata
-    if nodata is None:
+    if nodata is None or math.isnan(nodata):
         return 0
     info = np.iinfo(dtype)
-    if math.isnan(nodata) or not info.min <= nodata <= info.max or nodata != int(nodata):
+    if not info.min <= nodata <= info.max or nodata != int(nodata):
         raise InferenceInputError(
             f"input nodata value {nodata} cannot be stored in the {dtype} digital-number output; "
             "use output_scale='reflectance' (float32)"

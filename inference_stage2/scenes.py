@@ -153,14 +153,8 @@ def refine_scene(
     rasterio = require_rasterio()
 
     with SceneSource(input_path_or_paths) as source:
-        for path in (output_path, weight_path):
-            if path is not None and any(path.resolve() == source_path.resolve() for source_path in source.paths):
-                raise InferenceInputError(f"output {path} is an input file; refusing to overwrite it")
-        scale = source.resolve_input_scale(input_scale)
-        source.warn_unless_10_m()
-        dtype = output_dtype(source, output_scale)
-        nodata = output_nodata(source.nodata, dtype)
-        scaling = output_scaling(source, scale, dtype)
+        scale, dtype, nodata, scaling = scene_output_settings(source, input_scale, output_scale,
+                                                              (output_path, weight_path))
         output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(output_path)
         weight_partial = None
@@ -215,6 +209,25 @@ def refine_scene(
             seconds=time.perf_counter() - start,
             pixel_size_m=source.pixel_size_m,
         )
+
+
+def scene_output_settings(source: SceneSource, input_scale: str, output_scale: str,
+                          outputs: Sequence[Path | None], *, warn: bool = True) -> tuple[str, np.dtype, Any, Any]:
+    """`(input scale, output dtype, output nodata, output scale and offset)` of refining `source` into `outputs`
+    (the scene and the optional weight GeoTIFF), or the `InferenceInputError` that stops it: an output that is an
+    input, a scale that contradicts the declared one, a CRS that does not map to the ground, a nodata value the
+    output cannot hold. `stage2-refine` asks before loading the model (`warn=False`: the pixel-size warning comes
+    once, with the run)."""
+    for path in outputs:
+        if path is not None and any(Path(path).resolve() == source_path.resolve() for source_path in source.paths):
+            raise InferenceInputError(f"output {path} is an input file; refusing to overwrite it")
+    scale = source.resolve_input_scale(input_scale)
+    if warn:
+        source.warn_unless_10_m()
+    else:
+        source.pixel_size_m  # the CRS maps to the ground
+    dtype = output_dtype(source, output_scale)
+    return scale, dtype, output_nodata(source.nodata, dtype), output_scaling(source, scale, dtype)
 
 
 def _refine_strips(

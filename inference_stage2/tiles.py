@@ -13,7 +13,17 @@ import numpy as np
 import torch
 
 from data_builders.tiles import BAND_KEYS as TILE_BAND_KEYS
-from data_builders.tiles import PICKLED_ARRAY, TILE_SIZE, TileError, load_npz, read_bands, read_stage1
+from data_builders.tiles import (
+    PICKLED_ARRAY,
+    TILE_SIZE,
+    TileError,
+    band_kind,
+    check_reflectance_floor,
+    load_npz,
+    read_bands,
+    read_stage1,
+    valid_pixels,
+)
 from modeling_stage2._files import atomic_file, output_path_problem, write_json
 from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
@@ -119,8 +129,17 @@ def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> 
                 f"{path}: key {key!r} has shape {band.shape}, expected ({TILE_SIZE}, {TILE_SIZE}); "
                 "refine larger images as a GeoTIFF scene"
             )
-        bands.append(to_reflectance(band, input_scale, f"{path}: key {key!r}"))
-    return np.stack(bands)
+        bands.append(band)
+    try:  # the scale is the flag's; every other check is the data builders'
+        band_kind(path, bands)
+        reflectance = np.stack([to_reflectance(band, input_scale, f"{path}: key {key!r}")
+                                for key, band in zip(TILE_BAND_KEYS, bands)])
+        valid = valid_pixels(path, reflectance)
+        check_reflectance_floor(path, reflectance)
+    except TileError as error:
+        raise InferenceInputError(str(error)) from None
+    reflectance[:, ~valid] = np.nan
+    return reflectance
 
 
 def _tile_metadata(arrays: dict[str, np.ndarray], path: Path, limits: tuple[int, int]) -> tuple[int, int]:
@@ -130,8 +149,15 @@ def _tile_metadata(arrays: dict[str, np.ndarray], path: Path, limits: tuple[int,
         warn_deprecated("the NPZ tile key 'biome'", f"{BIOME_NPZ_KEY!r} (the tile format's key for the biome code)")
         key = "biome"
     biome = arrays.get(key, UNKNOWN_METADATA)
-    return (check_month(month, f"{path}: key 'month'", limits[0]),
-            check_biome(biome, f"{path}: key {key!r}", limits[1]))
+    return (check_month(_stored_number(month), f"{path}: key 'month'", limits[0]),
+            check_biome(_stored_number(biome), f"{path}: key {key!r}", limits[1]))
+
+
+def _stored_number(value):
+    """A tile's month or biome code as the data builders read it (`read_scalar`): a one-element array of any shape,
+    `(1,)` included, is its number."""
+    array = np.asarray(value)
+    return array.reshape(()) if array.size == 1 else array
 
 
 def _stage1_path(stage1_dir: Path, relative: Path) -> Path:

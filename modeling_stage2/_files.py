@@ -127,9 +127,22 @@ def output_path_problem(path: str | os.PathLike, *, folder: bool = False) -> str
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         return "is a file; give a folder path" if folder else "is a folder; give a file path"
-    for parent in path.parents:  # the nearest one that exists must be a folder
+    if path.is_dir():
+        return _unwritable(path)
+    for parent in path.parents:  # the nearest one that exists must be a folder we may write in
         if parent.exists():
-            return None if parent.is_dir() else f"{parent} is a file, so nothing can be written under it"
+            return _unwritable(parent) if parent.is_dir() else f"{parent} is a file, so nothing can be written under it"
+    return None
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in `folder` (permissions, a read-only file system), found by trying: the rights
+    alone do not say it (root, ACLs, read-only mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"nothing can be written in {folder} ({error.strerror or error})"
     return None
 
 

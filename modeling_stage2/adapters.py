@@ -29,7 +29,7 @@ from torch import nn
 
 from ._files import staged_folder
 from .hub import download_model_folder, is_hub_repo_id
-from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, resolve_lora_targets
+from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name, resolve_lora_targets
 from .modeling_stage2 import Stage2RefinerModel
 from .vocabulary import QUANTIZATIONS
 
@@ -267,7 +267,7 @@ def build_trainable_model(
             raise ValueError("Pass either `config` (a fresh refiner) or `model_name_or_path` (a saved one), not both.")
         config = Stage2RefinerConfig.from_pretrained(model_name_or_path)
         base = _from_pretrained(model_name_or_path, quantization, None, config=config)
-        source = _BaseSource("model", model_name_or_path=str(model_name_or_path))
+        source = _BaseSource("model", model_name_or_path=local_source_or_name(model_name_or_path))
     else:
         config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
         base, source = _build_fresh_base(config, quantization)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 from typing import Any
@@ -112,6 +113,20 @@ def _positive_float(name: str, value, fix: str = "", allow_zero: bool = False) -
     return float(value)
 
 
+class CheckedOverridesMixin:
+    """`from_dict(d, **kwargs)` (and so `from_pretrained(path, head_width=64)`, the model's too) with the overrides
+    that name an `__init__` argument passed to `__init__`, so they go through its checks: transformers sets
+    overrides with `setattr` after `__init__`, past every one of them."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        arguments = inspect.signature(cls.__init__).parameters
+        own = {name: kwargs.pop(name) for name in list(kwargs)
+               if name in arguments and arguments[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+               and name != "self"}
+        return super().from_dict({**config_dict, **own}, **kwargs)
+
+
 def _normalise_patch_size(patch_size) -> list[int]:
     fix = "Give an int p (meaning (1, p, p)) or three positive ints (t, h, w), e.g. patch_size=(1, 14, 14)."
     if isinstance(patch_size, numbers.Real):
@@ -133,7 +148,7 @@ def _normalise_img_size(img_size) -> int | list[int]:
 
 
 @strict
-class PrithviConfig(PretrainedConfig):
+class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
     r"""
     Configuration of a Prithvi-EO-2.0 encoder ([`PrithviEncoder`]). The defaults are those of the released
     Prithvi-EO-2.0-600M; [`PrithviConfig.from_preset`] builds the other released sizes and a tiny test model.

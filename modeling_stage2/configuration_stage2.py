@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import math
 import operator
+from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
-from .configuration_prithvi import PrithviConfig, canonical_band_name
+from .configuration_prithvi import CheckedOverridesMixin, PrithviConfig, canonical_band_name
 
 DEFAULT_BACKBONE_PRESET = "prithvi_eo_v2_600m"
 
@@ -38,7 +40,7 @@ NEAR_BLACK_BANDS: tuple[str, ...] = ("B04", "B08")
 NEAR_BLACK_KEEPS: tuple[str, ...] = ("pixel", "ndvi")
 
 
-class Stage2RefinerConfig(PretrainedConfig):
+class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
     r"""
     Configuration of a [`Stage2RefinerModel`]: the Stage 2 refiner that turns the synthetic Sentinel-2 image `opt_v1`
     into a refined one. The month and biome of the tile are embedded, projected to `metadata_channels` maps, fused
@@ -59,8 +61,9 @@ class Stage2RefinerConfig(PretrainedConfig):
             (`Stage2RefinerModel.load_backbone_weights`, `build_trainable_model`): a Hub repo id
             (`"ibm-nasa-geospatial/Prithvi-EO-2.0-600M"`, optionally `"OWNER/REPO/FILE.pt"`), an official
             `Prithvi_EO_V2_*.pt` file (local or `hf://OWNER/REPO/FILE.pt`), or a folder written by
-            `stage2-convert-prithvi`. `None` keeps the random initialisation (tests, demos). `from_pretrained` of a
-            saved refiner never reads it: the saved weights are used.
+            `stage2-convert-prithvi`. `None` keeps the random initialisation (tests, demos). An existing local path
+            is kept as its absolute path, so a saved config names the same weights wherever it is loaded.
+            `from_pretrained` of a saved refiner never reads it: the saved weights are used.
         bands (`tuple[str]`, *optional*, defaults to `("B02", "B03", "B04", "B08")`):
             Names of the input (and output) channels of `opt_v1`, reflectance 0..1. Each must map to the backbone
             band at the same position (B08, the broad NIR band, takes Prithvi's narrow-NIR weights by design).
@@ -230,7 +233,7 @@ class Stage2RefinerConfig(PretrainedConfig):
     ):
         self.bands = _resolve_bands(bands)
         self.backbone_config = _resolve_backbone_config(backbone_config, self.bands)
-        self.backbone_weights = None if backbone_weights is None else str(backbone_weights)
+        self.backbone_weights = local_source_or_name(backbone_weights)
         self.num_months = _positive_int(num_months, "num_months")
         self.num_biomes = _positive_int(num_biomes, "num_biomes")
         self.metadata_embed_dim = _positive_int(metadata_embed_dim, "metadata_embed_dim")
@@ -249,6 +252,9 @@ class Stage2RefinerConfig(PretrainedConfig):
         self.lora_target_modules = resolve_lora_targets(lora_target_modules)
         self.unfreeze_last_n_blocks = _resolve_last_n_blocks(unfreeze_last_n_blocks, self.backbone_config.depth)
         self.initializer_range = _real(initializer_range, "initializer_range")
+        if self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be >= 0 (the std of the initial weights), got "
+                             f"{initializer_range!r}.")
         if spectral_correction not in SPECTRAL_CORRECTIONS:
             raise ValueError(
                 f"spectral_correction must be one of {SPECTRAL_CORRECTIONS}, got {spectral_correction!r}: \"affine\" "
@@ -343,6 +349,16 @@ class Stage2RefinerConfig(PretrainedConfig):
         return list(range(first, depth))
 
 
+def local_source_or_name(source) -> str | None:
+    """Where weights come from, as a saved config or record keeps it: an existing local file or folder as its absolute
+    path (a relative one would name another place, or nothing, wherever the folder is loaded next), anything else
+    (a Hub id, an `hf://` URL) as given."""
+    if source is None:
+        return None
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
 def _int_at_least(value, minimum: int, requirement: str, name: str) -> int:
     """`value` as an int >= `minimum`; anything else (a bool, a fraction, a string, ...) is a ValueError naming
     `name` and saying `requirement`."""
@@ -366,13 +382,16 @@ def _nonnegative_int(value, name: str) -> int:
 
 
 def _real(value, name: str) -> float:
-    """`value` as a float; a value that is not a number is a ValueError naming `name`."""
+    """`value` as a finite float; anything else (not a number, NaN, infinity) is a ValueError naming `name`."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    return number
 
 
 def _fraction(value, name: str) -> float:

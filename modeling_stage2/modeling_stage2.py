@@ -41,6 +41,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -725,6 +726,9 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
                 f"opt_v1 must be a (batch, {bands}, height, width) tensor with the bands {tuple(self.config.bands)}, "
                 f"got {shape}."
             )
+        if opt_v1.numel() == 0:  # every runtime (eager, torch.export, ONNX) fails, or not, its own way on it
+            raise ValueError(f"opt_v1 is empty, shape {tuple(opt_v1.shape)}: give at least one tile of at least one "
+                             "pixel.")
         if not opt_v1.is_floating_point():
             raise TypeError(f"opt_v1 must hold float reflectance (0..1), got dtype {opt_v1.dtype}.")
         if not torch.isfinite(opt_v1).all():
@@ -861,26 +865,39 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
 def load_pretrained_encoder(source: str | Path, backbone_config: PrithviConfig) -> PrithviEncoder:
     """A pretrained `PrithviEncoder` with the bands of `backbone_config`, from a converted folder, an official
     checkpoint file (`.pt`, local or `hf://`), or a Hub repo id (`OWNER/REPO` or `OWNER/REPO/FILE.pt`)."""
-    from .convert_prithvi import HUB_PREFIX, load_official_encoder, load_prithvi_from_hub
+    from .convert_prithvi import load_official_encoder, load_prithvi_from_hub
+
+    kind, location = backbone_weights_location(source)
+    bands = list(backbone_config.bands)
+    if kind == "folder":
+        return PrithviEncoder.from_pretrained(location)
+    if kind == "checkpoint":
+        overrides = {name: getattr(backbone_config, name) for name in ("img_size", "num_frames", "num_heads")}
+        return load_official_encoder(location, bands=bands, **overrides)
+    repo_id, filename = location
+    return PrithviEncoder.from_pretrained(load_prithvi_from_hub(repo_id, filename=filename, bands=bands))
+
+
+def backbone_weights_location(source: str | Path) -> tuple[str, Any]:
+    """What `backbone_weights` names, found without reading it: `("folder", path)` (a `stage2-convert-prithvi`
+    folder), `("checkpoint", path or hf:// URL)` (an official `.pt` file) or `("hub", (repo_id, file name))`.
+    `FileNotFoundError` or `ValueError` saying what it is not, so a run can be refused before it starts."""
+    from .convert_prithvi import HUB_PREFIX
 
     text = str(source)
     path = Path(text).expanduser()
-    bands = list(backbone_config.bands)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"backbone_weights folder {path} has no config.json; give a folder written by stage2-convert-prithvi."
             )
-        return PrithviEncoder.from_pretrained(path)
+        return "folder", path
     if path.is_file() or text.startswith(HUB_PREFIX):
-        overrides = {name: getattr(backbone_config, name) for name in ("img_size", "num_frames", "num_heads")}
-        return load_official_encoder(text if text.startswith(HUB_PREFIX) else path, bands=bands, **overrides)
+        return "checkpoint", text if text.startswith(HUB_PREFIX) else path
     parts = text.split("/")
-    if len(parts) in (2, 3) and all(parts) and not text.startswith((".", "/", "~")):
-        repo_id = "/".join(parts[:2])
-        filename = parts[2] if len(parts) == 3 else _official_filename(parts[1])
-        folder = load_prithvi_from_hub(repo_id, filename=filename, bands=bands)
-        return PrithviEncoder.from_pretrained(folder)
+    a_missing_file = len(parts) == 2 and parts[1].endswith(".pt")  # dir/x.pt: a path, not OWNER/REPO
+    if len(parts) in (2, 3) and all(parts) and not text.startswith((".", "/", "~")) and not a_missing_file:
+        return "hub", ("/".join(parts[:2]), parts[2] if len(parts) == 3 else _official_filename(parts[1]))
     raise FileNotFoundError(
         f"backbone_weights {text!r} is neither an existing folder or file nor a Hub id (OWNER/REPO or "
         "OWNER/REPO/FILE.pt)."

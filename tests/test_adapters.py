@@ -301,6 +301,19 @@ def test_base_from_a_saved_refiner_folder(tmp_path):
     assert torch.equal(refine(load_trained_model(folder, quantization="4bit"), opt_v1, month, biome), expected)
 
 
+def test_a_base_named_by_a_relative_path_loads_from_anywhere(tmp_path, monkeypatch):
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    model = build_trainable_model(model_name_or_path="base", quantization="none", print_summary=False)
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    folder = save_trained_model(model, tmp_path / "best")
+    assert json.loads((folder / "stage2_base.json").read_text())["model_name_or_path"] == str(
+        (tmp_path / "work" / "base").resolve())
+    monkeypatch.chdir(tmp_path)  # "base" names nothing here
+    assert torch.equal(refine(load_trained_model(folder), opt_v1, month, biome), expected)
+
+
 def test_adapter_folder_loads_from_the_hub(hub_server, tmp_path):
     from huggingface_hub import HfApi
 

@@ -328,6 +328,7 @@ def test_bad_input_gives_the_eager_error_before_running(fmt, exported, eager, mo
         "a column of months": (good, month[:, None], biome),
         "NaN": (torch.where(good > 0.29, torch.nan, good), month, biome),
         "integer image": ((good * 10000).long(), month, biome),
+        "no tile": (good[:0], month[:0], biome[:0]),
     }
     for name, inputs in cases.items():
         with torch.no_grad():
@@ -335,6 +336,7 @@ def test_bad_input_gives_the_eager_error_before_running(fmt, exported, eager, mo
         actual = _error_of(lambda: model(*inputs))
         assert actual == expected, name
     assert "month must be in 1..12" in _error_of(lambda: model(*cases["month 13"]))[1]
+    assert "opt_v1 is empty" in _error_of(lambda: model(*cases["no tile"]))[1]
     kind, message = _error_of(lambda: model(torch.rand(1, 4, 14, 120), torch.tensor([1]), torch.tensor([1])))
     assert kind is ValueError and "height 14" in message and f"{MIN_SIDE}.." in message
 

@@ -31,6 +31,7 @@ from inference_stage2 import (
 )
 from inference_stage2.raster import ground_distance_m, to_output
 from inference_stage2.windows import StripAccumulator, blend_ramp
+from data_builders.tiles import BAND_KEYS
 from modeling_stage2.bands import DigitalNumbersWarning
 
 rasterio = pytest.importorskip("rasterio")
@@ -541,15 +542,37 @@ def test_a_valid_pixel_clamped_at_0_is_not_written_as_nodata_0(dn_scene, tmp_pat
     np.testing.assert_array_equal(masked, np.broadcast_to(nodata, masked.shape))
 
 
-def test_digital_number_output_of_float_input_without_nodata_declares_nodata_0(tmp_path):
+@pytest.mark.parametrize("declared", [None, float("nan")], ids=["none declared", "NaN declared"])
+def test_digital_number_output_of_float_input_without_nodata_declares_nodata_0(tmp_path, declared):
     reflectance = dn_to_reflectance(smooth_scene(130, 140))
     reflectance[:, 40:50, 60:75] = np.nan
-    path = write_geotiff(tmp_path / "float.tif", reflectance)
+    path = write_geotiff(tmp_path / "float.tif", reflectance, nodata=declared)
     refine_scene(ClampedRefiner(), path, tmp_path / "dn.tif", 7, 4, output_scale="dn", progress=False)
     refined, profile = read_geotiff(tmp_path / "dn.tif")
     assert profile["dtype"] == "uint16" and profile["nodata"] == 0
     nan = np.isnan(reflectance).any(axis=0)
     assert (refined[:, nan] == 0).all() and not (refined[:, ~nan] == 0).any()
+
+
+def test_scene_output_problems_are_found_before_the_model_is_loaded(dn_scene, tmp_path, capsys):
+    """A nodata value the output cannot hold, a CRS that does not map to the ground, an output that is an input:
+    one line and exit 2 before the (here absent) model is looked at."""
+    path, data = dn_scene
+    minus = write_geotiff(tmp_path / "minus.tif", dn_to_reflectance(data), nodata=-9999)  # uint16 output: no -9999
+    local = write_geotiff(tmp_path / "local.tif", data, nodata=0, crs='LOCAL_CS["arbitrary",UNIT["metre",1]]')
+    cases = [
+        ([str(minus), "--output", str(tmp_path / "a.tif"), "--output_scale", "dn"],
+         "input nodata value -9999.0 cannot be stored in the uint16 digital-number output"),
+        ([str(local), "--output", str(tmp_path / "b.tif")], f"{local}: its CRS cannot be taken to longitude and "
+                                                              "latitude"),
+        ([str(path), "--output", str(path)], f"output {path} is an input file"),
+    ]
+    for inputs, message in cases:
+        code = main(["--model", str(tmp_path / "no_model"), "--input", *inputs, "--month", "7", "--biome", "4",
+                     "--no_progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "no_model" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.tif", "minus.tif", "scene.tif"]
 
 
 @pytest.mark.parametrize("dtype, nodata, beside", [
@@ -686,6 +709,33 @@ def test_tiles_bad_files_are_rejected_with_reasons_or_stop_in_strict_mode(few_ti
         assert not (output / "val" / name).exists()
     with pytest.raises(InferenceInputError, match="truncated.npz|missing_band.npz|month13.npz"):
         refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "strict", strict=True, progress=False)
+
+
+@pytest.mark.parametrize("input_scale", ["auto", "dn", "reflectance"])
+def test_an_explicit_input_scale_keeps_the_data_builders_checks(few_tiles, tmp_path, input_scale):
+    """`--input_scale` chooses the scale; a tile the data builders would refuse is refused under every scale."""
+    good = next(few_tiles.rglob("*.npz"))
+    arrays = load_npz(good)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    floats = {key: arrays[key].astype(np.float32) * (1e-4 if input_scale != "dn" else 1.0) for key in BAND_KEYS}
+    negative = dict(floats, s2_b4=floats["s2_b4"] - (0.5 if input_scale != "dn" else 5000.0))
+    nan_band = dict(floats, s2_b3=np.full_like(floats["s2_b3"], np.nan))
+    mixed = dict(floats, s2_b2=arrays["s2_b2"])  # one uint16 band among floats
+    for name, bands in (("negative", negative), ("nan_band", nan_band), ("mixed", mixed)):
+        np.savez(bad / f"{name}.npz", **{**arrays, **bands})
+    one_element = tmp_path / "one_element"
+    one_element.mkdir()
+    np.savez(one_element / "m.npz", **{**arrays, "month": np.array([7]), "biome_code": np.array([[4]])})
+    summary = refine_tiles(PixelwiseRefiner(), bad, tmp_path / "out", input_scale=input_scale, progress=False)
+    rejected = {Path(path).stem: reason for path, reason in summary.rejected}
+    assert summary.written == [] and sorted(rejected) == ["mixed", "nan_band", "negative"]
+    assert "reflectance down to" in rejected["negative"] and "below the tolerance of -0.1" in rejected["negative"]
+    assert "'s2_b3': band is entirely NaN/Inf" in rejected["nan_band"]
+    assert "bands mix integer and float dtypes" in rejected["mixed"]
+    if input_scale == "auto":  # a month or biome stored as a one-element array, as training reads it
+        written = refine_tiles(PixelwiseRefiner(), one_element, tmp_path / "m", progress=False)
+        assert written.rejected == [] and int(load_npz(tmp_path / "m" / "m.npz")["month"]) == 7
 
 
 def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_path):
@@ -1230,6 +1280,21 @@ def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir
     nodata = (data == 0).any(axis=0)
     assert (refined[:, nodata] == 0).all()
     assert np.abs(refined[:, ~nodata] - dn_to_reflectance(data)[:, ~nodata]).mean() > 1e-3
+
+
+def test_cli_truncated_scene_is_one_line_and_leaves_no_output(full_model_dir, dn_scene, tmp_path, capsys):
+    path, _ = dn_scene
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header opens, the pixels stop
+    output = tmp_path / "out" / "refined.tif"
+    code = main(["--model", str(full_model_dir), "--input", str(truncated), "--month", "7", "--biome", "4",
+                 "--output", str(output), "--no_progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after transformers' weight-loading bar
+    assert "Traceback" not in err and line.startswith(f"stage2-refine: error: {truncated}: rows ")
+    assert "damaged or truncated" in line
+    assert not output.exists() and not list((tmp_path / "out").glob(".*partial*"))
 
 
 def test_cli_missing_model_files_exit_2_and_leave_no_output(

@@ -294,6 +294,24 @@ def test_write_model_card_reads_the_folder(tmp_path):
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temp file left
 
 
+def test_the_demo_makes_its_test_results_the_record_the_pushed_card_is_made_from(tmp_path):
+    """The demo's card reports the held-out test tiles; `stage2-push` makes the card again from `metrics.json`, so
+    that file must hold the same results, or the Hub would show the validation split's."""
+    from training.demo import record_held_out_results
+
+    folder = _model_folder(tmp_path / "best")
+    validation = {**METRICS, "split": "val", "n_tiles": 2, "global_step": 40, "epoch": 5.0}
+    (folder / "metrics.json").write_text(json.dumps(validation))  # what the trainer wrote
+    test = {**METRICS, "refined": {**METRICS["refined"], "ndvi_rmse": 0.0377}, "n_tiles": 18, "split": "test"}
+    record_held_out_results(folder, test)
+    assert json.loads((folder / "metrics.json").read_text()) == {**test, "global_step": 40, "epoch": 5.0}
+    local = ModelCard.load(folder / "README.md")
+    pushed = card_for_folder(folder, repo_id="me/demo")  # what stage2-push commits
+    for card in (local, pushed):
+        assert "18 tiles of the `test` split" in card.text
+        assert {r.metric_type: r.metric_value for r in card.data.eval_results}["ndvi_rmse"] == 0.0377
+
+
 @pytest.mark.parametrize("recorded, name", [
     ({"input_mode": "synthetic", "degradation": "strong", "dataset_seed": 5},
      "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1 (degradation 'strong', dataset seed 5)"),

@@ -27,6 +27,31 @@ def test_what_stops_a_path_from_being_written(paths):
     assert output_path_problem(paths["under a file"]) == under
     assert output_path_problem(paths["under a file"], folder=True) == under
     assert not paths["new"].parent.exists()  # checking makes nothing
+    assert sorted(p.name for p in paths["file"].parent.iterdir()) == ["a_file", "a_folder"]  # nor leaves a probe
+
+
+UNWRITABLE = Path("/sys")  # sysfs: no one, root included, creates a file there
+
+
+def _unwritable_here() -> bool:
+    return UNWRITABLE.is_dir() and output_path_problem(UNWRITABLE, folder=True) is not None
+
+
+@pytest.mark.skipif(not _unwritable_here(), reason="needs a folder no one may write in (/sys)")
+def test_a_folder_nothing_can_be_written_in_is_found_before_the_work(sample_tiles_dir, capsys):
+    from data_builders.build import main as build
+    from inference_stage2.cli import main as refine
+
+    message = f"nothing can be written in {UNWRITABLE} ("
+    assert output_path_problem(UNWRITABLE / "out", folder=True).startswith(message)
+    assert output_path_problem(UNWRITABLE / "refined.tif").startswith(message)
+    tile = sorted((sample_tiles_dir / "test").glob("*.npz"))[0]
+    # before the model is looked for (it does not exist): nothing is loaded or refined for an output that must fail
+    argv = ["--model", "/nonexistent/model", "--input", str(tile), "--output_dir", str(UNWRITABLE / "out")]
+    assert _exit_status(refine, argv) == 2
+    assert f"output_dir {UNWRITABLE / 'out'}: {message}" in capsys.readouterr().err
+    assert build(["--data_dir", str(sample_tiles_dir), "--output_dir", str(UNWRITABLE / "ds")]) == 2
+    assert f"--output_dir {UNWRITABLE / 'ds'}: {message}" in capsys.readouterr().err
 
 
 def _exit_status(main, argv) -> int:

@@ -102,11 +102,39 @@ def test_config_round_trip_and_backbone_given_three_ways(tmp_path):
         ({"drop_path_rate": 1.0}, "drop_path_rate"),
         ({"bands": ["B02", "B03", "B04", "B99"]}, "Unknown band name 'B99'"),
         ({"backbone_config": {"model_type": "vit"}}, "model_type 'vit'"),
+        ({"initializer_range": -0.02}, r"initializer_range must be >= 0"),
+        ({"initializer_range": float("nan")}, "initializer_range must be a finite number, got nan"),
+        ({"near_black_ramp": float("inf")}, "near_black_ramp must be a finite number, got inf"),
+        ({"layer_scale_init_value": float("nan")}, "layer_scale_init_value must be a finite number"),
+        ({"spectral_mlp_log_offset": float("inf")}, "spectral_mlp_log_offset must be a finite number"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_refiner_config(**kwargs)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"head_width": -1}, "head_width must be a positive integer, got -1"),
+    ({"spectral_correction": "Affine"}, "spectral_correction must be one of"),
+    ({"nonnegative_output": "yes"}, "nonnegative_output must be True or False"),
+    ({"initializer_range": float("nan")}, "initializer_range must be a finite number"),
+])
+def test_overrides_of_from_pretrained_are_checked_like_the_constructor_arguments(tmp_path, overrides, message):
+    """transformers sets `from_pretrained(path, **overrides)` with setattr after `__init__`: here they go through it,
+    for the config and for the model that loads it."""
+    tiny_refiner_config(spectral_correction="affine").save_pretrained(tmp_path / "config")
+    with pytest.raises(ValueError, match=message):
+        Stage2RefinerConfig.from_pretrained(tmp_path / "config", **overrides)
+    Stage2RefinerModel(tiny_refiner_config(spectral_correction="affine")).save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=message):
+        Stage2RefinerModel.from_pretrained(tmp_path / "model", **overrides)
+    good, unused = Stage2RefinerConfig.from_pretrained(tmp_path / "config", head_width=24, not_an_argument=1,
+                                                       return_unused_kwargs=True)
+    assert good.head_width == 24 and good.spectral_correction == "affine" and unused == {"not_an_argument": 1}
+    tiny_backbone_config().save_pretrained(tmp_path / "backbone")
+    with pytest.raises(ValueError, match="must be a multiple of num_heads"):
+        PrithviConfig.from_pretrained(tmp_path / "backbone", num_heads=7)
 
 
 def test_config_rejects_a_backbone_with_other_bands():
@@ -274,6 +302,9 @@ def test_bad_opt_v1_gives_a_clear_error(model):
     bad[0, 1, 3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         model(bad, month, biome)
+    for empty in (torch.rand(0, 4, 20, 20), torch.rand(1, 4, 0, 20)):  # every runtime failed its own way on these
+        with pytest.raises(ValueError, match=r"opt_v1 is empty, shape \("):
+            model(empty, month[:len(empty)], biome[:len(empty)])
 
 
 def _digital_numbers_warnings(model, opt_v1) -> list:
@@ -416,6 +447,22 @@ def test_backbone_weights_from_a_converted_folder(tmp_path):
     model.load_backbone_weights()
     expected = encoder.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in model.backbone.state_dict().items())
+
+
+def test_a_relative_backbone_weights_path_is_saved_absolute(tmp_path, monkeypatch):
+    """A saved config must name the weights wherever it is loaded next; a Hub id stays as given."""
+    encoder = PrithviEncoder(tiny_backbone_config())
+    encoder.save_pretrained(tmp_path / "work" / "converted")
+    monkeypatch.chdir(tmp_path / "work")
+    config = tiny_refiner_config(backbone_weights="converted")
+    assert config.backbone_weights == str((tmp_path / "work" / "converted").resolve())
+    config.save_pretrained(tmp_path / "saved")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "converted" names nothing here
+    model = Stage2RefinerModel(Stage2RefinerConfig.from_pretrained(tmp_path / "saved"))
+    model.load_backbone_weights()
+    assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, encoder.blocks[0].attn.qkv.weight)
+    assert tiny_refiner_config(backbone_weights="ibm-nasa-geospatial/Prithvi-EO-2.0-600M").backbone_weights == (
+        "ibm-nasa-geospatial/Prithvi-EO-2.0-600M")
 
 
 def test_backbone_weights_from_the_official_checkpoint(prithvi_fixtures_dir):

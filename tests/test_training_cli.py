@@ -289,6 +289,22 @@ def test_start_model_must_be_a_readable_full_refiner(tmp_path, tiny_config, samp
         assert not out.exists()
 
 
+@pytest.mark.parametrize("weights, fragment", [
+    ("{tmp}/nope/Prithvi_EO_V2_600M.pt", "--backbone_weights '{tmp}/nope/Prithvi_EO_V2_600M.pt' is neither an "
+                                         "existing folder or file nor a Hub id"),
+    ("checkpoints/Prithvi_EO_V2_600M.pt", "--backbone_weights 'checkpoints/Prithvi_EO_V2_600M.pt' is neither"),
+    ("someone/my-backbone", "--backbone_weights someone/my-backbone: Cannot infer the checkpoint file"),
+    ("{tmp}", "--backbone_weights folder {tmp} has no config.json"),
+])
+def test_backbone_weights_are_checked_before_the_run(weights, fragment, tmp_path, tiny_config, sample_dataset_dir,
+                                                     capsys):
+    argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",
+            str(tmp_path / "out"), "--backbone_weights", weights.format(tmp=tmp_path)]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), fragment.format(tmp=tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["eval_nonsense", "refined_ndvi", "eval_linear_fit_sam"])
 def test_metric_for_best_model_must_be_an_evaluation_metric(name, tmp_path, tiny_config, sample_dataset_dir, capsys):
     argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",

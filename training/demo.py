@@ -10,7 +10,8 @@
    fitted on the training tiles (`training.linear_fit`) and of the refined output side by side, then refined / each
    baseline on the held-out tiles with a paired tile-bootstrap interval (`training.bootstrap`), and writes
    `OUTPUT_DIR/demo_results.json`;
-4. leaves the model in `OUTPUT_DIR/best` (with its model card `README.md` and `preview.png`).
+4. leaves the model in `OUTPUT_DIR/best` (with `preview.png`, and its `metrics.json` and model card `README.md`
+   holding the test split's results, the ones `stage2-push` publishes).
 
 Exits with status 1 if the refined output does not beat both baselines, `opt_v1` and the colour fit, on NDVI RMSE,
 EVI RMSE and SAM on the held-out test tiles (the validation tiles when there is no test split).
@@ -83,6 +84,22 @@ def not_beaten(table: dict) -> list[str]:
             if baseline in row and row["refined"] >= row[baseline]]
 
 
+def record_held_out_results(best: Path, results: dict) -> None:
+    """Make the held-out (test) results the model's record: `best/metrics.json` (the validation metrics of the best
+    step give way; they stay in `demo_results.json`; its step and epoch stay) and the model card made from it, the
+    card `stage2-push` makes again for the repo."""
+    import json
+
+    from model_cards.cards import write_model_card
+    from modeling_stage2._files import write_json
+    from modeling_stage2.adapters import METRICS_FILE
+
+    trained = json.loads((best / METRICS_FILE).read_text(encoding="utf-8"))
+    step = {key: trained[key] for key in ("global_step", "epoch") if key in trained}
+    write_json(best / METRICS_FILE, {**results, **step}, sort_keys=True)
+    write_model_card(best)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/demo")
@@ -95,7 +112,6 @@ def main(argv=None) -> int:
     from datasets import load_from_disk
 
     from data_builders.build import recorded_opt_v1
-    from model_cards.cards import write_model_card
     from modeling_stage2 import load_trained_model
     from modeling_stage2._files import write_json
     from training.bootstrap import DEFAULT_RESAMPLES, format_bootstrap_table
@@ -124,8 +140,8 @@ def main(argv=None) -> int:
     results["gains"] = {split: gains(results[split]) for split in ("val", "test") if split in results}
     results["global_step"] = trainer.state.global_step
     write_json(output_dir / "demo_results.json", results)
-    if "test" in results:  # the card reports the held-out test tiles (best/metrics.json keeps the validation)
-        write_model_card(output_dir / "best", metrics=results["test"])
+    if "test" in results:
+        record_held_out_results(output_dir / "best", results["test"])
 
     for split in ("val", "test"):
         if split in results:

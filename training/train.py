@@ -419,15 +419,31 @@ def _check_start_model(training_args) -> None:
             "merge it first: export_merged_model(load_trained_model(DIR), OUT), then --model_name_or_path OUT.")
 
 
+def _check_backbone_weights(training_args) -> None:
+    """`--backbone_weights` of a new refiner names a converted folder, an official `.pt` file or a Hub id (the Hub's
+    answer is for the run itself)."""
+    if training_args.backbone_weights is None or training_args.model_name_or_path is not None:
+        return
+    from modeling_stage2.modeling_stage2 import backbone_weights_location
+
+    try:
+        backbone_weights_location(training_args.backbone_weights)
+    except FileNotFoundError as error:
+        raise MissingInputError(f"--{error}") from None
+    except ValueError as error:
+        raise UsageError(f"--backbone_weights {training_args.backbone_weights}: {error}") from None
+
+
 def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) -> None:
     """The folders and files the settings name exist and fit, before anything runs or is written: the data, the
-    Stage 1 outputs, the checkpoint to resume from (`check_checkpoint`: that it is complete too) and a saved refiner
-    to start from. `UsageError` (`MissingInputError`) naming the flag."""
+    Stage 1 outputs, the checkpoint to resume from (`check_checkpoint`: that it is complete too), a saved refiner
+    to start from and the backbone weights of a new one. `UsageError` (`MissingInputError`) naming the flag."""
     _check_data_folder(data_args)
     _check_arrow_splits(data_args)
     _check_redraw(data_args)
     _check_resume(training_args, complete=check_checkpoint)
     _check_start_model(training_args)
+    _check_backbone_weights(training_args)
     problem = model_leaf("_files").output_path_problem(training_args.output_dir, folder=True)  # without torch
     if problem is not None:
         raise UsageError(f"--output_dir {training_args.output_dir}: {problem}")
