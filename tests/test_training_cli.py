@@ -305,6 +305,31 @@ def test_backbone_weights_are_checked_before_the_run(weights, fragment, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, fragment", [
+    (["--report_to", "wandbx"], "report_to: 'wandbx' is not an integration transformers has; choose among"),
+    (["--report_to", "tensorbord"], "report_to: 'tensorbord' is not an integration"),
+    (["--push_to_hub", "true", "--hub_model_id", "bad id!"], "hub_model_id 'bad id!' is not a Hub repo id"),
+    (["--spectral_weight", "-1"], "spectral_weight must be a finite number >= 0, got -1"),
+    (["--disc_num_layers", "0"], "disc_num_layers must be an integer >= 1, got 0"),
+    (["--disc_base_channels", "0"], "disc_base_channels must be an integer >= 1, got 0"),
+])
+def test_settings_built_only_by_the_trainer_are_checked_before_the_run(flags, fragment, tmp_path, tiny_config, sample_dataset_dir, capsys):
+    argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",
+            str(tmp_path / "out"), *flags]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), fragment)
+    assert not (tmp_path / "out").exists()
+    for good in (["--report_to", "none"], ["--report_to", "tensorboard"], ["--hub_model_id", "me/stage2"]):
+        parse_args(["--config", str(tiny_config), "--output_dir", str(tmp_path / "o"), *good])
+
+
+def test_output_dir_is_required(tmp_path, tiny_config, sample_dataset_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert launch_main(["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir)]) == 2
+    _assert_one_line(_error_lines(capsys), "--output_dir is required")
+    assert not (tmp_path / "trainer_output").exists()
+
+
 @pytest.mark.parametrize("name", ["eval_nonsense", "refined_ndvi", "eval_linear_fit_sam"])
 def test_metric_for_best_model_must_be_an_evaluation_metric(name, tmp_path, tiny_config, sample_dataset_dir, capsys):
     argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",

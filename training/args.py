@@ -356,6 +356,8 @@ class Stage2TrainingArguments(TrainingArguments):
             self.eval_strategy, self.eval_steps = "steps", 1
         if self.save_every_epochs is not None:
             self.save_strategy, self.save_steps = "steps", 1
+        self._check_integrations()
+        self._check_loss_and_discriminator()
         known = evaluation_metric_names()
         if self.metric_for_best_model is not None and f"eval_{self.metric_for_best_model.removeprefix('eval_')}" \
                 not in known:
@@ -374,6 +376,36 @@ class Stage2TrainingArguments(TrainingArguments):
         if self.deterministic is None:
             self.deterministic = not (torch.cuda.is_available() and not self.use_cpu)
         super().__post_init__()
+
+    def _check_loss_and_discriminator(self) -> None:
+        """The loss weights and the discriminator's size, through the checks of the classes they build (which the
+        trainer builds only after the data and the model)."""
+        from .discriminator import PatchDiscriminatorConfig
+        from .losses import Stage2Loss
+
+        Stage2Loss(**self.loss_weights())
+        try:
+            PatchDiscriminatorConfig(base_channels=self.disc_base_channels, num_layers=self.disc_num_layers)
+        except ValueError as error:  # name the flags, not the config class
+            raise ValueError(str(error).replace("PatchDiscriminatorConfig.", "disc_")) from None
+
+    def _check_integrations(self) -> None:
+        """`report_to` names integrations transformers has, and `hub_model_id` is a repo id: both would fail only
+        once the trainer is built, after the data and the model."""
+        from huggingface_hub.utils import validate_repo_id
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        unknown = [name for name in names if name not in ("all", "none", *INTEGRATION_TO_CALLBACK)]
+        if unknown:
+            raise ValueError(f"report_to: {unknown[0]!r} is not an integration transformers has; choose among "
+                             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, 'all' or 'none'.")
+        if self.hub_model_id is not None:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except ValueError:  # HFValidationError, with a message over several lines
+                raise ValueError(f"hub_model_id {self.hub_model_id!r} is not a Hub repo id: use OWNER/NAME or NAME "
+                                 "(letters, digits, '-', '_', '.').") from None
 
     def _resolve_precision(self) -> str:
         """fp16 (with a grad scaler) on CUDA, bf16 where the GPU supports it, fp32 on the CPU, said out loud."""

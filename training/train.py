@@ -931,7 +931,10 @@ def _quiet():
 def check_before_launch(training: list[str]) -> None:
     """What the trainer will check, in this process and without touching a GPU: the settings and the inputs."""
     with _quiet():
-        training_args, data_args, _ = parse_args(training, without_devices=True)
+        training_args, data_args, settings = parse_args(training, without_devices=True)
+        if settings.get("output_dir") is None:  # transformers would write into ./trainer_output unasked
+            raise UsageError("--output_dir is required (or output_dir in the --config file): the folder the run "
+                             "writes its checkpoints, best/ and logs to.")
         check_run_inputs(training_args, data_args, check_checkpoint=False)
 
 
