@@ -726,7 +726,7 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
                 f"opt_v1 must be a (batch, {bands}, height, width) tensor with the bands {tuple(self.config.bands)}, "
                 f"got {shape}."
             )
-        if opt_v1.numel() == 0:  # every runtime (eager, torch.export, ONNX) fails, or not, its own way on it
+        if opt_v1.numel() == 0:  # eager, torch.export and ONNX would each fail differently, or return nothing
             raise ValueError(f"opt_v1 is empty, shape {tuple(opt_v1.shape)}: give at least one tile of at least one "
                              "pixel.")
         if not opt_v1.is_floating_point():
