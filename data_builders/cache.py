@@ -27,10 +27,11 @@ def _tree_fingerprint(folder: Path, digest) -> int:
 
 
 def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: str | None = None,
-                      seed: int = 0, degradation: str = "mild") -> str:
+                      seed: int = 0, degradation: str = "mild", *, flag: str = "--data_dir") -> str:
     """Key of a converted dataset: the tiles' (and Stage 1 files') names, sizes and modification times, and the
     build options (with the degradation preset, `DEGRADATION_CHOICES`). Any change to the tiles makes a new key
-    (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is unchanged)."""
+    (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is unchanged). A folder
+    without tiles is a FileNotFoundError naming the command's `flag`."""
     from .degrade import DEGRADATION_CHOICES
 
     if degradation not in DEGRADATION_CHOICES:
@@ -40,7 +41,7 @@ def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: 
         digest.update(f"degradation\0{degradation}\n".encode())
     if _tree_fingerprint(Path(data_dir), digest) == 0:
         raise FileNotFoundError(
-            f"--data_dir {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
+            f"{flag} {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
             f"({ARROW_MARKER}) there."
         )
     if stage1_dir is not None:

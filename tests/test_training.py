@@ -494,6 +494,15 @@ def test_evaluate_names_a_damaged_model_before_converting_the_data(sample_tiles_
     assert line.startswith(f"stage2-evaluate: error: {weights}: not a readable safetensors file (")
 
 
+def test_evaluate_names_its_own_flag_for_a_folder_without_tiles(tmp_path, capsys):
+    from training.evaluate import main as evaluate_main
+
+    (tmp_path / "empty").mkdir()
+    assert evaluate_main(["--model", str(tmp_path / "model"), "--data", str(tmp_path / "empty")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"stage2-evaluate: error: --data {tmp_path / 'empty'}: no NPZ tiles")
+
+
 def test_resume_from_an_explicit_corrupt_checkpoint_is_a_usage_error(tmp_path):
     from types import SimpleNamespace
 

@@ -89,7 +89,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
         from data_builders import build_dataset
 
         root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="stage2-evaluate-"))
-        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation)
+        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation, flag="--data")
         if not is_arrow_dataset(target):
             root.mkdir(parents=True, exist_ok=True)
             build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed,
