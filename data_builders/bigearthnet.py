@@ -39,6 +39,7 @@ from .tiles import BAND_KEYS, BAND_NAMES, TILE_SIZE, UNKNOWN_METADATA
 
 _files = model_leaf("_files")  # atomic writes
 _signals = model_leaf("_signals")  # SIGTERM/SIGHUP exit cleanly
+_vocabulary = model_leaf("vocabulary")  # the install hint of an extra
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +324,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError) as error:
         print(f"stage2-ingest-bigearthnet: error: {error}", file=sys.stderr)
         return 2  # bad input (a missing or malformed file, an unsafe patch id): a user error
+    except ImportError as error:  # lmdb, pyarrow: the optional dependencies of the ingest
+        missing = (error.name or "lmdb").split(".")[0]
+        hint = _vocabulary.install_hint(f"reading BigEarthNet ({missing} is missing)", "bigearthnet")
+        print(f"stage2-ingest-bigearthnet: error: {hint}", file=sys.stderr)
+        return 2
     written = ", ".join(f"{split} {n}" for split, n in sorted(summary["written"].items())) or "none"
     skipped = sum(summary["skipped"].values())
     line = f"wrote {sum(summary['written'].values())} tiles to {summary['output_dir']} ({written}); skipped {skipped}"

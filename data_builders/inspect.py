@@ -345,6 +345,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             _check_plot_path(Path(args.plot))
         except ValueError as error:
             parser.error(str(error))
+        except ImportError as error:  # matplotlib: the plot's optional dependency
+            missing = (error.name or "matplotlib").split(".")[0]
+            parser.error(_vocabulary.install_hint(f"--plot ({missing} is missing)", "viz"))
     return args
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from data_builders.tiles import DN_SCALE
 from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
-from modeling_stage2.vocabulary import DECLARED_SCALE
+from modeling_stage2.vocabulary import DECLARED_SCALE, install_hint
 
 from .scene_bands import band_order, named_band
 from .values import InferenceInputError, resolve_input_scale, to_reflectance, warn_if_looks_like_dn
@@ -53,9 +53,7 @@ def require_rasterio():
     try:
         import rasterio
     except ImportError as error:  # the optional `geo` extra
-        raise ImportError(
-            "scene inference needs rasterio: pip install 'stage2-refiner[geo]'"
-        ) from error
+        raise ImportError(install_hint("scene inference (rasterio)", "geo")) from error
     return rasterio
 
 

@@ -438,7 +438,8 @@ _OUTPUT_DESCRIPTIONS = {
         "shape": ["batch", len(bands), "height", "width"],
         "dynamic_axes": {"0": "batch", "2": "height", "3": "width"},
         "bands": bands,
-        "description": "refined surface reflectance, same size as opt_v1 (not clipped)",
+        "description": "refined surface reflectance, same size as opt_v1 (clamped at 0 when the refiner's "
+                       "nonnegative_output is on, as training sets it; never at 1)",
     },
     OUT_OF_RANGE_WEIGHT: lambda bands: {
         "name": OUT_OF_RANGE_WEIGHT,

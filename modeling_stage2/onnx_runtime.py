@@ -24,7 +24,7 @@ import torch
 
 from .configuration_stage2 import Stage2RefinerConfig
 from .export import MAX_SIDE, MIN_SIDE, OUTPUT_NAMES
-from .vocabulary import OUT_OF_RANGE_WEIGHT
+from .vocabulary import OUT_OF_RANGE_WEIGHT, install_hint
 
 EXPORT_INFO_FILE = "export.json"
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".pt2": "torch_export"}
@@ -129,9 +129,7 @@ class ExportedRefiner:
         try:
             import onnxruntime as ort
         except ImportError as error:  # pragma: no cover - the export extra is missing
-            raise ImportError(
-                "running an ONNX refiner needs onnxruntime: pip install 'stage2-refiner[export]'"
-            ) from error
+            raise ImportError(install_hint("running an ONNX refiner (onnxruntime)", "export")) from error
         options = ort.SessionOptions()
         options.intra_op_num_threads = num_threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

@@ -62,6 +62,16 @@ OLD_SCALING = {"dn": "dn_x1e-4", "reflectance": "float"}
 """input_scale -> the old `scaling` value (what the deprecated `scaling` attributes return)."""
 
 
+DISTRIBUTION = "stage2-refiner"
+"""The package's name on PyPI (setup.cfg), whose extras hold the optional dependencies."""
+
+
+def install_hint(what: str, extra: str) -> str:
+    """One wording for a missing optional dependency: `<what> needs the '<extra>' extra: pip install
+    'stage2-refiner[<extra>]'`."""
+    return f"{what} needs the {extra!r} extra: pip install '{DISTRIBUTION}[{extra}]'"
+
+
 def warn_deprecated(old: str, new: str, where: str = "", stacklevel: int = 3) -> None:
     """A one-line `FutureWarning`: `old` still works for this release; `new` is the spelling to use."""
     prefix = f"{where}: " if where else ""

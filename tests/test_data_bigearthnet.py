@@ -196,6 +196,18 @@ def test_a_data_mdb_that_is_not_an_lmdb_stops_the_ingest_before_any_write(tmp_pa
     assert not output.exists()
 
 
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    metadata = _metadata(tmp_path / "meta.parquet", [{"patch_id": "S2A_MSIL2A_20180101T100000_0_0",
+                                                      "labels": ["Arable land"], "split": "train", "s1_name": "S1"}])
+    lmdb_dir = _tiny_lmdb(tmp_path / "lmdb", {})
+    monkeypatch.setitem(sys.modules, "lmdb", None)  # as if the extra were not installed: `import lmdb` fails
+    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2-ingest-bigearthnet: error: reading BigEarthNet (lmdb is missing) needs the 'bigearthnet' extra: "
+        "pip install 'stage2-refiner[bigearthnet]'"]
+    assert not (tmp_path / "o").exists()
+
+
 BAD_PATCH_IDS = ["../../escaped_S2A_MSIL2A_20180101T100000_0_0", "{tmp}/absolute_S2A_MSIL2A_20180101T100000_0_0",
                  "sub/S2A_MSIL2A_20180101T100000_0_0", "..", ".", ".hidden_20180101T100000", "a\\b_20180101T100000",
                  "nul\x00_20180101T100000", "new\nline_20180101T100000", ""]

@@ -91,6 +91,20 @@ def test_cli_errors(sample_dataset_dir, tmp_path, capsys):
     assert "is not a saved dataset" in capsys.readouterr().err
 
 
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(sample_dataset_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(sample_dataset_dir), "--plot", str(tmp_path / "p.png")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "stage2-inspect: error: --plot (matplotlib is missing) needs the 'viz' extra: pip install "
+        "'stage2-refiner[viz]'")
+
+
 def test_datasets_without_a_build_record_get_computed_statistics(tmp_path):
     rng = np.random.default_rng(0)
     target = rng.uniform(0, 0.5, (3, 4, 120, 120)).astype(np.float32)
