@@ -101,10 +101,28 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
         shutil.rmtree(set_aside, ignore_errors=True)
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: set it, then put it back at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once, at import, so no thread sees the moment it is changed
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir/open would have (`tempfile` makes 0700 folders and
+    0600 files, and so do some writers): a saved model readable by whoever the umask lets read it."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
 @contextmanager
 def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a new folder beside `output_dir` to write into; when the block succeeds, it replaces `output_dir`
-    (`replace_folder`). If the block raises, the staging folder is removed and `output_dir` is left as it was."""
+    (`replace_folder`) with the modes the umask gives. If the block raises, the staging folder is removed and
+    `output_dir` is left as it was."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     restore_set_aside(output_dir)  # readers see the old content again while the new one is written
@@ -114,6 +132,7 @@ def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir.parent))
     try:
         yield staging
+        _follow_umask(staging)
         replace_folder(staging, output_dir)
     finally:
         if staging.exists():

@@ -177,13 +177,17 @@ def train_run(tmp: Path, data_dir: Path, name: str, callbacks=None, extra_argv=(
 
 def resume_scenario(data_dir: Path, tmp: Path) -> None:
     """`ref`: 4 steps uninterrupted; `mid`: stopped after step 3 (mid-epoch), then resumed with --resume latest."""
-    train_run(tmp, data_dir, "ref", **RESUME_SETTINGS)
+    from training.warm_start import FITTED_MODULE_RECORDS
+
+    reference = train_run(tmp, data_dir, "ref", **RESUME_SETTINGS)
     train_run(tmp, data_dir, "mid", callbacks=[StopAtStep(3)], **RESUME_SETTINGS)
     (tmp / "mid_stopped.json").write_text(json.dumps(sorted(p.name for p in (tmp / "mid").glob("checkpoint-*"))))
     trainer = train_run(tmp, data_dir, "mid", extra_argv=["--resume", "latest"], **RESUME_SETTINGS)
+    fitted = {name: {key: run.training_config.get(key) for key in FITTED_MODULE_RECORDS}
+              for name, run in (("ref", reference), ("mid", trainer))}
     (tmp / "mid_resumed.json").write_text(json.dumps({"resumed_from": trainer._resume_checkpoint,
                                                       "global_step": trainer.state.global_step,
-                                                      "disc_steps": trainer.disc_steps}))
+                                                      "disc_steps": trainer.disc_steps, "fitted": fitted}))
 
 
 if __name__ == "__main__":

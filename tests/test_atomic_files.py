@@ -188,6 +188,27 @@ def test_best_model_save_keeps_the_old_best_when_the_second_rename_fails(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
+def test_a_staged_folder_gets_the_modes_of_the_umask(tmp_path):
+    """tempfile makes 0700 folders (and some writers 0600 files): a saved model would be unreadable by a serving
+    account that the umask lets read it."""
+    import stat
+    import tempfile
+
+    from modeling_stage2._files import _UMASK, staged_folder
+
+    with staged_folder(tmp_path / "best") as staging:
+        fd, private = tempfile.mkstemp(dir=staging)  # 0600, as safetensors' writers leave theirs
+        os.close(fd)
+        (staging / "sub").mkdir(mode=0o700)
+        (staging / "sub" / "config.json").write_text("{}")
+    best = tmp_path / "best"
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in [best, *best.rglob("*")]}
+    assert modes == {"best": 0o777 & ~_UMASK, "best/sub": 0o777 & ~_UMASK,
+                     f"best/{Path(private).name}": 0o666 & ~_UMASK, "best/sub/config.json": 0o666 & ~_UMASK}
+    assert _UMASK == os.umask(_UMASK)  # read without changing it
+
+
 def test_atomic_file_replaces_only_when_the_write_completes(tmp_path):
     from modeling_stage2._files import atomic_file, write_json, write_text
 

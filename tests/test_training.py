@@ -187,6 +187,29 @@ def test_checkpoint_corrupted_in_place_is_reported_by_file_name(tmp_path, caplog
     assert "trainer_state.json does not match" in caplog.text and "starting from scratch" in caplog.text
 
 
+def test_older_checkpoints_go_only_once_the_new_one_is_complete(sample_dataset_dir, tmp_path, monkeypatch):
+    """`save_total_limit: 1`: when the new checkpoint's marker is written, the previous complete checkpoint is still
+    there, so a kill in that moment leaves one to resume from; afterwards the limit holds."""
+    import training.trainer as trainer_module
+
+    seen = []
+    marker = trainer_module.checkpoint_marker
+
+    def recording_marker(folder, step):
+        seen.append((folder.name, sorted(p.name for p in folder.parent.glob("checkpoint-*")),
+                     [p.name for p in folder.parent.glob("checkpoint-*") if is_complete_checkpoint(p)]))
+        return marker(folder, step)
+
+    monkeypatch.setattr(trainer_module, "checkpoint_marker", recording_marker)
+    train_run(tmp_path, sample_dataset_dir, "run", save_total_limit=1, max_samples=2, max_eval_samples=1,
+              per_device_train_batch_size=1, num_train_epochs=1, save_every_epochs=0.5, eval_every_epochs=1,
+              eval_on_start=False, load_best_model_at_end=False)
+    assert [name for name, _, _ in seen] == ["checkpoint-1", "checkpoint-2"]
+    assert seen[1][1] == ["checkpoint-1", "checkpoint-2"] and seen[1][2] == ["checkpoint-1"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert is_complete_checkpoint(tmp_path / "run" / "checkpoint-2")
+
+
 def test_checkpoint_markers_without_hashes_are_checked_by_size(tmp_path):
     """Markers written before hashes were recorded (sizes only) still resume: old runs are not stranded."""
     folder = tmp_path / "checkpoint-3"
@@ -644,8 +667,11 @@ def test_resume_mid_epoch_is_bit_identical(resume_runs):
     # Step 3 is in the middle of epoch 2 (2 optimizer steps per epoch): the hardest case for RNG and data order.
     assert json.loads((resume_runs / "mid_stopped.json").read_text()) == [f"checkpoint-{k}" for k in (1, 2, 3)]
     resumed = json.loads((resume_runs / "mid_resumed.json").read_text())
+    fitted = resumed.pop("fitted")
     assert resumed == {"resumed_from": str(resume_runs / "mid" / "checkpoint-3"), "global_step": 4, "disc_steps": 4}
     _assert_same_training(resume_runs / "ref", resume_runs / "mid")
+    # the record of what was fitted before the first step comes back with the checkpoint (best/, the card)
+    assert fitted["mid"] == fitted["ref"] and fitted["ref"]["spectral_correction_init"].startswith("spectral_fit of")
 
 
 def test_resume_after_sigkill_ignores_torn_checkpoint(resume_runs, tmp_path, sample_dataset_dir, repo_root):

@@ -312,6 +312,8 @@ def test_backbone_weights_are_checked_before_the_run(weights, fragment, tmp_path
     (["--spectral_weight", "-1"], "spectral_weight must be a finite number >= 0, got -1"),
     (["--disc_num_layers", "0"], "disc_num_layers must be an integer >= 1, got 0"),
     (["--disc_base_channels", "0"], "disc_base_channels must be an integer >= 1, got 0"),
+    (["--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true"],
+     "dataloader_persistent_workers must be false (the data are drawn per epoch in the workers"),
 ])
 def test_settings_built_only_by_the_trainer_are_checked_before_the_run(flags, fragment, tmp_path, tiny_config, sample_dataset_dir, capsys):
     argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",
@@ -541,6 +543,22 @@ def test_under_nohup_sighup_is_ignored_by_the_whole_run(run_stage2_train):
     assert run.process.wait(timeout=30) == 128 + signal.SIGTERM
     assert run.running_descendants(within=5) == []
     assert "stopped by SIGTERM" in run.stderr() and "SIGHUP" not in run.stderr()
+
+
+def test_exit_status_of_one_and_of_two_interrupts(tmp_path, capsys):
+    """Ctrl-C: the trainer records 130 after its checkpoint. Ctrl-C twice: the run is stopped at once (SIGTERM to its
+    group), records nothing, and dies by SIGTERM; that is still an interrupt, 130, and said so."""
+    from training.train import EXIT_INTERRUPTED, _exit_status
+
+    recorded = tmp_path / "status"
+    recorded.write_text("130")
+    assert _exit_status(1, [signal.SIGINT], recorded) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == ""
+    nothing = tmp_path / "absent"
+    assert _exit_status(-signal.SIGTERM, [signal.SIGINT, signal.SIGINT], nothing) == 130
+    assert "interrupted again: stopped at once, without a checkpoint." in capsys.readouterr().err
+    assert _exit_status(-signal.SIGTERM, [signal.SIGTERM], nothing) == 128 + signal.SIGTERM
+    assert _exit_status(-signal.SIGKILL, [], nothing) == 128 + signal.SIGKILL
 
 
 def test_sigkill_of_stage2_train_stops_the_trainer(run_stage2_train):

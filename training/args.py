@@ -58,6 +58,10 @@ _TRAINER_RANGES = (
     ("adam_epsilon", lambda v, a: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("max_grad_norm", lambda v, a: v >= 0, ">= 0 (0: no gradient clipping)"),
     ("dataloader_num_workers", lambda v, a: v >= 0, ">= 0 (0: load in the main process)"),
+    # The tiles' augmentation (and --redraw_degradation) is drawn per epoch in the loader's workers, which learn the
+    # epoch only when they start: persistent workers would keep the first epoch's draws, unlike a resumed run.
+    ("dataloader_persistent_workers", lambda v, a: not v or a.dataloader_num_workers == 0,
+     "false (the data are drawn per epoch in the workers, which persistent workers would never learn of)"),
     ("seed", lambda v, a: 0 <= v <= 2**32 - 1, f"in 0..{2**32 - 1} (numpy's seed range)"),
     ("data_seed", lambda v, a: v is None or 0 <= v <= 2**32 - 1, f"in 0..{2**32 - 1} (numpy's seed range) or unset"),
 )

@@ -1017,10 +1017,12 @@ def _exit_status(code: int, received: list[int], status_file: Path) -> int:
         recorded = status_file.read_text().strip()
         if recorded:
             return int(recorded)
+    if code and signal.SIGINT in received:  # Ctrl-C, or twice: the second stopped the run at once (by SIGTERM)
+        if received.count(signal.SIGINT) > 1:
+            _say("interrupted again: stopped at once, without a checkpoint.")
+        return EXIT_INTERRUPTED
     if code < 0:
         return 128 - code
-    if code and signal.SIGINT in received:
-        return EXIT_INTERRUPTED
     return code
 
 

@@ -209,6 +209,14 @@ def optimizer_state_from_safetensors(tensors: dict[str, torch.Tensor], meta: dic
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _fitted_modules_record(checkpoint: Path) -> dict[str, str | None]:
+    """What the run that wrote `checkpoint` fitted before its first step (`FITTED_MODULE_RECORDS`), as its trainer
+    state keeps it; empty for a checkpoint written before it was kept."""
+    extra = checkpoint / TRAINER_EXTRA_STATE
+    record = json.loads(extra.read_text()).get("fitted_modules") if extra.is_file() else None
+    return {key: record.get(key) for key in FITTED_MODULE_RECORDS} if isinstance(record, dict) else {}
+
+
 def build_loss(args: Stage2TrainingArguments):
     from .losses import Stage2Loss
 
@@ -347,6 +355,8 @@ class Stage2Trainer(Trainer):
             return {key: self.training_config.get(key) for key in FITTED_MODULE_RECORDS}
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, warn=False)
         started = start_fitted_modules(self.model, self.train_dataset, self.args, resuming=resume is not None)
+        if resume is not None:  # nothing is fitted now: the record of the run that fitted it, kept in its checkpoint
+            started = {**started, **_fitted_modules_record(Path(resume))}
         self.training_config.update(started)
         self._fitted_modules_started = True
         return started
@@ -680,6 +690,7 @@ class Stage2Trainer(Trainer):
             "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
             "disc_skipped_steps": self.disc_skipped_steps,
             "disc_steps": self.disc_steps,
+            "fitted_modules": {key: self.training_config.get(key) for key in FITTED_MODULE_RECORDS},
         }, sort_keys=True)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -709,21 +720,32 @@ class Stage2Trainer(Trainer):
         self.disc_optimizer.load_state_dict(optimizer_state_from_safetensors(tensors, meta))
 
     # Private override: the completion marker must be written after every file of the checkpoint (trainer state and
-    # RNG states included) on every process, and an older checkpoint of the same step be replaced, not merged into.
+    # RNG states included) on every process, and before older checkpoints are deleted (`save_total_limit`, which the
+    # Trainer applies at the end of its save); an older checkpoint of the same step is replaced, not merged into.
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, then (after every process wrote its part) the completion marker."""
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        """The Trainer's checkpoint, then (after every process wrote its part) the completion marker, then the
+        rotation of older checkpoints: a kill at any moment leaves a complete checkpoint to resume from."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
             if (folder / CHECKPOINT_COMPLETE_NAME).exists():  # not torn: say that an earlier run's one is replaced
                 logger.warning(f"Replacing {folder}, a checkpoint of an earlier run at the same step "
                                f"({checkpoint_problem(folder) or 'it verifies'}).")
             shutil.rmtree(folder)
         self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation before the marker
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save and folder.is_dir():
             write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
                        sort_keys=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     # --------------------------------------------------------------------------------------- Hub
     def create_model_card(self, **kwargs) -> None:
