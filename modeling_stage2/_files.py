@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -101,21 +102,33 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
         shutil.rmtree(set_aside, ignore_errors=True)
 
 
-def _process_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it: set it, then put it back at once
+def _umask_by_setting_it() -> int:
+    mask = os.umask(0o022)  # without /proc the only way to read it: set it, then put it back at once
     os.umask(mask)
     return mask
 
 
-_UMASK = _process_umask()  # read once, at import, so no thread sees the moment it is changed
+_UMASK_AT_IMPORT = _umask_by_setting_it()  # at import, in the main thread, before any worker or trainer thread
+
+
+def _process_umask() -> int:
+    """The umask now: read from /proc (Linux 4.7+) without changing it, so a umask set after import counts and no
+    thread sees a moment where it is changed; elsewhere the one read at import."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return _UMASK_AT_IMPORT
+    found = re.search(r"^Umask:\s*([0-7]+)$", status, re.MULTILINE)
+    return int(found.group(1), 8) if found else _UMASK_AT_IMPORT
 
 
 def _follow_umask(folder: Path) -> None:
     """Give `folder` and everything in it the modes a plain mkdir/open would have (`tempfile` makes 0700 folders and
     0600 files, and so do some writers): a saved model readable by whoever the umask lets read it."""
+    umask = _process_umask()
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager

@@ -188,25 +188,56 @@ def test_best_model_save_keeps_the_old_best_when_the_second_rename_fails(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
-def test_a_staged_folder_gets_the_modes_of_the_umask(tmp_path):
-    """tempfile makes 0700 folders (and some writers 0600 files): a saved model would be unreadable by a serving
-    account that the umask lets read it."""
+def _staged_modes(root: Path) -> dict:
+    """Save a folder with `staged_folder` as a writer that makes tempfile-private files and folders would; the modes
+    it ends with."""
     import stat
     import tempfile
 
-    from modeling_stage2._files import _UMASK, staged_folder
+    from modeling_stage2._files import staged_folder
 
-    with staged_folder(tmp_path / "best") as staging:
+    with staged_folder(root / "best") as staging:
         fd, private = tempfile.mkstemp(dir=staging)  # 0600, as safetensors' writers leave theirs
         os.close(fd)
+        os.rename(private, staging / "weights")
         (staging / "sub").mkdir(mode=0o700)
         (staging / "sub" / "config.json").write_text("{}")
-    best = tmp_path / "best"
-    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
-             for path in [best, *best.rglob("*")]}
-    assert modes == {"best": 0o777 & ~_UMASK, "best/sub": 0o777 & ~_UMASK,
-                     f"best/{Path(private).name}": 0o666 & ~_UMASK, "best/sub/config.json": 0o666 & ~_UMASK}
-    assert _UMASK == os.umask(_UMASK)  # read without changing it
+    best = root / "best"
+    return {path.relative_to(root).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in [best, *best.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_staged_folder_gets_the_modes_of_the_umask(tmp_path, umask):
+    """tempfile makes 0700 folders (and some writers 0600 files): a saved model would be unreadable by a serving
+    account that the umask lets read it. The umask is the one in force when the folder is saved, also when it was
+    set after the package was imported."""
+    import modeling_stage2._files  # noqa: F401  imported before the umask changes
+
+    before = os.umask(umask)
+    try:
+        modes = _staged_modes(tmp_path)
+        assert os.umask(umask) == umask  # reading it did not change it
+    finally:
+        os.umask(before)
+    folder, file = 0o777 & ~umask, 0o666 & ~umask
+    assert modes == {"best": folder, "best/sub": folder, "best/weights": file, "best/sub/config.json": file}
+
+
+def test_without_proc_the_umask_read_at_import_is_used(tmp_path, monkeypatch):
+    """Where /proc cannot be read, the umask is the one read (by setting it and putting it back) at import."""
+    from modeling_stage2 import _files
+
+    real_read_text = Path.read_text
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    monkeypatch.setattr(_files, "_UMASK_AT_IMPORT", 0o077)
+    assert _staged_modes(tmp_path) == {"best": 0o700, "best/sub": 0o700, "best/weights": 0o600,
+                                       "best/sub/config.json": 0o600}
 
 
 def test_atomic_file_replaces_only_when_the_write_completes(tmp_path):

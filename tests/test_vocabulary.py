@@ -200,3 +200,39 @@ def test_stage2_refine_reads_the_old_biome_key_with_one_deprecation_line(two_til
     for path in (tmp_path / "out_new").glob("*.npz"):
         with np.load(path) as a, np.load(tmp_path / "out_old" / path.name) as b:
             np.testing.assert_array_equal(a["refined"], b["refined"])
+
+
+def _install_hint_calls() -> list[tuple[str, str, str]]:
+    """(file, what, extra) of every `install_hint(...)` call in the packages, read from their source."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for package in ("modeling_stage2", "data_builders", "training", "inference_stage2", "model_cards"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                        == "install_hint"):
+                    what, extra = node.args
+                    calls.append((path.name, ast.unparse(what), ast.literal_eval(extra)))
+    return calls
+
+
+def test_install_hints_name_the_distribution_and_extras_of_setup_cfg():
+    """The hint's `pip install 'stage2-refiner[extra]'` must be a command that works: the name is setup.cfg's, and
+    every extra a hint names exists there and installs the module whose absence the hint reports."""
+    import configparser
+
+    from modeling_stage2.vocabulary import DISTRIBUTION
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert setup["metadata"]["name"] == DISTRIBUTION
+    extras = {name: {line.split(">")[0].split("=")[0].split("<")[0].strip() for line in value.split("\n") if line}
+              for name, value in setup["options.extras_require"].items()}
+    calls = _install_hint_calls()
+    assert {extra for _, _, extra in calls} == {"geo", "bigearthnet", "viz", "export"}
+    for file, what, extra in calls:
+        assert extra in extras, f"{file}: install_hint names the extra {extra!r}, which setup.cfg does not define"
+    assert {"rasterio"} <= extras["geo"] and {"lmdb", "pandas", "pyarrow"} <= extras["bigearthnet"]
+    assert {"matplotlib"} <= extras["viz"] and {"onnxruntime", "onnx"} <= extras["export"]
