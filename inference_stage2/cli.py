@@ -148,6 +148,9 @@ def _main(argv: Sequence[str] | None) -> int:
         mode = _check_mode(args, parser)
         model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device),
                            revision=args.revision)
+        if args.batch_size > (getattr(model, "max_batch", None) or args.batch_size):
+            parser.error(f"--batch_size {args.batch_size}: the exported graph {args.model} takes at most "
+                         f"{model.max_batch} images per call")
         if mode == "tiles":
             summary = refine_tiles(
                 model, args.input, args.output_dir, args.stage1_dir, args.batch_size,

@@ -130,16 +130,20 @@ class _BaseSource:
 
     kind: "model" (a full refiner folder or Hub repo), "backbone_weights" (a fresh refiner whose backbone loads
     `config.backbone_weights`), or "saved" (a random-init backbone, whose full-precision weights are kept in
-    `backbone_file` and written next to the adapter).
+    `backbone_file` and written next to the adapter). `trained_quantization`: the base's quantization while the
+    adapter was trained, kept whatever quantization it is loaded with later.
     """
 
-    def __init__(self, kind: str, model_name_or_path: str | None = None, backbone_file: Path | None = None):
+    def __init__(self, kind: str, model_name_or_path: str | None = None, backbone_file: Path | None = None,
+                 trained_quantization: str | None = None):
         self.kind = kind
         self.model_name_or_path = model_name_or_path
         self.backbone_file = backbone_file
+        self.trained_quantization = trained_quantization
 
-    def to_json(self, quantization: str) -> dict:
-        return {"kind": self.kind, "model_name_or_path": self.model_name_or_path, "trained_quantization": quantization}
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "model_name_or_path": self.model_name_or_path,
+                "trained_quantization": self.trained_quantization}
 
 
 def _fresh_refiner(config: Stage2RefinerConfig, backbone_file: Path | None = None) -> Stage2RefinerModel:
@@ -266,17 +270,22 @@ def build_trainable_model(
         if config is not None:
             raise ValueError("Pass either `config` (a fresh refiner) or `model_name_or_path` (a saved one), not both.")
         config = Stage2RefinerConfig.from_pretrained(model_name_or_path)
+    else:
+        config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
+    lora_target_pattern(config, target_modules, unfreeze_last_n_blocks)  # explicit choices, with their own messages
+    config.record_lora(lora_r, lora_alpha, lora_dropout, target_modules, unfreeze_last_n_blocks)  # before any load
+    if model_name_or_path is not None:
         base = _from_pretrained(model_name_or_path, quantization, None, config=config)
         source = _BaseSource("model", model_name_or_path=local_source_or_name(model_name_or_path))
     else:
-        config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
         base, source = _build_fresh_base(config, quantization)
 
+    config = base.config
     lora_config = LoraConfig(
-        r=config.lora_r if lora_r is None else lora_r,
-        lora_alpha=config.lora_alpha if lora_alpha is None else lora_alpha,
-        lora_dropout=config.lora_dropout if lora_dropout is None else lora_dropout,
-        target_modules=lora_target_pattern(config, target_modules, unfreeze_last_n_blocks),
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_target_pattern(config),
         modules_to_save=[name for name in TRAINABLE_MODULES + FITTED_MODULES if getattr(base, name, None) is not None],
         bias="none",
     )
@@ -292,6 +301,7 @@ def build_trainable_model(
     base.name_or_path = source.model_name_or_path or config.backbone_weights or ""
     with _peft_wrapping():
         model = get_peft_model(base, lora_config)
+    source.trained_quantization = quantization
     model.stage2_base_source = source
     model.stage2_quantization = quantization
     if print_summary:
@@ -392,12 +402,12 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
     source = _base_source_of(model)
     output_dir = Path(output_dir)
     _refuse_foreign_folder(output_dir)
+    _refuse_own_base(source, output_dir, "save_trained_model")
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         config = _clean_config(model.get_base_model().config)
         config.save_pretrained(staging)
-        quantization = getattr(model, "stage2_quantization", "none")
-        (staging / BASE_SOURCE_FILE).write_text(json.dumps(source.to_json(quantization), indent=2) + "\n")
+        (staging / BASE_SOURCE_FILE).write_text(json.dumps(source.to_json(), indent=2) + "\n")
         if source.kind == "saved":
             shutil.copyfile(source.backbone_file, staging / BASE_WEIGHTS_FILE)
     return output_dir
@@ -448,6 +458,9 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
         )
     output_dir = Path(output_dir)
     _refuse_foreign_folder(output_dir)
+    source = getattr(model, "stage2_base_source", None)
+    if source is not None:
+        _refuse_own_base(source, output_dir, "export_merged_model")
     merged = model.merge_and_unload()
     merged.config = _clean_config(merged.config)
     merged.requires_grad_(False)
@@ -467,9 +480,11 @@ def _base_source_of(model) -> _BaseSource:
     source = getattr(model, "stage2_base_source", None)
     if source is not None:
         return source
-    config = model.get_base_model().config
-    if config.backbone_weights is not None:
-        return _BaseSource("backbone_weights")
+    base = model.get_base_model()
+    if base.config.backbone_weights is not None:
+        quantization = ("8bit" if getattr(base, "is_loaded_in_8bit", False)
+                        else "4bit" if getattr(base, "is_loaded_in_4bit", False) else "none")
+        return _BaseSource("backbone_weights", trained_quantization=quantization)
     raise ValueError(
         "This model was not built by build_trainable_model/load_trained_model and its backbone has no pretrained "
         "source (config.backbone_weights is None), so its frozen base could not be rebuilt; build it with "
@@ -493,15 +508,23 @@ def _read_base_source(folder: Path) -> _BaseSource:
         kind = info["kind"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: unreadable base description ({error}); re-save the model with save_trained_model.")
+    trained_quantization = info.get("trained_quantization")
+    if trained_quantization is not None and trained_quantization not in QUANTIZATIONS:
+        raise ValueError(f"{path}: key 'trained_quantization' is {trained_quantization!r}; expected one of "
+                         f"{QUANTIZATIONS}; re-save the model with save_trained_model.")
     if kind == "saved":
         weights = folder / BASE_WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing: {path} says the base backbone weights are stored there.")
-        return _BaseSource("saved", backbone_file=weights)
+        return _BaseSource("saved", backbone_file=weights, trained_quantization=trained_quantization)
     if kind == "model" and info.get("model_name_or_path"):
-        return _BaseSource("model", model_name_or_path=info["model_name_or_path"])
+        base = str(info["model_name_or_path"])
+        if Path(base).is_absolute() and not Path(base).is_dir():  # local_source_or_name stores local bases absolute
+            raise FileNotFoundError(f"{path}: key 'model_name_or_path' names the base folder {base}, which no longer "
+                                    "exists; put the base refiner back there, or edit the path to where it is now.")
+        return _BaseSource("model", model_name_or_path=base, trained_quantization=trained_quantization)
     if kind == "backbone_weights":
-        return _BaseSource("backbone_weights")
+        return _BaseSource("backbone_weights", trained_quantization=trained_quantization)
     raise ValueError(f"{path}: key 'kind' is {kind!r}; expected 'model', 'backbone_weights' or 'saved'.")
 
 
@@ -605,6 +628,15 @@ def _local_folder(path: str | Path, revision: str | None = None) -> Path:
     if is_hub_repo_id(str(path)):
         return download_model_folder(str(path), revision=revision)
     raise FileNotFoundError(f"{path} is not a folder (nor a Hub repo id OWNER/NAME).")
+
+
+def _refuse_own_base(source: _BaseSource, output_dir: Path, writer: str) -> None:
+    """The folder of the refiner an adapter was built on: replacing it would leave the adapter nothing to load onto
+    (its `stage2_base.json` would point at itself)."""
+    base = source.model_name_or_path if source.kind == "model" else None
+    if base is not None and Path(base).is_dir() and output_dir.resolve() == Path(base).resolve():
+        raise FileExistsError(f"{writer}: {output_dir} holds the base refiner this adapter was built on, which "
+                              f"the adapter needs to load; choose another folder.")
 
 
 def _refuse_foreign_folder(output_dir: Path) -> None:

@@ -341,6 +341,21 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
         """Channels of each head stage: `head_width` halved per stage, never below 16."""
         return [max(self.head_width >> stage, min(16, self.head_width)) for stage in range(self.num_convnext_blocks)]
 
+    def record_lora(self, r=None, alpha=None, dropout=None, target_modules=None, last_n_blocks=None) -> None:
+        """Set the LoRA settings an adapter is built with, checked as `__init__` checks them; None keeps the
+        config's. `build_trainable_model` calls it, so a saved `config.json` (and the model card made from it)
+        describes the adaptation the weights went through, not the defaults."""
+        if r is not None:
+            self.lora_r = _positive_int(r, "lora_r")
+        if alpha is not None:
+            self.lora_alpha = _positive_int(alpha, "lora_alpha")
+        if dropout is not None:
+            self.lora_dropout = _fraction(dropout, "lora_dropout")
+        if target_modules is not None:
+            self.lora_target_modules = resolve_lora_targets(target_modules, "target_modules")
+        if last_n_blocks is not None:
+            self.unfreeze_last_n_blocks = _resolve_last_n_blocks(last_n_blocks, self.backbone_config.depth)
+
     @property
     def lora_blocks(self) -> list[int]:
         """Indices of the backbone blocks that receive LoRA adapters."""

@@ -131,7 +131,8 @@ def merged_refiner(model_or_path: Any, *, device: str | None = None) -> tuple[nn
                 "the model's base is quantized (bitsandbytes), which no exporter can trace; load the trained folder "
                 "in full precision (load_trained_model(path, quantization='none')) or pass the folder itself"
             )
-        info["trained_quantization"] = info["trained_quantization"] or getattr(model, "stage2_quantization", None)
+        source = getattr(model, "stage2_base_source", None)  # the quantization it was trained with, not loaded with
+        info["trained_quantization"] = info["trained_quantization"] or getattr(source, "trained_quantization", None)
         model = copy.deepcopy(model).merge_and_unload()
         info["adapters_merged"] = True
     if not isinstance(model, Stage2RefinerModel):

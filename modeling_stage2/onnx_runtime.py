@@ -125,6 +125,12 @@ class ExportedRefiner:
         """Whether the graph returns `out_of_range_weight`."""
         return OUT_OF_RANGE_WEIGHT in self.output_names
 
+    @property
+    def max_batch(self) -> int | None:
+        """The most tiles the graph takes in one call (`export.json`'s `shape_limits`), None where it names none."""
+        limits = (self.export_info.get("shape_limits") or {}).get("batch")
+        return int(limits[1]) if limits else None
+
     def _onnx_session(self, num_threads: int | None):
         try:
             import onnxruntime as ort
@@ -157,13 +163,14 @@ class ExportedRefiner:
         month = Stage2RefinerModel._check_metadata(month, "month", 1, self.config.num_months, batch)
         biome = Stage2RefinerModel._check_metadata(biome, "biome", 0, self.config.num_biomes - 1, batch)
         limits = self.export_info.get("shape_limits") or {"height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]}
-        for axis, name in ((2, "height"), (3, "width")):
+        for axis, name, fix in ((0, "batch", "split the batch"), (2, "height", "pad the image"),
+                                (3, "width", "pad the image")):
             low, high = limits.get(name, (None, None))
             size = opt_v1.shape[axis]
             if (low is not None and size < low) or (high is not None and size > high):
                 raise ValueError(
                     f"opt_v1 {name} {size} is outside the exported graph's range {low}..{high} "
-                    f"({self.graph_file.name}); pad the image or use the eager model."
+                    f"({self.graph_file.name}); {fix} or use the eager model."
                 )
         return opt_v1, month, biome
 

@@ -314,6 +314,62 @@ def test_a_base_named_by_a_relative_path_loads_from_anywhere(tmp_path, monkeypat
     assert torch.equal(refine(load_trained_model(folder), opt_v1, month, biome), expected)
 
 
+def test_the_saved_config_records_the_lora_the_adapter_was_built_with(tmp_path):
+    """config.json (and the cards made from it, merged or not) describes the adaptation the weights went through."""
+    from model_cards.cards import card_for_folder
+
+    config = tiny_refiner_config(backbone_config=tiny_backbone_config(depth=4))
+    model = build("none", config=config, lora_r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["qkv"],
+                  unfreeze_last_n_blocks=1)
+    folder = save_trained_model(model, tmp_path / "best")
+    saved = json.loads((folder / "config.json").read_text())
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert (saved["lora_r"], saved["lora_alpha"], saved["lora_dropout"]) == (4, 8, 0.05) == (
+        adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"])
+    assert (saved["lora_target_modules"], saved["unfreeze_last_n_blocks"]) == (["qkv"], 1)
+    assert (config.lora_r, config.unfreeze_last_n_blocks) == (8, None)  # the caller's config is left as it was
+    assert "LoRA r=4, alpha=8, dropout=0.05 on qkv of the last backbone block" in card_for_folder(folder).text
+    export_merged_model(load_trained_model(folder), tmp_path / "merged")
+    assert "LoRA r=4, alpha=8 on qkv of the last backbone block, merged" in card_for_folder(tmp_path / "merged").text
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        build("none", config=config, lora_dropout=1.5)
+
+
+def test_the_trained_quantization_is_kept_whatever_the_adapter_is_loaded_with(tmp_path):
+    from modeling_stage2.export import merged_refiner
+
+    folder = save_trained_model(build("8bit"), tmp_path / "best")
+    loaded = load_trained_model(folder, quantization="none")
+    assert merged_refiner(loaded)[1]["trained_quantization"] == "8bit"
+    again = save_trained_model(loaded, tmp_path / "again")
+    assert json.loads((again / "stage2_base.json").read_text())["trained_quantization"] == "8bit"
+    (again / "stage2_base.json").write_text(json.dumps({"kind": "saved", "trained_quantization": "fp8"}))
+    with pytest.raises(ValueError, match="'trained_quantization' is 'fp8'"):
+        load_trained_model(again)
+
+
+@pytest.mark.parametrize("writer", ["save_trained_model", "export_merged_model"])
+def test_an_adapter_is_never_written_over_the_base_it_needs(tmp_path, writer):
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "base").iterdir()}
+    model = build_trainable_model(model_name_or_path=tmp_path / "base", quantization="none", print_summary=False)
+    if writer == "export_merged_model":
+        model = load_trained_model(save_trained_model(model, tmp_path / "best"))
+    with pytest.raises(FileExistsError, match=f"^{writer}: .*base.* holds the base refiner this adapter was built on"):
+        globals()[writer](model, tmp_path / "sub" / ".." / "base")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "base").iterdir()} == before
+
+
+def test_a_moved_base_folder_is_named_before_anything_loads(tmp_path):
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base")
+    model = build_trainable_model(model_name_or_path=tmp_path / "base", quantization="none", print_summary=False)
+    folder = save_trained_model(model, tmp_path / "best")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"stage2_base.json: key 'model_name_or_path' names the base folder "
+                                                r".*/base, which no longer exists"):
+        load_trained_model(folder)
+
+
 def test_adapter_folder_loads_from_the_hub(hub_server, tmp_path):
     from huggingface_hub import HfApi
 

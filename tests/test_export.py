@@ -24,7 +24,7 @@ pytest.importorskip("onnxscript")
 from _refiner_helpers import tiny_refiner_config, wake_up  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model  # noqa: E402
-from modeling_stage2.export import EXPORT_INFO_FILE, MIN_SIDE, export_refiner  # noqa: E402
+from modeling_stage2.export import EXPORT_INFO_FILE, MAX_BATCH, MIN_SIDE, export_refiner  # noqa: E402
 from inference_stage2 import main as refine_main  # noqa: E402
 from inference_stage2 import load_model, refine_scene, refine_tiles  # noqa: E402
 from inference_stage2.predict import reports_out_of_range_weight  # noqa: E402
@@ -339,6 +339,11 @@ def test_bad_input_gives_the_eager_error_before_running(fmt, exported, eager, mo
     assert "opt_v1 is empty" in _error_of(lambda: model(*cases["no tile"]))[1]
     kind, message = _error_of(lambda: model(torch.rand(1, 4, 14, 120), torch.tensor([1]), torch.tensor([1])))
     assert kind is ValueError and "height 14" in message and f"{MIN_SIDE}.." in message
+    too_many = torch.zeros(MAX_BATCH + 1, 4, MIN_SIDE, MIN_SIDE)  # one tile more than the graph takes
+    kind, message = _error_of(lambda: model(too_many, torch.ones(MAX_BATCH + 1, dtype=torch.long), None))
+    assert kind is ValueError and f"batch {MAX_BATCH + 1} is outside the exported graph's range 1..{MAX_BATCH}" in (
+        message)
+    assert model.max_batch == MAX_BATCH
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -493,7 +498,7 @@ def test_a_graph_without_the_weight_reports_none_whatever_its_config(tmp_path, e
     assert not (tmp_path / "refined.tif").exists() and not (tmp_path / "kept.tif").exists()
 
 
-def test_refine_cli_refuses_quantization_of_an_exported_model(tmp_path, exported, capsys):
+def test_refine_cli_refuses_quantization_and_batches_an_exported_model_cannot_take(tmp_path, exported, capsys):
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     path = sorted(SAMPLE_TILES.rglob("*.npz"))[0]
@@ -503,6 +508,12 @@ def test_refine_cli_refuses_quantization_of_an_exported_model(tmp_path, exported
         "--quantization", "8bit", "--no_progress",
     ])
     assert code == 2 and "--quantization" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        refine_main(["--model", str(exported["none", "onnx"]), "--input", str(tiles), "--output_dir",
+                     str(tmp_path / "out"), "--batch_size", str(MAX_BATCH + 1), "--no_progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and f"--batch_size {MAX_BATCH + 1}: the exported graph" in err[-1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_float16_export_of_a_model_object_leaves_it_unchanged(tmp_path, eager, sample_images):
