@@ -8,10 +8,13 @@ machine is `--multi_gpu` plus the training flag `--use_cpu true`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,17 +32,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_cpu_processes_with_ddp_agree_with_one(tmp_path, sample_dataset_dir, repo_root):
-    config = write_config(tmp_path / "ddp.yaml", gradient_accumulation_steps=1, **SETTINGS)
+def _launch_two(repo_root: Path, config: Path, data_dir: Path, output_dir: Path, *flags: str):
+    """`train.py` in two CPU processes (DDP over gloo), as `accelerate launch` starts them."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()), str(repo_root / "training" / "train.py"),
-        "--config", str(config), "--use_cpu", "true", "--data_dir", str(sample_dataset_dir),
-        "--output_dir", str(tmp_path / "ddp"),
+        "--config", str(config), "--use_cpu", "true", "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+        *flags,
     ]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK"))}
-    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=repo_root, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_two_cpu_processes_with_ddp_agree_with_one(tmp_path, sample_dataset_dir, repo_root):
+    config = write_config(tmp_path / "ddp.yaml", gradient_accumulation_steps=1, **SETTINGS)
+    result = _launch_two(repo_root, config, sample_dataset_dir, tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-4000:]
 
     single_config = write_config(tmp_path / "single.yaml", gradient_accumulation_steps=2, **SETTINGS)
@@ -84,3 +100,96 @@ def test_two_cpu_processes_with_ddp_agree_with_one(tmp_path, sample_dataset_dir,
     for name in ("ndvi_rmse", "evi_rmse", "sam", "psnr"):
         assert ddp_val[name] == pytest.approx(one_val[name], rel=1e-4), name
         assert ddp_val["opt_v1"][name] == pytest.approx(one_val["opt_v1"][name], rel=1e-9), name
+    # The preview shows the split's first tiles from both processes (3 rows), not the main process's own batches
+    # (tiles 0 and 1 only, with 2 tiles per process and batch).
+    assert _png_size(tmp_path / "ddp" / "best" / "preview.png") == _png_size(tmp_path / "one" / "best" / "preview.png")
+
+
+def _with_a_nan_target(dataset_dir: Path, out: Path, tile: int = 0) -> Path:
+    """A copy of an Arrow dataset whose training tile `tile` has a NaN at a valid target pixel (a corrupt tile)."""
+    import datasets
+    import numpy as np
+
+    dataset = datasets.load_from_disk(str(dataset_dir))
+
+    def poison(target, index):
+        if index != tile:
+            return {"target": target}
+        target = np.array(target, dtype=np.float32)
+        target[:, 60, 60] = np.nan
+        return {"target": target.tolist()}
+
+    train = dataset["train"].map(poison, with_indices=True, input_columns=["target"],
+                                 features=dataset["train"].features)
+    assert dataset["train"][tile]["valid_mask"][60][60]
+    datasets.DatasetDict({**dataset, "train": train}).save_to_disk(str(out))
+    for path in Path(dataset_dir).iterdir():
+        if path.is_file() and not (out / path.name).exists():
+            shutil.copyfile(path, out / path.name)  # the build record
+    return out
+
+
+def test_a_nan_tile_and_a_resume_in_two_processes(tmp_path, sample_dataset_dir, repo_root):
+    """A step that is non-finite in one process only is skipped by both (the discriminator's gradients and the loss
+    components are reduced by every process, with or without values), and a resumed two-process run equals the
+    uninterrupted one."""
+    data = _with_a_nan_target(sample_dataset_dir, tmp_path / "nan_ds")
+    # One tile per process and step: the process holding the NaN tile has no loss component and no discriminator
+    # gradient at all in that step.
+    config = write_config(tmp_path / "ddp.yaml", per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                          max_samples=4, max_eval_samples=2, num_train_epochs=2, save_every_epochs=0.5,
+                          save_total_limit=None, optim="sgd", learning_rate=0.05, spectral_correction_init="identity")
+    full = _launch_two(repo_root, config, data, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-4000:]
+    logged = records(tmp_path / "full" / "training_log.jsonl", "train")
+    assert [record["step"] for record in logged] == [1, 2, 3, 4]
+    assert logged[-1]["nonfinite_skipped_steps"] == 2  # tile 0, once per epoch
+    assert all(math.isfinite(record["loss"]) or record["nonfinite_skipped_steps"] for record in logged)
+
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    for step in (3, 4):
+        shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{step}")
+    resumed = _launch_two(repo_root, config, data, tmp_path / "resumed", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    for name in ("adapter_model.safetensors", "discriminator.safetensors"):
+        expected, actual = (tensors(tmp_path / run / "checkpoint-4" / name) for run in ("full", "resumed"))
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[key], actual[key]) for key in expected), name
+
+
+def test_only_the_main_process_converts_and_the_others_stop_where_it_failed(monkeypatch, tmp_path, sample_tiles_dir):
+    """The other processes neither convert the tiles again nor read what a failed main process is removing: they
+    learn whether it succeeded (one collective, which they wait on) and stop with a UsageError where it did not."""
+    from types import SimpleNamespace
+
+    from training import train
+    from training.args import Stage2DataArguments
+    from training.train import UsageError, _main_process_first, ensure_arrow_dataset
+
+    told = []
+    main_failed = {"value": False}
+    monkeypatch.setattr(train, "_any_process", lambda flag, args: told.append(flag) or flag or main_failed["value"])
+    ran = []
+
+    def work(build):
+        ran.append(build)
+        return "data"
+
+    def failing(build):
+        raise UsageError("--data_dir D: no 'val' split")
+
+    main, other = SimpleNamespace(world_size=2, process_index=0), SimpleNamespace(world_size=2, process_index=1)
+    assert _main_process_first(main, work) == "data" and ran == [True] and told == [False]
+    with pytest.raises(UsageError, match="no 'val' split"):
+        _main_process_first(main, failing)
+    assert told == [False, True]  # the others are told, then the error goes on
+    assert _main_process_first(other, work) == "data" and ran == [True, False]
+    main_failed["value"] = True
+    with pytest.raises(UsageError, match="the main process stopped before training"):
+        _main_process_first(other, work)
+    assert ran == [True, False]  # not run where the main process failed
+
+    data_args = Stage2DataArguments(data_dir=str(sample_tiles_dir))
+    with pytest.raises(UsageError, match="the main process did not convert the tiles"):
+        ensure_arrow_dataset(data_args, tmp_path / "run", build=False)
+    assert not (tmp_path / "run").exists()

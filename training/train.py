@@ -449,9 +449,10 @@ def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) ->
         raise UsageError(f"--output_dir {training_args.output_dir}: {problem}")
 
 
-def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike) -> Path:
+def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike, build: bool = True) -> Path:
     """The folder of the Arrow `DatasetDict` of `data_args.data_dir`: the folder itself if it is one, else the
-    cached conversion of its NPZ tiles (built on first use)."""
+    cached conversion of its NPZ tiles (built on first use; with `build=False`, a `UsageError` where it is not
+    there: the other processes of a distributed run, whose main process converts or has failed)."""
     _check_data_folder(data_args)
     data_dir = Path(data_args.data_dir)
     if is_arrow_dataset(data_dir):
@@ -462,6 +463,9 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike) -> Path:
     if is_arrow_dataset(cached):
         logger.info(f"Using the cached Arrow dataset {cached} (converted from {data_dir}).")
         return cached
+    if not build:
+        raise UsageError(f"--data_dir {data_dir}: the main process did not convert the tiles to {cached} (it "
+                         "stopped with an error, which it reports)")
     from data_builders import build_dataset
 
     logger.info(f"Converting the NPZ tiles of {data_dir} to Arrow in {cached} (once; later runs reuse it).")
@@ -475,11 +479,12 @@ def _cache_root(data_args, output_dir: str | os.PathLike) -> Path:
     return Path(data_args.dataset_cache_dir or Path(output_dir) / DATASET_CACHE_DIR)
 
 
-def load_or_build_dataset(data_args, output_dir: str | os.PathLike):
-    """The `DatasetDict` of `data_args.data_dir`: loaded if it is Arrow, else converted from NPZ once and cached."""
+def load_or_build_dataset(data_args, output_dir: str | os.PathLike, build: bool = True):
+    """The `DatasetDict` of `data_args.data_dir`: loaded if it is Arrow, else converted from NPZ once and cached
+    (`build`: see `ensure_arrow_dataset`)."""
     from datasets import load_from_disk
 
-    return load_from_disk(str(ensure_arrow_dataset(data_args, output_dir)))
+    return load_from_disk(str(ensure_arrow_dataset(data_args, output_dir, build=build)))
 
 
 def prepare_splits(dataset_dict, data_args, seed: int = 0):
@@ -550,9 +555,11 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
 
     output_dir = Path(training_args.output_dir)
     with _undone_on_failure(output_dir, _cache_root(data_args, output_dir), enabled=training_args.should_save):
-        with training_args.main_process_first(local=False, desc="dataset conversion"):
-            dataset_dict = load_or_build_dataset(data_args, output_dir)
-        train_dataset, eval_dataset = prepare_splits(dataset_dict, data_args, seed=training_args.seed)
+        def load_data(build: bool):
+            dataset_dict = load_or_build_dataset(data_args, output_dir, build=build)
+            return (dataset_dict, *prepare_splits(dataset_dict, data_args, seed=training_args.seed))
+
+        dataset_dict, train_dataset, eval_dataset = _main_process_first(training_args, load_data)
         model = build_model(training_args, print_summary=training_args.should_log)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -686,6 +693,25 @@ class InterruptCallback:
         if name.startswith("on_"):  # the other Trainer events: nothing to do
             return lambda *args, **kwargs: None
         raise AttributeError(name)
+
+
+def _main_process_first(training_args, work):
+    """`work(build=True)` on the main process, then `work(build=False)` on the others once it succeeded there. Where
+    it failed (and removed what it made), the others raise a `UsageError` without running it, instead of converting
+    the data again or reading what is being removed; the main process reports why."""
+    if training_args.world_size == 1:
+        return work(True)
+    if training_args.process_index == 0:
+        try:
+            result = work(True)
+        except BaseException:
+            _any_process(True, training_args)  # releases the others, who learn that it failed
+            raise
+        _any_process(False, training_args)
+        return result
+    if _any_process(False, training_args):  # waits for the main process
+        raise UsageError("the main process stopped before training (it reports why)")
+    return work(False)
 
 
 def _any_process(flag: bool, args) -> bool:

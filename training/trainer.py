@@ -467,13 +467,9 @@ class Stage2Trainer(Trainer):
             self._discriminator_step(skip=poisoned)
 
     def _discriminator_step(self, skip: bool) -> None:
+        if self.accelerator.num_processes > 1:
+            self._average_discriminator_gradients()
         parameters = [p for p in self.discriminator.parameters() if p.grad is not None]
-        if parameters and self.accelerator.num_processes > 1:  # D is not wrapped in DDP: average its gradients here
-            flat = self.accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in parameters]), reduction="mean")
-            offset = 0
-            for p in parameters:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
         if skip or not parameters or _nonfinite(p.grad for p in parameters):
             self.disc_skipped_steps += 1
         else:
@@ -485,6 +481,22 @@ class Stage2Trainer(Trainer):
             self.disc_optimizer.step()
             self.disc_steps += 1
         self.disc_optimizer.zero_grad(set_to_none=True)
+
+    def _average_discriminator_gradients(self) -> None:
+        """D is not wrapped in DDP: average its gradients over the processes here. Every process joins with every
+        parameter (zeros where it has no gradient, as after a non-finite loss) and a count of the processes that had
+        some, so the collective always matches; the gradients stay None where no process had any."""
+        parameters = list(self.discriminator.parameters())
+        had = any(p.grad is not None for p in parameters)
+        flat = torch.cat([torch.tensor([float(had)], device=self.args.device),
+                          *[(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters]])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        if flat[0] == 0:
+            return
+        offset = 1
+        for p in parameters:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
 
     # --------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -498,14 +510,22 @@ class Stage2Trainer(Trainer):
         super().log(logs, start_time)
 
     def _reduced_train_metrics(self) -> dict[str, float]:
+        """Each loss component's mean over the processes that recorded it. Every process reduces the same names in
+        the same order (the union of theirs: one that skipped a non-finite step may have recorded none)."""
         recorded = self._metrics["train"]
-        names = sorted(recorded)
+        names = set(recorded)
+        if self.accelerator.num_processes > 1:
+            everyone = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(everyone, sorted(names))
+            names = set().union(*everyone)
+        names = sorted(names)
         if not names:
             return {}
-        means = self.accelerator.reduce(
-            torch.stack([torch.stack(recorded[name]).mean() for name in names]).to(self.args.device), reduction="mean")
+        rows = [torch.stack([torch.stack(recorded[name]).mean().cpu(), torch.tensor(1.0)]) if recorded.get(name)
+                else torch.zeros(2) for name in names]  # (mean, 1) or (0, 0) where this process has none
+        totals = self.accelerator.reduce(torch.stack(rows).to(self.args.device), reduction="sum")
         recorded.clear()
-        return {name: round(float(value), 6) for name, value in zip(names, means.tolist())}
+        return {name: round(float(total / count), 6) for name, (total, count) in zip(names, totals.tolist()) if count}
 
     def _cpu_fallback_count(self) -> int:
         model = self.accelerator.unwrap_model(self.model)
@@ -544,9 +564,10 @@ class Stage2Trainer(Trainer):
             accumulator.add_statistics(statistics)
             loss_sum += float(losses.double().sum())
             tiles += int(losses.numel())
-            kept = sum(len(a) for a in preview["target"])
-            if kept < self.preview_tiles:
-                for name, tensor in (("opt_v1", opt_v1), ("refined", refined), ("target", target)):
+            kept = sum(len(a) for a in preview["target"])  # the same in every process: counted after gathering
+            if kept < self.preview_tiles:  # the first tiles of the split, from every process, padding dropped
+                shown = self.accelerator.gather_for_metrics((opt_v1, refined, target))
+                for name, tensor in zip(("opt_v1", "refined", "target"), shown):
                     preview[name].append(tensor[: self.preview_tiles - kept].cpu().numpy())
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         if tiles == 0:
@@ -716,7 +737,9 @@ class Stage2Trainer(Trainer):
         saved = PatchDiscriminator.from_pretrained(folder)
         self.discriminator.load_state_dict(saved.state_dict())
         meta = json.loads((folder / DISC_OPTIMIZER_META).read_text())
-        tensors = load_file(str(folder / DISC_OPTIMIZER_TENSORS), device=str(self.args.device))
+        # On the CPU: under DDP args.device is "cpu:0", which safetensors refuses; load_state_dict moves the state
+        # to the parameters' device.
+        tensors = load_file(str(folder / DISC_OPTIMIZER_TENSORS))
         self.disc_optimizer.load_state_dict(optimizer_state_from_safetensors(tensors, meta))
 
     # Private override: the completion marker must be written after every file of the checkpoint (trainer state and
