@@ -21,10 +21,13 @@ from pathlib import Path
 
 from data_builders.cache import ARROW_MARKER
 from modeling_stage2._signals import exit_on_termination
-from modeling_stage2.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
+                                      RECORD_FILES)
+from modeling_stage2.hub import is_hub_repo_id
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
-from training.trainer import CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS, TRAINER_EXTRA_STATE
+from training.trainer import (BEST_DIR_NAME, CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS,
+                              TRAINER_EXTRA_STATE)
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
 
@@ -40,10 +43,18 @@ UPLOAD_PATTERNS = ("*.safetensors", "*.json", "README.md", "*.png", "*.jpg", "*.
 NEVER_UPLOAD = ("trainer_state.json", "optimizer*", "scheduler*", "rng_state*", "training_args*", "*.bin", "*.pt",
                 "*.pth", "*.pkl", "*.pickle", "*.npy", DISCRIMINATOR_CONFIG, DISCRIMINATOR_WEIGHTS, DISC_OPTIMIZER_META,
                 DISC_OPTIMIZER_TENSORS, TRAINER_EXTRA_STATE, CHECKPOINT_COMPLETE_NAME)
-SKIPPED_DIRS = ("checkpoint-*", "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard")
+# "_*": the run's Arrow cache (`_dataset`), which the Trainer's own push leaves out too. Not imported from
+# training.train, whose import sets MKL_CBWR for every process started after it.
+SKIPPED_DIRS = ("checkpoint-*", "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard", "_*", BEST_DIR_NAME)
+# The files of a model's layout and records: a push removes those of an earlier push that it does not replace, so
+# that a repo never serves an old adapter beside a new full model, or an old model's metrics beside a new card.
+REPLACED_ON_PUSH = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE, "config.json",
+                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "*.py",
+                    *RECORD_FILES)
 # ------------------------------------------------------------------------------------ model folders
 def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
-    """The folder holding the trained model (`output_dir` itself or its `best/`) and its layout name.
+    """The folder holding the trained model (`output_dir`'s `best/`, the model training selected, or else
+    `output_dir` itself) and its layout name.
 
     Raises a `CardError` saying what was looked for when neither holds an adapter or a full model.
     """
@@ -51,7 +62,7 @@ def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
     if not output_dir.is_dir():
         raise CardError(f"{output_dir}: no such folder; give the output folder of training "
                         "(or the folder written by save_trained_model)")
-    for folder in (output_dir, output_dir / "best"):
+    for folder in (output_dir / BEST_DIR_NAME, output_dir):
         for name, required, any_of in MODEL_FOLDER_LAYOUTS:
             if folder.is_dir() and all((folder / f).is_file() for f in required) and any(
                     (folder / f).is_file() for f in any_of):
@@ -143,15 +154,18 @@ def push_trained_model(
     Uploads the adapter / weights and trainable modules (safetensors), configs, `metrics.json`, the preview
     and the model card (`README.md`), generated with `model_cards.cards.card_for_folder` for this repo unless the
     folder holds a hand-written one (a card that is neither peft's unfilled template nor a generated one).
-    `include_code=True` adds the modeling code and an `auto_map` in `config.json`. Files of an earlier
-    push that this one does not replace stay in the repo. `private=True` on an existing public repo makes it
+    `include_code=True` adds the modeling code and an `auto_map` in `config.json`. The same commit deletes the
+    files of an earlier push's model and records that this one does not replace (`REPLACED_ON_PUSH`: the other
+    layout's weights and configs, code, metrics, preview); other files stay. A `revision` branch is created from
+    the main branch when missing. `private=True` on an existing public repo makes it
     private before anything is uploaded (and logs it); `private=False` leaves an existing repo's visibility alone.
     Returns the commit URL.
 
-    Raises `CardError` (a `ValueError`) when the folder holds no adapter or full model, or its card or code cannot
-    be made (e.g. a malformed `metrics.json`): before anything reaches the Hub.
+    Raises `CardError` (a `ValueError`) when the folder holds no adapter or full model, when its card or code cannot
+    be made (e.g. a malformed `metrics.json`), or when it is an adapter whose base only this machine has: before
+    anything reaches the Hub.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder, layout = find_model_folder(output_dir)
     contents = model_repo_contents(folder, repo_id, include_code=include_code, datasets=datasets)
@@ -162,8 +176,13 @@ def push_trained_model(
         contents = model_repo_contents(folder, repo_id, include_code=include_code, datasets=datasets)
     if private:
         _make_private(api, repo_id)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     operations = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content)
                   for path_in_repo, content in contents.items()]
+    operations += [CommitOperationDelete(path_in_repo=path)
+                   for path in api.list_repo_files(repo_id, repo_type="model", revision=revision)
+                   if path not in contents and "/" not in path and _matches(path, REPLACED_ON_PUSH)]
     commit = api.create_commit(
         repo_id, operations, repo_type="model", revision=revision,
         commit_message=commit_message or f"Upload Stage 2 refiner ({layout}) from {folder.name}",
@@ -178,6 +197,11 @@ def model_repo_contents(folder: Path, repo_id: str, *, include_code: bool = Fals
     modeling code and the `config.json` naming it. Raises `CardError` when either cannot be made."""
     files = files_to_upload(folder)
     contents: dict[str, str | bytes] = {path_in_repo: str(path) for path_in_repo, path in files.items()}
+    if (folder / ADAPTER_CONFIG_FILE).is_file():
+        if include_code:
+            raise CardError(f"{folder}: --include_code needs a full model; an adapter's base is rebuilt by this "
+                            "package (load_trained_model). Merge it (export_merged_model) and push that folder.")
+        _refuse_local_base(folder)
     if include_code:
         code, contents["config.json"] = remote_code(folder / "config.json")
         contents.update(code)
@@ -187,6 +211,33 @@ def model_repo_contents(folder: Path, repo_id: str, *, include_code: bool = Fals
         card = card_for_folder(folder, repo_id=repo_id, has_code=include_code, datasets=datasets)
         contents["README.md"] = str(card).encode()
     return contents
+
+
+def _refuse_local_base(folder: Path) -> None:
+    """An adapter whose base (a refiner folder, or backbone weights) is a path on this machine cannot be loaded by
+    anyone who pulls it: say so before pushing."""
+    try:
+        source = json.loads((folder / BASE_SOURCE_FILE).read_text()) if (folder / BASE_SOURCE_FILE).is_file() else {}
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CardError(f"{folder}: unreadable {BASE_SOURCE_FILE} or config.json ({error})") from None
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind == "model":
+        file, key, base = BASE_SOURCE_FILE, "model_name_or_path", source.get("model_name_or_path")
+    elif kind == "backbone_weights":
+        file, key, base = "config.json", "backbone_weights", config.get("backbone_weights")
+    else:  # "saved": the base travels in the folder (base_model.safetensors)
+        return
+    if isinstance(base, str) and _is_local_path(base):
+        raise CardError(f"{folder / file}: {key} {base} is a path on this machine, which nobody who pulls the adapter "
+                        "has; push that base to the Hub and build on its repo id, or merge the adapter "
+                        "(export_merged_model) and push the merged folder.")
+
+
+def _is_local_path(source: str) -> bool:
+    """Not a Hub name (`OWNER/NAME`, `OWNER/NAME/FILE`, `hf://...`): local sources are stored absolute."""
+    text = source[len("hf://"):] if source.startswith("hf://") else source
+    return Path(text).is_absolute() or not is_hub_repo_id("/".join(text.split("/")[:2]))
 
 
 def push_dataset(

@@ -681,3 +681,102 @@ def test_cli_pushes_dataset_code_and_a_card_naming_the_dataset(hub_server, train
     config = json.loads(hub_server.file_bytes(repo, "config.json"))
     assert config["auto_map"]["AutoModel"] == "modeling_stage2.Stage2RefinerModel"
     assert config["auto_map"]["AutoConfig"] == "configuration_stage2.Stage2RefinerConfig"
+
+
+def test_a_second_push_replaces_the_first_models_files(hub_server, trained, tmp_path):
+    """An adapter, then a full model, to the same repo: the adapter's files go in the same commit (they would make
+    `load_trained_model` serve the old adapter), and so do records the new folder does not have."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from model_cards.push import push_trained_model
+    from modeling_stage2 import load_trained_model
+
+    repo = f"{DEFAULT_USER}/replaced"
+    push_trained_model(trained["adapter_dir"], repo)
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b"mine", path_in_repo="NOTES.txt", repo_id=repo)  # not ours: stays
+    merged = tmp_path / "merged"
+    shutil.copytree(trained["merged_dir"], merged)
+    (merged / "metrics.json").unlink(missing_ok=True)
+    push_trained_model(merged, repo)
+    files = set(api.list_repo_files(repo))
+    assert not files & {"adapter_config.json", "adapter_model.safetensors", "base_model.safetensors",
+                        "stage2_base.json", "metrics.json"}
+    assert {"config.json", "model.safetensors", "README.md", "NOTES.txt"} <= files
+    with torch.no_grad():
+        assert torch.equal(load_trained_model(repo)(**trained["inputs"]).refined, trained["merged_out"])
+    assert len(api.list_repo_commits(repo)) == 4  # initial, adapter, notes, model: the deletes in the model's commit
+
+
+def test_push_to_a_new_branch_creates_it_from_main(hub_server, trained):
+    from huggingface_hub import HfApi
+
+    from model_cards.push import push_trained_model
+
+    repo = f"{DEFAULT_USER}/branched"
+    push_trained_model(trained["adapter_dir"], repo)
+    push_trained_model(trained["merged_dir"], repo, revision="merged")
+    api = HfApi()
+    assert "adapter_config.json" in api.list_repo_files(repo)  # main keeps the adapter
+    branch = set(api.list_repo_files(repo, revision="merged"))
+    assert "model.safetensors" in branch and "adapter_config.json" not in branch
+
+
+def test_adapters_that_cannot_be_used_elsewhere_are_refused_before_anything_is_pushed(hub_server, trained, tmp_path,
+                                                                                         capsys):
+    """An adapter with --include_code (trust_remote_code cannot rebuild its base), and one whose base is a folder
+    or backbone file on this machine: one line, exit 2, no repo."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from model_cards.push import main
+
+    local_base = tmp_path / "local_base"
+    shutil.copytree(trained["adapter_dir"], local_base)
+    (local_base / "stage2_base.json").write_text(json.dumps(
+        {"kind": "model", "model_name_or_path": str(tmp_path / "base"), "trained_quantization": "none"}))
+    local_backbone = tmp_path / "local_backbone"
+    shutil.copytree(trained["adapter_dir"], local_backbone)
+    config = json.loads((local_backbone / "config.json").read_text())
+    (local_backbone / "config.json").write_text(json.dumps({**config, "backbone_weights": "/data/prithvi.pt"}))
+    (local_backbone / "stage2_base.json").write_text(json.dumps({"kind": "backbone_weights"}))
+    hub_backbone = tmp_path / "hub_backbone"
+    shutil.copytree(local_backbone, hub_backbone)
+    (hub_backbone / "config.json").write_text(json.dumps({**config, "backbone_weights": "me/prithvi-tiny"}))
+    cases = [
+        ([str(trained["adapter_dir"]), "refused-code", "--include_code"], "--include_code needs a full model"),
+        ([str(local_base), "refused-base"], f"model_name_or_path {tmp_path / 'base'} is a path on this machine"),
+        ([str(local_backbone), "refused-backbone"], "backbone_weights /data/prithvi.pt is a path on this machine"),
+    ]
+    for argv, needle in cases:
+        assert main([*argv, "--endpoint", hub_server.url]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not any(HfApi().repo_exists(f"{DEFAULT_USER}/{name}") for name in ("refused-code", "refused-base",
+                                                                              "refused-backbone"))
+    from model_cards.push import model_repo_contents
+
+    assert "adapter_model.safetensors" in model_repo_contents(hub_backbone, "me/x")  # a Hub backbone is fine
+
+
+def test_a_run_folder_pushes_its_best_model_and_never_its_dataset_cache(hub_server, trained, tmp_path):
+    """After `--push_to_hub` training the run folder holds the final adapter too; `stage2-push RUN` pushes best/
+    (the model training selected), and neither the Arrow cache nor a second copy of best/."""
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    from model_cards.push import files_to_upload, find_model_folder, main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["adapter_dir"], run / "best")
+    shutil.copytree(trained["adapter_dir"], run, dirs_exist_ok=True)  # the Trainer's final save at the root
+    (run / "_dataset" / "key").mkdir(parents=True)
+    (run / "_dataset" / "key" / "dataset_dict.json").write_text("{}")
+    assert find_model_folder(run) == (run / "best", "adapter")
+    assert not any(path.startswith(("_dataset/", "best/")) for path in files_to_upload(run))
+    assert main([str(run), "run-push", "--endpoint", hub_server.url]) == 0
+    assert not any("/" in path for path in HfApi().list_repo_files(f"{DEFAULT_USER}/run-push"))
