@@ -410,7 +410,10 @@ def test_dataset_card_from_a_dataset_dict(tmp_path):
     assert card.data.configs == [{"config_name": "default"}] and "sentinel-2" in card.data.tags
     text = card.text
     assert text.index("| train | 2 |") < text.index("| test | 1 |") and "3 tiles" in text
-    assert "| `opt_v1` | float32 (4, 120, 120): the Stage 1 synthetic image" in text
+    assert "| `opt_v1` | float32 (4, 120, 120): the image to refine" in text
+    # no build record: the card claims no origin for opt_v1
+    assert card.data.pretty_name == "Stage 2 refinement tiles (Sentinel-2)" and "`opt_v1` here is" not in text
+    assert "a Stage 1 output or a stand-in for one (this dataset does not record which)" in text
     assert "| `extra` | string |" in text and 'load_dataset("me/tiles")' in text
 
     dd.save_to_disk(str(tmp_path / "ds"))
@@ -425,9 +428,16 @@ def test_dataset_card_says_how_opt_v1_was_made(sample_dataset_dir, tmp_path):
     text = build_dataset_card(sample_dataset_dir).text
     assert ("\n`opt_v1` here is `target` degraded by `data_builders.degrade` (`input_mode` synthetic; preset 'mild', "
             "dataset seed 0): it stands in for a Stage 1 output and is not one.\n") in text
+    card = build_dataset_card(sample_dataset_dir)
+    assert card.data.pretty_name == "Stage 2 refinement tiles (Sentinel-2, synthetic opt_v1)"
+    assert "- `opt_v1` is the target degraded by `data_builders.degrade`, not a Stage 1 output" in card.text
     identity = build_dataset(make_tile_dir(tmp_path / "tiles", per_split=1), tmp_path / "identity",
                              input_mode="identity")
-    assert "\n`opt_v1` here is `target` itself (`input_mode` identity)" in build_dataset_card(identity).text
+    card = build_dataset_card(identity)
+    assert "\n`opt_v1` here is `target` itself (`input_mode` identity)" in card.text
+    assert card.data.pretty_name == "Stage 2 refinement tiles (Sentinel-2, opt_v1 = target)"
+    assert "- `opt_v1` is the target itself: there is nothing to refine" in card.text
+    assert not any(word in card.text for word in ("synthetic", "Stage 1 made", "generated from SAR"))
     # an info mapping, or a DatasetDict made another way, has no build record to tell
     assert "`opt_v1` here is" not in build_dataset_card({"splits": {"train": 2}}).text
 
