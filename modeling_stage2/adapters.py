@@ -131,19 +131,22 @@ class _BaseSource:
     kind: "model" (a full refiner folder or Hub repo), "backbone_weights" (a fresh refiner whose backbone loads
     `config.backbone_weights`), or "saved" (a random-init backbone, whose full-precision weights are kept in
     `backbone_file` and written next to the adapter). `trained_quantization`: the base's quantization while the
-    adapter was trained, kept whatever quantization it is loaded with later.
+    adapter was trained, kept whatever quantization it is loaded with later. `revision`: the commit of a Hub base
+    refiner the adapter was trained on, so that a later commit to that repo cannot change the adapter's outputs.
     """
 
     def __init__(self, kind: str, model_name_or_path: str | None = None, backbone_file: Path | None = None,
-                 trained_quantization: str | None = None):
+                 trained_quantization: str | None = None, revision: str | None = None):
         self.kind = kind
         self.model_name_or_path = model_name_or_path
         self.backbone_file = backbone_file
         self.trained_quantization = trained_quantization
+        self.revision = revision
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "model_name_or_path": self.model_name_or_path,
-                "trained_quantization": self.trained_quantization}
+        record = {"kind": self.kind, "model_name_or_path": self.model_name_or_path,
+                  "trained_quantization": self.trained_quantization}
+        return record | ({"revision": self.revision} if self.revision else {})
 
 
 def _fresh_refiner(config: Stage2RefinerConfig, backbone_file: Path | None = None) -> Stage2RefinerModel:
@@ -206,9 +209,10 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _from_pretrained(model_name_or_path, quantization: str, device_map, config=None) -> Stage2RefinerModel:
+def _from_pretrained(model_name_or_path, quantization: str, device_map, config=None,
+                     revision: str | None = None) -> Stage2RefinerModel:
     if config is None:
-        config = Stage2RefinerConfig.from_pretrained(model_name_or_path)
+        config = Stage2RefinerConfig.from_pretrained(model_name_or_path, revision=revision)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(
             f"{model_name_or_path} holds an already quantized refiner; LoRA bases are quantized at load time, so save "
@@ -220,10 +224,20 @@ def _from_pretrained(model_name_or_path, quantization: str, device_map, config=N
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if revision is not None:
+        kwargs["revision"] = revision
     model = Stage2RefinerModel.from_pretrained(model_name_or_path, config=config, **kwargs)
     if quantization == "4bit":
         disable_cpu_4bit_repacking(model)
     return model
+
+
+def _hub_commit(model_name_or_path) -> str | None:
+    """The commit a Hub repo's main branch resolves to now (its snapshot folder is named by it; offline, the cached
+    one); None for a local folder."""
+    if Path(model_name_or_path).expanduser().is_dir() or not is_hub_repo_id(str(model_name_or_path)):
+        return None
+    return download_model_folder(str(model_name_or_path)).name
 
 
 def _device_map(device) -> dict | None:
@@ -269,14 +283,15 @@ def build_trainable_model(
     if model_name_or_path is not None:
         if config is not None:
             raise ValueError("Pass either `config` (a fresh refiner) or `model_name_or_path` (a saved one), not both.")
-        config = Stage2RefinerConfig.from_pretrained(model_name_or_path)
+        revision = _hub_commit(model_name_or_path)
+        config = Stage2RefinerConfig.from_pretrained(model_name_or_path, revision=revision)
     else:
         config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
     lora_target_pattern(config, target_modules, unfreeze_last_n_blocks)  # explicit choices, with their own messages
     config.record_lora(lora_r, lora_alpha, lora_dropout, target_modules, unfreeze_last_n_blocks)  # before any load
     if model_name_or_path is not None:
-        base = _from_pretrained(model_name_or_path, quantization, None, config=config)
-        source = _BaseSource("model", model_name_or_path=local_source_or_name(model_name_or_path))
+        base = _from_pretrained(model_name_or_path, quantization, None, config=config, revision=revision)
+        source = _BaseSource("model", model_name_or_path=local_source_or_name(model_name_or_path), revision=revision)
     else:
         base, source = _build_fresh_base(config, quantization)
 
@@ -494,7 +509,7 @@ def _base_source_of(model) -> _BaseSource:
 
 def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization: str, device_map):
     if source.kind == "model":
-        return _from_pretrained(source.model_name_or_path, quantization, device_map)
+        return _from_pretrained(source.model_name_or_path, quantization, device_map, revision=source.revision)
     backbone_file = source.backbone_file if source.kind == "saved" else None
     return _base_model(lambda: _fresh_refiner(config, backbone_file=backbone_file), quantization, device_map)
 
@@ -522,7 +537,11 @@ def _read_base_source(folder: Path) -> _BaseSource:
         if Path(base).is_absolute() and not Path(base).is_dir():  # local_source_or_name stores local bases absolute
             raise FileNotFoundError(f"{path}: key 'model_name_or_path' names the base folder {base}, which no longer "
                                     "exists; put the base refiner back there, or edit the path to where it is now.")
-        return _BaseSource("model", model_name_or_path=base, trained_quantization=trained_quantization)
+        revision = info.get("revision")
+        if revision is not None and not isinstance(revision, str):
+            raise ValueError(f"{path}: key 'revision' is {revision!r}; expected the base repo's commit (text).")
+        return _BaseSource("model", model_name_or_path=base, trained_quantization=trained_quantization,
+                           revision=revision)
     if kind == "backbone_weights":
         return _BaseSource("backbone_weights", trained_quantization=trained_quantization)
     raise ValueError(f"{path}: key 'kind' is {kind!r}; expected 'model', 'backbone_weights' or 'saved'.")

@@ -518,3 +518,28 @@ def test_staged_folder_replaces_only_on_success(tmp_path):
     with staged_folder(target) as staging:
         (staging / "weights").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (target / "weights").read_text() == "new"
+
+
+def test_an_adapter_on_a_hub_base_keeps_the_base_commit_it_was_trained_on(hub_server, tmp_path):
+    """A later commit to the base refiner's repo does not change the adapter's outputs: the base is loaded at the
+    commit recorded in stage2_base.json."""
+    from huggingface_hub import HfApi
+
+    repo = f"{hub_server.user}/stage2-base"
+    HfApi().create_repo(repo)
+    torch.manual_seed(0)
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base_v1")
+    HfApi().upload_folder(folder_path=str(tmp_path / "base_v1"), repo_id=repo)
+    commit = HfApi().model_info(repo).sha
+    model = build_trainable_model(model_name_or_path=repo, quantization="none", print_summary=False)
+    wake_up(model)
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=3)
+    expected = refine(model, opt_v1, month, biome)
+    folder = save_trained_model(model, tmp_path / "best")
+    assert json.loads((folder / "stage2_base.json").read_text())["revision"] == commit
+
+    torch.manual_seed(1)
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base_v2")  # other weights
+    HfApi().upload_folder(folder_path=str(tmp_path / "base_v2"), repo_id=repo)
+    assert HfApi().model_info(repo).sha != commit
+    assert torch.equal(refine(load_trained_model(folder), opt_v1, month, biome), expected)
