@@ -113,6 +113,13 @@ def _positive_float(name: str, value, fix: str = "", allow_zero: bool = False) -
     return float(value)
 
 
+def _boolean(name: str, value) -> bool:
+    """`value` if it is a bool; anything else (`"false"`, 0, None) is refused rather than read by truthiness."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 class CheckedOverridesMixin:
     """`from_dict(d, **kwargs)` (and so `from_pretrained(path, head_width=64)`, the model's too) with the overrides
     that name an `__init__` argument passed to `__init__`, so they go through its checks: transformers sets
@@ -245,6 +252,23 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
             raise ValueError("drop_path (stochastic depth) is not supported by this port; use drop_path=0.")
         kwargs.setdefault("output_hidden_states", True)
 
+        self._set_checked_fields(
+            img_size=img_size, patch_size=patch_size, num_frames=num_frames, in_chans=in_chans, bands=bands,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            coords_encoding=coords_encoding, coords_scale_learn=coords_scale_learn, layer_norm_eps=layer_norm_eps,
+            band_mean=band_mean, band_std=band_std, initializer_range=initializer_range,
+        )
+        self._check_architecture()
+        self._check_band_statistics()
+        super().__init__(**kwargs)
+
+    def _set_checked_fields(
+        self, *, img_size, patch_size, num_frames, in_chans, bands, embed_dim, depth, num_heads, mlp_ratio,
+        coords_encoding, coords_scale_learn, layer_norm_eps, band_mean, band_std, initializer_range,
+    ) -> None:
+        """Check and normalise every field (an error names the field and the fix), then set it. `__init__` sets its
+        arguments with it and `validate` re-sets the current values, so each check has one definition. Types and
+        positivity come first: `_check_architecture` divides by them."""
         self.img_size = _normalise_img_size(img_size)
         self.patch_size = _normalise_patch_size(patch_size)
         self.num_frames = _positive_int("num_frames", num_frames, "The released checkpoints use num_frames=4.")
@@ -257,14 +281,16 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
         self.num_heads = _positive_int("num_heads", num_heads, "It must divide embed_dim.")
         self.mlp_ratio = _positive_float("mlp_ratio", mlp_ratio, "The released models use mlp_ratio=4.0.")
         self.coords_encoding = self._resolve_coords_encoding(coords_encoding)
-        self.coords_scale_learn = bool(coords_scale_learn)
+        self.coords_scale_learn = _boolean("coords_scale_learn", coords_scale_learn)
         self.layer_norm_eps = _positive_float("layer_norm_eps", layer_norm_eps, "The official value is 1e-5.")
         self.band_mean = self._resolve_band_stats(band_mean, PRETRAINED_BAND_MEAN, "band_mean")
         self.band_std = self._resolve_band_stats(band_std, PRETRAINED_BAND_STD, "band_std")
         self.initializer_range = _positive_float("initializer_range", initializer_range, allow_zero=True)
-        self._check_architecture()
-        self._check_band_statistics()
-        super().__init__(**kwargs)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # transformers leaves out values equal to PretrainedConfig's defaults; this config's output_hidden_states
+        # defaults to True (not False), so a saved False would load back as True without the key.
+        return {**super().to_diff_dict(), "output_hidden_states": self.output_hidden_states}
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PrithviConfig":
@@ -317,12 +343,22 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
         if duplicates:
             raise ValueError(f"bands lists {duplicates} more than once: {names}")
         if in_chans is not None and int(in_chans) != len(names):
-            raise ValueError(f"in_chans={in_chans} does not match the {len(names)} bands {names}.")
+            raise ValueError(
+                f"in_chans={in_chans} does not match the {len(names)} bands {names}: give one of them, or both "
+                "consistently."
+            )
         return names
 
     @staticmethod
     def _resolve_coords_encoding(coords_encoding) -> list[str]:
-        encodings = list(coords_encoding or [])
+        if coords_encoding is None:
+            return []
+        if isinstance(coords_encoding, str) or not hasattr(coords_encoding, "__iter__"):
+            hint = f"; for one encoding write [{coords_encoding!r}]" if isinstance(coords_encoding, str) else ""
+            raise ValueError(
+                f"coords_encoding must be a list of names from {_COORDS_ENCODINGS}, got {coords_encoding!r}{hint}."
+            )
+        encodings = list(coords_encoding)
         unknown = [name for name in encodings if name not in _COORDS_ENCODINGS]
         if unknown:
             raise ValueError(f"coords_encoding accepts {_COORDS_ENCODINGS}, got {unknown}")
@@ -341,9 +377,12 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
 
     # `validate_*` methods are transformers' (`@strict`) config validators: they run after `__init__` and again at
     # `save_pretrained`, so a field changed after construction is caught too. `__init__` calls the same checks
-    # first so that a bad argument raises a plain ValueError naming the field.
+    # first so that a bad argument raises a plain ValueError naming the field. They run in name order, so
+    # validate_architecture (first) re-checks every field before the divisions of `_check_architecture`.
     def validate_architecture(self) -> None:
         super().validate_architecture()
+        fields = inspect.signature(self._set_checked_fields).parameters
+        self._set_checked_fields(**{name: getattr(self, name) for name in fields})
         self._check_architecture()
 
     def validate_band_statistics(self) -> None:
@@ -367,8 +406,6 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
         if self.embed_dim % 16:
             # The 3D sin-cos table splits the width 6/16 (w), 6/16 (h), 4/16 (t), each into sin/cos halves.
             raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of 16 for the 3D sin-cos table.")
-        if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must hold three ints (t, h, w), got {self.patch_size!r}.")
         if "time" in self.coords_encoding and self.patch_size[0] != 1:
             raise ValueError(
                 f"The temporal encoding needs patch_size[0] == 1, got patch_size={self.patch_size}: set "

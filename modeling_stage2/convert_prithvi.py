@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +28,33 @@ DEFAULT_HUB_FILENAME = "Prithvi_EO_V2_600M.pt"
 HUB_PREFIX = "hf://"
 _SAVED_FILES = {"config.json", "model.safetensors"}
 _COORDS_KEYS = {"time": "temporal_embed_enc.scale", "location": "location_embed_enc.scale"}
+ENCODER_PREFIX = "encoder."
+DECODER_PREFIX = "decoder."  # the MAE decoder, dropped
+_TABLE_SIZE_ARGUMENTS = ("img_size", "num_frames")
+# A stored position table is "the sin-cos table of a grid" within this: it admits a table computed in float32
+# (off by 2e-6 at 224 px, 1.5e-5 at 1792 px, from float64's) while the tables of two different grids differ by ~1.
+_TABLE_ATOL = 1e-4
 
 
 class PrithviCheckpointError(ValueError):
     """An official checkpoint that cannot be read or does not fit the requested encoder."""
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A checkpoint file, as messages name it, with the prefix its encoder keys have there (`encoder.` in the
+    released layout, none in an encoder-only state dict saved without it)."""
+
+    path: Path
+    prefix: str = ENCODER_PREFIX
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _in_file(key: str, source) -> str:
+    """The encoder key `key` as the checkpoint file names it (`source` may also be a plain path)."""
+    return getattr(source, "prefix", ENCODER_PREFIX) + key
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -57,20 +80,58 @@ def read_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not isinstance(state, dict):
         raise PrithviCheckpointError(f"{path}: expected a flat dict of tensors, got {type(state).__name__}.")
+    _check_entries(state, path)
     return state
 
 
+def _check_entries(state: dict, path: Path) -> None:
+    """Names for keys and tensors for values, or an error naming the first entry that is not."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise PrithviCheckpointError(
+                f"{path}: key {key!r} ({type(key).__name__}) is not a parameter name; expected a flat dict of "
+                "tensors keyed by name (e.g. `encoder.cls_token`), as in the official Prithvi_EO_V2_*.pt files."
+            )
+        if not isinstance(value, torch.Tensor):
+            raise PrithviCheckpointError(
+                f"{path}: entry `{key}` is a {type(value).__name__}, not a tensor; expected a flat dict of tensors "
+                "(save the model's state dict alone, without other entries)."
+            )
+
+
+def checkpoint_source(state: dict[str, torch.Tensor], path: str | Path) -> CheckpointSource:
+    """`path` with the prefix of its encoder keys: none for an encoder-only state dict without `encoder.`."""
+    prefixed = any(key.startswith(ENCODER_PREFIX) for key in state)
+    return CheckpointSource(Path(path), "" if "patch_embed.proj.weight" in state and not prefixed else ENCODER_PREFIX)
+
+
 def encoder_state_dict(state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
-    """The `encoder.*` entries without the prefix; the MAE decoder is dropped."""
-    encoder = {key[len("encoder.") :]: value for key, value in state.items() if key.startswith("encoder.")}
-    if not encoder and "patch_embed.proj.weight" in state:  # already encoder-only, without the prefix
-        encoder = {key: value for key, value in state.items() if not key.startswith("decoder")}
+    """The encoder's entries without their prefix; the MAE decoder (`decoder.*`) is dropped. Any other top-level
+    key and any encoder tensor that is not floating point are refused, named as in the file."""
+    if not isinstance(source, CheckpointSource):
+        source = checkpoint_source(state, source)
+    prefix = source.prefix
+    encoder = {key[len(prefix) :]: value for key, value in state.items()
+               if key.startswith(prefix) and not key.startswith(DECODER_PREFIX)}
     if not encoder:
         raise PrithviCheckpointError(
             f"{source}: no `encoder.*` keys (found e.g. {sorted(state)[:5]}); this is not a Prithvi-EO-2.0 checkpoint."
         )
+    for key in state:
+        if not key.startswith((prefix, DECODER_PREFIX)):
+            raise PrithviCheckpointError(
+                f"{source}: key `{key}` is neither an encoder (`{ENCODER_PREFIX}*`) nor a decoder "
+                f"(`{DECODER_PREFIX}*`) weight of the Prithvi-EO-2.0 MAE; remove it from the file (it would otherwise "
+                "be dropped unseen)."
+            )
+    for key, value in encoder.items():
+        if not value.is_floating_point():
+            raise PrithviCheckpointError(
+                f"{source}: `{_in_file(key, source)}` is a {value.dtype} tensor; the encoder's weights are floating "
+                "point, so the file is damaged or not a Prithvi-EO-2.0 checkpoint."
+            )
     return encoder
 
 
@@ -79,17 +140,18 @@ def encoder_state_dict(state: dict[str, torch.Tensor], source: str | Path) -> di
 
 def _tensor(encoder: dict[str, torch.Tensor], key: str, source) -> torch.Tensor:
     if key not in encoder:
-        raise PrithviCheckpointError(f"{source}: missing key `encoder.{key}`; the checkpoint is incomplete.")
+        raise PrithviCheckpointError(f"{source}: missing key `{_in_file(key, source)}`; the checkpoint is incomplete.")
     return encoder[key]
 
 
 def infer_architecture(encoder: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> dict:
-    """Config arguments readable from the weights' shapes (all but `num_heads`)."""
+    """Config arguments readable from the weights' shapes (all but `num_heads`, and the image size and frame
+    count, which `infer_table_size` reads from the position table's values)."""
     proj = _tensor(encoder, "patch_embed.proj.weight", source)
     if proj.ndim != 5:
         raise PrithviCheckpointError(
-            f"{source}: `encoder.patch_embed.proj.weight` has shape {tuple(proj.shape)}, expected a Conv3d weight "
-            "(embed_dim, in_chans, t, h, w)."
+            f"{source}: `{_in_file('patch_embed.proj.weight', source)}` has shape {tuple(proj.shape)}, expected a "
+            "Conv3d weight (embed_dim, in_chans, t, h, w)."
         )
     embed_dim, in_chans, *patch_size = proj.shape
     block_ids = {int(key.split(".")[1]) for key in encoder if key.startswith("blocks.") and key.split(".")[1].isdigit()}
@@ -105,21 +167,40 @@ def infer_architecture(encoder: dict[str, torch.Tensor], source: str | Path = "c
     }
     if mlp_hidden is not None:
         arguments["mlp_ratio"] = mlp_hidden.shape[0] / embed_dim
-    arguments.update(_infer_table_size(encoder, arguments["patch_size"], source))
     return arguments
 
 
-def _infer_table_size(encoder, patch_size, source) -> dict:
-    """img_size / num_frames of the stored position table (1 + t*h*w tokens), assuming 224 px when it fits."""
-    tokens = _tensor(encoder, "pos_embed", source).shape[1] - 1
-    patch_t, patch_h, patch_w = patch_size
-    per_frame = (224 // patch_h) * (224 // patch_w)
-    if tokens % per_frame == 0:
-        return {"img_size": 224, "num_frames": tokens // per_frame * patch_t}
-    side = math.isqrt(tokens)
-    if side * side == tokens and patch_h == patch_w:
-        return {"img_size": side * patch_h, "num_frames": patch_t}
-    return {}
+def infer_table_size(encoder: dict[str, torch.Tensor], patch_size, source: str | Path = "checkpoint") -> dict:
+    """`img_size` and `num_frames` of the stored position table: the one patch grid (t, h, w), among every
+    factorisation of its token count, whose fixed sin-cos table it is. Raises when none or several are."""
+    table = _tensor(encoder, "pos_embed", source)
+    tokens = table.shape[1] - 1 if table.ndim == 3 else 0
+    grids = [grid for grid in _token_grids(tokens) if is_sincos_table(table, grid)]
+    if len(grids) != 1:
+        patch_t, patch_h, patch_w = patch_size
+        sizes = [((h * patch_h, w * patch_w), t * patch_t) for t, h, w in grids]
+        found = f"fits several ((height, width), frames): {sizes}" if grids else "is not the sin-cos table of any grid"
+        raise PrithviCheckpointError(
+            f"{source}: the position table `{_in_file('pos_embed', source)}` {tuple(table.shape)} {found}, so the "
+            "image size and frame count it was built for cannot be read from it; pass them explicitly with "
+            "img_size= and num_frames= (--img-size, --num-frames)."
+        )
+    (frames, height, width), (patch_t, patch_h, patch_w) = grids[0], patch_size
+    return {"img_size": [height * patch_h, width * patch_w], "num_frames": frames * patch_t}
+
+
+def _token_grids(tokens: int) -> list[tuple[int, int, int]]:
+    """Every (t, h, w) with t * h * w == tokens, square and not."""
+    divisors = [d for d in range(1, tokens + 1) if tokens % d == 0]
+    return [(t, h, tokens // (t * h)) for t in divisors for h in divisors if (tokens // t) % h == 0]
+
+
+def is_sincos_table(table: torch.Tensor, grid: tuple[int, int, int]) -> bool:
+    """Whether `table` (1, 1 + t*h*w, E) is the fixed sin-cos position table of the patch grid `grid`."""
+    if table.ndim != 3 or table.shape[0] != 1 or table.shape[-1] % 16:
+        return False  # the 3D table splits the width in sixteenths
+    expected = sincos_3d_table(table.shape[-1], grid)
+    return table.shape == expected.shape and bool((table.float() - expected).abs().max() <= _TABLE_ATOL)
 
 
 def match_preset(architecture: dict) -> str | None:
@@ -147,6 +228,8 @@ def build_config(
     overrides = dict(config_overrides)
     architecture = infer_architecture(encoder, source)
     checkpoint_in_chans = architecture.pop("checkpoint_in_chans")
+    if not set(_TABLE_SIZE_ARGUMENTS) <= set(overrides):  # read from the table unless both are given
+        architecture.update(infer_table_size(encoder, architecture["patch_size"], source))
     inferred = preset is None
     if inferred:
         preset = match_preset(architecture)
@@ -154,10 +237,11 @@ def build_config(
         if preset not in PRITHVI_PRESETS:
             raise ValueError(f"Unknown Prithvi preset {preset!r}; choose one of {sorted(PRITHVI_PRESETS)}.")
         arguments = dict(PRITHVI_PRESETS[preset])
-        if inferred:  # what the weights say wins, e.g. a -TL checkpoint of a size that has no -TL preset
-            for name in ("coords_encoding", "coords_scale_learn", "img_size", "num_frames"):
-                if name in architecture:
-                    arguments[name] = architecture[name]
+        # What the weights say wins: the table's size always, the encodings of a -TL checkpoint of a size that has
+        # no -TL preset when the preset was matched.
+        for name in _TABLE_SIZE_ARGUMENTS + (("coords_encoding", "coords_scale_learn") if inferred else ()):
+            if name in architecture:
+                arguments[name] = architecture[name]
     else:
         if "num_heads" not in overrides:
             raise PrithviCheckpointError(
@@ -190,14 +274,14 @@ def select_weights(
     weights["patch_embed.proj.weight"] = _select_bands(patch_weight, config, source)
 
     table = weights.get("pos_embed")
-    if table is not None and table.shape != expected["pos_embed"] and table.shape[-1] == config.embed_dim:
+    if table is not None and table.shape[-1] == config.embed_dim and not is_sincos_table(table, config.grid_size):
         # The table is fixed (sin-cos of the patch grid): another img_size/num_frames gets its own, as terratorch does.
         logger.info("%s: position table %s recomputed for grid %s", source, tuple(table.shape), config.grid_size)
         weights["pos_embed"] = sincos_3d_table(config.embed_dim, config.grid_size)
 
     for name, key in _COORDS_KEYS.items():
         if key in weights and key not in expected:
-            logger.warning("%s: dropping `encoder.%s`: the config has no %r encoding.", source, key, name)
+            logger.warning("%s: dropping `%s`: the config has no %r encoding.", source, _in_file(key, source), name)
             del weights[key]
 
     _check_keys_and_shapes(weights, expected, source)
@@ -229,15 +313,15 @@ def _check_keys_and_shapes(weights: dict, expected: dict, source) -> None:
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     wrong = [
-        f"encoder.{key}: checkpoint {tuple(weights[key].shape)} vs model {tuple(expected[key])}"
+        f"{_in_file(key, source)}: checkpoint {tuple(weights[key].shape)} vs model {tuple(expected[key])}"
         for key in sorted(set(expected) & set(weights))
         if tuple(weights[key].shape) != tuple(expected[key])
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys {_first(['encoder.' + key for key in missing])}")
+        problems.append(f"missing keys {_first([_in_file(key, source) for key in missing])}")
     if unexpected:
-        problems.append(f"unexpected keys {_first(['encoder.' + key for key in unexpected])}")
+        problems.append(f"unexpected keys {_first([_in_file(key, source) for key in unexpected])}")
     if wrong:
         problems.append("shape mismatches: " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
     if problems:
@@ -267,10 +351,13 @@ def convert_official_checkpoint(
         preset: a `PRITHVI_PRESETS` name; inferred from the weights' shapes when not given.
         bands: input band names (HLS or Sentinel-2, e.g. `("B02", "B03", "B04", "B08")`); the patch embedding's
             input channels are taken from the pretrained bands by name. Defaults to all checkpoint bands.
-        config_overrides: other `PrithviConfig` arguments (`num_frames`, `img_size`, `in_chans`, ...).
+        config_overrides: other `PrithviConfig` arguments (`num_frames`, `img_size`, `in_chans`, ...). The image
+            size and frame count are read from the stored position table (the grid whose sin-cos table it is);
+            give both `img_size` and `num_frames` for a checkpoint whose table fits no grid or several.
     """
-    source = Path(checkpoint_path)
-    encoder = encoder_state_dict(read_official_state_dict(source), source)
+    state = read_official_state_dict(checkpoint_path)
+    source = checkpoint_source(state, checkpoint_path)
+    encoder = encoder_state_dict(state, source)
     config = build_config(encoder, preset, bands, config_overrides, source)
     with torch.device("meta"):
         model = PrithviEncoder(config)  # shapes only: the weights come from the checkpoint
@@ -387,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-heads", type=int, help="attention heads, for a checkpoint whose shapes match no preset"
     )
+    parser.add_argument(
+        "--img-size", type=int, nargs="+", metavar="PX",
+        help="image size (H or H W) of the checkpoint's position table (default: read from the table)",
+    )
+    parser.add_argument(
+        "--num-frames", type=int, help="frame count of the checkpoint's position table (default: read from the table)"
+    )
     parser.add_argument("--revision", help="Hub revision for hf:// checkpoints")
     parser.add_argument("--cache-dir", help="Hub cache folder for hf:// checkpoints")
     return parser
@@ -402,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                 canonical_band_name(band)
         checkpoint = resolve_checkpoint(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
         overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+        if args.img_size:
+            overrides["img_size"] = args.img_size[0] if len(args.img_size) == 1 else args.img_size
+        if args.num_frames is not None:
+            overrides["num_frames"] = args.num_frames
         model = convert_official_checkpoint(
             checkpoint, args.output_dir, preset=args.preset, bands=args.bands, **overrides
         )

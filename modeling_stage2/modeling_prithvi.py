@@ -34,6 +34,12 @@ def sincos_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def _coordinate_dtype(scale: torch.Tensor) -> torch.dtype:
+    """The dtype of the coordinates' sin-cos: at least float32, whatever the model's (the scaled result is cast
+    back). float16/bfloat16 hold a year's angle (~2000 rad) only to 1 rad / 8 rad, so its sin-cos is noise."""
+    return torch.promote_types(scale.dtype, torch.float32)
+
+
 def sincos_3d_table(embed_dim: int, grid_size: tuple[int, int, int], device=None) -> torch.Tensor:
     """The official fixed position table, (1, 1 + t*h*w, embed_dim) float32, zero row for the CLS token first.
 
@@ -108,10 +114,11 @@ class PrithviTemporalEncoder(nn.Module):
 
     def forward(self, temporal_coords: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
         batch, frames = temporal_coords.shape[:2]
-        coords = temporal_coords.to(self.scale.dtype)
+        dtype = _coordinate_dtype(self.scale)
+        coords = temporal_coords.to(dtype)
         year = sincos_1d(self.year_dim, coords[:, :, 0].flatten()).reshape(batch, frames, -1)
         day = sincos_1d(self.day_dim, coords[:, :, 1].flatten()).reshape(batch, frames, -1)
-        embedding = self.scale * torch.cat([year, day], dim=-1)
+        embedding = (self.scale.to(dtype) * torch.cat([year, day], dim=-1)).to(self.scale.dtype)
         return torch.repeat_interleave(embedding, tokens_per_frame, dim=1)
 
 
@@ -128,10 +135,11 @@ class PrithviLocationEncoder(nn.Module):
             self.register_buffer("scale", torch.ones(1))  # final value here too (as `_init_weights` sets it)
 
     def forward(self, location_coords: torch.Tensor) -> torch.Tensor:
-        coords = location_coords.to(self.scale.dtype)
+        dtype = _coordinate_dtype(self.scale)
+        coords = location_coords.to(dtype)
         lat = sincos_1d(self.lat_dim, coords[:, 0].flatten()).unsqueeze(1)
         lon = sincos_1d(self.lon_dim, coords[:, 1].flatten()).unsqueeze(1)
-        return self.scale * torch.cat([lat, lon], dim=-1)
+        return (self.scale.to(dtype) * torch.cat([lat, lon], dim=-1)).to(self.scale.dtype)
 
 
 def eager_attention_forward(

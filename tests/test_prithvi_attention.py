@@ -414,6 +414,9 @@ def test_set_attn_implementation_switches_a_built_model():
         ({"band_mean": "1087"}, "band_mean must be a list of numbers"),
         ({"num_heads": 3}, "embed_dim .64. must be a multiple of num_heads .3."),
         ({"coords_encoding": ["time"], "patch_size": (2, 14, 14)}, r"patch_size\[0\] == 1"),
+        ({"coords_encoding": "time"}, r"got 'time'; for one encoding write \['time'\]"),
+        ({"coords_scale_learn": "false"}, "coords_scale_learn must be True or False, got 'false'"),
+        ({"coords_scale_learn": 1}, "coords_scale_learn must be True or False, got 1"),
     ],
 )
 def test_bad_field_values_raise_a_value_error_naming_the_field(overrides, message):
@@ -433,6 +436,46 @@ def test_fields_changed_after_construction_are_caught_by_validate_and_save(tmp_p
     config.band_mean = [1.0]
     with pytest.raises(StrictDataclassClassValidationError, match="band_mean has 1 values"):
         config.validate()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("depth", 0, "depth must be a positive integer, got 0"),
+        ("num_heads", 0, "num_heads must be a positive integer, got 0"),  # not a ZeroDivisionError of embed_dim % 0
+        ("patch_size", [1, 0, 14], "patch_size must be a positive integer, got 0"),
+        ("coords_encoding", ["elevation"], r"coords_encoding accepts \('time', 'location'\), got \['elevation'\]"),
+        ("coords_scale_learn", "false", "coords_scale_learn must be True or False"),
+        ("bands", ["B02", "VV", "B04", "B08"], "Unknown band name 'VV'"),
+        ("mlp_ratio", -1.0, "mlp_ratio must be a finite positive number, got -1.0"),
+        ("layer_norm_eps", 0.0, "layer_norm_eps must be a finite positive number, got 0.0"),
+        ("band_std", [1.0, 0.0, 1.0, 1.0], "band_std must be a finite positive number, got 0.0"),
+        ("img_size", [224, -1], "img_size must be a positive integer, got -1"),
+    ],
+)
+def test_every_field_changed_after_construction_is_checked_as_in_init(tmp_path, field, value, message):
+    config = tiny_config()
+    setattr(config, field, value)
+    with pytest.raises(StrictDataclassClassValidationError, match=message) as error:
+        config.validate()
+    assert type(error.value.__cause__) is ValueError
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("output_hidden_states", [False, True])
+def test_output_hidden_states_survives_save_and_load(tmp_path, output_hidden_states):
+    """False equals PretrainedConfig's default, which transformers leaves out of config.json; this config's
+    default is True, so the saved value must be kept."""
+    model = PrithviEncoder(tiny_config(depth=1, output_hidden_states=output_hidden_states))
+    model.save_pretrained(tmp_path)
+    loaded = PrithviEncoder.from_pretrained(tmp_path)
+    assert loaded.config.output_hidden_states is output_hidden_states
+    with torch.no_grad():
+        hidden_states = loaded(torch.randn(1, 4, 28, 28)).hidden_states
+    assert (hidden_states is None) is not output_hidden_states
+    assert PrithviConfig.from_pretrained(tmp_path).output_hidden_states is output_hidden_states
 
 
 def test_valid_numeric_forms_are_accepted():

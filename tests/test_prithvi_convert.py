@@ -17,7 +17,8 @@ from modeling_stage2 import (
     load_official_encoder,
     load_prithvi_from_hub,
 )
-from modeling_stage2.convert_prithvi import PrithviCheckpointError, main
+from modeling_stage2.convert_prithvi import PrithviCheckpointError, infer_table_size, main
+from modeling_stage2.modeling_prithvi import sincos_3d_table
 
 S2_BANDS = ["B02", "B03", "B04", "B08"]
 
@@ -130,6 +131,52 @@ def test_other_frame_count_recomputes_the_fixed_table(fixture_checkpoint):
         torch.testing.assert_close(four(x).last_hidden_state, one(x).last_hidden_state, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "img_size, num_frames", [(448, 1), ((224, 112), 1), ((224, 112), 4), ((112, 224), 2)]
+)
+def test_image_size_and_frames_are_read_from_the_position_table(tmp_path, img_size, num_frames):
+    """A 448-px one-frame table has as many tokens as a 224-px four-frame one: only its values tell them apart."""
+    config = PrithviConfig.from_preset("prithvi_eo_v2_tiny", depth=1, img_size=img_size, num_frames=num_frames)
+    original = write_official_checkpoint(tmp_path / "ck.pt", config)
+    x = torch.randn(1, 6, num_frames, *config.image_size)
+    for preset in (None, "prithvi_eo_v2_tiny"):  # a given preset fixes the architecture, not the table's size
+        model = convert_official_checkpoint(tmp_path / "ck.pt", preset=preset, depth=1, num_heads=4)
+        assert (model.config.img_size, model.config.num_frames) == (config.img_size, num_frames)
+        assert torch.equal(model.pos_embed, original.pos_embed)
+        with torch.no_grad():
+            assert torch.equal(model(x).last_hidden_state, original(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("embed_dim, patch, grid", [(1280, 14, (4, 16, 16)), (1024, 16, (4, 14, 14))])
+def test_released_tables_read_as_224_px_and_4_frames(embed_dim, patch, grid):
+    """The 600M / 300M position tables; also when computed in float32 (off by up to 2e-6 from float64's)."""
+    table = sincos_3d_table(embed_dim, grid)
+    for stored in (table, table + 2e-6 * torch.sign(torch.randn_like(table))):
+        assert infer_table_size({"pos_embed": stored}, [1, patch, patch]) == {"img_size": [224, 224], "num_frames": 4}
+
+
+def test_a_table_that_fits_no_grid_needs_the_size_explicitly(fixture_checkpoint, tmp_path, capsys):
+    path = _save_modified(
+        fixture_checkpoint, tmp_path / "learned.pt", lambda state: state["encoder.pos_embed"].add_(0.01)
+    )
+    with pytest.raises(PrithviCheckpointError, match=r"learned.pt: the position table `encoder.pos_embed` "
+                       r"\(1, 257, 64\) is not the sin-cos table of any grid.*img_size= and num_frames="):
+        convert_official_checkpoint(path, num_heads=4)
+    model = convert_official_checkpoint(path, num_heads=4, img_size=224, num_frames=1)  # the table is recomputed
+    assert torch.equal(model.pos_embed, sincos_3d_table(64, (1, 16, 16)))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
+    assert exit_info.value.code == 2 and "--img-size, --num-frames" in capsys.readouterr().err
+    assert main([str(path), str(tmp_path / "out"), "--num-heads", "4", "--img-size", "224", "--num-frames", "1"]) == 0
+    assert PrithviConfig.from_pretrained(tmp_path / "out").grid_size == (1, 16, 16)
+
+
+def test_a_table_that_fits_several_grids_is_refused(fixture_checkpoint, monkeypatch):
+    monkeypatch.setattr(modeling_stage2.convert_prithvi, "_TABLE_ATOL", 10.0)  # every grid of 256 tokens fits
+    with pytest.raises(PrithviCheckpointError, match=r"fits several .* \(\(224, 224\), 1\).*img_size="):
+        convert_official_checkpoint(fixture_checkpoint, num_heads=4)
+
+
 # ---------------------------------------------------------------------------------- bad checkpoints
 
 
@@ -195,6 +242,45 @@ def test_unreadable_checkpoints_raise_clear_errors(tmp_path, content, message):
     with pytest.raises(PrithviCheckpointError, match=re.escape(message)) as error:
         convert_official_checkpoint(path, **FIXTURE_OVERRIDES)
     assert "bad.pt" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda state: state.update({"encoder.blocks.0.attn.qkv.weight": torch.ones(192, 64, dtype=torch.int64)}),
+         "bad.pt: `encoder.blocks.0.attn.qkv.weight` is a torch.int64 tensor; the encoder's weights are floating"),
+        (lambda state: state.update({0: torch.zeros(1)}), "bad.pt: key 0 (int) is not a parameter name"),
+        (lambda state: state.update({"meta": {"epoch": 3}}), "bad.pt: entry `meta` is a dict, not a tensor"),
+        (lambda state: state.update({"head.weight": torch.zeros(2)}), "bad.pt: key `head.weight` is neither an"),
+        (lambda state: state.update({"encoder_ema.cls_token": torch.zeros(1, 1, 64)}),
+         "bad.pt: key `encoder_ema.cls_token` is neither an encoder (`encoder.*`) nor a decoder (`decoder.*`)"),
+    ],
+)
+def test_malformed_entries_are_named_in_one_line(fixture_checkpoint, tmp_path, capsys, edit, message):
+    path = _save_modified(fixture_checkpoint, tmp_path / "bad.pt", edit)
+    with pytest.raises(PrithviCheckpointError, match=re.escape(message)):
+        convert_official_checkpoint(path, num_heads=4)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_encoder_only_files_name_their_keys_as_stored(fixture_checkpoint, tmp_path):
+    """A state dict of the encoder alone, without `encoder.`: its keys are named without the prefix."""
+    state = torch.load(fixture_checkpoint, weights_only=True)
+    encoder = {key.removeprefix("encoder."): value for key, value in state.items() if key.startswith("encoder.")}
+    torch.save(encoder, tmp_path / "plain.pt")
+    model = convert_official_checkpoint(tmp_path / "plain.pt", num_heads=4)
+    assert all(torch.equal(value, encoder[key]) for key, value in model.state_dict().items())
+    for stray in ("head.weight", "decoder_pred.weight"):  # `decoder.*` only is the MAE decoder
+        torch.save({**encoder, stray: torch.zeros(2)}, tmp_path / "stray.pt")
+        with pytest.raises(PrithviCheckpointError, match=rf"unexpected keys \['{stray}'\]"):
+            convert_official_checkpoint(tmp_path / "stray.pt", num_heads=4)
+    torch.save({key: value for key, value in encoder.items() if key != "norm.bias"}, tmp_path / "short.pt")
+    with pytest.raises(PrithviCheckpointError, match=r"missing keys \['norm.bias'\]"):
+        convert_official_checkpoint(tmp_path / "short.pt", num_heads=4)
 
 
 def test_missing_file_is_named(tmp_path):

@@ -1,6 +1,7 @@
 """The Prithvi-EO-2.0 encoder port computes the official function and has the official layout."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -284,6 +285,22 @@ def test_temporal_and_location_encodings_follow_the_official_formula():
     assert temporal.shape == (1, 3, 64) and location.shape == (1, 1, 64)
     np.testing.assert_allclose(temporal[0, 2].numpy(), expected_t, atol=2e-4)  # float32 of year x frequency
     np.testing.assert_allclose(location[0, 0].numpy(), expected_l, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_coordinate_encodings_are_the_float32_ones_rounded(dtype):
+    """The sin-cos of a year (angles ~2000 rad) is computed in float32, then rounded once to the model dtype: within
+    half an ulp of values below 1 (a sin-cos in float16 is off by up to 0.6, in bfloat16 by 1.6)."""
+    model = tiny(depth=1, coords_encoding=["time", "location"], coords_scale_learn=False)
+    half = copy.deepcopy(model).to(dtype)
+    temporal = torch.tensor([[[2019.0, 200.0]], [[2021.0, 201.0]]])
+    location = torch.tensor([[48.5, -3.25], [48.6, -179.3]])
+    with torch.no_grad():
+        pairs = [(half.temporal_embed_enc(temporal, 1), model.temporal_embed_enc(temporal, 1)),
+                 (half.location_embed_enc(location), model.location_embed_enc(location))]
+    for encoded, reference in pairs:
+        assert encoded.dtype == dtype
+        torch.testing.assert_close(encoded.float(), reference, rtol=0, atol=torch.finfo(dtype).eps / 2)
 
 
 def test_tl_coordinates_change_the_output_and_train_the_scale():
