@@ -839,6 +839,39 @@ def _python_trainer(tmp_path: Path, train_dataset, **overrides):
                          train_dataset=train_dataset)
 
 
+def test_eval_loss_guards_against_opt_v1_as_documented(tmp_path):
+    """`eval_loss` (which picks best/) is the objective with opt_v1 as the identity/edge guard's reference, where
+    training uses the colour-corrected opt_v1 (docs/losses_and_metrics.md): it also charges the correction."""
+    import datasets
+    from data_builders import make_eval_transform
+    from training.data import TileDataset
+    from training.linear_fit import spectral_corrections
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0.02, 0.4, (3, 4, 120, 120)).astype(np.float32)
+    opt_v1 = (target * 0.75 + 0.01).astype(np.float32)
+    tiles = TileDataset(datasets.Dataset.from_dict({"target": target, "opt_v1": opt_v1, "month": [1, 5, 9],
+                                                    "biome": [0, 3, 7], "valid_mask": np.ones((3, 120, 120), bool)}),
+                        make_eval_transform())
+    trainer = _python_trainer(tmp_path, tiles, spectral_correction="shared", spectral_correction_init="identity",
+                              per_device_eval_batch_size=2)
+    correction, = spectral_corrections(trainer.model)
+    with torch.no_grad():
+        correction.matrix.copy_(torch.eye(4) / 0.75)  # undoes most of the gain: far from opt_v1, near the target
+    model = trainer.model.eval()
+    trained, charged = [], []
+    for index in range(3):
+        inputs = {name: value.unsqueeze(0) for name, value in tiles[index].items()}
+        with torch.no_grad():
+            trained.append(float(trainer.compute_loss(model, inputs)))
+            refined = model(**{name: inputs[name] for name in ("opt_v1", "month", "biome")}).refined
+            charged.append(float(trainer.loss_fn(refined, inputs["target"], inputs["opt_v1"],
+                                                 valid_mask=inputs["valid_mask"])[0]))
+    metrics = trainer.evaluate(tiles)
+    assert metrics["eval_loss"] == pytest.approx(np.mean(charged), rel=1e-5)  # per tile, mean over tiles
+    assert np.mean(charged) > np.mean(trained) + 0.02  # the correction is charged, as documented
+
+
 def test_a_trainer_built_in_python_starts_from_the_fits_of_its_training_split(sample_dataset_dir, tmp_path):
     """`train()` fits the spectral correction and the range of the training spectra on the training split before
     the first step, as `stage2-train` does (a trainer built in Python used to start at the identity, unfitted)."""

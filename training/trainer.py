@@ -555,6 +555,9 @@ class Stage2Trainer(Trainer):
             valid_mask = inputs.get("valid_mask")
             # Per-tile statistics and losses, so that gather_for_metrics drops the padding duplicates of DDP.
             statistics = paired_tile_statistics(refined, target, opt_v1, valid_mask)
+            # The guard's reference here is opt_v1, not the corrected image training uses: eval_loss also charges
+            # how far the colour correction moved. Every recorded run picked best/ this way (docs/losses_and_metrics.md;
+            # the training reference would move one of them).
             losses = torch.stack([
                 self.loss_fn(refined[i:i + 1], target[i:i + 1], opt_v1[i:i + 1],
                              valid_mask=None if valid_mask is None else valid_mask[i:i + 1])[0].detach().float()
