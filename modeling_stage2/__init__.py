@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import importlib
 
+from . import _quiet
+
+_quiet.drop_known_messages()  # before anything imports bitsandbytes
+
+
 _EXPORTS = {
     "PrithviConfig": "configuration_prithvi",
     "PRITHVI_PRESETS": "configuration_prithvi",

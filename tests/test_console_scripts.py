@@ -72,3 +72,25 @@ def test_ingest_bigearthnet_with_missing_metadata(tmp_path):
                  "--output_dir", str(tmp_path / "tiles"), "--max_patches", "0")
     assert_user_error(result, "max_patches must be >= 1 (or None for all patches), got 0")
     assert not (tmp_path / "tiles").exists()
+
+
+QUIET_SCRIPT = """
+import logging, sys
+import {module}  # the package's import installs the filter before anything imports bitsandbytes
+import bitsandbytes  # on CPUs with AVX512-BF16 this logs the hint itself
+logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+               "`pip install kernels` and the kernels >= 0.11.1", ModuleNotFoundError("No module named 'kernels'"))
+logger.warning("another bitsandbytes message")
+"""
+
+
+@pytest.mark.parametrize("module", ["modeling_stage2", "training.args", "training.trainer"])
+def test_the_bitsandbytes_kernels_hint_is_dropped_and_nothing_else(module):
+    """bitsandbytes logs a hint about the optional `kernels` package at import on AVX512-BF16 CPUs; it came before every
+    command's one-line error on stderr. The packages drop that message, and only it, before bitsandbytes loads
+    (transformers' TrainingArguments and Trainer import it, before training's own modules run)."""
+    result = subprocess.run([sys.executable, "-c", QUIET_SCRIPT.format(module=module)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == ["another bitsandbytes message"]
