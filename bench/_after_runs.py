@@ -5,7 +5,7 @@ import argparse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench._common import cpu_name
+from bench._common import check_study_arguments, cpu_name
 from bench.study_quality import build_datasets, train
 from bench.study_rotation import PRESETS
 
@@ -23,8 +23,7 @@ def parse_arguments(description: str, argv: list[str], default_output: Path | No
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    check_study_arguments(parser, args, args.output)
     return parser, args, demo_flags
 
 

@@ -73,9 +73,56 @@ def load_span(load_at_start: str) -> str:
     return f"{load_at_start} at the start, {load_average()} at the end"
 
 
-def record_study(output: str | Path, text: str, record: dict) -> None:
-    """Writes a study's tables to `output`, every number to the same name with `.json`, and prints the tables."""
+def goal_span(values: list) -> str:
+    """'min-max' of ratios read against the goal's 1 - GOAL_MARGIN, with 3 decimals: with 2, 0.903 would print as the
+    0.90 it misses."""
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def files():
+    """`modeling_stage2._files`, the project's atomic writes and output checks, loaded without the model's imports."""
+    from data_builders._leaves import model_leaf
+
+    return model_leaf("_files")
+
+
+def write_results(path: str | Path, text: str) -> None:
+    """`text` written atomically to `path`: a failed or killed benchmark leaves the earlier results as they were."""
+    files().write_text(path, text)
+
+
+def output_problem(output: str | Path) -> str | None:
+    """What stops a study from writing its tables to `output` and its record beside it (a missing folder, an entry of
+    the other kind, no right to write); None when nothing does."""
     output = Path(output)
-    output.write_text(text)
-    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    if not output.parent.exists():  # `atomic_file` would make it: more likely a typo, found only after the work
+        return f"the folder {output.parent} does not exist"
+    for path in (output, output.with_suffix(".json")):
+        problem = files().output_path_problem(path)
+        if problem is not None:
+            return problem if path == output else f"{path.name} {problem}"
+    return None
+
+
+def check_study_arguments(parser, args, output: str | Path | None) -> None:
+    """Exits 2 with a one-line error on `--jobs` below 1 or an `output` (`--output`) that cannot be written: checked
+    before any work, as found after the trainings either would lose them. `output` None: a script that derives it
+    from other arguments checks it once it has."""
+    if getattr(args, "jobs", 1) < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    problem = output_problem(output) if output is not None else None
+    if problem is not None:
+        parser.error(f"--output {output}: {problem}")
+
+
+def record_study(output: str | Path, text: str, record: dict) -> None:
+    """Writes a study's tables to `output`, every number to the same name with `.json`, and prints the tables. Both are
+    written in full under temporary names, then renamed over the old ones, the `.json` (what the docs are checked
+    against) first: a failure leaves the old pair, a kill at worst the new record beside the old tables."""
+    output = Path(output)
+    numbers = json.dumps(record, indent=1) + "\n"  # before any file is opened: a record that is no JSON writes nothing
+    atomic_file = files().atomic_file
+    with atomic_file(output) as tables, atomic_file(output.with_suffix(".json")) as record_file:
+        record_file.write_text(numbers, encoding="utf-8")
+        tables.write_text(text, encoding="utf-8")
     print(text)

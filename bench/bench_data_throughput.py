@@ -41,7 +41,7 @@ from data_builders.build import (  # noqa: E402
 )
 from data_builders.degrade import synthesize_opt_v1  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
-from _common import cpu_name  # noqa: E402
+from _common import cpu_name, write_results  # noqa: E402
 
 DESIGN_TILES = 160_000
 BUILD_GOAL = DESIGN_TILES / 600  # tiles/s for 10 minutes
@@ -228,8 +228,7 @@ def main() -> None:
         "~0.5 MB per tile cost more than the decoding they take over); in the main process the numpy path "
         f"alone serves {reads[next(iter(reads))]:.0f} tiles/s, many times the 50-80 samples/s the design's GPU trains at.",
     ]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(lines) + "\n")
+    write_results(args.output, "\n".join(lines) + "\n")
     print(f"wrote {args.output}")
 
 

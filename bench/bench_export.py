@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import cpu_name, load_average
+from _common import cpu_name, load_average, write_results
 from bench_inference import demo_refiner_config, synthetic_tiles
 from modeling_stage2 import Stage2RefinerConfig
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model
@@ -151,8 +151,7 @@ def write_report(results: list[dict], path: Path, *, threads: int, tiles: int, r
     if "600m" not in [r["size"] for r in results]:
         lines.append("- The 600M figures are still to be taken (`flock /tmp/heavy.lock .venv/bin/python "
                      "bench/bench_export.py`): they need ~10 GB of RAM and many minutes of a free CPU.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    write_results(path, "\n".join(lines) + "\n")
     print(f"wrote {path}")
 
 

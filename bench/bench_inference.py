@@ -29,7 +29,7 @@ import torch
 
 from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
 from inference_stage2 import refine_arrays, refine_scene, refine_tiles, window_starts
-from _common import cpu_name
+from _common import cpu_name, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TILES = REPO_ROOT / "data" / "sample" / "tiles"
@@ -253,8 +253,7 @@ def write_report(path: Path, results: list[dict], default_threads: int, load_sta
             f"{5 * 120 * 10980 * 4 / 2**20:.0f} MiB blending buffer."
         )
     lines += [f"- Peak RSS of the benchmark process: {peak_rss_gib():.2f} GiB.", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    write_results(path, "\n".join(lines))
     print(f"wrote {path}")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modeling_stage2 import PrithviConfig, PrithviEncoder
-from _common import cpu_name
+from _common import cpu_name, write_results
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "prithvi_forward.md"
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         f"| peak including the forwards | {rss_peak:.2f} |",
         "",
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
+    write_results(args.output, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import cpu_name
+from _common import cpu_name, write_results
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "refiner_memory.md"
 MODES = ("none", "8bit", "4bit")
@@ -279,8 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
     print(json.dumps(timing["times"]))
     text = report(memory, timing, args.repeats, (load_before, load_after))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
+    write_results(args.output, text)
     print(text)
 
 

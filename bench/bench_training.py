@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import cpu_name, load_average
+from _common import cpu_name, load_average, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "training.md"
@@ -269,8 +269,7 @@ def main(argv=None):
         print(f"{quantization}: {results[-1]['samples_per_second']:.3f} samples/s, "
               f"peak RSS {results[-1]['peak_rss_training_gib']:.2f} GiB", flush=True)
     report = render(results, rate, load_start, load_average(), args.steps)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(report)
+    write_results(RESULTS, report)
     print(report)
     del torch
 

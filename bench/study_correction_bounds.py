@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
+    SPECTRAL, check_study_arguments, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span,
+    mean_range_cell, record_study,
 )
 from bench.study_quality import build_datasets  # noqa: E402
 from bench.study_tile_conditioning import (  # noqa: E402
@@ -256,6 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="Adam steps of the spectral fit (the warm start's 300)")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "correction_bounds.md"))
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench._after_runs import machine, parse_arguments, script_line, train_settings  # noqa: E402
 from bench._common import (  # noqa: E402
-    SPECTRAL, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
+    SPECTRAL, check_study_arguments, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
 )
 from bench.study_rotation import (  # noqa: E402
     BASELINES, ROLES, held_out_tile_statistics, meets_preset_goal, ratios, scores, select_tiles,
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
                                                None, add_arguments)
     check_arguments(parser, args)
     output = Path(args.output or RESULTS / f"{args.parameter}.md")
+    check_study_arguments(parser, args, output)
     settings = {f"{args.parameter}={value}": [f"--{args.parameter}", value, *demo_flags] for value in args.values}
 
     load_start, start = load_average(), time.perf_counter()

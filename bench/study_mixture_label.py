@@ -46,7 +46,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, record_study  # noqa: E402
+from bench._common import (  # noqa: E402
+    SPECTRAL, check_study_arguments, cpu_name, load_average, load_span, mean_range_cell, record_study,
+)
 from bench.study_quality import DATASET_SEED, build_datasets  # noqa: E402
 from bench.study_tile_conditioning import (  # noqa: E402
     apply_affine_change, held_out_rows, mlp_layers_after, spectral_scores, study_refiner_config, tile_statistics,
@@ -291,6 +293,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "mixture_label.md"))
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if len(args.seeds) < 2:

@@ -69,8 +69,8 @@ sys.path.insert(0, str(REPO))
 
 from data_builders.degrade import DEGRADATION_PRESETS  # noqa: E402
 from bench._common import (  # noqa: E402
-    GOAL_MARGIN, SPECTRAL, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span, mean_range_cell,
-    meets_goal, record_study,
+    GOAL_MARGIN, SPECTRAL, check_study_arguments, cpu_name, in_range_evi_rmse, in_range_tiles, load_average, load_span,
+    mean_range_cell, meets_goal, record_study,
 )
 
 COLUMNS = ("ndvi_rmse", "ndvi_rmse_bright", "evi_rmse", "evi_rmse_in_range", "sam", "psnr", "ssim")
@@ -495,12 +495,31 @@ def sensitivity_section(runs: dict, mixture: dict) -> list[str]:
     return lines
 
 
-def reuse_runs(path: Path, runs: dict) -> list[str]:
-    """Adds to `runs` the runs of `path` (an earlier study's JSON) for (preset, variant) pairs not trained now, in
-    the order of VARIANT_FLAGS; returns the keys it took."""
-    earlier = json.loads(path.read_text())["runs"]
+def read_earlier(path: Path) -> dict:
+    """An earlier study's record (`--reuse`), checked for what `reuse_runs`, `reuse_mixture` and `reuse_bounds` read:
+    raises ValueError saying what is wrong."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"not readable ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error})") from None
+    runs = earlier.get("runs") if isinstance(earlier, dict) else None
+    if not isinstance(runs, dict) or not all(key.count("/") == 1 and isinstance(results, list)
+                                             for key, results in runs.items()):
+        raise ValueError("no 'runs' object of 'preset/variant' -> list of runs (not a record of this study)")
+    if not isinstance(earlier.get("mixture_on_mild", {}), (dict, list)):  # a list: before the mixture had variants
+        raise ValueError("'mixture_on_mild' is neither an object nor a list of runs")
+    if not isinstance(earlier.get(BOUNDS_KEY, {}), dict):
+        raise ValueError(f"{BOUNDS_KEY!r} is not an object")
+    return earlier
+
+
+def reuse_runs(earlier: dict, runs: dict) -> list[str]:
+    """Adds to `runs` the runs of `earlier` (an earlier study's record, `read_earlier`) for (preset, variant) pairs not
+    trained now, in the order of VARIANT_FLAGS; returns the keys it took."""
     taken = []
-    for key, results in earlier.items():
+    for key, results in earlier["runs"].items():
         preset, variant = key.split("/")
         if variant in VARIANT_FLAGS and (preset, variant) not in runs:
             runs[(preset, variant)] = results
@@ -512,10 +531,11 @@ def reuse_runs(path: Path, runs: dict) -> list[str]:
     return taken
 
 
-def reuse_mixture(path: Path, mixture: dict) -> list[str]:
-    """Adds to `mixture` the `mixture` runs of `path` (an earlier study's JSON) of variants not trained now; returns
-    the keys (`mixture/<variant>`) it took. (A study before the mixture had variants recorded a list of `after` runs.)"""
-    earlier = json.loads(path.read_text()).get("mixture_on_mild", {})
+def reuse_mixture(earlier: dict, mixture: dict) -> list[str]:
+    """Adds to `mixture` the `mixture` runs of `earlier` (an earlier study's record) of variants not trained now;
+    returns the keys (`mixture/<variant>`) it took. (A study before the mixture had variants recorded a list of `after`
+    runs.)"""
+    earlier = earlier.get("mixture_on_mild", {})
     earlier = {"after": earlier} if isinstance(earlier, list) else earlier
     taken = []
     for variant, results in earlier.items():
@@ -529,10 +549,10 @@ def reuse_mixture(path: Path, mixture: dict) -> list[str]:
     return taken
 
 
-def reuse_bounds(path: Path, bounds: dict) -> list[str]:
-    """Adds to `bounds` the `MIXTURE_BOUNDS` runs of `path` (an earlier study's JSON) not trained now; returns the keys
-    (`<BOUNDS_KEY>/<name>`) it took."""
-    earlier = json.loads(path.read_text()).get(BOUNDS_KEY, {})
+def reuse_bounds(earlier: dict, bounds: dict) -> list[str]:
+    """Adds to `bounds` the `MIXTURE_BOUNDS` runs of `earlier` (an earlier study's record) not trained now; returns
+    the keys (`<BOUNDS_KEY>/<name>`) it took."""
+    earlier = earlier.get(BOUNDS_KEY, {})
     taken = []
     for name in MIXTURE_BOUNDS:
         if earlier.get(name) and name not in bounds:
@@ -551,7 +571,9 @@ def _by_preset(runs: dict) -> dict:
     return grouped
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, checked before any work: exits 2 with one line on `--jobs` below 1, an `--output` that cannot be
+    written or a `--reuse` record that cannot be read (`args.earlier`: that record, or None)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="*", default=["mild", "strong"], choices=TRAINED_PRESETS,
                         help="the presets trained (none: only the mixture, with the others reused)")
@@ -567,14 +589,31 @@ def main(argv=None) -> int:
                                         "beside the new ones (for variants whose code and seeds did not change)")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "quality.md"))
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output)
+    args.earlier = None
+    if args.reuse:
+        try:
+            args.earlier = read_earlier(Path(args.reuse))
+        except ValueError as error:
+            parser.error(f"--reuse {args.reuse}: {error}")
+    return args
 
-    load_start = load_average()
-    start = time.perf_counter()
+
+def planned_jobs(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(preset, seed, variant) of every training the study runs with `args`."""
     jobs = [(preset, seed, variant) for preset in args.presets for variant in args.variants for seed in args.seeds]
     if args.mixture:
         jobs += [("mixture", seed, variant) for variant in args.mixture_variants for seed in args.seeds]
     if args.mixture_bounds:
         jobs += [(name, seed, "after") for name in MIXTURE_BOUNDS for seed in args.seeds]
+    return jobs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load_start = load_average()
+    start = time.perf_counter()
+    jobs = planned_jobs(args)
     needed = (set(args.presets) | ({"mild", "mixture"} if args.mixture else set())
               | ({"mild", "strong"} if args.mixture_bounds else set()))
     with tempfile.TemporaryDirectory(prefix="stage2-quality-") as tmp:
@@ -601,9 +640,10 @@ def main(argv=None) -> int:
                 bounds.setdefault(preset, []).append(scored)
             else:
                 runs.setdefault((preset, variant), []).append(scored)
-    reused = reuse_runs(Path(args.reuse), runs) if args.reuse else []
-    if args.reuse:
-        reused += reuse_mixture(Path(args.reuse), mixture) + reuse_bounds(Path(args.reuse), bounds)
+    reused = []
+    if args.earlier is not None:
+        reused = (reuse_runs(args.earlier, runs) + reuse_mixture(args.earlier, mixture)
+                  + reuse_bounds(args.earlier, bounds))
     text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused, bounds)
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
               "mixture_on_mild": mixture, BOUNDS_KEY: bounds, "seeds": args.seeds, "near_black": NEAR_BLACK}

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    GOAL_MARGIN, OPT_V1_GOAL_MARGIN, SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal,
-    record_study,
+    GOAL_MARGIN, OPT_V1_GOAL_MARGIN, SPECTRAL, check_study_arguments, cpu_name, load_average, load_span,
+    mean_range_cell, meets_goal, record_study,
 )
 from bench.study_quality import PROXY_PRESETS, build_datasets, train  # noqa: E402
 
@@ -232,8 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "rotation.md"))
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    check_study_arguments(parser, args, args.output)
     from training.bootstrap import DEFAULT_RESAMPLES  # after the arguments: it loads torch
 
     load_start, start = load_average(), time.perf_counter()

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    SPECTRAL, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study,
+    SPECTRAL, check_study_arguments, cpu_name, load_average, load_span, mean_range_cell, meets_goal, record_study,
 )
 from bench.study_quality import build_datasets  # noqa: E402
 from modeling_stage2.modeling_stage2 import log_spectra  # noqa: E402
@@ -242,6 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "tile_conditioning.md"))
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 

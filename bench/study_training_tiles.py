@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import (  # noqa: E402
-    SPECTRAL, cpu_name, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
+    SPECTRAL, check_study_arguments, cpu_name, in_range_tiles, load_average, load_span, mean_range_cell, record_study,
 )
 from bench.study_quality import SAMPLE_TILES, build_datasets  # noqa: E402
 from bench.study_rotation import goal_text, meets_preset_goal  # noqa: E402
@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "training_tiles.md"))
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if "mixture" in args.datasets and MIXTURE_REFERENCE not in args.datasets:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import re
 import statistics
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # data_builders (the shared atomic write) and bench._common (the quality goal)
 
-from bench._common import GOAL_MARGIN, SPECTRAL, mean_range_cell, meets_goal  # noqa: E402
+from bench._common import GOAL_MARGIN, SPECTRAL, mean_range_cell, meets_goal, write_results  # noqa: E402
 from bench.study_quality import (  # noqa: E402
     BOUNDS_KEY, DATASET_SEED, DEGRADATION_DRAWS, MIXTURE_BOUNDS, PROXY, PROXY_DRAWS, PROXY_PRESETS,
 )
@@ -351,13 +352,54 @@ def loss_weight(results: Path, parameter: str) -> dict:
             raise ResultsError(path, f"no {key!r} key")
     if record["parameter"] != parameter:
         raise ResultsError(path, f"records {record['parameter']!r}, not {parameter!r}")
+    for key, kind in (("values", "strings of numbers"), ("presets", "strings"), ("seeds", "integers")):
+        if not _is_list_of(record[key], kind):
+            raise ResultsError(path, f"{key!r} is not a list of {kind}")
+    if not is_number(record["default"]):
+        raise ResultsError(path, f"the default {record['default']!r} is not a number")
     if not any(float(value) == record["default"] for value in record["values"]):
         raise ResultsError(path, f"the default {record['default']:g} is not among the values studied")
     for value in record["values"]:
         for preset in record["presets"]:
-            if preset not in record["summary"].get(value, {}):
+            summary = record["summary"].get(value, {}) if isinstance(record["summary"], dict) else {}
+            if not isinstance(summary, dict) or preset not in summary:
                 raise ResultsError(path, f"no summary of value {value} on {preset!r}")
+            problem = _loss_weight_summary_problem(summary[preset])
+            if problem is not None:
+                raise ResultsError(path, f"the summary of value {value} on {preset!r} has {problem}")
     return record
+
+
+def _is_list_of(values, kind: str) -> bool:
+    """Whether `values` is a non-empty list of `kind`: 'strings', 'strings of numbers' or 'integers'."""
+    def one(value) -> bool:
+        if kind == "integers":
+            return isinstance(value, int) and not isinstance(value, bool)
+        if not isinstance(value, str):
+            return False
+        try:
+            return kind == "strings" or math.isfinite(float(value))
+        except ValueError:
+            return False
+
+    return isinstance(values, list) and bool(values) and all(map(one, values))
+
+
+def _loss_weight_summary_problem(summary) -> str | None:
+    """What one value's summary on one preset lacks of what its row reads, or None."""
+    ratios = summary.get("ratios") if isinstance(summary, dict) else None
+    cells = ratios.get("linear_fit") if isinstance(ratios, dict) else None
+    if not (isinstance(cells, list) and len(cells) == len(SPECTRAL) and all(
+            isinstance(cell, list) and len(cell) == 3 and all(map(is_number, cell)) for cell in cells)):
+        return "no 'ratios' 'linear_fit' of [mean, min, max] per metric"
+    if not isinstance(summary.get("seeds_meeting_goal"), int):
+        return "no integer 'seeds_meeting_goal'"
+    psnr = summary.get("refined_psnr")  # where recorded (studies before PSNR was recorded have none)
+    if psnr is not None and not (isinstance(psnr, dict) and all(
+            isinstance(psnr.get(key), list) and psnr[key] and is_number(psnr[key][0])
+            for key in ("psnr", "psnr_in_range"))):
+        return "a 'refined_psnr' without a mean 'psnr' and 'psnr_in_range'"
+    return None
 
 
 @dataclass
@@ -370,20 +412,42 @@ class QualityStudy:
     mixture_bounds_on_mild: dict[str, list[dict]] = field(default_factory=dict)
 
 
+BASELINES = ("opt_v1", "linear_fit")  # what the rows divide by: their scores must be above 0
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _has_test_metrics(run, output: str) -> bool:
-    """True when `run` holds numbers for NDVI RMSE, EVI RMSE and SAM of `output` on the test split."""
-    scores = run.get("test", {}).get(output) if isinstance(run, dict) else None
-    return isinstance(scores, dict) and all(isinstance(scores.get(metric), (int, float)) for metric in SPECTRAL)
+    """True when `run` holds numbers for NDVI RMSE, EVI RMSE and SAM of `output` on the test split (above 0 for a
+    baseline)."""
+    test = run.get("test") if isinstance(run, dict) else None
+    scores = test.get(output) if isinstance(test, dict) else None
+    return isinstance(scores, dict) and all(is_number(scores.get(metric)) and (scores[metric] > 0 or output not in
+                                                                               BASELINES) for metric in SPECTRAL)
 
 
 def _checked_runs(data: dict, path: Path, key: str, outputs: tuple[str, ...], runs=None) -> list[dict]:
-    runs = data.get("runs", {}).get(key) if runs is None else runs
+    """The runs of `key`, one per seed of the record, each with the test scores of `outputs`."""
+    runs = data["runs"].get(key) if runs is None else runs
     if not isinstance(runs, list) or not runs:
         raise ResultsError(path, f"no runs {key!r}")
     for output in outputs:
         if not all(_has_test_metrics(run, output) for run in runs):
-            raise ResultsError(path, f"a run {key!r} lacks the test {output} NDVI RMSE / EVI RMSE / SAM")
+            raise ResultsError(path, f"a run {key!r} lacks the test {output} NDVI RMSE / EVI RMSE / SAM"
+                               + (" above 0" if output in BASELINES else ""))
+    if len(runs) != len(data["seeds"]):
+        raise ResultsError(path, f"{len(runs)} runs {key!r} for the {len(data['seeds'])} seeds {data['seeds']}")
     return runs
+
+
+def _recorded_object(data: dict, path: Path, key: str) -> dict:
+    """`data[key]` where it is an object, {} where it is absent."""
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ResultsError(path, f"{key!r} is not an object")
+    return value
 
 
 def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool, draws=()) -> QualityStudy:
@@ -391,22 +455,23 @@ def _quality_study(path: Path, keys: tuple[str, ...], with_mixture: bool, draws=
     data = read_json(path)
     if not isinstance(data.get("runs"), dict):
         raise ResultsError(path, "no 'runs' object")
+    seeds = data.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) for seed in seeds):
+        raise ResultsError(path, "no list of integer 'seeds'")
     keys = (*keys, *(f"{draw}/after" for draw in draws if f"{draw}/after" in data["runs"]))
     # The `per_tile` runs (the release before the spectral MLP), the `fallback` ones (the demo trained with
     # `--out_of_range_fallback true`) and the `near_black` ones (`--near_black_fallback true`) where the study has them.
     optional = [key for key in data["runs"] if key.endswith(("/per_tile", "/fallback", "/near_black"))
                 and key.split("/")[0] + "/after" in keys]
     runs = {key: _checked_runs(data, path, key, ("opt_v1", "linear_fit", "refined")) for key in (*keys, *optional)}
-    recorded = (data.get("mixture_on_mild") or {}) if with_mixture else {}
-    mixture = _checked_runs(data, path, "mixture_on_mild/after", ("refined",), recorded.get("after")) if with_mixture else []
+    recorded = _recorded_object(data, path, "mixture_on_mild") if with_mixture else {}
+    mixture = (_checked_runs(data, path, "mixture_on_mild/after", ("refined",), recorded.get("after"))
+               if with_mixture else [])
     mixture_fallback = (_checked_runs(data, path, "mixture_on_mild/fallback", ("refined",), recorded["fallback"])
                         if "fallback" in recorded else [])
-    recorded_bounds = (data.get(BOUNDS_KEY) or {}) if with_mixture else {}
+    recorded_bounds = _recorded_object(data, path, BOUNDS_KEY) if with_mixture else {}
     bounds = {name: _checked_runs(data, path, f"{BOUNDS_KEY}/{name}", ("refined",), recorded_bounds[name])
               for name in MIXTURE_BOUNDS if name in recorded_bounds}
-    seeds = data.get("seeds")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) for seed in seeds):
-        raise ResultsError(path, "no list of integer 'seeds'")
     return QualityStudy(runs, mixture, seeds, mixture_fallback, bounds)
 
 
@@ -421,9 +486,10 @@ def quality_proxy(results: Path) -> QualityStudy:
                            draws=[preset for preset in PROXY_PRESETS if preset != PROXY])
     for preset in _presets_without_style(study):  # their row also quotes the EVI RMSE of the tiles in range
         for run in study.runs[f"{preset}/after"]:
-            if not all(isinstance(run["test"][role].get("evi_rmse_in_range"), (int, float))
-                       for role in ("refined", "linear_fit")):
-                raise ResultsError(path, f"a run '{preset}/after' lacks the test evi_rmse_in_range")
+            if not (all(is_number(run["test"][role].get("evi_rmse_in_range")) for role in ("refined", "linear_fit"))
+                    and run["test"]["linear_fit"]["evi_rmse_in_range"] > 0):
+                raise ResultsError(path, f"a run '{preset}/after' lacks the test evi_rmse_in_range (above 0 for the "
+                                   "colour fit)")
     return study
 
 
@@ -441,12 +507,20 @@ def rotation(results: Path) -> dict[str, list[dict]]:
         raise ResultsError(path, "no 'summary' object (run bench/study_rotation.py)")
     for preset, data in summary.items():
         seeds = data.get("seeds") if isinstance(data, dict) else None
-        if not isinstance(seeds, list) or not seeds or not all(
-                isinstance(seed.get("goal"), bool) and all(
-                    isinstance(seed.get("scores", {}).get(role, {}).get(metric), float)
-                    for role in ROTATION_ROLES for metric in SPECTRAL) for seed in seeds):
-            raise ResultsError(path, f"summary of {preset!r} lacks each seed's 'goal' and 'scores'")
+        if not isinstance(seeds, list) or not seeds or not all(map(_is_pooled_seed, seeds)):
+            raise ResultsError(path, f"summary of {preset!r} lacks each seed's 'goal', 'n_tiles' and 'scores' (above "
+                               "0 for the baselines)")
     return {preset: data["seeds"] for preset, data in summary.items()}
+
+
+def _is_pooled_seed(seed) -> bool:
+    """Whether one seed's entry of rotation.json's summary holds what its row reads."""
+    scores = seed.get("scores") if isinstance(seed, dict) else None
+    return (isinstance(seed, dict) and isinstance(seed.get("goal"), bool) and isinstance(seed.get("n_tiles"), int)
+            and isinstance(scores, dict) and all(
+                isinstance(scores.get(role), dict) and is_number(scores[role].get(metric))
+                and (scores[role][metric] > 0 or role not in BASELINES)
+                for role in ROTATION_ROLES for metric in SPECTRAL))
 
 
 def quality_minutes_per_training(results: Path) -> tuple[int, int, int]:
@@ -877,10 +951,8 @@ def expected_benchmarks(results: Path, benchmarks: Path) -> tuple[str, str]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """The project's one atomic write (`modeling_stage2._files.write_text`, loaded without the model's imports)."""
-    from data_builders._leaves import model_leaf
-
-    model_leaf("_files").write_text(path, text)
+    """The project's one atomic write (`bench._common.write_results`: `modeling_stage2._files.write_text`)."""
+    write_results(path, text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

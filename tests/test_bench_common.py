@@ -2,11 +2,15 @@
 share, and how a study is recorded."""
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from _study_helpers import assert_refused_before_any_work, run_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -17,6 +21,10 @@ def common(repo_root):
     from bench import _common
 
     return _common
+
+
+def test_a_range_read_against_the_goal_keeps_three_decimals(common):
+    assert common.goal_span([0.9193, 0.9033, 0.905]) == "0.903-0.919"  # with two, 0.903 would print as the goal's 0.90
 
 
 def test_a_cell_is_the_mean_and_range_over_seeds_or_a_dash_for_a_missing_run(common):
@@ -56,3 +64,92 @@ def test_a_study_is_recorded_as_tables_and_json(common, tmp_path, capsys):
     assert (tmp_path / "study.md").read_text() == "# table\n"
     assert json.loads((tmp_path / "study.json").read_text()) == {"x": [1, 2]}
     assert "# table" in capsys.readouterr().out
+
+
+def _old_pair(tmp_path):
+    (tmp_path / "study.md").write_text("old tables\n")
+    (tmp_path / "study.json").write_text('{"old": 1}\n')
+
+
+def _assert_old_pair_alone(tmp_path):
+    assert (tmp_path / "study.md").read_text() == "old tables\n"
+    assert (tmp_path / "study.json").read_text() == '{"old": 1}\n'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["study.json", "study.md"]  # no temporary left
+
+
+@pytest.mark.parametrize("text, record", [("new tables\n", {"not JSON": object()}),  # fails making the record
+                                          ("new tables \ud800\n", {"new": 1})])  # fails writing the tables
+def test_a_study_that_fails_recording_leaves_the_previous_record_and_tables(common, tmp_path, text, record):
+    _old_pair(tmp_path)
+    with pytest.raises((TypeError, UnicodeEncodeError)):
+        common.record_study(tmp_path / "study.md", text, record)
+    _assert_old_pair_alone(tmp_path)
+
+
+def test_a_study_killed_while_recording_leaves_the_previous_record_and_tables(repo_root, tmp_path):
+    """As SIGKILL would: the process dies while the record is made, after the tables were rendered."""
+    _old_pair(tmp_path)
+    killed = (f"import os, sys; sys.path.insert(0, {str(repo_root)!r}); import bench._common as common; "
+              "common.json.dumps = lambda *args, **kwargs: os._exit(9); "
+              f"common.record_study({str(tmp_path / 'study.md')!r}, 'new tables', {{'new': 1}})")
+    assert subprocess.run([sys.executable, "-c", killed], cwd=repo_root, timeout=120).returncode == 9
+    _assert_old_pair_alone(tmp_path)
+
+
+def test_the_record_replaces_the_old_one_before_the_tables_do(common, tmp_path, monkeypatch):
+    """The `.json` first: it is what the docs are checked against, and a failure between the two renames leaves the
+    new record, not new tables over an old record."""
+    _old_pair(tmp_path)
+    files, replace = common.files(), common.files().os.replace
+
+    def refuse_the_tables(source, target):
+        if str(target).endswith(".md"):
+            raise OSError("no room")
+        replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", refuse_the_tables)
+    with pytest.raises(OSError, match="no room"):
+        common.record_study(tmp_path / "study.md", "new tables\n", {"new": 1})
+    assert json.loads((tmp_path / "study.json").read_text()) == {"new": 1}
+    assert (tmp_path / "study.md").read_text() == "old tables\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["study.json", "study.md"]
+
+
+def test_no_benchmark_writes_its_results_but_atomically(repo_root):
+    """Every script of bench/ writes through `write_results` or `record_study` (`_common`, which writes the temporary
+    files of `atomic_file`): a plain `write_text` truncates the earlier results first."""
+    scripts = [path for path in sorted((repo_root / "bench").glob("*.py")) if path.name != "_common.py"]
+    plain = [f"{path.name}:{node.lineno}" for path in scripts for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and node.func.attr in ("write_text", "write_bytes")]
+    assert plain == []
+
+
+def test_an_output_that_cannot_be_written_is_named(common, tmp_path):
+    (tmp_path / "study.json").mkdir()
+    (tmp_path / "file").write_text("")
+    missing = tmp_path / "missing"
+    assert common.output_problem(missing / "study.md") == f"the folder {missing} does not exist"
+    assert common.output_problem(tmp_path) == "is a folder; give a file path"
+    assert common.output_problem(tmp_path / "study.md") == "study.json is a folder; give a file path"  # the record's
+    under_a_file = common.output_problem(tmp_path / "file" / "study.md")
+    assert under_a_file == f"{tmp_path / 'file'} is a file, so nothing can be written under it"
+    assert common.output_problem(tmp_path / "other.md") is None
+
+
+STUDIES = sorted(path.name for path in (Path(__file__).resolve().parents[1] / "bench").glob("study_*.py"))
+# The arguments a study needs besides `--output` (the loss-weight study names its weight)
+REQUIRED = {"study_loss_weight.py": ["--parameter", "identity_weight", "--values", "1"]}
+
+
+@pytest.mark.parametrize("script", STUDIES)
+def test_every_study_refuses_an_output_folder_that_does_not_exist_before_any_work(repo_root, tmp_path, script):
+    output = tmp_path / "missing" / "study.md"
+    result = run_study(repo_root, script, *REQUIRED.get(script, []), "--output", str(output))
+    assert_refused_before_any_work(result, tmp_path, f"--output {output}: the folder {output.parent} does not exist")
+
+
+@pytest.mark.parametrize("script", [script for script in STUDIES if script != "study_correction_bounds.py"])
+def test_every_study_that_runs_jobs_refuses_none_before_any_work(repo_root, tmp_path, script):
+    result = run_study(repo_root, script, *REQUIRED.get(script, []), "--jobs", "0", "--output", str(tmp_path / "s.md"))
+    assert_refused_before_any_work(result, tmp_path, "--jobs must be >= 1, got 0")

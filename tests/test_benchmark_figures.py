@@ -426,6 +426,58 @@ def test_an_unparsable_results_file_exits_2_saying_what_is_missing(summarize, re
     assert f"{results / name}: " in error and message in error, error
 
 
+# A record changed as by a broken or interrupted study: (file, change, what the message names)
+MALFORMED_RECORDS = [
+    ("reconstruction_weight.json", lambda r: r["summary"]["0"]["mild"].pop("ratios"),
+     "the summary of value 0 on 'mild' has no 'ratios' 'linear_fit' of [mean, min, max] per metric"),
+    ("reconstruction_weight.json", lambda r: r["summary"]["0"]["mild"].pop("seeds_meeting_goal"),
+     "the summary of value 0 on 'mild' has no integer 'seeds_meeting_goal'"),
+    ("reconstruction_weight.json", lambda r: r["summary"]["5"]["proxy"]["refined_psnr"].pop("psnr"),
+     "the summary of value 5 on 'proxy' has a 'refined_psnr' without a mean 'psnr' and 'psnr_in_range'"),
+    ("identity_weight.json", lambda r: r.update(values="0 0.5 2"), "'values' is not a list of strings of numbers"),
+    ("evi_weight.json", lambda r: r.update(default="1"), "the default '1' is not a number"),
+    ("rotation.json", lambda r: r["summary"]["mild"]["seeds"].__setitem__(0, 5),
+     "summary of 'mild' lacks each seed's 'goal', 'n_tiles' and 'scores' (above 0 for the baselines)"),
+    ("rotation.json", lambda r: r["summary"]["proxy"]["seeds"][1]["scores"]["opt_v1"].update(sam=0.0),
+     "summary of 'proxy' lacks each seed's"),
+    ("quality.json", lambda r: r["runs"]["mild/after"][0]["test"]["linear_fit"].update(evi_rmse=0.0),
+     "a run 'mild/after' lacks the test linear_fit NDVI RMSE / EVI RMSE / SAM above 0"),
+    ("quality.json", lambda r: r["runs"].__setitem__("mild-seed1/after", r["runs"]["mild-seed1/after"][:2]),
+     "2 runs 'mild-seed1/after' for the 3 seeds [0, 1, 2]"),
+    ("quality.json", lambda r: r.update(seeds=[0]), "3 runs 'mild/before' for the 1 seeds [0]"),
+    ("quality.json", lambda r: r.update(mixture_on_mild=[]), "no runs 'mixture_on_mild/after'"),
+    ("quality.json", lambda r: r.update(mixture_on_mild=[1]), "'mixture_on_mild' is not an object"),
+    ("quality_proxy.json", lambda r: r["runs"]["proxy-no-style/after"][0]["test"]["linear_fit"].update(
+        evi_rmse_in_range=0.0), "a run 'proxy-no-style/after' lacks the test evi_rmse_in_range (above 0"),
+]
+
+
+@pytest.mark.parametrize(("name", "change", "message"), MALFORMED_RECORDS)
+def test_a_malformed_record_exits_2_naming_it_and_what_it_lacks(summarize, results_copy, capsys, name, change, message):
+    import json
+
+    results, benchmarks = results_copy
+    record = json.loads((results / name).read_text())
+    change(record)
+    (results / name).write_text(json.dumps(record))
+    assert summarize.main(["--check", "--results", str(results), "--benchmarks", str(benchmarks)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{results / name}: {message}" in error, error
+
+
+def test_a_malformed_record_exits_2_in_one_line_as_a_script(repo_root, results_copy):
+    import json
+
+    results, benchmarks = results_copy
+    record = json.loads((results / "rotation.json").read_text())
+    record["summary"]["mild"]["seeds"][0] = 5
+    (results / "rotation.json").write_text(json.dumps(record))
+    finished = _run_script(repo_root, "--check", "--results", str(results), "--benchmarks", str(benchmarks))
+    assert finished.returncode == 2 and finished.stdout == ""
+    assert finished.stderr.splitlines() == [f"summarize.py: {results / 'rotation.json'}: summary of 'mild' lacks each "
+                                            "seed's 'goal', 'n_tiles' and 'scores' (above 0 for the baselines)"]
+
+
 def test_benchmarks_md_without_the_markers_exits_2(summarize, results_copy, capsys):
     results, benchmarks = results_copy
     benchmarks.write_text(benchmarks.read_text().replace(summarize.END_MARKER, ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from _study_helpers import assert_refused_before_any_work, run_study
 from _training_helpers import fake_demo_runs
 
 
@@ -96,7 +97,7 @@ def test_a_model_with_the_rule_inside_gets_its_own_row_and_reused_runs_are_not_c
     # an earlier study recorded the mixture as a list of `after` runs; this one trains the mixture's `fallback`
     earlier.write_text(json.dumps({"runs": {}, "mixture_on_mild": [_run(study_quality, 0.14, 0.12)] * 2}))
     mixture = {"fallback": [_run(study_quality, 0.13, None)]}
-    assert study_quality.reuse_mixture(earlier, mixture) == ["mixture/after"]
+    assert study_quality.reuse_mixture(study_quality.read_earlier(earlier), mixture) == ["mixture/after"]
     assert list(mixture) == ["after", "fallback"] and len(mixture["after"]) == 2
     text = study_quality.render(runs, mixture, [0], 60.0, "0.0", reused=["mild/after", "mixture/after"])
     assert "Script: `bench/study_quality.py --seeds 0`; 2 demo trainings" in text  # the two fallback runs are new
@@ -120,7 +121,8 @@ def test_the_mixture_bounds_are_rows_of_the_mixture_table_and_can_be_reused(stud
     earlier = tmp_path / "quality.json"
     earlier.write_text(json.dumps({"runs": {}, study_quality.BOUNDS_KEY: {
         "mild_and_strong": [_run(study_quality, 0.118, 0.11)], "mixture_mild_tiles": [_run(study_quality, 0.5, 0.5)]}}))
-    assert study_quality.reuse_bounds(earlier, bounds) == [f"{study_quality.BOUNDS_KEY}/mild_and_strong"]
+    assert study_quality.reuse_bounds(study_quality.read_earlier(earlier), bounds) == [
+        f"{study_quality.BOUNDS_KEY}/mild_and_strong"]
     assert len(bounds["mixture_mild_tiles"]) == 2  # trained now: the earlier runs are not taken
     text = study_quality.render(runs, mixture, [0, 1], 60.0, "0.0", reused=["mild/after", "mixture/after",
                                 f"{study_quality.BOUNDS_KEY}/mild_and_strong"], bounds=bounds)
@@ -293,3 +295,40 @@ def test_an_unknown_preset_exits_2_before_any_work(repo_root, tmp_path):
                              "--output", str(output)], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice: 'mild-seed3'" in result.stderr
     assert not output.exists() and not output.with_suffix(".json").exists()
+
+
+def test_benchmarks_gives_the_number_of_trainings_the_defaults_run(study_quality, repo_root, tmp_path):
+    """BENCHMARKS.md's count of the quality study's trainings is what its defaults plan: every variant on both presets
+    and the mixture's variants, each with every seed (and what `--mixture_bounds` adds)."""
+    args = study_quality.parse_args(["--output", str(tmp_path / "quality.md")])
+    jobs = study_quality.planned_jobs(args)
+    presets, variants, seeds = len(args.presets), len(args.variants), len(args.seeds)
+    assert args.mixture and args.mixture_variants == ["after"] and not args.mixture_bounds
+    assert variants == len(study_quality.VARIANT_FLAGS) and len(jobs) == variants * presets * seeds + seeds
+    bounds = study_quality.planned_jobs(study_quality.parse_args(["--mixture_bounds", "--output", args.output]))
+    benchmarks = " ".join((repo_root / "BENCHMARKS.md").read_text().split())
+    assert (f"`bench/study_quality.py` ({len(jobs)} trainings by default: {variants} variants x {presets} presets x "
+            f"{seeds} seeds, and `after` on the `mixture` x {seeds} seeds;") in benchmarks
+    assert f"`--mixture_bounds` for {len(bounds) - len(jobs)} more" in benchmarks
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--reuse", "{tmp}/missing.json"], "--reuse {tmp}/missing.json: not readable ([Errno 2] No such file or "
+                                        "directory: '{tmp}/missing.json')"),
+    (["--reuse", "{tmp}/quality.md"], "--reuse {tmp}/quality.md: not valid JSON (Expecting value: line 1 column 1 "
+                                      "(char 0))"),
+    (["--reuse", "{tmp}/list.json"], "--reuse {tmp}/list.json: no 'runs' object of 'preset/variant' -> list of runs "
+                                     "(not a record of this study)"),
+    (["--reuse", "{tmp}/bounds.json"], "--reuse {tmp}/bounds.json: 'mixture_bounds_on_mild' is not an object"),
+])
+def test_a_bad_argument_exits_2_before_any_training(repo_root, tmp_path, arguments, message):
+    """Checked before the datasets are built: a `--reuse` record is read only after every training otherwise."""
+    for name, text in (("quality.md", "# tables, not the record\n"), ("list.json", "[1, 2]"),
+                       ("bounds.json", '{"runs": {"mild/after": []}, "mixture_bounds_on_mild": [1]}')):
+        (tmp_path / name).write_text(text)  # `--reuse` files beside the output folder, which stays empty
+    output = tmp_path / "out"
+    output.mkdir()
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    result = run_study(repo_root, "study_quality.py", *arguments, "--output", str(output / "quality.md"))
+    assert_refused_before_any_work(result, output, message.replace("{tmp}", str(tmp_path)))
