@@ -23,7 +23,9 @@ from data_builders.cache import ARROW_MARKER
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
                                       RECORD_FILES)
+from modeling_stage2.convert_prithvi import HUB_PREFIX
 from modeling_stage2.hub import is_hub_repo_id
+from modeling_stage2.modeling_stage2 import backbone_weights_location
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
 from training.trainer import (BEST_DIR_NAME, CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS,
@@ -228,16 +230,24 @@ def _refuse_local_base(folder: Path) -> None:
         file, key, base = "config.json", "backbone_weights", config.get("backbone_weights")
     else:  # "saved": the base travels in the folder (base_model.safetensors)
         return
-    if isinstance(base, str) and _is_local_path(base):
+    if isinstance(base, str) and not _names_a_hub_source(kind, base):
         raise CardError(f"{folder / file}: {key} {base} is a path on this machine, which nobody who pulls the adapter "
                         "has; push that base to the Hub and build on its repo id, or merge the adapter "
                         "(export_merged_model) and push the merged folder.")
 
 
-def _is_local_path(source: str) -> bool:
-    """Not a Hub name (`OWNER/NAME`, `OWNER/NAME/FILE`, `hf://...`): local sources are stored absolute."""
-    text = source[len("hf://"):] if source.startswith("hf://") else source
-    return Path(text).is_absolute() or not is_hub_repo_id("/".join(text.split("/")[:2]))
+def _names_a_hub_source(kind: str, base: str) -> bool:
+    """Whether a base refiner (`kind` "model") or backbone weights name something on the Hub, by the rules that load
+    them (local sources are stored absolute by `local_source_or_name`; `backbone_weights_location`)."""
+    if kind == "model":
+        return is_hub_repo_id(base) and not Path(base).is_absolute()
+    try:
+        where, location = backbone_weights_location(base)
+    except FileNotFoundError:  # neither a Hub name nor anything here
+        return False
+    except ValueError:  # a Hub repo whose checkpoint file it cannot infer: the loader's message, not a local path
+        return True
+    return where == "hub" or str(location).startswith(HUB_PREFIX)
 
 
 def push_dataset(

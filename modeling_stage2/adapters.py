@@ -29,7 +29,7 @@ from torch import nn
 
 from ._files import staged_folder
 from .hub import download_model_folder, is_hub_repo_id
-from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name, resolve_lora_targets
+from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
 from .modeling_stage2 import Stage2RefinerModel
 from .vocabulary import QUANTIZATIONS
 
@@ -94,19 +94,10 @@ def modules_kept_in_full_precision(config: Stage2RefinerConfig) -> list[str]:
     return skip
 
 
-def lora_target_pattern(config: Stage2RefinerConfig, target_modules=None, last_n_blocks=None) -> str:
-    """Regex (peft full-match) of the adapted backbone linears; never the patch embedding."""
-    targets = config.lora_target_modules if target_modules is None else resolve_lora_targets(target_modules, "target_modules")
-    depth = config.backbone_config.depth
-    if last_n_blocks is None:
-        blocks = config.lora_blocks
-    else:
-        if isinstance(last_n_blocks, bool) or not 1 <= int(last_n_blocks) <= depth:
-            raise ValueError(
-                f"unfreeze_last_n_blocks must be 1..{depth} (the backbone depth) or None, got {last_n_blocks!r}."
-            )
-        blocks = range(depth - int(last_n_blocks), depth)
-    return _block_linear_regex(blocks, targets).pattern
+def lora_target_pattern(config: Stage2RefinerConfig) -> str:
+    """Regex (peft full-match) of the backbone linears `config` adapts (`lora_target_modules` of `lora_blocks`);
+    never the patch embedding."""
+    return _block_linear_regex(config.lora_blocks, config.lora_target_modules).pattern
 
 
 def _block_linear_regex(blocks, targets):
@@ -287,7 +278,6 @@ def build_trainable_model(
         config = Stage2RefinerConfig.from_pretrained(model_name_or_path, revision=revision)
     else:
         config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
-    lora_target_pattern(config, target_modules, unfreeze_last_n_blocks)  # explicit choices, with their own messages
     config.record_lora(lora_r, lora_alpha, lora_dropout, target_modules, unfreeze_last_n_blocks)  # before any load
     if model_name_or_path is not None:
         base = _from_pretrained(model_name_or_path, quantization, None, config=config, revision=revision)
