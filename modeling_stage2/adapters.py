@@ -30,7 +30,7 @@ from torch import nn
 from ._files import staged_folder
 from .hub import download_model_folder, is_hub_repo_id
 from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
-from .modeling_stage2 import Stage2RefinerModel
+from .modeling_stage2 import Stage2RefinerModel, backbone_weights_commit
 from .vocabulary import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
@@ -122,8 +122,9 @@ class _BaseSource:
     kind: "model" (a full refiner folder or Hub repo), "backbone_weights" (a fresh refiner whose backbone loads
     `config.backbone_weights`), or "saved" (a random-init backbone, whose full-precision weights are kept in
     `backbone_file` and written next to the adapter). `trained_quantization`: the base's quantization while the
-    adapter was trained, kept whatever quantization it is loaded with later. `revision`: the commit of a Hub base
-    refiner the adapter was trained on, so that a later commit to that repo cannot change the adapter's outputs.
+    adapter was trained, kept whatever quantization it is loaded with later. `revision`: the commit of the Hub base
+    refiner ("model") or of the backbone's Hub checkpoint ("backbone_weights") the adapter was trained on, so that a
+    later commit to that repo cannot change the adapter's outputs.
     """
 
     def __init__(self, kind: str, model_name_or_path: str | None = None, backbone_file: Path | None = None,
@@ -140,15 +141,17 @@ class _BaseSource:
         return record | ({"revision": self.revision} if self.revision else {})
 
 
-def _fresh_refiner(config: Stage2RefinerConfig, backbone_file: Path | None = None) -> Stage2RefinerModel:
-    """A full-precision refiner with its backbone from `config.backbone_weights` or `backbone_file`."""
+def _fresh_refiner(config: Stage2RefinerConfig, backbone_file: Path | None = None,
+                   revision: str | None = None) -> Stage2RefinerModel:
+    """A full-precision refiner with its backbone from `config.backbone_weights` (at `revision` when it is on the
+    Hub) or `backbone_file`."""
     model = Stage2RefinerModel(config)
     if backbone_file is not None:
         from safetensors.torch import load_file
 
         model.backbone.load_state_dict(load_file(str(backbone_file)), strict=True)
     elif config.backbone_weights is not None:
-        model.load_backbone_weights()
+        model.load_backbone_weights(revision=revision)
     return model
 
 
@@ -223,12 +226,12 @@ def _from_pretrained(model_name_or_path, quantization: str, device_map, config=N
     return model
 
 
-def _hub_commit(model_name_or_path) -> str | None:
-    """The commit a Hub repo's main branch resolves to now (its snapshot folder is named by it; offline, the cached
-    one); None for a local folder."""
+def _hub_commit(model_name_or_path, revision: str | None = None) -> str | None:
+    """The commit a Hub repo's `revision` (default its main branch) resolves to now (its snapshot folder is named by
+    it; offline, the cached one); None for a local folder."""
     if Path(model_name_or_path).expanduser().is_dir() or not is_hub_repo_id(str(model_name_or_path)):
         return None
-    return download_model_folder(str(model_name_or_path)).name
+    return download_model_folder(str(model_name_or_path), revision=revision).name
 
 
 def _device_map(device) -> dict | None:
@@ -250,6 +253,7 @@ def build_trainable_model(
     unfreeze_last_n_blocks: int | None = None,
     gradient_checkpointing: bool = False,
     print_summary: bool = True,
+    revision: str | None = None,
 ):
     """The refiner ready for LoRA training, as a `peft.PeftModel`.
 
@@ -265,6 +269,9 @@ def build_trainable_model(
     LoRA arguments left as None take the config's defaults (`lora_r` 8, `lora_alpha` 16, `lora_dropout` 0.1,
     `lora_target_modules`, `unfreeze_last_n_blocks`). With `gradient_checkpointing`, the backbone blocks recompute
     their activations in the backward pass (`use_reentrant=False`, needed with a frozen input and LoRA).
+    `revision` (branch, tag or commit; default the main branch) applies to a Hub base: the `model_name_or_path` repo,
+    or the Hub checkpoint of `config.backbone_weights`. The commit it resolves to is kept with the adapter
+    (`save_trained_model`), so that the adapter is always put back onto the base it was trained on.
     On a machine with a GPU, bitsandbytes places quantized bases on it; full-precision ones stay on the CPU until
     moved. Prints the trainable-parameter summary unless `print_summary=False`.
     """
@@ -274,7 +281,7 @@ def build_trainable_model(
     if model_name_or_path is not None:
         if config is not None:
             raise ValueError("Pass either `config` (a fresh refiner) or `model_name_or_path` (a saved one), not both.")
-        revision = _hub_commit(model_name_or_path)
+        revision = _commit_of_hub_base(revision, _hub_commit(model_name_or_path, revision), model_name_or_path)
         config = Stage2RefinerConfig.from_pretrained(model_name_or_path, revision=revision)
     else:
         config = copy.deepcopy(config) if config is not None else Stage2RefinerConfig()
@@ -283,7 +290,7 @@ def build_trainable_model(
         base = _from_pretrained(model_name_or_path, quantization, None, config=config, revision=revision)
         source = _BaseSource("model", model_name_or_path=local_source_or_name(model_name_or_path), revision=revision)
     else:
-        base, source = _build_fresh_base(config, quantization)
+        base, source = _build_fresh_base(config, quantization, revision)
 
     config = base.config
     lora_config = LoraConfig(
@@ -324,9 +331,22 @@ def _peft_wrapping():
         yield
 
 
-def _build_fresh_base(config: Stage2RefinerConfig, quantization: str):
-    if config.backbone_weights is not None:
-        return _base_model(lambda: _fresh_refiner(config), quantization, None), _BaseSource("backbone_weights")
+def _commit_of_hub_base(revision: str | None, commit: str | None, base) -> str | None:
+    """`commit`, the one a Hub base resolved to; a `revision` asked for a base that is not on the Hub is refused."""
+    if revision is not None and commit is None:
+        raise ValueError(f"revision={revision!r} applies to a base on the Hub; the base {base} is not: leave "
+                         "revision out.")
+    return commit
+
+
+def _build_fresh_base(config: Stage2RefinerConfig, quantization: str, revision: str | None):
+    if config.backbone_weights is None:
+        _commit_of_hub_base(revision, None, "(a randomly initialised backbone, config.backbone_weights None)")
+    else:
+        commit = backbone_weights_commit(config.backbone_weights, revision)
+        source = _BaseSource("backbone_weights", revision=_commit_of_hub_base(revision, commit,
+                                                                             config.backbone_weights))
+        return _base_model(lambda: _fresh_refiner(config, revision=source.revision), quantization, None), source
     logger.warning(
         "config.backbone_weights is None: the backbone is randomly initialised (fine for tests and demos). For "
         "real training set backbone_weights to the Prithvi checkpoint, e.g. 'ibm-nasa-geospatial/Prithvi-EO-2.0-600M'."
@@ -501,7 +521,8 @@ def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization
     if source.kind == "model":
         return _from_pretrained(source.model_name_or_path, quantization, device_map, revision=source.revision)
     backbone_file = source.backbone_file if source.kind == "saved" else None
-    return _base_model(lambda: _fresh_refiner(config, backbone_file=backbone_file), quantization, device_map)
+    return _base_model(lambda: _fresh_refiner(config, backbone_file=backbone_file, revision=source.revision),
+                       quantization, device_map)
 
 
 def _read_base_source(folder: Path) -> _BaseSource:
@@ -527,14 +548,19 @@ def _read_base_source(folder: Path) -> _BaseSource:
         if Path(base).is_absolute() and not Path(base).is_dir():  # local_source_or_name stores local bases absolute
             raise FileNotFoundError(f"{path}: key 'model_name_or_path' names the base folder {base}, which no longer "
                                     "exists; put the base refiner back there, or edit the path to where it is now.")
-        revision = info.get("revision")
-        if revision is not None and not isinstance(revision, str):
-            raise ValueError(f"{path}: key 'revision' is {revision!r}; expected the base repo's commit (text).")
         return _BaseSource("model", model_name_or_path=base, trained_quantization=trained_quantization,
-                           revision=revision)
+                           revision=_recorded_revision(path, info))
     if kind == "backbone_weights":
-        return _BaseSource("backbone_weights", trained_quantization=trained_quantization)
+        return _BaseSource("backbone_weights", trained_quantization=trained_quantization,
+                           revision=_recorded_revision(path, info))
     raise ValueError(f"{path}: key 'kind' is {kind!r}; expected 'model', 'backbone_weights' or 'saved'.")
+
+
+def _recorded_revision(path: Path, info: dict) -> str | None:
+    revision = info.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"{path}: key 'revision' is {revision!r}; expected the base repo's commit (text).")
+    return revision
 
 
 def _clean_config(config: Stage2RefinerConfig) -> Stage2RefinerConfig:

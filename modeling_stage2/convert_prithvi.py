@@ -370,15 +370,16 @@ def convert_official_checkpoint(
     return model
 
 
-def load_official_encoder(checkpoint_path: str | Path, **config_overrides) -> PrithviEncoder:
-    """The encoder of an official checkpoint (a local `.pt` or `hf://REPO_ID/FILENAME`), in eval mode.
+def load_official_encoder(checkpoint_path: str | Path, *, revision: str | None = None,
+                          **config_overrides) -> PrithviEncoder:
+    """The encoder of an official checkpoint (a local `.pt` or `hf://REPO_ID/FILENAME` at `revision`), in eval mode.
 
     `config_overrides` are `PrithviConfig` arguments (`bands` or `in_chans`, `num_frames`, ...) plus an optional
     `preset`. Calling the encoder on (B, C, H, W) returns `last_hidden_state` and the per-block `hidden_states`.
     """
     preset = config_overrides.pop("preset", None)
     bands = config_overrides.pop("bands", None)
-    path = resolve_checkpoint(checkpoint_path)
+    path = resolve_checkpoint(checkpoint_path, revision=revision)
     return convert_official_checkpoint(path, None, preset=preset, bands=bands, **config_overrides).eval()
 
 
@@ -406,8 +407,9 @@ def load_prithvi_from_hub(
     root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HOME)
     band_key = "-".join(str(band) for band in bands) if bands else "all-bands"
     override_key = "".join(f"__{key}-{config_overrides[key]}" for key in sorted(config_overrides))
+    commit = snapshot_commit(checkpoint) or (revision or "main").replace("/", "--")
     target = (
-        root / "stage2-converted" / repo_id.replace("/", "--") / _snapshot_commit(checkpoint, revision)
+        root / "stage2-converted" / repo_id.replace("/", "--") / commit
         / Path(filename).stem / f"{preset or 'auto'}__{band_key}{override_key}".replace("/", "-").replace(" ", "")
     )
     if all((target / name).is_file() for name in _SAVED_FILES):
@@ -416,12 +418,12 @@ def load_prithvi_from_hub(
     return target
 
 
-def _snapshot_commit(local_file: Path, revision: str | None) -> str:
-    """The commit a hub-cache file belongs to (`.../snapshots/<commit>/<filename>`), else the revision."""
+def snapshot_commit(local_file: Path) -> str | None:
+    """The commit a Hub-cache file belongs to (`.../snapshots/<commit>/<filename>`); None for a file elsewhere."""
     parts = local_file.parts
     if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
         return parts[parts.index("snapshots") + 1]
-    return (revision or "main").replace("/", "--")
+    return None
 
 
 def resolve_checkpoint(checkpoint: str | Path, revision: str | None = None, cache_dir=None) -> Path:

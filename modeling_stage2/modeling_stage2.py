@@ -820,12 +820,13 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
 
     # ------------------------------------------------------------------------------------ pretrained backbone
 
-    def load_backbone_weights(self, source: str | Path | None = None) -> None:
+    def load_backbone_weights(self, source: str | Path | None = None, revision: str | None = None) -> None:
         """Load pretrained weights into `self.backbone` from `source` (default `config.backbone_weights`).
 
         `source` is a folder written by `stage2-convert-prithvi` (or `PrithviEncoder.save_pretrained`), an official
         `Prithvi_EO_V2_*.pt` file (local path or `hf://OWNER/REPO/FILE.pt`), or a Hub repo id
         (`OWNER/REPO`, or `OWNER/REPO/FILE.pt`), converted once and cached by `load_prithvi_from_hub`.
+        `revision` (branch, tag or commit) applies to the Hub sources; default the main branch.
         """
         source = source if source is not None else self.config.backbone_weights
         if source is None:
@@ -833,7 +834,7 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
                 "No backbone weights to load: config.backbone_weights is None. Set it to a Hub repo id, an official "
                 "Prithvi .pt file or a converted folder."
             )
-        encoder = load_pretrained_encoder(source, self.config.backbone_config)
+        encoder = load_pretrained_encoder(source, self.config.backbone_config, revision=revision)
         self._copy_backbone_weights(encoder, str(source))
 
     def _copy_backbone_weights(self, encoder: PrithviEncoder, source: str) -> None:
@@ -862,9 +863,11 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         self.backbone.load_state_dict(state, strict=True)
 
 
-def load_pretrained_encoder(source: str | Path, backbone_config: PrithviConfig) -> PrithviEncoder:
+def load_pretrained_encoder(source: str | Path, backbone_config: PrithviConfig,
+                            revision: str | None = None) -> PrithviEncoder:
     """A pretrained `PrithviEncoder` with the bands of `backbone_config`, from a converted folder, an official
-    checkpoint file (`.pt`, local or `hf://`), or a Hub repo id (`OWNER/REPO` or `OWNER/REPO/FILE.pt`)."""
+    checkpoint file (`.pt`, local or `hf://`), or a Hub repo id (`OWNER/REPO` or `OWNER/REPO/FILE.pt`); `revision`
+    is the Hub sources' branch, tag or commit."""
     from .convert_prithvi import load_official_encoder, load_prithvi_from_hub
 
     kind, location = backbone_weights_location(source)
@@ -873,9 +876,28 @@ def load_pretrained_encoder(source: str | Path, backbone_config: PrithviConfig) 
         return PrithviEncoder.from_pretrained(location)
     if kind == "checkpoint":
         overrides = {name: getattr(backbone_config, name) for name in ("img_size", "num_frames", "num_heads")}
-        return load_official_encoder(location, bands=bands, **overrides)
+        return load_official_encoder(location, bands=bands, revision=revision, **overrides)
     repo_id, filename = location
-    return PrithviEncoder.from_pretrained(load_prithvi_from_hub(repo_id, filename=filename, bands=bands))
+    return PrithviEncoder.from_pretrained(load_prithvi_from_hub(repo_id, filename=filename, revision=revision,
+                                                                bands=bands))
+
+
+def backbone_weights_commit(source: str | Path, revision: str | None = None) -> str | None:
+    """The Hub commit the checkpoint named by `source` (`OWNER/REPO[/FILE.pt]` or `hf://`) resolves to now at
+    `revision` (default the main branch; the file is downloaded into the Hub cache, where loading it at that commit
+    finds it), or None for a local folder or file.
+    Loading at the commit returned keeps a later commit to the backbone's repo from changing a trained adapter."""
+    from .convert_prithvi import HUB_PREFIX, resolve_checkpoint, snapshot_commit
+
+    kind, location = backbone_weights_location(source)
+    if kind == "folder" or (kind == "checkpoint" and not str(location).startswith(HUB_PREFIX)):
+        return None
+    if kind == "checkpoint":
+        return snapshot_commit(resolve_checkpoint(location, revision=revision))
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = location
+    return snapshot_commit(Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)))
 
 
 def backbone_weights_location(source: str | Path) -> tuple[str, Any]:
