@@ -30,6 +30,7 @@ from modeling_stage2.adapters import (  # the files save_trained_model and train
     TRAINING_CONFIG_FILE,
 )
 from modeling_stage2._files import write_text
+from modeling_stage2.convert_prithvi import official_hub_repo
 from modeling_stage2.hub import is_hub_repo_id
 from modeling_stage2.vocabulary import INPUT_MODES
 from training.metrics import DESIGN_TARGETS, HIGHER_IS_BETTER, METRIC_NAMES
@@ -308,6 +309,7 @@ def build_model_card(
         summary=_summary(library_name),
         base_model=base_model,
         base_model_url=f"https://huggingface.co/{base_model}" if base_model else None,
+        backbone_from_a_local_file=_backbone_from_a_local_file(model_config),
         bands=list(model_config.get("bands") or ("B02", "B03", "B04", "B08")),
         architecture=_describe_architecture(model_config),
         adaptation=_describe_adaptation(adapter_config, model_config),
@@ -315,7 +317,7 @@ def build_model_card(
             {"quantization": quantization} if quantization else training_config, model_config),
         contents=contents or _describe_contents(
             library_name, has_code, named=bool((adapter_config or {}).get("modules_to_save")),
-            pretrained_base=base_model is not None),
+            pretrained_base=base_model is not None or _backbone_from_a_local_file(model_config)),
         library_name=library_name,
         has_code=has_code,
         license=license,
@@ -477,21 +479,36 @@ def read_json(path: Path, what: str) -> dict | None:
 
 def base_model_from_config(model_config: Mapping | None, adapter_config: Mapping | None = None) -> str | None:
     """The backbone's Hub repo: `backbone_weights` of the refiner config when it names one
-    (`OWNER/REPO` or `OWNER/REPO/FILE.pt`, `hf://...`); None when the config says the backbone was randomly
-    initialised (`backbone_weights` null and no base in the adapter config: a demo or test model, which must not
-    claim a pretrained base); else `DEFAULT_BASE_MODEL` (e.g. weights converted to a local folder)."""
+    (`OWNER/REPO` or `OWNER/REPO/FILE.pt`, `hf://...`); for weights from a local file or folder, the released
+    Prithvi-EO-2.0 repo of the config's backbone architecture (None when no release has it); None when the config
+    says the backbone was randomly initialised (`backbone_weights` null and no base in the adapter config: a demo or
+    test model, which must not claim a pretrained base); else `DEFAULT_BASE_MODEL` (nothing known)."""
     for source in ((model_config or {}).get("backbone_weights"),
                    (adapter_config or {}).get("base_model_name_or_path")):
-        if not isinstance(source, str):
-            continue
-        text = source[len("hf://"):] if source.startswith("hf://") else source
-        repo_id = "/".join(text.split("/")[:2])  # OWNER/NAME, or OWNER/NAME/FILE of a checkpoint
-        if text.count("/") <= 2 and is_hub_repo_id(repo_id) and not Path(text).exists():
+        repo_id = _hub_repo_of(source)
+        if repo_id is not None:
             return repo_id
+    if _backbone_from_a_local_file(model_config) and isinstance(model_config.get("backbone_config"), Mapping):
+        return official_hub_repo(model_config["backbone_config"])
     if (model_config is not None and "backbone_weights" in model_config and model_config["backbone_weights"] is None
             and not (adapter_config or {}).get("base_model_name_or_path")):
         return None
     return DEFAULT_BASE_MODEL
+
+
+def _hub_repo_of(source) -> str | None:
+    """OWNER/NAME of a Hub source (`OWNER/NAME`, `OWNER/NAME/FILE.pt`, `hf://...`), None for anything else."""
+    if not isinstance(source, str):
+        return None
+    text = source[len("hf://"):] if source.startswith("hf://") else source
+    repo_id = "/".join(text.split("/")[:2])  # OWNER/NAME, or OWNER/NAME/FILE of a checkpoint
+    return repo_id if text.count("/") <= 2 and is_hub_repo_id(repo_id) and not Path(text).exists() else None
+
+
+def _backbone_from_a_local_file(model_config: Mapping | None) -> bool:
+    """The config's `backbone_weights` names a local file or folder (stored absolute by `local_source_or_name`)."""
+    source = (model_config or {}).get("backbone_weights")
+    return isinstance(source, str) and _hub_repo_of(source) is None
 
 
 def card_for_folder(

@@ -23,7 +23,16 @@ from .modeling_prithvi import PrithviEncoder, sincos_3d_table
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HUB_REPO = "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
+OFFICIAL_HUB_REPOS = {
+    "prithvi_eo_v2_600m": "ibm-nasa-geospatial/Prithvi-EO-2.0-600M",
+    "prithvi_eo_v2_600m_tl": "ibm-nasa-geospatial/Prithvi-EO-2.0-600M-TL",
+    "prithvi_eo_v2_300m": "ibm-nasa-geospatial/Prithvi-EO-2.0-300M",
+    "prithvi_eo_v2_300m_tl": "ibm-nasa-geospatial/Prithvi-EO-2.0-300M-TL",
+    "prithvi_eo_v2_100m": "ibm-nasa-geospatial/Prithvi-EO-2.0-100M",
+    "prithvi_eo_v2_100m_tl": "ibm-nasa-geospatial/Prithvi-EO-2.0-100M-TL",
+}
+"""The Hub repo of each released preset (the tiny test preset has none)."""
+DEFAULT_HUB_REPO = OFFICIAL_HUB_REPOS["prithvi_eo_v2_600m"]
 DEFAULT_HUB_FILENAME = "Prithvi_EO_V2_600M.pt"
 HUB_PREFIX = "hf://"
 _SAVED_FILES = {"config.json", "model.safetensors"}
@@ -201,6 +210,18 @@ def is_sincos_table(table: torch.Tensor, grid: tuple[int, int, int]) -> bool:
         return False  # the 3D table splits the width in sixteenths
     expected = sincos_3d_table(table.shape[-1], grid)
     return table.shape == expected.shape and bool((table.float() - expected).abs().max() <= _TABLE_ATOL)
+
+
+def official_hub_repo(backbone_config: dict) -> str | None:
+    """The Hub repo of the released model whose architecture a saved encoder config (`config.json`'s
+    `backbone_config`) has: embed_dim, depth, patch and coordinate encodings; None when it has no released one."""
+    try:
+        architecture = {name: backbone_config[name] for name in ("embed_dim", "depth")}
+        architecture["patch_size"] = list(backbone_config["patch_size"])
+    except (KeyError, TypeError):
+        return None
+    architecture["coords_encoding"] = list(backbone_config.get("coords_encoding") or ())
+    return OFFICIAL_HUB_REPOS.get(match_preset(architecture))
 
 
 def match_preset(architecture: dict) -> str | None:

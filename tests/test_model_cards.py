@@ -9,6 +9,7 @@ import pytest
 from huggingface_hub import EvalResult, ModelCard
 
 from _hub_helpers import hub_server  # noqa: F401  (fixture)
+from modeling_stage2 import PrithviConfig
 from model_cards.cards import (
     CARD_METRICS,
     DESIGN_TARGETS,
@@ -178,6 +179,14 @@ def test_base_model_comes_from_the_backbone_weights_when_they_name_a_hub_repo(tm
     assert base_model_from_config({"backbone_weights": f"hf://{PRITHVI_300M}/x.pt"}) == PRITHVI_300M
     local = tmp_path / "converted"
     local.mkdir()
+    # Weights from a local folder or file: the release with the backbone's architecture, none without one.
+    architectures = {"ibm-nasa-geospatial/Prithvi-EO-2.0-600M": "prithvi_eo_v2_600m",
+                     PRITHVI_300M: "prithvi_eo_v2_300m",
+                     "ibm-nasa-geospatial/Prithvi-EO-2.0-100M-TL": "prithvi_eo_v2_100m_tl",
+                     None: "prithvi_eo_v2_tiny"}
+    for repo, preset in architectures.items():
+        backbone = PrithviConfig.from_preset(preset).to_dict()
+        assert base_model_from_config({"backbone_weights": str(local), "backbone_config": backbone}) == repo
     assert base_model_from_config({"backbone_weights": str(local)}) == "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
     assert base_model_from_config({"backbone_weights": None}, {"base_model_name_or_path": PRITHVI_300M}) == PRITHVI_300M
     # A randomly initialised backbone has no base model; nothing known about the backbone -> the default.
@@ -193,6 +202,24 @@ def test_card_of_a_randomly_initialised_backbone_claims_no_pretrained_base(tmp_p
     assert card.data.base_model is None and card.data.to_dict().get("base_model_relation") is None
     assert "Prithvi-EO-2.0-600M" not in card.text and "randomly initialised" in card.text
     assert "the frozen base comes from this repo" in card.text
+
+
+def test_card_of_a_backbone_from_a_local_file_names_its_release_or_no_base(tmp_path):
+    """A merged model whose backbone weights came from a local file: the card names the release with the backbone's
+    architecture (not always the 600M) and says where the weights came from; with no such release, no base model,
+    and it does not claim a random initialisation."""
+    folder = _model_folder(tmp_path / "merged", adapter=False)
+    config = json.loads((folder / "config.json").read_text()) | {"backbone_weights": str(tmp_path / "mine.pt")}
+    (folder / "config.json").write_text(json.dumps(config))
+    card = ModelCard.load(write_model_card(folder))
+    assert card.data.base_model == PRITHVI_300M and "Prithvi-EO-2.0-600M" not in card.text
+    assert "its weights were loaded from a local file with this release's architecture" in card.text
+
+    tiny = PrithviConfig.from_preset("prithvi_eo_v2_tiny").to_dict()
+    (folder / "config.json").write_text(json.dumps(config | {"backbone_config": tiny}))
+    card = ModelCard.load(write_model_card(folder))
+    assert card.data.base_model is None and "ibm-nasa-geospatial" not in card.text
+    assert "loaded from a local file (`backbone_weights`)" in card.text and "randomly initialised" not in card.text
 
 
 def _model_folder(folder: Path, adapter: bool = True) -> Path:
