@@ -91,26 +91,27 @@ def write_results(path: str | Path, text: str) -> None:
     files().write_text(path, text)
 
 
-def output_problem(output: str | Path) -> str | None:
-    """What stops a study from writing its tables to `output` and its record beside it (a missing folder, an entry of
-    the other kind, no right to write); None when nothing does."""
+def output_problem(output: str | Path, record: bool = True) -> str | None:
+    """What stops a study from writing its tables to `output` and (`record`) its record beside it (a missing folder,
+    an entry of the other kind, no right to write); None when nothing does."""
     output = Path(output)
     if not output.parent.exists():  # `atomic_file` would make it: more likely a typo, found only after the work
         return f"the folder {output.parent} does not exist"
-    for path in (output, output.with_suffix(".json")):
+    for path in (output, output.with_suffix(".json")) if record else (output,):
         problem = files().output_path_problem(path)
         if problem is not None:
             return problem if path == output else f"{path.name} {problem}"
     return None
 
 
-def check_study_arguments(parser, args, output: str | Path | None) -> None:
+def check_study_arguments(parser, args, output: str | Path | None, record: bool = True) -> None:
     """Exits 2 with a one-line error on `--jobs` below 1 or an `output` (`--output`) that cannot be written: checked
-    before any work, as found after the trainings either would lose them. `output` None: a script that derives it
-    from other arguments checks it once it has."""
+    before any work, as found after the trainings (or the measurements) either would lose them. `output` None: a
+    script that derives it from other arguments checks it once it has. `record`: a `.json` record goes beside it
+    (the studies; the benchmarks write their tables alone)."""
     if getattr(args, "jobs", 1) < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    problem = output_problem(output) if output is not None else None
+    problem = output_problem(output, record) if output is not None else None
     if problem is not None:
         parser.error(f"--output {output}: {problem}")
 

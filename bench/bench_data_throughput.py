@@ -41,7 +41,7 @@ from data_builders.build import (  # noqa: E402
 )
 from data_builders.degrade import synthesize_opt_v1  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
-from _common import cpu_name, write_results  # noqa: E402
+from _common import check_study_arguments, cpu_name, write_results  # noqa: E402
 
 DESIGN_TILES = 160_000
 BUILD_GOAL = DESIGN_TILES / 600  # tiles/s for 10 minutes
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--slow_read_tiles", type=int, default=256, help="tiles read through set_transform")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "data_throughput.md"))
     args = parser.parse_args()
+    check_study_arguments(parser, args, args.output, record=False)
     datasets.disable_progress_bars()
     torch.manual_seed(0)
     tuned = tune_allocator()  # as the stage2-build-dataset CLI does (build workers always do)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import cpu_name, load_average, write_results
+from _common import check_study_arguments, cpu_name, load_average, write_results
 from bench_inference import demo_refiner_config, synthetic_tiles
 from modeling_stage2 import Stage2RefinerConfig
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model
@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes, best kept (default 3)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output, record=False)
     sizes = [size.strip().lower() for size in args.sizes.split(",") if size.strip()]
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:

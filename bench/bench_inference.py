@@ -29,7 +29,7 @@ import torch
 
 from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
 from inference_stage2 import refine_arrays, refine_scene, refine_tiles, window_starts
-from _common import cpu_name, write_results
+from _common import check_study_arguments, cpu_name, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TILES = REPO_ROOT / "data" / "sample" / "tiles"
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output, record=False)
     torch.manual_seed(0)
     default_threads = torch.get_num_threads()
     load_start = os.getloadavg()[0]

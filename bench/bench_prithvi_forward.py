@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modeling_stage2 import PrithviConfig, PrithviEncoder
-from _common import cpu_name, write_results
+from _common import check_study_arguments, cpu_name, write_results
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "prithvi_forward.md"
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output, record=False)
 
     torch.manual_seed(0)
     rss_start = peak_rss_gib()

@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import cpu_name, write_results
+from _common import check_study_arguments, cpu_name, write_results
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "refiner_memory.md"
 MODES = ("none", "8bit", "4bit")
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", choices=MODES, help=argparse.SUPPRESS)  # internal: one precision's memory
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # internal: the timing run
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, args.output, record=False)
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     if args.memory:
         print("RESULT " + json.dumps(measure_memory(args.memory)))

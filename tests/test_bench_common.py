@@ -149,6 +149,34 @@ def test_every_study_refuses_an_output_folder_that_does_not_exist_before_any_wor
     assert_refused_before_any_work(result, tmp_path, f"--output {output}: the folder {output.parent} does not exist")
 
 
+BENCHMARKS_WITH_OUTPUT = sorted(path.name for path in (Path(__file__).resolve().parents[1] / "bench").glob("bench_*.py")
+                                if "--output" in path.read_text())
+
+
+def test_every_benchmark_but_the_training_one_takes_an_output():
+    assert BENCHMARKS_WITH_OUTPUT == ["bench_data_throughput.py", "bench_export.py", "bench_inference.py",
+                                      "bench_prithvi_forward.py", "bench_refiner_memory.py"]
+
+
+@pytest.mark.parametrize("script", BENCHMARKS_WITH_OUTPUT)
+def test_every_benchmark_refuses_an_output_it_cannot_write_before_any_work(repo_root, tmp_path, script):
+    """Found after the measurements (minutes to an hour), a bad `--output` would lose them; a benchmark writes no
+    `.json` record, so a folder of that name beside its tables is no problem."""
+    output = tmp_path / "missing" / "bench.md"
+    result = run_study(repo_root, script, "--output", str(output))
+    assert_refused_before_any_work(result, tmp_path, f"--output {output}: the folder {output.parent} does not exist")
+    (tmp_path / "bench.md").mkdir()
+    result = run_study(repo_root, script, "--output", str(tmp_path / "bench.md"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
+        f"--output {tmp_path / 'bench.md'}: is a folder; give a file path")
+
+
+def test_a_benchmark_output_needs_no_room_for_a_record(common, tmp_path):
+    (tmp_path / "bench.json").mkdir()
+    assert common.output_problem(tmp_path / "bench.md", record=False) is None
+    assert common.output_problem(tmp_path / "bench.md") == "bench.json is a folder; give a file path"
+
+
 @pytest.mark.parametrize("script", [script for script in STUDIES if script != "study_correction_bounds.py"])
 def test_every_study_that_runs_jobs_refuses_none_before_any_work(repo_root, tmp_path, script):
     result = run_study(repo_root, script, *REQUIRED.get(script, []), "--jobs", "0", "--output", str(tmp_path / "s.md"))
