@@ -378,6 +378,114 @@ def test_failed_run_leaves_an_existing_output_folder_unchanged(tmp_path, tiny_co
     assert sorted(path.name for path in (out / "_dataset").iterdir()) == ["0123456789abcdef"]
 
 
+# ----------------------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("flags, fragment", [
+    (["--eval_every_epochs", "nan"], "--eval_every_epochs: eval_every_epochs must be a finite number > 0, or 0 / null"),
+    (["--save_every_epochs", "inf"], "--save_every_epochs: save_every_epochs must be a finite number > 0, or 0 / null"),
+    (["--disc_learning_rate_ratio", "nan"], "--disc_learning_rate_ratio: disc_learning_rate_ratio must be a finite "
+                                            "number >= 0, got nan."),
+    (["--disc_learning_rate_ratio", "inf"], "disc_learning_rate_ratio must be a finite number >= 0, got inf."),
+])
+def test_non_finite_intervals_and_discriminator_ratio_are_refused_before_the_run(flags, fragment, tmp_path,
+                                                                                  tiny_config, sample_dataset_dir,
+                                                                                  capsys):
+    """They passed every check and crashed the started run (`round(nan)` when the intervals are converted to steps,
+    AdamW refusing a NaN learning rate) with a traceback, or trained the discriminator at an infinite rate."""
+    argv = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir",
+            str(tmp_path / "out"), *flags]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, kind", [("[]\n", "list"), ("0\n", "int"), ("false\n", "bool"), ("''\n", "str")])
+def test_a_config_file_that_is_not_a_mapping_is_refused(text, kind, tmp_path, sample_dataset_dir, capsys):
+    """An empty YAML file sets nothing; an empty list, 0, false or '' is no mapping of settings (it was read as an
+    empty one and the run went ahead on the defaults)."""
+    config = tmp_path / "x.yaml"
+    config.write_text(text)
+    argv = ["--config", str(config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "out")]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), f"{config}: expected a mapping of argument names to values, got {kind}.")
+    assert not (tmp_path / "out").exists()
+    config.write_text("# nothing set yet\n")
+    assert parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])[0].lora_r == 8
+
+
+@pytest.fixture
+def tiny_full_model(tmp_path) -> Path:
+    from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
+
+    folder = tmp_path / "full"
+    Stage2RefinerModel(Stage2RefinerConfig(backbone_config="prithvi_eo_v2_tiny", head_width=16,
+                                           num_convnext_blocks=1)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--lora_r", "0"], "--lora_r: lora_r must be a positive integer, got 0."),
+    (["--lora_dropout", "1.5"], "--lora_dropout: lora_dropout must be in [0, 1), got 1.5."),
+    (["--unfreeze_last_n_blocks", "5"], "--unfreeze_last_n_blocks: unfreeze_last_n_blocks=5 exceeds the backbone "
+                                        "depth 4"),  # the saved refiner's tiny backbone, not the 600M preset's 32
+    (["--lora_target_modules", "patch_embed"], "--lora_target_modules: lora_target_modules must be a non-empty"),
+])
+def test_lora_settings_of_a_start_model_are_checked_before_the_run(flags, fragment, tmp_path, tiny_config,
+                                                                   tiny_full_model, sample_dataset_dir, capsys):
+    """With --model_name_or_path the LoRA settings went unchecked until `build_model`, after the data: a traceback."""
+    capsys.readouterr()
+    argv = ["--config", str(tiny_config), "--model_name_or_path", str(tiny_full_model), "--data_dir",
+            str(sample_dataset_dir), "--output_dir", str(tmp_path / "out"), *flags]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), fragment)
+    assert not (tmp_path / "out").exists()
+    parse_args(["--config", str(tiny_config), "--model_name_or_path", str(tiny_full_model), "--output_dir",
+                str(tmp_path / "out"), "--unfreeze_last_n_blocks", "4", "--lora_target_modules", "qkv"])
+    parse_args(["--config", str(tiny_config), "--model_name_or_path", "someone/refiner", "--output_dir",
+                str(tmp_path / "out"), "--unfreeze_last_n_blocks", "40"])  # a Hub repo's depth: known once downloaded
+
+
+def test_an_unusable_dataset_cache_dir_is_refused_before_the_run(tmp_path, tiny_config, capsys):
+    """NPZ tiles are converted into --dataset_cache_dir: a file there was a FileExistsError traceback (status 1)."""
+    tiles = make_tile_dir(tmp_path / "tiles", per_split=1)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for cache, problem in ((a_file, "is a file; give a folder path"),
+                           (a_file / "cache", f"{a_file} is a file, so nothing can be written under it")):
+        argv = ["--config", str(tiny_config), "--data_dir", str(tiles), "--output_dir", str(tmp_path / "out"),
+                "--dataset_cache_dir", str(cache)]
+        assert launch_main(argv) == 2
+        _assert_one_line(_error_lines(capsys), f"--dataset_cache_dir {cache}: {problem}")
+        with pytest.raises(UsageError, match="^--dataset_cache_dir "):  # the trainer process checks it too
+            main(argv)
+    assert not (tmp_path / "out").exists() and a_file.read_text() == "mine"
+
+
+def test_resume_with_settings_that_do_not_fit_the_checkpoint(tmp_path, tiny_config, sample_dataset_dir):
+    """--resume latest with another LoRA rank failed inside `train` with a size-mismatch traceback, after the run's
+    config.yaml had been rewritten with the settings that do not fit: now one line, and the run is left as it was."""
+    from training.train import _check_resume_fits, build_model
+    from training.trainer import CHECKPOINT_COMPLETE_NAME, checkpoint_marker
+
+    out = tmp_path / "run"
+    base = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(out)]
+    training_args = parse_args([*base, "--resume", "latest"])[0]
+    model = build_model(training_args, print_summary=False)
+    checkpoint = out / "checkpoint-2"
+    model.save_pretrained(checkpoint)  # the trainable weights as a checkpoint holds them
+    (checkpoint / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(checkpoint_marker(checkpoint, 2)))
+    (out / "config.yaml").write_text("lora_r: 8\n")
+    _check_resume_fits(model, training_args)  # the settings it was trained with: accepted
+    before = folder_digest(out)
+    with pytest.raises(UsageError) as error:
+        main([*base, "--resume", "latest", "--lora_r", "4"])
+    assert str(error.value).startswith(f"--resume {checkpoint}: its weights do not fit the model these settings "
+                                       "build (base_model.model.backbone.blocks.0.attn.qkv.lora_A.weight is [8, 64] "
+                                       "there, [4, 64] here); resume with the settings it was trained with")
+    with pytest.raises(UsageError, match=r"its weights do not fit .* \(it holds \d+ tensors this model lacks, e\.g\. "):
+        main([*base, "--resume", str(checkpoint), "--lora_target_modules", "qkv"])
+    assert folder_digest(out) == before
+
+
 # ----------------------------------------------------------------------------------------------- accelerate options
 def test_accelerate_gets_explicit_defaults_and_no_warning(monkeypatch, tmp_path, caplog):
     from accelerate.commands import config as accelerate_config
@@ -641,3 +749,55 @@ def test_a_run_with_out_of_range_fallback_as_the_user_starts_it(tmp_path, run_st
     share = float(np.mean(np.concatenate([weight.ravel() for weight in weights]) > 0))
     assert 0 < share < 1  # 4 training tiles: many test pixels lie outside their spectra, not all
     assert f"(outside the training spectra, or near-black): {100 * share:.1f} % of valid pixels" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------- stage2-evaluate
+def _evaluate_status(argv) -> int:
+    from training.evaluate import main as evaluate_main
+
+    try:
+        return evaluate_main(argv)
+    except SystemExit as exit_:  # argparse's parser.error
+        return exit_.code
+
+
+def test_evaluate_flags_all_have_a_help_text():
+    from training.evaluate import build_parser
+
+    assert [action.option_strings for action in build_parser()._actions
+            if action.option_strings and not (action.help or "").strip()] == []
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--max_samples", "0"], "--max_samples must be >= 1 (or left out: every tile), got 0"),
+    (["--max_samples", "-2"], "--max_samples must be >= 1 (or left out: every tile), got -2"),
+    (["--cache_dir", "{file}"], "--cache_dir {file}: is a file; give a folder path"),
+    (["--cache_dir", "{file}/cache"], "--cache_dir {file}/cache: {file} is a file, so nothing can be written under it"),
+])
+def test_evaluate_refuses_bad_flags_before_any_work(flags, fragment, tmp_path, capsys):
+    """--max_samples 0 converted the data and fitted the baseline, then said "split 'val' is empty"; a --cache_dir
+    that is a file was a FileExistsError traceback. Now: refused before the model and the data are looked at."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
+            *[flag.format(file=a_file) for flag in flags]]
+    assert _evaluate_status(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"stage2-evaluate: error: {fragment.format(file=a_file)}"
+    assert a_file.read_text() == "mine"
+
+
+def test_evaluate_names_a_missing_model_before_converting_the_data(tmp_path, sample_dataset_dir, capsys, monkeypatch):
+    """A mistyped --model path was found only after the NPZ tiles were converted and the colour baseline fitted."""
+    import data_builders
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the tiles were converted before the model was looked for")
+
+    monkeypatch.setattr(data_builders, "build_dataset", no_conversion)
+    tiles = make_tile_dir(tmp_path / "tiles", per_split=1)
+    missing = tmp_path / "runs" / "demo" / "best"
+    for data in (tiles, sample_dataset_dir):
+        assert _evaluate_status(["--model", str(missing), "--data", str(data)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"stage2-evaluate: error: --model {missing}: no such folder (nor a Hub repo id OWNER/NAME)."]

@@ -341,13 +341,14 @@ class Stage2TrainingArguments(TrainingArguments):
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}.")
         if self.disc_update_interval < 1:
             raise ValueError(f"disc_update_interval must be >= 1, got {self.disc_update_interval}.")
-        if self.disc_learning_rate_ratio < 0:
-            raise ValueError(f"disc_learning_rate_ratio must be >= 0, got {self.disc_learning_rate_ratio}.")
+        if not (math.isfinite(self.disc_learning_rate_ratio) and self.disc_learning_rate_ratio >= 0):
+            raise ValueError(f"disc_learning_rate_ratio must be a finite number >= 0, got "
+                             f"{self.disc_learning_rate_ratio}.")
         for name in ("eval_every_epochs", "save_every_epochs"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not (math.isfinite(value) and value >= 0):  # NaN / inf: no step interval
                 raise ValueError(
-                    f"{name} must be positive, or 0 / null to use the Trainer's own strategy; got {value}."
+                    f"{name} must be a finite number > 0, or 0 / null to use the Trainer's own strategy; got {value}."
                 )
             if value == 0:
                 setattr(self, name, None)

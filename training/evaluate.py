@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
     parser.add_argument("--stage1_dir", default=None, help="Stage 1 outputs (<tile>.npz with opt_v1) for NPZ tiles")
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=4, help="tiles per forward pass (default: 4)")
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                         help="how to load the frozen base of an adapter folder (default: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 FIT_SPLIT = "train"
 
 
-def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None, degradation="mild"):
+def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None, degradation="mild",
+                      before_conversion=None):
     """The `DatasetDict` of `data`: a saved Arrow dataset, or NPZ tiles converted (in `cache_dir` or a temporary
-    folder)."""
+    folder; `before_conversion()` is called first, once the tiles are found)."""
     from datasets import load_from_disk
 
     from data_builders.cache import dataset_cache_key, is_arrow_dataset
@@ -91,6 +92,8 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
         root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="stage2-evaluate-"))
         target = root / dataset_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation, flag="--data")
         if not is_arrow_dataset(target):
+            if before_conversion is not None:
+                before_conversion()
             root.mkdir(parents=True, exist_ok=True)
             build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed,
                           degradation=degradation)
@@ -208,15 +211,22 @@ def _run(args, cache_dir) -> dict:
     from data_builders.build import recorded_opt_v1
     from modeling_stage2 import load_trained_model
     from modeling_stage2.adapters import check_model_folder
+    from modeling_stage2.hub import is_hub_repo_id
 
     from training.bootstrap import format_bootstrap_table
     from training.metrics import baseline_labels, format_metrics_table
 
     if Path(args.model).expanduser().is_dir():  # a damaged model is named before the data are converted
         check_model_folder(Path(args.model).expanduser())
+
+    def model_exists():  # a missing one too, once the data's own problems are named
+        if not Path(args.model).expanduser().is_dir() and not is_hub_repo_id(args.model):
+            raise FileNotFoundError(f"--model {args.model}: no such folder (nor a Hub repo id OWNER/NAME).")
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset_dict = load_dataset_dict(args.data, args.stage1_dir, args.input_mode, args.dataset_seed, cache_dir,
-                                     args.degradation)
+                                     args.degradation, before_conversion=model_exists)
+    model_exists()
     dataset = load_split(args.data, args.split, max_samples=args.max_samples, dataset_dict=dataset_dict)
     color_fit = None
     if args.baselines is not False:
@@ -250,9 +260,14 @@ def main(argv=None) -> int:
         parser.error("--batch_size must be >= 1")
     if args.bootstrap < 0:
         parser.error(f"--bootstrap must be >= 0 (0 turns it off), got {args.bootstrap}")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max_samples must be >= 1 (or left out: every tile), got {args.max_samples}")
     problem = output_path_problem(args.json) if args.json else None
     if problem is not None:  # found now, not after the evaluation
         parser.error(f"--json {args.json}: {problem}")
+    problem = output_path_problem(args.cache_dir, folder=True) if args.cache_dir else None
+    if problem is not None:  # where NPZ tiles are converted: found before the model and the data are read
+        parser.error(f"--cache_dir {args.cache_dir}: {problem}")
     try:
         run(args)
     except (FileNotFoundError, ValueError) as error:

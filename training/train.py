@@ -115,9 +115,10 @@ def _read_yaml(path: Path):
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{path}: cannot read the file ({error}).") from None
     try:
-        return yaml.safe_load(text) or {}
+        values = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())}).") from None
+    return {} if values is None else values  # an empty file sets nothing; `[]`, `0` or `false` is no mapping
 
 
 def load_config_file(path: str | os.PathLike, parser=None) -> dict:
@@ -259,6 +260,7 @@ def check_model_settings(training_args, sources: _Sources | None = None) -> None
     value of `refiner_config_overrides`. `UsageError` naming the file or flag and the key."""
     sources = sources or _Sources(None, (), ())
     if training_args.model_name_or_path is not None:
+        _check_start_model_lora(training_args, sources)
         return  # the saved refiner's own config.json applies (checked with the input folders)
     from modeling_stage2 import PrithviConfig
 
@@ -283,6 +285,30 @@ def check_model_settings(training_args, sources: _Sources | None = None) -> None
         refiner_config(training_args, lora=True)
     except (ValueError, TypeError) as error:
         raise UsageError(sources.explain(ValueError(f"{key}: {error}"), key=key)) from None
+
+
+def _check_start_model_lora(training_args, sources: _Sources) -> None:
+    """With `--model_name_or_path`, the LoRA settings `build_model` gives the saved refiner (`record_lora`): a local
+    folder's against its own config.json (its backbone depth), a Hub repo's but for the depth, known once it is
+    downloaded. A config.json that does not load is named by `check_run_inputs`."""
+    from modeling_stage2 import Stage2RefinerConfig
+
+    folder = Path(training_args.model_name_or_path)
+    backbone, blocks = None, training_args.unfreeze_last_n_blocks
+    if (folder / "config.json").is_file():
+        try:
+            backbone = Stage2RefinerConfig.from_pretrained(folder).backbone_config
+        except (ValueError, TypeError, KeyError, OSError):
+            return
+    elif blocks is not None and blocks >= 1:
+        blocks = None
+    try:
+        Stage2RefinerConfig(backbone_config=backbone, lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
+                            lora_dropout=training_args.lora_dropout,
+                            lora_target_modules=list(training_args.lora_target_modules),
+                            unfreeze_last_n_blocks=blocks)
+    except (ValueError, TypeError) as error:
+        raise UsageError(sources.explain(error)) from None
 
 
 def write_run_config(output_dir: str | os.PathLike, settings: dict, training_args) -> Path:
@@ -447,6 +473,11 @@ def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) ->
     problem = model_leaf("_files").output_path_problem(training_args.output_dir, folder=True)  # without torch
     if problem is not None:
         raise UsageError(f"--output_dir {training_args.output_dir}: {problem}")
+    cache_dir = data_args.dataset_cache_dir
+    if cache_dir is not None and not is_arrow_dataset(Path(data_args.data_dir)):  # where NPZ tiles are converted
+        problem = model_leaf("_files").output_path_problem(cache_dir, folder=True)
+        if problem is not None:
+            raise UsageError(f"--dataset_cache_dir {cache_dir}: {problem}")
 
 
 def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike, build: bool = True) -> Path:
@@ -561,6 +592,7 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
 
         dataset_dict, train_dataset, eval_dataset = _main_process_first(training_args, load_data)
         model = build_model(training_args, print_summary=training_args.should_log)
+        _check_resume_fits(model, training_args)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
@@ -581,6 +613,37 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
                                   f"({output_dir / f'checkpoint-{step}'}); continue with --resume latest.")
     finish_run(trainer)
     return trainer
+
+
+def _check_resume_fits(model, training_args) -> None:
+    """The checkpoint a run resumes holds the trainable weights of the model these settings build (the same LoRA
+    rank, targets and blocks, the same trained modules): the Trainer finds out only inside `train`, with a traceback,
+    once `config.yaml` is rewritten with the settings that do not fit."""
+    from training.trainer import resolve_resume_checkpoint
+
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False)
+    if checkpoint is None or not hasattr(model, "peft_config"):
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE
+
+    weights = Path(checkpoint) / ADAPTER_WEIGHTS_FILE
+    if not weights.is_file():
+        return
+    expected = {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+    with safe_open(str(weights), "pt") as saved_file:
+        saved = {name: tuple(saved_file.get_slice(name).get_shape()) for name in saved_file.keys()}
+    if saved == expected:
+        return
+    differ = [name for name in expected if name in saved and saved[name] != expected[name]]
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    detail = (f"{differ[0]} is {list(saved[differ[0]])} there, {list(expected[differ[0]])} here" if differ
+              else f"{len(missing)} of this model's tensors are not there, e.g. {missing[0]}" if missing
+              else f"it holds {len(extra)} tensors this model lacks, e.g. {extra[0]}")
+    raise UsageError(f"--resume {checkpoint}: its weights do not fit the model these settings build ({detail}); "
+                     "resume with the settings it was trained with (the run's config.yaml), or start a new run.")
 
 
 def training_opt_v1(dataset_dict, data_args, warn: bool = True) -> dict:
