@@ -76,6 +76,12 @@ class SceneSource:
             for path in self.paths:
                 if not path.is_file():
                     raise InferenceInputError(f"{path}: no such file")
+                same = next((other for other in self.paths[: len(self.datasets)] if other.samefile(path)), None)
+                if same is not None:  # one band read as two
+                    raise InferenceInputError(
+                        f"{path}: given twice{'' if same == path else f' (also as {same})'}; give four different "
+                        f"band files, one for each of {' '.join(BAND_NAMES)}"
+                    )
                 try:
                     self.datasets.append(rasterio.open(path))
                 except rasterio.errors.RasterioIOError as error:

@@ -148,8 +148,6 @@ def refine_scene(
             "with out_of_range_fallback or near_black_fallback; export a graph of such a refiner again if it was "
             "exported without the weight)"
         )
-    if weight_path is not None and weight_path.resolve() == output_path.resolve():
-        raise InferenceInputError(f"out_of_range_output {weight_path} is the output file; give another path")
     rasterio = require_rasterio()
 
     with SceneSource(input_path_or_paths) as source:
@@ -221,6 +219,9 @@ def scene_output_settings(source: SceneSource, input_scale: str, output_scale: s
     for path in outputs:
         if path is not None and any(Path(path).resolve() == source_path.resolve() for source_path in source.paths):
             raise InferenceInputError(f"output {path} is an input file; refusing to overwrite it")
+    output_path, weight_path = outputs
+    if weight_path is not None and Path(weight_path).resolve() == Path(output_path).resolve():
+        raise InferenceInputError(f"out_of_range_output {weight_path} is the output file; give another path")
     scale = source.resolve_input_scale(input_scale)
     if warn:
         source.warn_unless_10_m()

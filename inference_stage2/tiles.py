@@ -182,7 +182,12 @@ def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
         raise InferenceInputError(
             f"{path}: key 'opt_v1' has shape {opt_v1.shape}, expected (4, {TILE_SIZE}, {TILE_SIZE})"
         )
-    return to_reflectance(opt_v1, input_scale, f"{path}: key 'opt_v1'")
+    reflectance = to_reflectance(opt_v1, input_scale, f"{path}: key 'opt_v1'")
+    bad = int(reflectance.size - np.count_nonzero(np.isfinite(reflectance)))
+    if bad:  # the data builders' rule (`read_stage1`), whatever the scale
+        raise InferenceInputError(str(TileError(path, "opt_v1", f"{bad} NaN/Inf values; Stage 1 outputs must be "
+                                                                "finite")))
+    return reflectance
 
 
 def _read_tile(path: Path, relative: Path, stage1_dir: Path | None, input_scale: str = "auto",
@@ -251,9 +256,10 @@ def _tile_output(refined: np.ndarray, weight: np.ndarray | None, tile: _Tile, in
 
 def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
     output = output_dir.resolve()
+    nested = input_dir.resolve() in output.parents  # the outputs go inside the input folder (not the reverse)
     paths = []
     for path in sorted(input_dir.rglob("*.npz")):
-        if output in path.resolve().parents or path.name.startswith("."):
+        if (nested and output in path.resolve().parents) or path.name.startswith("."):
             continue  # earlier outputs nested in the input, partial files
         paths.append(path)
     return paths
@@ -317,7 +323,7 @@ def tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_
         tiles = [(path, path.relative_to(folder)) for path in found]
     else:
         tiles = _tile_files(paths)
-    _refuse_outputs_on_inputs(tiles, output_dir)
+    _refuse_outputs_on_inputs(tiles, output_dir, None if stage1_dir is None else Path(stage1_dir))
     return tiles
 
 
@@ -329,15 +335,19 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return status.st_dev, status.st_ino
 
 
-def _refuse_outputs_on_inputs(tiles: list[tuple[Path, Path]], output_dir: Path) -> None:
-    """No output may be one of the inputs (the same file, through any spelling or link of its path)."""
-    inputs = {_file_id(path): path for path, _ in tiles}
+def _refuse_outputs_on_inputs(tiles: list[tuple[Path, Path]], output_dir: Path, stage1_dir: Path | None) -> None:
+    """No output may be one of the inputs, a tile or its Stage 1 file (the same file, through any spelling or link of
+    its path)."""
+    inputs = {_file_id(path): f"input {path}" for path, _ in tiles}
+    if stage1_dir is not None:
+        stage1 = (_stage1_path(stage1_dir, relative) for _, relative in tiles)
+        inputs.update({_file_id(path): f"Stage 1 file {path}" for path in stage1 if path.is_file()})
     for _, relative in tiles:
         output = output_dir / relative
         same = inputs.get(_file_id(output)) if output.exists() else None
         if same is not None:
             raise InferenceInputError(
-                f"output_dir {output_dir}: the output {output} would overwrite the input {same}; refusing "
+                f"output_dir {output_dir}: the output {output} would overwrite the {same}; refusing "
                 "(choose another output folder)"
             )
 
