@@ -24,6 +24,7 @@ import torch
 
 from .configuration_stage2 import Stage2RefinerConfig
 from .export import MAX_SIDE, MIN_SIDE, OUTPUT_NAMES
+from .pt2_archive import check_pt2_archive
 from .vocabulary import OUT_OF_RANGE_WEIGHT, install_hint
 
 EXPORT_INFO_FILE = "export.json"
@@ -106,6 +107,7 @@ class ExportedRefiner:
         elif self.format == "torch_export":
             self._session = None
             self.providers = ["torch"]
+            check_pt2_archive(self.graph_file)  # torch.export.load may unpickle parts of a file: none may be there
             program = torch.export.load(str(self.graph_file))
             self._program = program.module().to(self.device)
             # A .pt2 keeps no output names: the outputs are `OUTPUT_NAMES` in order.
