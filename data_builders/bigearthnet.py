@@ -291,9 +291,7 @@ def ingest_bigearthnet(
     finally:
         env.close()
 
-    with open(output_dir / SKIPPED_FILE, "w", encoding="utf-8") as handle:
-        for record in skipped:
-            handle.write(json.dumps(record) + "\n")
+    _files.write_text(output_dir / SKIPPED_FILE, "".join(json.dumps(record) + "\n" for record in skipped))
     reasons = collections.Counter(record["reason"] for record in skipped)
     return {"written": dict(written), "skipped": dict(reasons), "output_dir": str(output_dir)}
 

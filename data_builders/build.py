@@ -679,6 +679,8 @@ def _read_degradation_config(path: Optional[str], preset: str) -> Optional[dict]
         resolve_degradation(preset, overrides)
     except FileNotFoundError:
         raise FileNotFoundError(f"--degradation_config {path}: file not found") from None
+    except OSError as error:  # a folder, no permission: the user's file, not a failure of the build (exit 2)
+        raise ValueError(f"--degradation_config {path}: cannot read it ({error.strerror or error})") from None
     except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"--degradation_config {path}: {error}") from None
     return overrides

@@ -16,10 +16,23 @@ def is_arrow_dataset(path: str | os.PathLike) -> bool:
     return (Path(path) / ARROW_MARKER).is_file()
 
 
-def _tree_fingerprint(folder: Path, digest) -> int:
+def _files_read(folder: Path, tiles: bool) -> list[Path]:
+    """The files a build reads in `folder`: the tiles and sidecars of its split folders (`tiles`, the discovery's
+    rule: symlinked ones too), or its Stage 1 files. Nothing else under it counts: a run or its cache kept inside the
+    data folder would change the key at every conversion."""
+    from .discovery import _split_folders
+
+    try:
+        folders = [path for _, path in _split_folders(folder)] if tiles else [folder] if folder.is_dir() else []
+    except FileNotFoundError:  # no split folder: no tiles
+        folders = []
+    return sorted(path for each in folders for path in each.iterdir() if path.suffix in (".npz", ".json"))
+
+
+def _tree_fingerprint(folder: Path, digest, tiles: bool = True) -> int:
     count = 0
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix in (".npz", ".json"):
+    for path in _files_read(folder, tiles):
+        if path.is_file():
             stat = path.stat()
             digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             count += path.suffix == ".npz"
@@ -46,5 +59,5 @@ def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: 
         )
     if stage1_dir is not None:
         digest.update(b"stage1\n")
-        _tree_fingerprint(Path(stage1_dir), digest)
+        _tree_fingerprint(Path(stage1_dir), digest, tiles=False)
     return digest.hexdigest()[:16]

@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ._leaves import model_leaf
-from .build import opt_v1_settings, upgrade_build_info
+from .build import opt_v1_settings, read_build_info
+from .schema import CORE_COLUMNS
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
 _vocabulary = model_leaf("vocabulary")
@@ -44,17 +45,21 @@ def load_splits(path: str | Path) -> dict:
         loaded = load_from_disk(str(path))
     except Exception as exc:
         raise ValueError(f"{path} is not a saved dataset ({exc}); pass a folder written by stage2-build-dataset") from None
-    if isinstance(loaded, Dataset):
-        return {str(loaded.split or "data"): loaded}
-    return dict(loaded)
+    splits = {str(loaded.split or "data"): loaded} if isinstance(loaded, Dataset) else dict(loaded)
+    for split, dataset in splits.items():  # the report and the plot read them: one line here, not a KeyError later
+        missing = [column for column in CORE_COLUMNS if column not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{path}: split {split!r} lacks the column(s) {', '.join(map(repr, missing))}; pass a "
+                             f"dataset written by stage2-build-dataset (columns {', '.join(CORE_COLUMNS)})")
+    return splits
 
 
 def _build_info(splits: dict) -> Optional[dict]:
+    """The build record (`read_build_info`), or None where the description holds none (other text, other JSON)."""
     try:
-        info = json.loads(next(iter(splits.values())).info.description)
-    except (TypeError, ValueError, StopIteration):
+        return read_build_info(splits)
+    except (ValueError, StopIteration):
         return None
-    return upgrade_build_info(info) if isinstance(info, dict) else None
 
 
 def _feature_line(name: str, feature) -> str:

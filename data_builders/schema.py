@@ -39,7 +39,8 @@ def _value_kind(value: Any) -> str:
 
 def _merge_kinds(kinds: set[str]) -> str:
     kinds = set(kinds)
-    if "list[]" in kinds and len(kinds) > 1:
+    # an empty list takes the type of the other lists; beside a scalar it is a mixed value (JSON text)
+    if "list[]" in kinds and len(kinds) > 1 and all(kind.startswith("list[") for kind in kinds):
         kinds.discard("list[]")
     if kinds == {"list[int]", "list[float]"}:
         return "list[float]"

@@ -4,7 +4,8 @@
 process or in a pool of forked workers; each worker arms the kernel's parent-death signal (or a
 watching thread) so that a killed build leaves no worker behind, and tunes glibc's allocator
 (`tune_allocator`). The task adds the tiles it finishes to a shared counter (`_count_done`)
-that `_ProgressBar` follows.
+that `_ProgressBar` follows. A worker that dies (the OOM killer) stops the build with `ChildProcessError`: a pool
+left alone would start another worker and wait forever for the dead one's jobs.
 """
 from __future__ import annotations
 
@@ -97,11 +98,35 @@ def _run_jobs(task: Callable[[dict], dict], jobs: list[dict], num_proc: int) -> 
         finally:
             _tiles_done = None
     # the workers are forked before the progress thread starts
+    others = set(multiprocessing.active_children())
     with context.Pool(min(num_proc, len(jobs)), initializer=_init_worker,
                       initargs=(tiles_done, os.getpid())) as pool:
+        workers = [child for child in multiprocessing.active_children() if child not in others]
         with _ProgressBar(tiles_done, total):
             # imap: results (and the first error, e.g. a strict-mode TileError) in job order
-            return list(pool.imap(task, jobs))
+            results, pending = [], pool.imap(task, jobs)
+            while len(results) < len(jobs):
+                try:
+                    results.append(pending.next(timeout=_WORKER_CHECK_INTERVAL))
+                except multiprocessing.TimeoutError:
+                    _check_workers(workers)
+            return results
+
+
+_WORKER_CHECK_INTERVAL = 1.0
+"""Seconds between checks that no worker has died while the build waits for a result."""
+
+
+def _check_workers(workers: list) -> None:
+    """ChildProcessError (an OSError: the system failed, not the input) when a worker has died: the pool would start
+    another one and wait forever for the jobs the dead one held (a worker the kernel's OOM killer ended)."""
+    for worker in workers:
+        if worker.exitcode is not None:
+            code = worker.exitcode
+            how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
+            hint = "; out of memory? try a smaller --num_proc" if code == -signal.SIGKILL else ""
+            raise ChildProcessError(f"a build worker process (pid {worker.pid}) died ({how}{hint}); nothing was "
+                                    "written")
 
 
 class _ProgressBar:
@@ -131,3 +156,10 @@ class _ProgressBar:
         self._thread.join()
         self._update()
         self.bar.close()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

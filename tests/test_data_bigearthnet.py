@@ -245,3 +245,32 @@ def test_real_patch_ids_are_plain_file_names(tmp_path):
     for patch_id in (7, None, "x" * 201):
         with pytest.raises(ValueError, match="is not a plain file name"):
             check_patch_id(tmp_path / "metadata.parquet", patch_id)
+
+
+def test_skipped_list_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """skipped.jsonl was rewritten in place: a write failing half-way (a full disk) left a truncated list where the
+    previous ingest's had been."""
+    import errno
+
+    from data_builders import bigearthnet
+
+    lmdb_dir = _tiny_lmdb(tmp_path / "lmdb", {})  # every patch is missing: every one is skipped
+    rows = [{"patch_id": f"S2A_MSIL2A_20180101T100000_0_{i}", "labels": ["Arable land"], "split": "train",
+             "s1_name": f"S1_{i}"} for i in range(3)]
+    metadata = _metadata(tmp_path / "meta.parquet", rows)
+    ingest_bigearthnet(lmdb_dir, metadata, tmp_path / "tiles")
+    skipped = tmp_path / "tiles" / SKIPPED_FILE
+    before = skipped.read_text()
+    assert len(before.splitlines()) == 3
+    dumps = json.dumps
+
+    def disk_full_at_the_second_record(record, *args, **kwargs):
+        if isinstance(record, dict) and "reason" in record and record["patch_id"].endswith("_1"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return dumps(record, *args, **kwargs)
+
+    monkeypatch.setattr(bigearthnet.json, "dumps", disk_full_at_the_second_record)
+    with pytest.raises(OSError, match="No space left"):
+        ingest_bigearthnet(lmdb_dir, metadata, tmp_path / "tiles")
+    assert skipped.read_text() == before
+    assert sorted(p.name for p in (tmp_path / "tiles").iterdir()) == [SKIPPED_FILE]

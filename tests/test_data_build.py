@@ -257,6 +257,17 @@ def test_sidecar_values_arrow_cannot_type_are_kept_exactly(tmp_path):
     assert ds["month"] == [6, 6]
 
 
+def test_sidecar_empty_list_beside_a_scalar_is_json_text(tmp_path):
+    """An empty list in one sidecar and a scalar in another are mixed values (JSON text); the build used to stop
+    with pyarrow's 'cannot mix list and non-list, non-null values'."""
+    data = tmp_path / "tiles"
+    write_tile(data / "train", "a", sidecar={"tags": [], "n": []})
+    write_tile(data / "train", "b", sidecar={"tags": "x", "n": 3})
+    ds = build_dataset(data, tmp_path / "out")["train"]
+    assert ds.features["tags"] == ds.features["n"] == datasets.Value("string")
+    assert ds["tags"] == ["[]", '"x"'] and ds["n"] == ["[]", "3"]
+
+
 def test_sidecar_nesting_too_deep_to_read_rejects_the_tile(tmp_path):
     data = make_tile_dir(tmp_path / "tiles", per_split=1)
     deep = data / "train" / "train_0.json"
@@ -401,6 +412,23 @@ def test_bad_tiles_are_skipped_and_listed(tmp_path, caplog):
     assert {r["split"] for r in records if Path(r["file"]).name == "twice.npz"} == {"train", "test"}
     assert read_build_info(ds)["source"]["rejected"] == len(records)
     assert f"rejected {len(records)} (reasons in {tmp_path / 'out' / REJECTED_FILE})" in caplog.text
+
+
+def test_a_zip_directory_zipfile_cannot_open_rejects_only_that_tile(tmp_path):
+    """One damaged byte (the 'version needed to extract' of the zip directory) made zipfile raise
+    NotImplementedError while the build listed the tiles' keys: the whole build ended in a traceback (exit 1)."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    damaged = write_tile(data / "train", "damaged")
+    raw = bytearray(damaged.read_bytes())
+    entry = raw.index(b"PK\x01\x02")  # the first central directory entry
+    raw[entry + 6 : entry + 8] = (255).to_bytes(2, "little")  # "needs zip version 25.5"
+    damaged.write_bytes(bytes(raw))
+    done = subprocess.run([sys.executable, "-m", "data_builders.build", "--data_dir", str(data),
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [record] = _rejected(tmp_path / "out")
+    assert record["file"] == str(damaged) and "corrupt or truncated file" in record["problem"]
+    assert datasets.load_from_disk(str(tmp_path / "out"))["train"]["tile_id"] == ["train_0"]
 
 
 def test_strict_stops_at_the_first_bad_tile(tmp_path, capsys):
@@ -633,6 +661,48 @@ def test_build_workers_die_with_a_killed_parent(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_a_worker_killed_mid_build_stops_the_build_in_one_line(tmp_path, existing_dataset):
+    """A worker the OOM killer ends: the pool started another one and the build waited forever for the dead one's
+    jobs. Now: one line naming it, exit status 1 (a failure of the system), the old dataset kept, no worker left."""
+    out, before = existing_dataset
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)  # 3 splits: 3 jobs for 2 workers
+    pids = tmp_path / "worker_pids"
+    pids.mkdir()
+    script = tmp_path / "stuck_workers.py"
+    script.write_text(WORKERS_OF_A_KILLED_BUILD)
+    process = subprocess.Popen([sys.executable, str(script), str(pids), "--data_dir", str(data), "--output_dir",
+                                str(out), "--num_proc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "the two workers never started reading tiles"
+            time.sleep(0.05)
+            workers = [int(p.name) for p in pids.iterdir()]
+        os.kill(workers[0], signal.SIGKILL)
+        assert process.wait(timeout=60) == 1
+        stderr = process.stderr.read()
+        assert "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"stage2-build-dataset: error: a build worker process (pid {workers[0]}) died (killed by SIGKILL; out of "
+            "memory? try a smaller --num_proc); nothing was written")
+        deadline = time.monotonic() + 3
+        while not all(_process_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_process_gone(pid) for pid in workers)
+        assert folder_digest(out) == before and not _scratch_dirs(out)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in workers:
+            if not _process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
 def test_ctrl_c_to_a_build_with_workers_is_one_line(tmp_path):
     """Ctrl-C reaches the whole process group, workers included: the build says "interrupted", no worker prints a
     traceback, and no worker is left."""
@@ -753,6 +823,17 @@ def test_cli_bad_degradation_config_is_one_line_naming_file_and_field(tmp_path, 
     assert BAD_DEGRADATION_CONFIGS[text] in line
 
 
+def test_cli_degradation_config_that_is_a_folder_is_a_user_error(tmp_path):
+    """It used to exit 1 (a system failure) with "[Errno 21] Is a directory", not naming the flag."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    done = _run_cli("--data_dir", data, "--output_dir", tmp_path / "out", "--degradation_config", folder)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.strip().splitlines() == [
+        f"stage2-build-dataset: error: --degradation_config {folder}: cannot read it (Is a directory)"]
+
+
 def test_cli_output_dir_holding_other_files_is_a_user_error(tmp_path):
     data = make_tile_dir(tmp_path / "tiles", per_split=1)
     other = tmp_path / "other"
@@ -806,6 +887,37 @@ def test_training_config_and_cache_key_know_the_preset(tmp_path):
     assert Stage2DataArguments(degradation="strong").degradation == "strong"
     with pytest.raises(ValueError, match="degradation must be one of .*'bogus'"):
         Stage2DataArguments(degradation="bogus")
+
+
+def test_cache_key_reads_symlinked_split_folders(tmp_path):
+    """The build reads a symlinked train/ (a common way to assemble splits): the cache key must see its tiles too,
+    where it used to find none (FileNotFoundError) or miss their changes (a stale conversion)."""
+    from data_builders.cache import dataset_cache_key
+
+    real = make_tile_dir(tmp_path / "real", per_split=1)
+    data = tmp_path / "linked"
+    (data / "val").mkdir(parents=True)
+    (data / "train").symlink_to(real / "train", target_is_directory=True)
+    key = dataset_cache_key(data)
+    write_tile(real / "train", "train_0", seed=99)
+    os.utime(real / "train" / "train_0.npz", ns=(1, 1))
+    assert dataset_cache_key(data) != key
+
+
+def test_cache_key_ignores_what_the_build_does_not_read(tmp_path):
+    """A run kept inside the data folder (its cache, its JSON records) used to change the key at every conversion:
+    each run and resume converted the tiles again, into a new cache folder."""
+    from data_builders.cache import dataset_cache_key
+
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    key = dataset_cache_key(data)
+    build_dataset(data, data / "run" / "_dataset" / key)
+    (data / "notes.json").write_text("{}")
+    (data / "train" / "nested").mkdir()
+    np.savez(data / "train" / "nested" / "x.npz", a=np.zeros(1))
+    assert dataset_cache_key(data) == key
+    write_tile(data / "val", "val_1", seed=5)  # a new tile is a new key
+    assert dataset_cache_key(data) != key
 
 
 def test_training_yaml_selects_the_preset(tmp_path):

@@ -124,6 +124,36 @@ def test_datasets_without_a_build_record_get_computed_statistics(tmp_path):
     assert "train      2" + "     0" * 11 + "     1" in report  # two January tiles, one unknown
 
 
+def _dataset_with_description(path, description, columns=("tile_id", "target", "opt_v1", "valid_mask", "month",
+                                                               "biome")):
+    target = np.full((1, 4, 120, 120), 0.1, np.float32)
+    values = {"target": target, "opt_v1": target, "valid_mask": np.ones((1, 120, 120), bool), "month": [6],
+              "biome": [3], "tile_id": ["a"]}
+    ds = datasets.Dataset.from_dict({name: values[name] for name in columns})
+    ds.info.description = description
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(path))
+    return path
+
+
+def test_a_json_description_that_is_no_build_record_is_not_read_as_one(tmp_path, capsys):
+    """A dataset described in JSON by someone else used to stop stage2-inspect with a KeyError traceback."""
+    path = _dataset_with_description(tmp_path / "other", json.dumps({"note": "made by hand"}))
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "train split, first 1 tiles" in out and "Source:" not in out
+
+
+def test_a_dataset_without_the_stage2_columns_is_one_line(tmp_path, capsys):
+    """It used to end in a traceback (KeyError: 'Field "month" does not exist in schema')."""
+    path = _dataset_with_description(tmp_path / "other", "", columns=("target", "valid_mask"))
+    capsys.readouterr()  # the progress bar of save_to_disk, where an earlier test turned them on
+    assert main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        f"stage2-inspect: error: {path}: split 'train' lacks the column(s) 'tile_id', 'opt_v1', 'month', 'biome'; "
+        "pass a dataset written by stage2-build-dataset (columns tile_id, target, opt_v1, valid_mask, month, biome)"]
+
+
 def test_plot_helpers():
     image = np.zeros((4, 10, 10), np.float32)
     image[2], image[1], image[0] = 0.3, 0.2, 0.1
