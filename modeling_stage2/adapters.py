@@ -517,6 +517,13 @@ def _base_source_of(model) -> _BaseSource:
     )
 
 
+def trained_base_revision(folder: str | Path) -> str | None:
+    """The Hub commit of the frozen base an adapter folder (`save_trained_model`, a training checkpoint) was trained
+    on, as `stage2_base.json` records it; None for a local or saved base, or a folder without that record."""
+    folder = Path(folder)
+    return _read_base_source(folder).revision if (folder / BASE_SOURCE_FILE).is_file() else None
+
+
 def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization: str, device_map):
     if source.kind == "model":
         return _from_pretrained(source.model_name_or_path, quantization, device_map, revision=source.revision)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from _data_helpers import folder_digest, make_tile_dir
+from _hub_helpers import hub_server  # noqa: F401  (fixture)
 from _training_helpers import TINY_SETTINGS, stage2_train_command, write_config
 
 import training.train as train_module
@@ -484,6 +486,45 @@ def test_resume_with_settings_that_do_not_fit_the_checkpoint(tmp_path, tiny_conf
     with pytest.raises(UsageError, match=r"its weights do not fit .* \(it holds \d+ tensors this model lacks, e\.g\. "):
         main([*base, "--resume", str(checkpoint), "--lora_target_modules", "qkv"])
     assert folder_digest(out) == before
+
+
+def test_a_resumed_run_keeps_the_hub_backbone_commit_it_started_with(hub_server, tmp_path, tiny_config,
+                                                                       sample_dataset_dir):
+    """A commit to the backbone's Hub repo between a run and its resume: the resumed run rebuilds the frozen base from
+    the commit its checkpoint records (stage2_base.json), not from the repo's new main."""
+    from huggingface_hub import HfApi
+
+    from _prithvi_helpers import write_official_checkpoint
+    from modeling_stage2 import PrithviConfig
+    from modeling_stage2.adapters import save_trained_model
+    from training.train import build_model
+    from training.trainer import CHECKPOINT_COMPLETE_NAME, checkpoint_marker
+
+    repo = f"{hub_server.user}/Prithvi-EO-2.0-tiny"
+    HfApi().create_repo(repo)
+    checkpoint_file = tmp_path / "Prithvi_EO_V2_tiny.pt"
+
+    def publish(seed: int) -> str:
+        write_official_checkpoint(checkpoint_file, PrithviConfig.from_preset("prithvi_eo_v2_tiny"), seed=seed)
+        HfApi().upload_file(path_or_fileobj=str(checkpoint_file), path_in_repo=checkpoint_file.name, repo_id=repo)
+        return HfApi().model_info(repo).sha
+
+    def qkv(model):
+        return model.get_base_model().backbone.blocks[0].attn.qkv.weight
+
+    first = publish(seed=0)
+    out = tmp_path / "run"
+    base = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(out),
+            "--backbone_weights", repo]
+    started = build_model(parse_args(base)[0], print_summary=False)
+    checkpoint = save_trained_model(started, out / "checkpoint-2")
+    (checkpoint / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(checkpoint_marker(checkpoint, 2)))
+    assert publish(seed=1) != first
+
+    resumed = build_model(parse_args([*base, "--resume", "latest"])[0], print_summary=False)
+    assert resumed.stage2_base_source.revision == first and torch.equal(qkv(resumed), qkv(started))
+    fresh = build_model(parse_args(base)[0], print_summary=False)  # a new run takes the repo's main
+    assert fresh.stage2_base_source.revision != first and not torch.equal(qkv(fresh), qkv(started))
 
 
 # ----------------------------------------------------------------------------------------------- accelerate options

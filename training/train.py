@@ -567,12 +567,23 @@ def build_model(training_args, print_summary: bool = True):
     set_seed(training_args.seed)
     lora = dict(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                 lora_dropout=training_args.lora_dropout, target_modules=list(training_args.lora_target_modules),
-                unfreeze_last_n_blocks=training_args.unfreeze_last_n_blocks)
+                unfreeze_last_n_blocks=training_args.unfreeze_last_n_blocks,
+                revision=_resumed_base_revision(training_args))
     if training_args.model_name_or_path is not None:
         return build_trainable_model(model_name_or_path=training_args.model_name_or_path,
                                      quantization=training_args.quantization, print_summary=print_summary, **lora)
     return build_trainable_model(refiner_config(training_args), quantization=training_args.quantization,
                                  print_summary=print_summary, **lora)
+
+
+def _resumed_base_revision(training_args) -> str | None:
+    """The Hub commit the frozen base of the checkpoint being resumed was built from: a resumed run goes on with the
+    base it started with, whatever was committed to the base's repo (a refiner, or the backbone's checkpoint) since."""
+    from modeling_stage2.adapters import trained_base_revision
+    from training.trainer import resolve_resume_checkpoint
+
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False)
+    return None if checkpoint is None else trained_base_revision(checkpoint)
 
 
 # ------------------------------------------------------------------------------------------- main
