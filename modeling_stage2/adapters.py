@@ -637,13 +637,40 @@ def _check_full_model_files(folder: Path) -> None:
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if (folder / SAFE_WEIGHTS_NAME).is_file() or not index.is_file():
         _check_safetensors(folder / SAFE_WEIGHTS_NAME, needed_by)
+        _check_weights_fit_config(folder, [folder / SAFE_WEIGHTS_NAME])
         return
     _check_json_object(index)
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files; save or download it again.")
-    for shard in sorted(set(map(str, weight_map.values()))):
-        _check_safetensors(folder / shard, f"{index.name} names it")
+    shards = [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
+    for shard in shards:
+        _check_safetensors(shard, f"{index.name} names it")
+    _check_weights_fit_config(folder, shards)
+
+
+def _check_weights_fit_config(folder: Path, weight_files: list[Path]) -> None:
+    """The saved tensors have the shapes of the refiner `config.json` describes (the safetensors headers against the
+    refiner built on the meta device, nothing read or allocated): transformers would print a table of every mismatch
+    and raise. Tensors the config does not have are left to transformers (a refiner saved before a part was added)."""
+    from safetensors import safe_open
+
+    config_file = folder / "config.json"
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type != Stage2RefinerConfig.model_type:
+        raise ValueError(f"{config_file}: key 'model_type' is {model_type!r}, not {Stage2RefinerConfig.model_type!r}: "
+                         "not a Stage 2 refiner folder.")
+    with torch.device("meta"):
+        expected = {name: list(tensor.shape) for name, tensor in
+                    Stage2RefinerModel(Stage2RefinerConfig.from_pretrained(folder)).state_dict().items()}
+    for weights in weight_files:
+        with safe_open(str(weights), "pt") as saved:
+            for name in saved.keys():
+                shape = list(saved.get_slice(name).get_shape())
+                if name in expected and shape != expected[name]:
+                    raise ValueError(f"{weights}: tensor {name!r} has shape {shape} where {config_file} describes "
+                                     f"{expected[name]}: the config does not describe these weights; put back the "
+                                     "config.json saved with them.")
 
 
 def check_model_folder(folder: str | Path) -> str:

@@ -586,3 +586,24 @@ def test_an_adapter_on_hub_backbone_weights_keeps_the_checkpoint_commit_it_was_t
     assert torch.equal(qkv(pinned), qkv(model)) and pinned.stage2_base_source.revision == commit
     with pytest.raises(ValueError, match="revision='main' applies to a base on the Hub; the base .* is not"):
         build_trainable_model(tiny_refiner_config(), quantization="none", print_summary=False, revision="main")
+
+
+def test_a_full_refiner_whose_config_does_not_describe_its_weights_is_named_before_transformers_loads_it(
+        tmp_path, capfd):
+    """transformers printed a table of every mismatched tensor, then raised a RuntimeError; now one ValueError names
+    the file, the first tensor and both shapes, and nothing else is printed."""
+    folder = tmp_path / "full"
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"head_width": 32}))
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=rf"^{folder / 'model.safetensors'}: tensor 'head\.\S+' has shape \[16(, \d+)*\]"
+                                         rf" where {folder / 'config.json'} describes \[32(, \d+)*\]: the config does "
+                                         "not describe these weights"):
+        load_trained_model(folder)
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+    with pytest.raises(ValueError, match="key 'model_type' is 'bert', not 'stage2_refiner': not a Stage 2 refiner"):
+        load_trained_model(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert isinstance(load_trained_model(folder), Stage2RefinerModel)
