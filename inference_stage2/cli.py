@@ -59,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--month", type=int, help="scene: acquisition month 1..12 (-1 = unknown)")
     parser.add_argument("--biome", type=int, help="scene: biome code 0..16 (-1 = unknown)")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="scene: window size in pixels (default 120)")
-    parser.add_argument(
-        "--overlap", type=int, default=DEFAULT_OVERLAP, help="scene: overlap of neighbouring windows (default 32)"
-    )
+    # Scene-only options default to None, so that one given with tiles can be refused rather than ignored
+    parser.add_argument("--window", type=int, help=f"scene: window size in pixels (default {DEFAULT_WINDOW})")
+    parser.add_argument("--overlap", type=int,
+                        help=f"scene: overlap of neighbouring windows (default {DEFAULT_OVERLAP})")
     parser.add_argument("--input_scale", choices=INPUT_SCALES, default="auto",
                         help="auto: a GeoTIFF's declared scale and offset, else integer = digital numbers "
                              "(x 1e-4), float = reflectance")
-    parser.add_argument("--output_scale", choices=OUTPUT_SCALES, default="reflectance",
+    parser.add_argument("--output_scale", choices=OUTPUT_SCALES,
                         help="scene: float32 reflectance (default) or digital numbers (reflectance x 10000)")
     parser.add_argument(
         "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass (default 8)"
@@ -96,11 +96,22 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
             parser.error("--month and --biome are for a scene; each tile carries its own month and biome_code")
         if args.out_of_range_output is not None:
             parser.error("--out_of_range_output is for a scene; refined tiles carry the key out_of_range_weight")
+        scene_only = [flag for flag in ("window", "overlap", "output_scale") if getattr(args, flag) is not None]
+        if scene_only:
+            parser.error(f"{', '.join('--' + flag for flag in scene_only)}: for a scene only; tiles are refined whole "
+                         "and written as float32 reflectance")
         tile_inputs(inputs, Path(args.output_dir), args.stage1_dir)  # everything that needs no model
         return "tiles"
     if args.output is None or args.output_dir is not None:
         parser.error("a GeoTIFF scene as --input (anything but a folder or .npz files) needs --output FILE.tif "
                      "(and no --output_dir, which is for NPZ tiles)")
+    tiles_only = [flag for flag, given in (("--stage1_dir", args.stage1_dir is not None), ("--strict", args.strict))
+                  if given]
+    if tiles_only:
+        parser.error(f"{', '.join(tiles_only)}: for NPZ tiles only; a scene's bands are its opt_v1")
+    args.window = DEFAULT_WINDOW if args.window is None else args.window
+    args.overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    args.output_scale = args.output_scale or "reflectance"
     for flag, path in (("--output", args.output), ("--out_of_range_output", args.out_of_range_output)):
         if path is not None and Path(path).suffix.lower() not in GEOTIFF_SUFFIXES:
             parser.error(f"{flag} {path}: a scene is written as a GeoTIFF; name it FILE.tif or FILE.tiff")

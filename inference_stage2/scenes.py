@@ -73,6 +73,15 @@ class SceneRefinementResult:
         return self.width * self.height * self.pixel_size_m[0] * self.pixel_size_m[1] / 1e6
 
 
+def _check_window_fits(model: Any, window: int) -> None:
+    """Every window reaches the model `window` px square (smaller scenes are padded up to it): an exported graph takes
+    only the sides it was exported for, found here rather than at the first window, with the output half made."""
+    low, high = getattr(model, "side_range", (1, None))
+    if window < low or (high is not None and window > high):
+        raise InferenceInputError(f"window {window}: the exported graph {model.graph_file.name} takes windows of "
+                                  f"{low}..{high} px; pass a window in that range, or use the eager model")
+
+
 def _pad_to(images: np.ndarray, height: int, width: int) -> np.ndarray:
     """Mirror-pad (N, C, h, w) up to (height, width) at the bottom/right (scenes smaller than a window)."""
     pad_h, pad_w = height - images.shape[-2], width - images.shape[-1]
@@ -140,6 +149,7 @@ def refine_scene(
         raise InferenceInputError(f"need window >= 1 and 0 <= overlap < window, got window={window}, overlap={overlap}")
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
+    _check_window_fits(model, window)
     output_path = Path(output_path)
     weight_path = None if out_of_range_output is None else Path(out_of_range_output)
     if weight_path is not None and not reports_out_of_range_weight(model):

@@ -133,6 +133,14 @@ class ExportedRefiner:
         limits = (self.export_info.get("shape_limits") or {}).get("batch")
         return int(limits[1]) if limits else None
 
+    @property
+    def side_range(self) -> tuple[int, int]:
+        """The smallest and largest image side (height and width, px) the graph takes (`export.json`'s
+        `shape_limits`; the export's own limits where it names none)."""
+        limits = self.export_info.get("shape_limits") or {}
+        sides = [limits.get(name) or (MIN_SIDE, MAX_SIDE) for name in ("height", "width")]
+        return max(int(low) for low, _ in sides), min(int(high) for _, high in sides)
+
     def _onnx_session(self, num_threads: int | None):
         try:
             import onnxruntime as ort

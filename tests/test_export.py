@@ -459,6 +459,19 @@ def test_scene_on_onnx_runtime_equals_eager(tmp_path, trained, exported, sample_
     assert np.nanmax(np.abs(actual - expected)) < TOLERANCE
 
 
+def test_a_window_the_graph_does_not_take_is_refused_before_any_output(tmp_path, exported, capsys):
+    """Windows below the graph's smallest side failed at the first window with a ValueError traceback (exit 1)."""
+    scene = _write_scene(tmp_path / "scene.tif")
+    graph = exported["none", "onnx"]
+    assert load_model(graph).side_range == (15, 32768)
+    code = refine_main(["--model", str(graph), "--input", str(scene), "--output", str(tmp_path / "out.tif"),
+                        "--month", "7", "--biome", "4", "--window", "14", "--overlap", "2", "--no_progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == ["stage2-refine: error: window 14: the exported graph model.onnx takes windows of "
+                                   "15..32768 px; pass a window in that range, or use the eager model"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scene.tif"]
+
+
 def test_tiles_on_onnx_runtime_equal_eager(tmp_path, trained, exported):
     tiles = tmp_path / "tiles"
     tiles.mkdir()

@@ -91,3 +91,25 @@ def test_a_stage1_file_with_nan_is_rejected_under_every_input_scale(few_tiles, t
     assert len(summary.written) == 2 and len(summary.rejected) == 1
     assert summary.rejected[0][1] == f"{bad}: 'opt_v1': 100 NaN/Inf values; Stage 1 outputs must be finite"
     assert not (tmp_path / "out" / bad.relative_to(stage1)).exists()
+
+
+def test_options_of_the_other_kind_of_input_are_refused_not_ignored(few_tiles, tmp_path, capsys):
+    """--window, --overlap and --output_scale do nothing to tiles, --stage1_dir and --strict nothing to a scene: given,
+    they were silently ignored; now one line, exit 2, before the model loads."""
+    scene = write_geotiff(tmp_path / "scene.tif", smooth_scene(130, 150))
+    tiles = ["--input", str(few_tiles), "--output_dir", str(tmp_path / "out")]
+    a_scene = ["--input", str(scene), "--output", str(tmp_path / "out.tif"), "--month", "7", "--biome", "4"]
+    cases = (
+        (tiles + ["--window", "64", "--output_scale", "dn"], "--window, --output_scale: for a scene only; tiles are "
+                                                             "refined whole and written as float32 reflectance"),
+        (tiles + ["--overlap", "0"], "--overlap: for a scene only"),
+        (a_scene + ["--stage1_dir", str(tmp_path), "--strict"], "--stage1_dir, --strict: for NPZ tiles only; a "
+                                                                "scene's bands are its opt_v1"),
+        (a_scene + ["--strict"], "--strict: for NPZ tiles only"),
+    )
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--model", "unused", *argv, "--no_progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and lines[-1].startswith(f"stage2-refine: error: {message}"), lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tif").exists()
