@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # the CPU build with a multi-GB CUDA one.
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 DEMO_DIR ?= runs/demo
+# Where the torch wheel comes from: pip's own configuration by default (a local CPU wheel on the project's machines);
+# elsewhere `make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build, not PyPI's CUDA one.
+TORCH_INDEX ?=
 
 .PHONY: venv test demo bench clean transformers-common-tests transformers-range
 
@@ -13,7 +16,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) -e '.[test]'
 	touch $@
 

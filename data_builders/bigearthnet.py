@@ -297,7 +297,7 @@ def ingest_bigearthnet(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="stage2-ingest-bigearthnet",
+    parser = _vocabulary.OneLineArgumentParser(prog="stage2-ingest-bigearthnet",
                                      description="BigEarthNet v2 (LMDB + safetensors) -> Stage 2 NPZ tiles.")
     parser.add_argument("--lmdb", required=True, help="BigEarthNet-V2-LMDB folder (holding data.mdb)")
     parser.add_argument("--metadata", required=True, action="append",

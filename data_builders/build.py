@@ -642,7 +642,7 @@ def _train_statistics(reports: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _vocabulary.OneLineArgumentParser(
         prog="stage2-build-dataset",
         description="Turn NPZ tiles (D/{train,val,test}/<tile_id>.npz) into an Arrow DatasetDict.",
     )

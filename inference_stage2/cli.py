@@ -11,7 +11,7 @@ import torch
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.bands import BAND_NAMES
-from modeling_stage2.vocabulary import DECLARED_SCALE, one_line_warnings
+from modeling_stage2.vocabulary import DECLARED_SCALE, OneLineArgumentParser, one_line_warnings
 
 from .loading import load_model
 from .raster import SceneSource
@@ -24,7 +24,7 @@ from .values import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="stage2-refine",
         description=(
             "Refine Stage 1 images with a trained Stage 2 model: NPZ tiles, a folder of them or .npz files "

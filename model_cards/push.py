@@ -26,6 +26,7 @@ from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
 from modeling_stage2.convert_prithvi import HUB_PREFIX
 from modeling_stage2.hub import is_hub_repo_id
 from modeling_stage2.modeling_stage2 import backbone_weights_location
+from modeling_stage2.vocabulary import OneLineArgumentParser
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
 from training.trainer import (BEST_DIR_NAME, CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS,
@@ -332,7 +333,7 @@ def _datasets_endpoint(endpoint: str | None) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="stage2-push",
         description="Push a trained Stage 2 refiner (adapter or full model, configs, model card, preview) to the "
                     "Hugging Face Hub, and optionally its Arrow dataset.",
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "works without this package")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
-    parser.add_argument("--commit_message", default=None)
+    parser.add_argument("--commit_message", default=None,
+                        help="message of the Hub commit (default: one naming what is pushed)")
     parser.add_argument("--dataset", default=None, metavar="DIR",
                         help="also push this Arrow dataset (built by stage2-build-dataset) with a dataset card")
     parser.add_argument("--dataset_repo_id", default=None,

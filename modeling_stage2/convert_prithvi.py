@@ -20,6 +20,7 @@ from ._files import staged_folder
 from ._signals import exit_on_termination
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
 from .modeling_prithvi import PrithviEncoder, sincos_3d_table
+from .vocabulary import OneLineArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -483,7 +484,7 @@ def save_atomically(model: PrithviEncoder, output_dir: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="stage2-convert-prithvi",
         description="Convert an official Prithvi-EO-2.0 checkpoint into a save_pretrained folder "
         "(config.json + model.safetensors) loadable with PrithviEncoder.from_pretrained.",

@@ -42,7 +42,7 @@ from torch import nn
 from ._files import output_path_problem, staged_folder
 from ._signals import exit_on_termination
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
-from .vocabulary import OUT_OF_RANGE_WEIGHT
+from .vocabulary import OUT_OF_RANGE_WEIGHT, OneLineArgumentParser
 
 FORMATS = ("onnx", "torch_export")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -618,7 +618,7 @@ def _check_model_argument(model: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="stage2-export",
         description=(
             "Export a trained Stage 2 refiner (adapters merged into a full-precision base) to ONNX or torch.export, "

@@ -18,6 +18,7 @@ A leaf module (standard library only), so that the data builders can load it wit
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import warnings
 
@@ -77,6 +78,14 @@ def warn_deprecated(old: str, new: str, where: str = "", stacklevel: int = 3) ->
     prefix = f"{where}: " if where else ""
     warnings.warn(f"{prefix}{old} is deprecated and will be removed in the next release; use {new}",
                   FutureWarning, stacklevel=stacklevel)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """The console scripts' parser: a bad argument is one line, `PROG: error: MESSAGE`, exit 2, with no usage block
+    above it (`--help` shows that)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,27 @@ def test_help_names_the_command(script):
     assert result.returncode == 0 and result.stdout.startswith(f"usage: {script}")
 
 
+CONSOLE_SCRIPTS = ["stage2-convert-prithvi", "stage2-ingest-bigearthnet", "stage2-build-dataset", "stage2-inspect",
+                   "stage2-train", "stage2-evaluate", "stage2-push", "stage2-refine", "stage2-export"]
+
+
+def test_every_console_script_is_in_the_list():
+    from setuptools.config.setupcfg import read_configuration
+
+    setup_cfg = Path(__file__).resolve().parents[1] / "setup.cfg"
+    scripts = read_configuration(setup_cfg)["options"]["entry_points"]["console_scripts"]
+    assert sorted(line.split("=")[0].strip() for line in scripts) == sorted(CONSOLE_SCRIPTS)
+
+
+@pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
+def test_an_unknown_flag_is_one_line_without_the_usage_block(script):
+    """The user error of argparse itself, as of every check made with `parser.error`: one line, exit 2."""
+    result = run(script, "--no_such_flag", "x")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: ") and "usage:" not in result.stderr, lines
+
+
 def test_inspect(sample_dataset_dir, tmp_path):
     result = run("stage2-inspect", str(sample_dataset_dir), "--plot", str(tmp_path / "tiles.png"))
     assert result.returncode == 0, result.stderr[-2000:]

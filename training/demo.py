@@ -20,7 +20,6 @@ The bundled validation split is 14 water tiles out of 18: a fifth of its pixels 
 numbers bright, where NDVI is quantisation noise (they hold ~87 % of opt_v1's squared NDVI error), so its NDVI and
 EVI leave little to gain; the test split is closer to the training tiles.
 """
-import argparse
 import logging
 import os
 import sys
@@ -101,7 +100,9 @@ def record_held_out_results(best: Path, results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0])
+    from modeling_stage2.vocabulary import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--data_dir", default="data/sample/tiles", help="NPZ tiles (default: the bundled sample)")
     parser.add_argument("--config", default="configs/demo.yaml")

@@ -32,12 +32,12 @@ import torch
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
-from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS
+from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS, OneLineArgumentParser
 from training.bootstrap import DEFAULT_RESAMPLES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stage2-evaluate", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="stage2-evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained model folder (best/, checkpoint) or Hub repo id")
     parser.add_argument("--revision", default=None,
                         help="with a Hub repo id: the branch, tag or commit to download (default: main)")
