@@ -48,6 +48,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .tiles import TILE_SIZE
+
 DEGRADATION_VERSION = 1
 """Bumped whenever the same config and seed would give a different `opt_v1`."""
 
@@ -71,7 +73,7 @@ class DegradationConfig:
     Args:
         blur_sigma (`tuple[float, float]`, defaults to `(0.5, 1.5)`):
             Range of the Gaussian blur width in pixels, drawn uniformly per tile. `(0, 0)`
-            disables the blur.
+            disables the blur. At most the tile size (120), as are `max_shift` and `low_freq_grid`.
         max_shift (`float`, defaults to `0.5`):
             Largest misregistration in pixels along each axis (sub-pixel, drawn uniformly).
         crosstalk (`float`, defaults to `0.05`):
@@ -139,6 +141,10 @@ class DegradationConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.low_freq_grid < 2:
             raise ValueError(f"low_freq_grid must be >= 2, got {self.low_freq_grid}")
+        # Past the tile's size a blur, a shift or a grid means nothing, and a large one fills memory mid-build
+        for name, value in (("blur_sigma", high), ("max_shift", self.max_shift), ("low_freq_grid", self.low_freq_grid)):
+            if value > TILE_SIZE:
+                raise ValueError(f"{name} must be at most {TILE_SIZE} (pixels: the tile size), got {value:g}")
         if len(self.clip) != 2 or self.clip[0] >= self.clip[1]:
             raise ValueError(f"clip must be (low, high) with low < high, got {self.clip}")
         if len(self.haze) != 2 or not 0 <= self.haze[0] <= self.haze[1]:

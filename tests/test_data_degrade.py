@@ -339,6 +339,17 @@ def test_new_fields_are_validated_and_round_trip():
             DegradationConfig(**bad)
 
 
+@pytest.mark.parametrize("bad", [{"blur_sigma": (1, 1e7)}, {"max_shift": 1e9}, {"low_freq_grid": 100000}])
+def test_sizes_past_the_tile_are_refused_before_they_fill_memory(bad):
+    """They passed the checks and ran out of memory mid-build (a MemoryError traceback, exit 1)."""
+    name, value = next(iter(bad.items()))
+    largest = max(value) if isinstance(value, tuple) else value
+    with pytest.raises(ValueError) as error:
+        DegradationConfig(**bad)
+    assert str(error.value) == f"{name} must be at most 120 (pixels: the tile size), got {largest:g}"
+    DegradationConfig(**{name: (1, 120) if isinstance(value, tuple) else 120})  # the tile size itself is allowed
+
+
 def test_resolve_degradation():
     assert resolve_degradation("strong") == ("strong", DEGRADATION_PRESETS["strong"])
     assert resolve_degradation("mixture") == ("mixture", None)
