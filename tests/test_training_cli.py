@@ -527,6 +527,35 @@ def test_a_resumed_run_keeps_the_hub_backbone_commit_it_started_with(hub_server,
     assert fresh.stage2_base_source.revision != first and not torch.equal(qkv(fresh), qkv(started))
 
 
+def test_settings_a_start_model_does_not_use_are_named(tmp_path, tiny_config, sample_dataset_dir, caplog):
+    """With --model_name_or_path the saved refiner's config applies: settings that differ from it were silently
+    ignored; the run now says which, once, and keeps the model's."""
+    from _refiner_helpers import tiny_refiner_config
+    from modeling_stage2 import Stage2RefinerModel
+    from training.train import build_model, unused_model_settings
+
+    start = tmp_path / "start"
+    Stage2RefinerModel(tiny_refiner_config(spectral_mlp_hidden_size=8, spectral_correction="shared",
+                                           nonnegative_output=True)).save_pretrained(start)
+    base = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "o"),
+            "--model_name_or_path", str(start), "--spectral_correction", "shared", "--spectral_mlp_hidden_size", "8",
+            "--refiner_config_overrides", '{"head_width": 16, "num_convnext_blocks": 2, "drop_path_rate": 0.0}']
+    training_args = parse_args(base)[0]
+    with caplog.at_level("WARNING", logger="training.train"):
+        model = build_model(training_args, print_summary=True)
+    assert unused_model_settings(training_args, model.get_base_model().config) == {}
+    assert "are not used" not in caplog.text
+
+    caplog.clear()
+    training_args = parse_args([*base, "--spectral_mlp_hidden_size", "32", "--refiner_config_overrides",
+                                '{"head_width": 64}'])[0]
+    with caplog.at_level("WARNING", logger="training.train"):
+        model = build_model(training_args, print_summary=True)
+    assert model.get_base_model().config.spectral_mlp_hidden_size == 8  # the model's own
+    assert f"--model_name_or_path {start}: its own config.json applies, so these settings are not used: " \
+           "spectral_mlp_hidden_size 32 (the model's: 8), head_width 64 (the model's: 16)" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------- accelerate options
 def test_accelerate_gets_explicit_defaults_and_no_warning(monkeypatch, tmp_path, caplog):
     from accelerate.commands import config as accelerate_config

@@ -231,19 +231,36 @@ def _refiner_config_keys() -> set[str]:
     return (names - {"self"}) | {"attn_implementation"}
 
 
+def _model_settings(training_args) -> dict:
+    """The refiner config values the run's flags set (besides the backbone and LoRA ones)."""
+    return {"spectral_correction": training_args.spectral_correction,
+            "nonnegative_output": training_args.nonnegative_output,
+            "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size,
+            "out_of_range_fallback": training_args.out_of_range_fallback,
+            "out_of_range_ramp": training_args.out_of_range_ramp,
+            "near_black_fallback": training_args.near_black_fallback,
+            "near_black_keep": training_args.near_black_keep}
+
+
+def unused_model_settings(training_args, config) -> dict:
+    """With `--model_name_or_path` the saved refiner's own config applies: the run's model settings (flags and
+    `refiner_config_overrides`) whose values differ from that `config`'s, which the run therefore does not use, as
+    {key: (asked, the model's)}."""
+    def plain(value):
+        return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+    asked = {**_model_settings(training_args), **(training_args.refiner_config_overrides or {})}
+    return {key: (value, getattr(config, key, None)) for key, value in asked.items()
+            if plain(value) != plain(getattr(config, key, None))}
+
+
 def refiner_config(training_args, *, overrides: bool = True, lora: bool = False):
     """The `Stage2RefinerConfig` of a new refiner with the run's settings; `refiner_config_overrides` win over the
     other settings. `lora`: the LoRA settings in the config too (to check them; `build_model` passes them to
     `build_trainable_model` instead)."""
     from modeling_stage2 import Stage2RefinerConfig
 
-    settings = {"spectral_correction": training_args.spectral_correction,
-                "nonnegative_output": training_args.nonnegative_output,
-                "spectral_mlp_hidden_size": training_args.spectral_mlp_hidden_size,
-                "out_of_range_fallback": training_args.out_of_range_fallback,
-                "out_of_range_ramp": training_args.out_of_range_ramp,
-                "near_black_fallback": training_args.near_black_fallback,
-                "near_black_keep": training_args.near_black_keep}
+    settings = _model_settings(training_args)
     if lora:
         settings.update(lora_r=training_args.lora_r, lora_alpha=training_args.lora_alpha,
                         lora_dropout=training_args.lora_dropout,
@@ -570,8 +587,14 @@ def build_model(training_args, print_summary: bool = True):
                 unfreeze_last_n_blocks=training_args.unfreeze_last_n_blocks,
                 revision=_resumed_base_revision(training_args))
     if training_args.model_name_or_path is not None:
-        return build_trainable_model(model_name_or_path=training_args.model_name_or_path,
-                                     quantization=training_args.quantization, print_summary=print_summary, **lora)
+        model = build_trainable_model(model_name_or_path=training_args.model_name_or_path,
+                                      quantization=training_args.quantization, print_summary=print_summary, **lora)
+        unused = unused_model_settings(training_args, model.get_base_model().config)
+        if unused and print_summary:  # once, from the process that logs
+            logger.warning(f"--model_name_or_path {training_args.model_name_or_path}: its own config.json applies, so "
+                           "these settings are not used: " + ", ".join(
+                               f"{key} {asked!r} (the model's: {own!r})" for key, (asked, own) in unused.items()))
+        return model
     return build_trainable_model(refiner_config(training_args), quantization=training_args.quantization,
                                  print_summary=print_summary, **lora)
 
