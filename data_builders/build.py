@@ -658,7 +658,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="seed of the synthetic degradation (default 0; the name stage2-train and "
                              "stage2-evaluate give it)")
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # deprecated: --dataset_seed
-    parser.add_argument("--degradation", default="mild", metavar="{" + ",".join(DEGRADATION_CHOICES) + "}",
+    parser.add_argument("--degradation", default=None, metavar="{" + ",".join(DEGRADATION_CHOICES) + "}",
                         help="preset of the synthetic degradation (default mild; mixture: mild or strong per tile)")
     parser.add_argument("--degradation_config", default=None,
                         help="JSON file of DegradationConfig fields overriding those of the --degradation preset "
@@ -701,6 +701,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.dataset_seed = args.seed
     if args.dataset_seed is None:
         args.dataset_seed = 0
+    try:
+        mode = resolve_input_mode(args.input_mode, args.stage1_dir)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
+        return 2
+    synthetic_only = [flag for flag, given in (("--degradation", args.degradation is not None),
+                                               ("--degradation_config", bool(args.degradation_config))) if given]
+    if synthetic_only and mode != "synthetic":  # they would do nothing: opt_v1 is not synthesised
+        print(f"stage2-build-dataset: error: {', '.join(synthetic_only)}: for a synthetic opt_v1 only; this build's "
+              f"opt_v1 is input_mode {mode!r}", file=sys.stderr)
+        return 2
+    args.degradation = args.degradation or "mild"
     if args.degradation not in DEGRADATION_CHOICES:  # one line, not argparse's usage + error
         print(f"stage2-build-dataset: error: --degradation: unknown preset {args.degradation!r} "
               f"(choose from {', '.join(DEGRADATION_CHOICES)})", file=sys.stderr)

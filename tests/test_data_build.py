@@ -799,6 +799,25 @@ def test_cli_degradation_flag(tmp_path):
     assert "--degradation_config cannot be combined with --degradation mixture" in conflict.stderr
 
 
+def test_cli_degradation_flags_without_a_synthetic_opt_v1_are_refused(tmp_path, capsys):
+    """`--degradation` and `--degradation_config` did nothing with Stage 1 outputs or input_mode identity, silently."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    overrides = tmp_path / "overrides.json"
+    overrides.write_text(json.dumps({"noise_std": 0.01}))
+    cases = ((["--stage1_dir", str(stage1), "--degradation", "strong"], "--degradation", "stage1"),
+             (["--input_mode", "identity", "--degradation", "mild", "--degradation_config", str(overrides)],
+              "--degradation, --degradation_config", "identity"))
+    for flags, named, mode in cases:
+        assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "out"), *flags]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"stage2-build-dataset: error: {named}: for a synthetic opt_v1 only; this build's opt_v1 is input_mode "
+            f"{mode!r}"]
+    assert not (tmp_path / "out").exists()
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--input_mode", "identity"]) == 0
+
+
 BAD_DEGRADATION_CONFIGS = {
     '{"noise_std": "a"}': "noise_std must be a finite number, got 'a'",
     '{"noise_std": null}': "noise_std must be a finite number, got None",
