@@ -286,6 +286,10 @@ def _tile_files(inputs: list[Path]) -> list[tuple[Path, Path]]:
                 raise InferenceInputError(f"input {path}: a GeoTIFF is a scene, refined with refine_scene "
                                           "(stage2-refine --output FILE.tif), not among NPZ tiles")
             raise InferenceInputError(f"input {path}: not an NPZ tile (.npz)")
+        earlier = by_name.get(path.name)
+        if earlier is not None and earlier.samefile(path):
+            also = "" if earlier == path else f" (also as {earlier})"
+            raise InferenceInputError(f"input {path}: given twice{also}; give each tile once")
         if path.name in by_name:
             raise InferenceInputError(
                 f"inputs {by_name[path.name]} and {path} have the same file name; both would be written to "

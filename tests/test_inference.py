@@ -925,6 +925,12 @@ def test_tiles_given_as_files_refuse_clashing_names_and_outputs_on_inputs(few_ti
         refine_tiles(PixelwiseRefiner(), [paths[0], paths[1], twin], output, progress=False)
     assert str(paths[0]) in str(error.value) and str(twin) in str(error.value)
     assert not output.exists()  # refused before anything was written
+    # The same file twice (any spelling) is not two tiles with one name: "separate folders" would not help
+    again = paths[0].parent / ".." / paths[0].parent.name / paths[0].name
+    with pytest.raises(InferenceInputError) as error:
+        refine_tiles(PixelwiseRefiner(), [paths[0], paths[1], again], output, progress=False)
+    assert str(error.value) == f"input {again}: given twice (also as {paths[0]}); give each tile once"
+    assert not output.exists()
     # OUTPUT_DIR/<file name> would be the input itself: refused, the tiles untouched (also through another spelling).
     train = paths[0].parent
     before = {path: path.read_bytes() for path in paths}
