@@ -414,6 +414,23 @@ def test_a_config_file_that_is_not_a_mapping_is_refused(text, kind, tmp_path, sa
     assert parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])[0].lora_r == 8
 
 
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 1.0e-3\nlora_r: 4\nlearning_rate: 5.0e-4\n",
+     "key 'learning_rate' is given twice (lines 1 and 3); keep one."),
+    ("refiner_config_overrides:\n  head_width: 16\n  head_width: 32\n",
+     "key 'head_width' is given twice (lines 2 and 3); keep one."),
+    ("epochs: 3\nnum_train_epochs: 5\n", "keys 'epochs' and 'num_train_epochs' both set num_train_epochs; keep one."),
+])
+def test_a_setting_given_twice_in_a_config_file_is_refused(text, message, tmp_path, sample_dataset_dir, capsys):
+    """PyYAML keeps the last of two equal keys silently: a value edited in one place lost to a forgotten copy."""
+    config = tmp_path / "x.yaml"
+    config.write_text(text)
+    argv = ["--config", str(config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "out")]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), f"{config}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def tiny_full_model(tmp_path) -> Path:
     from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel

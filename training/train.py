@@ -115,10 +115,33 @@ def _read_yaml(path: Path):
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{path}: cannot read the file ({error}).") from None
     try:
-        values = yaml.safe_load(text)
+        values = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _RepeatedKey as error:
+        raise UsageError(f"{path}: {error}.") from None
     except yaml.YAMLError as error:
         raise UsageError(f"{path}: not valid YAML ({' '.join(str(error).split())}).") from None
     return {} if values is None else values  # an empty file sets nothing; `[]`, `0` or `false` is no mapping
+
+
+class _RepeatedKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, but a key given twice in one mapping is an error: PyYAML keeps the last one silently, and a
+    setting edited in one place would be overridden by a forgotten copy further down."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue  # not a setting name: the mapping's own check names it
+            if key in lines:
+                raise _RepeatedKey(f"key {key!r} is given twice (lines {lines[key]} and {key_node.start_mark.line + 1})"
+                                   "; keep one")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def load_config_file(path: str | os.PathLike, parser=None) -> dict:
@@ -140,6 +163,9 @@ def load_config_file(path: str | os.PathLike, parser=None) -> dict:
                 f"(any TrainingArguments field, e.g. learning_rate, num_train_epochs); see {PROG} --help-all."
             )
         name = aliases[key]
+        if name in resolved:  # two spellings of one setting, e.g. epochs and num_train_epochs
+            other = next(spelling for spelling in values if aliases.get(spelling) == name and spelling != key)
+            raise UsageError(f"{path}: keys {other!r} and {key!r} both set {name}; keep one.")
         try:
             resolved[name] = convert_setting(value, types.get(name), choices.get(name))
         except SettingTypeError as error:
