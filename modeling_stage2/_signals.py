@@ -4,7 +4,10 @@ Python's default for SIGTERM and SIGHUP ends the process at once, so no `finally
 progress (`_files.atomic_file`, a scene's partial GeoTIFF) leaves its temporary file behind. Within
 `exit_on_termination` the signal raises `SystemExit(128 + N)` in the main thread instead: every cleanup runs, the
 exit status is the shell's for a process killed by signal N, and no `except Exception` can swallow it. Ctrl-C
-(KeyboardInterrupt) ends the same way, with status 130 and one line instead of a traceback.
+(KeyboardInterrupt) ends the same way, with status 130 and one line instead of a traceback. Once one of these
+signals has come, the others are ignored until the decorated function is left: a second one (`kill` twice, a
+supervisor repeating SIGTERM, Ctrl-C pressed again) would cut short the cleanups the first one started (SIGKILL
+still stops a cleanup that hangs).
 (`stage2-train` supervises a process tree and has its own handling, `training.train`.)
 """
 from __future__ import annotations
@@ -20,21 +23,33 @@ TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHU
 _Main = TypeVar("_Main", bound=Callable[..., int])
 
 
-def _raise_exit(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
+def _ignore(signums) -> None:
+    """Stopping now: the signals the wrapper handles are ignored while the cleanups run."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def exit_on_termination(main: _Main) -> _Main:
     """Decorate a console script's `main`: SIGTERM and SIGHUP raise `SystemExit(128 + N)` while it runs (in the main
     thread only: signal handlers cannot be set elsewhere); the previous handlers are restored afterwards. A signal
-    that was ignored (`nohup` ignores SIGHUP) or handled by the caller stays as it was. Ctrl-C returns 130."""
+    that was ignored (`nohup` ignores SIGHUP) or handled by the caller stays as it was. Ctrl-C returns 130. After the
+    first of these signals the others are ignored until `main` is left, so that its cleanups run to the end."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             return main(*args, **kwargs)
-        previous = {signum: signal.signal(signum, _raise_exit) for signum in TERMINATING_SIGNALS
-                    if signal.getsignal(signum) is signal.SIG_DFL}
+        handled = [signum for signum in TERMINATING_SIGNALS if signal.getsignal(signum) is signal.SIG_DFL]
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a caller's own handler stays in place
+            handled.append(signal.SIGINT)
+
+        def stop(signum: int, frame) -> None:
+            _ignore(handled)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+
+        previous = {signum: signal.signal(signum, stop) for signum in handled}
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:  # Ctrl-C: the cleanups have run; a traceback would only hide that

@@ -113,3 +113,45 @@ def test_every_console_script_but_stage2_train_is_decorated():
         module_name, function_name = target.split(":")
         function = getattr(__import__(module_name, fromlist=[function_name]), function_name)
         assert (function.__code__ is wrapper_code) == (name != "stage2-train"), name
+
+
+# A stop whose cleanup takes a while (a pool to stop, a scratch folder of many files to delete): a second signal
+# while it runs must not cut it short (`kill` twice, a supervisor's repeated SIGTERM, Ctrl-C pressed again).
+SLOW_CLEANUP_SCRIPT = textwrap.dedent("""
+    import shutil, sys, tempfile, time
+    from pathlib import Path
+    from modeling_stage2._signals import exit_on_termination
+
+    @exit_on_termination
+    def main(folder):
+        scratch = Path(tempfile.mkdtemp(prefix=".out.tmp-", dir=folder))
+        for i in range(10):
+            (scratch / str(i)).write_text("half")
+        try:
+            print("working", flush=True)
+            time.sleep(60)
+        finally:
+            print("cleaning", flush=True)
+            for path in sorted(scratch.iterdir()):
+                path.unlink()
+                time.sleep(0.1)
+            scratch.rmdir()
+        return 0
+
+    sys.exit(main(sys.argv[1]))
+""")
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGHUP, signal.SIGTERM),
+                                           (signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)])
+def test_a_second_signal_does_not_cut_the_cleanups_short(tmp_path, first, second):
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert process.stdout.readline() == "working\n"
+    process.send_signal(first)
+    assert process.stdout.readline() == "cleaning\n"
+    process.send_signal(second)
+    assert process.wait(timeout=30) == 128 + first
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is gone, every file of it
+    assert process.stderr.read() == ("interrupted\n" if first == signal.SIGINT else "")
