@@ -99,7 +99,11 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
             os.replace(set_aside, output_dir)
         raise
     if set_aside is not None:
-        shutil.rmtree(set_aside, ignore_errors=True)
+        try:
+            shutil.rmtree(set_aside, ignore_errors=True)
+        finally:  # a signal's SystemExit part-way (the old content of a dataset is gigabytes) would leave half of it
+            if os.path.lexists(set_aside):
+                shutil.rmtree(set_aside, ignore_errors=True)
 
 
 def _umask_by_setting_it() -> int:

@@ -103,6 +103,30 @@ def test_a_failed_second_rename_puts_the_old_content_back(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (target / "weights").read_text() == "old"
 
 
+def test_a_signal_while_the_old_content_is_deleted_does_not_leave_half_of_it(tmp_path, monkeypatch):
+    """The new folder is in place when the old one is deleted: a SIGTERM then (SystemExit from `exit_on_termination`,
+    which ignores any further signal) still ends with the old copy gone, not a half-deleted hidden folder."""
+    target = tmp_path / "dataset"
+    target.mkdir()
+    for i in range(5):
+        (target / f"part-{i}").write_text("old")
+    real_rmtree, calls = _files.shutil.rmtree, []
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:  # one file deleted, then the signal
+            next(Path(path).iterdir()).unlink()
+            raise SystemExit(143)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(_files.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(SystemExit):
+        with staged_folder(target) as staging:
+            (staging / "part-0").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"] and len(calls) == 2
+    assert [p.name for p in target.iterdir()] == ["part-0"] and (target / "part-0").read_text() == "new"
+
+
 def test_a_set_aside_folder_is_left_alone_while_its_process_runs(tmp_path):
     target = tmp_path / "best"
     busy = tmp_path / f".best{SET_ASIDE_MARKER}{os.getppid()}-0123abcd"  # a live process other than this one
