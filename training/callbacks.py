@@ -217,8 +217,8 @@ class JsonlLoggerCallback(TrainerCallback):
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a killed process
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
+            if step > 0 and isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)  # a resumed run's own past; a run starting anew keeps none of an earlier run's
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
         os.replace(tmp, path)

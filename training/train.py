@@ -653,6 +653,7 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
         dataset_dict, train_dataset, eval_dataset = _main_process_first(training_args, load_data)
         model = build_model(training_args, print_summary=training_args.should_log)
         _check_resume_fits(model, training_args)
+        _check_resumable(training_args)
         trainer = Stage2Trainer(
             model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             training_config={"data_dir": str(data_args.data_dir), "train_tiles": len(train_dataset),
@@ -673,6 +674,17 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
                                   f"({output_dir / f'checkpoint-{step}'}); continue with --resume latest.")
     finish_run(trainer)
     return trainer
+
+
+def _check_resumable(training_args) -> None:
+    """The checkpoint a run resumes holds what a resume needs (not one saved with `save_only_model`): the Trainer
+    would find out inside `train`, with a traceback."""
+    from training.trainer import model_only_checkpoint_problem, resolve_resume_checkpoint
+
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False)
+    problem = None if checkpoint is None else model_only_checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise UsageError(f"--resume {checkpoint}: {problem}.")
 
 
 def _check_resume_fits(model, training_args) -> None:
@@ -764,10 +776,7 @@ def finish_run(trainer) -> None:
     trainer.load_best_model()
     best = trainer.best_model_dir
     if trainer.args.should_save:
-        from model_cards.cards import write_model_card
-
-        write_model_card(best, repo_id=trainer.args.hub_model_id,
-                         split=trainer.training_config.get("eval_split", "val"))
+        trainer.write_card(best)
         from modeling_stage2.adapters import METRICS_FILE
 
         metrics_path = best / METRICS_FILE

@@ -155,6 +155,16 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(latest) if latest is not None else None
 
 
+def model_only_checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a checkpoint saved with `save_only_model` cannot be resumed (None for one that can): it holds no optimizer,
+    discriminator or training counters (`TRAINER_EXTRA_STATE` is written beside every optimizer state saved here)."""
+    if (Path(folder) / TRAINER_EXTRA_STATE).is_file():
+        return None
+    return ("it holds the model only (saved with save_only_model): no optimizer, discriminator or training counters "
+            "to go on from, so it cannot be resumed; start a new run, or train with save_only_model false to resume "
+            "later")
+
+
 def resolve_resume_checkpoint(value, output_dir: str | os.PathLike, warn: bool = True) -> str | None:
     """`--resume`: None/False -> None; "latest"/True -> newest checkpoint that verifies (None if there is none; with
     `warn`, a warning names every newer corrupt checkpoint and the file that fails, and says what is used instead);
@@ -242,6 +252,15 @@ def _frozen(module: torch.nn.Module):
             parameter.requires_grad_(flag)
 
 
+@contextmanager
+def _keep_last_batch(args):
+    drop_last, args.dataloader_drop_last = args.dataloader_drop_last, False
+    try:
+        yield
+    finally:
+        args.dataloader_drop_last = drop_last
+
+
 def _masked(image: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
     """Invalid target pixels set to 0 in both real and fake images, so the discriminator cannot use them."""
     if valid_mask is None:
@@ -316,6 +335,7 @@ class Stage2Trainer(Trainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
 
         self._metrics = {"train": defaultdict(list)}
+        self._window_components = defaultdict(list)  # the micro-batches' components until the accumulation boundary
         self._step_has_nonfinite = False
         self._pending_disc = None
         self._resume_checkpoint = None
@@ -373,9 +393,20 @@ class Stage2Trainer(Trainer):
             self.args.eval_on_start = False  # nothing to validate the starting point on
         if self.args.should_save:
             self._remove_torn_checkpoints()
+            if resume is None:
+                self._warn_earlier_checkpoints()
         self._resume_checkpoint = resume
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)
+
+    def _warn_earlier_checkpoints(self) -> None:
+        """A new run in a folder that holds another run's checkpoints: they are kept (nothing that existed is lost),
+        but `--resume latest` after this run is interrupted could take the newest of them and go on with that run."""
+        earlier = [path.name for _, path in _checkpoint_folders(self.args.output_dir)]
+        if earlier:
+            logger.warning(f"{self.args.output_dir} holds checkpoints of an earlier run ({', '.join(earlier)}); this "
+                           "run starts anew and replaces those at its own steps only, so --resume latest could go on "
+                           "with the earlier run: use a new --output_dir, or delete them.")
 
     def _remove_torn_checkpoints(self) -> None:
         """Remove checkpoints without a completion marker (written last: the save was interrupted). Ones with a
@@ -414,15 +445,23 @@ class Stage2Trainer(Trainer):
         finite = bool(torch.isfinite(loss))
         if finite and self._pending_components is not None:
             for name, value in self._pending_components.items():
-                self._metrics["train"][_component_name(name)].append(value.detach().float())
+                self._window_components[_component_name(name)].append(value.detach().float())
         elif not finite:
             self._step_has_nonfinite = True
         if self._pending_disc is not None and self.state.global_step % self.args.disc_update_interval == 0:
             self._discriminator_backward(*self._pending_disc)
         self._pending_disc = None
         if self.accelerator.sync_gradients:
+            self._record_window_components()
             self._end_of_accumulation(model)
         return loss
+
+    def _record_window_components(self) -> None:
+        """Each component's mean over the accumulation window, recorded once per optimizer step: the Trainer's `loss`
+        is a mean over optimizer steps too, so `total` equals it when the last window of an epoch is shorter."""
+        for name, values in self._window_components.items():
+            self._metrics["train"][name].append(torch.stack(values).mean())
+        self._window_components.clear()
 
     def _discriminator_backward(self, real: torch.Tensor, fake: torch.Tensor, valid_mask) -> None:
         from .losses import lsgan_discriminator_loss
@@ -533,6 +572,16 @@ class Stage2Trainer(Trainer):
         return int(getattr(base, "cpu_fallback_count", 0))
 
     # --------------------------------------------------------------------------------------- evaluation
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's, but never dropping the last incomplete batch: `dataloader_drop_last` is for training, and
+        the metrics (and the choice of `best/`) are those of every tile of the split."""
+        with _keep_last_batch(self.args):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with _keep_last_batch(self.args):
+            return super().get_test_dataloader(test_dataset)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval") -> EvalLoopOutput:
         from .metrics import MetricAccumulator, paired_tile_statistics
@@ -586,12 +635,13 @@ class Stage2Trainer(Trainer):
 
     # --------------------------------------------------------------------------------------- best model
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """`Trainer.evaluate`; before the first step (`eval_on_start`) the model as training starts it (for instance
-        at the spectral fit) also becomes a candidate for `best/`: training that only makes it worse keeps it."""
+        """`Trainer.evaluate`; in training, before the first step (`eval_on_start`), the model as training starts it
+        (for instance at the spectral fit) also becomes a candidate for `best/`: training that only makes it worse
+        keeps it. Called outside `train()` it only measures."""
         metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                    metric_key_prefix=metric_key_prefix)
-        if self.state.global_step == 0 and eval_dataset is None and metric_key_prefix == "eval":
-            self._determine_best_metric(metrics, trial=None)
+        if self.is_in_train and self.state.global_step == 0 and eval_dataset is None and metric_key_prefix == "eval":
+            self._determine_best_metric(metrics, trial=None)  # a plain evaluate() only measures: best/ is training's
         return metrics
 
     # Private override (transformers 5.24, setup.cfg pins the tested range): the one place that knows "this evaluation
@@ -627,8 +677,16 @@ class Stage2Trainer(Trainer):
                 grids = render_preview(self.eval_preview["opt_v1"], self.eval_preview["refined"],
                                        self.eval_preview["target"], self.preview_tiles)
                 write_png(staging / PREVIEW_FILE, grids["combined"])
+            self.write_card(staging)  # not peft's placeholder, should the run stop before its end
         logger.info(f"New best model ({self.args.metric_for_best_model}={self.state.best_metric}) saved to {best}.")
         return best
+
+    def write_card(self, folder: str | os.PathLike) -> Path:
+        """The project's model card (`model_cards.write_model_card`) in a model folder of this run."""
+        from model_cards.cards import write_model_card
+
+        return write_model_card(folder, repo_id=self.args.hub_model_id,
+                                split=self.training_config.get("eval_split", "val"))
 
     def training_config_record(self) -> dict:
         args = self.args
@@ -728,6 +786,9 @@ class Stage2Trainer(Trainer):
             self.nonfinite_skipped_steps = int(counters.get("nonfinite_skipped_steps", 0))
             self.disc_skipped_steps = int(counters.get("disc_skipped_steps", 0))
             self.disc_steps = int(counters.get("disc_steps", 0))
+        problem = model_only_checkpoint_problem(folder)
+        if problem is not None:
+            raise ValueError(f"{folder}: {problem}")
         if self.discriminator is None:
             return
         from .discriminator import WEIGHTS_NAME, PatchDiscriminator

@@ -1,0 +1,128 @@
+"""What a `Stage2Trainer` run leaves in its folder, beyond one uninterrupted run: a plain `evaluate()`, a second run in
+the same folder, checkpoints saved with `save_only_model`, `dataloader_drop_last`, uneven accumulation windows and
+the card of `best/` before the run's end. Tiny in-memory tiles, the tiny training settings."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _data_helpers import folder_digest
+from _training_helpers import StopAtStep, records, write_config
+
+from model_cards.cards import GENERATED_MARKER
+from training.train import build_model, parse_args
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _tiles(n: int, seed: int):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(0.02, 0.4, (n, 4, 120, 120)).astype(np.float32)
+    opt_v1 = (target * 1.05 + rng.normal(0, 0.01, target.shape)).astype(np.float32)
+    return datasets.Dataset.from_dict({"target": target, "opt_v1": opt_v1, "month": [1 + i % 12 for i in range(n)],
+                                       "biome": [i % 5 for i in range(n)],
+                                       "valid_mask": np.ones((n, 120, 120), bool)})
+
+
+def _trainer(folder: Path, n_train: int = 4, n_eval: int = 3, callbacks=None, **settings):
+    from data_builders import make_eval_transform
+    from training.data import TileDataset
+    from training.trainer import Stage2Trainer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(folder / "c.yaml", **{"spectral_correction_init": "identity", **settings})
+    args = parse_args(["--config", str(config), "--output_dir", str(folder / "out")])[0]
+    evaluation = TileDataset(_tiles(n_eval, 1), make_eval_transform()) if n_eval else None
+    return Stage2Trainer(model=build_model(args, print_summary=False), args=args, callbacks=callbacks,
+                         train_dataset=TileDataset(_tiles(n_train, 0), make_eval_transform()), eval_dataset=evaluation)
+
+
+def test_evaluate_outside_training_only_measures(tmp_path):
+    """A plain `Trainer.evaluate()` at step 0 (a new trainer on a finished run's folder, as a transformers user
+    measures a model) replaced the run's best/ with the untrained model."""
+    trainer = _trainer(tmp_path)
+    assert trainer.evaluate()["eval_n_tiles"] == 3
+    assert not trainer.best_model_dir.exists()
+    trainer.best_model_dir.mkdir()
+    (trainer.best_model_dir / "metrics.json").write_text('{"global_step": 2}')
+    before = folder_digest(trainer.best_model_dir)
+    trainer.evaluate()
+    assert folder_digest(trainer.best_model_dir) == before
+
+
+def test_dataloader_drop_last_drops_no_validation_tile(tmp_path):
+    """`dataloader_drop_last` is for the training batches: with it, 3 validation tiles in batches of 2 were scored as
+    2, and best/ was chosen on them."""
+    trainer = _trainer(tmp_path, per_device_eval_batch_size=2, dataloader_drop_last=True)
+    assert trainer.evaluate()["eval_n_tiles"] == 3
+    assert len(trainer.get_train_dataloader()) == 2 and trainer.args.dataloader_drop_last  # training keeps it
+
+
+def test_a_checkpoint_saved_with_save_only_model_is_refused_on_resume(tmp_path):
+    """It has no optimizer, discriminator or counters: the resume failed with "this checkpoint has no discriminator,
+    but this run trains one", whatever the settings."""
+    settings = dict(eval_every_epochs=1, save_every_epochs=0.5, save_only_model=True)
+    _trainer(tmp_path, callbacks=[StopAtStep(2)], **settings).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    with pytest.raises(ValueError) as error:
+        _trainer(tmp_path, **settings).train(resume_from_checkpoint="latest")
+    assert str(error.value) == (f"{checkpoint}: it holds the model only (saved with save_only_model): no optimizer, "
+                                "discriminator or training counters to go on from, so it cannot be resumed; start a "
+                                "new run, or train with save_only_model false to resume later")
+
+
+def test_a_new_run_in_a_used_folder_keeps_none_of_its_log_and_names_its_checkpoints(tmp_path, caplog):
+    """Run B in run A's folder: the log kept run A's step-0 evaluation, and nothing said that run A's newer
+    checkpoint is what --resume latest would take."""
+    _trainer(tmp_path, seed=0).train()  # run A: 2 epochs of 2 steps, checkpoints 2 and 4
+    log = tmp_path / "out" / "training_log.jsonl"
+    assert [r["step"] for r in records(log, "eval")] == [0, 2, 4]
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        _trainer(tmp_path, seed=1, num_train_epochs=1).train()  # run B: 1 epoch
+    assert [r["step"] for r in records(log, "eval")] == [0, 2]
+    assert f"{tmp_path / 'out'} holds checkpoints of an earlier run (checkpoint-2, checkpoint-4); this run starts " \
+           "anew and replaces those at its own steps only" in caplog.text
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()  # kept: nothing that existed is deleted
+
+
+def test_the_logged_total_is_the_loss_when_the_last_window_is_shorter(tmp_path):
+    """5 tiles, batches of 1, accumulation 2: the epoch's last optimizer step has one micro-batch. The components were
+    averaged over micro-batches, the Trainer's loss over optimizer steps, so `total` and `loss` differed."""
+    trainer = _trainer(tmp_path, n_train=5, n_eval=0, per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                       logging_steps=3, num_train_epochs=1, eval_every_epochs=None, save_every_epochs=None,
+                       eval_strategy="no", save_strategy="no", max_samples=None)
+    trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(range(5))
+    trainer.train()
+    [logged] = records(tmp_path / "out" / "training_log.jsonl", "train")
+    assert logged["step"] == 3 and logged["total"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+def test_best_carries_the_project_card_before_the_run_ends(tmp_path):
+    """best/README.md was peft's placeholder ("More Information Needed") until `finish_run`: after an interrupted
+    run, and always through the Python API."""
+    trainer = _trainer(tmp_path, callbacks=[StopAtStep(2)])
+    trainer.train()
+    card = (trainer.best_model_dir / "README.md").read_text()
+    assert GENERATED_MARKER in card and "More Information Needed" not in card
+    assert json.loads((trainer.best_model_dir / "metrics.json").read_text())["global_step"] in (0, 2)
+
+
+def test_stage2_train_refuses_to_resume_a_model_only_checkpoint_before_anything_is_written(tmp_path,
+                                                                                          sample_dataset_dir):
+    from _data_helpers import folder_digest as digest
+    from training.train import UsageError, main
+
+    argv = ["--config", str(write_config(tmp_path / "tiny.yaml")), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "o"),
+            "--save_only_model", "true"]
+    main(argv)
+    before = digest(tmp_path / "o")
+    with pytest.raises(UsageError, match=r"^--resume \S+checkpoint-\d+: it holds the model only \(saved with "
+                                         r"save_only_model\)"):
+        main([*argv, "--resume", "latest"])
+    assert digest(tmp_path / "o") == before
