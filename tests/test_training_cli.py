@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -716,16 +717,45 @@ def run_stage2_train(tmp_path, repo_root, sample_dataset_dir):
 
 @needs_proc
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_to_stage2_train_stops_every_process(signum, run_stage2_train):
+def test_sigterm_to_stage2_train_stops_every_process(signum, run_stage2_train, tmp_path, monkeypatch):
+    """... and the trainer's cleanups run: it was killed outright by the forwarded signal, leaving the random
+    backbone's temporary weights (and a best/ being written) behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     run = run_stage2_train()
-    run.wait_for(lambda: True)  # the trainer process exists
+    run.wait_for(lambda: any(scratch.glob("stage2-random-backbone-*")))  # the trainer process has built its base
     os.kill(run.process.pid, signum)
     assert run.process.wait(timeout=30) == 128 + signum
     assert run.running_descendants(within=5) == []
     assert "Traceback" not in run.stderr() and ACCELERATE_WARNING not in run.stderr()
+    assert sorted(path.name for path in scratch.iterdir()) == []
 
 
-@needs_proc
+def test_a_signal_before_the_supervisor_forwards_signals_leaves_no_status_file(tmp_path, repo_root):
+    """Between its status file and the forwarding of signals, a SIGTERM killed the supervisor outright, leaving the
+    file in the temporary folder (and a Python parent saw -15, not 143)."""
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        import training.train as train
+
+        def signal_comes_first(command, env):  # the signal arrives before the forwarding handlers are in place
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            return 0, []
+
+        train.run_accelerate = signal_comes_first
+        sys.exit(train.supervise(["--", "--output_dir", "x"]))
+    """)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo_root, env=env, capture_output=True, text=True,
+                          timeout=120, preexec_fn=_default_signals)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert list(scratch.iterdir()) == []
+
+
 @needs_proc
 def test_under_nohup_sighup_is_ignored_by_the_whole_run(run_stage2_train):
     run = run_stage2_train(nohup=True)

@@ -51,6 +51,7 @@ from data_builders._leaves import model_leaf  # noqa: E402
 from data_builders.cache import ARROW_MARKER, dataset_cache_key, is_arrow_dataset  # noqa: E402,F401  (re-exported)
 
 logger = logging.getLogger("training.train")
+exit_on_termination = model_leaf("_signals").exit_on_termination  # without importing torch before MKL_CBWR is read
 
 PROG = "stage2-train"
 CONFIG_NAME = "config.yaml"
@@ -867,9 +868,12 @@ def main(argv=None, callbacks=None):
     return run_training(training_args, data_args, settings, callbacks=callbacks)
 
 
+@exit_on_termination
 def cli(argv=None) -> int:
     """The trainer process (`accelerate launch training/train.py ARGS`): exit status 0 trained, 2 a mistake in the
-    settings or inputs (one line), 130 interrupted; a bug raises (status 1)."""
+    settings or inputs (one line), 130 interrupted, 128 + N stopped by SIGTERM / SIGHUP (forwarded to the run's group
+    by `stage2-train`: the cleanups run, a `best/` being written and the temporary files of the run are removed); a
+    bug raises (status 1)."""
     _stop_with_launcher()
     interrupt = InterruptCallback()
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -1235,9 +1239,11 @@ def accelerate_command(options: list[str], training: list[str]) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *options, str(Path(__file__).resolve()), *training]
 
 
+@exit_on_termination
 def supervise(argv: list[str]) -> int:
     """Run `accelerate launch OPTIONS training/train.py TRAINING` (`argv`: OPTIONS -- TRAINING, already checked)
-    in its own process group and return the trainer's exit status; signals are forwarded (`run_accelerate`)."""
+    in its own process group and return the trainer's exit status; signals are forwarded (`run_accelerate`). One that
+    comes before the forwarding starts (or after it ends) stops this process with 128 + N, its status file removed."""
     options, training = split_launcher_arguments(argv)
     handle, status_path = tempfile.mkstemp(prefix="stage2-train-status-")
     os.close(handle)
