@@ -27,7 +27,8 @@ import pytest
 
 from hub_server import DEFAULT_TOKEN, DEFAULT_USER, LoopbackHub
 
-__all__ = ["hub_server", "configure_hub_client", "LoopbackHub", "DEFAULT_TOKEN", "DEFAULT_USER"]
+__all__ = ["hub_server", "configure_hub_client", "publish_tiny_prithvi", "LoopbackHub", "DEFAULT_TOKEN",
+           "DEFAULT_USER"]
 
 
 def configure_hub_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, token: str, hf_home: Path) -> dict:
@@ -127,3 +128,18 @@ def hub_server(tmp_path_factory, monkeypatch):
         configure_hub_client(monkeypatch, hub.url, hub.token, hf_home)
         yield hub
     _clear_hf_file_system_cache()
+
+
+def publish_tiny_prithvi(repo_id: str, folder: Path, seed: int) -> str:
+    """Commit an official-layout `Prithvi_EO_V2_tiny.pt` (random weights drawn from `seed`, written in `folder`) to
+    `repo_id` on the loopback Hub, creating the repo if needed; returns the new commit."""
+    from huggingface_hub import HfApi
+
+    from _prithvi_helpers import write_official_checkpoint
+    from modeling_stage2 import PrithviConfig
+
+    checkpoint = Path(folder) / "Prithvi_EO_V2_tiny.pt"
+    write_official_checkpoint(checkpoint, PrithviConfig.from_preset("prithvi_eo_v2_tiny"), seed=seed)
+    HfApi().create_repo(repo_id, exist_ok=True)
+    HfApi().upload_file(path_or_fileobj=str(checkpoint), path_in_repo=checkpoint.name, repo_id=repo_id)
+    return HfApi().model_info(repo_id).sha

@@ -552,21 +552,10 @@ def test_an_adapter_on_a_hub_base_keeps_the_base_commit_it_was_trained_on(hub_se
 def test_an_adapter_on_hub_backbone_weights_keeps_the_checkpoint_commit_it_was_trained_on(hub_server, tmp_path):
     """The backbone's Hub checkpoint is pinned like a Hub base refiner: a later commit to the backbone's repo does not
     change the adapter's outputs, which are rebuilt from the commit recorded in stage2_base.json."""
-    from huggingface_hub import HfApi
-
-    from _prithvi_helpers import write_official_checkpoint
-    from modeling_stage2 import PrithviConfig
+    from _hub_helpers import publish_tiny_prithvi
 
     repo = f"{hub_server.user}/Prithvi-EO-2.0-tiny"
-    HfApi().create_repo(repo)
-    checkpoint = tmp_path / "Prithvi_EO_V2_tiny.pt"
-
-    def publish(seed: int) -> str:
-        write_official_checkpoint(checkpoint, PrithviConfig.from_preset("prithvi_eo_v2_tiny"), seed=seed)
-        HfApi().upload_file(path_or_fileobj=str(checkpoint), path_in_repo=checkpoint.name, repo_id=repo)
-        return HfApi().model_info(repo).sha
-
-    commit = publish(seed=0)
+    commit = publish_tiny_prithvi(repo, tmp_path, seed=0)
     config = tiny_refiner_config(backbone_config="prithvi_eo_v2_tiny", backbone_weights=repo)
     model = build_trainable_model(config, quantization="none", print_summary=False)
     wake_up(model)
@@ -575,7 +564,7 @@ def test_an_adapter_on_hub_backbone_weights_keeps_the_checkpoint_commit_it_was_t
     folder = save_trained_model(model, tmp_path / "best")
     assert json.loads((folder / "stage2_base.json").read_text())["revision"] == commit
 
-    assert publish(seed=1) != commit  # other backbone weights on main
+    assert publish_tiny_prithvi(repo, tmp_path, seed=1) != commit  # other backbone weights on main
     assert torch.equal(refine(load_trained_model(folder), opt_v1, month, biome), expected)
     def qkv(built):
         return built.get_base_model().backbone.blocks[0].attn.qkv.weight

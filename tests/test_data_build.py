@@ -638,26 +638,40 @@ def test_build_workers_die_with_a_killed_parent(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while len(workers) < 2:
-            assert process.poll() is None, "the build ended before its workers started"
-            assert time.monotonic() < deadline, "the two workers never started reading tiles"
-            time.sleep(0.05)
-            workers = [int(p.name) for p in pids.iterdir()]
+        workers = _wait_for_two_workers(process, pids)
         assert process.pid not in workers
         process.kill()
         assert process.wait(timeout=30) == -signal.SIGKILL
-        deadline = time.monotonic() + 3
-        while not all(_process_gone(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [pid for pid in workers if not _process_gone(pid)] == [], "workers outlived their parent"
+        assert _still_running(workers) == [], "workers outlived their parent"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for pid in workers:
-            if not _process_gone(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(process, workers)
+
+
+def _wait_for_two_workers(process: subprocess.Popen, pids: Path) -> list[int]:
+    """The PIDs of the two build workers, once both have started reading tiles (`WORKERS_OF_A_KILLED_BUILD`)."""
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2:
+        assert process.poll() is None, "the build ended before its workers started"
+        assert time.monotonic() < deadline, "the two workers never started reading tiles"
+        time.sleep(0.05)
+        workers = [int(p.name) for p in pids.iterdir()]
+    return workers
+
+
+def _still_running(pids: list[int], within: float = 3) -> list[int]:
+    deadline = time.monotonic() + within
+    while not all(_process_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if not _process_gone(pid)]
+
+
+def _kill_all(process: subprocess.Popen, workers: list[int]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for pid in workers:
+        if not _process_gone(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
@@ -675,12 +689,7 @@ def test_a_worker_killed_mid_build_stops_the_build_in_one_line(tmp_path, existin
                                text=True)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while len(workers) < 2:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "the two workers never started reading tiles"
-            time.sleep(0.05)
-            workers = [int(p.name) for p in pids.iterdir()]
+        workers = _wait_for_two_workers(process, pids)
         os.kill(workers[0], signal.SIGKILL)
         assert process.wait(timeout=60) == 1
         stderr = process.stderr.read()
@@ -688,18 +697,10 @@ def test_a_worker_killed_mid_build_stops_the_build_in_one_line(tmp_path, existin
         assert stderr.strip().splitlines()[-1] == (
             f"stage2-build-dataset: error: a build worker process (pid {workers[0]}) died (killed by SIGKILL; out of "
             "memory? try a smaller --num_proc); nothing was written")
-        deadline = time.monotonic() + 3
-        while not all(_process_gone(pid) for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert all(_process_gone(pid) for pid in workers)
+        assert _still_running(workers) == []
         assert folder_digest(out) == before and not _scratch_dirs(out)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for pid in workers:
-            if not _process_gone(pid):
-                os.kill(pid, signal.SIGKILL)
+        _kill_all(process, workers)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")

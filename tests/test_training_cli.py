@@ -405,12 +405,8 @@ def test_non_finite_intervals_and_discriminator_ratio_are_refused_before_the_run
 def test_a_config_file_that_is_not_a_mapping_is_refused(text, kind, tmp_path, sample_dataset_dir, capsys):
     """An empty YAML file sets nothing; an empty list, 0, false or '' is no mapping of settings (it was read as an
     empty one and the run went ahead on the defaults)."""
-    config = tmp_path / "x.yaml"
-    config.write_text(text)
-    argv = ["--config", str(config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "out")]
-    assert launch_main(argv) == 2
-    _assert_one_line(_error_lines(capsys), f"{config}: expected a mapping of argument names to values, got {kind}.")
-    assert not (tmp_path / "out").exists()
+    message = f"expected a mapping of argument names to values, got {kind}."
+    config = _assert_config_refused(text, message, tmp_path, sample_dataset_dir, capsys)
     config.write_text("# nothing set yet\n")
     assert parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])[0].lora_r == 8
 
@@ -424,12 +420,18 @@ def test_a_config_file_that_is_not_a_mapping_is_refused(text, kind, tmp_path, sa
 ])
 def test_a_setting_given_twice_in_a_config_file_is_refused(text, message, tmp_path, sample_dataset_dir, capsys):
     """PyYAML keeps the last of two equal keys silently: a value edited in one place lost to a forgotten copy."""
+    _assert_config_refused(text, message, tmp_path, sample_dataset_dir, capsys)
+
+
+def _assert_config_refused(text: str, message: str, tmp_path: Path, dataset: Path, capsys) -> Path:
+    """`stage2-train` with a config file holding `text`: exit 2, one line `CONFIG: message`, nothing written."""
     config = tmp_path / "x.yaml"
     config.write_text(text)
-    argv = ["--config", str(config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "out")]
+    argv = ["--config", str(config), "--data_dir", str(dataset), "--output_dir", str(tmp_path / "out")]
     assert launch_main(argv) == 2
     _assert_one_line(_error_lines(capsys), f"{config}: {message}")
     assert not (tmp_path / "out").exists()
+    return config
 
 
 @pytest.fixture
@@ -510,34 +512,24 @@ def test_a_resumed_run_keeps_the_hub_backbone_commit_it_started_with(hub_server,
                                                                        sample_dataset_dir):
     """A commit to the backbone's Hub repo between a run and its resume: the resumed run rebuilds the frozen base from
     the commit its checkpoint records (stage2_base.json), not from the repo's new main."""
-    from huggingface_hub import HfApi
-
-    from _prithvi_helpers import write_official_checkpoint
-    from modeling_stage2 import PrithviConfig
+    from _hub_helpers import publish_tiny_prithvi
     from modeling_stage2.adapters import save_trained_model
     from training.train import build_model
     from training.trainer import CHECKPOINT_COMPLETE_NAME, checkpoint_marker
 
     repo = f"{hub_server.user}/Prithvi-EO-2.0-tiny"
-    HfApi().create_repo(repo)
-    checkpoint_file = tmp_path / "Prithvi_EO_V2_tiny.pt"
-
-    def publish(seed: int) -> str:
-        write_official_checkpoint(checkpoint_file, PrithviConfig.from_preset("prithvi_eo_v2_tiny"), seed=seed)
-        HfApi().upload_file(path_or_fileobj=str(checkpoint_file), path_in_repo=checkpoint_file.name, repo_id=repo)
-        return HfApi().model_info(repo).sha
 
     def qkv(model):
         return model.get_base_model().backbone.blocks[0].attn.qkv.weight
 
-    first = publish(seed=0)
+    first = publish_tiny_prithvi(repo, tmp_path, seed=0)
     out = tmp_path / "run"
     base = ["--config", str(tiny_config), "--data_dir", str(sample_dataset_dir), "--output_dir", str(out),
             "--backbone_weights", repo]
     started = build_model(parse_args(base)[0], print_summary=False)
     checkpoint = save_trained_model(started, out / "checkpoint-2")
     (checkpoint / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(checkpoint_marker(checkpoint, 2)))
-    assert publish(seed=1) != first
+    assert publish_tiny_prithvi(repo, tmp_path, seed=1) != first
 
     resumed = build_model(parse_args([*base, "--resume", "latest"])[0], print_summary=False)
     assert resumed.stage2_base_source.revision == first and torch.equal(qkv(resumed), qkv(started))
