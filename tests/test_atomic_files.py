@@ -153,6 +153,7 @@ def _fake_trainer(output_dir: Path):
     return SimpleNamespace(best_model_dir=output_dir / "best", model="model",
                            accelerator=SimpleNamespace(unwrap_model=lambda model: model), last_eval_results=None,
                            eval_preview=None, training_config_record=lambda: {"global_step": 7},
+                           write_card=lambda folder: (Path(folder) / "README.md").write_text("card"),
                            args=SimpleNamespace(metric_for_best_model="eval_loss", output_dir=str(output_dir)),
                            state=SimpleNamespace(best_metric=0.5, global_step=7))
 
