@@ -88,15 +88,19 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
     in place, and restored if moving `new` in fails."""
     new, output_dir = Path(new), Path(output_dir)
     restore_set_aside(output_dir)
-    set_aside = None
-    if os.path.lexists(output_dir):
-        set_aside = _set_aside_path(output_dir)
-        os.replace(output_dir, set_aside)
+    set_aside = _set_aside_path(output_dir) if os.path.lexists(output_dir) else None
     try:
+        if set_aside is not None:
+            os.replace(output_dir, set_aside)
         os.replace(new, output_dir)
     except BaseException:
-        if set_aside is not None:
-            os.replace(set_aside, output_dir)
+        # A signal's SystemExit comes once a rename has returned, so which renames happened is read from the disk:
+        # `new` still there means it was not moved in, and the old content goes back; otherwise the swap is done.
+        if set_aside is not None and os.path.lexists(set_aside):
+            if os.path.lexists(new) and not os.path.lexists(output_dir):
+                os.replace(set_aside, output_dir)
+            elif not os.path.lexists(new):
+                shutil.rmtree(set_aside, ignore_errors=True)
         raise
     if set_aside is not None:
         try:
@@ -145,9 +149,11 @@ def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     restore_set_aside(output_dir)  # readers see the old content again while the new one is written
     for path in _abandoned(output_dir, STAGING_MARKER):  # what killed saves were writing: never moved in
         shutil.rmtree(path, ignore_errors=True)
-    prefix = f".{output_dir.name}{STAGING_MARKER}{os.getpid()}-"
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir.parent))
+    # named here and made inside the `try`: a signal as it is made (its handler raises once mkdir returns) must find
+    # the cleanup ready to remove it
+    staging = output_dir.parent / f".{output_dir.name}{STAGING_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        os.mkdir(staging, 0o700)
         yield staging
         _follow_umask(staging)
         replace_folder(staging, output_dir)

@@ -5,9 +5,10 @@ progress (`_files.atomic_file`, a scene's partial GeoTIFF) leaves its temporary 
 `exit_on_termination` the signal raises `SystemExit(128 + N)` in the main thread instead: every cleanup runs, the
 exit status is the shell's for a process killed by signal N, and no `except Exception` can swallow it. Ctrl-C
 (KeyboardInterrupt) ends the same way, with status 130 and one line instead of a traceback. Once one of these
-signals has come, the others are ignored until the decorated function is left: a second one (`kill` twice, a
-supervisor repeating SIGTERM, Ctrl-C pressed again) would cut short the cleanups the first one started (SIGKILL
-still stops a cleanup that hangs).
+signals has come, the others are ignored, and stay ignored once the decorated function is left: a second one (`kill`
+twice, a supervisor repeating SIGTERM, Ctrl-C pressed again) would cut short the cleanups the first one started, and
+the process's way out is one of them (joining the threads still running, the `atexit` handlers: a multiprocessing
+pool's workers, temporary folders). SIGKILL still stops a cleanup that hangs.
 (`stage2-train` supervises a process tree and has its own handling, `training.train`.)
 """
 from __future__ import annotations
@@ -31,9 +32,10 @@ def _ignore(signums) -> None:
 
 def exit_on_termination(main: _Main) -> _Main:
     """Decorate a console script's `main`: SIGTERM and SIGHUP raise `SystemExit(128 + N)` while it runs (in the main
-    thread only: signal handlers cannot be set elsewhere); the previous handlers are restored afterwards. A signal
+    thread only: signal handlers cannot be set elsewhere); the previous handlers are restored when it ends. A signal
     that was ignored (`nohup` ignores SIGHUP) or handled by the caller stays as it was. Ctrl-C returns 130. After the
-    first of these signals the others are ignored until `main` is left, so that its cleanups run to the end."""
+    first of these signals the others are ignored, then and after `main` is left (the process is on its way out),
+    so that its cleanups and the interpreter's exit run to the end."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -43,8 +45,11 @@ def exit_on_termination(main: _Main) -> _Main:
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a caller's own handler stays in place
             handled.append(signal.SIGINT)
 
+        stopped = []
+
         def stop(signum: int, frame) -> None:
             _ignore(handled)
+            stopped.append(signum)
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
@@ -56,7 +61,8 @@ def exit_on_termination(main: _Main) -> _Main:
             print("interrupted", file=sys.stderr)
             return 128 + signal.SIGINT
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            if not stopped:  # after a signal they stay ignored: what follows is the exit, a cleanup too
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
 
     return wrapper  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 (`modeling_stage2._signals`)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -155,3 +156,97 @@ def test_a_second_signal_does_not_cut_the_cleanups_short(tmp_path, first, second
     assert process.wait(timeout=30) == 128 + first
     assert list(tmp_path.iterdir()) == []  # the scratch folder is gone, every file of it
     assert process.stderr.read() == ("interrupted\n" if first == signal.SIGINT else "")
+
+
+# After the first signal the process is on its way out, and the way out is a cleanup too: joining the threads still
+# running (an upload worker) and the atexit handlers. A second signal then must not cut it short either.
+SLOW_EXIT_SCRIPT = textwrap.dedent("""
+    import atexit, sys, time
+    from modeling_stage2._signals import exit_on_termination
+
+    @atexit.register
+    def cleanup():
+        print("cleaning", flush=True)
+        time.sleep(1)
+        print("cleaned", flush=True)
+
+    @exit_on_termination
+    def main():
+        print("working", flush=True)
+        time.sleep(60)
+        return 0
+
+    sys.exit(main())
+""")
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT),
+                                           (signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM)])
+def test_a_second_signal_does_not_cut_the_exit_short(first, second):
+    process = subprocess.Popen([sys.executable, "-c", SLOW_EXIT_SCRIPT], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert process.stdout.readline() == "working\n"
+    process.send_signal(first)
+    assert process.stdout.readline() == "cleaning\n"
+    process.send_signal(second)
+    assert process.wait(timeout=30) == 128 + first
+    assert process.stdout.read() == "cleaned\n"
+    assert process.stderr.read() == ("interrupted\n" if first == signal.SIGINT else "")
+
+
+def _replace_then_signal(monkeypatch, nth: int, signum: int = signal.SIGTERM):
+    """`os.replace` whose `nth` call does the rename and then raises what the signal handler raises: a signal that
+    came during the rename (its handler runs once the call returns)."""
+    real_replace, calls = os.replace, []
+
+    def replace(source, destination):
+        real_replace(source, destination)
+        calls.append((source, destination))
+        if len(calls) == nth:
+            raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_a_signal_during_a_folder_swap_keeps_one_complete_folder_and_nothing_beside_it(tmp_path, monkeypatch, nth):
+    """The two renames of `replace_folder`: a signal during the first (the old folder set aside) must put it back,
+    one during the second (the new one moved in) must keep the new one; nothing staged or set aside stays."""
+    from modeling_stage2._files import staged_folder
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "model.safetensors").write_text("old")
+    calls = _replace_then_signal(monkeypatch, nth)
+    with pytest.raises(SystemExit) as stopped:
+        with staged_folder(output) as staging:
+            (staging / "model.safetensors").write_text("new")
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) >= nth  # a restore is one more rename
+    assert (output / "model.safetensors").read_text() == ("old" if nth == 1 else "new")
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_signal_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    from modeling_stage2._files import staged_folder
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):  # the folder is made, then the handler raises
+        real_mkdtemp(*args, **kwargs)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    def mkdir(*args, **kwargs):
+        os_mkdir(*args, **kwargs)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    os_mkdir = os.mkdir
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(SystemExit):
+        with staged_folder(tmp_path / "out"):
+            pass
+    assert list(tmp_path.iterdir()) == []
