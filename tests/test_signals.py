@@ -146,16 +146,22 @@ SLOW_CLEANUP_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGHUP, signal.SIGTERM),
                                            (signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)])
 def test_a_second_signal_does_not_cut_the_cleanups_short(tmp_path, first, second):
-    process = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _signalled_twice(first, second, SLOW_CLEANUP_SCRIPT, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the scratch folder is gone, every file of it
+
+
+def _signalled_twice(first: int, second: int, script: str, *args: str) -> subprocess.Popen:
+    """`script` (it prints "working", then "cleaning" once stopped) sent `first` while it works and `second` while it
+    cleans up: it ends as the first signal says, "interrupted" on stderr for Ctrl-C and nothing else."""
+    process = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline() == "working\n"
     process.send_signal(first)
     assert process.stdout.readline() == "cleaning\n"
     process.send_signal(second)
     assert process.wait(timeout=30) == 128 + first
-    assert list(tmp_path.iterdir()) == []  # the scratch folder is gone, every file of it
     assert process.stderr.read() == ("interrupted\n" if first == signal.SIGINT else "")
+    return process
 
 
 # After the first signal the process is on its way out, and the way out is a cleanup too: joining the threads still
@@ -183,16 +189,7 @@ SLOW_EXIT_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT),
                                            (signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM)])
 def test_a_second_signal_does_not_cut_the_exit_short(first, second):
-    process = subprocess.Popen([sys.executable, "-c", SLOW_EXIT_SCRIPT], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert process.stdout.readline() == "working\n"
-    process.send_signal(first)
-    assert process.stdout.readline() == "cleaning\n"
-    process.send_signal(second)
-    assert process.wait(timeout=30) == 128 + first
-    assert process.stdout.read() == "cleaned\n"
-    assert process.stderr.read() == ("interrupted\n" if first == signal.SIGINT else "")
+    assert _signalled_twice(first, second, SLOW_EXIT_SCRIPT).stdout.read() == "cleaned\n"
 
 
 def _replace_then_signal(monkeypatch, nth: int, signum: int = signal.SIGTERM):
