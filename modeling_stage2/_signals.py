@@ -25,9 +25,16 @@ _Main = TypeVar("_Main", bound=Callable[..., int])
 
 
 def _ignore(signums) -> None:
-    """Stopping now: the signals the wrapper handles are ignored while the cleanups run."""
+    """Stopping now: the signals the wrapper handles are ignored while the cleanups run. By a Python handler that does
+    nothing, not SIG_IGN: a signal already pending (a supervisor's SIGHUP and a launcher's SIGTERM arrive together)
+    would find SIG_IGN and Python would print "Signal N ignored due to race condition" with a traceback. At its very
+    end the interpreter puts Python handlers back to the default."""
     for signum in signums:
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, _do_nothing)
+
+
+def _do_nothing(signum: int, frame) -> None:
+    pass
 
 
 def exit_on_termination(main: _Main) -> _Main:
