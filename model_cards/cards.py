@@ -30,7 +30,7 @@ from modeling_stage2.adapters import (  # the files save_trained_model and train
     TRAINING_CONFIG_FILE,
 )
 from modeling_stage2._files import write_text
-from modeling_stage2.convert_prithvi import official_hub_repo
+from modeling_stage2.convert_prithvi import DEFAULT_HUB_REPO, official_hub_repo
 from modeling_stage2.hub import is_hub_repo_id
 from modeling_stage2.vocabulary import INPUT_MODES
 from training.metrics import DESIGN_TARGETS, HIGHER_IS_BETTER, METRIC_NAMES
@@ -38,7 +38,7 @@ from training.metrics import DESIGN_TARGETS, HIGHER_IS_BETTER, METRIC_NAMES
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 DATASET_TEMPLATE_PATH = Path(__file__).with_name("dataset_template.md")
 
-DEFAULT_BASE_MODEL = "ibm-nasa-geospatial/Prithvi-EO-2.0-600M"
+DEFAULT_BASE_MODEL = DEFAULT_HUB_REPO  # the backbone a default config builds
 DEFAULT_LICENSE = "apache-2.0"
 TILES_NAME = "BigEarthNet v2 Sentinel-2 tiles"
 DEFAULT_DATASET_NAME = f"{TILES_NAME} with synthetic opt_v1"
