@@ -101,19 +101,87 @@ def test_the_previous_handlers_come_back_and_the_result_passes_through():
             signal.signal(signum, old)
 
 
-def test_every_console_script_but_stage2_train_is_decorated():
-    """`stage2-train` supervises a process tree and handles its signals itself (`training.train`)."""
+def console_script_commands() -> dict[str, str]:
+    """setup.cfg's console scripts, each with the command `stage2_scripts` runs for it ("module:function")."""
     import configparser
+
+    import stage2_scripts
 
     config = configparser.ConfigParser()
     config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
-    scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].split("\n") if line)
-    assert len(scripts) == 9
+    entry_points = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].split("\n")
+                        if line)
+    commands = {}
+    for name, entry_point in entry_points.items():
+        module_name, function_name = entry_point.split(":")
+        assert module_name == "stage2_scripts", name  # every script is imported with Ctrl-C ending it at once
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stage2_scripts, "run_command", lambda target: commands.setdefault(name, target))
+            getattr(stage2_scripts, function_name)()
+    return commands
+
+
+def test_every_console_script_but_stage2_train_is_decorated():
+    """`stage2-train` supervises a process tree and handles its signals itself (`training.train`)."""
+    commands = console_script_commands()
+    assert len(commands) == 9
     wrapper_code = exit_on_termination(lambda: 0).__code__  # every function the decorator returns runs this code
-    for name, target in scripts.items():
+    for name, target in commands.items():
         module_name, function_name = target.split(":")
         function = getattr(__import__(module_name, fromlist=[function_name]), function_name)
         assert (function.__code__ is wrapper_code) == (name != "stage2-train"), name
+
+
+# A command whose import takes a while, as torch's and transformers' do: ready once the import has begun.
+SLOW_COMMAND = textwrap.dedent("""
+    import signal, sys, time
+    from pathlib import Path
+
+    DURING_IMPORT = signal.getsignal(signal.SIGINT)
+    Path(sys.argv[1]).write_text("importing")
+    time.sleep(float(sys.argv[2]))
+
+    def main():
+        print(DURING_IMPORT, signal.getsignal(signal.SIGINT), flush=True)
+        return 3
+""")
+
+
+def _run_slow_command(tmp_path: Path, import_seconds: float, ignore_sigint: bool = False) -> subprocess.Popen:
+    (tmp_path / "slow_command.py").write_text(SLOW_COMMAND)
+    repository = Path(__file__).resolve().parents[1]
+    code = "import sys, stage2_scripts; sys.exit(stage2_scripts.run_command('slow_command:main'))"
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(ready), str(import_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repository)])},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists(), process.communicate()
+    return process
+
+
+def test_ctrl_c_while_a_command_is_imported_ends_it_at_once_without_a_traceback(tmp_path):
+    """Nothing has started yet: the process ends as a shell expects (128 + 2), with no KeyboardInterrupt traceback
+    from inside a library's import."""
+    process = _run_slow_command(tmp_path, import_seconds=60)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGINT and (stdout, stderr) == ("", "")
+
+
+def test_the_command_runs_with_pythons_ctrl_c_handler_and_an_ignored_sigint_stays_ignored(tmp_path):
+    process = _run_slow_command(tmp_path, import_seconds=0)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3, stderr  # the command's own status
+    assert stdout == f"{signal.SIG_DFL} {signal.default_int_handler}\n"  # exit_on_termination takes over
+
+    process = _run_slow_command(tmp_path, import_seconds=1, ignore_sigint=True)  # a shell's background job
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3 and stdout == f"{signal.SIG_IGN} {signal.SIG_IGN}\n", stderr
 
 
 # A stop whose cleanup takes a while (a pool to stop, a scratch folder of many files to delete): a second signal
