@@ -72,6 +72,27 @@ def test_seeded_and_the_same_in_chunks(monkeypatch):
         assert cell["low"] <= cell["ratio"] <= cell["high"] and cell["low"] < cell["high"]
 
 
+def test_more_resamples_than_torch_quantile_takes(monkeypatch):
+    # torch.quantile refuses inputs of more than 2**24 values ("quantile() input tensor is too large"), so
+    # `--bootstrap 16777217` crashed with a traceback after the whole evaluation; the cap is lowered to 100 here, so
+    # that the test stays small, and the interval must not depend on it.
+    baseline = statistics([0.1, 0.1], [0.1, 0.1], [0.1, 0.1])
+    refined = statistics([0.05, 0.1], [0.05, 0.1], [0.05, 0.1])
+    expected = bootstrap_ratios(refined, {"opt_v1": baseline}, resamples=400, seed=2)
+    quantile = torch.quantile
+
+    def capped_quantile(values, *args, **kwargs):
+        if values.numel() > 100:
+            raise RuntimeError("quantile() input tensor is too large")
+        return quantile(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "quantile", capped_quantile)
+    result = bootstrap_ratios(refined, {"opt_v1": baseline}, resamples=400, seed=2)
+    assert result == expected
+    assert result["opt_v1"]["sam"]["low"] == pytest.approx(0.5, abs=1e-12)
+    assert result["opt_v1"]["sam"]["high"] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_undefined_ratios_and_too_few_tiles():
     perfect = statistics([0.0, 0.0], [0.0, 0.1], [0.0, 0.1])  # NDVI error 0 on both tiles, EVI and SAM 0 on one
     refined = statistics([0.1, 0.1], [0.1, 0.1], [0.1, 0.1])

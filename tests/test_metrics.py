@@ -208,6 +208,37 @@ def test_half_precision_outputs_do_not_round_the_target():
     assert abs(rounded["opt_v1"]["psnr"] - got["opt_v1"]["psnr"]) > 1.0  # rounding would show
 
 
+def test_float16_numpy_images_are_scored_in_full_precision_like_float16_tensors():
+    # Dark pixels (0.01-0.02) and errors of ~1e-4: their squares (~1e-8) underflow in float16, which put PSNR at
+    # 90.8 dB instead of 80.4 when the arrays, not tensors, reached the per-pixel arithmetic in half precision.
+    generator = np.random.default_rng(0)
+    target = generator.uniform(0.01, 0.02, (1, 4, 12, 12)).astype(np.float16)
+    refined = (target.astype(np.float32) + generator.normal(0, 1e-4, target.shape)).astype(np.float16)
+    from_arrays = per_tile_metrics(refined, target, target)
+    from_tensors = per_tile_metrics(*(torch.from_numpy(x) for x in (refined, target, target)))
+    assert from_tensors["psnr"].item() == pytest.approx(80.39, abs=0.05)
+    for name in METRIC_NAMES:
+        torch.testing.assert_close(from_arrays[name], from_tensors[name], rtol=1e-12, atol=0)
+
+
+def test_a_refused_batch_leaves_the_accumulator_as_it_was():
+    torch.manual_seed(0)
+    target = torch.rand(3, 4, 12, 12) * 0.5
+    refined, opt_v1 = target + 0.01, target + 0.02
+    accumulator = MetricAccumulator(keep_tiles=True)
+    accumulator.update(refined[:2], target[:2], opt_v1[:2])
+    before = accumulator.compute()
+    good = paired_tile_statistics(refined, target, opt_v1)
+    uneven = {"refined": good["refined"], "opt_v1": {name: value[:2] for name, value in good["opt_v1"].items()}}
+    lacking = {"refined": good["refined"], "opt_v1": {name: good["opt_v1"][name] for name in TILE_STATISTICS[:-1]}}
+    with pytest.raises(ValueError, match="different numbers of tiles"):
+        accumulator.add_statistics(uneven)
+    with pytest.raises(KeyError, match="ssim_sum"):
+        accumulator.add_statistics(lacking)
+    assert accumulator.compute() == before  # neither batch added its refined tiles
+    assert accumulator.tile_statistics_of("refined")["valid_pixels"].tolist() == [144.0, 144.0]
+
+
 def test_format_metrics_table():
     results = {
         "refined": dict(ndvi_rmse=0.04, evi_rmse=0.06, sam=0.05, identity_l1=0.03, edge_l1=0.01, psnr=31.5, ssim=0.9),

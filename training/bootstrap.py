@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from .metrics import GAIN_METRICS, TILE_STATISTICS, metrics_from_statistics
@@ -85,7 +86,7 @@ def bootstrap_ratios(refined: Mapping, baselines: Mapping[str, Mapping], resampl
             if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(ratio))):
                 result[role][name] = None
                 continue
-            low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=values.dtype)).tolist()
+            low, high = np.quantile(values.numpy(), [tail, 1.0 - tail]).tolist()  # torch.quantile stops at 2**24
             result[role][name] = {"ratio": float(ratio), "low": low, "high": high,
                                   "share_below_1": float((values < 1.0).double().mean())}
     return result

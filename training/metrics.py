@@ -112,7 +112,9 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- per-tile statistics
 def _as_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
+        # A float16 array is cast up as `in_full_precision` casts a float16 tensor argument (it sees only tensors):
+        # squares of small differences underflow in half precision.
+        value = torch.from_numpy(value.astype(np.float32) if value.dtype == np.float16 else value)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}.")
     return value
@@ -255,23 +257,25 @@ class MetricAccumulator:
 
     def add_statistics(self, paired: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Add `paired_tile_statistics` output ({"refined": {...}, "opt_v1": {...}}, (B,) tensors)."""
-        sizes = set()
-        for role, totals in self._totals.items():
+        columns = {}
+        for role in self._totals:
             if role not in paired:
                 raise KeyError(f"statistics lack the {role!r} entry; pass the output of paired_tile_statistics.")
             stats = paired[role]
             missing = [name for name in TILE_STATISTICS if name not in stats]
             if missing:
                 raise KeyError(f"{role} statistics lack {missing}; expected TILE_STATISTICS = {TILE_STATISTICS}.")
-            columns = torch.stack(
+            columns[role] = torch.stack(
                 [torch.as_tensor(stats[name], dtype=torch.float64).cpu().reshape(-1) for name in TILE_STATISTICS]
             )
-            sizes.add(columns.shape[1])
-            totals += columns.sum(dim=1)
-            if self.keep_tiles:
-                self._tiles[role].append(columns)
+        sizes = {role_columns.shape[1] for role_columns in columns.values()}
         if len(sizes) != 1:
             raise ValueError(f"refined and opt_v1 statistics cover different numbers of tiles: {sorted(sizes)}.")
+        # Checked in full before anything is added: a refused batch leaves the accumulator as it was.
+        for role, totals in self._totals.items():
+            totals += columns[role].sum(dim=1)
+            if self.keep_tiles:
+                self._tiles[role].append(columns[role])
         self.n_tiles += sizes.pop()
 
     def tile_statistics_of(self, role: str) -> dict[str, torch.Tensor]:
