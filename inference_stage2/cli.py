@@ -11,6 +11,7 @@ import torch
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.bands import BAND_NAMES
+from modeling_stage2.hub import local_revision_problem
 from modeling_stage2.vocabulary import DECLARED_SCALE, OneLineArgumentParser, one_line_warnings
 
 from .loading import load_model
@@ -155,6 +156,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.num_threads < 1:
             parser.error("--num_threads must be at least 1")
         torch.set_num_threads(args.num_threads)
+    problem = local_revision_problem(args.model, args.revision)
+    if problem is not None:  # it would be ignored
+        parser.error(f"--revision {args.revision}: {problem}")
     try:
         mode = _check_mode(args, parser)
         model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device),

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from modeling_stage2.hub import download_model_folder, is_hub_repo_id
+from modeling_stage2.hub import download_model_folder, is_hub_repo_id, local_revision_problem
 
 from .values import InferenceInputError
 
@@ -34,6 +34,9 @@ def load_model(
     """
     name = str(model_name_or_path)
     path = Path(name).expanduser()
+    problem = local_revision_problem(name, revision)
+    if problem is not None:  # it would be ignored
+        raise InferenceInputError(f"revision={revision!r}: {problem}")
     from modeling_stage2.onnx_runtime import is_exported_model
 
     if is_exported_model(path):  # a stage2-export folder or a .onnx / .pt2 file: same call contract

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._files import staged_folder
-from .hub import download_model_folder, is_hub_repo_id
+from .hub import download_model_folder, is_hub_repo_id, local_revision_problem
 from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
 from .modeling_stage2 import Stage2RefinerModel, backbone_weights_commit
 from .vocabulary import QUANTIZATIONS
@@ -445,7 +445,7 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
     `modeling_stage2.hub.download_model_folder`). `device` defaults to the CPU for full precision and to
     bitsandbytes' choice (the GPU when there is one) for quantized bases."""
     _check_quantization(quantization)
-    _check_device(device)
+    check_device(device)
     folder = _local_folder(path, revision)
     device_map = _device_map(device)
     if check_model_folder(folder) == "adapter":
@@ -579,7 +579,7 @@ def _clean_config(config: Stage2RefinerConfig) -> Stage2RefinerConfig:
     return config
 
 
-def _check_device(device) -> None:
+def check_device(device) -> None:
     """A CUDA device asked for where torch has none is a user error, said before anything loads."""
     if device is None:
         return
@@ -691,6 +691,9 @@ def check_model_folder(folder: str | Path) -> str:
 
 
 def _local_folder(path: str | Path, revision: str | None = None) -> Path:
+    problem = local_revision_problem(path, revision)
+    if problem is not None:
+        raise ValueError(f"revision={revision!r}: {problem}.")
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder

@@ -24,6 +24,14 @@ def is_hub_repo_id(text: str) -> bool:
     return HUB_REPO_ID.fullmatch(str(text)) is not None
 
 
+def local_revision_problem(model: str | Path, revision: str | None) -> str | None:
+    """Why `revision` cannot apply to `model`: a local path (read as it is, so the revision would be silently
+    ignored); None when it can, or none is asked."""
+    if revision is not None and Path(str(model)).expanduser().exists():
+        return f"{model} is a local path, read as it is; a revision applies to a Hub repo id: leave it out"
+    return None
+
+
 def download_model_folder(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
                           allow_patterns=MODEL_FILE_PATTERNS) -> Path:
     """A local snapshot (the Hub cache) of the model repo `repo_id` at `revision` (branch, tag or commit; default
@@ -37,4 +45,4 @@ def download_model_folder(repo_id: str, *, revision: str | None = None, cache_di
                                   allow_patterns=list(allow_patterns)))
 
 
-__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "download_model_folder", "is_hub_repo_id"]
+__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "download_model_folder", "is_hub_repo_id", "local_revision_problem"]

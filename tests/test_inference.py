@@ -23,6 +23,7 @@ from inference_stage2 import (
     InferenceInputError,
     PixelSizeWarning,
     blend_weights,
+    load_model,
     main,
     refine_arrays,
     refine_scene,
@@ -1030,6 +1031,24 @@ def test_cli_argument_errors(dn_scene, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert "--month and --biome are for a scene" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_revision_of_a_local_model(full_model_dir, few_tiles, tmp_path, capsys):
+    """--revision with a local folder was ignored: the folder was read as it is, exit 0, as if the revision had been
+    honoured. Refused before anything is read or written; the Python API refuses it too."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(full_model_dir), "--revision", "v1", "--input", str(few_tiles), "--output_dir",
+              str(tmp_path / "out"), "--no_progress"])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"stage2-refine: error: --revision v1: {full_model_dir} is a local path, read as it is; a revision applies "
+        "to a Hub repo id: leave it out")
+    with pytest.raises(InferenceInputError, match="revision='v1': .* is a local path, read as it is"):
+        load_model(full_model_dir, revision="v1")
+    from modeling_stage2 import load_trained_model
+
+    with pytest.raises(ValueError, match="revision='v1': .* is a local path, read as it is"):
+        load_trained_model(full_model_dir, revision="v1")
 
 
 def test_cli_argument_errors_with_npz_files(few_tiles, dn_scene, tmp_path, capsys):

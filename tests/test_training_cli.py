@@ -896,6 +896,34 @@ def test_evaluate_refuses_bad_flags_before_any_work(flags, fragment, tmp_path, c
     assert a_file.read_text() == "mine"
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_evaluate_names_a_bad_device_before_the_data_are_read(device, tmp_path, capsys, monkeypatch):
+    """The model loads after the data are converted and the colour baseline fitted: torch's own refusal of the
+    device came after both."""
+    import training.evaluate as evaluate_module
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU here")
+
+    def no_data_work(*args, **kwargs):
+        raise AssertionError("the data were read before the device was checked")
+
+    monkeypatch.setattr(evaluate_module, "load_dataset_dict", no_data_work)
+    assert _evaluate_status(["--model", str(tmp_path / "model"), "--data", str(tmp_path), "--device", device]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    expected = "is not a torch device" if device == "gpu" else "was asked for, but torch sees no CUDA GPU"
+    assert line.startswith(f"stage2-evaluate: error: device '{device}' ") and expected in line
+
+
+def test_evaluate_refuses_a_revision_of_a_local_model(tmp_path, capsys):
+    """It was ignored: the local folder was evaluated as it is, as if at that revision."""
+    (tmp_path / "best").mkdir()
+    assert _evaluate_status(["--model", str(tmp_path / "best"), "--revision", "v1", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stage2-evaluate: error: --revision v1: {tmp_path / 'best'} is a local path, read as it is; a revision "
+        "applies to a Hub repo id: leave it out"]
+
+
 def test_evaluate_names_a_missing_model_before_converting_the_data(tmp_path, sample_dataset_dir, capsys, monkeypatch):
     """A mistyped --model path was found only after the NPZ tiles were converted and the colour baseline fitted."""
     import data_builders

@@ -32,6 +32,7 @@ import torch
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
+from modeling_stage2.hub import local_revision_problem
 from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS, OneLineArgumentParser
 from training.bootstrap import DEFAULT_RESAMPLES
 
@@ -210,12 +211,13 @@ def run(args) -> dict:
 def _run(args, cache_dir) -> dict:
     from data_builders.build import recorded_opt_v1
     from modeling_stage2 import load_trained_model
-    from modeling_stage2.adapters import check_model_folder
+    from modeling_stage2.adapters import check_device, check_model_folder
     from modeling_stage2.hub import is_hub_repo_id
 
     from training.bootstrap import format_bootstrap_table
     from training.metrics import baseline_labels, format_metrics_table
 
+    check_device(args.device)  # a mistyped or absent device too: the model loads only after the data and the fit
     if Path(args.model).expanduser().is_dir():  # a damaged model is named before the data are converted
         check_model_folder(Path(args.model).expanduser())
 
@@ -262,6 +264,9 @@ def main(argv=None) -> int:
         parser.error(f"--bootstrap must be >= 0 (0 turns it off), got {args.bootstrap}")
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max_samples must be >= 1 (or left out: every tile), got {args.max_samples}")
+    problem = local_revision_problem(args.model, args.revision)
+    if problem is not None:  # it would be ignored
+        parser.error(f"--revision {args.revision}: {problem}")
     problem = output_path_problem(args.json) if args.json else None
     if problem is not None:  # found now, not after the evaluation
         parser.error(f"--json {args.json}: {problem}")
