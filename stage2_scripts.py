@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import signal
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 @contextmanager
@@ -28,46 +28,47 @@ def _ctrl_c_ends_at_once() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_command(target: str) -> int:
-    """Import `target` ("package.module:function") with Ctrl-C ending the process at once, then call it."""
+def run_command(target: str, argv: Sequence[str] | None = None) -> int:
+    """Import `target` ("package.module:function") with Ctrl-C ending the process at once, then call it with `argv`
+    (None: the command line)."""
     module_name, function_name = target.split(":")
     with _ctrl_c_ends_at_once():
         module = importlib.import_module(module_name)
-    return getattr(module, function_name)()
+    return getattr(module, function_name)(argv)
 
 
 # One function per console script of setup.cfg (stage2-NAME = stage2_scripts:NAME, with - as _).
-def convert_prithvi() -> int:
-    return run_command("modeling_stage2.convert_prithvi:main")
+def convert_prithvi(argv: Sequence[str] | None = None) -> int:
+    return run_command("modeling_stage2.convert_prithvi:main", argv)
 
 
-def ingest_bigearthnet() -> int:
-    return run_command("data_builders.bigearthnet:main")
+def ingest_bigearthnet(argv: Sequence[str] | None = None) -> int:
+    return run_command("data_builders.bigearthnet:main", argv)
 
 
-def build_dataset() -> int:
-    return run_command("data_builders.build:main")
+def build_dataset(argv: Sequence[str] | None = None) -> int:
+    return run_command("data_builders.build:main", argv)
 
 
-def inspect() -> int:
-    return run_command("data_builders.inspect:main")
+def inspect(argv: Sequence[str] | None = None) -> int:
+    return run_command("data_builders.inspect:main", argv)
 
 
-def train() -> int:
-    return run_command("training.train:launch_main")
+def train(argv: Sequence[str] | None = None) -> int:
+    return run_command("training.train:launch_main", argv)
 
 
-def evaluate() -> int:
-    return run_command("training.evaluate:main")
+def evaluate(argv: Sequence[str] | None = None) -> int:
+    return run_command("training.evaluate:main", argv)
 
 
-def push() -> int:
-    return run_command("model_cards.push:main")
+def push(argv: Sequence[str] | None = None) -> int:
+    return run_command("model_cards.push:main", argv)
 
 
-def refine() -> int:
-    return run_command("inference_stage2.cli:main")
+def refine(argv: Sequence[str] | None = None) -> int:
+    return run_command("inference_stage2.cli:main", argv)
 
 
-def export() -> int:
-    return run_command("modeling_stage2.export:main")
+def export(argv: Sequence[str] | None = None) -> int:
+    return run_command("modeling_stage2.export:main", argv)

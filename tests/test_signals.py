@@ -116,7 +116,7 @@ def console_script_commands() -> dict[str, str]:
         module_name, function_name = entry_point.split(":")
         assert module_name == "stage2_scripts", name  # every script is imported with Ctrl-C ending it at once
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(stage2_scripts, "run_command", lambda target: commands.setdefault(name, target))
+            patch.setattr(stage2_scripts, "run_command", lambda target, argv: commands.setdefault(name, target))
             getattr(stage2_scripts, function_name)()
     return commands
 
@@ -141,7 +141,7 @@ SLOW_COMMAND = textwrap.dedent("""
     Path(sys.argv[1]).write_text("importing")
     time.sleep(float(sys.argv[2]))
 
-    def main():
+    def main(argv):
         print(DURING_IMPORT, signal.getsignal(signal.SIGINT), flush=True)
         return 3
 """)
