@@ -238,6 +238,7 @@ def build_model_card(
     adapter_config: Mapping | None = None,
     library_name: str = "peft",
     has_code: bool = False,
+    base_is_refiner: bool = False,
     contents: str | None = None,
     quantization: str | None = None,
     training_data_scope: str = "BigEarthNet v2 Sentinel-2 tiles (10 European countries, June 2017 - May 2018)",
@@ -266,6 +267,7 @@ def build_model_card(
         adapter_config: the PEFT `adapter_config.json` as a dict (LoRA rank, alpha, targets).
         library_name: `peft` for an adapter repo, `transformers` for a full model.
         has_code: whether the repo carries the modeling code (`trust_remote_code` snippet).
+        base_is_refiner: `base_model` is the Stage 2 refiner the adapter was trained on, not a backbone.
         contents: a sentence saying what the repo holds (derived from the other arguments by default).
         quantization: how the backbone was quantized in training ("8bit", "4bit", "none"); by default read
             from `training_config["quantization"]` or the config's `quantization_config`.
@@ -275,10 +277,10 @@ def build_model_card(
     """
     clean = validate_metrics(metrics) if metrics is not None else None
     split = evaluated_split(clean, split)
+    evaluated = clean.get("data") if clean else None
+    trained_on_it = evaluated is None or all((training_config or {}).get(key) == value
+                                             for key, value in evaluated.items())
     if eval_dataset_name is None:
-        evaluated = clean.get("data") if clean else None
-        trained_on_it = evaluated is None or all((training_config or {}).get(key) == value
-                                                 for key, value in evaluated.items())
         eval_dataset_name = dataset_name if trained_on_it else data_name(evaluated)
     if training_config is not None and not isinstance(training_config, Mapping):
         raise CardError(f"training_config: expected a mapping of setting -> value, got {type(training_config).__name__}")
@@ -297,7 +299,9 @@ def build_model_card(
         datasets=dataset_ids or None,
         metrics=list(CARD_METRICS) if clean else None,
         model_name=name,
-        eval_results=eval_results(clean, dataset_type=dataset_ids[0] if dataset_ids else "bigearthnet-v2",
+        # the training data's Hub id only for results on that data: the Hub links `type` to that dataset's page
+        eval_results=eval_results(clean, dataset_type=dataset_ids[0] if dataset_ids and trained_on_it
+                                  else "bigearthnet-v2",
                                   dataset_name=eval_dataset_name, split=split) or None if clean else None,
     )
     model_config = dict(model_config or {})
@@ -309,6 +313,7 @@ def build_model_card(
         summary=_summary(library_name),
         base_model=base_model,
         base_model_url=f"https://huggingface.co/{base_model}" if base_model else None,
+        base_is_refiner=base_is_refiner and base_model is not None,
         backbone_from_a_local_file=_backbone_from_a_local_file(model_config),
         bands=list(model_config.get("bands") or ("B02", "B03", "B04", "B08")),
         architecture=_describe_architecture(model_config),
@@ -538,11 +543,21 @@ def card_for_folder(
     kwargs.setdefault("library_name", "peft" if adapter_config is not None else "transformers")
     if preview is not None and "://" not in preview and not (folder / preview).is_file():
         preview = None  # never link an image the repo does not have
+    refiner_base = _refiner_base(base_source) if base_model is None else None
+    kwargs.setdefault("base_is_refiner", refiner_base is not None)
     return build_model_card(
         metrics, training_config,
-        base_model=base_model or base_model_from_config(model_config, adapter_config),
+        base_model=base_model or refiner_base or base_model_from_config(model_config, adapter_config),
         preview=preview, model_config=model_config, adapter_config=adapter_config, **kwargs,
     )
+
+
+def _refiner_base(base_source: Mapping) -> str | None:
+    """The Hub repo of the refiner an adapter was trained on (`stage2_base.json` of kind "model"): the adapter's base,
+    which `load_trained_model` fetches, rather than the backbone that refiner was built on."""
+    if base_source.get("kind") != "model":
+        return None
+    return _hub_repo_of(base_source.get("model_name_or_path"))
 
 
 def is_placeholder_card(text: str) -> bool:

@@ -19,7 +19,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+import modeling_stage2
 from data_builders.cache import ARROW_MARKER
+from modeling_stage2._files import restore_set_aside
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
                                       RECORD_FILES)
@@ -30,7 +34,7 @@ from modeling_stage2.vocabulary import OneLineArgumentParser
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
 from training.trainer import (BEST_DIR_NAME, CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS,
-                              TRAINER_EXTRA_STATE)
+                              TRAINER_EXTRA_STATE, checkpoint_problem)
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
 
@@ -48,11 +52,15 @@ NEVER_UPLOAD = ("trainer_state.json", "optimizer*", "scheduler*", "rng_state*", 
                 DISC_OPTIMIZER_TENSORS, TRAINER_EXTRA_STATE, CHECKPOINT_COMPLETE_NAME)
 # "_*": the run's Arrow cache (`_dataset`), which the Trainer's own push leaves out too. Not imported from
 # training.train, whose import sets MKL_CBWR for every process started after it.
-SKIPPED_DIRS = ("checkpoint-*", "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard", "_*", BEST_DIR_NAME)
+CHECKPOINT_DIRS = f"{PREFIX_CHECKPOINT_DIR}-*"
+SKIPPED_DIRS = (CHECKPOINT_DIRS, "runs", "logs", "__pycache__", ".cache", ".git", "tensorboard", "_*", BEST_DIR_NAME)
+# The modules `--include_code` can write (those of the package): other code in a repo (say an endpoint's
+# `handler.py`) is the owner's.
+CODE_FILES = tuple(sorted(path.name for path in Path(modeling_stage2.__file__).parent.glob("*.py")))
 # The files of a model's layout and records: a push removes those of an earlier push that it does not replace, so
 # that a repo never serves an old adapter beside a new full model, or an old model's metrics beside a new card.
 REPLACED_ON_PUSH = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE, "config.json",
-                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "*.py",
+                    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", *CODE_FILES,
                     *RECORD_FILES)
 # ------------------------------------------------------------------------------------ model folders
 def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
@@ -65,10 +73,12 @@ def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
     if not output_dir.is_dir():
         raise CardError(f"{output_dir}: no such folder; give the output folder of training "
                         "(or the folder written by save_trained_model)")
+    restore_set_aside(output_dir / BEST_DIR_NAME)  # a run killed as it replaced best/ left it set aside
     for folder in (output_dir / BEST_DIR_NAME, output_dir):
         for name, required, any_of in MODEL_FOLDER_LAYOUTS:
             if folder.is_dir() and all((folder / f).is_file() for f in required) and any(
                     (folder / f).is_file() for f in any_of):
+                _refuse_torn_checkpoint(folder)
                 return folder, name
     expected = "; or ".join(f"{' + '.join(required)} + {' or '.join(any_of)}"
                             for _, required, any_of in MODEL_FOLDER_LAYOUTS)
@@ -79,6 +89,16 @@ def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
                     f"modeling_stage2.save_trained_model), in this folder or in its best/; found {found}{hint}")
 
 
+def _refuse_torn_checkpoint(folder: Path) -> None:
+    """A Trainer checkpoint is whole only when its completion marker says so: one an interrupted save tore may hold
+    half-written weights."""
+    if not fnmatch.fnmatchcase(folder.name, CHECKPOINT_DIRS) and not (folder / "trainer_state.json").is_file():
+        return
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CardError(f"{folder}: {problem}; push the run's {BEST_DIR_NAME}/ or a complete checkpoint instead")
+
+
 def files_to_upload(folder: Path) -> dict[str, Path]:
     """`path_in_repo -> local file` for what belongs on the Hub (see `UPLOAD_PATTERNS`; modeling code only with
     `--include_code`, from `remote_code`)."""
@@ -87,6 +107,8 @@ def files_to_upload(folder: Path) -> dict[str, Path]:
         relative = path.relative_to(folder)
         if not path.is_file() or any(_matches(part, SKIPPED_DIRS) for part in relative.parts[:-1]):
             continue
+        if any(part.startswith(".") for part in relative.parts):  # the partial files and staging / set-aside
+            continue  # folders of an interrupted write (modeling_stage2._files), never part of a model
         if _matches(path.name, NEVER_UPLOAD) or not _matches(path.name, UPLOAD_PATTERNS):
             continue
         chosen[relative.as_posix()] = path
@@ -173,7 +195,9 @@ def push_trained_model(
     folder, layout = find_model_folder(output_dir)
     contents = model_repo_contents(folder, repo_id, include_code=include_code, datasets=datasets)
     api = HfApi(endpoint=endpoint, token=token)
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    # None, not False: without --private a new repo gets its namespace's default visibility (an organisation's may
+    # be private), as `create_repo` and the Trainer's push give it
+    repo_url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
     if repo_url.repo_id != repo_id:  # NAME became OWNER/NAME: the card names the repo
         repo_id = repo_url.repo_id
         contents = model_repo_contents(folder, repo_id, include_code=include_code, datasets=datasets)
@@ -302,7 +326,7 @@ def _push_dataset(dataset_dir, repo_id, *, private, token, endpoint, commit_mess
         repo_id = api.create_repo(repo_id, private=True, exist_ok=True, repo_type="dataset").repo_id
         _make_private(api, repo_id, repo_type="dataset")
     with _datasets_endpoint(endpoint):
-        commit = dataset.push_to_hub(repo_id, private=private, token=token,
+        commit = dataset.push_to_hub(repo_id, private=private or None, token=token,  # None: as the model's
                                      commit_message=commit_message or "Upload Stage 2 dataset", **kwargs)
     repo_id = commit.repo_url.repo_id if getattr(commit, "repo_url", None) else repo_id
     readme = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=commit.oid)
@@ -377,6 +401,11 @@ def _check_before_pushing(args: argparse.Namespace) -> None:
     model_repo_contents(folder, args.repo_id, include_code=args.include_code, datasets=datasets)
 
 
+def _one_line(err: BaseException) -> str:
+    """`err` on one line: the Hub's errors put the server's reason (bad token, refused file) on lines of their own."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 @exit_on_termination
 def main(argv: list[str] | None = None) -> int:
     from huggingface_hub import constants
@@ -396,17 +425,17 @@ def main(argv: list[str] | None = None) -> int:
                                  endpoint=args.endpoint, commit_message=args.commit_message,
                                  include_code=args.include_code, datasets=datasets)
     except (CardError, FileNotFoundError) as err:  # the folder or the dataset is not what was asked for
-        print(f"stage2-push: error: {err}", file=sys.stderr)
+        print(f"stage2-push: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except HfHubHTTPError as err:  # the Hub refused or failed (auth, server): nothing or not everything landed
-        print(f"stage2-push: error: {err}", file=sys.stderr)
+        print(f"stage2-push: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except HTTPError as err:  # no answer at all (connection refused, DNS, timeout)
         endpoint = args.endpoint or constants.ENDPOINT
-        print(f"stage2-push: error: the Hub at {endpoint} could not be reached ({err})", file=sys.stderr)
+        print(f"stage2-push: error: the Hub at {endpoint} could not be reached ({_one_line(err)})", file=sys.stderr)
         return 1
     except OSError as err:  # the system failed (a file unreadable mid-push)
-        print(f"stage2-push: error: {err}", file=sys.stderr)
+        print(f"stage2-push: error: {_one_line(err)}", file=sys.stderr)
         return 1
     print(f"model pushed: {url}")
     return 0

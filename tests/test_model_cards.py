@@ -479,3 +479,138 @@ def test_dataset_card_from_info_and_its_errors(hub_server):
         build_dataset_card("/nonexistent/ds")
     with pytest.raises(CardError, match="expected a DatasetDict"):
         build_dataset_card(42)
+
+
+# ------------------------------------------------------------------------------------ stage2-push
+def _pushable(folder: Path) -> Path:
+    """A model folder `stage2-push` accepts (the adapter's bytes are never loaded by a push)."""
+    _model_folder(folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"adapter")
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    return folder
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_push_leaves_out_what_an_interrupted_write_left(tmp_path):
+    """A killed `atomic_file` / `staged_folder` leaves hidden partial files and staging folders that match the upload
+    patterns (`.metrics.json.partial-PID-X.json`): none of them is part of the model."""
+    from model_cards.push import files_to_upload
+
+    folder = _pushable(tmp_path / "model")
+    (folder / ".metrics.json.partial-7-0123abcd.json").write_text('{"refined": ')
+    (folder / ".adapter_model.safetensors.partial-7-0123abcd.safetensors").write_bytes(b"half")
+    (folder / ".best.tmp-7-0123abcd").mkdir()
+    (folder / ".best.tmp-7-0123abcd" / "adapter_model.safetensors").write_bytes(b"half")
+    assert sorted(files_to_upload(folder)) == ["adapter_config.json", "adapter_model.safetensors", "config.json",
+                                               "metrics.json"]
+
+
+def test_push_refuses_a_checkpoint_an_interrupted_save_tore(hub_server, tmp_path, capsys):
+    from model_cards.push import find_model_folder, main
+    from training.trainer import CHECKPOINT_COMPLETE_NAME, checkpoint_marker
+
+    checkpoint = _pushable(tmp_path / "run" / "checkpoint-40")  # no completion marker: torn
+    assert main([str(checkpoint), "torn", "--endpoint", hub_server.url]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-push: error: {checkpoint}: the checkpoint is incomplete (no valid {CHECKPOINT_COMPLETE_NAME}; it was "
+        "torn by an interrupted save); push the run's best/ or a complete checkpoint instead"]
+    assert hub_server.repos == {}
+    (checkpoint / CHECKPOINT_COMPLETE_NAME).write_text(json.dumps(checkpoint_marker(checkpoint, 40)))
+    assert find_model_folder(checkpoint) == (checkpoint, "adapter")
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"adapt")  # truncated after the marker was written
+    with pytest.raises(CardError, match="adapter_model.safetensors has 5 bytes, checkpoint_complete.json records 7"):
+        find_model_folder(checkpoint)
+
+
+def test_push_finds_the_best_model_a_killed_save_set_aside(tmp_path):
+    """A run killed between the two renames of its `best/` save has no `best/`, only `.best.previous-PID-X`: the push
+    puts it back (as training does) rather than pushing the run's root or finding no model."""
+    from model_cards.push import find_model_folder
+    from modeling_stage2._files import SET_ASIDE_MARKER
+
+    run = tmp_path / "run"
+    _pushable(run / f".best{SET_ASIDE_MARKER}{_dead_pid()}-0123abcd")
+    assert find_model_folder(run) == (run / "best", "adapter")
+    assert (run / "best" / "adapter_model.safetensors").read_bytes() == b"adapter"
+
+
+def test_push_without_private_leaves_the_visibility_to_the_namespace(hub_server, tmp_path, monkeypatch):
+    """`private=False` would make `create_repo` ask for a public repo, overriding an organisation whose repos are
+    private by default; only `--private` is sent."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    from model_cards.push import push_dataset, push_trained_model
+
+    asked = []
+    create_repo = HfApi.create_repo
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: (
+        asked.append((kwargs.get("repo_type"), kwargs.get("private"))), create_repo(self, *args, **kwargs))[1])
+    folder = _pushable(tmp_path / "model")
+    push_trained_model(folder, "default-visibility")
+    push_trained_model(folder, "asked-private", private=True)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"month": [1, 2]})}).save_to_disk(str(tmp_path / "ds"))
+    push_dataset(tmp_path / "ds", "default-tiles")
+    assert asked == [("model", None), ("model", True), ("dataset", None)]
+    assert HfApi().repo_info(f"{hub_server.user}/asked-private").private is True
+
+
+def test_a_push_the_hub_refuses_is_one_line_and_exit_status_1(hub_server, tmp_path, capsys):
+    from model_cards.push import main
+
+    folder = _pushable(tmp_path / "model")
+    assert main([str(folder), "refused", "--endpoint", hub_server.url, "--token", "not-the-token"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("stage2-push: error: ") and "401" in line and "Invalid credentials" in line
+
+
+def test_a_push_replaces_the_packages_code_and_keeps_the_owners(hub_server, tmp_path):
+    """An earlier `--include_code` push's modules go with the model they came with; other code in the repo (an
+    Inference Endpoints `handler.py`) is the owner's and stays."""
+    from huggingface_hub import HfApi
+
+    from model_cards.push import push_trained_model
+
+    repo = f"{hub_server.user}/with-handler"
+    api = HfApi()
+    api.create_repo(repo)
+    for name in ("modeling_stage2.py", "handler.py"):
+        api.upload_file(path_or_fileobj=b"# code\n", path_in_repo=name, repo_id=repo)
+    push_trained_model(_pushable(tmp_path / "model"), repo)
+    files = set(api.list_repo_files(repo))
+    assert "handler.py" in files and "modeling_stage2.py" not in files
+
+
+def test_the_base_of_an_adapter_trained_on_a_refiner_repo_is_that_refiner(tmp_path):
+    """`build_trainable_model("me/refiner-full")`: the adapter goes onto that refiner (its head and colour parts
+    included), which `load_trained_model` fetches; its config still names the backbone it was built on."""
+    folder = _model_folder(tmp_path / "best")
+    (folder / "stage2_base.json").write_text(json.dumps(
+        {"kind": "model", "model_name_or_path": "me/refiner-full", "revision": "0" * 40}))
+    card = ModelCard.load(write_model_card(folder, repo_id="me/adapter"))
+    assert (card.data.base_model, card.data.to_dict()["base_model_relation"]) == ("me/refiner-full", "adapter")
+    assert table_row(card.text, "Base model")[1] == ("[me/refiner-full](https://huggingface.co/me/refiner-full) "
+                                                     "(the Stage 2 refiner this adapter was trained on, frozen)")
+    assert "the frozen base comes from me/refiner-full" in card.text and PRITHVI_300M not in card.text
+    # an adapter on a backbone: the backbone's repo, as before
+    (folder / "stage2_base.json").write_text(json.dumps({"kind": "backbone_weights"}))
+    assert "(pretrained backbone, frozen)" in ModelCard.load(write_model_card(folder)).text
+
+
+def test_results_on_other_data_do_not_name_the_training_datasets_repo():
+    """`model-index` `dataset.type` links the results to a Hub dataset: the training data's repo only for results
+    computed on that data."""
+    on_stage1 = {**METRICS, "data": {"input_mode": "stage1", "degradation": None, "dataset_seed": None}}
+    card = build_model_card(on_stage1, STRONG_RUN, datasets="me/tiles")
+    assert card.data.datasets == ["me/tiles"]
+    assert {(r.dataset_type, r.dataset_name) for r in card.data.eval_results} == {
+        ("bigearthnet-v2", "BigEarthNet v2 Sentinel-2 tiles with Stage 1 outputs as opt_v1")}
+    same = build_model_card({**METRICS, "data": STRONG_RUN}, STRONG_RUN, datasets="me/tiles", dataset_name="tiles")
+    assert {(r.dataset_type, r.dataset_name) for r in same.data.eval_results} == {("me/tiles", "tiles")}
