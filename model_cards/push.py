@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "works without this package")
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--revision", default=None, metavar="BRANCH",
+                        help="push the model to this branch (made from main when missing; default: main); "
+                             "--dataset still goes to its repo's main branch")
     parser.add_argument("--commit_message", default=None,
                         help="message of the Hub commit (default: one naming what is pushed)")
     parser.add_argument("--dataset", default=None, metavar="DIR",
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             datasets = [dataset_repo]
         url = push_trained_model(args.output_dir, args.repo_id, private=args.private, token=args.token,
                                  endpoint=args.endpoint, commit_message=args.commit_message,
-                                 include_code=args.include_code, datasets=datasets)
+                                 include_code=args.include_code, datasets=datasets, revision=args.revision)
     except (CardError, FileNotFoundError) as err:  # the folder or the dataset is not what was asked for
         print(f"stage2-push: error: {_one_line(err)}", file=sys.stderr)
         return 2

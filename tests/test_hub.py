@@ -715,6 +715,8 @@ def test_push_to_a_new_branch_creates_it_from_main(hub_server, trained):
 
     from model_cards.push import push_trained_model
 
+    from model_cards.push import main
+
     repo = f"{DEFAULT_USER}/branched"
     push_trained_model(trained["adapter_dir"], repo)
     push_trained_model(trained["merged_dir"], repo, revision="merged")
@@ -722,6 +724,10 @@ def test_push_to_a_new_branch_creates_it_from_main(hub_server, trained):
     assert "adapter_config.json" in api.list_repo_files(repo)  # main keeps the adapter
     branch = set(api.list_repo_files(repo, revision="merged"))
     assert "model.safetensors" in branch and "adapter_config.json" not in branch
+    # the command line's --revision: another branch, main untouched
+    assert main([str(trained["merged_dir"]), repo, "--revision", "full"]) == 0
+    assert "model.safetensors" in api.list_repo_files(repo, revision="full")
+    assert "model.safetensors" not in api.list_repo_files(repo)
 
 
 def test_adapters_that_cannot_be_used_elsewhere_are_refused_before_anything_is_pushed(hub_server, trained, tmp_path,
