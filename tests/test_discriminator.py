@@ -131,3 +131,51 @@ def test_discriminator_learns_to_separate_real_from_fake():
     assert losses[-1] < 0.25 * losses[0]
     with torch.no_grad():
         assert model(smooth).mean() > model(smooth + 0.2 * torch.randn_like(smooth)).mean() + 0.5
+
+
+# ----------------------------------------------------------------------------- in the trainer
+def test_the_logged_discriminator_terms_are_means_over_optimizer_steps(tmp_path, monkeypatch):
+    """5 tiles, batches of 1, accumulation 2: windows of 2, 2 and 1 micro-batches. The discriminator's components
+    were averaged over micro-batches (its last one counted half as much as the generator's), not over optimizer steps
+    as the generator's components and the Trainer's loss are."""
+    import datasets
+    import numpy as np
+    from _training_helpers import records, write_config
+    from data_builders import make_eval_transform
+
+    import training.losses
+    from training.data import TileDataset
+    from training.train import build_model, parse_args
+    from training.trainer import Stage2Trainer
+
+    seen = []  # (optimizer step, the discriminator's components of one micro-batch)
+
+    def recording(real_scores, fake_scores, valid_mask=None):
+        loss, components = lsgan_discriminator(real_scores, fake_scores, valid_mask)
+        values = {name.replace("/", "_"): float(value) for name, value in components.items()}
+        values.update(adversarial_real_score=float(real_scores.detach().mean()),
+                      adversarial_fake_score=float(fake_scores.detach().mean()))
+        seen.append((trainer.state.global_step, values))
+        return loss, components
+
+    lsgan_discriminator = training.losses.lsgan_discriminator_loss
+    monkeypatch.setattr(training.losses, "lsgan_discriminator_loss", recording)
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0.02, 0.4, (5, 4, 120, 120)).astype(np.float32)
+    table = datasets.Dataset.from_dict({
+        "target": target, "opt_v1": (target * 1.05 + rng.normal(0, 0.01, target.shape)).astype(np.float32),
+        "month": [1, 2, 3, 4, 5], "biome": [0, 1, 2, 3, 4], "valid_mask": np.ones((5, 120, 120), bool)})
+    config = write_config(tmp_path / "c.yaml", per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                          logging_steps=3, num_train_epochs=1, eval_every_epochs=None, save_every_epochs=None,
+                          eval_strategy="no", save_strategy="no", max_samples=None, spectral_correction_init="identity")
+    args = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])[0]
+    trainer = Stage2Trainer(model=build_model(args, print_summary=False), args=args,
+                            train_dataset=TileDataset(table, make_eval_transform()))
+    trainer._get_train_sampler = lambda *arguments, **kwargs: torch.utils.data.SequentialSampler(range(5))
+    trainer.train()
+    assert [step for step, _ in seen] == [0, 0, 1, 1, 2] and trainer.disc_steps == 3
+    [logged] = records(tmp_path / "out" / "training_log.jsonl", "train")
+    for name in seen[0][1]:
+        windows = [[values[name] for step, values in seen if step == window] for window in range(3)]
+        assert logged[name] == pytest.approx(np.mean([np.mean(w) for w in windows]), rel=1e-5, abs=2e-6), name
+    assert logged["total"] == pytest.approx(logged["loss"], rel=1e-5)

@@ -248,6 +248,18 @@ def test_the_target_terms_are_the_spectral_loss_and_the_weighted_reconstruction_
     assert 5.0 * l1.item() > 1e-3 * value.item()  # the L1 is a real share of the value the check above weighs
 
 
+def test_the_target_terms_honour_a_spectral_weight_of_zero():
+    """With spectral_weight 0 and no reconstruction term the objective has no term against the target, but the warm
+    start was given the whole spectral loss to fit (a weight of 0 is not the constant factor Adam ignores)."""
+    torch.manual_seed(0)
+    target, refined = torch.rand(2, 2, 4, 12, 12) * 0.5
+    refined.requires_grad_()
+    assert Stage2Loss(spectral_weight=0.0)(refined, target, refined.detach())[0].item() == 0.0  # no target term
+    value, _ = Stage2Loss(spectral_weight=0.0).target_terms(refined, target)
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(refined.grad, torch.zeros_like(refined))
+
+
 def test_design_default_weights():
     loss_fn = Stage2Loss()
     assert (loss_fn.spectral_weight, loss_fn.identity_weight, loss_fn.adversarial_weight) == (1.0, 0.5, 0.05)

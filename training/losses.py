@@ -539,9 +539,10 @@ class Stage2Loss(nn.Module):
         """The terms of the objective that compare `refined` with the target, weighted as in `forward`:
         spectral_weight * SpectralLoss + reconstruction_weight * L1. It is what the warm start fits
         (`training.warm_start`), which has no `opt_v1` guard and no discriminator. With no reconstruction
-        term it is the spectral loss itself: Adam, which fits it, does not see a constant factor."""
+        term it is the spectral loss itself: Adam, which fits it, does not see a constant factor (a positive
+        one: with a spectral weight of 0 too it is 0, nothing to fit)."""
         spectral, components = self.spectral(refined, target, valid_mask)
-        if self.reconstruction_weight == 0:
+        if self.reconstruction_weight == 0 and self.spectral_weight > 0:
             return spectral, components
         reconstruction, reconstruction_components = reconstruction_l1(refined, target, valid_mask)
         components.update(reconstruction_components)

@@ -473,10 +473,11 @@ class Stage2Trainer(Trainer):
             self._step_has_nonfinite = True
             return
         (loss / self.current_gradient_accumulation_steps).backward()
+        # Recorded per accumulation window like the generator's components (a mean over optimizer steps in the logs).
         for name, value in components.items():
-            self._metrics["train"][_component_name(name)].append(value.detach().float())
-        self._metrics["train"]["adversarial_real_score"].append(real_scores.detach().float().mean())
-        self._metrics["train"]["adversarial_fake_score"].append(fake_scores.detach().float().mean())
+            self._window_components[_component_name(name)].append(value.detach().float())
+        self._window_components["adversarial_real_score"].append(real_scores.detach().float().mean())
+        self._window_components["adversarial_fake_score"].append(fake_scores.detach().float().mean())
 
     def _any_process(self, flag: bool) -> bool:
         value = self.accelerator.reduce(torch.tensor([float(flag)], device=self.args.device), reduction="sum")
