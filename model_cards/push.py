@@ -19,8 +19,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 import modeling_stage2
 from data_builders.cache import ARROW_MARKER
 from modeling_stage2._files import restore_set_aside
@@ -34,7 +32,7 @@ from modeling_stage2.vocabulary import OneLineArgumentParser
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
 from training.trainer import (BEST_DIR_NAME, CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS,
-                              TRAINER_EXTRA_STATE, checkpoint_problem)
+                              PREFIX_CHECKPOINT_DIR, TRAINER_EXTRA_STATE, checkpoint_problem)
 
 from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
 
