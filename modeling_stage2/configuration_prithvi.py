@@ -339,7 +339,8 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
             raise ValueError("bands is empty: give at least one band name.")
         for band in names:
             canonical_band_name(band)
-        duplicates = sorted({band for band in names if names.count(band) > 1})
+        upper = [band.upper() for band in names]  # band names are case-insensitive (`canonical_band_name`)
+        duplicates = sorted({band for band in names if upper.count(band.upper()) > 1})
         if duplicates:
             raise ValueError(f"bands lists {duplicates} more than once: {names}")
         if in_chans is not None and int(in_chans) != len(names):

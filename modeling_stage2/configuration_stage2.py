@@ -422,7 +422,7 @@ def _resolve_bands(bands) -> list[str]:
     names = [str(band) for band in bands]
     for band in names:
         canonical_band_name(band)  # raises with the list of known names
-    if len(set(names)) != len(names):
+    if len({name.upper() for name in names}) != len(names):  # case-insensitive, as `canonical_band_name`
         raise ValueError(f"bands lists a band more than once: {names}.")
     return names
 
@@ -469,7 +469,9 @@ def _resolve_feature_layers(feature_layers, depth: int) -> list[int]:
     layers = []
     for layer in feature_layers:
         try:
-            layer = operator.index(layer)  # ints (numpy's too), never a fraction or a string
+            if isinstance(layer, bool):
+                raise TypeError
+            layer = operator.index(layer)  # ints (numpy's too), never a bool, a fraction or a string
         except TypeError:
             raise ValueError(f"feature_layers must be block indices (integers), got {feature_layers!r}.") from None
         if not -depth <= layer < depth:

@@ -404,9 +404,12 @@ class Stage2SpectralRange(nn.Module):
         self.log_offset = config.spectral_mlp_log_offset
         self.ramp = config.out_of_range_ramp
         # Unfitted: `_init_weights` sets the same values (a model built on the meta device gets them there).
-        self.register_buffer("mean", torch.zeros(bands))
-        self.register_buffer("precision", torch.eye(bands))
-        self.register_buffer("threshold", torch.tensor(math.inf))
+        # float32 whatever the default dtype, as the normaliser's statistics: `from_pretrained(dtype=torch.bfloat16)`
+        # would round the fitted statistics (the precision's large entries of opposite signs cancel in the distance)
+        # and move which pixels keep `opt_v1`, and a model saved after that would keep the rounded range.
+        self.register_buffer("mean", torch.zeros(bands, dtype=torch.float32))
+        self.register_buffer("precision", torch.eye(bands, dtype=torch.float32))
+        self.register_buffer("threshold", torch.tensor(math.inf, dtype=torch.float32))
 
     @property
     def is_fitted(self) -> bool:
@@ -567,7 +570,10 @@ class Stage2PreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=module.in_features**-0.5)
             init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=std)
+            if std > 0:
+                init.trunc_normal_(module.weight, std=std)
+            else:  # initializer_range=0: the distribution's limit (torch's truncated normal divides by the std)
+                init.zeros_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -745,7 +751,13 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
     @staticmethod
     def _check_metadata(values, name: str, low: int, high: int, batch_size: int) -> torch.Tensor:
         """`values` as a (batch_size,) LongTensor: None is unknown for every tile, one integer is every tile's."""
-        values = torch.as_tensor(UNKNOWN_METADATA if values is None else values)
+        try:
+            values = torch.as_tensor(UNKNOWN_METADATA if values is None else values)
+        except (TypeError, ValueError, RuntimeError):  # [7, None]: torch's "Could not infer dtype of NoneType"
+            raise TypeError(
+                f"{name} must be integers (a LongTensor, a list of ints or one int), got {values!r}; mark a tile whose "
+                f"{name} is unknown with {UNKNOWN_METADATA} (UNKNOWN_METADATA), not None."
+            ) from None
         if values.is_floating_point() or values.dtype == torch.bool or values.is_complex():
             raise TypeError(f"{name} must be an integer tensor (LongTensor), got dtype {values.dtype}.")
         if values.ndim == 0:

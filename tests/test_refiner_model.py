@@ -276,6 +276,15 @@ def test_bad_month_or_biome_gives_a_clear_error(model, month, biome, error, mess
         model(opt_v1, torch.tensor(month), torch.tensor(biome))
 
 
+def test_metadata_lists_that_are_not_integers_give_a_clear_error(model):
+    """None marks every tile unknown; in a list ([7, None]) torch raised "Could not infer dtype of NoneType"."""
+    opt_v1, _, _ = tiny_inputs(batch=2, size=(20, 20))
+    with pytest.raises(TypeError, match=r"month must be integers.*unknown with -1 \(UNKNOWN_METADATA\), not None"):
+        model(opt_v1, [7, None], [0, 0])
+    with pytest.raises(TypeError, match=r"biome must be integers"):
+        model(opt_v1, [7, 8], ["forest", 0])
+
+
 def test_metadata_may_be_one_integer_for_every_tile_or_left_out(awake_model):
     """One month / biome for a batch (tiles of one scene), or none at all (unknown, as Prithvi's own coordinates
     are optional): the same output as the per-tile tensors they stand for."""
