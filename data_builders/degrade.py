@@ -129,6 +129,9 @@ class DegradationConfig:
         self._check_types()
         for name in _RANGE_FIELDS:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for field in dataclasses.fields(self):  # numpy scalars -> Python numbers: the build record is JSON
+            if isinstance(getattr(self, field.name), np.generic):
+                object.__setattr__(self, field.name, getattr(self, field.name).item())
         low, high = self.blur_sigma if len(self.blur_sigma) == 2 else (None, None)
         if low is None or not 0 <= low <= high:
             raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}")
@@ -374,6 +377,9 @@ def shift_blur_axis(x: np.ndarray, sigma: float, shift: float, axis: int) -> np.
     if sigma > 0:  # taps covering +-3 sigma around the centre, which sits `frac` past `whole`
         offsets = np.arange(-math.ceil(3.0 * sigma - frac), math.ceil(3.0 * sigma + frac) + 1)
         weights = np.exp(-0.5 * ((offsets - frac) / sigma) ** 2)
+        if weights.max() < 1e-200:  # far narrower than a pixel, every tap underflows (0 / 0 = NaN): the same
+            squared = ((offsets - frac) / sigma) ** 2  # weights relative to the nearest tap
+            weights = np.exp(-0.5 * (squared - squared.min()))
     else:
         offsets = np.array([0, 1])
         weights = np.array([1.0 - frac, frac])

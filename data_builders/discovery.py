@@ -3,7 +3,8 @@
 `discover_tiles(data_dir)` reads only the sidecars (`<tile_id>.json`, whose `split` wins over the
 folder) and places each tile of `data_dir/{train,val,test}` (a `validation` folder counts as `val`)
 in its split, sorted by tile id; a tile id found in two places is rejected everywhere (it would leak
-between splits). `_list_s1` reads the zip directories of the tiles to tell which carry Sentinel-1.
+between splits). Hidden files (`.name.npz`: the partial file an interrupted ingest leaves) are no tiles.
+`_list_s1` reads the zip directories of the tiles to tell which carry Sentinel-1.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def discover_tiles(data_dir: str | Path, strict: bool = False) -> tuple[dict[str
     found: dict[str, list[TileSpec]] = collections.defaultdict(list)
     for folder_split, folder in _split_folders(Path(data_dir)):
         for path in sorted(folder.glob("*.npz")):
+            if path.name.startswith("."):  # hidden: an interrupted write's partial file (`.x.npz.partial-*.npz`)
+                continue
             try:
                 sidecar = read_sidecar(sidecar_path(path))
                 split = sidecar_split(sidecar_path(path), sidecar) or folder_split

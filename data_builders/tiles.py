@@ -413,7 +413,10 @@ def read_bands(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> tuple[np
             check_reflectance_floor(path, target)
         return target, np.ones(first_shape, dtype=bool), "dn"
 
-    target = np.stack(bands).astype(np.float32)
+    stacked = np.stack(bands)
+    if stacked.dtype.itemsize > 4:  # finite values past float32's range would become Inf, then pass for nodata
+        _refuse_float_digital_numbers(path, None, np.where(np.isfinite(stacked), stacked, 0))
+    target = stacked.astype(np.float32)
     valid_mask = valid_pixels(path, target)
     _refuse_float_digital_numbers(path, None, target)
     check_reflectance_floor(path, target)
@@ -544,10 +547,10 @@ def read_stage1(path: str | Path, tile_size: int = TILE_SIZE) -> np.ndarray:
     _check_shape(path, "opt_v1", opt_v1, (len(BAND_NAMES), tile_size, tile_size))
     if kind == "int":
         return dn_to_reflectance(opt_v1)
-    opt_v1 = opt_v1.astype(np.float32)
+    # checked before the cast to float32: a finite float64 past its range is no NaN/Inf but digital numbers
     bad = int(np.size(opt_v1) - np.count_nonzero(np.isfinite(opt_v1)))
     if bad:
         raise TileError(path, "opt_v1", f"{bad} NaN/Inf values; Stage 1 outputs must be finite")
     _refuse_float_digital_numbers(path, "opt_v1", opt_v1)  # the target's rule: training on them would learn nonsense
-    return opt_v1
+    return opt_v1.astype(np.float32)
 
