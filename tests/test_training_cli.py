@@ -155,6 +155,8 @@ def test_user_mistakes_are_one_line_and_status_2(case, tmp_path, tiny_config, sa
      "refiner_config_overrides: head_width must be a positive integer, got 'sixteen'"),
     ({"refiner_config_overrides": {"head_widht": 16}}, "refiner_config_overrides: unknown key 'head_widht'"),
     ({"brightness_augment": 0.5}, "brightness_augment: expected a list of floats or null, got 0.5"),
+    ({"brightness_augment": [0.5, float("inf")]},
+     "brightness_augment must be LOW HIGH with 0 < LOW <= HIGH, both finite"),
     ({"learning_rate": "fast"}, "learning_rate: expected a float, got 'fast'"),
     ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size: expected an integer, got 2.5"),
     ({"fp16": "maybe"}, "fp16: expected true or false, got 'maybe'"),

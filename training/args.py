@@ -526,10 +526,11 @@ class Stage2DataArguments:
 
     def __post_init__(self):
         if self.brightness_augment is not None and (
-            len(self.brightness_augment) != 2 or not 0 < self.brightness_augment[0] <= self.brightness_augment[1]
-        ):
+            len(self.brightness_augment) != 2
+            or not 0 < self.brightness_augment[0] <= self.brightness_augment[1] < math.inf
+        ):  # an infinite factor would make a tile's target and opt_v1 infinite (training.data.TileDataset)
             raise ValueError(
-                f"brightness_augment must be LOW HIGH with 0 < LOW <= HIGH, got {self.brightness_augment}."
+                f"brightness_augment must be LOW HIGH with 0 < LOW <= HIGH, both finite, got {self.brightness_augment}."
             )
         for name in ("max_samples", "max_eval_samples"):
             value = getattr(self, name)

@@ -275,7 +275,10 @@ class Stage2TensorBoardCallback(TensorBoardCallback):
 
     def _init_summary_writer(self, args):
         if self._SummaryWriter is not None:
-            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+            # The purge is for the first writer of a resumed run only: a later one (an evaluation after `train`,
+            # whose writer `on_train_end` closed) would hide everything this run logged since it resumed.
+            purge_step, self._purge_step = self._purge_step, None
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=purge_step)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.logging_dir is None and self.tb_writer is None:

@@ -63,8 +63,9 @@ class TileDataset(torch.utils.data.Dataset):
         self.epoch = 0
         if brightness_range is not None:
             low, high = (float(v) for v in brightness_range)
-            if not 0 < low <= high:
-                raise ValueError(f"brightness_range must be (low, high) with 0 < low <= high, got {brightness_range}.")
+            if not 0 < low <= high < math.inf:  # an infinite factor makes the row's target and opt_v1 infinite
+                raise ValueError(f"brightness_range must be (low, high) with 0 < low <= high, both finite, got "
+                                 f"{brightness_range}.")
             brightness_range = (low, high)
         self.brightness_range = brightness_range
 

@@ -93,7 +93,11 @@ def needs_training_split(model, training_args) -> bool:
 def start_fitted_modules(model, train_dataset, training_args, resuming: bool) -> dict[str, str | None]:
     """Both starts on `train_dataset` (a `training.data.TileDataset`, or a `datasets.Dataset` split with `opt_v1`,
     `target` and `valid_mask`), as the training record's entries."""
-    split = getattr(train_dataset, "dataset", train_dataset)
+    from .data import TileDataset
+
+    # Only a TileDataset's rows are its `.dataset`'s; a `torch.utils.data.Subset` holds a few rows of its `.dataset`,
+    # and a fit of that whole dataset would read tiles that are not training tiles.
+    split = train_dataset.dataset if isinstance(train_dataset, TileDataset) else train_dataset
     if not resuming and needs_training_split(model, training_args) and not hasattr(split, "column_names"):
         raise ValueError(
             f"The refiner starts from a fit of its training split (spectral_correction_init="
