@@ -132,6 +132,14 @@ def test_linear_fit_without_pixels_says_so():
         LinearColorFit().update(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
 
 
+@pytest.mark.parametrize("mask_shape", [(4, 4), (2, 1, 4, 4)])
+def test_linear_fit_refuses_a_mask_of_another_shape(mask_shape):
+    """An (H, W) mask was broadcast to every tile of the batch, silently; a (B, 1, H, W) one failed inside indexing."""
+    with pytest.raises(ValueError, match=r"valid_mask must be \(batch, height, width\) = \(2, 4, 4\), got"):
+        LinearColorFit().update(torch.rand(2, 4, 4, 4), torch.rand(2, 4, 4, 4),
+                                torch.ones(mask_shape, dtype=torch.bool))
+
+
 # ---------------------------------------------------------------------------------------------- the model branch
 def test_config_default_keeps_the_model_without_the_branch():
     config = tiny_refiner_config()

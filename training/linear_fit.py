@@ -79,7 +79,11 @@ class LinearColorFit:
             )
         valid = torch.isfinite(opt_v1).all(dim=1) & torch.isfinite(target).all(dim=1)
         if valid_mask is not None:
-            valid &= torch.as_tensor(valid_mask, dtype=torch.bool)
+            valid_mask = torch.as_tensor(valid_mask, dtype=torch.bool)
+            if valid_mask.shape != valid.shape:  # an (H, W) mask would be broadcast to every tile of the batch
+                raise ValueError(f"valid_mask must be (batch, height, width) = {tuple(valid.shape)}, got "
+                                 f"{tuple(valid_mask.shape)}.")
+            valid &= valid_mask
         inputs = opt_v1.permute(0, 2, 3, 1)[valid]  # (N, bands)
         outputs = target.permute(0, 2, 3, 1)[valid]
         design = torch.cat([inputs, torch.ones(inputs.shape[0], 1, dtype=torch.float64)], dim=1)
