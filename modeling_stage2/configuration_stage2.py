@@ -311,6 +311,13 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
         if self.dtype is not None and self.backbone_config.dtype is None:
             self.backbone_config.dtype = self.dtype  # one dtype for the whole refiner unless the backbone says
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`, after the checks of `__init__` on the values as they are now: a field set
+        after construction (`config.head_width = -3`) would otherwise be written to a `config.json` that no longer
+        loads."""
+        type(self).from_dict(self.to_dict())
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     def to_dict(self) -> dict:
         output = super().to_dict()
         # The whole sub-config, as transformers' composite configs save theirs.

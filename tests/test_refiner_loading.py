@@ -109,3 +109,17 @@ def test_initializer_range_zero_builds_a_model():
 def test_configs_refuse_values_they_used_to_misread(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("save", ["config", "model"])
+def test_a_field_set_after_construction_is_checked_before_it_is_saved(tmp_path, save):
+    """`config.head_width = -3` passed no check and was written to a config.json that no longer loads."""
+    config = tiny_refiner_config()
+    model = Stage2RefinerModel(config)
+    config.head_width = -3
+    with pytest.raises(ValueError, match="head_width must be a positive integer, got -3"):
+        (config if save == "config" else model).save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "config.json").exists()
+    config.head_width = tiny_refiner_config().head_width
+    config.save_pretrained(tmp_path / "saved")  # the same config, put right, saves
+    assert Stage2RefinerModel.config_class.from_pretrained(tmp_path / "saved").head_width == config.head_width
