@@ -247,14 +247,21 @@ class SceneSource:
             )
         return scales.pop()
 
-    def to_reflectance(self, values: np.ndarray, input_scale: str, *, warn: bool = True) -> np.ndarray:
-        """Bands read by `read_rows` as float32 reflectance, under the resolved `input_scale`."""
+    def to_reflectance(self, values: np.ndarray, input_scale: str, *, warn: bool = True,
+                       valid: np.ndarray | None = None) -> np.ndarray:
+        """Bands read by `read_rows` as float32 reflectance, under the resolved `input_scale`. With `warn`, values
+        that look like digital numbers give a warning, judged on the `valid` pixels only (`valid_mask`): nodata
+        values (0, -9999) would pull the median down."""
         if input_scale != DECLARED_SCALE:
-            return to_reflectance(values, input_scale, str(self.paths[0]), warn=warn)
-        scale, offset = (np.array(column, dtype=np.float64).reshape(-1, 1, 1) for column in zip(*self.declared_scaling))
-        reflectance = (values * scale + offset).astype(np.float32)
-        if warn:
-            warn_if_looks_like_dn(reflectance, f"{self.paths[0]} (its declared scale and offset applied)")
+            reflectance = to_reflectance(values, input_scale, str(self.paths[0]), warn=False)
+            source = str(self.paths[0])
+        else:
+            scale, offset = (np.array(column, dtype=np.float64).reshape(-1, 1, 1)
+                             for column in zip(*self.declared_scaling))
+            reflectance = (values * scale + offset).astype(np.float32)
+            source = f"{self.paths[0]} (its declared scale and offset applied)"
+        if warn and input_scale != "dn":
+            warn_if_looks_like_dn(reflectance if valid is None else reflectance[:, valid], source)
         return reflectance
 
     def _band_paths(self) -> list[Path]:
@@ -307,8 +314,14 @@ def output_dtype(source: SceneSource, output_scale: str) -> np.dtype:
 
 def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
     """The output's nodata value: the input's; for a digital-number output of an input that declares none, or
-    declares NaN (the same: its non-finite pixels are nodata), 0 (an integer has no NaN to mark them with)."""
+    declares NaN (the same: its non-finite pixels are nodata), 0 (an integer has no NaN to mark them with). A value
+    the output dtype cannot hold (-9999 in uint16, float64's lowest in float32) is refused."""
     if dtype.kind == "f":
+        if nodata is not None and math.isfinite(nodata) and abs(nodata) > float(np.finfo(dtype).max):
+            raise InferenceInputError(
+                f"input nodata value {nodata:g} cannot be stored in the {dtype} reflectance output; rewrite the input "
+                f"with a nodata value {dtype} can hold (e.g. gdalwarp -ot Float32 -dstnodata nan INPUT NEW_INPUT)"
+            )
         return nodata
     if nodata is None or math.isnan(nodata):
         return 0

@@ -258,12 +258,14 @@ def _refine_strips(
     with_weight = weight_destination is not None
     accumulator = StripAccumulator(len(BAND_NAMES) + with_weight, strip_height, width)
     windows = kept_pixels = valid_pixels = 0
+    checked = False  # whether float input was checked for digital numbers (once, on the first valid pixels)
     with tqdm(total=len(rows) * len(cols), unit="window", desc="stage2-refine", disable=not progress) as bar:
         for index, row in enumerate(rows):
             raw = source.read_rows(row, strip_height)
             valid = source.valid_mask(raw)
-            # Warn once (first strip) when float input looks like digital numbers.
-            reflectance = source.to_reflectance(raw, scale, warn=index == 0)
+            warn = not checked and bool(valid.any())
+            checked |= warn
+            reflectance = source.to_reflectance(raw, scale, warn=warn, valid=valid)
             useful = [col for col in cols if valid[:, col : col + window_width].any()]
             if useful:
                 images = np.stack([reflectance[:, :, col : col + window_width] for col in useful])

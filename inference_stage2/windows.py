@@ -65,7 +65,9 @@ class StripAccumulator:
         """Blended values (bands, stop - top, width) and their weights for rows [top, stop); keeps the rest."""
         count = stop - self.top
         weights = self.weights[:count].copy()
-        blended = self.sums[:, :count] / np.maximum(weights, np.float32(1e-12))
+        # Pixels no window touched (weight 0) come out 0; a scene corner of a large window weighs about 1e-13 (the
+        # ramp's first value squared), which a larger floor would scale down.
+        blended = self.sums[:, :count] / np.maximum(weights, np.finfo(np.float32).tiny)
         keep = self.weights.shape[0] - count
         self.sums[:, :keep] = self.sums[:, count:].copy()
         self.weights[:keep] = self.weights[count:].copy()
