@@ -400,6 +400,17 @@ def _check_before_pushing(args: argparse.Namespace) -> None:
     # beside a model that cannot be
     datasets = [args.dataset_repo_id or args.repo_id] if args.dataset is not None else None
     model_repo_contents(folder, args.repo_id, include_code=args.include_code, datasets=datasets)
+    if _no_token(args.token):  # the Hub's 401 would come only after the dataset, or as a server's refusal
+        raise CardError("no Hub token to push with: pass --token, set HF_TOKEN, or log in (hf auth login)")
+
+
+def _no_token(token: str | None) -> bool:
+    from huggingface_hub import get_token
+
+    try:
+        return not (token or get_token())
+    except Exception:  # a token exchange that fails (HF_OIDC_RESOURCE): the push names the Hub's own error
+        return False
 
 
 def _one_line(err: BaseException) -> str:

@@ -483,7 +483,7 @@ def test_push_to_a_hub_that_does_not_answer_is_one_line(trained, capsys):
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    assert main([str(trained["adapter_dir"]), "nowhere", "--endpoint", endpoint]) == 1
+    assert main([str(trained["adapter_dir"]), "nowhere", "--endpoint", endpoint, "--token", "hf_any"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"stage2-push: error: the Hub at {endpoint} could not be reached (")
 

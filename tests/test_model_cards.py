@@ -571,6 +571,20 @@ def test_a_push_the_hub_refuses_is_one_line_and_exit_status_1(hub_server, tmp_pa
     assert line.startswith("stage2-push: error: ") and "401" in line and "Invalid credentials" in line
 
 
+def test_a_push_without_a_token_is_a_user_error_before_anything_is_created(hub_server, tmp_path, capsys,
+                                                                          monkeypatch):
+    """It was the Hub's 401 (exit status 1, a refusal), after a --dataset had been looked at."""
+    from model_cards.push import main
+
+    monkeypatch.delenv("HF_TOKEN")
+    folder = _pushable(tmp_path / "model")
+    assert main([str(folder), "tokenless", "--endpoint", hub_server.url]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2-push: error: no Hub token to push with: pass --token, set HF_TOKEN, or log in (hf auth login)"]
+    assert hub_server.repos == {}
+    assert main([str(folder), "tokenless", "--endpoint", hub_server.url, "--token", hub_server.token]) == 0
+
+
 def test_a_push_replaces_the_packages_code_and_keeps_the_owners(hub_server, tmp_path):
     """An earlier `--include_code` push's modules go with the model they came with; other code in the repo (an
     Inference Endpoints `handler.py`) is the owner's and stays."""
