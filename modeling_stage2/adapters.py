@@ -425,9 +425,9 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
     `base_model.safetensors` with its full-precision weights. `load_trained_model` reads it back.
     """
     source = _base_source_of(model)
-    output_dir = Path(output_dir)
+    output_dir = _followed_link(output_dir)
     _refuse_foreign_folder(output_dir)
-    _refuse_own_base(source, output_dir, "save_trained_model")
+    _refuse_own_base(source, model.get_base_model().config, output_dir, "save_trained_model")
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         config = _clean_config(model.get_base_model().config)
@@ -481,11 +481,9 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
             "export_merged_model needs a full-precision base, this one is quantized; reload the adapter with "
             "load_trained_model(path, quantization='none') and export that."
         )
-    output_dir = Path(output_dir)
+    output_dir = _followed_link(output_dir)
     _refuse_foreign_folder(output_dir)
-    source = getattr(model, "stage2_base_source", None)
-    if source is not None:
-        _refuse_own_base(source, output_dir, "export_merged_model")
+    _refuse_own_base(getattr(model, "stage2_base_source", None), base.config, output_dir, "export_merged_model")
     merged = model.merge_and_unload()
     merged.config = _clean_config(merged.config)
     merged.requires_grad_(False)
@@ -618,13 +616,20 @@ def _check_safetensors(path: Path, needed_by: str = f"a trained adapter folder n
 
 
 def _check_adapter_files(folder: Path) -> None:
-    """Before peft sees the folder: a missing weight file would make peft take the path for a Hub repo id."""
+    """Before peft sees the folder: a missing weight file would make peft take the path for a Hub repo id, a missing
+    config.json gave the default 600M refiner, and a config of another refiner a table of mismatches from peft
+    once the base was built."""
     _check_json_object(folder / ADAPTER_CONFIG_FILE)
-    if (folder / "config.json").is_file():
-        _check_json_object(folder / "config.json")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'}: missing; a trained adapter folder holds the refiner's "
+                                f"config beside {ADAPTER_CONFIG_FILE} (written by save_trained_model).")
+    _check_json_object(folder / "config.json")
     _check_safetensors(folder / ADAPTER_WEIGHTS_FILE)
+    weights = {folder / ADAPTER_WEIGHTS_FILE: ("base_model.model.", "")}  # peft's names of the refiner's tensors
     if (folder / BASE_WEIGHTS_FILE).is_file():
         _check_safetensors(folder / BASE_WEIGHTS_FILE)
+        weights[folder / BASE_WEIGHTS_FILE] = ("", "backbone.")  # the whole backbone: loaded strictly
+    _check_weights_fit_config(folder, list(weights), renamed=weights, complete=folder / BASE_WEIGHTS_FILE)
 
 
 def _check_full_model_files(folder: Path) -> None:
@@ -649,10 +654,13 @@ def _check_full_model_files(folder: Path) -> None:
     _check_weights_fit_config(folder, shards)
 
 
-def _check_weights_fit_config(folder: Path, weight_files: list[Path]) -> None:
+def _check_weights_fit_config(folder: Path, weight_files: list[Path], renamed: dict | None = None,
+                              complete: Path | None = None) -> None:
     """The saved tensors have the shapes of the refiner `config.json` describes (the safetensors headers against the
     refiner built on the meta device, nothing read or allocated): transformers would print a table of every mismatch
-    and raise. Tensors the config does not have are left to transformers (a refiner saved before a part was added)."""
+    and raise. Tensors the config does not have are left to transformers (a refiner saved before a part was added).
+    `renamed` maps a file to (its names' prefix, the refiner's): a saved tensor `prefix + rest` is the refiner's
+    `refiner_prefix + rest`. The file `complete` must hold every tensor of the refiner under its prefix."""
     from safetensors import safe_open
 
     config_file = folder / "config.json"
@@ -664,13 +672,22 @@ def _check_weights_fit_config(folder: Path, weight_files: list[Path]) -> None:
         expected = {name: list(tensor.shape) for name, tensor in
                     Stage2RefinerModel(Stage2RefinerConfig.from_pretrained(folder)).state_dict().items()}
     for weights in weight_files:
+        saved_prefix, prefix = (renamed or {}).get(weights, ("", ""))
         with safe_open(str(weights), "pt") as saved:
+            names = {}
             for name in saved.keys():
                 shape = list(saved.get_slice(name).get_shape())
-                if name in expected and shape != expected[name]:
+                model_name = prefix + name.removeprefix(saved_prefix)
+                names[model_name] = name
+                if name.startswith(saved_prefix) and model_name in expected and shape != expected[model_name]:
                     raise ValueError(f"{weights}: tensor {name!r} has shape {shape} where {config_file} describes "
-                                     f"{expected[name]}: the config does not describe these weights; put back the "
-                                     "config.json saved with them.")
+                                     f"{expected[model_name]}: the config does not describe these weights; put back "
+                                     "the config.json saved with them.")
+        missing = [name for name in expected if name.startswith(prefix) and name not in names]
+        if weights == complete and missing:
+            raise ValueError(f"{weights}: no tensor {missing[0].removeprefix(prefix)!r}, which {config_file} "
+                             "describes: the config does not describe these weights; put back the config.json saved "
+                             "with them.")
 
 
 def check_model_folder(folder: str | Path) -> str:
@@ -702,13 +719,28 @@ def _local_folder(path: str | Path, revision: str | None = None) -> Path:
     raise FileNotFoundError(f"{path} is not a folder (nor a Hub repo id OWNER/NAME).")
 
 
-def _refuse_own_base(source: _BaseSource, output_dir: Path, writer: str) -> None:
-    """The folder of the refiner an adapter was built on: replacing it would leave the adapter nothing to load onto
-    (its `stage2_base.json` would point at itself)."""
-    base = source.model_name_or_path if source.kind == "model" else None
-    if base is not None and Path(base).is_dir() and output_dir.resolve() == Path(base).resolve():
-        raise FileExistsError(f"{writer}: {output_dir} holds the base refiner this adapter was built on, which "
-                              f"the adapter needs to load; choose another folder.")
+def _refuse_own_base(source: _BaseSource | None, config: Stage2RefinerConfig, output_dir: Path, writer: str) -> None:
+    """The folder of the refiner an adapter was built on, or of the backbone checkpoint its base loads
+    (`config.backbone_weights`), or a folder holding either: replacing it would leave the adapter nothing to load
+    onto (its `stage2_base.json` would point at itself)."""
+    needed = []
+    if source is not None and source.kind == "model" and source.model_name_or_path is not None:
+        needed.append((source.model_name_or_path, "the base refiner"))
+    if (source is None or source.kind == "backbone_weights") and config.backbone_weights is not None:
+        needed.append((config.backbone_weights, "the backbone weights (config.backbone_weights)"))
+    target = output_dir.resolve()
+    for base, what in needed:
+        base = Path(base).expanduser()
+        if base.exists() and (target == base.resolve() or target in base.resolve().parents):
+            raise FileExistsError(f"{writer}: {output_dir} holds {what} this adapter was built on, which the adapter "
+                                  f"needs to load; choose another folder.")
+
+
+def _followed_link(output_dir: str | Path) -> Path:
+    """`output_dir`, or the folder it links to: the save replaces that folder, not the link (replacing the link
+    left the linked folder holding the previous model, and the link a folder on the link's file system)."""
+    output_dir = Path(output_dir)
+    return output_dir.resolve() if output_dir.is_symlink() else output_dir
 
 
 def _refuse_foreign_folder(output_dir: Path) -> None:
