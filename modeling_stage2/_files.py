@@ -143,8 +143,11 @@ def _follow_umask(folder: Path) -> None:
 def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a new folder beside `output_dir` to write into; when the block succeeds, it replaces `output_dir`
     (`replace_folder`) with the modes the umask gives. If the block raises, the staging folder is removed and
-    `output_dir` is left as it was."""
+    `output_dir` is left as it was. A link to a folder: the folder it names is replaced, beside itself (replacing the
+    link would leave that folder with the old content, and the link a folder where a link was)."""
     output_dir = Path(output_dir)
+    if output_dir.is_symlink():
+        output_dir = output_dir.resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     restore_set_aside(output_dir)  # readers see the old content again while the new one is written
     for path in _abandoned(output_dir, STAGING_MARKER):  # what killed saves were writing: never moved in

@@ -425,7 +425,7 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
     `base_model.safetensors` with its full-precision weights. `load_trained_model` reads it back.
     """
     source = _base_source_of(model)
-    output_dir = _followed_link(output_dir)
+    output_dir = Path(output_dir)
     _refuse_foreign_folder(output_dir)
     _refuse_own_base(source, model.get_base_model().config, output_dir, "save_trained_model")
     with staged_folder(output_dir) as staging:
@@ -481,7 +481,7 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
             "export_merged_model needs a full-precision base, this one is quantized; reload the adapter with "
             "load_trained_model(path, quantization='none') and export that."
         )
-    output_dir = _followed_link(output_dir)
+    output_dir = Path(output_dir)
     _refuse_foreign_folder(output_dir)
     _refuse_own_base(getattr(model, "stage2_base_source", None), base.config, output_dir, "export_merged_model")
     merged = model.merge_and_unload()
@@ -734,13 +734,6 @@ def _refuse_own_base(source: _BaseSource | None, config: Stage2RefinerConfig, ou
         if base.exists() and (target == base.resolve() or target in base.resolve().parents):
             raise FileExistsError(f"{writer}: {output_dir} holds {what} this adapter was built on, which the adapter "
                                   f"needs to load; choose another folder.")
-
-
-def _followed_link(output_dir: str | Path) -> Path:
-    """`output_dir`, or the folder it links to: the save replaces that folder, not the link (replacing the link
-    left the linked folder holding the previous model, and the link a folder on the link's file system)."""
-    output_dir = Path(output_dir)
-    return output_dir.resolve() if output_dir.is_symlink() else output_dir
 
 
 def _refuse_foreign_folder(output_dir: Path) -> None:

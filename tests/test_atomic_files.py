@@ -127,6 +127,21 @@ def test_a_signal_while_the_old_content_is_deleted_does_not_leave_half_of_it(tmp
     assert [p.name for p in target.iterdir()] == ["part-0"] and (target / "part-0").read_text() == "new"
 
 
+def test_a_link_to_a_folder_keeps_linking_to_the_new_content(tmp_path):
+    """The folder a link names is replaced, beside itself: replacing the link made it a folder and left the linked
+    folder (on another disk, say) with the old content, which other links and readers still saw."""
+    (tmp_path / "disk" / "best").mkdir(parents=True)
+    (tmp_path / "disk" / "best" / "weights").write_text("old")
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "run" / "best"
+    link.symlink_to(tmp_path / "disk" / "best", target_is_directory=True)
+    with staged_folder(link) as staging:
+        (staging / "weights").write_text("new")
+    assert link.is_symlink() and (tmp_path / "disk" / "best" / "weights").read_text() == "new"
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["best"]
+    assert sorted(path.name for path in (tmp_path / "disk").iterdir()) == ["best"]  # nothing set aside is left
+
+
 def test_a_set_aside_folder_is_left_alone_while_its_process_runs(tmp_path):
     target = tmp_path / "best"
     busy = tmp_path / f".best{SET_ASIDE_MARKER}{os.getppid()}-0123abcd"  # a live process other than this one
