@@ -321,20 +321,8 @@ def test_two_signals_at_once_stop_quietly(tmp_path):
     """A supervisor's SIGHUP and torch elastic's SIGTERM reach the trainer together: both are pending when the first
     handler runs. Setting the other to SIG_IGN then made Python report "OSError: Signal 15 ignored due to race
     condition" with a traceback on stderr."""
-    script = textwrap.dedent("""
-        import sys, time
-        from modeling_stage2._signals import exit_on_termination
-
-        @exit_on_termination
-        def main():
-            print("working", flush=True)
-            time.sleep(60)
-            return 0
-
-        sys.exit(main())
-    """)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-c", SLOW_EXIT_SCRIPT], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "working\n"
     process.send_signal(signal.SIGHUP)
     process.send_signal(signal.SIGTERM)

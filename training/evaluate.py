@@ -32,7 +32,7 @@ import torch
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
-from modeling_stage2.hub import local_revision_problem
+from modeling_stage2.hub import is_hub_repo_id, local_revision_problem
 from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS, OneLineArgumentParser
 from training.bootstrap import DEFAULT_RESAMPLES
 
@@ -212,7 +212,6 @@ def _run(args, cache_dir) -> dict:
     from data_builders.build import recorded_opt_v1
     from modeling_stage2 import load_trained_model
     from modeling_stage2.adapters import check_device, check_model_folder
-    from modeling_stage2.hub import is_hub_repo_id
 
     from training.bootstrap import format_bootstrap_table
     from training.metrics import baseline_labels, format_metrics_table
