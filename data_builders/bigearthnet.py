@@ -19,7 +19,9 @@ beside `--metadata`. Skipped patches are listed with the reason in `TILES/skippe
 Patch ids become file names, so metadata whose `patch_id` is not a plain name (path separators,
 `..`, other characters than letters, digits, `_`, `.`, `-`) stops the ingest before anything is
 written. Blobs are decoded with safetensors only (no pickle). Files are written to a temporary
-name and renamed, so an interrupted ingest leaves no truncated tile.
+name and renamed, the sidecar before its tile, so an interrupted ingest leaves no truncated tile and no
+tile without its sidecar. A `data.mdb` shorter than its header declares (a truncated copy) stops the
+ingest before anything is written: reading its missing pages would end the process with SIGBUS.
 """
 from __future__ import annotations
 
@@ -219,10 +221,35 @@ def write_tile(output_dir: Path, arrays: dict, sidecar: dict) -> Path:
     folder = output_dir / sidecar["split"]
     folder.mkdir(parents=True, exist_ok=True)
     npz = folder / f"{sidecar['patch_id']}.npz"
-    _write_atomic(npz, lambda handle: np.savez_compressed(handle, **arrays))
+    # the sidecar first: a tile is only found by its .npz, so one interrupted between the two writes is no tile
+    # (a sidecar alone is ignored), never a tile without its metadata
     _write_atomic(npz.with_suffix(".json"),
                   lambda handle: handle.write((json.dumps(sidecar, indent=1) + "\n").encode("utf-8")))
+    _write_atomic(npz, lambda handle: np.savez_compressed(handle, **arrays))
     return npz
+
+
+def _lookup(env, s2_name: str, s1_name: str) -> tuple:
+    """The two blobs of a patch (None where a key is missing), in a read transaction of their own: a damaged page
+    (MDB_CORRUPTED, MDB_PAGE_NOTFOUND) is a ValueError, a damaged value that skips this patch, and the transaction it
+    leaves unusable is not the next patch's."""
+    import lmdb
+
+    try:
+        with env.begin(buffers=False) as txn:
+            return txn.get(s2_name.encode()), txn.get(str(s1_name).encode())
+    except lmdb.Error as exc:
+        raise ValueError(f"LMDB lookup of patch {s2_name!r} failed ({exc})") from None
+
+
+def _check_lmdb_size(env, lmdb_dir: Path) -> None:
+    """Refuse a `data.mdb` shorter than the pages its header declares (a truncated copy or download): LMDB maps the
+    file, and reading a page past its end ends the process with SIGBUS, without a word."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = (lmdb_dir / "data.mdb").stat().st_size
+    if size < needed:
+        raise ValueError(f"--lmdb {lmdb_dir}: data.mdb is {size} bytes, shorter than the {needed} bytes its header "
+                         "declares (a truncated copy or download?)")
 
 
 def ingest_bigearthnet(
@@ -263,31 +290,31 @@ def ingest_bigearthnet(
     output_dir = Path(output_dir)
     written, skipped = collections.Counter(), []
     try:
+        _check_lmdb_size(env, lmdb_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        with env.begin(buffers=False) as txn:
-            for row in rows:
-                if max_patches is not None and sum(written.values()) >= max_patches:
-                    break
-                patch_id = row["patch_id"]
-                if row["cloudy_snowy"] and not include_cloudy_snowy:
-                    skipped.append({"patch_id": patch_id, "reason": CLOUDY_SNOWY})
-                    continue
-                if row["split"] not in SPLIT_NAMES:
-                    skipped.append({"patch_id": patch_id, "reason": f"unknown split {row['split']!r}"})
-                    continue
-                try:
-                    s2_blob, s1_blob = txn.get(patch_id.encode()), txn.get(str(row["s1_name"]).encode())
-                    if s2_blob is None:
-                        raise ValueError(f"Sentinel-2 patch {patch_id!r} not in the LMDB")
-                    if s1_blob is None:
-                        raise ValueError(f"Sentinel-1 patch {row['s1_name']!r} not in the LMDB")
-                    arrays, sidecar = patch_tile(row, _decode(s2_blob, patch_id, S2_BANDS),
-                                                 _decode(s1_blob, row["s1_name"], S1_BANDS))
-                except ValueError as error:
-                    skipped.append({"patch_id": patch_id, "reason": str(error)})
-                    continue
-                write_tile(output_dir, arrays, sidecar)
-                written[sidecar["split"]] += 1
+        for row in rows:
+            if max_patches is not None and sum(written.values()) >= max_patches:
+                break
+            patch_id = row["patch_id"]
+            if row["cloudy_snowy"] and not include_cloudy_snowy:
+                skipped.append({"patch_id": patch_id, "reason": CLOUDY_SNOWY})
+                continue
+            if row["split"] not in SPLIT_NAMES:
+                skipped.append({"patch_id": patch_id, "reason": f"unknown split {row['split']!r}"})
+                continue
+            try:
+                s2_blob, s1_blob = _lookup(env, patch_id, row["s1_name"])
+                if s2_blob is None:
+                    raise ValueError(f"Sentinel-2 patch {patch_id!r} not in the LMDB")
+                if s1_blob is None:
+                    raise ValueError(f"Sentinel-1 patch {row['s1_name']!r} not in the LMDB")
+                arrays, sidecar = patch_tile(row, _decode(s2_blob, patch_id, S2_BANDS),
+                                             _decode(s1_blob, row["s1_name"], S1_BANDS))
+            except ValueError as error:
+                skipped.append({"patch_id": patch_id, "reason": str(error)})
+                continue
+            write_tile(output_dir, arrays, sidecar)
+            written[sidecar["split"]] += 1
     finally:
         env.close()
 
@@ -319,9 +346,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         summary = ingest_bigearthnet(args.lmdb, args.metadata, args.output_dir,
                                      include_cloudy_snowy=args.include_cloudy_snowy, max_patches=args.max_patches)
-    except (OSError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"stage2-ingest-bigearthnet: error: {error}", file=sys.stderr)
         return 2  # bad input (a missing or malformed file, an unsafe patch id): a user error
+    except OSError as error:  # the system failed (a full disk): the tiles written so far are whole, each one
+        where = "" if error.filename else f"--output_dir {args.output_dir}: "  # a write to a handle names no file
+        print(f"stage2-ingest-bigearthnet: error: {where}{error}", file=sys.stderr)
+        return 1
     except ImportError as error:  # lmdb, pyarrow: the optional dependencies of the ingest
         missing = (error.name or "lmdb").split(".")[0]
         hint = _vocabulary.install_hint(f"reading BigEarthNet ({missing} is missing)", "bigearthnet")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -256,7 +257,8 @@ def _remove_stale_scratch(output_dir: Path) -> None:
     """Undo what builds that were killed (their process is gone) left: a dataset they had set aside while
     replacing it goes back to `output_dir`, then their scratch folders are removed."""
     _files.restore_set_aside(output_dir)
-    for scratch in output_dir.parent.glob(f".{output_dir.name}{SCRATCH_MARKER}*"):
+    # the name escaped: `ds[1]` as a pattern would match the scratch folders of `ds1`, and never its own
+    for scratch in output_dir.parent.glob(f".{glob.escape(output_dir.name)}{SCRATCH_MARKER}*"):
         try:
             pid = int(scratch.name.rsplit(SCRATCH_MARKER, 1)[1].split("-")[0])
         except (IndexError, ValueError):
@@ -439,7 +441,7 @@ def build_dataset(
     Args:
         data_dir: folder with `train/`, `val/` (or `validation/`), `test/` subfolders of tiles.
         output_dir: where the dataset goes (`datasets.load_from_disk(output_dir)`); an existing
-            dataset there is replaced only once the new one is complete.
+            dataset there is replaced only once the new one is complete (a link: the folder it names).
         stage1_dir: folder of Stage 1 outputs `<tile_id>.npz` (key `opt_v1`, (4, 120, 120)).
         max_samples: read at most this many tiles per split (the first ones by tile id).
         strict: stop at the first bad tile with `TileError` instead of skipping it.
@@ -465,6 +467,8 @@ def build_dataset(
     from datasets import load_from_disk
 
     data_dir, output_dir = Path(data_dir), Path(output_dir)
+    if output_dir.is_symlink():  # a link to a folder: the folder it names is replaced, beside itself, and the link kept
+        output_dir = output_dir.resolve()
     mode = resolve_input_mode(input_mode, stage1_dir)
     preset, degradation = resolve_degradation(degradation, degradation_overrides)
     if int(num_proc) < 1:
@@ -625,7 +629,7 @@ def _first_reasons(rejected: list[dict], limit: int = 3) -> str:
     if not rejected:
         return ""
     lines = [f"{r['file']}: {r['key'] or '-'}: {r['problem']}" for r in rejected[:limit]]
-    return f"; {len(rejected)} rejected, e.g.\n  " + "\n  ".join(lines)
+    return f"; {len(rejected)} rejected, e.g. " + "; ".join(lines)  # one line: the CLI's error is one
 
 
 def _train_statistics(reports: list[dict]) -> dict:

@@ -46,6 +46,9 @@ def load_splits(path: str | Path) -> dict:
     except Exception as exc:
         raise ValueError(f"{path} is not a saved dataset ({exc}); pass a folder written by stage2-build-dataset") from None
     splits = {str(loaded.split or "data"): loaded} if isinstance(loaded, Dataset) else dict(loaded)
+    if not splits:  # a DatasetDict saved without a split: nothing to describe (and no first split to read)
+        raise ValueError(f"{path} is a saved DatasetDict without any split; pass a folder written by "
+                         "stage2-build-dataset")
     for split, dataset in splits.items():  # the report and the plot read them: one line here, not a KeyError later
         missing = [column for column in CORE_COLUMNS if column not in dataset.column_names]
         if missing:

@@ -274,3 +274,115 @@ def test_skipped_list_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         ingest_bigearthnet(lmdb_dir, metadata, tmp_path / "tiles")
     assert skipped.read_text() == before
     assert sorted(p.name for p in (tmp_path / "tiles").iterdir()) == [SKIPPED_FILE]
+
+
+def _patches_lmdb(tmp_path: Path, count: int = 3) -> tuple[Path, Path]:
+    """An LMDB of `count` patches (`..._0_<i>` with `S1_<i>`, the first patch's S2 value written first) and their
+    metadata."""
+    s2 = {band: np.full((120, 120), 500, np.uint16) for band in ("B02", "B03", "B04", "B08")}
+    s1 = {"VV": np.zeros((120, 120), np.float32), "VH": np.zeros((120, 120), np.float32)}
+    entries = {f"S2A_MSIL2A_20180101T100000_0_{i}": s2 for i in range(count)} | {f"S1_{i}": s1 for i in range(count)}
+    rows = [{"patch_id": f"S2A_MSIL2A_20180101T100000_0_{i}", "labels": ["Arable land"], "split": "train",
+             "s1_name": f"S1_{i}", "country": "Nowhere", "contains_seasonal_snow": False,
+             "contains_cloud_or_shadow": False} for i in range(count)]
+    return _tiny_lmdb(tmp_path / "lmdb", entries), _metadata(tmp_path / "meta.parquet", rows)
+
+
+def _ingest_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_builders.bigearthnet", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_truncated_data_mdb_stops_the_ingest_before_any_write(tmp_path):
+    """A data.mdb cut short (an interrupted copy of the 60 GB LMDB) opened fine, then the first read of a missing
+    page ended the process with SIGBUS: no message, an empty output folder."""
+    lmdb_dir, metadata = _patches_lmdb(tmp_path)
+    data = lmdb_dir / "data.mdb"
+    full = data.stat().st_size
+    data.write_bytes(data.read_bytes()[: full // 2])
+    output = tmp_path / "tiles"
+    done = _ingest_cli("--lmdb", lmdb_dir, "--metadata", metadata, "--output_dir", output)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"stage2-ingest-bigearthnet: error: --lmdb {lmdb_dir}: data.mdb is {full // 2} bytes, shorter than the {full} "
+        "bytes its header declares (a truncated copy or download?)"]
+    assert not output.exists()
+
+
+def test_a_damaged_lmdb_page_skips_only_its_patch(tmp_path):
+    """A damaged page raised lmdb.CorruptedError out of the ingest (a traceback, skipped.jsonl never written); and a
+    read transaction that has failed fails every later lookup. Now it skips that patch (a damaged value, exit 1)."""
+    import struct
+
+    import lmdb
+
+    lmdb_dir, metadata = _patches_lmdb(tmp_path)
+    with lmdb.open(str(lmdb_dir), readonly=True, lock=False) as env:
+        page_size = env.stat()["psize"]
+    raw = bytearray((lmdb_dir / "data.mdb").read_bytes())
+    p_leaf, p_overflow = 0x02, 0x04
+    first_value = next(page for page in range(2, len(raw) // page_size)  # page header: pgno, pad, flags
+                       if struct.unpack_from("<QHH", raw, page * page_size) == (page, 0, p_overflow))
+    struct.pack_into("<H", raw, first_value * page_size + 10, p_leaf)  # the first patch's S2 blob: wrong page type
+    (lmdb_dir / "data.mdb").write_bytes(bytes(raw))
+
+    summary = ingest_bigearthnet(lmdb_dir, metadata, tmp_path / "tiles")
+    assert summary["written"] == {"train": 2}
+    [(reason, count)] = summary["skipped"].items()
+    assert count == 1 and reason.startswith("LMDB lookup of patch 'S2A_MSIL2A_20180101T100000_0_0' failed (")
+    assert "MDB_CORRUPTED" in reason
+    assert sorted(p.name for p in (tmp_path / "tiles" / "train").iterdir()) == [
+        f"S2A_MSIL2A_20180101T100000_0_{i}.{ext}" for i in (1, 2) for ext in ("json", "npz")]
+    done = _ingest_cli("--lmdb", lmdb_dir, "--metadata", metadata, "--output_dir", tmp_path / "again")
+    assert done.returncode == 1 and "wrote 2 tiles" in done.stdout and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_full_disk_is_a_failure_of_the_system_not_a_user_error(tmp_path, capsys, monkeypatch):
+    """A write failing with ENOSPC exited 2 (a user error) with "[Errno 28] No space left on device" and no file."""
+    import errno
+
+    from data_builders import bigearthnet
+
+    lmdb_dir, metadata = _patches_lmdb(tmp_path)
+    written = []
+    real = np.savez_compressed
+
+    def disk_full_at_the_second_tile(handle, **arrays):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(real(handle, **arrays))
+
+    monkeypatch.setattr(bigearthnet.np, "savez_compressed", disk_full_at_the_second_tile)
+    output = tmp_path / "tiles"
+    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(output)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-ingest-bigearthnet: error: --output_dir {output}: [Errno 28] No space left on device"]
+    tiles = sorted(p.name for p in (output / "train").iterdir())
+    assert tiles == ["S2A_MSIL2A_20180101T100000_0_0.json", "S2A_MSIL2A_20180101T100000_0_0.npz",
+                     "S2A_MSIL2A_20180101T100000_0_1.json"]  # whole files only; a sidecar alone is no tile
+
+
+def test_an_ingest_stopped_between_a_tile_and_its_sidecar_leaves_no_tile_without_it(tmp_path, monkeypatch):
+    """The tile was written before its sidecar: Ctrl-C (or SIGTERM) between the two left a tile that the build read
+    without its metadata (patch_id, country, labels None; source "unknown")."""
+    from data_builders import bigearthnet
+    from data_builders.discovery import discover_tiles
+
+    lmdb_dir, metadata = _patches_lmdb(tmp_path)
+    real, writes = bigearthnet._write_atomic, []
+
+    def stopped_at_the_fourth_write(path, write):
+        writes.append(path.name)
+        if len(writes) == 4:  # the second patch's first file is written: the signal comes before its second
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(bigearthnet, "_write_atomic", stopped_at_the_fourth_write)
+    output = tmp_path / "tiles"
+    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(output)]) == 130
+    assert len(writes) == 4
+    splits, rejected = discover_tiles(output)
+    assert rejected == [] and [spec.tile_id for spec in splits["train"]] == ["S2A_MSIL2A_20180101T100000_0_0"]
+    for npz in output.rglob("*.npz"):
+        assert npz.with_suffix(".json").is_file(), f"{npz.name} has no sidecar"
+    assert splits["train"][0].sidecar["country"] == "Nowhere"

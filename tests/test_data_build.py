@@ -465,6 +465,18 @@ def test_every_tile_rejected_is_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_every_tile_rejected_is_one_line_naming_the_first_files(tmp_path):
+    """The CLI's error (exit 2) listed the first rejections on lines of their own under the error line."""
+    data = tmp_path / "tiles"
+    for name in ("bad0", "bad1"):
+        write_tile(data / "train", name, tile_arrays() | {"month": np.int64(0)})
+    with pytest.raises(ValueError) as caught:
+        build_dataset(data, tmp_path / "out")
+    reason = "month: value 0 outside 1..12 (use -1 for unknown)"
+    assert str(caught.value) == (f"every tile under {data} was rejected; 2 rejected, e.g. "
+                                 f"{data / 'train' / 'bad0.npz'}: {reason}; {data / 'train' / 'bad1.npz'}: {reason}")
+
+
 # ----------------------------------------------------------------------------- atomic output
 @pytest.fixture()
 def existing_dataset(tmp_path):
@@ -624,6 +636,37 @@ def _process_gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return state in ("Z", "X")
+
+
+def test_an_output_dir_that_is_a_link_is_kept_and_the_folder_it_names_replaced(tmp_path):
+    """A link to a dataset on another disk was replaced by a folder of its own (the dataset written beside the link,
+    the folder it named left with the old one), and the link was set aside as a hidden link that nothing removed."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "small").mkdir()
+    build_dataset(data, tmp_path / "big" / "arrow", seed=0)
+    link = tmp_path / "small" / "arrow"
+    link.symlink_to(tmp_path / "big" / "arrow", target_is_directory=True)
+    build_dataset(data, link, seed=1)
+    assert [p.name for p in (tmp_path / "small").iterdir()] == ["arrow"] and link.is_symlink()
+    assert [p.name for p in (tmp_path / "big").iterdir()] == ["arrow"]
+    assert read_build_info(datasets.load_from_disk(str(tmp_path / "big" / "arrow")))["opt_v1"]["seed"] == 1
+
+
+def test_a_stale_scratch_folder_is_found_by_the_exact_output_name(tmp_path):
+    """The scratch folders of killed builds were found with the output's name as a glob pattern: those of `ds[1]` were
+    never removed, and a build of `ds[1]` took `ds1`'s for its own."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # a pid whose process has ended: the build that left these was killed
+    own = tmp_path / f".ds[1]{SCRATCH_MARKER}{gone.pid}-deadbeef"
+    other = tmp_path / f".ds1{SCRATCH_MARKER}{gone.pid}-cafecafe"
+    for scratch in (own, other):
+        (scratch / "cache").mkdir(parents=True)
+        (scratch / "cache" / "train-00000-of-00001.arrow").write_bytes(b"left by a killed build")
+    build_dataset(data, tmp_path / "ds[1]")
+    assert not own.exists()
+    assert (other / "cache" / "train-00000-of-00001.arrow").read_bytes() == b"left by a killed build"  # ds1's
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")

@@ -228,3 +228,15 @@ def test_plot_sample_refuses_what_is_not_one_tile(sample, refined, message):
 
     with pytest.raises(ValueError, match=f"^plot_sample: {message}" if message.startswith("expected") else message):
         plot_sample(sample, refined=refined)
+
+
+def test_a_saved_dataset_dict_without_splits_is_one_line(tmp_path, capsys):
+    """A DatasetDict saved with no split ended stage2-inspect in a StopIteration traceback (exit 1)."""
+    path = tmp_path / "empty"
+    datasets.DatasetDict({}).save_to_disk(str(path))
+    capsys.readouterr()
+    assert main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        f"stage2-inspect: error: {path} is a saved DatasetDict without any split; pass a folder written by "
+        "stage2-build-dataset"]
