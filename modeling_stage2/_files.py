@@ -11,6 +11,7 @@ deletes a set-aside folder only once `NAME` exists again (the kill came after th
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -57,7 +58,8 @@ def _abandoned(output_dir: Path, marker: str) -> list[Path]:
     """Folders `.NAME<marker>PID-...` of `output_dir` whose owner process is gone: what a killed save left. (This
     process's own are a save in progress in another thread: a failed one cleans up after itself.)"""
     found = []
-    for path in sorted(output_dir.parent.glob(f".{output_dir.name}{marker}*")):
+    # the name escaped: as a pattern, `ds[1]` would match what a killed save of `ds1` left, and never its own
+    for path in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}{marker}*")):
         pid = _owner(path, marker)
         if pid is not None and pid != os.getpid() and path.is_dir() and not process_alive(pid):
             found.append(path)

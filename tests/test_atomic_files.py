@@ -162,6 +162,24 @@ def test_leftover_of_a_kill_after_the_second_rename_is_removed(tmp_path):
     assert not stale.exists() and (target / "weights").read_text() == "new"
 
 
+
+def test_a_name_with_glob_characters_finds_only_what_its_own_saves_left(tmp_path):
+    """The name was used as a glob pattern: replacing `ds[1]` took the content of `ds1` that a killed save had set
+    aside for `ds[1]`'s old one (and deleted it once `ds[1]` was in place), and never found its own."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    others = tmp_path / f".ds1{SET_ASIDE_MARKER}{int(dead.stdout)}-0123abcd"  # `ds1`'s only copy, after a kill
+    others.mkdir()
+    (others / "weights").write_text("ds1")
+    own = tmp_path / f".ds[1]{SET_ASIDE_MARKER}{int(dead.stdout)}-4567cdef"
+    own.mkdir()
+    (own / "weights").write_text("old ds[1]")
+    target = tmp_path / "ds[1]"
+    assert restore_set_aside(target) == own
+    assert (target / "weights").read_text() == "old ds[1]" and (others / "weights").read_text() == "ds1"
+    with staged_folder(target) as staging:
+        (staging / "weights").write_text("new ds[1]")
+    assert (target / "weights").read_text() == "new ds[1]" and (others / "weights").read_text() == "ds1"
+
 # ----------------------------------------------------------------------------------------------- best/ of a run
 def _fake_trainer(output_dir: Path):
     """What `Stage2Trainer.save_best_model` uses of the trainer, without training anything."""
