@@ -102,6 +102,7 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
             parser.error(f"{', '.join('--' + flag for flag in scene_only)}: for a scene only; tiles are refined whole "
                          "and written as float32 reflectance")
         tile_inputs(inputs, Path(args.output_dir), args.stage1_dir)  # everything that needs no model
+        _refuse_the_model_folder(args.model, Path(args.output_dir))
         return "tiles"
     if args.output is None or args.output_dir is not None:
         parser.error("a GeoTIFF scene as --input (anything but a folder or .npz files) needs --output FILE.tif "
@@ -131,6 +132,19 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     with SceneSource(inputs) as source:  # band count, CRS, grid, scales, nodata: checked before the model is loaded
         scene_output_settings(source, args.input_scale, args.output_scale, outputs, warn=False)
     return "scene"
+
+
+def _refuse_the_model_folder(model: str, output_dir: Path) -> None:
+    """The model's folder (or an exported graph's) is an input too: tiles written into it would mix with its files,
+    and its own `metrics.json`, its evaluation, would be replaced by the tiles' or removed as an earlier run's."""
+    folder = Path(model).expanduser()
+    if folder.is_file():  # an exported graph: its folder holds its config.json and records
+        folder = folder.parent
+    if folder.is_dir() and output_dir.is_dir() and folder.samefile(output_dir):
+        raise InferenceInputError(
+            f"output_dir {output_dir} is the model folder {model}; refusing to write tiles among its files (its "
+            "metrics.json would be replaced or removed): choose another output folder"
+        )
 
 
 def _default_device(device: str | None) -> str:

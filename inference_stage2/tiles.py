@@ -31,8 +31,8 @@ from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_R
 
 from .predict import refine_arrays
 from .values import (
-    DEFAULT_BATCH_SIZE, GEOTIFF_SUFFIXES, InferenceInputError, check_biome, check_month, metadata_limits,
-    to_reflectance,
+    DEFAULT_BATCH_SIZE, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError, check_biome, check_month,
+    metadata_limits, to_reflectance,
 )
 
 
@@ -110,19 +110,33 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise InferenceInputError(f"{path}: cannot be read as an NPZ file ({where}{error.problem})") from None
 
 
+def _auto_scale_is(values: Sequence[Any], input_scale: str) -> bool:
+    """Whether `input_scale` is the scale `"auto"` reads `values` with anyway (integer arrays digital numbers, float
+    arrays reflectance): the flag then overrides nothing, and the data builders' reader, every check of it, applies."""
+    kinds = {value.dtype.kind if isinstance(value, np.ndarray) else None for value in values}
+    return (input_scale == "reflectance" and kinds == {"f"}) or (
+        input_scale == "dn" and bool(kinds) and kinds <= {"i", "u"})
+
+
 def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> np.ndarray:
     """The four bands as float32 reflectance; invalid (non-finite) pixels NaN, so that they stay unrefined."""
-    if input_scale == "auto":  # the data builders' reader: the same checks, bitwise the same reflectance as training
+    if input_scale == "auto" or _auto_scale_is([arrays.get(key) for key in TILE_BAND_KEYS], input_scale):
+        # the data builders' reader: the same checks, bitwise the same reflectance as training
         try:
             bands, valid, _ = read_bands(path, arrays)
         except TileError as error:
             raise InferenceInputError(str(error)) from None
         bands[:, ~valid] = np.nan
         return bands
-    bands = []
     for key in TILE_BAND_KEYS:
         if key not in arrays:
             raise InferenceInputError(f"{path}: missing key {key!r} (a tile needs {TILE_BAND_KEYS})")
+    try:  # before any shape is read: a zip member that is no .npy array comes back as bytes
+        band_kind(path, [arrays[key] for key in TILE_BAND_KEYS])
+    except TileError as error:
+        raise InferenceInputError(str(error)) from None
+    bands = []
+    for key in TILE_BAND_KEYS:
         band = arrays[key]
         if band.shape != (TILE_SIZE, TILE_SIZE):
             raise InferenceInputError(
@@ -131,7 +145,6 @@ def _tile_bands(arrays: dict[str, np.ndarray], path: Path, input_scale: str) -> 
             )
         bands.append(band)
     try:  # the scale is the flag's; every other check is the data builders'
-        band_kind(path, bands)
         reflectance = np.stack([to_reflectance(band, input_scale, f"{path}: key {key!r}")
                                 for key, band in zip(TILE_BAND_KEYS, bands)])
         valid = valid_pixels(path, reflectance)
@@ -178,6 +191,11 @@ def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
     if "opt_v1" not in arrays:
         raise InferenceInputError(f"{path}: missing key 'opt_v1' (Stage 1 output, shape (4, 120, 120))")
     opt_v1 = arrays["opt_v1"]
+    if not isinstance(opt_v1, np.ndarray):  # a zip member that is no .npy array comes back as bytes
+        raise InferenceInputError(str(TileError(path, "opt_v1", "zip member 'opt_v1' is not a .npy array; save "
+                                                                "Stage 1 outputs with np.savez")))
+    if _auto_scale_is([opt_v1], input_scale):  # the flag overrides nothing: the data builders' reader
+        return _stage1_opt_v1(path, "auto")
     if opt_v1.shape != (len(BAND_NAMES), TILE_SIZE, TILE_SIZE):
         raise InferenceInputError(
             f"{path}: key 'opt_v1' has shape {opt_v1.shape}, expected (4, {TILE_SIZE}, {TILE_SIZE})"
@@ -400,6 +418,8 @@ def refine_tiles(
     output_dir = Path(output_dir)
     if batch_size < 1:
         raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
+    if input_scale not in INPUT_SCALES:  # found per tile, it would reject every tile and remove their old outputs
+        raise InferenceInputError(f"input_scale must be one of {INPUT_SCALES}, got {input_scale!r}")
     stage1 = Path(stage1_dir) if stage1_dir is not None else None
     paths = tile_inputs(inputs, output_dir, stage1)
     input_mode = "stage1" if stage1 is not None else "identity"

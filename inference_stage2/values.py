@@ -102,7 +102,9 @@ def _as_metadata_int(value: Any, source: str) -> int:
     array = np.asarray(value)
     whole_float = array.dtype.kind == "f" and array.ndim == 0 and bool(np.isfinite(array)) and float(array).is_integer()
     if array.ndim != 0 or not (array.dtype.kind in "iu" or whole_float):  # bools and strings are refused
-        raise InferenceInputError(f"{source}: expected one integer, got {value!r}")
+        # an array by its shape: its repr spans lines (a month stored as a 120 x 120 band)
+        got = f"an array of shape {array.shape}" if array.ndim else repr(value)
+        raise InferenceInputError(f"{source}: expected one integer, got {got}")
     return int(array)
 
 

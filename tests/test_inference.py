@@ -688,12 +688,14 @@ def _write_bad_tiles(folder: Path, good: Path) -> dict[str, str]:
     np.savez(folder / "month13.npz", **{**arrays, "month": np.int64(13)})
     np.savez(folder / "objects.npz", **{**arrays, "s2_b2": np.array([object()] * 3, dtype=object)})
     np.savez(folder / "small.npz", **{**arrays, "s2_b3": arrays["s2_b3"][:60]})
+    np.savez(folder / "month_band.npz", **{**arrays, "month": np.full((120, 120), 7)})  # its repr spans 7 lines
     return {
         "truncated.npz": "cannot be read as an NPZ file",
         "missing_band.npz": "'s2_b8': missing key",
         "month13.npz": "month 13 is out of range",
         "objects.npz": "refusing",
         "small.npz": "'s2_b3': shape (60, 120)",
+        "month_band.npz": "key 'month': expected one integer, got an array of shape (120, 120)",
     }
 
 
@@ -707,6 +709,7 @@ def test_tiles_bad_files_are_rejected_with_reasons_or_stop_in_strict_mode(few_ti
     assert sorted(rejected) == sorted(reasons)
     for name, fragment in reasons.items():
         assert fragment in rejected[name] and name in rejected[name]
+        assert len(rejected[name].splitlines()) == 1, rejected[name]  # one line each
         assert not (output / "val" / name).exists()
     with pytest.raises(InferenceInputError, match="truncated.npz|missing_band.npz|month13.npz"):
         refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "strict", strict=True, progress=False)

@@ -2,7 +2,10 @@
 file, and an input folder inside the output folder (which is no collision at all)."""
 from __future__ import annotations
 
+import io
+import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -113,3 +116,107 @@ def test_options_of_the_other_kind_of_input_are_refused_not_ignored(few_tiles, t
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and lines[-1].startswith(f"stage2-refine: error: {message}"), lines
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tif").exists()
+
+
+def _npz_with_a_raw_member(path, arrays, raw_key):
+    """An NPZ whose member `raw_key` is stored without `.npy`: np.load hands back its bytes, not an array."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for key, value in arrays.items():
+            if key == raw_key:
+                archive.writestr(key, b"not an array")
+            else:
+                buffer = io.BytesIO()
+                np.save(buffer, value)
+                archive.writestr(f"{key}.npy", buffer.getvalue())
+
+
+@pytest.mark.parametrize("input_scale", ["auto", "dn", "reflectance"])
+def test_a_zip_member_that_is_no_array_is_rejected_under_every_input_scale(few_tiles, tmp_path, input_scale):
+    """Under an explicit --input_scale a band or opt_v1 stored as raw bytes was an AttributeError that stopped the
+    whole run; now the tile is rejected, named, as under auto, and the others are written."""
+    paths = sorted(few_tiles.rglob("*.npz"))
+    _npz_with_a_raw_member(few_tiles / "val" / "raw.npz", load_npz(paths[0]), "s2_b2")
+    summary = refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "out", input_scale=input_scale, progress=False)
+    assert len(summary.written) == 3
+    assert [reason for _, reason in summary.rejected] == [
+        f"{few_tiles / 'val' / 'raw.npz'}: 's2_b2': zip member 's2_b2' is not a .npy array; save tiles with np.savez"]
+    (few_tiles / "val" / "raw.npz").unlink()
+    stage1 = tmp_path / "stage1"
+    _stage1_files(few_tiles, stage1)
+    raw = stage1 / paths[0].relative_to(few_tiles)
+    _npz_with_a_raw_member(raw, {"opt_v1": load_npz(raw)["opt_v1"]}, "opt_v1")
+    summary = refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "s1", stage1, input_scale=input_scale,
+                           progress=False)
+    assert len(summary.written) == 2 and len(summary.rejected) == 1
+    assert summary.rejected[0][1].startswith(f"{raw}: 'opt_v1': zip member 'opt_v1' is not a .npy array; save ")
+
+
+def test_an_input_scale_that_says_what_the_dtype_says_keeps_every_check_of_the_builders(few_tiles, tmp_path):
+    """--input_scale reflectance on float bands (dn on integers) is the scale auto reads them with: it overrides
+    nothing, so the tile is read by the data builders' reader, as under auto. Float digital numbers, and a float64
+    value float32 cannot hold, were refined under reflectance (the latter as a silent NaN pixel) and refused under
+    auto."""
+    good = sorted(few_tiles.rglob("*.npz"))[0]
+    arrays = load_npz(good)
+    tiles = tmp_path / "bad"
+    tiles.mkdir()
+    np.savez(tiles / "float_dn.npz", **{**arrays, **{key: arrays[key].astype(np.float32) for key in BAND_KEYS}})
+    huge = {key: arrays[key] * 1e-4 for key in BAND_KEYS}
+    huge["s2_b3"][3, 3] = 1e300
+    np.savez(tiles / "float64_huge.npz", **{**arrays, **huge})
+    reasons = {}
+    for input_scale in ("auto", "reflectance"):
+        summary = refine_tiles(PixelwiseRefiner(), tiles, tmp_path / input_scale, input_scale=input_scale,
+                               progress=False)
+        assert summary.written == [] and len(summary.rejected) == 2
+        reasons[input_scale] = summary.rejected
+    assert reasons["reflectance"] == reasons["auto"]
+    assert "float band values reach 1e+300" in reasons["auto"][0][1]
+    assert "float_dn.npz: float band values reach " in reasons["auto"][1][1]
+    # A Stage 1 opt_v1 of float digital numbers, the same.
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    np.savez(stage1 / good.name, opt_v1=np.stack([arrays[key] for key in BAND_KEYS]).astype(np.float32))
+    for input_scale in ("auto", "reflectance"):
+        summary = refine_tiles(PixelwiseRefiner(), good, tmp_path / f"s1_{input_scale}", stage1,
+                               input_scale=input_scale, progress=False)
+        assert summary.written == [] and len(summary.rejected) == 1
+        assert summary.rejected[0][1].startswith(f"{stage1 / good.name}: 'opt_v1': float band values reach ")
+    # A true override still refines: integers read as reflectance, floats as digital numbers.
+    floats = tmp_path / "floats"
+    floats.mkdir()
+    shutil.copy(tiles / "float_dn.npz", floats)
+    written = refine_tiles(PixelwiseRefiner(), floats, tmp_path / "dn", input_scale="dn", progress=False)
+    assert written.written == ["float_dn.npz"] and written.rejected == []
+
+
+def test_a_bad_input_scale_is_refused_before_any_tile_and_keeps_the_earlier_outputs(few_tiles, tmp_path):
+    """Found per tile, a misspelt input_scale rejected every tile and removed its earlier output as stale."""
+    output = tmp_path / "out"
+    refine_tiles(PixelwiseRefiner(), few_tiles, output, progress=False)
+    before = {path: path.read_bytes() for path in sorted(output.rglob("*.npz"))}
+    assert len(before) == 3
+    with pytest.raises(InferenceInputError, match=r"input_scale must be one of \('auto', 'reflectance', 'dn'\), "
+                                                  r"got 'DN'"):
+        refine_tiles(PixelwiseRefiner(), few_tiles, output, input_scale="DN", progress=False)
+    assert {path: path.read_bytes() for path in sorted(output.rglob("*.npz"))} == before
+
+
+def test_an_output_dir_that_is_the_model_folder_is_refused_before_the_model_loads(few_tiles, tmp_path, capsys):
+    """The model folder is an input too: refined into it, its own metrics.json (its evaluation) was removed as an
+    earlier run's (or replaced by the tiles' with Stage 1 input)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # never read: refused before the model loads
+    (model / "model.onnx").write_bytes(b"")  # an exported graph: its folder holds its records too
+    (model / "metrics.json").write_text(json.dumps({"refined": {"ndvi_rmse": 0.05}, "n_tiles": 18}))
+    before = {path.name: path.read_bytes() for path in model.iterdir()}
+    for model_argument, output_dir in ((model, model), (model / "model.onnx", tmp_path / "." / "model")):
+        code = main(["--model", str(model_argument), "--input", str(few_tiles), "--output_dir", str(output_dir),
+                     "--no_progress"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0] == (f"stage2-refine: error: output_dir {output_dir} is the model folder {model_argument}; "
+                            "refusing to write tiles among its files (its metrics.json would be replaced or "
+                            "removed): choose another output folder")
+    assert {path.name: path.read_bytes() for path in model.iterdir()} == before
