@@ -40,7 +40,9 @@ def _prepare_model(model: Any, device: str | torch.device | None) -> torch.devic
     parameter = _first_parameter(model)
     if device is not None:
         device = torch.device(device)
-        if parameter is not None and not _same_device(parameter.device, device) and hasattr(model, "to"):
+        if parameter is not None and _same_device(parameter.device, device):
+            return parameter.device  # "cuda" for a model on cuda:1: its inputs go to cuda:1, not the current cuda:0
+        if parameter is not None and hasattr(model, "to"):
             model.to(device)
         return device
     return parameter.device if parameter is not None else torch.device("cpu")

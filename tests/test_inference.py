@@ -1556,3 +1556,18 @@ def test_a_failing_scene_leaves_neither_file(fallback_refiner, small_dn_scene, t
         refine_scene(fallback_refiner, path, tmp_path / "out.tif", 7, 4, out_of_range_output=tmp_path / "w.tif",
                      progress=False)
     assert files_in(tmp_path) == [path.name]
+
+
+def test_a_device_without_an_index_sends_inputs_to_the_model_s_own_device():
+    """`device="cuda"` for a model on cuda:1 (a second GPU, or one that refuses `.to()`: quantized) left the model
+    there and sent the inputs to "cuda", the current device, cuda:0. A parameter is faked: no GPU is needed."""
+    from types import SimpleNamespace
+
+    from inference_stage2.predict import _prepare_model
+
+    moves = []
+    on_second_gpu = SimpleNamespace(device=torch.device("cuda", 1), is_floating_point=lambda: True)
+    model = SimpleNamespace(parameters=lambda: iter([on_second_gpu]), eval=lambda: None, to=moves.append)
+    assert _prepare_model(model, "cuda") == torch.device("cuda", 1) and moves == []
+    assert _prepare_model(model, "cuda:1") == torch.device("cuda", 1) and moves == []
+    assert _prepare_model(model, "cpu") == torch.device("cpu") and moves == [torch.device("cpu")]
