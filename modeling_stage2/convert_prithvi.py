@@ -84,8 +84,9 @@ def read_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as error:  # torch raises several types for corrupt or pickled-object files
         raise PrithviCheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(error).__name__}: {error}). "
-            "Official Prithvi-EO-2.0 files (Prithvi_EO_V2_*.pt) are flat state dicts of tensors."
+            f"{path}: cannot be read as a weights-only torch checkpoint ({type(error).__name__}: "
+            f"{_load_error_reason(error)}). Official Prithvi-EO-2.0 files (Prithvi_EO_V2_*.pt) are flat state dicts "
+            "of tensors."
         ) from error
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -94,6 +95,16 @@ def read_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
         raise PrithviCheckpointError(f"{path}: expected a flat dict of tensors, got {type(state).__name__}.")
     _check_entries(state, path)
     return state
+
+
+def _load_error_reason(error: Exception) -> str:
+    """`torch.load`'s error in one line. Its refusal of a pickled object spans paragraphs (and suggests loading with
+    `weights_only=False`, which this converter never does): only the unpickler's own reason is kept."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split(". Please use", 1)[0]
+    return " ".join(text.split())
 
 
 def _check_entries(state: dict, path: Path) -> None:
@@ -377,6 +388,8 @@ def convert_official_checkpoint(
             size and frame count are read from the stored position table (the grid whose sin-cos table it is);
             give both `img_size` and `num_frames` for a checkpoint whose table fits no grid or several.
     """
+    if output_dir is not None:
+        check_output_folder(output_dir)  # before reading (or downloading) gigabytes
     state = read_official_state_dict(checkpoint_path)
     source = checkpoint_source(state, checkpoint_path)
     encoder = encoder_state_dict(state, source)
@@ -463,8 +476,8 @@ def resolve_checkpoint(checkpoint: str | Path, revision: str | None = None, cach
     return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir))
 
 
-def save_atomically(model: PrithviEncoder, output_dir: str | Path) -> Path:
-    """`save_pretrained` into a temporary sibling folder, then rename it into place."""
+def check_output_folder(output_dir: str | Path) -> None:
+    """Raises `FileExistsError` unless `output_dir` is new, empty or an earlier conversion (`save_atomically`)."""
     output_dir = Path(output_dir)
     if output_dir.exists():
         if not output_dir.is_dir():
@@ -475,6 +488,12 @@ def save_atomically(model: PrithviEncoder, output_dir: str | Path) -> Path:
                 f"{output_dir} holds other files ({others[:5]}); choose a new or empty folder for the converted "
                 "encoder."
             )
+
+
+def save_atomically(model: PrithviEncoder, output_dir: str | Path) -> Path:
+    """`save_pretrained` into a temporary sibling folder, then rename it into place."""
+    output_dir = Path(output_dir)
+    check_output_folder(output_dir)
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
     return output_dir
@@ -518,8 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.bands:
             for band in args.bands:
                 canonical_band_name(band)
+        check_output_folder(args.output_dir)  # before a download
         checkpoint = resolve_checkpoint(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
-        overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+        overrides = {"num_heads": args.num_heads} if args.num_heads is not None else {}
         if args.img_size:
             overrides["img_size"] = args.img_size[0] if len(args.img_size) == 1 else args.img_size
         if args.num_frames is not None:

@@ -57,9 +57,10 @@ INPUT_NAMES = ("opt_v1", "month", "biome")
 OUTPUT_NAMES = ("refined", OUT_OF_RANGE_WEIGHT)
 # Largest height/width the graph is declared for; the eager model has no limit, memory sets one in practice.
 MAX_SIDE = 32768
-# Smallest height/width of the graph: two patches' worth minus 13 px. A one-patch grid (H or W <= 14) is cut off by
-# torch's own size-1 specialisation (conv output layout and contiguity checks), which no model code can avoid; the
-# eager model handles such tiny images.
+# Smallest height/width of the graph: one pixel more than a patch (`min_side`), 15 px for the 14-px patch of the 600M
+# and tiny backbones, 17 for the 16-px one of the 300M/100M. A one-patch grid (H or W <= patch) is cut off by torch's
+# own size-1 specialisation (conv output layout and contiguity checks), which no model code can avoid; the eager model
+# handles such tiny images.
 MIN_SIDE = 15
 MAX_BATCH = 4096
 # Example input of the trace: a batch of 2 (batch 1 would be specialised) and a size that is not a multiple of the
@@ -67,11 +68,17 @@ MAX_BATCH = 4096
 _EXAMPLE_SHAPE = (2, 120, 134)
 # Sizes checked against the eager model after the export (batch, height, width).
 _CHECK_SHAPES = ((1, 120, 120), (3, 23, 41))
+# The largest difference to the eager model (reflectance) the post-export check accepts, per weights dtype. float32
+# graphs agree within ~3e-7 (the 600M refiner, bench/results/export.md), float16 ones within ~2e-3 of the float16 eager
+# model; what the check must catch (a wrong padding, crop or branch, NaN) differs by 1e-2 or more.
+CHECK_TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
 
 __all__ = [
+    "CHECK_TOLERANCE",
     "DTYPES",
     "EXPORT_INFO_FILE",
     "FORMATS",
+    "ExportCheckError",
     "ExportError",
     "ExportResult",
     "export_friendly",
@@ -84,6 +91,10 @@ __all__ = [
 
 class ExportError(ValueError):
     """Bad input to the export (a missing model, a wrong flag, an output folder that holds other files)."""
+
+
+class ExportCheckError(RuntimeError):
+    """The exported graph does not compute what the eager model computes (`CHECK_TOLERANCE`); nothing was written."""
 
 
 @dataclass
@@ -302,11 +313,23 @@ def _example_inputs(config: Stage2RefinerConfig, batch: int, height: int, width:
     return opt_v1, month, biome
 
 
-def _dynamic_shapes(strict: bool = True) -> dict[str, dict[int, Any]]:
+def min_side(patch: int) -> int:
+    """The smallest side (px) a graph takes along an axis with this patch: a grid of two patches after padding."""
+    return int(patch) + 1
+
+
+def side_limits(config: Stage2RefinerConfig) -> dict[str, list[int]]:
+    """{"height": [min, max], "width": [min, max]} of the graph exported from a refiner with `config`."""
+    patch_h, patch_w = config.patch_size
+    return {"height": [min_side(patch_h), MAX_SIDE], "width": [min_side(patch_w), MAX_SIDE]}
+
+
+def _dynamic_shapes(config: Stage2RefinerConfig, strict: bool = True) -> dict[str, dict[int, Any]]:
     if strict:  # named ranges: the export fails if any size would be fixed or restricted further
+        limits = side_limits(config)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        height = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-        width = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+        height = torch.export.Dim("height", min=limits["height"][0], max=MAX_SIDE)
+        width = torch.export.Dim("width", min=limits["width"][0], max=MAX_SIDE)
     else:  # torch decides; guards it cannot prove for every size stay as run-time checks of the .pt2
         batch = height = width = torch.export.Dim.DYNAMIC
     return {"opt_v1": {0: batch, 2: height, 3: width}, "month": {0: batch}, "biome": {0: batch}}
@@ -316,15 +339,17 @@ def trace(model: nn.Module) -> torch.export.ExportedProgram:
     """`torch.export.export` of `(opt_v1, month, biome) -> refined` (and `out_of_range_weight`,
     `graph_output_names`) with dynamic batch, height and width.
 
-    float32 weights are traced with named size ranges (batch 1.., height and width MIN_SIDE..), which makes the
-    export fail rather than fix a size. float16 weights on the CPU bring guards from torch's own half-precision
-    kernels that hold for every size but that the tracer cannot prove; they are traced with `Dim.DYNAMIC`.
+    float32 weights are traced with named size ranges (batch 1.., height and width `min_side(patch)`..), which
+    makes the export fail rather than fix a size. float16 weights on the CPU bring guards from torch's own
+    half-precision kernels that hold for every size but that the tracer cannot prove; they are traced with
+    `Dim.DYNAMIC`.
     """
     example = _example_inputs(model.config, *_EXAMPLE_SHAPE)
     wrapper = _GraphSignature(model).eval()
     strict = model.dtype == torch.float32
     with export_friendly(model), torch.no_grad():
-        return torch.export.export(wrapper, example, dynamic_shapes=_dynamic_shapes(strict), strict=False)
+        shapes = _dynamic_shapes(model.config, strict)
+        return torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
 
 
 def _eager_outputs(model: nn.Module, opt_v1, month, biome) -> dict[str, torch.Tensor]:
@@ -349,7 +374,8 @@ def export_refiner(
     The folder holds the graph (`model.onnx`, plus `model.onnx.data` when the weights exceed 1.5 GB: protobuf
     stops at 2 GB; or `model.pt2`), `config.json` (the refiner's config), `export.json` (the input/output contract) and
     `README.md` (a model-card section). With `check`, the graph is run on random tiles of two sizes (one of
-    them not a multiple of the patch) and compared with the eager model; the largest difference is recorded.
+    them not a multiple of the patch) and compared with the eager model; the largest difference is recorded, and one
+    above `CHECK_TOLERANCE` raises `ExportCheckError` (nothing is written, an earlier export is kept).
     """
     start = time.perf_counter()
     _check_options(format, opset, dtype)
@@ -358,8 +384,8 @@ def export_refiner(
     model, info = merged_refiner(model_or_path)
     if source_info:
         info = {**info, **{key: value for key, value in source_info.items() if value is not None}}
-    if dtype != "float32" and model is model_or_path:
-        model = copy.deepcopy(model)  # the caller's model keeps its dtype
+    if model is model_or_path and model.dtype != DTYPES[dtype]:
+        model = copy.deepcopy(model)  # the caller's model keeps its dtype (a bfloat16 one exported as float32 too)
     model = model.to(DTYPES[dtype])
     was_training = model.training
     model.eval()
@@ -378,6 +404,11 @@ def _export_to_folder(model, output_dir: Path, format, opset, dtype, check, info
         else:
             _save_onnx(program, graph_file, opset or DEFAULT_OPSET, graph_output_names(model.config))
         difference = _check_against_eager(model, graph_file, format) if check else float("nan")
+        if check and not difference <= CHECK_TOLERANCE[dtype]:
+            raise ExportCheckError(
+                f"{graph_file.name}: the exported graph differs from the eager model by {difference:.2e} on random "
+                f"tiles (more than the {CHECK_TOLERANCE[dtype]:g} a {dtype} graph may); nothing was written"
+            )
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -425,7 +456,11 @@ def _check_against_eager(model: nn.Module, graph_file: Path, format: str) -> flo
         inputs = _example_inputs(model.config, *shape, seed=1)
         actual = exported(*inputs)
         for name, expected in _eager_outputs(model, *inputs).items():
-            worst = max(worst, float((actual[name].float() - expected.float()).abs().max()))
+            got, expected = actual[name].float(), expected.float()
+            both_nan = torch.isnan(got) & torch.isnan(expected)
+            # NaN on one side only is the largest difference there is (`max` would skip it: nan > x is False)
+            difference = torch.where(both_nan, 0.0, (got - expected).abs()).nan_to_num(nan=float("inf"))
+            worst = max(worst, float(difference.max()))
     return worst
 
 
@@ -469,6 +504,9 @@ def describe(
     """The `export.json` of an exported refiner: what goes in, what comes out, how it was made."""
     patch_h, patch_w = config.patch_size
     bands = list(config.bands)
+    limits = side_limits(config)
+    (low_h, _), (low_w, _) = limits["height"], limits["width"]
+    sides = f"{low_h}..{MAX_SIDE} px" if low_h == low_w else f"{low_h}.. and {low_w}..{MAX_SIDE} px"
     return {
         "export_format_version": EXPORT_FORMAT_VERSION,
         "format": format,
@@ -506,13 +544,13 @@ def describe(
             },
         ],
         "outputs": [_OUTPUT_DESCRIPTIONS[name](bands) for name in graph_output_names(config)],
-        "shape_limits": {"batch": [1, MAX_BATCH], "height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]},
+        "shape_limits": {"batch": [1, MAX_BATCH], **limits},
         "padding": {
             "inside_graph": True,
             "multiple_of": [patch_h, patch_w],
             "mode": config.padding_mode,
             "rule": (
-                f"height and width ({MIN_SIDE}..{MAX_SIDE} px) are padded up to a multiple of the patch "
+                f"height and width ({sides}) are padded up to a multiple of the patch "
                 f"({patch_h}x{patch_w}), split between both "
                 f"sides (the smaller half first), with '{config.padding_mode}' padding ('replicate' when the image is "
                 "smaller than the pad); the output is cropped back to the input size"
@@ -576,16 +614,27 @@ def model_card_section(info: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- helpers
 
 
+# What an export writes into its folder (`_export_to_folder`); a folder holding anything else is never replaced.
+_EXPORT_FILES = {*GRAPH_FILES.values(), "model.onnx.data", "config.json", EXPORT_INFO_FILE, "README.md"}
+
+
 def _refuse_foreign_folder(output_dir: Path) -> None:
-    """Replace a folder only when it is empty or holds an earlier export."""
+    """Replace a folder only when it is empty or holds an earlier export and nothing else."""
     problem = output_path_problem(output_dir, folder=True)
     if problem is not None:
         raise ExportError(f"OUTPUT {output_dir}: {problem}")
     if not output_dir.exists():
         return
-    if any(output_dir.iterdir()) and not (output_dir / EXPORT_INFO_FILE).is_file():
+    entries = sorted(path.name for path in output_dir.iterdir())
+    if entries and not (output_dir / EXPORT_INFO_FILE).is_file():
         raise ExportError(
             f"OUTPUT {output_dir}: holds other files (no {EXPORT_INFO_FILE}); choose a new or empty folder"
+        )
+    others = [name for name in entries if name not in _EXPORT_FILES]
+    if others:  # replacing the folder would delete them
+        raise ExportError(
+            f"OUTPUT {output_dir}: holds an earlier export and other files ({', '.join(others[:5])}"
+            f"{' ...' if len(others) > 5 else ''}); move them away or choose a new or empty folder"
         )
 
 
@@ -640,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_termination
 def main(argv: Sequence[str] | None = None) -> int:
-    """`stage2-export`: 0 on success, 2 on bad input."""
+    """`stage2-export`: 0 on success, 2 on bad input, 1 when the graph fails the check against the eager model."""
     args = build_parser().parse_args(argv)
     try:
         _check_model_argument(args.model)
@@ -658,6 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportError as error:
         print(f"stage2-export: error: {error}", file=sys.stderr)
         return 2
+    except ExportCheckError as error:  # not the input's fault: exit 1
+        print(f"stage2-export: error: {error}", file=sys.stderr)
+        return 1
     check = (
         f"; largest difference to the eager model {result.max_abs_difference:.2e}"
         if result.max_abs_difference == result.max_abs_difference else ""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .configuration_stage2 import Stage2RefinerConfig
-from .export import MAX_SIDE, MIN_SIDE, OUTPUT_NAMES
+from .export import OUTPUT_NAMES, side_limits
 from .pt2_archive import check_pt2_archive
 from .vocabulary import OUT_OF_RANGE_WEIGHT, install_hint
 
@@ -42,14 +42,41 @@ def is_exported_model(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / EXPORT_INFO_FILE).is_file()
 
 
+def _read_export_info(info_file: Path) -> dict[str, Any]:
+    """`export.json`, checked for what the runtime reads from it; a ValueError naming the file and the key otherwise."""
+    try:
+        info = json.loads(info_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{info_file}: not valid JSON ({error}); export the refiner again with stage2-export"
+                         ) from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_file}: expected a JSON object, got {type(info).__name__}")
+    if info.get("format") not in _GRAPH_FILES:
+        raise ValueError(f"{info_file}: key 'format' is {info.get('format')!r}, expected one of {tuple(_GRAPH_FILES)}")
+    graph_file = info.get("graph_file", _GRAPH_FILES[info["format"]])
+    if not isinstance(graph_file, str) or Path(graph_file).name != graph_file or graph_file in ("", ".", ".."):
+        raise ValueError(f"{info_file}: key 'graph_file' is {graph_file!r}, expected a file name in its folder "
+                         f"(e.g. {_GRAPH_FILES[info['format']]!r})")
+    limits = info.get("shape_limits")
+    if limits is not None and not (
+        isinstance(limits, dict)
+        and all(isinstance(limits[axis], list) and len(limits[axis]) == 2
+                and all(isinstance(value, int) and not isinstance(value, bool) for value in limits[axis])
+                for axis in ("batch", "height", "width") if axis in limits)
+    ):
+        raise ValueError(f"{info_file}: key 'shape_limits' is {limits!r}, expected [low, high] integers for batch, "
+                         "height and width")
+    return info
+
+
 def _resolve(path: Path, format: str | None) -> tuple[Path, str, dict[str, Any]]:
     """(graph file, format, export.json contents or {})."""
     if path.is_dir():
         info_file = path / EXPORT_INFO_FILE
         if not info_file.is_file():
             raise FileNotFoundError(f"{path}: no {EXPORT_INFO_FILE}; is it a folder written by stage2-export?")
-        info = json.loads(info_file.read_text())
-        graph = path / info.get("graph_file", _GRAPH_FILES.get(info.get("format"), ""))
+        info = _read_export_info(info_file)
+        graph = path / info.get("graph_file", _GRAPH_FILES[info["format"]])
         if not graph.is_file():
             raise FileNotFoundError(f"{graph}: missing (named by {info_file})")
         return graph, info["format"], info
@@ -59,7 +86,7 @@ def _resolve(path: Path, format: str | None) -> tuple[Path, str, dict[str, Any]]
     if fmt is None:
         raise ValueError(f"{path}: expected a .onnx or .pt2 file, or a stage2-export folder")
     info_file = path.parent / EXPORT_INFO_FILE
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = _read_export_info(info_file) if info_file.is_file() else {}
     return path, fmt, info
 
 
@@ -136,9 +163,9 @@ class ExportedRefiner:
     @property
     def side_range(self) -> tuple[int, int]:
         """The smallest and largest image side (height and width, px) the graph takes (`export.json`'s
-        `shape_limits`; the export's own limits where it names none)."""
+        `shape_limits`; the export's own limits for the config's patch where it names none)."""
         limits = self.export_info.get("shape_limits") or {}
-        sides = [limits.get(name) or (MIN_SIDE, MAX_SIDE) for name in ("height", "width")]
+        sides = [limits.get(name) or side_limits(self.config)[name] for name in ("height", "width")]
         return max(int(low) for low, _ in sides), min(int(high) for _, high in sides)
 
     def _onnx_session(self, num_threads: int | None):
@@ -172,7 +199,7 @@ class ExportedRefiner:
         batch = opt_v1.shape[0]
         month = Stage2RefinerModel._check_metadata(month, "month", 1, self.config.num_months, batch)
         biome = Stage2RefinerModel._check_metadata(biome, "biome", 0, self.config.num_biomes - 1, batch)
-        limits = self.export_info.get("shape_limits") or {"height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]}
+        limits = self.export_info.get("shape_limits") or side_limits(self.config)
         for axis, name, fix in ((0, "batch", "split the batch"), (2, "height", "pad the image"),
                                 (3, "width", "pad the image")):
             low, high = limits.get(name, (None, None))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -66,10 +67,16 @@ def _check_entries(path: Path, archive: zipfile.ZipFile) -> None:
                              f"{_EXPORT_AGAIN}.")
 
 
+def _is_tensor_file(file_name: str, tensor_prefix: str) -> bool:
+    """`weight_N` / `tensor_N` exactly, as torch.export.save names raw tensor files. A prefix alone is not enough: a
+    model named `weight_9` makes torch read `weight_9.pt` as the legacy pickled weights of that model."""
+    return re.fullmatch(re.escape(tensor_prefix) + r"[0-9]+", file_name) is not None
+
+
 def _payload_problem(file_name: str, data: bytes, tensor_prefix: str) -> str | None:
     """A weight or constant file: raw tensor bytes (`weight_N`, `tensor_N`), or the JSON config that lists them, with
     no entry to unpickle."""
-    if file_name.startswith(tensor_prefix):
+    if _is_tensor_file(file_name, tensor_prefix):
         return None
     if not file_name.endswith(".json"):
         return "is neither raw tensor data nor a JSON config (a legacy pickled file, or an object to unpickle)"
@@ -81,7 +88,7 @@ def _payload_problem(file_name: str, data: bytes, tensor_prefix: str) -> str | N
     for fqn, entry in entries:
         if not isinstance(entry, dict) or entry.get("use_pickle") is not False:
             return f"stores {fqn!r} pickled"
-        if not str(entry.get("path_name", "")).startswith(tensor_prefix):
+        if not _is_tensor_file(str(entry.get("path_name", "")), tensor_prefix):
             return f"stores {fqn!r} as an object to unpickle ({entry.get('path_name')!r})"
     return None
 

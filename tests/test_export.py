@@ -569,3 +569,128 @@ def test_the_600m_layout_exports_like_the_eager_model(tmp_path, sample_images):
     with torch.no_grad():
         expected = model.eval()(opt_v1, month, biome).refined
     assert float((refined - expected).abs().max()) < TOLERANCE
+
+
+# ------------------------------------------------------------------- other patches, dtypes, folders, checks
+
+
+@pytest.fixture(scope="module")
+def small_export(workdir) -> tuple[torch.nn.Module, Path]:
+    """A tiny refiner (eval mode) and its `.pt2` export folder, written without the check."""
+    from modeling_stage2 import Stage2RefinerModel
+
+    torch.manual_seed(11)
+    model = Stage2RefinerModel(tiny_refiner_config())
+    _wake_everything(model, seed=11)
+    folder = workdir / "small_pt2"
+    export_refiner(model, folder, format="torch_export", check=False)
+    return model.eval(), folder
+
+
+def _random_batch(batch: int, height: int, width: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    opt_v1 = torch.rand(batch, 4, height, width, generator=generator) * 0.4
+    return opt_v1, torch.tensor([3, -1, 12][:batch]), torch.tensor([-1, 5, 16][:batch])
+
+
+def test_a_16_px_patch_exports_with_its_own_smallest_side(tmp_path):
+    """The 300M/100M backbones' 16-px patch: the graph was declared from 15 px, a one-patch grid torch cannot trace,
+    so exporting such a refiner failed (torch's multi-line UserError)."""
+    from _refiner_helpers import tiny_backbone_config
+
+    from modeling_stage2 import Stage2RefinerModel
+
+    torch.manual_seed(3)
+    model = Stage2RefinerModel(tiny_refiner_config(backbone_config=tiny_backbone_config(patch_size=(1, 16, 16))))
+    _wake_everything(model, seed=3)
+    result = export_refiner(model, tmp_path / "p16", format="torch_export")
+    assert result.max_abs_difference < TOLERANCE
+    info = json.loads((tmp_path / "p16" / EXPORT_INFO_FILE).read_text())
+    assert info["shape_limits"]["height"] == [17, 32768] and info["shape_limits"]["width"] == [17, 32768]
+    assert "(17..32768 px)" in info["padding"]["rule"] and info["padding"]["multiple_of"] == [16, 16]
+    graph = ExportedRefiner(tmp_path / "p16", num_threads=1)
+    assert graph.side_range == (17, 32768)
+    for index, shape in enumerate(((1, 17, 17), (2, 17, 33), (3, 40, 31))):
+        inputs = _random_batch(*shape, seed=index)
+        with torch.no_grad():
+            expected = model.eval()(*inputs).refined
+        assert float((graph(*inputs).refined - expected).abs().max()) < TOLERANCE, shape
+    kind, message = _error_of(lambda: graph(torch.rand(1, 4, 16, 40) * 0.3, 1, 1))
+    assert kind is ValueError and "height 16 is outside the exported graph's range 17..32768" in message
+
+
+def test_a_bfloat16_model_object_exported_as_float32_is_not_cast(tmp_path):
+    """Only a float16 export copied the caller's model; a float32 export cast a bfloat16 model in place."""
+    from modeling_stage2 import Stage2RefinerModel
+
+    model = Stage2RefinerModel(tiny_refiner_config()).to(torch.bfloat16)
+    export_refiner(model, tmp_path / "from_bf16", format="torch_export", check=False)
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "from_bf16" / EXPORT_INFO_FILE).read_text())["weights_dtype"] == "float32"
+
+
+def test_an_earlier_export_holding_other_files_is_not_replaced(tmp_path, small_export, capsys):
+    """A folder with an export.json was replaced whole, deleting whatever else it held."""
+    from modeling_stage2.export import ExportError
+
+    model, earlier = small_export
+    folder = tmp_path / "export"
+    shutil.copytree(earlier, folder)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "results").mkdir()
+    with pytest.raises(ExportError, match=r"holds an earlier export and other files \(notes.txt, results\)"):
+        export_refiner(model, folder, format="torch_export", check=False)
+    assert (folder / "notes.txt").read_text() == "keep me" and (folder / "results").is_dir()
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        ["README.md", "config.json", EXPORT_INFO_FILE, "model.pt2", "notes.txt", "results"])
+
+
+def test_a_graph_that_differs_from_the_eager_model_is_refused(tmp_path, small_export, trained, monkeypatch, capsys):
+    """The check only recorded the difference, and a NaN in the graph's output was recorded as 0.0 (`max(0.0, nan)`
+    is 0.0): a wrong graph was written like a right one."""
+    from modeling_stage2.export import ExportCheckError
+    from modeling_stage2.export import main as export_main
+
+    model, earlier = small_export
+    folder = tmp_path / "export"
+    shutil.copytree(earlier, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    run = ExportedRefiner._run
+
+    def with_nan(self, *inputs):
+        outputs = run(self, *inputs)
+        outputs["refined"][:, :, 0, 0] = torch.nan  # one pixel of each tile
+        return outputs
+
+    monkeypatch.setattr(ExportedRefiner, "_run", with_nan)
+    refused = r"model.pt2: the exported graph differs from the eager model by inf"
+    with pytest.raises(ExportCheckError, match=refused):
+        export_refiner(model, folder, format="torch_export")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # the earlier export is kept
+
+    def off_by(self, *inputs):  # a graph off by 1e-3 reflectance: an error a float32 graph never makes
+        return {name: value + 1e-3 for name, value in run(self, *inputs).items()}
+
+    monkeypatch.setattr(ExportedRefiner, "_run", off_by)
+    assert export_main([str(trained["none"]), str(tmp_path / "new"), "--format", "torch_export"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "differs from the eager model by 1.00e-03" in error[0], error
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_export_json_is_named_in_one_line(tmp_path, small_export):
+    _, earlier = small_export
+    info = json.loads((earlier / EXPORT_INFO_FILE).read_text())
+    cases = {
+        "truncated": (json.dumps(info)[:200], "export.json: not valid JSON"),
+        "no format": (json.dumps({k: v for k, v in info.items() if k != "format"}), "key 'format' is None"),
+        "graph outside": (json.dumps({**info, "graph_file": "../model.pt2"}), "key 'graph_file' is '../model.pt2'"),
+        "a list": ("[1, 2]", "export.json: expected a JSON object, got list"),
+    }
+    for name, (text, needle) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        shutil.copytree(earlier, folder)
+        (folder / EXPORT_INFO_FILE).write_text(text)
+        kind, message = _error_of(lambda: ExportedRefiner(folder))
+        assert kind is ValueError and needle in message and str(folder) in message, (name, message)
+        assert len(message.splitlines()) == 1

@@ -424,3 +424,45 @@ def test_load_official_encoder_accepts_hub_paths(tiny_checkpoint, monkeypatch):
     model = load_official_encoder("hf://org/Prithvi-tiny/sub/Prithvi_EO_V2_tiny.pt", bands=S2_BANDS)
     assert requested == [("org/Prithvi-tiny", "sub/Prithvi_EO_V2_tiny.pt")]
     assert torch.equal(model.patch_embed.proj.weight, original.patch_embed.proj.weight[:, :4])
+
+
+# ---------------------------------------------------------------------------- command line: checks first
+
+
+def test_cli_refuses_a_foreign_output_folder_before_downloading(tmp_path, capsys, monkeypatch):
+    """The output folder was checked only when the converted encoder was saved: after the download (2.5 GB for the
+    600M) and the whole conversion."""
+    import huggingface_hub
+
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: downloads.append(args) or "x.pt")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["hf://org/Prithvi-tiny/Prithvi_EO_V2_tiny.pt", str(foreign)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds other files (['notes.txt'])" in error
+    assert len(error.strip().splitlines()) == 1 and downloads == []
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_num_heads_zero_is_refused_not_ignored(tiny_checkpoint, tmp_path, capsys):
+    """`--num-heads 0` was dropped (`if args.num_heads`), and the preset's 4 heads written without a word."""
+    path, _ = tiny_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), "--num-heads", "0"])
+    assert exit_info.value.code == 2 and "num_heads must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickled_object_is_named_in_one_line(tmp_path, capsys):
+    """torch's refusal spans paragraphs (and advises `weights_only=False`); the message keeps its reason, one line."""
+    path = tmp_path / "bad.pt"
+    torch.save({"encoder.cls_token": _Payload()}, path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert "bad.pt: cannot be read as a weights-only torch checkpoint (UnpicklingError: Unsupported global" in error
+    assert "_Payload" in error and "weights_only` set to `False`" not in error

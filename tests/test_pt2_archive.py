@@ -114,3 +114,25 @@ def test_the_old_layout_and_other_files_are_refused(graph, tmp_path):
     (tmp_path / "text.pt2").write_text("not a zip")
     with pytest.raises(ValueError, match=r"text.pt2: not a torch.export archive \(File is not a zip file\)"):
         check_pt2_archive(tmp_path / "text.pt2")
+
+
+def test_a_model_named_like_a_tensor_file_cannot_bring_legacy_weights(graph, tmp_path):
+    """A file named `weight_<anything>` passed as raw tensor data; with the model renamed `weight_9`, torch reads
+    `data/weights/weight_9.pt` as that model's legacy weights, through `torch.load(weights_only=False)`."""
+    marker = tmp_path / "ran"
+    config_name = _entry(graph, "data/weights/model_weights_config.json")
+    legacy = config_name.replace("model_weights_config.json", "weight_9.pt")
+
+    def rename(name, data):
+        if name == config_name:
+            return legacy, pickle.dumps(_WritesAFile(marker))
+        return name.replace("/model.json", "/weight_9.json").replace("/model.pt", "/weight_9.pt").replace(
+            "/model_constants_config.json", "/weight_9_constants_config.json"), data
+
+    crafted = _rewrite(graph, rename)
+    with pytest.raises(ValueError, match=rf"entry '{legacy}' is neither raw tensor data nor a JSON config"):
+        ExportedRefiner(crafted, config=tiny_refiner_config())
+    assert not marker.exists()
+    with pytest.raises(Exception):  # what torch itself does with the file: the legacy weights are unpickled
+        torch.export.load(str(crafted))
+    assert marker.exists()
