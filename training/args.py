@@ -52,6 +52,15 @@ _TRAINER_RANGES = (
      "a finite number > 0 (or set max_steps > 0)"),
     ("warmup_steps", lambda v, a: math.isfinite(v) and v >= 0,
      "a finite number >= 0 (steps, or a ratio of the total steps when below 1)"),
+    # transformers turns an interval above 1 into an int (`int(inf)`: an OverflowError traceback), and a NaN one is
+    # no interval; eval_steps / save_steps only where eval/save_every_epochs leaves them in use.
+    ("logging_steps", lambda v, a: a.logging_strategy != "steps" or (math.isfinite(v) and v > 0),
+     "a finite number > 0 (steps, or a ratio of the total steps when below 1)"),
+    ("eval_steps", lambda v, a: v is None or a.eval_every_epochs is not None or a.eval_strategy != "steps"
+     or (math.isfinite(v) and v > 0),
+     "a finite number > 0 (steps, or a ratio of the total steps when below 1) or unset"),
+    ("save_steps", lambda v, a: a.save_every_epochs is not None or a.save_strategy != "steps"
+     or (math.isfinite(v) and v > 0), "a finite number > 0 (steps, or a ratio of the total steps when below 1)"),
     ("weight_decay", lambda v, a: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: no weight decay)"),
     ("adam_beta1", lambda v, a: 0 <= v < 1, "in [0, 1)"),
     ("adam_beta2", lambda v, a: 0 <= v < 1, "in [0, 1)"),
@@ -536,6 +545,8 @@ class Stage2DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {value}.")
+        if self.dataset_seed < 0:  # refused by the dataset build, once the run had started
+            raise ValueError(f"dataset_seed must be >= 0, got {self.dataset_seed}.")
         if self.degradation not in DEGRADATION_CHOICES:
             raise ValueError(f"degradation must be one of {DEGRADATION_CHOICES}, got {self.degradation!r}.")
 

@@ -31,10 +31,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _existing(path: str, what: str) -> Path:
+    from training.train import MissingInputError
+
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.exists():
             return candidate
-    raise SystemExit(f"{what} {path} not found (looked in {Path.cwd()} and {REPO_ROOT}).")
+    raise MissingInputError(f"{what} {path} not found (looked in {Path.cwd()} and {REPO_ROOT}).")
 
 
 BASELINES = ("opt_v1", "linear_fit")
@@ -107,8 +109,17 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default="data/sample/tiles", help="NPZ tiles (default: the bundled sample)")
     parser.add_argument("--config", default="configs/demo.yaml")
     args, training_flags = parser.parse_known_args(argv)
-    data_dir = _existing(args.data_dir, "--data_dir")
-    config = _existing(args.config, "--config")
+    from training.train import UsageError, check_run_inputs, ensure_arrow_dataset, parse_args, run_training
+
+    try:  # a mistake in the flags or inputs: one line and status 2, before any work (1 says: a baseline not beaten)
+        data_dir = _existing(args.data_dir, "--data_dir")
+        config = _existing(args.config, "--config")
+        training_args, data_args, settings = parse_args(["--config", str(config), "--data_dir", str(data_dir),
+                                                         "--output_dir", str(args.output_dir), *training_flags])
+        check_run_inputs(training_args, data_args)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
 
     from datasets import load_from_disk
 
@@ -118,12 +129,9 @@ def main(argv=None) -> int:
     from training.bootstrap import DEFAULT_RESAMPLES, format_bootstrap_table
     from training.evaluate import evaluate_model, fit_color_baseline, load_split
     from training.metrics import baseline_labels, format_metrics_table
-    from training.train import ensure_arrow_dataset, parse_args, run_training
 
     output_dir = Path(args.output_dir)
     print(f"== Training {config} on {data_dir} -> {output_dir}", flush=True)
-    training_args, data_args, settings = parse_args(["--config", str(config), "--data_dir", str(data_dir),
-                                                     "--output_dir", str(output_dir), *training_flags])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     trainer = run_training(training_args, data_args, settings)
     dataset_dir = ensure_arrow_dataset(data_args, output_dir)

@@ -62,6 +62,9 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT
 # the trainer leaves its exit status (`accelerate launch --quiet` reports every failure as 1).
 LAUNCHER_PID_ENV = "STAGE2_TRAIN_LAUNCHER_PID"
 STATUS_FILE_ENV = "STAGE2_TRAIN_STATUS_FILE"
+# A file `stage2-train` creates at a Ctrl-C: the trainer ignores SIGINT until it has its own handler, and a Ctrl-C in
+# those seconds (accelerate and the trainer starting) would be lost; the trainer looks for the file once it has it.
+INTERRUPT_FILE_ENV = "STAGE2_TRAIN_INTERRUPT_FILE"
 
 
 class UsageError(ValueError):
@@ -225,8 +228,8 @@ def parse_args(argv=None, *, without_devices: bool = False):
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = _parser()
+    file_values = load_config_file(known.config, parser) if known.config else {}  # `config` is no key of it
     parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
-    file_values = load_config_file(known.config, parser) if known.config else {}
     parser.set_defaults(**file_values)
     values = vars(_parse_command_line(parser, rest))
     values.pop("config", None)
@@ -754,6 +757,7 @@ def _undone_on_failure(output_dir: Path, cache_root: Path, enabled: bool = True)
         yield
         return
     existed = output_dir.exists()
+    created_parents = [] if existed else [folder for folder in output_dir.parents if not folder.exists()]
     inside = output_dir.resolve() in cache_root.resolve().parents
     before = {folder: _entries(folder) for folder in ((cache_root,) if inside else ()) + (output_dir,)}
     try:
@@ -761,6 +765,9 @@ def _undone_on_failure(output_dir: Path, cache_root: Path, enabled: bool = True)
     except BaseException:
         if not existed:
             shutil.rmtree(output_dir, ignore_errors=True)
+            for folder in created_parents:  # innermost first; one another process has filled meanwhile stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         else:
             for folder, entries in before.items():
                 for path in _entries(folder) - entries:
@@ -858,10 +865,18 @@ def _any_process(flag: bool, args) -> bool:
     return bool(value.item() > 0)
 
 
+def require_output_dir(settings: dict) -> None:
+    """The run's settings name its output folder: transformers would write into ./trainer_output unasked."""
+    if settings.get("output_dir") is None:
+        raise UsageError("--output_dir is required (or output_dir in the --config file): the folder the run "
+                         "writes its checkpoints, best/ and logs to.")
+
+
 def main(argv=None, callbacks=None):
     """Train with the settings of `argv` in this process. Returns the trainer; `UsageError` on a mistake in the
     settings or inputs (raised before anything runs or is written)."""
     training_args, data_args, settings = parse_args(argv)
+    require_output_dir(settings)
     check_run_inputs(training_args, data_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -879,6 +894,8 @@ def cli(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, interrupt.handle) if in_main_thread else None
     try:
+        if _interrupted_before_start():  # a Ctrl-C came while SIGINT was still ignored: stop at once
+            raise KeyboardInterrupt
         main(argv, callbacks=[interrupt])
         code = 0
     except UsageError as error:
@@ -895,6 +912,11 @@ def cli(argv=None) -> int:
             signal.signal(signal.SIGINT, previous)
     _record_exit_status(code)
     return code
+
+
+def _interrupted_before_start() -> bool:
+    path = os.environ.get(INTERRUPT_FILE_ENV)
+    return bool(path) and Path(path).exists()
 
 
 def _say(message, once: bool = False) -> None:
@@ -930,9 +952,9 @@ def _has_ancestor(pid: int) -> bool:
     current = os.getpid()
     for _ in range(64):
         current = _parent_of(current)
-        if current is None or current <= 1:
+        if current is None or current < 1:  # past PID 1 (whose parent is 0)
             return False
-        if current == pid:
+        if current == pid:  # PID 1 too: a launcher that is a container's entry point
             return True
     return False
 
@@ -1094,9 +1116,7 @@ def check_before_launch(training: list[str]) -> None:
     """What the trainer will check, in this process and without touching a GPU: the settings and the inputs."""
     with _quiet():
         training_args, data_args, settings = parse_args(training, without_devices=True)
-        if settings.get("output_dir") is None:  # transformers would write into ./trainer_output unasked
-            raise UsageError("--output_dir is required (or output_dir in the --config file): the folder the run "
-                             "writes its checkpoints, best/ and logs to.")
+        require_output_dir(settings)
         check_run_inputs(training_args, data_args, check_checkpoint=False)
 
 
@@ -1154,6 +1174,9 @@ def run_accelerate(command: list[str], env: dict) -> tuple[int, list[int]]:
     def forward(signum, frame):
         send = signal.SIGTERM if signum == signal.SIGINT and signal.SIGINT in received else signum
         received.append(signum)
+        if signum == signal.SIGINT and env.get(INTERRUPT_FILE_ENV):  # before the signal: see INTERRUPT_FILE_ENV
+            with contextlib.suppress(OSError):
+                Path(env[INTERRUPT_FILE_ENV]).touch()
         _signal_group(child.pid, send)
 
     try:
@@ -1248,13 +1271,15 @@ def supervise(argv: list[str]) -> int:
     handle, status_path = tempfile.mkstemp(prefix="stage2-train-status-")
     os.close(handle)
     status_file = Path(status_path)
+    interrupt_file = status_file.with_name(f"{status_file.name}.interrupted")
     env = {**os.environ, "ACCELERATE_LAUNCHED": "1", LAUNCHER_PID_ENV: str(os.getpid()),
-           STATUS_FILE_ENV: str(status_file)}
+           STATUS_FILE_ENV: str(status_file), INTERRUPT_FILE_ENV: str(interrupt_file)}
     try:
         code, received = run_accelerate(accelerate_command(options, training), env)
         return _exit_status(code, received, status_file)
     finally:
         status_file.unlink(missing_ok=True)
+        interrupt_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
