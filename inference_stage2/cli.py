@@ -11,7 +11,7 @@ import torch
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.bands import BAND_NAMES
-from modeling_stage2.hub import local_revision_problem
+from modeling_stage2.hub import HubUnavailableError, local_revision_problem
 from modeling_stage2.vocabulary import DECLARED_SCALE, OneLineArgumentParser, one_line_warnings
 
 from .loading import load_model
@@ -155,8 +155,8 @@ def _default_device(device: str | None) -> str:
 
 @exit_on_termination
 def main(argv: Sequence[str] | None = None) -> int:
-    """`stage2-refine`: 0 on success, 1 when some tiles were rejected or a scene held no valid pixel, 2 on bad
-    input."""
+    """`stage2-refine`: 0 on success, 1 when some tiles were rejected, a scene held no valid pixel or the Hub could not
+    be reached, 2 on bad input."""
     with one_line_warnings("stage2-refine"):
         return _main(argv)
 
@@ -198,6 +198,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except InferenceInputError as error:
         print(f"stage2-refine: error: {error}", file=sys.stderr)
         return 2
+    except HubUnavailableError as error:  # the Hub out of reach or failing, nothing cached: not the input's fault
+        print(f"stage2-refine: error: {error}", file=sys.stderr)
+        return 1
 
 
 def _report_tiles(summary: TileRefinementSummary) -> None:

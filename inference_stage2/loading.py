@@ -7,7 +7,10 @@ from typing import Any
 
 import torch
 
-from modeling_stage2.hub import download_model_folder, is_hub_repo_id, local_revision_problem
+from modeling_stage2.hub import (
+    HubUnavailableError, download_model_folder, hub_download_errors, hub_failure_is_users, hub_failure_line,
+    is_hub_repo_id, local_revision_problem,
+)
 
 from .values import InferenceInputError
 
@@ -31,6 +34,10 @@ def load_model(
     like `owner/name` is downloaded from the Hub first (cached). A folder written by `stage2-export` (or its
     `model.onnx` / `model.pt2`) gives a `modeling_stage2.onnx_runtime.ExportedRefiner` with the same call contract,
     running on ONNX Runtime (or torch for `.pt2`).
+
+    Raises `InferenceInputError` for a model that cannot be used (no such folder or Hub repo, a damaged folder), and
+    `modeling_stage2.hub.HubUnavailableError` when a Hub download failed for a reason that is not the name's (the
+    Hub out of reach, nothing cached).
     """
     name = str(model_name_or_path)
     path = Path(name).expanduser()
@@ -64,6 +71,8 @@ def load_model(
 
     try:
         model = load_trained_model(str(folder), quantization=quantization, device=device)
+    except hub_download_errors() as error:  # an adapter's base on the Hub (a refiner or the backbone's checkpoint)
+        raise _download_failure(f"model {folder}: downloading its base from the Hub failed", error) from error
     except (OSError, ValueError) as error:  # missing or corrupt weight files, a foreign config
         raise InferenceInputError(f"model {folder}: could not be loaded ({type(error).__name__}: {error})") from error
     return model.eval()
@@ -84,10 +93,17 @@ def _load_exported(path: Path, quantization: str, device: str | torch.device | N
 
 
 def _download_model(repo_id: str, revision: str | None = None) -> Path:
+    """The repo's snapshot; `InferenceInputError` when the name is the problem (no such repo or revision, no access),
+    `HubUnavailableError` when the Hub or the system is (no connection, a timeout, the Hub failing, a full disk)."""
     try:
         return download_model_folder(repo_id, revision=revision)
-    except Exception as error:  # offline, missing repo, auth: all mean "cannot use this name"
-        raise InferenceInputError(
-            f"model {repo_id}: not a local folder, and downloading it from the Hub failed "
-            f"({type(error).__name__}: {error})"
-        ) from error
+    except Exception as error:
+        raise _download_failure(f"model {repo_id}: not a local folder, and downloading it from the Hub failed",
+                                error) from error
+
+
+def _download_failure(what: str, error: Exception) -> Exception:
+    """`what` and the Hub's `error` on one line: an `InferenceInputError` when the name is the problem,
+    a `HubUnavailableError` when the Hub or the system is."""
+    message = f"{what} ({hub_failure_line(error)})"
+    return InferenceInputError(message) if hub_failure_is_users(error) else HubUnavailableError(message)

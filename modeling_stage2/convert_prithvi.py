@@ -19,6 +19,7 @@ import torch
 from ._files import staged_folder
 from ._signals import exit_on_termination
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
+from .hub import hub_download_errors, hub_failure_is_users, hub_failure_line
 from .modeling_prithvi import PrithviEncoder, sincos_3d_table
 from .vocabulary import OneLineArgumentParser
 
@@ -547,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         model = convert_official_checkpoint(
             checkpoint, args.output_dir, preset=args.preset, bands=args.bands, **overrides
         )
+    except hub_download_errors() as error:  # an hf:// checkpoint: no such repo or file (2), or the Hub out of reach (1)
+        parser.exit(2 if hub_failure_is_users(error) else 1,
+                    f"stage2-convert-prithvi: error: {args.checkpoint}: downloading it from the Hub failed "
+                    f"({hub_failure_line(error)})\n")
     except (ValueError, OSError) as error:
         parser.exit(2, f"stage2-convert-prithvi: error: {error}\n")
     config = model.config

@@ -5,6 +5,10 @@
 A model folder is downloaded with `snapshot_download` restricted to `MODEL_FILE_PATTERNS` (configs, safetensors
 weights, the card, the preview, the modeling code of `trust_remote_code` repos, exported graphs), so a repo that
 also holds checkpoints, datasets or pickles costs no more than the model, and a pickle is never fetched.
+
+A download that fails is the user's (`hub_failure_is_users`: no such repo, revision or file, or a private or gated
+repo without access; a command exits 2) or the system's (no connection, a timeout, the Hub failing, outgoing traffic
+off with nothing cached; exit 1, `HubUnavailableError`). `hub_download_errors()` are the types a download raises.
 """
 from __future__ import annotations
 
@@ -32,6 +36,61 @@ def local_revision_problem(model: str | Path, revision: str | None) -> str | Non
     return None
 
 
+class HubUnavailableError(OSError):
+    """A Hub download failed for a reason that is not the user's (`hub_failure_is_users` is False for its cause): the
+    Hub could not be reached, timed out or failed, or outgoing traffic is off, and nothing usable is cached. A command
+    exits 1 on it (2 is for a name that does not exist or cannot be read with this token)."""
+
+
+_USERS_STATUS_CODES = (401, 403, 404)  # unauthorised, forbidden (private or gated), not found
+
+
+def hub_download_errors() -> tuple[type[BaseException], ...]:
+    """The types a Hub download raises for a failed download: the Hub's HTTP errors and those of no answer at all
+    (`huggingface_hub.errors.HTTPError`: connection, timeout, proxy), an entry missing on the Hub or, with the Hub out
+    of reach, from the cache (`EntryNotFoundError`), and `OfflineModeIsEnabled`. A function, so that an `except`
+    clause naming it imports `huggingface_hub` only when something was raised."""
+    from huggingface_hub.errors import EntryNotFoundError, HTTPError, OfflineModeIsEnabled
+
+    return HTTPError, EntryNotFoundError, OfflineModeIsEnabled
+
+
+def hub_failure_is_users(error: BaseException) -> bool:
+    """Whether a failed Hub download is the user's: a repo, revision or file that does not exist, or a private or
+    gated repo this token cannot read (HTTP 401, 403, 404). False for everything else, the system's: no connection, a
+    timeout, the Hub failing (5xx), `OfflineModeIsEnabled`, and a `LocalEntryNotFoundError` (nothing in the cache)
+    unless the Hub's own refusal is its cause (`snapshot_download` wraps some 403s so)."""
+    from huggingface_hub.errors import (
+        DisabledRepoError, EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+        RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, LocalEntryNotFoundError):  # not in the cache: why the Hub was not asked is its cause
+            error = error.__cause__
+        elif isinstance(error, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, DisabledRepoError,
+                                HFValidationError)):  # RepositoryNotFoundError includes GatedRepoError
+            return True
+        elif isinstance(error, HfHubHTTPError):
+            response = getattr(error, "response", None)
+            return getattr(response, "status_code", None) in _USERS_STATUS_CODES
+        else:
+            return False
+    return False
+
+
+def hub_failure_line(error: BaseException) -> str:
+    """A failed download's error on one line, `Type: message` (the Hub's errors spread their reason over lines), with
+    its cause when the message does not name it (`hf_hub_download` leaves the connection error out)."""
+    line = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    cause = error.__cause__
+    if cause is not None and type(cause).__name__ not in line:
+        line += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return line
+
+
 def download_model_folder(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
                           allow_patterns=MODEL_FILE_PATTERNS) -> Path:
     """A local snapshot (the Hub cache) of the model repo `repo_id` at `revision` (branch, tag or commit; default
@@ -45,4 +104,5 @@ def download_model_folder(repo_id: str, *, revision: str | None = None, cache_di
                                   allow_patterns=list(allow_patterns)))
 
 
-__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "download_model_folder", "is_hub_repo_id", "local_revision_problem"]
+__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_model_folder", "hub_download_errors",
+           "hub_failure_is_users", "hub_failure_line", "is_hub_repo_id", "local_revision_problem"]

@@ -786,3 +786,162 @@ def test_a_run_folder_pushes_its_best_model_and_never_its_dataset_cache(hub_serv
     assert not any(path.startswith(("_dataset/", "best/")) for path in files_to_upload(run))
     assert main([str(run), "run-push", "--endpoint", hub_server.url]) == 0
     assert not any("/" in path for path in HfApi().list_repo_files(f"{DEFAULT_USER}/run-push"))
+
+
+# ------------------------------------------------------------ failed downloads: the user's (exit 2) or not (exit 1)
+
+
+@pytest.fixture
+def dead_hub(tmp_path, monkeypatch) -> str:
+    """Every Hub client pointed at a port where nothing listens (the Hub out of reach), an empty cache, and
+    huggingface_hub's retries of a file's metadata (waits of 1 + 2 + 4 + 8 + 8 s) without their waits."""
+    import socket
+    import types
+
+    from huggingface_hub.utils import _http
+
+    from _hub_helpers import DEFAULT_TOKEN, configure_hub_client
+
+    with socket.socket() as unused:  # a port nobody listens on once it is closed
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    configure_hub_client(monkeypatch, endpoint, DEFAULT_TOKEN, tmp_path / "dead_hub_home")
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    return endpoint
+
+
+def _download_failure(download, *args, **kwargs) -> BaseException:
+    from modeling_stage2.hub import hub_download_errors
+
+    with pytest.raises(hub_download_errors()) as caught:
+        download(*args, **kwargs)
+    return caught.value
+
+
+def test_a_failed_download_is_the_users_for_a_name_that_does_not_exist_or_cannot_be_read(hub_server, monkeypatch):
+    import httpx2
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from modeling_stage2.hub import hub_failure_is_users, hub_failure_line
+
+    api = HfApi()
+    api.create_repo(REPO)
+    api.create_repo(f"{DEFAULT_USER}/secret", private=True)
+    users = {"no such repo": _download_failure(snapshot_download, f"{DEFAULT_USER}/nothing"),
+             "no such revision": _download_failure(snapshot_download, REPO, revision="v9"),
+             "no such file": _download_failure(hf_hub_download, REPO, "config.json"),
+             "private, no token": _download_failure(snapshot_download, f"{DEFAULT_USER}/secret", token=False)}
+    for what, error in users.items():
+        assert hub_failure_is_users(error), (what, hub_failure_line(error))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the Hub is down")
+
+    monkeypatch.setattr(hub_server, "repo_info", broken)  # the loopback Hub answers 500
+    failing = _download_failure(snapshot_download, REPO)
+    assert isinstance(failing, LocalEntryNotFoundError) and not hub_failure_is_users(failing)
+
+    def answer(status: int) -> HfHubHTTPError:
+        request = httpx2.Request("GET", f"{hub_server.url}/api/models/{REPO}")
+        return HfHubHTTPError(f"{status} error", response=httpx2.Response(status, request=request))
+
+    for status, expected in ((403, True), (503, False)):  # what snapshot_download wraps: the Hub's answer decides
+        wrapped = LocalEntryNotFoundError("not in the cache either")
+        wrapped.__cause__ = answer(status)
+        assert hub_failure_is_users(wrapped) is expected and hub_failure_is_users(answer(status)) is expected
+    assert not hub_failure_is_users(LocalEntryNotFoundError("local_files_only, nothing cached"))
+    assert len(hub_failure_line(users["no such repo"]).splitlines()) == 1
+
+
+def test_a_hub_out_of_reach_or_offline_is_not_the_users(dead_hub, monkeypatch):
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+
+    from modeling_stage2.hub import hub_failure_is_users, hub_failure_line
+
+    for error in (_download_failure(snapshot_download, f"{DEFAULT_USER}/demo"),
+                  _download_failure(hf_hub_download, f"{DEFAULT_USER}/demo", "config.json")):
+        line = hub_failure_line(error)
+        assert not hub_failure_is_users(error) and "ConnectError" in line and len(line.splitlines()) == 1, line
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = _download_failure(snapshot_download, f"{DEFAULT_USER}/demo")
+    assert not hub_failure_is_users(offline), hub_failure_line(offline)
+
+
+def _one_error_line(capsys, prog: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), lines
+    return lines[0]
+
+
+def test_refine_exits_2_for_a_hub_model_that_does_not_exist(hub_server, sample_tiles_dir, tmp_path, capsys):
+    from inference_stage2.cli import main
+
+    tile = next((sample_tiles_dir / "val").glob("*.npz"))
+    argv = ["--model", f"{DEFAULT_USER}/nothing", "--input", str(tile), "--output_dir", str(tmp_path / "out"),
+            "--no_progress"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys, "stage2-refine")
+    assert f"model {DEFAULT_USER}/nothing: not a local folder" in line and "RepositoryNotFoundError" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_refine_exits_1_when_the_hub_cannot_be_reached(dead_hub, sample_tiles_dir, tmp_path, capsys):
+    from inference_stage2.cli import main
+
+    tile = next((sample_tiles_dir / "val").glob("*.npz"))
+    argv = ["--model", f"{DEFAULT_USER}/demo", "--input", str(tile), "--output_dir", str(tmp_path / "out"),
+            "--no_progress"]
+    assert main(argv) == 1
+    line = _one_error_line(capsys, "stage2-refine")
+    assert f"model {DEFAULT_USER}/demo: not a local folder" in line and "ConnectError" in line
+    assert not (tmp_path / "out").exists()
+
+
+def _evaluate_argv(model: str, dataset) -> list[str]:
+    return ["--model", model, "--data", str(dataset), "--max_samples", "1", "--no-baselines", "--bootstrap", "0",
+            "--device", "cpu"]
+
+
+def test_evaluate_exits_2_for_a_hub_model_that_does_not_exist(hub_server, sample_dataset_dir, capsys):
+    from training.evaluate import main
+
+    assert main(_evaluate_argv(f"{DEFAULT_USER}/nothing", sample_dataset_dir)) == 2
+    line = _one_error_line(capsys, "stage2-evaluate")
+    assert f"--model {DEFAULT_USER}/nothing: downloading from the Hub failed (RepositoryNotFoundError" in line
+
+
+def test_evaluate_exits_1_when_the_hub_cannot_be_reached(dead_hub, sample_dataset_dir, capsys):
+    from training.evaluate import main
+
+    assert main(_evaluate_argv(f"{DEFAULT_USER}/demo", sample_dataset_dir)) == 1
+    line = _one_error_line(capsys, "stage2-evaluate")
+    assert f"--model {DEFAULT_USER}/demo: downloading from the Hub failed (" in line and "ConnectError" in line
+
+
+def test_convert_exits_2_for_a_hub_checkpoint_that_does_not_exist(hub_server, tmp_path, capsys):
+    from huggingface_hub import HfApi
+
+    from modeling_stage2.convert_prithvi import main
+
+    HfApi().create_repo(REPO)
+    for checkpoint, reason in ((f"hf://{DEFAULT_USER}/nothing/Prithvi_EO_V2_tiny.pt", "RepositoryNotFoundError"),
+                               (f"hf://{REPO}/Prithvi_EO_V2_tiny.pt", "RemoteEntryNotFoundError")):
+        with pytest.raises(SystemExit) as stop:
+            main([checkpoint, str(tmp_path / "out")])
+        assert stop.value.code == 2
+        line = _one_error_line(capsys, "stage2-convert-prithvi")
+        assert f"{checkpoint}: downloading it from the Hub failed ({reason}" in line
+        assert not (tmp_path / "out").exists()
+
+
+def test_convert_exits_1_when_the_hub_cannot_be_reached(dead_hub, tmp_path, capsys):
+    from modeling_stage2.convert_prithvi import main
+
+    checkpoint = f"hf://{DEFAULT_USER}/Prithvi-EO-2.0-tiny/Prithvi_EO_V2_tiny.pt"
+    with pytest.raises(SystemExit) as stop:
+        main([checkpoint, str(tmp_path / "out")])
+    assert stop.value.code == 1
+    line = _one_error_line(capsys, "stage2-convert-prithvi")
+    assert f"{checkpoint}: downloading it from the Hub failed (" in line and "ConnectError" in line
+    assert not (tmp_path / "out").exists()

@@ -1403,6 +1403,7 @@ def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):
     import huggingface_hub
 
     from inference_stage2 import load_model
+    from modeling_stage2.hub import HubUnavailableError
 
     requested = []
 
@@ -1417,11 +1418,25 @@ def test_load_model_takes_a_hub_repo_id(full_model_dir, monkeypatch):
     from_folder = refine_arrays(load_model(full_model_dir), image, 7, 4)
     np.testing.assert_array_equal(refine_arrays(model, image, 7, 4), from_folder)
 
-    def offline(repo_id, **kwargs):
+    def missing(repo_id, **kwargs):  # the Hub's answer for a repo that does not exist (or cannot be read)
+        import httpx2
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        raise RepositoryNotFoundError("404 Client Error.\nRepository Not Found",
+                                      response=httpx2.Response(404, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(InferenceInputError, match=r"my-org/stage2-refiner: not a local folder, and downloading it "
+                                                  r"from the Hub failed \(RepositoryNotFoundError: 404 Client Error\. "
+                                                  r"Repository Not Found\)$"):
+        load_model("my-org/stage2-refiner")
+
+    def offline(repo_id, **kwargs):  # not the name's fault: a command exits 1, not 2
         raise OSError("cannot reach the Hub")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(InferenceInputError, match="my-org/stage2-refiner: not a local folder, and downloading it"):
+    with pytest.raises(HubUnavailableError, match="my-org/stage2-refiner: not a local folder, and downloading it"):
         load_model("my-org/stage2-refiner")
 
 

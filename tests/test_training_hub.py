@@ -42,3 +42,52 @@ def test_push_to_hub_during_training_uploads_a_loadable_model(hub_server, tmp_pa
     with torch.no_grad():
         assert torch.equal(pulled(opt_v1=opt_v1, month=month, biome=biome).refined,
                            local(opt_v1=opt_v1, month=month, biome=biome).refined)
+
+
+def _train_once(argv, tmp_path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """The trainer process's `cli` in this process: (its exit status, the status `stage2-train` reports from the
+    status file the trainer leaves, the one line on stderr)."""
+    import training.train as train_module
+
+    status_file = tmp_path / "status"
+    status_file.write_text("")
+    monkeypatch.setenv(train_module.STATUS_FILE_ENV, str(status_file))
+    monkeypatch.delenv(train_module.LAUNCHER_PID_ENV, raising=False)
+    code = train_module.cli(argv)
+    reported = train_module._exit_status(1, [], status_file)  # accelerate --quiet says 1 for any failure
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stage2-train: ")]
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return code, reported, lines[0]
+
+
+def _train_argv(tmp_path, data, model: str) -> list[str]:
+    config = write_config(tmp_path / "c.yaml", num_train_epochs=1)
+    return ["--config", str(config), "--data_dir", str(data), "--output_dir", str(tmp_path / "out"),
+            "--model_name_or_path", model]
+
+
+def test_a_hub_base_that_does_not_exist_is_a_user_error(hub_server, tmp_path, sample_dataset_dir,  # noqa: F811
+                                                         monkeypatch, capsys):
+    repo = f"{hub_server.user}/nothing"
+    code, reported, line = _train_once(_train_argv(tmp_path, sample_dataset_dir, repo), tmp_path, monkeypatch, capsys)
+    assert (code, reported) == (2, 2)
+    assert line.startswith(f"stage2-train: --model_name_or_path {repo}: downloading it from the Hub failed "
+                           "(RepositoryNotFoundError"), line
+    assert not (tmp_path / "out").exists()  # a run that fails before training leaves nothing
+
+
+def test_a_hub_out_of_reach_for_the_base_exits_1_in_one_line(tmp_path, sample_dataset_dir, monkeypatch, capsys):
+    import socket
+
+    from _hub_helpers import DEFAULT_TOKEN, configure_hub_client
+
+    with socket.socket() as unused:  # a port nobody listens on once it is closed
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    configure_hub_client(monkeypatch, endpoint, DEFAULT_TOKEN, tmp_path / "hf_home")
+    argv = _train_argv(tmp_path, sample_dataset_dir, "someone/refiner")
+    code, reported, line = _train_once(argv, tmp_path, monkeypatch, capsys)
+    assert (code, reported) == (1, 1)
+    assert line.startswith("stage2-train: --model_name_or_path someone/refiner: downloading it from the Hub failed "
+                           "("), line
+    assert "ConnectError" in line and not (tmp_path / "out").exists()

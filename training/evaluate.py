@@ -19,7 +19,8 @@ How much the verdict against them hangs on which tiles were evaluated: refined /
 and SAM, with the 90 % interval of a paired tile bootstrap (`--bootstrap N` resamples, default 1000, seed 0; 0 turns
 it off; `training.bootstrap`), printed under the table and written as `"bootstrap"` (from 2 tiles up).
 
-Exit status: 0 on success, 2 for a usage or input error (one line on stderr).
+Exit status: 0 on success, 2 for a usage or input error (one line on stderr), 1 when the Hub could not be reached
+(or failed) and the model is not cached.
 """
 import argparse
 import json
@@ -32,7 +33,9 @@ import torch
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import output_path_problem
 from modeling_stage2._signals import exit_on_termination
-from modeling_stage2.hub import is_hub_repo_id, local_revision_problem
+from modeling_stage2.hub import (
+    hub_download_errors, hub_failure_is_users, hub_failure_line, is_hub_repo_id, local_revision_problem,
+)
 from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS, OneLineArgumentParser
 from training.bootstrap import DEFAULT_RESAMPLES
 
@@ -254,7 +257,8 @@ def _run(args, cache_dir) -> dict:
 
 @exit_on_termination
 def main(argv=None) -> int:
-    """Console script `stage2-evaluate`: 0 on success, 2 for a usage or input error (one line on stderr)."""
+    """Console script `stage2-evaluate`: 0 on success, 2 for a usage or input error, 1 for a Hub out of reach (one line
+    on stderr)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -274,6 +278,10 @@ def main(argv=None) -> int:
         parser.error(f"--cache_dir {args.cache_dir}: {problem}")
     try:
         run(args)
+    except hub_download_errors() as error:  # the model, or an adapter's base, from the Hub
+        print(f"stage2-evaluate: error: --model {args.model}: downloading from the Hub failed "
+              f"({hub_failure_line(error)})", file=sys.stderr)
+        return 2 if hub_failure_is_users(error) else 1  # no such repo or no access; else the Hub out of reach
     except (FileNotFoundError, ValueError) as error:
         print(f"stage2-evaluate: error: {error}", file=sys.stderr)
         return 2

@@ -52,10 +52,12 @@ from data_builders.cache import ARROW_MARKER, dataset_cache_key, is_arrow_datase
 
 logger = logging.getLogger("training.train")
 exit_on_termination = model_leaf("_signals").exit_on_termination  # without importing torch before MKL_CBWR is read
+HubUnavailableError = model_leaf("hub").HubUnavailableError  # a Hub base out of reach: exit status 1, one line
 
 PROG = "stage2-train"
 CONFIG_NAME = "config.yaml"
 DATASET_CACHE_DIR = "_dataset"  # "_*" is never pushed to the Hub by the Trainer
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 # Set by `stage2-train` for the trainer it launches: its PID (the trainer stops when it is gone) and a file where
@@ -616,17 +618,40 @@ def build_model(training_args, print_summary: bool = True):
                 lora_dropout=training_args.lora_dropout, target_modules=list(training_args.lora_target_modules),
                 unfreeze_last_n_blocks=training_args.unfreeze_last_n_blocks,
                 revision=_resumed_base_revision(training_args))
+    with _hub_base_failures(training_args):
+        if training_args.model_name_or_path is not None:
+            model = build_trainable_model(model_name_or_path=training_args.model_name_or_path,
+                                          quantization=training_args.quantization, print_summary=print_summary,
+                                          **lora)
+        else:
+            model = build_trainable_model(refiner_config(training_args), quantization=training_args.quantization,
+                                          print_summary=print_summary, **lora)
     if training_args.model_name_or_path is not None:
-        model = build_trainable_model(model_name_or_path=training_args.model_name_or_path,
-                                      quantization=training_args.quantization, print_summary=print_summary, **lora)
         unused = unused_model_settings(training_args, model.get_base_model().config)
         if unused and print_summary:  # once, from the process that logs
             logger.warning(f"--model_name_or_path {training_args.model_name_or_path}: its own config.json applies, so "
                            "these settings are not used: " + ", ".join(
                                f"{key} {asked!r} (the model's: {own!r})" for key, (asked, own) in unused.items()))
-        return model
-    return build_trainable_model(refiner_config(training_args), quantization=training_args.quantization,
-                                 print_summary=print_summary, **lora)
+    return model
+
+
+@contextlib.contextmanager
+def _hub_base_failures(training_args):
+    """A Hub download of the run's base (`--model_name_or_path` or `--backbone_weights` on the Hub) that fails, as one
+    line naming the flag: a `UsageError` (exit status 2) for no such repo, revision or file, or no access; a
+    `HubUnavailableError` (exit status 1) for a Hub out of reach or failing, with nothing cached."""
+    from modeling_stage2 import hub
+
+    try:
+        yield
+    except hub.hub_download_errors() as error:
+        name = training_args.model_name_or_path
+        flag = "--model_name_or_path" if name is not None else "--backbone_weights"
+        message = (f"{flag} {name if name is not None else training_args.backbone_weights}: downloading it from the "
+                   f"Hub failed ({hub.hub_failure_line(error)})")
+        if hub.hub_failure_is_users(error):
+            raise UsageError(message) from None
+        raise HubUnavailableError(message) from error
 
 
 def _resumed_base_revision(training_args) -> str | None:
@@ -886,7 +911,8 @@ def main(argv=None, callbacks=None):
 @exit_on_termination
 def cli(argv=None) -> int:
     """The trainer process (`accelerate launch training/train.py ARGS`): exit status 0 trained, 2 a mistake in the
-    settings or inputs (one line), 130 interrupted, 128 + N stopped by SIGTERM / SIGHUP (forwarded to the run's group
+    settings or inputs (one line; a Hub base that does not exist too), 1 a Hub base that could not be downloaded (the
+    Hub out of reach: one line), 130 interrupted, 128 + N stopped by SIGTERM / SIGHUP (forwarded to the run's group
     by `stage2-train`: the cleanups run, a `best/` being written and the temporary files of the run are removed); a
     bug raises (status 1)."""
     _stop_with_launcher()
@@ -901,6 +927,9 @@ def cli(argv=None) -> int:
     except UsageError as error:
         _say(error, once=True)
         code = EXIT_USAGE
+    except HubUnavailableError as error:  # the run's base on a Hub out of reach: not a mistake in the settings
+        _say(error, once=True)
+        code = EXIT_FAILURE
     except TrainingInterrupted as stop:
         _say(stop, once=True)
         code = EXIT_INTERRUPTED
