@@ -11,6 +11,7 @@ deletes a set-aside folder only once `NAME` exists again (the kill came after th
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -27,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 SET_ASIDE_MARKER = ".previous-"
 STAGING_MARKER = ".tmp-"
+
+
+# What an OSError says of the machine rather than of the input: a full disk or quota, an I/O error, no memory. A
+# command exits 1 on them (a failure that is not the input's), 2 on the others it names (a missing or unreadable file).
+SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
+
+
+def is_system_failure(error: BaseException) -> bool:
+    """Whether `error` is an OSError of the machine (`SYSTEM_ERRNOS`), not of the input."""
+    return isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS
 
 
 def process_alive(pid: int) -> bool:

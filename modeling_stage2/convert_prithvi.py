@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ._files import staged_folder
+from ._files import is_system_failure, staged_folder
 from ._signals import exit_on_termination
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
 from .hub import hub_download_errors, hub_failure_is_users, hub_failure_line
@@ -552,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2 if hub_failure_is_users(error) else 1,
                     f"stage2-convert-prithvi: error: {args.checkpoint}: downloading it from the Hub failed "
                     f"({hub_failure_line(error)})\n")
-    except (ValueError, OSError) as error:
-        parser.exit(2, f"stage2-convert-prithvi: error: {error}\n")
+    except (ValueError, OSError) as error:  # 1 for a full disk (the machine's), 2 for the input's
+        parser.exit(1 if is_system_failure(error) else 2, f"stage2-convert-prithvi: error: {error}\n")
     config = model.config
     parameters = sum(parameter.numel() for parameter in model.parameters())
     print(

@@ -145,3 +145,22 @@ def test_stage2_export_output(paths, capsys):
     (model / "config.json").write_text("{}")  # the model is looked at after the output
     assert main([str(model), str(paths["under a file"])]) == 2
     assert f"OUTPUT {paths['under a file']}: {paths['file']} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, status", [(OSError(28, "No space left on device"), 1),
+                                           (PermissionError(13, "Permission denied"), None)])
+def test_stage2_evaluate_a_full_disk_is_exit_1_in_one_line(paths, monkeypatch, capsys, error, status):
+    """A full disk while the evaluation wrote its results was a traceback; another OSError still is (a bug's)."""
+    from training import evaluate
+
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(evaluate, "run", fails)
+    argv = ["--model", str(paths["new"]), "--data", str(paths["new"])]
+    if status is None:
+        with pytest.raises(PermissionError):
+            evaluate.main(argv)
+        return
+    assert evaluate.main(argv) == status
+    assert capsys.readouterr().err.splitlines() == ["stage2-evaluate: error: [Errno 28] No space left on device"]

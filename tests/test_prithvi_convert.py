@@ -466,3 +466,22 @@ def test_a_pickled_object_is_named_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1, error
     assert "bad.pt: cannot be read as a weights-only torch checkpoint (UnpicklingError: Unsupported global" in error
     assert "_Payload" in error and "weights_only` set to `False`" not in error
+
+
+def test_cli_a_full_disk_is_exit_1_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """A full disk while the encoder was written exited 2, the status of a mistake in the input."""
+    import errno
+
+    from modeling_stage2 import convert_prithvi
+
+    def disk_full(model, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert_prithvi, "save_atomically", disk_full)
+    path, _ = tiny_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), "--preset", "prithvi_eo_v2_tiny", "--bands", *S2_BANDS])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2-convert-prithvi: error: [Errno 28] No space left on device"]
+    assert not (tmp_path / "out").exists()

@@ -19,8 +19,8 @@ How much the verdict against them hangs on which tiles were evaluated: refined /
 and SAM, with the 90 % interval of a paired tile bootstrap (`--bootstrap N` resamples, default 1000, seed 0; 0 turns
 it off; `training.bootstrap`), printed under the table and written as `"bootstrap"` (from 2 tiles up).
 
-Exit status: 0 on success, 2 for a usage or input error (one line on stderr), 1 when the Hub could not be reached
-(or failed) and the model is not cached.
+Exit status: 0 on success, 2 for a usage or input error (one line on stderr), 1 when the disk is full, or when the
+Hub could not be reached (or failed) and the model is not cached.
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from data_builders.degrade import DEGRADATION_CHOICES
-from modeling_stage2._files import output_path_problem
+from modeling_stage2._files import is_system_failure, output_path_problem
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.hub import (
     hub_download_errors, hub_failure_is_users, hub_failure_line, is_hub_repo_id, local_revision_problem,
@@ -285,6 +285,11 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"stage2-evaluate: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if not is_system_failure(error):
+            raise
+        print(f"stage2-evaluate: error: {error}", file=sys.stderr)  # a full disk: one line, not a traceback
+        return 1
     return 0
 
 
