@@ -104,13 +104,19 @@ def output_problem(output: str | Path, record: bool = True) -> str | None:
     return None
 
 
+# The counts the scripts take (timed rounds, training or fitting steps, tiles, threads): each must be at least 1
+COUNTS = ("repeats", "steps", "tiles", "threads", "num_tiles", "read_tiles", "slow_read_tiles")
+
+
 def check_study_arguments(parser, args, output: str | Path | None, record: bool = True) -> None:
     """Exits 2 with a one-line error on `--jobs` below 1 or an `output` (`--output`) that cannot be written: checked
     before any work, as found after the trainings (or the measurements) either would lose them. `output` None: a
     script that derives it from other arguments checks it once it has. `record`: a `.json` record goes beside it
-    (the studies; the benchmarks write their tables alone)."""
-    if getattr(args, "jobs", 1) < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    (the studies; the benchmarks write their tables alone). The counts of `COUNTS` a script takes must be >= 1 too:
+    with none, a benchmark fails (or records 0 tiles/s) after its models are built."""
+    for name in ("jobs", *COUNTS):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     problem = output_problem(output, record) if output is not None else None
     if problem is not None:
         parser.error(f"--output {output}: {problem}")

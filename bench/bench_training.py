@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import cpu_name, load_average, write_results
+from _common import check_study_arguments, cpu_name, load_average, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "training.md"
@@ -249,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_study_arguments(parser, args, None)  # --steps 0 would fail only after the models are built
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.steps, args.flops)), flush=True)
         return

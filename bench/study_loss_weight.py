@@ -56,7 +56,8 @@ def add_arguments(parser) -> None:
 
 
 def check_arguments(parser, args) -> None:
-    """Exits 2 with a one-line error on a parameter that is no loss weight or a value that is no weight."""
+    """Exits 2 with a one-line error on a parameter that is no loss weight, a value that is no weight, or values
+    without the default (what the study, and `bench/summarize.py` from its record, reads every value against)."""
     weights = loss_weights()
     if args.parameter not in weights:
         parser.error(f"--parameter {args.parameter}: not a weight of training.losses.Stage2Loss; use one of "
@@ -70,6 +71,9 @@ def check_arguments(parser, args) -> None:
             parser.error(f"--values {value}: a weight is a finite number >= 0")
     if len(set(map(float, args.values))) < len(args.values):
         parser.error(f"--values {' '.join(args.values)}: each weight once")
+    if weights[args.parameter] not in map(float, args.values):  # the record is read against it (`bench/summarize.py`)
+        parser.error(f"--values {' '.join(args.values)}: the default {weights[args.parameter]:g} is not among them; "
+                     "each value is compared with it")
 
 
 def in_range_test_tiles(dataset_dir: Path) -> list[bool]:

@@ -596,6 +596,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.earlier = read_earlier(Path(args.reuse))
         except ValueError as error:
             parser.error(f"--reuse {args.reuse}: {error}")
+        recorded = args.earlier.get("seeds")
+        if recorded is not None and recorded != args.seeds:  # the record has one list of seeds for all its runs
+            parser.error(f"--reuse {args.reuse}: recorded with --seeds {' '.join(map(str, recorded))}, not "
+                         f"{' '.join(map(str, args.seeds))}")
+    elif not planned_jobs(args):  # it would replace the record at --output with an empty one
+        parser.error("nothing to train (no --presets, --no-mixture, no --mixture_bounds) and nothing to --reuse")
     return args
 
 

@@ -515,3 +515,144 @@ def test_docs_data_quotes_the_measured_set_transform_rates(summarize, repo_root)
     assert "~75 tiles/s" not in data and "~80 tiles/s" not in data
     benchmarks = _text(repo_root / "BENCHMARKS.md")
     assert f"`set_transform` only {main:.0f} tiles/s ({workers:.0f} with 2 workers)" in benchmarks
+
+
+def test_readme_and_docs_refiner_quote_the_measured_model_memory_and_times(summarize, repo_root):
+    """README's "8-bit buys memory" and docs/refiner.md's "Memory and speed": each precision's model memory, the 8-bit
+    floor of the block linears, the process RSS, forward and training step, as refiner_memory.md records them."""
+    results = repo_root / "bench" / "results"
+    memory = summarize.refiner_memory(results)
+    precisions = summarize.REFINER_PRECISIONS
+    total, floor, weights = memory.total_gb, memory.floor_gb, memory.block_weights / 1e6
+    assert (f"The 600M backbone's block linears are {weights:.1f}M weights: 8-bit cannot go below ~{floor:.2f} GB (the "
+            f"refiner measures {total['8-bit']:.3f} GB; NF4 {total['NF4']:.3f} GB; fp32 {total['fp32']:.3f} GB)"
+            ) in _text(repo_root / "README.md")
+    path = results / "refiner_memory.md"
+    rss = summarize.find_row(summarize.find_table(path.read_text(), path, "part", *precisions), path, "part",
+                             "process RSS once built")
+    low, high = memory.design_mb
+    rows = [("model (parameters + buffers + quantization statistics)", total, "{:.2f} GB"),
+            ("process RSS once built", {p: summarize.number(rss[p], path, p) for p in precisions}, "{:.2f} GB"),
+            (f"forward (best of {memory.rounds})", memory.forward_min_s, "{:.2f} s"),
+            (f"LoRA training step (best of {memory.rounds})", memory.step_min_s, "{:.1f} s")]
+    page = _text(repo_root / "docs" / "refiner.md")
+    for label, values, cell in rows:
+        row = f"| {label} | " + " | ".join(cell.format(values[p]) for p in precisions) + " |"
+        assert row in page, row
+    assert (f"The backbone's block linears hold {weights:.1f}M weights, so 8-bit cannot go below {floor:.2f} GB: the "
+            f"design's {low}-{high} MB for 8-bit is not reachable; the 8-bit refiner is {total['8-bit'] / floor:.2f}x "
+            f"that floor. NF4 comes closest ({total['NF4']:.2f} GB).") in page
+    assert floor * 1000 > high  # "not reachable"
+
+
+def test_docs_data_quotes_the_measured_build_and_read_rates(summarize, repo_root):
+    """docs/data.md's "Throughput": the tiles built, the goals, the load, each build rate and the time for the goal's
+    tiles at the best, and the read rates of the numpy path, as data_throughput.md records them."""
+    results = repo_root / "bench" / "results"
+    data = summarize.data_throughput(results)
+    load = summarize.search(r"load average ([\d.]+) at start", (results / "data_throughput.md").read_text(),
+                            results / "data_throughput.md", "the load at the start").group(1)
+    page = _text(repo_root / "docs" / "data.md")
+    assert f"builds {data.num_tiles:,} copies of the bundled tiles" in page
+    assert f"The goals are {data.goal_tiles} tiles built in under {data.goal_minutes} minutes on 2 cores" in page
+    assert data.best_build_minutes < data.goal_minutes and min(data.numpy_read.values()) > 1000  # "goal met"
+    assert (f"(load average {load} at the start), the current builder makes {data.build_rates[1]:.0f} tiles/s with "
+            f"`--num_proc 1` and **{data.build_rates[2]:.0f} tiles/s with `--num_proc 2`: {data.goal_tiles} tiles in "
+            f"{data.best_build_minutes:.1f} minutes (goal met)**") in page
+    assert f"At {data.build_rates[2]:.0f} tiles/s the builder writes" in page
+    assert (f"read: {min(data.numpy_read.values()):,.0f}-{max(data.numpy_read.values()):,.0f} tiles/s through the "
+            "numpy format + `collate` path (goal met)") in page
+
+
+def test_the_prose_quotes_the_recorded_size_and_time_of_the_studies(repo_root):
+    """BENCHMARKS.md's prose under the table (and docs/losses_and_metrics.md's): the fits or trainings and the time of
+    the tile-conditioning, rotation and loss-weight studies, as their results files' headers record them."""
+    import json
+    import re
+
+    results = repo_root / "bench" / "results"
+
+    def header(name: str, pattern: str) -> tuple[str, ...]:
+        return re.search(pattern, (results / name).read_text().split("\n\n")[1]).groups()
+
+    benchmarks = _text(repo_root / "BENCHMARKS.md")
+    (fits,) = header("tile_conditioning.md", r"; (\d+) fits on one thread each in \d+ min")
+    assert f"`bench/study_tile_conditioning.py` ({fits} fits of the colour correction)" in benchmarks
+    trainings, minutes = header("rotation.md", r"; (\d+) demo trainings .* in (\d+) min on ")
+    assert f"`bench/study_rotation.py` ({trainings} trainings, ~{minutes} min with 2 jobs)" in benchmarks
+    weights = {parameter: header(f"{parameter}.md", r"; (\d+) demo trainings .* in (\d+) min on ")
+               for parameter in ("reconstruction_weight", "identity_weight", "evi_weight")}
+    assert all(len(json.loads((results / f"{parameter}.json").read_text())["values"]) == 3 for parameter in weights)
+    ((trainings,),) = {(count,) for count, _ in weights.values()}
+    times = [int(minutes) for _, minutes in weights.values()]
+    low, high = min(times), max(times)
+    assert f"3 seeds each ({trainings} trainings for three values, {low}-{high} min with 2 jobs" in benchmarks
+    assert f"(seeds 0-2, {trainings} trainings a weight, {low}-{high} min with 2 jobs)" in _text(
+        repo_root / "docs" / "losses_and_metrics.md")
+
+
+@pytest.mark.parametrize(("worse", "verdict"), [
+    (("evi_rmse", "sam"), "much worse, beyond the seed spread"),
+    (("evi_rmse",), "worse beyond the seed spread on EVI RMSE"),  # was "not worse": the goal missed on EVI passed
+    (("sam",), "worse beyond the seed spread on SAM"),
+    ((), "not worse beyond the seed spread"),
+])
+def test_the_mixture_row_says_on_which_metric_the_mixture_is_worse_beyond_the_seed_spread(summarize, results_copy,
+                                                                                            worse, verdict):
+    """The goal of a `mixture` model: no worse on the `mild` test tiles than the `mild` model beyond the seed spread.
+    Worse beyond it on EVI RMSE or on SAM misses it."""
+    import json
+
+    results, _ = results_copy
+    study = json.loads((results / "quality.json").read_text())
+    for mixed, mild in zip(study["mixture_on_mild"]["after"], study["runs"]["mild/after"]):
+        for metric in ("evi_rmse", "sam"):
+            mixed["test"]["refined"][metric] = mild["test"]["refined"][metric] * (2 if metric in worse else 1)
+    (results / "quality.json").write_text(json.dumps(study))
+    row = next(line for line in summarize.summary_table(results).splitlines() if "Trained on `mixture`" in line)
+    assert row.split(" | ")[1].split("; ")[0].endswith(f": {verdict}")
+
+
+def test_docs_losses_quote_the_goal_counts_of_each_loss_weight_studys_machine(repo_root):
+    """docs/losses_and_metrics.md: the default runs of the identity guard's and the EVI term's studies are the
+    machines study's (its `mild` goal count there), the reconstruction L1's the quality study's record (its count)."""
+    import json
+
+    results = repo_root / "bench" / "results"
+    records = {name: json.loads((results / f"{name}.json").read_text()) for name in (
+        "identity_weight", "evi_weight", "reconstruction_weight", "machines")}
+
+    def mild_met(record: dict) -> int:
+        default = next(value for value in record["values"] if float(value) == record["default"])
+        return record["summary"][default]["mild"]["seeds_meeting_goal"]
+
+    machines = records["machines"]
+    here = machines["summary"]["mild"]["seeds_meeting_goal"]
+    assert mild_met(records["identity_weight"]) == mild_met(records["evi_weight"]) == here["here"]
+    assert mild_met(records["reconstruction_weight"]) == here["recorded"]
+    page = _text(repo_root / "docs" / "losses_and_metrics.md")
+    assert (f"`bench/results/machines.json`'s to the digit (the machine with {machines['machine']['cpu_capability']} "
+            f"kernels; its `mild` meets the goal in {here['here']} of {len(machines['seeds'])} seeds)") in page
+    capability = records["reconstruction_weight"]["machine"]["cpu_capability"]
+    assert (f"on a machine with {capability} kernels whose default runs are the quality study's record to the digit "
+            f"(`mild` {here['recorded']} of {len(machines['seeds'])})") in page
+
+
+def test_a_loss_weight_study_without_the_default_is_refused_before_any_training(repo_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    """The loss-weight rows read every value against the default, and a record without it exits 2 (above): the study
+    refuses such `--values` before it trains, not once its record has replaced the one the row quotes."""
+    monkeypatch.syspath_prepend(str(repo_root))
+    from bench import study_loss_weight
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the study started training")
+
+    monkeypatch.setattr(study_loss_weight, "train_settings", no_training)
+    with pytest.raises(SystemExit) as exited:
+        study_loss_weight.main(["--parameter", "identity_weight", "--values", "1", "2", "--output",
+                                str(tmp_path / "identity_weight.md")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --values 1 2: the default 0.5 is not among them; each value is compared with it")
+    assert not list(tmp_path.iterdir())

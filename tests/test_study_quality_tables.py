@@ -321,11 +321,18 @@ def test_benchmarks_gives_the_number_of_trainings_the_defaults_run(study_quality
     (["--reuse", "{tmp}/list.json"], "--reuse {tmp}/list.json: no 'runs' object of 'preset/variant' -> list of runs "
                                      "(not a record of this study)"),
     (["--reuse", "{tmp}/bounds.json"], "--reuse {tmp}/bounds.json: 'mixture_bounds_on_mild' is not an object"),
+    # the record has one list of seeds: reused runs of others would be reported (and checked) as these seeds'
+    (["--presets", "--no-mixture", "--seeds", "0", "1", "--reuse", "{tmp}/seeds.json"],
+     "--reuse {tmp}/seeds.json: recorded with --seeds 0 1 2, not 0 1"),
+    # nothing to train or reuse: the record at --output would be replaced by an empty one
+    (["--presets", "--no-mixture"], "nothing to train (no --presets, --no-mixture, no --mixture_bounds) and nothing "
+                                    "to --reuse"),
 ])
 def test_a_bad_argument_exits_2_before_any_training(repo_root, tmp_path, arguments, message):
     """Checked before the datasets are built: a `--reuse` record is read only after every training otherwise."""
     for name, text in (("quality.md", "# tables, not the record\n"), ("list.json", "[1, 2]"),
-                       ("bounds.json", '{"runs": {"mild/after": []}, "mixture_bounds_on_mild": [1]}')):
+                       ("bounds.json", '{"runs": {"mild/after": []}, "mixture_bounds_on_mild": [1]}'),
+                       ("seeds.json", '{"runs": {"mild/after": [{}, {}, {}]}, "seeds": [0, 1, 2]}')):
         (tmp_path / name).write_text(text)  # `--reuse` files beside the output folder, which stays empty
     output = tmp_path / "out"
     output.mkdir()
