@@ -179,3 +179,39 @@ def test_the_logged_discriminator_terms_are_means_over_optimizer_steps(tmp_path,
         windows = [[values[name] for step, values in seen if step == window] for window in range(3)]
         assert logged[name] == pytest.approx(np.mean([np.mean(w) for w in windows]), rel=1e-5, abs=2e-6), name
     assert logged["total"] == pytest.approx(logged["loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- on resume
+@pytest.mark.parametrize("trained, resumed, problem", [
+    ([], ["--disc_base_channels", "16"],
+     "its discriminator does not fit the one these settings build (disc_base_channels 8 there, 16 here)"),
+    (["--adversarial_weight", "0"], [],
+     "it has no discriminator, but these settings train one (adversarial_weight > 0)"),
+])
+def test_a_checkpoint_whose_discriminator_does_not_fit_is_refused_before_anything_is_written(tmp_path, trained,
+                                                                                             resumed, problem):
+    """The Trainer found out when it loaded the checkpoint (a size-mismatch traceback, or a missing file), after
+    stage2-train had rewritten the run's config.yaml with the settings that cannot go on."""
+    import datasets
+    import numpy as np
+    from _data_helpers import folder_digest
+    from _training_helpers import write_config
+
+    from training.train import UsageError, main
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0.02, 0.4, (6, 4, 120, 120)).astype(np.float32)
+    table = datasets.Dataset.from_dict({
+        "target": target, "opt_v1": (target * 1.05 + rng.normal(0, 0.01, target.shape)).astype(np.float32),
+        "month": [1, 2, 3, 4, 5, 6], "biome": [0, 1, 2, 3, 4, 0], "valid_mask": np.ones((6, 120, 120), bool)})
+    datasets.DatasetDict({"train": table.select(range(4)), "val": table.select([4, 5])}).save_to_disk(tmp_path / "d")
+    out = tmp_path / "out"
+    argv = ["--config", str(write_config(tmp_path / "c.yaml", spectral_correction_init="identity")), "--data_dir",
+            str(tmp_path / "d"), "--output_dir", str(out), "--num_train_epochs", "1"]
+    main([*argv, *trained])
+    before = folder_digest(out)
+    with pytest.raises(UsageError) as error:  # one line and exit status 2 from stage2-train
+        main([*argv, *resumed, "--resume", "latest"])
+    assert str(error.value) == (f"{out / 'checkpoint-2'}: {problem}; resume with the settings it was trained with (the "
+                                "run's config.yaml), or start a new run.")
+    assert folder_digest(out) == before  # config.yaml included

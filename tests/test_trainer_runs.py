@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ import pytest
 import torch
 from _data_helpers import folder_digest
 from _training_helpers import StopAtStep, records, write_config
+from transformers import TrainerCallback
 
 from model_cards.cards import GENERATED_MARKER
 from training.train import build_model, parse_args
+from training.trainer import is_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,3 +129,74 @@ def test_stage2_train_refuses_to_resume_a_model_only_checkpoint_before_anything_
                                          r"save_only_model\)"):
         main([*argv, "--resume", "latest"])
     assert digest(tmp_path / "o") == before
+
+
+class _EvaluateOnlyAtStep1(TrainerCallback):
+    """Validation after step 1 only (no starting point): the best checkpoint is checkpoint-1."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_evaluate = state.global_step == 1
+        return control
+
+
+def test_a_stopped_run_keeps_the_checkpoint_it_stopped_at_under_save_total_limit_1(tmp_path):
+    """save_total_limit 1, the best checkpoint older than the step a Ctrl-C (here `StopAtStep`) stopped at: the end of
+    `train()` deleted every checkpoint but the best one, the one just written to resume from included, so
+    `--resume latest` went back to step 1 (and stage2-train's message named a checkpoint that was gone)."""
+    from training.trainer import find_latest_checkpoint
+
+    trainer = _trainer(tmp_path, callbacks=[_EvaluateOnlyAtStep1(), StopAtStep(3)], save_total_limit=1,
+                       save_every_epochs=0.5, eval_every_epochs=0.5, eval_on_start=False, num_train_epochs=3)
+    trainer.train()
+    out = tmp_path / "out"
+    assert trainer.state.global_step == 3 and trainer.state.best_model_checkpoint == str(out / "checkpoint-1")
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+    assert find_latest_checkpoint(out) == str(out / "checkpoint-3")
+
+
+@pytest.mark.parametrize("earlier_run_mtime", [1e9, 2e9])  # older than run B's checkpoints / newer (clock skew)
+def test_save_total_limit_rotates_only_this_runs_checkpoints_and_keeps_its_newest(tmp_path, earlier_run_mtime):
+    """Run B (save_total_limit 1) in the folder of run A (checkpoints 1 to 4), which docs/training.md says keeps A's
+    checkpoints but those at B's own steps: transformers' rotation, by modification time, deleted A's checkpoints at
+    B's first save, or B's new checkpoints where A's looked newer (a clock skew; or saves less than a second apart,
+    ordered by step: A's checkpoint-4 outranked B's)."""
+    _trainer(tmp_path, seed=0, save_every_epochs=0.5, save_total_limit=None).train()
+    out = tmp_path / "out"
+    for path in out.glob("checkpoint-*"):
+        os.utime(path, (earlier_run_mtime + _step(path), earlier_run_mtime + _step(path)))
+    _trainer(tmp_path, seed=1, callbacks=[StopAtStep(2)], save_every_epochs=0.5, save_total_limit=1).train()
+    seeds = {path.name: json.loads((path / "training_args.json").read_text())["seed"]
+             for path in out.glob("checkpoint-*")}
+    assert seeds == {"checkpoint-2": 1, "checkpoint-3": 0, "checkpoint-4": 0}  # B's newest; A's kept, not rotated
+    assert all(is_complete_checkpoint(out / name) for name in seeds)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+@pytest.mark.parametrize("scripted_loss", [None, {1: 4.0, 2: 3.0, 3: 1.0, 4: 2.0}])
+def test_load_best_model_at_end_puts_back_the_weights_of_best(tmp_path, scripted_loss):
+    """`load_best_model_at_end` loaded the Trainer's best checkpoint: none when the starting point was the best (the
+    model kept its last weights), and checkpoint-2 when step 3, which wrote no checkpoint, was the best."""
+    trainer = _trainer(tmp_path, load_best_model_at_end=True, eval_every_epochs=0.5, save_every_epochs=1,
+                       metric_for_best_model="eval_loss", eval_on_start=scripted_loss is None)
+    if scripted_loss is not None:  # the best step, by a validation loss written for it, and the checkpoints
+        measured = trainer.evaluate
+
+        def evaluate(*args, **kwargs):
+            return {**measured(*args, **kwargs), "eval_loss": scripted_loss[trainer.state.global_step]}
+
+        trainer.evaluate = evaluate
+    trainer.train()
+    out = tmp_path / "out"
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    if scripted_loss is None:
+        assert trainer.state.best_global_step == best["global_step"] == 0
+    else:
+        assert trainer.state.best_global_step == best["global_step"] == 3
+        assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2")  # the Trainer's, from step 2
+        trainer.evaluate = measured
+    metrics = trainer.evaluate()
+    for name in ("ndvi_rmse", "evi_rmse", "sam", "identity_l1"):  # the model of best/, not that of another step
+        assert metrics[f"eval_refined_{name}"] == pytest.approx(best["refined"][name], rel=1e-6, abs=1e-9), name

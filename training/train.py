@@ -691,6 +691,7 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
                              "redraw_degradation": _redraw_description(train_dataset.redraw)},
             callbacks=callbacks,
         )
+        _check_discriminator_fits(trainer, training_args)
         # Here rather than in `train`, so that a failing fit still leaves the output folder as it was.
         trainer.start_fitted_modules(training_args.resume_from_checkpoint)
         if training_args.should_save:
@@ -714,6 +715,17 @@ def _check_resumable(training_args) -> None:
     problem = None if checkpoint is None else model_only_checkpoint_problem(checkpoint)
     if problem is not None:
         raise UsageError(f"--resume {checkpoint}: {problem}.")
+
+
+def _check_discriminator_fits(trainer, training_args) -> None:
+    """The checkpoint a run resumes holds a discriminator of the size these settings build (or none where they train
+    none): one line and exit status 2, not the trainer's own ValueError (a traceback) when it starts."""
+    from training.trainer import discriminator_resume_problem, resolve_resume_checkpoint
+
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir, warn=False)
+    problem = None if checkpoint is None else discriminator_resume_problem(checkpoint, trainer.discriminator)
+    if problem is not None:
+        raise UsageError(f"{checkpoint}: {problem}.")
 
 
 def _check_resume_fits(model, training_args) -> None:

@@ -1,7 +1,7 @@
 """`Stage2Trainer`: the `transformers.Trainer` of the Stage 2 refiner.
 
 What it adds to the Trainer (which keeps the optimizer, warmup/cosine schedule, gradient clipping, gradient
-accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushes):
+accumulation, mixed precision, DDP, RNG state and Hub pushes):
 
 - `train` first fits what the refiner starts from on the training split (`start_fitted_modules`,
   `training.warm_start`: the spectral correction and MLP, the range of the training spectra), once, unless it resumes.
@@ -21,6 +21,9 @@ accumulation, mixed precision, DDP, checkpoint rotation, RNG state and Hub pushe
 - Checkpoints get a completion marker written last, with the size and sha256 of every file; `find_latest_checkpoint`
   (used by `--resume latest`) only returns checkpoints that verify against it, falling back past corrupt ones (named
   in a warning, never deleted); torn ones (no marker) left by a killed process are removed when training starts.
+  `save_total_limit` deletes this run's oldest checkpoints only, never the newest or the best one (nor at the end of
+  training); a checkpoint whose discriminator does not fit the run is refused before anything is written; and
+  `load_best_model_at_end` loads `best/`.
 """
 import hashlib
 import json
@@ -131,6 +134,14 @@ def _checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]
     return sorted((step, path) for step, path in found if step is not None)
 
 
+def remove_checkpoint(folder: str | os.PathLike) -> None:
+    """Delete a checkpoint folder, its completion marker first: a deletion cut short by a kill leaves a torn
+    checkpoint (removed when training starts), never a marker that lists files which are gone."""
+    folder = Path(folder)
+    (folder / CHECKPOINT_COMPLETE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
     """(step, path, complete) of every `checkpoint-N` folder of `output_dir`, oldest first (verifies every one)."""
     return [(step, path, is_complete_checkpoint(path)) for step, path in _checkpoint_folders(output_dir)]
@@ -163,6 +174,33 @@ def model_only_checkpoint_problem(folder: str | os.PathLike) -> str | None:
     return ("it holds the model only (saved with save_only_model): no optimizer, discriminator or training counters "
             "to go on from, so it cannot be resumed; start a new run, or train with save_only_model false to resume "
             "later")
+
+
+def discriminator_resume_problem(folder: str | os.PathLike, discriminator) -> str | None:
+    """Why the checkpoint `folder` cannot be resumed with `discriminator` (the PatchGAN of the run, None when it
+    trains none), or None: the checkpoint has none where the run trains one, or one of another size. Checked before
+    anything is written; the Trainer would find out only when it loads the checkpoint, with a traceback."""
+    from .discriminator import CONFIG_NAME, WEIGHTS_NAME
+
+    folder = Path(folder)
+    if discriminator is None or not (folder / TRAINER_EXTRA_STATE).is_file():  # save_only_model: refused elsewhere
+        return None
+    if not (folder / WEIGHTS_NAME).is_file():
+        return ("it has no discriminator, but these settings train one (adversarial_weight > 0); resume with the "
+                "settings it was trained with (the run's config.yaml), or start a new run")
+    try:
+        saved = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as error:
+        return f"its {CONFIG_NAME} is unreadable ({error})"
+    wanted = discriminator.config.to_dict()
+    differ = [key for key in wanted if saved.get(key) != wanted[key]] if isinstance(saved, dict) else list(wanted)
+    if not differ:
+        return None
+    flags = {"base_channels": "disc_base_channels", "num_layers": "disc_num_layers"}
+    shown = ", ".join(f"{flags.get(key, key)} {saved.get(key) if isinstance(saved, dict) else None!r} there, "
+                      f"{wanted[key]!r} here" for key in differ)
+    return (f"its discriminator does not fit the one these settings build ({shown}); resume with the settings it "
+            "was trained with (the run's config.yaml), or start a new run")
 
 
 def resolve_resume_checkpoint(value, output_dir: str | os.PathLike, warn: bool = True) -> str | None:
@@ -339,6 +377,7 @@ class Stage2Trainer(Trainer):
         self._step_has_nonfinite = False
         self._pending_disc = None
         self._resume_checkpoint = None
+        self._kept_checkpoints: set[Path] = set()  # another run's (or a later, corrupt) checkpoint: never rotated
         self.nonfinite_skipped_steps = 0
         self.disc_skipped_steps = 0
         self.disc_steps = 0
@@ -374,6 +413,7 @@ class Stage2Trainer(Trainer):
         if self._fitted_modules_started:
             return {key: self.training_config.get(key) for key in FITTED_MODULE_RECORDS}
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir, warn=False)
+        self._check_resumable(resume)
         started = start_fitted_modules(self.model, self.train_dataset, self.args, resuming=resume is not None)
         if resume is not None:  # nothing is fitted now: the record of the run that fitted it, kept in its checkpoint
             started = {**started, **_fitted_modules_record(Path(resume))}
@@ -386,6 +426,7 @@ class Stage2Trainer(Trainer):
         the fitted start of `start_fitted_modules` (as `stage2-train` starts)."""
         self.start_fitted_modules(resume_from_checkpoint)
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._check_resumable(resume)
         if resume is not None:
             logger.warning(f"Resuming from {resume} (global step {_checkpoint_step(Path(resume))}).")
             self.args.eval_on_start = False  # the starting point was evaluated by the run that saved the checkpoint
@@ -395,9 +436,22 @@ class Stage2Trainer(Trainer):
             self._remove_torn_checkpoints()
             if resume is None:
                 self._warn_earlier_checkpoints()
+        # The checkpoints save_total_limit may delete are this run's: what a resumed run goes on from and the older
+        # ones, and what this call writes. Another run's in the folder, and a resumed run's newer (corrupt) ones, are
+        # kept until this run writes its own checkpoint at their step.
+        resumed_step = _checkpoint_step(Path(resume)) if resume is not None else -1
+        self._kept_checkpoints = {path.resolve() for step, path in _checkpoint_folders(self.args.output_dir)
+                                  if step > resumed_step}
         self._resume_checkpoint = resume
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
                              **kwargs)
+
+    def _check_resumable(self, checkpoint: str | None) -> None:
+        """A checkpoint whose discriminator does not fit this trainer's is refused (ValueError naming it) before
+        anything is written: `stage2-train` would otherwise rewrite `config.yaml` with settings that cannot go on."""
+        problem = None if checkpoint is None else discriminator_resume_problem(checkpoint, self.discriminator)
+        if problem is not None:
+            raise ValueError(f"{checkpoint}: {problem}.")
 
     def _warn_earlier_checkpoints(self) -> None:
         """A new run in a folder that holds another run's checkpoints: they are kept (nothing that existed is lost),
@@ -813,15 +867,14 @@ class Stage2Trainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then (after every process wrote its part) the completion marker, then the
         rotation of older checkpoints: a kill at any moment leaves a complete checkpoint to resume from."""
-        from transformers.trainer_utils import rotate_checkpoints
-
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
             if (folder / CHECKPOINT_COMPLETE_NAME).exists():  # not torn: say that an earlier run's one is replaced
                 logger.warning(f"Replacing {folder}, a checkpoint of an earlier run at the same step "
                                f"({checkpoint_problem(folder) or 'it verifies'}).")
-            shutil.rmtree(folder)
+            remove_checkpoint(folder)
+        self._kept_checkpoints.discard(folder.resolve())  # this run's from now on
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation before the marker
         try:
@@ -832,8 +885,46 @@ class Stage2Trainer(Trainer):
         if self.args.should_save and folder.is_dir():
             write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
                        sort_keys=True)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self._rotate_checkpoints(run_dir, limit, folder)
+
+    def _rotate_checkpoints(self, run_dir: Path, limit: int | None, newest: Path) -> list[Path]:
+        """`save_total_limit` over this run's checkpoints, oldest step first: never `newest` (the one just written),
+        the Trainer's best checkpoint, or a kept one (`_kept_checkpoints`). transformers' `rotate_checkpoints` keeps
+        the newest by modification time, or by step where those are less than a second apart: another run's
+        checkpoint at a later step then outranked the one just written, which was deleted."""
+        if not limit or limit <= 0:
+            return []
+        best = self.state.best_model_checkpoint
+        protected = {newest.resolve()} | ({Path(best).resolve()} if best else set())
+        own = [(step, path) for step, path in _checkpoint_folders(run_dir)
+               if path.resolve() not in self._kept_checkpoints]
+        excess, deleted = len(own) - limit, []
+        for _, path in own:
+            if excess <= 0:
+                break
+            if path.resolve() not in protected:
+                remove_checkpoint(path)
+                deleted.append(path)
+                excess -= 1
+        return deleted
+
+    # Private overrides of the end of training. transformers deletes every checkpoint but the best one when
+    # save_total_limit is 1, the newest included: the one a run stopped by Ctrl-C (or StopAtStep) has just written to
+    # be resumed from. And `load_best_model_at_end` loads its best checkpoint, which is none (nothing is loaded) when
+    # the best is the starting point, and an older one when the best step wrote no checkpoint: `best/` is the best.
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is None:
+            self._load_best_model()  # the Trainer loads only where it has a best checkpoint
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # the newest stays (`_rotate_checkpoints`)
+        try:
+            return super()._finalize_training(trial, num_train_samples, start_time)
+        finally:
+            self.args.save_total_limit = limit
+
+    def _load_best_model(self) -> None:
+        self.accelerator.wait_for_everyone()  # best/ is written by the main process
+        if not self.load_best_model() and self.state.best_model_checkpoint is not None:
+            super()._load_best_model()
 
     # --------------------------------------------------------------------------------------- Hub
     def create_model_card(self, **kwargs) -> None:
