@@ -166,6 +166,30 @@ def fake_demo_runs(monkeypatch, study_module) -> list[list[str]]:
     return commands
 
 
+def tiles_without_validation(folder: Path) -> Path:
+    """A tile folder with one training tile and no `val` or `test` split (a run cannot validate)."""
+    import shutil
+
+    from _data_helpers import make_tile_dir
+
+    data = make_tile_dir(folder, per_split=1)
+    shutil.rmtree(data / "val")
+    shutil.rmtree(data / "test")
+    return data
+
+
+def refuse_exec(monkeypatch) -> None:
+    """Make every `os.exec*` of `training.train` fail: an in-process test must never replace the test process by a
+    launcher (the launcher execs itself). Test modules use it as an autouse fixture."""
+    import training.train as train_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the test process would have been replaced by {args[1] if len(args) > 1 else args}")
+
+    for name in ("execv", "execve", "execvp", "execvpe"):
+        monkeypatch.setattr(train_module.os, name, refuse)
+
+
 def train_run(tmp: Path, data_dir: Path, name: str, callbacks=None, extra_argv=(), **overrides):
     from training.train import parse_args, run_training
 

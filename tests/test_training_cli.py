@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 import yaml
 from _data_helpers import folder_digest, make_tile_dir
 from _hub_helpers import hub_server  # noqa: F401  (fixture)
-from _training_helpers import TINY_SETTINGS, stage2_train_command, write_config
+from _training_helpers import TINY_SETTINGS, refuse_exec, stage2_train_command, tiles_without_validation, write_config
 
 import training.train as train_module
 from training.args import Stage2TrainingArguments
@@ -30,12 +29,7 @@ ACCELERATE_WARNING = "were not passed to `accelerate launch`"
 
 @pytest.fixture(autouse=True)
 def _never_exec(monkeypatch):
-    """The in-process tests must never replace the test process by a launcher (the launcher execs itself)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"the test process would have been replaced by {args[1] if len(args) > 1 else args}")
-
-    for name in ("execv", "execve", "execvp", "execvpe"):
-        monkeypatch.setattr(train_module.os, name, refuse)
+    refuse_exec(monkeypatch)
 
 
 
@@ -355,12 +349,9 @@ def test_metric_for_best_model_must_be_an_evaluation_metric(name, tmp_path, tiny
 
 
 # ----------------------------------------------------------------------------------------------- output folder
-@pytest.fixture
-def tiles_without_validation(tmp_path) -> Path:
-    data = make_tile_dir(tmp_path / "tiles", per_split=1)
-    shutil.rmtree(data / "val")
-    shutil.rmtree(data / "test")
-    return data
+@pytest.fixture(name="tiles_without_validation")
+def _tiles_without_validation(tmp_path) -> Path:
+    return tiles_without_validation(tmp_path / "tiles")
 
 
 def test_failed_run_does_not_create_the_output_folder(tmp_path, tiny_config, tiles_without_validation):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from _data_helpers import make_tile_dir
-from _training_helpers import write_config
+from _training_helpers import refuse_exec, tiles_without_validation, write_config
 
 import training.train as train_module
 from training.train import UsageError, launch_main, main
@@ -23,12 +23,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="r
 
 @pytest.fixture(autouse=True)
 def _never_exec(monkeypatch):
-    """The in-process tests must never replace the test process by a launcher (the launcher execs itself)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"the test process would have been replaced by {args[1] if len(args) > 1 else args}")
-
-    for name in ("execv", "execve", "execvp", "execvpe"):
-        monkeypatch.setattr(train_module.os, name, refuse)
+    refuse_exec(monkeypatch)
 
 
 @pytest.fixture
@@ -36,12 +31,9 @@ def tiny_config(tmp_path) -> Path:
     return write_config(tmp_path / "tiny.yaml")
 
 
-@pytest.fixture
-def tiles_without_validation(tmp_path) -> Path:
-    data = make_tile_dir(tmp_path / "tiles", per_split=1)
-    shutil.rmtree(data / "val")
-    shutil.rmtree(data / "test")
-    return data
+@pytest.fixture(name="tiles_without_validation")
+def _tiles_without_validation(tmp_path) -> Path:
+    return tiles_without_validation(tmp_path / "tiles")
 
 
 def _default_signals() -> None:
