@@ -27,12 +27,18 @@ from pathlib import Path
 
 os.environ.setdefault("MKL_CBWR", "AUTO")  # reproducible MKL results run to run (see training/train.py)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages when the package is installed
 
 
 def _existing(path: str, what: str) -> Path:
     from training.train import MissingInputError
 
+    if not (REPO_ROOT / "setup.cfg").is_file():  # installed (pip install ., a wheel): no sample or configs/ beside it
+        if Path(path).exists():
+            return Path(path)
+        raise MissingInputError(f"{what} {path} not found in {Path.cwd()}; the bundled sample (data/sample/tiles) and "
+                                "configs/demo.yaml are in the source repository, not in the installed package: run "
+                                "from a checkout or give --data_dir and --config.")
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.exists():
             return candidate
