@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent("""
         with atomic_file(target) as partial:
             partial.write_text("half")
             print("writing", flush=True)
-            time.sleep(60)
+            for _ in range(600):  # short sleeps: see SLOW_EXIT_SCRIPT
+                time.sleep(0.1)
         return 0
 
     sys.exit(main(sys.argv[1]))
@@ -198,7 +199,8 @@ SLOW_CLEANUP_SCRIPT = textwrap.dedent("""
             (scratch / str(i)).write_text("half")
         try:
             print("working", flush=True)
-            time.sleep(60)
+            for _ in range(600):  # short sleeps: see SLOW_EXIT_SCRIPT
+                time.sleep(0.1)
         finally:
             print("cleaning", flush=True)
             for path in sorted(scratch.iterdir()):
@@ -247,7 +249,8 @@ SLOW_EXIT_SCRIPT = textwrap.dedent("""
     @exit_on_termination
     def main():
         print("working", flush=True)
-        time.sleep(60)
+        for _ in range(600):  # short sleeps: the signal may reach torch's own thread, and Python runs its handler
+            time.sleep(0.1)   # only when the main thread wakes (one 60 s sleep hung 4 runs in 12 on a loaded machine)
         return 0
 
     sys.exit(main())
