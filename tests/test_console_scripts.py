@@ -13,11 +13,12 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
-def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(script: str, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`script` as a subprocess, offline (no Hub) unless `env` says otherwise."""
     executable = BIN / script
     if not executable.exists():
         pytest.skip(f"{script} is not installed in {BIN} (pip install -e .)")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -115,3 +116,19 @@ def test_the_bitsandbytes_kernels_hint_is_dropped_and_nothing_else(module):
                             text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == ["another bitsandbytes message"]
+
+
+def test_refine_with_the_hub_out_of_reach_is_exit_1_in_one_line(sample_tiles_dir, tmp_path):
+    """A Hub repo id with the Hub out of reach (a port nobody listens on) exited 2, a user error; it is the system's."""
+    import socket
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    tile = next((sample_tiles_dir / "val").glob("*.npz"))
+    result = run("stage2-refine", "--model", "someone/demo", "--input", str(tile), "--output_dir", str(tmp_path / "out"),
+                 "--no_progress", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("stage2-refine: error: model someone/demo: not a local folder") and "ConnectError" in line
+    assert not (tmp_path / "out").exists()
