@@ -349,10 +349,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"stage2-ingest-bigearthnet: error: {error}", file=sys.stderr)
         return 2  # bad input (a missing or malformed file, an unsafe patch id): a user error
-    except OSError as error:  # the system failed (a full disk): the tiles written so far are whole, each one
+    except OSError as error:  # a full disk (1) or a folder the user can mend (2): the tiles written so far are whole
         where = "" if error.filename else f"--output_dir {args.output_dir}: "  # a write to a handle names no file
         print(f"stage2-ingest-bigearthnet: error: {where}{error}", file=sys.stderr)
-        return 1
+        return 1 if _files.is_system_failure(error) else 2
     except ImportError as error:  # lmdb, pyarrow: the optional dependencies of the ingest
         missing = (error.name or "lmdb").split(".")[0]
         hint = _vocabulary.install_hint(f"reading BigEarthNet ({missing} is missing)", "bigearthnet")

@@ -739,9 +739,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (TileError, FileNotFoundError, FileExistsError, ValueError) as error:  # bad input: nothing was written
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # the system failed (disk full, permissions): the previous dataset is kept
+    except OSError as error:  # a full disk, a dead worker (1) or no permission (2): the previous dataset is kept
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
-        return 1
+        return 1 if _files.is_system_failure(error) else 2
     rejected = Path(args.output_dir) / REJECTED_FILE
     return 1 if rejected.is_file() and rejected.read_text(encoding="utf-8").strip() else 0  # some tiles left out
 

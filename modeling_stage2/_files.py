@@ -36,8 +36,10 @@ SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
 
 
 def is_system_failure(error: BaseException) -> bool:
-    """Whether `error` is an OSError of the machine (`SYSTEM_ERRNOS`), not of the input."""
-    return isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS
+    """Whether `error` is a failure of the machine, not of the input: an OSError of `SYSTEM_ERRNOS`, or a worker
+    process that died (`ChildProcessError`, killed by the OOM killer). Every command exits 1 for these, 2 for the
+    rest (no permission, a read-only or missing folder: what the user can mend)."""
+    return isinstance(error, ChildProcessError) or (isinstance(error, OSError) and error.errno in SYSTEM_ERRNOS)
 
 
 def process_alive(pid: int) -> bool:

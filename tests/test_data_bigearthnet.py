@@ -337,10 +337,13 @@ def test_a_damaged_lmdb_page_skips_only_its_patch(tmp_path):
     assert done.returncode == 1 and "wrote 2 tiles" in done.stdout and "Traceback" not in done.stderr, done.stderr
 
 
-def test_a_full_disk_is_a_failure_of_the_system_not_a_user_error(tmp_path, capsys, monkeypatch):
-    """A write failing with ENOSPC exited 2 (a user error) with "[Errno 28] No space left on device" and no file."""
-    import errno
-
+@pytest.mark.parametrize(("error", "status"), [
+    (OSError(28, "No space left on device"), 1),  # ENOSPC: the machine failed
+    (OSError(30, "Read-only file system"), 2),  # EROFS: a folder the user can mend (it was 1, as any OSError)
+])
+def test_a_full_disk_is_a_failure_of_the_system_not_a_user_error(tmp_path, capsys, monkeypatch, error, status):
+    """A write failing with ENOSPC exited 2 (a user error) with "[Errno 28] No space left on device" and no file.
+    The status follows `is_system_failure`, as in every command."""
     from data_builders import bigearthnet
 
     lmdb_dir, metadata = _patches_lmdb(tmp_path)
@@ -349,14 +352,13 @@ def test_a_full_disk_is_a_failure_of_the_system_not_a_user_error(tmp_path, capsy
 
     def disk_full_at_the_second_tile(handle, **arrays):
         if written:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         written.append(real(handle, **arrays))
 
     monkeypatch.setattr(bigearthnet.np, "savez_compressed", disk_full_at_the_second_tile)
     output = tmp_path / "tiles"
-    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(output)]) == 1
-    assert capsys.readouterr().err.splitlines() == [
-        f"stage2-ingest-bigearthnet: error: --output_dir {output}: [Errno 28] No space left on device"]
+    assert main(["--lmdb", str(lmdb_dir), "--metadata", str(metadata), "--output_dir", str(output)]) == status
+    assert capsys.readouterr().err.splitlines() == [f"stage2-ingest-bigearthnet: error: --output_dir {output}: {error}"]
     tiles = sorted(p.name for p in (output / "train").iterdir())
     assert tiles == ["S2A_MSIL2A_20180101T100000_0_0.json", "S2A_MSIL2A_20180101T100000_0_0.npz",
                      "S2A_MSIL2A_20180101T100000_0_1.json"]  # whole files only; a sidecar alone is no tile

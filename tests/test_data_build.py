@@ -507,6 +507,26 @@ def test_exception_mid_build_keeps_the_old_dataset(tmp_path, existing_dataset, m
     assert len(build_dataset(data, out)["train"]) == 3  # a complete build replaces it
 
 
+@pytest.mark.parametrize(("error", "status"), [
+    (OSError(28, "No space left on device"), 1),  # ENOSPC: the machine failed
+    (PermissionError(13, "Permission denied"), 2),  # what the user can mend, as for stage2-convert-prithvi
+])
+def test_an_os_error_mid_build_exits_1_for_the_system_and_2_for_the_user(tmp_path, existing_dataset, monkeypatch,
+                                                                         capsys, error, status):
+    """The build gave 1 for any OSError, stage2-convert-prithvi and stage2-evaluate 1 only for a failure of the
+    machine (`is_system_failure`): one rule for every command now."""
+    out, before = existing_dataset
+    data = make_tile_dir(tmp_path / "new_tiles", per_split=1)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(build_module, "synthesize_opt_v1", failing)
+    assert main(["--data_dir", str(data), "--output_dir", str(out)]) == status
+    assert capsys.readouterr().err.splitlines() == [f"stage2-build-dataset: error: {error}"]
+    assert folder_digest(out) == before and not _scratch_dirs(out)
+
+
 KILLED_BUILD = textwrap.dedent(
     """
     import pathlib, sys, time
