@@ -57,11 +57,6 @@ INPUT_NAMES = ("opt_v1", "month", "biome")
 OUTPUT_NAMES = ("refined", OUT_OF_RANGE_WEIGHT)
 # Largest height/width the graph is declared for; the eager model has no limit, memory sets one in practice.
 MAX_SIDE = 32768
-# Smallest height/width of the graph: one pixel more than a patch (`min_side`), 15 px for the 14-px patch of the 600M
-# and tiny backbones, 17 for the 16-px one of the 300M/100M. A one-patch grid (H or W <= patch) is cut off by torch's
-# own size-1 specialisation (conv output layout and contiguity checks), which no model code can avoid; the eager model
-# handles such tiny images.
-MIN_SIDE = 15
 MAX_BATCH = 4096
 # Example input of the trace: a batch of 2 (batch 1 would be specialised) and a size that is not a multiple of the
 # patch in either direction, different in height and width so that the two stay independent.
@@ -314,7 +309,12 @@ def _example_inputs(config: Stage2RefinerConfig, batch: int, height: int, width:
 
 
 def min_side(patch: int) -> int:
-    """The smallest side (px) a graph takes along an axis with this patch: a grid of two patches after padding."""
+    """The smallest side (px) a graph takes along an axis with this patch: a grid of two patches after padding.
+
+    15 px for the 14-px patch of the 600M and tiny backbones, 17 for the 16-px one of the 300M/100M. A one-patch grid
+    (a side <= patch) is cut off by torch's own size-1 specialisation (conv output layout and contiguity checks), which
+    no model code can avoid; the eager model handles such tiny images.
+    """
     return int(patch) + 1
 
 

@@ -24,7 +24,7 @@ pytest.importorskip("onnxscript")
 from _refiner_helpers import tiny_refiner_config, wake_up  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model  # noqa: E402
-from modeling_stage2.export import EXPORT_INFO_FILE, MAX_BATCH, MIN_SIDE, export_refiner  # noqa: E402
+from modeling_stage2.export import EXPORT_INFO_FILE, MAX_BATCH, export_refiner, min_side  # noqa: E402
 from inference_stage2 import main as refine_main  # noqa: E402
 from inference_stage2 import load_model, refine_scene, refine_tiles  # noqa: E402
 from inference_stage2.predict import reports_out_of_range_weight  # noqa: E402
@@ -279,7 +279,7 @@ def test_export_json_describes_the_contract(exported, trained):
     assert inputs["month"]["value_range"] == [1, 12] and inputs["month"]["unknown"] == -1
     assert inputs["biome"]["value_range"] == [0, 16] and inputs["biome"]["unknown"] == -1
     assert info["padding"]["inside_graph"] and info["padding"]["multiple_of"] == [14, 14]
-    assert info["shape_limits"]["height"][0] == MIN_SIDE
+    assert info["shape_limits"]["height"][0] == min_side(14) == 15
     assert info["opset"] == 18 and info["spectral_correction"] == "affine"
     assert info["source"]["adapters_merged"] is True
     assert info["max_abs_difference_vs_eager"] < TOLERANCE  # the command line checks the graph after export
@@ -338,8 +338,8 @@ def test_bad_input_gives_the_eager_error_before_running(fmt, exported, eager, mo
     assert "month must be in 1..12" in _error_of(lambda: model(*cases["month 13"]))[1]
     assert "opt_v1 is empty" in _error_of(lambda: model(*cases["no tile"]))[1]
     kind, message = _error_of(lambda: model(torch.rand(1, 4, 14, 120), torch.tensor([1]), torch.tensor([1])))
-    assert kind is ValueError and "height 14" in message and f"{MIN_SIDE}.." in message
-    too_many = torch.zeros(MAX_BATCH + 1, 4, MIN_SIDE, MIN_SIDE)  # one tile more than the graph takes
+    assert kind is ValueError and "height 14" in message and f"{min_side(14)}.." in message
+    too_many = torch.zeros(MAX_BATCH + 1, 4, min_side(14), min_side(14))  # one tile more than the graph takes
     kind, message = _error_of(lambda: model(too_many, torch.ones(MAX_BATCH + 1, dtype=torch.long), None))
     assert kind is ValueError and f"batch {MAX_BATCH + 1} is outside the exported graph's range 1..{MAX_BATCH}" in (
         message)
