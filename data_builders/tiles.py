@@ -531,17 +531,19 @@ def read_tile(path: str | Path, metadata: Optional[dict] = None, tile_size: int 
     )
 
 
-def read_stage1(path: str | Path, tile_size: int = TILE_SIZE) -> np.ndarray:
+def read_stage1(path: str | Path, tile_size: int = TILE_SIZE, arrays: dict | None = None) -> np.ndarray:
     """A Stage 1 output `<tile_id>.npz` holding `opt_v1` (4, H, W) -> float32 reflectance.
 
     Integer arrays are digital numbers and are scaled by 1e-4 like the target; every value must
     be finite (a generator output has no nodata), and floats above `FLOAT_REFLECTANCE_LIMIT` are refused as
-    digital numbers stored as floats, as the target's are.
+    digital numbers stored as floats, as the target's are. `arrays`: the file's arrays (`load_npz`), where the
+    caller has read them already.
     """
     path = Path(path)
-    if not path.is_file():
-        raise TileError(path, "opt_v1", "Stage 1 file missing: every tile needs STAGE1_DIR/<tile_id>.npz")
-    arrays = load_npz(path)
+    if arrays is None:
+        if not path.is_file():
+            raise TileError(path, "opt_v1", "Stage 1 file missing: every tile needs STAGE1_DIR/<tile_id>.npz")
+        arrays = load_npz(path)
     opt_v1 = _require(path, arrays, "opt_v1")
     kind = _numeric_kind(path, "opt_v1", opt_v1)
     _check_shape(path, "opt_v1", opt_v1, (len(BAND_NAMES), tile_size, tile_size))

@@ -179,12 +179,17 @@ def _stage1_path(stage1_dir: Path, relative: Path) -> Path:
     return nested if nested.is_file() else stage1_dir / relative.name
 
 
+def _builders_stage1(path: Path, arrays: dict | None = None) -> np.ndarray:
+    """The data builders' Stage 1 reader (from `arrays` where the file is read already)."""
+    try:
+        return read_stage1(path, arrays=arrays)
+    except TileError as error:
+        raise InferenceInputError(str(error)) from None
+
+
 def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
-    if input_scale == "auto":  # the data builders' Stage 1 reader
-        try:
-            return read_stage1(path)
-        except TileError as error:
-            raise InferenceInputError(str(error)) from None
+    if input_scale == "auto":
+        return _builders_stage1(path)
     if not path.is_file():
         raise InferenceInputError(f"{path}: Stage 1 file missing (expected STAGE1_DIR/<tile>.npz with 'opt_v1')")
     arrays = _load_npz(path)
@@ -195,7 +200,7 @@ def _stage1_opt_v1(path: Path, input_scale: str) -> np.ndarray:
         raise InferenceInputError(str(TileError(path, "opt_v1", "zip member 'opt_v1' is not a .npy array; save "
                                                                 "Stage 1 outputs with np.savez")))
     if _auto_scale_is([opt_v1], input_scale):  # the flag overrides nothing: the data builders' reader
-        return _stage1_opt_v1(path, "auto")
+        return _builders_stage1(path, arrays)
     if opt_v1.shape != (len(BAND_NAMES), TILE_SIZE, TILE_SIZE):
         raise InferenceInputError(
             f"{path}: key 'opt_v1' has shape {opt_v1.shape}, expected (4, {TILE_SIZE}, {TILE_SIZE})"

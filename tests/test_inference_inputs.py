@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,28 @@ def test_an_output_dir_that_is_the_model_folder_is_refused_before_the_model_load
                             "refusing to write tiles among its files (its metrics.json would be replaced or "
                             "removed): choose another output folder")
     assert {path.name: path.read_bytes() for path in model.iterdir()} == before
+
+
+def test_a_stage1_file_is_read_once_when_the_input_scale_says_what_its_dtype_says(few_tiles, tmp_path, monkeypatch):
+    """Under --input_scale reflectance a float opt_v1 goes to the data builders' reader, which read the file again."""
+    from data_builders import tiles as builder_tiles
+    from inference_stage2 import tiles as inference_tiles
+
+    good = sorted(few_tiles.rglob("*.npz"))[0]
+    arrays = load_npz(good)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    opt_v1 = np.stack([arrays[key] for key in BAND_KEYS]).astype(np.float32) * np.float32(1e-4)
+    np.savez(stage1 / good.name, opt_v1=opt_v1)
+    reads = []
+
+    def counting(path, *args, **kwargs):
+        reads.append(Path(path))
+        return load_npz(path, *args, **kwargs)
+
+    monkeypatch.setattr(builder_tiles, "load_npz", counting)
+    monkeypatch.setattr(inference_tiles, "load_npz", counting)
+    summary = refine_tiles(PixelwiseRefiner(), good, tmp_path / "out", stage1, input_scale="reflectance",
+                           progress=False)
+    assert summary.written == [good.name] and summary.rejected == []
+    assert reads.count(stage1 / good.name) == 1
