@@ -269,28 +269,39 @@ class SceneSource:
 
     def read_rows(self, row: int, count: int) -> np.ndarray:
         """Bands (4, count, width) of rows [row, row + count), in the file's dtype (a windowed read)."""
+        self.max_rows_read = max(self.max_rows_read, count)
+        if len(self.datasets) == 1:
+            bands = [index + 1 for index in self.band_order]
+            return self._read(self.datasets[0], row, count, lambda dataset, window: dataset.read(bands, window=window))
+        return np.stack([self._read(dataset, row, count, lambda dataset, window: dataset.read(1, window=window))
+                         for dataset in self.datasets])
+
+    def _read(self, dataset, row: int, count: int, read) -> np.ndarray:
+        """`read(dataset, window)` of rows [row, row + count), a damaged file an `InferenceInputError`."""
         from rasterio.errors import RasterioIOError
         from rasterio.windows import Window
 
-        window = Window(0, row, self.width, count)
-        self.max_rows_read = max(self.max_rows_read, count)
         try:
-            if len(self.datasets) == 1:
-                return self.datasets[0].read([index + 1 for index in self.band_order], window=window)
-            return np.stack([dataset.read(1, window=window) for dataset in self.datasets])
+            return read(dataset, Window(0, row, self.width, count))
         except RasterioIOError as error:  # the header opened; the pixels show a damaged or truncated file
             files = ", ".join(map(str, self.input_paths))
             raise InferenceInputError(f"{files}: rows {row}..{row + count - 1} cannot be read, the file is damaged or "
                                       f"truncated ({' '.join(str(error).split())})") from None
 
-    def valid_mask(self, values: np.ndarray) -> np.ndarray:
-        """(rows, width) True where every band is finite and differs from its nodata value."""
+    def valid_mask(self, values: np.ndarray, row: int | None = None) -> np.ndarray:
+        """(rows, width) True where every band is finite and differs from its nodata value; given the strip's first
+        `row`, also where no file's own mask (GDAL's per-dataset mask: an internal mask or a `.msk` file, which COGs
+        use in place of a nodata value) masks it."""
         valid = np.ones(values.shape[1:], dtype=bool)
         for band, nodata in zip(values, self.nodata_values):
             if band.dtype.kind == "f":
                 valid &= np.isfinite(band)
             if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
                 valid &= band != nodata
+        if row is not None:
+            for dataset in filter(has_own_mask, self.datasets):
+                valid &= self._read(dataset, row, values.shape[1],
+                                    lambda dataset, window: dataset.read_masks(1, window=window)) > 0
         return valid
 
     def close(self) -> None:
@@ -303,6 +314,15 @@ class SceneSource:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def has_own_mask(dataset) -> bool:
+    """Whether `dataset` has GDAL's per-dataset mask: not one derived from its nodata value (`valid_mask` compares
+    that exactly) nor from an alpha band (a 4-band scene has none to spare)."""
+    from rasterio.enums import MaskFlags
+
+    flags = dataset.mask_flag_enums[0]
+    return MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags
 
 
 def output_dtype(source: SceneSource, output_scale: str) -> np.dtype:

@@ -73,6 +73,14 @@ class SceneRefinementResult:
         return self.width * self.height * self.pixel_size_m[0] * self.pixel_size_m[1] / 1e6
 
 
+def written_path(path: str | os.PathLike) -> Path:
+    """Where writing `path` lands: a link's target, replaced beside itself, so that the link names the new scene
+    (renaming over the link would leave its target, where the link's readers look, with the old one), as
+    `staged_folder` does for a linked folder."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def _check_window_fits(model: Any, window: int) -> None:
     """Every window reaches the model `window` px square (smaller scenes are padded up to it): an exported graph takes
     only the sides it was exported for, found here rather than at the first window, with the output half made."""
@@ -163,8 +171,9 @@ def refine_scene(
     with SceneSource(input_path_or_paths) as source:
         scale, dtype, nodata, scaling = scene_output_settings(source, input_scale, output_scale,
                                                               (output_path, weight_path))
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = partial_path(output_path)
+        target = written_path(output_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(target)
         weight_partial = None
         try:
             with contextlib.ExitStack() as files:
@@ -178,8 +187,9 @@ def refine_scene(
                     destination.scales, destination.offsets = (list(column) for column in zip(*scaling))
                 weight_destination = None
                 if weight_path is not None:
-                    weight_path.parent.mkdir(parents=True, exist_ok=True)
-                    weight_partial = partial_path(weight_path)
+                    weight_target = written_path(weight_path)
+                    weight_target.parent.mkdir(parents=True, exist_ok=True)
+                    weight_partial = partial_path(weight_target)
                     weight_destination = files.enter_context(rasterio.open(
                         weight_partial, "w", **output_profile(source, np.dtype(np.float32), np.nan, count=1)))
                     weight_destination.set_band_description(1, OUT_OF_RANGE_WEIGHT)
@@ -188,8 +198,8 @@ def refine_scene(
                     scaling, device, progress, weight_destination,
                 )
             if weight_partial is not None:
-                os.replace(weight_partial, weight_path)
-            os.replace(partial, output_path)
+                os.replace(weight_partial, weight_target)
+            os.replace(partial, target)
         except BaseException:
             for path in (partial, weight_partial):
                 if path is not None:
@@ -262,7 +272,7 @@ def _refine_strips(
     with tqdm(total=len(rows) * len(cols), unit="window", desc="stage2-refine", disable=not progress) as bar:
         for index, row in enumerate(rows):
             raw = source.read_rows(row, strip_height)
-            valid = source.valid_mask(raw)
+            valid = source.valid_mask(raw, row)
             warn = not checked and bool(valid.any())
             checked |= warn
             reflectance = source.to_reflectance(raw, scale, warn=warn, valid=valid)

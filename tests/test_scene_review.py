@@ -1,0 +1,75 @@
+"""Scenes as real files come: a mask of their own in place of a nodata value, and outputs that are links."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+
+from inference_stage2 import refine_scene  # noqa: E402
+from modeling_stage2.bands import BAND_NAMES  # noqa: E402
+from test_inference import (  # noqa: E402
+    CRS, TRANSFORM, PixelwiseRefiner, dn_to_reflectance, files_in, pixelwise_expected, read_geotiff, smooth_scene,
+    write_geotiff,
+)
+
+
+def write_masked(path, data, mask, *, internal=True):
+    """A GeoTIFF of `data` without a nodata value, masked (0) by GDAL's per-dataset mask: internal, or a `.msk` file."""
+    profile = {"driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
+               "dtype": data.dtype.name, "crs": CRS, "transform": TRANSFORM}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=internal):
+        with rasterio.open(path, "w", **profile) as dataset:
+            dataset.write(data)
+            dataset.write_mask(mask)
+    return path
+
+
+@pytest.fixture
+def masked_scene():
+    """150 x 130 px digital numbers, garbage (1) under a mask over rows 0..39 and a block further down."""
+    data = smooth_scene(150, 130)
+    mask = np.full(data.shape[1:], 255, dtype=np.uint8)
+    mask[:40] = 0
+    mask[90:100, 60:70] = 0
+    data[:, mask == 0] = 1
+    return data, mask
+
+
+def test_a_scene_s_own_mask_marks_its_nodata(masked_scene, tmp_path):
+    data, mask = masked_scene
+    path = write_masked(tmp_path / "masked.tif", data, mask)
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, progress=False)
+    refined, profile = read_geotiff(tmp_path / "out.tif")
+    expected = pixelwise_expected(dn_to_reflectance(data), 7, 4)
+    assert profile["nodata"] is None and np.isnan(refined[:, mask == 0]).all()
+    np.testing.assert_allclose(refined[:, mask > 0], expected[:, mask > 0], rtol=1e-6)
+    # Digital numbers: the masked pixels are the output's nodata value, 0.
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "dn.tif", 7, 4, output_scale="dn", progress=False)
+    numbers, profile = read_geotiff(tmp_path / "dn.tif")
+    assert profile["nodata"] == 0 and (numbers[:, mask == 0] == 0).all() and (numbers[:, mask > 0] > 0).all()
+
+
+def test_a_band_file_s_mask_beside_it_marks_nodata_in_every_band(masked_scene, tmp_path):
+    data, mask = masked_scene
+    paths = [write_geotiff(tmp_path / f"{name}.tif", data[i : i + 1]) for i, name in enumerate(BAND_NAMES)]
+    paths[2] = write_masked(paths[2], data[2:3], mask, internal=False)  # B04.tif.msk
+    assert (tmp_path / "B04.tif.msk").exists()
+    refine_scene(PixelwiseRefiner(), paths, tmp_path / "out.tif", 7, 4, progress=False)
+    refined = read_geotiff(tmp_path / "out.tif")[0]
+    expected = pixelwise_expected(dn_to_reflectance(data), 7, 4)
+    assert np.isnan(refined[:, mask == 0]).all()
+    np.testing.assert_allclose(refined[:, mask > 0], expected[:, mask > 0], rtol=1e-6)
+
+
+def test_an_output_that_is_a_link_replaces_the_file_it_names(tmp_path):
+    data = smooth_scene(60, 70)
+    path = write_geotiff(tmp_path / "scene.tif", data, nodata=0)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "refined.tif").write_bytes(b"an earlier run's output")
+    (tmp_path / "refined.tif").symlink_to(store / "refined.tif")
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "refined.tif", 7, 4, progress=False)
+    assert (tmp_path / "refined.tif").is_symlink() and files_in(store) == ["refined.tif"]
+    refined = read_geotiff(store / "refined.tif")[0]
+    np.testing.assert_allclose(refined, pixelwise_expected(dn_to_reflectance(data), 7, 4), rtol=1e-6)
