@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -549,11 +550,12 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint, args.output_dir, preset=args.preset, bands=args.bands, **overrides
         )
     except hub_download_errors() as error:  # an hf:// checkpoint: no such repo or file (2), or the Hub out of reach (1)
-        parser.exit(2 if hub_failure_is_users(error) else 1,
-                    f"stage2-convert-prithvi: error: {args.checkpoint}: downloading it from the Hub failed "
-                    f"({hub_failure_line(error)})\n")
+        print(f"stage2-convert-prithvi: error: {args.checkpoint}: downloading it from the Hub failed "
+              f"({hub_failure_line(error)})", file=sys.stderr)
+        return 2 if hub_failure_is_users(error) else 1
     except (ValueError, OSError) as error:  # 1 for a full disk (the machine's), 2 for the input's
-        parser.exit(1 if is_system_failure(error) else 2, f"stage2-convert-prithvi: error: {error}\n")
+        print(f"stage2-convert-prithvi: error: {error}", file=sys.stderr)
+        return 1 if is_system_failure(error) else 2
     config = model.config
     parameters = sum(parameter.numel() for parameter in model.parameters())
     print(

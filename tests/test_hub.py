@@ -927,9 +927,8 @@ def test_convert_exits_2_for_a_hub_checkpoint_that_does_not_exist(hub_server, tm
     HfApi().create_repo(REPO)
     for checkpoint, reason in ((f"hf://{DEFAULT_USER}/nothing/Prithvi_EO_V2_tiny.pt", "RepositoryNotFoundError"),
                                (f"hf://{REPO}/Prithvi_EO_V2_tiny.pt", "RemoteEntryNotFoundError")):
-        with pytest.raises(SystemExit) as stop:
-            main([checkpoint, str(tmp_path / "out")])
-        assert stop.value.code == 2
+        status = main([checkpoint, str(tmp_path / "out")])
+        assert status == 2
         line = _one_error_line(capsys, "stage2-convert-prithvi")
         assert f"{checkpoint}: downloading it from the Hub failed ({reason}" in line
         assert not (tmp_path / "out").exists()
@@ -939,9 +938,8 @@ def test_convert_exits_1_when_the_hub_cannot_be_reached(dead_hub, tmp_path, caps
     from modeling_stage2.convert_prithvi import main
 
     checkpoint = f"hf://{DEFAULT_USER}/Prithvi-EO-2.0-tiny/Prithvi_EO_V2_tiny.pt"
-    with pytest.raises(SystemExit) as stop:
-        main([checkpoint, str(tmp_path / "out")])
-    assert stop.value.code == 1
+    status = main([checkpoint, str(tmp_path / "out")])
+    assert status == 1
     line = _one_error_line(capsys, "stage2-convert-prithvi")
     assert f"{checkpoint}: downloading it from the Hub failed (" in line and "ConnectError" in line
     assert not (tmp_path / "out").exists()

@@ -164,9 +164,8 @@ def test_a_table_that_fits_no_grid_needs_the_size_explicitly(fixture_checkpoint,
         convert_official_checkpoint(path, num_heads=4)
     model = convert_official_checkpoint(path, num_heads=4, img_size=224, num_frames=1)  # the table is recomputed
     assert torch.equal(model.pos_embed, sincos_3d_table(64, (1, 16, 16)))
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
-    assert exit_info.value.code == 2 and "--img-size, --num-frames" in capsys.readouterr().err
+    status = main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
+    assert status == 2 and "--img-size, --num-frames" in capsys.readouterr().err
     assert main([str(path), str(tmp_path / "out"), "--num-heads", "4", "--img-size", "224", "--num-frames", "1"]) == 0
     assert PrithviConfig.from_pretrained(tmp_path / "out").grid_size == (1, 16, 16)
 
@@ -260,10 +259,9 @@ def test_malformed_entries_are_named_in_one_line(fixture_checkpoint, tmp_path, c
     path = _save_modified(fixture_checkpoint, tmp_path / "bad.pt", edit)
     with pytest.raises(PrithviCheckpointError, match=re.escape(message)):
         convert_official_checkpoint(path, num_heads=4)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
+    status = main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+    assert status == 2 and message in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -333,8 +331,7 @@ def test_cli_round_trip(tiny_checkpoint, tmp_path, capsys):
 
 def test_cli_reads_the_fixture_with_its_number_of_heads(fixture_checkpoint, prithvi_fixtures_dir, tmp_path, capsys):
     out = tmp_path / "fixture_out"
-    with pytest.raises(SystemExit):
-        main([str(fixture_checkpoint), str(out)])
+    assert main([str(fixture_checkpoint), str(out)]) == 2
     assert "--num-heads" in capsys.readouterr().err
     assert main([str(fixture_checkpoint), str(out), "--num-heads", "4", "--bands", *S2_BANDS]) == 0
     reference = load_reference(prithvi_fixtures_dir)
@@ -354,16 +351,14 @@ def test_cli_reads_the_fixture_with_its_number_of_heads(fixture_checkpoint, prit
 )
 def test_cli_errors_exit_with_a_message(tiny_checkpoint, tmp_path, capsys, extra, message):
     path, _ = tiny_checkpoint
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(tmp_path / "out"), *extra])
-    assert exit_info.value.code == 2
+    status = main([str(path), str(tmp_path / "out"), *extra])
+    assert status == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_rejects_malformed_hub_paths(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["hf://only-a-repo", str(tmp_path / "out")])
+    assert main(["hf://only-a-repo", str(tmp_path / "out")]) == 2
     assert "hf://OWNER/REPO/FILENAME" in capsys.readouterr().err
 
 
@@ -439,10 +434,9 @@ def test_cli_refuses_a_foreign_output_folder_before_downloading(tmp_path, capsys
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["hf://org/Prithvi-tiny/Prithvi_EO_V2_tiny.pt", str(foreign)])
+    status = main(["hf://org/Prithvi-tiny/Prithvi_EO_V2_tiny.pt", str(foreign)])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "holds other files (['notes.txt'])" in error
+    assert status == 2 and "holds other files (['notes.txt'])" in error
     assert len(error.strip().splitlines()) == 1 and downloads == []
     assert (foreign / "notes.txt").read_text() == "keep me"
 
@@ -450,9 +444,8 @@ def test_cli_refuses_a_foreign_output_folder_before_downloading(tmp_path, capsys
 def test_cli_num_heads_zero_is_refused_not_ignored(tiny_checkpoint, tmp_path, capsys):
     """`--num-heads 0` was dropped (`if args.num_heads`), and the preset's 4 heads written without a word."""
     path, _ = tiny_checkpoint
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(tmp_path / "out"), "--num-heads", "0"])
-    assert exit_info.value.code == 2 and "num_heads must be a positive integer, got 0" in capsys.readouterr().err
+    status = main([str(path), str(tmp_path / "out"), "--num-heads", "0"])
+    assert status == 2 and "num_heads must be a positive integer, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -460,10 +453,9 @@ def test_a_pickled_object_is_named_in_one_line(tmp_path, capsys):
     """torch's refusal spans paragraphs (and advises `weights_only=False`); the message keeps its reason, one line."""
     path = tmp_path / "bad.pt"
     torch.save({"encoder.cls_token": _Payload()}, path)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
+    status = main([str(path), str(tmp_path / "out"), "--num-heads", "4"])
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    assert status == 2 and len(error.strip().splitlines()) == 1, error
     assert "bad.pt: cannot be read as a weights-only torch checkpoint (UnpicklingError: Unsupported global" in error
     assert "_Payload" in error and "weights_only` set to `False`" not in error
 
@@ -479,9 +471,8 @@ def test_cli_a_full_disk_is_exit_1_in_one_line(tiny_checkpoint, tmp_path, capsys
 
     monkeypatch.setattr(convert_prithvi, "save_atomically", disk_full)
     path, _ = tiny_checkpoint
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(tmp_path / "out"), "--preset", "prithvi_eo_v2_tiny", "--bands", *S2_BANDS])
-    assert exit_info.value.code == 1
+    status = main([str(path), str(tmp_path / "out"), "--preset", "prithvi_eo_v2_tiny", "--bands", *S2_BANDS])
+    assert status == 1
     assert capsys.readouterr().err.splitlines() == [
         "stage2-convert-prithvi: error: [Errno 28] No space left on device"]
     assert not (tmp_path / "out").exists()
