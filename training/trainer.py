@@ -300,10 +300,11 @@ def _keep_last_batch(args):
 
 
 def _masked(image: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
-    """Invalid target pixels set to 0 in both real and fake images, so the discriminator cannot use them."""
-    if valid_mask is None:
-        return image
-    return torch.where(valid_mask[:, None], image, torch.zeros((), dtype=image.dtype, device=image.device))
+    """Invalid target pixels set to 0 in both real and fake images, so the discriminator cannot use them. The mask is
+    (B, H, W) or (B, 1, H, W), as the losses take it."""
+    from .losses import check_valid_mask, zero_invalid
+
+    return zero_invalid(image, check_valid_mask(valid_mask, image))
 
 
 def _component_name(name: str) -> str:
@@ -518,7 +519,7 @@ class Stage2Trainer(Trainer):
         self._window_components.clear()
 
     def _discriminator_backward(self, real: torch.Tensor, fake: torch.Tensor, valid_mask) -> None:
-        from .losses import lsgan_discriminator_loss
+        from .losses import _score_weights, _weighted_mean, lsgan_discriminator_loss
 
         real_scores = self.discriminator(_masked(real, valid_mask))
         fake_scores = self.discriminator(_masked(fake, valid_mask))
@@ -530,8 +531,10 @@ class Stage2Trainer(Trainer):
         # Recorded per accumulation window like the generator's components (a mean over optimizer steps in the logs).
         for name, value in components.items():
             self._window_components[_component_name(name)].append(value.detach().float())
-        self._window_components["adversarial_real_score"].append(real_scores.detach().float().mean())
-        self._window_components["adversarial_fake_score"].append(fake_scores.detach().float().mean())
+        # Mean scores over the patches the loss counts (weighted by their valid fraction), not over invalid areas.
+        weights = _score_weights(valid_mask, real_scores.detach().float())
+        self._window_components["adversarial_real_score"].append(_weighted_mean(real_scores.detach().float(), weights))
+        self._window_components["adversarial_fake_score"].append(_weighted_mean(fake_scores.detach().float(), weights))
 
     def _any_process(self, flag: bool) -> bool:
         value = self.accelerator.reduce(torch.tensor([float(flag)], device=self.args.device), reduction="sum")
