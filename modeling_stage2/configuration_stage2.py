@@ -55,7 +55,8 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
         backbone_config (`PrithviConfig`, `dict` or `str`, *optional*):
             The Prithvi encoder: a [`PrithviConfig`], its dict, or a preset name of
             `PrithviConfig.from_preset` (e.g. `"prithvi_eo_v2_tiny"`). Presets and dicts without `bands` get the
-            refiner's `bands`. Defaults to the `prithvi_eo_v2_600m` preset with bands B02 B03 B04 B08.
+            refiner's `bands`. Defaults to the `prithvi_eo_v2_600m` preset with bands B02 B03 B04 B08. The refiner
+            works on single frames: the backbone's temporal patch size (`patch_size[0]`) must be 1.
         backbone_weights (`str`, *optional*):
             Where the pretrained backbone weights come from when a fresh model is built
             (`Stage2RefinerModel.load_backbone_weights`, `build_trainable_model`): a Hub repo id
@@ -85,7 +86,7 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
         head_width (`int`, *optional*, defaults to 256):
             Channels of the first head stage; each following stage halves it, never below 16.
         layer_scale_init_value (`float`, *optional*, defaults to 1e-6):
-            Initial value of the ConvNeXt layer scale (0 disables layer scale).
+            Initial value of the ConvNeXt layer scale (0 disables layer scale); must be >= 0.
         drop_path_rate (`float`, *optional*, defaults to 0.1):
             Stochastic-depth rate of the last head block; earlier blocks get linearly smaller rates. Training only.
         padding_mode (`str`, *optional*, defaults to `"reflect"`):
@@ -242,6 +243,9 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
         self.num_convnext_blocks = _positive_int(num_convnext_blocks, "num_convnext_blocks")
         self.head_width = _positive_int(head_width, "head_width")
         self.layer_scale_init_value = _real(layer_scale_init_value, "layer_scale_init_value")
+        if self.layer_scale_init_value < 0:
+            raise ValueError(f"layer_scale_init_value must be >= 0 (0 disables layer scale), got "
+                             f"{layer_scale_init_value!r}.")
         self.drop_path_rate = _fraction(drop_path_rate, "drop_path_rate")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}.")
@@ -456,6 +460,12 @@ def _resolve_backbone_config(backbone_config, bands: list[str]) -> PrithviConfig
     else:
         raise TypeError(
             f"backbone_config must be a PrithviConfig, a dict or a preset name, got {type(backbone_config).__name__}."
+        )
+    if config.patch_size[0] != 1:
+        raise ValueError(
+            f"The refiner works on single-frame input, so its backbone needs patch_size[0] == 1, got patch_size="
+            f"{list(config.patch_size)}: build the backbone config with patch_size=(1, {config.patch_size[1]}, "
+            f"{config.patch_size[2]})."
         )
     backbone_bands = [canonical_band_name(band) for band in config.bands]
     refiner_bands = [canonical_band_name(band) for band in bands]

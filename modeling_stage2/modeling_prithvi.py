@@ -335,10 +335,14 @@ class PrithviEncoder(PrithviPreTrainedModel):
         embeddings = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))
         pos_embed = self.interpolate_pos_encoding(grid_size).to(embeddings.dtype)
         embeddings = embeddings + pos_embed[:, 1:, :]
+        batch, frames = pixel_values.shape[0], pixel_values.shape[2]
         if temporal_coords is not None and hasattr(self, "temporal_embed_enc"):
+            _check_coords(temporal_coords, "temporal_coords", (batch, frames, 2),
+                          "year, day of year per sample and frame")
             tokens_per_frame = embeddings.shape[1] // grid_size[0]
             embeddings = embeddings + self.temporal_embed_enc(temporal_coords, tokens_per_frame)
         if location_coords is not None and hasattr(self, "location_embed_enc"):
+            _check_coords(location_coords, "location_coords", (batch, 2), "lat, lon per sample")
             embeddings = embeddings + self.location_embed_enc(location_coords)
 
         cls_tokens = (self.cls_token + pos_embed[:, :1, :]).expand(embeddings.shape[0], -1, -1)
@@ -408,6 +412,14 @@ class PrithviEncoder(PrithviPreTrainedModel):
                 "to keep every pixel."
             )
         return grid
+
+
+def _check_coords(coords, name: str, shape: tuple[int, ...], meaning: str) -> None:
+    """Refuse coordinates that are not a tensor of `shape` with an error naming `name`, before the encodings'
+    indexing and broadcasting fail with a message that names neither."""
+    if not torch.is_tensor(coords) or tuple(coords.shape) != shape:
+        got = f"shape {tuple(coords.shape)}" if torch.is_tensor(coords) else type(coords).__name__
+        raise ValueError(f"{name} must be a tensor of shape {shape} ({meaning}), got {got}.")
 
 
 # `import modeling_stage2` makes `AutoModel.from_pretrained(<a PrithviEncoder folder>)` work (the config half is
