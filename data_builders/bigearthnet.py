@@ -333,7 +333,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--include_cloudy_snowy", action="store_true",
                         help="keep patches with seasonal snow or cloud/shadow (and read their parquet)")
     parser.add_argument("--max_patches", type=int, default=None, help="stop after N tiles")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _vocabulary.require_at_least(parser, args, {"--max_patches": 1})
+    return args
 
 
 @_signals.exit_on_termination

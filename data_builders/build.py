@@ -667,7 +667,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--degradation_config", default=None,
                         help="JSON file of DegradationConfig fields overriding those of the --degradation preset "
                              "(not with mixture)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _vocabulary.require_at_least(parser, args, {"--max_samples": 1, "--num_proc": 1, "--dataset_seed": 0, "--seed": 0})
+    return args
 
 
 def _read_degradation_config(path: Optional[str], preset: str) -> Optional[dict]:

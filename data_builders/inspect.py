@@ -346,8 +346,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--split and --num_tiles choose the tiles of the preview; add --plot FILE.png")
     if args.num_tiles is None:
         args.num_tiles = DEFAULT_PLOT_TILES
-    if args.num_tiles < 1:
-        parser.error(f"--num_tiles must be at least 1, got {args.num_tiles}")
+    _vocabulary.require_at_least(parser, args, {"--num_tiles": 1})
     if args.plot is not None:
         try:
             _check_plot_path(Path(args.plot))

@@ -88,6 +88,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """`parser.error` naming the flag (not the Python argument it becomes) when an integer flag that was given is
+    below its minimum, e.g. `{"--num_proc": 1}`."""
+    for flag, least in minimums.items():
+        value = getattr(args, flag.lstrip("-"))
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+
+
 @contextlib.contextmanager
 def one_line_warnings(prog: str):
     """Within the block, warnings print as one line `PROG: FutureWarning: message` (no source line): for the

@@ -92,8 +92,18 @@ def test_ingest_bigearthnet_with_missing_metadata(tmp_path):
     assert not (tmp_path / "tiles").exists()
     result = run("stage2-ingest-bigearthnet", "--lmdb", str(tmp_path), "--metadata", str(tmp_path / "absent.parquet"),
                  "--output_dir", str(tmp_path / "tiles"), "--max_patches", "0")
-    assert_user_error(result, "max_patches must be >= 1 (or None for all patches), got 0")
+    assert_user_error(result, "--max_patches must be at least 1, got 0")  # the flag, not the Python argument
     assert not (tmp_path / "tiles").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "least"), [
+    ("--max_samples", "0", 1), ("--num_proc", "0", 1), ("--dataset_seed", "-1", 0), ("--seed", "-1", 0)])
+def test_build_dataset_names_the_flag_of_a_count_below_its_minimum(tmp_path, flag, value, least):
+    """The errors named `max_samples`, `num_proc`, `seed` (build_dataset's arguments), not the flags typed."""
+    result = run("stage2-build-dataset", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                 flag, value)
+    assert_user_error(result, f"{flag} must be at least {least}, got {value}")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 QUIET_SCRIPT = """
