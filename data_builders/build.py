@@ -490,31 +490,32 @@ def build_dataset(
     columns = metadata_columns(all_specs)
     features = dataset_features(include_s1, columns)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_scratch(output_dir)
-    scratch = output_dir.parent / f".{output_dir.name}{SCRATCH_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    settings = {
-        "input_mode": mode,
-        "stage1_dir": str(stage1_dir) if stage1_dir is not None else None,
-        "seed": int(seed),
-        "degradation_preset": preset,
-        "degradation": degradation.to_dict() if degradation is not None else None,
-        "include_s1": include_s1,
-        "strict": bool(strict),
-    }
-    try:
-        scratch.mkdir(parents=True)
-        built, fingerprints, reports = _generate_splits(splits, columns, features, settings, scratch, int(num_proc))
-        rejected += [record for report in reports for record in report["rejected"]]
-        if not built:
-            raise ValueError(f"every tile under {data_dir} was rejected" + _first_reasons(rejected))
-        info = _build_record(data_dir, built, reports, rejected, columns, include_s1, max_samples,
-                             _opt_v1_record(mode, stage1_dir, preset, degradation, int(seed)))
-        staged = _stage(built, fingerprints, info, rejected, scratch / "dataset")
-        del built  # release the memory maps of the Arrow files before moving them
-        _move_into_place(staged, output_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with _files.parents_removed_on_failure(output_dir):  # a failed build leaves no empty folder it made
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_scratch(output_dir)
+        scratch = output_dir.parent / f".{output_dir.name}{SCRATCH_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        settings = {
+            "input_mode": mode,
+            "stage1_dir": str(stage1_dir) if stage1_dir is not None else None,
+            "seed": int(seed),
+            "degradation_preset": preset,
+            "degradation": degradation.to_dict() if degradation is not None else None,
+            "include_s1": include_s1,
+            "strict": bool(strict),
+        }
+        try:
+            scratch.mkdir(parents=True)
+            built, fingerprints, reports = _generate_splits(splits, columns, features, settings, scratch, int(num_proc))
+            rejected += [record for report in reports for record in report["rejected"]]
+            if not built:
+                raise ValueError(f"every tile under {data_dir} was rejected" + _first_reasons(rejected))
+            info = _build_record(data_dir, built, reports, rejected, columns, include_s1, max_samples,
+                                 _opt_v1_record(mode, stage1_dir, preset, degradation, int(seed)))
+            staged = _stage(built, fingerprints, info, rejected, scratch / "dataset")
+            del built  # release the memory maps of the Arrow files before moving them
+            _move_into_place(staged, output_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     counts = ", ".join(f"{split} {n}" for split, n in info["source"]["tiles"].items())
     summary = f"built {output_dir}: {counts} tiles; rejected {len(rejected)}"

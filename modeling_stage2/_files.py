@@ -214,6 +214,22 @@ def partial_path(target: str | os.PathLike) -> Path:
 
 
 @contextmanager
+def parents_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """On an exception inside the block, remove the folders above `path` that did not exist before it, innermost
+    first, each only if still empty (one that another process has filled meanwhile stays)."""
+    missing = [folder for folder in Path(path).parents if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the folders above it are not either
+        raise
+
+
+@contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; when the block succeeds it replaces `path` (one rename), when it
     raises the temporary file is removed and `path` is left as it was. Creates the parent folder."""

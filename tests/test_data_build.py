@@ -463,6 +463,14 @@ def test_every_tile_rejected_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)every tile under .* was rejected.*bad.npz: month: value 0 outside"):
         build_dataset(data, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # into folders that did not exist: the build made new/deeper/ and left it behind, empty
+    with pytest.raises(ValueError, match="every tile under"):
+        build_dataset(data, tmp_path / "new" / "deeper" / "out")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "runs" / "other").mkdir(parents=True)  # a folder that was there stays, and what it holds
+    with pytest.raises(ValueError, match="every tile under"):
+        build_dataset(data, tmp_path / "runs" / "a" / "out")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["other"]
 
 
 def test_every_tile_rejected_is_one_line_naming_the_first_files(tmp_path):

@@ -793,23 +793,22 @@ def _undone_on_failure(output_dir: Path, cache_root: Path, enabled: bool = True)
     if not enabled:
         yield
         return
+    from modeling_stage2._files import parents_removed_on_failure  # the trainer process: the package is loaded
+
     existed = output_dir.exists()
-    created_parents = [] if existed else [folder for folder in output_dir.parents if not folder.exists()]
     inside = output_dir.resolve() in cache_root.resolve().parents
     before = {folder: _entries(folder) for folder in ((cache_root,) if inside else ()) + (output_dir,)}
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            shutil.rmtree(output_dir, ignore_errors=True)
-            for folder in created_parents:  # innermost first; one another process has filled meanwhile stays
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        else:
-            for folder, entries in before.items():
-                for path in _entries(folder) - entries:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        raise
+    with parents_removed_on_failure(output_dir):
+        try:
+            yield
+        except BaseException:
+            if not existed:
+                shutil.rmtree(output_dir, ignore_errors=True)
+            else:
+                for folder, entries in before.items():
+                    for path in _entries(folder) - entries:
+                        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            raise
 
 
 def finish_run(trainer) -> None:
