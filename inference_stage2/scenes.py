@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from modeling_stage2._files import partial_path
+from modeling_stage2._files import parents_removed_on_failure, partial_path
 from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
@@ -168,10 +168,11 @@ def refine_scene(
         )
     rasterio = require_rasterio()
 
-    with SceneSource(input_path_or_paths) as source:
+    with SceneSource(input_path_or_paths) as source, contextlib.ExitStack() as made_folders:
         scale, dtype, nodata, scaling = scene_output_settings(source, input_scale, output_scale,
                                                               (output_path, weight_path))
         target = written_path(output_path)
+        made_folders.enter_context(parents_removed_on_failure(target))  # a failure leaves no folder it made
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(target)
         weight_partial = None
@@ -188,6 +189,7 @@ def refine_scene(
                 weight_destination = None
                 if weight_path is not None:
                     weight_target = written_path(weight_path)
+                    made_folders.enter_context(parents_removed_on_failure(weight_target))
                     weight_target.parent.mkdir(parents=True, exist_ok=True)
                     weight_partial = partial_path(weight_target)
                     weight_destination = files.enter_context(rasterio.open(

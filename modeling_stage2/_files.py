@@ -155,29 +155,50 @@ def _follow_umask(folder: Path) -> None:
 
 
 @contextmanager
+def parents_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """On an exception inside the block, remove the folders above `path` that did not exist before it, innermost
+    first, each only if still empty (one that another process has filled meanwhile stays)."""
+    missing = []
+    for folder in Path(path).parents:  # innermost first, up to the first that exists
+        if folder.exists():
+            break
+        missing.append(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: the folders above it are not either
+        raise
+
+
+@contextmanager
 def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a new folder beside `output_dir` to write into; when the block succeeds, it replaces `output_dir`
-    (`replace_folder`) with the modes the umask gives. If the block raises, the staging folder is removed and
-    `output_dir` is left as it was. A link to a folder: the folder it names is replaced, beside itself (replacing the
+    (`replace_folder`) with the modes the umask gives. If the block raises, the staging folder is removed (and the
+    folders above `output_dir` it made) and `output_dir` is left as it was. A link to a folder: the folder it names is replaced, beside itself (replacing the
     link would leave that folder with the old content, and the link a folder where a link was)."""
     output_dir = Path(output_dir)
     if output_dir.is_symlink():
         output_dir = output_dir.resolve()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    restore_set_aside(output_dir)  # readers see the old content again while the new one is written
-    for path in _abandoned(output_dir, STAGING_MARKER):  # what killed saves were writing: never moved in
-        shutil.rmtree(path, ignore_errors=True)
-    # named here and made inside the `try`: a signal as it is made (its handler raises once mkdir returns) must find
-    # the cleanup ready to remove it
-    staging = output_dir.parent / f".{output_dir.name}{STAGING_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.mkdir(staging, 0o700)
-        yield staging
-        _follow_umask(staging)
-        replace_folder(staging, output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with parents_removed_on_failure(output_dir):
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        restore_set_aside(output_dir)  # readers see the old content again while the new one is written
+        for path in _abandoned(output_dir, STAGING_MARKER):  # what killed saves were writing: never moved in
+            shutil.rmtree(path, ignore_errors=True)
+        # named here and made inside the `try`: a signal as it is made (its handler raises once mkdir returns) must
+        # find the cleanup ready to remove it
+        staging = output_dir.parent / f".{output_dir.name}{STAGING_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.mkdir(staging, 0o700)
+            yield staging
+            _follow_umask(staging)
+            replace_folder(staging, output_dir)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def output_path_problem(path: str | os.PathLike, *, folder: bool = False) -> str | None:
@@ -214,34 +235,20 @@ def partial_path(target: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def parents_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
-    """On an exception inside the block, remove the folders above `path` that did not exist before it, innermost
-    first, each only if still empty (one that another process has filled meanwhile stays)."""
-    missing = [folder for folder in Path(path).parents if not folder.exists()]
-    try:
-        yield
-    except BaseException:
-        for folder in missing:
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty: the folders above it are not either
-        raise
-
-
-@contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; when the block succeeds it replaces `path` (one rename), when it
-    raises the temporary file is removed and `path` is left as it was. Creates the parent folder."""
+    raises the temporary file is removed and `path` is left as it was. Creates the parent folder (removed again on
+    failure, with any folder above it that it made)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
-    try:
-        yield partial
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with parents_removed_on_failure(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(path)
+        try:
+            yield partial
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -310,3 +310,24 @@ def test_atomic_file_replaces_only_when_the_write_completes(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]  # no partial file left
     write_text(target, "line\r\n")
     assert target.read_bytes() == b"line\r\n"  # written as given
+
+
+@pytest.mark.parametrize("writer", ["staged_folder", "atomic_file"])
+def test_a_failed_write_removes_the_folders_it_made_above_the_output(tmp_path, writer):
+    """A write into new/deeper/out that failed left new/deeper/ behind, empty. A folder that existed stays, and one
+    another writer filled meanwhile too."""
+    write = getattr(_files, writer)
+    with pytest.raises(RuntimeError, match="failed"):
+        with write(tmp_path / "new" / "deeper" / "out"):
+            raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(RuntimeError, match="failed"):
+        with write(tmp_path / "runs" / "a" / "b" / "out"):
+            (tmp_path / "runs" / "a" / "other").mkdir()  # filled by someone else while the write ran
+            raise RuntimeError("failed")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["runs", "runs/a", "runs/a/other"]
+    with write(tmp_path / "new" / "deeper" / "out") as partial:  # a write that succeeds keeps them
+        if writer == "atomic_file":
+            partial.write_text("done")
+    assert (tmp_path / "new" / "deeper" / "out").exists()

@@ -73,3 +73,16 @@ def test_an_output_that_is_a_link_replaces_the_file_it_names(tmp_path):
     assert (tmp_path / "refined.tif").is_symlink() and files_in(store) == ["refined.tif"]
     refined = read_geotiff(store / "refined.tif")[0]
     np.testing.assert_allclose(refined, pixelwise_expected(dn_to_reflectance(data), 7, 4), rtol=1e-6)
+
+
+def test_a_failed_scene_leaves_no_folder_it_made(tmp_path):
+    """A scene that failed mid-way into new/deeper/refined.tif removed its partial file but left new/deeper/."""
+    path = write_geotiff(tmp_path / "scene.tif", smooth_scene(60, 70), nodata=0)
+
+    class FailingRefiner(PixelwiseRefiner):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError, match="the model failed"):
+        refine_scene(FailingRefiner(), path, tmp_path / "new" / "deeper" / "refined.tif", 7, 4, progress=False)
+    assert files_in(tmp_path) == ["scene.tif"]
