@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from modeling_stage2._files import parents_removed_on_failure, partial_path
+from modeling_stage2._files import parents_removed_on_failure, partial_path, remove_abandoned_partials
 from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
@@ -174,6 +174,7 @@ def refine_scene(
         target = written_path(output_path)
         made_folders.enter_context(parents_removed_on_failure(target))  # a failure leaves no folder it made
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_partials(target)  # a killed run's partial scene, perhaps gigabytes
         partial = partial_path(target)
         weight_partial = None
         try:
@@ -191,6 +192,7 @@ def refine_scene(
                     weight_target = written_path(weight_path)
                     made_folders.enter_context(parents_removed_on_failure(weight_target))
                     weight_target.parent.mkdir(parents=True, exist_ok=True)
+                    remove_abandoned_partials(weight_target)
                     weight_partial = partial_path(weight_target)
                     weight_destination = files.enter_context(rasterio.open(
                         weight_partial, "w", **output_profile(source, np.dtype(np.float32), np.nan, count=1)))

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SET_ASIDE_MARKER = ".previous-"
 STAGING_MARKER = ".tmp-"
+PARTIAL_MARKER = ".partial-"  # a file being written (`partial_path`)
 
 
 # What an OSError says of the machine rather than of the input: a full disk or quota, an I/O error, no memory. A
@@ -67,14 +68,16 @@ def _owner(path: Path, marker: str) -> int | None:
         return None
 
 
-def _abandoned(output_dir: Path, marker: str) -> list[Path]:
-    """Folders `.NAME<marker>PID-...` of `output_dir` whose owner process is gone: what a killed save left. (This
-    process's own are a save in progress in another thread: a failed one cleans up after itself.)"""
+def _abandoned(output_dir: Path, marker: str, folders: bool = True) -> list[Path]:
+    """Folders (`folders=False`: files) `.NAME<marker>PID-...` of `output_dir` whose owner process is gone: what a
+    killed save left. (This process's own are a save in progress in another thread: a failed one cleans up after
+    itself.)"""
     found = []
     # the name escaped: as a pattern, `ds[1]` would match what a killed save of `ds1` left, and never its own
     for path in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}{marker}*")):
         pid = _owner(path, marker)
-        if pid is not None and pid != os.getpid() and path.is_dir() and not process_alive(pid):
+        kind_matches = path.is_dir() if folders else path.is_file() and not path.is_symlink()
+        if pid is not None and pid != os.getpid() and kind_matches and not process_alive(pid):
             found.append(path)
     return found
 
@@ -178,8 +181,9 @@ def parents_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
 def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a new folder beside `output_dir` to write into; when the block succeeds, it replaces `output_dir`
     (`replace_folder`) with the modes the umask gives. If the block raises, the staging folder is removed (and the
-    folders above `output_dir` it made) and `output_dir` is left as it was. A link to a folder: the folder it names is replaced, beside itself (replacing the
-    link would leave that folder with the old content, and the link a folder where a link was)."""
+    folders above `output_dir` it made) and `output_dir` is left as it was. A link to a folder: the folder it names
+    is replaced, beside itself (replacing the link would leave that folder with the old content, and the link a
+    folder where a link was)."""
     output_dir = Path(output_dir)
     if output_dir.is_symlink():
         output_dir = output_dir.resolve()
@@ -231,7 +235,17 @@ def partial_path(target: str | os.PathLike) -> Path:
     """A temporary name beside `target` (so the final rename stays on one file system), unique to this process and
     call, hidden, keeping the suffix (writers such as `np.savez` or GDAL choose the format by it)."""
     target = Path(target)
-    return target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{target.suffix}")
+    return target.with_name(f".{target.name}{PARTIAL_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}{target.suffix}")
+
+
+def remove_abandoned_partials(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files (`partial_path`) that writes of `target` killed by SIGKILL left (their process is
+    gone); returns them. Large outputs call it before writing: a GeoTIFF scene's can be gigabytes."""
+    abandoned = _abandoned(Path(target), PARTIAL_MARKER, folders=False)
+    for path in abandoned:
+        logger.info("removing %s: what a killed write of %s left", path, target)
+        path.unlink(missing_ok=True)
+    return abandoned
 
 
 @contextmanager

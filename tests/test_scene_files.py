@@ -1,6 +1,8 @@
 """Scenes as real files come: a mask of their own in place of a nodata value, and outputs that are links."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,20 @@ def test_a_failed_scene_leaves_no_folder_it_made(tmp_path):
     with pytest.raises(RuntimeError, match="the model failed"):
         refine_scene(FailingRefiner(), path, tmp_path / "new" / "deeper" / "refined.tif", 7, 4, progress=False)
     assert files_in(tmp_path) == ["scene.tif"]
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next_run_of_that_output(tmp_path):
+    """A run killed by SIGKILL leaves its hidden partial scene (it can be gigabytes); nothing removed it, ever. The next
+    run writing the same output removes those whose process is gone, and keeps a live process's and other outputs'."""
+    import subprocess
+
+    path = write_geotiff(tmp_path / "scene.tif", smooth_scene(60, 70), nodata=0)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no process has now
+    live = os.getppid()
+    left = tmp_path / f".refined.tif.partial-{gone.pid}-0123abcd.tif"
+    kept = [tmp_path / f".refined.tif.partial-{live}-0123abcd.tif", tmp_path / f".other.tif.partial-{gone.pid}-0a.tif"]
+    for partial in (left, *kept):
+        partial.write_bytes(b"half a scene")
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "refined.tif", 7, 4, progress=False)
+    assert files_in(tmp_path) == sorted(["scene.tif", "refined.tif", *(p.name for p in kept)])
