@@ -54,6 +54,13 @@ class ColorFitResult:
                 "tiles": self.tiles}
 
 
+# Singular values of the normal equations below this fraction of the largest are those of directions the pixels do
+# not determine: float64 sums of float32 pixels leave a constant band at ~1e-14-1e-12 of it, not 0, and a direction
+# solved at that noise takes an arbitrary size, not the minimum norm. A band varying by 1e-5 reflectance is at ~1e-10;
+# the smallest of the bundled tiles' fits (any preset, 1 to 18 tiles) at 7e-7, which this leaves bit for bit as it was.
+_RCOND = 1e-10
+
+
 class LinearColorFit:
     """Accumulates `sum x x^T` and `sum x y^T` of valid pixels (`x` = opt_v1 bands and a 1, `y` = target bands) and
     solves the least-squares affine map. Pixels where `valid_mask` is False, or where any value is not finite, do
@@ -96,7 +103,8 @@ class LinearColorFit:
         """The least-squares matrix and bias (minimum-norm when the pixels do not determine them)."""
         if self.pixels == 0:
             raise ValueError("LinearColorFit.solve() has no valid pixel to fit; update() it with tiles first.")
-        solution = torch.linalg.lstsq(self.gram, self.cross, driver="gelsd").solution  # (bands + 1, bands)
+        # (bands + 1, bands): the matrix's transpose above the bias.
+        solution = torch.linalg.lstsq(self.gram, self.cross, rcond=_RCOND, driver="gelsd").solution
         return ColorFitResult(matrix=solution[: self.num_bands].T.contiguous(), bias=solution[self.num_bands].clone(),
                               pixels=self.pixels, tiles=self.tiles)
 

@@ -105,7 +105,11 @@ def _valid_pixels(opt_v1, valid_mask) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"opt_v1 must be (batch, bands, height, width), got {tuple(opt_v1.shape)}.")
     valid = torch.isfinite(opt_v1).all(dim=1)
     if valid_mask is not None:
-        valid &= torch.as_tensor(valid_mask, dtype=torch.bool)
+        valid_mask = torch.as_tensor(valid_mask, dtype=torch.bool)
+        if valid_mask.shape != valid.shape:  # an (H, W) mask would be broadcast to every tile of the batch
+            raise ValueError(f"valid_mask must be (batch, height, width) = {tuple(valid.shape)}, got "
+                             f"{tuple(valid_mask.shape)}.")
+        valid &= valid_mask
     return opt_v1, valid
 
 
