@@ -48,5 +48,6 @@ transformers-common-tests: venv
 transformers-range: venv
 	$(BIN)/python tools/transformers_range.py
 
+# What `make venv` and `make demo` made; not the rest of runs/ (runs/lowvr and other trainings of your own).
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info

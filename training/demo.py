@@ -110,7 +110,9 @@ def record_held_out_results(best: Path, results: dict) -> None:
 def main(argv=None) -> int:
     from modeling_stage2.vocabulary import OneLineArgumentParser
 
-    parser = OneLineArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0],
+                                   epilog="Every other flag is a stage2-train flag (stage2-train --help-all), "
+                                          "e.g. --epochs N, --dataset_seed N, --degradation strong.")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--data_dir", default="data/sample/tiles", help="NPZ tiles (default: the bundled sample)")
     parser.add_argument("--config", default="configs/demo.yaml")
