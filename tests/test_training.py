@@ -871,6 +871,16 @@ def test_eval_loss_guards_against_opt_v1_as_documented(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(np.mean(charged), rel=1e-5)  # per tile, mean over tiles
     assert np.mean(charged) > np.mean(trained) + 0.02  # the correction is charged, as documented
 
+    # A fourth tile without a valid pixel has no loss: it was counted as a loss of 0 (eval_loss 0.75 of the above).
+    empty = TileDataset(datasets.Dataset.from_dict({
+        "target": np.concatenate([target, target[:1]]), "opt_v1": np.concatenate([opt_v1, opt_v1[:1]]),
+        "month": [1, 5, 9, 1], "biome": [0, 3, 7, 0],
+        "valid_mask": np.concatenate([np.ones((3, 120, 120), bool), np.zeros((1, 120, 120), bool)])}),
+        make_eval_transform())
+    with_empty = trainer.evaluate(empty)
+    assert with_empty["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    assert with_empty["eval_n_tiles"] == 4
+
 
 def test_a_trainer_built_in_python_starts_from_the_fits_of_its_training_split(sample_dataset_dir, tmp_path):
     """`train()` fits the spectral correction and the range of the training spectra on the training split before

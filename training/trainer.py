@@ -652,7 +652,7 @@ class Stage2Trainer(Trainer):
         model.eval()
         self.callback_handler.eval_dataloader = dataloader
         accumulator = MetricAccumulator()
-        loss_sum, tiles = 0.0, 0
+        loss_sum, tiles, scored_tiles = 0.0, 0, 0
         preview = {"opt_v1": [], "refined": [], "target": []}
         for inputs in dataloader:
             inputs = self._prepare_inputs(inputs)
@@ -670,9 +670,13 @@ class Stage2Trainer(Trainer):
                              valid_mask=None if valid_mask is None else valid_mask[i:i + 1])[0].detach().float()
                 for i in range(refined.shape[0])
             ])
-            statistics, losses = self.accelerator.gather_for_metrics((statistics, losses))
+            # A tile without a valid pixel has no loss (its components are 0): left out of the mean, not counted as 0.
+            scored = (torch.ones(refined.shape[0], dtype=torch.bool, device=refined.device) if valid_mask is None
+                      else valid_mask.flatten(1).any(dim=1))
+            statistics, losses, scored = self.accelerator.gather_for_metrics((statistics, losses, scored))
             accumulator.add_statistics(statistics)
-            loss_sum += float(losses.double().sum())
+            loss_sum += float(losses.double()[scored].sum())
+            scored_tiles += int(scored.sum())
             tiles += int(losses.numel())
             kept = sum(len(a) for a in preview["target"])  # the same in every process: counted after gathering
             if kept < self.preview_tiles:  # the first tiles of the split, from every process, padding dropped
@@ -685,7 +689,8 @@ class Stage2Trainer(Trainer):
         results = accumulator.compute()
         self.last_eval_results = results
         self.eval_preview = {name: np.concatenate(parts) for name, parts in preview.items()}
-        metrics = {f"{metric_key_prefix}_loss": loss_sum / tiles, f"{metric_key_prefix}_n_tiles": tiles}
+        metrics = {f"{metric_key_prefix}_loss": loss_sum / scored_tiles if scored_tiles else float("nan"),
+                   f"{metric_key_prefix}_n_tiles": tiles}
         for group in EVAL_METRIC_GROUPS:
             for name, value in results[group].items():
                 metrics[f"{metric_key_prefix}_{group}_{name}"] = float(value)
