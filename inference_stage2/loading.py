@@ -11,6 +11,7 @@ from modeling_stage2.hub import (
     HubUnavailableError, download_model_folder, hub_download_errors, hub_failure_is_users, hub_failure_line,
     is_hub_repo_id, local_revision_problem,
 )
+from modeling_stage2.vocabulary import QUANTIZATIONS
 
 from .values import InferenceInputError
 
@@ -35,10 +36,13 @@ def load_model(
     `model.onnx` / `model.pt2`) gives a `modeling_stage2.onnx_runtime.ExportedRefiner` with the same call contract,
     running on ONNX Runtime (or torch for `.pt2`).
 
-    Raises `InferenceInputError` for a model that cannot be used (no such folder or Hub repo, a damaged folder), and
+    Raises `InferenceInputError` for a model that cannot be used (no such folder or Hub repo, a damaged folder) or a
+    `quantization` that is not one of `QUANTIZATIONS` (before anything is read or downloaded), and
     `modeling_stage2.hub.HubUnavailableError` when a Hub download failed for a reason that is not the name's (the
     Hub out of reach, nothing cached).
     """
+    if quantization not in QUANTIZATIONS:  # said before a Hub repo is downloaded, and not blamed on the model
+        raise InferenceInputError(f"quantization={quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     name = str(model_name_or_path)
     path = Path(name).expanduser()
     problem = local_revision_problem(name, revision)

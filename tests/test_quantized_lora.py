@@ -1,0 +1,64 @@
+"""The quantized + LoRA paths at inference: `load_model`'s `quantization` with adapter folders, merged folders and Hub
+repo ids."""
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+from _refiner_helpers import single_thread  # noqa: F401  (fixture)
+from _refiner_helpers import tiny_inputs, tiny_refiner_config, wake_up
+from inference_stage2 import InferenceInputError, load_model
+from modeling_stage2.adapters import build_trainable_model, export_merged_model, load_trained_model, save_trained_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore:MatMul8bitLt:UserWarning"), pytest.mark.usefixtures("single_thread")]
+
+QUANTIZED_LINEAR = {"8bit": bnb.nn.Linear8bitLt, "4bit": bnb.nn.Linear4bit}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """An adapter trained (as if) on an 8-bit base, and its merge into the full-precision base."""
+    torch.manual_seed(0)
+    model = build_trainable_model(tiny_refiner_config(), quantization="8bit", print_summary=False)
+    wake_up(model)
+    root = tmp_path_factory.mktemp("quantized")
+    adapter = save_trained_model(model, root / "best")
+    export_merged_model(load_trained_model(adapter), root / "merged")
+    return {"adapter": adapter, "merged": root / "merged"}
+
+
+@pytest.mark.parametrize("quantization", ["int8", "8-bit", "NONE", None])
+def test_a_bad_quantization_is_named_before_any_model_is_looked_at(folders, monkeypatch, quantization):
+    """It was checked only once the model was found: a Hub repo was downloaded first, and the message blamed the
+    model ("model runs/x/best: could not be loaded (ValueError: quantization must be ...)")."""
+    import huggingface_hub
+
+    requested = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: requested.append(repo_id))
+    expected = rf"^quantization={quantization!r}: expected one of 8bit, 4bit, none$"
+    for model in (folders["adapter"], "my-org/stage2-refiner"):
+        with pytest.raises(InferenceInputError, match=expected):
+            load_model(model, quantization=quantization)
+    assert requested == []
+
+
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_adapter_and_merged_folders_refine_full_tiles_in_eval_mode(folders, kind, quantization):
+    """Only the backbone's block linears are quantized: the head and the other modules see 4-D tensors, which
+    bitsandbytes' eval-mode int8 matmul does not take."""
+    model = load_model(folders[kind], quantization=quantization, device="cpu")
+    assert not model.training
+    quantized = {name for name, module in model.named_modules() if isinstance(module, QUANTIZED_LINEAR[quantization])}
+    assert len(quantized) == 8 and all(".backbone.blocks." in f".{name}" for name in quantized)
+    full = [name for name, module in model.named_modules() if type(module) is nn.Linear and "lora_" not in name
+            and not name.endswith("base_layer")]
+    assert full and all(".backbone.blocks." not in f".{name}" for name in full)
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(120, 120), seed=3)
+    with torch.no_grad():
+        refined = model(opt_v1=opt_v1, month=month, biome=biome).refined
+        reference = load_model(folders["merged"])(opt_v1=opt_v1, month=month, biome=biome).refined
+    assert refined.shape == opt_v1.shape and torch.isfinite(refined).all()
+    assert 0 < (refined - reference).abs().max() < 0.5  # the base's quantization error, not another model
