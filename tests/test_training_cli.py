@@ -187,7 +187,7 @@ BAD_TRAINER_VALUES = [
     ("weight_decay", -1.0, {}), ("weight_decay", float("nan"), {}),
     ("adam_beta1", 1.0, {}), ("adam_beta1", -0.1, {}), ("adam_beta2", 1.0, {}),
     ("adam_epsilon", 0.0, {}), ("max_grad_norm", -1.0, {}), ("dataloader_num_workers", -1, {}),
-    ("seed", -1, {}), ("seed", 2**32, {}), ("data_seed", -1, {}),
+    ("seed", -1, {}), ("seed", 2**32, {}), ("data_seed", -1, {}), ("save_total_limit", -2, {}),
 ]
 
 
@@ -206,6 +206,7 @@ def test_inherited_trainer_values_out_of_range_are_refused(name, value, others, 
     {"warmup_steps": 0}, {"warmup_steps": 0.5}, {"warmup_steps": 10}, {"weight_decay": 0.0},
     {"adam_beta1": 0.0, "adam_beta2": 0.999999}, {"adam_epsilon": 1e-12}, {"max_grad_norm": 0.0},
     {"dataloader_num_workers": 0}, {"seed": 0}, {"seed": 2**32 - 1}, {"data_seed": 0}, {"data_seed": 2**32 - 1},
+    {"save_total_limit": 0}, {"save_total_limit": None}, {"save_total_limit": 1},
 ], ids=str)
 def test_inherited_trainer_values_at_their_bounds_are_accepted(values, tmp_path):
     args = Stage2TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", **values)

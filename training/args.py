@@ -67,6 +67,8 @@ _TRAINER_RANGES = (
     ("adam_epsilon", lambda v, a: math.isfinite(v) and v > 0, "a finite number > 0"),
     ("max_grad_norm", lambda v, a: v >= 0, ">= 0 (0: no gradient clipping)"),
     ("dataloader_num_workers", lambda v, a: v >= 0, ">= 0 (0: load in the main process)"),
+    # transformers keeps every checkpoint for a limit <= 0: a negative one said nothing of that
+    ("save_total_limit", lambda v, a: v is None or v >= 0, ">= 0 (0 or null: every checkpoint is kept)"),
     # The tiles' augmentation (and --redraw_degradation) is drawn per epoch in the loader's workers, which learn the
     # epoch only when they start: persistent workers would keep the first epoch's draws, unlike a resumed run.
     ("dataloader_persistent_workers", lambda v, a: not v or a.dataloader_num_workers == 0,
