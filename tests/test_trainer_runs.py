@@ -200,3 +200,23 @@ def test_load_best_model_at_end_puts_back_the_weights_of_best(tmp_path, scripted
     metrics = trainer.evaluate()
     for name in ("ndvi_rmse", "evi_rmse", "sam", "identity_l1"):  # the model of best/, not that of another step
         assert metrics[f"eval_refined_{name}"] == pytest.approx(best["refined"][name], rel=1e-6, abs=1e-9), name
+
+
+def test_the_card_of_best_keeps_the_split_its_metrics_record(tmp_path):
+    """The demo writes its test metrics into best/ after training; a resumed run that found no better model ends by
+    writing best/'s card, which labelled them 'val': CardError after training had finished (exit 1, a traceback;
+    reproduced with `stage2-train --resume latest --epochs 32` on the demo's folder)."""
+    from huggingface_hub import ModelCard
+
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.train()
+    best = trainer.best_model_dir
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["split"] == "val"
+    (best / "metrics.json").write_text(json.dumps({**metrics, "split": "test", "n_tiles": 18}))
+    card = ModelCard.load(trainer.write_card(best))
+    assert {result.dataset_split for result in card.data.eval_results} == {"test"}
+    assert "18 tiles of the `test` split" in card.text
+    (best / "metrics.json").write_text(json.dumps({key: value for key, value in metrics.items() if key != "split"}))
+    card = ModelCard.load(trainer.write_card(best))  # metrics that record no split: the evaluation's
+    assert {result.dataset_split for result in card.data.eval_results} == {"val"}

@@ -307,6 +307,17 @@ def _masked(image: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tenso
     return zero_invalid(image, check_valid_mask(valid_mask, image))
 
 
+def _metrics_record_a_split(folder: Path) -> bool:
+    """Whether `folder`'s metrics.json names the split it was computed on (an unreadable one: the card reports it)."""
+    from modeling_stage2.adapters import METRICS_FILE
+
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and metrics.get("split") is not None
+
+
 def _component_name(name: str) -> str:
     return name.replace("/", "_")
 
@@ -745,11 +756,13 @@ class Stage2Trainer(Trainer):
         return best
 
     def write_card(self, folder: str | os.PathLike) -> Path:
-        """The project's model card (`model_cards.write_model_card`) in a model folder of this run."""
+        """The project's model card (`model_cards.write_model_card`) in a model folder of this run. The evaluation
+        split labels only metrics that record none: `best/` may hold test metrics written after training (the demo
+        does), which a resumed run that found no better model keeps, and a card never relabels them."""
         from model_cards.cards import write_model_card
 
-        return write_model_card(folder, repo_id=self.args.hub_model_id,
-                                split=self.training_config.get("eval_split", "val"))
+        split = None if _metrics_record_a_split(Path(folder)) else self.training_config.get("eval_split", "val")
+        return write_model_card(folder, repo_id=self.args.hub_model_id, split=split)
 
     def training_config_record(self) -> dict:
         args = self.args
