@@ -69,6 +69,12 @@ METRIC_NOTES = (
     "`opt_v1` and the colour fit. "
     "Metrics are pooled over the valid pixels of the whole split (`training.metrics`); n/a: nothing to measure."
 )
+# Added to the notes of metrics without a colour fit (training's validation records only `opt_v1`): the table then
+# holds one of the two baselines, and the card says so instead of leaving the reader to look for the other.
+NO_COLOUR_FIT_NOTE = (
+    "These metrics hold no colour fit (`linear_fit`): it was not evaluated on these tiles, so the table does not "
+    "show whether the refined output beats it (`stage2-evaluate --json` adds it, fitted on the data's `train` split)."
+)
 
 # In every generated card: `stage2-push` regenerates a card carrying it (so the pushed card names the right
 # repo, code and datasets); deleting the line keeps a hand-edited card as it is.
@@ -341,7 +347,7 @@ def build_model_card(
         n_tiles=clean.get("n_tiles", "the") if clean else None,
         split=split,
         eval_dataset_name=eval_dataset_name,
-        metric_notes=METRIC_NOTES,
+        metric_notes=METRIC_NOTES if clean and "linear_fit" in clean else f"{METRIC_NOTES} {NO_COLOUR_FIT_NOTE}",
         linear_fit_label=(_linear_fit_label(clean.get("linear_fit_fitted_on"))
                           if clean and "linear_fit" in clean else None),
         generated_marker=GENERATED_MARKER,

@@ -11,7 +11,7 @@ temporary folder, or in `--cache_dir`) or a saved Arrow `DatasetDict`. Prints a 
 the evaluated data's `opt_v1` is, from its build record (`input_mode`, and for a synthetic one `degradation` and
 `dataset_seed`), so that a model card names the data its metrics were computed on.
 
-Two baselines, always: `opt_v1` itself, and (`--baselines`, on by default when the data has a `train` split) the
+Two baselines: `opt_v1` itself, always, and (`--baselines`, on by default when the data has a `train` split) the
 least-squares colour fit (4x4 + bias, `training.linear_fit`) fitted on the `train` split's valid pixels and
 applied to the evaluated split (`"linear_fit"`, with `"linear_fit_fitted_on"` naming the split and tile count).
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
     parser.add_argument("--batch_size", type=int, default=4, help="tiles per forward pass (default: 4)")
     parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                        help="how to load the frozen base of an adapter folder (default: none)")
+                        help="how to load the backbone of an adapter's frozen base or of a full model (default: none)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N tiles")
     parser.add_argument("--input_mode", default=None, choices=INPUT_MODES,
