@@ -337,7 +337,8 @@ def _check_plot_path(path: Path) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = _vocabulary.OneLineArgumentParser(prog="stage2-inspect", description="Describe a built Stage 2 dataset.")
     parser.add_argument("path", help="dataset folder written by stage2-build-dataset")
-    parser.add_argument("--plot", default=None, help="write a preview grid to this PNG")
+    parser.add_argument("--plot", default=None,
+                        help="write a preview grid to this image (.png, .pdf, .svg, ...: the suffix names the format)")
     parser.add_argument("--split", default=None, help="with --plot: the split to plot (default: train)")
     parser.add_argument("--num_tiles", type=int, default=None,
                         help=f"with --plot: tiles in the preview grid (default {DEFAULT_PLOT_TILES})")
