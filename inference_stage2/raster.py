@@ -369,7 +369,8 @@ def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodat
 
     A valid pixel never reads as nodata: where its value equals the nodata value (a refined reflectance clamped at
     0 in a scene whose nodata is 0, the Sentinel-2 convention) it is written as the nearest value beside it, the
-    next float32 or 1 digital number (0.0001 reflectance, the rounding step) inwards.
+    next float32 or 1 digital number (0.0001 reflectance, the rounding step) inwards; a float within GDAL's
+    tolerance of a non-zero nodata value, just outside twice that tolerance (`_move_off_nodata`).
     """
     if dtype.kind == "f":
         block = reflectance.astype(dtype)
@@ -384,9 +385,31 @@ def to_output(reflectance: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodat
         block = np.clip(np.rint(numbers), info.min, info.max).astype(dtype)
         fill = nodata
     if nodata is not None and not math.isnan(nodata):
-        block[(block == nodata) & valid] = _beside(nodata, dtype)
+        _move_off_nodata(block, valid, nodata, dtype)
     block[:, ~valid] = fill
     return block
+
+
+# GDAL (`read_masks`, rasterio's masked reads) takes a float within about 4 machine epsilons (relative) of a non-zero
+# nodata value for nodata (GDAL 3.10: up to 7 float32 steps away from 0.5, 4 from -9999); 0 it compares exactly.
+_NODATA_MARGIN_EPS = 8  # valid pixels are kept twice that far away
+
+
+def _move_off_nodata(block: np.ndarray, valid: np.ndarray, nodata: float, dtype: np.dtype) -> None:
+    """Valid pixels of `block` (in place) that a reader would take for `nodata`: an integer or a float equal to a
+    nodata of 0 goes to the value beside it (`_beside`); a float near a non-zero one, out to the margin on its side."""
+    if dtype.kind != "f" or nodata == 0:
+        block[(block == nodata) & valid] = _beside(nodata, dtype)
+        return
+    margin = _NODATA_MARGIN_EPS * float(np.finfo(dtype).eps) * abs(nodata)
+    near = (np.abs(block.astype(np.float64) - nodata) <= margin) & valid
+    if not near.any():
+        return
+    largest = float(np.finfo(dtype).max)
+    room_above, room_below = nodata + margin <= largest, nodata - margin >= -largest
+    goes_up = (block >= nodata) if room_above and room_below else np.full(block.shape, room_above)
+    block[near & goes_up] = np.nextafter(dtype.type(nodata + margin), dtype.type(np.inf)) if room_above else 0
+    block[near & ~goes_up] = np.nextafter(dtype.type(nodata - margin), dtype.type(-np.inf)) if room_below else 0
 
 
 def _beside(nodata: float, dtype: np.dtype):

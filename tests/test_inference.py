@@ -578,8 +578,10 @@ def test_scene_output_problems_are_found_before_the_model_is_loaded(dn_scene, tm
 
 @pytest.mark.parametrize("dtype, nodata, beside", [
     (np.uint16, 65535, 65534), (np.int16, -32768, -32767), (np.uint16, 7, 8),
-    (np.float32, float(np.finfo(np.float32).max), np.nextafter(np.finfo(np.float32).max, np.float32(0))),
-    (np.float32, -1.0, np.nextafter(np.float32(-1), np.float32(0))),
+    # a float by twice GDAL's tolerance of a non-zero nodata (8 epsilons, relative), and a float ulp beyond
+    (np.float32, float(np.finfo(np.float32).max),
+     np.nextafter(np.float32(np.finfo(np.float32).max * (1 - 8 * np.finfo(np.float32).eps)), np.float32(0))),
+    (np.float32, -1.0, np.nextafter(np.float32(-1 + 8 * np.finfo(np.float32).eps), np.float32(0))),
 ])
 def test_to_output_moves_a_valid_value_off_nodata_towards_the_inside_of_the_range(dtype, nodata, beside):
     dtype = np.dtype(dtype)

@@ -105,3 +105,30 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run_of_that_output(tmp_pa
         partial.write_bytes(b"half a scene")
     refine_scene(PixelwiseRefiner(), path, tmp_path / "refined.tif", 7, 4, progress=False)
     assert files_in(tmp_path) == sorted(["scene.tif", "refined.tif", *(p.name for p in kept)])
+
+
+@pytest.mark.parametrize("nodata", [0.5, -9999.0, 1e-3, 0.0])
+def test_no_valid_pixel_reads_as_nodata_through_gdal(tmp_path, nodata):
+    """GDAL masks a float32 within about 4 epsilons of a non-zero nodata (up to 7 float steps from 0.5); `to_output`
+    moved a valid pixel equal to the nodata one step, and left those a few steps away: masked on reading."""
+    from inference_stage2.raster import to_output
+
+    steps = []
+    for direction in (np.inf, -np.inf):
+        near = np.float32(nodata)
+        for _ in range(12):
+            steps.append(near)
+            near = np.nextafter(near, np.float32(direction))
+    reflectance = np.repeat(np.array(steps, np.float32)[None, None, :], 4, axis=0)
+    valid = np.ones(reflectance.shape[1:], bool)
+    valid[0, 0] = False  # one nodata pixel: it stays nodata
+    block = to_output(reflectance, valid, np.dtype(np.float32), nodata)
+    profile = {"driver": "GTiff", "width": block.shape[2], "height": 1, "count": 4, "dtype": "float32",
+               "nodata": nodata, "crs": CRS, "transform": TRANSFORM}
+    with rasterio.open(tmp_path / "out.tif", "w", **profile) as dataset:
+        dataset.write(block)
+    with rasterio.open(tmp_path / "out.tif") as dataset:
+        masks = dataset.read_masks()
+    assert (masks[:, valid] == 255).all() and (masks[:, ~valid] == 0).all()
+    moved = np.abs(block[:, valid].astype(np.float64) - reflectance[:, valid])
+    assert moved.max() <= max(10 * np.finfo(np.float32).eps * abs(nodata), 2e-45)  # the margin, a step or two
