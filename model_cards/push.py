@@ -151,6 +151,31 @@ def remote_code(config_path: Path) -> tuple[dict[str, bytes], bytes]:
     return files, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+def config_without_package_code(config_path: Path) -> bytes | None:
+    """`config.json` without the `auto_map` entries that name the package's modules (`save_pretrained` writes them
+    for the classes registered with `register_for_auto_class`), for a push without `--include_code`: the repo then
+    holds none of those modules (an earlier push's are deleted), and an `auto_map` naming them makes transformers
+    ask for `trust_remote_code` and then fail on the missing file, where the package is what loads the model.
+    None when there is nothing to remove (the file is uploaded as it is)."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # the card names what is wrong with it
+        return None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(auto_map, dict):
+        return None
+    modules = {Path(name).stem for name in CODE_FILES}
+    kept = {key: reference for key, reference in auto_map.items()
+            if not (isinstance(reference, str) and "--" not in reference and reference.split(".")[0] in modules)}
+    if kept == auto_map:
+        return None
+    if kept:
+        config["auto_map"] = kept
+    else:
+        del config["auto_map"]
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 # ------------------------------------------------------------------------------------ pushing
 def _make_private(api, repo_id: str, repo_type: str = "model") -> None:
     """`create_repo(private=True, exist_ok=True)` keeps an existing public repo public: switch it before uploading."""
@@ -177,7 +202,8 @@ def push_trained_model(
     Uploads the adapter / weights and trainable modules (safetensors), configs, `metrics.json`, the preview
     and the model card (`README.md`), generated with `model_cards.cards.card_for_folder` for this repo unless the
     folder holds a hand-written one (a card that is neither peft's unfilled template nor a generated one).
-    `include_code=True` adds the modeling code and an `auto_map` in `config.json`. The same commit deletes the
+    `include_code=True` adds the modeling code and an `auto_map` in `config.json` (without it, `config.json` goes
+    without the `auto_map` naming the package's modules: `config_without_package_code`). The same commit deletes the
     files of an earlier push's model and records that this one does not replace (`REPLACED_ON_PUSH`: the other
     layout's weights and configs, code, metrics, preview); other files stay. A `revision` branch is created from
     the main branch when missing. `private=True` on an existing public repo makes it
@@ -230,6 +256,8 @@ def model_repo_contents(folder: Path, repo_id: str, *, include_code: bool = Fals
     if include_code:
         code, contents["config.json"] = remote_code(folder / "config.json")
         contents.update(code)
+    elif "config.json" in files:
+        contents["config.json"] = config_without_package_code(files["config.json"]) or contents["config.json"]
     readme = files.get("README.md")
     if readme is None or should_regenerate_card(readme.read_text(encoding="utf-8", errors="replace")):
         # no card, peft's unfilled template or an earlier generated card: generate it for this repo
