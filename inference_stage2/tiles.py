@@ -278,14 +278,24 @@ def _tile_output(refined: np.ndarray, weight: np.ndarray | None, tile: _Tile, in
 
 
 def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
+    """Every `*.npz` under `input_dir`, through linked folders too (a split folder may be a symlink, as the data
+    builders read it), each real folder once; never the output folder or the partial files."""
     output = output_dir.resolve()
     nested = input_dir.resolve() in output.parents  # the outputs go inside the input folder (not the reverse)
+    seen: set[Path] = set()
     paths = []
-    for path in sorted(input_dir.rglob("*.npz")):
-        if (nested and output in path.resolve().parents) or path.name.startswith("."):
-            continue  # earlier outputs nested in the input, partial files
-        paths.append(path)
-    return paths
+    for folder, subfolders, files in os.walk(input_dir, followlinks=True):
+        real = Path(folder).resolve()
+        if real == output or real in seen:  # earlier outputs, a folder reached twice (a link loop)
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            path = Path(folder) / name
+            if name.endswith(".npz") and not name.startswith(".") and not (
+                    nested and output in path.resolve().parents):
+                paths.append(path)  # not: earlier outputs nested in the input, partial files
+    return sorted(paths)
 
 
 def is_npz(path: Path) -> bool:
@@ -350,8 +360,24 @@ def tile_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_
         tiles = [(path, path.relative_to(folder)) for path in found]
     else:
         tiles = _tile_files(paths)
+    if stage1_dir is not None:
+        _refuse_shared_stage1(tiles, Path(stage1_dir))
     _refuse_outputs_on_inputs(tiles, output_dir, None if stage1_dir is None else Path(stage1_dir))
     return tiles
+
+
+def _refuse_shared_stage1(tiles: list[tuple[Path, Path]], stage1_dir: Path) -> None:
+    """Two tiles of one name in different subfolders would both read `STAGE1_DIR/<tile>.npz` as their opt_v1 (at most
+    one of them its own) where `STAGE1_DIR/<split>/<tile>.npz` does not tell them apart."""
+    readers: dict[Path, Path] = {}
+    for path, relative in tiles:
+        stage1 = _stage1_path(stage1_dir, relative)
+        other = readers.setdefault(stage1, path)
+        if other != path:
+            raise InferenceInputError(
+                f"tiles {other} and {path} would both take their opt_v1 from {stage1}; give each its own Stage 1 "
+                f"file as STAGE1_DIR/<subfolder>/<tile>.npz (e.g. {stage1_dir / relative})"
+            )
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

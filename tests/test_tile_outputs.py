@@ -1,0 +1,53 @@
+"""Refining NPZ tiles: which tiles a folder holds (linked split folders) and which Stage 1 file each one reads."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _data_helpers import write_tile
+from data_builders.tiles import BAND_KEYS
+from inference_stage2 import InferenceInputError, refine_tiles
+
+
+class GainRefiner(torch.nn.Module):
+    """refined = 1.1 * opt_v1: per pixel and known exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(1.1))
+
+    def forward(self, opt_v1, month, biome):
+        return opt_v1 * self.gain
+
+
+def test_a_linked_split_folder_is_refined_as_the_data_builders_read_it(tmp_path):
+    tiles, elsewhere = tmp_path / "tiles", tmp_path / "elsewhere"
+    write_tile(tiles / "val", "v0", s1=False)
+    write_tile(elsewhere / "train", "t0", seed=1, s1=False)
+    os.symlink(elsewhere / "train", tiles / "train")  # a split folder kept on another disk
+    os.symlink(tiles, tiles / "val" / "loop")  # a link loop is walked once
+    summary = refine_tiles(GainRefiner(), tiles, tmp_path / "out", progress=False)
+    assert summary.written == ["train/t0.npz", "val/v0.npz"] and summary.rejected == []
+    assert (tmp_path / "out" / "train" / "t0.npz").is_file()
+
+
+def test_tiles_of_one_name_in_two_subfolders_do_not_share_a_stage1_file(tmp_path):
+    tiles, stage1 = tmp_path / "tiles", tmp_path / "stage1"
+    for split, seed in (("train", 0), ("val", 1)):
+        with np.load(write_tile(tiles / split, "a", seed=seed, s1=False)) as tile:
+            bands = np.stack([tile[key] for key in BAND_KEYS]).astype(np.float32) * np.float32(1e-4)
+    stage1.mkdir()
+    np.savez(stage1 / "a.npz", opt_v1=bands)  # one flat STAGE1_DIR/a.npz: the opt_v1 of at most one of them
+    with pytest.raises(InferenceInputError, match="would both take their opt_v1 from"):
+        refine_tiles(GainRefiner(), tiles, tmp_path / "out", stage1_dir=stage1, progress=False)
+    assert not (tmp_path / "out").exists()
+    for split in ("train", "val"):  # split subfolders tell them apart
+        (stage1 / split).mkdir()
+        np.savez(stage1 / split / "a.npz", opt_v1=bands)
+    summary = refine_tiles(GainRefiner(), tiles, tmp_path / "out", stage1_dir=stage1, progress=False)
+    assert summary.written == ["train/a.npz", "val/a.npz"] and summary.rejected == []
+    assert Path(tmp_path / "out" / "metrics.json").is_file()
