@@ -103,7 +103,7 @@ class ExportedRefiner:
         config: the refiner's config, when the graph has no `config.json` beside it.
         format: `"onnx"` or `"torch_export"` (default: from the folder or the file suffix).
         device: `"cpu"` (default) or `"cuda"`; ONNX graphs use the CUDA execution provider when ONNX Runtime has
-            it and fall back to the CPU otherwise.
+            it and fall back to the CPU otherwise; a `.pt2` program is moved to the device whole.
         num_threads: intra-op threads of ONNX Runtime (default: torch's current thread count).
     """
 
@@ -136,6 +136,10 @@ class ExportedRefiner:
             self.providers = ["torch"]
             check_pt2_archive(self.graph_file)  # torch.export.load may unpickle parts of a file: none may be there
             program = torch.export.load(str(self.graph_file))
+            if self.device.type != "cpu":  # the graph names the CPU it was traced on (its `to`s and input checks)
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, self.device)  # not only the weights, as `.to()` moves
             self._program = program.module().to(self.device)
             # A .pt2 keeps no output names: the outputs are `OUTPUT_NAMES` in order.
             count = len(program.graph_signature.user_outputs)

@@ -297,6 +297,18 @@ def test_export_json_describes_the_contract(exported, trained):
     assert not is_exported_model(trained["none"])
 
 
+def test_a_pt2_program_is_moved_to_its_device_whole(exported):
+    """A `.pt2` graph names the CPU it was traced on (input checks, `to` calls); moving its weights with `.to(device)`
+    left those, so it could not run on another device: `stage2-refine` picks CUDA where there is one. The meta device
+    stands in for a GPU here (no GPU on the test machines): the program runs there only when moved whole."""
+    model = ExportedRefiner(exported["affine", "torch_export"], device="meta")
+    opt_v1 = torch.rand(2, 4, 30, 31, device="meta")
+    month, biome = (torch.tensor([7, -1], device="meta") for _ in range(2))
+    outputs = model._program(opt_v1, month, biome)
+    shapes = [(tuple(out.shape), out.device.type) for out in outputs]
+    assert shapes == [((2, 4, 30, 31), "meta"), ((2, 1, 30, 31), "meta")]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
