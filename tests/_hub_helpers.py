@@ -31,6 +31,22 @@ __all__ = ["hub_server", "configure_hub_client", "publish_tiny_prithvi", "Loopba
            "DEFAULT_USER"]
 
 
+WITHOUT_PROJECT_PACKAGES = """
+import sys
+OURS = ("modeling_stage2", "training", "data_builders", "model_cards")
+
+class BlockProjectPackages:  # the editable install would otherwise find the package
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OURS:
+            raise ModuleNotFoundError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, BlockProjectPackages())
+sys.path = [p for p in sys.path if p not in ("", sys.argv[-1])]  # the checkout: the script's last argument
+"""
+"""The start of a script run as a Hub user without the package (`python -c SCRIPT ... REPO_ROOT`): importing any of
+the project's packages fails."""
+
+
 def configure_hub_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, token: str, hf_home: Path) -> dict:
     """Point huggingface_hub / transformers / datasets at `endpoint` with `token` and a private HF_HOME.
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _hub_helpers import DEFAULT_USER, hub_server  # noqa: F401  (fixture)
+from _hub_helpers import DEFAULT_USER, WITHOUT_PROJECT_PACKAGES, hub_server  # noqa: F401  (fixture)
 
 REPO = f"{DEFAULT_USER}/demo"
 
@@ -344,17 +344,7 @@ def test_pushed_full_model_loads_with_from_pretrained_and_automodel(hub_server, 
     torch.testing.assert_close(trained["merged_out"], trained["adapter_out"], atol=1e-5, rtol=0)
 
 
-REMOTE_SCRIPT = textwrap.dedent("""
-    import sys
-    OURS = ("modeling_stage2", "training", "data_builders", "model_cards")
-
-    class BlockProjectPackages:  # the editable install would otherwise find the package
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in OURS:
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockProjectPackages())
-    sys.path = [p for p in sys.path if p not in ("", sys.argv[3])]
+REMOTE_SCRIPT = WITHOUT_PROJECT_PACKAGES + textwrap.dedent("""
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel

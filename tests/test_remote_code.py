@@ -9,19 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from _hub_helpers import DEFAULT_USER, hub_server  # noqa: F401  (fixture)
+from _hub_helpers import DEFAULT_USER, WITHOUT_PROJECT_PACKAGES, hub_server  # noqa: F401  (fixture)
 
-NO_PACKAGE_SCRIPT = textwrap.dedent("""
-    import sys
-    OURS = ("modeling_stage2", "training", "data_builders", "model_cards")
-
-    class BlockProjectPackages:  # the editable install would otherwise find the package
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in OURS:
-                raise ModuleNotFoundError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, BlockProjectPackages())
-    sys.path = [p for p in sys.path if p not in ("", sys.argv[2])]
+NO_PACKAGE_SCRIPT = WITHOUT_PROJECT_PACKAGES + textwrap.dedent("""
     try:
         import modeling_stage2
         sys.exit("modeling_stage2 is importable")
