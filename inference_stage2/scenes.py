@@ -177,6 +177,7 @@ def refine_scene(
         remove_abandoned_partials(target)  # a killed run's partial scene, perhaps gigabytes
         partial = partial_path(target)
         weight_partial = None
+        written = False  # both files complete and closed
         try:
             with contextlib.ExitStack() as files:
                 destination = files.enter_context(rasterio.open(partial, "w", **output_profile(source, dtype, nodata)))
@@ -201,10 +202,14 @@ def refine_scene(
                     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
                     scaling, device, progress, weight_destination,
                 )
+            written = True
             if weight_partial is not None:
                 os.replace(weight_partial, weight_target)
             os.replace(partial, target)
         except BaseException:
+            if written and weight_partial is not None and not os.path.lexists(weight_partial) \
+                    and os.path.lexists(partial):  # a signal between the renames: the scene joins its weight map
+                os.replace(partial, target)
             for path in (partial, weight_partial):
                 if path is not None:
                     remove_quietly(path)

@@ -121,11 +121,17 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
                 shutil.rmtree(set_aside, ignore_errors=True)
         raise
     if set_aside is not None:
-        try:
-            shutil.rmtree(set_aside, ignore_errors=True)
-        finally:  # a signal's SystemExit part-way (the old content of a dataset is gigabytes) would leave half of it
-            if os.path.lexists(set_aside):
-                shutil.rmtree(set_aside, ignore_errors=True)
+        remove_tree(set_aside)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """`shutil.rmtree` that a signal does not leave half done: its SystemExit part-way (a dataset's files are
+    gigabytes, seconds to delete) lets a second pass finish the deletion."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _umask_by_setting_it() -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from data_builders.degrade import DEGRADATION_CHOICES
-from modeling_stage2._files import is_system_failure, output_path_problem
+from modeling_stage2._files import is_system_failure, output_path_problem, remove_tree
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.hub import (
     hub_download_errors, hub_failure_is_users, hub_failure_line, is_hub_repo_id, local_revision_problem,
@@ -98,7 +98,6 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
         if not is_arrow_dataset(target):
             if before_conversion is not None:
                 before_conversion()
-            root.mkdir(parents=True, exist_ok=True)
             build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed,
                           degradation=degradation)
         report_rejected_tiles(target)
@@ -206,8 +205,11 @@ def run(args) -> dict:
     """Evaluate as the parsed command line says; returns the results (what `--json` writes). NPZ tiles are
     converted in `--cache_dir`, or in a temporary folder removed at the end."""
     if args.cache_dir is None:
-        with tempfile.TemporaryDirectory(prefix="stage2-evaluate-") as cache_dir:
+        cache_dir = tempfile.mkdtemp(prefix="stage2-evaluate-")
+        try:
             return _run(args, cache_dir)
+        finally:  # not TemporaryDirectory: a signal while it deletes the converted tiles left most of them
+            remove_tree(cache_dir)
     return _run(args, args.cache_dir)
 
 
