@@ -24,7 +24,7 @@ from data_builders.tiles import (
     read_stage1,
     valid_pixels,
 )
-from modeling_stage2._files import atomic_file, output_path_problem, write_json
+from modeling_stage2._files import atomic_file, output_path_problem, remove_abandoned_partials_in, write_json
 from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_RANGE_WEIGHT, warn_deprecated
@@ -461,6 +461,8 @@ def refine_tiles(
     accumulator = metrics.MetricAccumulator() if metrics is not None else None
     limits = metadata_limits(model)
     kept_pixels = valid_pixels = 0  # out-of-range pixels, over the written tiles
+    for folder in sorted({(output_dir / relative).parent for _, relative in paths} | {output_dir}):
+        remove_abandoned_partials_in(folder)  # hidden half-written tiles of a run killed by SIGKILL
 
     from tqdm.auto import tqdm
 

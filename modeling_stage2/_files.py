@@ -254,6 +254,27 @@ def remove_abandoned_partials(target: str | os.PathLike) -> list[Path]:
     return abandoned
 
 
+def remove_abandoned_partials_in(folder: str | os.PathLike) -> list[Path]:
+    """Remove every temporary file (`partial_path`) in `folder` whose writing process is gone, whatever output it
+    was for; returns them. One listing of the folder: a run writing many small files (tiles) calls it once per output
+    folder before writing, where `remove_abandoned_partials` per file would list the folder at every write."""
+    abandoned = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return abandoned
+    for entry in entries:
+        if not entry.name.startswith(".") or PARTIAL_MARKER not in entry.name:
+            continue
+        pid = _owner(Path(entry.path), PARTIAL_MARKER)
+        if pid is None or pid == os.getpid() or not entry.is_file(follow_symlinks=False) or process_alive(pid):
+            continue
+        logger.info("removing %s: what a killed write left", entry.path)
+        Path(entry.path).unlink(missing_ok=True)
+        abandoned.append(Path(entry.path))
+    return sorted(abandoned)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; when the block succeeds it replaces `path` (one rename), when it

@@ -51,3 +51,33 @@ def test_tiles_of_one_name_in_two_subfolders_do_not_share_a_stage1_file(tmp_path
     summary = refine_tiles(GainRefiner(), tiles, tmp_path / "out", stage1_dir=stage1, progress=False)
     assert summary.written == ["train/a.npz", "val/a.npz"] and summary.rejected == []
     assert Path(tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_half_written_tiles_of_a_killed_run_are_removed_by_the_next_run(tmp_path):
+    """A run killed by SIGKILL leaves its hidden partial tiles in every output folder it was writing; nothing removed
+    them. The next run into that folder removes those whose process is gone (one listing per output folder), and
+    keeps a live process's, a link, and files that only look alike."""
+    import subprocess
+
+    tiles, out = tmp_path / "tiles", tmp_path / "out"
+    write_tile(tiles / "train", "t0", s1=False)
+    write_tile(tiles / "val", "v0", seed=1, s1=False)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no process has now
+    live = os.getppid()
+    (out / "train").mkdir(parents=True)
+    (out / "val").mkdir()
+    left = [out / "train" / f".t0.npz.partial-{gone.pid}-0123abcd.npz",
+            out / "train" / f".older.npz.partial-{gone.pid}-89abcdef.npz",  # a tile this run does not write
+            out / f".metrics.json.partial-{gone.pid}-0a1b2c3d.json"]
+    kept = [out / "val" / f".v0.npz.partial-{live}-0123abcd.npz", out / "val" / f"v0.npz.partial-{gone.pid}-01.npz",
+            out / "val" / f".notes.partial-x-01.txt"]
+    for path in (*left, *kept):
+        path.write_bytes(b"half a tile")
+    linked = out / "val" / f".link.npz.partial-{gone.pid}-01.npz"
+    linked.symlink_to(tiles / "val" / "v0.npz")
+    summary = refine_tiles(GainRefiner(), tiles, out, progress=False)
+    assert summary.written == ["train/t0.npz", "val/v0.npz"]
+    assert not any(os.path.lexists(path) for path in left)
+    assert all(path.is_file() for path in kept) and linked.is_symlink() and (tiles / "val" / "v0.npz").is_file()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["t0.npz"]
