@@ -19,7 +19,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("modeling_stage2", "inference_stage2", "data_builders", "training", "model_cards")
-BUILD_FILES = ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in")
+BUILD_FILES = ("setup.cfg", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE")
 
 
 def _py_modules() -> list[str]:
@@ -68,6 +68,21 @@ def test_the_wheel_ships_every_module_and_data_file(wheel):
         assert name in names
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {*PACKAGES, *(f"{module}.py" for module in _py_modules())}
+
+
+def test_the_wheel_ships_the_licence_its_metadata_names(wheel):
+    """setup.cfg says Apache-2.0, and there was no licence text to ship: the wheel carries `LICENSE`, the Apache 2.0
+    text, under the name its metadata gives."""
+    archive = zipfile.ZipFile(wheel)
+    (metadata,) = [name for name in archive.namelist() if name.endswith(".dist-info/METADATA")]
+    fields = archive.read(metadata).decode()
+    assert re.search(r"^License(-Expression)?: Apache-2\.0$", fields, re.M)
+    (named,) = re.findall(r"^License-File: (\S+)$", fields, re.M)
+    (shipped,) = [name for name in archive.namelist() if name.endswith(f".dist-info/licenses/{named}")
+                  or name.endswith(f".dist-info/{named}")]
+    text = archive.read(shipped)
+    assert text == (REPO_ROOT / "LICENSE").read_bytes()
+    assert b"Apache License" in text and b"Version 2.0, January 2004" in text and len(text.splitlines()) == 202
 
 
 def test_every_console_script_runs_a_module_the_wheel_ships(wheel):
