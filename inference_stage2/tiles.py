@@ -463,6 +463,7 @@ def refine_tiles(
     kept_pixels = valid_pixels = 0  # out-of-range pixels, over the written tiles
     for folder in sorted({(output_dir / relative).parent for _, relative in paths} | {output_dir}):
         remove_abandoned_partials_in(folder)  # hidden half-written tiles of a run killed by SIGKILL
+    earlier_metrics = None  # an earlier run's metrics.json, removed before the first tile it described is replaced
 
     from tqdm.auto import tqdm
 
@@ -500,6 +501,8 @@ def refine_tiles(
             for index, (tile, image) in enumerate(zip(tiles, refined)):
                 tile_metrics = _tile_metrics(metrics, paired, index) if paired is not None else None
                 weight = None if weights is None else weights[index]
+                if earlier_metrics is None:  # a run that fails later must not leave it beside its new tiles
+                    earlier_metrics = _remove_stale(output_dir / METRICS_FILE)
                 if (output_dir / tile.relative).exists():
                     summary.replaced.append(str(tile.relative))
                 save_npz_atomic(output_dir / tile.relative, _tile_output(image, weight, tile, input_mode, tile_metrics))
@@ -510,7 +513,7 @@ def refine_tiles(
     if accumulator is not None and accumulator.n_tiles:
         summary.metrics = accumulator.compute()
         write_json(output_dir / METRICS_FILE, summary.metrics)
-    elif _remove_stale(output_dir / METRICS_FILE):  # metrics of an earlier run, not of these tiles
+    elif earlier_metrics or _remove_stale(output_dir / METRICS_FILE):  # an earlier run's, not of these tiles
         summary.removed_stale.append(METRICS_FILE)
     if valid_pixels:
         summary.out_of_range_fraction = kept_pixels / valid_pixels

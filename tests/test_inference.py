@@ -811,6 +811,27 @@ def test_tiles_into_an_earlier_runs_folder_replace_and_remove_what_would_look_cu
     assert "replaced 2 output(s) of an earlier run" in err and f"removed {output / stale}" in err
 
 
+def test_a_run_that_fails_half_way_leaves_no_earlier_metrics_beside_its_new_tiles(few_tiles, tmp_path):
+    """`--strict` stopping at the second tile left the first run's metrics.json beside a tile this run had replaced,
+    describing outputs that were no longer there. It is removed before the first tile is written."""
+    output, stage1 = tmp_path / "refined", tmp_path / "stage1"
+    stage1.mkdir()
+    paths = sorted(few_tiles.rglob("*.npz"))
+    for path in paths:
+        np.savez(stage1 / path.name, opt_v1=tile_reflectance(load_npz(path)) * 0.9)
+    refine_tiles(PixelwiseRefiner(), few_tiles, output, stage1_dir=stage1, progress=False)
+    first_tile = output / paths[0].relative_to(few_tiles)
+    before = load_npz(first_tile)["refined"]
+    assert (output / "metrics.json").is_file()
+    np.savez(stage1 / paths[0].name, opt_v1=tile_reflectance(load_npz(paths[0])) * 0.5)
+    (stage1 / paths[1].name).unlink()
+    with pytest.raises(InferenceInputError, match="Stage 1 file missing"):
+        refine_tiles(PixelwiseRefiner(), few_tiles, output, stage1_dir=stage1, batch_size=1, strict=True,
+                     progress=False)
+    assert not np.allclose(load_npz(first_tile)["refined"], before)  # the first tile was replaced
+    assert not (output / "metrics.json").exists()
+
+
 def test_scene_without_a_valid_pixel_warns_and_exits_1(full_model_dir, tmp_path, capsys):
     path = write_geotiff(tmp_path / "empty.tif", np.zeros((4, 64, 64), dtype=np.uint16), nodata=0)
     output = tmp_path / "refined.tif"
