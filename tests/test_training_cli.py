@@ -918,6 +918,27 @@ def test_evaluate_refuses_a_revision_of_a_local_model(tmp_path, capsys):
         "applies to a Hub repo id: leave it out"]
 
 
+def test_evaluate_says_when_degradation_flags_do_not_apply_to_an_arrow_dataset(tmp_path, sample_dataset_dir, capsys):
+    """`--degradation strong --dataset_seed 3` with a saved Arrow --data were ignored without a word (stage2-train
+    warns): the results were of the dataset's mild draw of seed 0. Said once per flag; the same values, or none
+    given, say nothing."""
+    missing = tmp_path / "best"  # the warning comes before the model is looked for: no model needed
+    data = str(sample_dataset_dir)
+    assert _evaluate_status(["--model", str(missing), "--data", data, "--degradation", "strong",
+                             "--dataset_seed", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stage2-evaluate: warning: --degradation strong is not used: --data {data} is an Arrow dataset whose opt_v1 "
+        "was synthesised with degradation 'mild' (stage2-build-dataset --degradation); the results are recorded "
+        "with the dataset's.",
+        f"stage2-evaluate: warning: --dataset_seed 3 is not used: --data {data} is an Arrow dataset whose opt_v1 was "
+        "synthesised with dataset_seed 0 (stage2-build-dataset --dataset_seed); the results are recorded with the "
+        "dataset's.",
+        f"stage2-evaluate: error: --model {missing}: no such folder (nor a Hub repo id OWNER/NAME)."]
+    for flags in ([], ["--degradation", "mild", "--dataset_seed", "0"]):
+        assert _evaluate_status(["--model", str(missing), "--data", data, *flags]) == 2
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_evaluate_names_a_missing_model_before_converting_the_data(tmp_path, sample_dataset_dir, capsys, monkeypatch):
     """A mistyped --model path was found only after the NPZ tiles were converted and the colour baseline fitted."""
     import data_builders

@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N tiles")
     parser.add_argument("--input_mode", default=None, choices=INPUT_MODES,
                         help="how opt_v1 is made for NPZ tiles (default: synthetic, or stage1 with --stage1_dir)")
-    parser.add_argument("--dataset_seed", type=int, default=0, help="seed of the synthetic opt_v1 degradation")
-    parser.add_argument("--degradation", default="mild", choices=DEGRADATION_CHOICES,
+    # None when not given: an Arrow --data ignores them, which is said only when they were asked for
+    parser.add_argument("--dataset_seed", type=int, default=None,
+                        help="seed of the synthetic opt_v1 degradation for NPZ tiles (default: 0)")
+    parser.add_argument("--degradation", default=None, choices=DEGRADATION_CHOICES,
                         help="preset of the synthetic opt_v1 degradation for NPZ tiles (default: mild)")
     parser.add_argument("--cache_dir", default=None, help="keep the converted NPZ dataset here (default: temporary)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
@@ -213,6 +215,23 @@ def run(args) -> dict:
     return _run(args, args.cache_dir)
 
 
+def warn_unused_degradation_flags(args, built: dict | None) -> None:
+    """Say (stderr) that `--degradation` / `--dataset_seed`, given with a saved Arrow `--data`, are not used: its
+    `opt_v1` is what it was built with (`built`, its build record), and the results record that."""
+    from data_builders.cache import is_arrow_dataset
+
+    if not is_arrow_dataset(Path(args.data)):
+        return
+    for flag in ("degradation", "dataset_seed"):  # each the flag of stage2-build-dataset that sets it too
+        asked, used = getattr(args, flag), (built or {}).get(flag)
+        if asked is not None and asked != used:
+            made = (f"whose opt_v1 was synthesised with {flag} {used!r} (stage2-build-dataset --{flag})"
+                    if used is not None else f"holding its own opt_v1 (input_mode {built['input_mode']!r})"
+                    if built else "holding its own opt_v1")
+            print(f"stage2-evaluate: warning: --{flag} {asked} is not used: --data {args.data} is an Arrow dataset "
+                  f"{made}; the results are recorded with the dataset's.", file=sys.stderr)
+
+
 def _run(args, cache_dir) -> dict:
     from data_builders.build import recorded_opt_v1
     from modeling_stage2 import load_trained_model
@@ -230,8 +249,11 @@ def _run(args, cache_dir) -> dict:
             raise FileNotFoundError(f"--model {args.model}: no such folder (nor a Hub repo id OWNER/NAME).")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset_dict = load_dataset_dict(args.data, args.stage1_dir, args.input_mode, args.dataset_seed, cache_dir,
-                                     args.degradation, before_conversion=model_exists)
+    seed = 0 if args.dataset_seed is None else args.dataset_seed
+    dataset_dict = load_dataset_dict(args.data, args.stage1_dir, args.input_mode, seed, cache_dir,
+                                     args.degradation or "mild", before_conversion=model_exists)
+    built = recorded_opt_v1(dataset_dict)
+    warn_unused_degradation_flags(args, built)
     model_exists()
     dataset = load_split(args.data, args.split, max_samples=args.max_samples, dataset_dict=dataset_dict)
     color_fit = None
@@ -243,7 +265,7 @@ def _run(args, cache_dir) -> dict:
                                device=device if args.quantization == "none" else None, revision=args.revision)
     results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device,
                              color_fit=color_fit, split=args.split, bootstrap_resamples=args.bootstrap,
-                             data=recorded_opt_v1(dataset_dict))
+                             data=built)
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if "bootstrap" in results:
