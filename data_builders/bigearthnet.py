@@ -12,9 +12,11 @@ Each patch becomes `TILES/<split>/<patch_id>.npz` with `s2_b2`, `s2_b3`, `s2_b4`
 120 x 120, kept as digital numbers), `s1_vv`, `s1_vh` (float32 dB), `month` (from the date in the
 patch name) and `biome_code` (from the CORINE labels, `BIOME_PRIORITY` below), and a
 `<patch_id>.json` sidecar (patch id, split, source, country, labels, cloud/snow flags, s1 name).
-Splits come from the metadata (`validation` -> `val`). Patches flagged with seasonal snow or
-cloud/shadow are skipped unless `--include_cloudy_snowy`, which also reads the snow/cloud parquet
-beside `--metadata`. Skipped patches are listed with the reason in `TILES/skipped.jsonl`.
+A band missing, not 120 x 120, or of another dtype kind (Sentinel-2: integers; Sentinel-1: numbers)
+skips its patch: the tile reader would refuse its tile. Splits come from the metadata
+(`validation` -> `val`). Patches flagged with seasonal snow or cloud/shadow are skipped unless
+`--include_cloudy_snowy`, which also reads the snow/cloud parquet beside `--metadata`. Skipped
+patches are listed with the reason in `TILES/skipped.jsonl`.
 
 Patch ids become file names, so metadata whose `patch_id` is not a plain name (path separators,
 `..`, other characters than letters, digits, `_`, `.`, `-`) stops the ingest before anything is
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 S2_BANDS = BAND_NAMES  # -> BAND_KEYS, in order
 S1_BANDS = ("VV", "VH")  # -> s1_vv, s1_vh
+S2_KINDS, S1_KINDS = "iu", "iuf"
+"""Dtype kinds of the bands: Sentinel-2 digital numbers are integers (uint16), Sentinel-1 dB real numbers (float32)."""
 SOURCE = "BigEarthNet v2"
 CLOUD_SNOW_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -173,7 +177,10 @@ def check_patch_id(metadata_path: str | Path, patch_id) -> None:
                          "(letters, digits, '_', '.', '-', starting with a letter or digit, up to 200 characters)")
 
 
-def _decode(blob: bytes, key: str, bands: Sequence[str]) -> dict[str, np.ndarray]:
+def _decode(blob: bytes, key: str, bands: Sequence[str], kinds: str) -> dict[str, np.ndarray]:
+    """The `bands` of a safetensors blob, each (TILE_SIZE, TILE_SIZE) and of a dtype kind in `kinds` (numpy's
+    letters: "iu" integers, "f" floats): a band the tile reader would refuse (Sentinel-2 floats, booleans) is refused
+    here, with the patch skipped, rather than written as a tile that no build takes."""
     from safetensors.numpy import load
 
     try:
@@ -187,6 +194,9 @@ def _decode(blob: bytes, key: str, bands: Sequence[str]) -> dict[str, np.ndarray
         if arrays[band].shape != (TILE_SIZE, TILE_SIZE):
             raise ValueError(f"LMDB value of {key!r}: band {band} has shape {arrays[band].shape}, "
                              f"expected ({TILE_SIZE}, {TILE_SIZE})")
+        if arrays[band].dtype.kind not in kinds:
+            expected = {"iu": "integer digital numbers (uint16)", "iuf": "numbers (float32 dB)"}[kinds]
+            raise ValueError(f"LMDB value of {key!r}: band {band} has dtype {arrays[band].dtype}, expected {expected}")
         out[band] = arrays[band]
     return out
 
@@ -308,8 +318,8 @@ def ingest_bigearthnet(
                     raise ValueError(f"Sentinel-2 patch {patch_id!r} not in the LMDB")
                 if s1_blob is None:
                     raise ValueError(f"Sentinel-1 patch {row['s1_name']!r} not in the LMDB")
-                arrays, sidecar = patch_tile(row, _decode(s2_blob, patch_id, S2_BANDS),
-                                             _decode(s1_blob, row["s1_name"], S1_BANDS))
+                arrays, sidecar = patch_tile(row, _decode(s2_blob, patch_id, S2_BANDS, S2_KINDS),
+                                             _decode(s1_blob, row["s1_name"], S1_BANDS, S1_KINDS))
             except ValueError as error:
                 skipped.append({"patch_id": patch_id, "reason": str(error)})
                 continue

@@ -42,16 +42,19 @@ def _tree_fingerprint(folder: Path, digest, tiles: bool = True) -> int:
 def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: str | None = None,
                       seed: int = 0, degradation: str = "mild", *, flag: str = "--data_dir") -> str:
     """Key of a converted dataset: the tiles' (and Stage 1 files') names, sizes and modification times, and the
-    build options (with the degradation preset, `DEGRADATION_CHOICES`). Any change to the tiles makes a new key
-    (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is unchanged). A folder
-    without tiles is a FileNotFoundError naming the command's `flag`."""
-    from .degrade import DEGRADATION_CHOICES
+    build options (with the degradation preset, `DEGRADATION_CHOICES`, and `DEGRADATION_VERSION`). Any change to the
+    tiles makes a new key (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is
+    unchanged), and version 1 the key it had before the version counted. A folder without tiles is a
+    FileNotFoundError naming the command's `flag`."""
+    from . import degrade
 
-    if degradation not in DEGRADATION_CHOICES:
-        raise ValueError(f"degradation must be one of {DEGRADATION_CHOICES}, got {degradation!r}.")
+    if degradation not in degrade.DEGRADATION_CHOICES:
+        raise ValueError(f"degradation must be one of {degrade.DEGRADATION_CHOICES}, got {degradation!r}.")
     digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION}\0{input_mode}\0{seed}\n".encode())
     if degradation != "mild":
         digest.update(f"degradation\0{degradation}\n".encode())
+    if degrade.DEGRADATION_VERSION != 1:  # another synthetic opt_v1 (version 1 keeps the keys made before it counted)
+        digest.update(f"degradation_version\0{degrade.DEGRADATION_VERSION}\n".encode())
     if _tree_fingerprint(Path(data_dir), digest) == 0:
         raise FileNotFoundError(
             f"{flag} {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "

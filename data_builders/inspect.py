@@ -57,12 +57,32 @@ def load_splits(path: str | Path) -> dict:
     return splits
 
 
+_RECORD_BLOCKS = ("source", "input_scale", "opt_v1")
+"""The blocks of a build record the report prints: each a JSON object."""
+
+
 def _build_info(splits: dict) -> Optional[dict]:
-    """The build record (`read_build_info`), or None where the description holds none (other text, other JSON)."""
+    """The build record (`read_build_info`), or None where the description holds none (other text, other JSON) or
+    one whose blocks the report prints are not JSON objects (a record written by hand)."""
     try:
-        return read_build_info(splits)
+        info = read_build_info(splits)
     except (ValueError, StopIteration):
         return None
+    return info if all(isinstance(info.get(block), dict) for block in _RECORD_BLOCKS) else None
+
+
+def _recorded_statistics(info: Optional[dict]) -> tuple[Optional[dict], Optional[dict]]:
+    """(target, opt_v1) per-band statistics of the build record, each None where it lacks a band or a number."""
+    def complete(block, fields: Sequence[str]) -> bool:
+        return isinstance(block, dict) and all(
+            isinstance(block.get(band), dict) and all(isinstance(block[band].get(name), (int, float))
+                                                      for name in fields) for band in BAND_NAMES)
+
+    statistics = info.get("statistics") if info else None
+    if not isinstance(statistics, dict) or not complete(statistics.get("target"), ("mean", "std", "min", "max")):
+        return None, None
+    opt_v1 = statistics.get("opt_v1")
+    return statistics["target"], opt_v1 if complete(opt_v1, ("mean", "std")) else None
 
 
 def _feature_line(name: str, feature) -> str:
@@ -134,7 +154,6 @@ def describe_dataset(path: str | Path) -> str:
     sizes = " | ".join(f"{split} {len(ds)}" for split, ds in splits.items())
     lines += ["", f"Splits: {sizes} (total {sum(len(ds) for ds in splits.values())})"]
 
-    stats_source, target_stats, opt_stats = None, None, None
     if info:  # the build record, whatever splits the dataset has
         lines += [
             f"Source: {info['source'].get('data_dir')} {json.dumps(info['source'].get('sources', {}))}; "
@@ -142,9 +161,9 @@ def describe_dataset(path: str | Path) -> str:
             f"Input scale: {json.dumps(info['input_scale'].get('tiles', {}))} ({info['input_scale'].get('rule')})",
             f"opt_v1: {info['opt_v1'].get('mode')}{_synthesis_text(info)}",
         ]
-    if info and info.get("statistics", {}).get("target"):
+    target_stats, opt_stats = _recorded_statistics(info)
+    if target_stats:
         stats_source = "train split, recorded at build time"
-        target_stats, opt_stats = info["statistics"]["target"], info["statistics"].get("opt_v1")
     else:
         split = "train" if "train" in splits else next(iter(splits))
         stats_source = f"{split} split, first {min(len(splits[split]), STATS_MAX_TILES)} tiles"
