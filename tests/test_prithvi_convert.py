@@ -395,13 +395,16 @@ def test_hub_loading_converts_once_and_reuses_the_cache(tiny_checkpoint, tmp_pat
     folder = load_prithvi_from_hub("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", cache_dir=cache, bands=S2_BANDS)
     assert calls == [("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", None, cache)]
     assert folder.is_relative_to(cache) and commit in folder.parts
+    # the layout docs/prithvi.md gives: <cache>/stage2-converted/<OWNER>--<NAME>/<commit>/<file>/<preset>__<bands>
+    assert folder == (Path(cache) / "stage2-converted" / "org--Prithvi-tiny" / commit / "Prithvi_EO_V2_tiny"
+                      / f"auto__{'-'.join(S2_BANDS)}")
     loaded = PrithviEncoder.from_pretrained(folder)
     assert torch.equal(loaded.patch_embed.proj.weight, original.patch_embed.proj.weight[:, :4])
 
     again = load_prithvi_from_hub("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", cache_dir=cache, bands=S2_BANDS)
     assert again == folder and len(conversions) == 1
     all_bands = load_prithvi_from_hub("org/Prithvi-tiny", "Prithvi_EO_V2_tiny.pt", cache_dir=cache)
-    assert all_bands != folder and len(conversions) == 2
+    assert all_bands == folder.with_name("auto__all-bands") and len(conversions) == 2
     assert PrithviConfig.from_pretrained(all_bands).in_chans == 6
 
 
