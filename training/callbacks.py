@@ -24,6 +24,7 @@ PREVIEW_COLUMNS = ("opt_v1", "refined", "target")
 _EVAL_PREFIX = "eval_"
 _BASELINE_PREFIX = "opt_v1_"
 _REFINED_PREFIX = "refined_"
+_N_TILES = "n_tiles"  # in the logs of every evaluation
 
 
 # ------------------------------------------------------------------------------------------- previews
@@ -155,15 +156,16 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- JSONL log
-def split_eval_metrics(logs: dict) -> dict:
+def split_eval_metrics(logs: dict, prefix: str = _EVAL_PREFIX) -> dict:
     """`{"eval_refined_ndvi_rmse": ..., "eval_opt_v1_ndvi_rmse": ..., "eval_loss": ...}` ->
-    `{"ndvi_rmse": ..., "opt_v1": {"ndvi_rmse": ...}, "loss": ...}` (the refined metrics at the top)."""
+    `{"ndvi_rmse": ..., "opt_v1": {"ndvi_rmse": ...}, "loss": ...}` (the refined metrics at the top); `prefix`: the
+    evaluation's `metric_key_prefix` and its underscore."""
     val: dict = {}
     baseline: dict = {}
     for key, value in logs.items():
-        if not key.startswith(_EVAL_PREFIX):
+        if not key.startswith(prefix):
             continue
-        name = key[len(_EVAL_PREFIX):]
+        name = key[len(prefix):]
         if name.startswith(_BASELINE_PREFIX):
             baseline[name[len(_BASELINE_PREFIX):]] = value
         elif name.startswith(_REFINED_PREFIX):
@@ -195,6 +197,12 @@ class JsonlLoggerCallback(TrainerCallback):
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = None if path is None else Path(path)
+        self._step_lr = None  # the learning rate of the last optimizer step
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # After the step, before the scheduler's: the rate the step used, as the Trainer logs it on `train` lines.
+        if optimizer is not None:
+            self._step_lr = float(optimizer.param_groups[0]["lr"])
 
     def _resolve(self, args) -> Path:
         if self.path is None:
@@ -202,6 +210,7 @@ class JsonlLoggerCallback(TrainerCallback):
         return self.path
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._step_lr = None
         if not state.is_world_process_zero:
             return
         path = self._resolve(args)
@@ -226,19 +235,22 @@ class JsonlLoggerCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = self.make_record(logs, state, kwargs.get("lr_scheduler"))
+        record = self.make_record(logs, state, kwargs.get("lr_scheduler"), self._step_lr)
         with open(self._resolve(args), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=_json_value) + "\n")
             handle.flush()
 
     @staticmethod
-    def make_record(logs: dict, state, lr_scheduler=None) -> dict:
+    def make_record(logs: dict, state, lr_scheduler=None, step_lr: float | None = None) -> dict:
+        """`step_lr`: the learning rate of the last optimizer step, an evaluation's `lr` (that of the `train` line of
+        its step, not the next step's); before the first step, the scheduler's (the first step's)."""
         logs = {key: _json_value(value) for key, value in logs.items()}
         record = {"epoch": logs.pop("epoch", state.epoch), "step": state.global_step}
-        if any(key.startswith(_EVAL_PREFIX) for key in logs):
+        prefix = _evaluation_prefix(logs)
+        if prefix is not None:  # validation under "val"; evaluate(metric_key_prefix="test") under "test"
             record["event"] = "eval"
-            record["lr"] = _current_lr(lr_scheduler)
-            record["val"] = split_eval_metrics(logs)
+            record["lr"] = step_lr if step_lr is not None else _current_lr(lr_scheduler)
+            record["val" if prefix == _EVAL_PREFIX else prefix[:-1]] = split_eval_metrics(logs, prefix)
             return record
         if "loss" in logs:
             record["event"] = "train"
@@ -247,6 +259,14 @@ class JsonlLoggerCallback(TrainerCallback):
             record["event"] = "summary"
         record.update(logs)
         return record
+
+
+def _evaluation_prefix(logs: dict) -> str | None:
+    """The `metric_key_prefix` and underscore of an evaluation's logs (`eval_`; `test_` for
+    `evaluate(metric_key_prefix="test")`: `Stage2Trainer.evaluation_loop` logs `<prefix>_n_tiles`), or None for a
+    training log or a summary."""
+    prefix = next((key[:-len(_N_TILES)] for key in logs if key.endswith(f"_{_N_TILES}")), None)
+    return prefix if prefix is not None else _EVAL_PREFIX if any(key.startswith(_EVAL_PREFIX) for key in logs) else None
 
 
 def _current_lr(lr_scheduler) -> float | None:

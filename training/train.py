@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -813,8 +814,14 @@ def _undone_on_failure(output_dir: Path, cache_root: Path, enabled: bool = True)
 
 def finish_run(trainer) -> None:
     """After training: the best weights back in the model, the model card in `best/`, the Hub push."""
-    if trainer.state.best_metric is None and trainer.args.should_save:
-        logger.warning("No validation ran (eval strategy 'no'): best/ holds the final model.")
+    metric, best_metric = trainer.args.metric_for_best_model, trainer.state.best_metric
+    # The Trainer starts best_metric at inf (-inf where greater is better) and replaces it only by a better value:
+    # still there, every validation gave NaN (a model that diverged, no valid pixel) and best/ was never written.
+    never_best = best_metric is None or best_metric == (-math.inf if trainer.args.greater_is_better else math.inf)
+    why = ("no validation ran (eval strategy 'no')" if best_metric is None
+           else f"every validation gave a NaN {metric}")
+    if never_best and trainer.args.should_save:
+        logger.warning(f"best/ holds the final model: {why}.")
         trainer.save_best_model()
     trainer.accelerator.wait_for_everyone()
     trainer.load_best_model()
@@ -827,7 +834,8 @@ def finish_run(trainer) -> None:
         if metrics_path.is_file():
             from training.metrics import format_metrics_table
 
-            print(f"Best model: {best} ({trainer.args.metric_for_best_model} = {trainer.state.best_metric})")
+            print(f"Best model: {best} (" + (f"the final model: {why}" if never_best else f"{metric} = {best_metric}")
+                  + ")")
             print(format_metrics_table(json.loads(metrics_path.read_text())))
     if trainer.args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training: best model")
