@@ -331,3 +331,40 @@ def test_two_signals_at_once_stop_quietly(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGHUP
     assert process.stderr.read() == ""
+
+
+# `make demo` in miniature: the training (replaced by an atomic write of best/) is stopped while it writes.
+DEMO_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import training.train
+    from modeling_stage2._files import atomic_file
+
+    def training_that_writes(training_args, data_args, settings):
+        with atomic_file(f"{training_args.output_dir}/best/model.safetensors") as partial:
+            partial.write_text("half")
+            print("writing", flush=True)
+            for _ in range(600):
+                time.sleep(0.1)
+        raise AssertionError("not stopped")
+
+    training.train.run_training = training_that_writes
+    from training.demo import main
+    sys.exit(main(["--output_dir", sys.argv[1], "--data_dir", sys.argv[2], "--config", sys.argv[3]]))
+""")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_the_demo_stops_on_a_signal_with_its_cleanups_run(tmp_path, signum):
+    """`python -m training.demo` (`make demo`) trains in its own process and had no handler: SIGTERM or SIGHUP killed
+    it before the training's cleanups ran (a partial file left in OUTPUT_DIR/best) and Ctrl-C printed a traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "demo"
+    process = subprocess.Popen([sys.executable, "-c", DEMO_SCRIPT, str(out), str(repo / "data" / "sample" / "tiles"),
+                                str(repo / "configs" / "demo.yaml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert process.stdout.readline().startswith("== Training ") and process.stdout.readline() == "writing\n"
+    assert len(list((out / "best").glob(".model.safetensors.partial-*"))) == 1
+    process.send_signal(signum)
+    assert process.wait(timeout=30) == 128 + signum
+    assert not out.exists()  # the partial file and the folders made for it
+    assert "Traceback" not in process.stderr.read()

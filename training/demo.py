@@ -27,6 +27,8 @@ from pathlib import Path
 
 os.environ.setdefault("MKL_CBWR", "AUTO")  # reproducible MKL results run to run (see training/train.py)
 
+from modeling_stage2._signals import exit_on_termination  # noqa: E402 (after MKL_CBWR, which torch reads once)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout; site-packages when the package is installed
 
 
@@ -107,6 +109,7 @@ def record_held_out_results(best: Path, results: dict) -> None:
     write_model_card(best)
 
 
+@exit_on_termination  # SIGTERM / SIGHUP run the training's cleanups, as Ctrl-C does, and exit 128 + N
 def main(argv=None) -> int:
     from modeling_stage2.vocabulary import OneLineArgumentParser
 
