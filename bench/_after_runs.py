@@ -58,13 +58,14 @@ def machine() -> dict:
 
 
 def script_line(script: str, record: dict, seconds: float, load: str, arguments: str = "", settings: int = 1) -> str:
-    """The tables' first line: how `bench/<script>` was run (`arguments` before the record's presets and seeds), how
-    long its trainings (`settings` for each preset and seed) took, on which machine (the record's `machine()`), and how
-    busy it was."""
+    """The tables' first line: how `bench/<script>` was run (`arguments` before the record's presets and seeds, its
+    `demo_flags` after `--`), how long its trainings (`settings` for each preset and seed) took, on which machine (the
+    record's `machine()`), and how busy it was."""
     facts = record["machine"]
     where = f"{facts['cpu']} (torch {facts['torch']}, CPU kernels {facts['cpu_capability']})"
     trainings = settings * len(record["presets"]) * len(record["seeds"])
+    demo_flags = f" -- {' '.join(record['demo_flags'])}" if record.get("demo_flags") else ""
     return (f"Script: `bench/{script} {arguments}--presets {' '.join(record['presets'])} --seeds "
-            f"{' '.join(map(str, record['seeds']))}`; {trainings} demo trainings "
+            f"{' '.join(map(str, record['seeds']))}{demo_flags}`; {trainings} demo trainings "
             f"(`configs/demo.yaml`, the `after` model of `bench/study_quality.py`, one thread each) in "
             f"{seconds / 60:.0f} min on {where}; load average {load}.")

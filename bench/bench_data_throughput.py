@@ -49,10 +49,15 @@ READ_GOAL = 1000
 READ_COLUMNS = ["target", "opt_v1", "valid_mask", "month", "biome"]
 
 
+def split_of(index: int) -> str:
+    """The split of the `index`th tile copy: 80/10/10 train/val/test."""
+    return "train" if index % 10 < 8 else ("val" if index % 10 == 8 else "test")
+
+
 def make_tiles(sample: Path, root: Path, num_tiles: int) -> Path:
     sources = sorted(sample.glob("*/*.npz"))
     for i in range(num_tiles):
-        split = "train" if i % 10 < 8 else ("val" if i % 10 == 8 else "test")
+        split = split_of(i)
         source = sources[i % len(sources)]
         folder = root / split
         folder.mkdir(parents=True, exist_ok=True)
@@ -104,17 +109,24 @@ def phase_costs(tiles: Path, scratch: Path, count: int = 200) -> dict:
 
 
 def time_read(dataset, loader_kwargs: dict, min_tiles: int) -> float:
+    """Tiles/s over at least `min_tiles`, timed from each epoch's first batch on: that batch pays the start-up of the
+    workers, which a loader without `persistent_workers` starts again each epoch (and ends after its last batch)."""
     loader = DataLoader(dataset, batch_size=32, shuffle=True, drop_last=True, **loader_kwargs)
-    seen, start = 0, None
+    seen, seconds = 0, 0.0
     while seen < min_tiles:
+        start = last = None
         for batch in loader:
-            if start is None:  # the first batch pays worker start-up
-                start = time.perf_counter()
+            last = time.perf_counter()
+            if start is None:
+                start = last
                 continue
             seen += batch["target"].shape[0]
             if seen >= min_tiles:
                 break
-    return seen / (time.perf_counter() - start)
+        if start is None or last == start:
+            raise ValueError(f"an epoch of {len(loader)} batches of 32 has none to time: give a larger dataset")
+        seconds += last - start
+    return seen / seconds
 
 
 def main() -> None:
@@ -125,6 +137,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "data_throughput.md"))
     args = parser.parse_args()
     check_study_arguments(parser, args, args.output, record=False)
+    train_tiles = sum(split_of(index) == "train" for index in range(args.num_tiles))
+    if train_tiles < 2 * 32:  # the reads time batches of 32 after each epoch's first: fewer would time none
+        parser.error(f"--num_tiles {args.num_tiles} gives {train_tiles} training tiles; the reads need 64")
     datasets.disable_progress_bars()
     torch.manual_seed(0)
     tuned = tune_allocator()  # as the stage2-build-dataset CLI does (build workers always do)

@@ -126,7 +126,8 @@ def write_report(results: list[dict], path: Path, *, threads: int, tiles: int, r
     lines = [
         "# Export: eager vs ONNX Runtime throughput, export time and size",
         "",
-        f"`bench/bench_export.py --sizes {','.join(r['size'] for r in results)}` on {datetime.date.today()}: "
+        f"`bench/bench_export.py --sizes {','.join(r['size'] for r in results)} --threads {threads} --tiles {tiles} "
+        f"--repeats {repeats}` on {datetime.date.today()}: "
         f"{cpu_name()}, load average {load_average()} (a shared 2-core machine), torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, {threads} thread(s), {tiles} random 120x120 tiles per pass, "
         f"best of {repeats} passes after a warm-up batch (600M: one pass). Random weights (the zero-initialised ones "

@@ -315,10 +315,11 @@ def with_fallback(variant_runs: dict) -> dict:
 
 
 def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: list[str] = (),
-           bounds: dict | None = None) -> str:
+           bounds: dict | None = None, arguments: str | None = None) -> str:
     """The study's markdown. `runs`: (preset, variant) -> one score per seed; `mixture`: variant -> the scores on the
     `mild` test split of that variant trained on `mixture`; `reused`: the keys (`preset/variant`) of runs taken from an
-    earlier study; `bounds`: `MIXTURE_BOUNDS` name -> the scores on the `mild` test split of `after` trained on it."""
+    earlier study; `bounds`: `MIXTURE_BOUNDS` name -> the scores on the `mild` test split of `after` trained on it;
+    `arguments`: the flags the study ran with (`command_line`; `--seeds` alone where not given)."""
     quantile, ramp = fallback_setting()
     bounds = bounds or {}
     trainings = sum(len(results) for (preset, variant), results in runs.items() if f"{preset}/{variant}" not in reused)
@@ -329,7 +330,7 @@ def render(runs: dict, mixture: dict, seeds, seconds: float, load: str, reused: 
     lines = [
         "# Refinement quality against both baselines",
         "",
-        f"Script: `bench/study_quality.py --seeds {' '.join(map(str, seeds))}`; "
+        f"Script: `bench/study_quality.py {arguments or '--seeds ' + ' '.join(map(str, seeds))}`; "
         f"{trainings} demo trainings" + (f", {doubled} of them twice as long (36 training tiles)," if doubled else "")
         + " (`configs/demo.yaml`, tiny random-init "
         f"backbone, 18 training tiles, CPU, best step by validation loss) in {seconds / 60:.0f} min on {cpu_name()}; "
@@ -605,6 +606,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The flags of `args` that decide what the study trains and reports (all but `--jobs` and `--output`)."""
+    flags = [f"--presets {' '.join(args.presets)}".rstrip(), f"--seeds {' '.join(map(str, args.seeds))}",
+             f"--variants {' '.join(args.variants)}"]
+    flags += [f"--mixture_variants {' '.join(args.mixture_variants)}"] if args.mixture else ["--no-mixture"]
+    flags += ["--mixture_bounds"] if args.mixture_bounds else []
+    return " ".join(flags + ([f"--reuse {args.reuse}"] if args.reuse else []))
+
+
 def planned_jobs(args: argparse.Namespace) -> list[tuple[str, int, str]]:
     """(preset, seed, variant) of every training the study runs with `args`."""
     jobs = [(preset, seed, variant) for preset in args.presets for variant in args.variants for seed in args.seeds]
@@ -650,7 +660,8 @@ def main(argv=None) -> int:
     if args.earlier is not None:
         reused = (reuse_runs(args.earlier, runs) + reuse_mixture(args.earlier, mixture)
                   + reuse_bounds(args.earlier, bounds))
-    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused, bounds)
+    text = render(runs, mixture, args.seeds, time.perf_counter() - start, load_span(load_start), reused, bounds,
+                  command_line(args))
     record = {"runs": {f"{preset}/{variant}": results for (preset, variant), results in runs.items()},
               "mixture_on_mild": mixture, BOUNDS_KEY: bounds, "seeds": args.seeds, "near_black": NEAR_BLACK}
     record_study(args.output, text, record)
