@@ -453,6 +453,10 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
 
         config = Stage2RefinerConfig.from_pretrained(folder)
         source = _read_base_source(folder)
+        if source.kind == "model":  # a base folder replaced by another refiner: named, not transformers' table
+            _check_full_model_files(_local_folder(source.model_name_or_path, source.revision), folder / "config.json",
+                                    f"the base refiner is not the one this adapter was trained on ({BASE_SOURCE_FILE} "
+                                    "names it); put that one back")
         base = _rebuild_base(config, source, quantization, device_map)
         with _peft_wrapping():
             model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
@@ -523,8 +527,9 @@ def trained_base_revision(folder: str | Path) -> str | None:
 
 
 def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization: str, device_map):
-    if source.kind == "model":
-        return _from_pretrained(source.model_name_or_path, quantization, device_map, revision=source.revision)
+    if source.kind == "model":  # the adapter folder's config: the base's, plus the LoRA the adapter was trained with
+        return _from_pretrained(source.model_name_or_path, quantization, device_map, config=config,
+                                revision=source.revision)
     backbone_file = source.backbone_file if source.kind == "saved" else None
     return _base_model(lambda: _fresh_refiner(config, backbone_file=backbone_file, revision=source.revision),
                        quantization, device_map)
@@ -630,11 +635,57 @@ def _check_adapter_files(folder: Path) -> None:
         _check_safetensors(folder / BASE_WEIGHTS_FILE)
         weights[folder / BASE_WEIGHTS_FILE] = ("", "backbone.")  # the whole backbone: loaded strictly
     _check_weights_fit_config(folder, list(weights), renamed=weights, complete=folder / BASE_WEIGHTS_FILE)
+    _check_weights_fit_adapter_config(folder)
 
 
-def _check_full_model_files(folder: Path) -> None:
+def _check_weights_fit_adapter_config(folder: Path) -> None:
+    """The adapter weights are the ones `adapter_config.json` describes (its `r`, `target_modules`, `modules_to_save`
+    applied to the refiner of `config.json`, on the meta device), floating point: peft only warned about a missing
+    LoRA tensor, dropped one its targets do not name, raised a bare KeyError for a missing trained module, a table of
+    mismatches for another rank, and cast integers to floats: an edited or damaged adapter gave other outputs."""
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    config_file, weights = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
+    fix = (f"the {ADAPTER_CONFIG_FILE} does not describe these weights; put back the one saved with them, or save or "
+           "download the folder again")
+    try:
+        adapter_config = PeftConfig.from_pretrained(str(folder))
+    except Exception as error:  # an unknown peft_type or field, a field of the wrong type
+        raise ValueError(f"{config_file}: not a peft adapter config ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())}); save or download it again.") from None
+    with torch.device("meta"), _peft_wrapping():
+        base = Stage2RefinerModel(Stage2RefinerConfig.from_pretrained(folder))
+        base.name_or_path = adapter_config.base_model_name_or_path  # else peft warns that it "renamed" it
+        model = get_peft_model(base, adapter_config)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no look at the base's Hub config
+    expected = {name: list(tensor.shape) for name, tensor in state.items()}
+    loaded_as_is = set(model.state_dict())  # peft loads a base tensor it finds as it is (strict=False)
+    with safe_open(str(weights), "pt") as saved:
+        for name in saved.keys():
+            tensor = saved.get_slice(name)
+            if tensor.get_dtype() not in _FLOAT_DTYPES:
+                raise ValueError(f"{weights}: tensor {name!r} is {tensor.get_dtype()}, not floating point; the file is "
+                                 "damaged, save or download it again.")
+            if name in expected and list(tensor.get_shape()) != expected[name]:
+                raise ValueError(f"{weights}: tensor {name!r} has shape {list(tensor.get_shape())} where {config_file} "
+                                 f"describes {expected[name]}: {fix}.")
+            if name not in expected and name not in loaded_as_is:
+                raise ValueError(f"{weights}: tensor {name!r} is not one {config_file} describes (its target_modules "
+                                 f"or modules_to_save), so it would be dropped: {fix}.")
+        missing = [name for name in expected if name not in saved.keys()]
+    if missing:
+        raise ValueError(f"{weights}: no tensor {missing[0]!r}, which {config_file} describes: {fix}.")
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of the dtypes an adapter is saved (or cast) in
+
+
+def _check_full_model_files(folder: Path, config_file: Path | None = None, fix: str | None = None) -> None:
     """A `save_pretrained` refiner folder: its config a JSON object, its weights (one file, or the shards an index
-    names) readable safetensors; a damaged file is named before transformers reads it."""
+    names) readable safetensors of the shapes its config (or `config_file`, an adapter's of this base) describes; a
+    damaged file is named before transformers reads it."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     _check_json_object(folder / "config.json")
@@ -642,7 +693,7 @@ def _check_full_model_files(folder: Path) -> None:
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if (folder / SAFE_WEIGHTS_NAME).is_file() or not index.is_file():
         _check_safetensors(folder / SAFE_WEIGHTS_NAME, needed_by)
-        _check_weights_fit_config(folder, [folder / SAFE_WEIGHTS_NAME])
+        _check_weights_fit_config(folder, [folder / SAFE_WEIGHTS_NAME], config_file=config_file, fix=fix)
         return
     _check_json_object(index)
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
@@ -651,26 +702,29 @@ def _check_full_model_files(folder: Path) -> None:
     shards = [folder / shard for shard in sorted(set(map(str, weight_map.values())))]
     for shard in shards:
         _check_safetensors(shard, f"{index.name} names it")
-    _check_weights_fit_config(folder, shards)
+    _check_weights_fit_config(folder, shards, config_file=config_file, fix=fix)
 
 
 def _check_weights_fit_config(folder: Path, weight_files: list[Path], renamed: dict | None = None,
-                              complete: Path | None = None) -> None:
+                              complete: Path | None = None, config_file: Path | None = None,
+                              fix: str | None = None) -> None:
     """The saved tensors have the shapes of the refiner `config.json` describes (the safetensors headers against the
     refiner built on the meta device, nothing read or allocated): transformers would print a table of every mismatch
     and raise. Tensors the config does not have are left to transformers (a refiner saved before a part was added).
     `renamed` maps a file to (its names' prefix, the refiner's): a saved tensor `prefix + rest` is the refiner's
-    `refiner_prefix + rest`. The file `complete` must hold every tensor of the refiner under its prefix."""
+    `refiner_prefix + rest`. The file `complete` must hold every tensor of the refiner under its prefix. `config_file`
+    (default the folder's config.json) describes the refiner; `fix` says what to do about a mismatch."""
     from safetensors import safe_open
 
-    config_file = folder / "config.json"
+    config_file = config_file or folder / "config.json"
+    fix = fix or "put back the config.json saved with them"
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     if model_type != Stage2RefinerConfig.model_type:
         raise ValueError(f"{config_file}: key 'model_type' is {model_type!r}, not {Stage2RefinerConfig.model_type!r}: "
                          "not a Stage 2 refiner folder.")
     with torch.device("meta"):
         expected = {name: list(tensor.shape) for name, tensor in
-                    Stage2RefinerModel(Stage2RefinerConfig.from_pretrained(folder)).state_dict().items()}
+                    Stage2RefinerModel(Stage2RefinerConfig.from_pretrained(config_file)).state_dict().items()}
     for weights in weight_files:
         saved_prefix, prefix = (renamed or {}).get(weights, ("", ""))
         with safe_open(str(weights), "pt") as saved:
@@ -681,13 +735,15 @@ def _check_weights_fit_config(folder: Path, weight_files: list[Path], renamed: d
                 names[model_name] = name
                 if name.startswith(saved_prefix) and model_name in expected and shape != expected[model_name]:
                     raise ValueError(f"{weights}: tensor {name!r} has shape {shape} where {config_file} describes "
-                                     f"{expected[model_name]}: the config does not describe these weights; put back "
-                                     "the config.json saved with them.")
+                                     f"{expected[model_name]}: the config does not describe these weights; {fix}.")
         missing = [name for name in expected if name.startswith(prefix) and name not in names]
         if weights == complete and missing:
             raise ValueError(f"{weights}: no tensor {missing[0].removeprefix(prefix)!r}, which {config_file} "
-                             "describes: the config does not describe these weights; put back the config.json saved "
-                             "with them.")
+                             f"describes: the config does not describe these weights; {fix}.")
+        extra = [saved_name for name, saved_name in names.items() if name not in expected]
+        if weights == complete and extra:  # loaded strictly: torch's multi-line "Unexpected key(s)"
+            raise ValueError(f"{weights}: tensor {extra[0]!r}, which {config_file} does not describe: the config does "
+                             f"not describe these weights; {fix}.")
 
 
 def check_model_folder(folder: str | Path) -> str:
