@@ -18,7 +18,7 @@ How it works, and why:
   all splits go to one pool of worker processes, so memory stays bounded, both cores stay busy
   across split boundaries and the row order is the sorted tile order whatever `num_proc` is.
   Each chunk returns a small report (rejections, partial statistics) that the parent merges;
-  nothing is computed twice.
+  nothing is computed twice, unless rejected tiles shaped the columns (`_generate_kept`).
 - Per tile, the costs are the NPZ decompression (zlib, ~1 ms), the synthetic `opt_v1` (~1.2 ms)
   and the Arrow encoding: image columns are encoded as whole batches from numpy buffers
   (`arrow_tensor_column`), not row by row through Python lists.
@@ -165,6 +165,7 @@ def _chunk_rows(chunk: dict, settings: dict, report: dict) -> Iterator[dict]:
             if settings["strict"]:
                 raise
             report["rejected"].append({**error.to_record(), "split": chunk["split"]})
+            report["left_out"].append(path)
             continue
         example = {
             "tile_id": tile.tile_id,
@@ -188,8 +189,8 @@ def _chunk_rows(chunk: dict, settings: dict, report: dict) -> Iterator[dict]:
 
 
 def _new_report(split: str) -> dict:
-    return {"split": split, "rejected": [], "input_scale": collections.Counter(), "sources": collections.Counter(),
-            "rows": 0}
+    return {"split": split, "rejected": [], "left_out": [], "input_scale": collections.Counter(),
+            "sources": collections.Counter(), "rows": 0}
 
 
 def _write_job(job: dict) -> dict:
@@ -486,9 +487,6 @@ def build_dataset(
     if not all_specs:
         raise ValueError(f"no usable tile under {data_dir}" + _first_reasons(rejected))
     _list_s1(all_specs)
-    include_s1 = all(spec.has_s1 is not False for spec in all_specs)
-    columns = metadata_columns(all_specs)
-    features = dataset_features(include_s1, columns)
 
     with _files.parents_removed_on_failure(output_dir):  # a failed build leaves no empty folder it made
         output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -500,13 +498,13 @@ def build_dataset(
             "seed": int(seed),
             "degradation_preset": preset,
             "degradation": degradation.to_dict() if degradation is not None else None,
-            "include_s1": include_s1,
             "strict": bool(strict),
         }
         try:
             scratch.mkdir(parents=True)
-            built, fingerprints, reports = _generate_splits(splits, columns, features, settings, scratch, int(num_proc))
-            rejected += [record for report in reports for record in report["rejected"]]
+            built, fingerprints, reports, read_rejected, columns, include_s1 = _generate_kept(
+                splits, settings, scratch, int(num_proc))
+            rejected += read_rejected
             if not built:
                 raise ValueError(f"every tile under {data_dir} was rejected" + _first_reasons(rejected))
             info = _build_record(data_dir, built, reports, rejected, columns, include_s1, max_samples,
@@ -523,6 +521,41 @@ def build_dataset(
         summary += f" (reasons in {output_dir / REJECTED_FILE})"
     logger.info(summary)
     return load_from_disk(str(output_dir))
+
+
+def _schema(specs: Sequence[TileSpec]) -> tuple[bool, dict]:
+    """(include_s1, sidecar columns) of a dataset of these tiles: `s1` when every one carries it (as far as
+    their zip directories tell), the columns and types of their sidecars (`metadata_columns`)."""
+    return all(spec.has_s1 is not False for spec in specs), metadata_columns(specs)
+
+
+def _generate_kept(splits: dict, settings: dict, scratch: Path, num_proc: int):
+    """`_generate_splits` with the columns of the tiles it keeps:
+    (built, fingerprints, reports, rejection records, columns, include_s1).
+
+    The columns (`s1`, the sidecar columns and their types) are decided from the tiles before their pixels are
+    read, so a tile rejected while reading them could shape them: alone without Sentinel-1, it would drop `s1`
+    from every row; with an odd sidecar value, it would turn a column into JSON text. When the kept tiles give
+    other columns, they are written again, alone, with theirs (rare, but then they are read twice): the dataset
+    is the one the folder gives without the rejected tiles.
+    """
+    rejected = []
+    while True:
+        include_s1, columns = _schema([spec for specs in splits.values() for spec in specs])
+        built, fingerprints, reports = _generate_splits(splits, columns, dataset_features(include_s1, columns),
+                                                        {**settings, "include_s1": include_s1}, scratch, num_proc)
+        rejected += [record for report in reports for record in report["rejected"]]
+        left_out = {path for report in reports for path in report["left_out"]}
+        kept = {split: [spec for spec in specs if spec.path not in left_out] for split, specs in splits.items()}
+        kept = {split: specs for split, specs in kept.items() if specs}
+        kept_s1, kept_columns = _schema([spec for specs in kept.values() for spec in specs])
+        if not kept or (kept_s1, list(kept_columns.items())) == (include_s1, list(columns.items())):
+            return built, fingerprints, reports, rejected, columns, include_s1
+        logger.warning("rejected tiles (%d) shaped the dataset's columns (s1, sidecar columns): writing the %d kept "
+                       "tiles again, with their own columns", len(left_out), sum(map(len, kept.values())))
+        del built  # release the memory maps of the Arrow files before removing them
+        shutil.rmtree(scratch / "cache")
+        splits = kept
 
 
 def _generate_splits(splits: dict, columns: dict, features, settings: dict, scratch: Path, num_proc: int):
