@@ -423,11 +423,17 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
     embedding, fusion and head), the refiner's `config.json` (without quantization settings), `stage2_base.json`
     (where the frozen base comes from) and, when the backbone has no pretrained source (random init),
     `base_model.safetensors` with its full-precision weights. `load_trained_model` reads it back.
+    `adapter_config.json`'s `revision` is the Hub commit `stage2_base.json` records for the base its
+    `base_model_name_or_path` names (null for a local or saved base), so that peft's own loaders
+    (`AutoPeftModel.from_pretrained`) put the adapter onto a Hub base refiner at the commit it was trained on, not
+    onto whatever that repo's main branch holds later (docs/sharing.md, "With peft alone").
     """
     source = _base_source_of(model)
     output_dir = Path(output_dir)
     _refuse_foreign_folder(output_dir)
     _refuse_own_base(source, model.get_base_model().config, output_dir, "save_trained_model")
+    for adapter_config in model.peft_config.values():  # before peft writes adapter_config.json
+        adapter_config.revision = source.revision
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
         config = _clean_config(model.get_base_model().config)
