@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2.configuration_stage2 import (
@@ -176,7 +177,10 @@ class Stage2TrainingArguments(TrainingArguments):
         default=8, metadata={"help": "Micro-batches accumulated before each optimizer step."}
     )
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the generator (AdamW)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (after warmup)."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule (after warmup).",
+                                    "choices": [scheduler.value for scheduler in SchedulerType]}
+    )
     warmup_steps: float = field(
         default=0.05, metadata={"help": "Linear warmup: steps, or a ratio of the total steps when below 1."}
     )
@@ -223,7 +227,8 @@ class Stage2TrainingArguments(TrainingArguments):
     )
     spectral_correction: str = field(
         default="affine",
-        metadata={"help": "Colour-correction branch of a new refiner: affine (per tile), shared (one for all tiles) or none.",
+        metadata={"help": "Colour-correction branch of a new refiner: affine (per tile), shared (one for all tiles) "
+                          "or none.",
                   "choices": SPECTRAL_CORRECTIONS},
     )
     nonnegative_output: bool = field(
@@ -383,11 +388,18 @@ class Stage2TrainingArguments(TrainingArguments):
             self.greater_is_better = greater_is_better(self.metric_for_best_model)
         if self.gradient_checkpointing or self.activation_checkpointing:
             # Frozen (quantized) inputs + LoRA need the non-reentrant variant (transformers #21381, #26221).
-            kwargs = self.activation_checkpointing_kwargs or self.gradient_checkpointing_kwargs or {}
-            if isinstance(kwargs, str):
-                kwargs = json.loads(kwargs)
+            name = "activation_checkpointing_kwargs" if self.activation_checkpointing_kwargs else \
+                "gradient_checkpointing_kwargs"
+            kwargs = getattr(self, name) or {}
+            with contextlib.suppress(json.JSONDecodeError):
+                kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{name} must be a mapping or a JSON object string, got {getattr(self, name)!r}.")
             self.activation_checkpointing_kwargs = {"use_reentrant": False, **kwargs}
             self.gradient_checkpointing_kwargs = None
+        for half, bfloat in (("fp16", "bf16"), ("fp16_full_eval", "bf16_full_eval")):
+            if getattr(self, half) and getattr(self, bfloat):  # one precision, on any device
+                raise ValueError(f"{half} and {bfloat} are both true: set only one of them.")
         self.precision_note = self._resolve_precision()
         if self.deterministic is None:
             self.deterministic = not (torch.cuda.is_available() and not self.use_cpu)
@@ -411,7 +423,9 @@ class Stage2TrainingArguments(TrainingArguments):
         from huggingface_hub.utils import validate_repo_id
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        if self.report_to is None:  # `report_to: null` in a file: no integration (transformers would look up None)
+            self.report_to = "none"
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         unknown = [name for name in names if name not in ("all", "none", *INTEGRATION_TO_CALLBACK)]
         if unknown:
             raise ValueError(f"report_to: {unknown[0]!r} is not an integration transformers has; choose among "

@@ -165,8 +165,13 @@ def load_config_file(path: str | os.PathLike, parser=None) -> dict:
     resolved = {}
     for key, value in values.items():
         if key not in aliases:
+            import difflib
+
+            # `config` is the option itself (a file cannot name another): no field is meant there
+            close = difflib.get_close_matches(str(key), sorted(aliases), n=1, cutoff=0.75) if key != "config" else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UsageError(
-                f"{path}: unknown key {key!r}. Keys are Stage2TrainingArguments / Stage2DataArguments fields "
+                f"{path}: unknown key {key!r}{hint}. Keys are Stage2TrainingArguments / Stage2DataArguments fields "
                 f"(any TrainingArguments field, e.g. learning_rate, num_train_epochs); see {PROG} --help-all."
             )
         name = aliases[key]
@@ -217,6 +222,37 @@ def _parse_command_line(parser, argv: list[str]):
     return namespace
 
 
+_UNSET = object()
+
+
+def _given_on_command_line(parser, argv: list[str]) -> set[str]:
+    """The settings the command line names, whatever their value (`--eval_strategy no` too, though it is the
+    default): `argv` parsed again onto a namespace whose every setting is unset."""
+    unset = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions if action.option_strings})
+    namespace, _ = parser.parse_known_args(argv, namespace=unset)
+    return {key for key, value in vars(namespace).items() if value is not _UNSET} - {"config", "help"}
+
+
+# Path settings where an empty string would be the current folder (the repository's tiles, the checkout itself).
+_PATH_SETTINGS = ("output_dir", "data_dir", "stage1_dir", "dataset_cache_dir", "model_name_or_path", "backbone_weights")
+
+
+def _check_settings_apply(training_args, values: dict, given: set[str], sources: _Sources) -> None:
+    """Settings that would be quietly ignored: an empty path, and an eval/save strategy or step interval given while
+    `eval_every_epochs` / `save_every_epochs` (which win) are set."""
+    for key in _PATH_SETTINGS:
+        if isinstance(values.get(key), str) and not values[key].strip():
+            unset = "" if key == "output_dir" else f" or leave {key} unset"
+            raise UsageError(sources.explain(ValueError(f"{key} is an empty string: give a path{unset}."), key=key))
+    for unit in ("eval", "save"):
+        every = getattr(training_args, f"{unit}_every_epochs")
+        for key in (f"{unit}_strategy", f"{unit}_steps"):
+            if every is not None and key in given:
+                raise UsageError(sources.explain(ValueError(
+                    f"{key} has no effect while {unit}_every_epochs is {every:g} (it sets {unit}_steps once the steps "
+                    f"per epoch are known): set {unit}_every_epochs to 0 to use {key}, or leave {key} out."), key=key))
+
+
 def parse_args(argv=None, *, without_devices: bool = False):
     """`--config FILE` (YAML) + command-line overrides -> (Stage2TrainingArguments, Stage2DataArguments, settings).
 
@@ -240,13 +276,15 @@ def parse_args(argv=None, *, without_devices: bool = False):
     overrides = {key: value for key, value in values.items()
                  if value is not parser.get_default(key) and value != parser.get_default(key)}
     settings = {**file_values, **overrides}
-    sources = _Sources(known.config, file_values, overrides)
+    given = _given_on_command_line(parser, rest)
+    sources = _Sources(known.config, file_values, given | set(overrides))
     if without_devices:
         values["use_cpu"] = True
     try:
         training_args, data_args = parser.parse_dict(values)
     except ValueError as error:
         raise UsageError(sources.explain(error)) from None
+    _check_settings_apply(training_args, values, given | set(file_values), sources)
     check_model_settings(training_args, sources)
     return training_args, data_args, settings
 
@@ -260,7 +298,8 @@ def _refiner_config_keys() -> set[str]:
 
     names = set()
     for cls in (Stage2RefinerConfig, PretrainedConfig):
-        names |= {name for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD}
+        names |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if p.kind == p.POSITIONAL_OR_KEYWORD}
     return (names - {"self"}) | {"attn_implementation"}
 
 
@@ -1128,7 +1167,8 @@ def accelerate_arguments(launcher: list[str]) -> list[str]:
     from accelerate.commands.launch import launch_command_parser
 
     parser = launch_command_parser()
-    parser.error = lambda message: _raise_usage_error(f"accelerate option: {message}")
+    parser.error = lambda message: _raise_usage_error(
+        f"accelerate option: {message}" + (" (training flags go after `--`)" if "unrecognized" in message else ""))
     parser.allow_abbrev = False  # `--config FILE` before `--` is a misplaced training flag, not `--config_file`
     placeholder = "<training script>"
     options = parser.parse_args([*launcher, placeholder])
