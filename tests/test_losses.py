@@ -81,6 +81,12 @@ def test_index_guards_on_zero_and_negative_denominators():
     # Between the floor and the clip the formula holds: denominator 0.02 -> 2.5 * 0.001 / 0.02.
     blue = (0.101 + 0.6 + 1.0 - 0.02) / 7.5
     assert evi(pixels((blue, 0.0, 0.1, 0.101)))[0, 0, 0].item() == pytest.approx(2.5 * 0.001 / 0.02, rel=1e-9)
+    # Below the EVI floor (1e-2) the denominator is the floor: 0.005 -> 2.5 * 0.001 / 0.01, not / 0.005.
+    blue = (0.101 + 0.6 + 1.0 - 0.005) / 7.5
+    assert evi(pixels((blue, 0.0, 0.1, 0.101)))[0, 0, 0].item() == pytest.approx(2.5 * 0.001 / 0.01, rel=1e-9)
+    # NDVI floor (1e-4, one DN): 2 DN and 1 DN keep the formula (1/3); NIR + R = 0.8 DN divides by the floor.
+    dark = ndvi(pixels((0.0, 0.0, 1e-4, 2e-4), (0.0, 0.0, 2e-5, 6e-5)))[0, 0].tolist()
+    assert dark == pytest.approx([1 / 3, 4e-5 / 1e-4], rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- spectral angle
@@ -90,6 +96,15 @@ def test_spectral_angle_hand_values():
     angles = spectral_angle(a, b)[0, 0].tolist()
     assert angles == pytest.approx([math.pi / 2, math.pi / 4, 0.0, math.pi, 0.0, 0.0], abs=1e-12)
     assert angles[2] == 0.0 and angles[5] == 0.0  # parallel and identical spectra: exactly zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_angle_of_dark_spectra(dtype):
+    # Spectra of a few DN (1e-4 reflectance each) are real data: their angle counts. Only |a| |b| <= 1e-12
+    # (here 1e-7 * 1e-6) is "no spectrum", angle 0.
+    a = pixels((1e-4, 0, 0, 0), (1e-4, 1e-4, 0, 0), (3e-4, 1e-4, 2e-4, 5e-4), (1e-7, 0, 0, 0), dtype=dtype)
+    b = pixels((0, 1e-4, 0, 0), (1e-4, 0, 0, 0), (-3e-4, -1e-4, -2e-4, -5e-4), (0, 1e-6, 0, 0), dtype=dtype)
+    assert spectral_angle(a, b)[0, 0].tolist() == pytest.approx([math.pi / 2, math.pi / 4, math.pi, 0.0], abs=1e-6)
 
 
 def test_spectral_angle_matches_arccos_and_is_accurate_for_tiny_angles_in_fp32():
@@ -126,6 +141,8 @@ def test_spectral_loss_hand_values_and_mask():
     assert parts["spectral/ndvi"].item() == pytest.approx(ndvi_err, rel=1e-9)
     assert parts["spectral/evi"].item() == pytest.approx(evi_err, rel=1e-9)
     assert parts["spectral/sam"].item() == pytest.approx(angle, rel=1e-9)
+    # a (B, 1, H, W) mask is the same mask
+    assert SpectralLoss()(refined, target, valid_mask=mask[:, None])[1] == parts
 
 
 def _ramp(width=8, height=8, slope=0.01) -> torch.Tensor:

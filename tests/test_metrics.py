@@ -124,6 +124,11 @@ def test_edge_metric_on_a_ramp():
     flat = torch.full_like(ramp, 0.2)
     # Sobel magnitude: 0.01 inside, 0.005 on the two border columns
     assert per_tile_metrics(ramp, flat, flat)["edge_l1"].item() == pytest.approx((10 * 0.01 + 2 * 0.005) / 12, rel=1e-9)
+    # Column 3 invalid: only pixels whose 3x3 window is valid count (not columns 2..4, where zeroing column 3 makes
+    # edges): 0.005, 0.01 and 0.01 x 6, 0.005 over 9 columns.
+    mask = torch.ones(1, 12, 12, dtype=torch.bool)
+    mask[:, :, 3] = False
+    assert per_tile_metrics(ramp, flat, flat, mask)["edge_l1"].item() == pytest.approx(0.08 / 9, rel=1e-9)
 
 
 def _numpy_ssim(x: np.ndarray, y: np.ndarray, valid: np.ndarray) -> float:
@@ -156,6 +161,13 @@ def test_ssim_matches_an_independent_implementation():
     got = per_tile_metrics(torch.from_numpy(output)[None], torch.from_numpy(target)[None], torch.from_numpy(target)[None], torch.from_numpy(valid)[None])
     assert got["ssim"].item() == pytest.approx(_numpy_ssim(output, target, valid), rel=1e-10)
     assert ssim_map(torch.from_numpy(target)[None], torch.from_numpy(target)[None]) == pytest.approx(torch.ones(1, 4, 3, 3, dtype=torch.float64))
+    # an 11x11 tile has one window position; a 10x10 one has none
+    small = per_tile_metrics(torch.from_numpy(output[None, :, :11, :11]), torch.from_numpy(target[None, :, :11, :11]),
+                             torch.from_numpy(target[None, :, :11, :11]))
+    assert small["ssim"].item() == pytest.approx(_numpy_ssim(output[:, :11, :11], target[:, :11, :11],
+                                                             valid[:11, :11]), rel=1e-10)
+    tiny = [torch.from_numpy(x[None, :, :10, :10]) for x in (output, target, target)]
+    assert math.isnan(per_tile_metrics(*tiny)["ssim"])
 
 
 def test_identical_images_and_degenerate_sets():
@@ -237,6 +249,9 @@ def test_a_refused_batch_leaves_the_accumulator_as_it_was():
         accumulator.add_statistics(lacking)
     assert accumulator.compute() == before  # neither batch added its refined tiles
     assert accumulator.tile_statistics_of("refined")["valid_pixels"].tolist() == [144.0, 144.0]
+    # each role keeps its own tiles: refined is 0.01 from opt_v1's input (target + 0.02), opt_v1 is it
+    assert accumulator.tile_statistics_of("refined")["identity_abs_err_sum"].tolist() == pytest.approx([1.44, 1.44])
+    assert accumulator.tile_statistics_of("opt_v1")["identity_abs_err_sum"].tolist() == [0.0, 0.0]
 
 
 def test_format_metrics_table():
@@ -256,6 +271,18 @@ def test_format_metrics_table():
     assert rows["sam (rad)"] == "| sam (rad) | 0.1200 | 0.0500 | -0.0700 | < 0.1 | yes |"
     assert rows["psnr (dB)"] == "| psnr (dB) | 28.25 | 31.50 | +3.25 | - | - |"
     assert set(DESIGN_TARGETS) < set(METRIC_NAMES)
+    # "met?" means below the target: a value at the target is not met
+    results["refined"]["identity_l1"] = DESIGN_TARGETS["identity_l1"]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in format_metrics_table(results).splitlines()[4:]}
+    assert rows["identity_l1"].endswith("| < 0.05 | no |")
+    # the colour fit's column, labelled with the split it was fitted on, sits between opt_v1 and refined
+    results["linear_fit"] = dict(ndvi_rmse=0.06, evi_rmse=0.07, sam=0.1, identity_l1=0.02, edge_l1=0.0, psnr=30.0,
+                                 ssim=0.85)
+    results["linear_fit_fitted_on"] = {"split": "train"}
+    lines = format_metrics_table(results).splitlines()
+    assert lines[2] == "| metric | opt_v1 | colour fit (train) | refined | change | design target | met? |"
+    assert lines[3] == "| --- | ---: | ---: | ---: | ---: | ---: | :---: |"
+    assert lines[4] == "| ndvi_rmse | 0.0800 | 0.0600 | 0.0400 | -0.0400 | < 0.05 | yes |"
 
 
 def test_the_standalone_evaluate_module_restates_the_metric_facts_exactly():

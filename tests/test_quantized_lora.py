@@ -61,4 +61,9 @@ def test_quantized_adapter_and_merged_folders_refine_full_tiles_in_eval_mode(fol
         refined = model(opt_v1=opt_v1, month=month, biome=biome).refined
         reference = load_model(folders["merged"])(opt_v1=opt_v1, month=month, biome=biome).refined
     assert refined.shape == opt_v1.shape and torch.isfinite(refined).all()
-    assert 0 < (refined - reference).abs().max() < 0.5  # the base's quantization error, not another model
+    # The base's quantization error (max 0.01 in 8 bit, 0.07 in 4 bit; mean 0.001, 0.01), not another model: the
+    # refiner changes opt_v1 by up to 0.76 (mean 0.29), and the same adapter without its LoRA weights is off by up to
+    # 0.48 (mean 0.05).
+    error = (refined - reference).abs()
+    assert 0 < float(error.max()) < {"8bit": 0.05, "4bit": 0.25}[quantization]
+    assert float(error.mean()) < 0.1 * float((reference - opt_v1).abs().mean())

@@ -25,7 +25,7 @@ from modeling_stage2 import (
     Stage2RefinerOutput,
 )
 from modeling_stage2.bands import DN_LOOKING_MEDIAN, DigitalNumbersWarning
-from modeling_stage2.modeling_stage2 import cyclic_month_encoding, looks_like_digital_numbers
+from modeling_stage2.modeling_stage2 import Stage2DropPath, cyclic_month_encoding, looks_like_digital_numbers
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -205,6 +205,17 @@ def test_padding_lets_the_backbone_see_every_corner_pixel(awake_model, corner):
     assert not torch.equal(before.refined[0, :, corner[0], corner[1]], after.refined[0, :, corner[0], corner[1]])
 
 
+def test_the_output_is_that_of_the_padded_tile_cropped_back(awake_model):
+    """30 x 45 pads to 42 x 56 (6 + 6 rows, 5 + 6 columns, reflected): the delta is cropped from where the tile sits
+    in the padded grid, so refining the tile equals refining its padded copy (no padding needed) and cropping."""
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(30, 45))
+    padded = torch.nn.functional.pad(opt_v1, (5, 6, 6, 6), mode="reflect")
+    expected = refine(awake_model, padded, month, biome).refined[:, :, 6:36, 5:50]
+    actual = refine(awake_model, opt_v1, month, biome).refined
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    assert float((actual - opt_v1).abs().max()) > 1e-2  # the head's delta is what is compared
+
+
 def test_without_padding_the_encoder_drops_the_last_pixels(awake_model):
     """The reason for the padding: the official encoder crops 120 px to 112 (8 patches of 14)."""
     opt_v1, month, biome = tiny_inputs(batch=1)
@@ -214,6 +225,18 @@ def test_without_padding_the_encoder_drops_the_last_pixels(awake_model):
         before = awake_model.backbone(awake_model.normalizer(opt_v1)).last_hidden_state
         after = awake_model.backbone(awake_model.normalizer(changed)).last_hidden_state
     assert torch.equal(before, after)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
+    drop = Stage2DropPath(0.25).train()
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 2, 2) + 0.5
+    y = drop(x)
+    kept, dropped = (y != 0).flatten(1).all(dim=1), (y == 0).flatten(1).all(dim=1)
+    assert bool((kept ^ dropped).all())  # a whole sample's branch, never part of it
+    torch.testing.assert_close(y[kept], x[kept] / 0.75, atol=0, rtol=1e-6)  # expectation unchanged
+    assert 0.68 < float(kept.float().mean()) < 0.82  # keep probability 0.75 (binomial std 0.022)
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_padding_modes_differ_and_tiny_inputs_fall_back_to_replicate():
@@ -252,6 +275,20 @@ def test_metadata_conditions_the_output(awake_model):
     for key, output in outputs.items():
         if key != (1, 3):
             assert not torch.equal(output, reference), key
+
+
+def test_unknown_metadata_takes_its_own_learned_slot(awake_model):
+    """Unknown month: the circle's centre and month slot 0 (months are 1..12); unknown biome: slot num_biomes (biomes
+    are 0..16), not the slot of a real month or biome."""
+    embedding = awake_model.metadata_embedding
+    width = embedding.month_embedding.embedding_dim
+    months, biomes = embedding.month_embedding.weight, embedding.biome_embedding.weight
+    with torch.no_grad():
+        features = embedding.features(torch.tensor([UNKNOWN_METADATA, 1, 12]), torch.tensor([UNKNOWN_METADATA, 0, 16]))
+    assert torch.equal(features[0, :2], torch.zeros(2))
+    for row, month, biome in ((0, 0, 17), (1, 1, 0), (2, 12, 16)):
+        assert torch.equal(features[row, 2 : 2 + width], months[month]), row
+        assert torch.equal(features[row, 2 + width :], biomes[biome]), row
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,19 +76,37 @@ def test_the_range_is_the_mean_covariance_and_distance_quantile_of_the_valid_pix
     torch.testing.assert_close(whole.precision, fit.precision, atol=1e-9, rtol=1e-9)
     assert whole.threshold == pytest.approx(fit.threshold, rel=1e-12)
     assert fit.to_dict()["threshold"] == fit.threshold and len(fit.to_dict()["precision"]) == 4
+    # and exactly the sample moments and distance quantile of those pixels, computed here in numpy (float64)
+    spectra = opt_v1.permute(0, 2, 3, 1)[valid].numpy()
+    points = np.log(spectra[np.isfinite(spectra).all(axis=1)] + LOG_OFFSET) - math.log(0.1)
+    precision = np.linalg.inv(np.cov(points.T, ddof=1))
+    np.testing.assert_allclose(fit.mean.numpy(), points.mean(axis=0), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(fit.precision.numpy(), precision, rtol=1e-9, atol=1e-9)
+    centred = points - points.mean(axis=0)
+    distances = np.sqrt(np.einsum("ni,ij,nj->n", centred, precision, centred))
+    assert fit.threshold == pytest.approx(np.quantile(distances, 0.99), rel=1e-9)
 
 
 def test_above_a_pixel_budget_the_quantile_uses_every_kth_pixel(monkeypatch):
     from training import spectral_range
 
     opt_v1, _, _ = gaussian_tiles(tiles=10, size=40)
-    exact = fit_spectral_range(lambda: [(opt_v1[:3], None), (opt_v1[3:], None)], LOG_OFFSET)
+    valid = torch.ones(10, 40, 40, dtype=torch.bool)
+    valid[0, 0, :5] = False  # 4,795 + 11,200 pixels: neither the first batch nor the total a multiple of 16
+
+    def batches():
+        return [(opt_v1[:3], valid[:3]), (opt_v1[3:], valid[3:])]
+
+    exact = fit_spectral_range(batches, LOG_OFFSET)
     kept = []
-    monkeypatch.setattr(spectral_range, "_MAX_QUANTILE_PIXELS", 1000)  # 16,000 pixels -> every 16th
+    monkeypatch.setattr(spectral_range, "_MAX_QUANTILE_PIXELS", 1000)  # 15,995 pixels -> every 16th
     original = spectral_range.np.quantile
-    monkeypatch.setattr(spectral_range.np, "quantile", lambda values, q: kept.append(len(values)) or original(values, q))
-    strided = fit_spectral_range(lambda: [(opt_v1[:3], None), (opt_v1[3:], None)], LOG_OFFSET)
-    assert kept == [1000]  # 4,800 + 11,200 pixels, every 16th counted across the two batches
+    monkeypatch.setattr(spectral_range.np, "quantile", lambda values, q: kept.append(values) or original(values, q))
+    strided = fit_spectral_range(batches, LOG_OFFSET)
+    # every 16th pixel counted across the two batches (the second batch starts at its 6th pixel): 1,000
+    every_pixel = exact.distance(opt_v1, LOG_OFFSET)[valid].numpy()
+    assert len(kept) == 1 and len(kept[0]) == 1000
+    np.testing.assert_allclose(kept[0], every_pixel[::16], rtol=1e-12, atol=0)
     torch.testing.assert_close(strided.precision, exact.precision, atol=0, rtol=0)  # the moments use every pixel
     assert strided.threshold == pytest.approx(exact.threshold, rel=0.05) and strided.threshold != exact.threshold
 
