@@ -235,6 +235,6 @@ def test_a_dataset_without_synthetic_opt_v1_is_a_one_line_error_before_any_work(
                                 timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("stage2-train: --data_dir "), lines
+        assert len(lines) == 1 and lines[0].startswith("stage2-train: error: --data_dir "), lines
         assert "--redraw_degradation" in lines[0] and "not synthetic (mode 'identity')" in lines[0], lines
         assert not out.exists()

@@ -231,7 +231,7 @@ def test_stage2_train_refuses_an_inherited_value_before_any_work(where, tmp_path
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     message = ("gradient_accumulation_steps must be >= 1, got 0." if where == "flag"
                else "seed must be in 0..4294967295 (numpy's seed range), got -1.")
-    assert lines == [f"stage2-train: {expected}{message}"]
+    assert lines == [f"stage2-train: error: {expected}{message}"]
     assert result.stdout == "" and not out.exists()
 
 

@@ -42,7 +42,7 @@ def test_an_unknown_yaml_key_names_the_closest_setting(tmp_path, sample_tiles_di
     out = tmp_path / "out"
     line = _refused(["--config", str(config), "--data_dir", str(sample_tiles_dir), "--output_dir", str(out)], capsys,
                     out)
-    assert line.startswith(f"stage2-train: {config}: unknown key 'lerning_rate' (did you mean 'learning_rate'?). ")
+    assert line.startswith(f"stage2-train: error: {config}: unknown key 'lerning_rate' (did you mean 'learning_rate'?). ")
 
 
 @pytest.mark.parametrize("where", ["file", "flags", "full eval"])
@@ -58,7 +58,7 @@ def test_fp16_and_bf16_both_true_are_refused_on_any_machine(where, tmp_path, sam
         source = f"{config}: "
     line = _refused(["--config", str(config), "--data_dir", str(sample_tiles_dir), "--output_dir", str(out), *extra],
                     capsys, out)
-    assert line.startswith(f"stage2-train: {source}")
+    assert line.startswith(f"stage2-train: error: {source}")
     assert line.endswith(f"{names[0]} and {names[1]} are both true: set only one of them.")
 
 
@@ -114,7 +114,7 @@ def test_stage2_train_refuses_save_strategy_no_with_save_every_epochs(tmp_path, 
                             text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("stage2-train: --save_strategy: save_strategy has no effect while "
+    assert len(lines) == 1 and lines[0].startswith("stage2-train: error: --save_strategy: save_strategy has no effect while "
                                                    "save_every_epochs is 1"), lines
     assert result.stdout == "" and not out.exists()
 
@@ -128,10 +128,10 @@ def test_an_empty_path_is_refused(key, tmp_path, sample_tiles_dir, capsys, monke
     paths = {"data_dir": str(sample_tiles_dir), "output_dir": str(out), key: ""}
     config = write_config(tmp_path / "x.yaml", **paths)
     line = _refused(["--config", str(config)], capsys, out)
-    assert line.startswith(f"stage2-train: {config}: {key} is an empty string: give a path")
+    assert line.startswith(f"stage2-train: error: {config}: {key} is an empty string: give a path")
     line = _refused(["--config", str(write_config(tmp_path / "y.yaml")), *(f"--{k}={v}" for k, v in paths.items())],
                     capsys, out)
-    assert line.startswith(f"stage2-train: --{key}: {key} is an empty string: give a path")
+    assert line.startswith(f"stage2-train: error: --{key}: {key} is an empty string: give a path")
 
 
 def test_report_to_null_reports_to_nothing(tmp_path):
@@ -149,7 +149,7 @@ def test_a_training_flag_before_the_separator_says_where_it_goes(tmp_path, sampl
     config, out = write_config(tmp_path / "x.yaml"), tmp_path / "out"
     line = _refused(["--config", str(config), "--", "--data_dir", str(sample_tiles_dir), "--output_dir", str(out)],
                     capsys, out)
-    assert line == "stage2-train: accelerate option: unrecognized arguments: --config (training flags go after `--`)"
+    assert line == "stage2-train: error: accelerate option: unrecognized arguments: --config (training flags go after `--`)"
 
 
 # ----------------------------------------------------------------------------------------------- what the docs say

@@ -141,7 +141,7 @@ def test_the_trainer_process_requires_an_output_dir_too(tmp_path, tiny_config, t
         main(argv)
     assert train_module.cli(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines == ["stage2-train: --output_dir is required (or output_dir in the --config file): the folder the run "
+    assert lines == ["stage2-train: error: --output_dir is required (or output_dir in the --config file): the folder the run "
                      "writes its checkpoints, best/ and logs to."]
     assert not (tmp_path / "trainer_output").exists()
 
@@ -163,7 +163,7 @@ def test_intervals_and_the_dataset_seed_out_of_range_are_one_line_before_the_run
     argv = ["--config", str(tiny_config), "--data_dir", str(tiles), "--output_dir", str(tmp_path / "out"), *flags]
     assert launch_main(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"stage2-train: {message}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"stage2-train: error: {message}"), lines
     assert not (tmp_path / "out").exists()
 
 
@@ -175,7 +175,7 @@ def test_a_config_file_cannot_name_another_config_file(tmp_path, capsys):
     argv = ["--config", str(config), "--data_dir", str(tiles), "--output_dir", str(tmp_path / "out")]
     assert launch_main(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"stage2-train: {config}: unknown key 'config'."), lines
+    assert len(lines) == 1 and lines[0].startswith(f"stage2-train: error: {config}: unknown key 'config'."), lines
     assert not (tmp_path / "out").exists()
 
 

@@ -983,10 +983,10 @@ def cli(argv=None) -> int:
         main(argv, callbacks=[interrupt])
         code = 0
     except UsageError as error:
-        _say(error, once=True)
+        _say_error(error, once=True)
         code = EXIT_USAGE
     except HubUnavailableError as error:  # the run's base on a Hub out of reach: not a mistake in the settings
-        _say(error, once=True)
+        _say_error(error, once=True)
         code = EXIT_FAILURE
     except TrainingInterrupted as stop:
         _say(stop, once=True)
@@ -1004,6 +1004,11 @@ def cli(argv=None) -> int:
 def _interrupted_before_start() -> bool:
     path = os.environ.get(INTERRUPT_FILE_ENV)
     return bool(path) and Path(path).exists()
+
+
+def _say_error(error, once: bool = False) -> None:
+    """A mistake or failure the run stops on, as every command words one: `stage2-train: error: ...`."""
+    _say(f"error: {error}", once=once)
 
 
 def _say(message, once: bool = False) -> None:
@@ -1327,7 +1332,7 @@ def launch_main(argv=None) -> int:
         options = accelerate_arguments(launcher)
         check_before_launch(training)
     except UsageError as error:
-        _say(error)
+        _say_error(error)
         return EXIT_USAGE
     except KeyboardInterrupt:
         _say("interrupted.")
