@@ -3,6 +3,7 @@ kept `opt_v1`, for a model that says so) out."""
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -15,7 +16,7 @@ from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .values import (
     DEFAULT_BATCH_SIZE, InferenceInputError, metadata_vector, check_biome, check_month, fill_invalid_pixels,
-    metadata_limits, to_reflectance,
+    metadata_limits, resolve_input_scale, to_reflectance, warn_if_looks_like_dn,
 )
 
 
@@ -27,6 +28,12 @@ def _first_parameter(model: Any) -> torch.Tensor | None:
         if parameter.is_floating_point():
             return parameter
     return None
+
+
+def _training_modes(model: Any) -> list[tuple[Any, bool]]:
+    """(module, its `training` flag) for `model` and every submodule, so that `predict` can leave each as it was."""
+    modules = getattr(model, "modules", None)
+    return [(module, module.training) for module in modules()] if callable(modules) else []
 
 
 def _prepare_model(model: Any, device: str | torch.device | None) -> torch.device:
@@ -115,26 +122,55 @@ def predict(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = None,
 ) -> Prediction:
-    """Run the model on finite float32 reflectance (N, 4, H, W) in batches -> its [`Prediction`]."""
-    if batch_size < 1:
-        raise InferenceInputError(f"batch_size must be at least 1, got {batch_size}")
+    """Run the model on finite float32 reflectance (N, 4, H, W) in batches -> its [`Prediction`].
+
+    The model runs in eval mode; it (and each of its modules) is left in the mode it was in.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InferenceInputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    batch_size = int(batch_size)
+    modes = _training_modes(model)
     device = _prepare_model(model, device)
     refined = np.empty_like(reflectance, dtype=np.float32)
     weights = []
-    with torch.inference_mode():
-        for start in range(0, len(reflectance), batch_size):
-            stop = start + batch_size
-            opt_v1 = torch.from_numpy(np.ascontiguousarray(reflectance[start:stop])).to(device)
-            month = torch.from_numpy(months[start:stop]).to(device)
-            biome = torch.from_numpy(biomes[start:stop]).to(device)
-            batch, weight = _forward(model, opt_v1, month, biome)
-            refined[start:stop] = batch.float().cpu().numpy()
-            weights.append(None if weight is None else weight.float().cpu().numpy())
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(reflectance), batch_size):
+                stop = start + batch_size
+                opt_v1 = torch.from_numpy(np.ascontiguousarray(reflectance[start:stop])).to(device)
+                month = torch.from_numpy(months[start:stop]).to(device)
+                biome = torch.from_numpy(biomes[start:stop]).to(device)
+                batch, weight = _forward(model, opt_v1, month, biome)
+                refined[start:stop] = batch.float().cpu().numpy()
+                weights.append(None if weight is None else weight.float().cpu().numpy())
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not weights:  # no image: the model never ran; the weight is there, empty, where the model reports one
+        shape = (0, *reflectance.shape[2:])
+        return Prediction(refined, np.empty(shape, np.float32) if reports_out_of_range_weight(model) else None)
     if all(weight is None for weight in weights):
         return Prediction(refined)
     if any(weight is None for weight in weights):
         raise RuntimeError("the model returned out_of_range_weight for some batches only")
     return Prediction(refined, np.concatenate(weights))
+
+
+def _as_numpy(values: Any) -> np.ndarray:
+    """A numpy array of `values`; a torch tensor is detached and copied to the CPU (bfloat16, which numpy lacks, as
+    float32)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+    return np.asarray(values)
+
+
+def _metadata(values: Any) -> Any:
+    """Month or biome as `metadata_vector` takes it: None is unknown for every image (as in the model), a tensor a
+    numpy array."""
+    if values is None:
+        return UNKNOWN_METADATA
+    return _as_numpy(values) if isinstance(values, torch.Tensor) else values
 
 
 def refine_arrays(
@@ -152,12 +188,12 @@ def refine_arrays(
 
     Args:
         model: a `Stage2RefinerModel` (or the PEFT model of [`load_trained_model`]); any callable
-            `model(opt_v1=..., month=..., biome=...)` returning `.refined` or a tensor works. It is put in
-            eval mode.
+            `model(opt_v1=..., month=..., biome=...)` returning `.refined` or a tensor works. It runs in eval
+            mode and is left in the mode it was in (eval or train), its parameters unchanged.
         opt_v1: `(4, H, W)` or `(B, 4, H, W)`, bands B02 B03 B04 B08; reflectance in 0..1 or digital
-            numbers (reflectance x 10000).
-        month: 1..12 or -1 (unknown, the default); one value for all images or one per image.
-        biome: 0..16 or -1 (unknown, the default); one value for all images or one per image.
+            numbers (reflectance x 10000); a numpy array (any strides) or a torch tensor on any device.
+        month: 1..12 or -1 (unknown, the default, as is None); one value for all images or one per image.
+        biome: 0..16 or -1 (unknown, the default, as is None); one value for all images or one per image.
         input_scale: `"auto"` (integer dtype = digital numbers, float = reflectance), `"reflectance"`
             or `"dn"`.
         batch_size: images per forward pass.
@@ -168,17 +204,21 @@ def refine_arrays(
     Non-finite input pixels (any band) are filled for the model and are NaN in every band of the output (and in
     the weight).
     """
-    array = np.asarray(opt_v1)
+    array = _as_numpy(opt_v1)
     single = array.ndim == 3
     batch = array[None] if single else array
     if batch.ndim != 4 or batch.shape[1] != len(BAND_NAMES):
         raise InferenceInputError(
             f"opt_v1: expected shape (4, H, W) or (B, 4, H, W) with bands {BAND_NAMES}, got {array.shape}"
         )
-    reflectance = to_reflectance(batch, input_scale, "opt_v1")
+    reflectance = to_reflectance(batch, input_scale, "opt_v1", warn=False)
+    if resolve_input_scale(batch.dtype, input_scale, "opt_v1") == "reflectance":
+        warn_if_looks_like_dn(reflectance, "opt_v1")  # from here, so that the warning names the caller's line
     num_months, num_biomes = metadata_limits(model)
-    months = metadata_vector(month, len(batch), functools.partial(check_month, num_months=num_months), "month")
-    biomes = metadata_vector(biome, len(batch), functools.partial(check_biome, num_biomes=num_biomes), "biome")
+    months = metadata_vector(_metadata(month), len(batch), functools.partial(check_month, num_months=num_months),
+                             "month")
+    biomes = metadata_vector(_metadata(biome), len(batch), functools.partial(check_biome, num_biomes=num_biomes),
+                             "biome")
     valid = np.isfinite(reflectance).all(axis=1)
     prediction = predict(
         model, fill_invalid_pixels(reflectance, valid), months, biomes, batch_size=batch_size, device=device

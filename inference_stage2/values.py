@@ -109,10 +109,11 @@ def _as_metadata_int(value: Any, source: str) -> int:
 
 
 def metadata_vector(values: Any, count: int, check: Callable[[Any, str], int], name: str) -> np.ndarray:
-    """One value per image: a scalar is broadcast, a sequence must have `count` entries."""
+    """One value per image: a scalar is checked (an error names it `name`) and broadcast, a sequence must have
+    `count` entries (an error names the entry, `name[i]`)."""
     array = np.asarray(values)
     if array.ndim == 0:
-        array = np.full(count, array, dtype=array.dtype)
+        return np.full(count, check(values, name), dtype=np.int64)
     if array.ndim != 1 or len(array) != count:
         raise InferenceInputError(f"{name}: expected one value or {count} values, got shape {array.shape}")
     return np.array([check(v, f"{name}[{i}]") for i, v in enumerate(array)], dtype=np.int64)

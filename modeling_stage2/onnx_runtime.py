@@ -198,7 +198,8 @@ class ExportedRefiner:
         """The eager model's input checks (same exceptions and messages) -> (opt_v1, month, biome) tensors."""
         from .modeling_stage2 import Stage2RefinerModel
 
-        opt_v1 = torch.from_numpy(opt_v1) if isinstance(opt_v1, np.ndarray) else opt_v1
+        # any numpy strides (a flipped or transposed view): torch.from_numpy takes no negative ones
+        opt_v1 = torch.from_numpy(np.ascontiguousarray(opt_v1)) if isinstance(opt_v1, np.ndarray) else opt_v1
         Stage2RefinerModel._check_opt_v1(self._checker, opt_v1)
         batch = opt_v1.shape[0]
         month = Stage2RefinerModel._check_metadata(month, "month", 1, self.config.num_months, batch)
