@@ -209,7 +209,7 @@ def metric_rows(metrics: Mapping) -> list[dict[str, str]]:
         rows.append({
             "name": name,
             "label": METRIC_LABELS[name] + (" (higher is better)" if HIGHER_IS_BETTER[name] else ""),
-            "refined": _fmt(refined),
+            "refined": _fmt(refined, target),
             "opt_v1": _fmt(opt_v1),
             "linear_fit": _fmt(linear_fit),
             "target": f"< {target:g}" if target is not None else "-",
@@ -226,10 +226,18 @@ def _linear_fit_label(fitted_on: Mapping | None) -> str:
     return f"colour fit (fitted on `{fitted_on['split']}`{tiles})"
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, target: float | None = None) -> str:
+    """`value` to 4 significant digits; beside a `target`, with as many more as it takes for the value shown to be on
+    the side of the target that the value is (0.049996 is "0.049996", not "0.05", next to "< 0.05" and "yes")."""
     if value is None:
         return "-"
-    return f"{value:.4g}" if math.isfinite(value) else "n/a"
+    if not math.isfinite(value):
+        return "n/a"
+    for digits in range(4, 18):
+        text = f"{value:.{digits}g}"
+        if target is None or (float(text) < target) == (value < target):
+            return text
+    return repr(value)
 
 
 # ------------------------------------------------------------------------------------ model card
@@ -251,6 +259,7 @@ def build_model_card(
     library_name: str = "peft",
     has_code: bool = False,
     base_is_refiner: bool = False,
+    local_base: str | None = None,
     contents: str | None = None,
     quantization: str | None = None,
     training_data_scope: str = "BigEarthNet v2 Sentinel-2 tiles (10 European countries, June 2017 - May 2018)",
@@ -280,6 +289,8 @@ def build_model_card(
         library_name: `peft` for an adapter repo, `transformers` for a full model.
         has_code: whether the repo carries the modeling code (`trust_remote_code` snippet).
         base_is_refiner: `base_model` is the Stage 2 refiner the adapter was trained on, not a backbone.
+        local_base: the folder of the refiner the adapter was trained on, when that is a folder on the training
+            machine (`stage2_base.json`): the card names it as the base, and no Hub base model.
         contents: a sentence saying what the repo holds (derived from the other arguments by default).
         quantization: how the backbone was quantized in training ("8bit", "4bit", "none"); by default read
             from `training_config["quantization"]` or the config's `quantization_config`.
@@ -326,6 +337,7 @@ def build_model_card(
         base_model=base_model,
         base_model_url=f"https://huggingface.co/{base_model}" if base_model else None,
         base_is_refiner=base_is_refiner and base_model is not None,
+        local_base=local_base,
         backbone_from_a_local_file=_backbone_from_a_local_file(model_config),
         bands=list(model_config.get("bands") or BAND_NAMES),
         architecture=_describe_architecture(model_config),
@@ -334,7 +346,8 @@ def build_model_card(
             {"quantization": quantization} if quantization else training_config, model_config),
         contents=contents or _describe_contents(
             library_name, has_code, named=bool((adapter_config or {}).get("modules_to_save")),
-            pretrained_base=base_model is not None or _backbone_from_a_local_file(model_config)),
+            pretrained_base=base_model is not None or _backbone_from_a_local_file(model_config),
+            local_base=local_base),
         library_name=library_name,
         has_code=has_code,
         license=license,
@@ -434,15 +447,18 @@ def _describe_quantization(training_config: Mapping | None, model_config: Mappin
     return names.get(str(value), str(value))
 
 
-def _describe_contents(library_name: str, has_code: bool, named: bool, pretrained_base: bool) -> str:
+def _describe_contents(library_name: str, has_code: bool, named: bool, pretrained_base: bool,
+                       local_base: str | None = None) -> str:
     """`named`: the Adaptation row lists the modules saved with the adapter; `pretrained_base`: the frozen backbone
-    comes from a base model (else it was randomly initialised and `save_trained_model` saved it beside the adapter)."""
+    comes from a base model (else it was randomly initialised and `save_trained_model` saved it beside the adapter);
+    `local_base`: the adapter's base is that refiner folder on the training machine (not saved beside it)."""
     if library_name != "peft":
         text = "the full refiner weights (`model.safetensors`) and config"
     else:
         modules = "the non-backbone modules trained or fitted beside it" + (" (named under Adaptation)" if named else "")
         text = f"the LoRA adapter (`adapter_model.safetensors`, `adapter_config.json`), {modules} and the refiner config"
-        text += ("; the backbone weights are not included (they come from the base model)" if pretrained_base else
+        text += (f"; the base refiner (`{local_base}`) is not included" if local_base is not None else
+                 "; the backbone weights are not included (they come from the base model)" if pretrained_base else
                  f"; the randomly initialised backbone (`{BASE_WEIGHTS_FILE}`) that the adapter was trained on")
     return text + ("; the modeling code" if has_code else "")
 
@@ -498,7 +514,7 @@ def base_model_from_config(model_config: Mapping | None, adapter_config: Mapping
     """The backbone's Hub repo: `backbone_weights` of the refiner config when it names one
     (`OWNER/REPO` or `OWNER/REPO/FILE.pt`, `hf://...`); for weights from a local file or folder, the released
     Prithvi-EO-2.0 repo of the config's backbone architecture (None when no release has it); None when the config
-    says the backbone was randomly initialised (`backbone_weights` null and no base in the adapter config: a demo or
+    says the backbone was randomly initialised (`backbone_weights` null and no Hub base in the adapter config: a demo or
     test model, which must not claim a pretrained base); else `DEFAULT_BASE_MODEL` (nothing known)."""
     for source in ((model_config or {}).get("backbone_weights"),
                    (adapter_config or {}).get("base_model_name_or_path")):
@@ -507,8 +523,9 @@ def base_model_from_config(model_config: Mapping | None, adapter_config: Mapping
             return repo_id
     if _backbone_from_a_local_file(model_config) and isinstance(model_config.get("backbone_config"), Mapping):
         return official_hub_repo(model_config["backbone_config"])
-    if (model_config is not None and "backbone_weights" in model_config and model_config["backbone_weights"] is None
-            and not (adapter_config or {}).get("base_model_name_or_path")):
+    # a base the adapter names on the Hub was returned above; one it names otherwise (a refiner folder on the training
+    # machine) says nothing of the backbone, which the config says was randomly initialised
+    if model_config is not None and "backbone_weights" in model_config and model_config["backbone_weights"] is None:
         return None
     return DEFAULT_BASE_MODEL
 
@@ -557,6 +574,11 @@ def card_for_folder(
         preview = None  # never link an image the repo does not have
     refiner_base = _refiner_base(base_source) if base_model is None else None
     kwargs.setdefault("base_is_refiner", refiner_base is not None)
+    local_base = _local_refiner_base(base_source) if base_model is None else None
+    kwargs.setdefault("local_base", local_base)
+    if local_base is not None:  # an adapter of that folder, not of a Hub repo: no Hub base to name
+        return build_model_card(metrics, training_config, base_model=None, preview=preview, model_config=model_config,
+                                adapter_config=adapter_config, **kwargs)
     return build_model_card(
         metrics, training_config,
         base_model=base_model or refiner_base or base_model_from_config(model_config, adapter_config),
@@ -570,6 +592,15 @@ def _refiner_base(base_source: Mapping) -> str | None:
     if base_source.get("kind") != "model":
         return None
     return _hub_repo_of(base_source.get("model_name_or_path"))
+
+
+def _local_refiner_base(base_source: Mapping) -> str | None:
+    """The folder of the refiner an adapter was trained on when it is one on this machine (`stage2_base.json` of kind
+    "model" naming no Hub repo): the adapter's base, which nobody who pulls the adapter has."""
+    source = base_source.get("model_name_or_path")
+    if base_source.get("kind") != "model" or not isinstance(source, str) or _hub_repo_of(source) is not None:
+        return None
+    return source
 
 
 def is_placeholder_card(text: str) -> bool:

@@ -131,7 +131,12 @@ def remote_code(config_path: Path) -> tuple[dict[str, bytes], bytes]:
 
     import modeling_stage2  # noqa: F401  (registers both model types with the Auto classes)
 
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CardError(f"{config_path}: cannot read the model config ({error}); fix or delete the file") from None
+    if not isinstance(config, dict):
+        raise CardError(f"{config_path}: the model config must be a JSON object, got {type(config).__name__}")
     try:
         config_class = type(AutoConfig.for_model(config.get("model_type")))
         model_class = MODEL_MAPPING[config_class]
@@ -140,7 +145,10 @@ def remote_code(config_path: Path) -> tuple[dict[str, bytes], bytes]:
     if model_class is None or not model_class.__module__.startswith(f"{modeling_stage2.__name__}."):
         raise CardError(f"{config_path}: model_type {config.get('model_type')!r} has no modeling code in "
                         "modeling_stage2 to include")
-    instance_config = config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+    try:
+        instance_config = config_class.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+    except (ValueError, TypeError, KeyError) as error:  # a value the config class refuses: nobody could load it
+        raise CardError(f"{config_path}: {_one_line(error)}") from None
     with torch.device("meta"):  # an instance only to name its class and module: no weights are allocated
         model = model_class(instance_config)
     with tempfile.TemporaryDirectory(prefix="stage2-push-code-") as folder:
