@@ -220,3 +220,30 @@ def test_the_card_of_best_keeps_the_split_its_metrics_record(tmp_path):
     (best / "metrics.json").write_text(json.dumps({key: value for key, value in metrics.items() if key != "split"}))
     card = ModelCard.load(trainer.write_card(best))  # metrics that record no split: the evaluation's
     assert {result.dataset_split for result in card.data.eval_results} == {"val"}
+
+
+def test_the_card_pushed_with_the_run_shows_its_own_records_and_their_split(tmp_path):
+    """`Trainer.push_to_hub` writes the card through `create_model_card`, which copied best/'s records into the output
+    folder only where best/ had them: an earlier run's metrics.json there stayed, was pushed, and its numbers shown. It
+    also labelled best/'s test metrics (the demo's, kept by a resume that found no better model) with the validation
+    split: CardError at the end of the run."""
+    from training.metrics import METRIC_NAMES
+
+    def metrics(ndvi_rmse: float, **extra) -> dict:
+        refined = {name: 0.2 for name in METRIC_NAMES} | {"ndvi_rmse": ndvi_rmse}
+        return {"refined": refined, "opt_v1": {name: 0.3 for name in METRIC_NAMES}, **extra}
+
+    trainer = _trainer(tmp_path, n_eval=0, eval_strategy="no", save_strategy="no", eval_every_epochs=None,
+                       save_every_epochs=None)
+    out, best = Path(trainer.args.output_dir), trainer.best_model_dir
+    trainer.save_best_model()  # no validation ran: best/ has no metrics.json
+    assert not (best / "metrics.json").exists()
+    (out / "metrics.json").write_text(json.dumps(metrics(0.0123, n_tiles=99)))  # an earlier run's
+    trainer.create_model_card()
+    assert not (out / "metrics.json").exists() and "0.0123" not in (out / "README.md").read_text()
+    test_metrics = metrics(0.0456, n_tiles=18, split="test")
+    (best / "metrics.json").write_text(json.dumps(test_metrics))
+    trainer.create_model_card()
+    assert json.loads((out / "metrics.json").read_text()) == test_metrics
+    card = (out / "README.md").read_text()
+    assert "0.0456" in card and "`test`" in card

@@ -755,14 +755,15 @@ class Stage2Trainer(Trainer):
         logger.info(f"New best model ({self.args.metric_for_best_model}={self.state.best_metric}) saved to {best}.")
         return best
 
-    def write_card(self, folder: str | os.PathLike) -> Path:
-        """The project's model card (`model_cards.write_model_card`) in a model folder of this run. The evaluation
-        split labels only metrics that record none: `best/` may hold test metrics written after training (the demo
-        does), which a resumed run that found no better model keeps, and a card never relabels them."""
+    def write_card(self, folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+        """The project's model card (`model_cards.write_model_card`) in a model folder of this run (`repo_id`: the
+        repo it names, default `hub_model_id`). The evaluation split labels only metrics that record none: `best/`
+        may hold test metrics written after training (the demo does), which a resumed run that found no better model
+        keeps, and a card never relabels them."""
         from model_cards.cards import write_model_card
 
         split = None if _metrics_record_a_split(Path(folder)) else self.training_config.get("eval_split", "val")
-        return write_model_card(folder, repo_id=self.args.hub_model_id, split=split)
+        return write_model_card(folder, repo_id=repo_id or self.args.hub_model_id, split=split)
 
     def training_config_record(self) -> dict:
         args = self.args
@@ -952,12 +953,11 @@ class Stage2Trainer(Trainer):
         """The project's model card (`model_cards.write_model_card`) instead of the Trainer's generic one."""
         if not self.is_world_process_zero():
             return
-        from model_cards.cards import write_model_card
-
         folder = Path(self.args.output_dir)
         best = self.best_model_dir
         for name in (METRICS_FILE, TRAINING_CONFIG_FILE, PREVIEW_FILE):
             if (best / name).is_file():
                 shutil.copyfile(best / name, folder / name)
-        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
-        write_model_card(folder, repo_id=repo_id, split=self.training_config.get("eval_split", "val"))
+            else:  # an earlier run's in the same folder: the push would publish it, and the card show it, as this one's
+                (folder / name).unlink(missing_ok=True)
+        self.write_card(folder, repo_id=getattr(self, "hub_model_id", None))
