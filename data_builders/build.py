@@ -512,8 +512,8 @@ def build_dataset(
             staged = _stage(built, fingerprints, info, rejected, scratch / "dataset")
             del built  # release the memory maps of the Arrow files before moving them
             _move_into_place(staged, output_dir)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        finally:  # a signal while the scratch's Arrow files are deleted does not leave the rest of them
+            _files.remove_tree(scratch)
 
     counts = ", ".join(f"{split} {n}" for split, n in info["source"]["tiles"].items())
     summary = f"built {output_dir}: {counts} tiles; rejected {len(rejected)}"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._files import staged_folder
+from ._files import remove_tree, staged_folder
 from .hub import download_model_folder, is_hub_repo_id, local_revision_problem
 from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
 from .modeling_stage2 import Stage2RefinerModel, backbone_weights_commit
@@ -161,12 +161,15 @@ def _base_model(build, quantization: str, device_map) -> Stage2RefinerModel:
     model = build()
     if quantization == "none":
         return model
-    with tempfile.TemporaryDirectory(prefix="stage2-base-") as folder:
+    folder = tempfile.mkdtemp(prefix="stage2-base-")
+    try:
         model.save_pretrained(folder)
         config = model.config
         del model
         _release_freed_memory()
         quantized = _from_pretrained(folder, quantization, device_map, config=config)
+    finally:  # not TemporaryDirectory: a signal while it deletes the 2.5 GB copy would leave the rest behind
+        remove_tree(folder)
     _own_unquantized_tensors(quantized)
     _release_freed_memory()
     return quantized

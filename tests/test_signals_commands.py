@@ -93,3 +93,69 @@ def test_a_signal_between_the_scene_and_weight_map_renames_keeps_them_a_pair(tmp
     assert calls[0] == weight  # the case of this test: the weight map went first
     assert refined.read_bytes() != b"an earlier run's output" and weight.read_bytes() != b"an earlier run's output"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.tif", "refined.tif", "scene.tif"]
+
+
+def _stop_at_the_first_deletion_after(monkeypatch, module, name: str) -> list:
+    """`module.name` runs, then the first file deletion is stopped by a signal (its handler raising SystemExit once
+    the deletion returns); returns the files deleted after `name`."""
+    real, real_unlink, armed, deleted = getattr(module, name), os.unlink, [], []
+
+    def arm(*args, **kwargs):
+        result = real(*args, **kwargs)
+        armed.append(True)
+        return result
+
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if armed:
+            deleted.append(path)
+            if len(deleted) == 1:
+                raise SystemExit(STOPPED)
+
+    monkeypatch.setattr(module, name, arm)
+    monkeypatch.setattr(os, "unlink", unlink)
+    return deleted
+
+
+def test_a_signal_while_the_quantized_bases_copy_is_deleted_still_deletes_it(tmp_path, monkeypatch):
+    """A quantized base is loaded from a full-precision copy in a temporary folder (2.5 GB for the 600M); a signal
+    while TemporaryDirectory deleted it left the rest there, for good."""
+    from modeling_stage2 import adapters
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    class Saved:
+        config = None
+
+        def save_pretrained(self, folder):
+            for name in ("config.json", "model.safetensors", "generation_config.json"):
+                with open(os.path.join(folder, name), "w") as handle:
+                    handle.write("{}")
+
+    monkeypatch.setattr(adapters, "_from_pretrained", lambda *args, **kwargs: None)  # the quantized load
+    deleted = _stop_at_the_first_deletion_after(monkeypatch, adapters, "_from_pretrained")
+    with pytest.raises(SystemExit) as stopped:
+        adapters._base_model(Saved, "8bit", None)
+    assert stopped.value.code == STOPPED and len(deleted) >= 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_while_a_failed_builds_scratch_is_deleted_still_deletes_it(tmp_path, monkeypatch):
+    """A build that fails once its Arrow files are written (a full disk while staging them) deletes its scratch folder
+    beside the output (gigabytes: seconds); a Ctrl-C part-way left the rest there until the next build into the same
+    folder."""
+    import errno
+
+    import data_builders.build as build
+
+    tiles = make_tile_dir(tmp_path / "tiles", per_split=2)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(build, "_stage", full_disk)
+    deleted = _stop_at_the_first_deletion_after(monkeypatch, build, "_generate_kept")
+    with pytest.raises(SystemExit) as stopped:
+        build.build_dataset(tiles, tmp_path / "ds")
+    assert stopped.value.code == STOPPED and len(deleted) >= 2  # the first deletion stopped, the rest done after it
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiles"]
