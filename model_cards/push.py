@@ -34,7 +34,7 @@ from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
 from training.trainer import (BEST_DIR_NAME, CHECKPOINT_COMPLETE_NAME, DISC_OPTIMIZER_META, DISC_OPTIMIZER_TENSORS,
                               PREFIX_CHECKPOINT_DIR, TRAINER_EXTRA_STATE, checkpoint_problem)
 
-from .cards import CardError, build_dataset_card, card_for_folder, should_regenerate_card
+from .cards import CardError, build_dataset_card, card_for_folder, read_json, should_regenerate_card
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +131,9 @@ def remote_code(config_path: Path) -> tuple[dict[str, bytes], bytes]:
 
     import modeling_stage2  # noqa: F401  (registers both model types with the Auto classes)
 
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CardError(f"{config_path}: cannot read the model config ({error}); fix or delete the file") from None
-    if not isinstance(config, dict):
-        raise CardError(f"{config_path}: the model config must be a JSON object, got {type(config).__name__}")
+    config = read_json(config_path, "model config")
+    if config is None:
+        raise CardError(f"{config_path}: missing; the folder needs the model config to include its code")
     try:
         config_class = type(AutoConfig.for_model(config.get("model_type")))
         model_class = MODEL_MAPPING[config_class]

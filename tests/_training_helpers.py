@@ -218,3 +218,35 @@ if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "resume-scenario":
         raise SystemExit("usage: python tests/_training_helpers.py resume-scenario DATA_DIR OUT_DIR")
     resume_scenario(Path(sys.argv[2]), Path(sys.argv[3]))
+
+
+def tile_rows(n: int, seed: int, valid: bool = True):
+    """`n` random in-memory tiles (a `datasets.Dataset` with the columns of a batch): `opt_v1` a 1.05 gain of the
+    target plus noise; `valid`: whether their pixels are valid."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    target = rng.uniform(0.02, 0.4, (n, 4, 120, 120)).astype(np.float32)
+    opt_v1 = (target * 1.05 + rng.normal(0, 0.01, target.shape)).astype(np.float32)
+    return datasets.Dataset.from_dict({"target": target, "opt_v1": opt_v1, "month": [1 + i % 12 for i in range(n)],
+                                       "biome": [i % 5 for i in range(n)],
+                                       "valid_mask": np.full((n, 120, 120), valid)})
+
+
+def tiny_trainer(folder: Path, n_train: int = 4, n_eval: int = 3, eval_valid: bool = True, callbacks=None,
+                 **settings):
+    """A `Stage2Trainer` of the tiny training settings (`settings` override them) on `tile_rows`, writing into
+    `folder/out`."""
+    from data_builders import make_eval_transform
+    from training.data import TileDataset
+    from training.train import build_model, parse_args
+    from training.trainer import Stage2Trainer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(folder / "c.yaml", **{"spectral_correction_init": "identity", **settings})
+    args = parse_args(["--config", str(config), "--output_dir", str(folder / "out")])[0]
+    evaluation = TileDataset(tile_rows(n_eval, 1, eval_valid), make_eval_transform()) if n_eval else None
+    return Stage2Trainer(model=build_model(args, print_summary=False), args=args, callbacks=callbacks,
+                         train_dataset=TileDataset(tile_rows(n_train, 0), make_eval_transform()),
+                         eval_dataset=evaluation)

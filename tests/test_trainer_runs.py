@@ -8,42 +8,16 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from _data_helpers import folder_digest
-from _training_helpers import StopAtStep, records, write_config
+from _training_helpers import StopAtStep, records, tiny_trainer as _trainer, write_config
 from transformers import TrainerCallback
 
 from model_cards.cards import GENERATED_MARKER
-from training.train import build_model, parse_args
 from training.trainer import is_complete_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _tiles(n: int, seed: int):
-    import datasets
-
-    rng = np.random.default_rng(seed)
-    target = rng.uniform(0.02, 0.4, (n, 4, 120, 120)).astype(np.float32)
-    opt_v1 = (target * 1.05 + rng.normal(0, 0.01, target.shape)).astype(np.float32)
-    return datasets.Dataset.from_dict({"target": target, "opt_v1": opt_v1, "month": [1 + i % 12 for i in range(n)],
-                                       "biome": [i % 5 for i in range(n)],
-                                       "valid_mask": np.ones((n, 120, 120), bool)})
-
-
-def _trainer(folder: Path, n_train: int = 4, n_eval: int = 3, callbacks=None, **settings):
-    from data_builders import make_eval_transform
-    from training.data import TileDataset
-    from training.trainer import Stage2Trainer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(folder / "c.yaml", **{"spectral_correction_init": "identity", **settings})
-    args = parse_args(["--config", str(config), "--output_dir", str(folder / "out")])[0]
-    evaluation = TileDataset(_tiles(n_eval, 1), make_eval_transform()) if n_eval else None
-    return Stage2Trainer(model=build_model(args, print_summary=False), args=args, callbacks=callbacks,
-                         train_dataset=TileDataset(_tiles(n_train, 0), make_eval_transform()), eval_dataset=evaluation)
 
 
 def test_evaluate_outside_training_only_measures(tmp_path):
