@@ -58,3 +58,17 @@ def wake_up(model, seed: int = 1) -> None:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
         elif name.endswith("fusion.weight") or ".fusion.modules_to_save.default.weight" in name:
             parameter[:, bands:] = torch.randn(parameter[:, bands:].shape, generator=generator) * 0.05
+
+
+def assert_refused_before_any_base(folder, monkeypatch, error, message: str) -> None:
+    """`load_trained_model(folder)` raises `error` matching `message`, on one line, before any base is built."""
+    from modeling_stage2 import adapters, load_trained_model
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("a base was built")
+
+    monkeypatch.setattr(adapters, "_rebuild_base", no_base)
+    with pytest.raises(error, match=message) as raised:
+        load_trained_model(folder)
+    assert "\n" not in str(raised.value)
+

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _refiner_helpers import single_thread  # noqa: F401  (fixture)
-from _refiner_helpers import tiny_backbone_config, tiny_inputs, tiny_refiner_config, wake_up
+from _refiner_helpers import (assert_refused_before_any_base, tiny_backbone_config, tiny_inputs, tiny_refiner_config,
+                              wake_up)
 from modeling_stage2 import PrithviEncoder
 from modeling_stage2 import adapters
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model
@@ -87,14 +88,7 @@ def test_an_adapter_folder_whose_config_does_not_fit_is_named_before_any_base_is
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
     damage(damaged)
-
-    def no_base(*args, **kwargs):
-        raise AssertionError("a base was built")
-
-    monkeypatch.setattr(adapters, "_rebuild_base", no_base)
-    with pytest.raises(error, match=message) as raised:
-        load_trained_model(damaged)
-    assert "\n" not in str(raised.value)
+    assert_refused_before_any_base(damaged, monkeypatch, error, message)
     assert adapters.check_model_folder(folder) == "adapter"  # the folder as saved passes
     with pytest.raises(error, match=message):
         adapters.check_model_folder(damaged)
