@@ -88,6 +88,26 @@ def test_reflectance_below_the_tolerance_names_file_band_and_minimum(tmp_path, d
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("value,kept", [(2.5, True), (10.0, True), (10.5, False)])
+def test_float_bands_are_reflectance_up_to_the_limit(tmp_path, value, kept):
+    """Cloud and snow reach 1.5-2 (and glint more): float bands are reflectance up to 10, digital numbers above."""
+    path = write_tile(tmp_path, "bright", _dark_tile(np.float32, value))
+    if kept:
+        assert read_tile(path).target[2, 7, 7] == np.float32(value)
+    else:
+        with pytest.raises(TileError, match="float band values reach 10.5: these look like digital numbers"):
+            read_tile(path)
+
+
+def test_the_digital_numbers_of_a_dark_tile_stored_as_floats_are_refused(tmp_path):
+    """Water and shadow: digital numbers below 1000 (reflectance 0.1), stored as floats, are not reflectance."""
+    arrays = tile_arrays(s1=False)
+    for key in BAND_KEYS:
+        arrays[key] = (arrays[key] // 5).astype(np.float32)  # 20..799
+    with pytest.raises(TileError, match=r"float band values reach 79\d: these look like digital numbers"):
+        read_tile(write_tile(tmp_path, "water", arrays))
+
+
 def test_unknown_month_and_biome_are_accepted(tmp_path):
     tile = read_tile(write_tile(tmp_path, "t", month=UNKNOWN_METADATA, biome=UNKNOWN_METADATA))
     assert (tile.month, tile.biome) == (-1, -1)

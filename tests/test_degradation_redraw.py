@@ -122,6 +122,30 @@ def test_training_rows_read_the_epoch_s_draw_before_the_flips(sample_split, redr
     assert not np.array_equal(out["opt_v1"].numpy(), _dihedral(row["opt_v1"])[turn])
 
 
+def test_training_rows_are_redrawn_with_their_own_valid_mask():
+    """The degradation zeroes a tile's invalid pixels: each row's draw is asked with that row's valid_mask."""
+    from data_builders import make_eval_transform
+    from training.data import TileDataset
+
+    target = np.random.default_rng(0).uniform(0.02, 0.4, (2, 4, 8, 8)).astype(np.float32)
+    masks = np.ones((2, 8, 8), bool)
+    masks[1, :3] = False
+    table = datasets.Dataset.from_dict({"target": target, "opt_v1": 2 * target, "tile_id": ["a", "b"],
+                                        "valid_mask": masks})
+    asked = {}
+
+    def masked(target, tile_id, valid_mask, draw):
+        asked[tile_id] = None if valid_mask is None else np.array(valid_mask)
+        return np.where(valid_mask, target, 0).astype(np.float32) if valid_mask is not None else target
+
+    dataset = TileDataset(table, make_eval_transform(), redraw=masked)
+    dataset.set_epoch(1)
+    rows = dataset.__getitems__([0, 1])
+    assert asked["a"] is not None and asked["a"].all() and np.array_equal(asked["b"], masks[1])
+    np.testing.assert_array_equal(rows[1]["opt_v1"].numpy(), np.where(masks[1], target[1], 0))
+    np.testing.assert_array_equal(rows[0]["opt_v1"].numpy(), target[0])
+
+
 def test_redrawing_needs_the_tile_ids(sample_split, redraw):
     from data_builders import make_eval_transform
     from training.data import TileDataset

@@ -259,6 +259,11 @@ def test_keeping_only_ndvi_splits_evenly_where_opt_v1_is_black_and_saves_and_tra
     torch.testing.assert_close(kept[0, :, 0, 0], torch.tensor([0.1, 0.2, 0.02, 0.02]))  # black: an even split
     torch.testing.assert_close(kept[0, :, 0, 1], torch.tensor([0.1, 0.2, 0.032, 0.008]))  # opt_v1's 4:1
     torch.testing.assert_close(kept[0, :, 0, 2], torch.tensor([0.1, 0.2, 0.0305, 0.0095]))  # a quarter of the way
+    # L2A reflectance dips below 0 over water: a negative red is no share below 0 (NIR takes the sum), and a sum
+    # at or below 0 has no split (an even one).
+    negative = torch.tensor([[0.0, 0.0, -0.002, 0.010], [0.0, 0.0, -0.003, 0.001]]).T.reshape(1, 4, 1, 2)
+    kept = keep_opt_v1_ndvi(output[..., :2], negative, torch.ones(1, 1, 1, 2), (RED, NIR))
+    torch.testing.assert_close(kept[0, RED:, 0], torch.tensor([[0.0, 0.02], [0.04, 0.02]]), atol=1e-9, rtol=0)
     with pytest.raises(ValueError, match=r"near_black_keep must be one of \('pixel', 'ndvi'\)"):
         tiny_refiner_config(near_black_fallback=True, near_black_keep="bands")
     assert tiny_refiner_config().near_black_keep == "pixel"

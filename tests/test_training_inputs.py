@@ -110,3 +110,34 @@ def test_a_brightness_range_must_be_finite():
         factor = float(row["target"][0, 0, 0]) / 0.1
         assert 0.5 <= factor <= 2.0
         torch.testing.assert_close(row["opt_v1"], row["target"])
+
+
+def test_the_brightness_factor_is_log_uniform_one_per_row_and_epoch():
+    """One factor per row, drawn log-uniformly: log(factor) is uniform on [log 0.5, log 2], so as many rows darken
+    as brighten (a uniform draw on [0.5, 2] would brighten two in three, log mean +0.155)."""
+    import datasets
+    from data_builders import make_eval_transform
+
+    from training.data import TileDataset
+
+    count = 400
+    tiles = np.full((count, 4, 2, 2), 0.1, np.float32)
+    table = datasets.Dataset.from_dict({"target": tiles, "opt_v1": 2 * tiles, "month": [1] * count,
+                                        "biome": [0] * count})
+    dataset = TileDataset(table, make_eval_transform(), brightness_range=(0.5, 2.0))
+
+    def log_factors():
+        rows = dataset.__getitems__(range(count))
+        for row in rows:  # one factor for the whole row: every pixel and band of target and opt_v1
+            torch.testing.assert_close(row["opt_v1"], 2 * row["target"], atol=0, rtol=0)
+            assert float(row["target"].max() - row["target"].min()) == 0
+        return np.log(np.array([float(row["target"][0, 0, 0]) for row in rows], np.float64) / 0.1)
+
+    first = log_factors()
+    assert np.all(np.abs(first) <= np.log(2.0) + 1e-6) and len(np.unique(first)) == count
+    assert abs(float(first.mean())) < 0.05  # the standard error of the mean is 0.02
+    assert 0.45 < float((first < 0).mean()) < 0.55
+    assert float(first.min()) < np.log(0.55) and float(first.max()) > np.log(1.8)  # spans the range
+    np.testing.assert_array_equal(log_factors(), first)  # reproducible
+    dataset.set_epoch(1)
+    assert float(np.abs(log_factors() - first).min()) > 0  # each epoch draws anew
