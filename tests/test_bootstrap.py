@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,34 @@ def test_seeded_and_the_same_in_chunks(monkeypatch):
     for name in GAIN_METRICS:
         cell = whole["opt_v1"][name]
         assert cell["low"] <= cell["ratio"] <= cell["high"] and cell["low"] < cell["high"]
+
+
+def test_the_interval_is_the_central_confidence_interval_of_an_independent_resampling():
+    """Recomputed in numpy from the same draws (one torch.randint of (resamples, tiles) from a generator seeded with
+    `seed`): the pooled metrics of each resample, their ratios, the central 80 % (10 % in each tail) and the share
+    below 1. Seven tiles of random errors spread the resampled ratios, so a tail of 20 % would move low and high."""
+    generator = torch.Generator().manual_seed(1)
+    baseline = statistics(*(torch.rand(3, 7, generator=generator, dtype=torch.float64) * 0.2 + 0.01).tolist())
+    refined = statistics(*(torch.rand(3, 7, generator=generator, dtype=torch.float64) * 0.2 + 0.01).tolist())
+    result = bootstrap_ratios(refined, {"opt_v1": baseline}, resamples=301, confidence=0.8, seed=5)
+    indices = torch.randint(0, 7, (301, 7), generator=torch.Generator().manual_seed(5)).numpy()
+
+    def pooled(stats, rows):
+        total = {name: stats[name].numpy()[rows].sum(axis=-1) for name in TILE_STATISTICS}
+        return {"ndvi_rmse": np.sqrt(total["ndvi_sq_err_sum"] / total["valid_pixels"]),
+                "evi_rmse": np.sqrt(total["evi_sq_err_sum"] / total["valid_pixels"]),
+                "sam": total["sam_sum"] / total["valid_pixels"]}
+
+    resampled = pooled(refined, indices), pooled(baseline, indices)
+    whole = pooled(refined, np.arange(7)), pooled(baseline, np.arange(7))
+    for name in GAIN_METRICS:
+        ratios = resampled[0][name] / resampled[1][name]
+        cell = result["opt_v1"][name]
+        assert cell["ratio"] == pytest.approx(whole[0][name] / whole[1][name], rel=1e-12)
+        assert cell["low"] == pytest.approx(np.quantile(ratios, 0.1), rel=1e-12)
+        assert cell["high"] == pytest.approx(np.quantile(ratios, 0.9), rel=1e-12)
+        assert cell["share_below_1"] == pytest.approx((ratios < 1).mean(), abs=1e-12)
+        assert np.quantile(ratios, 0.2) - np.quantile(ratios, 0.1) > 1e-3  # what a wrong tail would move
 
 
 def test_more_resamples_than_torch_quantile_takes(monkeypatch):

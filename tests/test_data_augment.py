@@ -43,6 +43,31 @@ def test_the_eight_ops_are_the_square_symmetries():
     assert torch.equal(dihedral(x, 4), x.flip(-1))
 
 
+# Op k of a 3 x 3 image 0..8: rot90 by k % 4 (counter-clockwise, as torch.rot90 / np.rot90 turn), then a left-right
+# flip when k >= 4. The recorded quality studies depend on which symmetry an op is, bit for bit.
+EXPECTED_OPS = [
+    [[0, 1, 2], [3, 4, 5], [6, 7, 8]], [[2, 5, 8], [1, 4, 7], [0, 3, 6]],
+    [[8, 7, 6], [5, 4, 3], [2, 1, 0]], [[6, 3, 0], [7, 4, 1], [8, 5, 2]],
+    [[2, 1, 0], [5, 4, 3], [8, 7, 6]], [[8, 5, 2], [7, 4, 1], [6, 3, 0]],
+    [[6, 7, 8], [3, 4, 5], [0, 1, 2]], [[0, 3, 6], [1, 4, 7], [2, 5, 8]],
+]
+
+
+def test_each_op_is_the_same_documented_symmetry_in_the_torch_and_numpy_paths():
+    x = torch.arange(9).reshape(3, 3)
+    assert [dihedral(x, op).tolist() for op in range(NUM_DIHEDRAL_OPS)] == EXPECTED_OPS
+    batch = x.expand(NUM_DIHEDRAL_OPS, 2, 3, 3)
+    for samples in (batch, batch.numpy(), list(batch.numpy())):  # what the transform hands apply_dihedral
+        out = apply_dihedral(samples, torch.arange(NUM_DIHEDRAL_OPS))
+        assert [sample[1].tolist() for sample in out] == EXPECTED_OPS
+    # one torch.randint(0, 8, (batch,)) per batch from torch's global RNG: the ops of seed 0, pinned
+    torch.manual_seed(0)
+    out = make_train_transform()({"target": x.float().expand(12, 1, 3, 3), "valid_mask": (x > 3).expand(12, 3, 3)})
+    ops = [EXPECTED_OPS.index(sample[0].long().tolist()) for sample in out["target"]]
+    assert ops == [4, 7, 5, 0, 3, 3, 3, 7, 1, 3, 5, 2]
+    assert [mask.tolist() for mask in out["valid_mask"]] == [(dihedral(x, op) > 3).tolist() for op in ops]
+
+
 def test_train_transform_moves_every_column_together(holes_dataset):
     stored = datasets.load_from_disk(str(holes_dataset))["train"]
     before = folder_digest(holes_dataset)

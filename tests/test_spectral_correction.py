@@ -221,6 +221,65 @@ def test_the_per_tile_correction_depends_on_month_biome_and_content():
     assert float((fit.solve().apply(opt_v1[:1]) - by_content[:1]).abs().max()) > 1e-3
 
 
+@torch.no_grad()
+def _reference_correction(branch, opt_v1, bands, features, metadata_features) -> torch.Tensor:
+    """The documented per-tile correction in float64, from the branch's weights: (M + dM) opt_v1 + (b + db), dM and db
+    from the MLP of [LN(mean features), LN(metadata), per-band mean, per-band std (population) of the normalised
+    bands]."""
+    def linear(layer, x):
+        return x @ layer.weight.double().T + layer.bias.double()
+
+    def layer_norm(norm, x):
+        centred = x - x.mean(-1, keepdim=True)
+        scaled = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return scaled * norm.weight.double() + norm.bias.double()
+
+    normalised = bands.double().flatten(2)
+    mean = normalised.mean(-1)
+    spread = (normalised - mean[..., None]).pow(2).mean(-1).sqrt()
+    context = torch.cat([layer_norm(branch.feature_norm, features.double().mean(dim=(1, 2))),
+                         layer_norm(branch.metadata_norm, metadata_features.double()), mean, spread], dim=-1)
+    correction = linear(branch.tile_correction, torch.nn.functional.gelu(linear(branch.context[0], context)))
+    count = opt_v1.shape[1]
+    matrix = branch.matrix.double() + correction[:, : count * count].reshape(-1, count, count)  # row i: output band i
+    bias = branch.bias.double() + correction[:, count * count :]
+    return (matrix[:, :, :, None] * opt_v1.double().flatten(2)[:, None]).sum(2).reshape(opt_v1.shape) \
+        + bias[:, :, None, None]
+
+
+def test_the_per_tile_correction_is_the_documented_affine_map_of_its_context():
+    """(M + dM) x + (b + db) computed independently in float64 from the branch's inputs and weights: a transposed dM,
+    context parts in another order or a sample standard deviation change the corrected bands by far more than 1e-5."""
+    model = affine_model().eval()
+    branch = model.spectral_correction
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        weight = branch.tile_correction.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+        branch.tile_correction.bias.copy_(torch.randn(20, generator=generator) * 0.01)
+        branch.matrix.copy_(torch.linalg.inv(MIX))
+        branch.bias.copy_(-(torch.linalg.inv(MIX) @ OFFSET))
+    captured = []
+    hook = branch.register_forward_hook(lambda module, args, output: captured.append((args, output)))
+    opt_v1, month, biome = tiny_inputs(batch=3, size=(28, 28))
+    with torch.no_grad():
+        corrected = model(opt_v1, month, biome).corrected
+    hook.remove()
+    [(args, output)] = captured
+    assert torch.equal(args[0], opt_v1) and torch.equal(output, corrected)
+    expected = _reference_correction(branch, *args)
+    torch.testing.assert_close(corrected.double(), expected, rtol=0, atol=1e-5)
+    # dM and db are of the size the test needs to see: tile by tile they move the bands by far more than the tolerance
+    shared = torch.einsum("ij,bjhw->bihw", branch.matrix.double(), opt_v1.double())
+    shared = shared + branch.bias.double()[:, None, None]
+    assert float((expected - shared).abs().amax(dim=(1, 2, 3)).min()) > 0.01
+    # "shared": every tile gets (M, b), row i of M giving output band i
+    shared_model = Stage2RefinerModel(tiny_refiner_config(spectral_correction="shared")).eval()
+    shared_model.spectral_correction.set_shared_correction(branch.matrix.detach(), branch.bias.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(shared_model(opt_v1, month, biome).corrected.double(), shared, rtol=0, atol=1e-6)
+
+
 def test_known_answer_fixed_mix_reaches_the_least_squares_fit():
     """opt_v1 = fixed band mix + gain + offset of the target plus noise: trained from the identity for a bounded
     number of steps, the refiner's error on held-out tiles is within 10 % of the least-squares fit's."""
