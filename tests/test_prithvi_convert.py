@@ -121,6 +121,21 @@ def test_tl_checkpoint_keeps_its_learned_scales(tmp_path):
     assert not hasattr(plain, "temporal_embed_enc")
 
 
+def test_bfloat16_checkpoint_with_another_mlp_ratio_loads_as_float32(tmp_path):
+    """The MLP width is read from `fc1`'s shape (no preset has 2.0) and every weight comes out float32."""
+    original = PrithviEncoder(PrithviConfig.from_preset("prithvi_eo_v2_tiny", depth=1, mlp_ratio=2.0)).eval()
+    state = {key: value if key.endswith("pos_embed") else value.to(torch.bfloat16)
+             for key, value in official_layout_state_dict(original).items()}
+    torch.save(state, tmp_path / "bf16.pt")
+    model = convert_official_checkpoint(tmp_path / "bf16.pt", num_heads=4)
+    assert model.config.mlp_ratio == 2.0 and model.blocks[0].mlp.fc1.out_features == 128
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32, key
+        assert torch.equal(value, state[f"encoder.{key}"].float()), key
+    with torch.no_grad():
+        assert model(torch.randn(1, 6, 56, 56)).last_hidden_state.dtype == torch.float32
+
+
 def test_other_frame_count_recomputes_the_fixed_table(fixture_checkpoint):
     one = load_official_encoder(fixture_checkpoint, num_heads=4)
     four = load_official_encoder(fixture_checkpoint, num_heads=4, num_frames=4)

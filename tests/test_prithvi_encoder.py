@@ -287,6 +287,28 @@ def test_temporal_and_location_encodings_follow_the_official_formula():
     np.testing.assert_allclose(location[0, 0].numpy(), expected_l, atol=1e-5)
 
 
+def test_each_frame_gets_its_own_date_encoding():
+    """Tokens are ordered (t, h, w): frame f's tokens (a run of h*w) all carry frame f's date, as the official
+    repeat_interleave gives; read at the first block's input, with and without dates."""
+    model = tiny(depth=1, num_frames=3, coords_encoding=["time"], coords_scale_learn=False)
+    x = torch.randn(2, 6, 3, 28, 42)  # grid (3, 2, 3): 6 tokens per frame
+    dates = torch.tensor([[[2019.0, 10.0], [2019.0, 100.0], [2020.0, 300.0]],
+                          [[2021.0, 5.0], [2021.0, 180.0], [2022.0, 7.0]]])
+    block_inputs = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: block_inputs.append(args[0]))
+    with torch.no_grad():
+        model(x)
+        model(x, temporal_coords=dates)
+    added = (block_inputs[1] - block_inputs[0]).double().numpy()
+    assert added.shape == (2, 1 + 18, 64) and not added[:, 0].any()  # the CLS token gets no date
+    for sample in range(2):
+        for frame in range(3):
+            year, day = dates[sample, frame].tolist()
+            expected = np.concatenate([_official_sincos_1d(32, year), _official_sincos_1d(32, day)])
+            tokens = added[sample, 1 + 6 * frame : 1 + 6 * (frame + 1)]
+            np.testing.assert_allclose(tokens, np.broadcast_to(expected, tokens.shape), atol=3e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_coordinate_encodings_are_the_float32_ones_rounded(dtype):
     """The sin-cos of a year (angles ~2000 rad) is computed in float32, then rounded once to the model dtype: within

@@ -81,15 +81,20 @@ def test_pickled_and_legacy_weights_and_objects_are_refused(graph):
     config_name = _entry(graph, "data/weights/model_weights_config.json")
     root = config_name.split("data/")[0]
 
-    def pickled_weight(name, data):
-        if name != config_name:
-            return name, data
-        config = json.loads(data)
-        next(iter(config["config"].values()))["use_pickle"] = True
-        return name, json.dumps(config)
+    def weight_entry(**fields):
+        def change(name, data):
+            if name != config_name:
+                return name, data
+            config = json.loads(data)
+            next(iter(config["config"].values())).update(fields)
+            return name, json.dumps(config)
+        return change
 
-    with pytest.raises(ValueError, match=rf"entry '{config_name}' stores 'linear.weight' pickled"):
-        check_pt2_archive(_rewrite(graph, pickled_weight))
+    for use_pickle in (True, 1, None):  # only a literal false is safe: torch pickles on any truthy value
+        with pytest.raises(ValueError, match=rf"entry '{config_name}' stores 'linear.weight' pickled"):
+            check_pt2_archive(_rewrite(graph, weight_entry(use_pickle=use_pickle)))
+    with pytest.raises(ValueError, match=r"stores 'linear.weight' as an object to unpickle \('model.pt'\)"):
+        check_pt2_archive(_rewrite(graph, weight_entry(use_pickle=False, path_name="model.pt")))
     legacy = _rewrite(graph, lambda name, data: [(name, data)] + ([(f"{root}data/weights/model.pt", b"x")]
                                                                   if name == config_name else []))
     with pytest.raises(ValueError, match=r"model.pt' is neither raw tensor data nor a JSON config"):
