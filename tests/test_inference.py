@@ -359,6 +359,11 @@ def test_scene_smaller_than_a_window_is_padded(tmp_path):
     assert result.windows == 1 and result.accumulator_shape == (4, 50, 70)
     expected = pixelwise_expected(dn_to_reflectance(data), 1, 0)
     np.testing.assert_allclose(read_geotiff(tmp_path / "out.tif")[0], expected, rtol=1e-6)
+    # Mirrored, the padding continues the scene: a blur at its bottom and right edges is as on the scene alone
+    # (within 0.0032 here); zeros would darken the edge by 0.18, a mirror without the edge row by 0.0074.
+    refine_scene(BlurRefiner(), path, tmp_path / "blur.tif", 1, 0, progress=False)
+    single_pass = refine_arrays(BlurRefiner(), data, 1, 0)
+    assert np.abs(read_geotiff(tmp_path / "blur.tif")[0] - single_pass).max() < 5e-3
 
 
 def test_scene_float_reflectance_with_nan_and_no_declared_nodata(tmp_path):
@@ -381,6 +386,12 @@ def test_scene_digital_number_output(dn_scene, tmp_path):
     expected = np.rint(pixelwise_expected(dn_to_reflectance(data), 7, 4) / np.float32(1e-4))
     assert np.abs(refined[:, ~nodata].astype(np.int64) - expected[:, ~nodata]).max() <= 1
     assert (refined[:, nodata] == 0).all()
+    # Rounded, not truncated: each the nearest digital number to the same run's reflectance output, but within a
+    # float32 step of a tie (truncation would miss about half of them by 1).
+    refine_scene(PixelwiseRefiner(), path, tmp_path / "reflectance.tif", 7, 4, progress=False)
+    numbers = read_geotiff(tmp_path / "reflectance.tif")[0].astype(np.float64) / 1e-4
+    tie = np.abs(numbers - np.floor(numbers) - 0.5) < 1e-3
+    assert ((refined == np.rint(numbers)) | tie)[:, ~nodata].all()
 
 
 @pytest.fixture
@@ -679,6 +690,7 @@ def test_tiles_mirror_the_input_layout_with_identity_input_mode(few_tiles, tmp_p
         expected = pixelwise_expected(tile_reflectance(tile), int(tile["month"]), int(tile["biome_code"]))
         np.testing.assert_allclose(out["refined"], expected, rtol=1e-6, atol=1e-7)
         assert int(out["month"]) == int(tile["month"]) and str(out["input_mode"]) == "identity"
+        assert int(out["biome_code"]) == int(tile["biome_code"]) and out["band_names"].tolist() == list(BAND_NAMES)
         assert not any(key.startswith("metrics_") for key in out)
     assert sorted(p.name for p in output.rglob("*") if p.name.startswith(".")) == []
 
@@ -1513,6 +1525,12 @@ def test_refined_tiles_carry_the_weight_and_the_cli_reports_its_share(fallback_r
     model_dir = tmp_path / "fallback"
     fallback_refiner.save_pretrained(model_dir)
     output = tmp_path / "refined"
+    # The real tiles lie almost wholly outside the range (99.998 %): tiles of the spectra it was fitted on bring
+    # the share down to where a miscount of the kept pixels shows in the one decimal reported.
+    arrays = load_npz(next(few_tiles.rglob("*.npz")))
+    for seed in (5, 6, 7):
+        bands = dict(zip(BAND_KEYS, smooth_scene(120, 120, seed=seed)))
+        np.savez(few_tiles / "val" / f"smooth{seed}.npz", **{**arrays, **bands})
     assert main(["--model", str(model_dir), "--input", str(few_tiles), "--output_dir", str(output),
                  "--device", "cpu", "--no_progress"]) == 0
     kept = valid = 0
@@ -1523,7 +1541,7 @@ def test_refined_tiles_carry_the_weight_and_the_cli_reports_its_share(fallback_r
         np.testing.assert_allclose(weight, expected_weight(fallback_refiner, tile_reflectance(load_npz(path))),
                                    atol=1e-6)
         kept, valid = kept + int((weight > 0).sum()), valid + weight.size
-    assert 0 < kept < valid  # real tiles, a range fitted on a synthetic scene: some pixels in, some out
+    assert 0.2 < kept / valid < 0.9  # real tiles, a range fitted on a synthetic scene: some pixels in, some out
     assert (f"opt_v1 kept, in part or entirely (outside the training spectra, or near-black): "
             f"{100 * kept / valid:.1f} % of valid pixels") in capsys.readouterr().out
 

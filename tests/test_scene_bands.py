@@ -90,6 +90,19 @@ def test_four_files_named_by_common_name_and_globbed_in_sorted_order_are_read_by
     np.testing.assert_array_equal(read_geotiff(tmp_path / "refined.tif")[0], read_geotiff(tmp_path / "expected.tif")[0])
 
 
+def test_a_message_about_one_band_of_files_read_by_name_names_that_band_s_file(tmp_path):
+    """Four files globbed blue green nir red, all but red declaring a scale and offset: the refusal names red.tif as
+    B04's file, not nir.tif, the third file given."""
+    data = smooth_scene(60, 70, seed=7)
+    files = {name: write_geotiff(tmp_path / f"{name}.tif", data[i : i + 1], nodata=0,
+                                 **({} if name == "red" else {"scales": [1e-4], "offsets": [-0.1]}))
+             for i, name in enumerate(("blue", "green", "red", "nir"))}
+    with pytest.raises(InferenceInputError) as error:
+        refine_scene(PixelwiseRefiner(), sorted(files.values()), tmp_path / "out.tif", 7, 4, progress=False)
+    assert str(error.value).startswith(f"{files['red']}: band B04 declares no scale or offset while the other bands")
+    assert not (tmp_path / "out.tif").exists()
+
+
 def test_cli_reports_the_order_and_refuses_a_band_it_does_not_take_before_the_model(tmp_path, capsys, full_model_dir):
     data = smooth_scene(60, 70, seed=5)
     narrow = described(tmp_path / "narrow.tif", data, ["B02", "B03", "B04", "B8A, central wavelength 865 nm"])

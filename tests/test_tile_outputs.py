@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import write_tile
+from _data_helpers import tile_arrays, write_tile
 from data_builders.tiles import BAND_KEYS
 from inference_stage2 import InferenceInputError, refine_tiles
 
@@ -81,3 +81,40 @@ def test_half_written_tiles_of_a_killed_run_are_removed_by_the_next_run(tmp_path
     assert not any(os.path.lexists(path) for path in left)
     assert all(path.is_file() for path in kept) and linked.is_symlink() and (tiles / "val" / "v0.npz").is_file()
     assert sorted(p.name for p in (out / "train").iterdir()) == ["t0.npz"]
+
+
+def test_a_tile_s_invalid_pixels_stay_unrefined_and_count_in_no_metric(tmp_path):
+    """A float tile with NaN in one band over a block: those pixels come out NaN in every band (identity), and
+    the per-tile and pooled metrics of a Stage 1 run leave them out, as training's metrics with that mask do."""
+    from training.metrics import METRIC_NAMES, evaluate_pair, per_tile_metrics
+
+    tiles, stage1 = tmp_path / "tiles", tmp_path / "stage1"
+    arrays = tile_arrays(seed=3, s1=False)
+    target = np.stack([arrays[key] for key in BAND_KEYS]).astype(np.float32) * np.float32(1e-4)
+    invalid = np.zeros((120, 120), bool)
+    invalid[10:30, 40:70] = True
+    target[2, invalid] = np.nan  # one band: the pixel is invalid in all four
+    write_tile(tiles, "t", arrays={**arrays, **dict(zip(BAND_KEYS, target))})
+    identity = refine_tiles(GainRefiner(), tiles, tmp_path / "identity", progress=False)
+    assert identity.written == ["t.npz"]
+    with np.load(tmp_path / "identity" / "t.npz") as out:
+        refined = out["refined"]
+    assert np.isnan(refined[:, invalid]).all()
+    np.testing.assert_allclose(refined[:, ~invalid], 1.1 * target[:, ~invalid], rtol=1e-6)
+    stage1.mkdir()
+    opt_v1 = np.where(np.isnan(target), 0.3, target * 0.9).astype(np.float32)  # finite: only the target is invalid
+    np.savez(stage1 / "t.npz", opt_v1=opt_v1)
+    summary = refine_tiles(GainRefiner(), tiles, tmp_path / "out", stage1_dir=stage1, progress=False)
+    with np.load(tmp_path / "out" / "t.npz") as out:
+        stored = {name: float(out[f"metrics_refined_{name}"]) for name in METRIC_NAMES}
+        refined = out["refined"]
+    args = [torch.from_numpy(a)[None] for a in (refined, np.nan_to_num(target), opt_v1)]
+    valid = torch.from_numpy(~invalid)[None]
+    own = per_tile_metrics(*args, valid)
+    pooled = evaluate_pair(*args, valid)
+    for name in METRIC_NAMES:
+        assert stored[name] == pytest.approx(float(own[name][0]), rel=1e-6), name
+        assert summary.metrics["refined"][name] == pytest.approx(pooled["refined"][name], rel=1e-6), name
+    # The block counted (target 0 there) would move the PSNR by far more than the tolerance above.
+    counted = per_tile_metrics(*args, torch.ones_like(valid))
+    assert abs(float(counted["psnr"][0]) - stored["psnr"]) > 0.01 * abs(stored["psnr"])
