@@ -71,7 +71,7 @@ def test_half_written_tiles_of_a_killed_run_are_removed_by_the_next_run(tmp_path
             out / "train" / f".older.npz.partial-{gone.pid}-89abcdef.npz",  # a tile this run does not write
             out / f".metrics.json.partial-{gone.pid}-0a1b2c3d.json"]
     kept = [out / "val" / f".v0.npz.partial-{live}-0123abcd.npz", out / "val" / f"v0.npz.partial-{gone.pid}-01.npz",
-            out / "val" / f".notes.partial-x-01.txt"]
+            out / "val" / ".notes.partial-x-01.txt"]
     for path in (*left, *kept):
         path.write_bytes(b"half a tile")
     linked = out / "val" / f".link.npz.partial-{gone.pid}-01.npz"
