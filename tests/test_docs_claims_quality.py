@@ -73,7 +73,7 @@ def test_the_validation_split_figures_are_the_recorded_ones():
     record = (ROOT / "bench" / "results" / "quality.md").read_text()
     section = record.split("## mild: val split", 1)[1]
     bright = int(re.search(r"(\d+) % of valid pixels are not near-black", section).group(1))
-    assert f"(29 % of its valid pixels near-black)" in page and 100 - bright == 29
+    assert "(29 % of its valid pixels near-black)" in page and 100 - bright == 29
 
 
 @pytest.fixture(scope="module")

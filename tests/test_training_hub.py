@@ -88,6 +88,7 @@ def test_a_hub_out_of_reach_for_the_base_exits_1_in_one_line(tmp_path, sample_da
     argv = _train_argv(tmp_path, sample_dataset_dir, "someone/refiner")
     code, reported, line = _train_once(argv, tmp_path, monkeypatch, capsys)
     assert (code, reported) == (1, 1)
-    assert line.startswith("stage2-train: error: --model_name_or_path someone/refiner: downloading it from the Hub failed "
+    assert line.startswith("stage2-train: error: --model_name_or_path someone/refiner: downloading it from the Hub "
+                           "failed "
                            "("), line
     assert "ConnectError" in line and not (tmp_path / "out").exists()

@@ -42,7 +42,8 @@ def test_an_unknown_yaml_key_names_the_closest_setting(tmp_path, sample_tiles_di
     out = tmp_path / "out"
     line = _refused(["--config", str(config), "--data_dir", str(sample_tiles_dir), "--output_dir", str(out)], capsys,
                     out)
-    assert line.startswith(f"stage2-train: error: {config}: unknown key 'lerning_rate' (did you mean 'learning_rate'?). ")
+    assert line.startswith(f"stage2-train: error: {config}: unknown key 'lerning_rate' "
+                           "(did you mean 'learning_rate'?). ")
 
 
 @pytest.mark.parametrize("where", ["file", "flags", "full eval"])
@@ -114,8 +115,8 @@ def test_stage2_train_refuses_save_strategy_no_with_save_every_epochs(tmp_path, 
                             text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("stage2-train: error: --save_strategy: save_strategy has no effect while "
-                                                   "save_every_epochs is 1"), lines
+    assert len(lines) == 1 and lines[0].startswith("stage2-train: error: --save_strategy: save_strategy has no "
+                                                   "effect while save_every_epochs is 1"), lines
     assert result.stdout == "" and not out.exists()
 
 
@@ -149,7 +150,8 @@ def test_a_training_flag_before_the_separator_says_where_it_goes(tmp_path, sampl
     config, out = write_config(tmp_path / "x.yaml"), tmp_path / "out"
     line = _refused(["--config", str(config), "--", "--data_dir", str(sample_tiles_dir), "--output_dir", str(out)],
                     capsys, out)
-    assert line == "stage2-train: error: accelerate option: unrecognized arguments: --config (training flags go after `--`)"
+    assert line == ("stage2-train: error: accelerate option: unrecognized arguments: --config (training flags go after "
+                    "`--`)")
 
 
 # ----------------------------------------------------------------------------------------------- what the docs say

@@ -141,8 +141,8 @@ def test_the_trainer_process_requires_an_output_dir_too(tmp_path, tiny_config, t
         main(argv)
     assert train_module.cli(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines == ["stage2-train: error: --output_dir is required (or output_dir in the --config file): the folder the run "
-                     "writes its checkpoints, best/ and logs to."]
+    assert lines == ["stage2-train: error: --output_dir is required (or output_dir in the --config file): the folder "
+                     "the run writes its checkpoints, best/ and logs to."]
     assert not (tmp_path / "trainer_output").exists()
 
 
