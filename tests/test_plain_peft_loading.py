@@ -112,7 +112,7 @@ def test_auto_peft_model_puts_a_hub_adapter_on_the_base_commit_it_was_trained_on
     shutil.copytree(folder, old)
     (old / "adapter_config.json").write_text(json.dumps(adapter_config(folder) | {"revision": None}))
     assert torch.equal(refine(load_trained_model(old)), expected)
-    assert not torch.equal(refine(AutoPeftModel.from_pretrained(str(old), import_allowlist=ALLOW)), expected)
+    # (what peft does with it, the base repo's main as it is now, rests on peft's and the Hub cache's state: not checked)
     resaved = save_trained_model(load_trained_model(old), tmp_path / "resaved")
     assert adapter_config(resaved)["revision"] == base_commit
     assert torch.equal(refine(AutoPeftModel.from_pretrained(str(resaved), import_allowlist=ALLOW)), expected)
