@@ -12,11 +12,12 @@ Each patch becomes `TILES/<split>/<patch_id>.npz` with `s2_b2`, `s2_b3`, `s2_b4`
 120 x 120, kept as digital numbers), `s1_vv`, `s1_vh` (float32 dB), `month` (from the date in the
 patch name) and `biome_code` (from the CORINE labels, `BIOME_PRIORITY` below), and a
 `<patch_id>.json` sidecar (patch id, split, source, country, labels, cloud/snow flags, s1 name).
-A band missing, not 120 x 120, or of another dtype kind (Sentinel-2: integers; Sentinel-1: numbers)
-skips its patch: the tile reader would refuse its tile. Splits come from the metadata
+A band missing, not 120 x 120, of another dtype kind (Sentinel-2: integers; Sentinel-1: numbers) or
+holding NaN/Inf skips its patch: the tile reader would refuse its tile. Splits come from the metadata
 (`validation` -> `val`). Patches flagged with seasonal snow or cloud/shadow are skipped unless
-`--include_cloudy_snowy`, which also reads the snow/cloud parquet beside `--metadata`. Skipped
-patches are listed with the reason in `TILES/skipped.jsonl`.
+`--include_cloudy_snowy`, which also reads the snow/cloud parquet beside `--metadata` (without it,
+and with no patch flagged in `--metadata`, the flag would add nothing: an error). A patch listed twice
+must be listed the same way. Skipped patches are listed with the reason in `TILES/skipped.jsonl`.
 
 Patch ids become file names, so metadata whose `patch_id` is not a plain name (path separators,
 `..`, other characters than letters, digits, `_`, `.`, `-`) stops the ingest before anything is
@@ -39,7 +40,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ._leaves import model_leaf
-from .tiles import BAND_KEYS, BAND_NAMES, TILE_SIZE, UNKNOWN_METADATA
+from .tiles import BAND_KEYS, BAND_NAMES, TILE_SIZE, UNKNOWN_METADATA, non_finite_count
 
 _files = model_leaf("_files")  # atomic writes
 _signals = model_leaf("_signals")  # SIGTERM/SIGHUP exit cleanly
@@ -131,10 +132,11 @@ def resolve_lmdb_dir(path: str | Path) -> Path:
 
 
 def read_metadata(paths: Sequence[str | Path]) -> list[dict]:
-    """Rows of the metadata parquet files, each with a `cloudy_snowy` flag; duplicates dropped."""
+    """Rows of the metadata parquet files, each with a `cloudy_snowy` flag; identical duplicates dropped (the same
+    file given twice), rows of one patch that disagree refused (`_check_duplicate`)."""
     import pyarrow.parquet as pq
 
-    rows, seen = [], set()
+    rows, seen = [], {}
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -151,11 +153,23 @@ def read_metadata(paths: Sequence[str | Path]) -> list[dict]:
             check_patch_id(path, row["patch_id"])
             _check_row_fields(path, row)
             if row["patch_id"] in seen:
+                _check_duplicate(*seen[row["patch_id"]], path, row)
                 continue
-            seen.add(row["patch_id"])
+            seen[row["patch_id"]] = (path, dict(row))
             row["cloudy_snowy"] = bool(row.get("contains_seasonal_snow")) or bool(row.get("contains_cloud_or_shadow"))
             rows.append(row)
     return rows
+
+
+def _check_duplicate(first_path: Path, first_row: dict, path: Path, row: dict) -> None:
+    """A patch listed twice must be listed the same way (columns both files have): which split, labels or Sentinel-1
+    patch it has cannot be guessed."""
+    differing = [column for column in first_row if column in row and first_row[column] != row[column]]
+    if differing:
+        where = str(path) if path == first_path else f"{first_path} and {path}"
+        column = differing[0]
+        raise ValueError(f"--metadata {where}: patch {row['patch_id']!r} is listed twice with different {column!r} "
+                         f"({first_row[column]!r}, then {row[column]!r}); keep one row per patch_id")
 
 
 def _check_row_fields(metadata_path: Path, row: dict) -> None:
@@ -179,8 +193,8 @@ def check_patch_id(metadata_path: str | Path, patch_id) -> None:
 
 def _decode(blob: bytes, key: str, bands: Sequence[str], kinds: str) -> dict[str, np.ndarray]:
     """The `bands` of a safetensors blob, each (TILE_SIZE, TILE_SIZE) and of a dtype kind in `kinds` (numpy's
-    letters: "iu" integers, "f" floats): a band the tile reader would refuse (Sentinel-2 floats, booleans) is refused
-    here, with the patch skipped, rather than written as a tile that no build takes."""
+    letters: "iu" integers, "f" floats), float bands finite: a band the tile reader would refuse (Sentinel-2 floats,
+    booleans, NaN/Inf) is refused here, with the patch skipped, rather than written as a tile that no build takes."""
     from safetensors.numpy import load
 
     try:
@@ -197,6 +211,10 @@ def _decode(blob: bytes, key: str, bands: Sequence[str], kinds: str) -> dict[str
         if arrays[band].dtype.kind not in kinds:
             expected = {"iu": "integer digital numbers (uint16)", "iuf": "numbers (float32 dB)"}[kinds]
             raise ValueError(f"LMDB value of {key!r}: band {band} has dtype {arrays[band].dtype}, expected {expected}")
+        with np.errstate(over="ignore"):  # as float32, the dtype the tile stores: a float64 past its range is Inf
+            bad = non_finite_count(arrays[band].astype(np.float32)) if arrays[band].dtype.kind == "f" else 0
+        if bad:  # the tile reader would refuse them (the s1 column has no mask)
+            raise ValueError(f"LMDB value of {key!r}: band {band} has {bad} NaN/Inf values (as float32)")
         out[band] = arrays[band]
     return out
 
@@ -287,11 +305,15 @@ def ingest_bigearthnet(
     if max_patches is not None and max_patches < 1:
         raise ValueError(f"max_patches must be >= 1 (or None for all patches), got {max_patches}")
     metadata_paths = [Path(metadata)] if isinstance(metadata, (str, Path)) else [Path(p) for p in metadata]
-    if include_cloudy_snowy:
-        extra = metadata_paths[0].parent / CLOUD_SNOW_METADATA
-        if extra.is_file() and extra not in metadata_paths:
-            metadata_paths.append(extra)
+    extra = metadata_paths[0].parent / CLOUD_SNOW_METADATA
+    if include_cloudy_snowy and extra.is_file() and extra not in metadata_paths:
+        metadata_paths.append(extra)
     rows = sorted(read_metadata(metadata_paths), key=lambda row: row["patch_id"])
+    if include_cloudy_snowy and not extra.is_file() and not any(row["cloudy_snowy"] for row in rows):
+        # BigEarthNet's metadata.parquet lists no cloudy or snowy patch: without their file the flag would add none
+        raise FileNotFoundError(f"--include_cloudy_snowy: {extra} does not exist and --metadata flags no patch as "
+                                f"cloudy or snowy; put {CLOUD_SNOW_METADATA} beside {metadata_paths[0]} or pass it "
+                                "as another --metadata")
     lmdb_dir = resolve_lmdb_dir(lmdb_path)
     try:
         env = lmdb.open(str(lmdb_dir), readonly=True, lock=False, readahead=False, max_readers=8)

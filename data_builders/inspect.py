@@ -105,19 +105,40 @@ def histogram(values: np.ndarray, num_classes: int, first: int) -> tuple[list[in
     return counts.tolist(), int(len(values) - counts.sum())
 
 
-def _histogram_table(title: str, splits: dict, column: str, num_classes: int, first: int) -> list[str]:
+def _integer_column(path, split: str, dataset, column: str) -> np.ndarray:
+    """A month or biome column as int64. A value that is not an integer (text, a fraction, a missing value) is a
+    ValueError naming the split, the column and the row: counted as an integer, it would be cut or cast silently."""
+    values = dataset.data.column(column).to_numpy(zero_copy_only=False)  # an integer column with nulls: float, NaN
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64, copy=False)
+    if values.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(values) | (values != np.round(values))
+    else:  # text, booleans, nested values
+        bad = np.ones(len(values), dtype=bool)
+    if bad.any():
+        row = int(np.argmax(bad))
+        value = dataset.data.column(column)[row].as_py()
+        raise ValueError(f"{path}: split {split!r}, column {column!r}, row {row}: {value!r} is not an integer (month "
+                         f"and biome are integer codes, {UNKNOWN_METADATA} for unknown); pass a dataset written by "
+                         "stage2-build-dataset")
+    return values.astype(np.int64)
+
+
+def _histogram_table(path, title: str, splits: dict, column: str, num_classes: int, first: int) -> list[str]:
     labels = [str(first + i) for i in range(num_classes)] + ["other"]
     width = max(5, max(len(s) for s in splits) + 1)
     lines = [f"{title} histogram:", " " * width + "".join(f"{label:>6s}" for label in labels)]
     for split, dataset in splits.items():
-        values = np.asarray(dataset.data.column(column).to_numpy(), dtype=np.int64)
+        values = _integer_column(path, split, dataset, column)
         counts, other = histogram(values, num_classes, first)
         lines.append(f"{split:<{width}s}" + "".join(f"{c:>6d}" for c in counts + [other]))
     return lines
 
 
 def _computed_statistics(dataset, max_tiles: int = STATS_MAX_TILES) -> dict:
-    """Per-band mean/std/min/max over valid pixels of the first `max_tiles` tiles."""
+    """Per-band mean/std/min/max over valid pixels of the first `max_tiles` tiles; {} when there is none (as
+    `_BandStats.summary`): the min of no pixel is inf, and a mean of 0 no measurement."""
     count, total, total_sq = 0, np.zeros(len(BAND_NAMES)), np.zeros(len(BAND_NAMES))
     low, high = np.full(len(BAND_NAMES), np.inf), np.full(len(BAND_NAMES), -np.inf)
     numpy_view = dataset.with_format("numpy", columns=["target", "valid_mask"])
@@ -129,8 +150,10 @@ def _computed_statistics(dataset, max_tiles: int = STATS_MAX_TILES) -> dict:
         total_sq += (pixels**2).sum(axis=1)
         if pixels.shape[1]:
             low, high = np.minimum(low, pixels.min(axis=1)), np.maximum(high, pixels.max(axis=1))
-    mean = total / max(count, 1)
-    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0))
+    if count == 0:
+        return {}
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0))
     return {band: {"mean": mean[i], "std": std[i], "min": low[i], "max": high[i]} for i, band in enumerate(BAND_NAMES)}
 
 
@@ -168,19 +191,27 @@ def describe_dataset(path: str | Path) -> str:
         split = "train" if "train" in splits else next(iter(splits))
         stats_source = f"{split} split, first {min(len(splits[split]), STATS_MAX_TILES)} tiles"
         target_stats = _computed_statistics(splits[split])
-    lines += ["", f"Per-band statistics over valid pixels ({stats_source}; reflectance):",
-              f"  {'band':5s} {'target mean':>11s} {'std':>8s} {'min':>8s} {'max':>8s}"
-              + (f" | {'opt_v1 mean':>11s} {'std':>8s}" if opt_stats else "")]
+    if not target_stats:
+        lines += ["", f"Per-band statistics over valid pixels ({stats_source}): none, no valid pixel"]
+    else:
+        lines += _statistics_table(stats_source, target_stats, opt_stats)
+    lines += [""] + _histogram_table(path, "Month", splits, "month", NUM_MONTHS, 1)
+    lines += [""] + _histogram_table(path, "Biome", splits, "biome", NUM_BIOMES, 0)
+    lines.append(f"('other' counts values outside the range, i.e. unknown = {UNKNOWN_METADATA})")
+    return "\n".join(lines)
+
+
+def _statistics_table(stats_source: str, target_stats: dict, opt_stats: Optional[dict]) -> list[str]:
+    lines = ["", f"Per-band statistics over valid pixels ({stats_source}; reflectance):",
+             f"  {'band':5s} {'target mean':>11s} {'std':>8s} {'min':>8s} {'max':>8s}"
+             + (f" | {'opt_v1 mean':>11s} {'std':>8s}" if opt_stats else "")]
     for band in BAND_NAMES:
         t = target_stats[band]
         row = f"  {band:5s} {t['mean']:11.4f} {t['std']:8.4f} {t['min']:8.4f} {t['max']:8.4f}"
         if opt_stats:
             row += f" | {opt_stats[band]['mean']:11.4f} {opt_stats[band]['std']:8.4f}"
         lines.append(row)
-    lines += [""] + _histogram_table("Month", splits, "month", NUM_MONTHS, 1)
-    lines += [""] + _histogram_table("Biome", splits, "biome", NUM_BIOMES, 0)
-    lines.append(f"('other' counts values outside the range, i.e. unknown = {UNKNOWN_METADATA})")
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------- plot

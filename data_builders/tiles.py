@@ -487,8 +487,14 @@ def read_scalar(path: Path, arrays: dict, key: str, low: int, high: int) -> int:
     return int(value)
 
 
+def non_finite_count(values: np.ndarray) -> int:
+    """How many values are NaN or +-Inf."""
+    return int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+
+
 def read_s1(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> Optional[np.ndarray]:
-    """float32 (2, H, W) VV, VH, or None when the tile carries neither."""
+    """float32 (2, H, W) VV, VH, or None when the tile carries neither. Every value must be finite in float32: the
+    `s1` column has no mask of its own, so a NaN there would reach whoever reads it as a measurement."""
     present = [key for key in S1_KEYS if key in arrays]
     if not present:
         return None
@@ -498,7 +504,14 @@ def read_s1(path: Path, arrays: dict, tile_size: int = TILE_SIZE) -> Optional[np
     for key in S1_KEYS:
         _numeric_kind(path, key, arrays[key])
         _check_shape(path, key, arrays[key], (tile_size, tile_size))
-    return np.stack([arrays[key] for key in S1_KEYS]).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # a finite float64 past float32's range becomes Inf: counted below
+        s1 = np.stack([arrays[key] for key in S1_KEYS]).astype(np.float32, copy=False)
+    for key, band in zip(S1_KEYS, s1):
+        bad = non_finite_count(band)
+        if bad:
+            raise TileError(path, key, f"{bad} NaN/Inf values (as float32); Sentinel-1 backscatter must be finite dB: "
+                                       "fill its nodata pixels")
+    return s1
 
 
 def read_tile(path: str | Path, metadata: Optional[dict] = None, tile_size: int = TILE_SIZE) -> Tile:
@@ -550,7 +563,7 @@ def read_stage1(path: str | Path, tile_size: int = TILE_SIZE, arrays: dict | Non
     if kind == "int":
         return dn_to_reflectance(opt_v1)
     # checked before the cast to float32: a finite float64 past its range is no NaN/Inf but digital numbers
-    bad = int(np.size(opt_v1) - np.count_nonzero(np.isfinite(opt_v1)))
+    bad = non_finite_count(opt_v1)
     if bad:
         raise TileError(path, "opt_v1", f"{bad} NaN/Inf values; Stage 1 outputs must be finite")
     _refuse_float_digital_numbers(path, "opt_v1", opt_v1)  # the target's rule: training on them would learn nonsense
