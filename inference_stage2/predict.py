@@ -211,6 +211,10 @@ def refine_arrays(
         raise InferenceInputError(
             f"opt_v1: expected shape (4, H, W) or (B, 4, H, W) with bands {BAND_NAMES}, got {array.shape}"
         )
+    if 0 in batch.shape[2:]:  # the model would fail on it deep inside, or return nothing
+        raise InferenceInputError(
+            f"opt_v1: shape {array.shape} has an image side of 0 pixels; pass images of at least 1 x 1 pixel"
+        )
     reflectance = to_reflectance(batch, input_scale, "opt_v1", warn=False)
     if resolve_input_scale(batch.dtype, input_scale, "opt_v1") == "reflectance":
         warn_if_looks_like_dn(reflectance, "opt_v1")  # from here, so that the warning names the caller's line

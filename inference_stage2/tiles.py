@@ -26,7 +26,7 @@ from data_builders.tiles import (
 )
 from modeling_stage2._files import atomic_file, output_path_problem, remove_abandoned_partials_in, write_json
 from modeling_stage2.adapters import METRICS_FILE
-from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
+from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA, DigitalNumbersWarning
 from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_RANGE_WEIGHT, warn_deprecated
 
 from .predict import refine_arrays
@@ -279,22 +279,27 @@ def _tile_output(refined: np.ndarray, weight: np.ndarray | None, tile: _Tile, in
 
 def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
     """Every `*.npz` under `input_dir`, through linked folders too (a split folder may be a symlink, as the data
-    builders read it), each real folder once; never the output folder or the partial files."""
+    builders read it), each real folder once; never in hidden folders or files (`.ipynb_checkpoints/` holds copies of
+    the tiles; partial files are hidden). An output folder inside the input folder is refused: its tiles would mix
+    with the inputs (a split named as it would be skipped) and a later run would read them as inputs."""
     output = output_dir.resolve()
-    nested = input_dir.resolve() in output.parents  # the outputs go inside the input folder (not the reverse)
+    if input_dir.resolve() in output.parents:
+        raise InferenceInputError(f"output_dir {output_dir} lies inside the input folder {input_dir}; refusing (its "
+                                  "outputs would be read as tiles): choose an output folder outside it")
     seen: set[Path] = set()
     paths = []
     for folder, subfolders, files in os.walk(input_dir, followlinks=True):
         real = Path(folder).resolve()
-        if real == output or real in seen:  # earlier outputs, a folder reached twice (a link loop)
+        if real == output:  # reached through a link inside the input folder
+            raise InferenceInputError(f"output_dir {output_dir} is reached from the input folder {input_dir} as "
+                                      f"{folder}; refusing (its outputs would be read as tiles): choose an output "
+                                      "folder outside it")
+        if real in seen:  # a folder reached twice (a link loop)
             subfolders[:] = []
             continue
         seen.add(real)
-        for name in files:
-            path = Path(folder) / name
-            if name.endswith(".npz") and not name.startswith(".") and not (
-                    nested and output in path.resolve().parents):
-                paths.append(path)  # not: earlier outputs nested in the input, partial files
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        paths.extend(Path(folder) / name for name in files if name.endswith(".npz") and not name.startswith("."))
     return sorted(paths)
 
 
@@ -483,16 +488,20 @@ def refine_tiles(
                     bar.update(1)
             if not tiles:
                 continue
-            refined, weights = refine_arrays(
-                model,
-                np.stack([tile.opt_v1 for tile in tiles]),
-                [tile.month for tile in tiles],
-                [tile.biome for tile in tiles],
-                input_scale="reflectance",
-                batch_size=batch_size,
-                device=device,
-                return_out_of_range_weight=True,
-            )
+            with warnings.catch_warnings():
+                # Each file's values were checked where it was read, with its name (`_tile_bands`,
+                # `_stage1_opt_v1`); the stacked batch would be named `opt_v1`, the array.
+                warnings.simplefilter("ignore", DigitalNumbersWarning)
+                refined, weights = refine_arrays(
+                    model,
+                    np.stack([tile.opt_v1 for tile in tiles]),
+                    [tile.month for tile in tiles],
+                    [tile.biome for tile in tiles],
+                    input_scale="reflectance",
+                    batch_size=batch_size,
+                    device=device,
+                    return_out_of_range_weight=True,
+                )
             if weights is not None:
                 valid = np.isfinite(weights)
                 kept_pixels += int((weights[valid] > 0).sum())

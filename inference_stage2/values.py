@@ -120,16 +120,16 @@ def metadata_vector(values: Any, count: int, check: Callable[[Any, str], int], n
 
 
 def fill_invalid_pixels(reflectance: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Copy of `reflectance` (N, C, H, W) with pixels where `valid` (N, H, W) is False set to the
-    mean of that image's valid pixels per band (0 where none is valid).
+    """`reflectance` (N, C, H, W) as float32 with pixels where `valid` (N, H, W) is False set to the
+    mean of that image's valid pixels per band (0 where none is valid): a copy where any pixel is filled, the
+    array itself (no copy) where every pixel is valid.
 
     The model needs finite values everywhere; a neutral fill keeps nodata from dragging neighbours
     towards an extreme value, and the filled pixels are masked again after the model.
     """
+    if valid.all():  # nothing to fill: a copy would hold as much memory again as the images
+        return np.asarray(reflectance, dtype=np.float32)
     filled = np.array(reflectance, dtype=np.float32, copy=True)
-    invalid = ~valid
-    if not invalid.any():
-        return filled
     for image, mask in zip(filled, valid):
         if mask.all():
             continue

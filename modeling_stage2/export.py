@@ -52,6 +52,8 @@ EXPORT_FORMAT_VERSION = 1
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 18, 23
 INPUT_NAMES = ("opt_v1", "month", "biome")
+# The dynamic axes of each input, by name: the `Dim`s of the trace and the symbolic dimensions of the ONNX graph.
+DYNAMIC_AXES = {"opt_v1": {0: "batch", 2: "height", 3: "width"}, "month": {0: "batch"}, "biome": {0: "batch"}}
 # The graph's outputs, in this order; a refiner that never keeps `opt_v1` (`config.keeps_opt_v1`) has the first only
 # (`graph_output_names`). The names are those of `Stage2RefinerOutput`'s fields.
 OUTPUT_NAMES = ("refined", OUT_OF_RANGE_WEIGHT)
@@ -327,12 +329,12 @@ def side_limits(config: Stage2RefinerConfig) -> dict[str, list[int]]:
 def _dynamic_shapes(config: Stage2RefinerConfig, strict: bool = True) -> dict[str, dict[int, Any]]:
     if strict:  # named ranges: the export fails if any size would be fixed or restricted further
         limits = side_limits(config)
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        height = torch.export.Dim("height", min=limits["height"][0], max=MAX_SIDE)
-        width = torch.export.Dim("width", min=limits["width"][0], max=MAX_SIDE)
+        dims = {"batch": torch.export.Dim("batch", min=1, max=MAX_BATCH),
+                "height": torch.export.Dim("height", min=limits["height"][0], max=MAX_SIDE),
+                "width": torch.export.Dim("width", min=limits["width"][0], max=MAX_SIDE)}
     else:  # torch decides; guards it cannot prove for every size stay as run-time checks of the .pt2
-        batch = height = width = torch.export.Dim.DYNAMIC
-    return {"opt_v1": {0: batch, 2: height, 3: width}, "month": {0: batch}, "biome": {0: batch}}
+        dims = dict.fromkeys(("batch", "height", "width"), torch.export.Dim.DYNAMIC)
+    return {name: {axis: dims[dim] for axis, dim in axes.items()} for name, axes in DYNAMIC_AXES.items()}
 
 
 def trace(model: nn.Module) -> torch.export.ExportedProgram:
@@ -441,7 +443,21 @@ def _save_onnx(program: torch.export.ExportedProgram, path: Path, opset: int, ou
         optimize=True,
         verbose=False,
     )
+    onnx_program.rename_axes(_axis_names(onnx_program.model.graph.inputs))
     onnx_program.save(str(path))
+
+
+def _axis_names(graph_inputs) -> dict[str, str]:
+    """{torch's symbol of a dynamic axis (`s22`, ...): its name in `DYNAMIC_AXES`}, for the ONNX graph's inputs and
+    outputs (onnxruntime's `get_inputs()` and `get_outputs()` show the names)."""
+    shapes = {value.name: value.shape for value in graph_inputs}
+    names = {}
+    for input_name, axes in DYNAMIC_AXES.items():
+        for axis, name in axes.items():
+            symbol = getattr(shapes[input_name][axis], "value", None)  # None for a fixed size
+            if isinstance(symbol, str):
+                names[symbol] = name
+    return names
 
 
 def _check_against_eager(model: nn.Module, graph_file: Path, format: str) -> float:
