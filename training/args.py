@@ -74,6 +74,9 @@ _TRAINER_RANGES = (
     # epoch only when they start: persistent workers would keep the first epoch's draws, unlike a resumed run.
     ("dataloader_persistent_workers", lambda v, a: not v or a.dataloader_num_workers == 0,
      "false (the data are drawn per epoch in the workers, which persistent workers would never learn of)"),
+    # `Stage2Trainer` refuses it too, but only once the data are converted and the model built (a traceback)
+    ("remove_unused_columns", lambda v, a: not v,
+     "false (`target` and `valid_mask` are not forward arguments of the refiner: the Trainer would drop them)"),
     ("seed", lambda v, a: 0 <= v <= 2**32 - 1, f"in 0..{2**32 - 1} (numpy's seed range)"),
     ("data_seed", lambda v, a: v is None or 0 <= v <= 2**32 - 1, f"in 0..{2**32 - 1} (numpy's seed range) or unset"),
 )
@@ -601,6 +604,27 @@ class _Mismatch(Exception):
 
 _BOOL_WORDS = {"true": True, "yes": True, "y": True, "t": True, "1": True,
                "false": False, "no": False, "n": False, "f": False, "0": False}
+
+
+# What unsets an optional number on the command line (`--max_samples none`), as `null` does in the YAML file:
+# HfArgumentParser reads an `int | None` flag as an int, so nothing typed there could otherwise give None.
+NONE_WORDS = ("none", "null")
+
+
+def optional_number(hint) -> type | None:
+    """`int` or `float` for an `int | None` / `float | None` annotation `hint`; None for any other."""
+    members = set(typing.get_args(hint)) if _is_union(typing.get_origin(hint)) else set()
+    numbers = members - {type(None)}
+    return numbers.pop() if type(None) in members and len(numbers) == 1 and numbers <= {int, float} else None
+
+
+def none_or(kind: type):
+    """The argparse `type` of an optional number flag: `kind`, or None for a `NONE_WORDS` word (any case)."""
+    def parse(text: str):
+        return None if text.lower() in NONE_WORDS else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" stays as it was
+    return parse
 
 
 def _scalar(value, kind):

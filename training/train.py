@@ -90,7 +90,20 @@ def _parser(prog: str | None = None):
 
     parser = HfArgumentParser((Stage2TrainingArguments, Stage2DataArguments), prog=prog)
     parser.error = _raise_usage_error  # one line naming the flag, never a usage dump and exit
+    _accept_none(parser)
     return parser
+
+
+def _accept_none(parser) -> None:
+    """`--max_samples none` (or `null`) unsets an optional int or float setting, e.g. one the YAML file sets, as
+    `max_samples: null` does in the file (`training.args.NONE_WORDS`)."""
+    from training.args import none_or, optional_number, setting_types
+
+    types = setting_types()
+    for action in parser._actions:
+        kind = optional_number(types.get(action.dest))
+        if kind is not None and action.nargs is None and action.type is kind:
+            action.type = none_or(kind)
 
 
 def _raise_usage_error(message: str):
@@ -154,7 +167,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_config_file(path: str | os.PathLike, parser=None) -> dict:
     """Read a YAML config: a mapping of argument names to values, each converted to its field's type. An unknown key
     or a value of the wrong type is a `UsageError` naming the file and the key."""
-    parser = parser or _parser()
+    return _load_config(path, parser or _parser())[0]
+
+
+def _load_config(path: str | os.PathLike, parser) -> tuple[dict, dict]:
+    """`load_config_file`, and how the file spells each setting it sets (field name -> key: `num_train_epochs` ->
+    `epochs`), to name the key it has in messages."""
     path = Path(path)
     values = _read_yaml(path)
     if not isinstance(values, dict):
@@ -182,14 +200,17 @@ def load_config_file(path: str | os.PathLike, parser=None) -> dict:
             resolved[name] = convert_setting(value, types.get(name), choices.get(name))
         except SettingTypeError as error:
             raise UsageError(f"{path}: {key}: {error}") from None
-    return resolved
+    return resolved, {aliases[key]: key for key in values}
 
 
 class _Sources:
     """Where each setting of a run came from (the config file or the command line), to name it in messages."""
 
-    def __init__(self, config: str | None, file_keys, cli_keys):
+    def __init__(self, config: str | None, file_keys, cli_keys, spellings: dict | None = None):
         self.config, self.file_keys, self.cli_keys = config, set(file_keys), set(cli_keys)
+        # How the user wrote each setting where that is not its field name (`--epochs`, `--max-samples`, a file's
+        # `epochs`): a message names what they typed.
+        self.spellings = dict(spellings or {})
 
     def key_in(self, message: str) -> str | None:
         import re
@@ -203,10 +224,13 @@ class _Sources:
         """`error`'s message prefixed with the file or flag that set `key` (by default: the key it names)."""
         message = " ".join(str(error.args[0] if isinstance(error, KeyError) and error.args else error).split())
         key = key or self.key_in(message)
+        written = self.spellings.get(key, key)
+        named = written if written == key or key in message else f"{written} ({key})"
         if key in self.cli_keys:
-            return f"--{key}: {message}"
+            return f"--{named}: {message}"
         if key in self.file_keys:
-            return f"{self.config}: {message}" if key in message else f"{self.config}: {key}: {message}"
+            plain = key in message and written == key  # the message names the setting as the file does
+            return f"{self.config}: {message}" if plain else f"{self.config}: {named}: {message}"
         return f"{key}: {message}" if key and key not in message else message
 
 
@@ -231,6 +255,17 @@ def _given_on_command_line(parser, argv: list[str]) -> set[str]:
     unset = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions if action.option_strings})
     namespace, _ = parser.parse_known_args(argv, namespace=unset)
     return {key for key, value in vars(namespace).items() if value is not _UNSET} - {"config", "help"}
+
+
+def _flags_typed(parser, argv: list[str]) -> dict[str, str]:
+    """Field name -> the flag `argv` sets it with, without its `--` (`num_train_epochs` -> `epochs`); the last one
+    where it is given twice, as argparse keeps the last value."""
+    typed = {}
+    for item in argv:
+        action = parser._option_string_actions.get(item.split("=", 1)[0]) if item.startswith("--") else None
+        if action is not None and action.option_strings:
+            typed[action.dest] = item.split("=", 1)[0][2:]
+    return typed
 
 
 # Path settings where an empty string would be the current folder (the repository's tiles, the checkout itself).
@@ -267,7 +302,7 @@ def parse_args(argv=None, *, without_devices: bool = False):
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     parser = _parser()
-    file_values = load_config_file(known.config, parser) if known.config else {}  # `config` is no key of it
+    file_values, spellings = _load_config(known.config, parser) if known.config else ({}, {})  # `config`: no key
     parser.add_argument("--config", default=None, help="YAML file of settings; command-line flags override it.")
     parser.set_defaults(**file_values)
     values = vars(_parse_command_line(parser, rest))
@@ -277,7 +312,10 @@ def parse_args(argv=None, *, without_devices: bool = False):
                  if value is not parser.get_default(key) and value != parser.get_default(key)}
     settings = {**file_values, **overrides}
     given = _given_on_command_line(parser, rest)
-    sources = _Sources(known.config, file_values, given | set(overrides))
+    cli_keys = given | set(overrides)
+    spellings = {**{key: spelled for key, spelled in spellings.items() if key not in cli_keys},
+                 **_flags_typed(parser, rest)}  # the command line's spelling of what it overrides
+    sources = _Sources(known.config, file_values, cli_keys, spellings)
     if without_devices:
         values["use_cpu"] = True
     try:
@@ -895,7 +933,7 @@ class InterruptCallback:
         if not self.training or self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if os.environ.get("RANK", "0") == "0":
+        if _is_main_process():
             os.write(2, f"{PROG}: interrupt: stopping after the current optimizer step, with a checkpoint (interrupt "
                         f"again to stop at once).\n".encode())
 
@@ -1013,13 +1051,21 @@ def _say_error(error, once: bool = False) -> None:
 
 def _say(message, once: bool = False) -> None:
     """One line on stderr (`once`: from the first process of a distributed run only)."""
-    if not once or os.environ.get("RANK", "0") == "0":
+    if not once or _is_main_process():
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
+def _is_main_process() -> bool:
+    """The first process of a distributed run (the only one of a single-process run)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _record_exit_status(code: int) -> None:
+    """The status `stage2-train` exits with, from the main process only: it is the one that reports why it stopped;
+    another's (e.g. "the main process stopped before training", 2) would overwrite it, or stand where the main process
+    failed with a traceback (1, which accelerate reports)."""
     path = os.environ.get(STATUS_FILE_ENV)
-    if path and code:
+    if path and code and _is_main_process():
         with contextlib.suppress(OSError):
             Path(path).write_text(str(code))
 
