@@ -25,6 +25,7 @@ from modeling_stage2.adapters import (  # the files save_trained_model and train
     BASE_SOURCE_FILE,
     BASE_WEIGHTS_FILE,
     FITTED_MODULES,
+    LORA_MERGED_KEY,
     METRICS_FILE,
     PREVIEW_FILE,
     TRAINING_CONFIG_FILE,
@@ -34,7 +35,7 @@ from modeling_stage2._files import write_text
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 from modeling_stage2.convert_prithvi import DEFAULT_HUB_REPO, official_hub_repo
 from modeling_stage2.hub import is_hub_repo_id
-from modeling_stage2.vocabulary import INPUT_MODES
+from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS
 from training.metrics import DESIGN_TARGETS, HIGHER_IS_BETTER, METRIC_NAMES, METRIC_UNITS
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
@@ -104,8 +105,9 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
 
     `refined` must have every `CARD_METRICS` key; `opt_v1` (the unrefined input), `linear_fit` (the colour fit,
     with `linear_fit_fitted_on = {"split": ..., "tiles": N}`), `n_tiles`, `split` (the split the metrics were
-    computed on, recorded when they were) and `data` (what the evaluated data's `opt_v1` is: `input_mode`, and for a
-    synthetic one `degradation` and `dataset_seed`, as `stage2-evaluate --json` records it) are optional. Values
+    computed on, recorded when they were), `data` (what the evaluated data's `opt_v1` is: `input_mode`, and for a
+    synthetic one `degradation` and `dataset_seed`, as `stage2-evaluate --json` records it) and `quantization` (the
+    backbone's precision they were measured at, one of `QUANTIZATIONS`) are optional. Values
     must be numbers; NaN (a metric with no valid pixel to measure) is kept and shown as n/a.
     """
     if not isinstance(metrics, Mapping):
@@ -143,6 +145,11 @@ def validate_metrics(metrics: Mapping, source: str = "metrics") -> dict:
         clean["split"] = metrics["split"]
     if metrics.get("data") is not None:
         clean["data"] = _data_record(metrics["data"], f"{source}: data")
+    if metrics.get("quantization") is not None:  # absent (or null) in metrics written before it was recorded
+        if metrics["quantization"] not in QUANTIZATIONS:
+            raise CardError(f"{source}: 'quantization' must be one of {list(QUANTIZATIONS)} (the stage2-evaluate "
+                            f"--quantization the metrics were measured with), got {metrics['quantization']!r}")
+        clean["quantization"] = metrics["quantization"]
     return clean
 
 
@@ -206,12 +213,13 @@ def metric_rows(metrics: Mapping) -> list[dict[str, str]]:
         opt_v1 = metrics.get("opt_v1", {}).get(name)
         linear_fit = metrics.get("linear_fit", {}).get(name)
         target = DESIGN_TARGETS.get(name)
+        digits = _distinguishing_digits(refined, opt_v1, linear_fit)
         rows.append({
             "name": name,
-            "label": METRIC_LABELS[name] + (" (higher is better)" if HIGHER_IS_BETTER[name] else ""),
-            "refined": _fmt(refined, target),
-            "opt_v1": _fmt(opt_v1),
-            "linear_fit": _fmt(linear_fit),
+            "label": _row_label(name),
+            "refined": _fmt(refined, target, digits),
+            "opt_v1": _fmt(opt_v1, digits=digits),
+            "linear_fit": _fmt(linear_fit, digits=digits),
             "target": f"< {target:g}" if target is not None else "-",
             "meets": "-" if target is None or not math.isfinite(refined) else ("yes" if refined < target else "no"),
         })
@@ -226,15 +234,36 @@ def _linear_fit_label(fitted_on: Mapping | None) -> str:
     return f"colour fit (fitted on `{fitted_on['split']}`{tiles})"
 
 
-def _fmt(value: float | None, target: float | None = None) -> str:
-    """`value` to 4 significant digits; beside a `target`, with as many more as it takes for the value shown to be on
-    the side of the target that the value is (0.049996 is "0.049996", not "0.05", next to "< 0.05" and "yes")."""
+def _row_label(name: str) -> str:
+    """The metric's label in the table, its unit and direction in one parenthesis: "PSNR (dB, higher is better)"."""
+    notes = [METRIC_UNITS[name]] if name in METRIC_UNITS else []
+    notes += ["higher is better"] if HIGHER_IS_BETTER[name] else []
+    return f"{_METRIC_WORDS[name]} ({', '.join(notes)})" if notes else _METRIC_WORDS[name]
+
+
+SHOWN_DIGITS = 4  # significant digits of the table's values, unless more are needed to tell them apart (below)
+MAX_DIGITS = 17  # enough for any float64 to print as itself
+
+
+def _distinguishing_digits(*values: float | None) -> int:
+    """The fewest significant digits (at least `SHOWN_DIGITS`) at which the row's values that differ print
+    differently: a refined 0.09871 beside an `opt_v1` of 0.09874 must not read as the same "0.0987"."""
+    finite = sorted({value for value in values if value is not None and math.isfinite(value)})
+    for digits in range(SHOWN_DIGITS, MAX_DIGITS):
+        if len({f"{value:.{digits}g}" for value in finite}) == len(finite):
+            return digits
+    return MAX_DIGITS
+
+
+def _fmt(value: float | None, target: float | None = None, digits: int = SHOWN_DIGITS) -> str:
+    """`value` to `digits` significant digits; beside a `target`, with as many more as it takes for the value shown to
+    be on the side of the target that the value is (0.049996 is "0.049996", not "0.05", next to "< 0.05" and "yes")."""
     if value is None:
         return "-"
     if not math.isfinite(value):
         return "n/a"
-    for digits in range(4, 18):
-        text = f"{value:.{digits}g}"
+    for shown in range(digits, MAX_DIGITS + 1):
+        text = f"{value:.{shown}g}"
         if target is None or (float(text) < target) == (value < target):
             return text
     return repr(value)
@@ -360,6 +389,7 @@ def build_model_card(
         n_tiles=clean.get("n_tiles", "the") if clean else None,
         split=split,
         eval_dataset_name=eval_dataset_name,
+        eval_precision=_measured_precision(clean.get("quantization")) if clean else None,
         metric_notes=METRIC_NOTES if clean and "linear_fit" in clean else f"{METRIC_NOTES} {NO_COLOUR_FIT_NOTE}",
         linear_fit_label=(_linear_fit_label(clean.get("linear_fit_fitted_on"))
                           if clean and "linear_fit" in clean else None),
@@ -428,9 +458,24 @@ def _describe_adaptation(adapter_config: Mapping | None, model_config: Mapping) 
                 f"dropout={adapter_config.get('lora_dropout')} on {where}")
         text += f"; trained in full: {', '.join(trained)}" if trained else ""
         return text + (f"; fitted before training: {', '.join(fitted)}" if fitted else "")
-    if model_config.get("lora_r"):
+    if model_config.get(LORA_MERGED_KEY) and model_config.get("lora_r"):
         return f"LoRA r={model_config['lora_r']}, alpha={model_config.get('lora_alpha')} on {where}, merged"
-    return "fine-tuned refiner weights"
+    # every config holds LoRA settings (the defaults an adapter would be built with): only the merge's record says
+    # that these weights went through them
+    return (f"full refiner weights, with no LoRA merge recorded in `config.json` (`export_merged_model` records "
+            f"one as `{LORA_MERGED_KEY}`)")
+
+
+QUANTIZED_WORDS = {"8bit": "8-bit (LLM.int8, bitsandbytes)", "4bit": "4-bit NF4 (bitsandbytes)"}
+
+
+def _measured_precision(quantization: str | None) -> str | None:
+    """How the backbone was loaded when the metrics were measured (`stage2-evaluate --quantization`, recorded in
+    them), in words; None for metrics that do not record it."""
+    if quantization is None:
+        return None
+    words = QUANTIZED_WORDS.get(quantization, "full precision (not quantized)")
+    return f"the backbone loaded in {words}, `stage2-evaluate --quantization {quantization}`"
 
 
 def _describe_quantization(training_config: Mapping | None, model_config: Mapping) -> str:
@@ -439,8 +484,7 @@ def _describe_quantization(training_config: Mapping | None, model_config: Mappin
     if value is None and isinstance(saved, Mapping):
         value = "8bit" if saved.get("load_in_8bit") else "4bit" if saved.get("load_in_4bit") else saved.get(
             "quant_method")
-    names = {"8bit": "8-bit (LLM.int8, bitsandbytes) during training",
-             "4bit": "4-bit NF4 (bitsandbytes) during training",
+    names = {**{name: f"{words} during training" for name, words in QUANTIZED_WORDS.items()},
              "none": "not quantized during training"}
     if value is None:
         return "chosen at load time: `load_trained_model(..., quantization=...)` with 8bit, 4bit or none"

@@ -24,7 +24,7 @@ from data_builders.cache import ARROW_MARKER
 from modeling_stage2._files import restore_set_aside
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
-                                      RECORD_FILES)
+                                      RECORD_FILES, read_base_description)
 from modeling_stage2.convert_prithvi import HUB_PREFIX
 from modeling_stage2.hub import is_hub_repo_id
 from modeling_stage2.modeling_stage2 import backbone_weights_location
@@ -275,11 +275,14 @@ def _refuse_local_base(folder: Path) -> None:
     """An adapter whose base (a refiner folder, or backbone weights) is a path on this machine cannot be loaded by
     anyone who pulls it: say so before pushing."""
     try:
-        source = json.loads((folder / BASE_SOURCE_FILE).read_text()) if (folder / BASE_SOURCE_FILE).is_file() else {}
+        source = read_base_description(folder / BASE_SOURCE_FILE) if (folder / BASE_SOURCE_FILE).is_file() else {}
+    except (OSError, ValueError) as error:
+        raise CardError(str(error)) from None  # names the file and its problem
+    try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as error:
-        raise CardError(f"{folder}: unreadable {BASE_SOURCE_FILE} or config.json ({error})") from None
-    kind = source.get("kind") if isinstance(source, dict) else None
+        raise CardError(f"{folder / 'config.json'}: unreadable ({error})") from None
+    kind = source.get("kind")
     if kind == "model":
         file, key, base = BASE_SOURCE_FILE, "model_name_or_path", source.get("model_name_or_path")
     elif kind == "backbone_weights":

@@ -53,6 +53,10 @@ TRAINING_CONFIG_FILE = "training_config.json"
 PREVIEW_FILE = "preview.png"
 RECORD_FILES = (METRICS_FILE, TRAINING_CONFIG_FILE, PREVIEW_FILE)
 """What training records beside a model (evaluation metrics, settings, preview): they travel with its exports."""
+LORA_MERGED_KEY = "lora_merged"
+"""The `config.json` key `export_merged_model` sets (true): the config's LoRA settings (`lora_r`, ...) are those of an
+adapter merged into the weights. Every config holds LoRA settings, the defaults an adapter would be built with, so
+a refiner saved without one (`save_pretrained`) is told apart from a merged one only by this record."""
 
 _TARGET_PATTERNS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
 
@@ -484,7 +488,8 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
     plain `Stage2RefinerModel` loadable with `AutoModel.from_pretrained`. Like `merge_and_unload`, this consumes
     `model`; the merged refiner is returned in eval mode. The records of the folder `model` was loaded from
     (`RECORD_FILES`: metrics, training settings, preview) are copied along, so the export's model card still
-    shows its evaluation. Quantized bases cannot be merged exactly: load the
+    shows its evaluation; `config.json` records the merge (`LORA_MERGED_KEY`). Quantized bases cannot be merged
+    exactly: load the
     adapter onto a full-precision base first (`load_trained_model(path, quantization="none")`)."""
     base = model.get_base_model()
     if getattr(base, "is_quantized", False) or getattr(base, "is_loaded_in_8bit", False) or getattr(
@@ -499,6 +504,7 @@ def export_merged_model(model, output_dir: str | Path) -> Stage2RefinerModel:
     _refuse_own_base(getattr(model, "stage2_base_source", None), base.config, output_dir, "export_merged_model")
     merged = model.merge_and_unload()
     merged.config = _clean_config(merged.config)
+    setattr(merged.config, LORA_MERGED_KEY, True)  # its LoRA settings describe weights merged in, not mere defaults
     merged.requires_grad_(False)
     records = getattr(model, "stage2_folder", None)
     with staged_folder(output_dir) as staging:
@@ -548,11 +554,8 @@ def _read_base_source(folder: Path) -> _BaseSource:
     path = folder / BASE_SOURCE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this adapter folder was not written by save_trained_model.")
-    try:
-        info = json.loads(path.read_text())
-        kind = info["kind"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: unreadable base description ({error}); re-save the model with save_trained_model.")
+    info = read_base_description(path)
+    kind = info["kind"]
     trained_quantization = info.get("trained_quantization")
     if trained_quantization is not None and trained_quantization not in QUANTIZATIONS:
         raise ValueError(f"{path}: key 'trained_quantization' is {trained_quantization!r}; expected one of "
@@ -562,17 +565,42 @@ def _read_base_source(folder: Path) -> _BaseSource:
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing: {path} says the base backbone weights are stored there.")
         return _BaseSource("saved", backbone_file=weights, trained_quantization=trained_quantization)
-    if kind == "model" and info.get("model_name_or_path"):
-        base = str(info["model_name_or_path"])
+    if kind == "model":
+        base = info.get("model_name_or_path")
+        if not isinstance(base, str) or not base:
+            raise ValueError(f"{path}: key 'model_name_or_path' is {base!r}; with kind 'model' it names the base "
+                             "refiner (its folder or Hub repo id); re-save the model with save_trained_model.")
         if Path(base).is_absolute() and not Path(base).is_dir():  # local_source_or_name stores local bases absolute
             raise FileNotFoundError(f"{path}: key 'model_name_or_path' names the base folder {base}, which no longer "
                                     "exists; put the base refiner back there, or edit the path to where it is now.")
+        if Path(base).is_dir() and not (Path(base) / "config.json").is_file():  # else a bare "No such file" of it
+            raise FileNotFoundError(f"{path}: key 'model_name_or_path' names the folder {base}, which holds no "
+                                    "refiner (no config.json); put the base refiner there, or edit the path to "
+                                    "where it is.")
         return _BaseSource("model", model_name_or_path=base, trained_quantization=trained_quantization,
                            revision=_recorded_revision(path, info))
-    if kind == "backbone_weights":
-        return _BaseSource("backbone_weights", trained_quantization=trained_quantization,
-                           revision=_recorded_revision(path, info))
-    raise ValueError(f"{path}: key 'kind' is {kind!r}; expected 'model', 'backbone_weights' or 'saved'.")
+    return _BaseSource("backbone_weights", trained_quantization=trained_quantization,
+                       revision=_recorded_revision(path, info))
+
+
+BASE_KINDS = ("model", "backbone_weights", "saved")
+
+
+def read_base_description(path: Path) -> dict:
+    """`stage2_base.json` (at `path`) as a JSON object with a `kind` of `BASE_KINDS`; a `ValueError` naming that file
+    and what is wrong with it otherwise."""
+    fix = "re-save the model with save_trained_model"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable base description (not valid JSON: {error}); {fix}.") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: unreadable base description (a JSON {type(info).__name__}, expected an object "
+                         f"with a 'kind'); {fix}.")
+    if info.get("kind") not in BASE_KINDS:
+        found = "missing" if "kind" not in info else f"{info['kind']!r}"
+        raise ValueError(f"{path}: key 'kind' is {found}; expected one of {BASE_KINDS}; {fix}.")
+    return info
 
 
 def _recorded_revision(path: Path, info: dict) -> str | None:

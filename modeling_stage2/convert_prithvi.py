@@ -86,9 +86,9 @@ def read_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as error:  # torch raises several types for corrupt or pickled-object files
         raise PrithviCheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({type(error).__name__}: "
-            f"{_load_error_reason(error)}). Official Prithvi-EO-2.0 files (Prithvi_EO_V2_*.pt) are flat state dicts "
-            "of tensors."
+            f"{path}: cannot be read as a weights-only torch checkpoint "
+            f"({_truncation(path) or _load_error_reason(error)}). Official Prithvi-EO-2.0 files (Prithvi_EO_V2_*.pt) "
+            "are flat state dicts of tensors."
         ) from error
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -100,13 +100,41 @@ def read_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
 
 
 def _load_error_reason(error: Exception) -> str:
-    """`torch.load`'s error in one line. Its refusal of a pickled object spans paragraphs (and suggests loading with
-    `weights_only=False`, which this converter never does): only the unpickler's own reason is kept."""
+    """`torch.load`'s error in one line, with its type. Its refusal of a pickled object spans paragraphs (and suggests
+    loading with `weights_only=False`, which this converter never does): only the unpickler's own reason is kept."""
     text = str(error)
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1].split(". Please use", 1)[0]
-    return " ".join(text.split())
+    return f"{type(error).__name__}: {' '.join(text.split())}"
+
+
+_ZIP_START, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # a zip's first local header; its end-of-archive record
+_ZIP_END_SIZE = 22  # the end record's bytes before its comment, whose length is its last two
+_ZIP_END_SEARCH = 65_535 + _ZIP_END_SIZE  # the end record starts within a longest comment's length of the end
+
+
+def _truncation(path: Path) -> str | None:
+    """Why a file torch could not read is cut short, or None. A torch (zip) checkpoint cut anywhere has lost (part of)
+    its end-of-archive record; torch's reader then says so for most lengths, but "[Errno 22] Invalid argument" (a seek
+    before the file's start) for files of 4 to 68 KiB. An empty file gives a bare EOFError."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "the file is empty: download or copy it again"
+        with path.open("rb") as file:
+            if not _ZIP_START.startswith(file.read(len(_ZIP_START))):  # a 1-3 byte file too: its first bytes
+                return None  # not a zip checkpoint (torch's legacy format, or something else): torch's reason stands
+            file.seek(max(0, size - _ZIP_END_SEARCH))
+            tail = file.read()
+    except OSError:  # unreadable now: torch's own reason is all there is
+        return None
+    end = tail.rfind(_ZIP_END)
+    comment = int.from_bytes(tail[end + _ZIP_END_SIZE - 2:end + _ZIP_END_SIZE], "little")
+    if end >= 0 and len(tail) - end >= _ZIP_END_SIZE + comment:
+        return None
+    return (f"a zip archive of {size} bytes without a whole end-of-archive record: the file is truncated (an "
+            "interrupted download or copy); download or copy it again")
 
 
 def _check_entries(state: dict, path: Path) -> None:

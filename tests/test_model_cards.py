@@ -83,7 +83,7 @@ def test_evaluation_table_compares_refined_baseline_and_design_targets():
     assert table_row(text, "EVI RMSE") == ["EVI RMSE", "0.0612", "0.11", "< 0.05", "no"]
     assert table_row(text, "SAM (rad)") == ["SAM (rad)", "0.07", "0.15", "< 0.1", "yes"]
     assert table_row(text, "edge L1") == ["edge L1", "0.025", "0", "< 0.02", "no"]
-    assert table_row(text, "PSNR (dB) (higher is better)") == ["PSNR (dB) (higher is better)", "27.5", "21", "-", "-"]
+    assert table_row(text, "PSNR (dB, higher is better)") == ["PSNR (dB, higher is better)", "27.5", "21", "-", "-"]
     assert "12 tiles of the `test` split" in text
     assert "B08" in text and "by design" in text and "narrow NIR" in text  # the band substitution is stated
     assert "![Refinement preview" in text and "(preview.png)" in text

@@ -455,9 +455,10 @@ def test_evaluate_cli_writes_the_documented_json(e2e, tmp_path, capsys):
     written = json.loads((tmp_path / "r.json").read_text())
     keys = {"ndvi_rmse", "evi_rmse", "sam", "identity_l1", "edge_l1", "psnr", "ssim"}
     assert set(written) == {"refined", "opt_v1", "linear_fit", "linear_fit_fitted_on", "n_tiles", "split",
-                            "bootstrap", "data"}
+                            "bootstrap", "data", "quantization"}
     assert written["n_tiles"] == 2 and written["linear_fit_fitted_on"] == {"split": "train", "tiles": 18}
     assert written["split"] == "val"  # recorded with the metrics, for the model card
+    assert written["quantization"] == "none"  # the precision they were measured at, for the model card
     # What the evaluated data's opt_v1 is (its build record), for the model card: here the data the run trained on.
     assert written["data"] == {"input_mode": "synthetic", "degradation": "mild", "dataset_seed": 0}
     trained_on = json.loads((out / "best" / "training_config.json").read_text())

@@ -6,10 +6,12 @@
 `--model` is a folder written by training (`best/`, a checkpoint, `save_trained_model`) or a full refiner folder
 (`save_pretrained` / `export_merged_model`), or a Hub repo id. `--data` is NPZ tiles (converted to Arrow in a
 temporary folder, or in `--cache_dir`) or a saved Arrow `DatasetDict`. Prints a table; `--json FILE` writes
-`{"refined": {...}, "opt_v1": {...}, "linear_fit": {...}, "n_tiles": N, "split": S, "data": {...}}` with
-`ndvi_rmse`, `evi_rmse`, `sam`, `identity_l1`, `edge_l1`, `psnr`, `ssim` in each metric object. `"data"` says what
-the evaluated data's `opt_v1` is, from its build record (`input_mode`, and for a synthetic one `degradation` and
-`dataset_seed`), so that a model card names the data its metrics were computed on.
+`{"refined": {...}, "opt_v1": {...}, "linear_fit": {...}, "n_tiles": N, "split": S, "data": {...},
+"quantization": Q}` with `ndvi_rmse`, `evi_rmse`, `sam`, `identity_l1`, `edge_l1`, `psnr`, `ssim` in each metric
+object. `"data"` says what the evaluated data's `opt_v1` is, from its build record (`input_mode`, and for a synthetic
+one `degradation` and `dataset_seed`), so that a model card names the data its metrics were computed on;
+`"quantization"` is `--quantization` ("8bit", "4bit", or "none": full precision), the precision of the backbone the
+metrics were measured with, which the card states beside that data.
 
 Two baselines: `opt_v1` itself, always, and (`--baselines`, on by default when the data has a `train` split) the
 least-squares colour fit (4x4 + bias, `training.linear_fit`) fitted on the `train` split's valid pixels and
@@ -266,6 +268,7 @@ def _run(args, cache_dir) -> dict:
     results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device,
                              color_fit=color_fit, split=args.split, bootstrap_resamples=args.bootstrap,
                              data=built)
+    results["quantization"] = args.quantization  # a quantized backbone's metrics are not the full-precision model's
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if "bootstrap" in results:
