@@ -30,6 +30,25 @@ def test_a_run_whose_every_validation_gives_nan_ends_with_the_final_model_in_bes
     assert "(the final model: every validation gave a NaN loss)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("settings, why", [
+    ({"metric_for_best_model": None}, "no metric_for_best_model picks one of the validations"),
+    ({"eval_strategy": "no", "eval_every_epochs": None, "eval_on_start": False, "metric_for_best_model": None,
+      "load_best_model_at_end": False},
+     "no validation ran (eval strategy 'no')"),
+])
+def test_the_final_model_in_best_says_why_no_validation_picked_one(tmp_path, caplog, settings, why):
+    """With `metric_for_best_model: null` the validations ran (and were logged), yet the warning said "no validation
+    ran (eval strategy 'no')"."""
+    trainer = _trainer(tmp_path, **settings)
+    trainer.train()
+    ran = records(tmp_path / "out" / "training_log.jsonl", "eval")
+    assert len(ran) == (0 if settings.get("eval_strategy") == "no" else 3)
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        finish_run(trainer)
+    assert f"best/ holds the final model: {why}." in caplog.text
+    assert (trainer.best_model_dir / "adapter_model.safetensors").is_file()
+
+
 def test_an_evaluation_line_gives_the_learning_rate_of_its_step(tmp_path):
     """The `lr` of an `eval` line was the scheduler's next rate (0.0 after the last step), the `train` line of the same
     step the rate that step used: two values at one step. Cosine over 4 steps from 1e-3, one evaluation per epoch."""

@@ -895,8 +895,7 @@ def finish_run(trainer) -> None:
     # The Trainer starts best_metric at inf (-inf where greater is better) and replaces it only by a better value:
     # still there, every validation gave NaN (a model that diverged, no valid pixel) and best/ was never written.
     never_best = best_metric is None or best_metric == (-math.inf if trainer.args.greater_is_better else math.inf)
-    why = ("no validation ran (eval strategy 'no')" if best_metric is None
-           else f"every validation gave a NaN {metric}")
+    why = _why_no_best(trainer.args.eval_strategy, metric, best_metric)
     if never_best and trainer.args.should_save:
         logger.warning(f"best/ holds the final model: {why}.")
         trainer.save_best_model()
@@ -916,6 +915,16 @@ def finish_run(trainer) -> None:
             print(format_metrics_table(json.loads(metrics_path.read_text())))
     if trainer.args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training: best model")
+
+
+def _why_no_best(eval_strategy, metric: str | None, best_metric: float | None) -> str:
+    """Why no validation picked a model for best/: none ran, none was asked to pick (`metric_for_best_model` unset),
+    or every one gave NaN."""
+    if str(getattr(eval_strategy, "value", eval_strategy)) == "no":
+        return "no validation ran (eval strategy 'no')"
+    if metric is None:
+        return "no metric_for_best_model picks one of the validations"
+    return f"every validation gave a NaN {metric}" if best_metric is not None else "no validation ran"
 
 
 # ------------------------------------------------------------------------------------------- the trainer process
