@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:
         parser.error(f"--sizes: unknown {unknown}; choose from {SIZES}")
+    # smallest first, each once: the peak RSS recorded after a size is the process's so far, which is that size's own
+    # only when no larger size ran before it
+    sizes = [size for size in SIZES if size in sizes]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
     results = []

@@ -79,6 +79,16 @@ def test_the_export_record_names_the_threads_tiles_and_repeats_it_ran_with(bench
     assert ", 2 thread(s), 16 random 120x120 tiles per pass, best of 3 passes" in text
 
 
+def test_the_export_benchmark_runs_the_smaller_size_first(bench, tmp_path, monkeypatch):
+    """The peak RSS recorded for a size is the process's peak so far: `--sizes 600m,tiny` gave tiny the 600M's."""
+    export = bench("bench_export")
+    ran = []
+    monkeypatch.setattr(export, "bench_size", lambda size, *args, **kwargs: ran.append(size) or {"size": size})
+    monkeypatch.setattr(export, "write_report", lambda *args, **kwargs: None)
+    assert export.main(["--sizes", "600m,tiny,tiny", "--output", str(tmp_path / "export.md")]) == 0
+    assert ran == ["tiny", "600m"]
+
+
 def test_the_quality_studys_script_line_gives_the_flags_it_ran_with(bench, repo_root, tmp_path):
     """quality.md said `bench/study_quality.py --seeds 0 1 2`; 9 demo trainings: that command trains 45. The 9 were
     `redraw` on `mild`, `strong` and the mixture, the rest reused."""
