@@ -155,8 +155,8 @@ def _default_device(device: str | None) -> str:
 
 @exit_on_termination
 def main(argv: Sequence[str] | None = None) -> int:
-    """`stage2-refine`: 0 on success, 1 when some tiles were rejected, a scene held no valid pixel or the Hub could not
-    be reached, 2 on bad input."""
+    """`stage2-refine`: 0 on success, 1 when some tiles were rejected (the others written), a scene held no valid pixel
+    or the Hub could not be reached, 2 on bad input (every tile rejected included)."""
     with one_line_warnings("stage2-refine"):
         return _main(argv)
 
@@ -186,6 +186,9 @@ def _main(argv: Sequence[str] | None) -> int:
                 input_scale=args.input_scale, device=args.device, strict=args.strict, progress=not args.no_progress,
             )
             _report_tiles(summary)
+            if summary.rejected and not summary.written:  # bad input only: nothing to call a partial success
+                print("stage2-refine: error: every tile was rejected (above); nothing was refined", file=sys.stderr)
+                return 2
             return 1 if summary.rejected else 0
         result = refine_scene(
             model, args.input if len(args.input) > 1 else args.input[0], args.output, args.month, args.biome,

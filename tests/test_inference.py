@@ -1325,6 +1325,11 @@ def test_cli_npz_files_as_a_subprocess(full_model_dir, perturbed_tiny_refiner, f
     assert rejected[0].count(str(bad)) == 1 and "1 tile(s) rejected" in result.stderr
     assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in paths)
     assert not (output / bad.name).exists()
+    # Every tile bad: nothing refined is no partial success (1 said "the others were written").
+    result = refine(bad)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-2:] == ["1 tile(s) rejected", "stage2-refine: error: every tile was rejected "
+                                               "(above); nothing was refined"]
 
 
 def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir, small_dn_scene, tmp_path):
