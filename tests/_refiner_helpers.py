@@ -72,3 +72,17 @@ def assert_refused_before_any_base(folder, monkeypatch, error, message: str) -> 
         load_trained_model(folder)
     assert "\n" not in str(raised.value)
 
+
+
+class ScaledRefiner(torch.nn.Module):
+    """A stand-in for a loaded refiner, known exactly: `refined = gain * opt_v1` (what `evaluate_model` reads: a
+    parameter for the device, and `.refined`)."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(float(gain)))
+
+    def forward(self, opt_v1, month, biome):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(refined=opt_v1 * self.gain)

@@ -6,47 +6,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from _data_helpers import make_tile_dir
 from _refiner_helpers import single_thread  # noqa: F401  (fixture)
-from _refiner_helpers import tiny_refiner_config
+from _refiner_helpers import ScaledRefiner, tiny_refiner_config
 from model_cards.cards import CardError, build_model_card, card_for_folder, validate_metrics
-
-METRICS = {
-    "refined": {"ndvi_rmse": 0.041, "evi_rmse": 0.0612, "sam": 0.07, "identity_l1": 0.03, "edge_l1": 0.025,
-                "psnr": 27.5, "ssim": 0.8},
-    "opt_v1": {"ndvi_rmse": 0.09, "evi_rmse": 0.11, "sam": 0.15, "identity_l1": 0.0, "edge_l1": 0.0,
-               "psnr": 21.0, "ssim": 0.6},
-    "n_tiles": 12,
-    "split": "test",
-}
-
-
-def table_row(text: str, label: str) -> list[str]:
-    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-    return [cell.strip() for cell in line.strip().strip("|").split("|")]
-
+from test_model_cards import METRICS, table_row
 
 def evaluation_sentence(text: str) -> str:
     return next(line for line in text.splitlines() if line.startswith("12 tiles of the `test` split"))
 
 
 # ----------------------------------------------------------------------------- the precision of the metrics
-class _Halving(torch.nn.Module):
-    """Stands in for a loaded refiner: refined = opt_v1 * 0.5."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, opt_v1, month, biome):
-        return SimpleNamespace(refined=opt_v1 * self.scale)
-
-
 @pytest.mark.parametrize("quantization", ["8bit", "none"])
 def test_stage2_evaluate_records_the_quantization_it_measured_with(tmp_path, monkeypatch, quantization):
     """`--quantization 8bit` metrics were written without it: a card made from them could not say they are not the
@@ -58,7 +32,7 @@ def test_stage2_evaluate_records_the_quantization_it_measured_with(tmp_path, mon
 
     def load_trained_model(path, quantization="none", device=None, revision=None):
         asked.append(quantization)
-        return _Halving()
+        return ScaledRefiner(0.5)
 
     monkeypatch.setattr(modeling_stage2, "load_trained_model", load_trained_model)
     tiles = make_tile_dir(tmp_path / "tiles", per_split=1, s1=False)

@@ -8,22 +8,11 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
-import torch
 
+from _refiner_helpers import ScaledRefiner
 from _training_helpers import tile_rows
 from model_cards.cards import CardError, build_dataset_card, build_model_card, card_for_folder, validate_metrics
-
-REFINED = {"ndvi_rmse": 0.041, "evi_rmse": 0.0612, "sam": 0.07, "identity_l1": 0.03, "edge_l1": 0.025,
-           "psnr": 27.5, "ssim": 0.8}
-OPT_V1 = {"ndvi_rmse": 0.09, "evi_rmse": 0.11, "sam": 0.15, "identity_l1": 0.0, "edge_l1": 0.0, "psnr": 21.0,
-          "ssim": 0.6}
-METRICS = {"refined": REFINED, "opt_v1": OPT_V1, "n_tiles": 12, "split": "test"}
-
-
-def table_row(text: str, label: str) -> list[str]:
-    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-    return [cell.strip() for cell in line.strip("|").split("|")]
-
+from test_model_cards import METRICS, table_row
 
 # ----------------------------------------------------------------------------- metrics files
 def test_a_boolean_tile_count_is_refused():
@@ -40,7 +29,7 @@ def test_metrics_without_a_tile_count_claim_none():
 # ----------------------------------------------------------------------------- the table's numbers
 def test_a_value_exactly_at_the_target_does_not_meet_it():
     """The target reads "< 0.05": 0.05 itself is not below it."""
-    metrics = {**METRICS, "refined": {**REFINED, "ndvi_rmse": 0.05, "sam": 0.1}}
+    metrics = {**METRICS, "refined": {**METRICS["refined"], "ndvi_rmse": 0.05, "sam": 0.1}}
     text = build_model_card(metrics).text
     assert table_row(text, "NDVI RMSE") == ["NDVI RMSE", "0.05", "0.09", "< 0.05", "no"]
     assert table_row(text, "SAM (rad)") == ["SAM (rad)", "0.1", "0.15", "< 0.1", "no"]
@@ -48,7 +37,7 @@ def test_a_value_exactly_at_the_target_does_not_meet_it():
 
 def test_the_target_rule_adds_only_the_digits_it_takes():
     """0.0499961234 beside "< 0.05" needs 5 digits ("0.049996"), not its whole repr."""
-    metrics = {**METRICS, "refined": {**REFINED, "ndvi_rmse": 0.0499961234}}
+    metrics = {**METRICS, "refined": {**METRICS["refined"], "ndvi_rmse": 0.0499961234}}
     assert table_row(build_model_card(metrics).text, "NDVI RMSE")[1:5] == ["0.049996", "0.09", "< 0.05", "yes"]
 
 
@@ -128,15 +117,6 @@ def test_popped_weights_are_those_of_the_rows_handed_out():
 
 
 # ----------------------------------------------------------------------------- stage2-evaluate
-class _Gain(torch.nn.Module):
-    """A stand-in refiner: `refined = 0.97 * opt_v1` (evaluate_model needs only a parameter and `.refined`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.gain = torch.nn.Parameter(torch.tensor(0.97))
-
-    def forward(self, opt_v1, month, biome):
-        return SimpleNamespace(refined=opt_v1 * self.gain)
 
 
 def _half_valid_rows(n: int, seed: int):
@@ -153,7 +133,7 @@ def test_evaluate_model_scores_refined_and_colour_fit_on_the_valid_pixels_only()
 
     fit = fit_color_baseline(datasets.DatasetDict({"train": tile_rows(4, seed=0)}))
     evaluated = _half_valid_rows(3, seed=1)
-    results = evaluate_model(_Gain(), evaluated, batch_size=2, progress=False, color_fit=fit, split="val")
+    results = evaluate_model(ScaledRefiner(0.97), evaluated, batch_size=2, progress=False, color_fit=fit, split="val")
     assert results["n_tiles"] == 3 and results["split"] == "val"
     assert results["linear_fit_fitted_on"] == {"split": "train", "tiles": 4}
     rows = evaluated.with_format("torch")[:]
