@@ -470,12 +470,12 @@ QUANTIZED_WORDS = {"8bit": "8-bit (LLM.int8, bitsandbytes)", "4bit": "4-bit NF4 
 
 
 def _measured_precision(quantization: str | None) -> str | None:
-    """How the backbone was loaded when the metrics were measured (`stage2-evaluate --quantization`, recorded in
-    them), in words; None for metrics that do not record it."""
+    """How the backbone was loaded when the metrics were measured (`stage2-evaluate --quantization`, or the training's
+    `quantization` for the metrics training records), in words; None for metrics that do not record it."""
     if quantization is None:
         return None
     words = QUANTIZED_WORDS.get(quantization, "full precision (not quantized)")
-    return f"the backbone loaded in {words}, `stage2-evaluate --quantization {quantization}`"
+    return f"the backbone loaded in {words}"
 
 
 def _describe_quantization(training_config: Mapping | None, model_config: Mapping) -> str:

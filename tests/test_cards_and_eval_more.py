@@ -46,11 +46,9 @@ def test_stage2_evaluate_records_the_quantization_it_measured_with(tmp_path, mon
 
 
 @pytest.mark.parametrize("quantization, words", [
-    ("8bit", "measured with the backbone loaded in 8-bit (LLM.int8, bitsandbytes), "
-             "`stage2-evaluate --quantization 8bit`."),
-    ("4bit", "measured with the backbone loaded in 4-bit NF4 (bitsandbytes), `stage2-evaluate --quantization 4bit`."),
-    ("none", "measured with the backbone loaded in full precision (not quantized), "
-             "`stage2-evaluate --quantization none`."),
+    ("8bit", "measured with the backbone loaded in 8-bit (LLM.int8, bitsandbytes)."),
+    ("4bit", "measured with the backbone loaded in 4-bit NF4 (bitsandbytes)."),
+    ("none", "measured with the backbone loaded in full precision (not quantized)."),
 ])
 def test_the_card_states_the_precision_beside_the_data_the_metrics_were_measured_on(quantization, words):
     text = build_model_card({**METRICS, "quantization": quantization}).text

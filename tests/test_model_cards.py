@@ -327,15 +327,17 @@ def test_the_demo_makes_its_test_results_the_record_the_pushed_card_is_made_from
     from training.demo import record_held_out_results
 
     folder = _model_folder(tmp_path / "best")
-    validation = {**METRICS, "split": "val", "n_tiles": 2, "global_step": 40, "epoch": 5.0}
+    validation = {**METRICS, "split": "val", "n_tiles": 2, "global_step": 40, "epoch": 5.0, "quantization": "none"}
     (folder / "metrics.json").write_text(json.dumps(validation))  # what the trainer wrote
     test = {**METRICS, "refined": {**METRICS["refined"], "ndvi_rmse": 0.0377}, "n_tiles": 18, "split": "test"}
     record_held_out_results(folder, test)
-    assert json.loads((folder / "metrics.json").read_text()) == {**test, "global_step": 40, "epoch": 5.0}
+    assert json.loads((folder / "metrics.json").read_text()) == {**test, "global_step": 40, "epoch": 5.0,
+                                                                 "quantization": "none"}
     local = ModelCard.load(folder / "README.md")
     pushed = card_for_folder(folder, repo_id="me/demo")  # what stage2-push commits
     for card in (local, pushed):
         assert "18 tiles of the `test` split" in card.text
+        assert "measured with the backbone loaded in full precision (not quantized)." in card.text
         assert {r.metric_type: r.metric_value for r in card.data.eval_results}["ndvi_rmse"] == 0.0377
 
 

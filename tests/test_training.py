@@ -981,7 +981,8 @@ def test_demo_trains_evaluates_and_reports(tmp_path, sample_tiles_dir, capsys, r
     # The test metrics record their data, the data the run trained on: the card names it once for both.
     assert results["test"]["data"] == {"input_mode": "synthetic", "degradation": "mild", "dataset_seed": 0}
     name = "BigEarthNet v2 Sentinel-2 tiles with synthetic opt_v1 (degradation 'mild', dataset seed 0)"
-    assert f"\nData: {name}.\n" in card and f"18 tiles of the `test` split of {name}. " in card
+    assert f"\nData: {name}.\n" in card
+    assert f"18 tiles of the `test` split of {name}, measured with the backbone loaded in full precision " in card
     assert "bootstrap" not in card and "share_below_1" not in card  # the card takes the metric blocks only
     captured = capsys.readouterr()
     printed = captured.out

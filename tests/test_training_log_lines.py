@@ -49,6 +49,19 @@ def test_the_final_model_in_best_says_why_no_validation_picked_one(tmp_path, cap
     assert (trainer.best_model_dir / "adapter_model.safetensors").is_file()
 
 
+def test_the_best_models_metrics_record_the_precision_they_were_measured_at(tmp_path):
+    """`best/metrics.json` said nothing of the backbone's precision, so its card could not state it (as it does for
+    `stage2-evaluate --json`)."""
+    import json
+
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    best = json.loads((trainer.best_model_dir / "metrics.json").read_text())
+    assert best["quantization"] == trainer.args.quantization == "none" and best["split"] == "val"
+    card = (trainer.best_model_dir / "README.md").read_text()
+    assert "measured with the backbone loaded in full precision (not quantized)." in card
+
+
 def test_an_evaluation_line_gives_the_learning_rate_of_its_step(tmp_path):
     """The `lr` of an `eval` line was the scheduler's next rate (0.0 after the last step), the `train` line of the same
     step the rate that step used: two values at one step. Cosine over 4 steps from 1e-3, one evaluation per epoch."""

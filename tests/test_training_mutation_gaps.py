@@ -354,3 +354,16 @@ def test_the_ndvi_preview_is_green_for_vegetation_and_brown_for_bare_soil():
     colours = ndvi_colour(tiles)[:, 0, 0].astype(int)
     assert colours[0, 1] > colours[0, 0] + 60  # green
     np.testing.assert_array_equal(colours[1], [120, 80, 40])  # brown
+
+
+def test_the_discriminators_own_adamw_has_the_documented_betas_and_no_decay(tmp_path):
+    """`docs/training.md`: the discriminator steps with its own AdamW, betas (0.5, 0.999) (the GAN convention), at
+    `disc_learning_rate_ratio` of the generator's rate; nothing pinned the betas or the decay."""
+    from _training_helpers import tiny_trainer
+
+    trainer = tiny_trainer(tmp_path, adversarial_weight=0.1, disc_learning_rate_ratio=0.5)
+    assert trainer.discriminator is not None and isinstance(trainer.disc_optimizer, torch.optim.AdamW)
+    (group,) = trainer.disc_optimizer.param_groups
+    assert group["betas"] == (0.5, 0.999) and group["weight_decay"] == 0.0
+    assert group["lr"] == pytest.approx(0.5 * trainer.args.learning_rate)
+    assert {id(p) for p in group["params"]} == {id(p) for p in trainer.discriminator.parameters()}

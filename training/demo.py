@@ -104,7 +104,8 @@ def record_held_out_results(best: Path, results: dict) -> None:
     from modeling_stage2.adapters import METRICS_FILE
 
     trained = json.loads((best / METRICS_FILE).read_text(encoding="utf-8"))
-    step = {key: trained[key] for key in ("global_step", "epoch") if key in trained}
+    # the step, and the precision of the model that measured both (the same model in memory)
+    step = {key: trained[key] for key in ("global_step", "epoch", "quantization") if key in trained}
     write_json(best / METRICS_FILE, {**results, **step}, sort_keys=True)
     write_model_card(best)
 

@@ -744,7 +744,8 @@ class Stage2Trainer(Trainer):
                 results = {"refined": self.last_eval_results["refined"], "opt_v1": self.last_eval_results["opt_v1"],
                            "n_tiles": int(self.last_eval_results["n_tiles"]),
                            "split": self.training_config.get("eval_split", "val"),
-                           "global_step": self.state.global_step, "epoch": self.state.epoch}
+                           "global_step": self.state.global_step, "epoch": self.state.epoch,
+                           "quantization": self.args.quantization}  # the precision they were measured at
                 write_json(staging / METRICS_FILE, results, sort_keys=True)
             write_json(staging / TRAINING_CONFIG_FILE, self.training_config_record(), sort_keys=True)
             if self.eval_preview is not None:
