@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +110,7 @@ def _load_error_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(text.split())}"
 
 
-_ZIP_START, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # a zip's first local header; its end-of-archive record
-_ZIP_END_SIZE = 22  # the end record's bytes before its comment, whose length is its last two
-_ZIP_END_SEARCH = 65_535 + _ZIP_END_SIZE  # the end record starts within a longest comment's length of the end
+_ZIP_START = b"PK\x03\x04"  # a zip's first local header: torch's zip checkpoints start with it
 
 
 def _truncation(path: Path) -> str | None:
@@ -125,13 +124,9 @@ def _truncation(path: Path) -> str | None:
         with path.open("rb") as file:
             if not _ZIP_START.startswith(file.read(len(_ZIP_START))):  # a 1-3 byte file too: its first bytes
                 return None  # not a zip checkpoint (torch's legacy format, or something else): torch's reason stands
-            file.seek(max(0, size - _ZIP_END_SEARCH))
-            tail = file.read()
+            if zipfile.is_zipfile(file):  # a whole end-of-archive record: torch failed for another reason
+                return None
     except OSError:  # unreadable now: torch's own reason is all there is
-        return None
-    end = tail.rfind(_ZIP_END)
-    comment = int.from_bytes(tail[end + _ZIP_END_SIZE - 2:end + _ZIP_END_SIZE], "little")
-    if end >= 0 and len(tail) - end >= _ZIP_END_SIZE + comment:
         return None
     return (f"a zip archive of {size} bytes without a whole end-of-archive record: the file is truncated (an "
             "interrupted download or copy); download or copy it again")
