@@ -124,6 +124,29 @@ def test_a_fit_without_enough_pixels_or_with_a_constant_band_says_so():
         fit_spectral_range(lambda: [(torch.rand(1, 4, 10, 10), None)], LOG_OFFSET, quantile=1.0)
 
 
+def test_a_constant_band_is_degenerate_at_any_value_over_many_pixels():
+    """Moments summed about 0 kept float64 rounding noise for a constant band (about 1e-10 of the largest spread over
+    1.8M pixels at reflectance 2.0, above the degeneracy cut-off): its range was accepted, with a precision of ~1e10."""
+    generator = torch.Generator().manual_seed(0)
+    for value in (2.0, 9.0):
+        opt_v1 = torch.rand(128, 4, 120, 120, generator=generator) * 0.5  # 1,843,200 pixels
+        opt_v1[:, 3] = value
+        with pytest.raises(ValueError, match="degenerate"):
+            fit_spectral_range(lambda: [(opt_v1[:64], None), (opt_v1[64:], None)], LOG_OFFSET)
+
+
+def test_a_narrow_range_far_from_the_origin_keeps_its_covariance():
+    """Spectra whose log spread (1e-4) is small beside their distance from the origin (~3): the covariance is numpy's
+    two-pass one to 1e-6, not what is left of it after sums of squares about 0 cancel."""
+    generator = torch.Generator().manual_seed(1)
+    log_spectra = 3.0 + 1e-4 * torch.randn(200, 4, 60, 60, generator=generator, dtype=torch.float64)
+    opt_v1 = reflectance_of_log_spectra(log_spectra)
+    fit = fit_spectral_range(lambda: [(opt_v1[:100], None), (opt_v1[100:], None)], LOG_OFFSET)
+    points = log_spectra.permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+    np.testing.assert_allclose(torch.linalg.inv(fit.precision).numpy(), np.cov(points.T, ddof=1), rtol=1e-6,
+                               atol=1e-15)
+
+
 def test_the_fit_of_a_dataset_equals_the_fit_of_its_tensors(sample_dataset_dir):
     from datasets import load_from_disk
 

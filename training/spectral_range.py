@@ -70,10 +70,11 @@ def fit_spectral_range(batches: Callable[[], Iterable], log_offset: float,
     if pixels <= bands:
         raise ValueError(f"A spectral range of {bands} bands needs more than {bands} valid training pixels, "
                          f"got {pixels}.")
-    mean = moments["sum"] / pixels
-    covariance = (moments["outer"] - pixels * torch.outer(mean, mean)) / (pixels - 1)
+    shifted_mean = moments["sum"] / pixels
+    mean = moments["shift"] + shifted_mean
+    covariance = (moments["outer"] - pixels * torch.outer(shifted_mean, shifted_mean)) / (pixels - 1)
     spread = torch.linalg.eigvalsh(covariance)
-    if not bool(spread[0] > _DEGENERATE * spread[-1]):  # float64 sums leave a constant band ~1e-17, not 0
+    if not bool(spread[0] > _DEGENERATE * spread[-1]):
         raise ValueError("The training pixels' log spectra are degenerate (a band is constant or a linear mix of "
                          "the others): their range has no inverse covariance.")
     precision = torch.linalg.inv(covariance)
@@ -116,20 +117,28 @@ def _valid_pixels(opt_v1, valid_mask) -> tuple[torch.Tensor, torch.Tensor]:
 def _moments(batches, log_offset: float) -> dict:
     from modeling_stage2.modeling_stage2 import log_spectra
 
-    total, outer, pixels, tiles = None, None, 0, 0
+    total, outer, shift, pixels, tiles = None, None, None, 0, 0
     for batch in batches():
         opt_v1, valid = _valid_pixels(*batch)
         points = log_spectra(opt_v1, log_offset).permute(0, 2, 3, 1)[valid]  # (N, bands)
         if total is None:
             total = torch.zeros(points.shape[1], dtype=torch.float64)
             outer = torch.zeros(points.shape[1], points.shape[1], dtype=torch.float64)
+        if shift is None and len(points):
+            # Moments about a training pixel, not about 0: sums of raw squares lose a band's spread to rounding
+            # (a constant band at 2.0 kept ~1e-10 of noise over 1.8M pixels); shifted ones keep it (a constant is 0).
+            shift = points[0].clone()
+        if shift is not None:
+            points = points - shift
         total += points.sum(dim=0)
         outer += points.T @ points
         pixels += int(points.shape[0])
         tiles += int(opt_v1.shape[0])
     if total is None:
         raise ValueError("There is no training tile to fit the range of the training spectra on.")
-    return {"sum": total, "outer": outer, "pixels": pixels, "tiles": tiles}
+    if shift is None:  # no valid pixel: the pixel count refuses the fit
+        shift = torch.zeros_like(total)
+    return {"sum": total, "outer": outer, "shift": shift, "pixels": pixels, "tiles": tiles}
 
 
 def _distances(batches, log_offset: float, mean, precision, stride: int) -> np.ndarray:
