@@ -59,23 +59,43 @@ _METRIC_WORDS = {"ndvi_rmse": "NDVI RMSE", "evi_rmse": "EVI RMSE", "sam": "SAM",
                  "edge_l1": "edge L1", "psnr": "PSNR", "ssim": "SSIM"}
 METRIC_LABELS = {name: f"{words} ({METRIC_UNITS[name]})" if name in METRIC_UNITS else words
                  for name, words in _METRIC_WORDS.items()}
-METRIC_NOTES = (
+_METRIC_DEFINITIONS = (
     "NDVI/EVI RMSE: RMSE of the vegetation indices of the output against those of the target; SAM: mean "
     "spectral angle between output and target spectra, in radians; identity L1: mean |output - opt_v1| (how "
     "far the refinement moves from its input); edge L1: mean |Sobel(output) - Sobel(opt_v1)| (edges kept from "
-    "the input). The `opt_v1` column scores the unrefined input the same way, so its identity and edge L1 are 0. "
-    "The colour fit column, when present, scores the colour fit: a least-squares per-band affine colour "
+    "the input)."
+)
+_OPT_V1_NOTE = "The `opt_v1` column scores the unrefined input the same way, so its identity and edge L1 are 0."
+_COLOUR_FIT_NOTE = (
+    "The colour fit column scores the colour fit: a least-squares per-band affine colour "
     "correction of `opt_v1` (4x4 matrix + bias, `training.linear_fit`) fitted on the split it names and applied "
-    "to the evaluated tiles. These are the two baselines; the refined output is worth using where it beats both "
-    "`opt_v1` and the colour fit. "
+    "to the evaluated tiles."
+)
+_BASELINES_NOTE = (
+    "These are the two baselines; the refined output is worth using where it beats both `opt_v1` and the colour fit."
+)
+_POOLING_NOTE = (
     "Metrics are pooled over the valid pixels of the whole split (`training.metrics`); n/a: nothing to measure."
 )
-# Added to the notes of metrics without a colour fit (training's validation records only `opt_v1`): the table then
-# holds one of the two baselines, and the card says so instead of leaving the reader to look for the other.
-NO_COLOUR_FIT_NOTE = (
+# Said where metrics lack a baseline (training's validation records only `opt_v1`; hand-written metrics may have
+# neither): the table then holds fewer than the two baselines, and the card says so instead of leaving the reader to
+# look for the others.
+_NO_OPT_V1_NOTE = (
+    "These metrics hold no `opt_v1` scores: the table does not show whether the refined output beats its own input "
+    "(`stage2-evaluate --json` records them)."
+)
+_NO_COLOUR_FIT_NOTE = (
     "These metrics hold no colour fit (`linear_fit`): it was not evaluated on these tiles, so the table does not "
     "show whether the refined output beats it (`stage2-evaluate --json` adds it, fitted on the data's `train` split)."
 )
+
+
+def metric_notes(has_opt_v1: bool, has_linear_fit: bool) -> str:
+    """The notes under the evaluation table: what each metric and each baseline column shown is, and which are not."""
+    return " ".join([_METRIC_DEFINITIONS, *([_OPT_V1_NOTE] if has_opt_v1 else []),
+                     *([_COLOUR_FIT_NOTE] if has_linear_fit else []), _BASELINES_NOTE, _POOLING_NOTE,
+                     *([] if has_opt_v1 else [_NO_OPT_V1_NOTE]), *([] if has_linear_fit else [_NO_COLOUR_FIT_NOTE])])
+
 
 # In every generated card: `stage2-push` regenerates a card carrying it (so the pushed card names the right
 # repo, code and datasets); deleting the line keeps a hand-edited card as it is.
@@ -390,7 +410,8 @@ def build_model_card(
         split=split,
         eval_dataset_name=eval_dataset_name,
         eval_precision=_measured_precision(clean.get("quantization")) if clean else None,
-        metric_notes=METRIC_NOTES if clean and "linear_fit" in clean else f"{METRIC_NOTES} {NO_COLOUR_FIT_NOTE}",
+        metric_notes=metric_notes("opt_v1" in clean, "linear_fit" in clean) if clean else None,
+        has_opt_v1=bool(clean) and "opt_v1" in clean,
         linear_fit_label=(_linear_fit_label(clean.get("linear_fit_fitted_on"))
                           if clean and "linear_fit" in clean else None),
         generated_marker=GENERATED_MARKER,
