@@ -35,7 +35,8 @@ def test_the_parameters_are_the_losss_weights_with_their_defaults(study):
     weights = study.loss_weights()
     assert weights["reconstruction_weight"] == DEFAULT_RECONSTRUCTION_WEIGHT == Stage2Loss().reconstruction_weight
     assert weights["identity_weight"] == DEFAULT_IDENTITY_WEIGHT == Stage2Loss().identity_weight
-    assert "adversarial_weight" in weights and "ndvi_weight" in weights and "target" not in weights
+    assert "adversarial_weight" in weights and "ndvi_weight" in weights
+    assert "ndvi_floor" not in weights and "evi_floor" not in weights  # Stage2Loss's parameters that are no weight
 
 
 def test_a_run_is_scored_against_both_baselines_and_its_presets_goal(study):
