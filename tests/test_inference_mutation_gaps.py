@@ -188,3 +188,50 @@ def test_a_scene_records_its_month_and_biome_and_counts_every_pixel_with_a_weigh
     kept = dn_to_reflectance(data)[0] > 0.15
     assert 0.05 < (kept & valid).sum() / valid.sum() < 0.95  # the case at stake
     assert result.out_of_range_fraction == pytest.approx((kept & valid).sum() / valid.sum(), abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ stage2-refine's checks
+
+
+def _scene_arguments(tmp_path, *flags):
+    """stage2-refine on a small scene with a model that does not exist: any check the arguments fail must come
+    before the model is looked for, and name the flag (not the model)."""
+    scene = write_geotiff(tmp_path / "scene.tif", smooth_scene(30, 30))
+    return ["--model", str(tmp_path / "no_model_here"), "--input", str(scene), "--output", str(tmp_path / "o.tif"),
+            "--month", "7", "--biome", "4", "--no_progress", *flags]
+
+
+def test_cli_refuses_batch_size_0_before_looking_for_the_model(tmp_path, capsys):
+    """Without the check at the top of `main`, --batch_size 0 was found only by the refiner, after the model had been
+    loaded (minutes for a Hub download), or blamed on a missing model."""
+    from inference_stage2.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(_scene_arguments(tmp_path, "--batch_size", "0"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--batch_size must be at least 1" in err and "no_model_here" not in err
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_cli_num_threads_sets_torch_s_threads(tmp_path, capsys):
+    """--num_threads is handed to torch (set before anything else, so that it holds even where the run then stops)."""
+    import torch
+
+    from inference_stage2.cli import main
+
+    assert torch.get_num_threads() == 1  # the one_torch_thread fixture; it restores torch's own number after
+    assert main(_scene_arguments(tmp_path, "--num_threads", "2")) == 2  # no such model
+    assert "no_model_here" in capsys.readouterr().err
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("window, overlap", [(64, 64), (64, 65)])
+def test_cli_refuses_an_overlap_of_a_whole_window_before_looking_for_the_model(tmp_path, capsys, window, overlap):
+    """Windows overlapping by their whole width never advance: refused with the flags' names (`<`, not `<=`) before
+    the model is loaded."""
+    from inference_stage2.cli import main
+
+    assert main(_scene_arguments(tmp_path, "--window", str(window), "--overlap", str(overlap))) == 2
+    err = capsys.readouterr().err
+    assert f"need --window >= 1 and 0 <= --overlap < --window, got {window}, {overlap}" in err
+    assert "no_model_here" not in err
