@@ -92,9 +92,9 @@ _NO_COLOUR_FIT_NOTE = (
 
 def metric_notes(has_opt_v1: bool, has_linear_fit: bool) -> str:
     """The notes under the evaluation table: what each metric and each baseline column shown is, and which are not."""
-    return " ".join([_METRIC_DEFINITIONS, *([_OPT_V1_NOTE] if has_opt_v1 else []),
-                     *([_COLOUR_FIT_NOTE] if has_linear_fit else []), _BASELINES_NOTE, _POOLING_NOTE,
-                     *([] if has_opt_v1 else [_NO_OPT_V1_NOTE]), *([] if has_linear_fit else [_NO_COLOUR_FIT_NOTE])])
+    shown = [_OPT_V1_NOTE] * has_opt_v1 + [_COLOUR_FIT_NOTE] * has_linear_fit
+    missing = [_NO_OPT_V1_NOTE] * (not has_opt_v1) + [_NO_COLOUR_FIT_NOTE] * (not has_linear_fit)
+    return " ".join([_METRIC_DEFINITIONS, *shown, _BASELINES_NOTE, _POOLING_NOTE, *missing])
 
 
 # In every generated card: `stage2-push` regenerates a card carrying it (so the pushed card names the right

@@ -60,6 +60,16 @@ def wake_up(model, seed: int = 1) -> None:
             parameter[:, bands:] = torch.randn(parameter[:, bands:].shape, generator=generator) * 0.05
 
 
+def save_woken_adapter(folder, quantization: str = "none"):
+    """A tiny adapter, woken up (every trainable weight nonzero), saved to `folder` on a base of `quantization`."""
+    from modeling_stage2.adapters import build_trainable_model, save_trained_model
+
+    torch.manual_seed(0)
+    model = build_trainable_model(tiny_refiner_config(), quantization=quantization, print_summary=False)
+    wake_up(model)
+    return save_trained_model(model, folder)
+
+
 def assert_refused_before_any_base(folder, monkeypatch, error, message: str) -> None:
     """`load_trained_model(folder)` raises `error` matching `message`, on one line, before any base is built."""
     from modeling_stage2 import adapters, load_trained_model

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _refiner_helpers import single_thread  # noqa: F401  (fixture)
-from _refiner_helpers import assert_refused_before_any_base, tiny_inputs, tiny_refiner_config, wake_up
+from _refiner_helpers import (assert_refused_before_any_base, save_woken_adapter, tiny_inputs, tiny_refiner_config,
+                              wake_up)
 from modeling_stage2 import Stage2RefinerModel
 from modeling_stage2 import adapters
 from modeling_stage2.adapters import build_trainable_model, export_merged_model, load_trained_model, save_trained_model
@@ -50,10 +51,7 @@ def test_an_adapter_on_a_saved_base_keeps_its_lora_settings_when_reloaded(tmp_pa
 
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_trainable_model(tiny_refiner_config(), quantization="none", print_summary=False)
-    wake_up(model)
-    return save_trained_model(model, tmp_path_factory.mktemp("adapter") / "good")
+    return save_woken_adapter(tmp_path_factory.mktemp("adapter") / "good")
 
 
 def _edit_adapter_config(**changes):

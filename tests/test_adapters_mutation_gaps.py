@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _refiner_helpers import single_thread  # noqa: F401  (fixture)
-from _refiner_helpers import assert_refused_before_any_base, tiny_inputs, tiny_refiner_config, wake_up
+from _refiner_helpers import assert_refused_before_any_base, save_woken_adapter, tiny_inputs, tiny_refiner_config
 from modeling_stage2 import Stage2RefinerModel, adapters
 from modeling_stage2.adapters import (build_trainable_model, format_trainable_summary, load_trained_model,
                                       save_trained_model, trainable_parameter_summary)
@@ -30,10 +30,7 @@ def refine(model, seed: int = 3):
 @pytest.fixture(scope="module")
 def adapter_8bit(tmp_path_factory):
     """An adapter trained (as if) on an 8-bit random-init base: stage2_base.json kind "saved"."""
-    torch.manual_seed(0)
-    model = build_trainable_model(tiny_refiner_config(), quantization="8bit", print_summary=False)
-    wake_up(model)
-    return save_trained_model(model, tmp_path_factory.mktemp("gaps") / "best")
+    return save_woken_adapter(tmp_path_factory.mktemp("gaps") / "best", quantization="8bit")
 
 
 # ------------------------------------------------------------------------------------------ quantization config
