@@ -53,13 +53,14 @@ def test_flag_defaults_in_the_training_table():
             elif item.default_factory is not dataclasses.MISSING:
                 defaults[item.name] = item.default_factory()
     checked = []
-    for name, value in re.findall(r"`--(\w+) ([a-z0-9_.][\w. ]*)`", table.group(1)):
+    for name, value in re.findall(r"`--(\w+) ([a-z0-9_.][\w.\- ]*)`", table.group(1)):
         if defaults.get(name) is None:  # not a field, or unset by default: an example value
             continue
         assert _same(value, defaults[name]), f"docs/training.md: --{name} {value}, the default is {defaults[name]!r}"
         checked.append(name)
     assert {"degradation", "lora_r", "quantization", "disc_num_layers", "num_train_epochs", "save_every_epochs",
-            "metric_for_best_model", "out_of_range_quantile", "eval_split"} <= set(checked)
+            "metric_for_best_model", "out_of_range_quantile", "eval_split", "learning_rate", "warmup_steps",
+            "per_device_eval_batch_size", "max_grad_norm"} <= set(checked)
 
 
 def test_loss_weight_defaults_quoted_in_training_md():

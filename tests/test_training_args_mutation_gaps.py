@@ -112,12 +112,14 @@ def _args(tmp_path, **values):
 
 
 def test_the_design_defaults_the_class_docstring_states(tmp_path):
-    """`Stage2TrainingArguments`: batch 1, gradient accumulation 8, learning rate 1e-4, cosine schedule, clipping 1.0,
-    100 epochs, best model on the refined NDVI RMSE (smaller is better), the starting model validated too;
-    validation every 5 epochs and a checkpoint every 10 (`docs/training.md`)."""
+    """`Stage2TrainingArguments`: batch 1, gradient accumulation 8, learning rate 1e-4, cosine schedule after a warmup
+    over 5 % of the steps, clipping 1.0, 100 epochs, evaluation batch 4, best model on the refined NDVI RMSE (smaller
+    is better), the starting model validated too; validation every 5 epochs and a checkpoint every 10
+    (`docs/training.md`)."""
     args = _args(tmp_path)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate) == (1, 8, 1e-4)
     assert args.lr_scheduler_type == "cosine" and args.max_grad_norm == 1.0 and args.num_train_epochs == 100
+    assert args.warmup_steps == 0.05 and args.per_device_eval_batch_size == 4
     assert args.metric_for_best_model == "eval_refined_ndvi_rmse" and args.greater_is_better is False
     assert args.eval_on_start is True and (args.eval_every_epochs, args.save_every_epochs) == (5.0, 10.0)
 

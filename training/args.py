@@ -107,8 +107,9 @@ def greater_is_better(metric: str) -> bool:
 class Stage2TrainingArguments(TrainingArguments):
     r"""
     [`~transformers.TrainingArguments`] for the Stage 2 refiner, with the design's defaults (batch 1, gradient
-    accumulation 8, learning rate 1e-4, cosine schedule, gradient clipping 1.0, 100 epochs, best model chosen on
-    the validation NDVI RMSE of the refined output, the model before the first step included: `eval_on_start`).
+    accumulation 8, learning rate 1e-4, cosine schedule after a linear warmup over 5 % of the steps, gradient
+    clipping 1.0, 100 epochs, evaluation batch 4, best model chosen on the validation NDVI RMSE of the refined
+    output, the model before the first step included: `eval_on_start`).
 
     Model:
         model_name_or_path (`str`, *optional*): a saved `Stage2RefinerModel` folder or Hub repo to start from
