@@ -88,9 +88,10 @@ def describe_gains(table: dict) -> str:
 
 
 def not_beaten(table: dict) -> list[str]:
-    """`metric vs baseline` for every baseline the refined output does not beat."""
+    """`metric vs baseline` for every baseline the refined output does not beat (a lower value beats; a NaN, of a
+    model that diverged, beats none)."""
     return [f"{name} vs {BASELINE_LABELS[baseline]}" for name, row in table.items() for baseline in BASELINES
-            if baseline in row and row["refined"] >= row[baseline]]
+            if baseline in row and not row["refined"] < row[baseline]]
 
 
 def record_held_out_results(best: Path, results: dict) -> None:
