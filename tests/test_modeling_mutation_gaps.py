@@ -13,7 +13,8 @@ from transformers.testing_utils import CaptureLogger
 from _refiner_helpers import tiny_backbone_config, tiny_inputs, tiny_refiner_config
 from modeling_stage2 import PrithviEncoder, PrithviEncoderOutput, Stage2RefinerModel
 from modeling_stage2 import modeling_prithvi
-from modeling_stage2.modeling_stage2 import cyclic_month_encoding, log_spectra
+from modeling_stage2.modeling_stage2 import (backbone_weights_location, cyclic_month_encoding, keep_opt_v1_ndvi,
+                                             log_spectra, out_of_range_weight, spectral_distance)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -138,3 +139,125 @@ def test_a_bool_month_or_biome_is_refused_not_read_as_one():
     for arguments in ((True, biome), (month, torch.tensor([True, False]))):
         with pytest.raises(TypeError, match=r"must be an integer tensor \(LongTensor\), got dtype torch\.bool"):
             model(opt_v1, *arguments)
+
+
+def _blocks_0_and_2_seen_by(module_name: str, argument: int, **config):
+    """The output (with hidden states) of a 3-block refiner reading blocks 0 and 2, on 2 tiles of 28 px, and argument
+    `argument` of the call to its submodule `module_name`."""
+    config = tiny_refiner_config(backbone_config=tiny_backbone_config(depth=3), feature_layers=[0, 2], **config)
+    model = Stage2RefinerModel(config).eval()
+    seen = {}
+    model.get_submodule(module_name).register_forward_pre_hook(lambda module, args: seen.update(value=args[argument]))
+    opt_v1, month, biome = tiny_inputs(batch=2, size=(28, 28))
+    with torch.no_grad():
+        output = model(opt_v1, month, biome, output_hidden_states=True)
+    return output, seen["value"]
+
+
+def test_the_head_is_given_the_configured_blocks_in_order():
+    """`feature_layers` are 0-based block indices: the head gets each listed block's output (the last one after the
+    final LayerNorm), in the listed order, as `output.hidden_states` holds them."""
+    output, features = _blocks_0_and_2_seen_by("head", 0)
+    assert len(features) == 2
+    for layer, feature in zip([0, 2], features):
+        expected = output.hidden_states[layer][:, 1:].reshape(2, 2, 2, 64)
+        torch.testing.assert_close(feature, expected, atol=0, rtol=0)
+
+
+def test_the_per_tile_correction_reads_the_last_selected_block():
+    """The per-tile correction's context is the mean over the patch grid of the backbone's last selected features
+    (block 2 of 0 and 2 here), not the first."""
+    output, features = _blocks_0_and_2_seen_by("spectral_correction", 2, spectral_correction="affine")
+    expected = output.hidden_states[2][:, 1:].reshape(2, 2, 2, 64)
+    assert not torch.allclose(output.hidden_states[0], output.hidden_states[2], atol=1e-2)
+    torch.testing.assert_close(features, expected, atol=0, rtol=0)
+
+
+def test_backbone_weights_converted_at_another_image_size_load_with_the_refiners_position_table(tmp_path):
+    """The fixed sin-cos position table depends on img_size only: weights converted at 42 px load into a 224-px
+    refiner, every other weight copied, the refiner keeping its own table (not refused for a shape mismatch)."""
+    torch.manual_seed(0)
+    source = PrithviEncoder(tiny_backbone_config(img_size=42))
+    source.save_pretrained(tmp_path)
+    model = Stage2RefinerModel(tiny_refiner_config())
+    table = model.backbone.pos_embed.detach().clone()
+    assert table.shape != source.pos_embed.shape
+    model.load_backbone_weights(tmp_path)
+    assert torch.equal(model.backbone.pos_embed, table)
+    theirs = source.state_dict()
+    mine = {key: value for key, value in model.backbone.state_dict().items() if key != "pos_embed"}
+    assert len(mine) == len(theirs) - 1 and all(torch.equal(value, theirs[key]) for key, value in mine.items())
+
+
+def test_keeping_only_ndvi_follows_a_red_share_above_nine_tenths():
+    """Dark water is far redder than it is near-infrared: opt_v1's 95:5 and 100:0 splits are kept as they are, and
+    the refined red + NIR sum is kept whole (NIR is the sum less red, whatever the share)."""
+    output = torch.tensor([0.1, 0.2, 0.03, 0.01]).view(1, 4, 1, 1).repeat(1, 1, 1, 2)
+    opt_v1 = torch.tensor([[0.0, 0.0, 0.0095, 0.0005], [0.0, 0.0, 0.004, 0.0]]).T.reshape(1, 4, 1, 2)
+    kept = keep_opt_v1_ndvi(output, opt_v1, torch.ones(1, 1, 1, 2), (2, 3))
+    expected = torch.tensor([[0.1, 0.2, 0.038, 0.002], [0.1, 0.2, 0.04, 0.0]]).T.reshape(1, 4, 1, 2)
+    torch.testing.assert_close(kept, expected, atol=1e-7, rtol=0)
+
+
+def test_a_half_precision_model_measures_the_spectral_range_in_float32():
+    """`model.to(torch.bfloat16)` rounds the range's buffers, but the distance is still computed in float32 from
+    them: the weights are those of the float32 formula on the rounded statistics (bfloat16 arithmetic moves them by
+    up to 0.015 here)."""
+    model = Stage2RefinerModel(tiny_refiner_config(out_of_range_fallback=True)).eval()
+    generator = torch.Generator().manual_seed(0)
+    root = torch.randn(4, 4, generator=generator)
+    precision, mean = root @ root.T * 20 + torch.eye(4), torch.tensor([0.1, 0.3, -0.2, 1.0])
+    spectra = torch.rand(1, 4, 16, 16, generator=generator) * 0.4
+    distance = spectral_distance(spectra, mean, precision, model.spectral_range.log_offset)
+    model.spectral_range.set_range(mean, precision, float(distance.median()) / 1.2)  # about 70% on the ramp
+    spectral_range = model.to(torch.bfloat16).spectral_range
+    assert spectral_range.mean.dtype == torch.bfloat16
+    with torch.no_grad():
+        weight = spectral_range(spectra)
+        statistics = (spectral_range.mean.float(), spectral_range.precision.float())
+        distance = spectral_distance(spectra, *statistics, spectral_range.log_offset)
+    expected = out_of_range_weight(distance, spectral_range.threshold.float(), spectral_range.ramp)[:, None]
+    assert 0.4 < float(((expected > 0) & (expected < 1)).float().mean()) < 0.9
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0)
+
+
+def test_the_head_is_moved_to_the_cpu_before_its_fallback_run_and_back_after(monkeypatch):
+    """On an accelerator the CPU retry must move the head's weights first (its inputs are moved to the CPU; weights
+    left on the GPU fail with a device mismatch), then back to the input's device. Here the CPU plays the
+    accelerator, so the moves are recorded where they happen."""
+    model = Stage2RefinerModel(tiny_refiner_config()).eval()
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28))
+    with torch.no_grad():
+        expected = model(opt_v1, month, biome).refined
+    model.oom_fallback_device_types = ("cpu",)
+    events, forward, move = [], model.head.forward, model.head.to
+
+    def failing_first(*args, **kwargs):
+        events.append("forward")
+        if len(events) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    def recorded_move(*args, **kwargs):
+        events.append(f"to {torch.device(*args)}")
+        return move(*args, **kwargs)
+
+    monkeypatch.setattr(model.head, "forward", failing_first)
+    monkeypatch.setattr(model.head, "to", recorded_move)
+    with pytest.warns(RuntimeWarning, match="ran out of memory"), torch.no_grad():
+        output = model(opt_v1, month, biome).refined
+    assert events == ["forward", "to cpu", "forward", "to cpu"]
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("ibm-nasa-geospatial/Prithvi-EO-2.0-600M-TL", ("ibm-nasa-geospatial/Prithvi-EO-2.0-600M-TL",
+                                                     "Prithvi_EO_V2_600M_TL.pt")),
+    ("ibm-nasa-geospatial/Prithvi-EO-2.0-300M", ("ibm-nasa-geospatial/Prithvi-EO-2.0-300M", "Prithvi_EO_V2_300M.pt")),
+    ("me/prithvi/weights.pt", ("me/prithvi", "weights.pt")),
+])
+def test_a_hub_repo_id_names_its_official_checkpoint_file(source, expected):
+    """OWNER/Prithvi-EO-2.0-600M-TL holds Prithvi_EO_V2_600M_TL.pt: every hyphen after the prefix becomes an
+    underscore (a hyphen left in asks the Hub for a file that is not there)."""
+    assert backbone_weights_location(source) == ("hub", expected)
