@@ -450,6 +450,36 @@ def test_the_supervisor_forwards_ctrl_c_then_a_second_as_sigterm_and_empties_the
     assert {signum: signal.getsignal(signum) for signum in signums} == before
 
 
+def test_a_hangup_the_supervisor_was_started_ignoring_stays_ignored(tmp_path):
+    """Under `nohup stage2-train` a hangup was still caught and forwarded: a run that went on to the end exited 129,
+    "stopped by SIGHUP"."""
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    script = ("import os, sys, time\nopen(sys.argv[1], 'w').close()\ndeadline = time.monotonic() + 20\n"
+              "while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:\n    time.sleep(0.01)")
+    term = signal.getsignal(signal.SIGTERM)
+    ended = threading.Event()
+
+    def hang_up_then_finish():
+        _wait_until(lambda: ready.is_file() and signal.getsignal(signal.SIGTERM) is not term)
+        if not ended.is_set():  # never once SIGHUP is this process's own again
+            os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.2)
+        done.touch()
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        hanger = threading.Thread(target=hang_up_then_finish, daemon=True)
+        hanger.start()
+        code, received = train_module.run_accelerate([sys.executable, "-c", script, str(ready), str(done)],
+                                                     dict(os.environ))
+        hanger.join(timeout=10)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        ended.set()
+        signal.signal(signal.SIGHUP, previous)
+    assert (code, received) == (0, [])
+
+
 def test_the_exit_status_names_the_first_stopping_signal_and_a_finished_run_stays_0(tmp_path, capsys):
     from training.train import _exit_status
 
