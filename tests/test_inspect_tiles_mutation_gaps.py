@@ -3,29 +3,15 @@
 in its docstring or name, the behaviour it pins."""
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 
 import numpy as np
 import pytest
 from _data_helpers import tile_arrays, write_tile
+from test_npz_safety import npy_bytes, write_npz
 
 from data_builders.inspect import describe_dataset, main as inspect_main
 from data_builders.tiles import BAND_NAMES, NPZ_MAX_BYTES, TileError, read_sidecar, read_tile
-
-
-def _zip_members(path, members: dict) -> None:
-    """An NPZ written member by member: {name: bytes}, deflated as np.savez_compressed does."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-
-
-def _npy(array: np.ndarray, version=None) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, array, version=version, allow_pickle=False)
-    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------- tiles: errors
@@ -44,7 +30,7 @@ def test_a_band_saved_as_npy_format_version_3_is_read(tmp_path):
     """numpy reads .npy version 3.0 (a UTF-8 header): such a tile is valid, not 'corrupt'."""
     arrays = tile_arrays()
     path = tmp_path / "v3.npz"
-    _zip_members(path, {f"{key}.npy": _npy(np.asarray(value), (3, 0) if key == "s2_b4" else None)
+    write_npz(path, {f"{key}.npy": npy_bytes(np.asarray(value), (3, 0) if key == "s2_b4" else None)
                         for key, value in arrays.items()})
     tile = read_tile(path)
     np.testing.assert_array_equal(tile.target[2], (arrays["s2_b4"] * 1e-4).astype(np.float32))
@@ -65,10 +51,10 @@ def test_the_decompression_limit_counts_all_members_together(tmp_path, order):
 
 
 def test_a_member_shorter_than_its_header_says_so(tmp_path):
-    members = {f"{key}.npy": _npy(np.asarray(value)) for key, value in tile_arrays(s1=False).items()}
+    members = {f"{key}.npy": npy_bytes(np.asarray(value)) for key, value in tile_arrays(s1=False).items()}
     members["s2_b2.npy"] = members["s2_b2.npy"][:-100]
     path = tmp_path / "short.npz"
-    _zip_members(path, members)
+    write_npz(path, members)
     with pytest.raises(TileError) as caught:
         read_tile(path)
     assert caught.value.key == "s2_b2" and caught.value.problem.endswith(": member shorter than its header")

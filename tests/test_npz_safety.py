@@ -23,9 +23,10 @@ BOMB_ZEROS = 300 * 2**20  # deflates to ~1.4 MB at level 1: a second to write, 3
 PEAK_LIMIT = 50 * 2**20
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    """`array` as a `.npy` file of format `version` (numpy's choice when None)."""
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=False)
     return buffer.getvalue()
 
 
@@ -46,7 +47,7 @@ def write_npz(path: Path, members: dict[str, bytes], bomb: str | None = None, ze
 def tile_members() -> dict[str, bytes]:
     """The `.npy` members of a valid tile whose `s2_b2` is all zeros (so a bomb's zeros look like band data)."""
     arrays = tile_arrays(s1=False) | {"s2_b2": np.zeros((120, 120), np.uint16)}
-    return {f"{key}.npy": _npy_bytes(np.asarray(value)) for key, value in arrays.items()}
+    return {f"{key}.npy": npy_bytes(np.asarray(value)) for key, value in arrays.items()}
 
 
 def set_directory_size(path: Path, name: str, size: int) -> None:
@@ -82,7 +83,7 @@ BOMBS = {
     "trailing zeros after a band": (tile_members, "s2_b2.npy", "s2_b2", "trailing data"),
     # layouts np.load reads: a Fortran-ordered array, and a member that is not a .npy at all
     "trailing zeros after a Fortran array": (
-        lambda: tile_members() | {"extra.npy": _npy_bytes(np.asfortranarray(np.zeros((3, 4))))},
+        lambda: tile_members() | {"extra.npy": npy_bytes(np.asfortranarray(np.zeros((3, 4))))},
         "extra.npy", "extra", "trailing data"),
     "a raw member": (lambda: tile_members() | {"notes.txt": b"hello"}, "notes.txt", "notes.txt", "limit"),
 }
@@ -101,7 +102,7 @@ def test_npz_bomb_is_rejected_by_the_builder_without_inflating(tmp_path, case):
 
 def test_npz_bomb_in_a_stage1_file_is_rejected(tmp_path):
     opt_v1 = np.zeros((4, 120, 120), np.float32)
-    path = write_npz(tmp_path / "stage1.npz", {"opt_v1.npy": _npy_bytes(opt_v1)}, bomb="opt_v1.npy")
+    path = write_npz(tmp_path / "stage1.npz", {"opt_v1.npy": npy_bytes(opt_v1)}, bomb="opt_v1.npy")
     error, peak = rejection_and_peak(lambda: read_stage1(path))
     assert error.key == "opt_v1" and "trailing data" in error.problem and str(path) in str(error)
     assert peak < PEAK_LIMIT, f"peak allocation {peak / 2**20:.0f} MiB"
@@ -148,7 +149,7 @@ def test_valid_tile_with_unusual_layouts_still_reads(tmp_path):
     from data_builders.tiles import load_npz
 
     # members the fast reader leaves to np.load, within their bounds: same result as np.load
-    members = tile_members() | {"extra.npy": _npy_bytes(np.asfortranarray(np.arange(12.0).reshape(3, 4))),
+    members = tile_members() | {"extra.npy": npy_bytes(np.asfortranarray(np.arange(12.0).reshape(3, 4))),
                                 "notes.txt": b"hello"}
     path = write_npz(tmp_path / "fine.npz", members)
     tile = read_tile(path)
