@@ -385,6 +385,13 @@ def _check_weight(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_floor(name: str, value: float) -> float:
+    # A floor of 0 or below lets a valid pixel with a zero denominator give 0 / 0 (NaN) in the loss.
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
 class SpectralLoss(nn.Module):
     """Spectral plausibility of the refined output against the target.
 
@@ -395,7 +402,7 @@ class SpectralLoss(nn.Module):
         ndvi_weight, evi_weight, sam_weight: weights of the three terms (>= 0).
         ndvi_floor, evi_floor: denominator floors of the indices. On very dark pixels (water,
             NIR + R of a few DN) NDVI's gradient is ~2 / (NIR + R); raise `ndvi_floor` (e.g. to
-            0.01) if those pixels dominate training.
+            0.01) if those pixels dominate training. Each must be a finite number > 0.
     """
 
     def __init__(
@@ -410,8 +417,8 @@ class SpectralLoss(nn.Module):
         self.ndvi_weight = _check_weight("ndvi_weight", ndvi_weight)
         self.evi_weight = _check_weight("evi_weight", evi_weight)
         self.sam_weight = _check_weight("sam_weight", sam_weight)
-        self.ndvi_floor = ndvi_floor
-        self.evi_floor = evi_floor
+        self.ndvi_floor = _check_floor("ndvi_floor", ndvi_floor)
+        self.evi_floor = _check_floor("evi_floor", evi_floor)
 
     @in_full_precision
     def forward(
