@@ -416,7 +416,7 @@ def test_training_starts_the_branch_at_the_fit_of_the_training_split(sample_data
         resume_from_checkpoint="latest", spectral_correction_init="linear_fit", **arguments)).startswith("linear_fit")
     # ... and with one, the checkpoint holds the correction: nothing is computed.
     (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).write_text('{"files": {}}')
+    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).write_text('{"global_step": 4, "files": {}}')
     resumed = affine_model()
     assert start_spectral_correction(resumed, train_split, Stage2TrainingArguments(
         resume_from_checkpoint="latest", **arguments)) is None

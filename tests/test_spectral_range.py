@@ -301,7 +301,7 @@ def test_training_fits_the_range_on_the_training_split_unless_resuming(sample_da
     assert float(model.spectral_range.threshold) == pytest.approx(expected.threshold, rel=1e-6)
     torch.testing.assert_close(model.spectral_range.precision, expected.precision.float())
     (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).write_text('{"files": {}}')
+    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).write_text('{"global_step": 4, "files": {}}')
     resumed = fallback_model()
     assert start_spectral_range(resumed, train_split, Stage2TrainingArguments(
         resume_from_checkpoint="latest", out_of_range_fallback=True, **arguments)) is None

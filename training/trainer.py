@@ -19,8 +19,9 @@ accumulation, mixed precision, DDP, RNG state and Hub pushes):
   `eval_refined_<metric>`, `eval_opt_v1_<metric>`, `eval_n_tiles`, `eval_loss`; when the metric named by
   `metric_for_best_model` improves, the model is written to `OUTPUT_DIR/best` (`save_trained_model`, atomic).
 - Checkpoints get a completion marker written last, with the size and sha256 of every file; `find_latest_checkpoint`
-  (used by `--resume latest`) only returns checkpoints that verify against it, falling back past corrupt ones (named
-  in a warning, never deleted); torn ones (no marker) left by a killed process are removed when training starts.
+  (used by `--resume latest`) only returns checkpoints that verify against it (and record the step of their
+  `checkpoint-N` folder), falling back past corrupt ones (named in a warning, never deleted); torn ones (no marker)
+  left by a killed process are removed when training starts.
   `save_total_limit` deletes this run's oldest checkpoints only, never the newest or the best one (nor at the end of
   training); a checkpoint whose discriminator does not fit the run is refused before anything is written; and
   `load_best_model_at_end` loads `best/`.
@@ -80,26 +81,32 @@ def checkpoint_marker(folder: Path, global_step: int) -> dict:
             "sha256": {item.name: file_sha256(item) for item in files}}
 
 
-def _read_marker(folder: Path) -> tuple[dict, dict]:
-    """(sizes, sha256s) of the marker; sha256s is empty for markers written before hashes were recorded."""
+def _read_marker(folder: Path) -> tuple[dict, dict, object]:
+    """(sizes, sha256s, global step) of the marker; sha256s is empty for markers written before hashes were
+    recorded."""
     record = json.loads((folder / CHECKPOINT_COMPLETE_NAME).read_text())
     sizes, hashes = record["files"], record.get("sha256", {})
     if not isinstance(sizes, dict) or not isinstance(hashes, dict):
         raise TypeError("'files' and 'sha256' must be mappings")
-    return sizes, hashes
+    return sizes, hashes, record.get("global_step")
 
 
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why the checkpoint `path` cannot be resumed from, naming the file; None when every file the marker lists is
-    there with its recorded size and sha256 (size only for markers of older versions, which have no hashes)."""
+    there with its recorded size and sha256 (size only for markers of older versions, which have no hashes), and a
+    `checkpoint-N` folder's marker records step N (a checkpoint of another step copied or renamed there does not)."""
     folder = Path(path)
     if not (folder / CHECKPOINT_COMPLETE_NAME).is_file():
         return (f"the checkpoint is incomplete (no valid {CHECKPOINT_COMPLETE_NAME}; it was torn by an interrupted "
                 "save)")
     try:
-        sizes, hashes = _read_marker(folder)
+        sizes, hashes, recorded_step = _read_marker(folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"the checkpoint is corrupt: {CHECKPOINT_COMPLETE_NAME} is unreadable ({error})"
+    step = _checkpoint_step(folder)
+    if step is not None and recorded_step != step:
+        return (f"the checkpoint is corrupt: {CHECKPOINT_COMPLETE_NAME} records step {recorded_step!r}, not the "
+                f"{step} of {folder.name}")
     for name, size in sizes.items():  # sizes first: cheap, and they catch truncation
         if not (folder / name).is_file():
             return f"the checkpoint is corrupt: {name} is missing"
