@@ -136,7 +136,7 @@ def test_resuming_false_fits_even_where_the_arguments_name_a_checkpoint(tmp_path
     from training.warm_start import start_spectral_correction
 
     (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).write_text('{"files": {}}')
+    (tmp_path / "checkpoint-4" / CHECKPOINT_COMPLETE_NAME).write_text('{"global_step": 4, "files": {}}')
     args = Stage2TrainingArguments(output_dir=str(tmp_path), quantization="none", report_to="none",
                                    resume_from_checkpoint="latest", spectral_correction_init="linear_fit")
     assert start_spectral_correction(_affine_model(), _table(2), args) is None
