@@ -240,7 +240,7 @@ def patch_tile(row: dict, s2: dict, s1: dict) -> tuple[dict, dict]:
 
 
 def _write_atomic(path: Path, write) -> None:
-    with _files.atomic_file(path) as partial:
+    with _files.atomic_file(path, durable=False) as partial:  # two files per patch: see `atomic_file`
         with open(partial, "wb") as handle:
             write(handle)
 

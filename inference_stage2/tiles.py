@@ -90,7 +90,7 @@ class TileRefinementSummary:
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """`np.savez` to a temporary file beside `path`, renamed into place only when complete."""
-    with atomic_file(path) as partial:
+    with atomic_file(path, durable=False) as partial:  # one per tile: see `atomic_file`
         with open(partial, "wb") as handle:
             np.savez(handle, **arrays)
 

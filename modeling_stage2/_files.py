@@ -8,6 +8,9 @@ A folder is replaced in two renames: the old one is set aside beside it as `.NAM
 moved in, then the old one is deleted. A process killed between the two renames leaves no `NAME` and the old content
 set aside; the next replacement of `NAME` (or a call of `restore_set_aside`) moves it back before anything else, and
 deletes a set-aside folder only once `NAME` exists again (the kill came after the second rename).
+
+What a rename moves in is flushed to the disk first, and the folder holding it after (`fsync`): a machine that loses
+power after a save keeps the old content or the new one, never a new name over data that was still in memory.
 """
 from __future__ import annotations
 
@@ -54,6 +57,44 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+# What fsync answers on a file system that cannot flush that kind of file: nothing to flush, not data lost.
+_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def _fsync(path: Path, *, folder: bool = False) -> None:
+    """Flush `path` to the disk. A file whose flush fails raises (its data may not be there); one that cannot be
+    opened, or a folder that cannot be opened or flushed (some file systems refuse), is left as the file system
+    keeps it: nothing is lost that was not already at its mercy."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if not folder and error.errno not in _FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush `root` to the disk: a file, or every file and folder under a folder (itself included; links are not
+    followed). What a rename or a completion marker is about to vouch for."""
+    root = Path(root)
+    if root.is_symlink() or not root.exists():
+        return
+    if not root.is_dir():
+        _fsync(root)
+        return
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder, name)
+            if path.is_file() and not path.is_symlink():
+                _fsync(path)
+        _fsync(Path(folder), folder=True)
 
 
 def _set_aside_path(output_dir: Path) -> Path:
@@ -106,11 +147,13 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
     in place, and restored if moving `new` in fails."""
     new, output_dir = Path(new), Path(output_dir)
     restore_set_aside(output_dir)
+    fsync_tree(new)  # on the disk before a rename names it: after a power loss, the old content or all of the new
     set_aside = _set_aside_path(output_dir) if os.path.lexists(output_dir) else None
     try:
         if set_aside is not None:
             os.replace(output_dir, set_aside)
         os.replace(new, output_dir)
+        _fsync(output_dir.parent, folder=True)
     except BaseException:
         # A signal's SystemExit comes once a rename has returned, so which renames happened is read from the disk:
         # `new` still there means it was not moved in, and the old content goes back; otherwise the swap is done.
@@ -276,17 +319,26 @@ def remove_abandoned_partials_in(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write; when the block succeeds it replaces `path` (one rename), when it
     raises the temporary file is removed and `path` is left as it was. Creates the parent folder (removed again on
-    failure, with any folder above it that it made)."""
+    failure, with any folder above it that it made).
+
+    `durable` (the default) flushes the data to the disk before the rename and the folder after (~10 ms on a local
+    disk). Writers of many small files that a rerun makes again (one per tile) pass False: atomic against a kill
+    still, and as durable after a power loss as the file system makes a rename over a file (ext4 flushes the data
+    first), without a flush per tile costing more than refining it."""
     path = Path(path)
     with parents_removed_on_failure(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = partial_path(path)
         try:
             yield partial
+            if durable:
+                fsync_tree(partial)  # the data on the disk before the name: never a new name over unwritten data
             os.replace(partial, path)
+            if durable:
+                _fsync(path.parent, folder=True)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

@@ -2,6 +2,7 @@
 content, and the next save of the folder puts it back; `best/` of a training run goes through the same code."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -331,3 +332,134 @@ def test_a_failed_write_removes_the_folders_it_made_above_the_output(tmp_path, w
         if writer == "atomic_file":
             partial.write_text("done")
     assert (tmp_path / "new" / "deeper" / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ on the disk (fsync)
+@pytest.fixture()
+def disk_events(monkeypatch, tmp_path):
+    """What reaches the disk, in order: ("fsync", path) for each flush (the path its descriptor names) and
+    ("replace", source, destination) for each rename."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name what a descriptor flushes")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{descriptor}"))))
+        real_fsync(descriptor)
+
+    def replace(source, destination):
+        real_replace(source, destination)
+        events.append(("replace", Path(source), Path(destination)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def _flushed(events) -> list[Path]:
+    return [event[1] for event in events if event[0] == "fsync"]
+
+
+def test_a_file_is_on_the_disk_before_its_name_and_its_folder_after(tmp_path, disk_events):
+    """After a power loss, a file written atomically is the old one or the whole new one: its data is flushed before
+    the rename names it, and the folder's entry after."""
+    target = tmp_path.resolve() / "record.json"
+    _files.write_json(target, {"a": 1})
+    (rename,) = [event for event in disk_events if event[0] == "replace"]
+    partial = rename[1]
+    assert rename[2] == target and partial.parent == target.parent and partial != target
+    assert disk_events == [("fsync", partial), rename, ("fsync", target.parent)]
+
+
+def test_a_staged_folder_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, disk_events):
+    target = tmp_path.resolve() / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    with staged_folder(target) as staging:
+        (staging / "weights").write_text("new")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "config.json").write_text("{}")
+    renames = [event for event in disk_events if event[0] == "replace"]
+    (moved_in,) = [event for event in renames if event[2] == target]
+    staging = moved_in[1]
+    before_any_rename = disk_events[: disk_events.index(renames[0])]  # the old one is set aside first
+    assert sorted(_flushed(before_any_rename)) == sorted(
+        [staging / "weights", staging / "sub" / "config.json", staging / "sub", staging])
+    assert target.parent in _flushed(disk_events[disk_events.index(moved_in) + 1:])
+    assert (target / "weights").read_text() == "new"
+
+
+def _failing_fsync(code: int):
+    def fsync(descriptor):
+        raise OSError(code, os.strerror(code))
+    return fsync
+
+
+def test_a_flush_that_fails_keeps_the_old_file_and_folder_and_leaves_no_partial(tmp_path, monkeypatch):
+    """A disk that cannot take the data (EIO) fails the save; what was there before stays, whole."""
+    record, folder = tmp_path / "record.json", tmp_path / "model"
+    record.write_text("old")
+    folder.mkdir()
+    (folder / "weights").write_text("old")
+    monkeypatch.setattr(os, "fsync", _failing_fsync(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        _files.write_text(record, "new")
+    with pytest.raises(OSError, match="Input/output error"):
+        with staged_folder(folder) as staging:
+            (staging / "weights").write_text("new")
+    assert record.read_text() == "old" and (folder / "weights").read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "record.json"]
+
+
+def test_a_file_system_that_cannot_flush_still_saves(tmp_path, monkeypatch):
+    """Some file systems answer EINVAL to fsync (nothing they can flush): the save goes on."""
+    monkeypatch.setattr(os, "fsync", _failing_fsync(errno.EINVAL))
+    _files.write_text(tmp_path / "record.json", "new")
+    with staged_folder(tmp_path / "model") as staging:
+        (staging / "weights").write_text("new")
+    assert (tmp_path / "record.json").read_text() == "new" and (tmp_path / "model" / "weights").read_text() == "new"
+
+
+def test_a_checkpoints_files_are_on_the_disk_before_its_completion_marker(tmp_path, monkeypatch, disk_events):
+    """The marker vouches for the checkpoint (and lets older ones be deleted): after a power loss it must not name
+    files whose data never reached the disk."""
+    from transformers import Trainer
+
+    from training.trainer import CHECKPOINT_COMPLETE_NAME, Stage2Trainer
+
+    run_dir = tmp_path.resolve()
+    folder = run_dir / "checkpoint-3"
+
+    def write_checkpoint(self, model, trial):
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", write_checkpoint)
+    trainer = Stage2Trainer.__new__(Stage2Trainer)
+    trainer.args = SimpleNamespace(should_save=True, save_total_limit=None)
+    trainer.state = SimpleNamespace(global_step=3, best_model_checkpoint=None)
+    trainer.accelerator = SimpleNamespace(wait_for_everyone=lambda: None)
+    trainer._get_output_dir = lambda trial: str(run_dir)
+    trainer._kept_checkpoints = set()
+    trainer._save_checkpoint(model=None, trial=None)
+    (marker_in,) = [event for event in disk_events if event[0] == "replace"]
+    assert marker_in[2] == folder / CHECKPOINT_COMPLETE_NAME
+    flushed_before = _flushed(disk_events[: disk_events.index(marker_in)])
+    assert folder / "adapter_model.safetensors" in flushed_before and folder in flushed_before
+
+
+def test_writers_of_one_file_per_tile_do_not_flush_each(tmp_path, disk_events):
+    """Refined tiles and exported BigEarthNet patches are written atomically but not flushed one by one (a flush
+    costs more than refining a tiny model's tile; a rerun writes them again)."""
+    import numpy as np
+
+    from data_builders.bigearthnet import _write_atomic
+    from inference_stage2.tiles import save_npz_atomic
+
+    folder = tmp_path.resolve()
+    save_npz_atomic(folder / "tile.npz", {"refined": np.zeros((4, 2, 2), np.float32)})
+    _write_atomic(folder / "tile.json", lambda handle: handle.write(b"{}"))
+    assert _flushed(disk_events) == []
+    assert [event[2] for event in disk_events] == [folder / "tile.npz", folder / "tile.json"]
+    assert np.load(folder / "tile.npz")["refined"].shape == (4, 2, 2) and (folder / "tile.json").read_bytes() == b"{}"

@@ -44,7 +44,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
-from modeling_stage2._files import write_json
+from modeling_stage2._files import fsync_tree, write_json
 from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE, METRICS_FILE, PREVIEW_FILE, TRAINING_CONFIG_FILE
 
 from .args import EVAL_METRIC_GROUPS, Stage2TrainingArguments, num_update_steps_per_epoch
@@ -913,6 +913,7 @@ class Stage2Trainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save and folder.is_dir():
+            fsync_tree(folder)  # on the disk before the marker vouches for it and older checkpoints are deleted
             write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
                        sort_keys=True)
             self._rotate_checkpoints(run_dir, limit, folder)
