@@ -396,7 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     skipped = sum(summary["skipped"].values())
     line = f"wrote {sum(summary['written'].values())} tiles to {summary['output_dir']} ({written}); skipped {skipped}"
     if skipped:
-        line += " (" + "; ".join(f"{reason}: {n}" for reason, n in summary["skipped"].items()) + f"; see {SKIPPED_FILE})"
+        reasons = "; ".join(f"{reason}: {n}" for reason, n in summary["skipped"].items())
+        line += f" ({reasons}; see {SKIPPED_FILE})"
         if CLOUDY_SNOWY in summary["skipped"]:
             line += "; --include_cloudy_snowy keeps cloudy and snowy patches"
     print(line)

@@ -163,7 +163,6 @@ def test_leftover_of_a_kill_after_the_second_rename_is_removed(tmp_path):
     assert not stale.exists() and (target / "weights").read_text() == "new"
 
 
-
 def test_a_name_with_glob_characters_finds_only_what_its_own_saves_left(tmp_path):
     """The name was used as a glob pattern: replacing `ds[1]` took the content of `ds1` that a killed save had set
     aside for `ds[1]`'s old one (and deleted it once `ds[1]` was in place), and never found its own."""
@@ -180,6 +179,7 @@ def test_a_name_with_glob_characters_finds_only_what_its_own_saves_left(tmp_path
     with staged_folder(target) as staging:
         (staging / "weights").write_text("new ds[1]")
     assert (target / "weights").read_text() == "new ds[1]" and (others / "weights").read_text() == "ds1"
+
 
 # ----------------------------------------------------------------------------------------------- best/ of a run
 def _fake_trainer(output_dir: Path):
