@@ -379,16 +379,12 @@ def lsgan_discriminator_loss(
 
 
 # ----------------------------------------------------------------------------- loss modules
-def _check_weight(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    return float(value)
-
-
-def _check_floor(name: str, value: float) -> float:
-    # A floor of 0 or below lets a valid pixel with a zero denominator give 0 / 0 (NaN) in the loss.
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+def _check_weight(name: str, value: float, *, positive: bool = False) -> float:
+    """`value` as a float: a finite number >= 0 (a weight), or > 0 with `positive` (an index floor: one of 0 lets a
+    valid pixel with a zero denominator give 0 / 0, a NaN in the loss)."""
+    bound = "> 0" if positive else ">= 0"
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
     return float(value)
 
 
@@ -417,8 +413,8 @@ class SpectralLoss(nn.Module):
         self.ndvi_weight = _check_weight("ndvi_weight", ndvi_weight)
         self.evi_weight = _check_weight("evi_weight", evi_weight)
         self.sam_weight = _check_weight("sam_weight", sam_weight)
-        self.ndvi_floor = _check_floor("ndvi_floor", ndvi_floor)
-        self.evi_floor = _check_floor("evi_floor", evi_floor)
+        self.ndvi_floor = _check_weight("ndvi_floor", ndvi_floor, positive=True)
+        self.evi_floor = _check_weight("evi_floor", evi_floor, positive=True)
 
     @in_full_precision
     def forward(
