@@ -72,7 +72,7 @@ _COLOUR_FIT_NOTE = (
     "to the evaluated tiles."
 )
 _BASELINES_NOTE = (
-    "These are the two baselines; the refined output is worth using where it beats both `opt_v1` and the colour fit."
+    "The refined output is worth using where it beats both `opt_v1` and the colour fit, the two baselines."
 )
 _POOLING_NOTE = (
     "Metrics are pooled over the valid pixels of the whole split (`training.metrics`); n/a: nothing to measure."

@@ -21,6 +21,8 @@ def test_a_card_without_the_colour_fit_says_it_was_not_evaluated():
     header = next(line for line in text.splitlines() if line.startswith("| metric |"))
     assert "colour fit" not in header and "18 tiles of the `val` split" in text
     assert "These metrics hold no colour fit (`linear_fit`): it was not evaluated on these tiles" in text
+    assert "These are the two baselines" not in text  # it followed a note on the one baseline column shown
+    assert "worth using where it beats both `opt_v1` and the colour fit, the two baselines." in text
     fit = {name: value * 0.9 for name, value in OPT_V1.items()}
     with_fit = {**TRAINING_METRICS, "linear_fit": fit, "linear_fit_fitted_on": {"split": "train", "tiles": 18}}
     text = build_model_card(with_fit).text
