@@ -250,6 +250,8 @@ def _report_scene(result: SceneRefinementResult) -> None:
         print("read with the scale and offset the input declares for its bands (reflectance = value x scale + offset)")
     if result.out_of_range_path is not None:
         print(_kept_line(result.out_of_range_fraction) + f"; weight map {result.out_of_range_path}")
+    elif result.out_of_range_fraction is not None:  # a model that keeps opt_v1 somewhere, no weight map asked for
+        print(_kept_line(result.out_of_range_fraction))
 
 
 def _kept_line(fraction: float | None) -> str:

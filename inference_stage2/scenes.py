@@ -39,7 +39,8 @@ class SceneRefinementResult:
     `accumulator_shape` / `accumulator_bytes`: the blending buffer (bands, rows, width) held during the
     whole run; `max_rows_read`: the most scene rows read at once. Both stay at the window height
     whatever the scene's height. `out_of_range_path`: the weight map written (`out_of_range_output`), and
-    `out_of_range_fraction` the fraction of valid pixels where its weight is above 0 (None without one).
+    `out_of_range_fraction` the fraction of valid pixels where the model's `out_of_range_weight` is above 0, written
+    or not (None for a model that reports no weight, or a scene without a valid pixel).
     `input_scale`: how the input was read, `"dn"`, `"reflectance"` or `"declared"` (its bands' declared scale and
     offset applied). `band_order`: which input band (of a 4-band raster) or file (of four) was read as each of
     B02 B03 B04 B08, 0-based: `(0, 1, 2, 3)` unless the bands' descriptions or the files' names put them otherwise.
@@ -200,7 +201,7 @@ def refine_scene(
                     weight_destination.set_band_description(1, OUT_OF_RANGE_WEIGHT)
                 counts = _refine_strips(
                     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
-                    scaling, device, progress, weight_destination,
+                    scaling, device, progress, reports_out_of_range_weight(model), weight_destination,
                 )
             written = True
             if weight_partial is not None:
@@ -262,11 +263,12 @@ def scene_output_settings(source: SceneSource, input_scale: str, output_scale: s
 
 def _refine_strips(
     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata, scaling, device,
-    progress, weight_destination=None,
+    progress, with_weight=False, weight_destination=None,
 ) -> dict[str, Any]:
     """The scene loop: for each row of windows, read its strip, refine its windows, blend them into the
-    strip accumulator and write the rows no later window touches. With `weight_destination`, the model's
-    `out_of_range_weight` is blended as one more band and written there."""
+    strip accumulator and write the rows no later window touches. `with_weight`: the model's `out_of_range_weight`
+    is blended as one more band, its share of valid pixels above 0 counted, and written to `weight_destination`
+    when one is given."""
     from rasterio.windows import Window
     from tqdm.auto import tqdm
 
@@ -274,7 +276,6 @@ def _refine_strips(
     rows, cols = window_starts(height, window, overlap), window_starts(width, window, overlap)
     strip_height, window_width = min(window, height), min(window, width)
     weights = blend_weights(strip_height, window_width, overlap)
-    with_weight = weight_destination is not None
     accumulator = StripAccumulator(len(BAND_NAMES) + with_weight, strip_height, width)
     windows = kept_pixels = valid_pixels = 0
     checked = False  # whether float input was checked for digital numbers (once, on the first valid pixels)
@@ -309,7 +310,8 @@ def _refine_strips(
             destination.write(block, window=Window(0, row, width, stop - row))
             if with_weight:
                 weight = to_output(blended[len(BAND_NAMES) :], strip_valid, np.dtype(np.float32), np.nan)
-                weight_destination.write(weight, window=Window(0, row, width, stop - row))
+                if weight_destination is not None:
+                    weight_destination.write(weight, window=Window(0, row, width, stop - row))
                 kept_pixels += int((weight[0][strip_valid] > 0).sum())
                 valid_pixels += int(strip_valid.sum())
     return {

@@ -915,7 +915,8 @@ def test_metadata_ranges_come_from_the_models_config(few_tiles, tmp_path):
     # Tiles are checked against the model's ranges too: with 4 biomes, the sample's higher codes are rejected.
     codes = {int(load_npz(p)["biome_code"]) for p in few_tiles.rglob("*.npz")}
     summary = refine_tiles(RecordingRefiner(num_biomes=min(codes) + 1), few_tiles, tmp_path / "out", progress=False)
-    assert len(summary.rejected) == sum(1 for p in few_tiles.rglob("*.npz") if int(load_npz(p)["biome_code"]) > min(codes))
+    higher = [p for p in few_tiles.rglob("*.npz") if int(load_npz(p)["biome_code"]) > min(codes)]
+    assert len(summary.rejected) == len(higher)
     assert all("key 'biome_code'" in reason for _, reason in summary.rejected)
 
 
@@ -1551,7 +1552,8 @@ def test_refined_tiles_carry_the_weight_and_the_cli_reports_its_share(fallback_r
             f"{100 * kept / valid:.1f} % of valid pixels") in capsys.readouterr().out
 
 
-def test_a_scene_writes_the_weight_map_beside_it(fallback_refiner, small_dn_scene, tmp_path, capsys):
+def test_a_scene_writes_the_weight_map_beside_it(fallback_refiner, perturbed_tiny_refiner, small_dn_scene, tmp_path,
+                                                 capsys):
     _, data = small_dn_scene
     data = data.copy()
     data[:, 20:40, 100:140] = 6000  # a snow-bright block across two windows
@@ -1578,9 +1580,18 @@ def test_a_scene_writes_the_weight_map_beside_it(fallback_refiner, small_dn_scen
     assert 0.02 < share < 0.5
     assert (f"(outside the training spectra, or near-black): {100 * share:.1f} % of valid pixels; weight map "
             f"{weight_path}") in capsys.readouterr().out
-    # Asking for the map changes nothing in the refined bands.
-    refine_scene(fallback_refiner, path, tmp_path / "alone.tif", 7, 4, progress=False)
+    # Asking for the map changes nothing in the refined bands, nor the share reported (API and stage2-refine).
+    alone = refine_scene(fallback_refiner, path, tmp_path / "alone.tif", 7, 4, progress=False)
     np.testing.assert_array_equal(read_geotiff(tmp_path / "alone.tif")[0], refined)
+    assert alone.out_of_range_path is None and alone.out_of_range_fraction == pytest.approx(share, abs=1e-12)
+    assert main(["--model", str(model_dir), "--input", str(path), "--month", "7", "--biome", "4", "--output",
+                 str(tmp_path / "cli.tif"), "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"(outside the training spectra, or near-black): {100 * share:.1f} % of valid pixels\n" in printed
+    assert "weight map" not in printed and files_in(tmp_path / "maps") == ["kept.tif"]
+    # A model that keeps opt_v1 nowhere reports no share.
+    assert refine_scene(perturbed_tiny_refiner, path, tmp_path / "plain.tif", 7, 4,
+                        progress=False).out_of_range_fraction is None
 
 
 def test_a_weight_map_needs_a_model_that_reports_one(perturbed_tiny_refiner, fallback_refiner, small_dn_scene,
