@@ -11,7 +11,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from modeling_stage2._files import parents_removed_on_failure, partial_path, remove_abandoned_partials
+from modeling_stage2._files import (
+    fsync_folder, fsync_tree, parents_removed_on_failure, partial_path, remove_abandoned_partials,
+)
 from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
@@ -204,9 +206,14 @@ def refine_scene(
                     scaling, device, progress, reports_out_of_range_weight(model), weight_destination,
                 )
             written = True
+            for path in (weight_partial, partial):  # one flush a scene, on the disk before a name vouches for it
+                if path is not None:
+                    fsync_tree(path)
             if weight_partial is not None:
                 os.replace(weight_partial, weight_target)
             os.replace(partial, target)
+            for folder in {target.parent} | ({weight_target.parent} if weight_partial is not None else set()):
+                fsync_folder(folder)
         except BaseException:
             if written and weight_partial is not None and not os.path.lexists(weight_partial) \
                     and os.path.lexists(partial):  # a signal between the renames: the scene joins its weight map

@@ -80,6 +80,11 @@ def _fsync(path: Path, *, folder: bool = False) -> None:
         os.close(descriptor)
 
 
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush `folder`'s entries (a rename just made in it) to the disk, where the file system can."""
+    _fsync(Path(folder), folder=True)
+
+
 def fsync_tree(root: str | os.PathLike) -> None:
     """Flush `root` to the disk: a file, or every file and folder under a folder (itself included; links are not
     followed). What a rename or a completion marker is about to vouch for."""
@@ -153,7 +158,7 @@ def replace_folder(new: str | os.PathLike, output_dir: str | os.PathLike) -> Non
         if set_aside is not None:
             os.replace(output_dir, set_aside)
         os.replace(new, output_dir)
-        _fsync(output_dir.parent, folder=True)
+        fsync_folder(output_dir.parent)
     except BaseException:
         # A signal's SystemExit comes once a rename has returned, so which renames happened is read from the disk:
         # `new` still there means it was not moved in, and the old content goes back; otherwise the swap is done.
@@ -338,7 +343,7 @@ def atomic_file(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
                 fsync_tree(partial)  # the data on the disk before the name: never a new name over unwritten data
             os.replace(partial, path)
             if durable:
-                _fsync(path.parent, folder=True)
+                fsync_folder(path.parent)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

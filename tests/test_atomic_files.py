@@ -463,3 +463,24 @@ def test_writers_of_one_file_per_tile_do_not_flush_each(tmp_path, disk_events):
     assert _flushed(disk_events) == []
     assert [event[2] for event in disk_events] == [folder / "tile.npz", folder / "tile.json"]
     assert np.load(folder / "tile.npz")["refined"].shape == (4, 2, 2) and (folder / "tile.json").read_bytes() == b"{}"
+
+
+def test_a_refined_scene_and_its_weight_map_are_on_the_disk_before_their_names(tmp_path, disk_events):
+    """A scene is one large output that took minutes: both files are flushed before either is renamed into place,
+    and each folder after."""
+    pytest.importorskip("rasterio")
+    from test_inference import smooth_scene, write_geotiff
+    from test_inference_mutation_gaps import _QuarterWeightRefiner
+
+    from inference_stage2 import refine_scene
+
+    folder = tmp_path.resolve()
+    scene = write_geotiff(folder / "scene.tif", smooth_scene(40, 50, seed=3), nodata=0)
+    output, weight = folder / "out.tif", folder / "maps" / "weight.tif"
+    disk_events.clear()
+    refine_scene(_QuarterWeightRefiner(), scene, output, 7, 4, progress=False, out_of_range_output=weight)
+    renames = [event for event in disk_events if event[0] == "replace"]
+    assert [event[2] for event in renames] == [weight, output]
+    before = _flushed(disk_events[: disk_events.index(renames[0])])
+    assert renames[0][1] in before and renames[1][1] in before
+    assert {output.parent, weight.parent} <= set(_flushed(disk_events[disk_events.index(renames[1]) + 1:]))
