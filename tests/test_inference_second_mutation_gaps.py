@@ -3,7 +3,9 @@ plausible bug it catches). Tiles of different months in one batch keep their own
 NaN nodata, an output that is an input through a link or another spelling is refused, hidden files in a tiles folder
 are no tiles, a pixel missing in one band stays unrefined under an explicit input scale, `batch_size` below 1 is
 refused by name, a share of 0 kept pixels is reported as 0 (not as no share), and `device="cuda:0"` moves a model that
-is on another GPU."""
+is on another GPU. A third audit: a scene without a geotransform and an `output_scale` `refine_scene` does not know are
+refused, under an explicit input scale a tile or a Stage 1 `opt_v1` of another size is rejected by name, and a scene
+in which no pixel was kept reports a share of 0."""
 from __future__ import annotations
 
 import numpy as np
@@ -142,3 +144,62 @@ def test_a_model_on_another_gpu_is_moved_to_the_device_named_with_its_index():
     on_second_gpu = SimpleNamespace(device=torch.device("cuda", 1), is_floating_point=lambda: True)
     model = SimpleNamespace(parameters=lambda: iter([on_second_gpu]), eval=lambda: None, to=moves.append)
     assert _prepare_model(model, "cuda:0") == torch.device("cuda", 0) and moves == [torch.device("cuda", 0)]
+
+
+# ------------------------------------------------------------------------------------------ third audit
+
+
+def test_a_scene_without_a_geotransform_is_refused_by_name(tmp_path):
+    """A GeoTIFF with a CRS but no geotransform (GDAL's identity: 1 unit per pixel from 0, 0) was refined and written
+    on that placeholder grid: an output that lies nowhere, read as 1 m pixels."""
+    from rasterio.transform import Affine
+
+    path = write_geotiff(tmp_path / "scene.tif", smooth_scene(20, 30, seed=1), transform=Affine.identity())
+    with pytest.raises(InferenceInputError, match=f"{path}: has no geotransform"):
+        refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, progress=False)
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_refine_scene_refuses_an_output_scale_it_does_not_know(tmp_path):
+    """`stage2-refine` offers only the choices; the API took any other spelling ("DN", "digital") for digital numbers
+    and wrote an integer scene the caller had not asked for."""
+    path = write_geotiff(tmp_path / "scene.tif", smooth_scene(20, 30, seed=1))
+    with pytest.raises(InferenceInputError, match="output_scale must be one of .*got 'DN'"):
+        refine_scene(PixelwiseRefiner(), path, tmp_path / "out.tif", 7, 4, output_scale="DN", progress=False)
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_a_tile_of_another_size_is_rejected_under_an_explicit_input_scale(tmp_path):
+    """Floats holding digital numbers, read with `input_scale="dn"`, skip the data builders' checks: a 60 x 60 tile was
+    refined at 60 x 60 and written as a tile (or, batched with 120 x 120 ones, crashed the run) instead of being
+    rejected by name."""
+    folder = tmp_path / "tiles"
+    small = tile_arrays(seed=2, size=60, s1=False)
+    write_tile(folder, "small", {**small, **{key: small[key].astype(np.float32) for key in BAND_KEYS}})
+    write_tile(folder, "tile", seed=3, s1=False)
+    summary = refine_tiles(PixelwiseRefiner(), folder, tmp_path / "out", input_scale="dn", progress=False)
+    assert summary.written == ["tile.npz"] and not (tmp_path / "out" / "small.npz").exists()
+    [(path, reason)] = summary.rejected
+    assert path == str(folder / "small.npz")
+    assert f"key {BAND_KEYS[0]!r} has shape (60, 60), expected (120, 120)" in reason
+
+
+def test_a_stage1_opt_v1_of_another_size_is_rejected_under_an_explicit_input_scale(tmp_path):
+    """Float digital numbers as opt_v1, read with `input_scale="dn"` (not the scale `"auto"` reads floats with): the
+    shape went unchecked, and a (4, 60, 60) opt_v1 crashed the run at the metrics instead of rejecting its tile."""
+    folder, stage1 = tmp_path / "tiles", tmp_path / "stage1"
+    write_tile(folder, "tile", seed=3, s1=False)
+    stage1.mkdir()
+    np.savez(stage1 / "tile.npz", opt_v1=np.full((4, 60, 60), 1000.0, np.float32))
+    summary = refine_tiles(PixelwiseRefiner(), folder, tmp_path / "out", stage1, input_scale="dn", progress=False)
+    assert summary.written == []
+    [(path, reason)] = summary.rejected
+    assert path == str(folder / "tile.npz") and "key 'opt_v1' has shape (4, 60, 60), expected (4, 120, 120)" in reason
+
+
+def test_a_scene_in_which_no_pixel_was_kept_reports_a_share_of_0(tmp_path):
+    """The scene's counterpart of the tiles' test above: a share counted only where some pixel was kept gave None for
+    0, and `stage2-refine` printed "no valid pixel" (or nothing) for a scene refined everywhere."""
+    path = write_geotiff(tmp_path / "scene.tif", smooth_scene(20, 30, seed=1))
+    result = refine_scene(_NothingKeptRefiner(), path, tmp_path / "out.tif", 7, 4, progress=False)
+    assert result.out_of_range_fraction == 0.0
