@@ -225,8 +225,8 @@ def _report_tiles(summary: TileRefinementSummary) -> None:
     for relative in summary.removed_stale:
         print(f"removed {summary.output_dir / relative}: an earlier run's output, not refined this time",
               file=sys.stderr)
-    for path, reason in summary.rejected:  # a reason names the file it is about, most often the tile itself
-        print(f"rejected: {reason}" if path in reason else f"rejected {path}: {reason}", file=sys.stderr)
+    for path, reason in summary.rejected:
+        print(rejection_line(path, reason), file=sys.stderr)
     if summary.rejected:
         print(f"{len(summary.rejected)} tile(s) rejected", file=sys.stderr)
 
@@ -252,6 +252,12 @@ def _report_scene(result: SceneRefinementResult) -> None:
         print(_kept_line(result.out_of_range_fraction) + f"; weight map {result.out_of_range_path}")
     elif result.out_of_range_fraction is not None:  # a model that keeps opt_v1 somewhere, no weight map asked for
         print(_kept_line(result.out_of_range_fraction))
+
+
+def rejection_line(path: str, reason: str) -> str:
+    """The line naming a rejected tile. A reason names the file it is about, most often the tile itself, and is then
+    printed alone; one about another file (its Stage 1 output, whose path may hold the tile's) follows the tile."""
+    return f"rejected: {reason}" if reason.startswith(f"{path}: ") else f"rejected {path}: {reason}"
 
 
 def _kept_line(fraction: float | None) -> str:

@@ -797,6 +797,14 @@ def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_pa
     (stage1 / next(iter(opt_v1))).unlink()
     summary = refine_tiles(PixelwiseRefiner(), few_tiles, tmp_path / "again", stage1_dir=stage1, progress=False)
     assert len(summary.rejected) == 1 and "Stage 1 file missing" in summary.rejected[0][1]
+    # stage2-refine names the tile, then the Stage 1 file (whose path ends with the tile's: it was printed alone).
+    from inference_stage2.cli import rejection_line
+
+    tile, reason = summary.rejected[0]
+    assert reason.startswith(f"{stage1 / next(iter(opt_v1))}: ")
+    for spelling in (tile, Path(tile).name):  # as found in a folder, as given from within it
+        assert rejection_line(spelling, reason) == f"rejected {spelling}: {reason}"
+    assert rejection_line(tile, f"{tile}: truncated") == f"rejected: {tile}: truncated"  # the tile's own problem
 
 
 def test_tiles_into_an_earlier_runs_folder_replace_and_remove_what_would_look_current(few_tiles, tmp_path, capsys):
