@@ -99,7 +99,7 @@ def fsync_tree(root: str | os.PathLike) -> None:
             path = Path(folder, name)
             if path.is_file() and not path.is_symlink():
                 _fsync(path)
-        _fsync(Path(folder), folder=True)
+        fsync_folder(folder)
 
 
 def _set_aside_path(output_dir: Path) -> Path:
