@@ -11,7 +11,10 @@ baselines, per-set ratios and the mixture's verdict when it is better; the tile 
 loss-weight study's PSNR columns only where every run has them; the machines study's runs beside their own seed's
 record and its seed check; the after-runs' demo flags, run folders and training counts; the proxy generator's output
 (known values on a bundled tile), its determinism, its donor tiles of the same split, its masked pixels and its style
-spread 0. No study runs: the fits and trainings are faked, and the scoring reads a six-tile dataset."""
+spread 0. Mutations a later audit ran: the kernel colour fit's leave-one-tile-out losses and its tie going to the
+smoother fit, and its change added to the spectral fit (not to the colour fit); the machines study's runs in the
+order of the seeds given (the after-runs' trainings keep it); the after-runs' two trainings at a time by default. No
+study runs: the fits and trainings are faked, and the scoring reads a six-tile dataset."""
 from __future__ import annotations
 
 import json
@@ -343,6 +346,44 @@ def test_correction_bounds_renders_ratios_to_the_colour_fit_as_it_comes(bench):
     assert "| grey world | 0.1000 | 0.1000 | 0.1000 | - | 1.00 | 1.00 | 1.00 |" in text
 
 
+def _kernel_tiles():
+    """(opt_v1, target, valid) of 4 tiles of 4x8x8 reflectance, each with its own gain: tile fits that differ."""
+    generator = torch.Generator().manual_seed(0)
+    target = 0.1 + 0.3 * torch.rand(4, 4, 8, 8, generator=generator)
+    gains = torch.tensor([0.8, 1.0, 1.2, 1.5])[:, None, None, None]
+    return target * gains, target, torch.ones(4, 8, 8, dtype=torch.bool)
+
+
+def test_correction_bounds_kernel_scores_each_tile_left_out_and_a_tie_goes_to_the_smoother_fit(bench):
+    """Each bandwidth's loss is that of every training tile corrected by the fit of the others (at an infinite
+    bandwidth: the colour fit of the other three); with every loss equal, the smoothest fit (inf) is chosen."""
+    import math
+
+    study = bench("study_correction_bounds")
+    opt_v1, target, valid = _kernel_tiles()
+    outputs = []
+    kernel = study.KernelColourFit(opt_v1, target, valid, 0.01,
+                                   loss=lambda output, *_: outputs.append(output) or (torch.tensor(0.5),))
+    assert kernel.bandwidth == math.inf and len(outputs) == len(study.BANDWIDTHS)
+    others = study.weighted_fit(study.tile_fits(opt_v1, target, valid), torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    assert torch.allclose(outputs[-1][:1], others.apply(opt_v1[:1]).float(), atol=1e-5)
+
+
+def test_correction_bounds_adds_the_kernel_change_to_the_spectral_fit(bench, datasets, spectral_fits):
+    """`spectral fit + kernel change`: the spectral fit (here `_fixed_fit`) plus each tile's kernel fit minus the
+    colour fit, clamped at 0 (on the colour fit itself it would be the kernel colour fit's row)."""
+    from training.linear_fit import LinearColorFit
+
+    study = bench("study_correction_bounds")
+    result = study.study_dataset(datasets["other"], datasets["own"], steps=3)
+    train, rows = _rows(datasets["other"], "train"), _rows(datasets["own"])
+    kernel = study.KernelColourFit(*train, study.study_refiner_config().spectral_mlp_log_offset)
+    changed = kernel.change_on(_fixed_fit(), LinearColorFit.from_dataset(_split(datasets["other"])), rows[0])
+    scored = {m: result["rows"]["spectral fit + kernel change"][m] for m in SPECTRAL}
+    assert scored == pytest.approx(_scores(changed.clamp(min=0.0), rows), rel=1e-5)
+    assert scored != pytest.approx({m: result["rows"]["kernel colour fit"][m] for m in SPECTRAL}, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------- loss weight
 def test_loss_weight_reads_the_test_tiles_in_range_against_the_training_split(bench, datasets):
     assert bench("study_loss_weight").in_range_test_tiles(datasets["own"]) == [True, False]
@@ -386,6 +427,25 @@ def test_machines_puts_each_run_beside_its_own_seeds_record_and_refuses_unrecord
     assert f"the quality study recorded seeds 0-{len(recorded) - 1} only" in capsys.readouterr().err
 
 
+def test_machines_rows_follow_the_seeds_in_the_order_given(bench, monkeypatch, tmp_path):
+    """`--seeds 1 0`: the trainings come back in that order, so that the record's runs sit beside the seeds it names
+    (the tables zip the two)."""
+    after_runs, study_quality, study = bench("_after_runs"), bench("study_quality"), bench("study_machines")
+    fake_demo_runs(monkeypatch, study_quality)
+    monkeypatch.setattr(after_runs, "build_datasets", lambda presets, workdir: {p: workdir / f"data-{p}"
+                                                                                for p in presets})
+    recorded = study.recorded_runs("mild")
+    monkeypatch.setattr(study, "held_out_tile_statistics", lambda model_dir, data_dir: {
+        "tile_ids": [model_dir.parent.name]})
+    monkeypatch.setattr(study, "scores", lambda statistics: recorded[int(statistics["tile_ids"][0][-1])])
+    output = tmp_path / "machines.md"
+    assert study.main(["--presets", "mild", "--seeds", "1", "0", "--jobs", "1", "--output", str(output)]) == 0
+    record = json.loads(output.with_suffix(".json").read_text())
+    runs = record["presets"]["mild"]
+    assert record["seeds"] == [1, 0] and [run["recorded"] for run in runs] == [recorded[1], recorded[0]]
+    assert [run["tile_statistics"]["tile_ids"] for run in runs] == [["mild-after-seed1"], ["mild-after-seed0"]]
+
+
 # ---------------------------------------------------------------------------------------------------- after runs
 def test_after_runs_hand_the_flags_after_the_separator_to_each_demo_in_its_own_folder(bench, monkeypatch, tmp_path):
     after_runs, study_quality = bench("_after_runs"), bench("study_quality")
@@ -405,6 +465,10 @@ def test_after_runs_script_line_counts_every_settings_trainings(bench):
     line = bench("_after_runs").script_line("study_loss_weight.py", record, 60.0, "0.0", "--values 0 1 ", 2)
     assert line.startswith("Script: `bench/study_loss_weight.py --values 0 1 --presets mild strong --seeds 0 1`; "
                            "8 demo trainings")
+
+
+def test_after_runs_train_two_at_a_time_unless_told(bench, tmp_path):
+    assert bench("_after_runs").parse_arguments("d", [], tmp_path / "x.md")[1].jobs == 2
 
 
 # ------------------------------------------------------------------------------------------------ proxy generator

@@ -1,7 +1,8 @@
 """Tests closing the gaps a mutation audit of modeling_stage2/convert_prithvi.py (reading official checkpoints, the
 architecture and table size read from them, presets, the Hub, the command line) and of the two configuration modules
 (configuration_prithvi.py, configuration_stage2.py: defaults, checks, presets, round trips) found: each fails under a
-plausible bug that the rest of the suite let pass."""
+plausible bug that the rest of the suite let pass. A later run of the mutations left over added the saved refiner
+config's one transformers version (none in the backbone's part)."""
 from __future__ import annotations
 
 import json
@@ -458,3 +459,10 @@ def test_record_lora_sets_each_setting_checked():
 def test_the_refiners_attention_implementation_reaches_its_backbone():
     config = tiny_refiner_config(attn_implementation="eager")
     assert config.backbone_config._attn_implementation == "eager"
+
+
+def test_a_saved_refiner_config_names_the_transformers_version_once(tmp_path):
+    """As transformers' composite configs: the version at the top of config.json, not again in the backbone's."""
+    tiny_refiner_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "transformers_version" in saved and "transformers_version" not in saved["backbone_config"]
