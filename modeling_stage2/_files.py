@@ -10,7 +10,8 @@ set aside; the next replacement of `NAME` (or a call of `restore_set_aside`) mov
 deletes a set-aside folder only once `NAME` exists again (the kill came after the second rename).
 
 What a rename moves in is flushed to the disk first, and the folder holding it after (`fsync`): a machine that loses
-power after a save keeps the old content or the new one, never a new name over data that was still in memory.
+power after a save keeps the old content or the new one, never a new name over data that was still in memory (except
+writers of one file per tile, which pass `atomic_file(durable=False)`).
 """
 from __future__ import annotations
 
