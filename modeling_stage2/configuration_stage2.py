@@ -315,6 +315,21 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
         if self.dtype is not None and self.backbone_config.dtype is None:
             self.backbone_config.dtype = self.dtype  # one dtype for the whole refiner unless the backbone says
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' `get_config_dict`, refusing on one line the config of another model (a Prithvi backbone's
+        folder): transformers only warns, and the refiner built from it fails later (`patch_size` has no setter)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            source = Path(pretrained_model_name_or_path)
+            source = source / "config.json" if source.is_dir() else pretrained_model_name_or_path
+            hint = (" (a Prithvi backbone's config: load it with PrithviConfig.from_pretrained, or give it to "
+                    "Stage2RefinerConfig as backbone_config)" if model_type == PrithviConfig.model_type else "")
+            raise ValueError(f"{source}: key 'model_type' is {model_type!r}, not {cls.model_type!r}: not a Stage 2 "
+                             f"refiner config{hint}.")
+        return config_dict, kwargs
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' `save_pretrained`, after the checks of `__init__` on the values as they are now: a field set
         after construction (`config.head_width = -3`) would otherwise be written to a `config.json` that no longer
@@ -527,5 +542,6 @@ Stage2RefinerConfig.register_for_auto_class()
 AutoConfig.register(Stage2RefinerConfig.model_type, Stage2RefinerConfig, exist_ok=True)
 
 __all__ = [
-    "BAND_NAMES", "LORA_TARGETS", "OUT_OF_RANGE_RAMP", "SPECTRAL_CORRECTIONS", "UNKNOWN_METADATA", "Stage2RefinerConfig",
+    "BAND_NAMES", "LORA_TARGETS", "OUT_OF_RANGE_RAMP", "SPECTRAL_CORRECTIONS", "UNKNOWN_METADATA",
+    "Stage2RefinerConfig",
 ]

@@ -471,6 +471,12 @@ class Stage2Trainer(Trainer):
         problem = None if checkpoint is None else discriminator_resume_problem(checkpoint, self.discriminator)
         if problem is not None:
             raise ValueError(f"{checkpoint}: {problem}.")
+        from .discriminator import WEIGHTS_NAME
+
+        if checkpoint is not None and self.discriminator is None and (Path(checkpoint) / WEIGHTS_NAME).is_file():
+            # Allowed (a run may drop its adversarial loss for its last epochs), but not without a word.
+            logger.warning(f"{checkpoint} holds a discriminator, but these settings train none (adversarial_weight "
+                           "0): the run goes on without it and without its adversarial loss.")
 
     def _warn_earlier_checkpoints(self) -> None:
         """A new run in a folder that holds another run's checkpoints: they are kept (nothing that existed is lost),
