@@ -16,6 +16,30 @@ def is_arrow_dataset(path: str | os.PathLike) -> bool:
     return (Path(path) / ARROW_MARKER).is_file()
 
 
+DATASET_STATE = "state.json"
+"""The file `Dataset.save_to_disk` writes in each split's folder; its `_data_files` lists the split's Arrow files."""
+
+
+def empty_split_problem(path: str | os.PathLike) -> str | None:
+    """Why the saved dataset at `path` cannot be loaded because a split of it holds no row (saved without an Arrow
+    file, which `datasets.load_from_disk` fails on with an IndexError): one line naming the first such split; None
+    where every split has a data file, or where `path` is no saved dataset (the caller's own error says so)."""
+    import json
+
+    path = Path(path)
+    try:
+        splits = json.loads((path / ARROW_MARKER).read_text())["splits"] if is_arrow_dataset(path) else [None]
+        for split in splits:
+            state = json.loads((path / split / DATASET_STATE if split else path / DATASET_STATE).read_text())
+            if state.get("_data_files") == []:
+                fix = "; save the DatasetDict again without it" if split else ""
+                return (f"{path}: {f'split {split!r}' if split else 'the saved dataset'} is empty (no row, no data "
+                        f"file), which datasets cannot load{fix}")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable records: not this problem
+        return None
+    return None
+
+
 def _files_read(folder: Path, tiles: bool) -> list[Path]:
     """The files a build reads in `folder`: the tiles and sidecars of its split folders (`tiles`, the discovery's
     rule: symlinked ones too), or its Stage 1 files. Nothing else under it counts: a run or its cache kept inside the

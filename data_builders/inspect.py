@@ -19,6 +19,7 @@ import numpy as np
 
 from ._leaves import model_leaf
 from .build import opt_v1_settings, read_build_info
+from .cache import empty_split_problem
 from .schema import CORE_COLUMNS
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
@@ -44,7 +45,8 @@ def load_splits(path: str | Path) -> dict:
     try:
         loaded = load_from_disk(str(path))
     except Exception as exc:
-        raise ValueError(f"{path} is not a saved dataset ({exc}); pass a folder written by stage2-build-dataset") from None
+        raise ValueError(empty_split_problem(path) or f"{path} is not a saved dataset ({exc}); pass a folder written "
+                         "by stage2-build-dataset") from None
     splits = {str(loaded.split or "data"): loaded} if isinstance(loaded, Dataset) else dict(loaded)
     if not splits:  # a DatasetDict saved without a split: nothing to describe (and no first split to read)
         raise ValueError(f"{path} is a saved DatasetDict without any split; pass a folder written by "
@@ -253,7 +255,8 @@ def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = 
     if num_tiles < 1:
         raise ValueError(f"num_tiles must be >= 1, got {num_tiles}")
     indices = np.unique(np.linspace(0, len(dataset) - 1, min(num_tiles, len(dataset))).round().astype(int)).tolist()
-    rows = dataset.with_format("numpy", columns=["tile_id", "target", "opt_v1", "valid_mask", "month", "biome"])[indices]
+    columns = ["tile_id", "target", "opt_v1", "valid_mask", "month", "biome"]
+    rows = dataset.with_format("numpy", columns=columns)[indices]
 
     figure = Figure(figsize=(11, 0.6 + 2.6 * len(indices)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -263,8 +266,8 @@ def plot_tiles(path: str | Path, output_png: str | Path, split: Optional[str] = 
         for axis, (title, panel) in zip(axes_row, _panels(images, rows["valid_mask"][row])):
             image = _show_panel(axis, title, panel, rows["valid_mask"][row], title_it=row == 0)
         tile_id = str(rows["tile_id"][row])
-        axes_row[0].set_ylabel(f"{tile_id[:22]}\n{tile_id[22:44]}\nmonth {rows['month'][row]}, biome {rows['biome'][row]}",
-                               fontsize=7)
+        axes_row[0].set_ylabel(
+            f"{tile_id[:22]}\n{tile_id[22:44]}\nmonth {rows['month'][row]}, biome {rows['biome'][row]}", fontsize=7)
     figure.suptitle(f"{Path(path).name} / {split}: {len(indices)} of {len(dataset)} tiles", fontsize=10)
     figure.colorbar(image, ax=axes.ravel().tolist(), shrink=min(0.9, 0.5 + 0.1 * len(indices)), label="NDVI")
     output_png = Path(output_png)

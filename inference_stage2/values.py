@@ -49,12 +49,27 @@ def to_reflectance(
     """
     values = np.asarray(values)
     scale = resolve_input_scale(values.dtype, input_scale, source)
+    with np.errstate(over="ignore"):  # a finite value past float32's range becomes Inf: refused below
+        reflectance = dn_to_reflectance(values) if scale == "dn" else values.astype(np.float32, copy=True)
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4:  # float16/32 values fit float32 in either scale
+        _refuse_float32_overflow(values, reflectance, scale, source)
     if scale == "dn":
-        return dn_to_reflectance(values)
-    reflectance = values.astype(np.float32, copy=True)
+        return reflectance
     if warn:
         warn_if_looks_like_dn(reflectance, source)
     return reflectance
+
+
+def _refuse_float32_overflow(values: np.ndarray, reflectance: np.ndarray, scale: str, source: str) -> None:
+    """A finite input value that is Inf as float32 reflectance: no measurement, and no nodata either (NaN/Inf are),
+    so refused rather than passed on as an invalid pixel."""
+    overflow = np.isfinite(values) & ~np.isfinite(reflectance)
+    if overflow.any():
+        peak = float(np.abs(values[overflow]).max())
+        raise InferenceInputError(
+            f"{source}: {int(overflow.sum())} finite value(s) reach {peak:g}, past float32's range as reflectance; "
+            f"no {'digital number' if scale == 'dn' else 'reflectance'} is that large (a wrong scale or fill value?)"
+        )
 
 
 def warn_if_looks_like_dn(reflectance: np.ndarray, source: str) -> None:

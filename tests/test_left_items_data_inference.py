@@ -1,0 +1,117 @@
+"""Items earlier reviews had left alone in the data builders and inference: a saved dataset with an empty split
+(which `datasets` cannot load), finite band values past float32's range, and hidden folders among the tiles."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+from _data_helpers import tile_arrays, write_tile
+
+import datasets
+from data_builders.cache import empty_split_problem
+from data_builders.discovery import discover_tiles
+from data_builders.inspect import main as inspect_main
+from data_builders.tiles import BAND_KEYS, dn_to_reflectance
+from inference_stage2 import InferenceInputError, refine_arrays, refine_scene, refine_tiles
+from inference_stage2.values import to_reflectance
+from test_inference import PixelwiseRefiner, smooth_scene, write_geotiff
+
+datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----------------------------------------------------------------------------------------------- empty splits
+def _save(dataset, path):
+    dataset.save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("empty", ["train", "val"])
+def test_inspect_names_the_empty_split_that_datasets_cannot_load(tmp_path, capsys, empty):
+    """`load_from_disk` fails on a split saved without a row (IndexError: list index out of range), which
+    stage2-inspect reported as "not a saved dataset", naming no split."""
+    rows = datasets.Dataset.from_dict({"tile_id": ["a", "b"], "month": [1, 2]})
+    path = _save(datasets.DatasetDict({split: rows.select([] if split == empty else [0, 1])
+                                       for split in ("train", "val")}), tmp_path / "ds")
+    problem = empty_split_problem(path)
+    assert problem == (f"{path}: split {empty!r} is empty (no row, no data file), which datasets cannot load; save "
+                       "the DatasetDict again without it")
+    assert inspect_main([str(path)]) == 2
+    assert capsys.readouterr().err == f"stage2-inspect: error: {problem}\n"
+
+
+def test_an_empty_saved_dataset_and_healthy_ones(tmp_path, capsys):
+    rows = datasets.Dataset.from_dict({"tile_id": ["a"]})
+    single = _save(rows.select([]), tmp_path / "single")
+    assert inspect_main([str(single)]) == 2
+    assert capsys.readouterr().err == (f"stage2-inspect: error: {single}: the saved dataset is empty (no row, no data "
+                                       "file), which datasets cannot load\n")
+    # what loads, and what is no dataset at all, is not this problem
+    assert empty_split_problem(_save(datasets.DatasetDict({"train": rows}), tmp_path / "dict")) is None
+    assert empty_split_problem(_save(rows, tmp_path / "one")) is None
+    assert empty_split_problem(tmp_path / "absent") is None
+
+
+# ------------------------------------------------------------------------------ values past float32's range
+@pytest.mark.parametrize("input_scale", ["dn", "reflectance"])
+def test_a_finite_float64_value_past_float32s_range_is_refused_naming_the_source(input_scale):
+    """Under `dn` 1e300 x 1e-4 became Inf as float32 (a RuntimeWarning naming nothing), then an invalid pixel: a NaN
+    in the output, exit 0."""
+    values = np.full((4, 8, 8), 2000.0 if input_scale == "dn" else 0.2)
+    values[2, 3, 5], values[0, 1, 1] = -1e300, 5e299
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InferenceInputError) as caught:
+            to_reflectance(values, input_scale, "scene.tif")
+        with pytest.raises(InferenceInputError, match="^opt_v1: 2 finite value"):
+            refine_arrays(PixelwiseRefiner(), values, 6, 4, input_scale=input_scale)
+    number = "digital number" if input_scale == "dn" else "reflectance"
+    assert str(caught.value) == ("scene.tif: 2 finite value(s) reach 1e+300, past float32's range as reflectance; "
+                                 f"no {number} is that large (a wrong scale or fill value?)")
+    # NaN and Inf stay nodata, and values within range convert as before
+    values[2, 3, 5], values[0, 1, 1] = np.nan, np.inf
+    reflectance = to_reflectance(values, input_scale, "scene.tif", warn=False)
+    expected = dn_to_reflectance(values) if input_scale == "dn" else values.astype(np.float32)
+    np.testing.assert_array_equal(reflectance, expected)
+
+
+def test_stage2_refine_rejects_a_float_tile_of_digital_numbers_past_float32s_range(tmp_path):
+    arrays = tile_arrays(seed=3)
+    for key in BAND_KEYS:
+        arrays[key] = arrays[key].astype(np.float64)
+    arrays["s2_b4"][5, 7] = 1e300
+    bad = write_tile(tmp_path / "tiles", "bad", arrays)
+    good = write_tile(tmp_path / "tiles", "good", seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = refine_tiles(PixelwiseRefiner(), tmp_path / "tiles", tmp_path / "out", input_scale="dn",
+                               progress=False)
+    assert summary.written == [good.name]
+    assert summary.rejected == [(str(bad), f"{bad}: key 's2_b4': 1 finite value(s) reach 1e+300, past float32's "
+                                           "range as reflectance; no digital number is that large (a wrong scale "
+                                           "or fill value?)")]
+    assert not (tmp_path / "out" / bad.name).exists()
+
+
+def test_a_float_scene_of_digital_numbers_past_float32s_range_is_refused_and_leaves_no_output(tmp_path):
+    """The Inf reached the model (a trained refiner's traceback: opt_v1 contains NaN or infinite values)."""
+    data = smooth_scene(130, 140).astype(np.float64)
+    data[1, 125, 3] = 1e300
+    scene, output = write_geotiff(tmp_path / "scene.tif", data), tmp_path / "refined.tif"
+    with pytest.raises(InferenceInputError, match="^" + re.escape(f"{scene}: 1 finite value(s) reach 1e+300, past")):
+        refine_scene(PixelwiseRefiner(), scene, output, 6, 4, input_scale="dn", progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scene.tif"]
+
+
+# ------------------------------------------------------------------------------------------------ hidden tiles
+def test_the_builders_discovery_reads_no_hidden_folder_or_appledouble_file(tmp_path):
+    """Copies of a tile in `.ipynb_checkpoints/` read as tiles would reject the tile itself (one id twice)."""
+    tile = write_tile(tmp_path / "train", "tile_a")
+    for hidden in (tmp_path / "train" / ".ipynb_checkpoints", tmp_path / ".git" / "train", tmp_path / ".train"):
+        write_tile(hidden, "tile_a")
+    (tmp_path / "train" / "._tile_a.npz").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble
+    splits, rejected = discover_tiles(tmp_path, strict=True)
+    assert {split: [spec.path for spec in specs] for split, specs in splits.items()} == {"train": [str(tile)]}
+    assert rejected == []
