@@ -54,6 +54,27 @@ def test_an_empty_saved_dataset_and_healthy_ones(tmp_path, capsys):
     assert empty_split_problem(tmp_path / "absent") is None
 
 
+@pytest.mark.parametrize("command", ["stage2-train", "stage2-evaluate"])
+def test_training_and_evaluation_name_the_empty_split_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """Both loaded the saved dataset with `load_from_disk` and died in a 40-line IndexError traceback, exit 1."""
+    from _training_helpers import refuse_exec
+    from training.evaluate import main as evaluate_main
+    from training.train import launch_main
+
+    refuse_exec(monkeypatch)  # stage2-train would exec its launcher once its checks pass
+    rows = datasets.Dataset.from_dict({"tile_id": ["a", "b"], "month": [1, 2]})
+    path = _save(datasets.DatasetDict({"train": rows, "val": rows.select([])}), tmp_path / "ds")
+    output = tmp_path / "out"
+    if command == "stage2-train":
+        status = launch_main(["--data_dir", str(path), "--output_dir", str(output)])
+    else:
+        status = evaluate_main(["--model", str(tmp_path / "no-model"), "--data", str(path), "--device", "cpu",
+                                "--json", str(output)])
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [f"{command}: error: {empty_split_problem(path)}"]
+    assert not output.exists()
+
+
 # ------------------------------------------------------------------------------ values past float32's range
 @pytest.mark.parametrize("input_scale", ["dn", "reflectance"])
 def test_a_finite_float64_value_past_float32s_range_is_refused_naming_the_source(input_scale):

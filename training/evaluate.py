@@ -82,7 +82,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     folder; `before_conversion()` is called first, once the tiles are found)."""
     from datasets import load_from_disk
 
-    from data_builders.cache import dataset_cache_key, is_arrow_dataset
+    from data_builders.cache import dataset_cache_key, empty_split_problem, is_arrow_dataset
 
     path = Path(data)
     if not path.is_dir():
@@ -90,7 +90,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     if is_arrow_dataset(path):
         from data_builders.build import saved_opt_v1_problem
 
-        problem = saved_opt_v1_problem(path, stage1_dir, input_mode, flag="--data")
+        problem = empty_split_problem(path) or saved_opt_v1_problem(path, stage1_dir, input_mode, flag="--data")
         if problem is not None:
             raise ValueError(problem)
         dataset_dict = load_from_disk(str(path))

@@ -469,8 +469,10 @@ def _check_data_folder(data_args) -> None:
         raise MissingInputError(f"--data_dir {data_dir}: no such folder.")
     if is_arrow_dataset(data_dir):
         from data_builders.build import saved_opt_v1_problem
+        from data_builders.cache import empty_split_problem
 
-        problem = saved_opt_v1_problem(data_dir, data_args.stage1_dir, data_args.input_mode)
+        problem = empty_split_problem(data_dir) or saved_opt_v1_problem(data_dir, data_args.stage1_dir,
+                                                                        data_args.input_mode)
         if problem is not None:
             raise UsageError(problem)
         return
