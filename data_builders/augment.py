@@ -103,6 +103,20 @@ def _to_array(name: str, values: Any) -> Any:
     return list(values)
 
 
+def _refuse_unstackable_images(name: str, values: Any) -> None:
+    """Per-sample images of one spatial column that differ in shape or dtype: refused, since passed on unrotated
+    they would no longer line up with the columns that were (rows of one Arrow column always share both)."""
+    if isinstance(values, np.ndarray) and values.dtype == object:  # ragged rows in numpy format
+        values = list(values)
+    if not isinstance(values, (list, tuple)) or not values or not isinstance(values[0], (np.ndarray, torch.Tensor)):
+        return
+    kinds = sorted({f"{tuple(v.shape)} {v.dtype}" if isinstance(v, (np.ndarray, torch.Tensor)) else type(v).__name__
+                    for v in values})
+    raise ValueError(f"column {name!r}: the batch's images differ in shape or dtype ({', '.join(kinds)}), so they "
+                     "cannot be flipped and rotated with the other image columns; give every row the same shape and "
+                     "dtype")
+
+
 def _as_tensor(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value if value.flags.writeable else value.copy())
@@ -127,6 +141,7 @@ class TileTransform:
             if self.augment and name in self.spatial_columns:
                 samples = _image_samples(values)
                 if samples is None:  # nested Python lists (set_transform)
+                    _refuse_unstackable_images(name, values)
                     converted = _to_array(name, values)
                     samples = converted if isinstance(converted, np.ndarray) else None
                 if samples is not None:

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from _data_helpers import tile_arrays, write_tile
 
 import datasets
@@ -136,3 +137,30 @@ def test_the_builders_discovery_reads_no_hidden_folder_or_appledouble_file(tmp_p
     splits, rejected = discover_tiles(tmp_path, strict=True)
     assert {split: [spec.path for spec in specs] for split, specs in splits.items()} == {"train": [str(tile)]}
     assert rejected == []
+
+
+# ------------------------------------------------------------------------------------- augmenting mixed rows
+@pytest.mark.parametrize("second", [((4, 8, 8), np.float16), ((4, 6, 6), np.float32)], ids=["dtype", "shape"])
+def test_image_rows_that_cannot_be_stacked_are_refused_not_left_unrotated(second):
+    """`TileTransform` passed a spatial column whose rows differ in dtype or shape on as a list, unrotated, while the
+    other image columns of the same rows were rotated: `opt_v1` no longer lined up with `target`."""
+    from data_builders.augment import TileTransform
+
+    shape, dtype = second
+    rows = [{"target": np.ones((4, 8, 8), np.float32), "opt_v1": np.ones(s, d)}
+            for s, d in (((4, 8, 8), np.float32), (shape, dtype))]
+    kinds = ", ".join(sorted({f"{s} {np.dtype(d)}" for s, d in (((4, 8, 8), np.float32), (shape, dtype))}))
+    with pytest.raises(ValueError, match=re.escape(f"column 'opt_v1': the batch's images differ in shape or dtype "
+                                                   f"({kinds}), so they cannot be flipped")):
+        TileTransform(augment=True).collate(rows)
+    ragged = datasets.Dataset.from_dict({"target": [row["opt_v1"].astype(np.float32) for row in rows]})
+    if shape != (4, 8, 8):  # ragged rows of one column reach the transform as an object array in numpy format
+        with pytest.raises(ValueError, match="column 'target': the batch's images differ in shape or dtype"):
+            TileTransform(augment=True)(ragged.with_format("numpy")[0:2])
+    # rows that stack are rotated together, as before; without augmenting nothing is refused
+    torch.manual_seed(0)
+    same = [{"target": np.arange(64, dtype=np.float32).reshape(1, 8, 8), "opt_v1": np.arange(64.0).reshape(1, 8, 8)}
+            for _ in range(4)]
+    batch = TileTransform(augment=True).collate(same)
+    torch.testing.assert_close(batch["opt_v1"].float(), batch["target"], rtol=0, atol=0)
+    assert TileTransform(augment=False).collate(rows)["target"].shape == (2, 4, 8, 8)
