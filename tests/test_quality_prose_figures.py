@@ -122,7 +122,7 @@ def test_the_seeds_of_each_study_are_the_recorded_ones():
     page = _text(QUALITY)
     assert not _missing(page, [
         f"Test split, mean of seeds {_seeds(quality['seeds'])}, NDVI RMSE / EVI RMSE / SAM:",
-        f"Measured by `bench/study_quality.py` ({three} seeds, 2-core CPU;",
+        f"Measured by `bench/study_quality.py` ({three} seeds, on the CPU;",
         f"`strong` and the proxy again, seeds {_seeds(_record('machines.json')['seeds'])}, on a machine other",
         f"on `mild`, `strong` and the proxy, {len(weights[0])} seeds each: `mild` EVI RMSE stays",
         f"trains the demo on each rotation with seeds {_seeds(_record('rotation.json')['seeds'])}, each rotation",
@@ -139,7 +139,7 @@ def test_the_seeds_of_each_study_are_the_recorded_ones():
         f"on the six draws ({three} seeds each)",
         f"(`bench/results/quality_proxy.md`, three draws, {three} seeds each)"])
     assert not _missing(_text(README), [
-        f"(`bench/study_quality.py`, seeds {_seeds(quality['seeds'])} on a 2-core CPU;"])
+        f"(`bench/study_quality.py`, seeds {_seeds(quality['seeds'])} on the CPU;"])
 
 
 def test_the_colour_fit_as_it_comes_is_the_recorded_ratio():
