@@ -47,6 +47,7 @@ DESIGN_TILES = 160_000
 BUILD_GOAL = DESIGN_TILES / 600  # tiles/s for 10 minutes
 READ_GOAL = 1000
 READ_COLUMNS = ["target", "opt_v1", "valid_mask", "month", "biome"]
+PHASE_TILES = 200  # tiles whose stages are timed apart
 
 
 def split_of(index: int) -> str:
@@ -82,7 +83,7 @@ def time_build(tiles: Path, out: Path, num_proc: int) -> tuple[float, float]:
     return elapsed, cpu
 
 
-def phase_costs(tiles: Path, scratch: Path, count: int = 200) -> dict:
+def phase_costs(tiles: Path, scratch: Path, count: int = PHASE_TILES) -> dict:
     """CPU ms per tile of the three stages of a build, in this process."""
     files = sorted(tiles.glob("*/*.npz"))[:count]
     start = time.process_time()
@@ -105,7 +106,8 @@ def phase_costs(tiles: Path, scratch: Path, count: int = 200) -> dict:
     per_tile = 1e3 / len(files)
     return {"read + validate (NPZ decompression)": (after_read - start) * per_tile,
             "synthetic opt_v1": (after_degrade - after_read) * per_tile,
-            "Arrow encode + write (ArrowWriter, image columns from numpy buffers)": (after_write - start_write) * per_tile}
+            "Arrow encode + write (ArrowWriter, image columns from numpy buffers)":
+                (after_write - start_write) * per_tile}
 
 
 def time_read(dataset, loader_kwargs: dict, min_tiles: int) -> float:
@@ -183,14 +185,17 @@ def main() -> None:
     idle_rate = 2 * 1e3 / cpu_ms  # both cores busy with the measured CPU cost per tile
     load_end = os.getloadavg()
     busy = load[0] >= 1.0  # at the start: at the end the load average includes this benchmark
+    # the read sizes, where not the defaults (a default run's line names --num_tiles alone)
+    read_flags = "".join(f" --{name} {getattr(args, name)}" for name in ("read_tiles", "slow_read_tiles")
+                         if getattr(args, name) != parser.get_default(name))
     machine_state = (f"{'shared with other jobs' if busy else 'otherwise idle'} (load average {load[0]:.1f} at start, "
                      f"{load_end[0]:.1f} at the end{': wall-clock rates are those of a busy machine' if busy else ''})")
     lines = [
         "# Data pipeline throughput",
         "",
-        f"Machine: {os.cpu_count()}-core CPU ({cpu_name()}), {machine_state}, Python {platform.python_version()}, datasets "
-        f"{datasets.__version__}, torch {torch.__version__}. Script: `bench/bench_data_throughput.py "
-        f"--num_tiles {args.num_tiles}`.",
+        f"Machine: {os.cpu_count()}-core CPU ({cpu_name()}), {machine_state}, Python {platform.python_version()}, "
+        f"datasets {datasets.__version__}, torch {torch.__version__}. Script: `bench/bench_data_throughput.py "
+        f"--num_tiles {args.num_tiles}{read_flags}`.",
         "",
         f"Input: {args.num_tiles} real BigEarthNet tiles (the bundled sample, copied under new ids), "
         f"{tile_bytes / args.num_tiles / 1e3:.0f} kB per compressed NPZ; output "
@@ -216,8 +221,8 @@ def main() -> None:
         f"({cpu_ms:.1f} ms per tile, all processes), two idle cores would build ~{idle_rate:.0f} tiles/s, "
         f"i.e. 160k tiles in ~{DESIGN_TILES / idle_rate / 60:.1f} min (an estimate, not a measurement).",
         "",
-        "CPU cost of the stages, one process, 200 tiles (ms per tile; measured separately from the builds "
-        "above; CPU times on a shared machine vary by about a third from run to run):",
+        f"CPU cost of the stages, one process, {min(PHASE_TILES, args.num_tiles)} tiles (ms per tile; measured "
+        "separately from the builds above; CPU times on a shared machine vary by about a third from run to run):",
         "",
         "| stage | CPU ms per tile |",
         "| --- | --- |",
@@ -242,7 +247,8 @@ def main() -> None:
         "",
         "Worker processes do not pay off on this 2-core machine (start-up and shared-memory transfer of "
         "~0.5 MB per tile cost more than the decoding they take over); in the main process the numpy path "
-        f"alone serves {reads[next(iter(reads))]:.0f} tiles/s, many times the 50-80 samples/s the design's GPU trains at.",
+        f"alone serves {reads[next(iter(reads))]:.0f} tiles/s, many times the 50-80 samples/s the design's GPU "
+        "trains at.",
     ]
     write_results(args.output, "\n".join(lines) + "\n")
     print(f"wrote {args.output}")

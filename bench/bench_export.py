@@ -105,8 +105,9 @@ def bench_size(size: str, workdir: Path, *, tiles: int, repeats: int, threads: i
         measure("eager 8-bit (bitsandbytes)", load_trained_model(folder, quantization="8bit"))
     except Exception as error:  # bitsandbytes without a usable backend here
         print(f"{size}: eager 8-bit skipped ({type(error).__name__}: {error})", flush=True)
+        measured = {row["batch"] for row in result["rows"] if row["runtime"] == "eager 8-bit (bitsandbytes)"}
         result["rows"].extend({"runtime": "eager 8-bit (bitsandbytes)", "batch": b, "tiles_per_s": None}
-                              for b in BATCH_SIZES)
+                              for b in BATCH_SIZES if b not in measured)  # a dash where it was not measured
     gc.collect()
     start = time.perf_counter()
     export = export_refiner(folder, workdir / f"{size}_onnx", format="onnx")

@@ -170,10 +170,6 @@ def worker(quantization: str, steps: int, with_flops: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- report
-
-
-
-
 def render(results: list[dict], rate_gflops: float, load_start: str, load_end: str, steps: int) -> str:
     import torch
 
@@ -265,7 +261,9 @@ def main(argv=None):
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"worker {quantization} failed:\n{done.stderr[-4000:]}")
-        line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+        line = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
+        if line is None:  # not a StopIteration's traceback
+            raise SystemExit(f"worker {quantization} printed no result:\n{done.stderr[-4000:]}")
         results.append(json.loads(line[len("RESULT "):]))
         print(f"{quantization}: {results[-1]['samples_per_second']:.3f} samples/s, "
               f"peak RSS {results[-1]['peak_rss_training_gib']:.2f} GiB", flush=True)

@@ -42,6 +42,16 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture
+def bench(repo_root, monkeypatch):
+    """Imports a benchmark script as its own run does (`_common` is its neighbour): `bench("bench_export")`."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(repo_root))
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    return importlib.import_module
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """`../shared` beside the checkout; tests that need it skip cleanly where it is absent."""

@@ -1,7 +1,6 @@
 """The benchmark and study scripts: what their records say was run and measured is what was."""
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -10,14 +9,6 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def bench(repo_root, monkeypatch):
-    """Imports a benchmark script as its own run does (`_common` is its neighbour)."""
-    monkeypatch.syspath_prepend(str(repo_root))
-    monkeypatch.syspath_prepend(str(repo_root / "bench"))
-    return importlib.import_module
 
 
 class _Tiles(torch.utils.data.Dataset):
