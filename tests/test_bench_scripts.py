@@ -43,18 +43,21 @@ def _start_work(*args, **kwargs):
     raise _WorkStarted
 
 
-def test_a_training_split_too_small_to_time_a_read_is_refused_before_any_work(bench, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--num_tiles", "70"], "--num_tiles 70 gives 56 training tiles; the reads need 64"),
+    (["--slow_read_tiles", "0"], "--slow_read_tiles must be >= 1, got 0"),
+])
+def test_a_read_that_cannot_be_timed_is_refused_before_any_work(bench, monkeypatch, tmp_path, capsys, flags, message):
     """70 tiles give 56 training tiles, one batch of 32 an epoch: every batch was an epoch's first, so the read loop
-    never ended (after the builds)."""
+    never ended (after the builds); a read of no tile has no rate."""
     throughput = bench("bench_data_throughput")
     for name in ("tune_allocator", "make_tiles"):
         monkeypatch.setattr(throughput, name, _start_work)
-    monkeypatch.setattr(sys, "argv", ["bench_data_throughput.py", "--num_tiles", "70", "--output",
-                                      str(tmp_path / "bench.md")])
+    monkeypatch.setattr(sys, "argv", ["bench_data_throughput.py", *flags, "--output", str(tmp_path / "bench.md")])
     with pytest.raises(SystemExit) as exited:
         throughput.main()
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().endswith("--num_tiles 70 gives 56 training tiles; the reads need 64")
+    assert capsys.readouterr().err.strip().endswith(message)
     assert [throughput.split_of(index) for index in range(10)].count("train") == 8
 
 

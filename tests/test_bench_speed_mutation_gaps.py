@@ -32,14 +32,6 @@ class _Clock:
         return self.cpu
 
 
-class _WorkStarted(Exception):
-    pass
-
-
-def _start_work(*args, **kwargs):
-    raise _WorkStarted
-
-
 def _loads(monkeypatch, module, *averages) -> None:
     """`os.getloadavg` returns `averages` (1-minute values) in turn, then the last."""
     values = iter(averages)
@@ -176,18 +168,6 @@ def test_a_failed_read_measurement_writes_no_throughput_record(bench, monkeypatc
     with pytest.raises(RuntimeError, match="out of memory"):
         _fake_throughput_run(throughput, monkeypatch, tmp_path, ["--num_tiles", "100"], fail_reads=True)
     assert (tmp_path / "data_throughput.md").read_text() == "old\n"
-
-
-def test_a_slow_read_size_of_0_is_refused_before_any_work(bench, monkeypatch, tmp_path, capsys):
-    throughput = bench("bench_data_throughput")
-    for name in ("tune_allocator", "make_tiles"):
-        monkeypatch.setattr(throughput, name, _start_work)
-    monkeypatch.setattr(sys, "argv", ["bench_data_throughput.py", "--slow_read_tiles", "0", "--output",
-                                      str(tmp_path / "bench.md")])
-    with pytest.raises(SystemExit) as exited:
-        throughput.main()
-    assert exited.value.code == 2
-    assert capsys.readouterr().err.strip().endswith("--slow_read_tiles must be >= 1, got 0")
 
 
 def test_the_build_cpu_time_counts_the_finished_worker_processes(bench, monkeypatch):
