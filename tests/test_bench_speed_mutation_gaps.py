@@ -151,6 +151,19 @@ def test_the_throughput_record_states_the_measured_rates_and_the_settings_run_wi
     assert "CPU cost of the stages, one process, 100 tiles (ms per tile;" in text  # 200 only from 200 tiles on
     assert "numpy format + collate: 1200 tiles/s -> goal met." in text
     assert "in the main process the numpy path alone serves 900 tiles/s" in text
+    # the conclusion on worker processes follows the rates: here two workers read faster
+    assert "Two worker processes read the numpy path faster (1200 tiles/s); in the main process" in text
+    assert "do not pay off" not in text
+
+
+def test_the_recorded_conclusion_on_worker_processes_follows_its_rates(bench, repo_root):
+    throughput, summarize = bench("bench_data_throughput"), bench("bench.summarize")
+    results = repo_root / "bench" / "results"
+    numpy_read = summarize.data_throughput(results).numpy_read
+    reads = {f"numpy format + transform in collate_fn, {workers} workers": rate for workers, rate in numpy_read.items()}
+    line = throughput._workers_line(reads)
+    assert line in (results / "data_throughput.md").read_text()
+    assert line.startswith("Worker processes do not pay off") == (numpy_read[2] <= numpy_read[0])
 
 
 def test_the_script_line_leaves_out_the_default_read_sizes(bench, monkeypatch, tmp_path):
