@@ -15,7 +15,8 @@ from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import DECLARED_SCALE, install_hint
 
 from .scene_bands import band_order, named_band
-from .values import InferenceInputError, resolve_input_scale, to_reflectance, warn_if_looks_like_dn
+from .values import (InferenceInputError, refuse_float32_overflow, resolve_input_scale, to_reflectance,
+                     warn_if_looks_like_dn)
 
 
 def _describe(value: Any) -> str:
@@ -258,8 +259,10 @@ class SceneSource:
         else:
             scale, offset = (np.array(column, dtype=np.float64).reshape(-1, 1, 1)
                              for column in zip(*self.declared_scaling))
-            reflectance = (values * scale + offset).astype(np.float32)
             source = f"{self.paths[0]} (its declared scale and offset applied)"
+            with np.errstate(over="ignore"):  # a finite value past float32's range becomes Inf: refused below
+                reflectance = (values * scale + offset).astype(np.float32)
+            refuse_float32_overflow(values, reflectance, "dn", source)
         if warn and input_scale != "dn":
             warn_if_looks_like_dn(reflectance if valid is None else reflectance[:, valid], source)
         return reflectance

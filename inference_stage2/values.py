@@ -52,7 +52,7 @@ def to_reflectance(
     with np.errstate(over="ignore"):  # a finite value past float32's range becomes Inf: refused below
         reflectance = dn_to_reflectance(values) if scale == "dn" else values.astype(np.float32, copy=True)
     if values.dtype.kind == "f" and values.dtype.itemsize > 4:  # float16/32 values fit float32 in either scale
-        _refuse_float32_overflow(values, reflectance, scale, source)
+        refuse_float32_overflow(values, reflectance, scale, source)
     if scale == "dn":
         return reflectance
     if warn:
@@ -60,7 +60,7 @@ def to_reflectance(
     return reflectance
 
 
-def _refuse_float32_overflow(values: np.ndarray, reflectance: np.ndarray, scale: str, source: str) -> None:
+def refuse_float32_overflow(values: np.ndarray, reflectance: np.ndarray, scale: str, source: str) -> None:
     """A finite input value that is Inf as float32 reflectance: no measurement, and no nodata either (NaN/Inf are),
     so refused rather than passed on as an invalid pixel."""
     overflow = np.isfinite(values) & ~np.isfinite(reflectance)

@@ -7,6 +7,7 @@ import operator
 from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import CONFIG_NAME
 
 from .bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 from .configuration_prithvi import CheckedOverridesMixin, PrithviConfig, canonical_band_name
@@ -318,12 +319,16 @@ class Stage2RefinerConfig(CheckedOverridesMixin, PretrainedConfig):
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """transformers' `get_config_dict`, refusing on one line the config of another model (a Prithvi backbone's
-        folder): transformers only warns, and the refiner built from it fails later (`patch_size` has no setter)."""
+        folder): transformers only warns, and the refiner built from it fails later (`patch_size` has no setter). A
+        refiner config nested in another model's is left to transformers' look-up, which takes it from there."""
+        subfolder = kwargs.get("subfolder") or ""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         model_type = config_dict.get("model_type")
-        if model_type is not None and model_type != cls.model_type:
-            source = Path(pretrained_model_name_or_path)
-            source = source / "config.json" if source.is_dir() else pretrained_model_name_or_path
+        nested = any(isinstance(value, dict) and value.get("model_type") == cls.model_type
+                     for value in config_dict.values())
+        if model_type is not None and model_type != cls.model_type and not nested:
+            source = "/".join(part for part in (str(pretrained_model_name_or_path), subfolder) if part)
+            source = Path(source) / CONFIG_NAME if Path(source).is_dir() else source
             hint = (" (a Prithvi backbone's config: load it with PrithviConfig.from_pretrained, or give it to "
                     "Stage2RefinerConfig as backbone_config)" if model_type == PrithviConfig.model_type else "")
             raise ValueError(f"{source}: key 'model_type' is {model_type!r}, not {cls.model_type!r}: not a Stage 2 "

@@ -125,6 +125,14 @@ def test_a_float_scene_of_digital_numbers_past_float32s_range_is_refused_and_lea
     with pytest.raises(InferenceInputError, match="^" + re.escape(f"{scene}: 1 finite value(s) reach 1e+300, past")):
         refine_scene(PixelwiseRefiner(), scene, output, 6, 4, input_scale="dn", progress=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["scene.tif"]
+    # the same value under the scale and offset the file declares (read with input_scale auto) was a NaN pixel
+    declared = write_geotiff(tmp_path / "declared.tif", data, scales=[1e-4] * 4, offsets=[0.0] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow warning named no file
+        with pytest.raises(InferenceInputError, match="^" + re.escape(
+                f"{declared} (its declared scale and offset applied): 1 finite value(s) reach 1e+300, past")):
+            refine_scene(PixelwiseRefiner(), declared, output, 6, 4, progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["declared.tif", "scene.tif"]
 
 
 # ------------------------------------------------------------------------------------------------ hidden tiles
@@ -164,3 +172,30 @@ def test_image_rows_that_cannot_be_stacked_are_refused_not_left_unrotated(second
     batch = TileTransform(augment=True).collate(same)
     torch.testing.assert_close(batch["opt_v1"].float(), batch["target"], rtol=0, atol=0)
     assert TileTransform(augment=False).collate(rows)["target"].shape == (2, 4, 8, 8)
+
+
+def test_a_saved_dataset_whose_state_lists_no_data_files_key_is_not_called_empty(tmp_path):
+    """A `state.json` without `_data_files` (another datasets version's, or one written by hand) says nothing about
+    the split's rows: only an empty list of data files is the problem `load_from_disk` fails on."""
+    import json
+
+    from data_builders.cache import DATASET_STATE
+
+    rows = datasets.Dataset.from_dict({"tile_id": ["a"]})
+    for path, state in ((_save(rows, tmp_path / "one"), tmp_path / "one" / DATASET_STATE),
+                        (_save(datasets.DatasetDict({"train": rows}), tmp_path / "dict"),
+                         tmp_path / "dict" / "train" / DATASET_STATE)):
+        record = json.loads(state.read_text())
+        del record["_data_files"]
+        state.write_text(json.dumps(record))
+        assert empty_split_problem(path) is None
+
+
+def test_torch_formatted_image_rows_that_cannot_be_stacked_are_refused():
+    """In torch format ragged rows reach the transform as a list of tensors, which was passed on unrotated."""
+    from data_builders.augment import TileTransform
+
+    ragged = datasets.Dataset.from_dict({"target": [np.ones((4, 8, 8), np.float32), np.ones((4, 6, 6), np.float32)]})
+    with pytest.raises(ValueError, match=re.escape("column 'target': the batch's images differ in shape or dtype ((4, "
+                                                   "6, 6) torch.float32, (4, 8, 8) torch.float32)")):
+        TileTransform(augment=True)(ragged.with_format("torch")[0:2])

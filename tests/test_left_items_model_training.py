@@ -80,3 +80,42 @@ def test_resuming_a_checkpoint_with_a_discriminator_without_one_says_so(tmp_path
     assert [record.getMessage() for record in caplog.records] == [
         f"{folder} holds a discriminator, but these settings train none (adversarial_weight 0): the run goes on "
         "without it and without its adversarial loss."]
+
+
+def test_a_refiner_config_nested_in_another_models_or_without_model_type_still_loads(tmp_path):
+    """The refusal of another model's config left transformers' own look-up alone: a refiner config nested in a
+    composite config was taken from it, and a config.json written without `model_type` loaded; a refused
+    `subfolder=` names the config.json inside the subfolder."""
+    import json
+
+    from transformers.utils import CONFIG_NAME
+
+    tiny_refiner_config(head_width=24).save_pretrained(tmp_path / "refiner")
+    saved = json.loads((tmp_path / "refiner" / CONFIG_NAME).read_text())
+    for name, record in (("composite", {"model_type": "wrapper", "refiner_config": saved}),
+                         ("untyped", {key: value for key, value in saved.items() if key != "model_type"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CONFIG_NAME).write_text(json.dumps(record))
+        assert Stage2RefinerConfig.from_pretrained(tmp_path / name).head_width == 24
+    tiny_backbone_config().save_pretrained(tmp_path / "root" / "backbone")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'root' / 'backbone' / CONFIG_NAME}: key 'model_type' is "):
+        Stage2RefinerConfig.from_pretrained(tmp_path / "root", subfolder="backbone")
+
+
+def test_stage2_train_names_a_backbone_folder_given_as_the_start_model_once(tmp_path, capsys, monkeypatch):
+    from _data_helpers import write_tile
+    from _training_helpers import refuse_exec
+    from transformers.utils import CONFIG_NAME
+
+    from training.train import launch_main
+
+    refuse_exec(monkeypatch)
+    for split in ("train", "val"):
+        write_tile(tmp_path / "data" / split, f"tile_{split}")
+    tiny_backbone_config().save_pretrained(tmp_path / "backbone")
+    assert launch_main(["--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
+                        "--model_name_or_path", str(tmp_path / "backbone")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"stage2-train: error: {tmp_path / 'backbone' / CONFIG_NAME}: key 'model_type' is ")
+    assert error.count(CONFIG_NAME) == 1 and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

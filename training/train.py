@@ -560,7 +560,8 @@ def _check_start_model(training_args) -> None:
     try:
         Stage2RefinerConfig.from_pretrained(name)
     except (ValueError, TypeError, KeyError, OSError) as error:
-        raise UsageError(f"{config_file}: {' '.join(str(error).split())}") from None
+        message = " ".join(str(error).split())  # named once where the message names it already (another model's)
+        raise UsageError(message if message.startswith(f"{config_file}: ") else f"{config_file}: {message}") from None
     try:
         kind = check_model_folder(name)
     except FileNotFoundError as error:
