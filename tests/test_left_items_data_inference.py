@@ -19,12 +19,12 @@ from inference_stage2 import InferenceInputError, refine_arrays, refine_scene, r
 from inference_stage2.values import to_reflectance
 from test_inference import PixelwiseRefiner, smooth_scene, write_geotiff
 
-datasets.disable_progress_bars()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------- empty splits
 def _save(dataset, path):
+    datasets.disable_progress_bars()  # here, not at import: a test run before may have turned them on again
     dataset.save_to_disk(str(path))
     return path
 
