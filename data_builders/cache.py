@@ -4,6 +4,7 @@ Stage 1 files') names, sizes and modification times and the build options. Share
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -24,8 +25,6 @@ def empty_split_problem(path: str | os.PathLike) -> str | None:
     """Why the saved dataset at `path` cannot be loaded because a split of it holds no row (saved without an Arrow
     file, which `datasets.load_from_disk` fails on with an IndexError): one line naming the first such split; None
     where every split has a data file, or where `path` is no saved dataset (the caller's own error says so)."""
-    import json
-
     path = Path(path)
     try:
         splits = json.loads((path / ARROW_MARKER).read_text())["splits"] if is_arrow_dataset(path) else [None]
@@ -50,7 +49,8 @@ def _files_read(folder: Path, tiles: bool) -> list[Path]:
         folders = [path for _, path in _split_folders(folder)] if tiles else [folder] if folder.is_dir() else []
     except FileNotFoundError:  # no split folder: no tiles
         folders = []
-    return sorted(path for each in folders for path in each.iterdir() if path.suffix in (".npz", ".json"))
+    return sorted(path for each in folders for path in each.iterdir()
+                  if path.suffix in (".npz", ".json") and not path.name.startswith("."))  # hidden: never read
 
 
 def _tree_fingerprint(folder: Path, digest, tiles: bool = True) -> int:

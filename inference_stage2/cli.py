@@ -208,11 +208,12 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _report_tiles(summary: TileRefinementSummary) -> None:
     rate = len(summary.written) / summary.seconds if summary.seconds else float("nan")
-    print(
-        f"refined {len(summary.written)} tiles into {summary.output_dir} ({rate:.1f} tiles/s); "
-        f"input_mode {summary.input_mode}: "
-        f"{'Stage 1 opt_v1' if summary.input_mode == 'stage1' else 'the S2 bands are opt_v1 (no --stage1_dir)'}"
-    )
+    if summary.written or not summary.rejected:  # every tile rejected: the error line says it, not "refined 0"
+        print(
+            f"refined {len(summary.written)} tiles into {summary.output_dir} ({rate:.1f} tiles/s); "
+            f"input_mode {summary.input_mode}: "
+            f"{'Stage 1 opt_v1' if summary.input_mode == 'stage1' else 'the S2 bands are opt_v1 (no --stage1_dir)'}"
+        )
     if summary.out_of_range_fraction is not None:
         print(_kept_line(summary.out_of_range_fraction) + " (NPZ key out_of_range_weight)")
     if summary.metrics:

@@ -1008,6 +1008,10 @@ def test_cache_key_ignores_what_the_build_does_not_read(tmp_path):
     (data / "notes.json").write_text("{}")
     (data / "train" / "nested").mkdir()
     np.savez(data / "train" / "nested" / "x.npz", a=np.zeros(1))
+    # hidden files the discovery skips: an interrupted write's partial tile, a macOS AppleDouble file and its sidecar
+    np.savez(data / "train" / ".train_0.npz.partial-1.npz", a=np.zeros(1))
+    (data / "train" / "._train_0.npz").write_bytes(b"\x00\x05\x16\x07")
+    (data / "train" / "._train_0.json").write_text("{}")
     assert dataset_cache_key(data) == key
     write_tile(data / "val", "val_1", seed=5)  # a new tile is a new key
     assert dataset_cache_key(data) != key

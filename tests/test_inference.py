@@ -1339,6 +1339,7 @@ def test_cli_npz_files_as_a_subprocess(full_model_dir, perturbed_tiny_refiner, f
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines()[-2:] == ["1 tile(s) rejected", "stage2-refine: error: every tile was rejected "
                                                "(above); nothing was refined"]
+    assert "refined 0 tiles" not in result.stdout  # only the error says what happened
 
 
 def test_cli_scene_from_four_band_files_with_an_adapter_folder(adapter_model_dir, small_dn_scene, tmp_path):
