@@ -562,6 +562,13 @@ def test_docs_data_quotes_the_measured_build_and_read_rates(summarize, repo_root
     assert f"At {data.build_rates[2]:.0f} tiles/s the builder writes" in page
     assert (f"read: {min(data.numpy_read.values()):,.0f}-{max(data.numpy_read.values()):,.0f} tiles/s through the "
             "numpy format + `collate` path (goal met)") in page
+    path = results / "data_throughput.md"
+    stages = summarize.find_table(path.read_text(), path, "stage", "CPU ms per tile")
+    cost = {name: summarize.find_row(stages, path, "stage", name)["CPU ms per tile"]
+            for name in ("read + validate", "synthetic opt_v1", "Arrow encode + write")}
+    read, synthetic, write = cost.values()
+    assert (f"NPZ read {read} ms (mostly zlib), synthetic `opt_v1` {synthetic} ms (a third of it the 57,600 Gaussian "
+            f"draws), Arrow encode + write {write} ms") in page
 
 
 def test_the_prose_quotes_the_recorded_size_and_time_of_the_studies(repo_root):
