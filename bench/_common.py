@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.metrics import GAIN_METRICS as SPECTRAL  # the metrics of the studies' goal
@@ -50,6 +51,42 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def gpu_name() -> str | None:
+    """The name of the first CUDA device torch sees; None where it sees none."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+# Other jobs shared the machine where the 1-minute load average was at least this before the benchmark's own work
+SHARED_LOAD = 1.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine a benchmark ran on, as measured (`machine()`): what its results' headers say of it."""
+    cpu: str
+    cores: int
+    load: float  # the 1-minute load average before the benchmark's own work (after it, it counts the benchmark too)
+    gpu: str | None = None  # the CUDA device's name; None without one (or where the script did not look)
+
+    @property
+    def shared(self) -> bool:
+        return self.load >= SHARED_LOAD
+
+    @property
+    def state(self) -> str:
+        """'shared with other jobs' or 'otherwise idle'."""
+        return "shared with other jobs" if self.shared else "otherwise idle"
+
+
+def machine(load: float | None = None, gpu: bool = False) -> Machine:
+    """This machine: its CPU, cores (`os.cpu_count()`), 1-minute load average (`load`, read before the benchmark's
+    own work; None: now) and, with `gpu`, its CUDA device (`gpu_name()`)."""
+    load = os.getloadavg()[0] if load is None else load
+    return Machine(cpu_name(), os.cpu_count() or 1, load, gpu_name() if gpu else None)
 
 
 def load_average() -> str:

@@ -41,7 +41,7 @@ from data_builders.build import (  # noqa: E402
 )
 from data_builders.degrade import synthesize_opt_v1  # noqa: E402
 from data_builders.tiles import read_tile  # noqa: E402
-from _common import check_study_arguments, cpu_name, write_results  # noqa: E402
+from _common import check_study_arguments, machine, write_results  # noqa: E402
 
 DESIGN_TILES = 160_000
 BUILD_GOAL = DESIGN_TILES / 600  # tiles/s for 10 minutes
@@ -156,7 +156,7 @@ def main() -> None:
     datasets.disable_progress_bars()
     torch.manual_seed(0)
     tuned = tune_allocator()  # as the stage2-build-dataset CLI does (build workers always do)
-    load = os.getloadavg()
+    measured = machine()  # before the work: the load average then is other jobs'
 
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         tmp = Path(tmp)
@@ -195,16 +195,16 @@ def main() -> None:
     cpu_ms = build[2][2] * 1e3 / args.num_tiles
     idle_rate = 2 * 1e3 / cpu_ms  # both cores busy with the measured CPU cost per tile
     load_end = os.getloadavg()
-    busy = load[0] >= 1.0  # at the start: at the end the load average includes this benchmark
+    busy = measured.shared
     # the read sizes, where not the defaults (a default run's line names --num_tiles alone)
     read_flags = "".join(f" --{name} {getattr(args, name)}" for name in ("read_tiles", "slow_read_tiles")
                          if getattr(args, name) != parser.get_default(name))
-    machine_state = (f"{'shared with other jobs' if busy else 'otherwise idle'} (load average {load[0]:.1f} at start, "
+    machine_state = (f"{measured.state} (load average {measured.load:.1f} at start, "
                      f"{load_end[0]:.1f} at the end{': wall-clock rates are those of a busy machine' if busy else ''})")
     lines = [
         "# Data pipeline throughput",
         "",
-        f"Machine: {os.cpu_count()}-core CPU ({cpu_name()}), {machine_state}, Python {platform.python_version()}, "
+        f"Machine: {measured.cores}-core CPU ({measured.cpu}), {machine_state}, Python {platform.python_version()}, "
         f"datasets {datasets.__version__}, torch {torch.__version__}. Script: `bench/bench_data_throughput.py "
         f"--num_tiles {args.num_tiles}{read_flags}`.",
         "",

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import check_study_arguments, cpu_name, load_average, write_results
+from _common import Machine, check_study_arguments, load_average, machine, write_results
 from bench_inference import demo_refiner_config, synthetic_tiles
 from modeling_stage2 import Stage2RefinerConfig
 from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model
@@ -121,15 +121,21 @@ def bench_size(size: str, workdir: Path, *, tiles: int, repeats: int, threads: i
     return result
 
 
-def write_report(results: list[dict], path: Path, *, threads: int, tiles: int, repeats: int) -> None:
+def write_report(results: list[dict], path: Path, *, threads: int, tiles: int, repeats: int,
+                 measured: Machine | None = None) -> None:
+    """`measured`: the machine as `main` found it before the work (by default, as it is now)."""
     import onnxruntime
+
+    measured = measured or machine()
+    state = (f"a shared {measured.cores}-core machine" if measured.shared else
+             f"an otherwise idle {measured.cores}-core machine: load average {measured.load:.1f} at the start")
 
     lines = [
         "# Export: eager vs ONNX Runtime throughput, export time and size",
         "",
         f"`bench/bench_export.py --sizes {','.join(r['size'] for r in results)} --threads {threads} --tiles {tiles} "
         f"--repeats {repeats}` on {datetime.date.today()}: "
-        f"{cpu_name()}, load average {load_average()} (a shared 2-core machine), torch {torch.__version__}, "
+        f"{measured.cpu}, load average {load_average()} ({state}), torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, {threads} thread(s), {tiles} random 120x120 tiles per pass, "
         f"best of {repeats} passes after a warm-up batch (600M: one pass). Random weights (the zero-initialised ones "
         "woken up), LoRA r 8 on every block; the export is checked against the eager fp32 model on 2 random batches.",
@@ -173,6 +179,7 @@ def main(argv=None) -> int:
     # smallest first, each once: the peak RSS recorded after a size is the process's so far, which is that size's own
     # only when no larger size ran before it
     sizes = [size for size in SIZES if size in sizes]
+    measured = machine()  # before the work: the load average then is other jobs'
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
     results = []
@@ -181,7 +188,8 @@ def main(argv=None) -> int:
             repeats = args.repeats if size == "tiny" else 1
             results.append(bench_size(size, Path(workdir), tiles=args.tiles, repeats=repeats, threads=args.threads))
             gc.collect()
-    write_report(results, args.output, threads=args.threads, tiles=args.tiles, repeats=args.repeats)
+    write_report(results, args.output, threads=args.threads, tiles=args.tiles, repeats=args.repeats,
+                 measured=measured)
     return 0
 
 

@@ -4,7 +4,7 @@ Random weights (the cost does not depend on the values), float32, `torch.inferen
 inference API (`inference_stage2`):
 
 - tiles/s of `refine_arrays` on 120x120 tiles held in memory (the model alone, batched), with 1 and 2 torch
-  threads (on this shared 2-core machine 2 threads can be much slower than 1);
+  threads (on a shared machine 2 threads can be much slower than 1);
 - tiles/s of `refine_tiles` on the bundled sample (NPZ reading, the model, atomic NPZ writing);
 - km^2/min of `refine_scene` on a synthetic uint16 GeoTIFF (10 m pixels, 120 px windows overlapping by 32 px,
   blended), i.e. the whole stage2-refine path for scenes, with its blending buffer size.
@@ -29,7 +29,7 @@ import torch
 
 from modeling_stage2 import Stage2RefinerConfig, Stage2RefinerModel
 from inference_stage2 import refine_arrays, refine_scene, refine_tiles, window_starts
-from _common import check_study_arguments, cpu_name, write_results
+from _common import check_study_arguments, machine, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TILES = REPO_ROOT / "data" / "sample" / "tiles"
@@ -41,8 +41,6 @@ THREAD_COUNTS = (1, 2)
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 
 
 def synthetic_tiles(count: int, seed: int = 0) -> np.ndarray:
@@ -143,7 +141,8 @@ def bench_model(name: str, model, *, tiles: int, batch_sizes: list[int], repeats
         print(f"{name}: refine_tiles on the bundled sample: {len(summary.written) / summary.seconds:.2f} tiles/s")
     scene = write_scene(workdir / f"scene-{scene_size}.tif", scene_size)
     start_cpu = time.process_time()
-    result["scene"] = refine_scene(model, scene, workdir / "refined.tif", 7, 4, batch_size=best["batch"], progress=False)
+    result["scene"] = refine_scene(model, scene, workdir / "refined.tif", 7, 4, batch_size=best["batch"],
+                                   progress=False)
     result["scene_cpu"] = time.process_time() - start_cpu
     print(f"{name}: scene {scene_size} px: {km2_per_min(result['scene']):.2f} km^2/min", flush=True)
     return result
@@ -183,11 +182,18 @@ MODEL_DESCRIPTIONS = {"600M": "`Stage2RefinerConfig()` (the real `prithvi_eo_v2_
 
 def write_report(path: Path, results: list[dict], default_threads: int, load_start: float, load_end: float,
                  repeats: int) -> None:
+    measured = machine(load_start)
+    if measured.shared:
+        contention = (f"Other jobs share the {measured.cores} cores, so wall-clock rates vary between runs (by 3x or "
+                      "more), and two threads can be slower than one: each of torch's parallel regions waits for a "
+                      "thread that another job has descheduled.")
+    else:
+        contention = f"No other job loaded the {measured.cores} cores at the start."
     lines = [
         "# Inference throughput on the CPU",
         "",
-        f"Measured by `bench/bench_inference.py` on {cpu_name()} (2-core CPU machine, torch's default "
-        f"{default_threads} threads, shared with other jobs: load average {load_start:.1f} at the start, "
+        f"Measured by `bench/bench_inference.py` on {measured.cpu} ({measured.cores}-core CPU machine, torch's "
+        f"default {default_threads} threads, {measured.state}: load average {load_start:.1f} at the start, "
         f"{load_end:.1f} at the end), torch {torch.__version__}, float32, random weights, "
         "`torch.inference_mode()`.",
         "",
@@ -196,17 +202,15 @@ def write_report(path: Path, results: list[dict], default_threads: int, load_sta
         "",
         f"The model alone: `refine_arrays` on 120x120 uint16 tiles in memory, best and median of {repeats} runs "
         "(fewer for 600M) after a warm-up batch, with 1 and 2 torch threads. `CPU s per tile` is process time (all "
-        "threads). Other jobs share the 2 cores, so wall-clock rates vary between runs (by 3x or more), and two "
-        "threads can be slower than one: each of torch's parallel regions waits for a thread that another job "
-        "has descheduled.",
+        f"threads). {contention}",
         "",
         "| model | threads | batch | tiles | best tiles/s | median tiles/s | CPU s per tile |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
         for row in result["arrays"]:
-            lines.append(f"| {result['name']} | {row['threads']} | {row['batch']} | {row['tiles']} | {row['best']:.2f} | "
-                         f"{row['median']:.2f} | {row['cpu_per_tile']:.3f} |")
+            lines.append(f"| {result['name']} | {row['threads']} | {row['batch']} | {row['tiles']} | "
+                         f"{row['best']:.2f} | {row['median']:.2f} | {row['cpu_per_tile']:.3f} |")
     lines += [
         "",
         "End to end, at each model's faster thread count and batch size above: `refine_tiles` on the bundled sample "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from modeling_stage2 import PrithviConfig, PrithviEncoder
-from _common import check_study_arguments, cpu_name, write_results
+from _common import check_study_arguments, machine, write_results
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "prithvi_forward.md"
@@ -28,8 +28,6 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "prithvi_forward.
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
 
 
 def time_forward(model: PrithviEncoder, pixel_values: torch.Tensor, repeats: int) -> tuple[list[float], tuple]:
@@ -51,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     check_study_arguments(parser, args, args.output, record=False)
 
     torch.manual_seed(0)
+    measured = machine()  # before the work: the load average then is other jobs'
     rss_start = peak_rss_gib()
     start = time.perf_counter()
     config = PrithviConfig.from_preset("prithvi_eo_v2_600m", bands=BANDS)
@@ -67,14 +66,19 @@ def main(argv: list[str] | None = None) -> None:
         seconds, shape = time_forward(model, pixel_values, args.repeats)
         rows.append((label, statistics.median(seconds), min(seconds), max(seconds), shape))
     rss_peak = peak_rss_gib()
+    load_end = os.getloadavg()[0]
+    if measured.shared:
+        contention = f"are {measured.state} (load average {load_end:.1f} at the end)"
+    else:
+        contention = f"were {measured.state} (load average {measured.load:.1f} at the start, {load_end:.1f} at the end)"
 
     lines = [
         "# Prithvi-EO-2.0-600M encoder forward on the CPU",
         "",
-        f"Measured by `bench/bench_prithvi_forward.py` on {cpu_name()}, {torch.get_num_threads()} threads "
-        f"(2-core CPU machine), torch {torch.__version__}, float32, batch 1, random weights, "
-        f"`torch.inference_mode()`. {args.repeats} timed runs after one warm-up. The machine's 2 cores are shared "
-        f"with other jobs (load average {os.getloadavg()[0]:.1f} at the end): the minimum is the uncontended figure.",
+        f"Measured by `bench/bench_prithvi_forward.py` on {measured.cpu}, {torch.get_num_threads()} threads "
+        f"({measured.cores}-core CPU machine), torch {torch.__version__}, float32, batch 1, random weights, "
+        f"`torch.inference_mode()`. {args.repeats} timed runs after one warm-up. The machine's {measured.cores} cores "
+        f"{contention}: the minimum is the uncontended figure.",
         "",
         f"Encoder: preset `prithvi_eo_v2_600m`, bands {' '.join(BANDS)}, {n_parameters:,} parameters "
         f"({n_parameters * 4 / 2**30:.2f} GiB in float32), all {config.depth} hidden states returned.",

@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import check_study_arguments, cpu_name, write_results
+from _common import Machine, check_study_arguments, machine, write_results
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "refiner_memory.md"
 MODES = ("none", "8bit", "4bit")
@@ -172,13 +172,20 @@ def measure_times(repeats: int) -> dict:
 # --------------------------------------------------------------------------------------------------- report
 
 
-
-
 def seconds_cell(values: list[float]) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f}"
 
 
-def report(memory: dict[str, dict], timing: dict, repeats: int, load: tuple[float, float]) -> str:
+def report(memory: dict[str, dict], timing: dict, repeats: int, load: tuple[float, float],
+           measured: Machine | None = None) -> str:
+    """`load`: the 1-minute load averages before and after the timing run; `measured`: the machine as `main` found
+    it before any work (by default, judged from the load before the timing run)."""
+    measured = measured or machine(load[0])
+    loads = f"{load[0]:.1f} before, {load[1]:.1f} after the timing run"
+    if measured.shared:
+        contention = f"are {measured.state} (load average {loads})"
+    else:
+        contention = f"were {measured.state} at the start (load average {measured.load:.1f}; {loads})"
     fp32, int8, nf4 = memory["none"], memory["8bit"], memory["4bit"]
     block_params = fp32["memory"]["parts"]["backbone block linears"] // 4
     floor_8bit = fp32["memory"]["block_linear_weights"]  # one byte per quantized weight, nothing else
@@ -186,10 +193,11 @@ def report(memory: dict[str, dict], timing: dict, repeats: int, load: tuple[floa
     lines = [
         "# Stage 2 refiner: model memory (fp32, 8-bit, NF4) and CPU time on one 120x120 tile",
         "",
-        f"Measured by `bench/bench_refiner_memory.py` on {cpu_name()} (2-core CPU machine), torch {timing['torch']}, "
-        f"{timing['threads']} threads, batch 1, random weights. Every model is built through `build_trainable_model` "
-        "(LoRA r 8 on every block's qkv/proj/fc1/fc2; metadata embedding, fusion and head trained): memory in one "
-        "process per precision, times in one process holding all three, interleaved round by round.",
+        f"Measured by `bench/bench_refiner_memory.py` on {measured.cpu} ({measured.cores}-core CPU machine), torch "
+        f"{timing['torch']}, {timing['threads']} threads, batch 1, random weights. Every model is built through "
+        "`build_trainable_model` (LoRA r 8 on every block's qkv/proj/fc1/fc2; metadata embedding, fusion and head "
+        "trained): memory in one process per precision, times in one process holding all three, interleaved round "
+        "by round.",
         "",
         f"Configuration: `Stage2RefinerConfig()` (backbone `prithvi_eo_v2_600m`, bands B02 B03 B04 B08, "
         f"{fp32['backbone_parameters']:,} backbone parameters of which {block_params:,} in the block linears; "
@@ -238,8 +246,8 @@ def report(memory: dict[str, dict], timing: dict, repeats: int, load: tuple[floa
         + " | ".join(f"{memory[m]['build_seconds']:.1f}" for m in MODES)
         + " |",
         "",
-        f"The machine's 2 cores are shared with other jobs (load average {load[0]:.1f} before, {load[1]:.1f} after "
-        "the timing run): the minimum is the least disturbed figure, the median shows the spread.",
+        f"The machine's {measured.cores} cores {contention}: the minimum is the least disturbed figure, the median "
+        "shows the spread.",
         "",
         f"Trainable parameters (all precisions): {fp32['summary']['trainable']:,} = LoRA {fp32['summary']['lora']:,} "
         f"+ metadata embedding {fp32['summary']['metadata_embedding']:,} + fusion {fp32['summary']['fusion']:,} + "
@@ -272,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(measure_times(args.repeats)))
         return
 
+    measured = machine()  # before the work: the load average then is other jobs'
     memory = {}
     for mode in MODES:
         print(f"== memory, {LABELS[mode]}", flush=True)
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     timing = run_child(["--timing", "--repeats", str(args.repeats)])
     load_after = os.getloadavg()[0]
     print(json.dumps(timing["times"]))
-    text = report(memory, timing, args.repeats, (load_before, load_after))
+    text = report(memory, timing, args.repeats, (load_before, load_after), measured)
     write_results(args.output, text)
     print(text)
 

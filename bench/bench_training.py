@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import check_study_arguments, cpu_name, load_average, write_results
+from _common import check_study_arguments, load_average, machine, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "training.md"
@@ -142,6 +142,7 @@ def worker(quantization: str, steps: int, with_flops: bool) -> dict:
             output_dir=out, max_steps=steps + 1, per_device_train_batch_size=1, gradient_accumulation_steps=1,
             eval_every_epochs=None, save_every_epochs=None, eval_strategy="no", save_strategy="no",
             report_to="none", disable_tqdm=True, logging_steps=1000, quantization=quantization, seed=0,
+            use_cpu=True,  # the CPU step this script measures, on a machine with a GPU too
         )
         trainer = Stage2Trainer(model=model, args=args, callbacks=[timer],
                                 train_dataset=TileDataset(tiles_dataset(steps + 1), make_train_transform()))
@@ -174,13 +175,22 @@ def render(results: list[dict], rate_gflops: float, load_start: str, load_end: s
     import torch
 
     flops = next((r["step_flops"] for r in results if "step_flops" in r), None)
+    measured = machine(float(load_start.split()[0]), gpu=True)  # judged from the 1-minute load at the start
+    design = "the design's GPU figures (~50 samples/s and 8-10 GB of VRAM on an RTX 3060)"
+    if measured.gpu is None:
+        gpu = f"**No GPU was lent to this task**: {design} could not be measured here."
+    else:
+        gpu = (f"A CUDA device was present (**{measured.gpu}**) but not used: this benchmark measures the CPU, and "
+               f"{design} are not measured by it.")
+    state = f"{' ' if measured.shared else ', '}{measured.state}"  # '2-core CPU machine shared with', as recorded
+    count = results[0]["threads"]
+    threads = {1: "one thread", 2: "both threads"}.get(count, f"all {count} threads")
     lines = [
         "# Training step on the CPU: Prithvi-EO-2.0-600M refiner, 8-bit + LoRA vs full precision",
         "",
-        f"Measured by `bench/bench_training.py --steps {steps}` on {cpu_name()}, {results[0]['threads']} threads "
-        f"(2-core CPU machine shared with other jobs: load average {load_start} at the start, {load_end} at the end), "
-        f"torch {torch.__version__}, fp32 compute, random weights. **No GPU was lent to this task**: the design's GPU "
-        "figures (~50 samples/s and 8-10 GB of VRAM on an RTX 3060) could not be measured here.",
+        f"Measured by `bench/bench_training.py --steps {steps}` on {measured.cpu}, {results[0]['threads']} threads "
+        f"({measured.cores}-core CPU machine{state}: load average {load_start} at the start, {load_end} at the end), "
+        f"torch {torch.__version__}, fp32 compute, random weights. {gpu}",
         "",
         "The step is `Stage2Trainer`'s, as `stage2-train` runs it: batch 1, 120x120 tile (padded to 126, 9x9 patches), "
         "generator forward + Stage2Loss (spectral, identity/edge, reconstruction, LSGAN) + backward, the 64-channel "
@@ -232,8 +242,8 @@ def render(results: list[dict], rate_gflops: float, load_start: str, load_end: s
             "discriminator.")
     lines += [
         "- RSS includes the Python/torch runtime (~0.5 GiB).",
-        "- Wall-clock rates on this shared machine vary between runs; `CPU s per step` (both threads) varies less, "
-        "and on an idle machine the wall-clock rate is at best threads / (CPU s per step).",
+        f"- Wall-clock rates{' on this shared machine' if measured.shared else ''} vary between runs; `CPU s per step` "
+        f"({threads}) varies less, and on an idle machine the wall-clock rate is at best threads / (CPU s per step).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ the wording around them, which BENCHMARKS.md and the docs quote."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import types
@@ -56,6 +57,41 @@ def test_the_cpu_is_named_by_its_model_name_not_its_model_number(bench, monkeypa
     cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13\n"
     monkeypatch.setattr(common, "Path", lambda path: types.SimpleNamespace(read_text=lambda: cpuinfo))
     assert common.cpu_name() == "AMD EPYC 7B13"
+
+
+GPU = "NVIDIA H100 80GB HBM3"
+
+
+def _machine(bench, monkeypatch, cores: int, gpu: str | None = None) -> None:
+    """Fakes the machine `_common.machine` measures: an AMD EPYC (as recorded) of `cores` cores, with the CUDA
+    device `gpu` (None: none). The load averages: `_loads`."""
+    common = bench("_common")
+    monkeypatch.setattr(common, "cpu_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(common.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: gpu)
+
+
+def _as_recorded(repo_root, record: str, text: str, *fragments: str) -> None:
+    """Each of `fragments` is in `text` and, word for word, in bench/results/`record`: run on the recording machine
+    (2 cores, shared, no CUDA device), the benchmark says of it what its record says."""
+    recorded = (repo_root / "bench" / "results" / record).read_text()
+    for fragment in fragments:
+        assert fragment in text and fragment in recorded, fragment
+
+
+def test_the_machine_is_described_as_measured(bench, monkeypatch):
+    common = bench("_common")
+    _machine(bench, monkeypatch, 16, GPU)
+    _loads(monkeypatch, common, 0.3)
+    measured = common.machine(gpu=True)
+    assert (measured.cpu, measured.cores, measured.load, measured.gpu) == ("AMD EPYC", 16, 0.3, GPU)
+    assert (measured.shared, measured.state) == (False, "otherwise idle")
+    assert common.machine().gpu is None  # not looked for unless asked
+    _machine(bench, monkeypatch, 2)
+    assert common.machine(gpu=True).gpu is None
+    shared = common.machine(load=common.SHARED_LOAD)  # the load read at the start, given
+    assert (shared.load, shared.shared, shared.state) == (1.0, True, "shared with other jobs")
 
 
 def test_a_benchmark_that_fails_writing_its_results_leaves_the_earlier_ones(bench, tmp_path):
@@ -335,12 +371,30 @@ def test_the_export_benchmark_times_600m_once_with_the_threads_it_records(bench,
     export = bench("bench_export")
     ran, reported = [], {}
     monkeypatch.setattr(export, "bench_size", lambda size, workdir, *, tiles, repeats, threads: ran.append(
-        (size, tiles, repeats, threads, torch.get_num_threads())) or {"size": size})
+        (size, tiles, repeats, threads, torch.get_num_threads(), os.getloadavg()[0])) or {"size": size})
     monkeypatch.setattr(export, "write_report", lambda results, path, **kwargs: reported.update(kwargs))
+    _loads(monkeypatch, bench("_common"), 0.2, 1.8)  # other jobs' load before the work, then the benchmark's own
     (tmp_path / "e.json").mkdir()  # a benchmark writes no record: no room for one is needed
     assert export.main(["--threads", "2", "--tiles", "3", "--repeats", "5", "--output", str(tmp_path / "e.md")]) == 0
-    assert ran == [("tiny", 3, 5, 2, 2), ("600m", 3, 1, 2, 2)]  # the header: best of 5 passes (600M: one pass)
+    # the header: best of 5 passes (600M: one pass)
+    assert ran == [("tiny", 3, 5, 2, 2, 1.8), ("600m", 3, 1, 2, 2, 1.8)]
+    assert reported.pop("measured").load == 0.2  # the machine as found before the work
     assert reported == {"threads": 2, "tiles": 3, "repeats": 5}
+
+
+def test_the_export_header_describes_the_machine_it_ran_on(bench, monkeypatch, repo_root, tmp_path):
+    export = bench("bench_export")
+    _machine(bench, monkeypatch, 16, GPU)
+    _loads(monkeypatch, bench("_common"), 0.2)
+    export.write_report([_export_result("tiny", 100.0)], tmp_path / "export.md", threads=1, tiles=16, repeats=3)
+    text = (tmp_path / "export.md").read_text()
+    assert ": AMD EPYC, load average 0.2 0.2 0.1 (an otherwise idle 16-core machine: load average 0.2 at the start)," \
+        in text
+    assert "shared" not in text and "2-core" not in text
+    _machine(bench, monkeypatch, 2)
+    _loads(monkeypatch, bench("_common"), 1.4)
+    export.write_report([_export_result("tiny", 100.0)], tmp_path / "export.md", threads=1, tiles=16, repeats=3)
+    _as_recorded(repo_root, "export.md", (tmp_path / "export.md").read_text(), "(a shared 2-core machine), torch ")
 
 
 # --------------------------------------------------------------------------------------------- bench_inference
@@ -446,6 +500,26 @@ def test_the_inference_record_states_the_rates_shares_and_granule_hours(bench, m
     assert "is 15,625 windows: about 0.1 h at this rate" in text  # 15,625 windows at 3 s / 169 windows
 
 
+def test_the_inference_header_describes_the_machine_it_ran_on(bench, monkeypatch, repo_root, tmp_path):
+    inference = bench("bench_inference")
+    monkeypatch.setitem(inference.MODEL_DESCRIPTIONS, "demo", "the demo")  # set by `main`
+    _machine(bench, monkeypatch, 16, GPU)
+    inference.write_report(tmp_path / "inference.md", [_inference_result("demo")], 16, 0.2, 0.5, 3)
+    text = (tmp_path / "inference.md").read_text()
+    assert ("on AMD EPYC (16-core CPU machine, torch's default 16 threads, otherwise idle: load average 0.2 at the "
+            "start, 0.5 at the end)") in text
+    assert "(all threads). No other job loaded the 16 cores at the start.\n" in text
+    assert "shared" not in text and "2 cores" not in text
+    _machine(bench, monkeypatch, 2)
+    inference.write_report(tmp_path / "inference.md", [_inference_result("demo")], 2, 4.3, 3.6, 3)
+    _as_recorded(repo_root, "inference.md", (tmp_path / "inference.md").read_text(),
+                 "on AMD EPYC (2-core CPU machine, torch's default 2 threads, shared with other jobs: load average 4.3 "
+                 "at the start, 3.6 at the end), torch ",
+                 "(all threads). Other jobs share the 2 cores, so wall-clock rates vary between runs (by 3x or more), "
+                 "and two threads can be slower than one: each of torch's parallel regions waits for a thread that "
+                 "another job has descheduled.\n")
+
+
 def test_the_demo_model_is_the_one_configs_demo_yaml_describes(bench, repo_root):
     import yaml
 
@@ -488,6 +562,28 @@ def test_the_forward_record_gives_median_min_and_max_of_the_timed_runs(bench, mo
     assert "268,435,456 parameters (1.00 GiB in float32)" in text
     assert "| 120 px padded to 126 (9x9 patches) | 2.000 | 1.000 | 3.000 | 82 x 8 |" in text
     assert "| 120 px, official crop (8x8 patches) | 5.000 | 4.000 | 6.000 | 65 x 8 |" in text
+
+
+def test_the_forward_header_describes_the_machine_it_ran_on(bench, monkeypatch, repo_root, tmp_path):
+    forward = bench("bench_prithvi_forward")
+    clock = _Clock()
+    monkeypatch.setattr(forward, "time", clock)
+    _machine(bench, monkeypatch, 16, GPU)
+    monkeypatch.setattr(forward, "PrithviEncoder", lambda config: _Encoder(clock, [1.0] * 5))
+    _loads(monkeypatch, forward, 0.2, 0.9)  # at the start, at the end
+    forward.main(["--repeats", "2", "--output", str(tmp_path / "forward.md")])
+    text = (tmp_path / "forward.md").read_text()
+    assert "on AMD EPYC, 1 threads (16-core CPU machine), torch " in text
+    assert ("The machine's 16 cores were otherwise idle (load average 0.2 at the start, 0.9 at the end): the minimum "
+            "is the uncontended figure.") in text
+    _machine(bench, monkeypatch, 2)
+    monkeypatch.setattr(forward, "PrithviEncoder", lambda config: _Encoder(clock, [1.0] * 5))
+    _loads(monkeypatch, forward, 1.5, 2.5)
+    forward.main(["--repeats", "2", "--output", str(tmp_path / "forward.md")])
+    _as_recorded(repo_root, "prithvi_forward.md", (tmp_path / "forward.md").read_text(),
+                 " (2-core CPU machine), torch ",
+                 "The machine's 2 cores are shared with other jobs (load average 2.5 at the end): the minimum is the "
+                 "uncontended figure.")
 
 
 # ------------------------------------------------------------------------------------------ bench_refiner_memory
@@ -576,6 +672,27 @@ def test_the_timing_child_runs_the_rounds_the_record_states(bench, monkeypatch, 
     assert "min / median of 2 rounds" in (tmp_path / "refiner_memory.md").read_text()
 
 
+def test_the_refiner_memory_header_describes_the_machine_it_ran_on(bench, monkeypatch, repo_root, tmp_path):
+    memory = bench("bench_refiner_memory")
+    monkeypatch.setattr(memory, "run_child", lambda arguments: _timing(memory.MODES) if arguments[0] == "--timing"
+                        else _memory(1.0))
+    _machine(bench, monkeypatch, 16, GPU)
+    _loads(monkeypatch, memory, 0.2, 1.9, 2.0)  # before the memory runs, before and after the timing run
+    memory.main(["--output", str(tmp_path / "refiner_memory.md")])
+    text = (tmp_path / "refiner_memory.md").read_text()
+    assert "on AMD EPYC (16-core CPU machine), torch " in text
+    # judged from the load before the benchmark's own work: the 1.9 after its memory runs counts them
+    assert ("The machine's 16 cores were otherwise idle at the start (load average 0.2; 1.9 before, 2.0 after the "
+            "timing run): the minimum is the least disturbed figure") in text
+    _machine(bench, monkeypatch, 2)
+    _loads(monkeypatch, memory, 3.1, 3.1, 4.8)
+    memory.main(["--output", str(tmp_path / "refiner_memory.md")])
+    _as_recorded(repo_root, "refiner_memory.md", (tmp_path / "refiner_memory.md").read_text(),
+                 "on AMD EPYC (2-core CPU machine), torch ",
+                 "The machine's 2 cores are shared with other jobs (load average 3.1 before, 4.8 after the timing "
+                 "run): the minimum is the least disturbed figure, the median shows the spread.")
+
+
 def test_the_resident_memory_is_read_in_bytes(bench):
     """/proc/self/status gives kB: this process (torch imported) holds more than 50 MB and less than 100 GB."""
     resident = bench("bench_training").rss_bytes()
@@ -626,6 +743,53 @@ def test_the_training_record_states_the_rates_and_matmul_fractions(bench, tmp_pa
     assert recorded.matmul_fraction == {"8bit": 5.0, "fp32": 20.0}  # 50 GFLOP a step at 0.1 and 0.4 steps/s of 100
     assert "| 8-bit (LLM.int8) + LoRA | 10 | 2 | 0.100 | 0.100 | 4.0 |" in text  # CPU s: the mean step's
     assert "but the step is 4.0x slower" in text
+
+
+def test_the_training_header_describes_the_machine_it_ran_on(bench, monkeypatch, repo_root):
+    training = bench("bench_training")
+    _machine(bench, monkeypatch, 16, GPU)
+    results = [_training_result("8bit", 0.1) | {"threads": 16}, _training_result("none", 0.4) | {"threads": 16}]
+    text = training.render(results, 100.0, "0.2 0.2 0.1", "1.5 1.3 1.8", 4)
+    assert ("on AMD EPYC, 16 threads (16-core CPU machine, otherwise idle: load average 0.2 0.2 0.1 at the start, "
+            "1.5 1.3 1.8 at the end)") in text
+    assert f"random weights. A CUDA device was present (**{GPU}**) but not used: this benchmark measures the CPU" \
+        in text
+    assert "- Wall-clock rates vary between runs; `CPU s per step` (all 16 threads) varies less" in text
+    assert "No GPU" not in text and "shared" not in text
+    _machine(bench, monkeypatch, 2)
+    text = training.render([_training_result("8bit", 0.1), _training_result("none", 0.4)], 100.0, "1.1 1.2 1.9",
+                           "1.5 1.3 1.8", 4)
+    _as_recorded(repo_root, "training.md", text,
+                 "on AMD EPYC, 2 threads (2-core CPU machine shared with other jobs: load average 1.1 1.2 1.9 at the "
+                 "start, 1.5 1.3 1.8 at the end), torch ",
+                 "random weights. **No GPU was lent to this task**: the design's GPU figures (~50 samples/s and "
+                 "8-10 GB of VRAM on an RTX 3060) could not be measured here.\n",
+                 "- Wall-clock rates on this shared machine vary between runs; `CPU s per step` (both threads) varies "
+                 "less, and on an idle machine the wall-clock rate is at best threads / (CPU s per step).")
+
+
+def test_the_training_benchmark_trains_on_the_cpu_it_describes(bench, monkeypatch):
+    """Its record is a CPU step ("fp32 on the CPU"): on a machine with a GPU too, the Trainer must not move there."""
+    import modeling_stage2
+    import modeling_stage2.adapters
+    import training.trainer
+
+    script = bench("bench_training")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def trainer(*, args, **kwargs):
+        seen["args"] = args
+        raise Stop
+
+    monkeypatch.setattr(modeling_stage2, "build_trainable_model", lambda *a, **k: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(modeling_stage2.adapters, "trainable_parameter_summary", lambda model: {})
+    monkeypatch.setattr(training.trainer, "Stage2Trainer", trainer)
+    with pytest.raises(Stop):
+        script.worker("8bit", 1, False)
+    assert seen["args"].use_cpu is True and seen["args"].quantization == "8bit"
 
 
 def _worker_run(stdout: str, returncode: int = 0):
