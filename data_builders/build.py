@@ -480,7 +480,7 @@ def build_dataset(
         raise ValueError(f"seed must be >= 0, got {seed}")
     _check_output_dir(output_dir, {"data_dir": data_dir, "stage1_dir": stage1_dir})
 
-    splits, rejected = discover_tiles(data_dir, strict=strict)
+    splits, rejected = discover_tiles(data_dir, strict=strict, stage1_dir=stage1_dir)
     if max_samples is not None:
         splits = {split: specs[: int(max_samples)] for split, specs in splits.items()}
     all_specs = [spec for specs in splits.values() for spec in specs]

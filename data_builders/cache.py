@@ -8,6 +8,10 @@ import json
 import os
 from pathlib import Path
 
+from ._leaves import model_leaf
+
+_files = model_leaf("_files")  # `is_hidden`, the one rule of which names are never read
+
 ARROW_MARKER = "dataset_dict.json"
 """The file `DatasetDict.save_to_disk` writes at the top of a saved dataset."""
 _CACHE_FORMAT_VERSION = 1
@@ -42,7 +46,9 @@ def empty_split_problem(path: str | os.PathLike) -> str | None:
 def _files_read(folder: Path, tiles: bool) -> list[Path]:
     """The files a build reads in `folder`: the tiles and sidecars of its split folders (`tiles`, the discovery's
     rule: symlinked ones too), or its Stage 1 files. Nothing else under it counts: a run or its cache kept inside the
-    data folder would change the key at every conversion."""
+    data folder would change the key at every conversion. Hidden files are never read (`_files.is_hidden`); an NPZ
+    in a folder nested in a split folder is rejected by name, its content unread: it adds no row, column or
+    statistic to the conversion, so it does not count either."""
     from .discovery import _split_folders
 
     try:
@@ -50,7 +56,7 @@ def _files_read(folder: Path, tiles: bool) -> list[Path]:
     except FileNotFoundError:  # no split folder: no tiles
         folders = []
     return sorted(path for each in folders for path in each.iterdir()
-                  if path.suffix in (".npz", ".json") and not path.name.startswith("."))  # hidden: never read
+                  if path.suffix in (".npz", ".json") and not _files.is_hidden(path))
 
 
 def _tree_fingerprint(folder: Path, digest, tiles: bool = True) -> int:

@@ -3,16 +3,20 @@
 `discover_tiles(data_dir)` reads only the sidecars (`<tile_id>.json`, whose `split` wins over the
 folder) and places each tile of `data_dir/{train,val,test}` (a `validation` folder counts as `val`)
 in its split, sorted by tile id; a tile id found in two places is rejected everywhere (it would leak
-between splits). Hidden files (`.name.npz`: the partial file an interrupted ingest leaves) are no tiles.
+between splits). Hidden files and folders (`_files.is_hidden`: the partial file an interrupted ingest leaves)
+are no tiles. A tile in a folder nested in a split folder (`train/2019/x.npz`) is not read either, but rejected
+by name: the build reads the split folders only, and would otherwise leave it out without a word.
 `_list_s1` reads the zip directories of the tiles to tell which carry Sentinel-1.
 """
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._leaves import model_leaf
 from .tiles import (
     SPLIT_ALIASES,
     SPLITS,
@@ -23,6 +27,12 @@ from .tiles import (
     sidecar_path,
     sidecar_split,
 )
+
+_files = model_leaf("_files")  # `is_hidden`, the one rule of which names are never read
+
+NESTED_TILE_PROBLEM = ("in a folder nested in the split folder {split_folder}/, which the build does not read: tiles "
+                       "go directly in {folder}/ (move it up)")
+"""Why an NPZ in a folder under a split folder (`train/2019/x.npz`) is rejected (`discover_tiles`)."""
 
 
 @dataclass
@@ -52,8 +62,30 @@ def _split_folders(data_dir: Path) -> list[tuple[str, Path]]:
     return folders
 
 
-def discover_tiles(data_dir: str | Path, strict: bool = False) -> tuple[dict[str, list[TileSpec]], list[dict]]:
+def _nested_tiles(folder: Path, seen: set[Path]) -> list[Path]:
+    """The NPZ files in the folders under the split folder `folder`, at any depth (not hidden, nor in a hidden folder),
+    through linked folders as the split folders are read. A folder whose real path is in `seen` (the split folders,
+    those searched already) is not searched again: a link loop ends, and a link to a split folder leaves its tiles to
+    its split."""
+    paths = []
+    for parent, subfolders, files in os.walk(folder, followlinks=True):
+        if Path(parent) != folder:
+            paths.extend(Path(parent) / name for name in files if name.endswith(".npz") and not _files.is_hidden(name))
+        kept = []
+        for name in sorted(subfolders):
+            real = Path(parent, name).resolve()
+            if not _files.is_hidden(name) and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept
+    return sorted(paths)
+
+
+def discover_tiles(data_dir: str | Path, strict: bool = False,
+                   stage1_dir: str | Path | None = None) -> tuple[dict[str, list[TileSpec]], list[dict]]:
     """Find the tiles of each split and the tiles rejected before reading pixels.
+
+    `stage1_dir`: the build's Stage 1 folder, whose files are not tiles wherever it lies (inside a split folder too).
 
     Returns `({split: [TileSpec sorted by tile id]}, [rejection records])`.
     Raises `TileError` at the first problem when `strict`.
@@ -66,9 +98,10 @@ def discover_tiles(data_dir: str | Path, strict: bool = False) -> tuple[dict[str
         rejected.append({**error.to_record(), "split": split})
 
     found: dict[str, list[TileSpec]] = collections.defaultdict(list)
-    for folder_split, folder in _split_folders(Path(data_dir)):
+    split_folders = _split_folders(Path(data_dir))
+    for folder_split, folder in split_folders:
         for path in sorted(folder.glob("*.npz")):
-            if path.name.startswith("."):  # hidden: an interrupted write's partial file (`.x.npz.partial-*.npz`)
+            if _files.is_hidden(path):  # an interrupted write's partial file (`.x.npz.partial-*.npz`), `._x.npz`
                 continue
             try:
                 sidecar = read_sidecar(sidecar_path(path))
@@ -78,6 +111,13 @@ def discover_tiles(data_dir: str | Path, strict: bool = False) -> tuple[dict[str
                 continue
             sidecar = {k: v for k, v in sidecar.items() if k != "split"}
             found[path.stem].append(TileSpec(str(path), path.stem, split, sidecar))
+    searched = {folder.resolve() for _, folder in split_folders}
+    if stage1_dir is not None:
+        searched.add(Path(stage1_dir).resolve())
+    for folder_split, folder in split_folders:
+        for path in _nested_tiles(folder, searched):
+            reject(TileError(path, None, NESTED_TILE_PROBLEM.format(split_folder=folder.name, folder=folder)),
+                   folder_split)
 
     splits: dict[str, list[TileSpec]] = {split: [] for split in SPLITS}
     for tile_id in sorted(found):

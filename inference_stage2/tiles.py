@@ -24,7 +24,13 @@ from data_builders.tiles import (
     read_stage1,
     valid_pixels,
 )
-from modeling_stage2._files import atomic_file, output_path_problem, remove_abandoned_partials_in, write_json
+from modeling_stage2._files import (
+    atomic_file,
+    is_hidden,
+    output_path_problem,
+    remove_abandoned_partials_in,
+    write_json,
+)
 from modeling_stage2.adapters import METRICS_FILE
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA, DigitalNumbersWarning
 from modeling_stage2.vocabulary import BIOME_NPZ_KEY, OLD_INPUT_SOURCE, OUT_OF_RANGE_WEIGHT, warn_deprecated
@@ -298,8 +304,8 @@ def _find_tiles(input_dir: Path, output_dir: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        paths.extend(Path(folder) / name for name in files if name.endswith(".npz") and not name.startswith("."))
+        subfolders[:] = [name for name in subfolders if not is_hidden(name)]
+        paths.extend(Path(folder) / name for name in files if name.endswith(".npz") and not is_hidden(name))
     return sorted(paths)
 
 

@@ -35,6 +35,15 @@ STAGING_MARKER = ".tmp-"
 PARTIAL_MARKER = ".partial-"  # a file being written (`partial_path`)
 
 
+def is_hidden(name: str | os.PathLike) -> bool:
+    """Whether a file or folder named `name` (a name, or a path: its last part) is hidden, a name starting with '.':
+    never read as an input (tile, sidecar, folder of tiles). The files this project writes are hidden until complete
+    (`partial_path`: an interrupted write's partial file may be cut short, or whole under another name), macOS writes
+    `._NAME` AppleDouble files beside the real ones, and Jupyter's `.ipynb_checkpoints/` holds copies of the tiles.
+    The one rule of the tile discovery, the dataset cache key and stage2-refine's search of a folder of tiles."""
+    return os.path.basename(os.fspath(name)).startswith(".")
+
+
 # What an OSError says of the machine rather than of the input: a full disk or quota, an I/O error, no memory. A
 # command exits 1 on them (a failure that is not the input's), 2 on the others it names (a missing or unreadable file).
 SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
