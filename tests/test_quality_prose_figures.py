@@ -77,6 +77,48 @@ def _train_tiles() -> int:
     return int(header.split(" training tiles")[0].rsplit(" ", 1)[1])
 
 
+def _test_tiles() -> int:
+    """The shipped test split's tiles, as the quality study's runs count them."""
+    return _runs("mild/after")[0]["test"]["n_tiles"]
+
+
+def _bright_tiles() -> int:
+    """The test tiles brighter than every training tile: the correction-bounds record's count, the same on every
+    dataset (the targets are the sample's)."""
+    (bright,) = {data["out_of_range_tiles"] for data in _record("correction_bounds.json")["datasets"].values()}
+    return bright
+
+
+def _interval_floor(preset: str) -> str:
+    """The lowest upper end of the preset's demo intervals of EVI RMSE / colour fit, rounded down to the hundredth
+    ("reaches 0.99 or more")."""
+    highs = [r["test"]["bootstrap"]["linear_fit"]["evi_rmse"]["high"] for r in _runs(f"{preset}/after")]
+    return f"{int(min(highs) * 100) / 100:.2f}"
+
+
+def _sensitivity_settings() -> tuple[list[str], list[str]]:
+    """The settings of the out-of-range rule the demo runs recorded ('quantile/ramp'), and those from the 99th
+    percentile up."""
+    keys = list(_runs("mild/after")[0]["test"]["fallback_sensitivity"])
+    return keys, [key for key in keys if float(key.split("/")[0]) >= 0.99]
+
+
+# Counts as the pages write them in words
+WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 8: "eight", 9: "nine"}
+
+
+def _label(key: tuple) -> str:
+    """A draw as the page names it: "`mild` 0"."""
+    return f"`{key[0]}` {key[1]}"
+
+
+def _labels(keys: list[tuple]) -> str:
+    """Draws named by preset, as the page lists them: "`mild` 1 and 2 and on `strong` 2"."""
+    presets = dict.fromkeys(preset for preset, _ in keys)
+    return " and on ".join(f"`{preset}` " + " and ".join(str(seed) for p, seed in keys if p == preset)
+                           for preset in presets)
+
+
 def _missing(text: str, phrases: list[str]) -> list[str]:
     return [phrase for phrase in phrases if phrase not in text]
 
@@ -119,6 +161,13 @@ def test_the_seeds_of_each_study_are_the_recorded_ones():
     assert all(len(runs) == three for runs in quality["mixture_bounds_on_mild"].values())
     weights = [_record(f"{name}.json")["seeds"] for name in ("reconstruction_weight", "identity_weight")]
     assert weights[0] == weights[1]
+
+    def other_draws(runs: dict) -> list[int]:
+        """The dataset seeds of the draws a record holds besides the first ('mild-seed1/after' -> 1)."""
+        return sorted({int(key.split("/")[0].rsplit("-seed", 1)[1]) for key in runs if "-seed" in key})
+
+    draws, proxy_draws = other_draws(quality["runs"]), other_draws(_record("quality_proxy.json")["runs"])
+    every_draw = len({key.split("/")[0] for key in quality["runs"] if key.endswith("/after")})
     page = _text(QUALITY)
     assert not _missing(page, [
         f"Test split, mean of seeds {_seeds(quality['seeds'])}, NDVI RMSE / EVI RMSE / SAM:",
@@ -126,8 +175,8 @@ def test_the_seeds_of_each_study_are_the_recorded_ones():
         f"`strong` and the proxy again, seeds {_seeds(_record('machines.json')['seeds'])}, on a machine other",
         f"on `mild`, `strong` and the proxy, {len(weights[0])} seeds each: `mild` EVI RMSE stays",
         f"trains the demo on each rotation with seeds {_seeds(_record('rotation.json')['seeds'])}, each rotation",
-        f"(`--dataset_seed 1` and `2`; {three} seeds each)",
-        f"--seed 1` and `--seed 2`, {three} seeds each)",
+        f"({' and '.join(f'`{seed}`' for seed in draws).replace('`', '`--dataset_seed ', 1)}; {three} seeds each)",
+        f"{' and '.join(f'`--seed {seed}`' for seed in proxy_draws)[1:]}, {three} seeds each)",
         f"(`--presets proxy-no-style --variants after fallback`, {three} seeds)",
         f"(`bench/study_quality.py --mixture_bounds`, {three} seeds, EVI RMSE",
         f"(rows `redraw` in `bench/results/quality.md`; {three} seeds)",
@@ -135,9 +184,9 @@ def test_the_seeds_of_each_study_are_the_recorded_ones():
         f"{_record('training_tiles.json')['steps']} steps, seeds {_seeds(_record('training_tiles.json')['seeds'])})",
         f"(seeds {_seeds(_record('mixture_label.json')['seeds'])}, the warm start's fit)",
         f"(`bench/results/tile_fallback.md`, {len(_record('tile_fallback.json')['seeds'])} seeds)",
-        f"on all six draws ({three} seeds each)",
-        f"on the six draws ({three} seeds each)",
-        f"(`bench/results/quality_proxy.md`, three draws, {three} seeds each)"])
+        f"on all {WORDS[every_draw]} draws ({three} seeds each)",
+        f"on the {WORDS[every_draw]} draws ({three} seeds each)",
+        f"(`bench/results/quality_proxy.md`, {WORDS[1 + len(proxy_draws)]} draws, {three} seeds each)"])
     assert not _missing(_text(README), [
         f"(`bench/study_quality.py`, seeds {_seeds(quality['seeds'])} on the CPU;"])
 
@@ -150,12 +199,8 @@ def test_the_colour_fit_as_it_comes_is_the_recorded_ratio():
 def test_the_bootstrap_intervals_reach_what_the_page_says():
     """"the `strong` ones to 0.95 or more, the `mild` ones to 0.99 or more": the lowest upper end of each preset's
     intervals, rounded down to the hundredth."""
-    def floor(preset: str) -> str:
-        highs = [r["test"]["bootstrap"]["linear_fit"]["evi_rmse"]["high"] for r in _runs(f"{preset}/after")]
-        return f"{int(min(highs) * 100) / 100:.2f}"
-
-    assert not _missing(_text(QUALITY), [f"the `strong` ones to {floor('strong')} or more, the `mild` ones to "
-                                         f"{floor('mild')} or more"])
+    assert not _missing(_text(QUALITY), [f"the `strong` ones to {_interval_floor('strong')} or more, the `mild` ones "
+                                         f"to {_interval_floor('mild')} or more"])
 
 
 def test_the_weights_of_the_evi_term_are_the_recorded_ones():
@@ -190,13 +235,13 @@ def test_what_loses_to_opt_v1_on_the_other_draws_is_the_recorded_one():
     mean over seeds is not below `opt_v1`'s, draw by draw; and the runs below `opt_v1`'s without the hard pixels."""
     losing = {metric: [key for key, draw in DRAWS.items() if _to(_runs(f"{draw}/after"), "opt_v1")[index] >= 1]
               for index, metric in enumerate(SPECTRAL)}
-    assert losing == {"ndvi_rmse": [("mild", 1), ("mild", 2), ("strong", 2)], "evi_rmse": [("mild", 2)], "sam": []}
+    assert losing["ndvi_rmse"] and losing["evi_rmse"] and not losing["sam"]  # "it loses on NDVI RMSE ... and on EVI"
     every = [r["test"] for draw in DRAWS.values() for r in _runs(f"{draw}/after")]
     bright = sum(t["refined"]["ndvi_rmse_bright"] < t["opt_v1"]["ndvi_rmse_bright"] for t in every)
     in_range = sum(t["refined"]["evi_rmse_in_range"] < t["opt_v1"]["evi_rmse_in_range"] for t in every)
     assert in_range == len(every)  # "in all"
     assert not _missing(_text(QUALITY), [
-        "it loses on NDVI RMSE on `mild` 1 and 2 and on `strong` 2, and on EVI RMSE on `mild` 2.",
+        f"it loses on NDVI RMSE on {_labels(losing['ndvi_rmse'])}, and on EVI RMSE on {_labels(losing['evi_rmse'])}.",
         f"the refiner's NDVI RMSE is below `opt_v1`'s in {bright} of {len(every)} runs",
         f"(`evi_rmse_in_range`) its EVI RMSE is below `opt_v1`'s in all {in_range}."])
 
@@ -238,11 +283,10 @@ def test_the_tile_conditioning_prose_is_the_recorded_one():
     datasets = list(record["datasets"])
     worse = [[ratios(name, "pixel + tile statistics")[i] > ratios(name, "pixel")[i] for name in datasets]
              for i in (0, 2)]
-    words = {3: "three", 4: "four"}
     assert all(worse[0])  # "make NDVI worse on every dataset"
     assert not _missing(_text(QUALITY), [
         f"the same MLP also fed {4 * len(record['quantiles'])} tile statistics (each band's {quantiles} % quantile",
-        f"and SAM on {words[sum(worse[1])]} of the {words[len(datasets)]}, while EVI moves",
+        f"and SAM on {WORDS[sum(worse[1])]} of the {WORDS[len(datasets)]}, while EVI moves",
         f"`strong` EVI improves too ({ratios('strong', 'tile affine + pixel')[1]:.2f} of the colour fit's)",
         f"it makes EVI much worse ({ratios('mild', 'tile affine + pixel')[1]:.2f}) by moving tiles"])
 
@@ -263,7 +307,7 @@ def test_the_training_sets_of_the_mixture_label_study_are_the_recorded_ones():
     (largest,) = {len(s["tiles"]) for s in sizes["36"]}
     assert not _missing(_text(QUALITY), [
         f"on the training sets of {' and '.join(sizes)} tiles above",
-        f"`mild` tiles where the `mild` correction has {largest} (on 18 tiles"])
+        f"`mild` tiles where the `mild` correction has {largest} (on {_train_tiles()} tiles"])
 
 
 def test_what_the_text_says_of_the_correction_bounds_is_the_recorded_one():
@@ -292,7 +336,8 @@ def test_the_out_of_range_rule_prose_is_the_recorded_one():
 
     trained = {preset: _goal(_runs(f"{preset}/fallback")) for preset in ("mild", "strong")}
     assert trained["mild"] == trained["strong"]
-    high = [f"{q}/{ramp}" for q, ramp in SENSITIVITY if float(q) >= 0.99]
+    keys, high = _sensitivity_settings()
+    assert keys == [f"{q}/{ramp}" for q, ramp in SENSITIVITY]  # the settings the study scores, each recorded
     (met,) = {sum(meets_goal(r["test"]["fallback_sensitivity"][key], r["test"]["linear_fit"])
                   for r in _runs("mild/after")) for key in high}
     seeds = len(_runs("mild/after"))
@@ -302,7 +347,8 @@ def test_the_out_of_range_rule_prose_is_the_recorded_one():
         f"a refiner trained with it gives most of that back, and meets the goal on both presets in "
         f"{trained['mild']} of {seeds} seeds.",
         f"`--out_of_range_fallback true` meets the goal on both presets in {trained['mild']} of {seeds} seeds",
-        f"From the 99th percentile up (6 of the 9), `mild` meets the goal in {met} of {seeds} seeds",
+        f"From the 99th percentile up ({len(high)} of the {len(keys)}), `mild` meets the goal in {met} of {seeds} "
+        "seeds",
         f"so the demo trained with the rule exits {exits[0]} on that seed.",
         f"(Mahalanobis distance) than {quantile} % of the training pixels do."])
 
@@ -313,21 +359,24 @@ def test_the_near_black_prose_is_the_recorded_one():
     whole = {key: _runs(f"{draw}/near_black") for key, draw in DRAWS.items()}
     after = {key: _runs(f"{draw}/after") for key, draw in DRAWS.items()}
     ndvi = {key: _runs(f"{draw}/near_black_ndvi") for key, draw in DRAWS.items()}
-    words = {2: "two", 4: "four", 6: "six"}
     every = [sum(_beating_both(models[key]) == len(models[key]) for key in DRAWS) for models in (whole, after)]
     runs = [r for rs in ndvi.values() for r in rs]
     below = {split: sum(r[split]["refined"]["ndvi_rmse"] < r[split]["opt_v1"]["ndvi_rmse"] for r in runs)
              for split in ("test", "val")}
     assert below["test"] == below["val"]  # "each"
-    worst = max(r["test"]["refined"]["evi_rmse"] / r["test"]["linear_fit"]["evi_rmse"] for r in ndvi["mild", 2])
-    strong = [sum(_goal(models["strong", seed]) for seed in (0, 1, 2)) for models in (ndvi, whole, after)]
-    assert strong[0] == strong[1]  # "as both": the whole-pixel rule and the demo without it
+    (lost,) = [key for key in DRAWS if _goal(ndvi[key]) < _goal(whole[key])]  # the run keeping only the NDVI costs
+    worst = max(r["test"]["refined"]["evi_rmse"] / r["test"]["linear_fit"]["evi_rmse"] for r in ndvi[lost])
+    strong = [sum(_goal(rs) for key, rs in models.items() if key[0] == "strong") for models in (ndvi, whole, after)]
+    strong_runs = sum(len(rs) for key, rs in ndvi.items() if key[0] == "strong")
+    assert strong[0] == strong[1] == strong[2]  # "as both": the whole-pixel rule and the demo without it
     assert not _missing(_text(QUALITY), [
         f"keeps `opt_v1` where its red + NIR is at most {quality['near_black']:.2f} reflectance",
-        f"every run beats both on {words[every[0]]} of the {words[len(DRAWS)]} draws, not {words[every[1]]}.",
+        f"every run beats both on {WORDS[every[0]]} of the {WORDS[len(DRAWS)]} draws, not {WORDS[every[1]]}.",
         f"below `opt_v1`'s in {below['test']} of {len(runs)} runs each, and "
         f"{sum(_beating_both(rs) for rs in ndvi.values())} of {len(runs)} runs beat both baselines",
-        f"one `mild` 2 run has EVI RMSE at {worst:.2f} of the colour fit's), {strong[0]} of 9 on `strong` as both."])
+        f"one {_label(lost)} run has EVI RMSE at {worst:.2f} of the colour fit's), {strong[0]} of {strong_runs} on "
+        "`strong` "
+        "as both."])
 
 
 def test_the_reconstruction_l1_with_the_warm_start_change_is_the_recorded_one():
@@ -352,9 +401,7 @@ def test_every_count_of_test_or_training_tiles_is_the_recorded_one():
     the test tiles in range or the bright ones (the correction-bounds record's, the same on every dataset)."""
     import re
 
-    test = _runs("mild/after")[0]["test"]["n_tiles"]
-    train = _train_tiles()
-    (bright,) = {data["out_of_range_tiles"] for data in _record("correction_bounds.json")["datasets"].values()}
+    test, train, bright = _test_tiles(), _train_tiles(), _bright_tiles()
     found = []
     for match in re.finditer(r"\b(\d+) (test|training) tiles( in range| brighter| are brighter)?", _text(QUALITY)):
         count, split, after = int(match.group(1)), match.group(2), match.group(3)
