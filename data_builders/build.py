@@ -60,7 +60,7 @@ from .degrade import (
     synthesize_opt_v1,
 )
 from ._leaves import model_leaf
-from .cache import ARROW_MARKER
+from .cache import ARROW_MARKER, is_arrow_dataset
 from .discovery import TileSpec, _list_s1, discover_tiles
 from .encoding import _encode_rows
 from .schema import _metadata_row, dataset_features, metadata_columns
@@ -88,6 +88,9 @@ WRITER_BATCH_SIZE = 16
 REJECTED_FILE = "rejected.jsonl"
 BUILD_INFO_FILE = "build_info.json"
 SCRATCH_MARKER = ".stage2-build-"
+SAVED_DATASET_PROBLEM = (f"is a saved dataset ({ARROW_MARKER}), not a folder of NPZ tiles: stage2-train --data_dir and "
+                         "stage2-evaluate --data take it as it is; there is nothing to build")
+"""Why `build_dataset` refuses a `data_dir` that is a built (saved Arrow) dataset, before any work."""
 
 
 # ----------------------------------------------------------------------------- generation
@@ -478,6 +481,8 @@ def build_dataset(
         raise ValueError(f"max_samples must be >= 1 (or None for all tiles), got {max_samples}")
     if int(seed) < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if is_arrow_dataset(data_dir):  # its split folders hold Arrow files: it would say only 'no usable tile'
+        raise ValueError(f"--data_dir {data_dir} {SAVED_DATASET_PROBLEM}")
     _check_output_dir(output_dir, {"data_dir": data_dir, "stage1_dir": stage1_dir})
 
     splits, rejected = discover_tiles(data_dir, strict=strict, stage1_dir=stage1_dir)

@@ -47,8 +47,8 @@ def _files_read(folder: Path, tiles: bool) -> list[Path]:
     """The files a build reads in `folder`: the tiles and sidecars of its split folders (`tiles`, the discovery's
     rule: symlinked ones too), or its Stage 1 files. Nothing else under it counts: a run or its cache kept inside the
     data folder would change the key at every conversion. Hidden files are never read (`_files.is_hidden`); an NPZ
-    in a folder nested in a split folder is rejected by name, its content unread: it adds no row, column or
-    statistic to the conversion, so it does not count either."""
+    in a folder nested in a split folder, or directly in the data folder, is rejected by name, its content unread: it
+    adds no row, column or statistic to the conversion, so it does not count either."""
     from .discovery import _split_folders
 
     try:

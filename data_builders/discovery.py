@@ -5,7 +5,9 @@ folder) and places each tile of `data_dir/{train,val,test}` (a `validation` fold
 in its split, sorted by tile id; a tile id found in two places is rejected everywhere (it would leak
 between splits). Hidden files and folders (`_files.is_hidden`: the partial file an interrupted ingest leaves)
 are no tiles. A tile in a folder nested in a split folder (`train/2019/x.npz`) is not read either, but rejected
-by name: the build reads the split folders only, and would otherwise leave it out without a word.
+by name: the build reads the split folders only, and would otherwise leave it out without a word. So is a tile
+directly in `data_dir` (`data_dir/x.npz`, whatever its sidecar's split says); `data_dir`'s other folders are not
+searched (a Stage 1 folder, runs, caches).
 `_list_s1` reads the zip directories of the tiles to tell which carry Sentinel-1.
 """
 from __future__ import annotations
@@ -33,6 +35,11 @@ _files = model_leaf("_files")  # `is_hidden`, the one rule of which names are ne
 NESTED_TILE_PROBLEM = ("in a folder nested in the split folder {split_folder}/, which the build does not read: tiles "
                        "go directly in {folder}/ (move it up)")
 """Why an NPZ in a folder under a split folder (`train/2019/x.npz`) is rejected (`discover_tiles`)."""
+
+ROOT_TILE_PROBLEM = ("directly in the data folder {data_dir}/, which the build does not read: tiles go in "
+                     "{data_dir}/train/, {data_dir}/val/ or {data_dir}/test/ (a sidecar's split picks the split among "
+                     "those only)")
+"""Why an NPZ directly in the data folder (`DATA_DIR/x.npz`) is rejected (`discover_tiles`)."""
 
 
 @dataclass
@@ -81,6 +88,13 @@ def _nested_tiles(folder: Path, seen: set[Path]) -> list[Path]:
     return sorted(paths)
 
 
+def _root_tiles(data_dir: Path, stage1_dir: str | Path | None) -> list[Path]:
+    """The NPZ files directly in `data_dir` (not hidden, no folder), none where `data_dir` is the Stage 1 folder."""
+    if stage1_dir is not None and Path(stage1_dir).resolve() == data_dir.resolve():
+        return []
+    return sorted(path for path in data_dir.glob("*.npz") if not _files.is_hidden(path) and not path.is_dir())
+
+
 def discover_tiles(data_dir: str | Path, strict: bool = False,
                    stage1_dir: str | Path | None = None) -> tuple[dict[str, list[TileSpec]], list[dict]]:
     """Find the tiles of each split and the tiles rejected before reading pixels.
@@ -98,7 +112,8 @@ def discover_tiles(data_dir: str | Path, strict: bool = False,
         rejected.append({**error.to_record(), "split": split})
 
     found: dict[str, list[TileSpec]] = collections.defaultdict(list)
-    split_folders = _split_folders(Path(data_dir))
+    data_dir = Path(data_dir)
+    split_folders = _split_folders(data_dir)
     for folder_split, folder in split_folders:
         for path in sorted(folder.glob("*.npz")):
             if _files.is_hidden(path):  # an interrupted write's partial file (`.x.npz.partial-*.npz`), `._x.npz`
@@ -118,6 +133,8 @@ def discover_tiles(data_dir: str | Path, strict: bool = False,
         for path in _nested_tiles(folder, searched):
             reject(TileError(path, None, NESTED_TILE_PROBLEM.format(split_folder=folder.name, folder=folder)),
                    folder_split)
+    for path in _root_tiles(data_dir, stage1_dir):  # in no split folder: no split (a sidecar's would not read it)
+        reject(TileError(path, None, ROOT_TILE_PROBLEM.format(data_dir=data_dir)), None)
 
     splits: dict[str, list[TileSpec]] = {split: [] for split in SPLITS}
     for tile_id in sorted(found):

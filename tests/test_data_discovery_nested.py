@@ -1,5 +1,6 @@
-"""Tiles the build's discovery does not read: NPZ files in folders nested in a split folder (rejected by name: they
-were left out without a word) and hidden files and folders (never read, never reported)."""
+"""Tiles the build's discovery does not read: NPZ files in folders nested in a split folder or directly in the data
+folder (rejected by name: they were left out without a word), hidden files and folders (never read, never
+reported), and a saved dataset given as the data folder (refused in one line)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import pytest
 from _data_helpers import make_tile_dir, write_tile
 
 import datasets
-from data_builders.build import REJECTED_FILE, main
-from data_builders.discovery import NESTED_TILE_PROBLEM, discover_tiles
+from data_builders.build import REJECTED_FILE, SAVED_DATASET_PROBLEM, build_dataset, main
+from data_builders.cache import ARROW_MARKER, dataset_cache_key
+from data_builders.discovery import NESTED_TILE_PROBLEM, ROOT_TILE_PROBLEM, discover_tiles
 from data_builders.tiles import TileError
 from modeling_stage2._files import partial_path
 
@@ -24,6 +26,11 @@ def _nested(path, folder) -> dict:
     split = "val" if folder.name == "validation" else folder.name
     problem = NESTED_TILE_PROBLEM.format(split_folder=folder.name, folder=folder)
     return {"file": str(path), "key": None, "problem": problem, "split": split}
+
+
+def _at_root(path, data) -> dict:
+    """The rejection record of the tile `path` directly in the data folder `data`: in no split."""
+    return {"file": str(path), "key": None, "problem": ROOT_TILE_PROBLEM.format(data_dir=data), "split": None}
 
 
 def test_a_tile_in_a_folder_nested_in_a_split_folder_is_rejected_by_name(tmp_path, caplog, capsys):
@@ -125,3 +132,49 @@ def test_a_stage1_folder_kept_inside_a_split_folder_holds_no_nested_tiles(tmp_pa
     shutil.rmtree(stray.parent)
     assert main(["--data_dir", str(data), "--output_dir", str(out), "--stage1_dir", str(stage1)]) == 0
     assert not (out / REJECTED_FILE).exists() or (out / REJECTED_FILE).read_text() == ""
+
+
+def test_a_tile_directly_in_the_data_folder_is_rejected_by_name(tmp_path, caplog, capsys):
+    """DATA_DIR/root_tile.npz, beside the split folders, was left out without a word, even with a sidecar naming its
+    split: it is rejected by name as a nested tile is. DATA_DIR's other folders (Stage 1 outputs, a run) and hidden
+    files are not searched, and the tile changes no cache key (its content is never read)."""
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    key = dataset_cache_key(data)
+    root = write_tile(data, "root_tile", sidecar={"split": "train"})
+    partial_path(data / "root_1.npz").write_bytes(root.read_bytes()[:3000])
+    (data / "._root_tile.npz").write_bytes(b"\x00\x05\x16\x07")
+    for folder in ("stage1", "run"):  # folders of the data folder that are no split folder: not searched
+        (data / folder).mkdir()
+        shutil.copy(root, data / folder / "train_0.npz")
+    assert dataset_cache_key(data) == key
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="data_builders.build"):
+        assert main(["--data_dir", str(data), "--output_dir", str(out)]) == 1  # a partial success, as for a bad tile
+    assert [json.loads(line) for line in (out / REJECTED_FILE).read_text().splitlines()] == [_at_root(root, data)]
+    assert f"rejected 1 (reasons in {out / REJECTED_FILE})" in caplog.text
+    built = datasets.load_from_disk(str(out))
+    assert {split: built[split]["tile_id"] for split in built} == {"train": ["train_0"], "val": ["val_0"],
+                                                                   "test": ["test_0"]}
+    capsys.readouterr()
+    assert main(["--data_dir", str(data), "--output_dir", str(tmp_path / "strict"), "--strict"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stage2-build-dataset: error: {root}: {_at_root(root, data)['problem']}")
+    # with a nested tile too, both are named; Stage 1 outputs kept at the top of the data folder are no tiles
+    nested = write_tile(data / "val" / "2019", "nested_0")
+    assert discover_tiles(data)[1] == [_nested(nested, data / "val"), _at_root(root, data)]
+    assert discover_tiles(data, stage1_dir=data)[1] == [_nested(nested, data / "val")]
+
+
+def test_a_saved_dataset_given_as_the_data_folder_is_refused_in_one_line(tmp_path, capsys):
+    """`stage2-build-dataset --data_dir ds1` on a dataset built already said only 'no usable tile under ds1': it says
+    that ds1 is a saved dataset, which stage2-train and stage2-evaluate read as it is, before any work."""
+    saved = tmp_path / "ds1"
+    build_dataset(make_tile_dir(tmp_path / "tiles", per_split=1), saved)
+    assert (saved / ARROW_MARKER).is_file()
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["--data_dir", str(saved), "--output_dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stage2-build-dataset: error: --data_dir {saved} {SAVED_DATASET_PROBLEM}"]
+    assert "stage2-train --data_dir" in SAVED_DATASET_PROBLEM and "stage2-evaluate --data" in SAVED_DATASET_PROBLEM
+    assert not out.exists()
