@@ -413,8 +413,9 @@ def trainable_parameter_summary(model) -> dict[str, int]:
 def format_trainable_summary(model) -> str:
     summary = trainable_parameter_summary(model)
     quantization = getattr(model, "stage2_quantization", "?")
+    precision = "full precision" if quantization == "none" else quantization  # "none" is no quantization
     lines = [
-        f"Stage 2 refiner (backbone {quantization}): {summary['trainable']:,} trainable of {summary['total']:,} "
+        f"Stage 2 refiner (backbone {precision}): {summary['trainable']:,} trainable of {summary['total']:,} "
         f"parameters ({100.0 * summary['trainable'] / max(summary['total'], 1):.2f}%)"
     ]
     for group in ("lora", *TRAINABLE_MODULES, "other"):

@@ -92,8 +92,8 @@ def test_the_summary_counts_4bit_weights_as_the_parameters_they_hold_and_other_t
     assert summary["trainable"] == lora + trained_copies + 2 * 64
     first, *groups = format_trainable_summary(model).splitlines()
     percent = 100 * summary["trainable"] / summary["total"]
-    assert first == (f"Stage 2 refiner (backbone none): {summary['trainable']:,} trainable of {summary['total']:,} "
-                     f"parameters ({percent:.2f}%)")
+    assert first == (f"Stage 2 refiner (backbone full precision): {summary['trainable']:,} trainable of "
+                     f"{summary['total']:,} parameters ({percent:.2f}%)")
     assert groups[-1].split() == ["other", "128"]
 
 
@@ -105,7 +105,7 @@ def test_a_loaded_adapter_is_frozen_and_reports_the_quantization_it_was_loaded_w
     graph of the LoRA and trained modules). The summary names the base as loaded, not as trained."""
     loaded = load_trained_model(adapter_8bit, quantization="none")
     assert not [name for name, p in loaded.named_parameters() if p.requires_grad]
-    assert format_trainable_summary(loaded).startswith("Stage 2 refiner (backbone none): 0 trainable")
+    assert format_trainable_summary(loaded).startswith("Stage 2 refiner (backbone full precision): 0 trainable")
     assert loaded.stage2_base_source.trained_quantization == "8bit"
 
 

@@ -22,7 +22,9 @@ and SAM, with the 90 % interval of a paired tile bootstrap (`--bootstrap N` resa
 it off; `training.bootstrap`), printed under the table and written as `"bootstrap"` (from 2 tiles up).
 
 Exit status: 0 on success, 2 for a usage or input error (one line on stderr), 1 when the disk is full, or when the
-Hub could not be reached (or failed) and the model is not cached.
+Hub could not be reached (or failed) and the model is not cached, or for a partial evaluation: NPZ tiles of the
+evaluated split rejected by the conversion (named on stderr; the metrics of the others and `--json` are written, its
+`"rejected"` the count).
 """
 import argparse
 import json
@@ -76,13 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
 FIT_SPLIT = "train"
 
 
+def no_fit_split_problem(data) -> str:
+    """Why `--baselines` cannot be met: `data` has no `FIT_SPLIT` to fit the colour baseline on."""
+    return f"--baselines: {data} has no {FIT_SPLIT!r} split to fit the colour baseline on."
+
+
 def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache_dir=None, degradation="mild",
-                      before_conversion=None):
+                      before_conversion=None, rejected: list | None = None):
     """The `DatasetDict` of `data`: a saved Arrow dataset, or NPZ tiles converted (in `cache_dir` or a temporary
-    folder; `before_conversion()` is called first, once the tiles are found)."""
+    folder; `before_conversion()` is called first, once the tiles are found). `rejected`: a list, extended with the
+    records of the NPZ tiles the conversion left out (`report_rejected_tiles`)."""
     from datasets import load_from_disk
 
-    from data_builders.cache import dataset_cache_key, empty_split_problem, is_arrow_dataset
+    from data_builders.cache import empty_split_problem, is_arrow_dataset
+    from training.train import tiles_cache_key
 
     path = Path(data)
     if not path.is_dir():
@@ -98,13 +107,15 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
         from data_builders import build_dataset
 
         root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="stage2-evaluate-"))
-        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation, flag="--data")
+        target = root / tiles_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation, flag="--data")
         if not is_arrow_dataset(target):
             if before_conversion is not None:
                 before_conversion()
             build_dataset(path, target, stage1_dir=stage1_dir, input_mode=input_mode, seed=seed,
                           degradation=degradation)
-        report_rejected_tiles(target)
+        records = report_rejected_tiles(target)
+        if rejected is not None:
+            rejected.extend(records)
         dataset_dict = load_from_disk(str(target))
     return dataset_dict
 
@@ -236,6 +247,7 @@ def warn_unused_degradation_flags(args, built: dict | None) -> None:
 
 def _run(args, cache_dir) -> dict:
     from data_builders.build import recorded_opt_v1
+    from data_builders.cache import is_arrow_dataset
     from modeling_stage2 import load_trained_model
     from modeling_stage2.adapters import check_device, check_model_folder
 
@@ -250,10 +262,20 @@ def _run(args, cache_dir) -> dict:
         if not Path(args.model).expanduser().is_dir() and not is_hub_repo_id(args.model):
             raise FileNotFoundError(f"--model {args.model}: no such folder (nor a Hub repo id OWNER/NAME).")
 
+    def before_conversion():  # what can be told of NPZ tiles without reading their pixels
+        model_exists()
+        if args.baselines:
+            from data_builders.discovery import discover_tiles
+
+            if FIT_SPLIT not in discover_tiles(args.data, stage1_dir=args.stage1_dir)[0]:  # sidecars read, no pixel
+                raise ValueError(no_fit_split_problem(args.data))
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     seed = 0 if args.dataset_seed is None else args.dataset_seed
+    rejected = []
     dataset_dict = load_dataset_dict(args.data, args.stage1_dir, args.input_mode, seed, cache_dir,
-                                     args.degradation or "mild", before_conversion=model_exists)
+                                     args.degradation or "mild", before_conversion=before_conversion,
+                                     rejected=rejected)
     built = recorded_opt_v1(dataset_dict)
     warn_unused_degradation_flags(args, built)
     model_exists()
@@ -262,13 +284,15 @@ def _run(args, cache_dir) -> dict:
     if args.baselines is not False:
         color_fit = fit_color_baseline(dataset_dict)
         if color_fit is None and args.baselines:
-            raise ValueError(f"--baselines: {args.data} has no {FIT_SPLIT!r} split to fit the colour baseline on.")
+            raise ValueError(no_fit_split_problem(args.data))
     model = load_trained_model(args.model, quantization=args.quantization,
                                device=device if args.quantization == "none" else None, revision=args.revision)
     results = evaluate_model(model, dataset, args.batch_size, device=None if args.quantization != "none" else device,
                              color_fit=color_fit, split=args.split, bootstrap_resamples=args.bootstrap,
                              data=built)
     results["quantization"] = args.quantization  # a quantized backbone's metrics are not the full-precision model's
+    if not is_arrow_dataset(Path(args.data)):  # NPZ tiles: how many of the split the conversion left out
+        results["rejected"] = sum(record.get("split") == args.split for record in rejected)
     print(f"Model {args.model} on {args.data} [{args.split}]")
     print(format_metrics_table(results))
     if "bootstrap" in results:
@@ -279,13 +303,17 @@ def _run(args, cache_dir) -> dict:
 
         write_json(args.json, results)
         print(f"Wrote {args.json}")
+    if results.get("rejected"):
+        print(f"stage2-evaluate: {results['rejected']} tile(s) of split {args.split!r} rejected (above), not "
+              f"evaluated: the metrics are those of the {results['n_tiles']} evaluated; exit status 1",
+              file=sys.stderr)
     return results
 
 
 @exit_on_termination
 def main(argv=None) -> int:
     """Console script `stage2-evaluate`: 0 on success, 2 for a usage or input error, 1 for a Hub out of reach (one line
-    on stderr)."""
+    on stderr), or tiles of the evaluated split rejected by the conversion (the metrics of the others written)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
     if problem is not None:  # where NPZ tiles are converted: found before the model and the data are read
         parser.error(f"--cache_dir {args.cache_dir}: {problem}")
     try:
-        run(args)
+        results = run(args)
     except hub_download_errors() as error:  # the model, or an adapter's base, from the Hub
         print(f"stage2-evaluate: error: --model {args.model}: downloading from the Hub failed "
               f"({hub_failure_line(error)})", file=sys.stderr)
@@ -317,7 +345,7 @@ def main(argv=None) -> int:
             raise
         print(f"stage2-evaluate: error: {error}", file=sys.stderr)  # a full disk: one line, not a traceback
         return 1
-    return 0
+    return 1 if results.get("rejected") else 0  # a partial evaluation: tiles of the split were left out
 
 
 if __name__ == "__main__":

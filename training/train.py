@@ -443,7 +443,7 @@ def write_run_config(output_dir: str | os.PathLike, settings: dict, training_arg
     path = Path(output_dir) / CONFIG_NAME
     body = {key: _yaml_value(value) for key, value in sorted(settings.items()) if key not in ("hub_token",)}
     header = (f"# Settings of this Stage 2 training run ({training_args.precision_note})\n"
-              f"# Re-run with: accelerate launch training/train.py --config {path}\n")
+              f"# Re-run with: {PROG} --config {path}\n")  # the console script: from any folder
     from modeling_stage2._files import write_text  # the run has started: the model package is loaded anyway
 
     return write_text(path, header + yaml.safe_dump(body, sort_keys=False))
@@ -460,8 +460,10 @@ def _yaml_value(value):
 
 
 # ------------------------------------------------------------------------------------------- data
-def _check_data_folder(data_args) -> None:
-    """`--data_dir` is a folder of NPZ tiles or an Arrow dataset, and `--stage1_dir` and `--input_mode` fit it."""
+def _check_data_folder(data_args, tiles: bool = True) -> None:
+    """`--data_dir` is a folder of NPZ tiles or an Arrow dataset, and `--stage1_dir` and `--input_mode` fit it.
+    `tiles`: that it holds tiles the conversion reads, by its own reading (`False` where the caller computes the
+    cache key next, which says the same)."""
     if data_args.data_dir is None:
         raise UsageError("--data_dir is required: NPZ tiles ({train,val,test}/*.npz) or a saved Arrow DatasetDict.")
     data_dir = Path(data_args.data_dir)
@@ -476,13 +478,28 @@ def _check_data_folder(data_args) -> None:
         if problem is not None:
             raise UsageError(problem)
         return
-    if next(data_dir.rglob("*.npz"), None) is None:
-        raise MissingInputError(
-            f"--data_dir {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
-            f"({ARROW_MARKER}) there."
-        )
+    if tiles:
+        tiles_cache_key(data_dir, flag="--data_dir")  # the conversion's own reading: no tile it would read, no run
     if data_args.stage1_dir is not None and not Path(data_args.stage1_dir).is_dir():
         raise MissingInputError(f"--stage1_dir {data_args.stage1_dir}: no such folder.")
+
+
+def tiles_cache_key(data_dir: str | os.PathLike, *args, flag: str, **kwargs) -> str:
+    """`dataset_cache_key` of the NPZ tiles in `data_dir` (the conversion's reading of the split folders), whose
+    error for a folder holding no tile it would read is a `MissingInputError`, one line naming `flag`; for a folder
+    that is itself a split folder (`train/`, `val/` ...), one saying to give the folder above it. Shared by
+    `stage2-train` and `stage2-evaluate`."""
+    from data_builders.tiles import SPLITS, SPLIT_ALIASES
+
+    try:
+        return dataset_cache_key(data_dir, *args, flag=flag, **kwargs)
+    except FileNotFoundError as error:
+        folder = Path(data_dir)
+        if folder.name.lower() not in SPLIT_ALIASES:
+            raise MissingInputError(str(error)) from None
+        above = f"{folder.parent}{os.sep}"
+        raise MissingInputError(f"{flag} {data_dir}: a split folder; give the folder above it ({above}), which holds "
+                                f"{', '.join(f'{split}/' for split in SPLITS[:-1])} and {SPLITS[-1]}/") from None
 
 
 def _check_arrow_splits(data_args) -> None:
@@ -614,15 +631,17 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike, build: bool =
     """The folder of the Arrow `DatasetDict` of `data_args.data_dir`: the folder itself if it is one, else the
     cached conversion of its NPZ tiles (built on first use; with `build=False`, a `UsageError` where it is not
     there: the other processes of a distributed run, whose main process converts or has failed)."""
-    _check_data_folder(data_args)
+    _check_data_folder(data_args, tiles=False)  # the tiles: by the key below
     data_dir = Path(data_args.data_dir)
     if is_arrow_dataset(data_dir):
         return data_dir
     cache_root = _cache_root(data_args, output_dir)
-    cached = cache_root / dataset_cache_key(data_dir, data_args.stage1_dir, data_args.input_mode,
-                                            data_args.dataset_seed, degradation=data_args.degradation)
+    cached = cache_root / tiles_cache_key(data_dir, data_args.stage1_dir, data_args.input_mode,
+                                          data_args.dataset_seed, degradation=data_args.degradation, flag="--data_dir")
     if is_arrow_dataset(cached):
         logger.info(f"Using the cached Arrow dataset {cached} (converted from {data_dir}).")
+        if build:  # the main process (the only one of a single-process run) says it, once
+            _warn_rejected_tiles(cached, data_dir)
         return cached
     if not build:
         raise UsageError(f"--data_dir {data_dir}: the main process did not convert the tiles to {cached} (it "
@@ -633,7 +652,20 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike, build: bool =
     cache_root.mkdir(parents=True, exist_ok=True)
     build_dataset(data_dir, cached, stage1_dir=data_args.stage1_dir, input_mode=data_args.input_mode,
                   seed=data_args.dataset_seed, degradation=data_args.degradation)
+    _warn_rejected_tiles(cached, data_dir)
     return cached
+
+
+def _warn_rejected_tiles(converted: Path, data_dir) -> None:
+    """A warning naming how many NPZ tiles of `data_dir` the conversion `converted` left out, and where their reasons
+    are: the run trains without them (exit status 0: one bad tile of many does not fail a run)."""
+    from data_builders.build import REJECTED_FILE
+
+    path = converted / REJECTED_FILE
+    count = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+    if count:
+        logger.warning(f"--data_dir {data_dir}: {count} NPZ tile(s) rejected by the conversion, not in this run "
+                       f"(reasons in {path}).")
 
 
 def _cache_root(data_args, output_dir: str | os.PathLike) -> Path:

@@ -1,0 +1,146 @@
+"""What a first-time user meets on the way through `stage2-train` and `stage2-evaluate`: a split folder given as the
+data refused in one line before anything is launched, rejected tiles said (a partial evaluation exits 1; training
+warns and trains), `--baselines` without a train split refused before any tile is converted, the re-run line of a
+run's config.yaml, and the trainable-parameter summary's wording of the backbone's precision."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+from _data_helpers import make_tile_dir, write_tile
+from _refiner_helpers import tiny_refiner_config
+from _training_helpers import refuse_exec, stage2_train_command, write_config
+
+BROKEN_NPZ = b"PK\x03\x04 not a zip"
+
+
+@pytest.fixture(autouse=True)
+def _no_exec(monkeypatch):
+    refuse_exec(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    """One valid tile per split, and a corrupt NPZ in `val/` and in `test/` (each rejected by the conversion)."""
+    root = make_tile_dir(tmp_path_factory.mktemp("user") / "tiles", per_split=1)
+    for split in ("val", "test"):
+        (root / split / "broken.npz").write_bytes(BROKEN_NPZ)
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_model(tmp_path_factory):
+    """A tiny full refiner folder (`save_pretrained`), which `stage2-evaluate --model` takes."""
+    from modeling_stage2 import Stage2RefinerModel
+
+    folder = tmp_path_factory.mktemp("model") / "model"
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------- a split folder as the data
+def test_stage2_train_refuses_a_split_folder_in_one_line_before_launching(tiles, tmp_path, repo_root):
+    """The console script given `tiles/train` (which the conversion does not read: it reads the split folders of the
+    folder given) says to give the folder above, exit status 2, before accelerate starts or anything is written."""
+    out, config = tmp_path / "run", write_config(tmp_path / "tiny.yaml", max_steps=4)
+    result = subprocess.run([*stage2_train_command(), "--config", str(config), "--data_dir", str(tiles / "train"),
+                             "--output_dir", str(out)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        f"stage2-train: error: --data_dir {tiles / 'train'}: a split folder; give the folder above it ({tiles}/), "
+        "which holds train/, val/ and test/"]
+    assert result.stdout == "" and not out.exists()
+
+
+def test_stage2_train_refuses_a_flat_folder_of_tiles_as_the_conversion_would(tiles, tmp_path):
+    """NPZ tiles directly in the folder (no split folder): the conversion finds none, and the launcher's check says
+    so with the conversion's own line (`dataset_cache_key`), not 20 s later from the trainer."""
+    from data_builders.cache import dataset_cache_key
+    from training.train import MissingInputError, check_before_launch
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(tiles / "train" / "train_0.npz", flat)
+    with pytest.raises(FileNotFoundError) as conversion:
+        dataset_cache_key(flat, flag="--data_dir")
+    with pytest.raises(MissingInputError) as launcher:
+        check_before_launch(["--config", str(write_config(tmp_path / "tiny.yaml")), "--data_dir", str(flat),
+                             "--output_dir", str(tmp_path / "run")])
+    assert str(launcher.value) == str(conversion.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage2_evaluate_names_a_split_folder_as_stage2_train_does(tiles, full_model, capsys):
+    from training.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--model", str(full_model), "--data", str(tiles / "val")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-evaluate: error: --data {tiles / 'val'}: a split folder; give the folder above it ({tiles}/), which "
+        "holds train/, val/ and test/"]
+
+
+# --------------------------------------------------------------------------------------------- rejected tiles
+def test_stage2_evaluate_exits_1_when_tiles_of_the_evaluated_split_were_rejected(tiles, full_model, tmp_path, capsys):
+    """A partial evaluation: the metrics of the tiles evaluated and --json are written, the JSON counts the rejected
+    tiles of the split evaluated (the test split's broken tile is not one of them), and the exit status is 1."""
+    from training.evaluate import main as evaluate_main
+
+    report = tmp_path / "r.json"
+    assert evaluate_main(["--model", str(full_model), "--data", str(tiles), "--split", "val", "--bootstrap", "0",
+                          "--device", "cpu", "--json", str(report)]) == 1
+    results = json.loads(report.read_text())
+    assert results["n_tiles"] == 1 and results["rejected"] == 1 and results["refined"]["ndvi_rmse"] >= 0
+    err = capsys.readouterr().err
+    assert f"rejected {tiles / 'val' / 'broken.npz'}: " in err
+    assert err.strip().splitlines()[-1].startswith("stage2-evaluate: 1 tile(s) of split 'val' rejected (above)")
+
+
+def test_stage2_train_warns_of_the_tiles_the_conversion_rejected(tiles, tmp_path, caplog):
+    """The run trains without them (exit status 0), but says how many and where their reasons are, at WARNING, when
+    it converts and when it reuses the conversion."""
+    from data_builders.build import REJECTED_FILE
+    from training.train import ensure_arrow_dataset
+
+    data_args = SimpleNamespace(data_dir=str(tiles), stage1_dir=None, input_mode=None, dataset_seed=0,
+                                degradation="mild", dataset_cache_dir=None)
+    for _ in ("converted", "reused"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="training.train"):
+            converted = ensure_arrow_dataset(data_args, tmp_path / "run")
+        [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
+        assert warning.getMessage() == (f"--data_dir {tiles}: 2 NPZ tile(s) rejected by the conversion, not in this "
+                                        f"run (reasons in {converted / REJECTED_FILE}).")
+
+
+# ------------------------------------------------------------------------------------ --baselines without train
+def test_baselines_without_a_train_split_is_refused_before_any_tile_is_converted(tmp_path, capsys, monkeypatch):
+    import data_builders
+    from training.evaluate import main as evaluate_main, no_fit_split_problem
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the tiles were converted before --baselines was checked")
+
+    monkeypatch.setattr(data_builders, "build_dataset", no_conversion)
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    shutil.rmtree(data / "train")
+    argv = ["--model", "someone/model", "--data", str(data), "--split", "val", "--baselines"]
+    assert evaluate_main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [f"stage2-evaluate: error: {no_fit_split_problem(data)}"]
+
+    # The discovery's split, not the folder's: a tile whose sidecar puts it in train is a train split.
+    write_tile(data / "val", "moved", sidecar={"split": "train"}, seed=5)
+    with pytest.raises(AssertionError, match="converted before"):
+        evaluate_main(argv)
+
+
+# ---------------------------------------------------------------------------------- the run's config.yaml header
+def test_the_run_config_says_to_re_run_it_with_the_console_script(tmp_path):
+    from training.train import PROG, write_run_config
+
+    path = write_run_config(tmp_path, {"learning_rate": 1e-3}, SimpleNamespace(precision_note="fp32 on the CPU"))
+    assert path.read_text().splitlines()[1] == f"# Re-run with: {PROG} --config {path}"
