@@ -24,10 +24,12 @@ from data_builders.cache import ARROW_MARKER
 from modeling_stage2._files import restore_set_aside
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
-                                      RECORD_FILES, read_base_description)
+                                      RECORD_FILES, _read_base_source, check_model_folder, read_base_description)
 from modeling_stage2.convert_prithvi import HUB_PREFIX
+from modeling_stage2.export import _EXPORT_FILES, EXPORT_INFO_FILE
 from modeling_stage2.hub import is_hub_repo_id
 from modeling_stage2.modeling_stage2 import backbone_weights_location
+from modeling_stage2.onnx_runtime import _resolve as _resolve_export
 from modeling_stage2.vocabulary import OneLineArgumentParser
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
@@ -98,8 +100,10 @@ def _refuse_torn_checkpoint(folder: Path) -> None:
 
 
 def files_to_upload(folder: Path) -> dict[str, Path]:
-    """`path_in_repo -> local file` for what belongs on the Hub (see `UPLOAD_PATTERNS`; modeling code only with
-    `--include_code`, from `remote_code`)."""
+    """`path_in_repo -> local file` for what belongs on the Hub: the model folder's own files (see `UPLOAD_PATTERNS`;
+    modeling code only with `--include_code`, from `remote_code`) and every `stage2-export` folder inside it whole (its
+    graph, the graph's external data, config, `export.json` and card). Other subfolders are not the model: they stay
+    home."""
     chosen: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -107,10 +111,33 @@ def files_to_upload(folder: Path) -> dict[str, Path]:
             continue
         if any(part.startswith(".") for part in relative.parts):  # the partial files and staging / set-aside
             continue  # folders of an interrupted write (modeling_stage2._files), never part of a model
+        if len(relative.parts) > 1:  # an export goes whole (a graph's config and contract without it is half of it)
+            if (path.parent / EXPORT_INFO_FILE).is_file() and path.name in _EXPORT_FILES:
+                chosen[relative.as_posix()] = path
+            continue
         if _matches(path.name, NEVER_UPLOAD) or not _matches(path.name, UPLOAD_PATTERNS):
             continue
         chosen[relative.as_posix()] = path
     return chosen
+
+
+def refuse_what_loaders_refuse(folder: Path, files: dict[str, Path]) -> None:
+    """The checks the loaders (`load_trained_model`, so `stage2-refine`, `stage2-export`, `stage2-evaluate`) make
+    before loading, made on `folder` before anything reaches the Hub: a Stage 2 refiner config, weights whose
+    safetensors headers read and fit the file and the config (headers only: a 600M refiner costs no load), an
+    adapter's `stage2_base.json` and the base weights it says are there; and the graph of each export uploaded with
+    it (`files`). Raises `CardError` naming the file and its problem."""
+    try:
+        if check_model_folder(folder) == "adapter":
+            _read_base_source(folder)
+    except (OSError, ValueError) as error:  # FileNotFoundError (missing) or ValueError (damaged, foreign), named
+        raise CardError(str(error)) from None
+    for export in sorted({path.parent for path in files.values() if path.name == EXPORT_INFO_FILE} - {folder}):
+        try:
+            _resolve_export(export, None)
+        except (OSError, ValueError) as error:
+            raise CardError(f"{error}; the export in {export.relative_to(folder)}/ would be pushed without its graph: "
+                            f"export again with stage2-export, or move that folder out of {folder}") from None
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -236,9 +263,11 @@ def push_trained_model(
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     operations = [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content)
                   for path_in_repo, content in contents.items()]
+    exports = {path.rpartition("/")[0] for path in contents if path.endswith(f"/{EXPORT_INFO_FILE}")}
     operations += [CommitOperationDelete(path_in_repo=path)
                    for path in api.list_repo_files(repo_id, repo_type="model", revision=revision)
-                   if path not in contents and "/" not in path and _matches(path, REPLACED_ON_PUSH)]
+                   if path not in contents and (path.rpartition("/")[0] in exports  # an earlier export's graph
+                                                or "/" not in path and _matches(path, REPLACED_ON_PUSH))]
     commit = api.create_commit(
         repo_id, operations, repo_type="model", revision=revision,
         commit_message=commit_message or f"Upload Stage 2 refiner ({layout}) from {folder.name}",
@@ -268,6 +297,7 @@ def model_repo_contents(folder: Path, repo_id: str, *, include_code: bool = Fals
         # no card, peft's unfilled template or an earlier generated card: generate it for this repo
         card = card_for_folder(folder, repo_id=repo_id, has_code=include_code, datasets=datasets)
         contents["README.md"] = str(card).encode()
+    refuse_what_loaders_refuse(folder, files)
     return contents
 
 

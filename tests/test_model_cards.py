@@ -484,8 +484,27 @@ def test_dataset_card_from_info_and_its_errors(hub_server):
 
 
 # ------------------------------------------------------------------------------------ stage2-push
+@pytest.fixture(scope="module")
+def loadable_adapter(tmp_path_factory) -> Path:
+    """A tiny adapter folder the loaders accept, for tests that push: `stage2-push` refuses what `load_trained_model`
+    would (`model_cards.push.refuse_what_loaders_refuse`)."""
+    from _refiner_helpers import save_woken_adapter
+
+    return save_woken_adapter(tmp_path_factory.mktemp("loadable") / "adapter")
+
+
+def _loadable(adapter: Path, folder: Path) -> Path:
+    """A copy of the `loadable_adapter` with metrics, in `folder`."""
+    import shutil
+
+    shutil.copytree(adapter, folder)
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    return folder
+
+
 def _pushable(folder: Path) -> Path:
-    """A model folder `stage2-push` accepts (the adapter's bytes are never loaded by a push)."""
+    """A model folder as `stage2-push` selects its files (the adapter's bytes are not a loadable adapter: a push
+    refuses it, see `_loadable`)."""
     _model_folder(folder)
     (folder / "adapter_model.safetensors").write_bytes(b"adapter")
     (folder / "metrics.json").write_text(json.dumps(METRICS))
@@ -543,7 +562,8 @@ def test_push_finds_the_best_model_a_killed_save_set_aside(tmp_path):
     assert (run / "best" / "adapter_model.safetensors").read_bytes() == b"adapter"
 
 
-def test_push_without_private_leaves_the_visibility_to_the_namespace(hub_server, tmp_path, monkeypatch):
+def test_push_without_private_leaves_the_visibility_to_the_namespace(hub_server, tmp_path, monkeypatch,
+                                                                      loadable_adapter):
     """`private=False` would make `create_repo` ask for a public repo, overriding an organisation whose repos are
     private by default; only `--private` is sent."""
     import datasets
@@ -555,7 +575,7 @@ def test_push_without_private_leaves_the_visibility_to_the_namespace(hub_server,
     create_repo = HfApi.create_repo
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: (
         asked.append((kwargs.get("repo_type"), kwargs.get("private"))), create_repo(self, *args, **kwargs))[1])
-    folder = _pushable(tmp_path / "model")
+    folder = _loadable(loadable_adapter, tmp_path / "model")
     push_trained_model(folder, "default-visibility")
     push_trained_model(folder, "asked-private", private=True)
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"month": [1, 2]})}).save_to_disk(str(tmp_path / "ds"))
@@ -564,22 +584,22 @@ def test_push_without_private_leaves_the_visibility_to_the_namespace(hub_server,
     assert HfApi().repo_info(f"{hub_server.user}/asked-private").private is True
 
 
-def test_a_push_the_hub_refuses_is_one_line_and_exit_status_1(hub_server, tmp_path, capsys):
+def test_a_push_the_hub_refuses_is_one_line_and_exit_status_1(hub_server, tmp_path, capsys, loadable_adapter):
     from model_cards.push import main
 
-    folder = _pushable(tmp_path / "model")
+    folder = _loadable(loadable_adapter, tmp_path / "model")
     assert main([str(folder), "refused", "--endpoint", hub_server.url, "--token", "not-the-token"]) == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("stage2-push: error: ") and "401" in line and "Invalid credentials" in line
 
 
 def test_a_push_without_a_token_is_a_user_error_before_anything_is_created(hub_server, tmp_path, capsys,
-                                                                          monkeypatch):
+                                                                          monkeypatch, loadable_adapter):
     """It was the Hub's 401 (exit status 1, a refusal), after a --dataset had been looked at."""
     from model_cards.push import main
 
     monkeypatch.delenv("HF_TOKEN")
-    folder = _pushable(tmp_path / "model")
+    folder = _loadable(loadable_adapter, tmp_path / "model")
     assert main([str(folder), "tokenless", "--endpoint", hub_server.url]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "stage2-push: error: no Hub token to push with: pass --token, set HF_TOKEN, or log in (hf auth login)"]
@@ -587,7 +607,7 @@ def test_a_push_without_a_token_is_a_user_error_before_anything_is_created(hub_s
     assert main([str(folder), "tokenless", "--endpoint", hub_server.url, "--token", hub_server.token]) == 0
 
 
-def test_a_push_replaces_the_packages_code_and_keeps_the_owners(hub_server, tmp_path):
+def test_a_push_replaces_the_packages_code_and_keeps_the_owners(hub_server, tmp_path, loadable_adapter):
     """An earlier `--include_code` push's modules go with the model they came with; other code in the repo (an
     Inference Endpoints `handler.py`) is the owner's and stays."""
     from huggingface_hub import HfApi
@@ -599,7 +619,7 @@ def test_a_push_replaces_the_packages_code_and_keeps_the_owners(hub_server, tmp_
     api.create_repo(repo)
     for name in ("modeling_stage2.py", "handler.py"):
         api.upload_file(path_or_fileobj=b"# code\n", path_in_repo=name, repo_id=repo)
-    push_trained_model(_pushable(tmp_path / "model"), repo)
+    push_trained_model(_loadable(loadable_adapter, tmp_path / "model"), repo)
     files = set(api.list_repo_files(repo))
     assert "handler.py" in files and "modeling_stage2.py" not in files
 

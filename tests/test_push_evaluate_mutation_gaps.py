@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from _hub_helpers import hub_server  # noqa: F401  (fixture)
-from test_model_cards import _model_folder, _pushable
+from test_model_cards import _loadable, _model_folder, _pushable, loadable_adapter  # noqa: F401  (fixture)
 
 
 # ----------------------------------------------------------------------------- stage2-push: what is uploaded
@@ -25,7 +25,7 @@ def test_the_preview_images_are_uploaded_with_the_model(tmp_path):
 
 def test_checkpoint_folders_and_logs_inside_a_pushed_folder_stay_home(tmp_path):
     """A run's root pushed as the model (no best/): its checkpoints hold whole adapters, and its logs JSON files; none
-    of them is the model, at any depth."""
+    of them is the model, at any depth (a subfolder goes only when it is a stage2-export folder)."""
     from model_cards.push import files_to_upload
 
     run = _pushable(tmp_path / "run")
@@ -35,7 +35,7 @@ def test_checkpoint_folders_and_logs_inside_a_pushed_folder_stay_home(tmp_path):
         (run / nested / "config.json").write_text("{}")
     (run / "extra" / "notes.json").write_text("{}")
     assert sorted(files_to_upload(run)) == ["adapter_config.json", "adapter_model.safetensors", "config.json",
-                                            "extra/notes.json", "metrics.json"]
+                                            "metrics.json"]
 
 
 def test_a_checkpoints_rng_states_stay_home(tmp_path):
@@ -50,23 +50,36 @@ def test_a_checkpoints_rng_states_stay_home(tmp_path):
                                                "metrics.json"]
 
 
-def test_the_commit_message_is_the_one_asked_for_or_names_the_layout_and_folder(hub_server, tmp_path):
+def test_the_commit_message_is_the_one_asked_for_or_names_the_layout_and_folder(hub_server, tmp_path,
+                                                                                 loadable_adapter):
     from huggingface_hub import HfApi
 
     from model_cards.push import main, push_trained_model
 
-    folder = _pushable(tmp_path / "best")
+    folder = _loadable(loadable_adapter, tmp_path / "best")
     repo = f"{hub_server.user}/messages"
     push_trained_model(folder, repo)
-    (folder / "adapter_model.safetensors").write_bytes(b"step 2")  # an unchanged folder makes no commit
+    (folder / "step.json").write_text('{"step": 2}')  # an unchanged folder makes no commit
     push_trained_model(folder, repo, commit_message="Refiner of run 7")
-    (folder / "adapter_model.safetensors").write_bytes(b"step 3")
+    (folder / "step.json").write_text('{"step": 3}')
     assert main([str(folder), repo, "--commit_message", "From the command line"]) == 0
     titles = [commit.title for commit in HfApi().list_repo_commits(repo)]
     assert titles[:3] == ["From the command line", "Refiner of run 7", "Upload Stage 2 refiner (adapter) from best"]
 
 
-def test_a_push_to_a_branch_replaces_that_branchs_files_not_mains(hub_server, tmp_path):
+def _full_model(folder: Path, **save) -> Path:
+    """A tiny full (merged) refiner saved with `save_pretrained(**save)`, with metrics: a folder the loaders take."""
+    from _refiner_helpers import tiny_refiner_config
+    from test_model_cards import METRICS
+
+    from modeling_stage2 import Stage2RefinerModel
+
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(folder, **save)
+    (folder / "metrics.json").write_text(json.dumps(METRICS))
+    return folder
+
+
+def test_a_push_to_a_branch_replaces_that_branchs_files_not_mains(hub_server, tmp_path, loadable_adapter):
     """A full model on branch `full` (main holds nothing of it), then an adapter on the same branch: the branch's
     `model.safetensors` goes in the adapter's commit, as on main."""
     from huggingface_hub import HfApi
@@ -74,18 +87,16 @@ def test_a_push_to_a_branch_replaces_that_branchs_files_not_mains(hub_server, tm
     from model_cards.push import push_trained_model
 
     repo = f"{hub_server.user}/branch-replaced"
-    full = _model_folder(tmp_path / "merged", adapter=False)
-    (full / "model.safetensors").write_bytes(b"weights")
-    push_trained_model(full, repo, revision="full")
+    push_trained_model(_full_model(tmp_path / "merged"), repo, revision="full")
     api = HfApi()
     assert "model.safetensors" in api.list_repo_files(repo, revision="full")
     assert "model.safetensors" not in api.list_repo_files(repo)
-    push_trained_model(_pushable(tmp_path / "adapter"), repo, revision="full")
+    push_trained_model(_loadable(loadable_adapter, tmp_path / "adapter"), repo, revision="full")
     branch = set(api.list_repo_files(repo, revision="full"))
     assert "adapter_model.safetensors" in branch and "model.safetensors" not in branch
 
 
-def test_a_push_replaces_an_earlier_sharded_model(hub_server, tmp_path):
+def test_a_push_replaces_an_earlier_sharded_model(hub_server, tmp_path, loadable_adapter):
     """A full model saved in shards (`model-0000N-of-0000M.safetensors` + the index), then an adapter: the shards
     go too, or `from_pretrained` would still find the old model beside the adapter."""
     from huggingface_hub import HfApi
@@ -93,26 +104,24 @@ def test_a_push_replaces_an_earlier_sharded_model(hub_server, tmp_path):
     from model_cards.push import push_trained_model
 
     repo = f"{hub_server.user}/sharded"
-    full = _model_folder(tmp_path / "merged", adapter=False)
-    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    for name in shards:
-        (full / name).write_bytes(b"shard")
-    (full / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shards[0], "b": shards[1]}}))
+    full = _full_model(tmp_path / "merged", max_shard_size="100KB")
+    shards = sorted(set(json.loads((full / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1 and not (full / "model.safetensors").exists()
     push_trained_model(full, repo)
     assert set(shards) <= set(HfApi().list_repo_files(repo))
-    push_trained_model(_pushable(tmp_path / "adapter"), repo)
+    push_trained_model(_loadable(loadable_adapter, tmp_path / "adapter"), repo)
     files = set(HfApi().list_repo_files(repo))
     assert not files & {*shards, "model.safetensors.index.json"} and "adapter_model.safetensors" in files
 
 
 # ----------------------------------------------------------------------------- stage2-push: refusals and statuses
-def test_an_adapter_on_hub_backbone_weights_given_as_an_hf_url_is_pushed(tmp_path):
+def test_an_adapter_on_hub_backbone_weights_given_as_an_hf_url_is_pushed(tmp_path, loadable_adapter):
     """`hf://OWNER/REPO/FILE.pt` is a Hub checkpoint (`backbone_weights_location` calls it a "checkpoint"): anyone who
     pulls the adapter can fetch it, so it is not refused as a path on this machine."""
     from model_cards.cards import CardError
     from model_cards.push import model_repo_contents
 
-    folder = _pushable(tmp_path / "model")
+    folder = _loadable(loadable_adapter, tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     (folder / "stage2_base.json").write_text(json.dumps({"kind": "backbone_weights"}))
     (folder / "config.json").write_text(json.dumps({**config, "backbone_weights": "hf://me/prithvi/Prithvi_EO_V2.pt"}))
@@ -124,7 +133,7 @@ def test_an_adapter_on_hub_backbone_weights_given_as_an_hf_url_is_pushed(tmp_pat
         model_repo_contents(folder, "me/x")
 
 
-def test_a_system_failure_during_the_push_is_exit_status_1(tmp_path, monkeypatch, capsys):
+def test_a_system_failure_during_the_push_is_exit_status_1(tmp_path, monkeypatch, capsys, loadable_adapter):
     """An OSError mid-push (a file unreadable, a full disk) is not the user's input: 1, one line; the folder's own
     problems are 2."""
     import model_cards.push as push
@@ -133,7 +142,7 @@ def test_a_system_failure_during_the_push_is_exit_status_1(tmp_path, monkeypatch
         raise PermissionError(13, "Permission denied", str(tmp_path / "model" / "adapter_model.safetensors"))
 
     monkeypatch.setattr(push, "push_trained_model", failing_push)
-    folder = _pushable(tmp_path / "model")
+    folder = _loadable(loadable_adapter, tmp_path / "model")
     assert push.main([str(folder), "me/x", "--token", "hf_x", "--endpoint", "http://127.0.0.1:9"]) == 1
     assert capsys.readouterr().err.splitlines() == [
         f"stage2-push: error: [Errno 13] Permission denied: '{folder / 'adapter_model.safetensors'}'"]
