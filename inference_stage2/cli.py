@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -9,6 +10,7 @@ from typing import Sequence
 import torch
 
 from modeling_stage2._files import output_path_problem
+from modeling_stage2._quiet import no_loading_progress_bars
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.bands import BAND_NAMES
 from modeling_stage2.hub import HubUnavailableError, local_revision_problem
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
                         help="load the backbone quantized (bitsandbytes)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar (of the refinement, nor of the model's download and loading)")
     return parser
 
 
@@ -175,8 +178,9 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.error(f"--revision {args.revision}: {problem}")
     try:
         mode = _check_mode(args, parser)
-        model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device),
-                           revision=args.revision)
+        with no_loading_progress_bars() if args.no_progress else contextlib.nullcontext():
+            model = load_model(args.model, quantization=args.quantization, device=_default_device(args.device),
+                               revision=args.revision)
         if args.batch_size > (getattr(model, "max_batch", None) or args.batch_size):
             parser.error(f"--batch_size {args.batch_size}: the exported graph {args.model} takes at most "
                          f"{model.max_batch} images per call")

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from modeling_stage2.hub import (
-    HubUnavailableError, download_model_folder, hub_download_errors, hub_failure_is_users, hub_failure_line,
-    is_hub_repo_id, local_revision_problem,
+    HubUnavailableError, download_failure, download_model_folder, hub_download_errors, hub_failure_is_users,
+    hub_failure_line, is_hub_repo_id, local_revision_problem,
 )
 from modeling_stage2.vocabulary import QUANTIZATIONS
 
@@ -102,8 +102,7 @@ def _download_model(repo_id: str, revision: str | None = None) -> Path:
     try:
         return download_model_folder(repo_id, revision=revision)
     except Exception as error:
-        raise _download_failure(f"model {repo_id}: not a local folder, and downloading it from the Hub failed",
-                                error) from error
+        raise _download_failure(f"model {repo_id}: {download_failure(repo_id)}", error) from error
 
 
 def _download_failure(what: str, error: Exception) -> Exception:

@@ -30,6 +30,9 @@ WGS84_SEMI_MAJOR_AXIS_M = 6_378_137.0
 WGS84_ECCENTRICITY_SQUARED = 0.00669437999014
 """The WGS 84 ellipsoid, for ground distances between nearby longitudes and latitudes."""
 
+_INPUT_SCALE_CHOICE = "input_scale='dn' or 'reflectance' (--input_scale dn or --input_scale reflectance)"
+"""How a message asks for the input's scale, in the Python argument's spelling and the command line flag's."""
+
 PIXEL_SIZE_TOLERANCE = 0.2
 """A scene whose pixels differ from `PIXEL_SIZE_M` by more than this fraction gets a `PixelSizeWarning`."""
 
@@ -228,8 +231,8 @@ class SceneSource:
                     path, name = undeclared[0]
                     raise InferenceInputError(
                         f"{path}: band {name} declares no scale or offset while the other bands do; declare it "
-                        f"too (gdal_edit.py -scale S -offset O {path}), or give input_scale='dn' or 'reflectance' "
-                        "for bands that declare none"
+                        f"too (gdal_edit.py -scale S -offset O {path}), or give {_INPUT_SCALE_CHOICE} for bands that "
+                        "declare none"
                     )
                 return DECLARED_SCALE
             implied = (DN_SCALE, 0.0) if input_scale == "dn" else (1.0, 0.0)
@@ -242,11 +245,27 @@ class SceneSource:
                         f"(gdal_edit.py -scale 1 -offset 0 {path})"
                     )
         if len(scales) > 1:
-            raise InferenceInputError(
-                f"input: band files mix integer and float values ({[str(d) for d in self.dtypes]}); "
-                "say which they are with input_scale='dn' or 'reflectance'"
-            )
+            raise InferenceInputError(self._mixed_dtypes_problem())
         return scales.pop()
+
+    def _mixed_dtypes_problem(self) -> str:
+        """The line for bands that mix integer (DN) and float (reflectance) values: the odd ones (the fewer; the
+        float ones in a tie) first, each with its dtype, then the others'."""
+        labels = [str(path) for path in self.paths] if len(self.paths) > 1 else [
+            f"{self.paths[0]} band {name}" for name in BAND_NAMES]
+        pairs = list(zip(labels, self.dtypes))
+        floats = [(label, dtype) for label, dtype in pairs if dtype.kind == "f"]
+        integers = [(label, dtype) for label, dtype in pairs if dtype.kind != "f"]
+        odd, others = (integers, floats) if len(integers) < len(floats) else (floats, integers)
+        kinds = ("integer", "float") if odd is integers else ("float", "integer")
+
+        def listed(group):
+            return ", ".join(f"{label} ({dtype})" for label, dtype in group)
+
+        return (
+            f"{listed(odd)}: {kinds[0]} values, while {listed(others)} hold {kinds[1]} values; say which they all are "
+            f"with {_INPUT_SCALE_CHOICE}"
+        )
 
     def to_reflectance(self, values: np.ndarray, input_scale: str, *, warn: bool = True,
                        valid: np.ndarray | None = None) -> np.ndarray:

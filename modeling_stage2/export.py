@@ -42,6 +42,7 @@ from torch import nn
 from ._files import output_path_problem, staged_folder
 from ._signals import exit_on_termination
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
+from .hub import HubUnavailableError, download_failure, hub_download_errors, hub_failure_is_users, hub_failure_line
 from .vocabulary import OUT_OF_RANGE_WEIGHT, OneLineArgumentParser
 
 FORMATS = ("onnx", "torch_export")
@@ -705,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_termination
 def main(argv: Sequence[str] | None = None) -> int:
-    """`stage2-export`: 0 on success, 2 on bad input, 1 when the graph fails the check against the eager model."""
+    """`stage2-export`: 0 on success, 2 on bad input, 1 when the graph fails the check against the eager model or
+    the Hub is out of reach (a Hub `MODEL`, or a trained adapter's base on the Hub, with nothing cached)."""
     args = build_parser().parse_args(argv)
     try:
         _check_model_argument(args.model)
@@ -713,6 +715,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _refuse_foreign_folder(Path(args.output))
         try:
             model, info = merged_refiner(args.model)
+        except hub_download_errors() as error:  # the model, or a trained adapter's base, from the Hub
+            message = f"MODEL {args.model}: {download_failure(args.model)} ({hub_failure_line(error)})"
+            if hub_failure_is_users(error):  # no such repo, revision or file, or no access: exit 2
+                raise ExportError(message) from error
+            raise HubUnavailableError(message) from error  # the Hub out of reach, nothing cached: exit 1
         except (OSError, ValueError) as error:  # missing or corrupt weights, a foreign config, no such Hub repo
             reason = " ".join(str(error).split())  # the Hub's errors span lines; the message is one
             raise ExportError(f"MODEL {args.model}: could not be loaded ({type(error).__name__}: {reason})") from error
@@ -723,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportError as error:
         print(f"stage2-export: error: {error}", file=sys.stderr)
         return 2
-    except ExportCheckError as error:  # not the input's fault: exit 1
+    except (ExportCheckError, HubUnavailableError) as error:  # not the input's fault: exit 1
         print(f"stage2-export: error: {error}", file=sys.stderr)
         return 1
     check = (

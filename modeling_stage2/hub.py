@@ -12,6 +12,7 @@ off with nothing cached; exit 1, `HubUnavailableError`). `hub_download_errors()`
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,15 @@ HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.md", "*.png", "*.py", "*.onnx", "*.onnx.data", "*.pt2")
 """What a Stage 2 model repo needs: configs and records (json), weights (safetensors), the card (md), the preview,
 modeling code (`--include_code`), exported graphs (`stage2-export`). Never `*.bin` / `*.pt` pickles."""
+
+
+def download_failure(name: str | os.PathLike) -> str:
+    """How a command's line begins when downloading the model `name` (a repo id) failed, before the Hub's reason:
+    saying first that no local folder has the name, since `OWNER/NAME` is a relative path too and a mistyped local
+    path (`run1/bestx` for `run1/best`) is taken for a repo id; a local folder's failure is its base's download."""
+    if Path(name).expanduser().is_dir():
+        return "downloading its base from the Hub failed"
+    return "not a local folder, and downloading it from the Hub failed"
 
 
 def is_hub_repo_id(text: str) -> bool:
@@ -104,5 +114,6 @@ def download_model_folder(repo_id: str, *, revision: str | None = None, cache_di
                                   allow_patterns=list(allow_patterns)))
 
 
-__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_model_folder", "hub_download_errors",
+__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_failure", "download_model_folder",
+           "hub_download_errors",
            "hub_failure_is_users", "hub_failure_line", "is_hub_repo_id", "local_revision_problem"]

@@ -284,7 +284,8 @@ def test_export_json_describes_the_contract(exported, trained):
     assert info["source"]["adapters_merged"] is True
     assert info["max_abs_difference_vs_eager"] < TOLERANCE  # the command line checks the graph after export
     card = (folder / "README.md").read_text()
-    assert "Exported Stage 2 refiner" in card and "| `out_of_range_weight` | float32 | (batch, 1, height, width)" in card
+    assert "Exported Stage 2 refiner" in card
+    assert "| `out_of_range_weight` | float32 | (batch, 1, height, width)" in card
     pt2 = exported["none", "torch_export"]
     pt2_info = json.loads((pt2 / EXPORT_INFO_FILE).read_text())
     assert (pt2 / "model.pt2").is_file() and pt2_info["opset"] is None
@@ -400,14 +401,13 @@ def test_cli_user_errors_in_process(tmp_path, trained, exported, capsys):
         ((foreign, tmp_path / "o5"), "neither config.json"),
         ((broken, tmp_path / "o7"), "could not be loaded"),
         ((truncated, tmp_path / "o8"), "truncated/base_model.safetensors: not a readable safetensors file"),
-        (("nobody-here/no-such-model", tmp_path / "o9"), "could not be loaded"),
-    ]
+    ]  # a Hub repo id: exit 2 when the Hub says it does not exist, 1 when out of reach (test_user_path_inference)
     for args, needle in cases:
         assert export_main([str(arg) for arg in args]) == 2, args
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert (foreign / "notes.txt").read_text() == "keep me"
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o7", "o8", "o9"))
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o7", "o8"))
     with pytest.raises(SystemExit) as exit_info:
         export_main([str(trained["none"]), str(tmp_path / "o6"), "--format", "tflite"])
     assert exit_info.value.code == 2 and "--format" in capsys.readouterr().err

@@ -898,7 +898,8 @@ def test_evaluate_exits_2_for_a_hub_model_that_does_not_exist(hub_server, sample
 
     assert main(_evaluate_argv(f"{DEFAULT_USER}/nothing", sample_dataset_dir)) == 2
     line = _one_error_line(capsys, "stage2-evaluate")
-    assert f"--model {DEFAULT_USER}/nothing: downloading from the Hub failed (RepositoryNotFoundError" in line
+    assert f"--model {DEFAULT_USER}/nothing: not a local folder, and downloading it from the Hub failed " \
+        "(RepositoryNotFoundError" in line
 
 
 def test_evaluate_exits_1_when_the_hub_cannot_be_reached(dead_hub, sample_dataset_dir, capsys):
@@ -906,7 +907,8 @@ def test_evaluate_exits_1_when_the_hub_cannot_be_reached(dead_hub, sample_datase
 
     assert main(_evaluate_argv(f"{DEFAULT_USER}/demo", sample_dataset_dir)) == 1
     line = _one_error_line(capsys, "stage2-evaluate")
-    assert f"--model {DEFAULT_USER}/demo: downloading from the Hub failed (" in line and "ConnectError" in line
+    assert f"--model {DEFAULT_USER}/demo: not a local folder, and downloading it from the Hub failed (" in line
+    assert "ConnectError" in line
 
 
 def test_convert_exits_2_for_a_hub_checkpoint_that_does_not_exist(hub_server, tmp_path, capsys):

@@ -71,8 +71,8 @@ def test_a_hub_base_that_does_not_exist_is_a_user_error(hub_server, tmp_path, sa
     repo = f"{hub_server.user}/nothing"
     code, reported, line = _train_once(_train_argv(tmp_path, sample_dataset_dir, repo), tmp_path, monkeypatch, capsys)
     assert (code, reported) == (2, 2)
-    assert line.startswith(f"stage2-train: error: --model_name_or_path {repo}: downloading it from the Hub failed "
-                           "(RepositoryNotFoundError"), line
+    assert line.startswith(f"stage2-train: error: --model_name_or_path {repo}: not a local folder, and downloading "
+                           "it from the Hub failed (RepositoryNotFoundError"), line
     assert not (tmp_path / "out").exists()  # a run that fails before training leaves nothing
 
 
@@ -88,7 +88,6 @@ def test_a_hub_out_of_reach_for_the_base_exits_1_in_one_line(tmp_path, sample_da
     argv = _train_argv(tmp_path, sample_dataset_dir, "someone/refiner")
     code, reported, line = _train_once(argv, tmp_path, monkeypatch, capsys)
     assert (code, reported) == (1, 1)
-    assert line.startswith("stage2-train: error: --model_name_or_path someone/refiner: downloading it from the Hub "
-                           "failed "
-                           "("), line
+    assert line.startswith("stage2-train: error: --model_name_or_path someone/refiner: not a local folder, and "
+                           "downloading it from the Hub failed ("), line
     assert "ConnectError" in line and not (tmp_path / "out").exists()

@@ -335,9 +335,10 @@ def test_a_start_model_is_built_with_the_runs_quantization(tmp_path):
     assert model.get_base_model().backbone.blocks[0].attn.qkv.base_layer.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("flag, value", [("--backbone_weights", "someone/backbone"),
-                                         ("--model_name_or_path", "someone/refiner")])
-def test_a_failed_hub_download_of_the_base_names_the_flag_that_asked_for_it(flag, value, tmp_path):
+@pytest.mark.parametrize("flag, value, what", [
+    ("--backbone_weights", "someone/backbone", "downloading it from the Hub failed"),
+    ("--model_name_or_path", "someone/refiner", "not a local folder, and downloading it from the Hub failed")])
+def test_a_failed_hub_download_of_the_base_names_the_flag_that_asked_for_it(flag, value, what, tmp_path):
     """A Hub download of the run's base that fails is one line naming the flag of what was downloaded: the backbone
     weights of a new refiner, or the start model."""
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -346,7 +347,6 @@ def test_a_failed_hub_download_of_the_base_names_the_flag_that_asked_for_it(flag
 
     argv = ["--config", str(write_config(tmp_path / "x.yaml")), "--output_dir", str(tmp_path / "out"), flag, value]
     training_args = parse_args(argv)[0]
-    with pytest.raises(HubUnavailableError, match=rf"^{flag} {value}: downloading it from the Hub failed "
-                                                  r"\(OfflineModeIsEnabled: "):
+    with pytest.raises(HubUnavailableError, match=rf"^{flag} {value}: {what} \(OfflineModeIsEnabled: "):
         with train_module._hub_base_failures(training_args):
             raise OfflineModeIsEnabled("offline mode is enabled")

@@ -38,7 +38,8 @@ from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import is_system_failure, output_path_problem, remove_tree
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.hub import (
-    hub_download_errors, hub_failure_is_users, hub_failure_line, is_hub_repo_id, local_revision_problem,
+    download_failure, hub_download_errors, hub_failure_is_users, hub_failure_line, is_hub_repo_id,
+    local_revision_problem,
 )
 from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS, OneLineArgumentParser
 from training.bootstrap import DEFAULT_RESAMPLES
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
     try:
         results = run(args)
     except hub_download_errors() as error:  # the model, or an adapter's base, from the Hub
-        print(f"stage2-evaluate: error: --model {args.model}: downloading from the Hub failed "
+        print(f"stage2-evaluate: error: --model {args.model}: {download_failure(args.model)} "
               f"({hub_failure_line(error)})", file=sys.stderr)
         return 2 if hub_failure_is_users(error) else 1  # no such repo or no access; else the Hub out of reach
     except (FileNotFoundError, ValueError) as error:

@@ -760,8 +760,9 @@ def _hub_base_failures(training_args):
     except hub.hub_download_errors() as error:
         name = training_args.model_name_or_path
         flag = "--model_name_or_path" if name is not None else "--backbone_weights"
-        message = (f"{flag} {name if name is not None else training_args.backbone_weights}: downloading it from the "
-                   f"Hub failed ({hub.hub_failure_line(error)})")
+        what = hub.download_failure(name) if name is not None else "downloading it from the Hub failed"
+        message = (f"{flag} {name if name is not None else training_args.backbone_weights}: {what} "
+                   f"({hub.hub_failure_line(error)})")
         if hub.hub_failure_is_users(error):
             raise UsageError(message) from None
         raise HubUnavailableError(message) from error

@@ -1,0 +1,84 @@
+"""A mistyped local model path of two parts (`run1/bestx` for `run1/best`) is also a Hub repo id: its failed download
+said only the Hub's reason ('check your internet connection') in stage2-evaluate and stage2-train, not that no local
+folder has that name. Every command that resolves a model so (stage2-evaluate, stage2-refine, stage2-export,
+stage2-train --model_name_or_path) says it first (`hub.download_failure`), on one line, with the exit status of the
+Hub's failure (1 out of reach, 2 no such repo)."""
+from __future__ import annotations
+
+import _hub_helpers
+import pytest
+import test_hub
+from _data_helpers import make_tile_dir
+from test_hub import _one_error_line
+from test_training_hub import _train_argv, _train_once
+
+from modeling_stage2.hub import download_failure
+
+hub_server, dead_hub = _hub_helpers.hub_server, test_hub.dead_hub  # the fixtures (a loopback Hub, a Hub out of reach)
+
+TYPO = "run1/bestx"
+SAID = f"{TYPO}: not a local folder, and downloading it from the Hub failed ("
+"""How the line names the model: no local folder first, then the Hub's reason."""
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    from data_builders import build_dataset
+
+    root = tmp_path_factory.mktemp("typo_data")
+    build_dataset(make_tile_dir(root / "tiles", per_split=1), root / "ds1")
+    return root / "ds1"
+
+
+@pytest.fixture
+def in_a_run_folder(tmp_path, monkeypatch):
+    """The working folder holds `run1/best` (a run's folder), so `run1/bestx` is a mistyped local path."""
+    (tmp_path / "run1" / "best").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _evaluate(model: str, data) -> int:
+    from training.evaluate import main
+
+    return main(["--model", model, "--data", str(data), "--max_samples", "1", "--no-baselines", "--bootstrap", "0",
+                 "--device", "cpu"])
+
+
+def test_evaluate_says_no_local_folder_has_the_name_when_the_hub_is_out_of_reach(dead_hub, in_a_run_folder,
+                                                                                 tiny_dataset, capsys):
+    assert _evaluate(TYPO, tiny_dataset) == 1  # the Hub out of reach: still the system's failure
+    line = _one_error_line(capsys, "stage2-evaluate")
+    assert line.startswith(f"stage2-evaluate: error: --model {SAID}") and "ConnectError" in line, line
+
+
+def test_evaluate_says_it_for_a_repo_that_does_not_exist_too(hub_server, in_a_run_folder, tiny_dataset,
+                                                             capsys):
+    assert _evaluate(TYPO, tiny_dataset) == 2  # no such repo: the user's
+    line = _one_error_line(capsys, "stage2-evaluate")
+    assert line.startswith(f"stage2-evaluate: error: --model {SAID}RepositoryNotFoundError"), line
+
+
+def test_refine_says_no_local_folder_has_the_name(dead_hub, in_a_run_folder, sample_tiles_dir, capsys):
+    from inference_stage2.cli import main
+
+    tile = next((sample_tiles_dir / "val").glob("*.npz"))
+    assert main(["--model", TYPO, "--input", str(tile), "--output_dir", "out", "--no_progress"]) == 1
+    line = _one_error_line(capsys, "stage2-refine")
+    assert line.startswith(f"stage2-refine: error: model {SAID}") and "ConnectError" in line, line
+    assert not (in_a_run_folder / "out").exists()
+
+
+def test_train_says_no_local_folder_has_the_name(dead_hub, in_a_run_folder, tiny_dataset, monkeypatch,
+                                                 capsys):
+    code, reported, line = _train_once(_train_argv(in_a_run_folder, tiny_dataset, TYPO), in_a_run_folder,
+                                       monkeypatch, capsys)
+    assert (code, reported) == (1, 1)
+    assert line.startswith(f"stage2-train: error: --model_name_or_path {SAID}") and "ConnectError" in line, line
+
+
+def test_a_local_folder_s_failure_is_its_base_s(in_a_run_folder):
+    """A local folder whose download failed is an adapter whose base is on the Hub: its line says so, not 'not a
+    local folder'."""
+    assert download_failure("run1/best") == "downloading its base from the Hub failed"
+    assert download_failure(TYPO) == SAID.removeprefix(f"{TYPO}: ").removesuffix(" (")
