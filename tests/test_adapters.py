@@ -428,9 +428,13 @@ def test_merged_export_keeps_the_metrics_settings_and_preview_of_its_folder(tmp_
     assert len(card.data.eval_results) == 5 and "3 tiles of the `val` split" in card.text
 
 
-def test_the_documented_filter_silences_the_bitsandbytes_cast_message(repo_root, caplog):
+def test_the_documented_filter_silences_the_bitsandbytes_cast_message(repo_root, caplog, monkeypatch):
     import logging
     import re
+
+    from modeling_stage2 import _quiet
+
+    monkeypatch.setattr(_quiet, "_said", set())  # said once a process: an earlier test may have said it already
 
     documented = re.search(r"`(logging\.getLogger\([^`]+\)\.setLevel\(logging\.ERROR\))`",
                            (repo_root / "docs" / "refiner.md").read_text())
