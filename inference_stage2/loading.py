@@ -9,7 +9,7 @@ import torch
 
 from modeling_stage2.hub import (
     HubUnavailableError, download_failure, download_model_folder, hub_download_errors, hub_failure_is_users,
-    hub_failure_line, is_hub_repo_id, local_revision_problem,
+    hub_failure_line, hub_snapshot_paths_named, is_hub_repo_id, local_revision_problem,
 )
 from modeling_stage2.vocabulary import QUANTIZATIONS
 
@@ -61,24 +61,29 @@ def load_model(
             f"model {name}: no such folder; pass a folder written by save_pretrained/save_trained_model "
             "or a Hub repo id (owner/name)"
         )
+
+    def named(message: str) -> str:  # a Hub model (or base) by its repo id and its files, not the Hub cache's path
+        return hub_snapshot_paths_named(message, name, revision)
+
     if not folder.is_dir():
         raise InferenceInputError(
             f"model {folder}: is a file; pass the folder that holds config.json (a full model) or "
             "adapter_config.json (a trained adapter)"
         )
     if not any((folder / file).is_file() for file in _MODEL_FILES):
-        raise InferenceInputError(
+        raise InferenceInputError(named(
             f"model {folder}: has neither config.json (a full model) nor adapter_config.json (a trained "
             "adapter); is it the right folder (e.g. the run's best/)?"
-        )
+        ))
     from modeling_stage2.adapters import load_trained_model
 
     try:
         model = load_trained_model(str(folder), quantization=quantization, device=device)
     except hub_download_errors() as error:  # an adapter's base on the Hub (a refiner or the backbone's checkpoint)
-        raise _download_failure(f"model {folder}: downloading its base from the Hub failed", error) from error
+        raise _download_failure(named(f"model {folder}: downloading its base from the Hub failed"), error) from error
     except (OSError, ValueError) as error:  # missing or corrupt weight files, a foreign config
-        raise InferenceInputError(f"model {folder}: could not be loaded ({type(error).__name__}: {error})") from error
+        raise InferenceInputError(named(f"model {folder}: could not be loaded ({type(error).__name__}: {error})")) \
+            from error
     return model.eval()
 
 

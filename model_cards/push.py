@@ -24,12 +24,12 @@ from data_builders.cache import ARROW_MARKER
 from modeling_stage2._files import restore_set_aside
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
-                                      RECORD_FILES, _read_base_source, check_model_folder, read_base_description)
+                                      RECORD_FILES, check_model_folder, read_base_description, read_base_source)
 from modeling_stage2.convert_prithvi import HUB_PREFIX
-from modeling_stage2.export import _EXPORT_FILES, EXPORT_INFO_FILE
+from modeling_stage2.export import EXPORT_FILES, EXPORT_INFO_FILE
 from modeling_stage2.hub import is_hub_repo_id
 from modeling_stage2.modeling_stage2 import backbone_weights_location
-from modeling_stage2.onnx_runtime import _resolve as _resolve_export
+from modeling_stage2.onnx_runtime import resolve_export
 from modeling_stage2.vocabulary import OneLineArgumentParser
 from training.discriminator import CONFIG_NAME as DISCRIMINATOR_CONFIG
 from training.discriminator import WEIGHTS_NAME as DISCRIMINATOR_WEIGHTS
@@ -62,6 +62,8 @@ CODE_FILES = tuple(sorted(path.name for path in Path(modeling_stage2.__file__).p
 REPLACED_ON_PUSH = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE, "config.json",
                     "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", *CODE_FILES,
                     *RECORD_FILES)
+
+
 # ------------------------------------------------------------------------------------ model folders
 def find_model_folder(output_dir: str | Path) -> tuple[Path, str]:
     """The folder holding the trained model (`output_dir`'s `best/`, the model training selected, or else
@@ -112,7 +114,7 @@ def files_to_upload(folder: Path) -> dict[str, Path]:
         if any(part.startswith(".") for part in relative.parts):  # the partial files and staging / set-aside
             continue  # folders of an interrupted write (modeling_stage2._files), never part of a model
         if len(relative.parts) > 1:  # an export goes whole (a graph's config and contract without it is half of it)
-            if (path.parent / EXPORT_INFO_FILE).is_file() and path.name in _EXPORT_FILES:
+            if (path.parent / EXPORT_INFO_FILE).is_file() and path.name in EXPORT_FILES:
                 chosen[relative.as_posix()] = path
             continue
         if _matches(path.name, NEVER_UPLOAD) or not _matches(path.name, UPLOAD_PATTERNS):
@@ -129,12 +131,12 @@ def refuse_what_loaders_refuse(folder: Path, files: dict[str, Path]) -> None:
     it (`files`). Raises `CardError` naming the file and its problem."""
     try:
         if check_model_folder(folder) == "adapter":
-            _read_base_source(folder)
+            read_base_source(folder)
     except (OSError, ValueError) as error:  # FileNotFoundError (missing) or ValueError (damaged, foreign), named
         raise CardError(str(error)) from None
     for export in sorted({path.parent for path in files.values() if path.name == EXPORT_INFO_FILE} - {folder}):
         try:
-            _resolve_export(export, None)
+            resolve_export(export, None)
         except (OSError, ValueError) as error:
             raise CardError(f"{error}; the export in {export.relative_to(folder)}/ would be pushed without its graph: "
                             f"export again with stage2-export, or move that folder out of {folder}") from None

@@ -466,7 +466,7 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
         from peft import PeftModel
 
         config = Stage2RefinerConfig.from_pretrained(folder)
-        source = _read_base_source(folder)
+        source = read_base_source(folder)
         if source.kind == "model":  # a base folder replaced by another refiner: named, not transformers' table
             _check_full_model_files(_local_folder(source.model_name_or_path, source.revision), folder / "config.json",
                                     f"the base refiner is not the one this adapter was trained on ({BASE_SOURCE_FILE} "
@@ -539,7 +539,7 @@ def trained_base_revision(folder: str | Path) -> str | None:
     """The Hub commit of the frozen base an adapter folder (`save_trained_model`, a training checkpoint) was trained
     on, as `stage2_base.json` records it; None for a local or saved base, or a folder without that record."""
     folder = Path(folder)
-    return _read_base_source(folder).revision if (folder / BASE_SOURCE_FILE).is_file() else None
+    return read_base_source(folder).revision if (folder / BASE_SOURCE_FILE).is_file() else None
 
 
 def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization: str, device_map):
@@ -551,7 +551,13 @@ def _rebuild_base(config: Stage2RefinerConfig, source: _BaseSource, quantization
                        quantization, device_map)
 
 
-def _read_base_source(folder: Path) -> _BaseSource:
+def read_base_source(folder: Path) -> _BaseSource:
+    """Where the adapter folder `folder` (a `save_trained_model` one) gets its base, read from its `stage2_base.json`
+    without loading anything: the base refiner (`kind` "model": its folder or Hub repo id), the backbone checkpoint of
+    its config (`kind` "backbone_weights"), each at its recorded Hub revision, or the base weights saved beside it
+    (`kind` "saved"); with the quantization it was trained with. `FileNotFoundError` for a missing description, saved
+    weights or local base refiner, `ValueError` for a damaged description (unreadable, or a key of a wrong value);
+    each naming the file."""
     path = folder / BASE_SOURCE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: this adapter folder was not written by save_trained_model.")
@@ -853,6 +859,7 @@ __all__ = [
     "lora_target_pattern",
     "modules_kept_in_full_precision",
     "quantization_config_for",
+    "read_base_source",
     "save_trained_model",
     "trainable_parameter_summary",
 ]

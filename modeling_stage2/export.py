@@ -42,7 +42,10 @@ from torch import nn
 from ._files import output_path_problem, staged_folder
 from ._signals import exit_on_termination
 from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
-from .hub import HubUnavailableError, download_failure, hub_download_errors, hub_failure_is_users, hub_failure_line
+from .hub import (
+    HubUnavailableError, download_failure, hub_download_errors, hub_failure_is_users, hub_failure_line,
+    hub_snapshot_paths_named,
+)
 from .vocabulary import OUT_OF_RANGE_WEIGHT, OneLineArgumentParser
 
 FORMATS = ("onnx", "torch_export")
@@ -74,6 +77,7 @@ CHECK_TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
 __all__ = [
     "CHECK_TOLERANCE",
     "DTYPES",
+    "EXPORT_FILES",
     "EXPORT_INFO_FILE",
     "FORMATS",
     "ExportCheckError",
@@ -631,8 +635,10 @@ def model_card_section(info: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-# What an export writes into its folder (`_export_to_folder`); a folder holding anything else is never replaced.
-_EXPORT_FILES = {*GRAPH_FILES.values(), "model.onnx.data", "config.json", EXPORT_INFO_FILE, "README.md"}
+EXPORT_FILES = {*GRAPH_FILES.values(), "model.onnx.data", "config.json", EXPORT_INFO_FILE, "README.md"}
+"""What an export writes into its folder (`_export_to_folder`): the graph (and ONNX's external data), the config,
+`export.json` and the card. A folder holding anything else is never replaced; `stage2-push` uploads these of an export
+subfolder."""
 
 
 def _refuse_foreign_folder(output_dir: Path) -> None:
@@ -647,7 +653,7 @@ def _refuse_foreign_folder(output_dir: Path) -> None:
         raise ExportError(
             f"OUTPUT {output_dir}: holds other files (no {EXPORT_INFO_FILE}); choose a new or empty folder"
         )
-    others = [name for name in entries if name not in _EXPORT_FILES]
+    others = [name for name in entries if name not in EXPORT_FILES]
     if others:  # replacing the folder would delete them
         raise ExportError(
             f"OUTPUT {output_dir}: holds an earlier export and other files ({', '.join(others[:5])}"
@@ -722,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise HubUnavailableError(message) from error  # the Hub out of reach, nothing cached: exit 1
         except (OSError, ValueError) as error:  # missing or corrupt weights, a foreign config, no such Hub repo
             reason = " ".join(str(error).split())  # the Hub's errors span lines; the message is one
+            reason = hub_snapshot_paths_named(reason, args.model)  # a Hub model's files by its repo id, not the cache
             raise ExportError(f"MODEL {args.model}: could not be loaded ({type(error).__name__}: {reason})") from error
         result = export_refiner(
             model, args.output, format=args.format, opset=args.opset, dtype=args.dtype, check=not args.no_check,

@@ -33,6 +33,27 @@ def download_failure(name: str | os.PathLike) -> str:
     return "not a local folder, and downloading it from the Hub failed"
 
 
+def hub_snapshot_paths_named(message: str, repo_id: str, revision: str | None = None,
+                             cache_dir: str | os.PathLike | None = None) -> str:
+    """`message` with each path into a Hub cache snapshot (`CACHE/models--OWNER--NAME/snapshots/COMMIT[/FILE]`, a path
+    the user never typed) written as the model was named: `OWNER/NAME[/FILE]`, and `REPO_ID@REVISION[/FILE]` for the
+    repo `repo_id` when a `revision` was asked. For an error about a downloaded model's content (truncated weights,
+    another model's config) raised with its snapshot's path; other repos' snapshots (an adapter's base) are named by
+    their repo id. `cache_dir` is the cache the download used (default the Hub cache, `HF_HUB_CACHE`)."""
+    if cache_dir is None:
+        from huggingface_hub import constants
+
+        cache_dir = constants.HF_HUB_CACHE
+    folders = re.escape(os.path.join(str(cache_dir), "models--"))
+    snapshot = re.compile(folders + r"([^/\\\s]+?)--([^/\\\s]+)[/\\]snapshots[/\\][0-9a-f]+")
+
+    def named(match: re.Match) -> str:
+        name = f"{match[1]}/{match[2]}"  # the Hub allows no "--" in a repo id: the folder's name reads one way
+        return f"{name}@{revision}" if revision is not None and name == repo_id else name
+
+    return snapshot.sub(named, message)
+
+
 def is_hub_repo_id(text: str) -> bool:
     """True for `OWNER/NAME` (not for paths such as `./x/y`, `/abs/y` or `a/b/c`)."""
     return HUB_REPO_ID.fullmatch(str(text)) is not None
@@ -115,5 +136,5 @@ def download_model_folder(repo_id: str, *, revision: str | None = None, cache_di
 
 
 __all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_failure", "download_model_folder",
-           "hub_download_errors",
-           "hub_failure_is_users", "hub_failure_line", "is_hub_repo_id", "local_revision_problem"]
+           "hub_download_errors", "hub_failure_is_users", "hub_failure_line", "hub_snapshot_paths_named",
+           "is_hub_repo_id", "local_revision_problem"]

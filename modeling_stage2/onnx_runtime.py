@@ -31,7 +31,7 @@ EXPORT_INFO_FILE = "export.json"
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".pt2": "torch_export"}
 _GRAPH_FILES = {"onnx": "model.onnx", "torch_export": "model.pt2"}
 
-__all__ = ["ExportedRefiner", "is_exported_model", "load_exported"]
+__all__ = ["ExportedRefiner", "is_exported_model", "load_exported", "resolve_export"]
 
 
 def is_exported_model(path: str | os.PathLike) -> bool:
@@ -69,8 +69,11 @@ def _read_export_info(info_file: Path) -> dict[str, Any]:
     return info
 
 
-def _resolve(path: Path, format: str | None) -> tuple[Path, str, dict[str, Any]]:
-    """(graph file, format, export.json contents or {})."""
+def resolve_export(path: Path, format: str | None) -> tuple[Path, str, dict[str, Any]]:
+    """(graph file, format, export.json contents or {}) of `path`, a `stage2-export` folder (its `export.json` names
+    the graph) or a `.onnx` / `.pt2` file (`format` from its suffix unless given; the `export.json` beside it read if
+    there is one), without loading the graph. `FileNotFoundError` for a folder without `export.json` or the graph it
+    names, or no such path; `ValueError` for an unreadable `export.json` or a file of another suffix."""
     if path.is_dir():
         info_file = path / EXPORT_INFO_FILE
         if not info_file.is_file():
@@ -117,7 +120,7 @@ class ExportedRefiner:
         num_threads: int | None = None,
     ):
         self.path = Path(path).expanduser()
-        self.graph_file, self.format, self.export_info = _resolve(self.path, format)
+        self.graph_file, self.format, self.export_info = resolve_export(self.path, format)
         if config is None:
             config_file = self.graph_file.parent / "config.json"
             if not config_file.is_file():

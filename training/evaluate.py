@@ -38,8 +38,8 @@ from data_builders.degrade import DEGRADATION_CHOICES
 from modeling_stage2._files import is_system_failure, output_path_problem, remove_tree
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.hub import (
-    download_failure, hub_download_errors, hub_failure_is_users, hub_failure_line, is_hub_repo_id,
-    local_revision_problem,
+    download_failure, hub_download_errors, hub_failure_is_users, hub_failure_line, hub_snapshot_paths_named,
+    is_hub_repo_id, local_revision_problem,
 )
 from modeling_stage2.vocabulary import INPUT_MODES, QUANTIZATIONS, OneLineArgumentParser
 from training.bootstrap import DEFAULT_RESAMPLES
@@ -338,8 +338,9 @@ def main(argv=None) -> int:
         print(f"stage2-evaluate: error: --model {args.model}: {download_failure(args.model)} "
               f"({hub_failure_line(error)})", file=sys.stderr)
         return 2 if hub_failure_is_users(error) else 1  # no such repo or no access; else the Hub out of reach
-    except (FileNotFoundError, ValueError) as error:
-        print(f"stage2-evaluate: error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as error:  # a Hub model's files by its repo id, not the cache
+        print(f"stage2-evaluate: error: {hub_snapshot_paths_named(str(error), args.model, args.revision)}",
+              file=sys.stderr)
         return 2
     except OSError as error:
         if not is_system_failure(error):
