@@ -46,9 +46,9 @@ def empty_split_problem(path: str | os.PathLike) -> str | None:
 def _files_read(folder: Path, tiles: bool) -> list[Path]:
     """The files a build reads in `folder`: the tiles and sidecars of its split folders (`tiles`, the discovery's
     rule: symlinked ones too), or its Stage 1 files. Nothing else under it counts: a run or its cache kept inside the
-    data folder would change the key at every conversion. Hidden files are never read (`_files.is_hidden`); an NPZ
-    in a folder nested in a split folder, or directly in the data folder, is rejected by name, its content unread: it
-    adds no row, column or statistic to the conversion, so it does not count either."""
+    data folder would change the key at every conversion. Hidden files are never read (`_files.is_hidden`). An NPZ
+    in a folder nested in a split folder, or directly in the data folder, is not read but rejected by name:
+    `_files_rejected_unread`."""
     from .discovery import _split_folders
 
     try:
@@ -59,13 +59,39 @@ def _files_read(folder: Path, tiles: bool) -> list[Path]:
                   if path.suffix in (".npz", ".json") and not _files.is_hidden(path))
 
 
-def _tree_fingerprint(folder: Path, digest, tiles: bool = True) -> int:
+def _files_rejected_unread(folder: Path) -> list[Path]:
+    """The NPZ files of the data folder `folder` that a build rejects by name without reading them (in a folder
+    nested in a split folder, or directly in `folder`): they add no row, but the conversion's `rejected.jsonl` lists
+    them, so adding or removing one makes a new key (the cached list would go stale)."""
+    from .discovery import _nested_tiles, _root_tiles, _split_folders
+
+    try:
+        folders = [path for _, path in _split_folders(folder)]
+    except FileNotFoundError:  # no split folder: no tiles
+        return []
+    searched = {each.resolve() for each in folders}
+    return sorted([path for each in folders for path in _nested_tiles(each, searched)] + _root_tiles(folder, None))
+
+
+def _fingerprint(folder: Path, paths: list[Path], digest) -> int:
+    """The names, sizes and modification times of `paths` (relative to `folder`) into `digest`; the NPZ count."""
     count = 0
-    for path in _files_read(folder, tiles):
+    for path in paths:
         if path.is_file():
             stat = path.stat()
             digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             count += path.suffix == ".npz"
+    return count
+
+
+def _tree_fingerprint(folder: Path, digest, tiles: bool = True) -> int:
+    """The fingerprint of what a build reads in `folder` (`_files_read`) and, for tiles, of what it rejects unread;
+    the count of NPZ files it reads."""
+    count = _fingerprint(folder, _files_read(folder, tiles), digest)
+    rejected = _files_rejected_unread(folder) if tiles else []
+    if rejected:  # none: the key folders without them always had
+        digest.update(b"rejected unread\n")
+        _fingerprint(folder, rejected, digest)
     return count
 
 

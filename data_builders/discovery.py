@@ -95,6 +95,14 @@ def _root_tiles(data_dir: Path, stage1_dir: str | Path | None) -> list[Path]:
     return sorted(path for path in data_dir.glob("*.npz") if not _files.is_hidden(path) and not path.is_dir())
 
 
+def _sidecar_split_or_none(path: Path) -> Optional[str]:
+    """The split the sidecar of the tile `path` names; None without one, or where the sidecar cannot be read."""
+    try:
+        return sidecar_split(sidecar_path(path), read_sidecar(sidecar_path(path)))
+    except TileError:
+        return None
+
+
 def discover_tiles(data_dir: str | Path, strict: bool = False,
                    stage1_dir: str | Path | None = None) -> tuple[dict[str, list[TileSpec]], list[dict]]:
     """Find the tiles of each split and the tiles rejected before reading pixels.
@@ -133,8 +141,8 @@ def discover_tiles(data_dir: str | Path, strict: bool = False,
         for path in _nested_tiles(folder, searched):
             reject(TileError(path, None, NESTED_TILE_PROBLEM.format(split_folder=folder.name, folder=folder)),
                    folder_split)
-    for path in _root_tiles(data_dir, stage1_dir):  # in no split folder: no split (a sidecar's would not read it)
-        reject(TileError(path, None, ROOT_TILE_PROBLEM.format(data_dir=data_dir)), None)
+    for path in _root_tiles(data_dir, stage1_dir):  # in no split folder: the split its sidecar names, if any
+        reject(TileError(path, None, ROOT_TILE_PROBLEM.format(data_dir=data_dir)), _sidecar_split_or_none(path))
 
     splits: dict[str, list[TileSpec]] = {split: [] for split in SPLITS}
     for tile_id in sorted(found):

@@ -80,7 +80,7 @@ def load_model(
     try:
         model = load_trained_model(str(folder), quantization=quantization, device=device)
     except hub_download_errors() as error:  # an adapter's base on the Hub (a refiner or the backbone's checkpoint)
-        raise _download_failure(named(f"model {folder}: downloading its base from the Hub failed"), error) from error
+        raise _download_failure(named(f"model {folder}: {download_failure(folder)}"), error) from error
     except (OSError, ValueError) as error:  # missing or corrupt weight files, a foreign config
         raise InferenceInputError(named(f"model {folder}: could not be loaded ({type(error).__name__}: {error})")) \
             from error

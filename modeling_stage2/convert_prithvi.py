@@ -21,7 +21,7 @@ import torch
 from ._files import is_system_failure, staged_folder
 from ._signals import exit_on_termination
 from .configuration_prithvi import PRETRAINED_BANDS, PRITHVI_PRESETS, PrithviConfig, canonical_band_name
-from .hub import hub_download_errors, hub_failure_is_users, hub_failure_line
+from .hub import DOWNLOAD_FAILED, hub_download_errors, hub_failure_is_users, hub_failure_line
 from .modeling_prithvi import PrithviEncoder, sincos_3d_table
 from .vocabulary import OneLineArgumentParser
 
@@ -573,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint, args.output_dir, preset=args.preset, bands=args.bands, **overrides
         )
     except hub_download_errors() as error:  # an hf:// checkpoint: no such repo or file (2), or the Hub out of reach (1)
-        print(f"stage2-convert-prithvi: error: {args.checkpoint}: downloading it from the Hub failed "
-              f"({hub_failure_line(error)})", file=sys.stderr)
+        print(f"stage2-convert-prithvi: error: {args.checkpoint}: {DOWNLOAD_FAILED} ({hub_failure_line(error)})",
+              file=sys.stderr)
         return 2 if hub_failure_is_users(error) else 1
     except (ValueError, OSError) as error:  # 1 for a full disk (the machine's), 2 for the input's
         print(f"stage2-convert-prithvi: error: {error}", file=sys.stderr)

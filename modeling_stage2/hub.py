@@ -24,13 +24,17 @@ MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.md", "*.png", "*.py", "*.on
 modeling code (`--include_code`), exported graphs (`stage2-export`). Never `*.bin` / `*.pt` pickles."""
 
 
+DOWNLOAD_FAILED = "downloading it from the Hub failed"
+"""What a command's one line says of a failed download, before the Hub's reason (`hub_failure_line`)."""
+
+
 def download_failure(name: str | os.PathLike) -> str:
     """How a command's line begins when downloading the model `name` (a repo id) failed, before the Hub's reason:
     saying first that no local folder has the name, since `OWNER/NAME` is a relative path too and a mistyped local
     path (`run1/bestx` for `run1/best`) is taken for a repo id; a local folder's failure is its base's download."""
     if Path(name).expanduser().is_dir():
         return "downloading its base from the Hub failed"
-    return "not a local folder, and downloading it from the Hub failed"
+    return f"not a local folder, and {DOWNLOAD_FAILED}"
 
 
 def hub_snapshot_paths_named(message: str, repo_id: str, revision: str | None = None,
@@ -135,6 +139,6 @@ def download_model_folder(repo_id: str, *, revision: str | None = None, cache_di
                                   allow_patterns=list(allow_patterns)))
 
 
-__all__ = ["HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_failure", "download_model_folder",
-           "hub_download_errors", "hub_failure_is_users", "hub_failure_line", "hub_snapshot_paths_named",
+__all__ = ["DOWNLOAD_FAILED", "HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_failure",
+           "download_model_folder", "hub_download_errors", "hub_failure_is_users", "hub_failure_line", "hub_snapshot_paths_named",
            "is_hub_repo_id", "local_revision_problem"]

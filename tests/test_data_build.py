@@ -1006,8 +1006,6 @@ def test_cache_key_ignores_what_the_build_does_not_read(tmp_path):
     key = dataset_cache_key(data)
     build_dataset(data, data / "run" / "_dataset" / key)
     (data / "notes.json").write_text("{}")
-    (data / "train" / "nested").mkdir()
-    np.savez(data / "train" / "nested" / "x.npz", a=np.zeros(1))
     # hidden files the discovery skips: an interrupted write's partial tile, a macOS AppleDouble file and its sidecar
     np.savez(data / "train" / ".train_0.npz.partial-1.npz", a=np.zeros(1))
     (data / "train" / "._train_0.npz").write_bytes(b"\x00\x05\x16\x07")
@@ -1015,6 +1013,26 @@ def test_cache_key_ignores_what_the_build_does_not_read(tmp_path):
     assert dataset_cache_key(data) == key
     write_tile(data / "val", "val_1", seed=5)  # a new tile is a new key
     assert dataset_cache_key(data) != key
+
+
+def test_cache_key_follows_the_tiles_a_build_rejects_unread(tmp_path):
+    """An NPZ in a folder nested in a split folder, or directly in the data folder, is rejected by name without being
+    read: the conversion's rejected.jsonl lists it, so adding or removing one is a new key (a cached list would go
+    stale: a tile removed still reported, one added never reported), and a folder without any keeps its old key."""
+    from data_builders.cache import dataset_cache_key
+
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    clean = dataset_cache_key(data)
+    nested = write_tile(data / "val" / "2019", "extra")
+    with_nested = dataset_cache_key(data)
+    assert with_nested != clean
+    root = write_tile(data, "root")
+    assert dataset_cache_key(data) not in (clean, with_nested)
+    root.unlink()
+    root.with_suffix(".json").unlink(missing_ok=True)
+    assert dataset_cache_key(data) == with_nested
+    nested.unlink()
+    assert dataset_cache_key(data) == clean
 
 
 def test_training_yaml_selects_the_preset(tmp_path):

@@ -28,9 +28,9 @@ def _nested(path, folder) -> dict:
     return {"file": str(path), "key": None, "problem": problem, "split": split}
 
 
-def _at_root(path, data) -> dict:
-    """The rejection record of the tile `path` directly in the data folder `data`: in no split."""
-    return {"file": str(path), "key": None, "problem": ROOT_TILE_PROBLEM.format(data_dir=data), "split": None}
+def _at_root(path, data, split=None) -> dict:
+    """The rejection record of the tile `path` directly in the data folder `data`: in the split its sidecar names."""
+    return {"file": str(path), "key": None, "problem": ROOT_TILE_PROBLEM.format(data_dir=data), "split": split}
 
 
 def test_a_tile_in_a_folder_nested_in_a_split_folder_is_rejected_by_name(tmp_path, caplog, capsys):
@@ -137,10 +137,13 @@ def test_a_stage1_folder_kept_inside_a_split_folder_holds_no_nested_tiles(tmp_pa
 def test_a_tile_directly_in_the_data_folder_is_rejected_by_name(tmp_path, caplog, capsys):
     """DATA_DIR/root_tile.npz, beside the split folders, was left out without a word, even with a sidecar naming its
     split: it is rejected by name as a nested tile is. DATA_DIR's other folders (Stage 1 outputs, a run) and hidden
-    files are not searched, and the tile changes no cache key (its content is never read)."""
+    files are not searched. The tile changes the cache key (a cached conversion's list of rejected tiles would go
+    stale), the files not searched do not."""
     data = make_tile_dir(tmp_path / "tiles", per_split=1)
-    key = dataset_cache_key(data)
+    clean = dataset_cache_key(data)
     root = write_tile(data, "root_tile", sidecar={"split": "train"})
+    key = dataset_cache_key(data)
+    assert key != clean
     partial_path(data / "root_1.npz").write_bytes(root.read_bytes()[:3000])
     (data / "._root_tile.npz").write_bytes(b"\x00\x05\x16\x07")
     for folder in ("stage1", "run"):  # folders of the data folder that are no split folder: not searched
@@ -150,7 +153,8 @@ def test_a_tile_directly_in_the_data_folder_is_rejected_by_name(tmp_path, caplog
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="data_builders.build"):
         assert main(["--data_dir", str(data), "--output_dir", str(out)]) == 1  # a partial success, as for a bad tile
-    assert [json.loads(line) for line in (out / REJECTED_FILE).read_text().splitlines()] == [_at_root(root, data)]
+    assert [json.loads(line) for line in (out / REJECTED_FILE).read_text().splitlines()] == [
+        _at_root(root, data, "train")]
     assert f"rejected 1 (reasons in {out / REJECTED_FILE})" in caplog.text
     built = datasets.load_from_disk(str(out))
     assert {split: built[split]["tile_id"] for split in built} == {"train": ["train_0"], "val": ["val_0"],
@@ -161,8 +165,10 @@ def test_a_tile_directly_in_the_data_folder_is_rejected_by_name(tmp_path, caplog
         f"stage2-build-dataset: error: {root}: {_at_root(root, data)['problem']}")
     # with a nested tile too, both are named; Stage 1 outputs kept at the top of the data folder are no tiles
     nested = write_tile(data / "val" / "2019", "nested_0")
-    assert discover_tiles(data)[1] == [_nested(nested, data / "val"), _at_root(root, data)]
+    assert discover_tiles(data)[1] == [_nested(nested, data / "val"), _at_root(root, data, "train")]
     assert discover_tiles(data, stage1_dir=data)[1] == [_nested(nested, data / "val")]
+    bare = write_tile(data, "bare")  # no sidecar: no split
+    assert _at_root(bare, data) in discover_tiles(data)[1]
 
 
 def test_a_saved_dataset_given_as_the_data_folder_is_refused_in_one_line(tmp_path, capsys):
