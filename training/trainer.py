@@ -902,7 +902,8 @@ class Stage2Trainer(Trainer):
     # Trainer applies at the end of its save); an older checkpoint of the same step is replaced, not merged into.
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then (after every process wrote its part) the completion marker, then the
-        rotation of older checkpoints: a kill at any moment leaves a complete checkpoint to resume from."""
+        rotation of older checkpoints: a kill at any moment leaves a complete checkpoint to resume from. A save that
+        raises before its marker (a second Ctrl-C, SIGTERM or SIGHUP: their handlers raise) removes its folder."""
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
@@ -914,14 +915,21 @@ class Stage2Trainer(Trainer):
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation before the marker
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save and folder.is_dir():
+                fsync_tree(folder)  # on the disk before the marker vouches for it and older checkpoints are deleted
+                write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
+                           sort_keys=True)
+        except BaseException:  # a second Ctrl-C, SIGTERM / SIGHUP (`SystemExit`), a full disk: none of it stays
+            if self.args.should_save and folder.is_dir() and not is_complete_checkpoint(folder):
+                logger.warning(f"Removing {folder}: its save was interrupted.")
+                remove_checkpoint(folder)
+            raise
         if self.args.should_save and folder.is_dir():
-            fsync_tree(folder)  # on the disk before the marker vouches for it and older checkpoints are deleted
-            write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
-                       sort_keys=True)
             self._rotate_checkpoints(run_dir, limit, folder)
 
     def _rotate_checkpoints(self, run_dir: Path, limit: int | None, newest: Path) -> list[Path]:
