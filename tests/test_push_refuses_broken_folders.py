@@ -114,6 +114,21 @@ def test_an_export_inside_the_model_folder_goes_whole_and_other_subfolders_stay_
     assert exported == {f"onnx/{name.name}" for name in export.iterdir()} and "onnx/model.onnx" not in exported
 
 
+def test_an_export_goes_without_the_files_that_are_not_an_export_s(good, tmp_path):
+    """What `stage2-export` writes into the folder (`EXPORT_FILES`) goes; a note or a debug dump beside it stays home,
+    as the other subfolders' files do."""
+    from model_cards.push import files_to_upload
+    from modeling_stage2.export import EXPORT_FILES
+
+    folder = shutil.copytree(good["full"], tmp_path / "model")
+    export = _export_into(folder)
+    written = {f"onnx/{path.name}" for path in export.iterdir()}
+    (export / "debug.txt").write_text("trace\n")
+    (export / "notes.json").write_text("{}")
+    uploaded = {name for name in files_to_upload(folder) if name.startswith("onnx/")}
+    assert uploaded == written and all(name.rpartition("/")[2] in EXPORT_FILES for name in uploaded)
+
+
 def test_an_export_without_its_graph_is_refused_before_the_hub_hears_of_it(hub_server, good, tmp_path, capsys):
     from model_cards.push import main
 

@@ -68,11 +68,12 @@ def test_export_of_a_hub_repo_that_does_not_exist_stays_a_user_error(tmp_path, m
 
 
 # ----------------------------------------------------------------------------- band files of mixed dtypes
-@pytest.mark.parametrize("float_bands", [["B08"], ["B02", "B03", "B04"]])
+@pytest.mark.parametrize("float_bands", [["B08"], ["B02", "B03", "B04"], ["B03", "B08"]])
 def test_band_files_that_mix_integer_and_float_values_are_named_with_the_flag_to_say_which(tmp_path, capsys,
                                                                                            float_bands):
-    """The odd files (the fewer) are named with their dtype, then the others; the command line gets the flag's
-    spelling beside the Python argument's. Refused before the model is read (there is none)."""
+    """The odd files (the fewer; the float ones when there are as many of each) are named with their dtype, then the
+    others; the command line gets the flag's spelling beside the Python argument's. Refused before the model is read
+    (there is none)."""
     from inference_stage2.raster import _INPUT_SCALE_CHOICE
 
     data = smooth_scene(60, 70, seed=8)
@@ -80,7 +81,8 @@ def test_band_files_that_mix_integer_and_float_values_are_named_with_the_flag_to
                            else band[None], nodata=0) for name, band in zip(BAND_NAMES, data)]
     floats = [f"{path} (float32)" for path, name in zip(files, BAND_NAMES) if name in float_bands]
     integers = [f"{path} (uint16)" for path, name in zip(files, BAND_NAMES) if name not in float_bands]
-    odd, others, kinds = ((floats, integers, ("float", "integer")) if len(floats) < len(integers)
+    floats_first = len(floats) <= len(integers)  # 2 of each: the float ones are the odd ones
+    odd, others, kinds = ((floats, integers, ("float", "integer")) if floats_first
                           else (integers, floats, ("integer", "float")))
     output = tmp_path / "out.tif"
     code = main(["--model", str(tmp_path / "no_model_here"), "--input", *map(str, files), "--month", "7",
@@ -147,6 +149,29 @@ def test_no_progress_silences_the_bars_of_the_model_s_loading_and_restores_them(
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
+
+
+@pytest.mark.parametrize("transformers_on, hub_on", [(True, False), (False, True), (True, True), (False, False)])
+def test_no_loading_progress_bars_leaves_each_library_s_setting_as_it_was(transformers_on, hub_on):
+    """Off for both inside the block; after it each library's own setting is back, when the two were set apart too
+    (transformers' switch turns huggingface_hub's with it)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    def settings():
+        return transformers_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+
+    was = settings()
+    try:
+        (transformers_logging.enable_progress_bar if transformers_on else transformers_logging.disable_progress_bar)()
+        (enable_progress_bars if hub_on else disable_progress_bars)()
+        assert settings() == (transformers_on, hub_on)
+        with _quiet.no_loading_progress_bars():
+            assert settings() == (False, False)
+        assert settings() == (transformers_on, hub_on)
+    finally:
+        (transformers_logging.enable_progress_bar if was[0] else transformers_logging.disable_progress_bar)()
+        (enable_progress_bars if was[1] else disable_progress_bars)()
 
 
 # ----------------------------------------------------------------------------- docs/inference.md

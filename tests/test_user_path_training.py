@@ -17,6 +17,7 @@ from _refiner_helpers import tiny_refiner_config
 from _training_helpers import refuse_exec, stage2_train_command, write_config
 
 BROKEN_NPZ = b"PK\x03\x04 not a zip"
+BROKEN_TILES = {"val": ("broken.npz", "broken_too.npz"), "test": ("broken.npz",)}
 
 
 @pytest.fixture(autouse=True)
@@ -26,10 +27,12 @@ def _no_exec(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
-    """One valid tile per split, and a corrupt NPZ in `val/` and in `test/` (each rejected by the conversion)."""
+    """One valid tile per split, and corrupt NPZs rejected by the conversion: two in `val/`, one in `test/` (counts
+    that differ, so that a count of the wrong split's tiles shows)."""
     root = make_tile_dir(tmp_path_factory.mktemp("user") / "tiles", per_split=1)
-    for split in ("val", "test"):
-        (root / split / "broken.npz").write_bytes(BROKEN_NPZ)
+    for split, names in BROKEN_TILES.items():
+        for name in names:
+            (root / split / name).write_bytes(BROKEN_NPZ)
     return root
 
 
@@ -84,20 +87,79 @@ def test_stage2_evaluate_names_a_split_folder_as_stage2_train_does(tiles, full_m
         "holds train/, val/ and test/"]
 
 
+@pytest.mark.parametrize("folder", ["validation", "Valid"])
+def test_a_split_folder_spelled_as_the_conversion_also_reads_it_is_named_too(full_model, tmp_path, capsys, folder):
+    """`validation/` and `valid/` (any case) are split folders to the conversion (`SPLIT_ALIASES`) as much as
+    `val/`: given as the data, they get the same line, not "no NPZ tiles"."""
+    from training.evaluate import main as evaluate_main
+
+    data = tmp_path / "tiles"
+    write_tile(data / folder, "val_0", seed=1)
+    assert evaluate_main(["--model", str(full_model), "--data", str(data / folder)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-evaluate: error: --data {data / folder}: a split folder; give the folder above it ({data}/), which "
+        "holds train/, val/ and test/"]
+
+
+def test_the_working_folder_as_a_split_folder_is_named_too(full_model, tmp_path, capsys, monkeypatch):
+    """`--data .` run inside `tiles/val/`: `Path('.').name` is empty, and the line said only "no NPZ tiles"."""
+    from training.evaluate import main as evaluate_main
+
+    write_tile(tmp_path / "tiles" / "val", "val_0", seed=1)
+    monkeypatch.chdir(tmp_path / "tiles" / "val")
+    assert evaluate_main(["--model", str(full_model), "--data", "."]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "stage2-evaluate: error: --data .: a split folder; give the folder above it (../), which holds train/, val/ "
+        "and test/"]
+
+
 # --------------------------------------------------------------------------------------------- rejected tiles
 def test_stage2_evaluate_exits_1_when_tiles_of_the_evaluated_split_were_rejected(tiles, full_model, tmp_path, capsys):
     """A partial evaluation: the metrics of the tiles evaluated and --json are written, the JSON counts the rejected
-    tiles of the split evaluated (the test split's broken tile is not one of them), and the exit status is 1."""
+    tiles of the split evaluated (val's two; the test split's one is not one of them), and the exit status is 1."""
     from training.evaluate import main as evaluate_main
 
     report = tmp_path / "r.json"
     assert evaluate_main(["--model", str(full_model), "--data", str(tiles), "--split", "val", "--bootstrap", "0",
                           "--device", "cpu", "--json", str(report)]) == 1
-    results = json.loads(report.read_text())
-    assert results["n_tiles"] == 1 and results["rejected"] == 1 and results["refined"]["ndvi_rmse"] >= 0
+    results, rejected = json.loads(report.read_text()), len(BROKEN_TILES["val"])  # 2; the test split has 1
+    assert results["n_tiles"] == 1 and results["rejected"] == rejected and results["refined"]["ndvi_rmse"] >= 0
     err = capsys.readouterr().err
-    assert f"rejected {tiles / 'val' / 'broken.npz'}: " in err
-    assert err.strip().splitlines()[-1].startswith("stage2-evaluate: 1 tile(s) of split 'val' rejected (above)")
+    assert all(f"rejected {tiles / 'val' / name}: " in err for name in BROKEN_TILES["val"])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"stage2-evaluate: {rejected} tile(s) of split 'val' rejected (above)"), last
+
+
+def test_a_tile_directly_in_the_data_folder_counts_in_the_split_its_sidecar_names(full_model, tmp_path):
+    """A tile beside the split folders whose sidecar names `val` is one of val's tiles left out: evaluating `val`
+    is partial (exit status 1, counted), evaluating `test` is not."""
+    from training.evaluate import main as evaluate_main
+
+    data = make_tile_dir(tmp_path / "tiles", per_split=1)
+    write_tile(data, "extra", sidecar={"split": "val"})
+    argv = ["--model", str(full_model), "--data", str(data), "--bootstrap", "0", "--no-baselines", "--device", "cpu",
+            "--cache_dir", str(tmp_path / "cache")]
+    assert evaluate_main([*argv, "--split", "val", "--json", str(tmp_path / "v.json")]) == 1
+    assert json.loads((tmp_path / "v.json").read_text())["rejected"] == 1
+    assert evaluate_main([*argv, "--split", "test", "--json", str(tmp_path / "t.json")]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())["rejected"] == 0
+
+
+def test_stage2_evaluate_counts_no_rejected_tile_for_clean_tiles_and_none_for_an_arrow_dataset(full_model, tmp_path):
+    """`"rejected"` is 0 for NPZ tiles the conversion took whole (exit status 0), and absent for a saved Arrow
+    dataset (here that conversion, kept with --cache_dir), which no conversion of this command rejected from."""
+    from data_builders.cache import is_arrow_dataset
+    from training.evaluate import main as evaluate_main
+
+    data, cache = make_tile_dir(tmp_path / "tiles", per_split=1), tmp_path / "cache"
+    argv = ["--model", str(full_model), "--split", "val", "--bootstrap", "0", "--no-baselines", "--device", "cpu"]
+    assert evaluate_main([*argv, "--data", str(data), "--cache_dir", str(cache),
+                          "--json", str(tmp_path / "t.json")]) == 0
+    [arrow] = [folder for folder in cache.iterdir() if is_arrow_dataset(folder)]
+    assert evaluate_main([*argv, "--data", str(arrow), "--json", str(tmp_path / "a.json")]) == 0
+    from_tiles, from_arrow = (json.loads((tmp_path / name).read_text()) for name in ("t.json", "a.json"))
+    assert from_tiles["rejected"] == 0 and from_tiles["n_tiles"] == from_arrow["n_tiles"] == 1
+    assert "rejected" not in from_arrow
 
 
 def test_stage2_train_warns_of_the_tiles_the_conversion_rejected(tiles, tmp_path, caplog):
@@ -113,8 +175,9 @@ def test_stage2_train_warns_of_the_tiles_the_conversion_rejected(tiles, tmp_path
         with caplog.at_level(logging.INFO, logger="training.train"):
             converted = ensure_arrow_dataset(data_args, tmp_path / "run")
         [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
-        assert warning.getMessage() == (f"--data_dir {tiles}: 2 NPZ tile(s) rejected by the conversion, not in this "
-                                        f"run (reasons in {converted / REJECTED_FILE}).")
+        assert warning.getMessage() == (f"--data_dir {tiles}: {sum(map(len, BROKEN_TILES.values()))} NPZ tile(s) "
+                                        "rejected by the conversion, not in this run (reasons in "
+                                        f"{converted / REJECTED_FILE}).")
 
 
 # ------------------------------------------------------------------------------------ --baselines without train

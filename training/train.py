@@ -494,10 +494,10 @@ def tiles_cache_key(data_dir: str | os.PathLike, *args, flag: str, **kwargs) -> 
     try:
         return dataset_cache_key(data_dir, *args, flag=flag, **kwargs)
     except FileNotFoundError as error:
-        folder = Path(data_dir)
-        if folder.name.lower() not in SPLIT_ALIASES:
+        given = os.path.normpath(data_dir)
+        if os.path.basename(os.path.abspath(given)).lower() not in SPLIT_ALIASES:  # `.` in a split folder too
             raise MissingInputError(str(error)) from None
-        above = f"{folder.parent}{os.sep}"
+        above = f"{os.path.dirname(given) or os.path.relpath(os.path.dirname(os.path.abspath(given)))}{os.sep}"
         raise MissingInputError(f"{flag} {data_dir}: a split folder; give the folder above it ({above}), which holds "
                                 f"{', '.join(f'{split}/' for split in SPLITS[:-1])} and {SPLITS[-1]}/") from None
 
