@@ -23,13 +23,11 @@ import numpy as np
 import torch
 
 from .configuration_stage2 import Stage2RefinerConfig
-from .export import OUTPUT_NAMES, side_limits
+from .export import EXPORT_INFO_FILE, GRAPH_FILES, OUTPUT_NAMES, side_limits
 from .pt2_archive import check_pt2_archive
 from .vocabulary import OUT_OF_RANGE_WEIGHT, install_hint
 
-EXPORT_INFO_FILE = "export.json"
 _FORMATS_BY_SUFFIX = {".onnx": "onnx", ".pt2": "torch_export"}
-_GRAPH_FILES = {"onnx": "model.onnx", "torch_export": "model.pt2"}
 
 __all__ = ["ExportedRefiner", "is_exported_model", "load_exported", "resolve_export"]
 
@@ -51,12 +49,12 @@ def _read_export_info(info_file: Path) -> dict[str, Any]:
                          ) from None
     if not isinstance(info, dict):
         raise ValueError(f"{info_file}: expected a JSON object, got {type(info).__name__}")
-    if info.get("format") not in _GRAPH_FILES:
-        raise ValueError(f"{info_file}: key 'format' is {info.get('format')!r}, expected one of {tuple(_GRAPH_FILES)}")
-    graph_file = info.get("graph_file", _GRAPH_FILES[info["format"]])
+    if info.get("format") not in GRAPH_FILES:
+        raise ValueError(f"{info_file}: key 'format' is {info.get('format')!r}, expected one of {tuple(GRAPH_FILES)}")
+    graph_file = info.get("graph_file", GRAPH_FILES[info["format"]])
     if not isinstance(graph_file, str) or Path(graph_file).name != graph_file or graph_file in ("", ".", ".."):
         raise ValueError(f"{info_file}: key 'graph_file' is {graph_file!r}, expected a file name in its folder "
-                         f"(e.g. {_GRAPH_FILES[info['format']]!r})")
+                         f"(e.g. {GRAPH_FILES[info['format']]!r})")
     limits = info.get("shape_limits")
     if limits is not None and not (
         isinstance(limits, dict)
@@ -79,7 +77,7 @@ def resolve_export(path: Path, format: str | None) -> tuple[Path, str, dict[str,
         if not info_file.is_file():
             raise FileNotFoundError(f"{path}: no {EXPORT_INFO_FILE}; is it a folder written by stage2-export?")
         info = _read_export_info(info_file)
-        graph = path / info.get("graph_file", _GRAPH_FILES[info["format"]])
+        graph = path / info.get("graph_file", GRAPH_FILES[info["format"]])
         if not graph.is_file():
             raise FileNotFoundError(f"{graph}: missing (named by {info_file})")
         return graph, info["format"], info
