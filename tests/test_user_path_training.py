@@ -203,7 +203,71 @@ def test_baselines_without_a_train_split_is_refused_before_any_tile_is_converted
 
 # ---------------------------------------------------------------------------------- the run's config.yaml header
 def test_the_run_config_says_to_re_run_it_with_the_console_script(tmp_path):
+    """The console script (`accelerate launch training/train.py` works only in the checkout), with the processes the
+    run had: a two-process run re-run as one would take other steps per epoch."""
     from training.train import PROG, write_run_config
 
-    path = write_run_config(tmp_path, {"learning_rate": 1e-3}, SimpleNamespace(precision_note="fp32 on the CPU"))
-    assert path.read_text().splitlines()[1] == f"# Re-run with: {PROG} --config {path}"
+    for world_size, launcher in ((1, ""), (2, "--multi_gpu --num_processes 2 -- ")):
+        path = write_run_config(tmp_path, {"learning_rate": 1e-3},
+                                SimpleNamespace(precision_note="fp32 on the CPU", world_size=world_size))
+        assert path.read_text().splitlines()[1] == (
+            f"# Re-run from the folder it was started in: {PROG} {launcher}--config {path}")
+
+
+# ------------------------------------------------------------------------------------- several processes
+def test_two_processes_on_a_machine_without_a_gpu_need_the_training_flag(tiles, tmp_path, repo_root):
+    """`stage2-train --multi_gpu --num_processes 2 -- ...` on a CPU machine, without `--use_cpu true`, started two
+    separate trainings writing into one folder (each record twice, world size 1) and exited 0: refused in one line
+    before anything starts."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a machine with a GPU runs the two processes on it")
+    out, config = tmp_path / "run", write_config(tmp_path / "tiny.yaml", max_steps=2)
+    result = subprocess.run([*stage2_train_command(), "--multi_gpu", "--num_processes", "2", "--", "--config",
+                             str(config), "--data_dir", str(tiles), "--output_dir", str(out)],
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        "stage2-train: error: accelerate options: --multi_gpu --num_processes 2 on a machine without a GPU start 2 "
+        "separate trainings into one output folder; add the training flag --use_cpu true (after `--`) for 2 CPU "
+        "processes that train together (DDP over gloo)."]
+    assert result.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("launcher, use_cpu, cuda, refused", [
+    (["--cpu", "--num_processes", "2"], True, False, "2 processes without --multi_gpu start ONE process"),
+    (["--num_processes", "3"], False, True, "3 processes without --multi_gpu start ONE process"),
+    (["--multi_gpu", "--num_processes", "2"], False, False, "start 2 separate trainings"),
+    (["--multi_gpu", "--num_processes", "2"], True, False, None),  # DDP over gloo: the documented way
+    (["--multi_gpu", "--num_processes", "2"], False, True, None),  # two GPUs
+    (["--num_processes", "1"], False, False, None),
+    ([], False, False, None),
+])
+def test_the_accelerate_options_start_the_processes_they_ask_for(launcher, use_cpu, cuda, refused, tmp_path,
+                                                                  monkeypatch):
+    from accelerate.commands import config as accelerate_config
+
+    from training.train import process_count_problem
+
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
+    problem = process_count_problem(launcher, use_cpu=use_cpu, cuda=cuda)
+    assert (problem is None) if refused is None else (refused in problem)
+
+
+@pytest.mark.parametrize("kind, use_cpu, refused", [
+    ("MULTI_CPU", True, "2 processes without --multi_gpu start ONE process"),
+    ("MULTI_GPU", False, "start 2 separate trainings"),
+    ("MULTI_GPU", True, None),
+])
+def test_an_accelerate_config_file_counts_as_accelerate_reads_it(kind, use_cpu, refused, tmp_path, monkeypatch):
+    """README's way once was `use_cpu: true` in the accelerate config with --multi_gpu: two separate trainings."""
+    from accelerate.commands import config as accelerate_config
+
+    from training.train import process_count_problem
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {kind}\nnum_processes: 2\n"
+                      "use_cpu: true\nnum_machines: 1\nmixed_precision: 'no'\n")
+    problem = process_count_problem(["--config_file", str(config)], use_cpu=use_cpu, cuda=False)
+    assert (problem is None) if refused is None else (refused in problem)
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(config))  # the default file, read alike
+    assert process_count_problem([], use_cpu=use_cpu, cuda=False) == problem

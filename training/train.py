@@ -442,8 +442,10 @@ def write_run_config(output_dir: str | os.PathLike, settings: dict, training_arg
     """`OUTPUT_DIR/config.yaml`: the explicit settings of the run (loadable with `--config`)."""
     path = Path(output_dir) / CONFIG_NAME
     body = {key: _yaml_value(value) for key, value in sorted(settings.items()) if key not in ("hub_token",)}
+    launcher = (f"--multi_gpu --num_processes {training_args.world_size} -- "
+                if training_args.world_size > 1 else "")  # the processes it ran with (the training flags are below)
     header = (f"# Settings of this Stage 2 training run ({training_args.precision_note})\n"
-              f"# Re-run with: {PROG} --config {path}\n")  # the console script: from any folder
+              f"# Re-run from the folder it was started in: {PROG} {launcher}--config {path}\n")
     from modeling_stage2._files import write_text  # the run has started: the model package is loaded anyway
 
     return write_text(path, header + yaml.safe_dump(body, sort_keys=False))
@@ -1200,9 +1202,11 @@ accelerate options:
   Options before a `--` go to `accelerate launch`, everything after it to training:
     stage2-train --num_processes 2 --multi_gpu -- --config configs/hardware.lowvr.yaml \\
         --data_dir DATA --output_dir runs/x
-  Without them (and without an `accelerate config` file) one process runs: --num_processes 1
-  --num_machines 1 --mixed_precision no --dynamo_backend no (the training settings choose the
-  precision: fp16 / bf16). `accelerate launch --help` lists accelerate's options.
+  On a machine without a GPU add the training flag --use_cpu true (DDP over gloo): without it,
+  or without --multi_gpu, accelerate does not start the processes asked for, and stage2-train
+  refuses. Without options (and without an `accelerate config` file) one process runs:
+  --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no (the training
+  settings choose the precision: fp16 / bf16). `accelerate launch --help` lists accelerate's options.
 
 all training flags:
   Every TrainingArguments field and every Stage 2 setting (model, LoRA, loss, discriminator, data)
@@ -1281,6 +1285,52 @@ def accelerate_arguments(launcher: list[str]) -> list[str]:
     return [*launcher, *added, *([] if options.quiet else ["--quiet"])]
 
 
+# accelerate's launchers of several processes besides `--multi_gpu` (GPU-only): with none of them, accelerate
+# starts ONE process whatever `--num_processes` says (`--cpu`, or a config file's `MULTI_CPU` / `NO`)
+_OTHER_MULTI_PROCESS = ("use_deepspeed", "use_fsdp", "use_megatron_lm", "tpu")
+
+
+def process_count_problem(launcher: list[str], use_cpu: bool, cuda: bool | None = None) -> str | None:
+    """Why the accelerate options `launcher` would not run the several processes they ask for, as one line, or None.
+    `--num_processes N` without `--multi_gpu` starts one process; `--multi_gpu` on a machine without a GPU (`cuda`:
+    default `torch.cuda.is_available()`) and without the training flag `use_cpu` starts N separate trainings writing
+    into one output folder. An accelerate config file (`--config_file`, or the default one) counts as accelerate
+    reads it, under the command line's options."""
+    from accelerate.commands import config as accelerate_config
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    options = launch_command_parser().parse_known_args([*launcher, "<training script>"])[0]
+    processes, multi_gpu = options.num_processes, options.multi_gpu
+    other = any(getattr(options, name, False) for name in _OTHER_MULTI_PROCESS)
+    config_file = options.config_file or (accelerate_config.default_config_file
+                                          if os.path.isfile(accelerate_config.default_config_file) else None)
+    if config_file is not None:
+        config = load_config_from_file(config_file)
+        processes = processes if processes is not None else getattr(config, "num_processes", None)
+        kind = str(getattr(config, "distributed_type", "NO")).rsplit(".", 1)[-1]
+        multi_gpu = multi_gpu or kind == "MULTI_GPU"
+        other = other or kind not in ("NO", "MULTI_CPU", "MULTI_GPU")
+    if processes is None or int(processes) < 2 or other:
+        return None
+    if not multi_gpu:
+        return (f"accelerate options: {processes} processes without --multi_gpu start ONE process (accelerate's "
+                f"--cpu, or a config file's MULTI_CPU); for {processes} processes give --multi_gpu --num_processes "
+                f"{processes}, and on a machine without a GPU the training flag --use_cpu true after `--`.")
+    cuda = _cuda_available() if cuda is None else cuda
+    if not cuda and not use_cpu:
+        return (f"accelerate options: --multi_gpu --num_processes {processes} on a machine without a GPU start "
+                f"{processes} separate trainings into one output folder; add the training flag --use_cpu true (after "
+                f"`--`) for {processes} CPU processes that train together (DDP over gloo).")
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @contextlib.contextmanager
 def _quiet():
     """No log records or warnings while the launcher checks the settings (the trainer prints its own)."""
@@ -1296,11 +1346,15 @@ def _quiet():
         logging.disable(previous)
 
 
-def check_before_launch(training: list[str]) -> None:
-    """What the trainer will check, in this process and without touching a GPU: the settings and the inputs."""
+def check_before_launch(training: list[str], launcher: list[str] = ()) -> None:
+    """What the trainer will check, in this process and without touching a GPU: the settings and the inputs; and that
+    the accelerate options `launcher` start the processes they ask for (`process_count_problem`)."""
     with _quiet():
         training_args, data_args, settings = parse_args(training, without_devices=True)
         require_output_dir(settings)
+        problem = process_count_problem(list(launcher), use_cpu=bool(settings.get("use_cpu")))
+        if problem is not None:
+            raise UsageError(problem)
         check_run_inputs(training_args, data_args, check_checkpoint=False)
 
 
@@ -1421,7 +1475,7 @@ def launch_main(argv=None) -> int:
         return 0
     try:
         options = accelerate_arguments(launcher)
-        check_before_launch(training)
+        check_before_launch(training, launcher)
     except UsageError as error:
         _say_error(error)
         return EXIT_USAGE
