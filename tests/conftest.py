@@ -37,6 +37,25 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def default_dispositions():
+    """SIGTERM and SIGHUP at their default and Python's SIGINT handler, as a console script (or the trainer process)
+    starts; put back after (after a signal `exit_on_termination` leaves them ignored: the process is on its way
+    out)."""
+    import signal
+
+    from modeling_stage2 import _signals
+
+    signums = (*_signals.TERMINATING_SIGNALS, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    for signum in _signals.TERMINATING_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -89,20 +89,6 @@ def test_a_link_saved_in_a_staged_folder_keeps_the_modes_of_what_it_names(tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------- _signals
-@pytest.fixture()
-def default_dispositions():
-    """SIGTERM, SIGHUP at their default and Python's SIGINT handler, as a console script starts; put back after
-    (after a signal the decorator leaves them ignored: the process is on its way out)."""
-    signums = (*_signals.TERMINATING_SIGNALS, signal.SIGINT)
-    previous = {signum: signal.getsignal(signum) for signum in signums}
-    for signum in _signals.TERMINATING_SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-
-
 def _signalled_main(signum: int):
     @_signals.exit_on_termination
     def main():

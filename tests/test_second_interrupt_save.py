@@ -11,29 +11,13 @@ import pytest
 from _training_helpers import refuse_exec, write_config
 
 import training.train as train_module
-from modeling_stage2 import _signals
 from training.trainer import (CHECKPOINT_COMPLETE_NAME, Stage2Trainer, checkpoint_marker, is_complete_checkpoint,
                               resolve_resume_checkpoint)
-
-SIGNUMS = (*_signals.TERMINATING_SIGNALS, signal.SIGINT)
 
 
 @pytest.fixture(autouse=True)
 def _never_exec(monkeypatch):
     refuse_exec(monkeypatch)
-
-
-@pytest.fixture
-def console_dispositions():
-    """SIGTERM and SIGHUP at their default and Python's SIGINT handler, as the trainer process starts; put back after
-    (after a signal `exit_on_termination` leaves them ignored: the process is on its way out)."""
-    previous = {signum: signal.getsignal(signum) for signum in SIGNUMS}
-    for signum in _signals.TERMINATING_SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
 
 
 def _interrupt_twice(monkeypatch, step: int, second: int) -> None:
@@ -64,7 +48,7 @@ SETTINGS = dict(max_samples=2, max_eval_samples=1, per_device_train_batch_size=1
 
 
 def test_a_second_ctrl_c_during_the_checkpoint_save_removes_it_and_keeps_the_earlier_one(
-        sample_dataset_dir, tmp_path, monkeypatch, caplog, console_dispositions):
+        sample_dataset_dir, tmp_path, monkeypatch, caplog, default_dispositions):
     """Ctrl-C as step 2 starts, then a second one while its checkpoint is written, which `stage2-train` passes on to
     the trainer as SIGTERM (which stops it as SIGHUP does; the trainer's own Ctrl-C under `accelerate launch
     stage2-train` raises `KeyboardInterrupt` there instead: see the next test). Before: the torn `checkpoint-2`
