@@ -664,6 +664,15 @@ def _stage(built: dict, fingerprints: dict, info: dict, rejected: list, staged: 
     return staged
 
 
+def read_rejected(dataset_dir: str | os.PathLike) -> list[dict]:
+    """The records of the tiles the conversion in `dataset_dir` left out (its `rejected.jsonl`, one JSON object a
+    line: `file`, `key`, `problem`, `split`); none where the file is absent (a dataset not built from NPZ tiles)."""
+    path = Path(dataset_dir) / REJECTED_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _first_reasons(rejected: list[dict], limit: int = 3) -> str:
     if not rejected:
         return ""
@@ -783,8 +792,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as error:  # a full disk, a dead worker (1) or no permission (2): the previous dataset is kept
         print(f"stage2-build-dataset: error: {error}", file=sys.stderr)
         return 1 if _files.is_system_failure(error) else 2
-    rejected = Path(args.output_dir) / REJECTED_FILE
-    return 1 if rejected.is_file() and rejected.read_text(encoding="utf-8").strip() else 0  # some tiles left out
+    return 1 if read_rejected(args.output_dir) else 0  # some tiles left out
 
 
 if __name__ == "__main__":

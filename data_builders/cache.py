@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ._leaves import model_leaf
+from .discovery import split_folder_problem
 
 _files = model_leaf("_files")  # `is_hidden`, the one rule of which names are never read
 
@@ -101,7 +102,7 @@ def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: 
     build options (with the degradation preset, `DEGRADATION_CHOICES`, and `DEGRADATION_VERSION`). Any change to the
     tiles makes a new key (and a new conversion). `"mild"` keeps the key it had before presets existed (its opt_v1 is
     unchanged), and version 1 the key it had before the version counted. A folder without tiles is a
-    FileNotFoundError naming the command's `flag`."""
+    FileNotFoundError naming the command's `flag` (and, for a split folder, the folder to give instead)."""
     from . import degrade
 
     if degradation not in degrade.DEGRADATION_CHOICES:
@@ -112,10 +113,9 @@ def dataset_cache_key(data_dir: str | os.PathLike, stage1_dir=None, input_mode: 
     if degrade.DEGRADATION_VERSION != 1:  # another synthetic opt_v1 (version 1 keeps the keys made before it counted)
         digest.update(f"degradation_version\0{degrade.DEGRADATION_VERSION}\n".encode())
     if _tree_fingerprint(Path(data_dir), digest) == 0:
-        raise FileNotFoundError(
+        raise FileNotFoundError(split_folder_problem(data_dir, flag) or (
             f"{flag} {data_dir}: no NPZ tiles ({{train,val,test}}/*.npz) and no saved Arrow dataset "
-            f"({ARROW_MARKER}) there."
-        )
+            f"({ARROW_MARKER}) there."))
     if stage1_dir is not None:
         digest.update(b"stage1\n")
         _tree_fingerprint(Path(stage1_dir), digest, tiles=False)

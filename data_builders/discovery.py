@@ -53,6 +53,18 @@ class TileSpec:
     has_s1: Optional[bool] = None  # None: the archive could not be listed (read_tile will say why)
 
 
+def split_folder_problem(data_dir: str | os.PathLike, flag: str = "--data_dir") -> Optional[str]:
+    """Why `data_dir` is no data folder when it is itself a split folder (`train/`, `val/`, `validation/` ..., `.`
+    inside one): one line naming the folder above it, which holds the split folders the commands read. None where
+    `data_dir` is not named as a split."""
+    given = os.path.normpath(data_dir)
+    if os.path.basename(os.path.abspath(given)).lower() not in SPLIT_ALIASES:
+        return None
+    above = f"{os.path.dirname(given) or os.path.relpath(os.path.dirname(os.path.abspath(given)))}{os.sep}"
+    return (f"{flag} {data_dir}: a split folder; give the folder above it ({above}), which holds "
+            f"{', '.join(f'{split}/' for split in SPLITS[:-1])} and {SPLITS[-1]}/")
+
+
 def _split_folders(data_dir: Path) -> list[tuple[str, Path]]:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data_dir {data_dir} does not exist or is not a folder")
@@ -62,10 +74,9 @@ def _split_folders(data_dir: Path) -> list[tuple[str, Path]]:
         if child.is_dir() and child.name.lower() in SPLIT_ALIASES
     ]
     if not folders:
-        raise FileNotFoundError(
+        raise FileNotFoundError(split_folder_problem(data_dir) or (
             f"{data_dir} has no split folder: expected {data_dir}/train, {data_dir}/val and/or "
-            f"{data_dir}/test holding <tile_id>.npz tiles"
-        )
+            f"{data_dir}/test holding <tile_id>.npz tiles"))
     return folders
 
 

@@ -509,7 +509,7 @@ def test_stage2_train_under_accelerate_trains_in_its_own_process_and_says_a_ctrl
     def pressed(launcher):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "accelerate_arguments", pressed)
+    monkeypatch.setattr(train_module, "parse_accelerate_options", pressed)
     assert train_module.launch_main(["--epochs", "1"]) == EXIT_INTERRUPTED
     assert capsys.readouterr().err == "stage2-train: interrupted.\n"
 

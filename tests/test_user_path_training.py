@@ -87,6 +87,19 @@ def test_stage2_evaluate_names_a_split_folder_as_stage2_train_does(tiles, full_m
         "holds train/, val/ and test/"]
 
 
+def test_stage2_build_dataset_names_a_split_folder_as_the_other_commands_do(tiles, tmp_path, capsys):
+    """The hint lives where the tiles are read (`discovery.split_folder_problem`): the build given `tiles/train` said
+    "has no split folder: expected tiles/train/train ...", and wrote nothing."""
+    from data_builders.build import main as build_main
+
+    out = tmp_path / "arrow"
+    assert build_main(["--data_dir", str(tiles / "train"), "--output_dir", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"stage2-build-dataset: error: --data_dir {tiles / 'train'}: a split folder; give the folder above it "
+        f"({tiles}/), which holds train/, val/ and test/"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("folder", ["validation", "Valid"])
 def test_a_split_folder_spelled_as_the_conversion_also_reads_it_is_named_too(full_model, tmp_path, capsys, folder):
     """`validation/` and `valid/` (any case) are split folders to the conversion (`SPLIT_ALIASES`) as much as
@@ -246,10 +259,10 @@ def test_the_accelerate_options_start_the_processes_they_ask_for(launcher, use_c
                                                                   monkeypatch):
     from accelerate.commands import config as accelerate_config
 
-    from training.train import process_count_problem
+    from training.train import parse_accelerate_options, process_count_problem
 
     monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
-    problem = process_count_problem(launcher, use_cpu=use_cpu, cuda=cuda)
+    problem = process_count_problem(parse_accelerate_options(launcher), use_cpu=use_cpu, cuda=cuda)
     assert (problem is None) if refused is None else (refused in problem)
 
 
@@ -262,12 +275,13 @@ def test_an_accelerate_config_file_counts_as_accelerate_reads_it(kind, use_cpu, 
     """README's way once was `use_cpu: true` in the accelerate config with --multi_gpu: two separate trainings."""
     from accelerate.commands import config as accelerate_config
 
-    from training.train import process_count_problem
+    from training.train import parse_accelerate_options, process_count_problem
 
     config = tmp_path / "accelerate.yaml"
     config.write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {kind}\nnum_processes: 2\n"
                       "use_cpu: true\nnum_machines: 1\nmixed_precision: 'no'\n")
-    problem = process_count_problem(["--config_file", str(config)], use_cpu=use_cpu, cuda=False)
+    problem = process_count_problem(parse_accelerate_options(["--config_file", str(config)]), use_cpu=use_cpu,
+                                    cuda=False)
     assert (problem is None) if refused is None else (refused in problem)
     monkeypatch.setattr(accelerate_config, "default_config_file", str(config))  # the default file, read alike
-    assert process_count_problem([], use_cpu=use_cpu, cuda=False) == problem
+    assert process_count_problem(parse_accelerate_options([]), use_cpu=use_cpu, cuda=False) == problem

@@ -27,7 +27,6 @@ evaluated split rejected by the conversion (named on stderr; the metrics of the 
 `"rejected"` the count).
 """
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -91,8 +90,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     records of the NPZ tiles the conversion left out (`report_rejected_tiles`)."""
     from datasets import load_from_disk
 
-    from data_builders.cache import empty_split_problem, is_arrow_dataset
-    from training.train import tiles_cache_key
+    from data_builders.cache import dataset_cache_key, empty_split_problem, is_arrow_dataset
 
     path = Path(data)
     if not path.is_dir():
@@ -108,7 +106,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
         from data_builders import build_dataset
 
         root = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="stage2-evaluate-"))
-        target = root / tiles_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation, flag="--data")
+        target = root / dataset_cache_key(path, stage1_dir, input_mode, seed, degradation=degradation, flag="--data")
         if not is_arrow_dataset(target):
             if before_conversion is not None:
                 before_conversion()
@@ -124,12 +122,10 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
 def report_rejected_tiles(dataset_dir: Path) -> list[dict]:
     """Print (stderr) every NPZ tile the conversion left out, with its reason: the evaluation does not cover them.
     Returns the records of `rejected.jsonl`."""
-    from data_builders.build import REJECTED_FILE
+    from data_builders.build import read_rejected
     from data_builders.tiles import TileError
 
-    path = Path(dataset_dir) / REJECTED_FILE
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.is_file() else []
+    records = read_rejected(dataset_dir)
     for record in records:
         reason = TileError(record["file"], record.get("key"), record["problem"])  # the builder's own wording
         print(f"stage2-evaluate: rejected {reason} (not evaluated)", file=sys.stderr)

@@ -487,21 +487,12 @@ def _check_data_folder(data_args, tiles: bool = True) -> None:
 
 
 def tiles_cache_key(data_dir: str | os.PathLike, *args, flag: str, **kwargs) -> str:
-    """`dataset_cache_key` of the NPZ tiles in `data_dir` (the conversion's reading of the split folders), whose
-    error for a folder holding no tile it would read is a `MissingInputError`, one line naming `flag`; for a folder
-    that is itself a split folder (`train/`, `val/` ...), one saying to give the folder above it. Shared by
-    `stage2-train` and `stage2-evaluate`."""
-    from data_builders.tiles import SPLITS, SPLIT_ALIASES
-
+    """`dataset_cache_key` of the NPZ tiles in `data_dir`, whose error for a folder holding no tile the conversion
+    would read (a split folder too) is a `MissingInputError`: a user error, exit 2."""
     try:
         return dataset_cache_key(data_dir, *args, flag=flag, **kwargs)
     except FileNotFoundError as error:
-        given = os.path.normpath(data_dir)
-        if os.path.basename(os.path.abspath(given)).lower() not in SPLIT_ALIASES:  # `.` in a split folder too
-            raise MissingInputError(str(error)) from None
-        above = f"{os.path.dirname(given) or os.path.relpath(os.path.dirname(os.path.abspath(given)))}{os.sep}"
-        raise MissingInputError(f"{flag} {data_dir}: a split folder; give the folder above it ({above}), which holds "
-                                f"{', '.join(f'{split}/' for split in SPLITS[:-1])} and {SPLITS[-1]}/") from None
+        raise MissingInputError(str(error)) from None
 
 
 def _check_arrow_splits(data_args) -> None:
@@ -661,13 +652,12 @@ def ensure_arrow_dataset(data_args, output_dir: str | os.PathLike, build: bool =
 def _warn_rejected_tiles(converted: Path, data_dir) -> None:
     """A warning naming how many NPZ tiles of `data_dir` the conversion `converted` left out, and where their reasons
     are: the run trains without them (exit status 0: one bad tile of many does not fail a run)."""
-    from data_builders.build import REJECTED_FILE
+    from data_builders.build import REJECTED_FILE, read_rejected
 
-    path = converted / REJECTED_FILE
-    count = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip()) if path.is_file() else 0
+    count = len(read_rejected(converted))
     if count:
         logger.warning(f"--data_dir {data_dir}: {count} NPZ tile(s) rejected by the conversion, not in this run "
-                       f"(reasons in {path}).")
+                       f"(reasons in {converted / REJECTED_FILE}).")
 
 
 def _cache_root(data_args, output_dir: str | os.PathLike) -> Path:
@@ -1260,10 +1250,9 @@ _ACCELERATE_DEFAULTS = (("num_processes", "1"), ("num_machines", "1"), ("mixed_p
                         ("dynamo_backend", "no"))
 
 
-def accelerate_arguments(launcher: list[str]) -> list[str]:
-    """The `accelerate launch` options of a run: the user's (checked with accelerate's own parser), the defaults
-    they leave unset, and `--quiet` (a failed trainer reports itself; accelerate would add a traceback)."""
-    from accelerate.commands import config as accelerate_config
+def parse_accelerate_options(launcher: list[str]) -> argparse.Namespace:
+    """The user's `accelerate launch` options (those before `--`) as accelerate's own parser reads them; a mistake
+    is a `UsageError` (one line)."""
     from accelerate.commands.launch import launch_command_parser
 
     parser = launch_command_parser()
@@ -1275,6 +1264,16 @@ def accelerate_arguments(launcher: list[str]) -> list[str]:
     if options.training_script != placeholder:
         raise UsageError(f"accelerate option: unexpected argument {options.training_script!r} before `--` (only "
                          f"`accelerate launch` options go there; training flags go after it).")
+    return options
+
+
+def accelerate_arguments(launcher: list[str], options: argparse.Namespace | None = None) -> list[str]:
+    """The `accelerate launch` options of a run: the user's `launcher` (`options`: as `parse_accelerate_options`
+    read them; read here if not given), the defaults they leave unset, and `--quiet` (a failed trainer reports
+    itself; accelerate would add a traceback)."""
+    from accelerate.commands import config as accelerate_config
+
+    options = parse_accelerate_options(launcher) if options is None else options
     added = []
     if options.config_file is None and not os.path.isfile(accelerate_config.default_config_file):
         for name, value in _ACCELERATE_DEFAULTS:
@@ -1290,17 +1289,16 @@ def accelerate_arguments(launcher: list[str]) -> list[str]:
 _OTHER_MULTI_PROCESS = ("use_deepspeed", "use_fsdp", "use_megatron_lm", "tpu")
 
 
-def process_count_problem(launcher: list[str], use_cpu: bool, cuda: bool | None = None) -> str | None:
-    """Why the accelerate options `launcher` would not run the several processes they ask for, as one line, or None.
+def process_count_problem(options: argparse.Namespace, use_cpu: bool, cuda: bool | None = None) -> str | None:
+    """Why the accelerate options `options` (`parse_accelerate_options`) would not run the several processes they ask
+    for, as one line, or None.
     `--num_processes N` without `--multi_gpu` starts one process; `--multi_gpu` on a machine without a GPU (`cuda`:
     default `torch.cuda.is_available()`) and without the training flag `use_cpu` starts N separate trainings writing
     into one output folder. An accelerate config file (`--config_file`, or the default one) counts as accelerate
     reads it, under the command line's options."""
     from accelerate.commands import config as accelerate_config
     from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.commands.launch import launch_command_parser
 
-    options = launch_command_parser().parse_known_args([*launcher, "<training script>"])[0]
     processes, multi_gpu = options.num_processes, options.multi_gpu
     other = any(getattr(options, name, False) for name in _OTHER_MULTI_PROCESS)
     config_file = options.config_file or (accelerate_config.default_config_file
@@ -1346,13 +1344,16 @@ def _quiet():
         logging.disable(previous)
 
 
-def check_before_launch(training: list[str], launcher: list[str] = ()) -> None:
+def check_before_launch(training: list[str], accelerate_options: argparse.Namespace | None = None) -> None:
     """What the trainer will check, in this process and without touching a GPU: the settings and the inputs; and that
-    the accelerate options `launcher` start the processes they ask for (`process_count_problem`)."""
+    the accelerate options (`parse_accelerate_options`; none given: none) start the processes they ask for
+    (`process_count_problem`)."""
     with _quiet():
         training_args, data_args, settings = parse_args(training, without_devices=True)
         require_output_dir(settings)
-        problem = process_count_problem(list(launcher), use_cpu=bool(settings.get("use_cpu")))
+        if accelerate_options is None:
+            accelerate_options = parse_accelerate_options([])
+        problem = process_count_problem(accelerate_options, use_cpu=bool(settings.get("use_cpu")))
         if problem is not None:
             raise UsageError(problem)
         check_run_inputs(training_args, data_args, check_checkpoint=False)
@@ -1474,8 +1475,9 @@ def launch_main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        options = accelerate_arguments(launcher)
-        check_before_launch(training, launcher)
+        accelerate_options = parse_accelerate_options(launcher)
+        options = accelerate_arguments(launcher, accelerate_options)
+        check_before_launch(training, accelerate_options)
     except UsageError as error:
         _say_error(error)
         return EXIT_USAGE
