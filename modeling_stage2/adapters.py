@@ -29,7 +29,7 @@ from torch import nn
 
 from ._files import remove_tree, staged_folder
 from .hub import download_model_folder, is_hub_repo_id, local_revision_problem
-from .configuration_stage2 import LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
+from .configuration_stage2 import BLOCK_LINEAR_PATTERNS, LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
 from .modeling_stage2 import Stage2RefinerModel, backbone_weights_commit
 from .vocabulary import QUANTIZATIONS
 
@@ -57,8 +57,6 @@ LORA_MERGED_KEY = "lora_merged"
 """The `config.json` key `export_merged_model` sets (true): the config's LoRA settings (`lora_r`, ...) are those of an
 adapter merged into the weights. Every config holds LoRA settings, the defaults an adapter would be built with, so
 a refiner saved without one (`save_pretrained`) is told apart from a merged one only by this record."""
-
-_TARGET_PATTERNS = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1", "fc2": r"mlp\.fc2"}
 
 
 # ------------------------------------------------------------------------------------------ quantization config
@@ -108,7 +106,7 @@ def _block_linear_regex(blocks, targets):
     import re
 
     block_ids = "|".join(str(block) for block in blocks)
-    names = "|".join(_TARGET_PATTERNS[target] for target in targets)
+    names = "|".join(BLOCK_LINEAR_PATTERNS[target] for target in targets)
     return re.compile(rf"(?:.*\.)?backbone\.blocks\.(?:{block_ids})\.(?:{names})")
 
 
@@ -314,9 +312,9 @@ def build_trainable_model(
         if gradient_checkpointing:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
     else:
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
-        )
+        with _peft_wrapping():
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs=checkpointing_kwargs)
     base.name_or_path = source.model_name_or_path or config.backbone_weights or ""
     with _peft_wrapping():
         model = get_peft_model(base, lora_config)
@@ -330,11 +328,13 @@ def build_trainable_model(
 
 @contextlib.contextmanager
 def _peft_wrapping():
-    """peft wrapping a model reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21, transformers 5.x):
-    a FutureWarning for peft's maintainers that every `stage2-refine` and `stage2-train` printed to users, who can do
-    nothing about it. Silenced here, and only this one."""
+    """peft wrapping a model reads transformers' deprecated `is_gradient_checkpointing`, and its
+    `prepare_model_for_kbit_training` calls the deprecated `gradient_checkpointing_enable` (peft 0.21, transformers
+    5.x): FutureWarnings for peft's maintainers that every `stage2-refine` and `stage2-train` printed to users, who can
+    do nothing about them. Silenced here, and only these two."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        for deprecated in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
+            warnings.filterwarnings("ignore", message=f"`{deprecated}` is deprecated", category=FutureWarning)
         yield
 
 
@@ -444,12 +444,35 @@ def save_trained_model(model, output_dir: str | Path) -> Path:
         adapter_config.revision = source.revision
     with staged_folder(output_dir) as staging:
         model.save_pretrained(staging)
+        _name_the_hub_base_in_peft_card(staging / PEFT_CARD_FILE, model)
         config = _clean_config(model.get_base_model().config)
         config.save_pretrained(staging)
         (staging / BASE_SOURCE_FILE).write_text(json.dumps(source.to_json(), indent=2) + "\n")
         if source.kind == "saved":
             shutil.copyfile(source.backbone_file, staging / BASE_WEIGHTS_FILE)
     return output_dir
+
+
+PEFT_CARD_FILE = "README.md"
+"""The card peft's `save_pretrained` writes beside an adapter (a template; `stage2-push` replaces it)."""
+_PEFT_BASE_TAG = "base_model:adapter:"
+
+
+def _name_the_hub_base_in_peft_card(card_path: Path, model) -> None:
+    """peft's card names the base by the loaded config's `_name_or_path`: for a quantized base, the temporary folder
+    it was loaded from (deleted since), else "" or a local path, none of which the Hub takes as `base_model`. It
+    names the Hub repo the adapter's config names (`base_model_name_or_path`), or no base."""
+    from huggingface_hub import ModelCard
+
+    if not card_path.is_file():
+        return
+    base = next(iter(model.peft_config.values())).base_model_name_or_path
+    card = ModelCard.load(card_path)
+    tags = [tag for tag in card.data.tags or [] if not tag.startswith(_PEFT_BASE_TAG)]
+    hub_base = base if base and is_hub_repo_id(base) else None
+    card.data.base_model = hub_base
+    card.data.tags = tags + ([f"{_PEFT_BASE_TAG}{hub_base}"] if hub_base else [])
+    card.save(card_path)
 
 
 def load_trained_model(path: str | Path, quantization: str = "none", device=None, revision: str | None = None):

@@ -16,6 +16,9 @@ DEFAULT_BACKBONE_PRESET = "prithvi_eo_v2_600m"
 
 # The backbone linears LoRA may adapt (never `patch_embed.proj`, whose input is the fused image).
 LORA_TARGETS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+# Each target's module name in a backbone block, as a regex: LoRA adapts them, 8/4-bit quantizes them (only them).
+BLOCK_LINEAR_PATTERNS: dict[str, str] = {"qkv": r"attn\.qkv", "proj": r"attn\.proj", "fc1": r"mlp\.fc1",
+                                         "fc2": r"mlp\.fc2"}
 
 PADDING_MODES: tuple[str, ...] = ("reflect", "replicate")
 

@@ -37,6 +37,7 @@ exactly.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_prithvi import PrithviConfig, canonical_band_name
 from .bands import DN_CHECK_SAMPLE, DN_LOOKING_MEDIAN, DigitalNumbersWarning
-from .configuration_stage2 import UNKNOWN_METADATA, Stage2RefinerConfig
+from .configuration_stage2 import BLOCK_LINEAR_PATTERNS, UNKNOWN_METADATA, Stage2RefinerConfig
 from .modeling_prithvi import PrithviEncoder
 
 logger = logging.get_logger(__name__)
@@ -593,6 +594,11 @@ class Stage2PreTrainedModel(PreTrainedModel):
             init.copy_(module.std, torch.tensor(backbone.band_std, dtype=module.std.dtype).view_as(module.std))
 
 
+FULL_PRECISION_MODULES = rf"(?!backbone\.blocks\.\d+\.(?:{'|'.join(BLOCK_LINEAR_PATTERNS.values())})$).+"
+"""`llm_int8_skip_modules` entry (transformers matches it as a regex, from the start of a module's name) of every
+module of a refiner but the backbone blocks' linears, whatever its configuration."""
+
+
 class Stage2RefinerModel(Stage2PreTrainedModel):
     """
     The Stage 2 refiner: `forward(opt_v1, month, biome)` returns the refined image (`opt_v1 + delta`) and, when
@@ -624,6 +630,18 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         self.cpu_fallback_count = 0
         self._warned_cpu_fallback = False
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`. A `quantization_config` (`BitsAndBytesConfig`) that names no
+        `llm_int8_skip_modules` quantizes the backbone blocks' linears only (`FULL_PRECISION_MODULES`): the head, the
+        metadata embedding and the colour parts cannot run quantized."""
+        quantization_config = kwargs.get("quantization_config")
+        if getattr(quantization_config, "quant_method", None) == "bitsandbytes" and \
+                quantization_config.llm_int8_skip_modules is None:
+            kwargs["quantization_config"] = copy.deepcopy(quantization_config)
+            kwargs["quantization_config"].llm_int8_skip_modules = [FULL_PRECISION_MODULES]
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def forward(
         self,

@@ -456,16 +456,19 @@ def test_the_documented_filter_silences_the_bitsandbytes_cast_message(repo_root,
         logger.setLevel(level)
 
 
-def test_wrapping_and_loading_print_no_peft_deprecation_warning(tmp_path):
-    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; users saw that
-    FutureWarning on every stage2-refine and stage2-train. Other warnings still come through."""
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
+def test_wrapping_and_loading_print_no_peft_deprecation_warning(tmp_path, quantization):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, and its
+    `prepare_model_for_kbit_training` (8/4 bit) calls the deprecated `gradient_checkpointing_enable`; users saw those
+    FutureWarnings on every stage2-refine and stage2-train (the documented `gradient_checkpointing=True` too). Other
+    warnings still come through."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        folder = save_trained_model(build("none"), tmp_path / "best")
-        load_trained_model(folder)
+        folder = save_trained_model(build(quantization, gradient_checkpointing=True), tmp_path / "best")
+        load_trained_model(folder, quantization=quantization)
         warnings.warn("a later warning", FutureWarning)
     messages = [str(warning.message) for warning in caught]
-    assert not [m for m in messages if "is_gradient_checkpointing" in m]
+    assert not [m for m in messages if "gradient_checkpointing" in m and "deprecated" in m], messages
     assert "a later warning" in messages
 
 

@@ -21,7 +21,7 @@ from _hub_helpers import publish_tiny_prithvi
 from _refiner_helpers import single_thread  # noqa: F401  (fixture)
 from _refiner_helpers import tiny_inputs, tiny_refiner_config, wake_up
 from modeling_stage2 import Stage2RefinerModel
-from modeling_stage2.adapters import build_trainable_model, load_trained_model, save_trained_model
+from modeling_stage2.adapters import PEFT_CARD_FILE, build_trainable_model, load_trained_model, save_trained_model
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),  # peft's own wrapping, as a peft user meets it
               pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
@@ -68,6 +68,29 @@ def adapter_config(folder) -> dict:
     return json.loads((folder / "adapter_config.json").read_text())
 
 
+def peft_card_base(folder):
+    """The base peft's card beside an adapter names: its `base_model` and its `base_model:adapter:` tags."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(folder / PEFT_CARD_FILE).data
+    return data.base_model, [tag for tag in data.tags or [] if tag.startswith("base_model:")]
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
+def test_peft_card_names_no_base_that_is_not_on_the_hub(tmp_path, quantization):
+    """peft's card took `base_model` from the loaded config: an 8/4-bit base's temporary folder (`/tmp/stage2-base-*`,
+    deleted), else ""; the Hub refuses both as `base_model`. An adapter on a random-init base (saved beside it) or a
+    local refiner names none; peft's other metadata stays."""
+    torch.manual_seed(0)
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base")
+    bases = {"fresh": {"config": tiny_refiner_config()}, "local": {"model_name_or_path": tmp_path / "base"}}
+    for name, build in bases.items():
+        folder = save_trained_model(trained_on(quantization=quantization, **build), tmp_path / name)
+        assert peft_card_base(folder) == (None, []), name
+        text = (folder / PEFT_CARD_FILE).read_text()
+        assert "library_name: peft" in text and "- lora" in text and str(tmp_path) not in text and "/tmp/" not in text
+
+
 def test_auto_peft_model_loads_an_adapter_on_a_local_base_refiner(tmp_path):
     from peft import AutoPeftModel
 
@@ -106,6 +129,7 @@ def test_auto_peft_model_puts_a_hub_adapter_on_the_base_commit_it_was_trained_on
     assert torch.equal(refine(load_trained_model(repo, revision=first)), expected)
     assert (adapter_config(folder)["base_model_name_or_path"], adapter_config(folder)["revision"]) == (
         base_repo, base_commit)
+    assert peft_card_base(folder) == (base_repo, [f"base_model:adapter:{base_repo}"])  # what the Hub reads
 
     # a folder saved before adapter_config.json recorded the base commit loads as before; re-saved, it records it
     old = tmp_path / "old"

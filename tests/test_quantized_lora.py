@@ -67,3 +67,56 @@ def test_quantized_adapter_and_merged_folders_refine_full_tiles_in_eval_mode(fol
     error = (refined - reference).abs()
     assert 0 < float(error.max()) < {"8bit": 0.05, "4bit": 0.25}[quantization]
     assert float(error.mean()) < 0.1 * float((reference - opt_v1).abs().mean())
+
+
+BNB_CONFIGS = {"8bit": dict(load_in_8bit=True),
+               "4bit": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)}
+
+
+def quantized_names(model) -> list[str]:
+    quantized = tuple(QUANTIZED_LINEAR.values())
+    return sorted(name for name, module in model.named_modules() if isinstance(module, quantized))
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_a_plain_bits_and_bytes_config_quantizes_the_backbone_blocks_only(tmp_path, quantization):
+    """`from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_8bit=True))`, as transformers users write
+    it (README: "8-bit or 4-bit through BitsAndBytesConfig"), quantized the head and the metadata embedding too, and
+    the forward failed (8-bit: a shape error; NF4 likewise); peft's `PeftModel.from_pretrained` onto that base failed
+    with a KeyError. It now quantizes what `quantization_config_for` does, to the bit, through `AutoModel` too; a
+    config naming its own `llm_int8_skip_modules` is taken as it is, and the caller's config is not changed."""
+    from peft import PeftModel
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    from modeling_stage2 import Stage2RefinerModel
+    from modeling_stage2.adapters import modules_kept_in_full_precision, quantization_config_for
+
+    torch.manual_seed(0)
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base")
+    plain = BitsAndBytesConfig(**BNB_CONFIGS[quantization])
+    ours = Stage2RefinerModel.from_pretrained(tmp_path / "base", quantization_config=quantization_config_for(
+        quantization, tiny_refiner_config())).eval()
+    expected_names, (opt_v1, month, biome) = quantized_names(ours), tiny_inputs(batch=1, size=(28, 28), seed=5)
+    assert expected_names and all(".blocks." in name for name in expected_names)
+    with torch.no_grad():
+        expected = ours(opt_v1, month, biome).refined
+        for loader in (Stage2RefinerModel, AutoModel):
+            model = loader.from_pretrained(tmp_path / "base", quantization_config=plain).eval()
+            assert quantized_names(model) == expected_names, loader
+            assert torch.equal(model(opt_v1, month, biome).refined, expected), loader
+    assert plain.llm_int8_skip_modules is None
+    own = BitsAndBytesConfig(**BNB_CONFIGS[quantization], llm_int8_skip_modules=[
+        *modules_kept_in_full_precision(tiny_refiner_config()), "backbone.blocks.0"])
+    assert quantized_names(Stage2RefinerModel.from_pretrained(tmp_path / "base", quantization_config=own)) == [
+        name for name in expected_names if not name.startswith("backbone.blocks.0.")]
+    if quantization == "8bit":  # peft's own way onto such a base: the adapter's outputs, to the bit
+        trained = build_trainable_model(model_name_or_path=tmp_path / "base", quantization="8bit", print_summary=False)
+        wake_up(trained)
+        adapter = save_trained_model(trained, tmp_path / "adapter")
+        peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tmp_path / "base", quantization_config=plain),
+                                               str(adapter)).eval()
+        with torch.no_grad():
+            refined = peft_model(opt_v1, month, biome).refined
+            assert torch.equal(refined, load_trained_model(adapter, quantization="8bit")(opt_v1, month, biome).refined)
+            assert not torch.allclose(refined, expected, atol=1e-3)  # the adapter acts
