@@ -18,6 +18,9 @@ holding NaN/Inf skips its patch: the tile reader would refuse its tile. Splits c
 `--include_cloudy_snowy`, which also reads the snow/cloud parquet beside `--metadata` (without it,
 and with no patch flagged in `--metadata`, the flag would add nothing: an error). A patch listed twice
 must be listed the same way. Skipped patches are listed with the reason in `TILES/skipped.jsonl`.
+`--max_patches N` takes the patches in `patch_id` order and stops after N written tiles (skipped patches do not count):
+N small may give one split only (the ids sort by date and tile, not by split); a warning says so when it leaves out
+the `train` or `val` split of the metadata, which `stage2-train` needs.
 
 Patch ids become file names, so metadata whose `patch_id` is not a plain name (path separators,
 `..`, other characters than letters, digits, `_`, `.`, `-`) stops the ingest before anything is
@@ -40,7 +43,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ._leaves import model_leaf
-from .tiles import BAND_KEYS, BAND_NAMES, TILE_SIZE, UNKNOWN_METADATA, non_finite_count
+from .tiles import BAND_KEYS, BAND_NAMES, SPLITS, TILE_SIZE, UNKNOWN_METADATA, non_finite_count
 
 _files = model_leaf("_files")  # atomic writes
 _signals = model_leaf("_signals")  # SIGTERM/SIGHUP exit cleanly
@@ -57,6 +60,8 @@ CLOUD_SNOW_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 REQUIRED_COLUMNS = ("patch_id", "labels", "split", "s1_name")
 SKIPPED_FILE = "skipped.jsonl"
+TRAINING_SPLITS = ("train", "val")
+"""The splits `stage2-train` needs (with its default `--eval_split`): `--max_patches` leaving one out is warned of."""
 CLOUDY_SNOWY = "cloudy or snowy"
 """The skip reason of a patch left out by choice (`--include_cloudy_snowy` keeps them); every other
 reason is a patch that could not be read, and makes the ingest's exit status 1."""
@@ -295,10 +300,13 @@ def ingest_bigearthnet(
         output_dir: tile folder to fill (`<split>/<patch_id>.npz` + `.json`).
         include_cloudy_snowy: keep patches flagged with seasonal snow or cloud/shadow, and also
             read `metadata_for_patches_with_snow_cloud_or_shadow.parquet` beside the metadata.
-        max_patches: stop after this many written tiles.
+        max_patches: stop after this many written tiles, taking the patches in `patch_id` order (skipped ones do
+            not count).
 
     Returns:
-        `{"written": {split: n}, "skipped": {reason: n}, "output_dir": str}`.
+        `{"written": {split: n}, "skipped": {reason: n}, "output_dir": str, "splits_left_out": [split, ...]}`; the
+        last lists the splits of the patches `max_patches` left out of which no tile was written (in `SPLITS`
+        order), empty when it left out none.
     """
     import lmdb
 
@@ -320,12 +328,14 @@ def ingest_bigearthnet(
     except lmdb.Error as exc:
         raise ValueError(f"--lmdb {lmdb_dir}: not a readable LMDB environment ({exc})") from None
     output_dir = Path(output_dir)
-    written, skipped = collections.Counter(), []
+    written, skipped, left_out = collections.Counter(), [], set()
     try:
         _check_lmdb_size(env, lmdb_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        for row in rows:
+        for index, row in enumerate(rows):
             if max_patches is not None and sum(written.values()) >= max_patches:
+                left_out = {SPLIT_NAMES[other["split"]] for other in rows[index:]
+                            if other["split"] in SPLIT_NAMES and (include_cloudy_snowy or not other["cloudy_snowy"])}
                 break
             patch_id = row["patch_id"]
             if row["cloudy_snowy"] and not include_cloudy_snowy:
@@ -350,9 +360,11 @@ def ingest_bigearthnet(
     finally:
         env.close()
 
-    _files.write_text(output_dir / SKIPPED_FILE, "".join(json.dumps(record) + "\n" for record in skipped))
     reasons = collections.Counter(record["reason"] for record in skipped)
-    return {"written": dict(written), "skipped": dict(reasons), "output_dir": str(output_dir)}
+    summary = {"written": dict(written), "skipped": dict(reasons), "output_dir": str(output_dir),
+               "splits_left_out": [split for split in SPLITS if split in left_out and split not in written]}
+    _files.write_text(output_dir / SKIPPED_FILE, "".join(json.dumps(record) + "\n" for record in skipped))
+    return summary
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -364,7 +376,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="tile folder to write: <split>/<patch_id>.npz + .json")
     parser.add_argument("--include_cloudy_snowy", action="store_true",
                         help="keep patches with seasonal snow or cloud/shadow (and read their parquet)")
-    parser.add_argument("--max_patches", type=int, default=None, help="stop after N tiles")
+    parser.add_argument("--max_patches", type=int, default=None, metavar="N",
+                        help="stop after N written tiles, taking the patches in patch_id order (not by split: a "
+                             "small N may give one split only)")
     args = parser.parse_args(argv)
     _vocabulary.require_at_least(parser, args, {"--max_patches": 1})
     return args
@@ -392,6 +406,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = _vocabulary.install_hint(f"reading BigEarthNet ({missing} is missing)", "bigearthnet")
         print(f"stage2-ingest-bigearthnet: error: {hint}", file=sys.stderr)
         return 2
+    print(summary_line(summary))
+    left_out = [split for split in summary["splits_left_out"] if split in TRAINING_SPLITS]
+    if left_out:
+        print(f"stage2-ingest-bigearthnet: warning: --max_patches {args.max_patches} stopped the ingest before any "
+              f"{' or '.join(map(repr, left_out))} tile (patches go in patch_id order); stage2-train needs "
+              f"{' and '.join(map(repr, TRAINING_SPLITS))}", file=sys.stderr)
+    return 1 if set(summary["skipped"]) - {CLOUDY_SNOWY} else 0  # some patches could not be read
+
+
+def summary_line(summary: dict) -> str:
+    """The line that reports an ingest: tiles written per split, patches skipped and why."""
     written = ", ".join(f"{split} {n}" for split, n in sorted(summary["written"].items())) or "none"
     skipped = sum(summary["skipped"].values())
     line = f"wrote {sum(summary['written'].values())} tiles to {summary['output_dir']} ({written}); skipped {skipped}"
@@ -400,8 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line += f" ({reasons}; see {SKIPPED_FILE})"
         if CLOUDY_SNOWY in summary["skipped"]:
             line += "; --include_cloudy_snowy keeps cloudy and snowy patches"
-    print(line)
-    return 1 if set(summary["skipped"]) - {CLOUDY_SNOWY} else 0  # some patches could not be read
+    return line
 
 
 if __name__ == "__main__":
