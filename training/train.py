@@ -777,9 +777,11 @@ def run_training(training_args, data_args, settings: dict | None = None, callbac
     Until training starts, a failure leaves the output folder as it was (what this run created there, the dataset
     conversion included, is removed); `config.yaml` is written when training starts. With an `InterruptCallback`
     that stopped training (SIGINT), raises `TrainingInterrupted` once the checkpoint is written."""
-    from training.trainer import Stage2Trainer
+    from training.trainer import Stage2Trainer, restore_replaced_checkpoints
 
     output_dir = Path(training_args.output_dir)
+    if training_args.should_save:  # before any lookup of the checkpoint to resume (the others wait for the data)
+        restore_replaced_checkpoints(output_dir)  # and outside what a failed start undoes: it existed before
     with _undone_on_failure(output_dir, _cache_root(data_args, output_dir), enabled=training_args.should_save):
         def load_data(build: bool):
             dataset_dict = load_or_build_dataset(data_args, output_dir, build=build)

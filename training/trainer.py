@@ -21,7 +21,8 @@ accumulation, mixed precision, DDP, RNG state and Hub pushes):
 - Checkpoints get a completion marker written last, with the size and sha256 of every file; `find_latest_checkpoint`
   (used by `--resume latest`) only returns checkpoints that verify against it (and record the step of their
   `checkpoint-N` folder), falling back past corrupt ones (named in a warning, never deleted); torn ones (no marker)
-  left by a killed process are removed when training starts.
+  left by a killed process are removed when training starts. An earlier checkpoint of the step being saved is set
+  aside until the new marker is written (put back if the save is stopped or killed: `restore_replaced_checkpoints`).
   `save_total_limit` deletes this run's oldest checkpoints only, never the newest or the best one (nor at the end of
   training); a checkpoint whose discriminator does not fit the run is refused before anything is written; and
   `load_best_model_at_end` loads `best/`.
@@ -44,7 +45,7 @@ from transformers import Trainer, TrainerCallback, default_data_collator
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
-from modeling_stage2._files import fsync_tree, write_json
+from modeling_stage2._files import fsync_folder, fsync_tree, write_json
 from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE, METRICS_FILE, PREVIEW_FILE, TRAINING_CONFIG_FILE
 
 from .args import EVAL_METRIC_GROUPS, Stage2TrainingArguments, num_update_steps_per_epoch
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_INPUT_COLUMNS = ("opt_v1", "month", "biome")
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
+# An earlier run's complete `checkpoint-N` while this run saves its own step N, until the new one's marker is written
+# ("_*": no checkpoint listing takes it, and the Trainer's Hub push, which runs inside the save, leaves it out).
+REPLACED_CHECKPOINT_NAME = "_{}.replaced"
 DISC_OPTIMIZER_TENSORS = "discriminator_optimizer.safetensors"
 DISC_OPTIMIZER_META = "discriminator_optimizer.json"
 TRAINER_EXTRA_STATE = "stage2_trainer_state.json"
@@ -127,10 +131,14 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _checkpoint_step(path: Path) -> int | None:
+    return _named_step(path.name) if path.is_dir() else None
+
+
+def _named_step(name: str) -> int | None:
     prefix = f"{PREFIX_CHECKPOINT_DIR}-"
-    if not path.is_dir() or not path.name.startswith(prefix) or not path.name[len(prefix):].isdigit():
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
         return None
-    return int(path.name[len(prefix):])
+    return int(name[len(prefix):])
 
 
 def _checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -147,6 +155,45 @@ def remove_checkpoint(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     (folder / CHECKPOINT_COMPLETE_NAME).unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _replaced_path(folder: Path) -> Path:
+    return folder.with_name(REPLACED_CHECKPOINT_NAME.format(folder.name))
+
+
+def restore_replaced_checkpoint(folder: str | os.PathLike) -> bool:
+    """Settle what a save of `folder` stopped or killed while it replaced an earlier checkpoint left: the earlier one,
+    set aside (`REPLACED_CHECKPOINT_NAME`), goes back to `folder` (with a warning; a torn `folder` is removed) unless
+    `folder` is complete; it is deleted where `folder` is complete, or where it lost its marker (its deletion, which
+    removes the marker first, was cut short). Returns whether it was put back."""
+    folder = Path(folder)
+    replaced = _replaced_path(folder)
+    if not replaced.is_dir():
+        return False
+    if not (replaced / CHECKPOINT_COMPLETE_NAME).exists() or is_complete_checkpoint(folder):
+        remove_checkpoint(replaced)
+        return False
+    problem = checkpoint_problem(folder) if folder.is_dir() else "it is missing"
+    logger.warning(f"Restoring {folder} from {replaced.name}, where it was kept while a save of the same step replaced "
+                   f"it: that save was interrupted ({problem}).")
+    if folder.is_dir():
+        remove_checkpoint(folder)
+    os.replace(replaced, folder)
+    fsync_folder(folder.parent)
+    return True
+
+
+def restore_replaced_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """`restore_replaced_checkpoint` for every checkpoint of `output_dir` that was being replaced; returns those put
+    back. Run when training starts, before the checkpoint to resume from is looked for."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    prefix, suffix = REPLACED_CHECKPOINT_NAME.split("{}")
+    names = [path.name[len(prefix):len(path.name) - len(suffix)] for path in output_dir.iterdir()
+             if path.is_dir() and path.name.startswith(prefix) and path.name.endswith(suffix)]
+    folders = sorted(output_dir / name for name in names if _named_step(name) is not None)
+    return [folder for folder in folders if restore_replaced_checkpoint(folder)]
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
@@ -443,6 +490,11 @@ class Stage2Trainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, with `resume_from_checkpoint="latest"`/True meaning the newest *complete* checkpoint, from
         the fitted start of `start_fitted_modules` (as `stage2-train` starts)."""
+        # First, before any process looks for the checkpoint to resume from: a checkpoint that a killed save of the
+        # same step had set aside goes back (`restore_replaced_checkpoints`; the others wait for the saving process).
+        with self.args.main_process_first(local=self.args.save_on_each_node, desc="restoring replaced checkpoints"):
+            if self.args.should_save:
+                restore_replaced_checkpoints(self.args.output_dir)
         self.start_fitted_modules(resume_from_checkpoint)
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._check_resumable(resume)
@@ -899,18 +951,27 @@ class Stage2Trainer(Trainer):
 
     # Private override: the completion marker must be written after every file of the checkpoint (trainer state and
     # RNG states included) on every process, and before older checkpoints are deleted (`save_total_limit`, which the
-    # Trainer applies at the end of its save); an older checkpoint of the same step is replaced, not merged into.
+    # Trainer applies at the end of its save); an older checkpoint of the same step is replaced, not merged into: it
+    # is set aside (`REPLACED_CHECKPOINT_NAME`) until the new marker is written, then deleted, and put back by a save
+    # that raises (or, after a kill, when training starts: `restore_replaced_checkpoints`).
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then (after every process wrote its part) the completion marker, then the
         rotation of older checkpoints: a kill at any moment leaves a complete checkpoint to resume from. A save that
-        raises before its marker (a second Ctrl-C, SIGTERM or SIGHUP: their handlers raise) removes its folder."""
+        raises before its marker (a second Ctrl-C, SIGTERM or SIGHUP: their handlers raise) removes its folder, and
+        puts back the earlier checkpoint of its step that it was replacing."""
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and folder.exists():
+        replaced = _replaced_path(folder)
+        if self.args.should_save:
+            restore_replaced_checkpoint(folder)  # what a killed save of this step left, if training did not start
             if (folder / CHECKPOINT_COMPLETE_NAME).exists():  # not torn: say that an earlier run's one is replaced
                 logger.warning(f"Replacing {folder}, a checkpoint of an earlier run at the same step "
-                               f"({checkpoint_problem(folder) or 'it verifies'}).")
-            remove_checkpoint(folder)
+                               f"({checkpoint_problem(folder) or 'it verifies'}). It is kept as {replaced.name} "
+                               "until the new one is complete.")
+                os.replace(folder, replaced)
+                fsync_folder(run_dir)
+            elif folder.exists():
+                remove_checkpoint(folder)
         self._kept_checkpoints.discard(folder.resolve())  # this run's from now on
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation before the marker
@@ -924,10 +985,14 @@ class Stage2Trainer(Trainer):
                 fsync_tree(folder)  # on the disk before the marker vouches for it and older checkpoints are deleted
                 write_json(folder / CHECKPOINT_COMPLETE_NAME, checkpoint_marker(folder, self.state.global_step),
                            sort_keys=True)
+                if replaced.is_dir():  # the new one is complete: the one it replaces goes
+                    remove_checkpoint(replaced)
         except BaseException:  # a second Ctrl-C, SIGTERM / SIGHUP (`SystemExit`), a full disk: none of it stays
-            if self.args.should_save and folder.is_dir() and not is_complete_checkpoint(folder):
-                logger.warning(f"Removing {folder}: its save was interrupted.")
-                remove_checkpoint(folder)
+            if self.args.should_save:
+                if folder.is_dir() and not is_complete_checkpoint(folder):
+                    logger.warning(f"Removing {folder}: its save was interrupted.")
+                    remove_checkpoint(folder)
+                restore_replaced_checkpoint(folder)  # the earlier checkpoint it was replacing goes back
             raise
         if self.args.should_save and folder.is_dir():
             self._rotate_checkpoints(run_dir, limit, folder)
