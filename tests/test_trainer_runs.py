@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _data_helpers import folder_digest
-from _training_helpers import StopAtStep, records, tiny_trainer as _trainer, write_config
+from _training_helpers import StopAtStep, records, tile_rows, tiny_trainer as _trainer, write_config
 from transformers import TrainerCallback
 
 from model_cards.cards import GENERATED_MARKER
@@ -221,3 +221,37 @@ def test_the_card_pushed_with_the_run_shows_its_own_records_and_their_split(tmp_
     assert json.loads((out / "metrics.json").read_text()) == test_metrics
     card = (out / "README.md").read_text()
     assert "0.0456" in card and "`test`" in card
+
+
+def test_a_datasets_split_trains_as_stage2_train_wraps_it(tmp_path):
+    """`Stage2Trainer(train_dataset=ds["train"], eval_dataset=ds["val"])` with the splits as `datasets` gives them
+    (string columns among them), as docs/training.md allows: the default collator failed on the sidecar's labels
+    ("too many dimensions 'str'") at the first batch. They are read as `stage2-train` reads them: the same losses
+    and weights as the `TileDataset`s of the training (augmented, seed `args.seed`) and evaluation transforms."""
+    from data_builders import make_eval_transform, make_train_transform
+    from training.data import TileDataset
+    from training.train import build_model, parse_args
+    from training.trainer import Stage2Trainer
+
+    def with_ids(rows, prefix):  # the string columns of a built dataset (`tile_id`, the sidecar's `labels` ...)
+        rows = rows.add_column("tile_id", [f"{prefix}_{i}" for i in range(len(rows))])
+        return rows.add_column("labels", [["Coniferous forest", "Pastures"]] * len(rows))
+
+    train, evaluation = with_ids(tile_rows(4, 0), "train"), with_ids(tile_rows(3, 1), "val")
+    results = {}
+    for kind in ("datasets", "tile datasets"):
+        config = write_config(tmp_path / "c.yaml", spectral_correction_init="identity")
+        args = parse_args(["--config", str(config), "--output_dir", str(tmp_path / kind)])[0]
+        splits = (train, evaluation) if kind == "datasets" else (
+            TileDataset(train, make_train_transform(), seed=args.seed), TileDataset(evaluation, make_eval_transform()))
+        trainer = Stage2Trainer(model=build_model(args, print_summary=False), args=args, train_dataset=splits[0],
+                                eval_dataset=splits[1])
+        trainer.train()
+        losses = [(r["step"], r["loss"]) for r in trainer.state.log_history if "loss" in r]
+        weights = {name: value.detach().clone() for name, value in trainer.model.named_parameters()
+                   if value.requires_grad}
+        results[kind] = (losses, weights, trainer.evaluate(evaluation)["eval_n_tiles"])
+    (losses, weights, tiles), (expected_losses, expected_weights, expected_tiles) = results.values()
+    assert losses and losses == expected_losses and tiles == expected_tiles == 3
+    assert weights.keys() == expected_weights.keys() and all(torch.equal(weights[n], expected_weights[n])
+                                                             for n in weights)

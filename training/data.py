@@ -99,3 +99,14 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
+
+
+def as_tile_dataset(dataset, transform, seed: int = 0):
+    """`dataset` as the trainer reads it: a `datasets.Dataset` split (whose string columns, `tile_id` and the
+    sidecar's, the default collator cannot batch) becomes a `TileDataset` with `transform`, as `stage2-train` wraps
+    its splits; a dict of datasets (several evaluation sets) each; anything else is returned as it is."""
+    import datasets
+
+    if isinstance(dataset, dict):
+        return {name: as_tile_dataset(value, transform, seed) for name, value in dataset.items()}
+    return TileDataset(dataset, transform, seed=seed) if isinstance(dataset, datasets.Dataset) else dataset

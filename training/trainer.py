@@ -48,7 +48,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 from modeling_stage2._files import fsync_folder, fsync_tree, write_json
 from modeling_stage2.adapters import ADAPTER_WEIGHTS_FILE, METRICS_FILE, PREVIEW_FILE, TRAINING_CONFIG_FILE
 
+from data_builders.augment import make_eval_transform, make_train_transform
+
 from .args import EVAL_METRIC_GROUPS, Stage2TrainingArguments, num_update_steps_per_epoch
+from .data import as_tile_dataset
 from .warm_start import FITTED_MODULE_RECORDS, start_fitted_modules
 from .callbacks import EpochLoggingCallback, JsonlLoggerCallback, Stage2TensorBoardCallback, write_png, render_preview
 
@@ -402,7 +405,9 @@ class Stage2Trainer(Trainer):
             `forward(opt_v1, month, biome)` returns an object with `.refined`).
         args (`Stage2TrainingArguments`): training arguments.
         train_dataset, eval_dataset: datasets whose items hold `target`, `opt_v1`, `month`, `biome`, `valid_mask`
-            as tensors (e.g. the data builders' Arrow splits with `make_train_transform` / `make_eval_transform`).
+            as tensors (e.g. `training.data.TileDataset` of the data builders' Arrow splits with
+            `make_train_transform` / `make_eval_transform`); a `datasets.Dataset` split is wrapped so, with
+            `make_train_transform()` (seed `args.seed`) for training and `make_eval_transform()` for evaluation.
         loss_fn: the generator objective (default `Stage2Loss` with the weights set in `args`).
         discriminator: the PatchGAN (default: built from `args`; none when the adversarial weight is 0).
         preview_tiles: how many validation tiles the previews show.
@@ -435,6 +440,9 @@ class Stage2Trainer(Trainer):
         self.preview_tiles = preview_tiles
         self.training_config = dict(training_config or {})
         self._fitted_modules_started = False
+        # a split as `datasets` gives it: its rows as `stage2-train` reads them (training augmented, by default)
+        train_dataset = as_tile_dataset(train_dataset, make_train_transform(), seed=args.seed)
+        eval_dataset = as_tile_dataset(eval_dataset, make_eval_transform())
         super().__init__(model=model, args=args, data_collator=data_collator or default_data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks, **kwargs)
 
@@ -777,6 +785,7 @@ class Stage2Trainer(Trainer):
         """`Trainer.evaluate`; in training, before the first step (`eval_on_start`), the model as training starts it
         (for instance at the spectral fit) also becomes a candidate for `best/`: training that only makes it worse
         keeps it. Called outside `train()` it only measures."""
+        eval_dataset = as_tile_dataset(eval_dataset, make_eval_transform())
         metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                    metric_key_prefix=metric_key_prefix)
         if self.is_in_train and self.state.global_step == 0 and eval_dataset is None and metric_key_prefix == "eval":
