@@ -4,7 +4,8 @@ Importing a command takes seconds (torch, transformers), and Python's Ctrl-C han
 into a KeyboardInterrupt in the middle of some library's import: a traceback of 20-30 lines. Nothing has started
 then, so there is nothing to clean up: while the command is imported, SIGINT has its default action, as SIGTERM and
 SIGHUP do, and the process ends at once with the shell's 128 + N and no output. From `main` on, the command's own
-handling applies (`modeling_stage2._signals`, `training.train`). This module imports only the standard library.
+handling applies (`modeling_stage2._signals`, `training.train`); once `main` has returned, SIGINT's default action
+again (the interpreter's exit is all that is left). This module imports only the standard library.
 """
 from __future__ import annotations
 
@@ -30,11 +31,15 @@ def _ctrl_c_ends_at_once() -> Iterator[None]:
 
 def run_command(target: str, argv: Sequence[str] | None = None) -> int:
     """Import `target` ("package.module:function") with Ctrl-C ending the process at once, then call it with `argv`
-    (None: the command line)."""
+    (None: the command line). Once it has returned, Ctrl-C ends the process at once again: only the interpreter's
+    exit is left, where Python's handler would print a KeyboardInterrupt traceback."""
     module_name, function_name = target.split(":")
     with _ctrl_c_ends_at_once():
         module = importlib.import_module(module_name)
-    return getattr(module, function_name)(argv)
+    status = getattr(module, function_name)(argv)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # one ignored or the command's own stays
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return status
 
 
 # One function per console script of setup.cfg (stage2-NAME = stage2_scripts:NAME, with - as _).

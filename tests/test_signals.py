@@ -185,6 +185,36 @@ def test_the_command_runs_with_pythons_ctrl_c_handler_and_an_ignored_sigint_stay
     assert process.returncode == 3 and stdout == f"{signal.SIG_IGN} {signal.SIG_IGN}\n", stderr
 
 
+def test_ctrl_c_after_the_command_returned_ends_the_exit_at_once_without_a_traceback(tmp_path):
+    """Once `main` has returned, only the interpreter's exit is left (exit handlers, thread joins): a Ctrl-C there
+    printed a KeyboardInterrupt traceback ("Exception ignored in atexit callback")."""
+    (tmp_path / "exiting_command.py").write_text(textwrap.dedent("""
+        import atexit, sys, time
+        from pathlib import Path
+
+        def slow_exit():
+            Path(sys.argv[1]).write_text("exiting")
+            time.sleep(60)
+
+        def main(argv):
+            atexit.register(slow_exit)
+            return 0
+    """))
+    repository, ready = Path(__file__).resolve().parents[1], tmp_path / "ready"
+    code = "import sys, stage2_scripts; sys.exit(stage2_scripts.run_command('exiting_command:main'))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repository)])},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGINT and (stdout, stderr) == ("", "")
+
+
 # A stop whose cleanup takes a while (a pool to stop, a scratch folder of many files to delete): a second signal
 # while it runs must not cut it short (`kill` twice, a supervisor's repeated SIGTERM, Ctrl-C pressed again).
 SLOW_CLEANUP_SCRIPT = textwrap.dedent("""
