@@ -18,11 +18,11 @@ from modeling_stage2.vocabulary import DECLARED_SCALE, OneLineArgumentParser, on
 
 from .loading import load_model
 from .raster import SceneSource
-from .scenes import SceneRefinementResult, refine_scene, scene_output_settings
+from .scenes import SceneRefinementResult, geotiff_name_problem, refine_scene, scene_output_settings
 from .tiles import TileRefinementSummary, is_npz, refine_tiles, tile_inputs
 from .values import (
-    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, INPUT_SCALES, InferenceInputError,
-    OUTPUT_SCALES, check_biome, check_month,
+    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, INPUT_SCALES, InferenceInputError, OUTPUT_SCALES,
+    check_biome, check_month,
 )
 
 
@@ -118,9 +118,8 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     args.overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     args.output_scale = args.output_scale or "reflectance"
     for flag, path in (("--output", args.output), ("--out_of_range_output", args.out_of_range_output)):
-        if path is not None and Path(path).suffix.lower() not in GEOTIFF_SUFFIXES:
-            parser.error(f"{flag} {path}: a scene is written as a GeoTIFF; name it FILE.tif or FILE.tiff")
-        problem = output_path_problem(path) if path is not None else None
+        # refine_scene's own check (`geotiff_name_problem`), made here before the model loads, in the flag's name
+        problem = None if path is None else geotiff_name_problem(path) or output_path_problem(path)
         if problem is not None:
             parser.error(f"{flag} {path}: {problem}")
     if args.month is None or args.biome is None:

@@ -178,6 +178,12 @@ class SceneSource:
         return next((value for value in self.nodata_values if value is not None), None)
 
     @property
+    def nodata_path(self) -> Path:
+        """The file that declares `nodata` (the first file where none does)."""
+        return next((path for path, value in zip(self._band_paths(), self.nodata_values) if value is not None),
+                    self.paths[0])
+
+    @property
     def declared_scaling(self) -> list[tuple[float, float]]:
         """(scale, offset) of each band as the file declares them (GDAL's band metadata: physical value = stored
         value x scale + offset), (1, 0) where it declares none."""
@@ -354,15 +360,22 @@ def output_dtype(source: SceneSource, output_scale: str) -> np.dtype:
     return integer[0] if integer else np.dtype(np.uint16)
 
 
-def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
-    """The output's nodata value: the input's; for a digital-number output of an input that declares none, or
-    declares NaN (the same: its non-finite pixels are nodata), 0 (an integer has no NaN to mark them with). A value
-    the output dtype cannot hold (-9999 in uint16, float64's lowest in float32) is refused."""
+def output_nodata(nodata: float | None, dtype: np.dtype, source: str | os.PathLike | None = None) -> float:
+    """The output's nodata value: the input's. For an input that declares none (its nodata pixels are NaN, or masked
+    by its own mask), NaN in a float output, declared so that readers mask those pixels, and in a scene without a
+    nodata pixel too: the output's profile is made before any pixel is read. For a digital-number output of an input
+    that declares none, or declares NaN (the same: its non-finite pixels are nodata), 0 (an integer has no NaN to
+    mark them with). A value the output dtype cannot hold (-9999 in uint16, float64's lowest in float32) is refused,
+    naming the `source` file that declares it."""
+    where = "" if source is None else f"{source}: "
     if dtype.kind == "f":
-        if nodata is not None and math.isfinite(nodata) and abs(nodata) > float(np.finfo(dtype).max):
+        if nodata is None:
+            return math.nan
+        if math.isfinite(nodata) and abs(nodata) > float(np.finfo(dtype).max):
             raise InferenceInputError(
-                f"input nodata value {nodata:g} cannot be stored in the {dtype} reflectance output; rewrite the input "
-                f"with a nodata value {dtype} can hold (e.g. gdalwarp -ot Float32 -dstnodata nan INPUT NEW_INPUT)"
+                f"{where}input nodata value {nodata:g} cannot be stored in the {dtype} reflectance output; rewrite the "
+                f"input with a nodata value {dtype} can hold (e.g. gdalwarp -ot Float32 -dstnodata nan INPUT "
+                "NEW_INPUT)"
             )
         return nodata
     if nodata is None or math.isnan(nodata):
@@ -370,7 +383,7 @@ def output_nodata(nodata: float | None, dtype: np.dtype) -> float | None:
     info = np.iinfo(dtype)
     if not info.min <= nodata <= info.max or nodata != int(nodata):
         raise InferenceInputError(
-            f"input nodata value {nodata} cannot be stored in the {dtype} digital-number output; "
+            f"{where}input nodata value {nodata} cannot be stored in the {dtype} digital-number output; "
             "use output_scale='reflectance' (float32)"
         )
     return nodata

@@ -22,8 +22,8 @@ from .raster import (
     SceneSource, output_dtype, output_nodata, output_profile, output_scaling, require_rasterio, to_output,
 )
 from .values import (
-    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, InferenceInputError, OUTPUT_SCALES, check_biome,
-    check_month, fill_invalid_pixels, metadata_limits,
+    DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, InferenceInputError, OUTPUT_SCALES,
+    check_biome, check_month, fill_invalid_pixels, metadata_limits,
 )
 from .windows import StripAccumulator, blend_weights, window_starts
 
@@ -84,6 +84,14 @@ def written_path(path: str | os.PathLike) -> Path:
     return path.resolve() if path.is_symlink() else path
 
 
+def geotiff_name_problem(path: str | os.PathLike) -> str | None:
+    """Why a scene output (the refined scene, the weight map) may not be written at `path`, or None: it is written as
+    a GeoTIFF, so it must be named as one (`GEOTIFF_SUFFIXES`, in any case), not `out.png`."""
+    if Path(path).suffix.lower() in GEOTIFF_SUFFIXES:
+        return None
+    return "a scene is written as a GeoTIFF; name it " + " or ".join(f"FILE{suffix}" for suffix in GEOTIFF_SUFFIXES)
+
+
 def _check_window_fits(model: Any, window: int) -> None:
     """Every window reaches the model `window` px square (smaller scenes are padded up to it): an exported graph takes
     only the sides it was exported for, found here rather than at the first window, with the output half made."""
@@ -124,7 +132,8 @@ def refine_scene(
         input_path_or_paths: one 4-band raster (B02 B03 B04 B08) or four single-band rasters in that
             order, sharing one grid. A CRS and a geotransform are required. Bands whose descriptions (or single-band
             files whose names) name all four bands, by id (`B04`) or common name (`red`), are read by name.
-        output_path: the GeoTIFF to write: same size, CRS, transform and nodata value; 4 bands.
+        output_path: the GeoTIFF to write, named `.tif` or `.tiff`: same size, CRS, transform and nodata value (NaN
+            for a float output of an input that declares none); 4 bands.
         month: 1..12 or -1 (unknown). biome: 0..16 or -1 (unknown).
         window: window size in pixels (the model works on 120x120 tiles).
         overlap: pixels shared by neighbouring windows, blended with a raised-cosine ramp.
@@ -141,14 +150,15 @@ def refine_scene(
         out_of_range_output: with a model built with `out_of_range_fallback` or `near_black_fallback`, also write
             each pixel's weight of `opt_v1` in the output to this single-band float32 GeoTIFF (same grid; 0 where the
             refiner worked, 1 where `opt_v1` was kept: the pixel's spectrum lies so far outside the training spectra,
-            or it is near-black; blended across windows like the bands; NaN where the input is nodata).
+            or it is near-black; blended across windows like the bands; NaN where the input is nodata), named `.tif`
+            or `.tiff`.
 
     Pixels where any band is nodata (the declared value, or NaN) are filled for the model and written
-    as nodata in every band (NaN when no nodata value is declared and the output is float; 0, then declared, for
-    a digital-number output). A valid pixel is never written as nodata: a band value equal to it (a refined 0 with
-    nodata 0) is written as the value beside it (`raster.to_output`). Memory: one strip of `window` rows (input,
-    blending sums and weights), never the whole scene. The output appears only when complete (written to a
-    temporary file beside it).
+    as nodata in every band (NaN when no nodata value is declared and the output is float, declared NaN; 0, then
+    declared, for a digital-number output). A valid pixel is never written as nodata: a band value equal to it (a
+    refined 0 with nodata 0) is written as the value beside it (`raster.to_output`). Memory: one strip of `window`
+    rows (input, blending sums and weights), never the whole scene. The output appears only when complete (written
+    to a temporary file beside it).
     """
     start = time.perf_counter()
     num_months, num_biomes = metadata_limits(model)
@@ -163,6 +173,10 @@ def refine_scene(
     _check_window_fits(model, window)
     output_path = Path(output_path)
     weight_path = None if out_of_range_output is None else Path(out_of_range_output)
+    for key, path in (("output", output_path), ("out_of_range_output", weight_path)):
+        problem = None if path is None else geotiff_name_problem(path)
+        if problem is not None:
+            raise InferenceInputError(f"{key} {path}: {problem}")
     if weight_path is not None and not reports_out_of_range_weight(model):
         raise InferenceInputError(
             f"out_of_range_output {weight_path}: the model reports no out_of_range_weight (it needs a refiner built "
@@ -265,7 +279,8 @@ def scene_output_settings(source: SceneSource, input_scale: str, output_scale: s
     else:
         source.pixel_size_m  # the CRS maps to the ground
     dtype = output_dtype(source, output_scale)
-    return scale, dtype, output_nodata(source.nodata, dtype), output_scaling(source, scale, dtype)
+    nodata = output_nodata(source.nodata, dtype, source.nodata_path)
+    return scale, dtype, nodata, output_scaling(source, scale, dtype)
 
 
 def _refine_strips(
