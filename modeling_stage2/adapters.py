@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._files import remove_tree, staged_folder
-from .hub import download_model_folder, is_hub_repo_id, local_revision_problem
+from .hub import download_model_folder, hub_snapshot_paths_named, is_hub_repo_id, local_revision_problem
 from .configuration_stage2 import BLOCK_LINEAR_PATTERNS, LORA_TARGETS, Stage2RefinerConfig, local_source_or_name
 from .modeling_stage2 import Stage2RefinerModel, backbone_weights_commit
 from .vocabulary import QUANTIZATIONS
@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 # Trained in full and saved with the adapter (peft `modules_to_save`) when the refiner has them (the spectral
-# correction only with `spectral_correction="affine"`, the spectral MLP only with `spectral_mlp_hidden_size > 0`); matched by name suffix, so these names must not end any
-# other module's name.
+# correction only with `spectral_correction="affine"`, the spectral MLP only with `spectral_mlp_hidden_size > 0`);
+# matched by name suffix, so these names must not end any other module's name.
 TRAINABLE_MODULES = ("metadata_embedding", "fusion", "head", "spectral_correction", "spectral_mlp")
 # Fitted before training (not by the optimiser) and saved with the adapter too (`modules_to_save`): the statistics
 # of the training spectra, with `out_of_range_fallback`.
@@ -479,11 +479,38 @@ def load_trained_model(path: str | Path, quantization: str = "none", device=None
     """A trained refiner in eval mode, from a `save_trained_model` folder (a fresh base, quantized as asked, with the
     adapter applied: a `peft.PeftModel`) or from a full refiner folder (`save_pretrained` / `export_merged_model`:
     a `Stage2RefinerModel`). `path` may be a Hub repo id (`revision`: its branch, tag or commit;
-    `modeling_stage2.hub.download_model_folder`). `device` defaults to the CPU for full precision and to
-    bitsandbytes' choice (the GPU when there is one) for quantized bases."""
+    `modeling_stage2.hub.download_model_folder`: the repo's top-level files; an error about them names them
+    `OWNER/NAME[@REVISION]/FILE`, not by their path in the Hub cache). `device` defaults to the CPU for full precision
+    and to bitsandbytes' choice (the GPU when there is one) for quantized bases."""
     _check_quantization(quantization)
     check_device(device)
     folder = _local_folder(path, revision)
+    if folder != Path(path).expanduser():  # downloaded: named as it was given, not by its path in the Hub cache
+        with _hub_snapshot_named(str(path), revision):
+            return _load_trained_folder(folder, quantization, device)
+    return _load_trained_folder(folder, quantization, device)
+
+
+@contextlib.contextmanager
+def _hub_snapshot_named(repo_id: str, revision: str | None):
+    """An `OSError` / `ValueError` about a downloaded model's files (missing, damaged, another model's) raised again
+    with the Hub cache's snapshot paths written as the model was named (`hub_snapshot_paths_named`: `OWNER/NAME/FILE`,
+    `OWNER/NAME@REVISION/FILE`); the Hub's own errors, and any other type, pass as they are."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        message, renamed = hub_snapshot_paths_named(str(error), repo_id, revision), None
+        if message != str(error) and type(error).__module__ == "builtins":  # the Hub's own errors are left alone
+            try:
+                renamed = type(error)(message)
+            except TypeError:  # a constructor that takes more than a message (UnicodeDecodeError): left as it is
+                pass
+        if renamed is None:
+            raise
+        raise renamed.with_traceback(error.__traceback__) from error.__cause__
+
+
+def _load_trained_folder(folder: Path, quantization: str, device):
     device_map = _device_map(device)
     if check_model_folder(folder) == "adapter":
         from peft import PeftModel
@@ -667,7 +694,8 @@ def _check_json_object(path: Path) -> None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); the folder is damaged, save or download it again.") from None
+        raise ValueError(f"{path}: not valid JSON ({error}); the folder is damaged, save or download it "
+                         "again.") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, expected an object.")
 
@@ -694,7 +722,10 @@ def _check_adapter_files(folder: Path) -> None:
     _check_json_object(folder / ADAPTER_CONFIG_FILE)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'config.json'}: missing; a trained adapter folder holds the refiner's "
-                                f"config beside {ADAPTER_CONFIG_FILE} (written by save_trained_model).")
+                                f"config beside {ADAPTER_CONFIG_FILE} (written by save_trained_model; peft's own "
+                                "save_pretrained / push_to_hub leave it out): save the adapter with "
+                                "modeling_stage2.save_trained_model and push that folder with stage2-push or "
+                                "model_cards.push.push_trained_model.")
     _check_json_object(folder / "config.json")
     _check_safetensors(folder / ADAPTER_WEIGHTS_FILE)
     weights = {folder / ADAPTER_WEIGHTS_FILE: ("base_model.model.", "")}  # peft's names of the refiner's tensors

@@ -2,9 +2,12 @@
 
     download_model_folder("me/stage2-refiner", revision="v1.0")   # a local snapshot of what a model needs
 
-A model folder is downloaded with `snapshot_download` restricted to `MODEL_FILE_PATTERNS` (configs, safetensors
-weights, the card, the preview, the modeling code of `trust_remote_code` repos, exported graphs), so a repo that
-also holds checkpoints, datasets or pickles costs no more than the model, and a pickle is never fetched.
+A model folder is downloaded with `snapshot_download` restricted to the repo's top-level files matching
+`MODEL_FILE_PATTERNS` (configs, safetensors weights, the card, the preview, the modeling code of `trust_remote_code`
+repos, exported graphs), so a repo that also holds checkpoints, datasets or pickles costs no more than the model, and
+a pickle is never fetched. Subfolders are not the model's (`SUBFOLDER_FILES`): the `stage2-export` folder that
+`stage2-push` sends along (`onnx/`, gigabytes for the 600M refiner) is downloaded on its own, when asked for
+(`snapshot_download(repo_id, allow_patterns=["onnx/*"])`, docs/sharing.md).
 
 A download that fails is the user's (`hub_failure_is_users`: no such repo, revision or file, or a private or gated
 repo without access; a command exits 2) or the system's (no connection, a timeout, the Hub failing, outgoing traffic
@@ -21,7 +24,13 @@ HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.md", "*.png", "*.py", "*.onnx", "*.onnx.data", "*.pt2")
 """What a Stage 2 model repo needs: configs and records (json), weights (safetensors), the card (md), the preview,
-modeling code (`--include_code`), exported graphs (`stage2-export`). Never `*.bin` / `*.pt` pickles."""
+modeling code (`--include_code`), exported graphs (`stage2-export`). Never `*.bin` / `*.pt` pickles. Matched in the
+repo's top level only (`SUBFOLDER_FILES`)."""
+
+SUBFOLDER_FILES = "*/*"
+"""The files in a repo's subfolders (a `snapshot_download` pattern: `*` matches `/` too), which a model's download
+leaves out: what a Stage 2 model needs is in the repo's top level, and a subfolder holds something else (a
+`stage2-export` folder such as `onnx/`, its graph as large as the weights)."""
 
 
 DOWNLOAD_FAILED = "downloading it from the Hub failed"
@@ -127,18 +136,19 @@ def hub_failure_line(error: BaseException) -> str:
 
 
 def download_model_folder(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
-                          allow_patterns=MODEL_FILE_PATTERNS) -> Path:
+                          allow_patterns=MODEL_FILE_PATTERNS, ignore_patterns=(SUBFOLDER_FILES,)) -> Path:
     """A local snapshot (the Hub cache) of the model repo `repo_id` at `revision` (branch, tag or commit; default
-    the main branch), holding only the files matching `allow_patterns`. Raises `ValueError` for a name that is not
-    a repo id; the Hub's own errors (offline, missing repo, auth) pass through."""
+    the main branch), holding only the files matching `allow_patterns` and none matching `ignore_patterns` (by
+    default the repo's top-level files: no subfolder, such as an export's `onnx/`). Raises `ValueError` for a name
+    that is not a repo id; the Hub's own errors (offline, missing repo, auth) pass through."""
     if not is_hub_repo_id(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repo id OWNER/NAME.")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=repo_id, revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=list(allow_patterns)))
+                                  allow_patterns=list(allow_patterns), ignore_patterns=list(ignore_patterns)))
 
 
-__all__ = ["DOWNLOAD_FAILED", "HUB_REPO_ID", "MODEL_FILE_PATTERNS", "HubUnavailableError", "download_failure",
-           "download_model_folder", "hub_download_errors", "hub_failure_is_users", "hub_failure_line", "hub_snapshot_paths_named",
-           "is_hub_repo_id", "local_revision_problem"]
+__all__ = ["DOWNLOAD_FAILED", "HUB_REPO_ID", "MODEL_FILE_PATTERNS", "SUBFOLDER_FILES", "HubUnavailableError",
+           "download_failure", "download_model_folder", "hub_download_errors", "hub_failure_is_users",
+           "hub_failure_line", "hub_snapshot_paths_named", "is_hub_repo_id", "local_revision_problem"]

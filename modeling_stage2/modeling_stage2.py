@@ -635,7 +635,26 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' `from_pretrained`. A `quantization_config` (`BitsAndBytesConfig`) that names no
         `llm_int8_skip_modules` quantizes the backbone blocks' linears only (`FULL_PRECISION_MODULES`): the head, the
-        metadata embedding and the colour parts cannot run quantized."""
+        metadata embedding and the colour parts cannot run quantized.
+
+        A local trained adapter folder (`adapter_config.json` beside `config.json`, as `save_trained_model` writes it,
+        and no model weights), which transformers takes for the model itself and says holds no `model.safetensors`,
+        is refused on one line naming `modeling_stage2.load_trained_model`, which loads it (`AutoModel.from_pretrained`
+        comes here too). Without `config.json` transformers loads the base `adapter_config.json` names, with the
+        adapter; a Hub repo id is left to transformers (telling would cost a request)."""
+        from transformers.utils import (
+            ADAPTER_CONFIG_NAME, CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+            WEIGHTS_NAME,
+        )
+
+        if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+            if (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / CONFIG_NAME).is_file() and \
+                    not any((folder / name).is_file() for name in weights):
+                raise OSError(f"{folder}: a trained adapter folder ({ADAPTER_CONFIG_NAME}, no {SAFE_WEIGHTS_NAME}), "
+                              "which from_pretrained does not load: load it with "
+                              f"modeling_stage2.load_trained_model('{folder}').")
         quantization_config = kwargs.get("quantization_config")
         if getattr(quantization_config, "quant_method", None) == "bitsandbytes" and \
                 quantization_config.llm_int8_skip_modules is None:

@@ -129,16 +129,19 @@ def test_a_hub_repo_id_is_owner_slash_name_and_never_a_relative_path(text, expec
 
 
 def test_a_model_download_fetches_code_configs_weights_and_graphs_never_pickles():
-    """The filter `snapshot_download` applies to MODEL_FILE_PATTERNS: remote code (`--include_code`) and exported
-    graphs (`stage2-export`: .pt2, ONNX with its external data) come along; no pickle, no dataset, no checkpoint."""
+    """The filter `download_model_folder` gives `snapshot_download` (MODEL_FILE_PATTERNS, SUBFOLDER_FILES left out):
+    remote code (`--include_code`) and exported graphs at the top level (.pt2, ONNX with its external data) come
+    along; no pickle, no dataset, no checkpoint, and no subfolder (an export `stage2-push` sent along)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from modeling_stage2.hub import MODEL_FILE_PATTERNS
+    from modeling_stage2.hub import MODEL_FILE_PATTERNS, SUBFOLDER_FILES
 
     wanted = ["config.json", "adapter_model.safetensors", "README.md", "preview.png", "modeling_stage2.py",
-              "export/model.pt2", "export/model.onnx", "export/model.onnx.data"]
-    unwanted = ["pytorch_model.bin", "checkpoint-10/optimizer.pt", "data/train.arrow", "training_log.jsonl"]
-    kept = list(filter_repo_objects(wanted + unwanted, allow_patterns=list(MODEL_FILE_PATTERNS)))
+              "model.pt2", "model.onnx", "model.onnx.data"]
+    unwanted = ["pytorch_model.bin", "checkpoint-10/optimizer.pt", "data/train.arrow", "training_log.jsonl",
+                "onnx/model.onnx", "onnx/config.json", "export/model.pt2"]
+    kept = list(filter_repo_objects(wanted + unwanted, allow_patterns=list(MODEL_FILE_PATTERNS),
+                                    ignore_patterns=[SUBFOLDER_FILES]))
     assert kept == wanted
 
 
