@@ -640,8 +640,9 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         A local trained adapter folder (`adapter_config.json` beside `config.json`, as `save_trained_model` writes it,
         and no model weights), which transformers takes for the model itself and says holds no `model.safetensors`,
         is refused on one line naming `modeling_stage2.load_trained_model`, which loads it (`AutoModel.from_pretrained`
-        comes here too). Without `config.json` transformers loads the base `adapter_config.json` names, with the
-        adapter; a Hub repo id is left to transformers (telling would cost a request)."""
+        comes here too). Without `config.json` (peft's own `save_pretrained`) transformers loads the base
+        `adapter_config.json` names, where it names one, with the adapter; a Hub repo id is left to transformers
+        (telling would cost a request)."""
         from transformers.utils import (
             ADAPTER_CONFIG_NAME, CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
             WEIGHTS_NAME,
