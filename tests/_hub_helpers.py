@@ -106,6 +106,9 @@ def configure_hub_client(monkeypatch: pytest.MonkeyPatch, endpoint: str, token: 
         monkeypatch.setattr(cache_manager, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
     _clear_hf_file_system_cache()
 
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):  # its shared HfApi (`push_to_hub`) keeps
+        monkeypatch.setattr(transformers_hub, "_hf_api", None)  # the endpoint it was made with: an earlier server's
     for module_name in ("transformers.utils.hub", "transformers.dynamic_module_utils", "transformers.utils"):
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "HF_MODULES_CACHE"):
