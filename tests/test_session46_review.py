@@ -2,17 +2,9 @@
 given to `Stage2Trainer` is read with the transforms `stage2-train` gives it (the training split augmented with the
 run's seed, the evaluation sets, a dict of them too, not); a plain `BitsAndBytesConfig` quantizes the linears of every
 backbone block, the tenth and later too; `--max_patches` stopping before a patch of an unknown split is no crash; a
-folder named like a set-aside checkpoint but of none is left alone; an ignored SIGINT stays ignored once `main` has
-returned."""
+folder named like a set-aside checkpoint but of none is left alone (an ignored SIGINT once `main` has returned:
+`test_signals.py`)."""
 from __future__ import annotations
-
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -115,34 +107,3 @@ def test_a_folder_named_like_a_set_aside_checkpoint_but_of_no_checkpoint_is_left
     (own / "notes.txt").write_text("mine")
     assert restore_replaced_checkpoints(run) == [] and restore_replaced_checkpoints(tmp_path / "no run yet") == []
     assert (own / "notes.txt").read_text() == "mine" and sorted(run.iterdir()) == sorted([own, checkpoint])
-
-
-# ----------------------------------------------------------------------------------- console scripts
-def test_an_ignored_sigint_stays_ignored_once_the_command_returned(tmp_path):
-    """A command started with SIGINT ignored (a shell's background job, `nohup`) keeps ignoring it during the
-    interpreter's exit: only Python's own Ctrl-C handler gives way to the default action there."""
-    (tmp_path / "exiting_command.py").write_text(textwrap.dedent("""
-        import atexit, sys, time
-        from pathlib import Path
-
-        def slow_exit():
-            Path(sys.argv[1]).write_text("exiting")
-            time.sleep(1)
-
-        def main(argv):
-            atexit.register(slow_exit)
-            return 0
-    """))
-    repository, ready = Path(__file__).resolve().parents[1], tmp_path / "ready"
-    code = "import sys, stage2_scripts; sys.exit(stage2_scripts.run_command('exiting_command:main'))"
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repository)])},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.monotonic() + 60
-    while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert ready.exists(), process.communicate()
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0 and (stdout, stderr) == ("", "")

@@ -185,16 +185,18 @@ def test_the_command_runs_with_pythons_ctrl_c_handler_and_an_ignored_sigint_stay
     assert process.returncode == 3 and stdout == f"{signal.SIG_IGN} {signal.SIG_IGN}\n", stderr
 
 
-def test_ctrl_c_after_the_command_returned_ends_the_exit_at_once_without_a_traceback(tmp_path):
+@pytest.mark.parametrize("disposition, status", [(signal.SIG_DFL, -signal.SIGINT), (signal.SIG_IGN, 0)])
+def test_ctrl_c_after_the_command_returned_ends_the_exit_at_once_without_a_traceback(tmp_path, disposition, status):
     """Once `main` has returned, only the interpreter's exit is left (exit handlers, thread joins): a Ctrl-C there
-    printed a KeyboardInterrupt traceback ("Exception ignored in atexit callback")."""
+    printed a KeyboardInterrupt traceback ("Exception ignored in atexit callback"); it ends the process at once. A
+    command started with SIGINT ignored (a shell's background job, `nohup`) keeps ignoring it there."""
     (tmp_path / "exiting_command.py").write_text(textwrap.dedent("""
         import atexit, sys, time
         from pathlib import Path
 
         def slow_exit():
             Path(sys.argv[1]).write_text("exiting")
-            time.sleep(60)
+            time.sleep(float(sys.argv[2]))
 
         def main(argv):
             atexit.register(slow_exit)
@@ -203,16 +205,17 @@ def test_ctrl_c_after_the_command_returned_ends_the_exit_at_once_without_a_trace
     repository, ready = Path(__file__).resolve().parents[1], tmp_path / "ready"
     code = "import sys, stage2_scripts; sys.exit(stage2_scripts.run_command('exiting_command:main'))"
     process = subprocess.Popen(
-        [sys.executable, "-c", code, str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repository)])},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        [sys.executable, "-c", code, str(ready), "60" if status else "1"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path),
+                                                                                              str(repository)])},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     deadline = time.monotonic() + 60
     while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert ready.exists(), process.communicate()
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == -signal.SIGINT and (stdout, stderr) == ("", "")
+    assert process.returncode == status and (stdout, stderr) == ("", "")
 
 
 # A stop whose cleanup takes a while (a pool to stop, a scratch folder of many files to delete): a second signal
