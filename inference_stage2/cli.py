@@ -9,7 +9,6 @@ from typing import Sequence
 
 import torch
 
-from modeling_stage2._files import output_path_problem
 from modeling_stage2._quiet import no_loading_progress_bars
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.bands import BAND_NAMES
@@ -18,7 +17,7 @@ from modeling_stage2.vocabulary import DECLARED_SCALE, OneLineArgumentParser, on
 
 from .loading import load_model
 from .raster import SceneSource
-from .scenes import SceneRefinementResult, geotiff_name_problem, refine_scene, scene_output_settings
+from .scenes import SceneRefinementResult, refine_scene, scene_output_problem, scene_output_settings
 from .tiles import TileRefinementSummary, is_npz, refine_tiles, tile_inputs
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, INPUT_SCALES, InferenceInputError, OUTPUT_SCALES,
@@ -118,8 +117,8 @@ def _check_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
     args.overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     args.output_scale = args.output_scale or "reflectance"
     for flag, path in (("--output", args.output), ("--out_of_range_output", args.out_of_range_output)):
-        # refine_scene's own check (`geotiff_name_problem`), made here before the model loads, in the flag's name
-        problem = None if path is None else geotiff_name_problem(path) or output_path_problem(path)
+        # refine_scene's own check, made here before the model loads, in the flag's name
+        problem = None if path is None else scene_output_problem(path)
         if problem is not None:
             parser.error(f"{flag} {path}: {problem}")
     if args.month is None or args.biome is None:

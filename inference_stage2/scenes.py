@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from modeling_stage2._files import (
-    fsync_folder, fsync_tree, parents_removed_on_failure, partial_path, remove_abandoned_partials,
+    fsync_folder, fsync_tree, output_path_problem, parents_removed_on_failure, partial_path, remove_abandoned_partials,
 )
 from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
@@ -42,7 +42,9 @@ class SceneRefinementResult:
     whole run; `max_rows_read`: the most scene rows read at once. Both stay at the window height
     whatever the scene's height. `out_of_range_path`: the weight map written (`out_of_range_output`), and
     `out_of_range_fraction` the fraction of valid pixels where the model's `out_of_range_weight` is above 0, written
-    or not (None for a model that reports no weight, or a scene without a valid pixel).
+    or not (None for a model that reports no weight, or a scene without a valid pixel). `nodata`: the value the output
+    declares for nodata pixels, always one (`raster.output_nodata`: NaN in a float output of an input that declares
+    none).
     `input_scale`: how the input was read, `"dn"`, `"reflectance"` or `"declared"` (its bands' declared scale and
     offset applied). `band_order`: which input band (of a 4-band raster) or file (of four) was read as each of
     B02 B03 B04 B08, 0-based: `(0, 1, 2, 3)` unless the bands' descriptions or the files' names put them otherwise.
@@ -62,7 +64,7 @@ class SceneRefinementResult:
     band_order: tuple[int, ...]
     output_scale: str
     dtype: str
-    nodata: float | None
+    nodata: float
     accumulator_shape: tuple[int, ...]
     accumulator_bytes: int
     max_rows_read: int
@@ -90,6 +92,14 @@ def geotiff_name_problem(path: str | os.PathLike) -> str | None:
     if Path(path).suffix.lower() in GEOTIFF_SUFFIXES:
         return None
     return "a scene is written as a GeoTIFF; name it " + " or ".join(f"FILE{suffix}" for suffix in GEOTIFF_SUFFIXES)
+
+
+def scene_output_problem(path: str | os.PathLike) -> str | None:
+    """Why a scene output cannot be written at `path`, or None: a name that is not a GeoTIFF's
+    (`geotiff_name_problem`), a folder already there, a file where a parent folder must be, a folder nothing can be
+    written in (`output_path_problem`). Checked before the input is opened, so that a whole scene is not refined for
+    a last rename that must fail."""
+    return geotiff_name_problem(path) or output_path_problem(path)
 
 
 def _check_window_fits(model: Any, window: int) -> None:
@@ -174,7 +184,7 @@ def refine_scene(
     output_path = Path(output_path)
     weight_path = None if out_of_range_output is None else Path(out_of_range_output)
     for key, path in (("output", output_path), ("out_of_range_output", weight_path)):
-        problem = None if path is None else geotiff_name_problem(path)
+        problem = None if path is None else scene_output_problem(path)
         if problem is not None:
             raise InferenceInputError(f"{key} {path}: {problem}")
     if weight_path is not None and not reports_out_of_range_weight(model):

@@ -90,6 +90,29 @@ def test_refine_scene_refuses_an_output_not_named_as_a_geotiff(outputs, message,
     assert files_in(tmp_path) == ["scene.tif"]
 
 
+@pytest.mark.parametrize("output, weight, message", [
+    ("out.tif", None, "output {tmp}/out.tif: is a folder; give a file path"),
+    ("file/out.tif", None, "output {tmp}/file/out.tif: {tmp}/file is a file, so nothing can be written under it"),
+    ("new.tif", "out.tif", "out_of_range_output {tmp}/out.tif: is a folder; give a file path"),
+])
+def test_refine_scene_refuses_an_output_it_cannot_write_before_reading_the_scene(output, weight, message, tiny_model,
+                                                                                  tmp_path):
+    """From Python the whole scene was refined, then the last rename failed (`IsADirectoryError` naming the partial
+    file) or the folder could not be made (`FileExistsError`). Refused as the command line refuses it, before the
+    input is opened, leaving what was there as it was."""
+    scene = write_geotiff(tmp_path / "scene.tif", smooth_scene(30, 40), nodata=0)
+    (tmp_path / "out.tif").mkdir()
+    (tmp_path / "out.tif" / "kept.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    refiner = Stage2RefinerModel(tiny_refiner_config(near_black_fallback=True)).eval() if weight else tiny_model
+    for input_path in (scene, tmp_path / "missing.tif"):
+        with pytest.raises(InferenceInputError) as raised:
+            refine_scene(refiner, input_path, tmp_path / output, 7, 4, progress=False,
+                         out_of_range_output=None if weight is None else tmp_path / weight)
+        assert str(raised.value) == message.format(tmp=tmp_path)
+    assert files_in(tmp_path) == ["file", "out.tif", "scene.tif"] and files_in(tmp_path / "out.tif") == ["kept.txt"]
+
+
 @pytest.mark.parametrize("dtype, nodata, output_scale, problem", [
     (np.float32, -9999.0, "dn", "input nodata value -9999.0 cannot be stored in the uint16 digital-number output"),
     (np.float64, float(np.finfo(np.float64).min), "reflectance",
