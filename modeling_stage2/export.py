@@ -34,7 +34,7 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -641,35 +641,40 @@ EXPORT_FILES = {*GRAPH_FILES.values(), "model.onnx.data", "config.json", EXPORT_
 subfolder."""
 
 
-def _refuse_foreign_folder(output_dir: Path) -> None:
-    """Replace a folder only when it is empty or holds an earlier export and nothing else."""
+def _refuse_foreign_folder(output_dir: Path, name: str = "output_dir") -> None:
+    """Replace a folder only when it is empty or holds an earlier export and nothing else. `name`: the folder's in
+    the messages (`export_refiner`'s argument; `stage2-export`'s `OUTPUT`)."""
     problem = output_path_problem(output_dir, folder=True)
     if problem is not None:
-        raise ExportError(f"OUTPUT {output_dir}: {problem}")
+        raise ExportError(f"{name} {output_dir}: {problem}")
     if not output_dir.exists():
         return
     entries = sorted(path.name for path in output_dir.iterdir())
     if entries and not (output_dir / EXPORT_INFO_FILE).is_file():
         raise ExportError(
-            f"OUTPUT {output_dir}: holds other files (no {EXPORT_INFO_FILE}); choose a new or empty folder"
+            f"{name} {output_dir}: holds other files (no {EXPORT_INFO_FILE}); choose a new or empty folder"
         )
     others = [name for name in entries if name not in EXPORT_FILES]
     if others:  # replacing the folder would delete them
         raise ExportError(
-            f"OUTPUT {output_dir}: holds an earlier export and other files ({', '.join(others[:5])}"
+            f"{name} {output_dir}: holds an earlier export and other files ({', '.join(others[:5])}"
             f"{' ...' if len(others) > 5 else ''}); move them away or choose a new or empty folder"
         )
 
 
-def _check_options(format: str, opset: int | None, dtype: str) -> None:
+def _check_options(format: str, opset: int | None, dtype: str, named: Callable[[str], str] = str) -> None:
+    """Refuse options the export cannot take, each named by `named(argument)`: `export_refiner`'s argument names, or
+    `stage2-export`'s flags."""
     if format not in FORMATS:
-        raise ExportError(f"--format must be one of {FORMATS}, got {format!r}")
+        raise ExportError(f"{named('format')} must be one of {FORMATS}, got {format!r}")
     if dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        raise ExportError(f"{named('dtype')} must be one of {tuple(DTYPES)}, got {dtype!r}")
     if opset is not None and format != "onnx":
-        raise ExportError("--opset applies to --format onnx only")
+        raise ExportError(f"{named('opset')} applies to {named('format')} onnx only")
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (what the dynamo exporter emits), got {opset}")
+        raise ExportError(
+            f"{named('opset')} must be {MIN_OPSET}..{MAX_OPSET} (what the dynamo exporter emits), got {opset}"
+        )
 
 
 def _check_model_argument(model: str) -> None:
@@ -717,8 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_model_argument(args.model)
-        _check_options(args.format, args.opset, args.dtype)
-        _refuse_foreign_folder(Path(args.output))
+        _check_options(args.format, args.opset, args.dtype, named=lambda argument: f"--{argument}")
+        _refuse_foreign_folder(Path(args.output), "OUTPUT")
         try:
             model, info = merged_refiner(args.model)
         except hub_download_errors() as error:  # the model, or a trained adapter's base, from the Hub

@@ -62,20 +62,42 @@ def test_every_opset_the_help_names_is_taken_and_no_other():
     for opset in (18, 23):
         _check_options("onnx", opset, "float32")
     for opset in (17, 24):
-        with pytest.raises(ExportError, match=rf"--opset must be 18\.\.23 .*got {opset}$"):
+        with pytest.raises(ExportError, match=rf"^opset must be 18\.\.23 .*got {opset}$"):
             _check_options("onnx", opset, "float32")
 
 
-@pytest.mark.parametrize(("arguments", "needle"), [
-    (("tflite", None, "float32"), "--format must be one of ('onnx', 'torch_export'), got 'tflite'"),
-    (("onnx", None, "bfloat16"), "--dtype must be one of ('float32', 'float16'), got 'bfloat16'"),
+@pytest.mark.parametrize(("options", "message"), [
+    ({"format": "tflite"}, "format must be one of ('onnx', 'torch_export'), got 'tflite'"),
+    ({"dtype": "bfloat16"}, "dtype must be one of ('float32', 'float16'), got 'bfloat16'"),
+    ({"opset": 17}, "opset must be 18..23 (what the dynamo exporter emits), got 17"),
+    ({"format": "torch_export", "opset": 18}, "opset applies to format onnx only"),
 ])
-def test_a_wrong_format_or_dtype_through_the_api_is_an_export_error(arguments, needle):
-    """The command line's `choices` guard these; `export_refiner` callers get the same one-line ExportError (not a
-    KeyError after the trace)."""
+def test_export_refiner_names_its_own_arguments_in_its_errors(options, message, tmp_path):
+    """The command line's `choices` guard format and dtype; `export_refiner` callers get the same one-line
+    ExportError (not a KeyError after the trace), naming the function's arguments, not `stage2-export`'s flags
+    (`--opset`), before the model is looked at."""
     with pytest.raises(ExportError) as error:
-        _check_options(*arguments)
-    assert str(error.value) == needle
+        export_refiner(None, tmp_path / "export", **options)
+    assert str(error.value) == message
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_refiner_names_its_output_dir_argument_and_the_command_line_its_output(tmp_path, capsys):
+    from modeling_stage2.export import main as export_main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=f"^output_dir {folder}: holds other files"):
+        export_refiner(None, folder)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert export_main([str(model), str(folder), "--format", "torch_export", "--opset", "18"]) == 2
+    assert capsys.readouterr().err == "stage2-export: error: --opset applies to --format onnx only\n"
+    assert export_main([str(model), str(folder)]) == 2
+    assert capsys.readouterr().err.startswith(f"stage2-export: error: OUTPUT {folder}: holds other files")
+    assert (folder / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize("model", ["no_such_folder", "a/b/c", "./best", "owner/"])
