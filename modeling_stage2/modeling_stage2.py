@@ -38,6 +38,7 @@ exactly.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -599,6 +600,16 @@ FULL_PRECISION_MODULES = rf"(?!backbone\.blocks\.\d+\.(?:{'|'.join(BLOCK_LINEAR_
 module of a refiner but the backbone blocks' linears, whatever its configuration."""
 
 
+def _adapter_base_named(adapter_config: Path) -> bool:
+    """Whether a peft `adapter_config.json` names its base (`base_model_name_or_path`); an unreadable one is left
+    to transformers and peft, which say what is wrong with it."""
+    try:
+        named = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return bool(named)
+
+
 class Stage2RefinerModel(Stage2PreTrainedModel):
     """
     The Stage 2 refiner: `forward(opt_v1, month, biome)` returns the refined image (`opt_v1 + delta`) and, when
@@ -641,8 +652,9 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         and no model weights), which transformers takes for the model itself and says holds no `model.safetensors`,
         is refused on one line naming `modeling_stage2.load_trained_model`, which loads it (`AutoModel.from_pretrained`
         comes here too). Without `config.json` (peft's own `save_pretrained`) transformers loads the base
-        `adapter_config.json` names, where it names one, with the adapter; a Hub repo id is left to transformers
-        (telling would cost a request)."""
+        `adapter_config.json` names, with the adapter; one naming no base (a base built from a config) is refused
+        naming `peft.PeftModel.from_pretrained`, where transformers would ask the Hub for a repo "None". A Hub repo id
+        is left to transformers (telling would cost a request)."""
         from transformers.utils import (
             ADAPTER_CONFIG_NAME, CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
             WEIGHTS_NAME,
@@ -651,11 +663,18 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
         if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
             folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
             weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-            if (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / CONFIG_NAME).is_file() and \
-                    not any((folder / name).is_file() for name in weights):
-                raise OSError(f"{folder}: a trained adapter folder ({ADAPTER_CONFIG_NAME}, no {SAFE_WEIGHTS_NAME}), "
-                              "which from_pretrained does not load: load it with "
-                              f"modeling_stage2.load_trained_model('{folder}').")
+            if (folder / ADAPTER_CONFIG_NAME).is_file() and not any((folder / name).is_file() for name in weights):
+                if (folder / CONFIG_NAME).is_file():
+                    raise OSError(f"{folder}: a trained adapter folder ({ADAPTER_CONFIG_NAME}, no {SAFE_WEIGHTS_NAME}),"
+                                  " which from_pretrained does not load: load it with "
+                                  f"modeling_stage2.load_trained_model('{folder}').")
+                if not _adapter_base_named(folder / ADAPTER_CONFIG_NAME):  # transformers would ask the Hub for "None"
+                    raise OSError(
+                        f"{folder / ADAPTER_CONFIG_NAME}: base_model_name_or_path names no base model (its base was "
+                        "built from a config, not loaded), so from_pretrained cannot find one: build that base and "
+                        f"apply the adapter with peft.PeftModel.from_pretrained(base, '{folder}'), or save the two "
+                        "together with modeling_stage2.save_trained_model."
+                    )
         quantization_config = kwargs.get("quantization_config")
         if getattr(quantization_config, "quant_method", None) == "bitsandbytes" and \
                 quantization_config.llm_int8_skip_modules is None:

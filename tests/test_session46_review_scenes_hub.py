@@ -5,6 +5,7 @@ printed traceback; and the folders `Stage2RefinerModel.from_pretrained` must not
 folder at all with `state_dict=`) beside the one it must (an adapter folder given as `subfolder=`)."""
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 import traceback
@@ -71,6 +72,36 @@ def test_from_pretrained_loads_an_adapter_saved_the_peft_way_onto_its_base(on_a_
     assert not (tmp_path / "peft_way" / "config.json").exists()
     torch.testing.assert_close(refine(Stage2RefinerModel.from_pretrained(tmp_path / "peft_way")), expected,
                                rtol=1e-5, atol=1e-6)  # transformers' LoRA layers, not peft's: rounding apart
+
+
+def test_a_peft_way_adapter_naming_no_base_is_refused_with_what_loads_it(tmp_path):
+    """A base built from a config (`Stage2RefinerModel(config)`), wrapped and saved by peft: `adapter_config.json`
+    names no base (null), and transformers asked the Hub for a repo "None" (~30 s of retries, then "couldn't
+    connect"). Refused at once on one line naming the file, with the loading the message names shown to work.
+    (`AutoModel.from_pretrained` follows the adapter's base before it knows the class: transformers' own.)"""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = Stage2RefinerModel(tiny_refiner_config())
+    _refiner_helpers.wake_up(base)
+    built_again = copy.deepcopy(base)  # the user's base, built again
+    tuned = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv"]))
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    tuned.save_pretrained(tmp_path / "peft_way")
+    adapter_config = tmp_path / "peft_way" / ADAPTER_CONFIG_FILE
+    assert '"base_model_name_or_path": null' in adapter_config.read_text()
+    with pytest.raises(OSError) as raised:
+        Stage2RefinerModel.from_pretrained(tmp_path / "peft_way")
+    message = str(raised.value)
+    assert message.startswith(f"{adapter_config}: base_model_name_or_path names no base model") and \
+        "\n" not in message and "peft.PeftModel.from_pretrained(base, " in message
+    without_adapter = refine(built_again)
+    loaded = PeftModel.from_pretrained(built_again, tmp_path / "peft_way")
+    assert torch.equal(refine(loaded), refine(tuned))
+    assert not torch.allclose(refine(loaded), without_adapter, atol=1e-3)  # the adapter was loaded, and counts
 
 
 def test_a_sharded_full_refiner_with_an_embedded_adapter_is_no_adapter_folder(on_a_local_base, tmp_path):
