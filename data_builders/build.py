@@ -60,7 +60,7 @@ from .degrade import (
     synthesize_opt_v1,
 )
 from ._leaves import model_leaf
-from .cache import ARROW_MARKER, is_arrow_dataset
+from .cache import ARROW_MARKER, DATASET_STATE, is_arrow_dataset
 from .discovery import TileSpec, _list_s1, discover_tiles
 from .encoding import _encode_rows
 from .schema import _metadata_row, dataset_features, metadata_columns
@@ -300,7 +300,7 @@ def _save_split(dataset, split_dir: Path, fingerprint: str) -> None:
                  "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
                  "_output_all_columns": False, "_split": str(dataset.split)}
         info = dataclasses.asdict(dataset.info)
-        (split_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        (split_dir / DATASET_STATE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
         (split_dir / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2),
                                                      encoding="utf-8")
         loaded = Dataset.load_from_disk(str(split_dir))

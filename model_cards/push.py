@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import modeling_stage2
-from data_builders.cache import ARROW_MARKER
+from data_builders.cache import ARROW_MARKER, DATASET_STATE
 from modeling_stage2._files import restore_set_aside
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
@@ -360,16 +360,16 @@ def push_dataset(
 
 
 def _check_saved_dataset(folder: Path) -> None:
-    if not ((folder / ARROW_MARKER).is_file() or (folder / "state.json").is_file()):
+    if not ((folder / ARROW_MARKER).is_file() or (folder / DATASET_STATE).is_file()):
         raise CardError(f"{folder}: not a dataset saved with save_to_disk (no {ARROW_MARKER} or "
-                        f"state.json); {_dataset_hint(folder)}")
+                        f"{DATASET_STATE}); {_dataset_hint(folder)}")
 
 
 def _dataset_hint(folder: Path) -> str:
     """Where the dataset probably is: a training run keeps its Arrow cache two levels down (`_dataset/<key>`)."""
     for parent in (folder, folder.parent):
-        found = sorted(p.parent for p in parent.glob("*/*/dataset_dict.json")) if parent.is_dir() else []
-        found = found or (sorted(p.parent for p in parent.glob("*/dataset_dict.json")) if parent.is_dir() else [])
+        found = sorted(p.parent for p in parent.glob(f"*/*/{ARROW_MARKER}")) if parent.is_dir() else []
+        found = found or (sorted(p.parent for p in parent.glob(f"*/{ARROW_MARKER}")) if parent.is_dir() else [])
         if found:
             return f"pass {found[0]} (the Arrow dataset found there)"
     return "build one with stage2-build-dataset, or pass a run's OUTPUT_DIR/_dataset/<key>"

@@ -191,6 +191,15 @@ def test_a_saved_dataset_whose_state_lists_no_data_files_key_is_not_called_empty
         assert empty_split_problem(path) is None
 
 
+def test_the_saved_dataset_file_names_are_datasets_own():
+    """Restated in `data_builders.cache` so that telling a saved dataset imports no datasets; the names
+    `save_to_disk` writes are the ones read."""
+    from data_builders.cache import ARROW_MARKER, DATASET_STATE
+
+    assert (ARROW_MARKER, DATASET_STATE) == (datasets.config.DATASETDICT_JSON_FILENAME,
+                                             datasets.config.DATASET_STATE_JSON_FILENAME)
+
+
 def test_torch_formatted_image_rows_that_cannot_be_stacked_are_refused():
     """In torch format ragged rows reach the transform as a list of tensors, which was passed on unrotated."""
     from data_builders.augment import TileTransform
