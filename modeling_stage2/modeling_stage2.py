@@ -600,6 +600,15 @@ FULL_PRECISION_MODULES = rf"(?!backbone\.blocks\.\d+\.(?:{'|'.join(BLOCK_LINEAR_
 module of a refiner but the backbone blocks' linears, whatever its configuration."""
 
 
+def _quantized_outside_backbone(model: nn.Module) -> list[str]:
+    """The modules outside the backbone (head, metadata embedding, colour parts) that bitsandbytes replaced: none
+    can run quantized (an 8-bit linear in the head fails on its 4-D input)."""
+    import bitsandbytes as bnb  # installed: transformers quantized with it
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) and not name.startswith("backbone.")]
+
+
 def _adapter_base_named(adapter_config: Path) -> bool:
     """Whether a peft `adapter_config.json` names its base (`base_model_name_or_path`); an unreadable one is left
     to transformers and peft, which say what is wrong with it."""
@@ -646,7 +655,8 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' `from_pretrained`. A `quantization_config` (`BitsAndBytesConfig`) that names no
         `llm_int8_skip_modules` quantizes the backbone blocks' linears only (`FULL_PRECISION_MODULES`): the head, the
-        metadata embedding and the colour parts cannot run quantized.
+        metadata embedding and the colour parts cannot run quantized; a list of the caller's own that leaves one of
+        them quantized is refused once loaded (a `ValueError`, not a tensor-size error at the first forward).
 
         A local trained adapter folder (`adapter_config.json` beside `config.json`, as `save_trained_model` writes it,
         and no model weights), which transformers takes for the model itself and says holds no `model.safetensors`,
@@ -676,11 +686,22 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
                         "together with modeling_stage2.save_trained_model."
                     )
         quantization_config = kwargs.get("quantization_config")
-        if getattr(quantization_config, "quant_method", None) == "bitsandbytes" and \
-                quantization_config.llm_int8_skip_modules is None:
+        bitsandbytes = getattr(quantization_config, "quant_method", None) == "bitsandbytes"
+        if bitsandbytes and quantization_config.llm_int8_skip_modules is None:
             kwargs["quantization_config"] = copy.deepcopy(quantization_config)
             kwargs["quantization_config"].llm_int8_skip_modules = [FULL_PRECISION_MODULES]
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        quantized = _quantized_outside_backbone(model) if bitsandbytes else []
+        if quantized:  # found now, not as a tensor-size error at the first forward
+            raise ValueError(
+                f"quantization_config.llm_int8_skip_modules {quantization_config.llm_int8_skip_modules} leaves "
+                f"{', '.join(quantized[:3])}{' ...' if len(quantized) > 3 else ''} quantized, which cannot run so "
+                "(only the backbone's linears can): add "
+                "modeling_stage2.adapters.modules_kept_in_full_precision(config) to the list, or leave "
+                "llm_int8_skip_modules unset"
+            )
+        return loaded
 
     def forward(
         self,

@@ -110,6 +110,12 @@ def test_a_plain_bits_and_bytes_config_quantizes_the_backbone_blocks_only(tmp_pa
         *modules_kept_in_full_precision(tiny_refiner_config()), "backbone.blocks.0"])
     assert quantized_names(Stage2RefinerModel.from_pretrained(tmp_path / "base", quantization_config=own)) == [
         name for name in expected_names if not name.startswith("backbone.blocks.0.")]
+    head_too = BitsAndBytesConfig(**BNB_CONFIGS[quantization], llm_int8_skip_modules=["patch_embed"])
+    for loader in (Stage2RefinerModel, AutoModel):  # the head quantized: a tensor-size error at the first forward
+        with pytest.raises(ValueError, match=r"^quantization_config\.llm_int8_skip_modules \['patch_embed'\] leaves "
+                                             r"metadata_embedding\.\S+, \S+, head\.\S+ \.\.\. quantized, which "
+                                             r"cannot run so .*modules_kept_in_full_precision\(config\)"):
+            loader.from_pretrained(tmp_path / "base", quantization_config=head_too)
     if quantization == "8bit":  # peft's own way onto such a base: the adapter's outputs, to the bit
         trained = build_trainable_model(model_name_or_path=tmp_path / "base", quantization="8bit", print_summary=False)
         wake_up(trained)
