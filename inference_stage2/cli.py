@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from modeling_stage2._files import is_system_failure
 from modeling_stage2._quiet import no_loading_progress_bars
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.bands import BAND_NAMES
@@ -206,6 +207,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except HubUnavailableError as error:  # the Hub out of reach or failing, nothing cached: not the input's fault
         print(f"stage2-refine: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full disk (1), a folder the user can mend (2): the outputs written are whole
+        output = f"--output {args.output}" if args.output is not None else f"--output_dir {args.output_dir}"
+        where = "" if error.filename else f"{output}: "  # a write to a handle names no file
+        print(f"stage2-refine: error: {where}{error}", file=sys.stderr)
+        return 1 if is_system_failure(error) else 2
 
 
 def _report_tiles(summary: TileRefinementSummary) -> None:

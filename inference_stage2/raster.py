@@ -2,6 +2,7 @@
 output's dtype, nodata and profile."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import warnings
@@ -474,3 +475,19 @@ def output_profile(source: SceneSource, dtype: np.dtype, nodata: float | None,
         "BIGTIFF": "IF_SAFER",
     }
     return profile
+
+
+def check_written_whole(path: str | os.PathLike, name: str | os.PathLike) -> None:
+    """Read every block of the GeoTIFF just written at `path` (a partial file, later renamed to `name`) back, or raise
+    an `OSError` (EIO) naming `name`. GDAL flushes its block cache as the file closes, and a block it cannot write
+    there (a full disk, a quota) is only reported to GDAL's error handler: the file closes as if complete, cut short.
+    Reading it back costs a fraction of refining it, and nothing else tells."""
+    rasterio = require_rasterio()
+    try:
+        with rasterio.open(path) as written:
+            for _, window in written.block_windows(1):
+                written.read(window=window)
+    except (rasterio.errors.RasterioError, OSError) as error:
+        reason = " ".join(str(error).split())
+        raise OSError(errno.EIO, f"the GeoTIFF could not be written whole (reading it back: {reason}); is the disk "
+                                 "full? Nothing was replaced", os.fspath(name)) from error

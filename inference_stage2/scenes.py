@@ -19,7 +19,8 @@ from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .predict import predict, reports_out_of_range_weight
 from .raster import (
-    SceneSource, output_dtype, output_nodata, output_profile, output_scaling, require_rasterio, to_output,
+    SceneSource, check_written_whole, output_dtype, output_nodata, output_profile, output_scaling, require_rasterio,
+    to_output,
 )
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, InferenceInputError, OUTPUT_SCALES,
@@ -229,6 +230,9 @@ def refine_scene(
                     model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
                     scaling, device, progress, reports_out_of_range_weight(model), weight_destination,
                 )
+            for path, name in ((partial, target), (weight_partial, weight_path)):
+                if path is not None:
+                    check_written_whole(path, name)
             written = True
             for path in (weight_partial, partial):  # one flush a scene, on the disk before a name vouches for it
                 if path is not None:

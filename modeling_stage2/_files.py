@@ -44,9 +44,10 @@ def is_hidden(name: str | os.PathLike) -> bool:
     return os.path.basename(os.fspath(name)).startswith(".")
 
 
-# What an OSError says of the machine rather than of the input: a full disk or quota, an I/O error, no memory. A
-# command exits 1 on them (a failure that is not the input's), 2 on the others it names (a missing or unreadable file).
-SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM})
+# What an OSError says of the machine rather than of the input: a full disk or quota, a file past the file system's
+# or the process's size limit, an I/O error, no memory. A command exits 1 on them (a failure that is not the input's),
+# 2 on the others it names (a missing or unreadable file).
+SYSTEM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ENOMEM})
 
 
 def is_system_failure(error: BaseException) -> bool:
