@@ -40,10 +40,25 @@ DOWNLOAD_FAILED = "downloading it from the Hub failed"
 def download_failure(name: str | os.PathLike) -> str:
     """How a command's line begins when downloading the model `name` (a repo id) failed, before the Hub's reason:
     saying first that no local folder has the name, since `OWNER/NAME` is a relative path too and a mistyped local
-    path (`run1/bestx` for `run1/best`) is taken for a repo id; a local folder's failure is its base's download."""
-    if Path(name).expanduser().is_dir():
+    path (`run1/bestx` for `run1/best`) is taken for a repo id, and where `OWNER` is a local folder, what it holds
+    (`not a local folder (run1/ holds best, logs)`); a local folder's failure is its base's download."""
+    path = Path(name).expanduser()
+    if path.is_dir():
         return "downloading its base from the Hub failed"
-    return f"not a local folder, and {DOWNLOAD_FAILED}"
+    return f"not a local folder{_local_folder_holds(path.parent)}, and {DOWNLOAD_FAILED}"
+
+
+def _local_folder_holds(folder: Path, shown: int = 5) -> str:
+    """` (FOLDER/ holds A, B ...)`: the folders in `folder` (not hidden), where it is a local folder beside the one
+    asked for; "" otherwise."""
+    if folder in (Path(""), Path(".")) or not folder.is_dir():
+        return ""
+    try:
+        names = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    except OSError:
+        return ""
+    held = ", ".join(names[:shown]) + (" ..." if len(names) > shown else "") if names else "no folder"
+    return f" ({folder}/ holds {held})"
 
 
 def hub_snapshot_paths_named(message: str, repo_id: str, revision: str | None = None,

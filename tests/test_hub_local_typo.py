@@ -17,8 +17,8 @@ from modeling_stage2.hub import download_failure
 hub_server, dead_hub = _hub_helpers.hub_server, test_hub.dead_hub  # the fixtures (a loopback Hub, a Hub out of reach)
 
 TYPO = "run1/bestx"
-SAID = f"{TYPO}: not a local folder, and downloading it from the Hub failed ("
-"""How the line names the model: no local folder first, then the Hub's reason."""
+SAID = f"{TYPO}: not a local folder (run1/ holds best), and downloading it from the Hub failed ("
+"""How the line names the model: no local folder first (and what the local `run1/` holds), then the Hub's reason."""
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,17 @@ def test_a_local_folder_s_failure_is_its_base_s(in_a_run_folder):
     local folder'."""
     assert download_failure("run1/best") == "downloading its base from the Hub failed"
     assert download_failure(TYPO) == SAID.removeprefix(f"{TYPO}: ").removesuffix(" (")
+
+
+def test_what_a_local_owner_folder_holds_is_said_and_nothing_where_there_is_none(tmp_path, monkeypatch):
+    """`runs/tny` for `runs/tiny`: the folders `runs/` holds (hidden ones left out, five at most) point at the typo;
+    a repo id whose owner is no local folder reads as before."""
+    monkeypatch.chdir(tmp_path)
+    assert download_failure("someone/refiner") == "not a local folder, and downloading it from the Hub failed"
+    (tmp_path / "runs").mkdir()
+    assert download_failure("runs/tny").startswith("not a local folder (runs/ holds no folder), and downloading")
+    for name in ("tiny", ".ipynb_checkpoints", "a", "b", "c", "d", "e"):
+        (tmp_path / "runs" / name).mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("x")
+    assert download_failure("runs/tny") == ("not a local folder (runs/ holds a, b, c, d, e ...), and downloading it "
+                                            "from the Hub failed")
