@@ -264,9 +264,10 @@ def _report_scene(result: SceneRefinementResult) -> None:
 
 
 def rejection_line(path: str, reason: str) -> str:
-    """The line naming a rejected tile. A reason names the file it is about, most often the tile itself, and is then
-    printed alone; one about another file (its Stage 1 output, whose path may hold the tile's) follows the tile."""
-    return f"rejected: {reason}" if reason.startswith(f"{path}: ") else f"rejected {path}: {reason}"
+    """The line naming a rejected tile, `rejected: ` then the tile: a reason names the file it is about, most often
+    the tile itself, and is then printed alone; one about another file (its Stage 1 output, whose path may hold the
+    tile's) follows the tile."""
+    return f"rejected: {reason}" if reason.startswith(f"{path}: ") else f"rejected: {path}: {reason}"
 
 
 def _kept_line(fraction: float | None) -> str:

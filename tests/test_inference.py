@@ -803,7 +803,7 @@ def test_tiles_with_stage1_input_use_opt_v1_and_report_metrics(few_tiles, tmp_pa
     tile, reason = summary.rejected[0]
     assert reason.startswith(f"{stage1 / next(iter(opt_v1))}: ")
     for spelling in (tile, Path(tile).name):  # as found in a folder, as given from within it
-        assert rejection_line(spelling, reason) == f"rejected {spelling}: {reason}"
+        assert rejection_line(spelling, reason) == f"rejected: {spelling}: {reason}"  # one form: `rejected: TILE`
     assert rejection_line(tile, f"{tile}: truncated") == f"rejected: {tile}: truncated"  # the tile's own problem
 
 
