@@ -47,6 +47,50 @@ def empty_split_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+ARROW_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+"""The end-of-stream marker that closes every Arrow IPC stream pyarrow writes (a saved dataset's `.arrow` files are
+streams): a file cut short at a record batch's boundary reads without an error, with fewer rows, but lacks it."""
+
+
+def damaged_file_problem(path: str | os.PathLike) -> str | None:
+    """Why the saved dataset at `path` cannot be read whole: an Arrow file a split lists (its `state.json`) is missing,
+    or damaged or cut short (an interrupted copy), which `datasets.load_from_disk` fails on deep inside pyarrow, or
+    loads with rows missing. One line naming the first such file; None where every file is whole, or where `path` is
+    no saved dataset (the caller's own error says so). Reads no row: the stream's messages over a memory map (their
+    headers; the bodies are not touched) and its last 8 bytes, the end-of-stream marker."""
+    import pyarrow as pa
+
+    path = Path(path)
+    try:
+        splits = json.loads((path / ARROW_MARKER).read_text())["splits"] if is_arrow_dataset(path) else [None]
+        folders = [path / split if split else path for split in splits]
+        files = [(folder, folder / entry["filename"]) for folder in folders
+                 for entry in json.loads((folder / DATASET_STATE).read_text()).get("_data_files") or []]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable records: not this problem
+        return None
+    for folder, file in files:
+        if not file.is_file():
+            return f"{file}: missing (listed in {folder / DATASET_STATE}); build or copy the dataset again"
+        try:
+            with pa.memory_map(str(file)) as source:
+                for _ in pa.ipc.open_stream(source):  # zero-copy: each record batch's header only
+                    pass
+            with open(file, "rb") as stream:
+                stream.seek(max(file.stat().st_size - len(ARROW_STREAM_END), 0))
+                if stream.read() != ARROW_STREAM_END:
+                    raise ValueError("no end-of-stream marker")
+        except (OSError, ValueError, pa.ArrowException) as error:
+            return f"{file}: damaged or cut short ({error}); build or copy the dataset again"
+    return None
+
+
+def saved_dataset_problem(path: str | os.PathLike) -> str | None:
+    """Why the saved dataset at `path` cannot be loaded (`empty_split_problem`, `damaged_file_problem`): one line; None
+    where it can, or where `path` is no saved dataset. What `stage2-train`, `stage2-evaluate` and `stage2-inspect`
+    check before they load one."""
+    return empty_split_problem(path) or damaged_file_problem(path)
+
+
 def _files_read(folder: Path, tiles: bool) -> list[Path]:
     """The files a build reads in `folder`: the tiles and sidecars of its split folders (`tiles`, the discovery's
     rule: symlinked ones too), or its Stage 1 files. Nothing else under it counts: a run or its cache kept inside the

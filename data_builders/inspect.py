@@ -19,7 +19,7 @@ import numpy as np
 
 from ._leaves import model_leaf
 from .build import opt_v1_settings, read_build_info
-from .cache import empty_split_problem
+from .cache import saved_dataset_problem
 from .schema import CORE_COLUMNS
 from .tiles import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
 
@@ -42,11 +42,14 @@ def load_splits(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a folder written by stage2-build-dataset")
+    problem = saved_dataset_problem(path)  # before loading: a file cut short at a record batch loads, rows missing
+    if problem is not None:
+        raise ValueError(problem)
     try:
         loaded = load_from_disk(str(path))
     except Exception as exc:
-        raise ValueError(empty_split_problem(path) or f"{path} is not a saved dataset ({exc}); pass a folder written "
-                         "by stage2-build-dataset") from None
+        raise ValueError(f"{path} is not a saved dataset ({exc}); pass a folder written by stage2-build-dataset"
+                         ) from None
     splits = {str(loaded.split or "data"): loaded} if isinstance(loaded, Dataset) else dict(loaded)
     if not splits:  # a DatasetDict saved without a split: nothing to describe (and no first split to read)
         raise ValueError(f"{path} is a saved DatasetDict without any split; pass a folder written by "

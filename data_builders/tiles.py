@@ -57,6 +57,7 @@ def dn_to_reflectance(values: np.ndarray, out: Optional[np.ndarray] = None) -> n
         out = np.empty(np.shape(values), dtype=np.float32)
     return np.multiply(values, DN_SCALE, out=out, dtype=np.float64, casting="same_kind")
 
+
 FLOAT_REFLECTANCE_LIMIT = 10.0
 """Float bands above this are digital numbers stored as floats, not reflectance (bright snow and
 clouds reach about 1.5-2)."""
@@ -150,6 +151,8 @@ def read_sidecar(path: str | Path) -> dict:
         raise TileError(path, None, f"sidecar is not valid JSON ({exc}); fix or delete the file") from None
     except RecursionError:
         raise TileError(path, None, "sidecar nests too deeply to read; flatten it or delete the file") from None
+    except ValueError as exc:  # valid JSON Python will not read: an integer of more than sys.get_int_max_str_digits()
+        raise TileError(path, None, f"sidecar cannot be read ({exc}); fix or delete the file") from None
     if not isinstance(data, dict):
         raise TileError(path, None, f"sidecar must hold a JSON object, got {type(data).__name__}")
     return data
@@ -459,14 +462,26 @@ def _refuse_float_digital_numbers(path: Path, key: str | None, reflectance: np.n
 
 def check_reflectance_floor(path: Path, target: np.ndarray) -> None:
     """Reject a band reaching below `REFLECTANCE_MIN` (invalid pixels are already 0)."""
-    lowest = target.reshape(len(target), -1).min(axis=1)
+    below = reflectance_floor_problem(target)
+    if below is not None:
+        raise TileError(path, BAND_KEYS[below[0]], below[1])
+
+
+def reflectance_floor_problem(reflectance: np.ndarray,
+                              valid: Optional[np.ndarray] = None) -> Optional[tuple[int, str]]:
+    """`(band index, problem)` of the band of `reflectance` (4, H, W) reaching lowest below `REFLECTANCE_MIN`, or
+    None: the one rule of tiles and scenes. Only the `valid` pixels (H, W) count where given; NaN never does."""
+    floor = np.float32(REFLECTANCE_MIN)  # float32 -0.1 itself is accepted
+    flat = reflectance.reshape(len(reflectance), -1)
+    lowest = np.fmin.reduce(flat, axis=1, initial=np.inf)  # NaN left out
+    if valid is not None and (lowest < floor).any():  # nodata values (-9999) do not count: a second, masked pass
+        kept = valid.reshape(-1)
+        lowest = np.array([np.fmin.reduce(band[kept], initial=np.inf) for band in flat])
     band = int(np.argmin(lowest))
-    if lowest[band] < np.float32(REFLECTANCE_MIN):  # float32 -0.1 itself is accepted
-        raise TileError(
-            path, BAND_KEYS[band],
-            f"reflectance down to {float(lowest[band]):g}, below the tolerance of {REFLECTANCE_MIN:g} "
-            "(L2A's BOA offset); a wrong offset or scale?",
-        )
+    if not lowest[band] < floor:
+        return None
+    return band, (f"reflectance down to {float(lowest[band]):g}, below the tolerance of {REFLECTANCE_MIN:g} "
+                  "(L2A's BOA offset); a wrong offset or scale?")
 
 
 def read_scalar(path: Path, arrays: dict, key: str, low: int, high: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -124,7 +125,9 @@ def predict(
 ) -> Prediction:
     """Run the model on finite float32 reflectance (N, 4, H, W) in batches -> its [`Prediction`].
 
-    The model runs in eval mode; it (and each of its modules) is left in the mode it was in.
+    The model runs in eval mode; it (and each of its modules) is left in the mode it was in. Its input is finite
+    everywhere (invalid pixels filled), so a NaN or Inf in its output is the model's: an `InferenceInputError` naming
+    the model and the count (`non_finite_output_problem`), never an output of NaN or nodata.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise InferenceInputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
@@ -146,6 +149,9 @@ def predict(
     finally:
         for module, training in modes:
             module.training = training
+    problem = non_finite_output_problem(model, refined, weights)
+    if problem is not None:
+        raise InferenceInputError(problem)
     if not weights:  # no image: the model never ran; the weight is there, empty, where the model reports one
         shape = (0, *reflectance.shape[2:])
         return Prediction(refined, np.empty(shape, np.float32) if reports_out_of_range_weight(model) else None)
@@ -154,6 +160,30 @@ def predict(
     if any(weight is None for weight in weights):
         raise RuntimeError("the model returned out_of_range_weight for some batches only")
     return Prediction(refined, np.concatenate(weights))
+
+
+def model_name(model: Any) -> str:
+    """How a message names `model`: the folder or file it was loaded from where it says so (a trained adapter's
+    `stage2_folder`, an exported graph's `graph_file`, a full model's `name_or_path`), else its class."""
+    for attribute in ("stage2_folder", "graph_file", "name_or_path"):
+        where = getattr(model, attribute, None)
+        if isinstance(where, (str, os.PathLike)) and str(where):
+            return f"model {where}"
+    return f"the model ({type(model).__name__})"
+
+
+def non_finite_output_problem(model: Any, refined: np.ndarray,
+                              weights: Sequence[np.ndarray | None] = ()) -> str | None:
+    """Why the outputs of `model` for finite input cannot be used, or None: NaN or Inf values (weights that are, a
+    training that diverged), which would be written as NaN, or as nodata in a scene. One `np.isfinite` pass."""
+    outputs = [("refined", refined)] + [(OUT_OF_RANGE_WEIGHT, weight) for weight in weights if weight is not None]
+    counts = [(name, values.size - int(np.count_nonzero(np.isfinite(values))), values.size)
+              for name, values in outputs]
+    bad = [f"{count} of {size} {name} values" for name, count, size in counts if count]
+    if not bad:
+        return None
+    return (f"{model_name(model)} returned NaN/Inf for finite input ({', '.join(bad)}): its weights are not finite "
+            "(a training that diverged?) or overflow; nothing is written from them")
 
 
 def _as_numpy(values: Any) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_builders.tiles import DN_SCALE
+from data_builders.tiles import DN_SCALE, reflectance_floor_problem
 from modeling_stage2.bands import BAND_NAMES, PIXEL_SIZE_M
 from modeling_stage2.vocabulary import DECLARED_SCALE, install_hint
 
@@ -278,7 +278,8 @@ class SceneSource:
                        valid: np.ndarray | None = None) -> np.ndarray:
         """Bands read by `read_rows` as float32 reflectance, under the resolved `input_scale`. With `warn`, values
         that look like digital numbers give a warning, judged on the `valid` pixels only (`valid_mask`): nodata
-        values (0, -9999) would pull the median down."""
+        values (0, -9999) would pull the median down. A band whose valid pixels reach below `REFLECTANCE_MIN` is
+        refused as a tile's is (`data_builders.tiles.reflectance_floor_problem`), naming the file and the band."""
         if input_scale != DECLARED_SCALE:
             reflectance = to_reflectance(values, input_scale, str(self.paths[0]), warn=False)
             source = str(self.paths[0])
@@ -291,6 +292,13 @@ class SceneSource:
             refuse_float32_overflow(values, reflectance, "dn", source)
         if warn and input_scale != "dn":
             warn_if_looks_like_dn(reflectance if valid is None else reflectance[:, valid], source)
+        below = reflectance_floor_problem(reflectance, valid)
+        if below is not None:  # all zeros once refined: a wrong offset or scale, not an L2A product
+            band, problem = below
+            path = self._band_paths()[band]
+            declared = (f" (its declared scale {self.declared_scaling[band][0]:g} and offset "
+                        f"{self.declared_scaling[band][1]:g} applied)" if input_scale == DECLARED_SCALE else "")
+            raise InferenceInputError(f"{path}: band {BAND_NAMES[band]}{declared}: {problem}")
         return reflectance
 
     def _band_paths(self) -> list[Path]:

@@ -90,7 +90,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     records of the NPZ tiles the conversion left out (`report_rejected_tiles`)."""
     from datasets import load_from_disk
 
-    from data_builders.cache import dataset_cache_key, empty_split_problem, is_arrow_dataset
+    from data_builders.cache import dataset_cache_key, is_arrow_dataset, saved_dataset_problem
 
     path = Path(data)
     if not path.is_dir():
@@ -98,7 +98,7 @@ def load_dataset_dict(data: str, stage1_dir=None, input_mode=None, seed=0, cache
     if is_arrow_dataset(path):
         from data_builders.build import saved_opt_v1_problem
 
-        problem = empty_split_problem(path) or saved_opt_v1_problem(path, stage1_dir, input_mode, flag="--data")
+        problem = saved_dataset_problem(path) or saved_opt_v1_problem(path, stage1_dir, input_mode, flag="--data")
         if problem is not None:
             raise ValueError(problem)
         dataset_dict = load_from_disk(str(path))
@@ -249,7 +249,7 @@ def _run(args, cache_dir) -> dict:
     from modeling_stage2.adapters import check_device, check_model_folder
 
     from training.bootstrap import format_bootstrap_table
-    from training.metrics import baseline_labels, format_metrics_table
+    from training.metrics import baseline_labels, format_metrics_table, not_finite_metrics
 
     check_device(args.device)  # a mistyped or absent device too: the model loads only after the data and the fit
     if Path(args.model).expanduser().is_dir():  # a damaged model is named before the data are converted
@@ -295,6 +295,11 @@ def _run(args, cache_dir) -> dict:
     if "bootstrap" in results:
         print()
         print(format_bootstrap_table(results["bootstrap"], results["n_tiles"], baseline_labels(results)))
+    not_finite = not_finite_metrics(results)
+    if not_finite:  # the model's output was NaN/Inf on valid pixels: no result to record, an error (exit 2)
+        raise ValueError(f"--model {args.model}: its refined output is NaN/Inf on valid pixels of split {args.split!r} "
+                         f"({', '.join(not_finite)} n/a above): its weights are not finite (a training that "
+                         f"diverged?){'; --json not written' if args.json else ''}")
     if args.json:
         from modeling_stage2._files import write_json
 

@@ -17,7 +17,8 @@ Metrics (`METRIC_NAMES`), each over the valid pixels of a whole evaluation set:
 "Pooled" means every valid pixel of the set weighs the same, whatever tile it is in: the set
 value is not the mean of per-tile values. Everything reduces to per-tile sums and counts
 (`TILE_STATISTICS`), which add up exactly across batches, processes and the `evaluate` module
-in `training/stage2_metric`. A metric with no counted pixel in the set is NaN.
+in `training/stage2_metric`. A metric with no counted pixel in the set is NaN, and so is every metric of a set where
+an output is NaN or Inf on a valid pixel (`not_finite_metrics`): no target is met by it.
 
 NDVI, EVI, the spectral angle and the Sobel filter are those of `training.losses`, so the losses
 and the metrics agree.
@@ -81,6 +82,7 @@ TILE_STATISTICS: tuple[str, ...] = (
     "ssim_pixels",  # number of SSIM window positions whose 11x11 window is valid
     "ssim_sum",  # sum over those of the band-mean SSIM
 )
+_ERROR_SUMS = tuple(name for name in TILE_STATISTICS if name.endswith("_sum"))  # the sums of the output's errors
 
 
 # ----------------------------------------------------------------------------- SSIM
@@ -138,7 +140,8 @@ def tile_statistics(output, target, opt_v1, valid_mask=None) -> dict[str, torch.
     Returns:
         dict of float64 tensors of shape (B,).
     """
-    output, target, opt_v1 = (_as_tensor(n, v) for n, v in zip(("output", "target", "opt_v1"), (output, target, opt_v1)))
+    output, target, opt_v1 = (_as_tensor(n, v)
+                             for n, v in zip(("output", "target", "opt_v1"), (output, target, opt_v1)))
     check_image("output", output)
     check_same_shape(output=output, target=target, opt_v1=opt_v1)
     if valid_mask is not None:
@@ -169,6 +172,11 @@ def tile_statistics(output, target, opt_v1, valid_mask=None) -> dict[str, torch.
     else:  # tiles smaller than the SSIM window have no SSIM
         zeros = torch.zeros(output.shape[0], dtype=torch.float64, device=output.device)
         stats["ssim_pixels"], stats["ssim_sum"] = zeros, zeros.clone()
+    # An output that is not finite on a valid pixel makes every sum of its tile NaN: the guarded arithmetic reads NaN
+    # and Inf as small errors in places (the Sobel magnitude's `safe_sqrt` as 0), which would meet their targets.
+    finite = torch.isfinite(output).flatten(1).all(dim=1)  # invalid pixels are 0 here
+    for name in _ERROR_SUMS:
+        stats[name] = torch.where(finite, stats[name], math.nan)
     return {name: stats[name] for name in TILE_STATISTICS}
 
 
@@ -177,7 +185,8 @@ def paired_tile_statistics(refined, target, opt_v1, valid_mask=None) -> dict[str
 
     Returns `{"refined": {...}, "opt_v1": {...}}`, each a dict of (B,) float64 tensors.
     """
-    refined, target, opt_v1 = (_as_tensor(n, v) for n, v in zip(("refined", "target", "opt_v1"), (refined, target, opt_v1)))
+    refined, target, opt_v1 = (_as_tensor(n, v)
+                              for n, v in zip(("refined", "target", "opt_v1"), (refined, target, opt_v1)))
     check_image("refined", refined)
     check_same_shape(refined=refined, target=target, opt_v1=opt_v1)
     batch = refined.shape[0]
@@ -332,6 +341,13 @@ def _format_value(name: str, value: float, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def not_finite_metrics(results: Mapping) -> list[str]:
+    """The metrics of `results` (`MetricAccumulator.compute()`) that are NaN or Inf for the refined output while finite
+    for `opt_v1`: those of an output that was not finite on a valid pixel (`tile_statistics`); none otherwise."""
+    return [name for name in METRIC_NAMES
+            if not math.isfinite(results["refined"][name]) and math.isfinite(results["opt_v1"][name])]
+
+
 def _meets_target(name: str, value: float) -> str:
     if name not in DESIGN_TARGETS:
         return "-"
@@ -392,6 +408,7 @@ __all__ = [
     "evaluate_pair",
     "format_metrics_table",
     "metrics_from_statistics",
+    "not_finite_metrics",
     "paired_tile_statistics",
     "per_tile_metrics",
     "ssim_map",

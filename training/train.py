@@ -473,10 +473,10 @@ def _check_data_folder(data_args, tiles: bool = True) -> None:
         raise MissingInputError(f"--data_dir {data_dir}: no such folder.")
     if is_arrow_dataset(data_dir):
         from data_builders.build import saved_opt_v1_problem
-        from data_builders.cache import empty_split_problem
+        from data_builders.cache import saved_dataset_problem
 
-        problem = empty_split_problem(data_dir) or saved_opt_v1_problem(data_dir, data_args.stage1_dir,
-                                                                        data_args.input_mode)
+        problem = saved_dataset_problem(data_dir) or saved_opt_v1_problem(data_dir, data_args.stage1_dir,
+                                                                          data_args.input_mode)
         if problem is not None:
             raise UsageError(problem)
         return
@@ -495,15 +495,22 @@ def tiles_cache_key(data_dir: str | os.PathLike, *args, flag: str, **kwargs) -> 
         raise MissingInputError(str(error)) from None
 
 
-def _check_arrow_splits(data_args) -> None:
-    """A saved Arrow dataset has the training and the validation split (NPZ tiles: checked once converted)."""
+def _check_splits(data_args) -> None:
+    """The dataset has the training and the validation split: a saved Arrow dataset by its `dataset_dict.json`, NPZ
+    tiles by the conversion's own discovery (`discover_tiles`: the split folders and the sidecars' `split`, one small
+    JSON read per tile), before any tile is converted. `prepare_splits` checks again once they are: a tile can still be
+    rejected when its pixels are read."""
     data_dir = Path(data_args.data_dir)
-    if not is_arrow_dataset(data_dir):
-        return
-    try:
-        splits = json.loads((data_dir / ARROW_MARKER).read_text(encoding="utf-8")).get("splits", [])
-    except (OSError, ValueError, AttributeError) as error:
-        raise UsageError(f"--data_dir {data_dir}: unreadable {ARROW_MARKER} ({error}).") from None
+    if is_arrow_dataset(data_dir):
+        try:
+            splits = json.loads((data_dir / ARROW_MARKER).read_text(encoding="utf-8")).get("splits", [])
+        except (OSError, ValueError, AttributeError) as error:
+            raise UsageError(f"--data_dir {data_dir}: unreadable {ARROW_MARKER} ({error}).") from None
+    else:
+        from data_builders.discovery import discover_tiles
+
+        # (a folder without any tile the conversion reads: refused by `_check_data_folder` first)
+        splits = list(discover_tiles(data_dir, stage1_dir=data_args.stage1_dir)[0])
     _require_splits(splits, data_args.eval_split, f"--data_dir {data_dir}")
 
 
@@ -605,7 +612,7 @@ def check_run_inputs(training_args, data_args, check_checkpoint: bool = True) ->
     Stage 1 outputs, the checkpoint to resume from (`check_checkpoint`: that it is complete too), a saved refiner
     to start from and the backbone weights of a new one. `UsageError` (`MissingInputError`) naming the flag."""
     _check_data_folder(data_args)
-    _check_arrow_splits(data_args)
+    _check_splits(data_args)
     _check_redraw(data_args)
     _check_resume(training_args, complete=check_checkpoint)
     _check_start_model(training_args)

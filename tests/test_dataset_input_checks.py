@@ -1,0 +1,187 @@
+"""What `stage2-train`, `stage2-evaluate` and `stage2-inspect` tell of their data before any work: NPZ tiles without
+the validation split (refused before they are converted, by the conversion's own discovery), and a saved Arrow dataset
+whose `.arrow` file is missing, damaged or cut short (an interrupted copy: one line naming the file, exit 2)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from _data_helpers import make_tile_dir, write_tile
+from _training_helpers import refuse_exec, tiles_without_validation, write_config
+from test_console_scripts import run
+
+import data_builders
+import datasets
+import training.train as train_module
+from data_builders.cache import ARROW_STREAM_END, DATASET_STATE, damaged_file_problem, saved_dataset_problem
+from data_builders.inspect import main as inspect_main
+from training.evaluate import main as evaluate_main
+from training.train import UsageError, launch_main, main
+
+
+@pytest.fixture(autouse=True)
+def _never_exec(monkeypatch):
+    refuse_exec(monkeypatch)
+
+
+@pytest.fixture(name="conversions")
+def _conversions(monkeypatch) -> list:
+    """The NPZ conversions a run starts (each refused: the tests here are about what is found before it)."""
+    calls = []
+
+    def refuse(data_dir, *args, **kwargs):
+        calls.append(data_dir)
+        raise AssertionError(f"{data_dir} was converted")
+
+    monkeypatch.setattr(data_builders, "build_dataset", refuse)
+    return calls
+
+
+def _no_split_line(data: Path, missing: str, splits: list[str]) -> str:
+    """The trainer's own message for a dataset without the split `missing` (`_require_splits`)."""
+    with pytest.raises(UsageError) as caught:
+        train_module._require_splits(splits, missing, f"--data_dir {data}")
+    return str(caught.value)
+
+
+def _train_argv(tmp_path: Path, data: Path) -> list[str]:
+    return ["--config", str(write_config(tmp_path / "x.yaml")), "--data_dir", str(data), "--output_dir",
+            str(tmp_path / "out")]
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------- NPZ tiles without validation
+def test_tiles_without_the_validation_split_are_refused_before_any_conversion(tmp_path, capsys, conversions):
+    """Every tile was converted to Arrow (~7 min at BigEarthNet's scale) before the run said what the folder listing
+    shows: no 'val' split."""
+    tiles = tiles_without_validation(tmp_path / "tiles")
+    line = _no_split_line(tiles, "val", ["train"])
+    assert launch_main(_train_argv(tmp_path, tiles)) == 2  # the launcher's check
+    assert _error_lines(capsys) == [f"stage2-train: error: {line}"]
+    with pytest.raises(UsageError, match=f"^{re.escape(line)}$"):  # the trainer process's
+        main(_train_argv(tmp_path, tiles))
+    assert conversions == [] and not (tmp_path / "out").exists()
+
+
+def test_the_sidecars_split_decides_as_in_the_conversion(tmp_path, conversions):
+    """The split a tile's sidecar names wins over its folder (`discover_tiles`): a `val/` folder whose tiles all say
+    'train' holds no validation tile, and a tile of `test/` that says 'val' is one."""
+    tiles = make_tile_dir(tmp_path / "tiles", per_split=1)
+    for path in (tiles / "val").glob("*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "split": "train"}))
+    training_args, data_args, _ = train_module.parse_args(_train_argv(tmp_path, tiles))
+    with pytest.raises(UsageError, match=f"^{re.escape(_no_split_line(tiles, 'val', ['test', 'train']))}$"):
+        train_module.check_run_inputs(training_args, data_args)
+    write_tile(tiles / "test", "moved", sidecar={"split": "val"}, size=8)
+    train_module.check_run_inputs(training_args, data_args)
+    assert conversions == []
+
+
+def test_validation_tiles_all_rejected_when_read_are_still_refused_once_converted(tmp_path):
+    """The check after the conversion stays: a `val/` tile whose pixels cannot be read is found only then."""
+    tiles = tiles_without_validation(tmp_path / "tiles")
+    (tiles / "val").mkdir()
+    (tiles / "val" / "broken.npz").write_bytes(b"not an npz archive")
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=f"^{re.escape(_no_split_line(tiles, 'val', ['train']))}$"):
+        main(_train_argv(tmp_path, tiles))
+    assert not out.exists()  # the conversion made for the run is removed with it
+
+
+# --------------------------------------------------------------------------------- damaged saved datasets
+def _saved(path: Path, dict_: bool = True) -> Path:
+    """A saved dataset of 4 rows whose Arrow files hold 2 record batches each (as a built dataset's do)."""
+    datasets.disable_progress_bars()  # here, not at import: a test run before may have turned them on again
+    rows = datasets.Dataset.from_dict({"tile_id": ["a", "b", "c", "d"], "month": [1, 2, 3, 4]})
+    (datasets.DatasetDict({"train": rows, "val": rows}) if dict_ else rows).save_to_disk(str(path))
+    for file in path.rglob("*.arrow"):  # the same rows and schema, written in batches of 2
+        with pa.memory_map(str(file)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        with pa.OSFile(str(file), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=2):
+                writer.write_batch(batch)
+    return path
+
+
+def _first_batch_end(file: Path) -> int:
+    with pa.memory_map(str(file)) as source:
+        next(iter(pa.ipc.open_stream(source)))
+        return source.tell()
+
+
+_CUTS = {  # where an interrupted copy stopped: bytes of the file kept
+    "in a record batch": lambda file: file.stat().st_size // 2,
+    "at a record batch's end": _first_batch_end,  # pyarrow reads it without an error: 2 of the 4 rows
+    "before the end-of-stream marker": lambda file: file.stat().st_size - len(ARROW_STREAM_END),
+}
+
+
+def _cut(path: Path, where: str) -> Path:
+    file = sorted(path.rglob("*.arrow"))[-1]  # the last split's: the others are read whole first
+    file.write_bytes(file.read_bytes()[:_CUTS[where](file)])
+    return file
+
+
+@pytest.mark.parametrize("where", _CUTS)
+def test_a_cut_arrow_file_is_named(tmp_path, where):
+    path = _saved(tmp_path / "ds")
+    assert saved_dataset_problem(path) is None
+    file = _cut(path, where)
+    problem = saved_dataset_problem(path)
+    assert problem is not None and problem.startswith(f"{file}: damaged or cut short ("), problem
+    assert problem.endswith("); build or copy the dataset again") and "\n" not in problem
+    if where == "at a record batch's end":  # what `load_from_disk` made of it: half of the split, without a word
+        assert len(datasets.load_from_disk(str(path))["val"]) == 2
+
+
+def test_a_single_saved_dataset_and_a_missing_file(tmp_path):
+    single = _saved(tmp_path / "single", dict_=False)
+    assert damaged_file_problem(single) is None
+    file = _cut(single, "in a record batch")
+    assert saved_dataset_problem(single).startswith(f"{file}: damaged or cut short (")
+    path = _saved(tmp_path / "ds")
+    (path / "train" / "data-00000-of-00001.arrow").unlink()
+    assert saved_dataset_problem(path) == (f"{path / 'train' / 'data-00000-of-00001.arrow'}: missing (listed in "
+                                           f"{path / 'train' / DATASET_STATE}); build or copy the dataset again")
+    assert damaged_file_problem(tmp_path / "absent") is None  # no saved dataset: the caller's own error says so
+
+
+@pytest.mark.parametrize("command", ["stage2-train", "stage2-evaluate", "stage2-inspect"])
+def test_the_three_commands_name_the_damaged_file_before_any_work(tmp_path, capsys, command):
+    """`stage2-train` and `stage2-evaluate` died in a 22-frame traceback (OSError: Expected to be able to read ...
+    bytes for message body), exit 1; `stage2-inspect` said "not a saved dataset", naming no file."""
+    path = _saved(tmp_path / "ds")
+    _cut(path, "in a record batch")
+    output = tmp_path / ("preview.png" if command == "stage2-inspect" else "out")
+    if command == "stage2-train":
+        status = launch_main(["--data_dir", str(path), "--output_dir", str(output)])
+    elif command == "stage2-evaluate":
+        status = evaluate_main(["--model", str(tmp_path / "no-model"), "--data", str(path), "--device", "cpu",
+                                "--json", str(output)])
+    else:
+        status = inspect_main([str(path), "--plot", str(output)])
+    assert status == 2
+    assert _error_lines(capsys) == [f"{command}: error: {saved_dataset_problem(path)}"]
+    assert not output.exists()
+
+
+def test_the_trainer_process_names_it_too(tmp_path):
+    path = _saved(tmp_path / "ds")
+    _cut(path, "at a record batch's end")
+    with pytest.raises(UsageError, match=f"^{re.escape(saved_dataset_problem(path))}$"):
+        main(_train_argv(tmp_path, path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_exits_2_for_a_damaged_dataset_as_installed(tmp_path):
+    path = _saved(tmp_path / "ds")
+    _cut(path, "in a record batch")
+    result = run("stage2-inspect", str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f"stage2-inspect: error: {saved_dataset_problem(path)}"]
