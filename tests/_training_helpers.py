@@ -178,6 +178,15 @@ def tiles_without_validation(folder: Path) -> Path:
     return data
 
 
+def tiles_with_unreadable_validation(folder: Path) -> Path:
+    """`tiles_without_validation` plus a `val/` tile that cannot be read: the split is there to the input checks, and
+    found empty only by the conversion (a run then fails after it has made its dataset folder)."""
+    data = tiles_without_validation(folder)
+    (data / "val").mkdir()
+    (data / "val" / "broken.npz").write_bytes(b"not an npz archive")
+    return data
+
+
 def refuse_exec(monkeypatch) -> None:
     """Make every `os.exec*` of `training.train` fail: an in-process test must never replace the test process by a
     launcher (the launcher execs itself). Test modules use it as an autouse fixture."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from _data_helpers import make_tile_dir, write_tile
-from _training_helpers import refuse_exec, tiles_without_validation, write_config
+from _training_helpers import refuse_exec, tiles_with_unreadable_validation, tiles_without_validation, write_config
 from test_console_scripts import run
 
 import data_builders
@@ -85,9 +85,7 @@ def test_the_sidecars_split_decides_as_in_the_conversion(tmp_path, conversions):
 
 def test_validation_tiles_all_rejected_when_read_are_still_refused_once_converted(tmp_path):
     """The check after the conversion stays: a `val/` tile whose pixels cannot be read is found only then."""
-    tiles = tiles_without_validation(tmp_path / "tiles")
-    (tiles / "val").mkdir()
-    (tiles / "val" / "broken.npz").write_bytes(b"not an npz archive")
+    tiles = tiles_with_unreadable_validation(tmp_path / "tiles")
     out = tmp_path / "out"
     with pytest.raises(UsageError, match=f"^{re.escape(_no_split_line(tiles, 'val', ['train']))}$"):
         main(_train_argv(tmp_path, tiles))

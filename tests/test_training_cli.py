@@ -18,7 +18,8 @@ import torch
 import yaml
 from _data_helpers import folder_digest, make_tile_dir
 from _hub_helpers import hub_server  # noqa: F401  (fixture)
-from _training_helpers import TINY_SETTINGS, refuse_exec, stage2_train_command, tiles_without_validation, write_config
+from _training_helpers import (TINY_SETTINGS, refuse_exec, stage2_train_command, tiles_with_unreadable_validation,
+                               write_config)
 
 import training.train as train_module
 from training.args import Stage2TrainingArguments
@@ -352,7 +353,8 @@ def test_metric_for_best_model_must_be_an_evaluation_metric(name, tmp_path, tiny
 # ----------------------------------------------------------------------------------------------- output folder
 @pytest.fixture(name="tiles_without_validation")
 def _tiles_without_validation(tmp_path) -> Path:
-    return tiles_without_validation(tmp_path / "tiles")
+    """No readable `val` tile: the run fails once the tiles are converted (its dataset folder made)."""
+    return tiles_with_unreadable_validation(tmp_path / "tiles")
 
 
 def test_failed_run_does_not_create_the_output_folder(tmp_path, tiny_config, tiles_without_validation):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from _data_helpers import make_tile_dir
-from _training_helpers import refuse_exec, tiles_without_validation, write_config
+from _training_helpers import refuse_exec, tiles_with_unreadable_validation, write_config
 
 import training.train as train_module
 from training.train import UsageError, launch_main, main
@@ -33,7 +33,8 @@ def tiny_config(tmp_path) -> Path:
 
 @pytest.fixture(name="tiles_without_validation")
 def _tiles_without_validation(tmp_path) -> Path:
-    return tiles_without_validation(tmp_path / "tiles")
+    """No readable `val` tile: the run fails once the tiles are converted (its dataset folder made)."""
+    return tiles_with_unreadable_validation(tmp_path / "tiles")
 
 
 def _default_signals() -> None:
