@@ -419,6 +419,21 @@ def test_a_setting_given_twice_in_a_config_file_is_refused(text, message, tmp_pa
     _assert_config_refused(text, message, tmp_path, sample_dataset_dir, capsys)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "2", "--num_train_epochs", "3"], "--epochs and --num_train_epochs both set num_train_epochs"),
+    (["--max_samples=4", "--max-samples", "2"], "--max_samples and --max-samples both set max_samples"),
+])
+def test_two_spellings_of_one_setting_on_the_command_line_are_refused(flags, message, tmp_path, sample_dataset_dir,
+                                                                       capsys):
+    """The last one won silently (3 epochs above), as two keys of one setting in a file did; the same flag given
+    twice is argparse's (the last value), and one flag overriding the config file's key is what --config says."""
+    argv = ["--data_dir", str(sample_dataset_dir), "--output_dir", str(tmp_path / "out"), *flags]
+    assert launch_main(argv) == 2
+    _assert_one_line(_error_lines(capsys), f"{message}; keep one.")
+    assert not (tmp_path / "out").exists()
+    assert parse_args([*argv[:4], "--epochs", "2", "--epochs", "3"])[0].num_train_epochs == 3
+
+
 def _assert_config_refused(text: str, message: str, tmp_path: Path, dataset: Path, capsys) -> Path:
     """`stage2-train` with a config file holding `text`: exit 2, one line `CONFIG: message`, nothing written."""
     config = tmp_path / "x.yaml"

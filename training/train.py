@@ -259,12 +259,16 @@ def _given_on_command_line(parser, argv: list[str]) -> set[str]:
 
 def _flags_typed(parser, argv: list[str]) -> dict[str, str]:
     """Field name -> the flag `argv` sets it with, without its `--` (`num_train_epochs` -> `epochs`); the last one
-    where it is given twice, as argparse keeps the last value."""
+    where it is given twice, as argparse keeps the last value. Two spellings of one setting (`--epochs 2
+    --num_train_epochs 3`) are refused, as two keys of one setting in a config file are: which one was meant?"""
     typed = {}
     for item in argv:
         action = parser._option_string_actions.get(item.split("=", 1)[0]) if item.startswith("--") else None
         if action is not None and action.option_strings:
-            typed[action.dest] = item.split("=", 1)[0][2:]
+            spelled = item.split("=", 1)[0][2:]
+            if typed.get(action.dest, spelled) != spelled:
+                raise UsageError(f"--{typed[action.dest]} and --{spelled} both set {action.dest}; keep one.")
+            typed[action.dest] = spelled
     return typed
 
 
