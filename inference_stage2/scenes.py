@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -226,10 +227,17 @@ def refine_scene(
                     weight_destination = files.enter_context(rasterio.open(
                         weight_partial, "w", **output_profile(source, np.dtype(np.float32), np.nan, count=1)))
                     weight_destination.set_band_description(1, OUT_OF_RANGE_WEIGHT)
-                counts = _refine_strips(
-                    model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
-                    scaling, device, progress, reports_out_of_range_weight(model), weight_destination,
-                )
+                try:
+                    counts = _refine_strips(
+                        model, source, destination, month, biome, window, overlap, batch_size, scale, dtype, nodata,
+                        scaling, device, progress, reports_out_of_range_weight(model), weight_destination,
+                    )
+                except rasterio.errors.RasterioIOError as error:  # a write: a failed read is an InferenceInputError
+                    # blocks past GDAL's cache (5 % of the memory) are written as the scene is refined: a full disk
+                    # fails there (no errno), and is the machine's failure as one found as the file closes is
+                    reason = " ".join(str(error).split())
+                    raise OSError(errno.EIO, f"the GeoTIFF could not be written ({reason}); is the disk full? Nothing "
+                                             "was replaced", os.fspath(target)) from error
             for path, name in ((partial, target), (weight_partial, weight_path)):
                 if path is not None:
                     check_written_whole(path, name)

@@ -42,7 +42,10 @@ def download_failure(name: str | os.PathLike) -> str:
     saying first that no local folder has the name, since `OWNER/NAME` is a relative path too and a mistyped local
     path (`run1/bestx` for `run1/best`) is taken for a repo id, and where `OWNER` is a local folder, what it holds
     (`not a local folder (run1/ holds best, logs)`); a local folder's failure is its base's download."""
-    path = Path(name).expanduser()
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # `~nosuchuser/x`: no such home folder, so no local folder either
+        path = Path(name)
     if path.is_dir():
         return "downloading its base from the Hub failed"
     return f"not a local folder{_local_folder_holds(path.parent)}, and {DOWNLOAD_FAILED}"
@@ -58,7 +61,7 @@ def _local_folder_holds(folder: Path, shown: int = 5) -> str:
     except OSError:
         return ""
     held = ", ".join(names[:shown]) + (" ..." if len(names) > shown else "") if names else "no folder"
-    return f" ({folder}/ holds {held})"
+    return f" ({os.path.join(folder, '')} holds {held})"  # `runs/`, and `/` for the root, not `//`
 
 
 def hub_snapshot_paths_named(message: str, repo_id: str, revision: str | None = None,

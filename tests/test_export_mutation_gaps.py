@@ -282,3 +282,18 @@ def test_a_damaged_export_json_is_refused_before_loading(pt2_export, tmp_path, c
     with pytest.raises(error) as raised:
         ExportedRefiner(copy)
     assert needle in str(raised.value) and str(copy) in str(raised.value)
+
+
+def test_export_refiner_names_output_dir_in_every_refusal_of_its_folder(tmp_path):
+    """Each refusal of the folder names `export_refiner`'s argument: a file given as the folder, and an earlier export
+    with other files beside it (`stage2-export` says `OUTPUT`)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(ExportError, match=f"^output_dir {a_file}: is a file; give a folder path$"):
+        export_refiner(None, a_file)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / EXPORT_INFO_FILE).write_text("{}")
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=f"^output_dir {earlier}: holds an earlier export and other files \\(notes"):
+        export_refiner(None, earlier)

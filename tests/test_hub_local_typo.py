@@ -96,3 +96,16 @@ def test_what_a_local_owner_folder_holds_is_said_and_nothing_where_there_is_none
     (tmp_path / "runs" / "notes.txt").write_text("x")
     assert download_failure("runs/tny") == ("not a local folder (runs/ holds a, b, c, d, e ...), and downloading it "
                                             "from the Hub failed")
+
+
+def test_a_bare_name_lists_nothing_and_only_the_owner_s_folders_are_named(tmp_path, monkeypatch):
+    """A name with no OWNER (`bestx`) says nothing of the working folder; `runs/` naming its folders leaves its files
+    out (a typo is a folder's); the root is `/`, not `//`; an unknown user's home (`~nobody/x`) is no local folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "0_notes.txt").write_text("x")
+    assert download_failure("bestx") == "not a local folder, and downloading it from the Hub failed"
+    assert download_failure("runs/tny") == ("not a local folder (runs/ holds tiny), and downloading it from the Hub "
+                                            "failed")
+    assert download_failure("/no-such-model").startswith("not a local folder (/ holds ")
+    assert download_failure("~no-such-user-s47/x") == "not a local folder, and downloading it from the Hub failed"

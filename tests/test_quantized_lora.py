@@ -126,3 +126,22 @@ def test_a_plain_bits_and_bytes_config_quantizes_the_backbone_blocks_only(tmp_pa
             refined = peft_model(opt_v1, month, biome).refined
             assert torch.equal(refined, load_trained_model(adapter, quantization="8bit")(opt_v1, month, biome).refined)
             assert not torch.allclose(refined, expected, atol=1e-3)  # the adapter acts
+
+
+def test_loading_info_is_returned_with_a_quantized_refiner_and_a_bad_skip_list_still_refused(tmp_path):
+    """`output_loading_info=True` makes from_pretrained return (model, info): the check of what bitsandbytes replaced
+    looks at the model in it (it failed with `AttributeError: 'tuple' ... named_modules`), and the pair comes back as
+    transformers returns it."""
+    from transformers import BitsAndBytesConfig
+
+    from modeling_stage2 import Stage2RefinerModel
+
+    torch.manual_seed(0)
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base")
+    plain = BitsAndBytesConfig(**BNB_CONFIGS["8bit"])
+    model, info = Stage2RefinerModel.from_pretrained(tmp_path / "base", output_loading_info=True,
+                                                     quantization_config=plain)
+    assert quantized_names(model) and not info["missing_keys"] and not info["unexpected_keys"]
+    head_too = BitsAndBytesConfig(**BNB_CONFIGS["8bit"], llm_int8_skip_modules=["patch_embed"])
+    with pytest.raises(ValueError, match=r"^quantization_config\.llm_int8_skip_modules \['patch_embed'\] leaves "):
+        Stage2RefinerModel.from_pretrained(tmp_path / "base", output_loading_info=True, quantization_config=head_too)

@@ -119,3 +119,14 @@ def test_a_sharded_full_refiner_with_an_embedded_adapter_is_no_adapter_folder(on
     torch.testing.assert_close(refine(Stage2RefinerModel.from_pretrained(embedded)), expected, rtol=1e-5, atol=1e-6)
     rebuilt = Stage2RefinerModel.from_pretrained(None, config=base.config, state_dict=base.state_dict())
     assert torch.equal(refine(rebuilt), refine(base))
+
+
+def test_a_peft_way_adapter_config_that_cannot_be_read_is_left_to_transformers(tmp_path):
+    """Only an `adapter_config.json` that reads and names no base is said to name none; one that is no JSON gets
+    transformers' or peft's own error, not a message blaming a null base."""
+    folder = tmp_path / "peft_way"
+    folder.mkdir()
+    (folder / ADAPTER_CONFIG_FILE).write_text("{not json")
+    with pytest.raises(Exception) as raised:
+        Stage2RefinerModel.from_pretrained(folder)
+    assert "names no base model" not in str(raised.value)

@@ -88,3 +88,22 @@ def test_a_geotiff_cut_short_is_named_by_the_name_it_was_to_take(tmp_path):
         check_written_whole(whole, tmp_path / "refined.tif")
     assert raised.value.errno == errno.EIO and raised.value.filename == str(tmp_path / "refined.tif")
     assert raised.value.strerror.startswith("the GeoTIFF could not be written whole (reading it back: ")
+
+
+def test_a_scene_whose_write_fails_before_it_closes_exits_1(model_dir, tmp_path, monkeypatch):
+    """A scene larger than GDAL's block cache (5 % of the memory; 1 MB here) has blocks written while it is refined: a
+    full disk then fails the write itself (rasterio's `RasterioIOError`, no errno), which said `--output X: Write
+    failed` with exit 2, a user error; it is the machine's failure as much as one found as the file closes."""
+    monkeypatch.setenv("GDAL_CACHEMAX", "1")
+    scene = write_geotiff(tmp_path / "scene.tif", smooth_scene(600, 600), nodata=0)
+    (tmp_path / "out").mkdir()
+    earlier = write_geotiff(tmp_path / "out" / "refined.tif", smooth_scene(20, 20, seed=1), nodata=0)
+    before = earlier.read_bytes()
+    result = _refine_under_the_limit("--model", str(model_dir), "--input", str(scene), "--month", "7", "--biome", "4",
+                                     "--output", str(earlier))
+    assert result.returncode == 1, result.stderr[-2000:]
+    *gdal, line = result.stderr.strip().splitlines()  # libtiff's own reason first
+    assert all(said.startswith("_tiff") for said in gdal) and "Traceback" not in result.stderr
+    assert line.startswith(f"stage2-refine: error: [Errno {errno.EIO}] the GeoTIFF could not be written (")
+    assert line.endswith(f"is the disk full? Nothing was replaced: '{earlier}'")
+    assert earlier.read_bytes() == before and sorted(os.listdir(earlier.parent)) == ["refined.tif"]
