@@ -57,7 +57,8 @@ def damaged_file_problem(path: str | os.PathLike) -> str | None:
     or damaged or cut short (an interrupted copy), which `datasets.load_from_disk` fails on deep inside pyarrow, or
     loads with rows missing. One line naming the first such file; None where every file is whole, or where `path` is
     no saved dataset (the caller's own error says so). Reads no row: the stream's messages over a memory map (their
-    headers; the bodies are not touched) and its last 8 bytes, the end-of-stream marker."""
+    headers; the bodies are not touched), which must end where the file does, and its last 8 bytes, the end-of-stream
+    marker."""
     import pyarrow as pa
 
     path = Path(path)
@@ -75,6 +76,8 @@ def damaged_file_problem(path: str | os.PathLike) -> str | None:
             with pa.memory_map(str(file)) as source:
                 for _ in pa.ipc.open_stream(source):  # zero-copy: each record batch's header only
                     pass
+                if source.tell() != source.size():  # zeros where a message should begin read as the stream's end
+                    raise ValueError(f"the stream ends at byte {source.tell()} of {source.size()}")
             with open(file, "rb") as stream:
                 stream.seek(max(file.stat().st_size - len(ARROW_STREAM_END), 0))
                 if stream.read() != ARROW_STREAM_END:

@@ -183,3 +183,17 @@ def test_inspect_exits_2_for_a_damaged_dataset_as_installed(tmp_path):
     result = run("stage2-inspect", str(path))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [f"stage2-inspect: error: {saved_dataset_problem(path)}"]
+
+
+@pytest.mark.parametrize("overwrite", [b"\x41" * 16, b"\x00" * 16])
+def test_bytes_overwritten_where_a_message_begins_are_named_though_the_file_ends_whole(overwrite, tmp_path):
+    """Not cut (the end-of-stream marker is there): garbage where the second record batch's header begins fails to
+    read; zeros there read as the stream's end, and `load_from_disk` loaded 2 of the 4 rows without a word."""
+    path = _saved(tmp_path / "ds")
+    file = sorted(path.rglob("*.arrow"))[-1]
+    at = _first_batch_end(file)
+    data = bytearray(file.read_bytes())
+    data[at:at + 16] = overwrite
+    file.write_bytes(bytes(data))
+    problem = saved_dataset_problem(path)
+    assert problem is not None and problem.startswith(f"{file}: damaged or cut short ("), problem

@@ -188,3 +188,77 @@ def test_a_sidecar_with_an_integer_beyond_pythons_digits_rejects_its_tile_by_nam
     with pytest.raises(TileError, match="sidecar cannot be read") as caught:
         build_dataset(data, tmp_path / "strict", strict=True)
     assert caught.value.path == str(huge) and "\n" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------------- from a review with mutations
+@pytest.mark.parametrize("band", range(len(BAND_NAMES)))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_value_in_any_one_band_makes_every_metric_nan(band, value):
+    """Blue and green are in no NDVI (green in no EVI either): one such value, at a valid pixel next to an invalid
+    one (in no SSIM window that counts), still makes every metric of the output NaN."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 4, 24, 24, generator=generator) * 0.5
+    valid = torch.ones(1, 24, 24, dtype=torch.bool)
+    valid[0, 0, 1] = False
+    output = target.clone()
+    output[0, band, 0, 0] = value
+    results = evaluate_pair(output, target, target + 0.01, valid)
+    assert [name for name in METRIC_NAMES if not np.isnan(results["refined"][name])] == []
+    assert all(np.isfinite(results["opt_v1"][name]) for name in METRIC_NAMES)
+
+
+def test_not_finite_metrics_names_only_the_metrics_the_output_made_nan():
+    """8 px tiles have no SSIM window, for opt_v1 either: no output's fault, and no reason for stage2-evaluate to
+    exit 2."""
+    from training.metrics import not_finite_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 4, 8, 8, generator=generator) * 0.5
+    opt_v1 = target + 0.01
+    assert not_finite_metrics(evaluate_pair(target * 1.01, target, opt_v1)) == []
+    nan_output = torch.full_like(target, float("nan"))
+    assert not_finite_metrics(evaluate_pair(nan_output, target, opt_v1)) == [n for n in METRIC_NAMES if n != "ssim"]
+
+
+class NanWeightRefiner(torch.nn.Module):
+    """refined = opt_v1, and an out_of_range_weight that is NaN at one pixel."""
+
+    def forward(self, opt_v1, month, biome):
+        from types import SimpleNamespace
+
+        weight = torch.zeros_like(opt_v1[:, :1])
+        weight[0, 0, 2, 3] = float("nan")
+        return SimpleNamespace(refined=opt_v1.clone(), out_of_range_weight=weight)
+
+
+def test_a_non_finite_out_of_range_weight_is_refused_with_a_finite_output():
+    from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
+
+    image = smooth_scene(24, 30).astype(np.float32) * np.float32(1e-4)
+    with pytest.raises(InferenceInputError, match=rf"returned NaN/Inf for finite input \(1 of 720 "
+                                                  rf"{OUT_OF_RANGE_WEIGHT} values\)"):
+        refine_arrays(NanWeightRefiner(), image)
+
+
+def test_the_floor_names_the_band_file_and_the_declared_scaling(tmp_path):
+    from test_inference import write_band_files
+
+    data = smooth_scene(60, 70).astype(np.int16)
+    data[3, 30, 30] = -1001  # B08 only: reflectance -0.1001
+    band_paths = write_band_files(tmp_path, data, nodata=-9999)
+    with pytest.raises(InferenceInputError) as refused:
+        refine_scene(PixelwiseRefiner(), band_paths, tmp_path / "refined.tif", 7, 4, progress=False)
+    assert str(refused.value) == f"{band_paths[3]}: band {BAND_NAMES[3]}: reflectance down to -0.1001, {FLOOR_PROBLEM}"
+    scene = below_floor_scenes(tmp_path)["offset"]
+    with pytest.raises(InferenceInputError, match=r"band B02 \(its declared scale 0.0001 and offset -1000 applied\): "
+                                                  r"reflectance down to -999\.9"):
+        refine_scene(PixelwiseRefiner(), scene, tmp_path / "refined.tif", 7, 4, progress=False)
+
+
+def test_a_strip_of_nodata_only_is_no_floor_problem(tmp_path):
+    data = smooth_scene(300, 130).astype(np.int16)
+    data[:, :150] = -9999  # the first strip (120 rows) holds no valid pixel
+    scene = write_geotiff(tmp_path / "scene.tif", data, nodata=-9999)
+    refine_scene(PixelwiseRefiner(), scene, tmp_path / "refined.tif", 7, 4, progress=False)
+    with rasterio.open(tmp_path / "refined.tif") as refined:
+        assert (refined.read(1)[:150] == refined.nodata).all() and (refined.read(1)[150:] != refined.nodata).all()

@@ -422,6 +422,8 @@ def test_a_setting_given_twice_in_a_config_file_is_refused(text, message, tmp_pa
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "2", "--num_train_epochs", "3"], "--epochs and --num_train_epochs both set num_train_epochs"),
     (["--max_samples=4", "--max-samples", "2"], "--max_samples and --max-samples both set max_samples"),
+    (["--epoch", "2", "--num_train_epochs", "3"], "--epoch and --num_train_epochs both set num_train_epochs"),
+    (["--num_train_epoch", "3", "--epochs", "2"], "--num_train_epoch and --epochs both set num_train_epochs"),
 ])
 def test_two_spellings_of_one_setting_on_the_command_line_are_refused(flags, message, tmp_path, sample_dataset_dir,
                                                                        capsys):
@@ -432,6 +434,19 @@ def test_two_spellings_of_one_setting_on_the_command_line_are_refused(flags, mes
     _assert_one_line(_error_lines(capsys), f"{message}; keep one.")
     assert not (tmp_path / "out").exists()
     assert parse_args([*argv[:4], "--epochs", "2", "--epochs", "3"])[0].num_train_epochs == 3
+    assert parse_args([*argv[:4], "--epoch", "2", "--epochs", "3"])[0].num_train_epochs == 3  # one flag, abbreviated
+
+
+def test_the_demo_takes_both_spellings_of_its_own_folders(tmp_path, capsys):
+    """`--output-dir` (stage2-train's other spelling) was passed on to stage2-train beside the demo's own
+    `--output_dir`: now refused there as two spellings of one setting, naming a flag the user never typed."""
+    from training.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main(["--output-dir", str(out), "--data-dir", str(tmp_path / "no_tiles")]) == 2
+    [line] = _error_lines(capsys)
+    assert line.startswith(f"python -m training.demo: error: --data_dir {tmp_path / 'no_tiles'} not found ")
+    assert not out.exists()
 
 
 def _assert_config_refused(text: str, message: str, tmp_path: Path, dataset: Path, capsys) -> Path:

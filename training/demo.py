@@ -118,8 +118,10 @@ def main(argv=None) -> int:
     parser = OneLineArgumentParser(prog="python -m training.demo", description=__doc__.split("\n\n")[0],
                                    epilog="Every other flag is a stage2-train flag (stage2-train --help-all), "
                                           "e.g. --epochs N, --dataset_seed N, --degradation strong.")
-    parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--data_dir", default="data/sample/tiles", help="NPZ tiles (default: the bundled sample)")
+    # both spellings, as stage2-train's: one it did not know went on to stage2-train beside the demo's own
+    parser.add_argument("--output_dir", "--output-dir", default="runs/demo")
+    parser.add_argument("--data_dir", "--data-dir", default="data/sample/tiles",
+                        help="NPZ tiles (default: the bundled sample)")
     parser.add_argument("--config", default="configs/demo.yaml")
     args, training_flags = parser.parse_known_args(argv)
     from training.train import UsageError, check_run_inputs, ensure_arrow_dataset, parse_args, run_training

@@ -261,15 +261,24 @@ def _flags_typed(parser, argv: list[str]) -> dict[str, str]:
     """Field name -> the flag `argv` sets it with, without its `--` (`num_train_epochs` -> `epochs`); the last one
     where it is given twice, as argparse keeps the last value. Two spellings of one setting (`--epochs 2
     --num_train_epochs 3`) are refused, as two keys of one setting in a config file are: which one was meant?"""
-    typed = {}
+    typed, flags = {}, {}  # field name -> as typed; -> the option it stands for (`--epoch` for `--epochs`)
     for item in argv:
-        action = parser._option_string_actions.get(item.split("=", 1)[0]) if item.startswith("--") else None
+        flag = _option_meant(parser, item.split("=", 1)[0]) if item.startswith("--") else None
+        action = parser._option_string_actions.get(flag)
         if action is not None and action.option_strings:
             spelled = item.split("=", 1)[0][2:]
-            if typed.get(action.dest, spelled) != spelled:
+            if flags.get(action.dest, flag) != flag:
                 raise UsageError(f"--{typed[action.dest]} and --{spelled} both set {action.dest}; keep one.")
-            typed[action.dest] = spelled
+            typed[action.dest], flags[action.dest] = spelled, flag
     return typed
+
+
+def _option_meant(parser, typed: str) -> str | None:
+    """The option `typed` stands for: itself, or the one option it abbreviates, as argparse reads it."""
+    if typed in parser._option_string_actions:
+        return typed
+    meant = [option for option in parser._option_string_actions if option.startswith(typed)]
+    return meant[0] if parser.allow_abbrev and len(meant) == 1 else None
 
 
 # Path settings where an empty string would be the current folder (the repository's tiles, the checkout itself).
