@@ -62,7 +62,7 @@ def described(path, data, descriptions, **kwargs):
 
 def test_a_4_band_scene_stacked_red_green_blue_nir_is_read_by_its_band_descriptions(tmp_path):
     data = smooth_scene(130, 140, seed=3)
-    offsets = [-0.1, -0.2, -0.3, -0.4]  # declared per band: they must follow their bands
+    offsets = [-0.1, -0.05, 0.0, 0.05]  # declared per band: they must follow their bands (none below -0.1 then)
     reference = write_geotiff(tmp_path / "b02_b03_b04_b08.tif", data, scales=[1e-4] * 4, offsets=offsets)
     stacked = [2, 1, 0, 3]  # red, green, blue, NIR
     rgbn = described(tmp_path / "rgbn.tif", data[stacked], ["B04", "B03", "B02", "B08"], scales=[1e-4] * 4,
