@@ -29,6 +29,42 @@ DATASET_STATE = "state.json"
 (`datasets.config.DATASET_STATE_JSON_FILENAME`, restated as `ARROW_MARKER` is)."""
 
 
+DATASET_INFO = "dataset_info.json"
+"""The file `Dataset.save_to_disk` writes beside `DATASET_STATE`: the split's features
+(`datasets.config.DATASET_INFO_FILENAME`, restated as `ARROW_MARKER` is)."""
+
+
+def _json_object_problem(file: Path) -> str | None:
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{file}: missing"
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"{file}: not readable JSON ({error})"
+    return None if isinstance(record, dict) else f"{file}: not a JSON object"
+
+
+def record_problem(path: str | os.PathLike) -> str | None:
+    """Why the saved dataset at `path` cannot be loaded because a record `datasets.load_from_disk` reads (the top
+    `dataset_dict.json`, each split's `state.json` and `dataset_info.json`) is missing or no JSON object (an
+    interrupted copy, an edit gone wrong), which it fails on with a traceback: one line naming the first such file;
+    None where every record reads, or where `path` is no saved dataset (the caller's own error says so)."""
+    path = Path(path)
+    if is_arrow_dataset(path):
+        problem = _json_object_problem(path / ARROW_MARKER)
+        splits = None if problem else json.loads((path / ARROW_MARKER).read_text(encoding="utf-8")).get("splits")
+        if not problem and not (isinstance(splits, list) and all(isinstance(split, str) for split in splits)):
+            problem = f"{path / ARROW_MARKER}: 'splits' is not a list of split names"
+        folders = [] if problem else [path / split for split in splits]
+    elif (path / DATASET_STATE).is_file() or (path / DATASET_INFO).is_file():
+        problem, folders = None, [path]
+    else:
+        return None
+    for folder in folders:
+        problem = problem or _json_object_problem(folder / DATASET_STATE) or _json_object_problem(folder / DATASET_INFO)
+    return problem and f"{problem}; build or copy the dataset again"
+
+
 def empty_split_problem(path: str | os.PathLike) -> str | None:
     """Why the saved dataset at `path` cannot be loaded because a split of it holds no row (saved without an Arrow
     file, which `datasets.load_from_disk` fails on with an IndexError): one line naming the first such split; None
@@ -88,10 +124,10 @@ def damaged_file_problem(path: str | os.PathLike) -> str | None:
 
 
 def saved_dataset_problem(path: str | os.PathLike) -> str | None:
-    """Why the saved dataset at `path` cannot be loaded (`empty_split_problem`, `damaged_file_problem`): one line; None
-    where it can, or where `path` is no saved dataset. What `stage2-train`, `stage2-evaluate` and `stage2-inspect`
-    check before they load one."""
-    return empty_split_problem(path) or damaged_file_problem(path)
+    """Why the saved dataset at `path` cannot be loaded (`record_problem`, `empty_split_problem`,
+    `damaged_file_problem`): one line; None where it can, or where `path` is no saved dataset. What `stage2-train`,
+    `stage2-evaluate` and `stage2-inspect` check before they load one."""
+    return record_problem(path) or empty_split_problem(path) or damaged_file_problem(path)
 
 
 def _files_read(folder: Path, tiles: bool) -> list[Path]:

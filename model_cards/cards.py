@@ -30,6 +30,7 @@ from modeling_stage2.adapters import (  # the files save_trained_model and train
     PREVIEW_FILE,
     TRAINING_CONFIG_FILE,
 )
+from data_builders.cache import saved_dataset_problem
 from data_builders.tiles import TILE_SIZE
 from modeling_stage2._files import write_text
 from modeling_stage2.bands import BAND_NAMES, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA
@@ -798,6 +799,9 @@ def _loaded_dataset(source: Any) -> Any:
     path = Path(source)
     if not path.is_dir():
         raise CardError(f"{path}: not a saved dataset folder (write it with data_builders.build_dataset)")
+    problem = saved_dataset_problem(path)
+    if problem:
+        raise CardError(problem)
     import datasets
 
     return datasets.load_from_disk(str(path))

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import modeling_stage2
-from data_builders.cache import ARROW_MARKER, DATASET_STATE
+from data_builders.cache import ARROW_MARKER, DATASET_STATE, saved_dataset_problem
 from modeling_stage2._files import restore_set_aside
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, BASE_SOURCE_FILE, BASE_WEIGHTS_FILE,
@@ -363,6 +363,9 @@ def _check_saved_dataset(folder: Path) -> None:
     if not ((folder / ARROW_MARKER).is_file() or (folder / DATASET_STATE).is_file()):
         raise CardError(f"{folder}: not a dataset saved with save_to_disk (no {ARROW_MARKER} or "
                         f"{DATASET_STATE}); {_dataset_hint(folder)}")
+    problem = saved_dataset_problem(folder)  # a file cut at a record batch's end loads, rows missing: not pushed
+    if problem:
+        raise CardError(problem)
 
 
 def _dataset_hint(folder: Path) -> str:

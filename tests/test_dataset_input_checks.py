@@ -197,3 +197,73 @@ def test_bytes_overwritten_where_a_message_begins_are_named_though_the_file_ends
     file.write_bytes(bytes(data))
     problem = saved_dataset_problem(path)
     assert problem is not None and problem.startswith(f"{file}: damaged or cut short ("), problem
+
+
+# --------------------------------------------------------------------------------- unreadable records
+_RECORD_FAULTS = {  # (file, what is written there or None to remove it, the problem named)
+    "dataset_info no JSON": ("val/dataset_info.json", "{not json", "not readable JSON (Expecting property name"),
+    "state a list": ("train/state.json", "[]", "not a JSON object"),
+    "dataset_info missing": ("val/dataset_info.json", None, "missing"),
+    "splits not a list": ("dataset_dict.json", '{"splits": "train"}', "'splits' is not a list of split names"),
+    "splits absent": ("dataset_dict.json", "{}", "'splits' is not a list of split names"),
+    "dataset_dict no JSON": ("dataset_dict.json", "", "not readable JSON (Expecting value"),
+}
+
+
+@pytest.mark.parametrize("fault", _RECORD_FAULTS)
+def test_a_record_load_from_disk_cannot_read_is_named(tmp_path, fault):
+    """`load_from_disk` failed on each with a traceback (JSONDecodeError, TypeError, FileNotFoundError naming a split
+    folder made of the string's letters): the record is named in one line."""
+    relative, text, named = _RECORD_FAULTS[fault]
+    path = _saved(tmp_path / "ds")
+    record = path / relative
+    record.unlink() if text is None else record.write_text(text)
+    with pytest.raises(Exception):
+        datasets.load_from_disk(str(path))
+    problem = saved_dataset_problem(path)
+    assert problem.startswith(f"{record}: {named}") and problem.endswith("; build or copy the dataset again")
+    assert "\n" not in problem
+
+
+def test_a_single_saved_dataset_record_is_checked_too(tmp_path):
+    single = _saved(tmp_path / "single", dict_=False)
+    assert saved_dataset_problem(single) is None
+    (single / "dataset_info.json").write_text("null")
+    expected = f"{single / 'dataset_info.json'}: not a JSON object; build or copy the dataset again"
+    assert saved_dataset_problem(single) == expected
+    assert saved_dataset_problem(tmp_path / "absent") is None and saved_dataset_problem(tmp_path) is None
+
+
+def test_the_dataset_info_name_is_datasets_own():
+    from data_builders.cache import DATASET_INFO
+
+    assert DATASET_INFO == datasets.config.DATASET_INFO_FILENAME
+
+
+def test_a_damaged_dataset_is_neither_pushed_nor_carded(tmp_path):
+    """`push_dataset` and `build_dataset_card` loaded it with `load_from_disk`: a file cut at a record batch's end
+    was pushed with rows missing, without a word. Refused before any request (the endpoint is closed)."""
+    from model_cards.cards import CardError, build_dataset_card
+    from model_cards.push import push_dataset
+
+    path = _saved(tmp_path / "ds")
+    _cut(path, "at a record batch's end")
+    expected = f"^{re.escape(saved_dataset_problem(path))}$"
+    with pytest.raises(CardError, match=expected):
+        push_dataset(path, "tiles", endpoint="http://127.0.0.1:9")
+    with pytest.raises(CardError, match=expected):
+        build_dataset_card(path)
+
+
+def test_push_exits_2_for_a_damaged_dataset_before_pushing_the_model(tmp_path):
+    from _refiner_helpers import tiny_refiner_config
+
+    from modeling_stage2 import Stage2RefinerModel
+
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "model")
+    path = _saved(tmp_path / "ds")
+    (path / "val" / "state.json").write_text("[")
+    result = run("stage2-push", str(tmp_path / "model"), "me/model", "--dataset", str(path), "--endpoint",
+                 "http://127.0.0.1:9")  # closed: a push attempted first would fail on the connection (exit 1)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [f"stage2-push: error: {saved_dataset_problem(path)}"]

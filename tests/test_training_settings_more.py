@@ -50,20 +50,25 @@ def _free_port() -> int:
 def test_a_fault_of_the_main_process_exits_1_with_two_processes(tmp_path, sample_dataset_dir):
     """The main process fails loading the dataset (a traceback: a fault, status 1); the other process stops with "the
     main process stopped before training" (2). `stage2-train` exited 2, as for a mistake in the settings. The fault:
-    a split's `dataset_info.json` that is no JSON, which no input check reads (a damaged Arrow file, which this test
-    used, is now named by the checks before the launch, exit 2)."""
+    a split's Arrow file replaced by a whole stream of other columns, which no input check reads (a damaged Arrow
+    file or record, which this test used, is named by the checks before the launch, exit 2)."""
     import shutil
+
+    import pyarrow as pa
 
     data = tmp_path / "ds"
     shutil.copytree(sample_dataset_dir, data)
-    (data / "train" / "dataset_info.json").write_text("{not json")
+    table = pa.table({"x": [1, 2]})
+    for arrow in (data / "train").glob("*.arrow"):
+        with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
     config = write_config(tmp_path / "c.yaml")
     command = [*stage2_train_command(), "--multi_gpu", "--num_processes", "2", "--main_process_port",
                str(_free_port()), "--", "--config", str(config), "--use_cpu", "true", "--data_dir", str(data),
                "--output_dir", str(tmp_path / "out")]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK"))}
     result = subprocess.run(command, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert "JSONDecodeError" in result.stderr
+    assert "ValueError: Keys mismatch" in result.stderr
     assert result.returncode == 1, result.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
