@@ -445,8 +445,14 @@ def test_the_demo_takes_both_spellings_of_its_own_folders(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo_main(["--output-dir", str(out), "--data-dir", str(tmp_path / "no_tiles")]) == 2
     [line] = _error_lines(capsys)
-    assert line.startswith(f"python -m training.demo: error: --data_dir {tmp_path / 'no_tiles'} not found ")
+    assert line.startswith(f"python -m training.demo: error: --data-dir {tmp_path / 'no_tiles'} not found ")
     assert not out.exists()
+    # stage2-train's own messages name the spelling typed too (the demo passes it on)
+    assert demo_main(["--output-dir", "", "--data-dir", str(tmp_path)]) == 2
+    [line] = _error_lines(capsys)
+    assert line.startswith("python -m training.demo: error: --output-dir: "), line
+    assert demo_main(["--output_dir", "", "--data-dir", str(tmp_path)]) == 2
+    assert _error_lines(capsys)[0].startswith("python -m training.demo: error: --output_dir: ")
 
 
 def _assert_config_refused(text: str, message: str, tmp_path: Path, dataset: Path, capsys) -> Path:
@@ -985,3 +991,16 @@ def test_evaluate_names_a_missing_model_before_converting_the_data(tmp_path, sam
         assert _evaluate_status(["--model", str(missing), "--data", str(data)]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
             f"stage2-evaluate: error: --model {missing}: no such folder (nor a Hub repo id OWNER/NAME)."]
+
+
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_the_demo_names_each_folder_it_looked_in_once(where, tmp_path, capsys, monkeypatch):
+    """Run from the checkout (as `make demo` does) it said `looked in /work/main and /work/main`."""
+    from training.demo import REPO_ROOT
+    from training.demo import main as demo_main
+
+    monkeypatch.chdir(REPO_ROOT if where == "checkout" else tmp_path)
+    assert demo_main(["--data_dir", "no_such_tiles", "--output_dir", str(tmp_path / "out")]) == 2
+    places = str(REPO_ROOT) if where == "checkout" else f"{tmp_path} and {REPO_ROOT}"
+    assert _error_lines(capsys) == [f"python -m training.demo: error: --data_dir no_such_tiles not found (looked in "
+                                    f"{places})."]

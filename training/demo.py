@@ -44,7 +44,8 @@ def _existing(path: str, what: str) -> Path:
     for candidate in (Path(path), REPO_ROOT / path):
         if candidate.exists():
             return candidate
-    raise MissingInputError(f"{what} {path} not found (looked in {Path.cwd()} and {REPO_ROOT}).")
+    places = " and ".join(str(place) for place in dict.fromkeys((Path.cwd(), REPO_ROOT)))  # once where they are one
+    raise MissingInputError(f"{what} {path} not found (looked in {places}).")
 
 
 BASELINES = ("opt_v1", "linear_fit")
@@ -112,6 +113,14 @@ def record_held_out_results(best: Path, results: dict) -> None:
 
 
 @exit_on_termination  # SIGTERM / SIGHUP run the training's cleanups, as Ctrl-C does, and exit 128 + N
+def _spelling(parser, argv: list[str] | None, flag: str) -> str:
+    """How `argv` spells the demo's own `flag` (`--data-dir` for `--data_dir`), passed on as typed so that
+    stage2-train's messages name the flag the user typed; `flag` itself where it is abbreviated or not given."""
+    spellings = parser._option_string_actions[flag].option_strings
+    typed = [item.split("=", 1)[0] for item in (sys.argv[1:] if argv is None else argv)]
+    return next((item for item in reversed(typed) if item in spellings), flag)
+
+
 def main(argv=None) -> int:
     from modeling_stage2.vocabulary import OneLineArgumentParser
 
@@ -127,10 +136,11 @@ def main(argv=None) -> int:
     from training.train import UsageError, check_run_inputs, ensure_arrow_dataset, parse_args, run_training
 
     try:  # a mistake in the flags or inputs: one line and status 2, before any work (1 says: a baseline not beaten)
-        data_dir = _existing(args.data_dir, "--data_dir")
+        data_flag, output_flag = (_spelling(parser, argv, name) for name in ("--data_dir", "--output_dir"))
+        data_dir = _existing(args.data_dir, data_flag)
         config = _existing(args.config, "--config")
-        training_args, data_args, settings = parse_args(["--config", str(config), "--data_dir", str(data_dir),
-                                                         "--output_dir", str(args.output_dir), *training_flags])
+        training_args, data_args, settings = parse_args(["--config", str(config), data_flag, str(data_dir),
+                                                         output_flag, str(args.output_dir), *training_flags])
         check_run_inputs(training_args, data_args)
     except UsageError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
