@@ -653,7 +653,7 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' `from_pretrained`. A `quantization_config` (`BitsAndBytesConfig`) that names no
+        """transformers' `from_pretrained`. A `quantization_config` (`BitsAndBytesConfig`, or its dict) that names no
         `llm_int8_skip_modules` quantizes the backbone blocks' linears only (`FULL_PRECISION_MODULES`): the head, the
         metadata embedding and the colour parts cannot run quantized; a list of the caller's own that leaves one of
         them quantized is refused once loaded (a `ValueError`, not a tensor-size error at the first forward).
@@ -686,6 +686,10 @@ class Stage2RefinerModel(Stage2PreTrainedModel):
                         "together with modeling_stage2.save_trained_model."
                     )
         quantization_config = kwargs.get("quantization_config")
+        if isinstance(quantization_config, dict):  # as transformers reads one, here so that what follows applies to it
+            from transformers.quantizers.auto import AutoQuantizationConfig
+
+            quantization_config = kwargs["quantization_config"] = AutoQuantizationConfig.from_dict(quantization_config)
         bitsandbytes = getattr(quantization_config, "quant_method", None) == "bitsandbytes"
         if bitsandbytes and quantization_config.llm_int8_skip_modules is None:
             kwargs["quantization_config"] = copy.deepcopy(quantization_config)

@@ -145,3 +145,24 @@ def test_loading_info_is_returned_with_a_quantized_refiner_and_a_bad_skip_list_s
     head_too = BitsAndBytesConfig(**BNB_CONFIGS["8bit"], llm_int8_skip_modules=["patch_embed"])
     with pytest.raises(ValueError, match=r"^quantization_config\.llm_int8_skip_modules \['patch_embed'\] leaves "):
         Stage2RefinerModel.from_pretrained(tmp_path / "base", output_loading_info=True, quantization_config=head_too)
+
+
+def test_a_quantization_config_given_as_a_dict_is_read_as_its_bits_and_bytes_config(tmp_path):
+    """transformers takes a dict too (`AutoQuantizationConfig.from_dict`): it bypassed the default skip list (the
+    head quantized: a tensor-size error at the first forward) and the check of a list of the caller's own."""
+    from modeling_stage2 import Stage2RefinerModel
+    from modeling_stage2.adapters import quantization_config_for
+
+    torch.manual_seed(0)
+    Stage2RefinerModel(tiny_refiner_config()).save_pretrained(tmp_path / "base")
+    expected = quantized_names(Stage2RefinerModel.from_pretrained(
+        tmp_path / "base", quantization_config=quantization_config_for("8bit", tiny_refiner_config())))
+    given = {"load_in_8bit": True}
+    model = Stage2RefinerModel.from_pretrained(tmp_path / "base", quantization_config=given).eval()
+    assert quantized_names(model) == expected and given == {"load_in_8bit": True}  # the caller's dict left as it was
+    opt_v1, month, biome = tiny_inputs(batch=1, size=(28, 28), seed=5)
+    with torch.no_grad():
+        assert model(opt_v1, month, biome).refined.isfinite().all()
+    with pytest.raises(ValueError, match=r"^quantization_config\.llm_int8_skip_modules \['patch_embed'\] leaves "):
+        Stage2RefinerModel.from_pretrained(tmp_path / "base", quantization_config={
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_skip_modules": ["patch_embed"]})
