@@ -267,3 +267,26 @@ def test_push_exits_2_for_a_damaged_dataset_before_pushing_the_model(tmp_path):
                  "http://127.0.0.1:9")  # closed: a push attempted first would fail on the connection (exit 1)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [f"stage2-push: error: {saved_dataset_problem(path)}"]
+
+
+@pytest.mark.parametrize("case", ["two spellings", "tiles without val", "damaged dataset"])
+def test_stage2_train_refusals_as_installed(tmp_path, case):
+    """The refusals that `launch_main` makes before any work, through the installed `stage2-train`: exit 2, one line,
+    no output folder (their messages are tested in process above and in test_training_cli)."""
+    config = write_config(tmp_path / "x.yaml")
+    flags = []
+    if case == "two spellings":
+        data, flags = _saved(tmp_path / "ds"), ["--epochs", "2", "--num_train_epochs", "3"]
+        expected = "--epochs and --num_train_epochs both set num_train_epochs; keep one."
+    elif case == "tiles without val":
+        data = tiles_without_validation(tmp_path / "tiles")
+        expected = _no_split_line(data, "val", ["train"])
+    else:
+        data = _saved(tmp_path / "ds")
+        _cut(data, "at a record batch's end")
+        expected = saved_dataset_problem(data)
+    result = run("stage2-train", "--config", str(config), "--data_dir", str(data), "--output_dir",
+                 str(tmp_path / "out"), *flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"stage2-train: error: {expected}"]
+    assert not (tmp_path / "out").exists()
