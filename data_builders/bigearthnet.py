@@ -43,7 +43,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ._leaves import model_leaf
-from .tiles import BAND_KEYS, BAND_NAMES, SPLITS, TILE_SIZE, UNKNOWN_METADATA, non_finite_count
+from .tiles import (
+    BAND_KEYS, BAND_NAMES, SPLITS, TILE_SIZE, TRAIN_SPLIT, UNKNOWN_METADATA, VALIDATION_SPLIT, non_finite_count,
+)
 
 _files = model_leaf("_files")  # atomic writes
 _signals = model_leaf("_signals")  # SIGTERM/SIGHUP exit cleanly
@@ -60,7 +62,7 @@ CLOUD_SNOW_METADATA = "metadata_for_patches_with_snow_cloud_or_shadow.parquet"
 SPLIT_NAMES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
 REQUIRED_COLUMNS = ("patch_id", "labels", "split", "s1_name")
 SKIPPED_FILE = "skipped.jsonl"
-TRAINING_SPLITS = ("train", "val")
+TRAINING_SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT)
 """The splits `stage2-train` needs (with its default `--eval_split`): `--max_patches` leaving one out is warned of."""
 CLOUDY_SNOWY = "cloudy or snowy"
 """The skip reason of a patch left out by choice (`--include_cloudy_snowy` keeps them); every other

@@ -79,6 +79,8 @@ PICKLED_ARRAY = "object array (pickled); store a numeric array instead"
 """The problem of a member that np.load could only read by unpickling (it never does)."""
 
 SPLITS = ("train", "val", "test")
+TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT = SPLITS
+"""The split a model trains on, the one `stage2-train` validates on by default (`--eval_split`), the held-out one."""
 SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
 

@@ -208,3 +208,12 @@ def test_torch_formatted_image_rows_that_cannot_be_stacked_are_refused():
     with pytest.raises(ValueError, match=re.escape("column 'target': the batch's images differ in shape or dtype ((4, "
                                                    "6, 6) torch.float32, (4, 8, 8) torch.float32)")):
         TileTransform(augment=True)(ragged.with_format("torch")[0:2])
+
+
+def test_the_splits_the_ingest_warns_of_are_the_ones_stage2_train_needs():
+    """`TRAINING_SPLITS` restated ("train", "val"); it is now made of the split names `stage2-train` reads."""
+    from data_builders.bigearthnet import TRAINING_SPLITS
+    from data_builders.tiles import SPLITS, TRAIN_SPLIT
+    from training.args import Stage2DataArguments
+
+    assert TRAINING_SPLITS == (TRAIN_SPLIT, Stage2DataArguments().eval_split) == SPLITS[:2]

@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from data_builders.degrade import DEGRADATION_CHOICES
+from data_builders.tiles import VALIDATION_SPLIT
 from modeling_stage2.configuration_stage2 import (
     LORA_TARGETS,
     NEAR_BLACK_KEEPS,
@@ -551,7 +552,7 @@ class Stage2DataArguments:
         metadata={"help": "Draw the training tiles' synthetic opt_v1 anew each epoch (and at each step of the "
                           "spectral warm start) from the dataset's degradation; needs synthetic opt_v1."},
     )
-    eval_split: str = field(default="val", metadata={"help": "Split used for validation."})
+    eval_split: str = field(default=VALIDATION_SPLIT, metadata={"help": "Split used for validation."})
 
     def __post_init__(self):
         if self.brightness_augment is not None and (

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from data_builders.degrade import DEGRADATION_CHOICES
+from data_builders.tiles import TRAIN_SPLIT
 from modeling_stage2._files import is_system_failure, output_path_problem, remove_tree
 from modeling_stage2._signals import exit_on_termination
 from modeling_stage2.hub import (
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FIT_SPLIT = "train"
+FIT_SPLIT = TRAIN_SPLIT
 
 
 def no_fit_split_problem(data) -> str:

@@ -50,6 +50,7 @@ import yaml  # noqa: E402
 
 from data_builders._leaves import model_leaf  # noqa: E402
 from data_builders.cache import ARROW_MARKER, dataset_cache_key, is_arrow_dataset  # noqa: E402,F401  (re-exported)
+from data_builders.tiles import TRAIN_SPLIT  # noqa: E402
 
 logger = logging.getLogger("training.train")
 exit_on_termination = model_leaf("_signals").exit_on_termination  # without importing torch before MKL_CBWR is read
@@ -548,7 +549,7 @@ def _check_redraw(data_args) -> None:
 
 
 def _require_splits(splits, eval_split: str, where: str) -> None:
-    for split in ("train", eval_split):
+    for split in (TRAIN_SPLIT, eval_split):
         if split not in splits:
             raise UsageError(f"{where}: the dataset has no {split!r} split (it has {sorted(splits)}); training "
                              f"needs 'train' and the validation split (--eval_split).")
@@ -699,7 +700,7 @@ def prepare_splits(dataset_dict, data_args, seed: int = 0):
     from training.data import BATCH_COLUMNS, TileDataset
 
     _require_splits(list(dataset_dict), data_args.eval_split, f"--data_dir {data_args.data_dir}")
-    train, evaluation = dataset_dict["train"], dataset_dict[data_args.eval_split]
+    train, evaluation = dataset_dict[TRAIN_SPLIT], dataset_dict[data_args.eval_split]
     if data_args.max_samples is not None:
         train = train.select(range(min(data_args.max_samples, len(train))))
     if data_args.max_eval_samples is not None:
