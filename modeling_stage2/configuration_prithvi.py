@@ -123,15 +123,29 @@ def _boolean(name: str, value) -> bool:
 class CheckedOverridesMixin:
     """`from_dict(d, **kwargs)` (and so `from_pretrained(path, head_width=64)`, the model's too) with the overrides
     that name an `__init__` argument passed to `__init__`, so they go through its checks: transformers sets
-    overrides with `setattr` after `__init__`, past every one of them."""
+    overrides with `setattr` after `__init__`, past every one of them. A transformers name of one
+    (`attribute_map`: `num_hidden_layers` for `depth`) counts as that argument."""
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         arguments = inspect.signature(cls.__init__).parameters
-        own = {name: kwargs.pop(name) for name in list(kwargs)
-               if name in arguments and arguments[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-               and name != "self"}
+        aliases = getattr(cls, "attribute_map", {})
+        own = {}
+        for name in list(kwargs):
+            argument = aliases.get(name, name)
+            if (argument in arguments and argument != "self"
+                    and arguments[argument].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD):
+                own[argument] = kwargs.pop(name)
         return super().from_dict({**config_dict, **own}, **kwargs)
+
+
+def _band_names(bands) -> list[str] | None:
+    """`bands` as the pretrained bands they take (`B02` and `BLUE` are one); None where a name is unknown (left to
+    `__init__`, which names it)."""
+    try:
+        return [canonical_band_name(band) for band in bands]
+    except (ValueError, TypeError):
+        return None
 
 
 def _normalise_patch_size(patch_size) -> list[int]:
@@ -286,6 +300,21 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
         self.band_mean = self._resolve_band_stats(band_mean, PRETRAINED_BAND_MEAN, "band_mean")
         self.band_std = self._resolve_band_stats(band_std, PRETRAINED_BAND_STD, "band_std")
         self.initializer_range = _positive_float("initializer_range", initializer_range, allow_zero=True)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """As `CheckedOverridesMixin`'s, refusing a `bands` override other than the bands `config_dict` was saved
+        with: its `band_mean`/`band_std` and a saved encoder's patch-embedding weights are per channel, for those
+        (the same number of other bands would load with another band's statistics and weights)."""
+        saved, given = config_dict.get("bands"), kwargs.get("bands")
+        if saved is not None and given is not None and _band_names(given) != _band_names(saved):
+            raise ValueError(
+                f"bands={tuple(given)} differs from the bands this config was saved with ({', '.join(saved)}): its "
+                "band_mean/band_std and its encoder's patch-embedding weights are per channel, for those. Load it "
+                "without bands=, or convert the official checkpoint again with the bands you need "
+                "(stage2-convert-prithvi --bands ...)."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def to_diff_dict(self) -> dict[str, Any]:
         # transformers leaves out values equal to PretrainedConfig's defaults; this config's output_hidden_states

@@ -554,9 +554,14 @@ class Stage2PreTrainedModel(PreTrainedModel):
         `layer_scale_init_value` layer scales, the band statistics of the backbone; the fusion starts as the
         identity on the bands and the head's output conv at zero (an untrained refiner returns `opt_v1`); the
         spectral MLP's hidden layers at std 1/sqrt(fan_in), its output at zero; the spectral range unfitted (an
-        infinite threshold: `opt_v1` is never blended back in)."""
+        infinite threshold: `opt_v1` is never blended back in). The backbone is the encoder's own
+        (`PrithviEncoder._init_weights`): transformers' `initialize_weights` hands its modules to it; called by
+        `model.apply(model._init_weights)`, which reaches the encoder after its modules, it initialises the encoder
+        whole, so the backbone comes out the same way."""
         std = self.config.initializer_range
-        if isinstance(module, Stage2SpectralCorrection):
+        if isinstance(module, PrithviEncoder):
+            module.apply(module._init_weights)
+        elif isinstance(module, Stage2SpectralCorrection):
             init.copy_(module.matrix, torch.eye(module.num_bands, dtype=module.matrix.dtype))
             init.zeros_(module.bias)
         elif isinstance(module, Stage2InputFusion):
