@@ -6,6 +6,10 @@ radiometrically biased (regression of NIR towards the mean, a hazy blue/green ca
 confused between bands, patchy at low spatial frequencies, and noisy. `synthesize_opt_v1` applies
 each of these, in that order, with parameters drawn per tile:
 
+0. invalid pixels of the target (`valid_mask` False) first take the mean of the tile's valid pixels per
+   band (`tiles.fill_invalid_pixels`, the fill the model is given them with in training, evaluation and
+   inference), so that the blur does not drag their neighbours towards 0 (a tile without an invalid pixel
+   is degraded exactly as before this step existed);
 1. blur + misregistration: a Gaussian kernel of width `blur_sigma` (pixels, drawn uniformly from
    the range) centred `shift` pixels off (each axis uniform in +-`max_shift`), edges clamped;
 2. band cross-talk: each band takes a fraction c ~ U(0, `crosstalk`) of its value from the other
@@ -48,10 +52,14 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .tiles import TILE_SIZE
+from .tiles import TILE_SIZE, fill_invalid_pixels
 
 DEGRADATION_VERSION = 1
-"""Bumped whenever the same config and seed would give a different `opt_v1`."""
+"""Bumped whenever the same config and seed would give a different `opt_v1` for a tile whose pixels are all valid.
+The fill before the blur (step 0) changed only tiles with invalid pixels and kept version 1, so that datasets of
+whole tiles built before it still redraw (`DegradationRedraw.from_record`) and keep their cache keys; a dataset or a
+cached conversion built before it from tiles with invalid pixels holds, in its own draw, their neighbours darkened by
+the blur (later draws of `--redraw_degradation` do not)."""
 
 BAND_WAVELENGTHS_NM: tuple[float, ...] = (490.0, 560.0, 665.0, 842.0)
 """Nominal central wavelengths of B02, B03, B04, B08 (the haze's spectral shape)."""
@@ -469,12 +477,14 @@ def synthesize_opt_v1(
     """Degrade a (4, H, W) reflectance target into a synthetic `opt_v1` (float32, same shape).
 
     Args:
-        target: float32 reflectance, invalid pixels already 0.
+        target: float32 reflectance; its invalid pixels (any value, 0 in a built tile) are filled with the
+            mean of its valid pixels per band before the blur (`fill_invalid_pixels`), so they do not leak
+            into their neighbours.
         tile_id: names the tile's random stream (with `seed`).
         seed: the dataset seed.
         config: the degradation parameters (`DegradationConfig()` by default), or a preset
             name (`DEGRADATION_CHOICES`; `"mixture"` picks `mild` or `strong` per tile).
-        valid_mask: (H, W) bool; `opt_v1` is 0 where it is False.
+        valid_mask: (H, W) bool; where it is False the target is filled (step 0) and `opt_v1` is 0.
     """
     if config is None or isinstance(config, str):
         config = config_for_tile(*resolve_degradation(config), seed, tile_id)[1]
@@ -483,6 +493,8 @@ def synthesize_opt_v1(
     rng = tile_rng(seed, tile_id)
     num_bands, height, width = target.shape
     x = np.asarray(target, dtype=np.float32)
+    if valid_mask is not None:  # step 0: the array itself (no copy) when every pixel is valid
+        x = fill_invalid_pixels(x[None], np.asarray(valid_mask, dtype=bool)[None])[0]
 
     sigma = rng.uniform(*config.blur_sigma)
     shift_y, shift_x = rng.uniform(-config.max_shift, config.max_shift, size=2)

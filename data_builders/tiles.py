@@ -452,6 +452,27 @@ def valid_pixels(path: Path, reflectance: np.ndarray) -> np.ndarray:
     return valid_mask
 
 
+def fill_invalid_pixels(reflectance: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """`reflectance` (N, C, H, W) as float32 with pixels where `valid` (N, H, W) is False set to the
+    mean of that image's valid pixels per band (0 where none is valid): a copy where any pixel is filled, the
+    array itself (no copy) where every pixel is valid.
+
+    The one neutral fill of invalid pixels, wherever an image with some meets a spatial filter: the synthetic
+    degradation's blur (`degrade.synthesize_opt_v1`), the model in training (`training.data.TileDataset`),
+    evaluation (`training.evaluate.evaluate_model`) and inference (`inference_stage2`). It keeps nodata from
+    dragging neighbours towards 0 or another extreme value; the filled pixels are masked again afterwards.
+    """
+    if valid.all():  # nothing to fill: a copy would hold as much memory again as the images
+        return np.asarray(reflectance, dtype=np.float32)
+    filled = np.array(reflectance, dtype=np.float32, copy=True)
+    for image, mask in zip(filled, valid):
+        if mask.all():
+            continue
+        for band in image:
+            band[~mask] = band[mask].mean() if mask.any() else 0.0
+    return filled
+
+
 def _refuse_float_digital_numbers(path: Path, key: str | None, reflectance: np.ndarray) -> None:
     peak = float(np.abs(reflectance).max())
     if peak > FLOAT_REFLECTANCE_LIMIT:

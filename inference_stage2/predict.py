@@ -12,12 +12,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from data_builders.tiles import fill_invalid_pixels
 from modeling_stage2.bands import BAND_NAMES, UNKNOWN_METADATA, DigitalNumbersWarning
 from modeling_stage2.vocabulary import OUT_OF_RANGE_WEIGHT
 
 from .values import (
-    DEFAULT_BATCH_SIZE, InferenceInputError, metadata_vector, check_biome, check_month, fill_invalid_pixels,
-    metadata_limits, resolve_input_scale, to_reflectance, warn_if_looks_like_dn,
+    DEFAULT_BATCH_SIZE, InferenceInputError, metadata_vector, check_biome, check_month, metadata_limits,
+    resolve_input_scale, to_reflectance, warn_if_looks_like_dn,
 )
 
 

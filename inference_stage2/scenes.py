@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from data_builders.tiles import fill_invalid_pixels
 from modeling_stage2._files import (
     fsync_folder, fsync_tree, output_path_problem, parents_removed_on_failure, partial_path, remove_abandoned_partials,
 )
@@ -25,7 +26,7 @@ from .raster import (
 )
 from .values import (
     DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_WINDOW, GEOTIFF_SUFFIXES, InferenceInputError, OUTPUT_SCALES,
-    check_biome, check_month, fill_invalid_pixels, metadata_limits,
+    check_biome, check_month, metadata_limits,
 )
 from .windows import StripAccumulator, blend_weights, window_starts
 

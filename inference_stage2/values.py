@@ -7,6 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from data_builders.tiles import TILE_SIZE, dn_to_reflectance
+from data_builders.tiles import fill_invalid_pixels  # noqa: F401  (re-exported: its one definition is there)
 from modeling_stage2.bands import (
     DN_CHECK_SAMPLE, DN_LOOKING_MEDIAN, NUM_BIOMES, NUM_MONTHS, UNKNOWN_METADATA, DigitalNumbersWarning,
 )
@@ -132,22 +133,3 @@ def metadata_vector(values: Any, count: int, check: Callable[[Any, str], int], n
     if array.ndim != 1 or len(array) != count:
         raise InferenceInputError(f"{name}: expected one value or {count} values, got shape {array.shape}")
     return np.array([check(v, f"{name}[{i}]") for i, v in enumerate(array)], dtype=np.int64)
-
-
-def fill_invalid_pixels(reflectance: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """`reflectance` (N, C, H, W) as float32 with pixels where `valid` (N, H, W) is False set to the
-    mean of that image's valid pixels per band (0 where none is valid): a copy where any pixel is filled, the
-    array itself (no copy) where every pixel is valid.
-
-    The model needs finite values everywhere; a neutral fill keeps nodata from dragging neighbours
-    towards an extreme value, and the filled pixels are masked again after the model.
-    """
-    if valid.all():  # nothing to fill: a copy would hold as much memory again as the images
-        return np.asarray(reflectance, dtype=np.float32)
-    filled = np.array(reflectance, dtype=np.float32, copy=True)
-    for image, mask in zip(filled, valid):
-        if mask.all():
-            continue
-        for band in image:
-            band[~mask] = band[mask].mean() if mask.any() else 0.0
-    return filled

@@ -202,7 +202,11 @@ def _reference_upsample(x, size, axis):
 
 def _reference_opt_v1(target, tile_id, seed, config, valid_mask):
     """synthesize_opt_v1 as first written (fresh arrays, no in-place steps): the degradation of
-    DEGRADATION_VERSION 1, which the in-place implementation must reproduce bit for bit."""
+    DEGRADATION_VERSION 1, which the in-place implementation must reproduce bit for bit; invalid pixels of the
+    target first take the band means of its valid ones (then 0 in the output)."""
+    target = target.copy()
+    for band in target:
+        band[~valid_mask] = band[valid_mask].mean()
     rng = tile_rng(seed, tile_id)
     num_bands, height, width = target.shape
     sigma = rng.uniform(*config.blur_sigma)

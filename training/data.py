@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from data_builders.tiles import fill_invalid_pixels
+
 BATCH_COLUMNS = ("target", "opt_v1", "month", "biome", "valid_mask")
 """The columns of a training or evaluation batch."""
 
@@ -29,6 +31,19 @@ def redrawn_opt_v1(redraw, targets, tile_ids, valid_masks, draw: int):
     return np.stack([redraw(target, tile_id, mask, draw) for target, tile_id, mask in zip(targets, tile_ids, masks)])
 
 
+def model_input_opt_v1(opt_v1, valid_masks):
+    """`opt_v1` (N, bands, H, W) as the model is given it: where `valid_masks` (N, H, W) is False, the mean of that
+    tile's valid pixels per band instead of the stored 0 (`data_builders.tiles.fill_invalid_pixels`, the fill of the
+    synthetic degradation and of inference too); `opt_v1` itself (no copy) without a mask or with every pixel valid.
+    numpy arrays, or tensors (returned on `opt_v1`'s device, in its dtype)."""
+    if valid_masks is None or bool(valid_masks.all()):
+        return opt_v1
+    if isinstance(opt_v1, torch.Tensor):
+        filled = fill_invalid_pixels(opt_v1.detach().cpu().float().numpy(), valid_masks.detach().cpu().numpy())
+        return torch.from_numpy(filled).to(device=opt_v1.device, dtype=opt_v1.dtype)
+    return fill_invalid_pixels(opt_v1, np.asarray(valid_masks, dtype=bool)).astype(opt_v1.dtype, copy=False)
+
+
 class TileDataset(torch.utils.data.Dataset):
     """Rows of a data-builders split as tensors, optionally with the training augmentation.
 
@@ -46,6 +61,10 @@ class TileDataset(torch.utils.data.Dataset):
     `redraw` (a `data_builders.degrade.DegradationRedraw`, `--redraw_degradation`) replaces a row's synthetic
     `opt_v1` by the degradation's draw number `epoch` of that tile (before the flips): epoch 0 reads the dataset's own
     draw, each later epoch a new one, the same in every process and on resume.
+
+    A row's `opt_v1` comes out with its invalid pixels (where `valid_mask` is False) filled as the model is given
+    them in evaluation and inference (`model_input_opt_v1`), not the stored 0; the losses and metrics mask those
+    pixels, so they score it as they score the stored `opt_v1`. A row without an invalid pixel is left as it is.
     """
 
     def __init__(self, dataset, transform, seed: int = 0, columns=BATCH_COLUMNS, brightness_range=None,
@@ -86,6 +105,8 @@ class TileDataset(torch.utils.data.Dataset):
             if self.redraw is not None and self.epoch > 0:
                 single["opt_v1"] = redrawn_opt_v1(self.redraw, single["target"], [self.tile_ids[int(index)]],
                                                   single.get("valid_mask"), self.epoch)
+            if "opt_v1" in single:
+                single["opt_v1"] = model_input_opt_v1(single["opt_v1"], single.get("valid_mask"))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self._row_seed(index))
                 out = self.transform(single)

@@ -172,13 +172,17 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
     `"split"` (the name of the split `dataset` is, recorded for model cards) and `"data"` (what its `opt_v1` is,
     `data_builders.build.recorded_opt_v1`, for model cards too) when given, and `"bootstrap"` (refined /
     each baseline with a paired tile-bootstrap interval, `training.bootstrap.bootstrap_ratios`, seed 0) when
-    `bootstrap_resamples` > 0 and there are at least 2 tiles."""
+    `bootstrap_resamples` > 0 and there are at least 2 tiles.
+
+    The model is given `opt_v1` with the invalid pixels of a tile (where `valid_mask` is False) filled as in training
+    and inference (`training.data.model_input_opt_v1`); the metrics score the stored `opt_v1`, those pixels masked."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from data_builders import make_eval_transform
 
     from training.bootstrap import bootstrap_ratios
+    from training.data import model_input_opt_v1
     from training.metrics import MetricAccumulator
 
     if bootstrap_resamples < 0:
@@ -190,8 +194,9 @@ def evaluate_model(model, dataset, batch_size: int = 4, device=None, progress: b
     fit_accumulator = MetricAccumulator(keep_tiles=keep_tiles) if color_fit is not None else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=make_eval_transform().collate)
     for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not progress):
-        opt_v1 = batch["opt_v1"].to(device)
-        refined = model(opt_v1=opt_v1, month=batch["month"].to(device), biome=batch["biome"].to(device)).refined
+        # the model gets invalid pixels filled as in training and inference; the metrics score the stored opt_v1
+        model_input = model_input_opt_v1(batch["opt_v1"], batch.get("valid_mask")).to(device)
+        refined = model(opt_v1=model_input, month=batch["month"].to(device), biome=batch["biome"].to(device)).refined
         target, opt_v1 = batch["target"].float(), batch["opt_v1"].float()
         accumulator.update(refined.float().cpu(), target, opt_v1, batch.get("valid_mask"))
         if fit_accumulator is not None:
