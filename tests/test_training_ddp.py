@@ -151,6 +151,7 @@ def test_a_nan_tile_and_a_resume_in_two_processes(tmp_path, sample_dataset_dir, 
         shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{step}")
     resumed = _launch_two(repo_root, config, data, tmp_path / "resumed", "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.stderr.count("Resuming from ") == 1  # once for the run (it was once per process)
     for name in ("adapter_model.safetensors", "discriminator.safetensors"):
         expected, actual = (tensors(tmp_path / run / "checkpoint-4" / name) for run in ("full", "resumed"))
         assert expected.keys() == actual.keys()

@@ -1092,6 +1092,9 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         _say("interrupted.", once=True)
         code = EXIT_INTERRUPTED
+    except Exception:  # a bug: its traceback follows; recorded, so that no status means a trainer killed
+        _record_exit_status(EXIT_FAILURE)
+        raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
@@ -1470,6 +1473,10 @@ def _exit_status(code: int, received: list[int], status_file: Path) -> int:
         return EXIT_INTERRUPTED
     if code < 0:
         return 128 - code
+    if code:  # the trainer records every way it stops, a bug's traceback included: it was killed, or never started
+        _say("the trainer process ended without saying why: killed (SIGKILL, e.g. by the system's out-of-memory "
+             "killer: see dmesg), or it failed to start (a traceback above says why); the checkpoints written "
+             "before are whole.")
     return code
 
 

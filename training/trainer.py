@@ -507,7 +507,8 @@ class Stage2Trainer(Trainer):
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._check_resumable(resume)
         if resume is not None:
-            logger.warning(f"Resuming from {resume} (global step {_checkpoint_step(Path(resume))}).")
+            if self.is_world_process_zero():  # once for the run, not once per process
+                logger.warning(f"Resuming from {resume} (global step {_checkpoint_step(Path(resume))}).")
             self.args.eval_on_start = False  # the starting point was evaluated by the run that saved the checkpoint
         if self.eval_dataset is None:
             self.args.eval_on_start = False  # nothing to validate the starting point on
