@@ -112,7 +112,6 @@ def record_held_out_results(best: Path, results: dict) -> None:
     write_model_card(best)
 
 
-@exit_on_termination  # SIGTERM / SIGHUP run the training's cleanups, as Ctrl-C does, and exit 128 + N
 def _spelling(parser, argv: list[str] | None, flag: str) -> str:
     """How `argv` spells the demo's own `flag` (`--data-dir` for `--data_dir`), passed on as typed so that
     stage2-train's messages name the flag the user typed; `flag` itself where it is abbreviated or not given."""
@@ -121,6 +120,7 @@ def _spelling(parser, argv: list[str] | None, flag: str) -> str:
     return next((item for item in reversed(typed) if item in spellings), flag)
 
 
+@exit_on_termination  # SIGTERM / SIGHUP run the training's cleanups, as Ctrl-C does, and exit 128 + N
 def main(argv=None) -> int:
     from modeling_stage2.vocabulary import OneLineArgumentParser
 
