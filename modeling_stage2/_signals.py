@@ -8,7 +8,9 @@ exit status is the shell's for a process killed by signal N, and no `except Exce
 signals has come, the others are ignored, and stay ignored once the decorated function is left: a second one (`kill`
 twice, a supervisor repeating SIGTERM, Ctrl-C pressed again) would cut short the cleanups the first one started, and
 the process's way out is one of them (joining the threads still running, the `atexit` handlers: a multiprocessing
-pool's workers, temporary folders). SIGKILL still stops a cleanup that hangs.
+pool's workers, temporary folders). SIGKILL still stops a cleanup that hangs. A signal whose exception Python drops
+(it came while a finaliser, `__del__`, ran) does not stop the run: the signals are handled again, and the next one
+stops it (one line says so).
 (`stage2-train` supervises a process tree and has its own handling, `training.train`.)
 """
 from __future__ import annotations
@@ -61,6 +63,23 @@ def exit_on_termination(main: _Main) -> _Main:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
 
+        def dropped(unraisable) -> None:
+            """Python's report of an exception it drops: raised in a finaliser (`__del__`, a weakref callback, the
+            garbage collector), `stop`'s exception does not stop the run. The signals are then handled again, so the
+            next one stops it (ignored, no signal could)."""
+            code = 128 + stopped[-1] if stopped else None
+            exception = unraisable.exc_value
+            if code and (isinstance(exception, SystemExit) and exception.code == code
+                         or isinstance(exception, KeyboardInterrupt) and stopped[-1] == signal.SIGINT):
+                stopped.clear()
+                for signum in handled:
+                    signal.signal(signum, stop)
+                print(f"{signal.Signals(code - 128).name} came while a finaliser ran, where Python drops its "
+                      "exception: the run goes on; send it again to stop it", file=sys.stderr)
+            else:
+                unraisable_hook(unraisable)
+
+        unraisable_hook, sys.unraisablehook = sys.unraisablehook, dropped
         previous = {signum: signal.signal(signum, stop) for signum in handled}
         try:
             return main(*args, **kwargs)
@@ -68,6 +87,8 @@ def exit_on_termination(main: _Main) -> _Main:
             print("interrupted", file=sys.stderr)
             return 128 + signal.SIGINT
         finally:
+            if sys.unraisablehook is dropped:
+                sys.unraisablehook = unraisable_hook
             if not stopped:  # after a signal they stay ignored: what follows is the exit, a cleanup too
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)

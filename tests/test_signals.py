@@ -401,3 +401,37 @@ def test_the_demo_stops_on_a_signal_with_its_cleanups_run(tmp_path, signum):
     assert process.wait(timeout=30) == 128 + signum
     assert not out.exists()  # the partial file and the folders made for it
     assert "Traceback" not in process.stderr.read()
+
+
+class _SignalsItselfWhenCollected:
+    """A finaliser that is running when the signal is handled: Python drops the exception raised in it."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # Python code after the signal: its handler runs here, inside the finaliser
+            pass
+
+
+def test_a_signal_dropped_in_a_finaliser_leaves_the_next_one_able_to_stop(default_dispositions, capsys):
+    """The first signal's SystemExit, raised in a `__del__`, was dropped ("Exception ignored in ...") and every later
+    SIGTERM, SIGHUP and Ctrl-C found the handlers ignoring them: the run went on to the end and exited 0."""
+    reached = []
+
+    @exit_on_termination
+    def main():
+        _SignalsItselfWhenCollected()  # collected at once: its finaliser runs here
+        reached.append("after the dropped signal")
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):
+            pass
+        reached.append("after the second signal")
+        return 0
+
+    hook = sys.unraisablehook  # pytest's own
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert reached == ["after the dropped signal"]
+    assert capsys.readouterr().err.splitlines() == ["SIGTERM came while a finaliser ran, where Python drops its "
+                                                    "exception: the run goes on; send it again to stop it"]
+    assert sys.unraisablehook is hook  # put back
