@@ -307,7 +307,8 @@ class PrithviConfig(CheckedOverridesMixin, PretrainedConfig):
         with: its `band_mean`/`band_std` and a saved encoder's patch-embedding weights are per channel, for those
         (the same number of other bands would load with another band's statistics and weights)."""
         saved, given = config_dict.get("bands"), kwargs.get("bands")
-        if saved is not None and given is not None and _band_names(given) != _band_names(saved):
+        names = None if given is None or isinstance(given, str) else _band_names(given)  # unknown: __init__ names it
+        if saved is not None and names is not None and names != _band_names(saved):
             raise ValueError(
                 f"bands={tuple(given)} differs from the bands this config was saved with ({', '.join(saved)}): its "
                 "band_mean/band_std and its encoder's patch-embedding weights are per channel, for those. Load it "
