@@ -1,4 +1,5 @@
-"""Gaps found by mutating this session's changes (a review of session 48): each test fails on one mutation that the suite let pass."""
+"""Gaps found by mutating this session's changes (a review of session 48): each test fails on one mutation that the
+suite let pass."""
 from __future__ import annotations
 
 import json
