@@ -334,6 +334,8 @@ def ingest_bigearthnet(
     try:
         _check_lmdb_size(env, lmdb_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (output_dir, *(output_dir / split for split in SPLITS)):
+            _files.remove_abandoned_partials_in(folder)  # hidden half-written files of an ingest killed by SIGKILL
         for index, row in enumerate(rows):
             if max_patches is not None and sum(written.values()) >= max_patches:
                 left_out = {SPLIT_NAMES[other["split"]] for other in rows[index:]

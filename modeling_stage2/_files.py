@@ -125,13 +125,18 @@ def _owner(path: Path, marker: str) -> int | None:
         return None
 
 
-def _abandoned(output_dir: Path, marker: str, folders: bool = True) -> list[Path]:
+def _abandoned(output_dir: Path, marker: str, folders: bool = True, nested: bool = False) -> list[Path]:
     """Folders (`folders=False`: files) `.NAME<marker>PID-...` of `output_dir` whose owner process is gone: what a
     killed save left. (This process's own are a save in progress in another thread: a failed one cleans up after
-    itself.)"""
+    itself.) `nested`: also `..NAME<marker>PID-....<marker>...`, what a save staged inside a staged save (a model
+    saved into `best/`'s staging folder) left beside it once the outer one was gone."""
     found = []
     # the name escaped: as a pattern, `ds[1]` would match what a killed save of `ds1` left, and never its own
-    for path in sorted(output_dir.parent.glob(f".{glob.escape(output_dir.name)}{marker}*")):
+    pattern = f"{'.*' if nested else '.'}{glob.escape(output_dir.name)}{marker}*"
+    named = re.compile(rf"\.+{re.escape(output_dir.name)}{re.escape(marker)}" if nested else "")
+    for path in sorted(output_dir.parent.glob(pattern)):
+        if not named.match(path.name):  # `.*best.tmp-*` also matches another output's, `.mybest.tmp-*`
+            continue
         pid = _owner(path, marker)
         kind_matches = path.is_dir() if folders else path.is_file() and not path.is_symlink()
         if pid is not None and pid != os.getpid() and kind_matches and not process_alive(pid):
@@ -255,7 +260,7 @@ def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
     with parents_removed_on_failure(output_dir):
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         restore_set_aside(output_dir)  # readers see the old content again while the new one is written
-        for path in _abandoned(output_dir, STAGING_MARKER):  # what killed saves were writing: never moved in
+        for path in _abandoned(output_dir, STAGING_MARKER, nested=True):  # what killed saves wrote: never moved in
             shutil.rmtree(path, ignore_errors=True)
         # named here and made inside the `try`: a signal as it is made (its handler raises once mkdir returns) must
         # find the cleanup ready to remove it

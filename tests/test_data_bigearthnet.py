@@ -388,3 +388,22 @@ def test_an_ingest_stopped_between_a_tile_and_its_sidecar_leaves_no_tile_without
     for npz in output.rglob("*.npz"):
         assert npz.with_suffix(".json").is_file(), f"{npz.name} has no sidecar"
     assert splits["train"][0].sidecar["country"] == "Nowhere"
+
+
+def test_an_ingest_removes_what_a_killed_one_left_half_written(benv2, tmp_path):
+    """An ingest killed by SIGKILL leaves its hidden `.TILE.npz.partial-PID-...npz` (a cut zip) and sidecar partials;
+    they piled up over later runs. The next ingest removes those whose process is gone, and keeps a live one's."""
+    import os
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = [tmp_path / "test" / f".S2A_x.npz.partial-{gone.pid}-0123abcd.npz",
+            tmp_path / "train" / f".S2A_y.json.partial-{gone.pid}-0123abcd.json",
+            tmp_path / f".{SKIPPED_FILE}.partial-{gone.pid}-0123abcd.jsonl"]
+    live = tmp_path / "val" / f".S2A_z.npz.partial-{os.getppid()}-0123abcd.npz"
+    for path in (*left, live):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PK\x03\x04 cut short")
+    ingest_bigearthnet(benv2 / "BigEarthNet-V2-LMDB", benv2 / "metadata.parquet", tmp_path, max_patches=1)
+    assert not any(path.exists() for path in left) and live.exists()

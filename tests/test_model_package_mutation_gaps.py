@@ -84,6 +84,26 @@ def test_a_staged_save_removes_the_staging_folders_of_killed_saves_only(tmp_path
     assert [p.name for p in (tmp_path / "best").iterdir()] == ["config.json"]
 
 
+def test_the_nested_staging_folder_of_a_killed_model_save_is_removed_too(tmp_path):
+    """`best/` is staged, and the model saved into that staging folder is staged beside it again: killed then (an
+    out-of-memory kill), `..best.tmp-PID-X.tmp-PID-Y`, a whole model, was left for good, since the next save looked
+    for `.best.tmp-*` only. A live process's and another output's (`.mybest`, `..other`) stay."""
+    import os
+
+    from modeling_stage2._files import staged_folder
+
+    gone = _gone_pid()
+    left = [tmp_path / f"..best.tmp-{gone}-0123abcd.tmp-{gone}-4567cdef", tmp_path / f".best.tmp-{gone}-0123abcd"]
+    kept = [tmp_path / f"..best.tmp-{os.getppid()}-0123abcd.tmp-{os.getppid()}-4567cdef",
+            tmp_path / f".mybest.tmp-{gone}-0123abcd", tmp_path / f"..other.tmp-{gone}-0123abcd.tmp-{gone}-0"]
+    for folder in (*left, *kept):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"a whole model")
+    with staged_folder(tmp_path / "best") as staging:
+        (staging / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best", *(p.name for p in kept)])
+
+
 def test_write_json_ends_with_a_newline_and_keeps_key_order_unless_asked(tmp_path):
     from modeling_stage2._files import write_json
 
