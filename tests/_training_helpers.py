@@ -259,3 +259,17 @@ def tiny_trainer(folder: Path, n_train: int = 4, n_eval: int = 3, eval_valid: bo
     return Stage2Trainer(model=build_model(args, print_summary=False), args=args, callbacks=callbacks,
                          train_dataset=TileDataset(tile_rows(n_train, 0), make_eval_transform()),
                          eval_dataset=evaluation)
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found

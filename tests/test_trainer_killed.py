@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _training_helpers import stage2_train_command, write_config
+from _training_helpers import children_of, stage2_train_command, write_config
 
 import training.train as train_module
 
@@ -35,23 +35,10 @@ def test_no_recorded_status_is_named(tmp_path, capsys, recorded, says):
     assert train_module._exit_status(0, [], tmp_path / "absent") == 0 and capsys.readouterr().err == ""
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _trainer(pid: int) -> int | None:
     """The descendant of `pid` that runs `python .../training/train.py ...` (accelerate's launcher names the script
     among its own arguments)."""
-    for child in _children(pid):
+    for child in children_of(pid):
         with open(f"/proc/{child}/cmdline", "rb") as cmdline:
             argv = cmdline.read().split(b"\0")
         if len(argv) > 1 and argv[1].endswith(b"training/train.py"):

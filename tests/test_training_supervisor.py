@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from _data_helpers import make_tile_dir
-from _training_helpers import refuse_exec, tiles_with_unreadable_validation, write_config
+from _training_helpers import children_of, refuse_exec, tiles_with_unreadable_validation, write_config
 
 import training.train as train_module
 from training.train import UsageError, launch_main, main
@@ -83,19 +83,6 @@ def test_the_trainer_of_a_launcher_that_is_pid_1_goes_on(repo_root):
 
 
 # ----------------------------------------------------------------------------------------------- an early Ctrl-C
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 @needs_proc
 def test_a_ctrl_c_while_the_run_is_starting_stops_it(tmp_path, repo_root, sample_dataset_dir):
     """The trainer ignores SIGINT until its own handler is in place (accelerate must not die of a Ctrl-C): a Ctrl-C in
@@ -116,7 +103,7 @@ def test_a_ctrl_c_while_the_run_is_starting_stops_it(tmp_path, repo_root, sample
                                preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 180  # bounds a failure only: a loaded 2-core machine starts slowly
-        while not _children(process.pid):  # accelerate has just been started: it takes seconds to import torch
+        while not children_of(process.pid):  # accelerate has just been started: it takes seconds to import torch
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         os.kill(process.pid, signal.SIGINT)
