@@ -229,6 +229,7 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
     from modeling_stage2 import load_trained_model
     from modeling_stage2.modeling_stage2 import keep_opt_v1, out_of_range_weight
     from training.bootstrap import DEFAULT_RESAMPLES
+    from training.data import model_input_opt_v1
     from training.evaluate import evaluate_model, fit_color_baseline, load_split
     from training.losses import ndvi
     from training.metrics import evaluate_pair
@@ -257,7 +258,8 @@ def score(model_dir: Path, dataset_dir: Path, trained_on: Path | None = None) ->
                                  bootstrap_resamples=DEFAULT_RESAMPLES if split == "test" else 0)
         rows = dataset_dict[split].with_format("torch")[:]
         with torch.no_grad():
-            model_output = model(rows["opt_v1"], rows["month"], rows["biome"])
+            # invalid pixels filled, as `evaluate_model` (above) and inference give them
+            model_output = model(model_input_opt_v1(rows["opt_v1"], rows["valid_mask"]), rows["month"], rows["biome"])
         refined = model_output.refined
         target = rows["target"]
         bright = rows["valid_mask"] & (target[:, 2] + target[:, 3] >= NEAR_BLACK)

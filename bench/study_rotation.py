@@ -85,6 +85,7 @@ def held_out_tile_statistics(model_dir: Path, dataset_dir: Path) -> dict:
     from datasets import load_from_disk
 
     from modeling_stage2 import load_trained_model
+    from training.data import model_input_opt_v1
     from training.evaluate import fit_color_baseline
     from training.metrics import tile_statistics
 
@@ -93,7 +94,8 @@ def held_out_tile_statistics(model_dir: Path, dataset_dir: Path) -> dict:
     model = load_trained_model(model_dir)
     rows = dataset_dict["test"].with_format("torch")[:]
     with torch.no_grad():
-        refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
+        # invalid pixels filled, as `evaluate_model` and inference give them
+        refined = model(model_input_opt_v1(rows["opt_v1"], rows["valid_mask"]), rows["month"], rows["biome"]).refined
     outputs = {"refined": refined, "opt_v1": rows["opt_v1"], "linear_fit": fit.apply(rows["opt_v1"])}
     record: dict = {"tile_ids": list(dataset_dict["test"]["tile_id"])}
     for role, output in outputs.items():

@@ -46,6 +46,7 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
     from datasets import load_from_disk
 
     from modeling_stage2 import load_trained_model
+    from training.data import model_input_opt_v1
     from training.evaluate import fit_color_baseline
     from training.metrics import evaluate_pair
 
@@ -54,7 +55,8 @@ def score(model_dir: Path, dataset_dir: Path) -> dict:
     train_rows = dataset_dict["train"].with_format("torch")[:]
     rows = dataset_dict["test"].with_format("torch")[:]
     with torch.no_grad():
-        refined = model(rows["opt_v1"], rows["month"], rows["biome"]).refined
+        # invalid pixels filled, as `evaluate_model` and inference give them
+        refined = model(model_input_opt_v1(rows["opt_v1"], rows["valid_mask"]), rows["month"], rows["biome"]).refined
     colour_fit = fit_color_baseline(dataset_dict).apply(rows["opt_v1"])
     in_range = in_range_tiles(rows["opt_v1"], rows["valid_mask"], train_rows["opt_v1"], train_rows["valid_mask"])
     outputs = {"refined": refined, "opt_v1 kept": tile_fallback(refined, rows["opt_v1"], in_range),

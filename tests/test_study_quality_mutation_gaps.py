@@ -101,6 +101,7 @@ def _expected(study_quality, model, dataset_dir, trained_on, split):
 
     from modeling_stage2.configuration_stage2 import OUT_OF_RANGE_RAMP
     from modeling_stage2.modeling_stage2 import keep_opt_v1, out_of_range_weight
+    from training.data import model_input_opt_v1
     from training.linear_fit import LinearColorFit
     from training.losses import ndvi
     from training.metrics import evaluate_pair
@@ -110,8 +111,8 @@ def _expected(study_quality, model, dataset_dir, trained_on, split):
     rows = dataset[split].with_format("torch")[:]
     train = load_from_disk(str(trained_on))["train"].with_format("torch")[:]
     opt_v1, target, valid = rows["opt_v1"], rows["target"], rows["valid_mask"]
-    with torch.no_grad():
-        refined = model(opt_v1, rows["month"], rows["biome"]).refined
+    with torch.no_grad():  # given the invalid pixels filled, as `evaluate_model` gives them (`model_input_opt_v1`)
+        refined = model(model_input_opt_v1(opt_v1, valid), rows["month"], rows["biome"]).refined
     quantile, ramp = OUT_OF_RANGE_QUANTILE, OUT_OF_RANGE_RAMP  # training's own rule
 
     def weight(quantile, ramp):

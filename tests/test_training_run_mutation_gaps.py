@@ -179,11 +179,11 @@ def test_backbone_weights_are_checked_only_for_a_new_refiner(tmp_path):
 def test_a_saved_dataset_needs_the_training_and_the_chosen_validation_split(splits, eval_split, missing, tmp_path):
     """An Arrow `--data_dir` is checked before the run for the splits it lists: 'train' and the one `--eval_split`
     names (not always 'val')."""
-    from data_builders.cache import ARROW_MARKER
+    import datasets
 
-    data = tmp_path / "arrow"
-    data.mkdir()
-    (data / ARROW_MARKER).write_text(json.dumps({"splits": splits}))
+    data = tmp_path / "arrow"  # saved whole: a `dataset_dict.json` alone is refused as a damaged dataset first
+    datasets.DatasetDict({split: datasets.Dataset.from_dict({"tile_id": ["a"]}) for split in splits}).save_to_disk(
+        str(data))
     argv = ["--config", str(write_config(tmp_path / "x.yaml")), "--data_dir", str(data), "--output_dir",
             str(tmp_path / "out"), "--eval_split", eval_split]
     training_args, data_args, _ = parse_args(argv)
